@@ -1,0 +1,109 @@
+"""Conversions between the image types users hold (PIL, numpy, uint8/float tensors, paths) and the float
+``(B, 3, H, W)`` tensors in ``[0, 1]`` that backbones and rewards consume. Plain torch + PIL."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+ImageLike = Union[Tensor, Image.Image, np.ndarray, str, os.PathLike]
+"""One image (PIL, HWC numpy, CHW tensor, path) or a batch: a (B, 3, H, W) tensor or a sequence of images."""
+
+
+def to_image_batch(images: ImageLike | Sequence[ImageLike], name: str = "images") -> Tensor:
+    """Return a float32 ``(B, 3, H, W)`` tensor in ``[0, 1]``.
+
+    Accepts a ``(B, 3, H, W)`` or ``(3, H, W)`` tensor (float in [0, 1] or uint8), a PIL image, an ``HxWx3`` numpy
+    array, a file path, or a sequence of those (all of one size). Grayscale and RGBA inputs are converted to RGB.
+    """
+    if isinstance(images, Tensor):
+        return _tensor_to_batch(images, name)
+    if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
+        return _tensor_to_batch(_one_image(images, name), name)
+    if isinstance(images, Sequence) and len(images) > 0:
+        items = [_tensor_to_batch(_one_image(im, f"{name}[{i}]"), name)[0] for i, im in enumerate(images)]
+        sizes = {tuple(t.shape[-2:]) for t in items}
+        if len(sizes) > 1:
+            raise ValueError(f"{name}: all images of a batch must have one size, got {sorted(sizes)}; resize them first")
+        return torch.stack(items)
+    raise TypeError(f"{name}: expected an image, a (B, 3, H, W) tensor or a non-empty sequence of images, got {images!r}")
+
+
+def to_mask_batch(mask: ImageLike | Sequence[ImageLike] | None, name: str = "mask") -> Tensor | None:
+    """Return a float32 ``(B, H, W)`` mask in ``[0, 1]`` (or ``None``).
+
+    Accepts a bool/float/uint8 tensor ``(H, W)`` or ``(B, H, W)``, a PIL image (any mode; converted to ``L``), a
+    numpy array, a path, or a sequence of those. Values of uint8 inputs are scaled by 1/255.
+    """
+    if mask is None:
+        return None
+    if isinstance(mask, (Image.Image, str, os.PathLike)):
+        mask = _open(mask, name).convert("L")
+    if isinstance(mask, Image.Image):
+        mask = torch.from_numpy(np.asarray(mask).copy())
+    elif isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(mask.copy())
+    elif isinstance(mask, Sequence) and not isinstance(mask, Tensor):
+        return torch.cat([to_mask_batch(m, f"{name}[{i}]") for i, m in enumerate(mask)])
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name}: expected a mask image or tensor, got {type(mask).__name__}")
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    if mask.dim() == 4 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.dim() != 3:
+        raise ValueError(f"{name} must have shape (H, W) or (B, H, W), got {tuple(mask.shape)}")
+    if mask.dtype == torch.uint8:
+        return mask.float() / 255.0
+    return mask.float()
+
+
+def to_pil(image: Tensor) -> Image.Image:
+    """A ``(3, H, W)`` float tensor in [0, 1] as an RGB PIL image."""
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array, mode="RGB")
+
+
+def _open(path_or_image, name: str) -> Image.Image:
+    if isinstance(path_or_image, Image.Image):
+        return path_or_image
+    try:
+        with Image.open(path_or_image) as im:
+            im.load()
+            return im.copy()
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{name}: cannot read image {os.fspath(path_or_image)!r} ({err}); check the file") from err
+
+
+def _one_image(image: ImageLike, name: str) -> Tensor:
+    if isinstance(image, Tensor):
+        return image
+    if isinstance(image, (str, os.PathLike, Image.Image)):
+        image = np.asarray(_open(image, name).convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise ValueError(f"{name}: expected an HxWx3 array, got shape {image.shape}")
+        return torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1)
+    raise TypeError(f"{name}: unsupported image type {type(image).__name__}")
+
+
+def _tensor_to_batch(x: Tensor, name: str) -> Tensor:
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"{name} must be (B, 3, H, W) or (3, H, W), got {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    elif not x.is_floating_point():
+        raise ValueError(f"{name}: expected a float tensor in [0, 1] or uint8, got {x.dtype}")
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.float()

@@ -1,0 +1,279 @@
+"""DINOv2 patch features as a :class:`~divrl.rewards.backbones.base.FeatureBackbone`.
+
+This is the paper's *backbone-generalisation* variant of VSM: instead of Mind-the-Glitch's disentangled pair, the
+semantic and the visual grids are both the DINOv2 patch features (the very same tensor, so the VSM computation
+forms one similarity matrix instead of two). The same grids are the features of **DINO-nSSM**, the nSSM computed
+on DINOv2 self-similarity matrices.
+
+Images of any size are resized (bilinear, antialiased, aspect ratio not kept) to ``grid_size * patch_size`` pixels
+square — 48 × 14 = 672 by default, so the grid is 48 × 48 — normalised with the checkpoint's mean/std, and encoded;
+the CLS token and any register tokens are dropped and the patch tokens are laid out as a ``(B, C, grid, grid)``
+float32 grid. DINOv2 interpolates its position embeddings, so any grid size works with any checkpoint.
+
+Loading goes through :meth:`transformers.AutoModel.from_pretrained`, so a Hub id (``facebook/dinov2-small``,
+``facebook/dinov2-with-registers-base``...) and a local folder written by ``save_pretrained`` are handled alike.
+Nothing here downloads anything by itself: with ``local_files_only=True`` only the local cache / folder is read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from divrl.rewards.backbones.base import FeatureBackbone, Features
+
+__all__ = ["DINOv2Backbone"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+
+
+class DINOv2Backbone(FeatureBackbone):
+    """DINOv2 (with or without registers) patch tokens as the semantic *and* visual feature grid.
+
+    :meth:`extract` returns ``Features(grid, grid)`` with one tensor object in both fields; the rewards detect the
+    identity and compute a single similarity matrix. Use :meth:`from_model` to wrap a model already in memory.
+
+    Args:
+        model: a Hugging Face Hub id (``"facebook/dinov2-small"``, ``"facebook/dinov2-with-registers-base"``...) or
+            a local folder holding a ``save_pretrained`` checkpoint (``config.json`` + weights, optionally a
+            ``preprocessor_config.json`` whose ``image_mean``/``image_std`` are used; ImageNet statistics otherwise).
+        grid_size: side of the output grid. Images are resized to ``grid_size * patch_size`` pixels square
+            (48 × 14 = 672 by default, the paper's 48 × 48 grid).
+        layer: which hidden state to return, as an index into the model's ``hidden_states`` (0 = patch embeddings,
+            ``i`` = output of block ``i``, before the final layer norm; negative indices count from the end).
+            ``-1`` (default) is ``last_hidden_state``, i.e. the last block *after* the final layer norm.
+        dtype: dtype of the model weights and of its inputs: ``"float32"``, ``"bfloat16"``, ``"float16"``, or
+            ``None`` to keep the checkpoint's float32. Features are always returned as float32.
+        device: where to put the model (``"cuda"``, ``"cuda:1"``, ``"cpu"``...); ``None`` leaves it on the CPU,
+            where it was loaded, for the caller (or a Lightning module owning the backbone) to move.
+        local_files_only: only read the local folder / Hugging Face cache; never contact the Hub. Set it on
+            offline machines with a populated cache (otherwise a missing network means retries, then an error).
+
+    Raises:
+        FileNotFoundError: if ``model`` is a filesystem path (absolute, ``./``, ``../`` or ``~``) that does not
+            exist.
+        OSError: if the checkpoint cannot be loaded (unknown id, not cached while offline, broken folder).
+        ValueError: on an unknown ``dtype``, a ``layer`` outside the model's hidden states, a non-positive
+            ``grid_size``, or a checkpoint that is not a DINOv2 model.
+    """
+
+    def __init__(
+        self,
+        model: str = "facebook/dinov2-small",
+        grid_size: int = 48,
+        layer: int = -1,
+        dtype: str | None = None,
+        device: str | None = None,
+        local_files_only: bool = False,
+    ):
+        super().__init__()
+        torch_dtype = _parse_dtype(dtype)
+        network = _load_model(model, local_files_only)
+        mean, std = _load_mean_std(model, local_files_only)
+        if torch_dtype is not None:
+            network = network.to(torch_dtype)
+        self._setup(network, grid_size, layer, mean, std, name=str(model))
+        if device is not None:
+            self.to(device)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        grid_size: int = 48,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        layer: int = -1,
+    ) -> DINOv2Backbone:
+        """Wrap an already-built ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (no loading, no copy).
+
+        The model is put in eval mode and its parameters stop requiring gradients.
+
+        Args:
+            model: the transformers DINOv2 model (its ``config`` gives the patch size and register count).
+            grid_size: side of the output grid (see the class docstring).
+            image_mean: per-channel mean used to normalise ``[0, 1]`` images (ImageNet by default).
+            image_std: per-channel standard deviation (ImageNet by default).
+            layer: hidden-state index, ``-1`` = ``last_hidden_state`` (see the class docstring).
+        """
+        self = cls.__new__(cls)
+        FeatureBackbone.__init__(self)
+        self._setup(model, grid_size, layer, tuple(image_mean), tuple(image_std), name=type(model).__name__)
+        return self
+
+    def _setup(
+        self,
+        model: nn.Module,
+        grid_size: int,
+        layer: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        name: str,
+    ) -> None:
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in _MODEL_TYPES:
+            raise ValueError(
+                f"DINOv2Backbone: {name!r} is a {type(model).__name__} (model_type={model_type!r}); expected a DINOv2 "
+                f"model ({', '.join(_MODEL_TYPES)})"
+            )
+        if not isinstance(grid_size, int) or isinstance(grid_size, bool) or grid_size < 1:
+            raise ValueError(f"DINOv2Backbone: grid_size must be a positive integer, got {grid_size!r}")
+        num_layers = int(config.num_hidden_layers)
+        if not isinstance(layer, int) or isinstance(layer, bool) or not -(num_layers + 1) <= layer <= num_layers:
+            raise ValueError(
+                f"DINOv2Backbone: layer must index the {num_layers + 1} hidden states of {name!r} "
+                f"(-{num_layers + 1}..{num_layers}; -1 = last_hidden_state), got {layer!r}"
+            )
+        if len(mean) != 3 or len(std) != 3 or any(float(s) <= 0 for s in std):
+            raise ValueError(f"DINOv2Backbone: image mean/std must be 3 values (std > 0), got {mean!r} / {std!r}")
+
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.name = name
+        self.grid_size = grid_size
+        self.layer = layer
+        self.patch_size = int(config.patch_size)
+        self.num_register_tokens = int(getattr(config, "num_register_tokens", 0) or 0)
+        self.register_buffer("image_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+
+    @property
+    def resolution(self) -> int:
+        """Side in pixels of the square model input: ``grid_size * patch_size``."""
+        return self.grid_size * self.patch_size
+
+    def train(self, mode: bool = True) -> DINOv2Backbone:
+        """The backbone is frozen: it stays in eval mode (no dropout) whatever the parent module does."""
+        super().train(False)
+        return self
+
+    def extract(self, images: Tensor) -> Features:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"DINOv2Backbone: expected a (B, 3, H, W) batch, got {tuple(images.shape)}")
+        size = self.resolution
+        pixels = images.float()
+        if tuple(pixels.shape[-2:]) != (size, size):
+            pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        pixels = (pixels - self.image_mean) / self.image_std
+        pixels = pixels.to(self._model_dtype())
+
+        if self.layer == -1:
+            tokens = self.model(pixel_values=pixels).last_hidden_state
+        else:
+            tokens = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[self.layer]
+
+        tokens = tokens[:, 1 + self.num_register_tokens :]
+        batch, count, channels = tokens.shape
+        if count != self.grid_size * self.grid_size:
+            raise RuntimeError(
+                f"DINOv2Backbone: the model returned {count} patch tokens for a {size}x{size} input; expected "
+                f"{self.grid_size}x{self.grid_size} (patch size {self.patch_size}, "
+                f"{self.num_register_tokens} register tokens)"
+            )
+        grid = tokens.float().reshape(batch, self.grid_size, self.grid_size, channels).permute(0, 3, 1, 2)
+        grid = grid.contiguous()
+        return Features(grid, grid)
+
+    def _model_dtype(self) -> torch.dtype:
+        for parameter in self.model.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
+        return torch.float32
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, grid_size={self.grid_size}, patch_size={self.patch_size}, layer={self.layer}, "
+            f"registers={self.num_register_tokens}"
+        )
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(
+            f"DINOv2Backbone: dtype must be one of 'float32', 'bfloat16', 'float16' or None, got {dtype!r}"
+        )
+    return _DTYPES[key]
+
+
+def _looks_like_path(model: str) -> bool:
+    """A string that can only mean a filesystem path (a Hub id is ``name`` or ``namespace/name``)."""
+    return os.path.isabs(model) or model.startswith(("./", "../", "~", ".\\", "..\\")) or model in (".", "..")
+
+
+def _load_model(model: str | os.PathLike, local_files_only: bool) -> nn.Module:
+    from transformers import AutoModel
+
+    name = os.fspath(model)
+    if os.path.isdir(os.path.expanduser(name)):
+        name = os.path.expanduser(name)
+    elif _looks_like_path(name):
+        raise FileNotFoundError(
+            f"DINOv2Backbone: model folder {name!r} does not exist; pass an existing folder written by "
+            f"save_pretrained, or a Hugging Face Hub id such as 'facebook/dinov2-small'"
+        )
+    kwargs = {"local_files_only": local_files_only}
+    if local_files_only:
+        # transformers 5.x (with peft installed) looks for an adapter_config.json on the Hub without forwarding
+        # local_files_only, which means network retries on an offline machine; forward it explicitly.
+        kwargs["adapter_kwargs"] = {"local_files_only": True}
+    try:
+        return AutoModel.from_pretrained(name, **kwargs)
+    except OSError as err:
+        hint = (
+            "it is neither a local folder nor in the local Hugging Face cache (local_files_only=True)"
+            if local_files_only
+            else "it is not a local folder and could not be fetched from the Hugging Face Hub (offline?)"
+        )
+        raise OSError(
+            f"DINOv2Backbone: cannot load model {name!r}: {hint}. Download it once (e.g. `hf download {name}`) and "
+            f"pass local_files_only=True (or set HF_HUB_OFFLINE=1), or pass the path of a local folder written by "
+            f"save_pretrained. Original error: {err}"
+        ) from err
+
+
+def _load_mean_std(model: str | os.PathLike, local_files_only: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The checkpoint's normalisation statistics, or ImageNet's when it ships no preprocessor config."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    name = os.fspath(model)
+    if os.path.isdir(os.path.expanduser(name)):
+        name = os.path.expanduser(name)
+    kwargs = {"local_files_only": local_files_only}
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        kwargs["backend"] = "pil"  # mean/std only: the PIL processor needs no torchvision (and does not warn)
+    try:
+        processor = AutoImageProcessor.from_pretrained(name, **kwargs)
+    except (OSError, ValueError):
+        return IMAGENET_MEAN, IMAGENET_STD
+    mean = getattr(processor, "image_mean", None)
+    std = getattr(processor, "image_std", None)
+    if mean is None or std is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return _three(mean), _three(std)
+
+
+def _three(value: float | Sequence[float]) -> tuple[float, ...]:
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    return tuple(float(v) for v in value)

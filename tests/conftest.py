@@ -1,0 +1,38 @@
+"""Shared fixtures: the optional DreamBooth photos beside the project, and small image helpers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+DREAMBOOTH = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dreambooth"
+
+
+@pytest.fixture(scope="session")
+def dreambooth_root() -> Path:
+    """``../shared/datasets/dreambooth`` (30 subjects); tests using it skip cleanly when it is absent."""
+    if not DREAMBOOTH.is_dir() or not any(DREAMBOOTH.glob("*/*.jpg")):
+        pytest.skip(f"DreamBooth photos not found at {DREAMBOOTH}")
+    return DREAMBOOTH
+
+
+def colour_jitter(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast and saturation scaling and a hue rotation about the grey axis: colours change, the
+    layout does not. ``images`` is ``(B, 3, H, W)`` in [0, 1]."""
+
+    def uniform(lo, hi):
+        return lo + (hi - lo) * torch.rand(1, generator=generator).item()
+
+    x = images * uniform(0.75, 1.25)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * uniform(0.75, 1.25) + mean
+    grey = x.mean(1, keepdim=True)
+    x = grey + (x - grey) * uniform(0.6, 1.4)
+    angle = uniform(-math.pi / 4, math.pi / 4)
+    k = torch.full((3,), 1 / math.sqrt(3))
+    cross = torch.tensor([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    rotation = torch.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
+    return torch.einsum("ij,bjhw->bihw", rotation, x).clamp(0, 1)
