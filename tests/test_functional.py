@@ -345,3 +345,18 @@ def test_no_python_loop_cost_scales_with_batch():
     assert out.shape == (21,) and torch.isfinite(out).all()
     single = torch.stack([nssm(gen[k : k + 1], ref)[0] for k in itertools.islice(range(21), 0, 21, 10)])
     assert torch.allclose(out[::10], single, atol=1e-6)
+
+
+def test_vsm_per_image_reference_masks_match_single_calls():
+    torch.manual_seed(11)
+    ref = torch.randn(1, 8, 6, 6)
+    gen = ref + 0.7 * torch.randn(3, 8, 6, 6)
+    ref_masks = torch.rand(3, 6, 6) > 0.3
+    batched = vsm(gen, gen, ref, ref, ref_mask=ref_masks, tau_s=0.5, tau_v=0.6)
+    batched_refs = vsm(gen, gen, ref.expand(3, -1, -1, -1), ref.expand(3, -1, -1, -1), ref_mask=ref_masks[:1], tau_s=0.5, tau_v=0.6)
+    for k in range(3):
+        single = vsm(gen[k : k + 1], gen[k : k + 1], ref, ref, ref_mask=ref_masks[k : k + 1], tau_s=0.5, tau_v=0.6)
+        expected = brute_vsm(gen[k].numpy(), gen[k].numpy(), ref[0].numpy(), ref[0].numpy(), None, ref_masks[k].numpy(), 0.5, 0.6)
+        assert batched[k].item() == pytest.approx(single.item()) == pytest.approx(expected)
+        expected0 = brute_vsm(gen[k].numpy(), gen[k].numpy(), ref[0].numpy(), ref[0].numpy(), None, ref_masks[0].numpy(), 0.5, 0.6)
+        assert batched_refs[k].item() == pytest.approx(expected0)

@@ -210,9 +210,7 @@ def vsm(
     ref_inside = _inside(ref_mask, batch, (h, w), device, "ref_mask")  # (1 or B, N)
     gen_inside = _inside(gen_mask, batch, (h, w), device, "gen_mask")
 
-    sem_score, sem_match = _best_match(gen_sem, ref_sem, ref_inside)
-    same_features = gen_vis is gen_sem and ref_vis is ref_sem
-    vis_score = sem_score if same_features else _best_match(gen_vis, ref_vis, ref_inside)[0]
+    sem_score, sem_match, vis_score = _best_matches(gen_sem, gen_vis, ref_sem, ref_vis, ref_inside)
 
     candidate = gen_inside & (sem_score > tau_s)
     kept = _one_to_one(sem_score, sem_match, candidate, num_targets=h * w)
@@ -243,14 +241,54 @@ def linear_reward(nssm: Tensor, vsm: Tensor, weight: float) -> Tensor:
 # helpers
 
 
-def _best_match(gen: Tensor, ref: Tensor, ref_inside: Tensor) -> tuple[Tensor, Tensor]:
-    """Cosine argmax of every generated cell over the reference cells inside the mask: (score, index), (B, N)."""
-    gen_tokens = normalize_features(gen).flatten(2).transpose(1, 2)  # (B, N, C)
-    ref_tokens = normalize_features(ref).flatten(2)  # (1 or B, C, N)
-    sim = gen_tokens @ ref_tokens  # (B, N, N): [generated cell, reference cell]
-    sim = sim.masked_fill(~ref_inside.unsqueeze(1), float("-inf"))
-    score, index = sim.max(dim=2)
-    return score, index
+def _best_matches(
+    gen_sem: Tensor, gen_vis: Tensor, ref_sem: Tensor, ref_vis: Tensor, ref_inside: Tensor, rows_per_block: int = 128
+) -> tuple[Tensor, Tensor, Tensor]:
+    """For every generated cell, over the reference cells inside the mask: the best semantic cosine and its index,
+    and the best visual cosine. Returns three ``(B, N)`` tensors.
+
+    A batch-1 reference mask first drops the reference cells outside it (a smaller matrix, no masking pass). The
+    ``(B, N, N)`` similarities are never materialised whole but formed and reduced in blocks of generated rows, so
+    each block stays in cache (a 48×48 grid has N = 2304; the full matrix of 21 images is 0.45 GB). When semantic
+    and visual features are the same tensors (DINOv2), one similarity serves both.
+    """
+    shared = gen_vis is gen_sem and ref_vis is ref_sem
+    gen_s = normalize_features(gen_sem).flatten(2).transpose(1, 2)  # (B, N, C)
+    gen_v = gen_s if shared else normalize_features(gen_vis).flatten(2).transpose(1, 2)
+    ref_s = normalize_features(ref_sem).flatten(2)  # (1 or B, C, N)
+    ref_v = ref_s if shared else normalize_features(ref_vis).flatten(2)
+    batch, n = gen_s.shape[:2]
+    columns = masked = None
+    if ref_inside.shape[0] == 1 and not ref_inside.all():
+        columns = ref_inside[0].nonzero().squeeze(1)  # reference cells inside the (shared) mask
+        ref_s, ref_v = ref_s[:, :, columns], (ref_s if shared else ref_v)[:, :, columns]
+    elif not ref_inside.all():
+        masked = ~ref_inside.unsqueeze(1)  # (B, 1, N): per-image reference masks
+    if ref_s.shape[-1] == 0:  # empty reference mask: nothing can match
+        empty = gen_s.new_full((batch, n), float("-inf"))
+        return empty, torch.zeros(batch, n, dtype=torch.long, device=gen_s.device), empty
+
+    if ref_s.shape[0] == 1:  # one reference for the group: (M, C) row-major makes `block @ ref.T` a single GEMM
+        ref_s = ref_s[0].T.contiguous()
+        ref_v = ref_s if shared else ref_v[0].T.contiguous()
+
+    def block_sim(gen_tokens: Tensor, ref_tokens: Tensor, rows: slice) -> Tensor:
+        block = gen_tokens[:, rows]
+        if ref_tokens.dim() == 2:
+            sim = (block.reshape(-1, block.shape[-1]) @ ref_tokens.T).view(batch, block.shape[1], -1)
+        else:
+            sim = block @ ref_tokens  # (B, rows, M)
+        return sim if masked is None else sim.masked_fill(masked, float("-inf"))
+
+    sem_score, sem_index, vis_score = [], [], []
+    for start in range(0, n, rows_per_block):
+        rows = slice(start, start + rows_per_block)
+        score, index = block_sim(gen_s, ref_s, rows).max(dim=2)
+        sem_score.append(score)
+        sem_index.append(index)
+        vis_score.append(score if shared else block_sim(gen_v, ref_v, rows).amax(dim=2))
+    index = torch.cat(sem_index, 1)
+    return torch.cat(sem_score, 1), (index if columns is None else columns[index]), torch.cat(vis_score, 1)
 
 
 def _one_to_one(score: Tensor, match: Tensor, candidate: Tensor, num_targets: int) -> Tensor:

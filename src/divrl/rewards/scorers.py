@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from divrl.images import ImageLike, to_image_batch, to_mask_batch
+from divrl.images import ImageLike, to_mask_batch
 from divrl.rewards import functional as RF
 from divrl.rewards.backbones.base import FeatureBackbone, Features
 from divrl.rewards.base import Components, GroupScorer
@@ -24,8 +23,8 @@ from divrl.rewards.base import Components, GroupScorer
 class FeatureScorer(GroupScorer):
     """Compute nSSM and VSM from a local feature backbone.
 
-    The reference is encoded **once** per group and the ``G`` images in one batch (or in chunks of
-    ``chunk_size``); when both components are requested they share the same features.
+    The reference is encoded **once** per group and the ``G`` images in one call (the backbone's ``max_batch``
+    bounds how many go through at once); when both components are requested they share the same features.
 
     Args:
         backbone: the feature extractor (DINOv2, the weight-free dense descriptor, any
@@ -35,7 +34,6 @@ class FeatureScorer(GroupScorer):
         tau_s: VSM semantic threshold (paper and code: 0.7).
         tau_v: VSM visual threshold (paper: 0.7, the ``vsm_0.7`` key of the published code).
         nssm_features: which grid nSSM compares, ``"visual"`` (default) or ``"semantic"``; identical for DINOv2.
-        chunk_size: encode the generated images in chunks of this many (bounds backbone memory); ``None`` = all.
     """
 
     def __init__(
@@ -45,29 +43,15 @@ class FeatureScorer(GroupScorer):
         tau_s: float = 0.7,
         tau_v: float = 0.7,
         nssm_features: Literal["visual", "semantic"] = "visual",
-        chunk_size: int | None = None,
     ):
         super().__init__()
         if nssm_features not in ("visual", "semantic"):
             raise ValueError(f"nssm_features must be 'visual' or 'semantic', got {nssm_features!r}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         self.backbone = backbone
         self.pool = pool
         self.tau_s = tau_s
         self.tau_v = tau_v
         self.nssm_features = nssm_features
-        self.chunk_size = chunk_size
-
-    def encode(self, images: ImageLike | Sequence[ImageLike]) -> Features:
-        """Backbone features of a batch, chunked by ``chunk_size``."""
-        batch = to_image_batch(images)
-        if self.chunk_size is None or batch.shape[0] <= self.chunk_size:
-            return self.backbone(batch)
-        parts = [self.backbone(chunk) for chunk in batch.split(self.chunk_size)]
-        semantic = torch.cat([p.semantic for p in parts])
-        shared = all(p.semantic is p.visual for p in parts)
-        return Features(semantic, semantic if shared else torch.cat([p.visual for p in parts]))
 
     def score_group(
         self,
@@ -79,10 +63,10 @@ class FeatureScorer(GroupScorer):
         need_nssm: bool = True,
         need_vsm: bool = True,
     ) -> Components:
-        ref = self.encode(reference)
+        ref = self.backbone(reference)
         if ref.semantic.shape[0] != 1:
             raise ValueError(f"reference: expected one image, got a batch of {ref.semantic.shape[0]}")
-        return self.score_features(ref, self.encode(images), ref_mask, gen_masks, need_nssm=need_nssm, need_vsm=need_vsm)
+        return self.score_features(ref, self.backbone(images), ref_mask, gen_masks, need_nssm=need_nssm, need_vsm=need_vsm)
 
     def score_features(
         self,

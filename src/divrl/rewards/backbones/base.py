@@ -32,6 +32,10 @@ class FeatureBackbone(nn.Module):
     """
 
     grid_size: int = 48
+    max_batch: int | None = None
+    """Encode at most this many images per :meth:`extract` call (``None``: all at once). On a CPU large batches
+    only add memory traffic (DINOv2-small at 672²: 1.9 s per image in a batch of 21, 1.4 s one at a time); on a
+    GPU larger batches are faster until memory runs out."""
 
     def extract(self, images: Tensor) -> Features:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -39,9 +43,17 @@ class FeatureBackbone(nn.Module):
     @torch.no_grad()
     def forward(self, images: ImageLike) -> Features:
         batch = to_image_batch(images).to(self.device)
-        features = self.extract(batch)
-        _check_features(features, batch.shape[0], type(self).__name__)
-        return features
+        step = self.max_batch or batch.shape[0]
+        if step < 1:
+            raise ValueError(f"{type(self).__name__}: max_batch must be a positive integer or None, got {step}")
+        parts = [self.extract(chunk) for chunk in batch.split(step)]
+        for part, chunk in zip(parts, batch.split(step)):
+            _check_features(part, chunk.shape[0], type(self).__name__)
+        if len(parts) == 1:
+            return parts[0]
+        semantic = torch.cat([p.semantic for p in parts])
+        shared = all(p.semantic is p.visual for p in parts)  # keep semantic-is-visual (one similarity in VSM)
+        return Features(semantic, semantic if shared else torch.cat([p.visual for p in parts]))
 
     @property
     def device(self) -> torch.device:
@@ -63,10 +75,17 @@ class CallableBackbone(FeatureBackbone):
         fn: the feature extractor, or an importable dotted path to one (``"package.module.function"``), which is
             how a YAML config names it.
         grid_size: the side of the grids ``fn`` returns (checked on every call).
+        max_batch: call ``fn`` on at most this many images at a time (``None``: the whole batch).
     """
 
-    def __init__(self, fn: Callable[[Tensor], Tensor | tuple[Tensor, Tensor]] | str, grid_size: int = 48):
+    def __init__(
+        self,
+        fn: Callable[[Tensor], Tensor | tuple[Tensor, Tensor]] | str,
+        grid_size: int = 48,
+        max_batch: int | None = None,
+    ):
         super().__init__()
+        self.max_batch = max_batch
         self.fn = _import_callable(fn) if isinstance(fn, str) else fn
         if not callable(self.fn):
             raise TypeError(f"CallableBackbone: fn must be callable, got {self.fn!r}")

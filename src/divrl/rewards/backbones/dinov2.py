@@ -61,6 +61,8 @@ class DINOv2Backbone(FeatureBackbone):
             ``None`` to keep the checkpoint's float32. Features are always returned as float32.
         device: where to put the model (``"cuda"``, ``"cuda:1"``, ``"cpu"``...); ``None`` leaves it on the CPU,
             where it was loaded, for the caller (or a Lightning module owning the backbone) to move.
+        max_batch: encode at most this many images per forward pass (``None``: all at once, best on a GPU; on a
+            CPU 1 or 2 is faster).
         local_files_only: only read the local folder / Hugging Face cache; never contact the Hub. Set it on
             offline machines with a populated cache (otherwise a missing network means retries, then an error).
 
@@ -80,8 +82,10 @@ class DINOv2Backbone(FeatureBackbone):
         dtype: str | None = None,
         device: str | None = None,
         local_files_only: bool = False,
+        max_batch: int | None = None,
     ):
         super().__init__()
+        self.max_batch = max_batch
         torch_dtype = _parse_dtype(dtype)
         network = _load_model(model, local_files_only)
         mean, std = _load_mean_std(model, local_files_only)
@@ -99,6 +103,7 @@ class DINOv2Backbone(FeatureBackbone):
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
         layer: int = -1,
+        max_batch: int | None = None,
     ) -> DINOv2Backbone:
         """Wrap an already-built ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (no loading, no copy).
 
@@ -110,9 +115,11 @@ class DINOv2Backbone(FeatureBackbone):
             image_mean: per-channel mean used to normalise ``[0, 1]`` images (ImageNet by default).
             image_std: per-channel standard deviation (ImageNet by default).
             layer: hidden-state index, ``-1`` = ``last_hidden_state`` (see the class docstring).
+            max_batch: images per forward pass (see the class docstring).
         """
         self = cls.__new__(cls)
         FeatureBackbone.__init__(self)
+        self.max_batch = max_batch
         self._setup(model, grid_size, layer, tuple(image_mean), tuple(image_std), name=type(model).__name__)
         return self
 
