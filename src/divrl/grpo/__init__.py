@@ -1,0 +1,39 @@
+"""Flow-GRPO in plain torch: the FLUX sigma schedule, the SDE step with its log-probability, advantages, loss.
+
+- :mod:`divrl.grpo.schedule`: ``flux_sigmas`` / ``calculate_shift`` (bit-exact with diffusers' FLUX schedule).
+- :mod:`divrl.grpo.sde`: ``sde_step`` (sample a step, or score a recorded one) → ``SDEStepOutput``.
+- :mod:`divrl.grpo.advantages`: ``group_advantages`` (per group or per batch, clipped).
+- :mod:`divrl.grpo.loss`: ``grpo_loss`` (PPO-clipped) and ``kl_divergence`` (to the reference policy).
+- :mod:`divrl.grpo.timesteps`: which steps are stochastic and which are trained (fraction or window mode).
+- :mod:`divrl.grpo.rollout`: group rollouts with log-prob bookkeeping (``rollout`` → ``Trajectory``) and the
+  training-path log-prob of a recorded step (``transition_log_prob``).
+"""
+
+from divrl.grpo.advantages import group_advantages
+from divrl.grpo.loss import grpo_loss, kl_divergence
+from divrl.grpo.rollout import Trajectory, rollout, transition_log_prob
+from divrl.grpo.schedule import calculate_shift, flux_sigmas
+from divrl.grpo.sde import SDEStepOutput, sde_step
+from divrl.grpo.timesteps import random_window, sde_mask, select_train_steps
+
+__all__ = [
+    # schedule
+    "calculate_shift",
+    "flux_sigmas",
+    # sde
+    "SDEStepOutput",
+    "sde_step",
+    # advantages
+    "group_advantages",
+    # loss
+    "grpo_loss",
+    "kl_divergence",
+    # rollout
+    "Trajectory",
+    "rollout",
+    "transition_log_prob",
+    # timesteps
+    "select_train_steps",
+    "sde_mask",
+    "random_window",
+]

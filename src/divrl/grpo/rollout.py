@@ -1,0 +1,173 @@
+"""Group rollouts with log-prob bookkeeping, and the matching training-path log-prob.
+
+:func:`rollout` samples trajectories for a batch of conditions (``G`` samples each) with the Flow-GRPO SDE sampler
+(:func:`~divrl.grpo.sde.sde_step`) and records every latent and per-step log-prob. :func:`transition_log_prob`
+recomputes one step's log-prob *with gradients* in the training path, through the same policy call and the same
+``sde_step``, so the first update's ratio is exactly 1 on-policy.
+
+With ``noise_level=0`` every step is the deterministic Euler step and the rollout reproduces diffusers'
+``FluxKontextPipeline`` output for the same components, prompt, reference, seed and steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from divrl.grpo.schedule import flux_sigmas
+from divrl.grpo.sde import SDEStepOutput, sde_step
+
+__all__ = ["Trajectory", "rollout", "transition_log_prob"]
+
+
+@dataclass
+class Trajectory:
+    """What a rollout recorded, for ``B = n_conditions × G`` samples and ``T`` steps.
+
+    Attributes:
+        latents: packed latents ``(B, T + 1, tokens, channels)``: the initial noise, then the sample after each step
+            (in the policy's dtype, exactly as the next step consumed them).
+        log_probs: ``(B, T)`` float32 log-probs of each transition under the sampling policy (the *old policy* of
+            GRPO); 0 at deterministic (ODE) steps.
+        sigmas: ``(T + 1,)`` float32 noise levels, ending with 0.
+        sde: ``(T,)`` bool, which steps were stochastic (only those can be trained).
+        condition_ids: ``(B,)`` long, the index of each sample's condition (its group).
+        noise_level: the SDE noise level ``a`` used at stochastic steps.
+        images: decoded images ``(B, 3, H, W)`` in [0, 1], or ``None`` when not decoded.
+    """
+
+    latents: Tensor
+    log_probs: Tensor
+    sigmas: Tensor
+    sde: Tensor
+    condition_ids: Tensor
+    noise_level: float
+    images: Tensor | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return self.log_probs.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.latents.shape[0]
+
+
+@torch.no_grad()
+def rollout(
+    policy,
+    condition,
+    *,
+    num_steps: int,
+    noise_level: float,
+    group_size: int = 1,
+    sde_steps: Sequence[bool] | Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    micro_batch_size: int | None = None,
+    decode: bool = True,
+) -> Trajectory:
+    """Sample ``condition.batch_size`` trajectories (``group_size`` consecutive rows per condition).
+
+    Args:
+        policy: a :class:`~divrl.policy.KontextPolicy` (anything with ``initial_noise``, ``velocity``, ``decode``
+            and ``num_image_tokens``).
+        condition: the batch's conditions, e.g. ``policy.condition(refs, prompts, H, W, group_size=G)``.
+        num_steps: denoising steps (DivRL trains with 6, evaluates with 28).
+        noise_level: SDE noise level ``a`` at stochastic steps (DivRL: 0.9); 0 gives the deterministic sampler.
+        group_size: samples per condition (``G``), used to record each sample's condition id.
+        sde_steps: which steps are stochastic (bool per step); ``None`` = all. ODE steps elsewhere
+            (Flow-GRPO-Fast / MixGRPO windows, see :mod:`divrl.grpo.timesteps`).
+        generator: seeds the initial noise and the SDE noise (a generator, or one per sample).
+        micro_batch_size: run the transformer on at most this many samples at a time (bounds activation memory;
+            results do not depend on it beyond floating-point reassociation).
+        decode: decode the final latents to images.
+
+    Returns:
+        A :class:`Trajectory`.
+    """
+    batch = condition.batch_size
+    if batch % group_size:
+        raise ValueError(f"rollout: batch {batch} is not a multiple of group_size {group_size}")
+    height, width = condition.height, condition.width
+    sigmas = flux_sigmas(num_steps, policy.num_image_tokens(height, width)).to(policy.device)
+    sde = _sde_mask(sde_steps, num_steps, policy.device)
+    sigma_max = sigmas[1].item() if num_steps > 1 else None
+
+    x = policy.initial_noise(batch, height, width, generator)
+    latents = [x]
+    log_probs = []
+    for step in range(num_steps):
+        velocity = _chunked_velocity(policy, x, sigmas[step], condition, micro_batch_size)
+        out = sde_step(
+            velocity, x, sigmas[step].item(), sigmas[step + 1].item(),
+            noise_level if sde[step] else 0.0, sigma_max=sigma_max, generator=generator,
+        )  # fmt: skip
+        x = out.prev_sample
+        latents.append(x)
+        log_probs.append(out.log_prob)
+    images = policy.decode(x, height, width) if decode else None
+    return Trajectory(
+        latents=torch.stack(latents, dim=1),
+        log_probs=torch.stack(log_probs, dim=1).float(),
+        sigmas=sigmas.float(),
+        sde=sde,
+        condition_ids=torch.arange(batch // group_size, device=x.device).repeat_interleave(group_size),
+        noise_level=float(noise_level),
+        images=images,
+    )
+
+
+def transition_log_prob(
+    policy, trajectory: Trajectory, step: int, condition, index: Tensor | Sequence[int] | slice | None = None
+) -> SDEStepOutput:
+    """Log-prob of the recorded transition ``step → step + 1`` under the *current* policy (with gradients).
+
+    Uses the same ``policy.velocity`` call and ``sde_step`` as :func:`rollout` with ``prev_sample`` set to the
+    recorded latent, so on-policy the result equals ``trajectory.log_probs[index, step]`` exactly.
+
+    Args:
+        policy: the policy (adapter on for the trained policy; inside ``policy.adapter_disabled()`` for the
+            reference policy of the KL term).
+        trajectory: a rollout's record.
+        step: the transition to score; it must be a stochastic step.
+        condition: the conditions of the *whole* rollout batch (rows are selected with ``index``).
+        index: which samples (a micro-batch); ``None`` = all.
+
+    Returns:
+        The :class:`~divrl.grpo.sde.SDEStepOutput` (``log_prob`` ``(b,)``, ``mean``, ``std``) for the selected samples.
+    """
+    if not bool(trajectory.sde[step]):
+        raise ValueError(f"transition_log_prob: step {step} was deterministic (ODE); only SDE steps have a log-prob")
+    index = slice(None) if index is None else index
+    sub = condition if isinstance(index, slice) and index == slice(None) else condition.select(index)
+    rows = trajectory.latents[index]
+    sigmas = trajectory.sigmas
+    sigma_max = sigmas[1].item() if trajectory.num_steps > 1 else None
+    velocity = policy.velocity(rows[:, step], sigmas[step], sub)
+    return sde_step(
+        velocity, rows[:, step], sigmas[step].item(), sigmas[step + 1].item(), trajectory.noise_level,
+        sigma_max=sigma_max, prev_sample=rows[:, step + 1],
+    )  # fmt: skip
+
+
+def _chunked_velocity(policy, x: Tensor, sigma: Tensor, condition, micro_batch_size: int | None) -> Tensor:
+    batch = x.shape[0]
+    if micro_batch_size is None or micro_batch_size >= batch:
+        return policy.velocity(x, sigma, condition)
+    parts = []
+    for start in range(0, batch, micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        parts.append(policy.velocity(x[rows], sigma, condition.select(rows)))
+    return torch.cat(parts)
+
+
+def _sde_mask(sde_steps, num_steps: int, device) -> Tensor:
+    if sde_steps is None:
+        return torch.ones(num_steps, dtype=torch.bool, device=device)
+    mask = torch.as_tensor(list(sde_steps) if not isinstance(sde_steps, Tensor) else sde_steps, dtype=torch.bool)
+    if mask.shape != (num_steps,):
+        raise ValueError(f"sde_steps must have one entry per step ({num_steps}), got {tuple(mask.shape)}")
+    return mask.to(device)

@@ -1,0 +1,551 @@
+"""``KontextPolicy``: FLUX.1 Kontext as the policy being trained.
+
+The policy owns the pipeline's components (transformer, VAE, CLIP and T5 encoders and tokenizers) and exposes
+what a rollout and a GRPO update need, nothing more:
+
+- :meth:`~KontextPolicy.condition`: prompts and reference images → a :class:`Condition` (text embeddings, packed
+  reference latents, position ids, guidance), each prompt and reference encoded once and repeated over the group;
+- :meth:`~KontextPolicy.initial_noise`: packed Gaussian latents, drawn exactly as diffusers draws them;
+- :meth:`~KontextPolicy.velocity`: one transformer call, reference tokens appended and cut off again;
+- :meth:`~KontextPolicy.decode`: packed latents → images in [0, 1];
+- :meth:`~KontextPolicy.adapter_disabled`: the reference policy (same network, LoRA off);
+- :meth:`~KontextPolicy.save_lora`: the adapter in diffusers' format (``pytorch_lora_weights.safetensors``),
+  loadable with ``FluxKontextPipeline.load_lora_weights``.
+
+Prompt encoding and reference preprocessing go through diffusers' own ``FluxKontextPipeline`` methods on the same
+components, so tokenisation, truncation and VAE scaling match the pipeline by construction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from divrl.images import ImageLike, to_image_batch
+
+__all__ = ["LoRAConfig", "Condition", "KontextPolicy", "DEFAULT_LORA_TARGETS", "ModelLoadError"]
+
+DEFAULT_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+)
+"""The published DivRL run's LoRA targets (REFERENCE.md): every attention and MLP projection of the FLUX blocks."""
+
+
+class ModelLoadError(OSError):
+    """A model could not be loaded (missing, gated, or offline); the message says what to do."""
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapter on the Kontext transformer (peft).
+
+    Attributes:
+        rank: adapter rank ``r`` (DivRL: 64).
+        alpha: scaling numerator ``α``; the update is scaled by ``α / r`` (DivRL: 128).
+        target_modules: module-name suffixes that get an adapter (DivRL's list by default).
+        init: peft ``init_lora_weights``: ``"gaussian"`` (DivRL) draws A from a Gaussian and sets B = 0, so a fresh
+            adapter leaves the model unchanged (KL to the reference policy is 0).
+        dropout: LoRA dropout (0 in DivRL; non-zero makes rollout and training log-probs differ).
+    """
+
+    rank: int = 64
+    alpha: float = 128.0
+    target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    init: str = "gaussian"
+    dropout: float = 0.0
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            target_modules=list(self.target_modules),
+            init_lora_weights=self.init if self.init != "default" else True,
+            lora_dropout=self.dropout,
+        )
+
+
+@dataclass
+class Condition:
+    """Everything the transformer needs besides the noisy latents, for a batch of samples.
+
+    Batch tensors have the samples along dim 0 (a group of ``G`` samples of one condition repeats its row ``G``
+    times); ``text_ids`` and ``img_ids`` are shared by the batch.
+
+    Attributes:
+        prompt_embeds: T5 token embeddings ``(B, L, D)``.
+        pooled_prompt_embeds: CLIP pooled embedding ``(B, D')``.
+        text_ids: text position ids ``(L, 3)`` (zeros, as in FLUX).
+        image_latents: packed reference latents ``(B, T_ref, 4·C)``.
+        img_ids: position ids of the noisy tokens followed by the reference tokens ``(T + T_ref, 3)``; reference
+            ids have first channel 1.
+        guidance: distilled guidance scale per sample ``(B,)`` (float32), or ``None`` for models without it.
+        height, width: generated image size in pixels.
+        num_tokens: ``T``, the number of noisy image tokens (the transformer output is cut back to them).
+    """
+
+    prompt_embeds: Tensor
+    pooled_prompt_embeds: Tensor
+    text_ids: Tensor
+    image_latents: Tensor
+    img_ids: Tensor
+    guidance: Tensor | None
+    height: int
+    width: int
+    num_tokens: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def select(self, index: Tensor | Sequence[int] | slice) -> Condition:
+        """The conditions of a subset of samples (a micro-batch)."""
+        pick = (lambda t: t[index]) if isinstance(index, slice) else (lambda t: t[torch.as_tensor(index, device=t.device)])
+        return replace(
+            self,
+            prompt_embeds=pick(self.prompt_embeds),
+            pooled_prompt_embeds=pick(self.pooled_prompt_embeds),
+            image_latents=pick(self.image_latents),
+            guidance=None if self.guidance is None else pick(self.guidance),
+        )
+
+    def repeat_interleave(self, repeats: int) -> Condition:
+        """Each row repeated ``repeats`` times in place (condition i → rows i·G ... i·G + G − 1)."""
+        rep = lambda t: t.repeat_interleave(repeats, dim=0)  # noqa: E731
+        return replace(
+            self,
+            prompt_embeds=rep(self.prompt_embeds),
+            pooled_prompt_embeds=rep(self.pooled_prompt_embeds),
+            image_latents=rep(self.image_latents),
+            guidance=None if self.guidance is None else rep(self.guidance),
+        )
+
+
+class KontextPolicy(nn.Module):
+    """FLUX.1 Kontext with an optional LoRA adapter, as a policy for on-policy RL.
+
+    Build it with :meth:`from_pretrained` (Hub id or local folder), :meth:`from_pipeline` (an existing
+    ``FluxKontextPipeline``) or :meth:`tiny` (small offline components for demos and tests).
+
+    Args:
+        transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, scheduler: the components of a
+            ``FluxKontextPipeline``.
+        lora: the adapter to add to the transformer, or ``None`` to train no adapter (full fine-tuning or pure
+            inference).
+        max_sequence_length: T5 tokens per prompt (DivRL: 128; diffusers' default 512).
+        base_dtype: dtype of the frozen base weights (``"bfloat16"`` on GPUs; ``None`` keeps them as loaded).
+            Trainable adapter weights are always float32.
+        prompt_cache_size: how many encoded prompts (and references) to keep (least recently used evicted).
+    """
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        vae: nn.Module,
+        text_encoder: nn.Module,
+        tokenizer,
+        text_encoder_2: nn.Module,
+        tokenizer_2,
+        scheduler=None,
+        *,
+        lora: LoRAConfig | None = None,
+        max_sequence_length: int = 128,
+        base_dtype: str | torch.dtype | None = None,
+        prompt_cache_size: int = 256,
+    ):
+        super().__init__()
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
+
+        from divrl.policy.tiny import FLUX_SCHEDULER_CONFIG
+
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
+        self.scheduler_config = dict(scheduler.config) if scheduler is not None else dict(FLUX_SCHEDULER_CONFIG)
+        self.max_sequence_length = max_sequence_length
+        self.lora_config = lora
+        for module in (transformer, vae, text_encoder, text_encoder_2):
+            module.requires_grad_(False)
+            module.eval()
+        dtype = _parse_dtype(base_dtype)
+        if dtype is not None:
+            for module in (transformer, vae, text_encoder, text_encoder_2):
+                module.to(dtype)
+        if lora is not None:
+            transformer.add_adapter(lora.to_peft())
+            for name, parameter in transformer.named_parameters():
+                if "lora_" in name:
+                    parameter.data = parameter.data.float()
+                    parameter.requires_grad_(True)
+        # A pipeline view on the same modules: diffusers' own prompt encoding and image preprocessing.
+        self._pipe = FluxKontextPipeline(
+            scheduler=scheduler or FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            transformer=transformer,
+        )
+        self._pipe.set_progress_bar_config(disable=True)
+        self._prompt_cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
+        self._reference_cache: OrderedDict[tuple, Tensor] = OrderedDict()
+        self.prompt_cache_size = prompt_cache_size
+
+    # ------------------------------------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike = "black-forest-labs/FLUX.1-Kontext-dev",
+        *,
+        torch_dtype: str | torch.dtype | None = "bfloat16",
+        local_files_only: bool = False,
+        revision: str | None = None,
+        **kwargs,
+    ) -> KontextPolicy:
+        """Load FLUX.1 Kontext from a Hub id or a local folder in diffusers' format.
+
+        Args:
+            model: Hub id (``black-forest-labs/FLUX.1-Kontext-dev``, gated: accept its licence on the Hub and log
+                in) or a folder written by ``FluxKontextPipeline.save_pretrained``.
+            torch_dtype: dtype to load the weights in (bf16 for GPUs; ``None`` = as stored).
+            local_files_only: never contact the Hub (offline machines with a populated cache).
+            revision: Hub revision (branch, tag or commit).
+            **kwargs: forwarded to :class:`KontextPolicy` (``lora``, ``max_sequence_length``...).
+
+        Raises:
+            ModelLoadError: the model is missing, gated, or not reachable; the message says what to do.
+        """
+        from diffusers import FluxKontextPipeline
+
+        name = os.fspath(model)
+        local = Path(name).expanduser()
+        if local.is_dir():
+            name = str(local)
+            if not (local / "model_index.json").is_file():
+                raise ModelLoadError(
+                    f"KontextPolicy: {name!r} has no model_index.json; it is not a diffusers pipeline folder. Save one "
+                    f"with FluxKontextPipeline.save_pretrained(folder), or pass a Hub id"
+                )
+        elif name.startswith(("/", "./", "../", "~")):
+            raise ModelLoadError(f"KontextPolicy: model folder {name!r} does not exist; pass an existing folder or a Hub id")
+        try:
+            pipe = FluxKontextPipeline.from_pretrained(
+                name, dtype=_parse_dtype(torch_dtype), local_files_only=local_files_only, revision=revision
+            )
+        except Exception as err:  # noqa: BLE001 - re-raised with instructions, original chained
+            if isinstance(err, (OSError, ValueError)) or type(err).__name__.endswith(("RepoError", "HTTPError")):
+                raise ModelLoadError(_load_hint(name, err)) from err
+            raise
+        return cls.from_pipeline(pipe, **kwargs)
+
+    @classmethod
+    def from_pipeline(cls, pipe, **kwargs) -> KontextPolicy:
+        """Wrap an existing ``FluxKontextPipeline`` (its modules are shared, not copied)."""
+        return cls(
+            transformer=pipe.transformer,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            text_encoder_2=pipe.text_encoder_2,
+            tokenizer_2=pipe.tokenizer_2,
+            scheduler=pipe.scheduler,
+            **kwargs,
+        )
+
+    @classmethod
+    def tiny(cls, seed: int = 0, lora: LoRAConfig | None = None, **kwargs) -> KontextPolicy:
+        """A tiny offline Kontext policy (see :mod:`divrl.policy.tiny`); LoRA rank 4, α 8 unless given."""
+        from divrl.policy.tiny import tiny_kontext_components
+
+        kwargs.setdefault("max_sequence_length", 32)
+        return cls(**tiny_kontext_components(seed), lora=lora or LoRAConfig(rank=4, alpha=8.0), **kwargs)
+
+    def pipeline(self):
+        """A ``FluxKontextPipeline`` over this policy's modules (the adapter, when enabled, is active in it)."""
+        return self._pipe
+
+    # ------------------------------------------------------------------------------------------------ properties
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype activations run in (that of the frozen base)."""
+        return self.transformer.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self._pipe.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """Packed latent tokens of a ``height × width`` image (1024 at 512², 4096 at 1024²)."""
+        self._check_size(height, width)
+        multiple = self.vae_scale_factor * 2
+        return (height // multiple) * (width // multiple)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------------------------ conditioning
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """T5 embeddings ``(B, L, D)``, CLIP pooled ``(B, D')`` and text ids ``(L, 3)``; each prompt encoded once."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            embeds, pooled, _ = self._pipe.encode_prompt(
+                prompt=missing, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+            )
+            for k, prompt in enumerate(missing):
+                self._remember(self._prompt_cache, prompt, (embeds[k : k + 1], pooled[k : k + 1]))
+        for prompt in prompts:
+            self._prompt_cache.move_to_end(prompt)
+        embeds = torch.cat([self._prompt_cache[p][0] for p in prompts])
+        pooled = torch.cat([self._prompt_cache[p][1] for p in prompts])
+        text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.text_encoder.dtype)
+        return embeds, pooled, text_ids
+
+    @torch.no_grad()
+    def encode_reference(self, image: ImageLike, height: int, width: int, key: str | None = None) -> Tensor:
+        """VAE-encode one reference image at ``height × width`` → packed latents ``(1, T_ref, 4·C)``.
+
+        The image is resized (aspect not kept, as in DivRL's 512×512 training) and normalised by diffusers'
+        ``VaeImageProcessor``; the latent is the distribution's mode, shifted and scaled as the pipeline does.
+        ``key`` (e.g. the identity id) enables caching across groups.
+        """
+        cache_key = None if key is None else (key, height, width)
+        if cache_key is not None and cache_key in self._reference_cache:
+            self._reference_cache.move_to_end(cache_key)
+            return self._reference_cache[cache_key]
+        self._check_size(height, width)
+        pixels = to_image_batch(image, "reference")
+        if pixels.shape[0] != 1:
+            raise ValueError(f"encode_reference: expected one image, got {pixels.shape[0]}")
+        processor = self._pipe.image_processor
+        pixels = processor.preprocess(processor.resize(pixels, height, width), height, width)
+        pixels = pixels.to(device=self.device, dtype=self.vae.dtype)
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        packed = self._pipe._pack_latents(latents, 1, latents.shape[1], latents.shape[2], latents.shape[3])
+        packed = packed.to(self.dtype)
+        if cache_key is not None:
+            self._remember(self._reference_cache, cache_key, packed)
+        return packed
+
+    def condition(
+        self,
+        references: Sequence[ImageLike] | ImageLike,
+        prompts: Sequence[str] | str,
+        height: int,
+        width: int,
+        guidance: float = 2.5,
+        group_size: int = 1,
+        reference_keys: Sequence[str | None] | None = None,
+    ) -> Condition:
+        """Conditions for ``len(prompts)`` (reference, prompt) pairs, each repeated ``group_size`` times.
+
+        Args:
+            references: one reference image per prompt (or one image shared by all prompts).
+            prompts: the edit prompts.
+            height, width: generated (and reference) size in pixels.
+            guidance: FLUX's distilled guidance scale (DivRL: 2.5); not classifier-free guidance.
+            group_size: samples per condition (``G``).
+            reference_keys: optional cache keys (identity ids) of the references.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if isinstance(references, Tensor):
+            references = list(references) if references.dim() == 4 else [references] * len(prompts)
+        elif isinstance(references, (str, os.PathLike)) or not isinstance(references, Sequence):
+            references = [references] * len(prompts)
+        if len(references) != len(prompts):
+            raise ValueError(f"condition: {len(references)} references for {len(prompts)} prompts; give one per prompt")
+        keys = list(reference_keys) if reference_keys is not None else [None] * len(prompts)
+        embeds, pooled, text_ids = self.encode_prompts(prompts)
+        image_latents = torch.cat([self.encode_reference(r, height, width, k) for r, k in zip(references, keys)])
+        latent_h, latent_w = self._latent_grid(height, width)
+        latent_ids = self._pipe._prepare_latent_image_ids(1, latent_h // 2, latent_w // 2, self.device, self.dtype)
+        image_ids = latent_ids.clone()
+        image_ids[..., 0] = 1
+        guidance_t = None
+        if self.transformer.config.guidance_embeds:
+            guidance_t = torch.full((len(prompts),), guidance, device=self.device, dtype=torch.float32)
+        condition = Condition(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled,
+            text_ids=text_ids,
+            image_latents=image_latents,
+            img_ids=torch.cat([latent_ids, image_ids], dim=0),
+            guidance=guidance_t,
+            height=height,
+            width=width,
+            num_tokens=latent_ids.shape[0],
+        )
+        return condition.repeat_interleave(group_size) if group_size > 1 else condition
+
+    # ------------------------------------------------------------------------------------------------ sampling
+
+    def initial_noise(
+        self, batch_size: int, height: int, width: int, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> Tensor:
+        """Packed Gaussian latents ``(B, T, 4·C)``, drawn exactly as ``FluxKontextPipeline.prepare_latents``."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        latent_h, latent_w = self._latent_grid(height, width)
+        shape = (batch_size, self.latent_channels, latent_h, latent_w)
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        return self._pipe._pack_latents(noise, batch_size, self.latent_channels, latent_h, latent_w)
+
+    def velocity(self, latents: Tensor, sigma: Tensor | float, condition: Condition) -> Tensor:
+        """The transformer's velocity for noisy packed ``latents`` ``(B, T, 4·C)`` at noise level ``sigma``.
+
+        The reference tokens are appended after the noisy ones and the output is cut back to the noisy tokens.
+        ``sigma`` is a float or a ``(B,)`` tensor. Gradients flow to the trainable (adapter) weights when enabled.
+        """
+        batch = latents.shape[0]
+        if condition.batch_size != batch:
+            raise ValueError(f"velocity: condition has batch {condition.batch_size}, latents have {batch}")
+        sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(batch)
+        # The pipeline passes timestep = (σ·1000 as float32, cast to the latent dtype) / 1000; mirror it exactly.
+        timestep = (sigma * 1000).to(latents.dtype) / 1000
+        hidden = torch.cat([latents.to(self.dtype), condition.image_latents], dim=1)
+        out = self.transformer(
+            hidden_states=hidden,
+            timestep=timestep,
+            guidance=condition.guidance,
+            pooled_projections=condition.pooled_prompt_embeds,
+            encoder_hidden_states=condition.prompt_embeds,
+            txt_ids=condition.text_ids,
+            img_ids=condition.img_ids,
+            return_dict=False,
+        )[0]
+        return out[:, : latents.shape[1]]
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor, height: int, width: int) -> Tensor:
+        """Packed latents → images ``(B, 3, H, W)`` float32 in [0, 1]."""
+        unpacked = self._pipe._unpack_latents(latents, height, width, self.vae_scale_factor)
+        unpacked = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        images = self.vae.decode(unpacked.to(self.vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------------------------------------ adapter
+
+    @contextlib.contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """The reference policy: the same transformer with the LoRA adapter switched off (no weight copy)."""
+        if self.lora_config is None:
+            raise RuntimeError("adapter_disabled: this policy has no LoRA adapter (lora=None)")
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
+
+    def lora_state_dict(self) -> dict[str, Tensor]:
+        """The adapter weights with peft's names (``...lora_A.weight``), on the CPU."""
+        from peft import get_peft_model_state_dict
+
+        if self.lora_config is None:
+            raise RuntimeError("lora_state_dict: this policy has no LoRA adapter (lora=None)")
+        return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.transformer).items()}
+
+    def save_lora(self, directory: str | os.PathLike) -> Path:
+        """Write the adapter in diffusers' format: ``<directory>/pytorch_lora_weights.safetensors``.
+
+        Load it with ``FluxKontextPipeline.load_lora_weights(directory)``; the adapter's rank, alpha and targets are
+        stored in the file's metadata, so the loaded scale ``alpha / rank`` matches training.
+        """
+        from diffusers import FluxKontextPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.lora_config is None:
+            raise RuntimeError("save_lora: this policy has no LoRA adapter (lora=None)")
+        FluxKontextPipeline.save_lora_weights(
+            directory,
+            transformer_lora_layers=get_peft_model_state_dict(self.transformer),
+            # rank, alpha and targets travel in the file's metadata: without them diffusers assumes alpha = rank
+            transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
+            safe_serialization=True,
+        )
+        return directory / "pytorch_lora_weights.safetensors"
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    def _latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        self._check_size(height, width)
+        multiple = self.vae_scale_factor * 2
+        return 2 * (height // multiple), 2 * (width // multiple)
+
+    def _check_size(self, height: int, width: int) -> None:
+        multiple = self.vae_scale_factor * 2
+        if height % multiple or width % multiple or height <= 0 or width <= 0:
+            raise ValueError(
+                f"image size {height}x{width} must be a positive multiple of {multiple} (VAE factor "
+                f"{self.vae_scale_factor} x 2 for packing); e.g. 512x512"
+            )
+
+    def _remember(self, cache: OrderedDict, key, value) -> None:
+        cache[key] = value
+        while len(cache) > self.prompt_cache_size:
+            cache.popitem(last=False)
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "float32": torch.float32, "fp32": torch.float32}  # fmt: skip
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use 'bfloat16', 'float16', 'float32' or None")
+    return table[key]
+
+
+def _load_hint(name: str, err: Exception) -> str:
+    text = str(err)
+    gated = "gated" in text.lower() or "401" in text or "403" in text or type(err).__name__ == "GatedRepoError"
+    if gated:
+        what = (
+            f"{name!r} is gated: accept its licence on the model's Hub page, then log in with `huggingface-cli login` "
+            f"(or set HF_TOKEN)"
+        )
+    else:
+        what = (
+            f"{name!r} is neither a local diffusers folder nor reachable on the Hugging Face Hub (offline, or a wrong "
+            f"id). Download it once (`huggingface-cli download {name}`) and pass local_files_only=True, or pass the "
+            f"path of a folder written by FluxKontextPipeline.save_pretrained"
+        )
+    return f"KontextPolicy: cannot load {what}. Original error: {type(err).__name__}: {text[:300]}"
