@@ -6,7 +6,7 @@ from diffusers import FluxKontextPipeline
 
 from divrl.examples import draw_subject
 from divrl.grpo import kl_divergence
-from divrl.grpo.rollout import rollout, transition_log_prob
+from divrl.grpo.sampler import rollout, transition_log_prob
 from divrl.policy import KontextPolicy, LoRAConfig, ModelLoadError
 from divrl.policy.tiny import tiny_kontext_components
 

@@ -5,13 +5,13 @@
 - :mod:`divrl.grpo.advantages`: ``group_advantages`` (per group or per batch, clipped).
 - :mod:`divrl.grpo.loss`: ``grpo_loss`` (PPO-clipped) and ``kl_divergence`` (to the reference policy).
 - :mod:`divrl.grpo.timesteps`: which steps are stochastic and which are trained (fraction or window mode).
-- :mod:`divrl.grpo.rollout`: group rollouts with log-prob bookkeeping (``rollout`` → ``Trajectory``) and the
+- :mod:`divrl.grpo.sampler`: group rollouts with log-prob bookkeeping (``rollout`` → ``Trajectory``) and the
   training-path log-prob of a recorded step (``transition_log_prob``).
 """
 
 from divrl.grpo.advantages import group_advantages
 from divrl.grpo.loss import grpo_loss, kl_divergence
-from divrl.grpo.rollout import Trajectory, rollout, transition_log_prob
+from divrl.grpo.sampler import Trajectory, rollout, transition_log_prob
 from divrl.grpo.schedule import calculate_shift, flux_sigmas
 from divrl.grpo.sde import SDEStepOutput, sde_step
 from divrl.grpo.timesteps import random_window, sde_mask, select_train_steps

@@ -293,12 +293,13 @@ class KontextPolicy(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+        return self.transformer.x_embedder.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype activations run in (that of the frozen base)."""
-        return self.transformer.dtype
+        """The dtype activations run in: that of the frozen base (read off the input projection, which carries no
+        adapter; ``ModelMixin.dtype`` walks every module and is too slow for the per-step path)."""
+        return self.transformer.x_embedder.weight.dtype
 
     @property
     def vae_scale_factor(self) -> int:
@@ -333,7 +334,7 @@ class KontextPolicy(nn.Module):
             self._prompt_cache.move_to_end(prompt)
         embeds = torch.cat([self._prompt_cache[p][0] for p in prompts])
         pooled = torch.cat([self._prompt_cache[p][1] for p in prompts])
-        text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.text_encoder.dtype)
+        text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=embeds.dtype)
         return embeds, pooled, text_ids
 
     @torch.no_grad()

@@ -94,7 +94,9 @@ def rollout(
     height, width = condition.height, condition.width
     sigmas = flux_sigmas(num_steps, policy.num_image_tokens(height, width)).to(policy.device)
     sde = _sde_mask(sde_steps, num_steps, policy.device)
-    sigma_max = sigmas[1].item() if num_steps > 1 else None
+    values = sigmas.tolist()  # host copies: no device sync inside the loop
+    stochastic = sde.tolist()
+    sigma_max = values[1] if num_steps > 1 else None
 
     x = policy.initial_noise(batch, height, width, generator)
     latents = [x]
@@ -102,8 +104,8 @@ def rollout(
     for step in range(num_steps):
         velocity = _chunked_velocity(policy, x, sigmas[step], condition, micro_batch_size)
         out = sde_step(
-            velocity, x, sigmas[step].item(), sigmas[step + 1].item(),
-            noise_level if sde[step] else 0.0, sigma_max=sigma_max, generator=generator,
+            velocity, x, values[step], values[step + 1],
+            noise_level if stochastic[step] else 0.0, sigma_max=sigma_max, generator=generator,
         )  # fmt: skip
         x = out.prev_sample
         latents.append(x)

@@ -1,0 +1,136 @@
+"""Rollout overhead: divrl's deterministic rollout vs diffusers' FluxKontextPipeline, side by side.
+
+Both run the same tiny FLUX.1 Kontext components, reference, prompt, seed, steps and guidance, end to end
+(prompt encoding, reference VAE encoding, noise, the denoising loop, VAE decoding). Caches are cleared before every
+divrl run so it pays for encoding too. The ratio shows what our log-prob bookkeeping costs (goal <= 1.05). Then a
+stochastic rollout (noise level 0.9) is broken down per step: transformer, SDE step (sampling + log-prob), and
+the rest (bookkeeping). Last, the on-policy check: the training path's log-prob of every recorded transition,
+recomputed for the whole batch and for micro-batches of 1, gives ratio exp(logp - logp_old) = 1 up to the printed
+deviation (in the chosen dtype; exactly 1 is expected when the kernels do not depend on the batch size).
+
+Run:  python benchmarks/rollout.py [--size 64] [--group 4] [--steps 6] [--repeats 7] [--device cpu|cuda]
+                                  [--dtype float32|bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import divrl.grpo.sampler as sampler_module
+from divrl.examples import draw_subject
+from divrl.grpo import rollout, transition_log_prob
+from divrl.policy import KontextPolicy
+
+PROMPT = "a photo of the star toy on the beach"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--group", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="frozen base dtype (bfloat16 on GPUs); default float32")
+    args = parser.parse_args()
+
+    policy = KontextPolicy.tiny(seed=0, base_dtype=args.dtype).to(args.device)
+    pipe = policy.pipeline()
+    reference = draw_subject(args.size)[0].unsqueeze(0)
+    h = w = args.size
+
+    def ours():
+        policy._prompt_cache.clear()
+        policy._reference_cache.clear()
+        condition = policy.condition(reference, PROMPT, h, w, guidance=2.5, group_size=args.group)
+        return rollout(policy, condition, num_steps=args.steps, noise_level=0.0, group_size=args.group,
+                       generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+    def theirs():
+        return pipe(image=reference, prompt=PROMPT, height=h, width=w, num_inference_steps=args.steps,
+                    guidance_scale=2.5, generator=torch.Generator().manual_seed(0), output_type="pt",
+                    max_area=h * w, _auto_resize=False, max_sequence_length=policy.max_sequence_length,
+                    num_images_per_prompt=args.group).images  # fmt: skip
+
+    with torch.no_grad():
+        difference = (ours().cpu() - theirs().cpu()).abs().max().item()
+        assert difference < (1e-4 if args.dtype in (None, "float32") else 5e-2), f"outputs differ by {difference}"
+        times = {"divrl": [], "diffusers": []}
+        for _ in range(args.repeats):  # interleaved, so drift on the machine hits both alike
+            for name, fn in (("divrl", ours), ("diffusers", theirs)):
+                sync(args.device)
+                start = time.perf_counter()
+                fn()
+                sync(args.device)
+                times[name].append(time.perf_counter() - start)
+    ours_s, theirs_s = statistics.median(times["divrl"]), statistics.median(times["diffusers"])
+    print(f"tiny FLUX.1 Kontext, {h}x{w}, G={args.group}, {args.steps} steps, device={args.device}, "
+          f"dtype={policy.dtype}, median of {args.repeats}; max |image difference| {difference:.2e}")  # fmt: skip
+    print(f"  diffusers FluxKontextPipeline:   {theirs_s * 1e3:8.2f} ms")
+    print(f"  divrl rollout (noise level 0):   {ours_s * 1e3:8.2f} ms   ratio {ours_s / theirs_s:.3f} (goal <= 1.05)")
+
+    # Per-step breakdown of a stochastic rollout.
+    spent = {"transformer": 0.0, "sde_step": 0.0}
+    velocity, sde_step = policy.velocity, sampler_module.sde_step
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            sync(args.device)
+            start = time.perf_counter()
+            out = fn(*a, **k)
+            sync(args.device)
+            spent[name] += time.perf_counter() - start
+            return out
+
+        return wrapper
+
+    condition = policy.condition(reference, PROMPT, h, w, guidance=2.5, group_size=args.group)
+    policy.velocity = timed("transformer", velocity)
+    sampler_module.sde_step = timed("sde_step", sde_step)
+    try:
+        totals = []
+        for _ in range(args.repeats):
+            spent.update(transformer=0.0, sde_step=0.0)
+            sync(args.device)
+            start = time.perf_counter()
+            rollout(policy, condition, num_steps=args.steps, noise_level=0.9, group_size=args.group,
+                    generator=torch.Generator().manual_seed(0), decode=False)  # fmt: skip
+            sync(args.device)
+            totals.append((time.perf_counter() - start, dict(spent)))
+    finally:
+        del policy.velocity
+        sampler_module.sde_step = sde_step
+    total, parts = sorted(totals, key=lambda t: t[0])[len(totals) // 2]
+    rest = total - parts["transformer"] - parts["sde_step"]
+    print(f"stochastic rollout (noise 0.9, no decode), per step of {args.steps}:")
+    for name, value in (("transformer", parts["transformer"]), ("sde_step (sample + log-prob)", parts["sde_step"]),
+                        ("bookkeeping", rest)):  # fmt: skip
+        print(f"  {name:<30s} {value / args.steps * 1e3:8.3f} ms  ({100 * value / total:5.1f}%)")
+
+    traj = rollout(policy, condition, num_steps=args.steps, noise_level=0.9, group_size=args.group,
+                   generator=torch.Generator().manual_seed(1), decode=False)  # fmt: skip
+    deviation = {"whole batch": 0.0, "micro-batches of 1": 0.0}
+    with torch.no_grad():
+        for step in range(args.steps - 1):
+            whole = transition_log_prob(policy, traj, step, condition).log_prob
+            deviation["whole batch"] = max(deviation["whole batch"],
+                                           (whole - traj.log_probs[:, step]).exp().sub(1).abs().max().item())  # fmt: skip
+            for k in range(args.group):
+                one = transition_log_prob(policy, traj, step, condition, index=[k]).log_prob
+                deviation["micro-batches of 1"] = max(deviation["micro-batches of 1"],
+                                                      abs((one - traj.log_probs[k, step]).exp().item() - 1))  # fmt: skip
+    print("on-policy ratio, max |r - 1| over the trained steps: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in deviation.items()))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
