@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from divrl.images import ImageLike, to_image_batch
+from divrl.utils import parse_dtype
 
 __all__ = ["LoRAConfig", "Condition", "KontextPolicy", "DEFAULT_LORA_TARGETS", "ModelLoadError"]
 
@@ -190,7 +191,7 @@ class KontextPolicy(nn.Module):
         for module in (transformer, vae, text_encoder, text_encoder_2):
             module.requires_grad_(False)
             module.eval()
-        dtype = _parse_dtype(base_dtype)
+        dtype = parse_dtype(base_dtype, "KontextPolicy")
         if dtype is not None:
             for module in (transformer, vae, text_encoder, text_encoder_2):
                 module.to(dtype)
@@ -222,7 +223,7 @@ class KontextPolicy(nn.Module):
         cls,
         model: str | os.PathLike = "black-forest-labs/FLUX.1-Kontext-dev",
         *,
-        torch_dtype: str | torch.dtype | None = "bfloat16",
+        torch_dtype: str | torch.dtype | None = "auto",
         local_files_only: bool = False,
         revision: str | None = None,
         **kwargs,
@@ -232,7 +233,8 @@ class KontextPolicy(nn.Module):
         Args:
             model: Hub id (``black-forest-labs/FLUX.1-Kontext-dev``, gated: accept its licence on the Hub and log
                 in) or a folder written by ``FluxKontextPipeline.save_pretrained``.
-            torch_dtype: dtype to load the weights in (bf16 for GPUs; ``None`` = as stored).
+            torch_dtype: dtype of the frozen weights: ``"auto"`` = bfloat16 when CUDA is available, else float32 (CPU
+                kernels for bf16 are slow); ``None`` = as stored; or an explicit dtype name.
             local_files_only: never contact the Hub (offline machines with a populated cache).
             revision: Hub revision (branch, tag or commit).
             **kwargs: forwarded to :class:`KontextPolicy` (``lora``, ``max_sequence_length``...).
@@ -253,9 +255,12 @@ class KontextPolicy(nn.Module):
                 )
         elif name.startswith(("/", "./", "../", "~")):
             raise ModelLoadError(f"KontextPolicy: model folder {name!r} does not exist; pass an existing folder or a Hub id")
+        if torch_dtype == "auto":
+            torch_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         try:
+            dtype = parse_dtype(torch_dtype, "KontextPolicy")
             pipe = FluxKontextPipeline.from_pretrained(
-                name, dtype=_parse_dtype(torch_dtype), local_files_only=local_files_only, revision=revision
+                name, dtype=dtype, local_files_only=local_files_only, revision=revision
             )
         except Exception as err:  # noqa: BLE001 - re-raised with instructions, original chained
             if isinstance(err, (OSError, ValueError)) or type(err).__name__.endswith(("RepoError", "HTTPError")):
@@ -522,17 +527,6 @@ class KontextPolicy(nn.Module):
         cache[key] = value
         while len(cache) > self.prompt_cache_size:
             cache.popitem(last=False)
-
-
-def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-             "float32": torch.float32, "fp32": torch.float32}  # fmt: skip
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; use 'bfloat16', 'float16', 'float32' or None")
-    return table[key]
 
 
 def _load_hint(name: str, err: Exception) -> str:

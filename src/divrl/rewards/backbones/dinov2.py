@@ -25,20 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from divrl.rewards.backbones.base import FeatureBackbone, Features
+from divrl.utils import parse_dtype
 
 __all__ = ["DINOv2Backbone"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 _MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 
 
@@ -86,7 +79,7 @@ class DINOv2Backbone(FeatureBackbone):
     ):
         super().__init__()
         self.max_batch = max_batch
-        torch_dtype = _parse_dtype(dtype)
+        torch_dtype = parse_dtype(dtype, "DINOv2Backbone")
         network = _load_model(model, local_files_only)
         mean, std = _load_mean_std(model, local_files_only)
         if torch_dtype is not None:
@@ -209,17 +202,6 @@ class DINOv2Backbone(FeatureBackbone):
             f"name={self.name!r}, grid_size={self.grid_size}, patch_size={self.patch_size}, layer={self.layer}, "
             f"registers={self.num_register_tokens}"
         )
-
-
-def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ValueError(
-            f"DINOv2Backbone: dtype must be one of 'float32', 'bfloat16', 'float16' or None, got {dtype!r}"
-        )
-    return _DTYPES[key]
 
 
 def _looks_like_path(model: str) -> bool:
