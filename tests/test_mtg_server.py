@@ -372,3 +372,21 @@ def test_rejects_bad_arguments():
     scorer = MTGServerScorer("http://127.0.0.1:8101/")
     assert scorer.endpoint == "http://127.0.0.1:8101/score"
     assert MTGServerScorer("http://127.0.0.1:8098/score").endpoint == "http://127.0.0.1:8098/score"
+
+
+def test_vsm_nan_from_the_published_server_means_no_match(server, group, caplog):
+    """The published server answers VSM = NaN when no cell passes tau_s; that is VSM = 0 by definition."""
+    gen, ref, _ = group
+    scorer, _ = make_scorer(server.url)
+    server.script = [("compute",), ("raw", '{"score": [0.1, NaN, 0.3, NaN, 0.5]}')]
+    with caplog.at_level("WARNING", logger="divrl.rewards.mtg"):
+        out = scorer.score_group(ref, gen)
+    assert out.vsm.tolist() == pytest.approx([0.1, 0.0, 0.3, 0.0, 0.5])
+    assert scorer.nan_vsm_count == 2 and "VSM is NaN for image(s) [1, 3]" in caplog.text
+    strict, _ = make_scorer(server.url, vsm_nan_as_zero=False)
+    server.script = [("compute",), ("raw", '{"score": [0.1, NaN, 0.3, NaN, 0.5]}')]
+    with pytest.raises(MTGServerError, match="NaN"):
+        strict.score_group(ref, gen)
+    server.script = [("raw", '{"score": [0.1, NaN, 0.3, 0.4, 0.5]}')]  # a NaN nSSM is never accepted
+    with pytest.raises(MTGServerError, match="NaN"):
+        scorer.score_group(ref, gen)

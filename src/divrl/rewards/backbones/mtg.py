@@ -95,6 +95,10 @@ class MTGServerScorer(GroupScorer):
         backoff: seconds to sleep before retry ``k`` (0-based) are ``backoff * 2**k``; 0 retries at once.
         max_images_per_request: send at most this many generated images per request and concatenate the scores
             in order (bounds the server's memory per request); ``None`` sends the whole group at once.
+        vsm_nan_as_zero: the published server answers VSM = NaN when no generated cell passes the semantic
+            threshold; divrl defines that case as VSM = 0 (the identity penalty applies in full, where the NaN would
+            escape it). ``True`` (default) converts exactly those NaNs to 0, logs a warning and counts them in
+            ``nan_vsm_count``; ``False`` raises. A NaN nSSM, an infinite score or any other bad value always raises.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class MTGServerScorer(GroupScorer):
         retries: int = 3,
         backoff: float = 1.0,
         max_images_per_request: int | None = None,
+        vsm_nan_as_zero: bool = True,
     ):
         super().__init__()
         if not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in ("http", "https"):
@@ -133,6 +138,8 @@ class MTGServerScorer(GroupScorer):
         self.retries = retries
         self.backoff = float(backoff)
         self.max_images_per_request = max_images_per_request
+        self.vsm_nan_as_zero = vsm_nan_as_zero
+        self.nan_vsm_count = 0
         self._sleep: Callable[[float], Any] = time.sleep
 
     def extra_repr(self) -> str:
@@ -203,12 +210,20 @@ class MTGServerScorer(GroupScorer):
                 "semantic_threshold": self.tau_s,
             }
             what = f"{'nSSM' if is_ssm else 'VSM'} of images {start}..{start + len(chunk) - 1}"
-            scores.extend(self._request(payload, len(chunk), what))
+            scores.extend(self._request(payload, len(chunk), what, nan_ok=not is_ssm and self.vsm_nan_as_zero))
+        nan = [i for i, v in enumerate(scores) if math.isnan(v)]
+        if nan:
+            self.nan_vsm_count += len(nan)
+            logger.warning(
+                "MTG server %s: VSM is NaN for image(s) %s (no cell passed the semantic threshold %.3g); scoring them "
+                "VSM = 0 (%d such image(s) so far)", self.endpoint, nan, self.tau_s, self.nan_vsm_count,
+            )  # fmt: skip
+            scores = [0.0 if math.isnan(v) else v for v in scores]
         return torch.tensor(scores, dtype=torch.float32)
 
     # ------------------------------------------------------------------------------------------------ HTTP
 
-    def _request(self, payload: dict, expected: int, what: str) -> list[float]:
+    def _request(self, payload: dict, expected: int, what: str, nan_ok: bool = False) -> list[float]:
         """POST one request with retries; return ``expected`` validated scores or raise :class:`MTGServerError`."""
         data = json.dumps(payload).encode("utf-8")
         attempts = self.retries + 1
@@ -227,7 +242,7 @@ class MTGServerScorer(GroupScorer):
             except _Retryable as err:
                 last = err
                 continue
-            return self._parse(body, expected, what, attempt + 1)
+            return self._parse(body, expected, what, attempt + 1, nan_ok)
         raise MTGServerError(
             f"MTG reward server at {self.endpoint} failed for the {what} after {attempts} attempt(s); "
             f"last error: {last}. Start the Mind-the-Glitch reward server (CleanDIFT-SD2.1, needs a GPU) and check "
@@ -265,7 +280,7 @@ class MTGServerScorer(GroupScorer):
         except (OSError, http.client.HTTPException) as err:  # timeouts and resets while reading, bad status lines
             raise _Retryable(f"{type(err).__name__}: {err or 'no details'}") from None
 
-    def _parse(self, body: bytes, expected: int, what: str, attempt: int) -> list[float]:
+    def _parse(self, body: bytes, expected: int, what: str, attempt: int, nan_ok: bool = False) -> list[float]:
         def fail(problem: str) -> MTGServerError:
             return MTGServerError(
                 f"MTG reward server at {self.endpoint} gave an unusable answer for the {what}: {problem}; "
@@ -292,7 +307,7 @@ class MTGServerScorer(GroupScorer):
         if bad:
             raise fail(f"non-numeric score(s) at position(s) {bad}")
         values = [float(v) for v in raw]
-        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        bad = [i for i, v in enumerate(values) if math.isinf(v) or (math.isnan(v) and not nan_ok)]
         if bad:
             raise fail(f"NaN or infinite score(s) at position(s) {bad}")
         return values
