@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from divrl.data.synthetic import Pose, SubjectIdentity, render
+
 __all__ = ["draw_subject", "example_group"]
 
 
@@ -24,35 +26,19 @@ def draw_subject(
     rotation: float = 0.0,
     background: float = 0.5,
 ) -> tuple[Tensor, Tensor]:
-    """Draw one subject: returns an image ``(3, size, size)`` in [0, 1] and its mask ``(size, size)``.
+    """Draw one checkered subject of the synthetic world (:mod:`divrl.data.synthetic`): an image
+    ``(3, size, size)`` in [0, 1] and its mask ``(size, size)``.
 
     Args:
         size: image side in pixels.
-        kind: ``"star"`` (five points), ``"square"`` or ``"disc"``.
+        kind: a shape of :data:`divrl.data.synthetic.KINDS` (``"star"``, ``"square"``, ``"disc"``...).
         colours: the two colours of the checkered texture, RGB in [0, 1].
         centre: subject centre as fractions of the image side (x, y).
         radius: subject radius as a fraction of the image side.
         rotation: rotation in radians.
         background: grey level of the background.
     """
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
-    dx, dy = xx - centre[0] * size, yy - centre[1] * size
-    r = radius * size
-    angle = torch.atan2(dy, dx) - rotation
-    if kind == "star":
-        mask = torch.sqrt(dx**2 + dy**2) < r * (0.65 + 0.35 * torch.cos(5 * angle))
-    elif kind == "square":
-        u = dx * math.cos(rotation) + dy * math.sin(rotation)
-        v = -dx * math.sin(rotation) + dy * math.cos(rotation)
-        mask = (u.abs() < 0.8 * r) & (v.abs() < 0.8 * r)
-    elif kind == "disc":
-        mask = torch.sqrt(dx**2 + dy**2) < r
-    else:
-        raise ValueError(f"kind must be 'star', 'square' or 'disc', got {kind!r}")
-    check = ((torch.div(dx, size / 32, rounding_mode="floor") + torch.div(dy, size / 32, rounding_mode="floor")) % 2) == 0
-    texture = torch.where(check, torch.tensor(colours[0]).view(3, 1, 1), torch.tensor(colours[1]).view(3, 1, 1))
-    image = torch.where(mask, texture, torch.full((3, size, size), background))
-    return image, mask.float()
+    return render(SubjectIdentity(kind, colours, "checker"), Pose(*centre, radius, rotation), size, background)
 
 
 def example_group(size: int = 256) -> tuple[Tensor, Tensor, Tensor, list[str]]:
