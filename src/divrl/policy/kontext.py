@@ -121,24 +121,22 @@ class Condition:
 
     def select(self, index: Tensor | Sequence[int] | slice) -> Condition:
         """The conditions of a subset of samples (a micro-batch)."""
-        pick = (lambda t: t[index]) if isinstance(index, slice) else (lambda t: t[torch.as_tensor(index, device=t.device)])
-        return replace(
-            self,
-            prompt_embeds=pick(self.prompt_embeds),
-            pooled_prompt_embeds=pick(self.pooled_prompt_embeds),
-            image_latents=pick(self.image_latents),
-            guidance=None if self.guidance is None else pick(self.guidance),
-        )
+        if isinstance(index, slice):
+            return self._map_batch(lambda t: t[index])
+        return self._map_batch(lambda t: t[torch.as_tensor(index, device=t.device)])
 
     def repeat_interleave(self, repeats: int) -> Condition:
         """Each row repeated ``repeats`` times in place (condition i → rows i·G ... i·G + G − 1)."""
-        rep = lambda t: t.repeat_interleave(repeats, dim=0)  # noqa: E731
+        return self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def _map_batch(self, fn) -> Condition:
+        """Apply ``fn`` to every per-sample tensor (the shared position ids are left as they are)."""
         return replace(
             self,
-            prompt_embeds=rep(self.prompt_embeds),
-            pooled_prompt_embeds=rep(self.pooled_prompt_embeds),
-            image_latents=rep(self.image_latents),
-            guidance=None if self.guidance is None else rep(self.guidance),
+            prompt_embeds=fn(self.prompt_embeds),
+            pooled_prompt_embeds=fn(self.pooled_prompt_embeds),
+            image_latents=fn(self.image_latents),
+            guidance=None if self.guidance is None else fn(self.guidance),
         )
 
 
