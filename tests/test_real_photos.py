@@ -4,7 +4,6 @@ Averaged over the 30 subjects, nSSM must rank structure changes (another photo o
 the mirror image) far above a colour change of the same photo (colour jitter keeps the layout).
 """
 
-import pytest
 import torch
 import torch.nn.functional as F
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from divrl.images import ImageLike, to_mask_batch
 from divrl.rewards import functional as RF

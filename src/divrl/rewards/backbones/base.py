@@ -46,9 +46,10 @@ class FeatureBackbone(nn.Module):
         step = self.max_batch or batch.shape[0]
         if step < 1:
             raise ValueError(f"{type(self).__name__}: max_batch must be a positive integer or None, got {step}")
-        parts = [self.extract(chunk) for chunk in batch.split(step)]
-        for part, chunk in zip(parts, batch.split(step)):
-            _check_features(part, chunk.shape[0], type(self).__name__)
+        parts = []
+        for chunk in batch.split(step):
+            parts.append(self.extract(chunk))
+            _check_features(parts[-1], chunk.shape[0], type(self).__name__)
         if len(parts) == 1:
             return parts[0]
         semantic = torch.cat([p.semantic for p in parts])
