@@ -1,8 +1,10 @@
 """The ``divrl`` console script.
 
-Available now: ``divrl score`` (score generated images against a reference with the DivRL rewards; with no
-images it scores a built-in example group). ``fit``, ``validate``, ``sample``, ``evaluate`` and ``data`` join as
-the training application lands (see the README's roadmap).
+- ``divrl fit | validate | sample --config CONFIG.yaml ...``: the Lightning application (:class:`DivRLCLI`, a
+  ``LightningCLI`` over :class:`~divrl.training.DivRLModule` and :class:`~divrl.data.IdentityDataModule`);
+  ``--print_config`` shows the full resolved configuration.
+- ``divrl score``: score generated images against a reference with the DivRL rewards (with no images it scores a
+  built-in example group).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_score(args: argparse.Namespace) -> int:
     from divrl.images import to_image_batch, to_mask_batch
-    from divrl.rewards import FeatureScorer, GatedReward, functional as RF
+    from divrl.rewards import FeatureScorer, GatedReward
+    from divrl.rewards import functional as RF
 
     if args.mtg_url:
         from divrl.rewards.backbones import MTGServerScorer
@@ -111,7 +114,58 @@ def _square(size: int):
     return resize
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "sample")
+"""Subcommands served by :class:`DivRLCLI`; the others (``score``) are plain argparse commands."""
+
+
+def _lightning_cli():
+    from lightning.pytorch.cli import LightningCLI
+
+    from divrl.data.datamodule import IdentityDataModule
+    from divrl.training.module import DivRLModule
+    from divrl.training.trainer import DivRLTrainer
+
+    class DivRLCLI(LightningCLI):
+        """``LightningCLI`` over DivRLModule / IdentityDataModule with the ``sample`` subcommand of DivRLTrainer."""
+
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {
+                "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+                "validate": {"model", "dataloaders", "datamodule"},
+                "sample": {"model", "datamodule"},
+            }
+
+    return DivRLCLI, DivRLModule, IdentityDataModule, DivRLTrainer
+
+
+def run_lightning(argv: Sequence[str] | None = None, run: bool = True):
+    """Run (or, with ``run=False``, only parse and instantiate) a ``fit`` / ``validate`` / ``sample`` command line."""
+    import warnings
+
+    DivRLCLI, module, datamodule, trainer = _lightning_cli()
+    # Expected in RL post-training: the frozen base and the reward backbones stay in eval mode on purpose, and the
+    # condition stream handles DataLoader workers itself.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    if argv is not None:  # called from Python (tests, notebooks) with explicit arguments
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+    return DivRLCLI(
+        module, datamodule, trainer_class=trainer, args=list(argv) if argv is not None else None, run=run,
+        save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "divrl"},
+    )  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    given = argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        run_lightning(given)
+        return 0
+    if not argv or argv[0] in ("-h", "--help"):
+        build_parser().print_help()
+        print(f"\nTraining commands (see `divrl fit --help`): {', '.join(LIGHTNING_COMMANDS)}")
+        return 0 if argv else 2
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -22,7 +22,10 @@ from torch import Tensor
 from divrl.data.schema import IdentityRecord
 from divrl.images import to_pil
 
-__all__ = ["SubjectIdentity", "Pose", "render", "random_identity", "random_pose", "synthetic_records", "write_shards"]
+__all__ = [
+    "SubjectIdentity", "Pose", "render", "random_identity", "random_pose", "synthetic_records", "write_shards",
+    "write_demo_dataset",
+]  # fmt: skip
 
 KINDS = ("star", "square", "disc", "triangle", "ring", "cross")
 TEXTURES = ("checker", "stripes", "dots", "plain")
@@ -182,3 +185,16 @@ def write_shards(records, out_dir: str | os.PathLike, *, shard_size: int = 100, 
     if batch:
         flush()
     return paths
+
+
+DEMO_TRAIN_IDENTITIES = 24
+DEMO_VAL_IDENTITIES = 8
+
+
+def write_demo_dataset(out_dir: str | os.PathLike, *, size: int = 64, seed: int = 0) -> list[Path]:
+    """The committed demo dataset (``data/demo``): 24 training identities in two shards and 8 held-out validation
+    identities, 4 prompts each, ``size``-pixel references with masks. Deterministic: rewriting it gives the same
+    samples."""
+    train = synthetic_records(DEMO_TRAIN_IDENTITIES, size=size, prompts_per_identity=4, seed=seed, prefix="train")
+    val = synthetic_records(DEMO_VAL_IDENTITIES, size=size, prompts_per_identity=4, seed=seed + 1, prefix="val")
+    return write_shards(train, out_dir, shard_size=12, name="train") + write_shards(val, out_dir, shard_size=8, name="val")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from peft import get_peft_model_state_dict
 from torch import Tensor, nn
 
 from divrl.images import ImageLike, to_image_batch
@@ -478,8 +479,6 @@ class KontextPolicy(nn.Module):
 
     def lora_state_dict(self) -> dict[str, Tensor]:
         """The adapter weights with peft's names (``...lora_A.weight``), on the CPU."""
-        from peft import get_peft_model_state_dict
-
         if self.lora_config is None:
             raise RuntimeError("lora_state_dict: this policy has no LoRA adapter (lora=None)")
         return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.transformer).items()}
@@ -491,7 +490,6 @@ class KontextPolicy(nn.Module):
         stored in the file's metadata, so the loaded scale ``alpha / rank`` matches training.
         """
         from diffusers import FluxKontextPipeline
-        from peft.utils import get_peft_model_state_dict
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -505,6 +503,36 @@ class KontextPolicy(nn.Module):
             safe_serialization=True,
         )
         return directory / "pytorch_lora_weights.safetensors"
+
+    def load_lora(self, path: str | os.PathLike) -> None:
+        """Load adapter weights written by :meth:`save_lora` (a folder or the ``.safetensors`` file) into this
+        policy's adapter; the rank and targets must match (the error says what differs)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if self.lora_config is None:
+            raise RuntimeError("load_lora: this policy has no LoRA adapter; set policy.lora to the trained rank/alpha")
+        file = Path(path)
+        if file.is_dir():
+            file = file / "pytorch_lora_weights.safetensors"
+        if not file.is_file():
+            raise FileNotFoundError(f"load_lora: {str(file)!r} does not exist; pass a folder written by save_lora")
+        state = {k.removeprefix("transformer."): v for k, v in load_file(str(file)).items()}
+        expected = {k for k in get_peft_model_state_dict(self.transformer)}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(
+                f"load_lora: {file} does not fit this adapter ({len(missing)} missing keys e.g. {missing[:2]}, "
+                f"{len(extra)} unexpected e.g. {extra[:2]}); use the same lora target_modules as the run that wrote it"
+            )
+        ours = get_peft_model_state_dict(self.transformer)
+        shapes = [k for k in state if state[k].shape != ours[k].shape]
+        if shapes:
+            raise ValueError(
+                f"load_lora: {file} has rank {state[shapes[0]].shape} where this adapter has {ours[shapes[0]].shape} "
+                f"({shapes[0]}); set policy.lora.rank to the trained rank"
+            )
+        set_peft_model_state_dict(self.transformer, state)
 
     # ------------------------------------------------------------------------------------------------ helpers
 

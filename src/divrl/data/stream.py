@@ -1,0 +1,237 @@
+"""Deterministic, resumable condition streams over identity shards (plain torch + webdataset, no Lightning).
+
+A training *condition* is one identity (reference, mask) with one prompt drawn from its list. A rank's stream is
+fully determined by ``(seed, rank, epoch, position)``, so a run resumed at global batch position ``P`` sees exactly
+the batches an uninterrupted run would have seen there.
+
+Layout of an epoch of ``E`` batches on one rank served by ``W`` DataLoader workers (``W = 1`` in the main process):
+batch ``j`` of the epoch comes from *logical stream* ``j mod W``; each logical stream is an endless resampled
+shard stream seeded by ``(seed, rank, epoch, stream)`` (shards drawn with replacement, samples shuffled through a
+small buffer, a prompt drawn per identity). A DataLoader always starts its round robin with worker 0, so an iteration
+that starts at epoch position ``s`` (a resume) lets worker ``w`` play logical stream ``(s + w) mod W`` after skipping
+the batches that stream already served before ``s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from divrl.data.schema import IdentityRecord
+
+__all__ = ["ConditionBatch", "ConditionSample", "TrainConditionStream", "ValConditionStream", "read_identities"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConditionSample:
+    """One (identity, prompt) condition: what a group of ``G`` rollouts is conditioned on."""
+
+    id: str
+    prompt: str
+    reference: Image.Image
+    mask: Image.Image | None = None
+    category: str | None = None
+
+
+@dataclass
+class ConditionBatch:
+    """A batch of conditions, plus how many bad shard samples were skipped while reading it (logged, never hidden)."""
+
+    conditions: list[ConditionSample]
+    skipped: int = 0
+    skip_reasons: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.conditions)
+
+
+class _SkipCounter:
+    """Counts (and logs) bad samples; raises if too many come in a row, so a folder of broken shards cannot spin."""
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.count = 0
+        self.consecutive = 0
+        self.reasons: list[str] = []
+
+    def bad(self, reason: str) -> bool:
+        self.count += 1
+        self.consecutive += 1
+        self.reasons.append(reason)
+        log.warning("skipping bad shard sample: %s", reason)
+        if self.consecutive >= self.max_consecutive:
+            raise RuntimeError(
+                f"{self.consecutive} bad shard samples in a row (last: {reason}); the shards look unusable. Check them "
+                f"with `python -c \"import webdataset as wds; [print(s['__key__']) for s in wds.WebDataset(URL)]\"` or "
+                f"rewrite them with `divrl data`"
+            )
+        return True  # webdataset handler protocol: continue
+
+    def good(self) -> None:
+        self.consecutive = 0
+
+    def take(self) -> tuple[int, list[str]]:
+        count, reasons = self.count, self.reasons
+        self.count, self.reasons = 0, []
+        return count, reasons
+
+
+def read_identities(urls: Sequence[str], skips: _SkipCounter) -> Iterator[IdentityRecord]:
+    """Decode identity records from a stream of shard urls; bad tar members and bad samples are skipped and counted."""
+    import webdataset as wds
+
+    def handler(err: Exception) -> bool:
+        return skips.bad(f"unreadable shard data ({type(err).__name__}: {err})")
+
+    samples = wds.tarfile_to_samples(handler=handler)({"url": u} for u in urls)
+    for sample in samples:
+        where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        try:
+            record = IdentityRecord.from_sample(sample)
+        except ValueError as err:
+            skips.bad(f"{where}: {err}")
+            continue
+        skips.good()
+        yield record
+
+
+def _shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
+    """Buffer shuffle: keep ``buffer`` items, emit a random one as each new item arrives."""
+    pool: list = []
+    for item in items:
+        pool.append(item)
+        if len(pool) >= buffer:
+            yield pool.pop(rng.randrange(len(pool)))
+    rng.shuffle(pool)
+    yield from pool
+
+
+def _to_condition(record: IdentityRecord, prompt: str) -> ConditionSample:
+    return ConditionSample(record.id, prompt, record.reference, record.mask, record.category)
+
+
+def _served_before(start: int, stream: int, num_streams: int) -> int:
+    """How many of the epoch positions ``0 .. start−1`` belong to logical stream ``stream`` (``j mod W``)."""
+    return len(range(stream, start, num_streams))
+
+
+class TrainConditionStream(IterableDataset):
+    """The endless, resampled training stream of one rank, cut into epochs of ``steps_per_epoch`` batches.
+
+    Args:
+        urls: this rank's shards (already split across ranks when there are enough of them).
+        batch_size: conditions per batch.
+        steps_per_epoch: batches per epoch (the same on every rank, so all ranks run equal steps).
+        seed: base seed; the stream of ``(rank, epoch, logical stream)`` is seeded from it.
+        rank: the global rank the stream belongs to (captured in ``train_dataloader()``; Lightning does not set
+            ``RANK`` in spawned workers).
+        shuffle_buffer: identities held in the shuffle buffer.
+        max_consecutive_bad: raise after this many bad samples in a row.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        batch_size: int,
+        steps_per_epoch: int,
+        seed: int = 0,
+        rank: int = 0,
+        shuffle_buffer: int = 64,
+        max_consecutive_bad: int = 1000,
+    ):
+        super().__init__()
+        if not urls:
+            raise ValueError("TrainConditionStream: no shard urls")
+        self.urls = list(urls)
+        self.batch_size = batch_size
+        self.steps_per_epoch = steps_per_epoch
+        self.seed = seed
+        self.rank = rank
+        self.shuffle_buffer = shuffle_buffer
+        self.max_consecutive_bad = max_consecutive_bad
+        self.position = 0  # global batch position at which the next iteration starts; set by the DataModule
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch  # an iteration resumed mid-epoch yields only the epoch's remaining batches
+
+    def logical_stream(self, epoch: int, stream: int) -> Iterator[ConditionBatch]:
+        """The endless batch stream number ``stream`` of ``epoch`` on this rank."""
+        rng = random.Random(f"divrl-train/{self.seed}/{self.rank}/{epoch}/{stream}")
+        skips = _SkipCounter(self.max_consecutive_bad)
+
+        def urls() -> Iterator[str]:
+            while True:
+                yield rng.choice(self.urls)
+
+        records = _shuffled(read_identities(urls(), skips), self.shuffle_buffer, rng)
+        while True:
+            batch = [_to_condition(r, rng.choice(r.prompts)) for r in islice(records, self.batch_size)]
+            count, reasons = skips.take()
+            yield ConditionBatch(batch, count, reasons)
+
+    def __iter__(self) -> Iterator[ConditionBatch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, start = divmod(self.position, self.steps_per_epoch)
+        stream = (start + worker) % workers
+        batches = self.logical_stream(epoch, stream)
+        for _ in range(_served_before(start, stream, workers)):
+            next(batches)
+        for _ in range(start + worker, self.steps_per_epoch, workers):
+            yield next(batches)
+
+
+class ValConditionStream(IterableDataset):
+    """A fixed validation set: the first ``num_identities`` identities of this rank's shards, each with its first
+    prompt, in shard order (no resampling), batched by ``batch_size``.
+
+    Args:
+        urls: this rank's validation shards (split across ranks by the caller).
+        batch_size: conditions per batch.
+        num_identities: identities to validate on (per rank).
+        max_consecutive_bad: raise after this many bad samples in a row.
+    """
+
+    def __init__(self, urls: Sequence[str], *, batch_size: int, num_identities: int, max_consecutive_bad: int = 1000):
+        super().__init__()
+        self.urls = list(urls)
+        self.batch_size = batch_size
+        self.num_identities = num_identities
+        self.max_consecutive_bad = max_consecutive_bad
+
+    def __iter__(self) -> Iterator[ConditionBatch]:
+        if get_worker_info() is not None and get_worker_info().id > 0:
+            return  # one reader: the set is small and must not be duplicated across workers
+        skips = _SkipCounter(self.max_consecutive_bad)
+        batch: list[ConditionSample] = []
+        records = read_identities(self.urls, skips)
+        for record in islice(records, self.num_identities):
+            batch.append(_to_condition(record, record.prompts[0]))
+            if len(batch) == self.batch_size:
+                yield ConditionBatch(batch, *skips.take())
+                batch = []
+        if batch:
+            yield ConditionBatch(batch, *skips.take())
+
+
+def split_for_rank(urls: Sequence[str], rank: int, world: int, warn: Callable[[str], None] = log.warning) -> list[str]:
+    """The rank's share of the shards (``urls[rank::world]``), so ranks read disjoint data; with fewer shards than
+    ranks every rank reads all of them (its stream is still seeded by its rank) and a warning says so."""
+    if world <= 1:
+        return list(urls)
+    if len(urls) < world:
+        warn(
+            f"{len(urls)} shard(s) for {world} ranks: every rank reads all shards (different random order per rank). "
+            f"Write at least {world} shards (`--shard_size`) for disjoint data per rank"
+        )
+        return list(urls)
+    return list(urls[rank::world])

@@ -1,0 +1,22 @@
+"""The Lightning layer: the DivRL LightningModule, its configuration and its callbacks."""
+
+from divrl.training.callbacks import (
+    LoRAExporter,
+    RolloutImageLogger,
+    StageSwitch,
+    group_grid,
+)
+from divrl.training.config import GRPOConfig, PolicyConfig
+from divrl.training.module import DivRLModule, RolloutGroup, default_optimizer
+
+__all__ = [
+    "DivRLModule",
+    "GRPOConfig",
+    "LoRAExporter",
+    "PolicyConfig",
+    "RolloutGroup",
+    "RolloutImageLogger",
+    "StageSwitch",
+    "default_optimizer",
+    "group_grid",
+]

@@ -1,0 +1,177 @@
+"""Callbacks of a DivRL run: the Explore-and-Suppress stage switch, rollout image grids, and LoRA export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image, ImageDraw, ImageFont
+
+from divrl.images import to_image_batch, to_pil
+
+__all__ = ["LoRAExporter", "RolloutImageLogger", "StageSwitch", "group_grid"]
+
+
+class StageSwitch(pl.Callback):
+    """Explore-and-Suppress: train ``rewards[0]`` (R1 = nSSM) until ``switch_steps`` optimizer steps, then
+    ``rewards[1]`` (R2 = gated), and so on. The LoRA and the optimizer state carry on across the switch.
+
+    The active stage is module state saved in every checkpoint; this callback also saves the steps at which it
+    switched, so a resumed run neither repeats nor misses a switch. Callbacks that define
+    ``on_stage_switch(trainer, module, old_stage, new_stage)`` (e.g. :class:`LoRAExporter`) are told.
+
+    Args:
+        switch_steps: the ``global_step`` (optimizer updates) at which each stage after the first begins (the paper:
+            200 updates of stage 1, see configs/explore.yaml). One int for the two-stage curriculum.
+    """
+
+    def __init__(self, switch_steps: int | list[int] = 200):
+        super().__init__()
+        steps = [switch_steps] if isinstance(switch_steps, int) else list(switch_steps)
+        if not steps or any(s < 0 for s in steps) or steps != sorted(steps):
+            raise ValueError(f"StageSwitch: switch_steps must be non-negative and ascending, got {switch_steps}")
+        self.switch_steps = steps
+        self.switched_at: dict[int, int] = {}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        needed = len(self.switch_steps) + 1
+        if len(pl_module.rewards) < needed:
+            raise ValueError(
+                f"StageSwitch: {len(self.switch_steps)} switch step(s) need {needed} rewards in model.rewards (one per "
+                f"stage), got {len(pl_module.rewards)}"
+            )
+
+    def stage_at(self, step: int) -> int:
+        return sum(step >= s for s in self.switch_steps)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        target = self.stage_at(trainer.global_step)
+        while pl_module.stage < target:
+            old = pl_module.stage
+            pl_module.stage = old + 1
+            self.switched_at[pl_module.stage] = trainer.global_step
+            rank_log(trainer, f"stage switch at step {trainer.global_step}: stage {old} -> {pl_module.stage} "
+                              f"({type(pl_module.reward).__name__})")  # fmt: skip
+            for callback in trainer.callbacks:
+                hook = getattr(callback, "on_stage_switch", None)
+                if hook is not None:
+                    hook(trainer, pl_module, old, pl_module.stage)
+
+    def state_dict(self) -> dict:
+        return {"switch_steps": self.switch_steps, "switched_at": dict(self.switched_at)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.switched_at = {int(k): int(v) for k, v in state_dict.get("switched_at", {}).items()}
+
+
+class LoRAExporter(pl.Callback):
+    """Writes the adapter in diffusers' format (``pytorch_lora_weights.safetensors``, loadable with
+    ``FluxKontextPipeline.load_lora_weights``) to ``<default_root_dir>/<dirname>/stage<k>/`` when stage ``k`` ends and
+    to ``<default_root_dir>/<dirname>/final/`` when training ends, with an ``info.json`` (step, stage, base model).
+
+    Args:
+        dirname: folder under the trainer's ``default_root_dir``.
+    """
+
+    def __init__(self, dirname: str = "lora"):
+        super().__init__()
+        self.dirname = dirname
+
+    def export(self, trainer, pl_module, name: str) -> Path | None:
+        if not trainer.is_global_zero or pl_module.policy is None or pl_module.policy.lora_config is None:
+            return None
+        directory = Path(trainer.default_root_dir) / self.dirname / name
+        path = pl_module.policy.save_lora(directory)
+        info = {"global_step": trainer.global_step, "stage": pl_module.stage, "model": pl_module.policy_config.model}
+        (directory / "info.json").write_text(json.dumps(info, indent=2))
+        rank_log(trainer, f"LoRA written to {path}")
+        return path
+
+    def on_stage_switch(self, trainer, pl_module, old_stage: int, new_stage: int) -> None:
+        self.export(trainer, pl_module, f"stage{old_stage + 1}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.export(trainer, pl_module, "final")
+
+
+class RolloutImageLogger(pl.Callback):
+    """Every ``every_n_rollouts`` rollouts, a grid of the first group — the reference, then its ``G`` samples, each
+    labelled with nSSM / VSM / reward — to ``<default_root_dir>/<dirname>/rollout_<n>_step_<s>.png`` and to the
+    active logger (TensorBoard ``add_image``, W&B ``log_image``).
+
+    Args:
+        every_n_rollouts: log the first rollout and then every this many.
+        dirname: folder under the trainer's ``default_root_dir`` for the PNG files.
+        tile: side of each tile in pixels (small images are upscaled with nearest neighbours).
+        columns: tiles per row.
+    """
+
+    def __init__(self, every_n_rollouts: int = 10, dirname: str = "rollouts", tile: int = 160, columns: int = 8):
+        super().__init__()
+        self.every_n_rollouts = every_n_rollouts
+        self.dirname = dirname
+        self.tile = tile
+        self.columns = columns
+        self.written: list[Path] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        group = pl_module.last_group
+        index = pl_module.rollouts_done - 1
+        if group is None or index % self.every_n_rollouts or not trainer.is_global_zero:
+            return
+        grid = group_grid(group, self.tile, self.columns)
+        directory = Path(trainer.default_root_dir) / self.dirname
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"rollout_{index:06d}_step_{group.step:06d}.png"
+        grid.save(path)
+        self.written.append(path)
+        for logger in trainer.loggers:
+            _log_image(logger, f"rollouts/stage{group.stage}", grid, trainer.global_step)
+
+
+def group_grid(group, tile: int = 160, columns: int = 8) -> Image.Image:
+    """The reference and the group's samples side by side, each with a caption line (PIL image)."""
+    reference = to_image_batch(group.reference, "reference")[0]
+    images = [reference] + list(group.images)
+    captions = [f"reference  stage {group.stage + 1}"]
+    for k in range(group.images.shape[0]):
+        parts = []
+        if group.nssm is not None:
+            parts.append(f"nSSM {group.nssm[k]:.2f}")
+        if group.vsm is not None:
+            parts.append(f"VSM {group.vsm[k]:.2f}")
+        parts.append(f"R {group.reward[k]:.2f}")
+        captions.append(" ".join(parts))
+    font = ImageFont.load_default()
+    text_h = 14
+    rows = -(-len(images) // columns)
+    cols = min(columns, len(images))
+    header = 18
+    canvas = Image.new("RGB", (cols * tile, header + rows * (tile + text_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 3), f"{group.id}: {group.prompt}"[: tile * cols // 6], fill="black", font=font)
+    for k, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (k % cols) * tile, header + (k // cols) * (tile + text_h)
+        pil = to_pil(image.clamp(0, 1)).resize((tile, tile), Image.NEAREST)
+        canvas.paste(pil, (x, y))
+        draw.text((x + 2, y + tile + 1), caption, fill="black", font=font)
+    return canvas
+
+
+def _log_image(logger, tag: str, image: Image.Image, step: int) -> None:
+    experiment = getattr(logger, "experiment", None)
+    if hasattr(experiment, "add_image"):  # TensorBoard
+        import numpy as np
+
+        experiment.add_image(tag, torch.from_numpy(np.array(image)).permute(2, 0, 1), step)
+    elif hasattr(logger, "log_image"):  # W&B and others
+        logger.log_image(key=tag, images=[image], step=step)
+
+
+def rank_log(trainer, message: str) -> None:
+    """Log on global rank 0 through Lightning's console logger."""
+    if trainer.is_global_zero:
+        rank_zero_info(f"[divrl] {message}")

@@ -1,0 +1,369 @@
+"""``DivRLModule``: Flow-GRPO post-training of a Kontext policy with DivRL's rewards, as a LightningModule.
+
+One ``training_step`` = one batch of conditions (identity + prompt):
+
+1. **rollout** (no grad): ``G`` SDE trajectories per condition, log-probs recorded (the *old policy*);
+2. **reward**: each group scored against its reference by the reward of the current stage (reference features
+   once per group); a group whose reward is not finite is skipped and counted, never turned into 0;
+3. **advantages** per group (or over the batch of every rank);
+4. **update**: ``ppo_epochs`` passes; each pass shuffles the samples into ``updates_per_epoch`` parts, and each part
+   is one optimizer step accumulated over micro-batches × trained timesteps (manual optimization: Lightning 2.x
+   has no custom loops). A non-finite loss or gradient skips the update (counted), never applies it.
+
+The reference policy of the KL term is the same network with the adapter off; ``kl_beta = 0`` skips it. The
+curriculum's stage (which reward of ``rewards`` is active) is module state, switched by
+:class:`~divrl.training.callbacks.StageSwitch` and saved in checkpoints. Checkpoints hold only trainable weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from divrl.data.stream import ConditionBatch, ConditionSample
+from divrl.grpo import (
+    group_advantages,
+    grpo_loss,
+    kl_divergence,
+    rollout,
+    select_train_steps,
+    transition_log_prob,
+)
+from divrl.grpo.timesteps import sde_mask
+from divrl.rewards.modules import GroupReward, RewardOutput
+from divrl.training.config import GRPOConfig, PolicyConfig
+
+__all__ = ["DivRLModule", "RolloutGroup", "default_optimizer"]
+
+log = logging.getLogger(__name__)
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    """AdamW as in the published run: lr 3e-4, betas (0.9, 0.999), weight decay 1e-4, eps 1e-8."""
+    return torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+
+
+@dataclass
+class RolloutGroup:
+    """One scored group, kept for image logging: the reference, the ``G`` samples and their scores (CPU)."""
+
+    step: int
+    stage: int
+    id: str
+    prompt: str
+    reference: object
+    images: Tensor
+    reward: Tensor
+    nssm: Tensor | None
+    vsm: Tensor | None
+
+
+class DivRLModule(pl.LightningModule):
+    """DivRL / Flow-GRPO training of a Kontext policy.
+
+    Args:
+        policy: which model to load and its LoRA (built in ``configure_model``).
+        rewards: one reward per curriculum stage: DivRL's Explore-and-Suppress is ``[NSSMReward, GatedReward]``;
+            :class:`~divrl.training.callbacks.StageSwitch` moves from one to the next. A single entry trains one
+            reward throughout.
+        grpo: the Flow-GRPO hyperparameters.
+        optimizer: the optimizer factory over the trainable parameters (default: the paper's AdamW, lr 3e-4).
+        lr_scheduler: optional scheduler factory (the paper uses none).
+    """
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        rewards: Sequence[GroupReward],
+        grpo: GRPOConfig | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ):
+        super().__init__()
+        if isinstance(rewards, GroupReward):
+            rewards = [rewards]
+        if not rewards:
+            raise ValueError("DivRLModule: rewards is empty; give one reward per stage, e.g. [NSSMReward, GatedReward]")
+        self.policy_config = policy
+        self.grpo = replace(grpo) if grpo is not None else GRPOConfig()
+        self.rewards = nn.ModuleList(rewards)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.policy = None  # built in configure_model (so sharded strategies can wrap it)
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the trainable weights; see on_load_checkpoint
+        self.stage = 0
+        self.rollouts_done = 0  # rollout batches trained on (seeds the rollout noise; checkpointed)
+        self.counters = defaultdict(int)  # skipped samples, groups and updates since the start of training
+        self.last_group: RolloutGroup | None = None
+        self._consecutive_skips = 0
+        self.save_hyperparameters(ignore=["rewards", "optimizer", "lr_scheduler"])
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def configure_model(self) -> None:
+        if self.policy is None:
+            self.policy = self.policy_config.build()
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("DivRLModule: nothing to train (policy.lora is null and no parameter requires grad)")
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # The frozen base (T5/CLIP dropout) and the reward backbones always run in eval mode; LoRA dropout is 0.
+        if self.policy is not None:
+            self.policy.eval()
+        self.rewards.eval()
+        return self
+
+    @property
+    def reward(self) -> GroupReward:
+        """The reward of the current stage."""
+        return self.rewards[min(self.stage, len(self.rewards) - 1)]
+
+    # ------------------------------------------------------------------------------------------------ training
+
+    def training_step(self, batch: ConditionBatch, batch_idx: int) -> None:
+        cfg = self.grpo
+        self.counters["skipped_samples"] += batch.skipped
+        metrics: dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        generator = torch.Generator().manual_seed(_mix(cfg.seed, self.global_rank, self.rollouts_done))
+        condition, trajectory = self._rollout(batch.conditions, cfg.group_size, cfg.noise_level, generator)
+        t1 = time.perf_counter()
+        rewards, keep, outputs = self._score(batch.conditions, trajectory.images, cfg.group_size)
+        t2 = time.perf_counter()
+        metrics.update(_reward_metrics(outputs, "reward"))
+        self._remember_group(batch.conditions, trajectory.images, outputs)
+
+        advantages = self._advantages(rewards, keep)
+        stats = self._update(trajectory, condition, advantages, keep)
+        t3 = time.perf_counter()
+        self.rollouts_done += 1
+
+        metrics.update(stats)
+        metrics.update({
+            "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
+            "train/stage": float(self.stage),
+            "data/skipped_samples": float(self.counters["skipped_samples"]),
+            "train/skipped_groups": float(self.counters["skipped_groups"]),
+            "train/skipped_updates": float(self.counters["skipped_updates"]),
+        })  # fmt: skip
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
+        self.log("reward", metrics.get("reward/mean", float("nan")), prog_bar=True, on_step=True, logger=False,
+                 batch_size=len(batch))  # fmt: skip
+
+    def _rollout(self, conditions: Sequence[ConditionSample], group_size: int, noise_level: float, generator):
+        cfg = self.grpo
+        size = cfg.resolution
+        condition = self.policy.condition(
+            [c.reference for c in conditions], [c.prompt for c in conditions], size, size,
+            guidance=cfg.guidance, group_size=group_size, reference_keys=[c.id for c in conditions],
+        )  # fmt: skip
+        sde = sde_mask(cfg.num_steps, cfg.sde_window) if noise_level > 0 else [False] * cfg.num_steps
+        trajectory = rollout(
+            self.policy, condition, num_steps=cfg.num_steps, noise_level=noise_level, group_size=group_size,
+            sde_steps=sde, generator=generator, micro_batch_size=cfg.rollout_micro_batch_size, decode=True,
+        )  # fmt: skip
+        return condition, trajectory
+
+    def _score(self, conditions: Sequence[ConditionSample], images: Tensor, group_size: int, reward=None):
+        """Score each group; returns ``(rewards (n, G), keep (n,) bool, outputs of the kept groups)``."""
+        reward = reward if reward is not None else self.reward
+        rows, keep, outputs = [], [], []
+        for i, c in enumerate(conditions):
+            group = images[i * group_size : (i + 1) * group_size]
+            try:
+                out = reward(c.reference, group, c.mask)
+            except ValueError as err:  # non-finite scores: the group is skipped and counted, never rewarded 0
+                log.warning("skipping group %r (%r): %s", c.id, c.prompt, err)
+                self.counters["skipped_groups"] += 1
+                rows.append(torch.zeros(group_size))
+                keep.append(False)
+                continue
+            rows.append(out.reward)
+            keep.append(True)
+            outputs.append(out)
+        return torch.stack(rows).to(self.device), torch.tensor(keep, device=self.device), outputs
+
+    def _advantages(self, rewards: Tensor, keep: Tensor) -> Tensor:
+        cfg = self.grpo
+        if cfg.adv_scope == "group":
+            adv = torch.zeros_like(rewards)
+            if keep.any():
+                adv[keep] = group_advantages(rewards[keep], "group", clip=cfg.adv_clip)
+            return adv
+        # batch scope: statistics over the kept groups of every rank (skipped groups travel as NaN)
+        masked = torch.where(keep[:, None], rewards, torch.full_like(rewards, float("nan")))
+        gathered = self.all_gather(masked) if self.trainer.world_size > 1 else masked
+        pool = gathered[~torch.isnan(gathered)]
+        if pool.numel() == 0 or pool.max() == pool.min():
+            return torch.zeros_like(rewards)  # a constant batch carries no signal (never noise / eps)
+        adv = ((rewards - pool.mean()) / (pool.std(unbiased=False) + 1e-4)).clamp(-cfg.adv_clip, cfg.adv_clip)
+        return adv * keep[:, None]
+
+    def _update(self, trajectory, condition, advantages: Tensor, keep: Tensor) -> dict[str, float]:
+        cfg = self.grpo
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        group = cfg.group_size
+        samples = (keep.repeat_interleave(group)).nonzero().flatten()
+        if samples.numel() == 0:
+            return {}
+        adv = advantages.flatten()
+        train_steps = select_train_steps(cfg.num_steps, fraction=cfg.timestep_fraction, window=cfg.sde_window)
+        generator = torch.Generator().manual_seed(_mix(cfg.seed + 1, self.global_rank, self.rollouts_done))
+        sums: dict[str, float] = defaultdict(float)
+        updates = 0
+        for _ in range(cfg.ppo_epochs):
+            order = samples[torch.randperm(samples.numel(), generator=generator).to(samples.device)]
+            parts = [p for p in order.tensor_split(min(cfg.updates_per_epoch, order.numel())) if p.numel()]
+            for part in parts:
+                stats = self._accumulate(trajectory, condition, adv, part, train_steps)
+                if stats is None or not self._step(optimizer, scheduler, stats):
+                    continue
+                updates += 1
+                for k, v in stats.items():
+                    sums[k] += v
+        return {k: v / updates for k, v in sums.items()} if updates else {}
+
+    def _accumulate(self, trajectory, condition, adv: Tensor, part: Tensor, train_steps) -> dict[str, float] | None:
+        """Backward the loss of one update (micro-batches × timesteps); ``None`` if it was not finite."""
+        cfg = self.grpo
+        micro_batches = part.split(cfg.micro_batch_size)
+        count = len(micro_batches) * len(train_steps)
+        sums: dict[str, float] = defaultdict(float)
+        for index in micro_batches:
+            for step in train_steps:
+                out = transition_log_prob(self.policy, trajectory, step, condition, index)
+                loss, stats = grpo_loss(out.log_prob, trajectory.log_probs[index, step], adv[index], cfg.clip_range)
+                sums["train/policy_loss"] += loss.item() / count
+                if cfg.kl_beta > 0:
+                    with torch.no_grad(), self.policy.adapter_disabled():
+                        ref = transition_log_prob(self.policy, trajectory, step, condition, index)
+                    kl = kl_divergence(out.mean, ref.mean, out.std).mean()
+                    loss = loss + cfg.kl_beta * kl
+                    sums["train/kl"] += kl.item() / count
+                if not torch.isfinite(loss):
+                    log.warning("non-finite loss at rollout %d, step %d: update skipped", self.rollouts_done, step)
+                    return self._skip()
+                self.manual_backward(loss / count)
+                sums["train/loss"] += loss.item() / count
+                for k, v in stats.items():
+                    key = f"train/{k}"
+                    sums[key] = max(sums[key], v.item()) if k == "ratio_max_dev" else sums[key] + v.item() / count
+        return dict(sums)
+
+    def _step(self, optimizer, scheduler, stats: dict[str, float]) -> bool:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+        if not torch.isfinite(norm):
+            log.warning("non-finite gradient norm at rollout %d: update skipped", self.rollouts_done)
+            self._skip()
+            return False
+        if self.grpo.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grpo.max_grad_norm, gradient_clip_algorithm="norm")
+        stats["train/grad_norm"] = norm.item()
+        stats["train/lr"] = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        self._consecutive_skips = 0
+        return True
+
+    def _skip(self) -> None:
+        self.optimizers().zero_grad(set_to_none=True)
+        self.counters["skipped_updates"] += 1
+        self._consecutive_skips += 1
+        if self._consecutive_skips >= self.grpo.max_consecutive_skips:
+            raise FloatingPointError(
+                f"{self._consecutive_skips} updates in a row had a non-finite loss or gradient; stopping instead of "
+                f"training on garbage. Lower the learning rate, check the rewards, or raise grpo.max_consecutive_skips"
+            )
+
+    def _remember_group(self, conditions, images: Tensor, outputs: list[RewardOutput]) -> None:
+        if not outputs:
+            return
+        c, out, g = conditions[0], outputs[0], self.grpo.group_size
+        self.last_group = RolloutGroup(
+            step=self.global_step, stage=self.stage, id=c.id, prompt=c.prompt, reference=c.reference,
+            images=images[:g].detach().float().cpu(), reward=out.reward, nssm=out.nssm, vsm=out.vsm,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------ validation
+
+    def validation_step(self, batch: ConditionBatch, batch_idx: int) -> None:
+        """Deterministic (ODE) samples with fixed seeds per identity, scored by the current stage's reward."""
+        cfg = self.grpo
+        g = cfg.val_group_size
+        generator = torch.Generator().manual_seed(_mix(cfg.seed + 2, self.global_rank, batch_idx))
+        _, trajectory = self._rollout(batch.conditions, g, 0.0, generator)
+        _, _, outputs = self._score(batch.conditions, trajectory.images, g)
+        self.log_dict(_reward_metrics(outputs, "val"), on_epoch=True, batch_size=len(batch), sync_dist=True)
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["divrl"] = {"stage": self.stage, "rollouts_done": self.rollouts_done, "counters": dict(self.counters)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("divrl", {})
+        self.stage = int(state.get("stage", 0))
+        self.rollouts_done = int(state.get("rollouts_done", 0))
+        self.counters = defaultdict(int, state.get("counters", {}))
+        if self.policy is None:
+            return
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        saved = set(checkpoint["state_dict"])
+        if trainable != saved:
+            missing, unexpected = sorted(trainable - saved), sorted(saved - trainable)
+            raise KeyError(
+                f"checkpoint does not match this model's trainable weights: {len(missing)} missing (e.g. "
+                f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}). Resume with the same "
+                f"model.policy (model and lora settings) as the run that wrote it"
+            )
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers (seed, rank, index), stable across runs and Python versions."""
+    out = 0
+    for v in values:
+        out = (out * 1_000_003 + int(v) + 0x9E3779B9) % (2**63 - 1)
+    return out
+
+
+def _reward_metrics(outputs: Sequence[RewardOutput], prefix: str) -> dict[str, float]:
+    if not outputs:
+        return {}
+    reward = torch.cat([o.reward for o in outputs])
+    metrics = {f"{prefix}/mean": reward.mean().item(), f"{prefix}/std": reward.std(unbiased=False).item()}
+    if prefix != "reward":
+        metrics = {f"{prefix}/reward": metrics.pop(f"{prefix}/mean"), f"{prefix}/reward_std": metrics.pop(f"{prefix}/std")}
+    if all(o.nssm is not None for o in outputs):
+        metrics[f"{prefix}/nssm"] = torch.cat([o.nssm for o in outputs]).mean().item()
+    if all(o.vsm is not None for o in outputs):
+        metrics[f"{prefix}/vsm"] = torch.cat([o.vsm for o in outputs]).mean().item()
+    metrics[f"{prefix}/gated_fraction"] = torch.cat([o.penalized for o in outputs]).float().mean().item()
+    return metrics

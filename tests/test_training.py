@@ -1,0 +1,204 @@
+"""`divrl fit` on the demo config, diffusers-training-test style: run a few steps, then assert on the artifacts
+(LoRA files, checkpoints, stage switch, logged metrics), resume, configs, and bad input."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import FluxKontextPipeline
+from safetensors.torch import load_file
+
+from divrl.cli import main, run_lightning
+from divrl.grpo import rollout
+from divrl.policy.tiny import tiny_kontext_components
+from divrl.training.config import PolicyConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+SWITCH = 2
+
+EXPECTED_METRICS = {
+    "reward/mean", "reward/std", "reward/nssm", "reward/vsm", "reward/gated_fraction",
+    "train/loss", "train/policy_loss", "train/clip_fraction", "train/approx_kl", "train/ratio_mean",
+    "train/ratio_max_dev", "train/grad_norm", "train/lr", "train/stage", "time/rollout", "time/reward",
+    "time/update", "data/skipped_samples", "train/skipped_groups", "train/skipped_updates",
+}  # fmt: skip
+
+
+def overrides(tmp_path: Path, **extra) -> Path:
+    """A second config: CSV logs, a stage switch after SWITCH updates, a grid and a checkpoint every rollout."""
+    config = {
+        "trainer": {
+            "default_root_dir": str(tmp_path),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
+            "enable_progress_bar": False,
+            "callbacks": [
+                {"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": SWITCH}},
+                {"class_path": "divrl.training.LoRAExporter"},
+                {"class_path": "divrl.training.RolloutImageLogger", "init_args": {"every_n_rollouts": 1}},
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1}},
+            ],  # fmt: skip
+        },
+        **extra,
+    }
+    path = tmp_path / "overrides.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def fit(tmp_path: Path, max_steps: int, *args: str) -> None:
+    code = main(["fit", "--config", str(DEMO), "--config", str(overrides(tmp_path)),
+                 "--trainer.max_steps", str(max_steps), *args])  # fmt: skip
+    assert code == 0
+
+
+def metrics(tmp_path: Path) -> list[dict[str, str]]:
+    rows = []
+    for path in sorted(tmp_path.glob("lightning_logs/version_*/metrics.csv")):
+        with path.open() as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def demo_policy_config() -> PolicyConfig:
+    config = yaml.safe_load(DEMO.read_text())["model"]["policy"]
+    from divrl.policy import LoRAConfig
+
+    lora = LoRAConfig(**config.pop("lora"))
+    return PolicyConfig(**config, lora=lora)
+
+
+def base_pipeline(config: PolicyConfig) -> FluxKontextPipeline:
+    if config.model == "tiny":
+        pipe = FluxKontextPipeline(**tiny_kontext_components(config.tiny_seed))
+    else:
+        pipe = FluxKontextPipeline.from_pretrained(ROOT / config.model, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fit")
+    fit(root, 4)
+    return root
+
+
+def test_fit_writes_adapter_only_loras_at_the_switch_and_the_end(trained):
+    stage1 = load_file(trained / "lora/stage1/pytorch_lora_weights.safetensors")
+    final = load_file(trained / "lora/final/pytorch_lora_weights.safetensors")
+    assert set(stage1) == set(final) and all(k.startswith("transformer.") and ".lora_" in k for k in final)
+    policy = demo_policy_config().build()
+    assert len(final) == len(policy.lora_state_dict())
+    assert any(not torch.equal(stage1[k], final[k]) for k in final)  # stage 2 kept training the same adapter
+    assert yaml.safe_load((trained / "lora/stage1/info.json").read_text())["global_step"] == SWITCH
+    info = yaml.safe_load((trained / "lora/final/info.json").read_text())
+    assert info["global_step"] == 4 and info["stage"] == 1
+
+
+def test_the_exported_lora_changes_diffusers_output_exactly_as_the_trained_policy(trained):
+    config = demo_policy_config()
+    pipe = base_pipeline(config)
+    ref = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompt = "a photo of the red star on the left"
+    kwargs = dict(image=ref, prompt=prompt, height=32, width=32, num_inference_steps=4, guidance_scale=2.5,
+                  output_type="latent", max_area=32 * 32, _auto_resize=False, max_sequence_length=32)  # fmt: skip
+    base = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
+    pipe.load_lora_weights(trained / "lora/final")
+    tuned = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
+    assert (tuned - base).abs().max() > 1e-4
+
+    policy = config.build()
+    policy.load_lora(trained / "lora/final")
+    condition = policy.condition(ref, prompt, 32, 32)
+    ours = rollout(policy, condition, num_steps=4, noise_level=0.0, generator=torch.Generator().manual_seed(1),
+                   decode=False).latents[:, -1]  # fmt: skip
+    assert torch.allclose(ours, tuned, atol=1e-5)
+
+
+def test_checkpoints_hold_only_trainable_state_and_the_run_state(trained):
+    ckpt = torch.load(trained / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    policy = demo_policy_config().build()
+    trainable = {f"policy.{n}" for n, p in policy.named_parameters() if p.requires_grad}
+    assert set(ckpt["state_dict"]) == trainable  # no frozen base weights
+    assert ckpt["global_step"] == 4 and ckpt["divrl"]["stage"] == 1 and ckpt["divrl"]["rollouts_done"] == 4
+    assert len(ckpt["optimizer_states"]) == 1 and ckpt["optimizer_states"][0]["state"]
+    assert ckpt["IdentityDataModule"]["position"] == 4
+    switch = next(v for k, v in ckpt["callbacks"].items() if k.startswith("StageSwitch"))
+    assert switch["switched_at"] == {1: SWITCH}
+
+
+def test_logged_metrics_stage_switch_and_on_policy_ratios(trained):
+    rows = [r for r in metrics(trained) if r.get("reward/mean")]
+    assert len(rows) == 4 and EXPECTED_METRICS <= set(rows[0])
+    assert [float(r["train/stage"]) for r in rows] == [0, 0, 1, 1]
+    # stage 2 applies the identity gate: the gated fraction is only non-zero there, and R2 <= nSSM
+    assert all(float(r["reward/gated_fraction"]) == 0 for r in rows[:SWITCH])
+    for r in rows[SWITCH:]:
+        assert float(r["reward/mean"]) <= float(r["reward/nssm"]) + 1e-6
+    # one update per rollout: every update is on-policy, its ratio exactly 1
+    assert all(float(r["train/ratio_max_dev"]) < 1e-6 for r in rows)
+    assert all(float(r["train/grad_norm"]) > 0 for r in rows)
+    grids = sorted((trained / "rollouts").glob("*.png"))
+    assert len(grids) == 4
+
+
+def test_resume_matches_the_uninterrupted_run(trained, tmp_path):
+    fit(tmp_path, 3)  # "pre-empted" after 3 updates (mid-epoch, after the switch)
+    fit(tmp_path, 4, "--ckpt_path", "last")
+    ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4 and ckpt["divrl"]["stage"] == 1
+    assert ckpt["IdentityDataModule"]["position"] == 4
+    resumed = load_file(tmp_path / "lora/final/pytorch_lora_weights.safetensors")
+    straight = load_file(trained / "lora/final/pytorch_lora_weights.safetensors")
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)  # bit-identical on CPU
+    rows = {int(r["step"]): r for r in metrics(tmp_path) if r.get("reward/mean")}
+    reference = {int(r["step"]): r for r in metrics(trained) if r.get("reward/mean")}
+    assert sorted(rows) == sorted(reference)
+    assert all(rows[s]["reward/mean"] == reference[s]["reward/mean"] for s in rows)
+
+
+def test_resume_from_a_checkpoint_of_another_adapter_fails_clearly(trained, tmp_path):
+    ckpt = torch.load(trained / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    dropped = sorted(ckpt["state_dict"])[0]
+    del ckpt["state_dict"][dropped]
+    torch.save(ckpt, tmp_path / "other.ckpt")
+    with pytest.raises(KeyError, match=r"1 missing .*same model.policy"):
+        fit(tmp_path, 5, "--ckpt_path", str(tmp_path / "other.ckpt"))
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses_and_instantiates(config, tmp_path):
+    cli = run_lightning(["--config", str(DEMO), "--trainer.default_root_dir", str(tmp_path)], run=False)
+    cfg = cli.parser.parse_args(["--config", str(config)])
+    model = cli.parser.instantiate_classes(cfg).model
+    assert len(model.rewards) == 2 and model.grpo.group_size >= 2
+
+
+def test_a_config_key_typo_names_the_key(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(DEMO), "--model.grpo.group_sise", "4"])
+    assert "group_sise" in capsys.readouterr().err
+
+
+def test_sample_writes_pngs_with_the_trained_lora(trained, tmp_path):
+    from PIL import Image
+
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(ref)
+    out = tmp_path / "samples"
+    main(["sample", "--config", str(DEMO), "--trainer.logger", "false", "--lora", str(trained / "lora/final"),
+          "--reference", str(ref), "--prompts", "[a photo of the red star, a sketch of the red star]",
+          "--num_samples", "2", "--num_steps", "4", "--output_dir", str(out)])  # fmt: skip
+    files = sorted(out.glob("ref/*.png"))
+    assert [f.name for f in files] == ["000_0.png", "000_1.png", "000_grid.png", "001_0.png", "001_1.png",
+                                       "001_grid.png"]  # fmt: skip
+    meta = yaml.safe_load((out / "samples.json").read_text())
+    assert len(meta["samples"]) == 2 and len(meta["samples"][0]["nssm"]) == 2
+    a, b = (torch.tensor(list(Image.open(out / f"ref/000_{k}.png").getdata())) for k in (0, 1))
+    assert not torch.equal(a, b)  # different seeds per sample
