@@ -1,0 +1,102 @@
+"""Bad values during training: non-finite rewards skip their group, non-finite losses skip their update; both are
+counted, neither is ever applied or turned into a reward of 0."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import divrl.training.module as module_mod
+from divrl.data import IdentityDataModule
+from divrl.policy import LoRAConfig
+from divrl.rewards import FeatureScorer, NSSMReward
+from divrl.rewards.backbones import DenseDescriptor
+from divrl.rewards.base import Components, GroupScorer
+from divrl.training import DivRLModule, GRPOConfig, PolicyConfig
+from divrl.training.trainer import DivRLTrainer
+
+SHARDS = str(Path(__file__).resolve().parents[1] / "data" / "demo" / "train-*.tar")
+
+
+class FlakyScorer(GroupScorer):
+    """A real scorer whose every other group comes back NaN (a broken reward server, a degenerate image)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1)
+        self.calls = 0
+
+    def score_group(self, reference, images, ref_mask=None, gen_masks=None, *, need_nssm=True, need_vsm=True):
+        self.calls += 1
+        out = self.inner.score_group(reference, images, ref_mask, gen_masks, need_nssm=need_nssm, need_vsm=need_vsm)
+        if self.calls % 2 == 0:
+            return Components(torch.full_like(out.nssm, float("nan")), out.vsm)
+        return out
+
+
+def run(reward, max_steps: int, callbacks=()) -> tuple[DivRLModule, DivRLTrainer]:
+    torch.manual_seed(0)
+    model = DivRLModule(
+        PolicyConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
+        [reward],
+        GRPOConfig(group_size=4, num_steps=3, resolution=32, micro_batch_size=4, val_group_size=2),
+    )
+    data = IdentityDataModule(SHARDS, batch_size=2, steps_per_epoch=10)
+    trainer = DivRLTrainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks),
+    )  # fmt: skip
+    trainer.fit(model, data)
+    return model, trainer
+
+
+def lora(model: DivRLModule) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.policy.lora_state_dict().items()}
+
+
+def test_a_group_with_non_finite_rewards_is_skipped_and_counted(caplog):
+    model, trainer = run(NSSMReward(FlakyScorer(), track_vsm=False), max_steps=2)
+    assert trainer.global_step == 2  # the finite group of each batch still trained
+    assert model.counters["skipped_groups"] == 2
+    assert "skipping group" in caplog.text and "non-finite nssm" in caplog.text
+
+
+class Snapshot(pl.Callback):
+    def __init__(self):
+        self.states = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not self.states:
+            self.states.append(lora(pl_module))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.states.append(lora(pl_module))
+
+
+def test_a_non_finite_loss_skips_the_update_and_never_applies_it(monkeypatch):
+    real = module_mod.grpo_loss
+    calls = {"n": 0}
+
+    def first_call_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss, stats = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] == 1 else loss), stats
+
+    monkeypatch.setattr(module_mod, "grpo_loss", first_call_nan)
+    snapshot = Snapshot()
+    reward = NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1))
+    model, trainer = run(reward, max_steps=1, callbacks=[snapshot])
+    assert model.counters["skipped_updates"] == 1 and model.rollouts_done == 2 and trainer.global_step == 1
+    before, after_skip, after_update = snapshot.states
+    assert all(torch.equal(before[k], after_skip[k]) for k in before)  # nothing of the NaN update was applied
+    assert any(not torch.equal(before[k], after_update[k]) for k in before)
+
+
+def test_many_non_finite_updates_in_a_row_stop_the_run(monkeypatch):
+    monkeypatch.setattr(module_mod, "grpo_loss", lambda *a, **k: (torch.tensor(float("nan")), {}))
+    reward = NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1))
+    with pytest.raises(FloatingPointError, match="10 updates in a row"):
+        run(reward, max_steps=1)
