@@ -100,3 +100,14 @@ def test_many_non_finite_updates_in_a_row_stop_the_run(monkeypatch):
     reward = NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1))
     with pytest.raises(FloatingPointError, match="10 updates in a row"):
         run(reward, max_steps=1)
+
+
+def test_attention_backends_are_validated_and_restrict_sdpa():
+    with pytest.raises(ValueError, match=r"unknown \['flashy'\]"):
+        PolicyConfig(model="tiny", sdpa_backends=["flashy"]).attention()
+    q = torch.randn(1, 1, 4, 8)
+    with PolicyConfig(model="tiny", sdpa_backends=["math"]).attention():
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert torch.allclose(out, torch.softmax(q @ q.transpose(-1, -2) / 8**0.5, -1) @ q, atol=1e-6)
+    with PolicyConfig(model="tiny", sdpa_backends=["cudnn"]).attention(), pytest.raises(RuntimeError):
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)  # no cuDNN kernel on a CPU tensor: restricted

@@ -30,6 +30,10 @@ class PolicyConfig:
         local_files_only: never contact the Hub (offline clusters with a pre-filled cache).
         revision: Hub revision (branch, tag or commit) for reproducibility.
         tiny_seed: weight seed of the tiny model (``model: tiny`` only).
+        sdpa_backends: the attention kernels PyTorch may use (``flash``, ``efficient``, ``cudnn``, ``math``), for
+            rollouts and updates alike (the same kernel on both paths keeps the on-policy ratio at 1). cuDNN is left
+            out by default: its bf16 backward returns NaN gradients on H100 with torch 2.11 (measured on the tiny
+            model: every update non-finite; pytorch/pytorch#196678). ``null`` lets PyTorch choose.
     """
 
     model: str = "black-forest-labs/FLUX.1-Kontext-dev"
@@ -39,6 +43,22 @@ class PolicyConfig:
     local_files_only: bool = False
     revision: str | None = None
     tiny_seed: int = 0
+    sdpa_backends: list[str] | None = field(default_factory=lambda: ["flash", "efficient", "math"])
+
+    def attention(self):
+        """A context manager restricting scaled-dot-product attention to ``sdpa_backends``."""
+        import contextlib
+
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if self.sdpa_backends is None:
+            return contextlib.nullcontext()
+        names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
+        unknown = [b for b in self.sdpa_backends if b not in names]
+        if unknown or not self.sdpa_backends:
+            raise ValueError(f"policy.sdpa_backends: unknown {unknown or 'empty list'}; choose from {sorted(names)}")
+        return sdpa_kernel([names[b] for b in self.sdpa_backends])
 
     def build(self) -> KontextPolicy:
         """Load (or build) the policy."""

@@ -138,6 +138,10 @@ class DivRLModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------ training
 
     def training_step(self, batch: ConditionBatch, batch_idx: int) -> None:
+        with self.policy_config.attention():
+            self._training_step(batch)
+
+    def _training_step(self, batch: ConditionBatch) -> None:
         cfg = self.grpo
         self.counters["skipped_samples"] += batch.skipped
         metrics: dict[str, float] = {}
@@ -313,7 +317,8 @@ class DivRLModule(pl.LightningModule):
         cfg = self.grpo
         g = cfg.val_group_size
         generator = torch.Generator().manual_seed(_mix(cfg.seed + 2, self.global_rank, batch_idx))
-        _, trajectory = self._rollout(batch.conditions, g, 0.0, generator)
+        with self.policy_config.attention():
+            _, trajectory = self._rollout(batch.conditions, g, 0.0, generator)
         _, _, outputs = self._score(batch.conditions, trajectory.images, g)
         self.log_dict(_reward_metrics(outputs, "val"), on_epoch=True, batch_size=len(batch), sync_dist=True)
 

@@ -81,7 +81,8 @@ class DivRLTrainer(pl.Trainer):
         try:
             for index, condition in enumerate(conditions):
                 generator = torch.Generator().manual_seed(_mix(seed, index))
-                _, trajectory = model._rollout([condition], num_samples, noise_level, generator)
+                with model.policy_config.attention():
+                    _, trajectory = model._rollout([condition], num_samples, noise_level, generator)
                 images = trajectory.images.float().cpu()
                 folder = out / condition.id
                 folder.mkdir(parents=True, exist_ok=True)
