@@ -214,3 +214,12 @@ def test_validate_scores_deterministic_samples_of_held_out_identities(trained, t
     runs = [r for r in metrics(tmp_path) if r.get("val/reward")]
     assert len(runs) == 2 and {"val/reward", "val/nssm", "val/vsm", "val/gated_fraction"} <= set(runs[0])
     assert runs[0]["val/reward"] == runs[1]["val/reward"]  # fixed seeds, ODE sampler: the same numbers each time
+
+
+def test_sample_without_a_reference_uses_the_held_out_identities(trained, tmp_path):
+    out = tmp_path / "samples"
+    main(["sample", "--config", str(DEMO), "--trainer.logger", "false", "--lora", str(trained / "checkpoints/last.ckpt"),
+          "--num_identities", "2", "--num_samples", "1", "--num_steps", "2", "--output_dir", str(out)])  # fmt: skip
+    meta = yaml.safe_load((out / "samples.json").read_text())
+    assert [s["id"] for s in meta["samples"]] == ["val_00000", "val_00001"]
+    assert all(Path(f).is_file() for s in meta["samples"] for f in s["files"])
