@@ -125,6 +125,16 @@ def test_lora_targets_dtypes_and_prompt_cache(tiny_policy):
     assert list(tiny_policy._prompt_cache)[-2:] == ["a dog", PROMPT]
 
 
+def test_prompt_cache_smaller_than_a_call_still_encodes_every_prompt():
+    small = KontextPolicy.tiny(seed=0, prompt_cache_size=2)
+    prompts = ["a dog", "a cat", "a red star", "a dog"]
+    small.encode_prompts(["a dog"])  # cached, then evicted while this call's new prompts are cached
+    embeds, _, _ = small.encode_prompts(prompts)
+    fresh = KontextPolicy.tiny(seed=0, prompt_cache_size=16).encode_prompts(prompts)[0]
+    assert torch.equal(embeds, fresh) and len(small._prompt_cache) == 2
+    assert list(small._prompt_cache) == ["a red star", "a dog"]
+
+
 def test_saved_pipeline_loads_through_from_pretrained(tmp_path):
     components = tiny_kontext_components(seed=5)
     FluxKontextPipeline(**components).save_pretrained(tmp_path / "tiny-kontext")

@@ -82,8 +82,16 @@ def base_pipeline(config: PolicyConfig) -> FluxKontextPipeline:
     return pipe
 
 
+@pytest.fixture(scope="module", autouse=True)
+def in_repository_root():
+    """The demo config names data/demo/... relative to the repository root, where `divrl fit` is run."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)
+        yield
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def trained(tmp_path_factory, in_repository_root) -> Path:
     root = tmp_path_factory.mktemp("fit")
     fit(root, 4)
     return root

@@ -327,17 +327,20 @@ class KontextPolicy(nn.Module):
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
         """T5 embeddings ``(B, L, D)``, CLIP pooled ``(B, D')`` and text ids ``(L, 3)``; each prompt encoded once."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        unique = list(dict.fromkeys(prompts))
+        # Collect this call's encodings first: caching new prompts may evict ones this call still needs.
+        found = {p: self._prompt_cache[p] for p in unique if p in self._prompt_cache}
+        missing = [p for p in unique if p not in found]
         if missing:
             embeds, pooled, _ = self._pipe.encode_prompt(
                 prompt=missing, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
             )
             for k, prompt in enumerate(missing):
-                self._remember(self._prompt_cache, prompt, (embeds[k : k + 1], pooled[k : k + 1]))
+                found[prompt] = (embeds[k : k + 1], pooled[k : k + 1])
         for prompt in prompts:
-            self._prompt_cache.move_to_end(prompt)
-        embeds = torch.cat([self._prompt_cache[p][0] for p in prompts])
-        pooled = torch.cat([self._prompt_cache[p][1] for p in prompts])
+            self._remember(self._prompt_cache, prompt, found[prompt])  # (re)inserted as most recently used
+        embeds = torch.cat([found[p][0] for p in prompts])
+        pooled = torch.cat([found[p][1] for p in prompts])
         text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=embeds.dtype)
         return embeds, pooled, text_ids
 
@@ -551,6 +554,7 @@ class KontextPolicy(nn.Module):
 
     def _remember(self, cache: OrderedDict, key, value) -> None:
         cache[key] = value
+        cache.move_to_end(key)
         while len(cache) > self.prompt_cache_size:
             cache.popitem(last=False)
 
