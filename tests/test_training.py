@@ -231,3 +231,15 @@ def test_sample_without_a_reference_uses_the_held_out_identities(trained, tmp_pa
     meta = yaml.safe_load((out / "samples.json").read_text())
     assert [s["id"] for s in meta["samples"]] == ["val_00000", "val_00001"]
     assert all(Path(f).is_file() for s in meta["samples"] for f in s["files"])
+
+
+def test_print_config_shows_every_resolved_field(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(DEMO), "--model.grpo.group_size", "6", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    grpo = printed["model"]["grpo"]
+    assert grpo["group_size"] == 6 and grpo["clip_range"] == 1e-4 and grpo["adv_scope"] == "group"
+    assert printed["model"]["policy"]["sdpa_backends"] == ["flash", "efficient", "math"]
+    assert printed["trainer"]["callbacks"][0]["init_args"]["switch_steps"] == 60
+    assert [r["class_path"] for r in printed["model"]["rewards"]] == ["divrl.rewards.NSSMReward", "divrl.rewards.GatedReward"]
