@@ -243,3 +243,13 @@ def test_print_config_shows_every_resolved_field(capsys):
     assert printed["model"]["policy"]["sdpa_backends"] == ["flash", "efficient", "math"]
     assert printed["trainer"]["callbacks"][0]["init_args"]["switch_steps"] == 60
     assert [r["class_path"] for r in printed["model"]["rewards"]] == ["divrl.rewards.NSSMReward", "divrl.rewards.GatedReward"]
+
+
+def test_kl_to_the_reference_policy_is_zero_for_the_fresh_adapter_then_grows(tmp_path):
+    fit(tmp_path, 3, "--model.grpo.kl_beta", "0.1")
+    rows = [r for r in metrics(tmp_path) if r.get("reward/mean")]
+    kl = [float(r["train/kl"]) for r in rows]
+    assert kl[0] == 0.0  # B = 0: the adapter-off reference policy is the policy itself
+    assert all(k > 0 for k in kl[1:])
+    loss = [float(r["train/loss"]) - float(r["train/policy_loss"]) for r in rows]
+    assert loss == pytest.approx([0.1 * k for k in kl], rel=1e-4, abs=1e-9)

@@ -94,7 +94,7 @@ class DivRLModule(pl.LightningModule):
             raise ValueError("DivRLModule: rewards is empty; give one reward per stage, e.g. [NSSMReward, GatedReward]")
         self.policy_config = policy
         self.grpo = replace(grpo) if grpo is not None else GRPOConfig()
-        self.rewards = nn.ModuleList(rewards)
+        self.rewards = nn.ModuleList(rewards).requires_grad_(False)  # reward models are judges, never trained
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.policy = None  # built in configure_model (so sharded strategies can wrap it)
