@@ -222,38 +222,50 @@ class DivRLModule(pl.LightningModule):
         return adv * keep[:, None]
 
     def _update(self, trajectory, condition, advantages: Tensor, keep: Tensor) -> dict[str, float]:
+        """``ppo_epochs`` × ``updates_per_epoch`` optimizer steps over the rollout batch.
+
+        Every rank runs the same sequence of backward calls (under DDP each one is a collective): samples of skipped
+        groups stay in the batch with advantage 0 (they contribute no policy gradient), and an update is skipped by
+        all ranks together when any rank saw a non-finite loss or gradient.
+        """
         cfg = self.grpo
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
-        group = cfg.group_size
-        samples = (keep.repeat_interleave(group)).nonzero().flatten()
-        if samples.numel() == 0:
-            return {}
+        if not bool(keep.any()):
+            log.warning("rollout %d: every group was skipped on this rank; its update carries no policy gradient",
+                        self.rollouts_done)  # fmt: skip
         adv = advantages.flatten()
+        samples = torch.arange(adv.numel(), device=adv.device)
         train_steps = select_train_steps(cfg.num_steps, fraction=cfg.timestep_fraction, window=cfg.sde_window)
         generator = torch.Generator().manual_seed(_mix(cfg.seed + 1, self.global_rank, self.rollouts_done))
         sums: dict[str, float] = defaultdict(float)
         updates = 0
         for _ in range(cfg.ppo_epochs):
             order = samples[torch.randperm(samples.numel(), generator=generator).to(samples.device)]
-            parts = [p for p in order.tensor_split(min(cfg.updates_per_epoch, order.numel())) if p.numel()]
-            for part in parts:
-                stats = self._accumulate(trajectory, condition, adv, part, train_steps)
-                if stats is None or not self._step(optimizer, scheduler, stats):
-                    continue
-                updates += 1
-                for k, v in stats.items():
-                    sums[k] += v
+            for part in order.tensor_split(min(cfg.updates_per_epoch, order.numel())):
+                stats, finite = self._accumulate(trajectory, condition, adv, part, train_steps)
+                if self._step(optimizer, scheduler, stats, finite):
+                    updates += 1
+                    for k, v in stats.items():
+                        sums[k] += v
         return {k: v / updates for k, v in sums.items()} if updates else {}
 
-    def _accumulate(self, trajectory, condition, adv: Tensor, part: Tensor, train_steps) -> dict[str, float] | None:
-        """Backward the loss of one update (micro-batches × timesteps); ``None`` if it was not finite."""
+    def _accumulate(self, trajectory, condition, adv: Tensor, part: Tensor, train_steps) -> tuple[dict, bool]:
+        """Backward the loss of one update (micro-batches × timesteps); returns ``(stats, finite)``.
+
+        After a non-finite loss the remaining backward calls use an exactly-zero surrogate, so the number of
+        backward calls (DDP collectives) does not depend on the data; the update is then skipped in :meth:`_step`.
+        """
         cfg = self.grpo
         micro_batches = part.split(cfg.micro_batch_size)
         count = len(micro_batches) * len(train_steps)
         sums: dict[str, float] = defaultdict(float)
+        finite = True
         for index in micro_batches:
             for step in train_steps:
+                if not finite:
+                    self.manual_backward(self._zero_surrogate())
+                    continue
                 out = transition_log_prob(self.policy, trajectory, step, condition, index)
                 loss, stats = grpo_loss(out.log_prob, trajectory.log_probs[index, step], adv[index], cfg.clip_range)
                 sums["train/policy_loss"] += loss.item() / count
@@ -265,20 +277,30 @@ class DivRLModule(pl.LightningModule):
                     sums["train/kl"] += kl.item() / count
                 if not torch.isfinite(loss):
                     log.warning("non-finite loss at rollout %d, step %d: update skipped", self.rollouts_done, step)
-                    return self._skip()
+                    finite = False
+                    self.manual_backward(self._zero_surrogate())
+                    continue
                 self.manual_backward(loss / count)
                 sums["train/loss"] += loss.item() / count
                 for k, v in stats.items():
                     key = f"train/{k}"
                     sums[key] = max(sums[key], v.item()) if k == "ratio_max_dev" else sums[key] + v.item() / count
-        return dict(sums)
+        return dict(sums), finite
 
-    def _step(self, optimizer, scheduler, stats: dict[str, float]) -> bool:
+    def _zero_surrogate(self) -> Tensor:
+        """A loss whose gradient is exactly 0 for every trainable weight (keeps backward calls in step across ranks)."""
+        return sum((p * 0).sum() for p in self.policy.trainable_parameters())
+
+    def _step(self, optimizer, scheduler, stats: dict[str, float], finite: bool) -> bool:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
-        if not torch.isfinite(norm):
+        if finite and not torch.isfinite(norm):
             log.warning("non-finite gradient norm at rollout %d: update skipped", self.rollouts_done)
-            self._skip()
+            finite = False
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):  # any rank non-finite: all skip
+            if finite:
+                log.warning("update at rollout %d skipped: another rank had a non-finite loss", self.rollouts_done)
+            self._skip(optimizer)
             return False
         if self.grpo.max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.grpo.max_grad_norm, gradient_clip_algorithm="norm")
@@ -291,8 +313,8 @@ class DivRLModule(pl.LightningModule):
         self._consecutive_skips = 0
         return True
 
-    def _skip(self) -> None:
-        self.optimizers().zero_grad(set_to_none=True)
+    def _skip(self, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
         self.counters["skipped_updates"] += 1
         self._consecutive_skips += 1
         if self._consecutive_skips >= self.grpo.max_consecutive_skips:
