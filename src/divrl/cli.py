@@ -49,6 +49,31 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--size", type=int, default=512, help="resize images to this square size first (default 512)")
     score.add_argument("--json", type=Path, help="also write the scores to this JSON file")
     score.set_defaults(func=run_score)
+
+    data = commands.add_parser(
+        "data",
+        help="convert a published dataset layout into divrl identity shards",
+        description=(
+            "Convert SynCD (release folders or DivRL's parquet copy), DreamBench++, DreamBooth or the synthetic demo "
+            "world into WebDataset identity shards (schema: data/README.md). Bad items are skipped, named and counted; "
+            "--strict makes any skip an error. Shards are renamed into place only when complete."
+        ),
+    )
+    data.add_argument("source", choices=["syncd", "dreambench", "dreambooth", "synthetic"])
+    data.add_argument("--src", type=Path, help="the dataset folder (or a SynCD .parquet file); not for synthetic")
+    data.add_argument("--out", type=Path, required=True, help="output folder for train-*.tar and val-*.tar")
+    data.add_argument("--resolution", type=int, default=512, help="reference side in pixels (default 512; 0 keeps)")
+    data.add_argument("--resize", choices=["pad", "crop", "stretch", "none"], default="pad",
+                      help="keep aspect and pad (default), centre crop, stretch (DivRL's training), or none")  # fmt: skip
+    data.add_argument("--shard-size", type=int, default=100, help="identities per shard (default 100)")
+    data.add_argument("--val-fraction", type=float, default=0.0,
+                      help="share of identities in the validation split, chosen by a hash of the id (default 0)")  # fmt: skip
+    data.add_argument("--seed", type=int, default=0, help="split seed (and the synthetic world's seed)")
+    data.add_argument("--num-identities", type=int, help="stop after this many identities (synthetic: default 100)")
+    data.add_argument("--prompts-per-identity", type=int, help="keep at most this many prompts (paper: 10)")
+    data.add_argument("--unique-token", default="", help="dreambooth: token before the class, e.g. sks (default none)")
+    data.add_argument("--strict", action="store_true", help="exit 1 if any item was skipped")
+    data.set_defaults(func=run_data)
     return parser
 
 
@@ -104,6 +129,41 @@ def run_score(args: argparse.Namespace) -> int:
         ]  # fmt: skip
         args.json.write_text(json.dumps({"scores": rows}, indent=2))
         print(f"wrote {args.json}")
+    return 0
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from divrl.data import converters as C
+
+    if args.source != "synthetic":
+        if args.src is None:
+            print(f"divrl data {args.source}: --src is required (the dataset folder)", file=sys.stderr)
+            return 2
+        if not args.src.exists():
+            print(f"divrl data {args.source}: --src {args.src} does not exist", file=sys.stderr)
+            return 2
+    per = args.prompts_per_identity
+    if args.source == "synthetic":
+        items = C.read_synthetic(args.num_identities or 100, args.seed, per)
+    elif args.source == "syncd":
+        parquet = args.src.suffix == ".parquet" or (args.src.is_dir() and not any(args.src.rglob("*metadata.json")))
+        items = C.read_syncd_parquet(args.src, per) if parquet else C.read_syncd(args.src, per)
+    elif args.source == "dreambench":
+        items = C.read_dreambench(args.src, per)
+    else:
+        items = C.read_dreambooth(args.src, per, args.unique_token)
+    try:
+        report = C.convert(
+            items, args.out, resolution=args.resolution or None, resize=args.resize, shard_size=args.shard_size,
+            val_fraction=args.val_fraction, seed=args.seed, max_identities=args.num_identities,
+        )  # fmt: skip
+    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as err:
+        print(f"divrl data {args.source}: {err}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    if args.strict and report.skipped:
+        print(f"--strict: {len(report.skipped)} item(s) skipped; failing", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -154,9 +154,12 @@ def synthetic_records(
         index += 1
 
 
-def write_shards(records, out_dir: str | os.PathLike, *, shard_size: int = 100, name: str = "shard") -> list[Path]:
-    """Write records as ``<out_dir>/<name>-000000.tar``, ...; each shard is written to a temporary name and renamed
-    when complete, so an interrupted run never leaves a half-written shard that training would read."""
+def write_shards(
+    records, out_dir: str | os.PathLike, *, shard_size: int = 100, name: str = "shard", start: int = 0
+) -> list[Path]:
+    """Write records as ``<out_dir>/<name>-000000.tar``, ... (numbered from ``start``); each shard is written to a
+    temporary name and renamed when complete, so an interrupted run never leaves a half-written shard that training
+    would read."""
     import webdataset as wds
 
     out = Path(out_dir)
@@ -165,7 +168,7 @@ def write_shards(records, out_dir: str | os.PathLike, *, shard_size: int = 100, 
     batch: list[IdentityRecord] = []
 
     def flush() -> None:
-        final = out / f"{name}-{len(paths):06d}.tar"
+        final = out / f"{name}-{start + len(paths):06d}.tar"
         partial = final.with_name(final.name + ".partial")
         try:
             with wds.TarWriter(str(partial)) as writer:

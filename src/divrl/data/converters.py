@@ -1,0 +1,379 @@
+"""Converters from the layouts the field publishes to divrl's identity shards (``divrl data``).
+
+Each source is a generator of :class:`Item` s: an :class:`~divrl.data.schema.IdentityRecord`, or a :class:`Skip`
+naming the file and the reason it could not be used. :func:`convert` applies the resize policy, drops duplicate
+identity ids, splits identities deterministically into train and validation, writes shards atomically (a ``.partial``
+name renamed when complete) and returns a :class:`ConversionReport`.
+
+Layouts (``REFERENCE.md``, "Data layouts"):
+
+- **syncd** — the SynCD release: every ``*metadata.json`` under ``--src`` is one identity, listing ``filenames``
+  (images in the JSON's folder; the first becomes the reference) and ``prompts``; masks in
+  ``<folder>/masks/<image stem>.jpg``. Or a parquet file (DivRL's filtered copy): one identity per row, columns
+  ``image``, ``mask`` (encoded image bytes) and ``caption`` (newline-separated; a first header line is dropped when
+  there are several).
+- **dreambench** — DreamBench++: ``data/images/<category>/NN.jpg`` and ``data/captions/<category>/NN.txt`` (line 1
+  the subject name, then the prompts); the category is kept.
+- **dreambooth** — ``<subject>/NN.jpg`` and ``prompts_and_classes.txt`` (subject → class; 25 object and 25
+  live-subject templates ``'a {0} {1} ...'.format(unique_token, class_token)``), instantiated with the class.
+- **synthetic** — the procedural subjects of :mod:`divrl.data.synthetic`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from divrl.data.schema import IdentityRecord, check_identity_id
+from divrl.data.synthetic import synthetic_records, write_shards
+
+__all__ = [
+    "Skip", "ConversionReport", "convert", "resize_record", "split_of",
+    "read_syncd", "read_syncd_parquet", "read_dreambench", "read_dreambooth", "SOURCES",
+]  # fmt: skip
+
+RESIZE_POLICIES = ("pad", "crop", "stretch", "none")
+LIVE_CLASSES = {"dog", "cat"}  # DreamBooth's live subjects get the live-subject templates
+
+
+@dataclass
+class Skip:
+    """An input item that could not be converted: where it is and why."""
+
+    where: str
+    reason: str
+
+
+Item = IdentityRecord | Skip
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did: identities written per split, the shards, and every skipped item with its reason."""
+
+    converted: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
+    skipped: list[Skip] = field(default_factory=list)
+    shards: list[Path] = field(default_factory=list)
+
+    def summary(self, limit: int = 20) -> str:
+        lines = [
+            f"converted {sum(self.converted.values())} identities (train {self.converted['train']}, val "
+            f"{self.converted['val']}) into {len(self.shards)} shard(s); skipped {len(self.skipped)}"
+        ]
+        lines += [f"  skipped {s.where}: {s.reason}" for s in self.skipped[:limit]]
+        if len(self.skipped) > limit:
+            lines.append(f"  ... and {len(self.skipped) - limit} more")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _open_image(path: Path | bytes, mode: str, where: str) -> Image.Image | Skip:
+    try:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as image:
+            image.load()
+            return image.convert(mode)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        return Skip(where, f"unreadable image ({type(err).__name__}: {err})")
+
+
+def _identity_id(text: str) -> str:
+    """A shard-safe identity id from a path or name (``dog/00`` stays, ``a b.c`` → ``a_b_c``)."""
+    return re.sub(r"[^A-Za-z0-9_/-]+", "_", text).strip("_/") or "identity"
+
+
+def split_of(identity_id: str, val_fraction: float, seed: int) -> str:
+    """``"val"`` or ``"train"``, a pure function of the id and the seed (stable across runs, sources and machines)."""
+    digest = hashlib.sha256(f"{seed}:{identity_id}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def resize_record(record: IdentityRecord, resolution: int | None, policy: str) -> IdentityRecord:
+    """Resize the reference (and mask) to ``resolution``² by ``policy``: ``pad`` keeps the aspect and pads with the
+    border's mean colour (mask padded with 0), ``crop`` centre-crops, ``stretch`` ignores the aspect (DivRL's 512×512
+    training), ``none`` keeps the image."""
+    if resolution is None or policy == "none":
+        return record
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"resize policy must be one of {RESIZE_POLICIES}, got {policy!r}")
+    size = (resolution, resolution)
+
+    def one(image: Image.Image, fill) -> Image.Image:
+        if policy == "stretch":
+            return image.resize(size, Image.LANCZOS)
+        if policy == "crop":
+            return ImageOps.fit(image, size, Image.LANCZOS)
+        return ImageOps.pad(image, size, Image.LANCZOS, color=fill)
+
+    border = _border_colour(record.reference)
+    reference = one(record.reference, border)
+    mask = one(record.mask, 0) if record.mask is not None else None
+    return IdentityRecord(record.id, reference, record.prompts, mask, record.source, record.category, record.license,
+                          record.extra)  # fmt: skip
+
+
+def _border_colour(image: Image.Image) -> tuple[int, int, int]:
+    w, h = image.size
+    pixels = [image.getpixel((x, y)) for x in (0, w - 1) for y in range(0, h, max(1, h // 16))]
+    return tuple(sum(p[c] for p in pixels) // len(pixels) for c in range(3))
+
+
+def _read_prompts(path: Path, where: str, header: bool) -> list[str] | Skip:
+    if not path.is_file():
+        return Skip(where, f"prompt file {path} is missing")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        return Skip(where, f"prompt file {path} is unreadable ({err})")
+    prompts = lines[1:] if header else lines
+    return prompts or Skip(where, f"prompt file {path} has no prompts")
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+
+def read_syncd(src: Path, prompts_per_identity: int | None = None) -> Iterator[Item]:
+    """SynCD release layout: one identity per ``*metadata.json`` (see the module docstring)."""
+    for meta_path in sorted(src.rglob("*metadata.json")):
+        where = str(meta_path)
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            filenames, prompts = list(meta["filenames"]), [p for p in meta["prompts"] if str(p).strip()]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            yield Skip(where, f"metadata unreadable or without 'filenames' / 'prompts' ({type(err).__name__}: {err})")
+            continue
+        if not filenames:
+            yield Skip(where, "metadata lists no images")
+            continue
+        if not prompts:
+            yield Skip(where, "metadata lists no prompts")
+            continue
+        folder = meta_path.parent
+        reference_path = folder / filenames[0]
+        reference = _open_image(reference_path, "RGB", str(reference_path))
+        if isinstance(reference, Skip):
+            yield reference
+            continue
+        mask_path = folder / "masks" / f"{Path(filenames[0]).stem}.jpg"
+        mask = _open_image(mask_path, "L", str(mask_path)) if mask_path.is_file() else None
+        if isinstance(mask, Skip):
+            yield mask
+            continue
+        if mask is None:
+            yield Skip(str(mask_path), "mask is missing (SynCD ships a mask per image)")
+            continue
+        stem = meta_path.name[: -len("metadata.json")].rstrip("_-.")  # "<id>_metadata.json" or "metadata.json"
+        identity = _identity_id(str((folder / stem if stem else folder).relative_to(src)))
+        yield IdentityRecord(
+            identity, reference, prompts[:prompts_per_identity], mask.resize(reference.size), source="syncd",
+            category="object", license="MIT", extra={"views": filenames[1:], "origin": str(meta_path.relative_to(src))},
+        )  # fmt: skip
+
+
+def read_syncd_parquet(src: Path, prompts_per_identity: int | None = None) -> Iterator[Item]:
+    """DivRL's filtered SynCD copy: parquet rows with ``image``, ``mask``, ``caption`` (needs ``pyarrow``)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError("reading SynCD parquet files needs pyarrow: pip install pyarrow") from err
+    files = sorted(src.rglob("*.parquet")) if src.is_dir() else [src]
+    for file in files:
+        table = pq.read_table(file)
+        missing = {"image", "mask", "caption"} - set(table.column_names)
+        if missing:
+            yield Skip(str(file), f"parquet file lacks column(s) {sorted(missing)}")
+            continue
+        for row, record in enumerate(table.to_pylist()):
+            where = f"{file}#row{row}"
+            image, mask = (_bytes(record[k]) for k in ("image", "mask"))
+            reference = _open_image(image, "RGB", where) if image is not None else Skip(where, "no image bytes")
+            if isinstance(reference, Skip):
+                yield reference
+                continue
+            subject_mask = _open_image(mask, "L", where) if mask is not None else Skip(where, "mask is missing")
+            if isinstance(subject_mask, Skip):
+                yield subject_mask
+                continue
+            lines = [line.strip() for line in str(record["caption"] or "").splitlines() if line.strip()]
+            prompts = lines[1:] if len(lines) > 1 else lines
+            if not prompts:
+                yield Skip(where, "empty caption")
+                continue
+            yield IdentityRecord(
+                _identity_id(f"{file.stem}/{row:06d}"), reference, prompts[:prompts_per_identity],
+                subject_mask.resize(reference.size), source="syncd", category="object", license="MIT",
+            )  # fmt: skip
+
+
+def _bytes(value) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):  # HF datasets' Image feature: {"bytes": ..., "path": ...}
+        value = value.get("bytes")
+    return bytes(value) if value is not None else None
+
+
+def read_dreambench(src: Path, prompts_per_identity: int | None = None) -> Iterator[Item]:
+    """DreamBench++: ``data/images/<category>/NN.jpg`` with ``data/captions/<category>/NN.txt``."""
+    root = src / "data" if (src / "data" / "images").is_dir() else src
+    images = root / "images"
+    if not images.is_dir():
+        raise FileNotFoundError(f"dreambench: {images} does not exist; pass the folder holding data/images and data/captions")
+    for path in _listing(images):
+        if isinstance(path, Skip):
+            yield path
+            continue
+        if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+            continue
+        category = path.parent.name
+        where = str(path)
+        caption = _read_prompts(root / "captions" / category / f"{path.stem}.txt", where, header=False)
+        if isinstance(caption, Skip):
+            yield caption
+            continue
+        if len(caption) < 2:
+            yield Skip(where, "caption file has a subject name but no prompts")
+            continue
+        reference = _open_image(path, "RGB", where)
+        if isinstance(reference, Skip):
+            yield reference
+            continue
+        yield IdentityRecord(
+            _identity_id(f"{category}/{path.stem}"), reference, caption[1:prompts_per_identity and prompts_per_identity + 1],
+            source="dreambench", category=category, license="Apache-2.0", extra={"subject": caption[0]},
+        )  # fmt: skip
+
+
+def _listing(images: Path) -> Iterator[Path | Skip]:
+    """``images/<category>/*`` sorted; an unreadable category folder is reported, not silently passed over."""
+    for category in sorted(p for p in images.iterdir() if p.is_dir()):
+        try:
+            yield from sorted(category.iterdir())
+        except OSError as err:
+            yield Skip(str(category), f"unreadable folder ({type(err).__name__}: {err})")
+
+
+def dreambooth_templates(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
+    """Parse ``prompts_and_classes.txt``: subject → class, the object templates and the live-subject templates."""
+    text = path.read_text(encoding="utf-8")
+    classes = dict(re.findall(r"^([A-Za-z0-9_]+),([^,\n]+)$", text.split("Prompts")[0], flags=re.M))
+    classes.pop("subject_name", None)
+    lists = re.findall(r"prompt_list\s*=\s*\[(.*?)\]", text, flags=re.S)
+    if len(lists) != 2 or not classes:
+        raise ValueError(f"{path}: expected a class table and two prompt lists (object, live subject)")
+    object_t, live_t = ([t for t in re.findall(r"'([^']*)'\.format", block)] for block in lists)
+    return classes, object_t, live_t
+
+
+def read_dreambooth(src: Path, prompts_per_identity: int | None = None, unique_token: str = "") -> Iterator[Item]:
+    """DreamBooth: one identity per subject folder, reference ``00.jpg`` (the first photo), the class's templates."""
+    table = src / "prompts_and_classes.txt"
+    if not table.is_file():
+        raise FileNotFoundError(f"dreambooth: {table} is missing; it maps subjects to classes and holds the templates")
+    classes, object_templates, live_templates = dreambooth_templates(table)
+    for folder in sorted(p for p in src.iterdir() if p.is_dir()):
+        try:
+            photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        except OSError as err:
+            yield Skip(str(folder), f"unreadable folder ({type(err).__name__}: {err})")
+            continue
+        if not photos:
+            yield Skip(str(folder), "no photos")
+            continue
+        if folder.name not in classes:
+            yield Skip(str(folder), "subject not listed in prompts_and_classes.txt")
+            continue
+        cls = classes[folder.name].strip()
+        templates = live_templates if cls in LIVE_CLASSES else object_templates
+        prompts = [" ".join(t.format(unique_token, cls).split()) for t in templates][:prompts_per_identity]
+        reference = _open_image(photos[0], "RGB", str(photos[0]))
+        if isinstance(reference, Skip):
+            yield reference
+            continue
+        yield IdentityRecord(
+            _identity_id(folder.name), reference, prompts, source="dreambooth", category="live" if cls in LIVE_CLASSES
+            else "object", license="CC-BY-4.0", extra={"class": cls, "views": [p.name for p in photos[1:]]},
+        )  # fmt: skip
+
+
+def read_synthetic(num_identities: int, seed: int, prompts_per_identity: int | None, size: int = 128) -> Iterator[Item]:
+    yield from synthetic_records(num_identities, size=size, prompts_per_identity=prompts_per_identity or 4, seed=seed)
+
+
+SOURCES = ("syncd", "dreambench", "dreambooth", "synthetic")
+
+
+# ---------------------------------------------------------------------------------------------------- conversion
+
+
+def convert(
+    items: Iterable[Item],
+    out_dir: str | os.PathLike,
+    *,
+    resolution: int | None = 512,
+    resize: str = "pad",
+    shard_size: int = 100,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    max_identities: int | None = None,
+    name: str = "",
+) -> ConversionReport:
+    """Write ``items`` as ``<out_dir>/train-*.tar`` (and ``val-*.tar``); skipped and duplicate items are reported.
+
+    Identities go to ``val`` by :func:`split_of` (a hash of the id and ``seed``), so the split does not depend on the
+    order, the number of identities converted, or the machine. Shards are written to ``.partial`` names and renamed
+    when complete: an interrupted run leaves only complete shards (and no ``.partial`` file).
+    """
+    if resize not in RESIZE_POLICIES:
+        raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
+    report = ConversionReport()
+    seen: set[str] = set()
+    splits: dict[str, list[IdentityRecord]] = {"train": [], "val": []}
+
+    def kept() -> Iterator[tuple[str, IdentityRecord]]:
+        count = 0
+        for item in items:
+            if max_identities is not None and count >= max_identities:
+                return
+            if isinstance(item, Skip):
+                report.skipped.append(item)
+                continue
+            try:
+                check_identity_id(item.id)
+            except ValueError as err:
+                report.skipped.append(Skip(item.id, str(err)))
+                continue
+            if item.id in seen:
+                report.skipped.append(Skip(item.id, "duplicate identity id (the first one was kept)"))
+                continue
+            seen.add(item.id)
+            count += 1
+            yield split_of(item.id, val_fraction, seed), resize_record(item, resolution, resize)
+
+    out = Path(out_dir)
+    for split, record in kept():
+        splits[split].append(record)
+        report.converted[split] += 1
+        if len(splits[split]) == shard_size:
+            report.shards += _flush(splits[split], out, split, name, report)
+    for split in ("train", "val"):
+        if splits[split]:
+            report.shards += _flush(splits[split], out, split, name, report)
+    return report
+
+
+def _flush(records: list[IdentityRecord], out: Path, split: str, name: str, report: ConversionReport) -> list[Path]:
+    index = sum(1 for p in report.shards if p.name.startswith(f"{split}-"))
+    prefix = f"{split}-{name}" if name else split
+    paths = write_shards(list(records), out, shard_size=len(records), name=prefix, start=index)
+    records.clear()
+    return paths

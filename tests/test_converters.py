@@ -1,0 +1,270 @@
+"""`divrl data`: each converter on a small fixture of its real layout, the bad inputs, the split, and the round trip
+into training."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from divrl.cli import main
+from divrl.data import converters as C
+from divrl.data.schema import IdentityRecord
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TEMPLATES = """Classes
+
+subject_name,class
+dog,dog
+red_can,can
+
+Prompts
+
+Object Prompts
+
+prompt_list = [
+'a {0} {1} in the jungle'.format(unique_token, class_token),
+'a red {0} {1}'.format(unique_token, class_token)
+]
+
+Live Subject Prompts
+
+prompt_list = [
+'a {0} {1} in the jungle'.format(unique_token, class_token),
+'a {0} {1} wearing a red hat'.format(unique_token, class_token),
+'a {0} {1} in a chef outfit'.format(unique_token, class_token)
+]
+"""
+
+
+def photo(path: Path, colour=(200, 30, 30), size=(48, 32)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", size, (120, 120, 120))
+    image.paste(Image.new("RGB", (size[0] // 2, size[1] // 2), colour), (size[0] // 4, size[1] // 4))
+    image.save(path)
+    return path
+
+
+def records(out: Path, split: str = "train") -> list[IdentityRecord]:
+    urls = sorted(str(p) for p in out.glob(f"{split}-*.tar"))
+    return [IdentityRecord.from_sample(s) for s in wds.WebDataset(urls, shardshuffle=False)] if urls else []
+
+
+def truncated_jpeg(path: Path) -> Path:
+    photo(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- dreambooth
+
+
+@pytest.fixture
+def dreambooth(tmp_path) -> Path:
+    src = tmp_path / "dreambooth"
+    photo(src / "dog" / "00.jpg", (150, 100, 50))
+    photo(src / "dog" / "01.jpg", (150, 100, 60))
+    photo(src / "red_can" / "00.jpg", (220, 0, 0))
+    (src / "prompts_and_classes.txt").write_text(TEMPLATES)
+    return src
+
+
+def test_dreambooth_instantiates_the_class_templates(dreambooth, tmp_path):
+    out = tmp_path / "out"
+    assert main(["data", "dreambooth", "--src", str(dreambooth), "--out", str(out), "--resolution", "32"]) == 0
+    got = {r.id: r for r in records(out)}
+    assert set(got) == {"dog", "red_can"}
+    assert got["dog"].prompts == ["a dog in the jungle", "a dog wearing a red hat", "a dog in a chef outfit"]
+    assert got["red_can"].prompts == ["a can in the jungle", "a red can"]
+    assert got["dog"].category == "live" and got["red_can"].category == "object"
+    assert got["dog"].reference.size == (32, 32) and got["dog"].extra["views"] == ["01.jpg"]
+    assert got["dog"].reference.getpixel((16, 16)) == pytest.approx((150, 100, 50), abs=8)  # 00.jpg is the reference
+    token = list(C.read_dreambooth(dreambooth, unique_token="sks"))
+    assert token[0].prompts[0] == "a sks dog in the jungle"
+
+
+def test_dreambooth_on_the_real_dataset(dreambooth_root, tmp_path):
+    out = tmp_path / "out"
+    assert main(["data", "dreambooth", "--src", str(dreambooth_root), "--out", str(out), "--resolution", "64",
+                 "--val-fraction", "0.2", "--shard-size", "8"]) == 0  # fmt: skip
+    train, val = records(out, "train"), records(out, "val")
+    assert len(train) + len(val) == 30 and 2 <= len(val) <= 12
+    assert all(len(r.prompts) == 25 for r in train + val)
+    dogs = [r for r in train + val if r.extra["class"] == "dog"]
+    assert dogs and all(r.category == "live" and "wearing a santa hat" in " ".join(r.prompts) for r in dogs)
+
+
+# ---------------------------------------------------------------------------------------------------- dreambench
+
+
+def test_dreambench_keeps_categories_and_skips_bad_captions(tmp_path):
+    root = tmp_path / "dreambench_plus"
+    for category, index in (("animal", "00"), ("style", "03"), ("object", "01"), ("object", "02"), ("human", "00")):
+        photo(root / "data" / "images" / category / f"{index}.jpg")
+    captions = root / "data" / "captions"
+    captions.mkdir(parents=True)
+    for category, index, text in (("animal", "00", "a corgi\na corgi on the moon\na corgi in a box"),
+                                  ("style", "03", "a watercolor\nthe city in this style"),
+                                  ("object", "01", "a teapot\n")):  # fmt: skip
+        (captions / category).mkdir(exist_ok=True)
+        (captions / category / f"{index}.txt").write_text(text)
+    out = tmp_path / "out"
+    assert main(["data", "dreambench", "--src", str(root), "--out", str(out)]) == 0
+    got = {r.id: r for r in records(out)}
+    assert set(got) == {"animal/00", "style/03"}
+    assert got["animal/00"].prompts == ["a corgi on the moon", "a corgi in a box"]
+    assert got["animal/00"].extra["subject"] == "a corgi" and got["style/03"].category == "style"
+    report = C.convert(C.read_dreambench(root), tmp_path / "again")
+    reasons = {Path(s.where).parent.name + "/" + Path(s.where).stem: s.reason for s in report.skipped}
+    assert "no prompts" in reasons["object/01"]  # a subject line only
+    assert "is missing" in reasons["object/02"] and "is missing" in reasons["human/00"]
+
+
+# ---------------------------------------------------------------------------------------------------- syncd
+
+
+def syncd_identity(root: Path, name: str, prompts, mask=True, corrupt=False) -> None:
+    folder = root / name
+    photo(folder / "0.jpg")
+    photo(folder / "1.jpg")
+    if corrupt:
+        truncated_jpeg(folder / "0.jpg")
+    if mask:
+        (folder / "masks").mkdir()
+        Image.new("L", (48, 32), 255).save(folder / "masks" / "0.jpg")
+    (folder / "metadata.json").write_text(json.dumps({"filenames": ["0.jpg", "1.jpg"], "prompts": prompts}))
+
+
+def test_syncd_release_layout_and_its_bad_items(tmp_path):
+    src = tmp_path / "syncd"
+    syncd_identity(src, "cat_0001", ["a cat on a sofa", "a cat in the rain"])
+    syncd_identity(src, "mug_0002", ["a mug on a desk"], mask=False)
+    syncd_identity(src, "lamp_0003", [], mask=True)
+    syncd_identity(src, "bag_0004", ["a bag"], corrupt=True)
+    out = tmp_path / "out"
+    assert main(["data", "syncd", "--src", str(src), "--out", str(out), "--resolution", "16",
+                 "--prompts-per-identity", "1"]) == 0  # fmt: skip
+    (good,) = records(out)
+    assert good.id == "cat_0001" and good.prompts == ["a cat on a sofa"] and good.mask is not None
+    assert good.extra["views"] == ["1.jpg"]
+    assert main(["data", "syncd", "--src", str(src), "--out", str(tmp_path / "strict"), "--strict"]) == 1
+
+
+def test_syncd_parquet_layout(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    def png(image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    ref, mask = Image.new("RGB", (24, 24), (10, 200, 10)), Image.new("L", (24, 24), 255)
+    table = pa.table({
+        "image": [{"bytes": png(ref), "path": None}, {"bytes": b"broken", "path": None}, {"bytes": png(ref), "path": None}],
+        "mask": [{"bytes": png(mask), "path": None}] * 3,
+        "caption": ["header\na green cube on a table\na green cube in space", "x\ny", "only one line"],
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    report = C.convert(C.read_syncd_parquet(tmp_path / "part-0.parquet"), tmp_path / "out", resolution=None)
+    got = records(tmp_path / "out")
+    assert [r.prompts for r in got] == [["a green cube on a table", "a green cube in space"], ["only one line"]]
+    assert len(report.skipped) == 1 and "row1" in report.skipped[0].where
+
+
+# ---------------------------------------------------------------------------------------------------- common
+
+
+def record(identity: str, size=(40, 20)) -> IdentityRecord:
+    return IdentityRecord(identity, Image.new("RGB", size, (255, 0, 0)), ["a prompt"],
+                          Image.new("L", size, 255), source="test")  # fmt: skip
+
+
+def test_duplicate_ids_are_skipped_and_the_first_kept(tmp_path):
+    first, second = record("same"), record("same", size=(10, 10))
+    report = C.convert([first, second, record("other")], tmp_path, resolution=None)
+    assert [r.id for r in records(tmp_path)] == ["same", "other"] and records(tmp_path)[0].reference.size == (40, 20)
+    assert [s.reason for s in report.skipped] == ["duplicate identity id (the first one was kept)"]
+    assert "converted 2 identities" in report.summary() and "skipped 1" in report.summary()
+
+
+def test_resize_policies_keep_or_change_the_aspect():
+    wide = record("wide", size=(40, 20))
+    padded = C.resize_record(wide, 20, "pad")
+    assert padded.reference.size == (20, 20)
+    assert padded.mask.getpixel((10, 2)) == 0 and padded.mask.getpixel((10, 10)) == 255  # letterboxed, aspect kept
+    cropped = C.resize_record(wide, 20, "crop")
+    assert cropped.mask.getpixel((10, 2)) == 255  # the centre crop fills the frame
+    assert C.resize_record(wide, 20, "stretch").reference.size == (20, 20)
+    with pytest.raises(ValueError, match="resize policy"):
+        C.resize_record(wide, 20, "zoom")
+
+
+def test_the_split_is_a_function_of_the_id_and_the_seed(tmp_path):
+    ids = [f"id_{i}" for i in range(200)]
+    val = {i for i in ids if C.split_of(i, 0.25, seed=0) == "val"}
+    assert 30 <= len(val) <= 70
+    assert val == {i for i in reversed(ids) if C.split_of(i, 0.25, seed=0) == "val"}
+    assert val != {i for i in ids if C.split_of(i, 0.25, seed=1) == "val"}
+    report = C.convert([record(i) for i in ids[:40]], tmp_path, resolution=None, val_fraction=0.25, shard_size=7)
+    assert {r.id for r in records(tmp_path, "val")} == val & set(ids[:40])
+    assert report.converted == {"train": 40 - len(val & set(ids[:40])), "val": len(val & set(ids[:40]))}
+
+
+def test_an_interrupted_conversion_leaves_only_complete_shards(tmp_path):
+    def items():
+        for i in range(5):
+            yield record(f"id_{i}")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        C.convert(items(), tmp_path, resolution=None, shard_size=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.tar", "train-000001.tar"]
+    assert [r.id for r in records(tmp_path)] == ["id_0", "id_1", "id_2", "id_3"]
+
+
+def test_unreadable_and_missing_sources_are_named(tmp_path, monkeypatch, capsys):
+    assert main(["data", "dreambooth", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["data", "dreambooth", "--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "prompts_and_classes.txt is missing" in capsys.readouterr().err
+
+
+def test_an_unreadable_subject_folder_is_skipped_and_named(dreambooth, tmp_path, monkeypatch):
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self.name == "red_can":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    report = C.convert(C.read_dreambooth(dreambooth), tmp_path / "out", resolution=None)
+    assert report.converted["train"] == 1
+    assert report.skipped[0].where.endswith("red_can") and "Permission denied" in report.skipped[0].reason
+
+
+def test_truncated_image_is_skipped_with_its_file(dreambooth, tmp_path):
+    truncated_jpeg(dreambooth / "red_can" / "00.jpg")
+    report = C.convert(C.read_dreambooth(dreambooth), tmp_path / "out", resolution=None)
+    assert report.skipped[0].where.endswith("red_can/00.jpg") and "unreadable image" in report.skipped[0].reason
+
+
+def test_converted_shards_train_one_step(tmp_path):
+    out = tmp_path / "shards"
+    assert main(["data", "synthetic", "--out", str(out), "--num-identities", "6", "--resolution", "64"]) == 0
+    assert len(records(out)) == 6
+    overrides = tmp_path / "over.yaml"
+    overrides.write_text(json.dumps({"trainer": {"callbacks": [], "logger": False, "enable_checkpointing": False,
+                                                 "default_root_dir": str(tmp_path / "run")}}))  # fmt: skip
+    code = main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(overrides),
+                 "--model.policy.model", str(ROOT / "data/demo/tiny-kontext"), "--trainer.max_steps", "1",
+                 "--data.shards", str(out), "--data.val_shards", "null", "--trainer.limit_val_batches", "0"])  # fmt: skip
+    assert code == 0
