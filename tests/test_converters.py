@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -268,3 +269,64 @@ def test_converted_shards_train_one_step(tmp_path):
                  "--model.policy.model", str(ROOT / "data/demo/tiny-kontext"), "--trainer.max_steps", "1",
                  "--data.shards", str(out), "--data.val_shards", "null", "--trainer.limit_val_batches", "0"])  # fmt: skip
     assert code == 0
+
+
+# ---------------------------------------------------------------------------------------------------- precompute
+
+DEMO_MODEL = str(ROOT / "data/demo/tiny-kontext")
+
+
+def convert_synthetic(out: Path, *extra: str) -> None:
+    assert main(["data", "synthetic", "--out", str(out), "--num-identities", "6", "--resolution", "64", *extra]) == 0
+
+
+def test_precomputed_conditioning_equals_what_the_policy_computes(tmp_path):
+    from divrl.policy import KontextPolicy
+
+    convert_synthetic(tmp_path, "--precompute", DEMO_MODEL, "--precompute-resolution", "32",
+                      "--max-sequence-length", "32")  # fmt: skip
+    (first, *_) = records(tmp_path)
+    cond = first.conditioning
+    assert cond["model"] == DEMO_MODEL and cond["resolution"] == 32 and cond["max_sequence_length"] == 32
+    assert cond["prompt_embeds"].shape[:2] == (len(first.prompts), 32)
+    policy = KontextPolicy.from_pretrained(DEMO_MODEL, lora=None, max_sequence_length=32)
+    live = policy.condition([first.reference] * 2, first.prompts[:2], 32, 32, group_size=3)
+    stored = policy.condition_from_precomputed(cond["prompt_embeds"][:2], cond["pooled_prompt_embeds"][:2],
+                                               cond["image_latents"].expand(2, -1, -1), 32, 32, group_size=3)  # fmt: skip
+    for name in ("prompt_embeds", "pooled_prompt_embeds", "image_latents", "img_ids", "text_ids", "guidance"):
+        assert torch.equal(getattr(live, name), getattr(stored, name)), name
+
+
+def fit_on(shards: Path, root: Path, *extra: str) -> dict:
+    overrides = root / "over.yaml"
+    root.mkdir(parents=True, exist_ok=True)
+    overrides.write_text(json.dumps({"trainer": {
+        "callbacks": [{"class_path": "divrl.training.LoRAExporter"}], "logger": False, "enable_checkpointing": False,
+        "default_root_dir": str(root), "enable_progress_bar": False}}))  # fmt: skip
+    assert main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(overrides),
+                 "--model.policy.model", DEMO_MODEL, "--trainer.max_steps", "2", "--data.shards", str(shards),
+                 "--data.val_shards", "null", "--trainer.limit_val_batches", "0", *extra]) == 0  # fmt: skip
+    from safetensors.torch import load_file
+
+    return load_file(root / "lora/final/pytorch_lora_weights.safetensors")
+
+
+def test_training_on_precomputed_shards_without_text_encoders_matches_encoding_at_run_time(tmp_path):
+    plain, pre = tmp_path / "plain", tmp_path / "pre"
+    convert_synthetic(plain)
+    convert_synthetic(pre, "--precompute", DEMO_MODEL, "--precompute-resolution", "32", "--max-sequence-length", "32")
+    encoded = fit_on(plain, tmp_path / "run_plain")
+    stored = fit_on(pre, tmp_path / "run_pre", "--model.policy.text_encoders", "false")
+    assert set(encoded) == set(stored)
+    assert all(torch.allclose(encoded[k], stored[k], atol=1e-6) for k in encoded)
+    assert any(v.abs().max() > 0 for k, v in stored.items() if "lora_B" in k)  # it trained
+
+
+def test_missing_or_mismatched_precomputed_conditioning_fails_clearly(tmp_path):
+    plain, pre = tmp_path / "plain", tmp_path / "pre"
+    convert_synthetic(plain)
+    with pytest.raises(RuntimeError, match="divrl data ... --precompute"):
+        fit_on(plain, tmp_path / "a", "--model.policy.text_encoders", "false")
+    convert_synthetic(pre, "--precompute", DEMO_MODEL, "--precompute-resolution", "48", "--max-sequence-length", "32")
+    with pytest.raises(ValueError, match=r"'resolution': 48.*needs \{'resolution': 32"):
+        fit_on(pre, tmp_path / "b", "--model.policy.text_encoders", "false")

@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--prompts-per-identity", type=int, help="keep at most this many prompts (paper: 10)")
     data.add_argument("--unique-token", default="", help="dreambooth: token before the class, e.g. sks (default none)")
     data.add_argument("--strict", action="store_true", help="exit 1 if any item was skipped")
+    data.add_argument("--precompute", metavar="MODEL",
+                      help="store each identity's text embeddings and reference latents computed by this Kontext model "
+                           "(Hub id, local folder, or 'tiny'), so training can run with policy.text_encoders: false")
+    data.add_argument("--precompute-resolution", type=int, default=512,
+                      help="training resolution the reference latents are computed at (default 512)")
+    data.add_argument("--max-sequence-length", type=int, default=128, help="T5 tokens per prompt (default 128)")
+    data.add_argument("--device", default=None, help="device for --precompute (default: cuda if available)")
     data.set_defaults(func=run_data)
     return parser
 
@@ -142,6 +149,9 @@ def run_data(args: argparse.Namespace) -> int:
         if not args.src.exists():
             print(f"divrl data {args.source}: --src {args.src} does not exist", file=sys.stderr)
             return 2
+    if not 0.0 <= args.val_fraction <= 1.0 or args.shard_size < 1:
+        print("divrl data: --val-fraction must lie in [0, 1] and --shard-size be >= 1", file=sys.stderr)
+        return 2
     per = args.prompts_per_identity
     if args.source == "synthetic":
         items = C.read_synthetic(args.num_identities or 100, args.seed, per)
@@ -152,10 +162,17 @@ def run_data(args: argparse.Namespace) -> int:
         items = C.read_dreambench(args.src, per)
     else:
         items = C.read_dreambooth(args.src, per, args.unique_token)
+    precompute = None
+    if args.precompute:
+        from divrl.training.config import PolicyConfig
+
+        policy = PolicyConfig(model=args.precompute, lora=None, max_sequence_length=args.max_sequence_length).build()
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        precompute = C.Precompute(policy.to(device), args.precompute_resolution, args.precompute)
     try:
         report = C.convert(
             items, args.out, resolution=args.resolution or None, resize=args.resize, shard_size=args.shard_size,
-            val_fraction=args.val_fraction, seed=args.seed, max_identities=args.num_identities,
+            val_fraction=args.val_fraction, seed=args.seed, max_identities=args.num_identities, precompute=precompute,
         )  # fmt: skip
     except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as err:
         print(f"divrl data {args.source}: {err}", file=sys.stderr)

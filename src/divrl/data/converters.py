@@ -26,7 +26,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from divrl.data.synthetic import synthetic_records, write_shards
 
 __all__ = [
     "Skip", "ConversionReport", "convert", "resize_record", "split_of",
-    "read_syncd", "read_syncd_parquet", "read_dreambench", "read_dreambooth", "SOURCES",
+    "read_syncd", "read_syncd_parquet", "read_dreambench", "read_dreambooth", "Precompute", "SOURCES",
 ]  # fmt: skip
 
 RESIZE_POLICIES = ("pad", "crop", "stretch", "none")
@@ -118,7 +118,7 @@ def resize_record(record: IdentityRecord, resolution: int | None, policy: str) -
     reference = one(record.reference, border)
     mask = one(record.mask, 0) if record.mask is not None else None
     return IdentityRecord(record.id, reference, record.prompts, mask, record.source, record.category, record.license,
-                          record.extra)  # fmt: skip
+                          record.extra, record.conditioning)  # fmt: skip
 
 
 def _border_colour(image: Image.Image) -> tuple[int, int, int]:
@@ -312,6 +312,30 @@ def read_synthetic(num_identities: int, seed: int, prompts_per_identity: int | N
 SOURCES = ("syncd", "dreambench", "dreambooth", "synthetic")
 
 
+class Precompute:
+    """Attach the conditioning ``policy`` computes for a record (``cond.pth``, see :mod:`divrl.data.schema`): the
+    T5 / CLIP embeddings of every prompt and the packed reference latents at ``resolution``², in the policy's dtype,
+    on the CPU. Applied after resizing, to exactly the reference the shard stores, so training with
+    ``policy.text_encoders: false`` sees what it would have computed itself."""
+
+    def __init__(self, policy, resolution: int, model: str):
+        self.policy, self.resolution, self.model = policy, resolution, model
+
+    def __call__(self, record: IdentityRecord) -> IdentityRecord:
+        import torch
+
+        with torch.no_grad():
+            embeds, pooled, _ = self.policy.encode_prompts(record.prompts)
+            latents = self.policy.encode_reference(record.reference, self.resolution, self.resolution)
+        self.policy._prompt_cache.clear()  # every identity has its own prompts: keep host memory flat
+        record.conditioning = {
+            "model": self.model, "resolution": self.resolution, "max_sequence_length": self.policy.max_sequence_length,
+            "prompt_embeds": embeds.cpu().clone(), "pooled_prompt_embeds": pooled.cpu().clone(),
+            "image_latents": latents.cpu().clone(),
+        }  # fmt: skip
+        return record
+
+
 # ---------------------------------------------------------------------------------------------------- conversion
 
 
@@ -326,12 +350,14 @@ def convert(
     seed: int = 0,
     max_identities: int | None = None,
     name: str = "",
+    precompute: Callable[[IdentityRecord], IdentityRecord] | None = None,
 ) -> ConversionReport:
     """Write ``items`` as ``<out_dir>/train-*.tar`` (and ``val-*.tar``); skipped and duplicate items are reported.
 
     Identities go to ``val`` by :func:`split_of` (a hash of the id and ``seed``), so the split does not depend on the
     order, the number of identities converted, or the machine. Shards are written to ``.partial`` names and renamed
-    when complete: an interrupted run leaves only complete shards (and no ``.partial`` file).
+    when complete: an interrupted run leaves only complete shards (and no ``.partial`` file). ``precompute`` (e.g.
+    :class:`Precompute`) runs on each resized record.
     """
     if resize not in RESIZE_POLICIES:
         raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
@@ -357,7 +383,8 @@ def convert(
                 continue
             seen.add(item.id)
             count += 1
-            yield split_of(item.id, val_fraction, seed), resize_record(item, resolution, resize)
+            record = resize_record(item, resolution, resize)
+            yield split_of(item.id, val_fraction, seed), precompute(record) if precompute is not None else record
 
     out = Path(out_dir)
     for split, record in kept():

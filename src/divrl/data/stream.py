@@ -39,6 +39,7 @@ class ConditionSample:
     reference: Image.Image
     mask: Image.Image | None = None
     category: str | None = None
+    conditioning: dict | None = None  # precomputed (``divrl data --precompute``): this prompt's rows only
 
 
 @dataclass
@@ -114,8 +115,15 @@ def _shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
     yield from pool
 
 
-def _to_condition(record: IdentityRecord, prompt: str) -> ConditionSample:
-    return ConditionSample(record.id, prompt, record.reference, record.mask, record.category)
+def _to_condition(record: IdentityRecord, index: int) -> ConditionSample:
+    """The condition of ``record`` with its prompt number ``index`` (and that prompt's precomputed rows, if any)."""
+    conditioning = None
+    if record.conditioning is not None:
+        c = record.conditioning
+        conditioning = {k: c[k] for k in ("model", "resolution", "max_sequence_length", "image_latents")}
+        conditioning["prompt_embeds"] = c["prompt_embeds"][index : index + 1]
+        conditioning["pooled_prompt_embeds"] = c["pooled_prompt_embeds"][index : index + 1]
+    return ConditionSample(record.id, record.prompts[index], record.reference, record.mask, record.category, conditioning)
 
 
 def _served_before(start: int, stream: int, num_streams: int) -> int:
@@ -174,7 +182,7 @@ class TrainConditionStream(IterableDataset):
 
         records = _shuffled(read_identities(urls(), skips), self.shuffle_buffer, rng)
         while True:
-            batch = [_to_condition(r, rng.choice(r.prompts)) for r in islice(records, self.batch_size)]
+            batch = [_to_condition(r, rng.randrange(len(r.prompts))) for r in islice(records, self.batch_size)]
             count, reasons = skips.take()
             yield ConditionBatch(batch, count, reasons)
 
@@ -215,7 +223,7 @@ class ValConditionStream(IterableDataset):
         batch: list[ConditionSample] = []
         records = read_identities(self.urls, skips)
         for record in islice(records, self.num_identities):
-            batch.append(_to_condition(record, record.prompts[0]))
+            batch.append(_to_condition(record, 0))
             if len(batch) == self.batch_size:
                 yield ConditionBatch(batch, *skips.take())
                 batch = []

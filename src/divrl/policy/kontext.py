@@ -149,7 +149,8 @@ class KontextPolicy(nn.Module):
 
     Args:
         transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, scheduler: the components of a
-            ``FluxKontextPipeline``.
+            ``FluxKontextPipeline``; the text encoders and tokenizers may be ``None`` when every condition comes
+            precomputed (:meth:`condition_from_precomputed`).
         lora: the adapter to add to the transformer, or ``None`` to train no adapter (full fine-tuning or pure
             inference).
         max_sequence_length: T5 tokens per prompt (DivRL: 128; diffusers' default 512).
@@ -162,9 +163,9 @@ class KontextPolicy(nn.Module):
         self,
         transformer: nn.Module,
         vae: nn.Module,
-        text_encoder: nn.Module,
+        text_encoder: nn.Module | None,
         tokenizer,
-        text_encoder_2: nn.Module,
+        text_encoder_2: nn.Module | None,
         tokenizer_2,
         scheduler=None,
         *,
@@ -187,12 +188,13 @@ class KontextPolicy(nn.Module):
         self.scheduler_config = dict(scheduler.config) if scheduler is not None else dict(FLUX_SCHEDULER_CONFIG)
         self.max_sequence_length = max_sequence_length
         self.lora_config = lora
-        for module in (transformer, vae, text_encoder, text_encoder_2):
+        modules = [m for m in (transformer, vae, text_encoder, text_encoder_2) if m is not None]
+        for module in modules:
             module.requires_grad_(False)
             module.eval()
         dtype = parse_dtype(base_dtype, "KontextPolicy")
         if dtype is not None:
-            for module in (transformer, vae, text_encoder, text_encoder_2):
+            for module in modules:
                 module.to(dtype)
         if lora is not None:
             transformer.add_adapter(lora.to_peft())
@@ -225,6 +227,7 @@ class KontextPolicy(nn.Module):
         torch_dtype: str | torch.dtype | None = "auto",
         local_files_only: bool = False,
         revision: str | None = None,
+        text_encoders: bool = True,
         **kwargs,
     ) -> KontextPolicy:
         """Load FLUX.1 Kontext from a Hub id or a local folder in diffusers' format.
@@ -236,6 +239,8 @@ class KontextPolicy(nn.Module):
                 kernels for bf16 are slow); ``None`` = as stored; or an explicit dtype name.
             local_files_only: never contact the Hub (offline machines with a populated cache).
             revision: Hub revision (branch, tag or commit).
+            text_encoders: load the CLIP and T5 encoders; ``False`` skips them (9.8 GB in bf16 for FLUX.1 Kontext:
+                T5-XXL 9.52 GB + CLIP-L 0.25 GB, benchmarks/precompute.py) when every condition comes precomputed.
             **kwargs: forwarded to :class:`KontextPolicy` (``lora``, ``max_sequence_length``...).
 
         Raises:
@@ -258,8 +263,9 @@ class KontextPolicy(nn.Module):
             torch_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         try:
             dtype = parse_dtype(torch_dtype, "KontextPolicy")
+            skip = {} if text_encoders else dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
             pipe = FluxKontextPipeline.from_pretrained(
-                name, dtype=dtype, local_files_only=local_files_only, revision=revision
+                name, dtype=dtype, local_files_only=local_files_only, revision=revision, **skip
             )
         except Exception as err:  # noqa: BLE001 - re-raised with instructions, original chained
             if isinstance(err, (OSError, ValueError)) or type(err).__name__.endswith(("RepoError", "HTTPError")):
@@ -327,6 +333,11 @@ class KontextPolicy(nn.Module):
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
         """T5 embeddings ``(B, L, D)``, CLIP pooled ``(B, D')`` and text ids ``(L, 3)``; each prompt encoded once."""
+        if self.text_encoder is None or self.text_encoder_2 is None:
+            raise RuntimeError(
+                "this policy was loaded without text encoders (policy.text_encoders: false), so every condition must "
+                "come precomputed: convert the shards with `divrl data ... --precompute MODEL`"
+            )
         unique = list(dict.fromkeys(prompts))
         # Collect this call's encodings first: caching new prompts may evict ones this call still needs.
         found = {p: self._prompt_cache[p] for p in unique if p in self._prompt_cache}
@@ -399,20 +410,54 @@ class KontextPolicy(nn.Module):
         if len(references) != len(prompts):
             raise ValueError(f"condition: {len(references)} references for {len(prompts)} prompts; give one per prompt")
         keys = list(reference_keys) if reference_keys is not None else [None] * len(prompts)
-        embeds, pooled, text_ids = self.encode_prompts(prompts)
+        embeds, pooled, _ = self.encode_prompts(prompts)
         image_latents = torch.cat([self.encode_reference(r, height, width, k) for r, k in zip(references, keys)])
+        return self.condition_from_precomputed(embeds, pooled, image_latents, height, width, guidance, group_size)
+
+    def condition_from_precomputed(
+        self,
+        prompt_embeds: Tensor,
+        pooled_prompt_embeds: Tensor,
+        image_latents: Tensor,
+        height: int,
+        width: int,
+        guidance: float = 2.5,
+        group_size: int = 1,
+    ) -> Condition:
+        """Conditions from embeddings and reference latents computed earlier (``divrl data --precompute``), without
+        the text encoders or the VAE encoder; the same result as :meth:`condition` on the same inputs.
+
+        Args:
+            prompt_embeds: T5 embeddings ``(B, L, D)``; ``pooled_prompt_embeds``: CLIP pooled ``(B, D')``;
+                ``image_latents``: packed reference latents ``(B, T_ref, 4·C)`` at ``height × width``.
+        """
+        batch = prompt_embeds.shape[0]
+        if pooled_prompt_embeds.shape[0] != batch or image_latents.shape[0] != batch:
+            raise ValueError(
+                f"condition_from_precomputed: batch sizes differ: prompt_embeds {batch}, pooled "
+                f"{pooled_prompt_embeds.shape[0]}, image_latents {image_latents.shape[0]}"
+            )
         latent_h, latent_w = self._latent_grid(height, width)
+        expected = (latent_h // 2) * (latent_w // 2)
+        if image_latents.shape[1] != expected:
+            raise ValueError(
+                f"condition_from_precomputed: reference latents have {image_latents.shape[1]} tokens, a {height}x{width} "
+                f"image has {expected}; precompute at the training resolution"
+            )
+        embeds = prompt_embeds.to(device=self.device, dtype=self.dtype)
+        pooled = pooled_prompt_embeds.to(device=self.device, dtype=self.dtype)
+        text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=embeds.dtype)
         latent_ids = self._pipe._prepare_latent_image_ids(1, latent_h // 2, latent_w // 2, self.device, self.dtype)
         image_ids = latent_ids.clone()
         image_ids[..., 0] = 1
         guidance_t = None
         if self.transformer.config.guidance_embeds:
-            guidance_t = torch.full((len(prompts),), guidance, device=self.device, dtype=torch.float32)
+            guidance_t = torch.full((batch,), guidance, device=self.device, dtype=torch.float32)
         condition = Condition(
             prompt_embeds=embeds,
             pooled_prompt_embeds=pooled,
             text_ids=text_ids,
-            image_latents=image_latents,
+            image_latents=image_latents.to(device=self.device, dtype=self.dtype),
             img_ids=torch.cat([latent_ids, image_ids], dim=0),
             guidance=guidance_t,
             height=height,

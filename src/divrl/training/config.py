@@ -30,6 +30,8 @@ class PolicyConfig:
         local_files_only: never contact the Hub (offline clusters with a pre-filled cache).
         revision: Hub revision (branch, tag or commit) for reproducibility.
         tiny_seed: weight seed of the tiny model (``model: tiny`` only).
+        text_encoders: load the CLIP and T5 text encoders. ``false`` skips them (T5-XXL + CLIP-L: 9.8 GB in bf16
+            for FLUX.1 Kontext, benchmarks/precompute.py) and requires shards converted with ``divrl data ... --precompute MODEL``.
         sdpa_backends: the attention kernels PyTorch may use (``flash``, ``efficient``, ``cudnn``, ``math``), for
             rollouts and updates alike (the same kernel on both paths keeps the on-policy ratio at 1). cuDNN is left
             out by default: its bf16 backward returns NaN gradients on H100 with torch 2.11 (measured on the tiny
@@ -43,6 +45,7 @@ class PolicyConfig:
     local_files_only: bool = False
     revision: str | None = None
     tiny_seed: int = 0
+    text_encoders: bool = True
     sdpa_backends: list[str] | None = field(default_factory=lambda: ["flash", "efficient", "math"])
 
     def attention(self):
@@ -64,14 +67,18 @@ class PolicyConfig:
         """Load (or build) the policy."""
         if self.model == TINY:
             dtype = None if self.torch_dtype == "auto" else self.torch_dtype
-            return KontextPolicy.tiny(
+            policy = KontextPolicy.tiny(
                 seed=self.tiny_seed, lora=self.lora, max_sequence_length=self.max_sequence_length, base_dtype=dtype
             )
+            if not self.text_encoders:
+                policy.text_encoder = policy.text_encoder_2 = None
+            return policy
         return KontextPolicy.from_pretrained(
             self.model,
             torch_dtype=self.torch_dtype,
             local_files_only=self.local_files_only,
             revision=self.revision,
+            text_encoders=self.text_encoders,
             lora=self.lora,
             max_sequence_length=self.max_sequence_length,
         )

@@ -105,6 +105,7 @@ class DivRLModule(pl.LightningModule):
         self.counters = defaultdict(int)  # skipped samples, groups and updates since the start of training
         self.last_group: RolloutGroup | None = None
         self._consecutive_skips = 0
+        self._warned_model = False
         self.save_hyperparameters(ignore=["rewards", "optimizer", "lr_scheduler"])
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -174,17 +175,46 @@ class DivRLModule(pl.LightningModule):
 
     def _rollout(self, conditions: Sequence[ConditionSample], group_size: int, noise_level: float, generator):
         cfg = self.grpo
-        size = cfg.resolution
-        condition = self.policy.condition(
-            [c.reference for c in conditions], [c.prompt for c in conditions], size, size,
-            guidance=cfg.guidance, group_size=group_size, reference_keys=[c.id for c in conditions],
-        )  # fmt: skip
+        condition = self._condition(conditions, group_size)
         sde = sde_mask(cfg.num_steps, cfg.sde_window) if noise_level > 0 else [False] * cfg.num_steps
         trajectory = rollout(
             self.policy, condition, num_steps=cfg.num_steps, noise_level=noise_level, group_size=group_size,
             sde_steps=sde, generator=generator, micro_batch_size=cfg.rollout_micro_batch_size, decode=True,
         )  # fmt: skip
         return condition, trajectory
+
+    def _condition(self, conditions: Sequence[ConditionSample], group_size: int):
+        """The batch's conditions: from precomputed shard entries when every condition has them (no text encoder or
+        VAE encoder runs), else encoded by the policy."""
+        cfg = self.grpo
+        size = cfg.resolution
+        if all(c.conditioning is not None for c in conditions):
+            pre = [c.conditioning for c in conditions]
+            self._check_precomputed(pre, conditions)
+            return self.policy.condition_from_precomputed(
+                torch.cat([p["prompt_embeds"] for p in pre]), torch.cat([p["pooled_prompt_embeds"] for p in pre]),
+                torch.cat([p["image_latents"] for p in pre]), size, size, guidance=cfg.guidance, group_size=group_size,
+            )  # fmt: skip
+        return self.policy.condition(
+            [c.reference for c in conditions], [c.prompt for c in conditions], size, size,
+            guidance=cfg.guidance, group_size=group_size, reference_keys=[c.id for c in conditions],
+        )  # fmt: skip
+
+    def _check_precomputed(self, pre: list[dict], conditions: Sequence[ConditionSample]) -> None:
+        want = {"resolution": self.grpo.resolution, "max_sequence_length": self.policy.max_sequence_length}
+        for p, c in zip(pre, conditions):
+            wrong = {k: p[k] for k, v in want.items() if p[k] != v}
+            if wrong:
+                raise ValueError(
+                    f"identity {c.id!r}: its precomputed conditioning has {wrong}, this run needs {want}. Convert the "
+                    f"shards again with `divrl data ... --precompute {self.policy_config.model} --resolution "
+                    f"{want['resolution']} --max-sequence-length {want['max_sequence_length']}`, or set "
+                    f"policy.text_encoders: true and drop the precomputed entries"
+                )
+            if p["model"] != self.policy_config.model and not self._warned_model:
+                log.warning("precomputed conditioning of %r was made with model %r; training %r", c.id, p["model"],
+                            self.policy_config.model)  # fmt: skip
+                self._warned_model = True
 
     def _score(self, conditions: Sequence[ConditionSample], images: Tensor, group_size: int, reward=None):
         """Score each group; returns ``(rewards (n, G), keep (n,) bool, outputs of the kept groups)``."""
