@@ -1,8 +1,8 @@
 """What precomputed conditioning (``divrl data ... --precompute MODEL``) saves.
 
 1. **Memory** of the modules a run with ``policy.text_encoders: false`` never loads, for FLUX.1 Kontext: the T5 v1.1
-   XXL encoder and the CLIP ViT-L/14 text model, built from their published configurations on the meta device (no
-   download), plus the VAE encoder (still loaded today, but no longer run). Bytes in bf16, as training holds them.
+   XXL encoder, the CLIP ViT-L/14 text model and the VAE encoder, built from their published configurations on the
+   meta device (no download). Bytes in bf16, as training holds them.
 2. **Time** of building a rollout batch's conditions on the demo's tiny model: encoding every prompt and reference
    (fresh prompts, as in training where each identity brings its own) against reading them from the shard, side by
    side in one run, and the seconds per training step of the demo config on the two kinds of shards.
@@ -112,10 +112,9 @@ def main() -> None:
     print("Modules a precomputed run does not load (FLUX.1 Kontext), parameters and bf16 bytes:")
     total = 0
     for name, count in skipped_memory().items():
-        gb = count * 2 / 1e9
-        total += gb if "VAE" not in name else 0
-        print(f"  {name:24s} {count / 1e9:6.3f} B params  {gb:6.2f} GB")
-    print(f"  text encoders together: {total:.2f} GB of GPU memory per rank not loaded (policy.text_encoders: false)")
+        total += count * 2 / 1e9
+        print(f"  {name:24s} {count / 1e9:6.3f} B params  {count * 2 / 1e9:6.2f} GB")
+    print(f"  together: {total:.2f} GB of GPU memory per rank not loaded (policy.text_encoders: false)")
 
     encode, read = conditioning_seconds(args.repeats)
     print(f"\nConditions for 2 identities x G=8 on the demo model (median of {args.repeats}): encode {encode * 1e3:.1f} ms, "

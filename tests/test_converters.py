@@ -330,3 +330,15 @@ def test_missing_or_mismatched_precomputed_conditioning_fails_clearly(tmp_path):
     convert_synthetic(pre, "--precompute", DEMO_MODEL, "--precompute-resolution", "48", "--max-sequence-length", "32")
     with pytest.raises(ValueError, match=r"'resolution': 48.*needs \{'resolution': 32"):
         fit_on(pre, tmp_path / "b", "--model.policy.text_encoders", "false")
+
+
+def test_a_policy_without_encoders_holds_no_text_encoder_or_vae_encoder_weights():
+    from divrl.training.config import PolicyConfig
+
+    full = PolicyConfig(model=DEMO_MODEL, lora=None, max_sequence_length=32).build()
+    lean = PolicyConfig(model=DEMO_MODEL, lora=None, max_sequence_length=32, text_encoders=False).build()
+    assert lean.text_encoder is None and lean.text_encoder_2 is None and lean.vae.encoder is None
+    dropped = sum(p.numel() for m in (full.text_encoder, full.text_encoder_2, full.vae.encoder) for p in m.parameters())
+    assert sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in lean.parameters()) == dropped
+    with pytest.raises(RuntimeError, match="--precompute"):
+        lean.encode_reference(Image.new("RGB", (32, 32)), 32, 32)

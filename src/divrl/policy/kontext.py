@@ -295,6 +295,14 @@ class KontextPolicy(nn.Module):
         kwargs.setdefault("max_sequence_length", 32)
         return cls(**tiny_kontext_components(seed), lora=lora or LoRAConfig(rank=4, alpha=8.0), **kwargs)
 
+    def drop_encoders(self) -> KontextPolicy:
+        """Remove the text encoders and the VAE encoder (the decoder stays, for images to reward): for training on
+        precomputed conditions only (:meth:`condition_from_precomputed`); :meth:`condition` then raises."""
+        self.text_encoder = self.text_encoder_2 = None
+        self._pipe.text_encoder = self._pipe.text_encoder_2 = None
+        self.vae.encoder = None
+        return self
+
     def pipeline(self):
         """A ``FluxKontextPipeline`` over this policy's modules (the adapter, when enabled, is active in it)."""
         return self._pipe
@@ -368,6 +376,11 @@ class KontextPolicy(nn.Module):
             self._reference_cache.move_to_end(cache_key)
             return self._reference_cache[cache_key]
         self._check_size(height, width)
+        if self.vae.encoder is None:
+            raise RuntimeError(
+                "this policy has no VAE encoder (policy.text_encoders: false drops the encoders), so every condition "
+                "must come precomputed: convert the shards with `divrl data ... --precompute MODEL`"
+            )
         pixels = to_image_batch(image, "reference")
         if pixels.shape[0] != 1:
             raise ValueError(f"encode_reference: expected one image, got {pixels.shape[0]}")

@@ -30,7 +30,7 @@ class PolicyConfig:
         local_files_only: never contact the Hub (offline clusters with a pre-filled cache).
         revision: Hub revision (branch, tag or commit) for reproducibility.
         tiny_seed: weight seed of the tiny model (``model: tiny`` only).
-        text_encoders: load the CLIP and T5 text encoders. ``false`` skips them (T5-XXL + CLIP-L: 9.8 GB in bf16
+        text_encoders: load the CLIP and T5 text encoders (and keep the VAE encoder). ``false`` skips them (T5-XXL + CLIP-L: 9.8 GB in bf16
             for FLUX.1 Kontext, benchmarks/precompute.py) and requires shards converted with ``divrl data ... --precompute MODEL``.
         sdpa_backends: the attention kernels PyTorch may use (``flash``, ``efficient``, ``cudnn``, ``math``), for
             rollouts and updates alike (the same kernel on both paths keeps the on-policy ratio at 1). cuDNN is left
@@ -70,10 +70,8 @@ class PolicyConfig:
             policy = KontextPolicy.tiny(
                 seed=self.tiny_seed, lora=self.lora, max_sequence_length=self.max_sequence_length, base_dtype=dtype
             )
-            if not self.text_encoders:
-                policy.text_encoder = policy.text_encoder_2 = None
-            return policy
-        return KontextPolicy.from_pretrained(
+            return policy if self.text_encoders else policy.drop_encoders()
+        policy = KontextPolicy.from_pretrained(
             self.model,
             torch_dtype=self.torch_dtype,
             local_files_only=self.local_files_only,
@@ -82,6 +80,7 @@ class PolicyConfig:
             lora=self.lora,
             max_sequence_length=self.max_sequence_length,
         )
+        return policy if self.text_encoders else policy.drop_encoders()
 
 
 @dataclass
