@@ -253,3 +253,13 @@ def test_kl_to_the_reference_policy_is_zero_for_the_fresh_adapter_then_grows(tmp
     assert all(k > 0 for k in kl[1:])
     loss = [float(r["train/loss"]) - float(r["train/policy_loss"]) for r in rows]
     assert loss == pytest.approx([0.1 * k for k in kl], rel=1e-4, abs=1e-9)
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(trained, tmp_path):
+    config = demo_policy_config()
+    config.gradient_checkpointing = True
+    assert config.build().transformer.is_gradient_checkpointing
+    fit(tmp_path, SWITCH, "--model.policy.gradient_checkpointing", "true")
+    checkpointed = load_file(tmp_path / "lora/final/pytorch_lora_weights.safetensors")
+    plain = load_file(trained / "lora/stage1/pytorch_lora_weights.safetensors")  # the same 2 updates
+    assert all(torch.allclose(checkpointed[k], plain[k], atol=1e-6) for k in plain)

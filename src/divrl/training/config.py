@@ -32,6 +32,9 @@ class PolicyConfig:
         tiny_seed: weight seed of the tiny model (``model: tiny`` only).
         text_encoders: load the CLIP and T5 text encoders (and keep the VAE encoder). ``false`` skips them (T5-XXL + CLIP-L: 9.8 GB in bf16
             for FLUX.1 Kontext, benchmarks/precompute.py) and requires shards converted with ``divrl data ... --precompute MODEL``.
+        gradient_checkpointing: recompute the transformer blocks' activations in the backward pass. On an H100 at 512²
+            with micro-batches of 3 (benchmarks/gpu_step.py): peak 29.4 GB instead of 78.8 GB, each micro-batch 1.43×
+            slower. Needed to train FLUX.1 Kontext on 80 GB GPUs with room to spare.
         sdpa_backends: the attention kernels PyTorch may use (``flash``, ``efficient``, ``cudnn``, ``math``), for
             rollouts and updates alike (the same kernel on both paths keeps the on-policy ratio at 1). cuDNN is left
             out by default: its bf16 backward returns NaN gradients on H100 with torch 2.11 (measured on the tiny
@@ -46,6 +49,7 @@ class PolicyConfig:
     revision: str | None = None
     tiny_seed: int = 0
     text_encoders: bool = True
+    gradient_checkpointing: bool = False
     sdpa_backends: list[str] | None = field(default_factory=lambda: ["flash", "efficient", "math"])
 
     def attention(self):
@@ -65,13 +69,18 @@ class PolicyConfig:
 
     def build(self) -> KontextPolicy:
         """Load (or build) the policy."""
+        policy = self._load()
+        if self.gradient_checkpointing:
+            policy.transformer.enable_gradient_checkpointing()
+        return policy if self.text_encoders else policy.drop_encoders()
+
+    def _load(self) -> KontextPolicy:
         if self.model == TINY:
             dtype = None if self.torch_dtype == "auto" else self.torch_dtype
-            policy = KontextPolicy.tiny(
+            return KontextPolicy.tiny(
                 seed=self.tiny_seed, lora=self.lora, max_sequence_length=self.max_sequence_length, base_dtype=dtype
             )
-            return policy if self.text_encoders else policy.drop_encoders()
-        policy = KontextPolicy.from_pretrained(
+        return KontextPolicy.from_pretrained(
             self.model,
             torch_dtype=self.torch_dtype,
             local_files_only=self.local_files_only,
@@ -80,7 +89,6 @@ class PolicyConfig:
             lora=self.lora,
             max_sequence_length=self.max_sequence_length,
         )
-        return policy if self.text_encoders else policy.drop_encoders()
 
 
 @dataclass

@@ -1,0 +1,187 @@
+"""Seconds, memory and achieved TFLOP/s of DivRL's rollout and training steps on the full-size FLUX.1 Kontext
+transformer, with **random weights** built from the real configuration on the meta device (no download).
+
+What one DivRL step does on one GPU, timed part by part with ``torch.cuda.synchronize``:
+
+- **rollout**: ``G`` samples of one condition, ``num_steps`` SDE steps at ``resolution``², the transformer called on
+  ``rollout_micro_batch`` samples at a time, then the VAE decode (random FLUX VAE);
+- **training**: one micro-batch of ``micro_batch`` samples × one timestep: forward with gradients through the LoRA
+  adapter (r 64 / α 128 on DivRL's targets), the GRPO loss, backward. A DivRL update accumulates
+  ``micro_batches × trained_steps`` of these.
+
+Conditions are random tensors of the real shapes (T5 ``128 × 4096``, CLIP pooled 768, packed reference latents),
+as with precomputed shards (``policy.text_encoders: false``). FLOPs are counted analytically (matmuls of every
+block and the attention scores; see :func:`transformer_flops`) and MFU is relative to ``--peak-tflops``
+(H100 SXM dense bf16: 989).
+
+Usage::
+
+    python benchmarks/gpu_step.py                      # full size on CUDA
+    python benchmarks/gpu_step.py --gradient-checkpointing
+    python benchmarks/gpu_step.py --smoke              # a tiny configuration on CPU (what the test suite runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))  # fmt: skip
+FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
+                shift_factor=0.1159, scaling_factor=0.3611)  # fmt: skip
+SMOKE_TRANSFORMER = dict(FLUX_TRANSFORMER, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                         axes_dims_rope=(4, 6, 6))  # fmt: skip
+SMOKE_VAE = dict(FLUX_VAE, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
+
+
+def transformer_flops(config: dict, image_tokens: int, reference_tokens: int, text_tokens: int) -> float:
+    """Forward FLOPs of one FLUX transformer call for one sample (2 per multiply-add).
+
+    Double blocks: image and text streams each with QKV, output projection and a 4× MLP, joint attention over all
+    tokens. Single blocks: one stream with fused QKV + 4× MLP in, then an output projection from ``5·h``. Attention:
+    ``QKᵀ`` and ``PV`` cost ``2·T²·h`` each. Modulation, norms and embeddings are negligible and left out.
+    """
+    h = config["attention_head_dim"] * config["num_attention_heads"]
+    image = image_tokens + reference_tokens
+    total = image + text_tokens
+    per_stream = lambda t: 2 * t * (3 * h * h + h * h + 2 * 4 * h * h)  # noqa: E731 - qkv, out, mlp up+down
+    double = per_stream(image) + per_stream(text_tokens) + 2 * 2 * total * total * h
+    single = 2 * total * (3 * h * h + 4 * h * h) + 2 * total * (5 * h * h) + 2 * 2 * total * total * h
+    return config["num_layers"] * double + config["num_single_layers"] * single
+
+
+def build_policy(smoke: bool, device: str, dtype: torch.dtype, lora_rank: int):
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    from divrl.policy import KontextPolicy, LoRAConfig
+
+    config = SMOKE_TRANSFORMER if smoke else FLUX_TRANSFORMER
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(**config)
+    transformer = transformer.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.02, generator=generator)
+            else:
+                p.zero_() if "bias" in name else p.fill_(1.0)
+        for buffer in transformer.buffers():
+            buffer.zero_()
+    vae = AutoencoderKL(**(SMOKE_VAE if smoke else FLUX_VAE)).to(device=device, dtype=dtype)
+    policy = KontextPolicy(transformer, vae, None, None, None, None,
+                           lora=LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank), max_sequence_length=128)  # fmt: skip
+    return policy, config
+
+
+def timed(fn, device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def run(args) -> dict[str, float]:
+    from divrl.grpo import grpo_loss, rollout, transition_log_prob
+
+    device, dtype = args.device, torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    policy, config = build_policy(args.smoke, device, dtype, args.lora_rank)
+    if args.gradient_checkpointing:
+        policy.transformer.enable_gradient_checkpointing()
+    res, text_len = args.resolution, 32 if args.smoke else 128
+    tokens = policy.num_image_tokens(res, res)
+    g = torch.Generator(device=device).manual_seed(1)
+    condition = policy.condition_from_precomputed(
+        torch.randn(1, text_len, config["joint_attention_dim"], generator=g, device=device),
+        torch.randn(1, config["pooled_projection_dim"], generator=g, device=device),
+        torch.randn(1, tokens, config["in_channels"], generator=g, device=device), res, res, group_size=args.group_size,
+    )  # fmt: skip
+    flops_call = transformer_flops(config, tokens, tokens, text_len)
+    results: dict[str, float] = {"image_tokens": tokens, "gflops_per_sample_forward": flops_call / 1e9}
+
+    def do_rollout():
+        return rollout(policy, condition, num_steps=args.num_steps, noise_level=0.9, group_size=args.group_size,
+                       generator=torch.Generator().manual_seed(0), micro_batch_size=args.rollout_micro_batch)  # fmt: skip
+
+    with torch.no_grad():
+        do_rollout() if not args.smoke else None  # warm-up (kernels, allocator)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    trajectory, seconds = timed(do_rollout, device)
+    results["rollout_s"] = seconds
+    results["rollout_step_s"] = seconds / args.num_steps
+    results["rollout_tflops"] = flops_call * args.group_size * args.num_steps / seconds / 1e12
+    if device.startswith("cuda"):
+        results["rollout_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+
+    index = torch.arange(args.micro_batch, device=device)
+    advantages = torch.randn(args.micro_batch, device=device)
+
+    def train_once(step: int):
+        out = transition_log_prob(policy, trajectory, step, condition, index)
+        loss, _ = grpo_loss(out.log_prob, trajectory.log_probs[index, step], advantages, 1e-4)
+        loss.backward()
+        return loss
+
+    train_once(0)  # warm-up
+    policy.transformer.zero_grad(set_to_none=True)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = [timed(lambda: train_once(s % args.num_steps), device)[1] for s in range(args.train_repeats)]
+    seconds = sorted(times)[len(times) // 2]
+    results["train_microbatch_timestep_s"] = seconds
+    # forward + backward of activations (the frozen weights get no gradient): about 2x the forward FLOPs
+    results["train_tflops"] = 2 * flops_call * args.micro_batch / seconds / 1e12
+    if device.startswith("cuda"):
+        results["train_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    trained_steps = max(1, int(args.num_steps * 0.99))
+    micro_batches = -(-args.group_size // args.micro_batch)
+    results["update_s"] = seconds * trained_steps * micro_batches
+    results["trajectory_group_s"] = results["rollout_s"] + results["update_s"]
+    for key in ("rollout_tflops", "train_tflops"):
+        results[key.replace("tflops", "mfu")] = results[key] / args.peak_tflops
+    results["trainable_params_m"] = sum(p.numel() for p in policy.trainable_parameters()) / 1e6
+    results["transformer_params_b"] = sum(p.numel() for p in policy.transformer.parameters()) / 1e9
+    return results
+
+
+def main(argv=None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--smoke", action="store_true", help="tiny configuration (CPU-fast), for tests")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--group-size", type=int, default=21)
+    parser.add_argument("--num-steps", type=int, default=6)
+    parser.add_argument("--micro-batch", type=int, default=3)
+    parser.add_argument("--rollout-micro-batch", type=int, default=7)
+    parser.add_argument("--lora-rank", type=int, default=64)
+    parser.add_argument("--train-repeats", type=int, default=5)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--sdpa-backends", nargs="+", default=["flash", "efficient", "math"],
+                        help="attention kernels allowed (training's default leaves cuDNN out)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.resolution, args.group_size, args.rollout_micro_batch, args.train_repeats = 32, 4, 2, 2
+    from divrl.training.config import PolicyConfig
+
+    with PolicyConfig(sdpa_backends=args.sdpa_backends).attention():  # the kernels training uses
+        results = run(args)
+    width = max(map(len, results))
+    for key, value in results.items():
+        print(f"{key:{width}s}  {value:.4g}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

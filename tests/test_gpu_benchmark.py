@@ -1,0 +1,53 @@
+"""The GPU step benchmark runs its smoke configuration on CPU, and its analytic FLOP count matches the matmuls the
+FLUX blocks really perform (counted with forward hooks)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("gpu_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_analytic_flops_match_the_block_matmuls():
+    bench = load()
+    policy, config = bench.build_policy(True, "cpu", torch.float32, lora_rank=4)
+    transformer = policy.transformer
+    counted = []
+
+    def hook(module, inputs, output):
+        x = inputs[0]
+        counted.append(2 * x.numel() // module.in_features * module.in_features * module.out_features)
+
+    for name, module in transformer.named_modules():
+        in_block = name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+        if in_block and isinstance(module, nn.Linear) and "norm" not in name and "lora_" not in name:
+            module.register_forward_hook(hook)
+    res, text = 64, 8
+    tokens = policy.num_image_tokens(res, res)
+    condition = policy.condition_from_precomputed(torch.randn(1, text, 32), torch.randn(1, 16),
+                                                  torch.randn(1, tokens, 64), res, res)  # fmt: skip
+    with torch.no_grad(), policy.adapter_disabled():
+        policy.velocity(torch.randn(1, tokens, 64), 0.5, condition)
+    h = config["attention_head_dim"] * config["num_attention_heads"]
+    total = 2 * tokens + text
+    attention = (config["num_layers"] + config["num_single_layers"]) * 4 * total * total * h
+    assert sum(counted) + attention == bench.transformer_flops(config, tokens, tokens, text)
+
+
+def test_smoke_run_reports_every_figure():
+    results = load().main(["--smoke", "--device", "cpu"])
+    for key in ("rollout_step_s", "train_microbatch_timestep_s", "update_s", "trajectory_group_s", "rollout_mfu",
+                "train_mfu"):  # fmt: skip
+        assert results[key] > 0, key
+    assert results["trajectory_group_s"] == results["rollout_s"] + results["update_s"]
