@@ -1,0 +1,61 @@
+"""A callback for multi-process tests: each rank writes the identities it trained on and its final LoRA weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+from safetensors.torch import save_file
+
+
+class RankProbe(pl.Callback):
+    def __init__(self, out_dir: str):
+        super().__init__()
+        self.out_dir = out_dir
+        self.ids: list[str] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.ids += [c.id for c in batch.conditions]
+
+    def on_train_end(self, trainer, pl_module):
+        out = Path(self.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        rank = trainer.global_rank
+        (out / f"rank{rank}.json").write_text(json.dumps({"ids": self.ids, "world": trainer.world_size,
+                                                          "step": trainer.global_step}))  # fmt: skip
+        save_file({k: v.contiguous() for k, v in pl_module.policy.lora_state_dict().items()}, str(out / f"rank{rank}.safetensors"))
+
+
+class BreakRankOne(pl.Callback):
+    """On global rank 1 only: the first loss is NaN and every group of the first rollout gets a NaN reward. The other
+    rank sees nothing wrong; the run must neither deadlock nor let the ranks' weights drift apart."""
+
+    def on_fit_start(self, trainer, pl_module):
+        if trainer.global_rank != 1:
+            return
+        import divrl.training.module as module
+
+        real_loss, calls = module.grpo_loss, {"loss": 0}
+
+        def nan_once(*args, **kwargs):
+            calls["loss"] += 1
+            loss, stats = real_loss(*args, **kwargs)
+            return (loss * float("nan") if calls["loss"] == 1 else loss), stats
+
+        module.grpo_loss = nan_once
+        reward = pl_module.rewards[0]
+        real_forward = reward.forward
+
+        def nan_first_rollout(*args, **kwargs):
+            out = real_forward(*args, **kwargs)
+            if pl_module.rollouts_done == 0:
+                raise ValueError("probe: non-finite nssm scores [nan]")
+            return out
+
+        reward.forward = nan_first_rollout
+
+    def on_train_end(self, trainer, pl_module):
+        out = Path(trainer.default_root_dir) / "probe"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"counters{trainer.global_rank}.json").write_text(json.dumps(dict(pl_module.counters)))
