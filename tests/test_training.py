@@ -263,3 +263,29 @@ def test_gradient_checkpointing_trains_the_same_adapter(trained, tmp_path):
     checkpointed = load_file(tmp_path / "lora/final/pytorch_lora_weights.safetensors")
     plain = load_file(trained / "lora/stage1/pytorch_lora_weights.safetensors")  # the same 2 updates
     assert all(torch.allclose(checkpointed[k], plain[k], atol=1e-6) for k in plain)
+
+
+def test_bitsandbytes_8bit_adamw_trains_checkpoints_and_resumes(tmp_path):
+    args = ["--model.optimizer", "bitsandbytes.optim.AdamW8bit", "--model.optimizer.init_args.lr", "3e-4",
+            "--model.optimizer.init_args.min_8bit_size", "16"]  # fmt: skip
+    fit(tmp_path, 1, *args)
+    fit(tmp_path, 2, *args, "--ckpt_path", "last")
+    ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    states = [s.get("__bnb_optimizer_quant_state__", s) for s in ckpt["optimizer_states"][0]["state"].values()]
+    tensors = [v for s in states for v in (s.values() if isinstance(s, dict) else []) if torch.is_tensor(v)]
+    assert ckpt["global_step"] == 2 and any(t.dtype == torch.uint8 for t in tensors)  # 8-bit moments
+
+
+def test_an_optimizer_that_cannot_run_under_the_strategy_is_refused_at_start():
+    import bitsandbytes as bnb
+
+    from divrl.training.module import check_optimizer_strategy
+
+    class ModelParallelStrategy:  # stands in for Lightning's FSDP2 strategy (needs GPUs to build)
+        pass
+
+    optimizer = bnb.optim.AdamW8bit([torch.nn.Parameter(torch.zeros(4))])
+    with pytest.raises(ValueError, match=r"torchao.optim.AdamW8bit.*fsdp \(FSDP1\) or ddp"):
+        check_optimizer_strategy(optimizer, ModelParallelStrategy())
+    check_optimizer_strategy(optimizer, None)  # one device: fine
+    check_optimizer_strategy(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))]), ModelParallelStrategy())

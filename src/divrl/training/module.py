@@ -41,7 +41,7 @@ from divrl.grpo.timesteps import sde_mask
 from divrl.rewards.modules import GroupReward, RewardOutput
 from divrl.training.config import GRPOConfig, PolicyConfig
 
-__all__ = ["DivRLModule", "RolloutGroup", "default_optimizer"]
+__all__ = ["DivRLModule", "RolloutGroup", "default_optimizer", "check_optimizer_strategy"]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ class DivRLModule(pl.LightningModule):
         if not params:
             raise ValueError("DivRLModule: nothing to train (policy.lora is null and no parameter requires grad)")
         optimizer = self.optimizer_factory(params)
+        check_optimizer_strategy(optimizer, self._trainer.strategy if self._trainer is not None else None)
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
@@ -401,6 +402,21 @@ class DivRLModule(pl.LightningModule):
                 f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}). Resume with the same "
                 f"model.policy (model and lora settings) as the run that wrote it"
             )
+
+
+def check_optimizer_strategy(optimizer, strategy) -> None:
+    """Refuse combinations known not to work, at start-up, with the fix (instead of a deep stack trace later).
+
+    bitsandbytes' 8-bit optimizers index flat CUDA/CPU tensors and fail on FSDP2's DTensor parameters
+    (``ModelParallelStrategy``); they run on one device, under DDP and under FSDP1 (``FSDPStrategy``).
+    """
+    name = type(strategy).__name__ if strategy is not None else ""
+    if type(optimizer).__module__.startswith("bitsandbytes") and name == "ModelParallelStrategy":
+        raise ValueError(
+            f"model.optimizer {type(optimizer).__name__} (bitsandbytes) does not support FSDP2's sharded DTensor "
+            f"parameters (trainer.strategy: ModelParallelStrategy). Use torchao's 8-bit AdamW "
+            f"(torchao.optim.AdamW8bit), which does, or bitsandbytes with trainer.strategy: fsdp (FSDP1) or ddp"
+        )
 
 
 def _mix(*values: int) -> int:
