@@ -289,3 +289,12 @@ def test_an_optimizer_that_cannot_run_under_the_strategy_is_refused_at_start():
         check_optimizer_strategy(optimizer, ModelParallelStrategy())
     check_optimizer_strategy(optimizer, None)  # one device: fine
     check_optimizer_strategy(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))]), ModelParallelStrategy())
+
+
+def test_the_slurm_overlay_parses_on_top_of_a_config(tmp_path):
+    cli = run_lightning(["--config", str(DEMO), "--trainer.default_root_dir", str(tmp_path)], run=False)
+    cfg = cli.parser.parse_args(["--config", str(ROOT / "configs/explore.yaml"), "--config",
+                                 str(ROOT / "examples/slurm/slurm.yaml")])  # fmt: skip
+    assert cfg.trainer.plugins[0].class_path.endswith("SLURMEnvironment")
+    assert cfg.trainer.plugins[0].init_args.auto_requeue is True and cfg.model.policy.local_files_only is True
+    assert "srun divrl fit --config configs/explore.yaml" in (ROOT / "examples/slurm/explore.sbatch").read_text()
