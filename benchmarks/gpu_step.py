@@ -11,7 +11,7 @@ What one DivRL step does on one GPU, timed part by part with ``torch.cuda.synchr
 
 Conditions are random tensors of the real shapes (T5 ``128 × 4096``, CLIP pooled 768, packed reference latents),
 as with precomputed shards (``policy.text_encoders: false``). FLOPs are counted analytically (matmuls of every
-block and the attention scores; see :func:`transformer_flops`) and MFU is relative to ``--peak-tflops``
+block and the attention scores; see :func:`divrl.policy.flops.transformer_flops`) and MFU is relative to ``--peak-tflops``
 (H100 SXM dense bf16: 989).
 
 Usage::
@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from divrl.policy.flops import transformer_flops
+
 FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                         guidance_embeds=True, axes_dims_rope=(16, 56, 56))  # fmt: skip
@@ -39,22 +41,6 @@ SMOKE_TRANSFORMER = dict(FLUX_TRANSFORMER, num_layers=1, num_single_layers=1, at
                          num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
                          axes_dims_rope=(4, 6, 6))  # fmt: skip
 SMOKE_VAE = dict(FLUX_VAE, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
-
-
-def transformer_flops(config: dict, image_tokens: int, reference_tokens: int, text_tokens: int) -> float:
-    """Forward FLOPs of one FLUX transformer call for one sample (2 per multiply-add).
-
-    Double blocks: image and text streams each with QKV, output projection and a 4× MLP, joint attention over all
-    tokens. Single blocks: one stream with fused QKV + 4× MLP in, then an output projection from ``5·h``. Attention:
-    ``QKᵀ`` and ``PV`` cost ``2·T²·h`` each. Modulation, norms and embeddings are negligible and left out.
-    """
-    h = config["attention_head_dim"] * config["num_attention_heads"]
-    image = image_tokens + reference_tokens
-    total = image + text_tokens
-    per_stream = lambda t: 2 * t * (3 * h * h + h * h + 2 * 4 * h * h)  # noqa: E731 - qkv, out, mlp up+down
-    double = per_stream(image) + per_stream(text_tokens) + 2 * 2 * total * total * h
-    single = 2 * total * (3 * h * h + 4 * h * h) + 2 * total * (5 * h * h) + 2 * 2 * total * total * h
-    return config["num_layers"] * double + config["num_single_layers"] * single
 
 
 def build_policy(smoke: bool, device: str, dtype: torch.dtype, lora_rank: int):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from divrl.cli import main, run_lightning
 from divrl.grpo import rollout
+from divrl.policy.flops import transformer_flops
 from divrl.policy.tiny import tiny_kontext_components
 from divrl.training.config import PolicyConfig
 
@@ -25,7 +27,8 @@ EXPECTED_METRICS = {
     "reward/mean", "reward/std", "reward/nssm", "reward/vsm", "reward/gated_fraction",
     "train/loss", "train/policy_loss", "train/clip_fraction", "train/approx_kl", "train/ratio_mean",
     "train/ratio_max_dev", "train/grad_norm", "train/lr", "train/stage", "time/rollout", "time/reward",
-    "time/update", "data/skipped_samples", "train/skipped_groups", "train/skipped_updates",
+    "time/update", "data/skipped_samples", "train/skipped_groups", "train/skipped_updates", "perf/rollout_tflops",
+    "perf/update_tflops",
 }  # fmt: skip
 
 
@@ -152,6 +155,11 @@ def test_logged_metrics_stage_switch_and_on_policy_ratios(trained):
     # one update per rollout: every update is on-policy, its ratio exactly 1
     assert all(float(r["train/ratio_max_dev"]) < 1e-6 for r in rows)
     assert all(float(r["train/grad_norm"]) > 0 for r in rows)
+    for r in rows:  # achieved throughput = analytic FLOPs / measured seconds
+        config = json.loads((ROOT / "data/demo/tiny-kontext/transformer/config.json").read_text())
+        per_call = transformer_flops(config, 64, 64, 32)  # 32x32 image: 8x8 packed tokens; 32 T5 tokens
+        expected = per_call * 2 * 8 * 4 / float(r["time/rollout"]) / 1e12  # 2 groups of 8, 4 steps
+        assert float(r["perf/rollout_tflops"]) == pytest.approx(expected, rel=1e-4)
     grids = sorted((trained / "rollouts").glob("*.png"))
     assert len(grids) == 4
 

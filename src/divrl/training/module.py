@@ -38,6 +38,7 @@ from divrl.grpo import (
     transition_log_prob,
 )
 from divrl.grpo.timesteps import sde_mask
+from divrl.policy.flops import PEAK_TFLOPS, transformer_flops
 from divrl.rewards.modules import GroupReward, RewardOutput
 from divrl.training.config import GRPOConfig, PolicyConfig
 
@@ -77,6 +78,8 @@ class DivRLModule(pl.LightningModule):
         grpo: the Flow-GRPO hyperparameters.
         optimizer: the optimizer factory over the trainable parameters (default: the paper's AdamW, lr 3e-4).
         lr_scheduler: optional scheduler factory (the paper uses none).
+        peak_tflops: the accelerator's dense bf16 peak, for the logged MFU (``perf/mfu``); ``None`` looks the CUDA
+            device's name up in :data:`divrl.policy.flops.PEAK_TFLOPS` (no MFU when unknown or on CPU).
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class DivRLModule(pl.LightningModule):
         grpo: GRPOConfig | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
+        peak_tflops: float | None = None,
     ):
         super().__init__()
         if isinstance(rewards, GroupReward):
@@ -97,6 +101,7 @@ class DivRLModule(pl.LightningModule):
         self.rewards = nn.ModuleList(rewards).requires_grad_(False)  # reward models are judges, never trained
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
+        self.peak_tflops = peak_tflops
         self.policy = None  # built in configure_model (so sharded strategies can wrap it)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable weights; see on_load_checkpoint
@@ -163,6 +168,7 @@ class DivRLModule(pl.LightningModule):
         self.rollouts_done += 1
 
         metrics.update(stats)
+        metrics.update(self._throughput(len(batch) * cfg.group_size, t1 - t0, t3 - t2))
         metrics.update({
             "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
             "train/stage": float(self.stage),
@@ -173,6 +179,22 @@ class DivRLModule(pl.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
         self.log("reward", metrics.get("reward/mean", float("nan")), prog_bar=True, on_step=True, logger=False,
                  batch_size=len(batch))  # fmt: skip
+
+    def _throughput(self, samples: int, rollout_s: float, update_s: float) -> dict[str, float]:
+        """Achieved TFLOP/s of the rollout and the update (analytic FLUX FLOPs) and MFU against the peak."""
+        cfg, config = self.grpo, self.policy.transformer.config
+        tokens = self.policy.num_image_tokens(cfg.resolution, cfg.resolution)
+        per_call = transformer_flops(config, tokens, tokens, self.policy.max_sequence_length)
+        trained = len(select_train_steps(cfg.num_steps, fraction=cfg.timestep_fraction, window=cfg.sde_window))
+        rollout_flops = per_call * samples * cfg.num_steps
+        # forward + activation backward (~2x forward; frozen weights get no gradient), plus the reference forward
+        update_flops = per_call * samples * trained * cfg.ppo_epochs * (2 + (cfg.kl_beta > 0))
+        out = {"perf/rollout_tflops": rollout_flops / max(rollout_s, 1e-9) / 1e12,
+               "perf/update_tflops": update_flops / max(update_s, 1e-9) / 1e12}  # fmt: skip
+        peak = self.peak_tflops or _device_peak(self.device)
+        if peak:
+            out["perf/mfu"] = (rollout_flops + update_flops) / max(rollout_s + update_s, 1e-9) / 1e12 / peak
+        return out
 
     def _rollout(self, conditions: Sequence[ConditionSample], group_size: int, noise_level: float, generator):
         cfg = self.grpo
@@ -402,6 +424,13 @@ class DivRLModule(pl.LightningModule):
                 f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}). Resume with the same "
                 f"model.policy (model and lora settings) as the run that wrote it"
             )
+
+
+def _device_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
 def check_optimizer_strategy(optimizer, strategy) -> None:
