@@ -53,3 +53,22 @@ def test_smoke_run_reports_every_figure():
                 "train_mfu"):  # fmt: skip
         assert results[key] > 0, key
     assert results["trajectory_group_s"] == results["rollout_s"] + results["update_s"]
+
+
+def test_memory_model_counts_match_peft_and_a_hand_computed_case():
+    spec = importlib.util.spec_from_file_location("memory_model", SCRIPT.with_name("memory_model.py"))
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+    from divrl.policy import KontextPolicy, LoRAConfig
+
+    policy = KontextPolicy.tiny(lora=LoRAConfig(rank=4, alpha=8))
+    config = {k: v for k, v in policy.transformer.config.items() if not k.startswith("_")}
+    total, lora = model.parameter_counts(4, config)
+    assert lora == sum(p.numel() for p in policy.trainable_parameters())
+    assert total + lora == sum(p.numel() for p in policy.transformer.parameters())
+    # LoRA under DDP, fp32 AdamW, precomputed conditions: bf16 base + 16 B per trainable weight + the bf16 VAE
+    assert model.per_gpu_bytes(1000, 10, 8, full=False, sharded=False, eightbit=False, text_encoders=False,
+                               reference_copy=False) == 2000 + 160 + 2 * model.VAE_PARAMS  # fmt: skip
+    # full fine-tuning, FSDP over 4 GPUs, 8-bit states: (4 + 4 + 2) B per parameter, sharded
+    assert model.per_gpu_bytes(1000, 1000, 4, full=True, sharded=True, eightbit=True, text_encoders=False,
+                               reference_copy=False) == 10_000 / 4 + 2 * model.VAE_PARAMS  # fmt: skip

@@ -1,0 +1,94 @@
+"""Memory model: GPU bytes per rank for training FLUX.1 Kontext, from parameter counts on the meta device.
+
+Counts the real transformer (built from its configuration on the meta device, no download) and DivRL's LoRA
+(r 64 on the official targets), then adds up what each rank holds for LoRA or full fine-tuning, DDP or FSDP
+(fully sharded weights, gradients and optimizer states), fp32 AdamW or 8-bit AdamW states, on 1, 8 and 64 GPUs:
+
+- frozen base weights: bf16, 2 bytes per parameter (sharded under FSDP);
+- trainable weights: fp32 (4 B), their gradients fp32 (4 B), AdamW moments fp32 (8 B) or 8-bit (2 B; the block-wise
+  absmax scales are under 1%); all sharded under FSDP;
+- the VAE (bf16, replicated); the text encoders unless conditions are precomputed (``policy.text_encoders: false``);
+- full fine-tuning with ``kl_beta > 0`` needs a frozen reference copy (bf16): counted on the GPU here, or 0 when it
+  is offloaded to CPU memory.
+
+Activations are not modelled; measured on an H100 at 512², micro-batch 3 (``benchmarks/gpu_step.py``): about 5 GB
+with gradient checkpointing, about 54 GB without.
+
+Usage::
+
+    python benchmarks/memory_model.py
+    python benchmarks/memory_model.py --gpus 1 8 64 256 --lora-rank 32
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from divrl.policy.kontext import DEFAULT_LORA_TARGETS
+
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))  # fmt: skip
+TEXT_ENCODER_PARAMS = 4.762e9 + 0.123e9  # T5 v1.1 XXL encoder + CLIP-L text (benchmarks/precompute.py)
+VAE_PARAMS = 0.084e9
+GB = 1e9
+
+
+def parameter_counts(rank: int, config: dict = FLUX_TRANSFORMER) -> tuple[int, int]:
+    """(transformer parameters, LoRA parameters at ``rank`` on DivRL's targets)."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(**config)
+    total = sum(p.numel() for p in transformer.parameters())
+    lora = sum(
+        rank * (m.in_features + m.out_features)
+        for name, m in transformer.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(name.endswith(t) for t in DEFAULT_LORA_TARGETS)
+    )
+    return total, lora
+
+
+def per_gpu_bytes(params: int, trainable: int, gpus: int, *, full: bool, sharded: bool, eightbit: bool,
+                  text_encoders: bool, reference_copy: bool) -> float:  # fmt: skip
+    shard = gpus if sharded else 1
+    base = 0 if full else 2 * params  # frozen bf16 base (full fine-tuning trains it: counted as trainable)
+    state = trainable * (4 + 4 + (2 if eightbit else 8))
+    fixed = 2 * VAE_PARAMS + (2 * TEXT_ENCODER_PARAMS if text_encoders else 0)
+    reference = 2 * params / shard if (full and reference_copy) else 0
+    return (base + state) / shard + fixed + reference
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--lora-rank", type=int, default=64)
+    parser.add_argument("--text-encoders", action="store_true", help="count T5 + CLIP (not precomputed)")
+    args = parser.parse_args(argv)
+    params, lora = parameter_counts(args.lora_rank)
+    print(f"FLUX.1 Kontext transformer: {params / 1e9:.3f} B parameters; LoRA r {args.lora_rank}: {lora / 1e6:.1f} M "
+          f"({100 * lora / params:.2f}%)")  # fmt: skip
+    print(f"per-GPU GB without activations ({'with' if args.text_encoders else 'without'} text encoders on the GPU)\n")
+    rows = []
+    header = "| setup | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in args.gpus) + " |"
+    print(header)
+    print("| --- |" + " --- |" * len(args.gpus))
+    for full in (False, True):
+        for sharded in (False, True):
+            for eightbit in (False, True):
+                label = (f"{'full FT' if full else f'LoRA r{args.lora_rank}'}, {'FSDP' if sharded else 'DDP'}, "
+                         f"{'8-bit' if eightbit else 'fp32'} AdamW")  # fmt: skip
+                values = [per_gpu_bytes(params, params if full else lora, n, full=full, sharded=sharded,
+                                        eightbit=eightbit, text_encoders=args.text_encoders,
+                                        reference_copy=False) / GB for n in args.gpus]  # fmt: skip
+                rows.append({"setup": label, **{str(n): v for n, v in zip(args.gpus, values)}})
+                print(f"| {label} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
+    print("\nfull fine-tuning with kl_beta > 0 adds a frozen bf16 reference copy: "
+          f"{2 * params / GB:.1f} GB / number of shards (0 when offloaded to CPU)")  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    main()
