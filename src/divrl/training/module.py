@@ -156,15 +156,15 @@ class DivRLModule(pl.LightningModule):
         t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(_mix(cfg.seed, self.global_rank, self.rollouts_done))
         condition, trajectory = self._rollout(batch.conditions, cfg.group_size, cfg.noise_level, generator)
-        t1 = time.perf_counter()
+        t1 = self._clock()
         rewards, keep, outputs = self._score(batch.conditions, trajectory.images, cfg.group_size)
-        t2 = time.perf_counter()
+        t2 = self._clock()
         metrics.update(_reward_metrics(outputs, "reward"))
         self._remember_group(batch.conditions, trajectory.images, outputs)
 
         advantages = self._advantages(rewards, keep)
         stats = self._update(trajectory, condition, advantages, keep)
-        t3 = time.perf_counter()
+        t3 = self._clock()
         self.rollouts_done += 1
 
         metrics.update(stats)
@@ -179,6 +179,12 @@ class DivRLModule(pl.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
         self.log("reward", metrics.get("reward/mean", float("nan")), prog_bar=True, on_step=True, logger=False,
                  batch_size=len(batch))  # fmt: skip
+
+    def _clock(self) -> float:
+        """Wall-clock seconds after the device finished its queued work (CUDA runs asynchronously)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _throughput(self, samples: int, rollout_s: float, update_s: float) -> dict[str, float]:
         """Achieved TFLOP/s of the rollout and the update (analytic FLUX FLOPs) and MFU against the peak."""
