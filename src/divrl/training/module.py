@@ -86,7 +86,7 @@ class DivRLModule(pl.LightningModule):
         self,
         policy: PolicyConfig,
         rewards: Sequence[GroupReward],
-        grpo: GRPOConfig | None = None,
+        grpo: GRPOConfig = GRPOConfig(),  # noqa: B008 - an immutable-by-convention default, copied below
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         peak_tflops: float | None = None,
