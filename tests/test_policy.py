@@ -203,3 +203,9 @@ def test_bad_sizes_and_mismatches(tiny_policy):
         tiny_policy.condition(reference(32, 32), PROMPT, 30, 32)
     with pytest.raises(ValueError, match="2 references for 1 prompts"):
         tiny_policy.condition([reference(32, 32), reference(32, 32)], [PROMPT], 32, 32)
+
+
+def test_a_missing_relative_model_folder_is_not_mistaken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"model folder 'data/demo/tiny-kontext' does not exist \(relative paths"):
+        KontextPolicy.from_pretrained("data/demo/tiny-kontext")

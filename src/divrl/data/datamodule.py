@@ -41,7 +41,10 @@ def resolve_shards(shards: str | os.PathLike | Sequence[str], what: str = "shard
     if not items:
         raise FileNotFoundError(f"{what}: empty list of shards")
     urls: list[str] = []
-    hint = "write shards with `divrl data synthetic --out DIR` (or another `divrl data` source) and point to them"
+    hint = (
+        f"write shards with `divrl data synthetic --out DIR` (or another `divrl data` source) and point to them "
+        f"(relative paths start at {os.getcwd()!r})"
+    )
     for item in items:
         item = os.fspath(item)
         if "://" in item or item.startswith("pipe:"):

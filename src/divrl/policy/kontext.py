@@ -257,8 +257,11 @@ class KontextPolicy(nn.Module):
                     f"KontextPolicy: {name!r} has no model_index.json; it is not a diffusers pipeline folder. Save one "
                     f"with FluxKontextPipeline.save_pretrained(folder), or pass a Hub id"
                 )
-        elif name.startswith(("/", "./", "../", "~")):
-            raise ModelLoadError(f"KontextPolicy: model folder {name!r} does not exist; pass an existing folder or a Hub id")
+        elif name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:  # a Hub id has exactly one "/"
+            raise ModelLoadError(
+                f"KontextPolicy: model folder {name!r} does not exist (relative paths start at {os.getcwd()!r}; run "
+                f"from the repository root for the shipped configs); pass an existing folder or a Hub id"
+            )
         if torch_dtype == "auto":
             torch_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         try:
