@@ -111,3 +111,30 @@ def test_attention_backends_are_validated_and_restrict_sdpa():
     assert torch.allclose(out, torch.softmax(q @ q.transpose(-1, -2) / 8**0.5, -1) @ q, atol=1e-6)
     with PolicyConfig(model="tiny", sdpa_backends=["cudnn"]).attention(), pytest.raises(RuntimeError):
         torch.nn.functional.scaled_dot_product_attention(q, q, q)  # no cuDNN kernel on a CPU tensor: restricted
+
+
+def test_adapter_ema_follows_the_recurrence_and_is_what_gets_exported(tmp_path):
+    from safetensors.torch import load_file
+
+    from divrl.training import AdapterEMA, LoRAExporter
+
+    snapshot, ema = Snapshot(), AdapterEMA(decay=0.5, every_n_steps=2, warmup=False)
+    reward = NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1))
+    model, trainer = run(reward, max_steps=4, callbacks=[snapshot, ema])
+    states = snapshot.states  # before training, then after each of the 4 updates
+    expected = {k: v.clone() for k, v in states[0].items()}
+    for step in (2, 4):  # every 2 optimizer steps: ema += (1 - 0.5) (theta - ema)
+        for k in expected:
+            expected[k] += 0.5 * (states[step][k] - expected[k])
+    names = {n.split("transformer.", 1)[1].replace(".default", ""): n for n in ema.shadow}
+    for key, value in expected.items():
+        assert torch.allclose(ema.shadow[names[key]].cpu(), value, atol=1e-7), key
+    assert any(not torch.equal(expected[k], states[4][k]) for k in expected)  # the average lags the weights
+
+    exporter = LoRAExporter()
+    trainer.callbacks.append(exporter)
+    trainer._default_root_dir = str(tmp_path)  # export into the test folder
+    path = exporter.export(trainer, model, "final")
+    exported = {k.removeprefix("transformer."): v for k, v in load_file(path).items()}
+    assert all(torch.allclose(exported[k], expected[k], atol=1e-7) for k in expected)
+    assert all(torch.equal(model.policy.lora_state_dict()[k], states[4][k]) for k in expected)  # raw weights restored

@@ -1,6 +1,7 @@
 """The Lightning layer: the DivRL LightningModule, its configuration and its callbacks."""
 
 from divrl.training.callbacks import (
+    AdapterEMA,
     LoRAExporter,
     RolloutImageLogger,
     StageSwitch,
@@ -17,6 +18,7 @@ __all__ = [
     "RolloutGroup",
     "RolloutImageLogger",
     "StageSwitch",
+    "AdapterEMA",
     "default_optimizer",
     "group_grid",
 ]

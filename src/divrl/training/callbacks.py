@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -67,8 +68,84 @@ class StageSwitch(pl.Callback):
         self.switched_at = {int(k): int(v) for k, v in state_dict.get("switched_at", {}).items()}
 
 
+class AdapterEMA(pl.Callback):
+    """An exponential moving average of the trainable (adapter) weights, as the published run keeps (decay 0.9,
+    updated every 8 optimizer steps; its saved weights are the averaged ones).
+
+    Every ``every_n_steps`` optimizer steps: ``ema ← ema + (1 − d)·(θ − ema)`` with ``d = decay``, or, with
+    ``warmup``, ``d = min(decay, (1 + t) / (10 + t))`` at step ``t`` (the average follows the weights closely at
+    first). The averaged weights are used for validation and exported by :class:`LoRAExporter`; training itself
+    continues on the raw weights. Checked after each training step: with several updates per step the average
+    sees the weights of the step's last update. The average is saved in checkpoints.
+
+    Args:
+        decay: the EMA decay (the published run: 0.9).
+        every_n_steps: optimizer steps between updates (the published run: 8).
+        warmup: use the warm-up decay above instead of a constant one.
+    """
+
+    def __init__(self, decay: float = 0.9, every_n_steps: int = 8, warmup: bool = True):
+        super().__init__()
+        if not 0.0 <= decay < 1.0 or every_n_steps < 1:
+            raise ValueError(f"AdapterEMA: need 0 <= decay < 1 and every_n_steps >= 1, got {decay}, {every_n_steps}")
+        self.decay, self.every_n_steps, self.warmup = decay, every_n_steps, warmup
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.last_step = 0
+
+    def _params(self, pl_module) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        params = self._params(pl_module)
+        if not self.shadow:
+            self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
+        self.shadow = {n: t.to(params[n].device) for n, t in self.shadow.items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        params = self._params(pl_module)
+        for step in range(self.last_step + 1, trainer.global_step + 1):
+            if step % self.every_n_steps == 0:
+                d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+                for name, p in params.items():
+                    self.shadow[name].add_((1 - d) * (p.detach().float() - self.shadow[name]))
+        self.last_step = trainer.global_step
+
+    @contextlib.contextmanager
+    def applied(self, pl_module):
+        """The averaged weights in place of the raw ones, for the duration of the block."""
+        params = self._params(pl_module)
+        if not self.shadow:
+            yield
+            return
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n])
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._validation = self.applied(pl_module)
+        self._validation.__enter__()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._validation.__exit__(None, None, None)
+
+    def state_dict(self) -> dict:
+        return {"shadow": {n: t.cpu() for n, t in self.shadow.items()}, "last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.shadow = dict(state_dict["shadow"])
+        self.last_step = int(state_dict["last_step"])
+
+
 class LoRAExporter(pl.Callback):
-    """Writes the adapter in diffusers' format (``pytorch_lora_weights.safetensors``, loadable with
+    """Writes the adapter (its moving average when :class:`AdapterEMA` is among the callbacks) in diffusers' format (``pytorch_lora_weights.safetensors``, loadable with
     ``FluxKontextPipeline.load_lora_weights``) to ``<default_root_dir>/<dirname>/stage<k>/`` when stage ``k`` ends and
     to ``<default_root_dir>/<dirname>/final/`` when training ends, with an ``info.json`` (step, stage, base model).
 
@@ -84,8 +161,11 @@ class LoRAExporter(pl.Callback):
         if not trainer.is_global_zero or pl_module.policy is None or pl_module.policy.lora_config is None:
             return None
         directory = Path(trainer.default_root_dir) / self.dirname / name
-        path = pl_module.policy.save_lora(directory)
-        info = {"global_step": trainer.global_step, "stage": pl_module.stage, "model": pl_module.policy_config.model}
+        ema = next((c for c in trainer.callbacks if isinstance(c, AdapterEMA)), None)
+        with ema.applied(pl_module) if ema is not None else contextlib.nullcontext():
+            path = pl_module.policy.save_lora(directory)
+        info = {"global_step": trainer.global_step, "stage": pl_module.stage, "model": pl_module.policy_config.model,
+                "ema": None if ema is None else {"decay": ema.decay, "every_n_steps": ema.every_n_steps}}  # fmt: skip
         (directory / "info.json").write_text(json.dumps(info, indent=2))
         rank_log(trainer, f"LoRA written to {path}")
         return path
