@@ -306,3 +306,24 @@ def test_the_slurm_overlay_parses_on_top_of_a_config(tmp_path):
     assert cfg.trainer.plugins[0].class_path.endswith("SLURMEnvironment")
     assert cfg.trainer.plugins[0].init_args.auto_requeue is True and cfg.model.policy.local_files_only is True
     assert "srun divrl fit --config configs/explore.yaml" in (ROOT / "examples/slurm/explore.sbatch").read_text()
+
+
+def test_full_fine_tuning_trains_every_transformer_weight_and_exports_the_transformer(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    fit(tmp_path, 2, "--model.policy.lora", "null", "--model.policy.train_transformer", "true")
+    ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    base = FluxTransformer2DModel.from_pretrained(ROOT / "data/demo/tiny-kontext/transformer")
+    assert set(ckpt["state_dict"]) == {f"policy.transformer.{n}" for n, _ in base.named_parameters()}
+    tuned = FluxTransformer2DModel.from_pretrained(tmp_path / "lora/final/transformer")
+    changed = [n for (n, a), b in zip(base.named_parameters(), tuned.parameters()) if not torch.equal(a, b)]
+    assert len(changed) > len(list(base.parameters())) // 2  # the weights themselves trained, not an adapter
+    (tmp_path / "kl").mkdir()
+    with pytest.raises(ValueError, match="kl_beta: 0"):
+        fit(tmp_path / "kl", 1, "--model.policy.lora", "null", "--model.policy.train_transformer", "true",
+            "--model.grpo.kl_beta", "0.1")  # fmt: skip
+    out = tmp_path / "samples"
+    main(["sample", "--config", str(DEMO), "--trainer.logger", "false", "--lora", str(tmp_path / "lora/final"),
+          "--model.policy.lora", "null", "--num_identities", "1", "--num_samples", "1", "--num_steps", "2",
+          "--output_dir", str(out)])  # fmt: skip
+    assert len(yaml.safe_load((out / "samples.json").read_text())["samples"]) == 1

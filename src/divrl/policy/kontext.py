@@ -157,6 +157,7 @@ class KontextPolicy(nn.Module):
         base_dtype: dtype of the frozen base weights (``"bfloat16"`` on GPUs; ``None`` keeps them as loaded).
             Trainable adapter weights are always float32.
         prompt_cache_size: how many encoded prompts (and references) to keep (least recently used evicted).
+        train_transformer: full fine-tuning: every transformer weight trains, in float32 (``lora`` must be ``None``).
     """
 
     def __init__(
@@ -173,6 +174,7 @@ class KontextPolicy(nn.Module):
         max_sequence_length: int = 128,
         base_dtype: str | torch.dtype | None = None,
         prompt_cache_size: int = 256,
+        train_transformer: bool = False,
     ):
         super().__init__()
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
@@ -196,6 +198,11 @@ class KontextPolicy(nn.Module):
         if dtype is not None:
             for module in modules:
                 module.to(dtype)
+        if train_transformer:
+            if lora is not None:
+                raise ValueError("KontextPolicy: train_transformer (full fine-tuning) needs lora=None")
+            transformer.float().requires_grad_(True)
+        self.train_transformer = train_transformer
         if lora is not None:
             transformer.add_adapter(lora.to_peft())
             for name, parameter in transformer.named_parameters():

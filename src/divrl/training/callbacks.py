@@ -145,9 +145,11 @@ class AdapterEMA(pl.Callback):
 
 
 class LoRAExporter(pl.Callback):
-    """Writes the adapter (its moving average when :class:`AdapterEMA` is among the callbacks) in diffusers' format (``pytorch_lora_weights.safetensors``, loadable with
-    ``FluxKontextPipeline.load_lora_weights``) to ``<default_root_dir>/<dirname>/stage<k>/`` when stage ``k`` ends and
-    to ``<default_root_dir>/<dirname>/final/`` when training ends, with an ``info.json`` (step, stage, base model).
+    """Writes the adapter (its moving average when :class:`AdapterEMA` is among the callbacks) in diffusers' format
+    (``pytorch_lora_weights.safetensors``, loadable with ``FluxKontextPipeline.load_lora_weights``) to
+    ``<default_root_dir>/<dirname>/stage<k>/`` when stage ``k`` ends and to ``<default_root_dir>/<dirname>/final/``
+    when training ends, with an ``info.json`` (step, stage, base model). With full fine-tuning it writes the trained
+    transformer instead, as ``transformer/`` (the folder of a diffusers pipeline).
 
     Args:
         dirname: folder under the trainer's ``default_root_dir``.
@@ -158,12 +160,17 @@ class LoRAExporter(pl.Callback):
         self.dirname = dirname
 
     def export(self, trainer, pl_module, name: str) -> Path | None:
-        if not trainer.is_global_zero or pl_module.policy is None or pl_module.policy.lora_config is None:
+        policy = pl_module.policy
+        if not trainer.is_global_zero or policy is None or (policy.lora_config is None and not policy.train_transformer):
             return None
         directory = Path(trainer.default_root_dir) / self.dirname / name
         ema = next((c for c in trainer.callbacks if isinstance(c, AdapterEMA)), None)
         with ema.applied(pl_module) if ema is not None else contextlib.nullcontext():
-            path = pl_module.policy.save_lora(directory)
+            if policy.lora_config is not None:
+                path = policy.save_lora(directory)
+            else:  # full fine-tuning: the transformer folder of a diffusers pipeline
+                policy.transformer.save_pretrained(directory / "transformer", safe_serialization=True)
+                path = directory / "transformer"
         info = {"global_step": trainer.global_step, "stage": pl_module.stage, "model": pl_module.policy_config.model,
                 "ema": None if ema is None else {"decay": ema.decay, "every_n_steps": ema.every_n_steps}}  # fmt: skip
         (directory / "info.json").write_text(json.dumps(info, indent=2))

@@ -32,6 +32,9 @@ class PolicyConfig:
         tiny_seed: weight seed of the tiny model (``model: tiny`` only).
         text_encoders: load the CLIP and T5 text encoders (and keep the VAE encoder). ``false`` skips them (T5-XXL + CLIP-L: 9.8 GB in bf16
             for FLUX.1 Kontext, benchmarks/precompute.py) and requires shards converted with ``divrl data ... --precompute MODEL``.
+        train_transformer: full fine-tuning instead of LoRA (set ``lora: null``): every transformer weight trains in
+            float32. The KL reference would be a second frozen copy of the transformer, so ``grpo.kl_beta`` must be 0
+            (the published run's value). Memory per GPU: benchmarks/memory_model.py (FSDP needed at full size).
         gradient_checkpointing: recompute the transformer blocks' activations in the backward pass. On an H100 at 512²
             with micro-batches of 3 (benchmarks/gpu_step.py): peak 29.4 GB instead of 78.8 GB, each micro-batch 1.43×
             slower. Needed to train FLUX.1 Kontext on 80 GB GPUs with room to spare.
@@ -49,6 +52,7 @@ class PolicyConfig:
     revision: str | None = None
     tiny_seed: int = 0
     text_encoders: bool = True
+    train_transformer: bool = False
     gradient_checkpointing: bool = False
     sdpa_backends: list[str] | None = field(default_factory=lambda: ["flash", "efficient", "math"])
 
@@ -77,9 +81,11 @@ class PolicyConfig:
     def _load(self) -> KontextPolicy:
         if self.model == TINY:
             dtype = None if self.torch_dtype == "auto" else self.torch_dtype
-            return KontextPolicy.tiny(
-                seed=self.tiny_seed, lora=self.lora, max_sequence_length=self.max_sequence_length, base_dtype=dtype
-            )
+            from divrl.policy.tiny import tiny_kontext_components
+
+            return KontextPolicy(**tiny_kontext_components(self.tiny_seed), lora=self.lora, base_dtype=dtype,
+                                 max_sequence_length=self.max_sequence_length,
+                                 train_transformer=self.train_transformer)  # fmt: skip
         return KontextPolicy.from_pretrained(
             self.model,
             torch_dtype=self.torch_dtype,
@@ -88,6 +94,7 @@ class PolicyConfig:
             text_encoders=self.text_encoders,
             lora=self.lora,
             max_sequence_length=self.max_sequence_length,
+            train_transformer=self.train_transformer,
         )
 
 

@@ -98,6 +98,11 @@ class DivRLModule(pl.LightningModule):
             raise ValueError("DivRLModule: rewards is empty; give one reward per stage, e.g. [NSSMReward, GatedReward]")
         self.policy_config = policy
         self.grpo = replace(grpo) if grpo is not None else GRPOConfig()
+        if policy.train_transformer and self.grpo.kl_beta > 0:
+            raise ValueError(
+                "full fine-tuning (policy.train_transformer) with grpo.kl_beta > 0 would need a second frozen copy of "
+                "the transformer as the reference policy; use kl_beta: 0 (the published run's value) or a LoRA"
+            )
         self.rewards = nn.ModuleList(rewards).requires_grad_(False)  # reward models are judges, never trained
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler

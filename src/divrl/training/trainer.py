@@ -56,7 +56,8 @@ class DivRLTrainer(pl.Trainer):
             prompts: edit prompts for ``reference``.
             mask: optional subject mask of ``reference`` (used for the nSSM / VSM captions of the grid).
             lora: a trained adapter: a folder (or ``.safetensors`` file) written by the LoRA exporter, or a Lightning
-                checkpoint (``.ckpt``) of the run. ``None`` samples the base model.
+                checkpoint (``.ckpt``) of the run; for full fine-tuning, the exported folder holding ``transformer/``.
+                ``None`` samples the base model.
             output_dir: where ``<identity>/<prompt index>_<k>.png``, one grid per prompt and ``samples.json`` go.
             num_samples: images per prompt (different seeds).
             num_steps: denoising steps (the paper evaluates with 28).
@@ -136,5 +137,11 @@ def _load_weights(model: DivRLModule, path: str) -> None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(checkpoint["state_dict"], strict=False)
         model.on_load_checkpoint(checkpoint)
+    elif (Path(path) / "transformer" / "config.json").is_file() or (Path(path) / "config.json").is_file():
+        from diffusers import FluxTransformer2DModel  # a fully fine-tuned transformer (LoRAExporter, full FT)
+
+        folder = Path(path) / "transformer" if (Path(path) / "transformer").is_dir() else Path(path)
+        trained = FluxTransformer2DModel.from_pretrained(folder)
+        model.policy.transformer.load_state_dict(trained.state_dict())
     else:
         model.policy.load_lora(path)
