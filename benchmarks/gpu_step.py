@@ -28,15 +28,10 @@ import time
 
 import torch
 
+from divrl.policy.flops import FLUX_TRANSFORMER_CONFIG as FLUX_TRANSFORMER
+from divrl.policy.flops import FLUX_VAE_CONFIG as FLUX_VAE
 from divrl.policy.flops import transformer_flops
 
-FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))  # fmt: skip
-FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
-                shift_factor=0.1159, scaling_factor=0.3611)  # fmt: skip
 SMOKE_TRANSFORMER = dict(FLUX_TRANSFORMER, num_layers=1, num_single_layers=1, attention_head_dim=16,
                          num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
                          axes_dims_rope=(4, 6, 6))  # fmt: skip

@@ -26,11 +26,10 @@ import argparse
 
 import torch
 
+from divrl.policy.flops import FLUX_TRANSFORMER_CONFIG as FLUX_TRANSFORMER
+
 from divrl.policy.kontext import DEFAULT_LORA_TARGETS
 
-FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))  # fmt: skip
 TEXT_ENCODER_PARAMS = 4.762e9 + 0.123e9  # T5 v1.1 XXL encoder + CLIP-L text (benchmarks/precompute.py)
 VAE_PARAMS = 0.084e9
 GB = 1e9

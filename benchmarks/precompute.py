@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from divrl.policy.flops import FLUX_VAE_CONFIG as FLUX_VAE
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "data" / "demo" / "tiny-kontext"
 
@@ -33,9 +35,6 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)  # fmt: skip
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
               max_position_embeddings=77, projection_dim=768)  # fmt: skip
-FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
 
 
 def skipped_memory() -> dict[str, float]:
@@ -62,8 +61,7 @@ def conditioning_seconds(repeats: int) -> tuple[float, float]:
     encode, read = [], []
     for i in range(repeats):
         batch = records[2 * i : 2 * i + 2]
-        policy._prompt_cache.clear()
-        policy._reference_cache.clear()
+        policy.clear_caches()
         t0 = time.perf_counter()
         policy.condition([r.reference for r in batch], [r.prompts[0] for r in batch], 32, 32, group_size=8)
         t1 = time.perf_counter()

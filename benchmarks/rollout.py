@@ -49,8 +49,7 @@ def main() -> None:
     h = w = args.size
 
     def ours():
-        policy._prompt_cache.clear()
-        policy._reference_cache.clear()
+        policy.clear_caches()
         condition = policy.condition(reference, PROMPT, h, w, guidance=2.5, group_size=args.group)
         return rollout(policy, condition, num_steps=args.steps, noise_level=0.0, group_size=args.group,
                        generator=torch.Generator().manual_seed(0)).images  # fmt: skip

@@ -327,7 +327,7 @@ class Precompute:
         with torch.no_grad():
             embeds, pooled, _ = self.policy.encode_prompts(record.prompts)
             latents = self.policy.encode_reference(record.reference, self.resolution, self.resolution)
-        self.policy._prompt_cache.clear()  # every identity has its own prompts: keep host memory flat
+        self.policy.clear_caches()  # every identity has its own prompts: keep host memory flat
         record.conditioning = {
             "model": self.model, "resolution": self.resolution, "max_sequence_length": self.policy.max_sequence_length,
             "prompt_embeds": embeds.cpu().clone(), "pooled_prompt_embeds": pooled.cpu().clone(),

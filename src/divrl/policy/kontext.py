@@ -305,6 +305,12 @@ class KontextPolicy(nn.Module):
         kwargs.setdefault("max_sequence_length", 32)
         return cls(**tiny_kontext_components(seed), lora=lora or LoRAConfig(rank=4, alpha=8.0), **kwargs)
 
+    def clear_caches(self) -> None:
+        """Forget every cached prompt encoding and reference latent (to time encoding, or to bound host memory when
+        every identity brings new prompts)."""
+        self._prompt_cache.clear()
+        self._reference_cache.clear()
+
     def drop_encoders(self) -> KontextPolicy:
         """Remove the text encoders and the VAE encoder (the decoder stays, for images to reward): for training on
         precomputed conditions only (:meth:`condition_from_precomputed`); :meth:`condition` then raises."""
