@@ -434,3 +434,15 @@ def test_timestep_errors():
         random_window(6, 7)
     with pytest.raises(ValueError, match="max_start"):
         random_window(6, 2, max_start=5)
+
+
+def test_pooled_advantages_take_statistics_from_the_whole_pool():
+    from divrl.grpo import pooled_advantages
+
+    rewards = torch.tensor([[0.1, 0.5, 0.9], [0.2, 0.2, 0.8]])
+    assert torch.allclose(pooled_advantages(rewards, rewards), group_advantages(rewards, "batch"), atol=1e-7)
+    other_rank = torch.tensor([[2.0, 3.0, 4.0]])
+    pool = torch.cat([rewards.flatten(), other_rank.flatten()])
+    mean, std = pool.mean(), pool.std(unbiased=False)  # hand computation over both "ranks"
+    assert torch.allclose(pooled_advantages(rewards, pool, clip=None), (rewards - mean) / (std + 1e-4))
+    assert torch.equal(pooled_advantages(rewards, torch.full((5,), 0.3)), torch.zeros_like(rewards))

@@ -327,3 +327,10 @@ def test_full_fine_tuning_trains_every_transformer_weight_and_exports_the_transf
           "--model.policy.lora", "null", "--num_identities", "1", "--num_samples", "1", "--num_steps", "2",
           "--output_dir", str(out)])  # fmt: skip
     assert len(yaml.safe_load((out / "samples.json").read_text())["samples"]) == 1
+
+
+def test_batch_scope_advantages_train(tmp_path):
+    fit(tmp_path, 2, "--model.grpo.adv_scope", "batch")  # the published run's choice (explore.yaml)
+    rows = [r for r in metrics(tmp_path) if r.get("reward/mean")]
+    assert len(rows) == 2 and all(float(r["train/grad_norm"]) > 0 for r in rows)
+    assert all(float(r["train/ratio_max_dev"]) < 1e-6 for r in rows)

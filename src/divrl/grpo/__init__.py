@@ -2,14 +2,15 @@
 
 - :mod:`divrl.grpo.schedule`: ``flux_sigmas`` / ``calculate_shift`` (bit-exact with diffusers' FLUX schedule).
 - :mod:`divrl.grpo.sde`: ``sde_step`` (sample a step, or score a recorded one) → ``SDEStepOutput``.
-- :mod:`divrl.grpo.advantages`: ``group_advantages`` (per group or per batch, clipped).
+- :mod:`divrl.grpo.advantages`: ``group_advantages`` (per group or per batch, clipped); ``pooled_advantages``
+  (statistics over a larger pool, e.g. every rank's rewards).
 - :mod:`divrl.grpo.loss`: ``grpo_loss`` (PPO-clipped) and ``kl_divergence`` (to the reference policy).
 - :mod:`divrl.grpo.timesteps`: which steps are stochastic and which are trained (fraction or window mode).
 - :mod:`divrl.grpo.sampler`: group rollouts with log-prob bookkeeping (``rollout`` → ``Trajectory``) and the
   training-path log-prob of a recorded step (``transition_log_prob``).
 """
 
-from divrl.grpo.advantages import group_advantages
+from divrl.grpo.advantages import group_advantages, pooled_advantages
 from divrl.grpo.loss import grpo_loss, kl_divergence
 from divrl.grpo.sampler import Trajectory, rollout, transition_log_prob
 from divrl.grpo.schedule import calculate_shift, flux_sigmas
@@ -25,6 +26,7 @@ __all__ = [
     "sde_step",
     # advantages
     "group_advantages",
+    "pooled_advantages",
     # loss
     "grpo_loss",
     "kl_divergence",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["group_advantages"]
+__all__ = ["group_advantages", "pooled_advantages"]
 
 _SCOPES = ("group", "batch")
 
@@ -60,3 +60,19 @@ def group_advantages(
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     return adv
+
+
+def pooled_advantages(rewards: Tensor, pool: Tensor, eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+    """``(rewards − mean(pool)) / (std(pool) + eps)``, clipped: the ``"batch"`` scope when the batch is larger than
+    ``rewards`` (the rewards of every rank, gathered). A constant pool gives exactly 0 (no signal, never noise / eps).
+
+    Args:
+        rewards: this rank's rewards, any shape.
+        pool: every reward the statistics are taken over (population std), any shape; must be finite.
+        eps, clip: as in :func:`group_advantages`.
+    """
+    pool = pool.detach().float().flatten()
+    if pool.numel() == 0 or bool(pool.max() == pool.min()):
+        return torch.zeros_like(rewards, dtype=torch.float32)
+    adv = (rewards.detach().float() - pool.mean()) / (pool.std(unbiased=False) + eps)
+    return adv.clamp(-clip, clip) if clip is not None else adv

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from divrl.data.stream import ConditionBatch, ConditionSample
 from divrl.grpo import (
     group_advantages,
+    pooled_advantages,
     grpo_loss,
     kl_divergence,
     rollout,
@@ -279,10 +280,7 @@ class DivRLModule(pl.LightningModule):
         # batch scope: statistics over the kept groups of every rank (skipped groups travel as NaN)
         masked = torch.where(keep[:, None], rewards, torch.full_like(rewards, float("nan")))
         gathered = self.all_gather(masked) if self.trainer.world_size > 1 else masked
-        pool = gathered[~torch.isnan(gathered)]
-        if pool.numel() == 0 or pool.max() == pool.min():
-            return torch.zeros_like(rewards)  # a constant batch carries no signal (never noise / eps)
-        adv = ((rewards - pool.mean()) / (pool.std(unbiased=False) + 1e-4)).clamp(-cfg.adv_clip, cfg.adv_clip)
+        adv = pooled_advantages(rewards, gathered[~torch.isnan(gathered)], clip=cfg.adv_clip)
         return adv * keep[:, None]
 
     def _update(self, trajectory, condition, advantages: Tensor, keep: Tensor) -> dict[str, float]:
