@@ -96,7 +96,7 @@ def test_a_non_finite_loss_skips_the_update_and_never_applies_it(monkeypatch):
 
 
 def test_many_non_finite_updates_in_a_row_stop_the_run(monkeypatch):
-    monkeypatch.setattr(module_mod, "grpo_loss", lambda *a, **k: (torch.tensor(float("nan")), {}))
+    monkeypatch.setattr(module_mod, "grpo_loss", lambda log_prob, *a, **k: (log_prob.mean() * float("nan"), {}))
     reward = NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1))
     with pytest.raises(FloatingPointError, match="10 updates in a row"):
         run(reward, max_steps=1)

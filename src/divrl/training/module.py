@@ -18,6 +18,7 @@ curriculum's stage (which reward of ``rewards`` is active) is module state, swit
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -287,8 +288,8 @@ class DivRLModule(pl.LightningModule):
         """``ppo_epochs`` × ``updates_per_epoch`` optimizer steps over the rollout batch.
 
         Every rank runs the same sequence of backward calls (under DDP each one is a collective): samples of skipped
-        groups stay in the batch with advantage 0 (they contribute no policy gradient), and an update is skipped by
-        all ranks together when any rank saw a non-finite loss or gradient.
+        groups stay in the batch with advantage 0 (they contribute no policy gradient), every loss is backpropagated,
+        and an update is skipped by all ranks together when any rank saw a non-finite loss or gradient.
         """
         cfg = self.grpo
         optimizer = self.optimizers()
@@ -305,65 +306,62 @@ class DivRLModule(pl.LightningModule):
         for _ in range(cfg.ppo_epochs):
             order = samples[torch.randperm(samples.numel(), generator=generator).to(samples.device)]
             for part in order.tensor_split(min(cfg.updates_per_epoch, order.numel())):
-                stats, finite = self._accumulate(trajectory, condition, adv, part, train_steps)
-                if self._step(optimizer, scheduler, stats, finite):
+                stats = self._step(optimizer, scheduler, self._accumulate(trajectory, condition, adv, part, train_steps))
+                if stats is not None:
                     updates += 1
                     for k, v in stats.items():
                         sums[k] += v
         return {k: v / updates for k, v in sums.items()} if updates else {}
 
-    def _accumulate(self, trajectory, condition, adv: Tensor, part: Tensor, train_steps) -> tuple[dict, bool]:
-        """Backward the loss of one update (micro-batches × timesteps); returns ``(stats, finite)``.
+    def _accumulate(self, trajectory, condition, adv: Tensor, part: Tensor, train_steps) -> dict[str, Tensor]:
+        """Backward the loss of one update (micro-batches × timesteps); returns its statistics as 0-d tensors.
 
-        After a non-finite loss the remaining backward calls use an exactly-zero surrogate, so the number of
-        backward calls (DDP collectives) does not depend on the data; the update is then skipped in :meth:`_step`.
+        Every loss is backpropagated, finite or not (a non-finite one poisons the gradient, which :meth:`_step`
+        then refuses): the backward calls, DDP collectives, never depend on the data, and the statistics stay on the
+        device (no host sync per micro-batch).
         """
         cfg = self.grpo
         micro_batches = part.split(cfg.micro_batch_size)
         count = len(micro_batches) * len(train_steps)
-        sums: dict[str, float] = defaultdict(float)
-        finite = True
+        sums: dict[str, Tensor] = {}
+
+        def add(key: str, value: Tensor, mean: bool = True) -> None:
+            """Accumulate a per-step value: its mean over the update (float64), or its maximum (``mean=False``)."""
+            value = value.detach().double() / (count if mean else 1)
+            sums[key] = value if key not in sums else (sums[key] + value if mean else torch.maximum(sums[key], value))
+
         for index in micro_batches:
             for step in train_steps:
-                if not finite:
-                    self.manual_backward(self._zero_surrogate())
-                    continue
                 out = transition_log_prob(self.policy, trajectory, step, condition, index)
                 loss, stats = grpo_loss(out.log_prob, trajectory.log_probs[index, step], adv[index], cfg.clip_range)
-                sums["train/policy_loss"] += loss.item() / count
+                add("train/policy_loss", loss)
                 if cfg.kl_beta > 0:
                     with torch.no_grad(), self.policy.adapter_disabled():
                         ref = transition_log_prob(self.policy, trajectory, step, condition, index)
                     kl = kl_divergence(out.mean, ref.mean, out.std).mean()
                     loss = loss + cfg.kl_beta * kl
-                    sums["train/kl"] += kl.item() / count
-                if not torch.isfinite(loss):
-                    log.warning("non-finite loss at rollout %d, step %d: update skipped", self.rollouts_done, step)
-                    finite = False
-                    self.manual_backward(self._zero_surrogate())
-                    continue
+                    add("train/kl", kl)
                 self.manual_backward(loss / count)
-                sums["train/loss"] += loss.item() / count
+                add("train/loss", loss)
                 for k, v in stats.items():
-                    key = f"train/{k}"
-                    sums[key] = max(sums[key], v.item()) if k == "ratio_max_dev" else sums[key] + v.item() / count
-        return dict(sums), finite
+                    add(f"train/{k}", v, mean=k != "ratio_max_dev")
+        return sums
 
-    def _zero_surrogate(self) -> Tensor:
-        """A loss whose gradient is exactly 0 for every trainable weight (keeps backward calls in step across ranks)."""
-        return sum((p * 0).sum() for p in self.policy.trainable_parameters())
-
-    def _step(self, optimizer, scheduler, stats: dict[str, float], finite: bool) -> bool:
+    def _step(self, optimizer, scheduler, sums: dict[str, Tensor]) -> dict[str, float] | None:
+        """Clip and apply the accumulated gradient, unless the loss or the gradient is non-finite on any rank (then
+        the update is skipped everywhere and counted). Returns the update's statistics, or ``None`` when skipped."""
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
-        if finite and not torch.isfinite(norm):
-            log.warning("non-finite gradient norm at rollout %d: update skipped", self.rollouts_done)
-            finite = False
+        stats = {k: v.item() for k, v in sums.items()}  # the one host sync of the update
+        finite = math.isfinite(stats["train/loss"]) and math.isfinite(norm.item())
+        if not finite:
+            log.warning("non-finite %s at rollout %d: update skipped", "loss" if not math.isfinite(stats["train/loss"])
+                        else "gradient norm", self.rollouts_done)  # fmt: skip
         if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):  # any rank non-finite: all skip
             if finite:
                 log.warning("update at rollout %d skipped: another rank had a non-finite loss", self.rollouts_done)
             self._skip(optimizer)
-            return False
+            return None
         if self.grpo.max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.grpo.max_grad_norm, gradient_clip_algorithm="norm")
         stats["train/grad_norm"] = norm.item()
@@ -373,7 +371,7 @@ class DivRLModule(pl.LightningModule):
         if scheduler is not None:
             scheduler.step()
         self._consecutive_skips = 0
-        return True
+        return stats
 
     def _skip(self, optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
