@@ -127,15 +127,14 @@ def _border_colour(image: Image.Image) -> tuple[int, int, int]:
     return tuple(sum(p[c] for p in pixels) // len(pixels) for c in range(3))
 
 
-def _read_prompts(path: Path, where: str, header: bool) -> list[str] | Skip:
+def _read_lines(path: Path, where: str) -> list[str] | Skip:
     if not path.is_file():
         return Skip(where, f"prompt file {path} is missing")
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as err:
         return Skip(where, f"prompt file {path} is unreadable ({err})")
-    prompts = lines[1:] if header else lines
-    return prompts or Skip(where, f"prompt file {path} has no prompts")
+    return lines or Skip(where, f"prompt file {path} has no prompts")
 
 
 # ---------------------------------------------------------------------------------------------------- sources
@@ -236,7 +235,7 @@ def read_dreambench(src: Path, prompts_per_identity: int | None = None) -> Itera
             continue
         category = path.parent.name
         where = str(path)
-        caption = _read_prompts(root / "captions" / category / f"{path.stem}.txt", where, header=False)
+        caption = _read_lines(root / "captions" / category / f"{path.stem}.txt", where)
         if isinstance(caption, Skip):
             yield caption
             continue

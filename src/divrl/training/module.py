@@ -209,12 +209,19 @@ class DivRLModule(pl.LightningModule):
             out["perf/mfu"] = (rollout_flops + update_flops) / max(rollout_s + update_s, 1e-9) / 1e12 / peak
         return out
 
-    def _rollout(self, conditions: Sequence[ConditionSample], group_size: int, noise_level: float, generator):
+    def _rollout(
+        self, conditions: Sequence[ConditionSample], group_size: int, noise_level: float, generator,
+        num_steps: int | None = None,
+    ):  # fmt: skip
+        """Sample ``group_size`` trajectories per condition (``num_steps``: the training's unless given, e.g. 28 to
+        evaluate; the SDE window applies to the training's step count only)."""
         cfg = self.grpo
+        steps = num_steps or cfg.num_steps
         condition = self._condition(conditions, group_size)
-        sde = sde_mask(cfg.num_steps, cfg.sde_window) if noise_level > 0 else [False] * cfg.num_steps
+        window = cfg.sde_window if steps == cfg.num_steps else None
+        sde = sde_mask(steps, window) if noise_level > 0 else [False] * steps
         trajectory = rollout(
-            self.policy, condition, num_steps=cfg.num_steps, noise_level=noise_level, group_size=group_size,
+            self.policy, condition, num_steps=steps, noise_level=noise_level, group_size=group_size,
             sde_steps=sde, generator=generator, micro_batch_size=cfg.rollout_micro_batch_size, decode=True,
         )  # fmt: skip
         return condition, trajectory

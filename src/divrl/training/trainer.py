@@ -75,33 +75,27 @@ class DivRLTrainer(pl.Trainer):
         conditions = _conditions(datamodule, reference, prompts, mask, num_identities)
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        grpo = model.grpo
-        saved_steps = grpo.num_steps
-        grpo.num_steps = num_steps
         records = []
-        try:
-            for index, condition in enumerate(conditions):
-                generator = torch.Generator().manual_seed(_mix(seed, index))
-                with model.policy_config.attention():
-                    _, trajectory = model._rollout([condition], num_samples, noise_level, generator)
-                images = trajectory.images.float().cpu()
-                folder = out / condition.id
-                folder.mkdir(parents=True, exist_ok=True)
-                files = []
-                for k, image in enumerate(images):
-                    path = folder / f"{index:03d}_{k}.png"
-                    to_pil(image).save(path)
-                    files.append(str(path))
-                scores = model.reward(condition.reference, images, condition.mask)
-                grid = RolloutGroup(0, model.stage, condition.id, condition.prompt, condition.reference, images,
-                                    scores.reward, scores.nssm, scores.vsm)  # fmt: skip
-                group_grid(grid).save(folder / f"{index:03d}_grid.png")
-                records.append({"id": condition.id, "prompt": condition.prompt, "files": files,
-                                "reward": scores.reward.tolist(),
-                                "nssm": None if scores.nssm is None else scores.nssm.tolist(),
-                                "vsm": None if scores.vsm is None else scores.vsm.tolist()})  # fmt: skip
-        finally:
-            grpo.num_steps = saved_steps
+        for index, condition in enumerate(conditions):
+            generator = torch.Generator().manual_seed(_mix(seed, index))
+            with model.policy_config.attention():
+                _, trajectory = model._rollout([condition], num_samples, noise_level, generator, num_steps)
+            images = trajectory.images.float().cpu()
+            folder = out / condition.id
+            folder.mkdir(parents=True, exist_ok=True)
+            files = []
+            for k, image in enumerate(images):
+                path = folder / f"{index:03d}_{k}.png"
+                to_pil(image).save(path)
+                files.append(str(path))
+            scores = model.reward(condition.reference, images, condition.mask)
+            grid = RolloutGroup(0, model.stage, condition.id, condition.prompt, condition.reference, images,
+                                scores.reward, scores.nssm, scores.vsm)  # fmt: skip
+            group_grid(grid).save(folder / f"{index:03d}_grid.png")
+            records.append({"id": condition.id, "prompt": condition.prompt, "files": files,
+                            "reward": scores.reward.tolist(),
+                            "nssm": None if scores.nssm is None else scores.nssm.tolist(),
+                            "vsm": None if scores.vsm is None else scores.vsm.tolist()})  # fmt: skip
         meta = {"lora": lora, "num_steps": num_steps, "noise_level": noise_level, "seed": seed, "samples": records}
         (out / "samples.json").write_text(json.dumps(meta, indent=2))
         print(f"[divrl] wrote {sum(len(r['files']) for r in records)} images to {out}")
