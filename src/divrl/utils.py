@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
-__all__ = ["parse_dtype"]
+__all__ = ["parse_dtype", "load_pretrained"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -28,3 +32,46 @@ def parse_dtype(dtype: str | torch.dtype | None, who: str = "dtype") -> torch.dt
     if key not in _DTYPES:
         raise ValueError(f"{who}: dtype must be one of 'float32', 'bfloat16', 'float16' or None, got {dtype!r}")
     return _DTYPES[key]
+
+
+def _looks_like_path(model: str) -> bool:
+    """A string that can only mean a filesystem path (a Hub id is ``name`` or ``namespace/name``)."""
+    return os.path.isabs(model) or model.startswith(("./", "../", "~", ".\\", "..\\")) or model in (".", "..")
+
+
+def load_pretrained(
+    loader: Callable[..., Any], model: str | os.PathLike, local_files_only: bool, who: str, example: str, **kwargs
+) -> Any:
+    """``loader(model, local_files_only=..., **kwargs)`` (a transformers ``from_pretrained``) with clear errors.
+
+    ``model`` is a Hub id or a local ``save_pretrained`` folder. A string that can only be a path but does not exist
+    raises ``FileNotFoundError`` at once (instead of a Hub lookup of a path); a failed load raises ``OSError`` naming
+    the model, why it could not be found (offline? not cached?) and the fix. ``who`` prefixes the messages and
+    ``example`` is a Hub id quoted in them.
+    """
+    name = os.fspath(model)
+    if os.path.isdir(os.path.expanduser(name)):
+        name = os.path.expanduser(name)
+    elif _looks_like_path(name):
+        raise FileNotFoundError(
+            f"{who}: model folder {name!r} does not exist; pass an existing folder written by save_pretrained, or a "
+            f"Hugging Face Hub id such as {example!r}"
+        )
+    kwargs["local_files_only"] = local_files_only
+    if local_files_only:
+        # transformers 5.x (with peft installed) looks for an adapter_config.json on the Hub without forwarding
+        # local_files_only, which means network retries on an offline machine; forward it explicitly.
+        kwargs.setdefault("adapter_kwargs", {"local_files_only": True})
+    try:
+        return loader(name, **kwargs)
+    except OSError as err:
+        hint = (
+            "it is neither a local folder nor in the local Hugging Face cache (local_files_only=True)"
+            if local_files_only
+            else "it is not a local folder and could not be fetched from the Hugging Face Hub (offline?)"
+        )
+        raise OSError(
+            f"{who}: cannot load model {name!r}: {hint}. Download it once (e.g. `hf download {name}`) and pass "
+            f"local_files_only=True (or set HF_HUB_OFFLINE=1), or pass the path of a local folder written by "
+            f"save_pretrained. Original error: {err}"
+        ) from err

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from divrl.rewards.backbones.base import FeatureBackbone, Features
-from divrl.utils import parse_dtype
+from divrl.utils import load_pretrained, parse_dtype
 
 __all__ = ["DINOv2Backbone"]
 
@@ -168,11 +168,7 @@ class DINOv2Backbone(FeatureBackbone):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"DINOv2Backbone: expected a (B, 3, H, W) batch, got {tuple(images.shape)}")
         size = self.resolution
-        pixels = images.float()
-        if tuple(pixels.shape[-2:]) != (size, size):
-            pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        pixels = (pixels - self.image_mean) / self.image_std
-        pixels = pixels.to(self._model_dtype())
+        pixels = self._pixels(images)
 
         if self.layer == -1:
             tokens = self.model(pixel_values=pixels).last_hidden_state
@@ -191,6 +187,23 @@ class DINOv2Backbone(FeatureBackbone):
         grid = grid.contiguous()
         return Features(grid, grid)
 
+    @torch.no_grad()
+    def embed(self, images) -> Tensor:
+        """The global image embedding: the CLS token after the final layer norm (``pooler_output``), ``(B, C)``
+        float32, for images of any size resized to :attr:`resolution` — the **DINO** score of the evaluation is the
+        cosine of two such embeddings (at ``grid_size=16``, i.e. 224² for patch 14, the usual protocol)."""
+        from divrl.images import to_image_batch
+
+        pixels = self._pixels(to_image_batch(images).to(self.device))
+        return self.model(pixel_values=pixels).pooler_output.float()
+
+    def _pixels(self, images: Tensor) -> Tensor:
+        size = self.resolution
+        pixels = images.float()
+        if tuple(pixels.shape[-2:]) != (size, size):
+            pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return ((pixels - self.image_mean) / self.image_std).to(self._model_dtype())
+
     def _model_dtype(self) -> torch.dtype:
         for parameter in self.model.parameters():
             if parameter.is_floating_point():
@@ -204,40 +217,10 @@ class DINOv2Backbone(FeatureBackbone):
         )
 
 
-def _looks_like_path(model: str) -> bool:
-    """A string that can only mean a filesystem path (a Hub id is ``name`` or ``namespace/name``)."""
-    return os.path.isabs(model) or model.startswith(("./", "../", "~", ".\\", "..\\")) or model in (".", "..")
-
-
 def _load_model(model: str | os.PathLike, local_files_only: bool) -> nn.Module:
     from transformers import AutoModel
 
-    name = os.fspath(model)
-    if os.path.isdir(os.path.expanduser(name)):
-        name = os.path.expanduser(name)
-    elif _looks_like_path(name):
-        raise FileNotFoundError(
-            f"DINOv2Backbone: model folder {name!r} does not exist; pass an existing folder written by "
-            f"save_pretrained, or a Hugging Face Hub id such as 'facebook/dinov2-small'"
-        )
-    kwargs = {"local_files_only": local_files_only}
-    if local_files_only:
-        # transformers 5.x (with peft installed) looks for an adapter_config.json on the Hub without forwarding
-        # local_files_only, which means network retries on an offline machine; forward it explicitly.
-        kwargs["adapter_kwargs"] = {"local_files_only": True}
-    try:
-        return AutoModel.from_pretrained(name, **kwargs)
-    except OSError as err:
-        hint = (
-            "it is neither a local folder nor in the local Hugging Face cache (local_files_only=True)"
-            if local_files_only
-            else "it is not a local folder and could not be fetched from the Hugging Face Hub (offline?)"
-        )
-        raise OSError(
-            f"DINOv2Backbone: cannot load model {name!r}: {hint}. Download it once (e.g. `hf download {name}`) and "
-            f"pass local_files_only=True (or set HF_HUB_OFFLINE=1), or pass the path of a local folder written by "
-            f"save_pretrained. Original error: {err}"
-        ) from err
+    return load_pretrained(AutoModel.from_pretrained, model, local_files_only, "DINOv2Backbone", "facebook/dinov2-small")
 
 
 def _load_mean_std(model: str | os.PathLike, local_files_only: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
