@@ -1,0 +1,209 @@
+"""``EvalSuite``: which models compute which column of the paper's Table 1, and the scoring of one group.
+
+A group is one (identity, prompt) condition: a reference, its optional subject mask, the prompt and the ``N``
+samples a method generated for it. :meth:`EvalSuite.score_group` returns one value per sample for every configured
+column; columns whose model is not configured are simply absent (the table shows "—"). Every model is an ordinary
+object built from the config (``class_path`` / ``init_args``), so any column can use another model — the paper's
+(CLIP ViT-L/14, DINOv2, MTG) on GPUs, weight-free or tiny ones offline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from divrl.eval import functional as EF
+from divrl.eval.models import CLIPEmbedder, HPSv2, Segmenter
+from divrl.images import ImageLike, to_image_batch, to_mask_batch
+from divrl.rewards.backbones.base import FeatureBackbone
+from divrl.rewards.base import GroupScorer
+
+__all__ = ["EvalSuite", "COLUMNS"]
+
+COLUMNS: dict[str, tuple[str, str]] = {
+    "clip_t": ("CLIP-T", "↑"),
+    "clip_i": ("CLIP-I", "↑"),
+    "dino": ("DINO", "↑"),
+    "vsm": ("VSM", "↑"),
+    "dino_nssm": ("DINO-nSSM", "↑"),
+    "si_iou": ("si-IoU", "↓"),
+    "mtg_nssm": ("MTG-nSSM", "↑"),
+    "hps": ("HPS", "↑"),
+    "sdino": ("sDINO", "↑"),
+    "lpips": ("LPIPS", "↑"),
+}
+"""Per-sample columns in the paper's Table 1 order (then the extra ones): key → (header, better direction).
+si-IoU is lower-is-better: a high value means the generated silhouette copies the reference's pose."""
+
+
+class EvalSuite:
+    """The evaluation models and protocol.
+
+    Args:
+        identity: scorer of **VSM-τ** and **MTG-nSSM** (``MTGServerScorer`` for the paper's Mind-the-Glitch features,
+            or a ``FeatureScorer``); use ``pool: 1`` for a ``FeatureScorer``: the paper evaluates the 48×48 grid
+            without pooling. Both use the reference's subject mask.
+        dino_nssm: scorer of **DINO-nSSM** (the paper: ``FeatureScorer`` on DINOv2-small, ``pool: 1``); its VSM is
+            not used.
+        clip: CLIP embedder for **CLIP-T** (sample vs prompt) and **CLIP-I** (sample vs reference).
+        dino: backbone whose global embedding gives **DINO** (``DINOv2Backbone`` on ``facebook/dinov2-base`` with
+            ``grid_size: 16``, i.e. 224²). Needs an ``embed(images)`` method.
+        sdino: backbone whose patch grid gives **sDINO** (the paper: DINOv2-small), any ``FeatureBackbone``.
+        lpips: LPIPS module (:class:`divrl.eval.lpips.LPIPS`); the column is the mean LPIPS over all pairs of the
+            group's samples (diversity between samples), repeated on each sample's row.
+        hps: :class:`~divrl.eval.models.HPSv2` (needs the ``hpsv2`` package).
+        segmenter: masks of generated images, needed for **si-IoU** (the paper: Grounded-SAM-2). References without
+            a mask in the data are segmented with it too. ``None``: no si-IoU.
+        consistency_metric: the identity column of the trade-off plot: ``"vsm"`` (in domain) or ``"sdino"`` (out
+            of domain, the paper's DreamBench++ protocol).
+        consistency_threshold: a sample is consistent above it (paper: VSM 0.6, sDINO 0.75).
+        diversity_metric: the column averaged over consistent samples (paper: MTG-nSSM).
+        identity_skip_categories: categories left out of VSM and MTG-nSSM (paper: ``style``: a style reference has
+            no subject to match); their rows hold no value for those columns.
+    """
+
+    def __init__(
+        self,
+        identity: GroupScorer | None = None,
+        dino_nssm: GroupScorer | None = None,
+        clip: CLIPEmbedder | None = None,
+        dino: FeatureBackbone | None = None,
+        sdino: FeatureBackbone | None = None,
+        lpips: torch.nn.Module | None = None,
+        hps: HPSv2 | None = None,
+        segmenter: Segmenter | None = None,
+        consistency_metric: Literal["vsm", "sdino"] = "vsm",
+        consistency_threshold: float = 0.6,
+        diversity_metric: str = "mtg_nssm",
+        identity_skip_categories: Sequence[str] = ("style",),
+    ):
+        if consistency_metric not in ("vsm", "sdino"):
+            raise ValueError(f"EvalSuite: consistency_metric must be 'vsm' or 'sdino', got {consistency_metric!r}")
+        if diversity_metric not in COLUMNS:
+            raise ValueError(f"EvalSuite: diversity_metric must be one of {sorted(COLUMNS)}, got {diversity_metric!r}")
+        if dino is not None and not hasattr(dino, "embed"):
+            raise TypeError(f"EvalSuite: dino must have an embed(images) method (DINOv2Backbone), got {type(dino).__name__}")
+        self.identity = identity
+        self.dino_nssm = dino_nssm
+        self.clip = clip
+        self.dino = dino
+        self.sdino = sdino
+        self.lpips = lpips
+        self.hps = hps
+        self.segmenter = segmenter
+        self.consistency_metric = consistency_metric
+        self.consistency_threshold = float(consistency_threshold)
+        self.diversity_metric = diversity_metric
+        self.identity_skip_categories = set(identity_skip_categories)
+        needed = {consistency_metric: "consistency_metric", diversity_metric: "diversity_metric"}
+        for column, field in needed.items():
+            if column not in self.columns:
+                raise ValueError(
+                    f"EvalSuite: {field} is {column!r} but no model computes that column; configure "
+                    f"{_SOURCE[column]!r} or choose another {field}"
+                )
+
+    @property
+    def columns(self) -> list[str]:
+        """The configured per-sample columns, in table order."""
+        have = {
+            "clip_t": self.clip, "clip_i": self.clip, "dino": self.dino, "vsm": self.identity,
+            "dino_nssm": self.dino_nssm, "si_iou": self.segmenter, "mtg_nssm": self.identity, "hps": self.hps,
+            "sdino": self.sdino, "lpips": self.lpips,
+        }  # fmt: skip
+        return [column for column in COLUMNS if have[column] is not None]
+
+    def header(self, column: str) -> str:
+        """The table header of ``column`` (VSM carries its visual threshold, as the paper's VSM-0.7)."""
+        name, arrow = COLUMNS[column]
+        if column == "vsm" and getattr(self.identity, "tau_v", None) is not None:
+            name = f"VSM-{self.identity.tau_v:g}"
+        return f"{name} {arrow}"
+
+    def describe(self) -> dict[str, str]:
+        """Which model computes each configured column (written into metrics.json and table.md)."""
+        return {column: _describe(getattr(self, _SOURCE[column])) for column in self.columns}
+
+    def to(self, device: torch.device | str) -> EvalSuite:
+        for name in ("identity", "dino_nssm", "clip", "dino", "sdino", "lpips"):
+            model = getattr(self, name)
+            if isinstance(model, torch.nn.Module):
+                model.to(device)
+        return self
+
+    @torch.no_grad()
+    def score_group(
+        self,
+        reference: ImageLike,
+        images: ImageLike | Sequence[ImageLike],
+        prompt: str,
+        ref_mask: ImageLike | None = None,
+        category: str | None = None,
+    ) -> dict[str, list[float]]:
+        """One value per sample for every configured column (``None`` where a column does not cover the category).
+
+        Args:
+            reference: the reference image.
+            images: the group's ``N`` samples.
+            prompt: the prompt they were generated for (CLIP-T, HPS).
+            ref_mask: the reference's subject mask (from the data); segmented when ``None`` and a segmenter is set.
+            category: the identity's category (``identity_skip_categories`` leave VSM and MTG-nSSM out).
+        """
+        ref = to_image_batch(reference, "reference")
+        gen = to_image_batch(images, "images")
+        n = gen.shape[0]
+        mask = to_mask_batch(ref_mask, "ref_mask")
+        if mask is None and self.segmenter is not None:
+            mask = self.segmenter(ref)
+        out: dict[str, Tensor] = {}
+        if self.clip is not None:
+            gen_emb, ref_emb = self.clip.embed_images(gen), self.clip.embed_images(ref)
+            out["clip_t"] = EF.cosine(gen_emb, self.clip.embed_texts([prompt]))
+            out["clip_i"] = EF.cosine(gen_emb, ref_emb)
+        if self.dino is not None:
+            out["dino"] = EF.cosine(self.dino.embed(gen), self.dino.embed(ref))
+        if self.sdino is not None:
+            out["sdino"] = EF.patch_similarity(self.sdino(gen).semantic, self.sdino(ref).semantic)
+        if self.identity is not None and category not in self.identity_skip_categories:
+            scores = self.identity.score_group(ref[0], gen, ref_mask=mask)
+            out["vsm"], out["mtg_nssm"] = scores.vsm, scores.nssm
+        if self.dino_nssm is not None:
+            out["dino_nssm"] = self.dino_nssm.score_group(ref[0], gen, ref_mask=mask, need_vsm=False).nssm
+        if self.segmenter is not None and mask is not None:
+            gen_masks = self.segmenter(gen)
+            out["si_iou"] = EF.scale_invariant_iou(gen_masks, mask)
+        if self.hps is not None:
+            out["hps"] = self.hps(gen, prompt)
+        if self.lpips is not None:
+            device = next(self.lpips.parameters()).device
+            out["lpips"] = torch.full((n,), float(self.lpips.pairwise(gen.to(device))) if n > 1 else float("nan"))
+        return {column: [_float(v) for v in out[column].flatten().tolist()] if column in out else [None] * n
+                for column in self.columns}  # fmt: skip
+
+
+_SOURCE = {
+    "clip_t": "clip", "clip_i": "clip", "dino": "dino", "vsm": "identity", "mtg_nssm": "identity",
+    "dino_nssm": "dino_nssm", "si_iou": "segmenter", "hps": "hps", "sdino": "sdino", "lpips": "lpips",
+}  # fmt: skip
+
+
+def _describe(model) -> str:
+    if model is None:
+        return "not configured"
+    parts = [type(model).__name__]
+    for attr in ("name", "url", "pool", "tau_s", "tau_v", "grid_size"):
+        value = getattr(model, attr, None)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            parts.append(f"{attr}={value}")
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None:
+        parts.append(f"backbone={_describe(backbone)}")
+    return " ".join(parts)
+
+
+def _float(value) -> float | None:
+    value = float(value)
+    return None if value != value else value
