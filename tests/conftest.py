@@ -9,6 +9,16 @@ import pytest
 import torch
 
 DREAMBOOTH = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dreambooth"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def in_repository_root():
+    """Run the module's tests from the repository root, where the shipped configs' relative paths (data/demo/...,
+    runs/...) resolve, as for `divrl fit --config configs/demo.yaml`."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -85,12 +85,7 @@ def base_pipeline(config: PolicyConfig) -> FluxKontextPipeline:
     return pipe
 
 
-@pytest.fixture(scope="module", autouse=True)
-def in_repository_root():
-    """The demo config names data/demo/... relative to the repository root, where `divrl fit` is run."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(ROOT)
-        yield
+pytestmark = pytest.mark.usefixtures("in_repository_root")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -191,12 +186,27 @@ def test_resume_from_a_checkpoint_of_another_adapter_fails_clearly(trained, tmp_
         fit(tmp_path, 5, "--ckpt_path", str(tmp_path / "other.ckpt"))
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+EVAL_CONFIGS = [p for p in CONFIGS if p.name.startswith("eval_")]
+
+
+@pytest.mark.parametrize("config", [p for p in CONFIGS if p not in EVAL_CONFIGS], ids=lambda p: p.name)
 def test_every_shipped_config_parses_and_instantiates(config, tmp_path):
     cli = run_lightning(["--config", str(DEMO), "--trainer.default_root_dir", str(tmp_path)], run=False)
     cfg = cli.parser.parse_args(["--config", str(config)])
     model = cli.parser.instantiate_classes(cfg).model
     assert len(model.rewards) == 2 and model.grpo.group_size >= 2
+
+
+@pytest.mark.parametrize("config", EVAL_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_evaluation_config_parses(config, capsys):
+    """Types and keys of `divrl evaluate` configs (the demo one also runs end to end in tests/test_evaluate.py)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["suite"]["class_path"] == "divrl.eval.EvalSuite" and printed["num_steps"] == 28
+    assert printed["suite"]["init_args"]["identity"] is not None and printed["methods"]["base"] is None
 
 
 def test_a_config_key_typo_names_the_key(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """The ``divrl`` console script.
 
-- ``divrl fit | validate | sample --config CONFIG.yaml ...``: the Lightning application (:class:`DivRLCLI`, a
+- ``divrl fit | validate | sample | evaluate --config CONFIG.yaml ...``: the Lightning application (:class:`DivRLCLI`, a
   ``LightningCLI`` over :class:`~divrl.training.DivRLModule` and :class:`~divrl.data.IdentityDataModule`);
   ``--print_config`` shows the full resolved configuration.
 - ``divrl score``: score generated images against a reference with the DivRL rewards (with no images it scores a
@@ -191,7 +191,7 @@ def _square(size: int):
     return resize
 
 
-LIGHTNING_COMMANDS = ("fit", "validate", "sample")
+LIGHTNING_COMMANDS = ("fit", "validate", "sample", "evaluate")
 """Subcommands served by :class:`DivRLCLI`; the others (``score``) are plain argparse commands."""
 
 
@@ -203,7 +203,7 @@ def _lightning_cli():
     from divrl.training.trainer import DivRLTrainer
 
     class DivRLCLI(LightningCLI):
-        """``LightningCLI`` over DivRLModule / IdentityDataModule with the ``sample`` subcommand of DivRLTrainer."""
+        """``LightningCLI`` over DivRLModule / IdentityDataModule with DivRLTrainer's ``sample`` and ``evaluate``."""
 
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
@@ -211,13 +211,15 @@ def _lightning_cli():
                 "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
                 "validate": {"model", "dataloaders", "datamodule"},
                 "sample": {"model", "datamodule"},
+                "evaluate": {"model", "datamodule"},
             }
 
     return DivRLCLI, DivRLModule, IdentityDataModule, DivRLTrainer
 
 
 def run_lightning(argv: Sequence[str] | None = None, run: bool = True):
-    """Run (or, with ``run=False``, only parse and instantiate) a ``fit`` / ``validate`` / ``sample`` command line."""
+    """Run (or, with ``run=False``, only parse and instantiate) a ``fit`` / ``validate`` / ``sample`` / ``evaluate``
+    command line."""
     import warnings
 
     DivRLCLI, module, datamodule, trainer = _lightning_cli()
@@ -225,6 +227,8 @@ def run_lightning(argv: Sequence[str] | None = None, run: bool = True):
     # condition stream handles DataLoader workers itself.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    # With manual optimization a checkpoint taken after the update is what we want (LoRA and optimizer after step N).
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
     if argv is not None:  # called from Python (tests, notebooks) with explicit arguments
         warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     return DivRLCLI(

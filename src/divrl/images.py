@@ -107,3 +107,26 @@ def _tensor_to_batch(x: Tensor, name: str) -> Tensor:
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     return x.float()
+
+
+def caption_grid(
+    title: str, images: Sequence[Tensor], captions: Sequence[str], tile: int = 160, columns: int = 8
+) -> Image.Image:
+    """Images in rows of ``columns`` tiles, each with a caption line under it, below a title line (PIL image).
+
+    ``images`` are ``(3, H, W)`` floats in [0, 1]; small images are upscaled without smoothing so pixels stay visible.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    text_h, header = 14, 18
+    rows = -(-len(images) // columns)
+    cols = min(columns, len(images))
+    canvas = Image.new("RGB", (cols * tile, header + rows * (tile + text_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 3), title[: tile * cols // 6], fill="black", font=font)
+    for k, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        x, y = (k % cols) * tile, header + (k // cols) * (tile + text_h)
+        canvas.paste(to_pil(image.clamp(0, 1)).resize((tile, tile), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + tile + 1), caption, fill="black", font=font)
+    return canvas

@@ -9,9 +9,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-from divrl.images import to_image_batch, to_pil
+from divrl.images import caption_grid, to_image_batch
 
 __all__ = ["LoRAExporter", "RolloutImageLogger", "StageSwitch", "group_grid"]
 
@@ -232,20 +232,7 @@ def group_grid(group, tile: int = 160, columns: int = 8) -> Image.Image:
             parts.append(f"VSM {group.vsm[k]:.2f}")
         parts.append(f"R {group.reward[k]:.2f}")
         captions.append(" ".join(parts))
-    font = ImageFont.load_default()
-    text_h = 14
-    rows = -(-len(images) // columns)
-    cols = min(columns, len(images))
-    header = 18
-    canvas = Image.new("RGB", (cols * tile, header + rows * (tile + text_h)), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, 3), f"{group.id}: {group.prompt}"[: tile * cols // 6], fill="black", font=font)
-    for k, (image, caption) in enumerate(zip(images, captions)):
-        x, y = (k % cols) * tile, header + (k // cols) * (tile + text_h)
-        pil = to_pil(image.clamp(0, 1)).resize((tile, tile), Image.NEAREST)
-        canvas.paste(pil, (x, y))
-        draw.text((x + 2, y + tile + 1), caption, fill="black", font=font)
-    return canvas
+    return caption_grid(f"{group.id}: {group.prompt}", images, captions, tile, columns)
 
 
 def _log_image(logger, tag: str, image: Image.Image, step: int) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import lightning.pytorch as pl
 import torch
 
+from divrl.data.datamodule import resolve_shards
 from divrl.data.stream import ConditionSample
+from divrl.eval.suite import EvalSuite
 from divrl.images import to_pil
 from divrl.training.callbacks import group_grid
 from divrl.training.module import DivRLModule, RolloutGroup, _mix
@@ -18,7 +22,7 @@ __all__ = ["DivRLTrainer"]
 
 
 class DivRLTrainer(pl.Trainer):
-    """A Lightning Trainer with ``sample`` (``divrl sample``); ``evaluate`` joins with the evaluation suite.
+    """A Lightning Trainer with the ``sample`` and ``evaluate`` subcommands of the ``divrl`` CLI.
 
     One difference from ``pl.Trainer``: a ``ModelCheckpoint`` without a ``dirpath`` writes to
     ``<default_root_dir>/checkpoints`` instead of the logger's versioned folder, so a restarted run finds its
@@ -100,6 +104,103 @@ class DivRLTrainer(pl.Trainer):
         (out / "samples.json").write_text(json.dumps(meta, indent=2))
         print(f"[divrl] wrote {sum(len(r['files']) for r in records)} images to {out}")
         return out
+
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: DivRLModule,
+        suite: EvalSuite,
+        datamodule: pl.LightningDataModule | None = None,
+        methods: dict[str, Optional[str]] | None = None,
+        samples_dir: str | None = None,
+        sample_methods: list[str] | None = None,
+        output_dir: str = "eval",
+        num_samples: int = 4,
+        num_steps: int = 28,
+        seed: int = 0,
+        num_identities: int | None = None,
+        prompts_per_identity: int | None = None,
+        grid_conditions: int = 4,
+        progress: bool = True,
+    ) -> dict:
+        """Score methods with the paper's metrics and write ``metrics.json``, ``table.md``, ``frontier.png`` and grids.
+
+        Args:
+            model: the configured model: its policy generates the samples (``--config`` of the training run).
+            suite: the metrics and the models computing them (:class:`divrl.eval.EvalSuite`).
+            datamodule: the identities: every (identity, prompt) of ``data.val_shards`` (or ``data.shards``).
+            methods: methods to generate, ``name: weights``: a LoRA folder or ``.safetensors`` file, a ``.ckpt`` of
+                a run, an exported full fine-tune, or ``null`` for the base model (adapter off). Default
+                ``{base: null}``.
+            samples_dir: a folder of samples other systems generated, in the DreamBench++ layout
+                ``<samples_dir>/<method>/{src_image,text,tgt_image}/<id>/<prompt>_<k>.jpg``.
+            sample_methods: which method folders of ``samples_dir`` to score (default: all of them).
+            output_dir: where everything is written; a rerun resumes (see :mod:`divrl.eval.runner`).
+            num_samples: samples per (identity, prompt), each from its own initial noise.
+            num_steps: denoising steps of the deterministic sampler (the paper: 28).
+            seed: base seed of the initial noise; every method sees the same noise per condition.
+            num_identities: evaluate the first identities only (default: all).
+            prompts_per_identity: the first prompts of each identity only (default: all).
+            grid_conditions: identities shown in each method's ``grid.png`` (their first prompt each).
+            progress: show progress bars.
+
+        Returns:
+            The metrics (as written to ``metrics.json``).
+        """
+        from divrl.eval import Evaluation, data_conditions, samples_layout
+
+        evaluation = Evaluation(suite, output_dir, num_samples, seed, grid_conditions, progress)
+        suite.to(self.strategy.root_device)
+        conditions = None
+        if datamodule is not None:
+            shards = datamodule.val_shards if datamodule.val_shards is not None else datamodule.shards
+            conditions = data_conditions(resolve_shards(shards, "data.val_shards"), num_identities, prompts_per_identity)
+        methods = {"base": None} if methods is None and samples_dir is None else dict(methods or {})
+        if methods and conditions is None:
+            raise ValueError("divrl evaluate: generating samples needs identities: configure `data` (val_shards)")
+        missing = {name: w for name, w in methods.items() if w is not None and not Path(w).exists()}
+        if missing:  # before any work: a typo must not cost an hour of generation first
+            raise FileNotFoundError(
+                f"divrl evaluate: weights of method(s) {missing} do not exist; train first (the demo: `divrl fit "
+                f"--config configs/demo.yaml` writes runs/demo/lora/stage1 and runs/demo/lora/final) or fix the path"
+            )
+        # the base model first: a full fine-tune loaded for another method would otherwise replace its weights
+        for name, weights in sorted(methods.items(), key=lambda item: item[1] is not None):
+            evaluation.run_method(name, conditions, self._eval_generator(model, weights, num_steps),
+                                  meta=self._eval_meta(model, weights, num_steps))  # fmt: skip
+        if samples_dir is not None:
+            categories = {c.id: c.category for c in conditions or [] if c.category}
+            names = sample_methods or sorted(p.name for p in Path(samples_dir).iterdir() if (p / "tgt_image").is_dir())
+            if not names:
+                raise FileNotFoundError(f"divrl evaluate: no <method>/tgt_image folders in samples_dir {samples_dir}")
+            for name in names:
+                evaluation.run_method(name, samples_layout(samples_dir, name, categories),
+                                      meta={"samples_dir": str(Path(samples_dir).resolve())})  # fmt: skip
+        metrics = evaluation.write_reports()
+        print(f"[divrl] evaluation of {', '.join(metrics['methods'])} written to {output_dir}")
+        print((Path(output_dir) / "table.md").read_text().split("\n## ")[0])
+        return metrics
+
+    def _eval_generator(self, model: DivRLModule, weights: str | None, num_steps: int):
+        model.configure_model()
+        if weights is not None:
+            _load_weights(model, weights)
+        model.to(self.strategy.root_device).eval()
+
+        def generate(condition, num_samples: int, seed: int) -> torch.Tensor:
+            generator = torch.Generator().manual_seed(seed)
+            base = weights is None and model.policy.lora_config is not None
+            with model.policy_config.attention(), model.policy.adapter_disabled() if base else contextlib.nullcontext():
+                _, trajectory = model._rollout([condition.as_sample()], num_samples, 0.0, generator, num_steps)
+            return trajectory.images
+
+        return generate
+
+    @staticmethod
+    def _eval_meta(model: DivRLModule, weights: str | None, num_steps: int) -> dict:
+        return {"weights": None if weights is None else str(Path(weights).resolve()), "num_steps": num_steps,
+                "model": str(model.policy_config.model), "resolution": model.grpo.resolution}  # fmt: skip
 
 
 def _conditions(datamodule, reference, prompts, mask, num_identities) -> list[ConditionSample]:
