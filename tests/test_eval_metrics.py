@@ -252,3 +252,49 @@ def test_suite_scores_a_copy_a_pose_change_and_a_recolouring(tmp_path):
 def test_suite_refuses_a_trade_off_column_no_model_computes():
     with pytest.raises(ValueError, match="consistency_metric is 'vsm' but no model computes"):
         EvalSuite(sdino=DenseDescriptor())
+
+
+def test_suite_wires_clip_dino_and_hps_to_their_columns(tiny_clip, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from transformers import Dinov2Config, Dinov2Model
+
+    from divrl.eval import HPSv2
+    from divrl.rewards.backbones import DINOv2Backbone
+
+    calls = []
+
+    def fake_score(images, prompt, hps_version):  # the hpsv2 package's API: PIL images and one prompt
+        calls.append((len(images), images[0].size, prompt, hps_version))
+        return [0.25 + 0.01 * k for k in range(len(images))]
+
+    monkeypatch.setitem(sys.modules, "hpsv2", types.SimpleNamespace(score=fake_score))
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                             patch_size=4, image_size=16)).save_pretrained(tmp_path)  # fmt: skip
+    clip = CLIPEmbedder(str(tiny_clip[0]), local_files_only=True)
+    dino = DINOv2Backbone(str(tmp_path), grid_size=4, local_files_only=True)
+    suite = EvalSuite(clip=clip, dino=dino, sdino=dino, hps=HPSv2(), consistency_metric="sdino",
+                      consistency_threshold=0.75, diversity_metric="clip_i")  # fmt: skip
+    assert suite.columns == ["clip_t", "clip_i", "dino", "hps", "sdino"]
+    g = torch.Generator().manual_seed(3)
+    reference, images = torch.rand(3, 48, 48, generator=g), torch.rand(3, 3, 40, 40, generator=g)
+    out = suite.score_group(reference, images, "a red star")
+    gen_emb = clip.embed_images(images)
+    assert out["clip_t"] == pytest.approx(cosine(gen_emb, clip.embed_texts(["a red star"])).tolist(), abs=1e-6)
+    assert out["clip_i"] == pytest.approx(cosine(gen_emb, clip.embed_images(reference)).tolist(), abs=1e-6)
+    assert out["dino"] == pytest.approx(cosine(dino.embed(images), dino.embed(reference)).tolist(), abs=1e-6)
+    assert out["sdino"] == pytest.approx(patch_similarity(dino(images).visual, dino(reference).visual).tolist(),
+                                         abs=1e-6)  # fmt: skip
+    assert out["hps"] == pytest.approx([0.25, 0.26, 0.27]) and calls == [(3, (40, 40), "a red star", "v2.1")]
+
+
+def test_hps_without_the_package_says_how_to_get_it(monkeypatch):
+    import sys
+
+    from divrl.eval import HPSv2
+
+    monkeypatch.setitem(sys.modules, "hpsv2", None)  # import fails
+    with pytest.raises(ImportError, match="pip install hpsv2"):
+        HPSv2()
