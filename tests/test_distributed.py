@@ -1,5 +1,6 @@
-"""The demo under DDP with two CPU processes (gloo): it trains, the ranks read disjoint shards, and their adapters
-stay identical (gradients are averaged across ranks)."""
+"""The demo in two CPU processes (gloo), under DDP and under FSDP2: it trains, the ranks read disjoint shards, their
+adapters stay identical, FSDP2 trains the same adapter as DDP, and a run resumed from FSDP2's sharded checkpoint
+continues the uninterrupted run exactly."""
 
 from __future__ import annotations
 
@@ -15,24 +16,37 @@ import yaml
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+FSDP2 = {"class_path": "divrl.training.FSDP2Strategy"}
 
 
-def run_ddp(tmp_path: Path, max_steps: int, callbacks: list[dict], timeout: int) -> None:
-    """`divrl fit` of the demo in two gloo processes, with test callbacks importable from tests/helpers."""
+def run(tmp_path: Path, max_steps: int, callbacks: list[dict], timeout: int, config: str = "configs/demo.yaml",
+        strategy: str | dict = "ddp", *args: str) -> None:  # fmt: skip
+    """`divrl fit` in two gloo processes, with test callbacks importable from tests/helpers."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     overrides = tmp_path / "over.yaml"
     overrides.write_text(yaml.safe_dump({"trainer": {
-        "accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_steps": max_steps, "logger": False,
-        "enable_checkpointing": False, "enable_progress_bar": False, "default_root_dir": str(tmp_path),
-        "callbacks": callbacks}}))  # fmt: skip
+        "accelerator": "cpu", "devices": 2, "strategy": strategy, "max_steps": max_steps, "logger": False,
+        "enable_checkpointing": any("ModelCheckpoint" in c["class_path"] for c in callbacks),
+        "enable_progress_bar": False, "default_root_dir": str(tmp_path), "callbacks": callbacks}}))  # fmt: skip
     path = os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-m", "divrl.cli", "fit", "--config", str(ROOT / "configs/demo.yaml"),
-                           "--config", str(overrides)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=path),
+    done = subprocess.run([sys.executable, "-m", "divrl.cli", "fit", "--config", str(ROOT / config),
+                           "--config", str(overrides), *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=path),
                           capture_output=True, text=True, timeout=timeout)  # a deadlock fails here, not CI  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def run_ddp(tmp_path: Path, max_steps: int, callbacks: list[dict], timeout: int) -> None:
+    run(tmp_path, max_steps, callbacks, timeout)
+
+
 def probe(out_dir: Path) -> dict:
     return {"class_path": "helpers.probe.RankProbe", "init_args": {"out_dir": str(out_dir)}}
+
+
+def probed(out_dir: Path) -> tuple[list[dict], list[dict]]:
+    """What each rank wrote: its identities, world and step, and its (gathered) LoRA weights."""
+    ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return ranks, [load_file(out_dir / f"rank{r}.safetensors") for r in (0, 1)]
 
 
 @pytest.mark.slow
@@ -58,3 +72,49 @@ def test_a_failure_on_one_rank_neither_deadlocks_nor_desynchronises(tmp_path):
     assert ranks[0]["step"] == ranks[1]["step"] == 2
     weights = [load_file(tmp_path / "probe" / f"rank{r}.safetensors") for r in (0, 1)]
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-7) for k in weights[0])
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_the_same_adapter_as_ddp_on_disjoint_data(tmp_path):
+    """FSDP2 (fully_shard per FLUX block, reduce-scatter of gradients) and DDP (all-reduce) see the same data and
+    noise on each rank, so after three updates their adapters agree to float rounding."""
+    counter = {"class_path": "helpers.probe.GatherCounter", "init_args": {"out_dir": str(tmp_path / "fsdp")}}
+    exporter = {"class_path": "divrl.training.LoRAExporter"}
+    run(tmp_path / "fsdp", 3, [probe(tmp_path / "fsdp"), counter, exporter], 600, strategy=FSDP2)
+    run_ddp(tmp_path / "ddp", 3, [probe(tmp_path / "ddp")], timeout=600)
+    (fsdp, fsdp_w), (ddp, ddp_w) = probed(tmp_path / "fsdp"), probed(tmp_path / "ddp")
+    assert [r["ids"] for r in fsdp] == [r["ids"] for r in ddp]
+    assert set(fsdp[0]["ids"]).isdisjoint(fsdp[1]["ids"]) and all(r["step"] == 3 for r in fsdp)
+    assert all(torch.equal(fsdp_w[0][k], fsdp_w[1][k]) for k in fsdp_w[0])  # the gathered shards: one adapter
+    assert any(v.abs().max() > 0 for k, v in fsdp_w[0].items() if "lora_B" in k)
+    for key in ddp_w[0]:
+        torch.testing.assert_close(fsdp_w[0][key], ddp_w[0][key], atol=2e-6, rtol=1e-4)
+    exported = load_file(tmp_path / "fsdp/lora/final/pytorch_lora_weights.safetensors")
+    assert {k.removeprefix("transformer.") for k in exported} == set(fsdp_w[0])
+    assert all(torch.equal(exported[f"transformer.{k}"], v) for k, v in fsdp_w[0].items())
+    # each rollout gathered every FSDP unit (the blocks and the root) once, not once per denoising step (4 steps)
+    gathers = json.loads((tmp_path / "fsdp" / "gathers0.json").read_text())
+    assert gathers["per_rollout"] == [gathers["units"]] * 3 and gathers["units"] >= 3
+
+
+@pytest.mark.slow
+def test_demo_fsdp_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
+    callbacks = [
+        {"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": 2}},
+        {"class_path": "divrl.training.LoRAExporter"},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1}},
+    ]  # fmt: skip
+    run(tmp_path / "full", 4, [*callbacks, probe(tmp_path / "full")], 600, "configs/demo_fsdp.yaml", FSDP2)
+    run(tmp_path / "cut", 3, callbacks, 600, "configs/demo_fsdp.yaml", FSDP2)
+    checkpoint = tmp_path / "cut/checkpoints/last.ckpt"
+    assert checkpoint.is_dir() and sorted(p.name for p in checkpoint.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert sum(p.stat().st_size for p in checkpoint.iterdir()) < 5e6  # the adapter and its optimizer, not the base
+    run(tmp_path / "cut", 4, [*callbacks, probe(tmp_path / "cut")], 600, "configs/demo_fsdp.yaml", FSDP2,
+        "--ckpt_path", "last")  # fmt: skip
+    (full, full_w), (cut, cut_w) = probed(tmp_path / "full"), probed(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [4, 4] and cut[0]["ids"] == full[0]["ids"][-len(cut[0]["ids"]) :]
+    for key in full_w[0]:
+        torch.testing.assert_close(cut_w[0][key], full_w[0][key], atol=1e-6, rtol=1e-5)
+    stage1 = [load_file(tmp_path / d / "lora/stage1/pytorch_lora_weights.safetensors") for d in ("full", "cut")]
+    assert all(torch.equal(stage1[0][k], stage1[1][k]) for k in stage1[0])

@@ -299,14 +299,17 @@ def test_an_optimizer_that_cannot_run_under_the_strategy_is_refused_at_start():
 
     from divrl.training.module import check_optimizer_strategy
 
-    class ModelParallelStrategy:  # stands in for Lightning's FSDP2 strategy (needs GPUs to build)
-        pass
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    from divrl.training import FSDP2Strategy
 
     optimizer = bnb.optim.AdamW8bit([torch.nn.Parameter(torch.zeros(4))])
-    with pytest.raises(ValueError, match=r"torchao.optim.AdamW8bit.*fsdp \(FSDP1\) or ddp"):
-        check_optimizer_strategy(optimizer, ModelParallelStrategy())
+    for fsdp2 in (FSDP2Strategy(), ModelParallelStrategy()):
+        with pytest.raises(ValueError, match=r"torchao.optim.AdamW8bit.*fsdp \(FSDP1\) or ddp"):
+            check_optimizer_strategy(optimizer, fsdp2)
     check_optimizer_strategy(optimizer, None)  # one device: fine
-    check_optimizer_strategy(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))]), ModelParallelStrategy())
+    check_optimizer_strategy(optimizer, DDPStrategy())
+    check_optimizer_strategy(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))]), FSDP2Strategy())
 
 
 def test_the_slurm_overlay_parses_on_top_of_a_config(tmp_path):

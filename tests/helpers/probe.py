@@ -59,3 +59,42 @@ class BreakRankOne(pl.Callback):
         out = Path(trainer.default_root_dir) / "probe"
         out.mkdir(parents=True, exist_ok=True)
         (out / f"counters{trainer.global_rank}.json").write_text(json.dumps(dict(pl_module.counters)))
+
+
+class GatherCounter(pl.Callback):
+    """Counts FSDP2 all-gathers during each training rollout (rank 0 writes ``gathers0.json``)."""
+
+    def __init__(self, out_dir: str):
+        super().__init__()
+        self.out_dir = out_dir
+        self.per_rollout: list[int] = []
+
+    def on_fit_start(self, trainer, pl_module):
+        import torch.distributed.fsdp._fully_shard._fsdp_param_group as group
+
+        real_gather, count = group.foreach_all_gather, {"n": 0}
+
+        def counting(*args, **kwargs):
+            count["n"] += 1
+            return real_gather(*args, **kwargs)
+
+        group.foreach_all_gather = counting
+        real_rollout = pl_module._rollout
+
+        def rollout(*args, **kwargs):
+            before = count["n"]
+            out = real_rollout(*args, **kwargs)
+            if pl_module.training:
+                self.per_rollout.append(count["n"] - before)
+            return out
+
+        pl_module._rollout = rollout
+
+    def on_train_end(self, trainer, pl_module):
+        from torch.distributed.fsdp import FSDPModule
+
+        units = sum(isinstance(m, FSDPModule) for m in pl_module.policy.transformer.modules())
+        if trainer.global_rank == 0:
+            out = Path(self.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "gathers0.json").write_text(json.dumps({"per_rollout": self.per_rollout, "units": units}))

@@ -30,6 +30,7 @@ from peft import get_peft_model_state_dict
 from torch import Tensor, nn
 
 from divrl.images import ImageLike, to_image_batch
+from divrl.policy.sharding import full_tensor
 from divrl.utils import parse_dtype
 
 __all__ = ["LoRAConfig", "Condition", "KontextPolicy", "DEFAULT_LORA_TARGETS", "ModelLoadError"]
@@ -555,16 +556,19 @@ class KontextPolicy(nn.Module):
             self.transformer.enable_adapters()
 
     def lora_state_dict(self) -> dict[str, Tensor]:
-        """The adapter weights with peft's names (``...lora_A.weight``), on the CPU."""
+        """The adapter weights with peft's names (``...lora_A.weight``), whole and on the CPU. With a sharded
+        (FSDP2) transformer the shards are gathered: a collective, every rank must call it."""
         if self.lora_config is None:
             raise RuntimeError("lora_state_dict: this policy has no LoRA adapter (lora=None)")
-        return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.transformer).items()}
+        return {k: full_tensor(v.detach()).cpu() for k, v in get_peft_model_state_dict(self.transformer).items()}
 
-    def save_lora(self, directory: str | os.PathLike) -> Path:
+    def save_lora(self, directory: str | os.PathLike, state: dict[str, Tensor] | None = None) -> Path:
         """Write the adapter in diffusers' format: ``<directory>/pytorch_lora_weights.safetensors``.
 
         Load it with ``FluxKontextPipeline.load_lora_weights(directory)``; the adapter's rank, alpha and targets are
-        stored in the file's metadata, so the loaded scale ``alpha / rank`` matches training.
+        stored in the file's metadata, so the loaded scale ``alpha / rank`` matches training. ``state``: the weights
+        to write (default: :meth:`lora_state_dict`; a sharded policy gathers them on every rank first and passes
+        them here on the writing rank).
         """
         from diffusers import FluxKontextPipeline
 
@@ -574,7 +578,7 @@ class KontextPolicy(nn.Module):
             raise RuntimeError("save_lora: this policy has no LoRA adapter (lora=None)")
         FluxKontextPipeline.save_lora_weights(
             directory,
-            transformer_lora_layers=get_peft_model_state_dict(self.transformer),
+            transformer_lora_layers=state if state is not None else self.lora_state_dict(),
             # rank, alpha and targets travel in the file's metadata: without them diffusers assumes alpha = rank
             transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
             safe_serialization=True,

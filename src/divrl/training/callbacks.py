@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
 from divrl.images import caption_grid, to_image_batch
+from divrl.policy.sharding import full_tensor, save_full_transformer, shard_like
 
 __all__ = ["LoRAExporter", "RolloutImageLogger", "StageSwitch", "group_grid"]
 
@@ -99,7 +100,8 @@ class AdapterEMA(pl.Callback):
         params = self._params(pl_module)
         if not self.shadow:
             self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
-        self.shadow = {n: t.to(params[n].device) for n, t in self.shadow.items()}
+        else:  # restored from a checkpoint: whole tensors, laid out like the parameters (this rank's shard)
+            self.shadow = {n: shard_like(t, params[n]) for n, t in self.shadow.items()}
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -137,7 +139,8 @@ class AdapterEMA(pl.Callback):
         self._validation.__exit__(None, None, None)
 
     def state_dict(self) -> dict:
-        return {"shadow": {n: t.cpu() for n, t in self.shadow.items()}, "last_step": self.last_step}
+        # whole tensors (sharded ones are gathered: every rank saves a checkpoint, so every rank takes part)
+        return {"shadow": {n: full_tensor(t).cpu() for n, t in self.shadow.items()}, "last_step": self.last_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.shadow = dict(state_dict["shadow"])
@@ -161,16 +164,28 @@ class LoRAExporter(pl.Callback):
 
     def export(self, trainer, pl_module, name: str) -> Path | None:
         policy = pl_module.policy
-        if not trainer.is_global_zero or policy is None or (policy.lora_config is None and not policy.train_transformer):
+        if policy is None or (policy.lora_config is None and not policy.train_transformer):
             return None
-        directory = Path(trainer.default_root_dir) / self.dirname / name
         ema = next((c for c in trainer.callbacks if isinstance(c, AdapterEMA)), None)
+        # Every rank gathers: with a sharded (FSDP2) transformer, assembling the weights is a collective.
         with ema.applied(pl_module) if ema is not None else contextlib.nullcontext():
             if policy.lora_config is not None:
-                path = policy.save_lora(directory)
-            else:  # full fine-tuning: the transformer folder of a diffusers pipeline
-                policy.transformer.save_pretrained(directory / "transformer", safe_serialization=True)
-                path = directory / "transformer"
+                state = policy.lora_state_dict()
+            else:  # full fine-tuning: the whole transformer, materialised on rank 0 only (cpu_offload)
+                from torch.distributed.checkpoint.state_dict import (
+                    StateDictOptions,
+                    get_model_state_dict,
+                )
+
+                options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+                state = get_model_state_dict(policy.transformer, options=options)
+        if not trainer.is_global_zero:
+            return None
+        directory = Path(trainer.default_root_dir) / self.dirname / name
+        if policy.lora_config is not None:
+            path = policy.save_lora(directory, state)
+        else:  # the transformer folder of a diffusers pipeline
+            path = save_full_transformer(policy.transformer, state, directory / "transformer")
         info = {"global_step": trainer.global_step, "stage": pl_module.stage, "model": pl_module.policy_config.model,
                 "ema": None if ema is None else {"decay": ema.decay, "every_n_steps": ema.every_n_steps}}  # fmt: skip
         (directory / "info.json").write_text(json.dumps(info, indent=2))

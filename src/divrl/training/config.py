@@ -120,6 +120,10 @@ class GRPOConfig:
         micro_batch_size: samples per forward/backward in the update; gradients are accumulated over micro-batches
             and trained timesteps (paper: 3).
         rollout_micro_batch_size: samples per transformer call during rollouts (``None``: the whole batch).
+        rollout_keep_gathered: under FSDP2, gather each transformer block's shards once per rollout and keep them for
+            every denoising step (one all-gather per block per rollout instead of per step), at the cost of the
+            whole bf16 transformer on each GPU during the rollout (FLUX.1 Kontext: 23.8 GB). ``false`` re-gathers
+            block by block at every step (ZeRO-3 memory). Ignored without sharding.
         timestep_fraction: train the first ``int(num_steps · fraction)`` steps (paper: 0.99 → steps 0..4 of 6).
             Exclusive with ``sde_window``.
         sde_window: ``[start, size]``: only these steps are stochastic and trained, the others use the ODE
@@ -145,6 +149,7 @@ class GRPOConfig:
     updates_per_epoch: int = 1
     micro_batch_size: int = 3
     rollout_micro_batch_size: int | None = None
+    rollout_keep_gathered: bool = True
     timestep_fraction: float | None = 0.99
     sde_window: tuple[int, int] | None = None
     max_grad_norm: float | None = 1.0

@@ -17,6 +17,7 @@ curriculum's stage (which reward of ``rewards`` is active) is module state, swit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -41,6 +42,7 @@ from divrl.grpo import (
 )
 from divrl.grpo.timesteps import sde_mask
 from divrl.policy.flops import PEAK_TFLOPS, transformer_flops
+from divrl.policy.sharding import gathered, grad_norm, is_sharded, shard_transformer
 from divrl.rewards.modules import GroupReward, RewardOutput
 from divrl.training.config import GRPOConfig, PolicyConfig
 
@@ -125,6 +127,20 @@ class DivRLModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.policy is None:
             self.policy = self.policy_config.build()
+        mesh = self._data_parallel_mesh()
+        if mesh is not None and not is_sharded(self.policy.transformer):
+            # FSDP2 (ModelParallelStrategy): the strategy moves nothing itself, so the frozen VAE, text encoders and
+            # reward backbones go to this rank's device here; the transformer is sharded block by block.
+            self.to(self.trainer.strategy.root_device)
+            shard_transformer(self.policy.transformer, mesh)
+
+    def _data_parallel_mesh(self):
+        mesh = self.device_mesh  # set by ModelParallelStrategy (FSDP2); None otherwise
+        if mesh is None:
+            return None
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError("DivRLModule: tensor parallelism is not supported; use tensor_parallel_size: 1 (FSDP2)")
+        return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -220,10 +236,12 @@ class DivRLModule(pl.LightningModule):
         condition = self._condition(conditions, group_size)
         window = cfg.sde_window if steps == cfg.num_steps else None
         sde = sde_mask(steps, window) if noise_level > 0 else [False] * steps
-        trajectory = rollout(
-            self.policy, condition, num_steps=steps, noise_level=noise_level, group_size=group_size,
-            sde_steps=sde, generator=generator, micro_batch_size=cfg.rollout_micro_batch_size, decode=True,
-        )  # fmt: skip
+        keep = gathered(self.policy.transformer) if cfg.rollout_keep_gathered else contextlib.nullcontext()
+        with keep:  # under FSDP2: one all-gather per block for the whole rollout
+            trajectory = rollout(
+                self.policy, condition, num_steps=steps, noise_level=noise_level, group_size=group_size,
+                sde_steps=sde, generator=generator, micro_batch_size=cfg.rollout_micro_batch_size, decode=True,
+            )  # fmt: skip
         return condition, trajectory
 
     def _condition(self, conditions: Sequence[ConditionSample], group_size: int):
@@ -358,7 +376,7 @@ class DivRLModule(pl.LightningModule):
         """Clip and apply the accumulated gradient, unless the loss or the gradient is non-finite on any rank (then
         the update is skipped everywhere and counted). Returns the update's statistics, or ``None`` when skipped."""
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+        norm = grad_norm(params)  # sharded gradients: a collective over the shards
         stats = {k: v.item() for k, v in sums.items()}  # the one host sync of the update
         finite = math.isfinite(stats["train/loss"]) and math.isfinite(norm.item())
         if not finite:
@@ -453,11 +471,12 @@ def check_optimizer_strategy(optimizer, strategy) -> None:
     bitsandbytes' 8-bit optimizers index flat CUDA/CPU tensors and fail on FSDP2's DTensor parameters
     (``ModelParallelStrategy``); they run on one device, under DDP and under FSDP1 (``FSDPStrategy``).
     """
-    name = type(strategy).__name__ if strategy is not None else ""
-    if type(optimizer).__module__.startswith("bitsandbytes") and name == "ModelParallelStrategy":
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if type(optimizer).__module__.startswith("bitsandbytes") and isinstance(strategy, ModelParallelStrategy):
         raise ValueError(
             f"model.optimizer {type(optimizer).__name__} (bitsandbytes) does not support FSDP2's sharded DTensor "
-            f"parameters (trainer.strategy: ModelParallelStrategy). Use torchao's 8-bit AdamW "
+            f"parameters (trainer.strategy: {type(strategy).__name__}, FSDP2). Use torchao's 8-bit AdamW "
             f"(torchao.optim.AdamW8bit), which does, or bitsandbytes with trainer.strategy: fsdp (FSDP1) or ddp"
         )
 

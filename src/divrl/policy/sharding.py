@@ -1,0 +1,139 @@
+"""FSDP2 for the FLUX transformer (plain torch, no Lightning): sharding, gathering for rollouts, full weights out.
+
+- :func:`shard_transformer` applies ``fully_shard`` to every ``FluxTransformerBlock`` and
+  ``FluxSingleTransformerBlock`` (one all-gather per block), then to the transformer itself (the embedders and the
+  output layers). The frozen base and the trainable LoRA weights of a block share one unit; mixed dtypes (a bf16
+  base with fp32 adapters) are all-gathered as they are. The VAE, the text encoders and the reward backbones are
+  frozen and stay whole on every rank.
+- :func:`gathered` keeps the shards gathered across the denoising steps of a rollout: one all-gather per block
+  per rollout instead of one per block per step (a 6-step rollout: 6× less all-gather traffic), for the price of
+  the whole (bf16) transformer on each GPU while the rollout runs — the memory the backward pass never needs at
+  once.
+- :func:`full_tensor` / :func:`shard_like` turn a sharded ``DTensor`` into the full tensor (a collective: every rank
+  must call it) and back. The LoRA export, the adapter moving average and full fine-tuning exports go through them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["shard_transformer", "is_sharded", "gathered", "full_tensor", "shard_like", "save_full_transformer", "grad_norm"]
+
+
+def _fsdp():
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    return FSDPModule, fully_shard
+
+
+def shard_transformer(transformer: nn.Module, mesh, reshard_after_forward: bool = True) -> list[nn.Module]:
+    """``fully_shard`` each transformer block, then the transformer; returns the sharded modules (blocks first).
+
+    Args:
+        transformer: a diffusers ``FluxTransformer2DModel`` (with or without a LoRA adapter).
+        mesh: the 1-D data-parallel ``DeviceMesh`` (Lightning's ``ModelParallelStrategy``: ``device_mesh["data_parallel"]``).
+        reshard_after_forward: free each block's gathered weights after its forward (ZeRO-3); the backward pass
+            gathers them again.
+    """
+    _, fully_shard = _fsdp()
+    blocks = [*getattr(transformer, "transformer_blocks", []), *getattr(transformer, "single_transformer_blocks", [])]
+    if not blocks:
+        raise ValueError(
+            f"shard_transformer: {type(transformer).__name__} has no transformer_blocks / single_transformer_blocks; "
+            f"expected a diffusers FluxTransformer2DModel"
+        )
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(transformer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return [*blocks, transformer]
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` or one of its submodules was passed to ``fully_shard``."""
+    FSDPModule, _ = _fsdp()
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module, reshard_after_forward: bool = True) -> Iterator[None]:
+    """Within the block, FSDP2 units gather their shards on first use and keep them (no reshard after forward);
+    on exit every unit is resharded and set back to ``reshard_after_forward`` (what :func:`shard_transformer` was
+    given). A no-op for a module that is not sharded."""
+    FSDPModule, _ = _fsdp()
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(reshard_after_forward, recurse=False)
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole tensor of a (sharded) ``DTensor`` — a collective, every rank must call it — or ``tensor`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` laid out as ``like``: this rank's shard when ``like`` is a ``DTensor`` (same mesh and placements),
+    else ``full`` on ``like``'s device and dtype."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(device=like.device if not isinstance(like, DTensor) else like.device_mesh.device_type, dtype=like.dtype)
+    if isinstance(like, DTensor):
+        return distribute_tensor(full, like.device_mesh, like.placements)
+    return full
+
+
+def save_full_transformer(transformer: nn.Module, state: Mapping[str, Tensor], directory: str | os.PathLike) -> Path:
+    """Write a full (gathered) transformer state dict as a diffusers model folder (``config.json`` + safetensors
+    shards of at most 10 GB + index), loadable with ``FluxTransformer2DModel.from_pretrained``."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    transformer.save_config(directory)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB"
+    )
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: state[name] for name in names}, directory / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (directory / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return directory
+
+
+def grad_norm(params) -> Tensor:
+    """The global L2 norm of the parameters' gradients. Sharded (``DTensor``) gradients: each rank sums the squares
+    of its shard and the sums are all-reduced over the shard's process group (every rank must call this); plain
+    gradients (one device, or DDP's averaged copies) are reduced locally."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if any(isinstance(g, DTensor) for g in grads):
+        squares = torch.stack([(g.to_local() if isinstance(g, DTensor) else g).float().square().sum() for g in grads])
+        total = squares.sum()
+        group = next(g for g in grads if isinstance(g, DTensor)).device_mesh.get_group()
+        dist.all_reduce(total, group=group)
+        return total.sqrt()
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
