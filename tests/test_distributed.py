@@ -99,19 +99,25 @@ def test_fsdp2_trains_the_same_adapter_as_ddp_on_disjoint_data(tmp_path):
 
 @pytest.mark.slow
 def test_demo_fsdp_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
+    """configs/demo_fsdp.yaml with torchao's 8-bit AdamW (its states shard with FSDP2): interrupted after 3 updates
+    and resumed from the sharded checkpoint, it ends where the uninterrupted run ends, 8-bit states included."""
+    pytest.importorskip("torchao")
+    adamw8bit = ("--model.optimizer", "torchao.optim.AdamW8bit", "--model.optimizer.lr", "3e-4")
     callbacks = [
         {"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": 2}},
         {"class_path": "divrl.training.LoRAExporter"},
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1}},
     ]  # fmt: skip
-    run(tmp_path / "full", 4, [*callbacks, probe(tmp_path / "full")], 600, "configs/demo_fsdp.yaml", FSDP2)
-    run(tmp_path / "cut", 3, callbacks, 600, "configs/demo_fsdp.yaml", FSDP2)
+    run(tmp_path / "full", 4, [*callbacks, probe(tmp_path / "full")], 600, "configs/demo_fsdp.yaml", FSDP2, *adamw8bit)
+    run(tmp_path / "cut", 3, callbacks, 600, "configs/demo_fsdp.yaml", FSDP2, *adamw8bit)
     checkpoint = tmp_path / "cut/checkpoints/last.ckpt"
     assert checkpoint.is_dir() and sorted(p.name for p in checkpoint.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert sum(p.stat().st_size for p in checkpoint.iterdir()) < 5e6  # the adapter and its optimizer, not the base
     run(tmp_path / "cut", 4, [*callbacks, probe(tmp_path / "cut")], 600, "configs/demo_fsdp.yaml", FSDP2,
-        "--ckpt_path", "last")  # fmt: skip
+        *adamw8bit, "--ckpt_path", "last")  # fmt: skip
+    state = torch.load(tmp_path / "cut/checkpoints/last.ckpt/meta.pt", weights_only=False)
+    assert state["global_step"] == 4 and state["divrl"]["stage"] == 1
     (full, full_w), (cut, cut_w) = probed(tmp_path / "full"), probed(tmp_path / "cut")
     assert [r["step"] for r in cut] == [4, 4] and cut[0]["ids"] == full[0]["ids"][-len(cut[0]["ids"]) :]
     for key in full_w[0]:

@@ -296,12 +296,10 @@ def test_bitsandbytes_8bit_adamw_trains_checkpoints_and_resumes(tmp_path):
 
 def test_an_optimizer_that_cannot_run_under_the_strategy_is_refused_at_start():
     import bitsandbytes as bnb
-
-    from divrl.training.module import check_optimizer_strategy
-
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     from divrl.training import FSDP2Strategy
+    from divrl.training.module import check_optimizer_strategy
 
     optimizer = bnb.optim.AdamW8bit([torch.nn.Parameter(torch.zeros(4))])
     for fsdp2 in (FSDP2Strategy(), ModelParallelStrategy()):
@@ -331,15 +329,45 @@ def test_full_fine_tuning_trains_every_transformer_weight_and_exports_the_transf
     tuned = FluxTransformer2DModel.from_pretrained(tmp_path / "lora/final/transformer")
     changed = [n for (n, a), b in zip(base.named_parameters(), tuned.parameters()) if not torch.equal(a, b)]
     assert len(changed) > len(list(base.parameters())) // 2  # the weights themselves trained, not an adapter
-    (tmp_path / "kl").mkdir()
-    with pytest.raises(ValueError, match="kl_beta: 0"):
-        fit(tmp_path / "kl", 1, "--model.policy.lora", "null", "--model.policy.train_transformer", "true",
-            "--model.grpo.kl_beta", "0.1")  # fmt: skip
     out = tmp_path / "samples"
     main(["sample", "--config", str(DEMO), "--trainer.logger", "false", "--lora", str(tmp_path / "lora/final"),
           "--model.policy.lora", "null", "--num_identities", "1", "--num_samples", "1", "--num_steps", "2",
           "--output_dir", str(out)])  # fmt: skip
     assert len(yaml.safe_load((out / "samples.json").read_text())["samples"]) == 1
+
+
+def test_full_fine_tuning_with_kl_uses_a_frozen_copy_of_the_initial_transformer(tmp_path):
+    fit(tmp_path, 3, "--model.policy.lora", "null", "--model.policy.train_transformer", "true",
+        "--model.grpo.kl_beta", "0.1")  # fmt: skip
+    rows = [r for r in metrics(tmp_path) if r.get("reward/mean")]
+    kl = [float(r["train/kl"]) for r in rows]
+    assert kl[0] == 0.0 and all(k > 0 for k in kl[1:])  # the copy is the policy until the first update
+    loss = [float(r["train/loss"]) - float(r["train/policy_loss"]) for r in rows]
+    assert loss == pytest.approx([0.1 * k for k in kl], rel=1e-4, abs=1e-9)
+    ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert all(k.startswith("policy.transformer.") for k in ckpt["state_dict"])  # the frozen copy is not saved
+
+
+def test_the_offloaded_reference_streams_blocks_and_matches_the_resident_one():
+    from divrl.policy import KontextPolicy
+
+    policy = KontextPolicy.tiny(lora=None, train_transformer=True)
+    condition = policy.condition([torch.rand(3, 32, 32)], ["a red star"], 32, 32, group_size=2)
+    latents = policy.initial_noise(2, 32, 32, torch.Generator().manual_seed(0))
+    resident = policy.keep_reference(offload=False)
+    with torch.no_grad(), policy.reference():
+        assert policy.transformer is resident
+        expected = policy.velocity(latents, 0.5, condition)
+    with torch.no_grad():
+        policy.transformer.transformer_blocks[0].ff.net[2].weight.add_(1.0)  # train the policy a little
+        trained = policy.velocity(latents, 0.5, condition)
+    offloaded = policy.keep_reference(offload=False)
+    policy._reference_offloaded = True  # the streaming path (a no-op move on a CPU machine)
+    with torch.no_grad(), policy.reference():
+        streamed = policy.velocity(latents, 0.5, condition)
+    assert policy.transformer is not offloaded and not torch.equal(trained, expected)
+    assert torch.equal(streamed, trained)  # the copy taken after the change: the policy as it was then
+    assert not any(b._forward_hooks or b._forward_pre_hooks for b in offloaded.transformer_blocks)  # hooks removed
 
 
 def test_batch_scope_advantages_train(tmp_path):

@@ -19,6 +19,7 @@ components, so tokenisation, truncation and VAE scaling match the pipeline by co
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -221,6 +222,8 @@ class KontextPolicy(nn.Module):
             transformer=transformer,
         )
         self._pipe.set_progress_bar_config(disable=True)
+        self._reference: tuple[nn.Module] | None = None  # full fine-tuning's KL reference (keep_reference)
+        self._reference_offloaded = False
         self._prompt_cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
         self._reference_cache: OrderedDict[tuple, Tensor] = OrderedDict()
         self.prompt_cache_size = prompt_cache_size
@@ -300,11 +303,14 @@ class KontextPolicy(nn.Module):
 
     @classmethod
     def tiny(cls, seed: int = 0, lora: LoRAConfig | None = None, **kwargs) -> KontextPolicy:
-        """A tiny offline Kontext policy (see :mod:`divrl.policy.tiny`); LoRA rank 4, α 8 unless given."""
+        """A tiny offline Kontext policy (see :mod:`divrl.policy.tiny`); LoRA rank 4, α 8 unless given (none with
+        ``train_transformer=True``)."""
         from divrl.policy.tiny import tiny_kontext_components
 
         kwargs.setdefault("max_sequence_length", 32)
-        return cls(**tiny_kontext_components(seed), lora=lora or LoRAConfig(rank=4, alpha=8.0), **kwargs)
+        if lora is None and not kwargs.get("train_transformer"):
+            lora = LoRAConfig(rank=4, alpha=8.0)
+        return cls(**tiny_kontext_components(seed), lora=lora, **kwargs)
 
     def clear_caches(self) -> None:
         """Forget every cached prompt encoding and reference latent (to time encoding, or to bound host memory when
@@ -545,6 +551,45 @@ class KontextPolicy(nn.Module):
     # ------------------------------------------------------------------------------------------------ adapter
 
     @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """The reference policy of the KL term, for the duration of the block: with a LoRA, the same network with
+        the adapter off (no weight copy); with full fine-tuning, the frozen copy made by :meth:`keep_reference`."""
+        if self.lora_config is not None:
+            with self.adapter_disabled():
+                yield
+            return
+        if self._reference is None:
+            raise RuntimeError(
+                "reference: full fine-tuning has no reference policy; call keep_reference() before training (the "
+                "training module does when grpo.kl_beta > 0)"
+            )
+        trained, frozen = self.transformer, self._reference[0]
+        self.transformer = frozen  # nn.Module.__setattr__ re-registers it under the same name
+        try:
+            with _streamed(frozen, trained.x_embedder.weight.device) if self._reference_offloaded else contextlib.nullcontext():
+                yield
+        finally:
+            self.transformer = trained
+
+    def keep_reference(self, offload: bool = False) -> nn.Module:
+        """Full fine-tuning: keep a frozen copy of the transformer as it is now (the initial policy) as the
+        reference of the KL term, in the trained weights' dtype (so the first update's KL is exactly 0).
+
+        It is *not* a registered submodule: it is never trained, saved in checkpoints, or moved by ``.to()``.
+        ``offload=True`` keeps it on the CPU and streams it through the GPU block by block during the reference
+        forward (GPU memory: one block); under FSDP2 shard it instead (:func:`divrl.policy.sharding.shard_transformer`
+        on the returned module: 1/world of it per GPU).
+        """
+        if self.lora_config is not None:
+            raise RuntimeError("keep_reference: a LoRA policy's reference is the adapter switched off; no copy needed")
+        frozen = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+        if offload:
+            frozen.to("cpu")
+        self._reference = (frozen,)  # a tuple hides it from nn.Module's registration
+        self._reference_offloaded = offload
+        return frozen
+
+    @contextlib.contextmanager
     def adapter_disabled(self) -> Iterator[None]:
         """The reference policy: the same transformer with the LoRA adapter switched off (no weight copy)."""
         if self.lora_config is None:
@@ -652,3 +697,30 @@ def _load_hint(name: str, err: Exception) -> str:
             f"path of a folder written by FluxKontextPipeline.save_pretrained"
         )
     return f"KontextPolicy: cannot load {what}. Original error: {type(err).__name__}: {text[:300]}"
+
+
+@contextlib.contextmanager
+def _streamed(transformer: nn.Module, device: torch.device) -> Iterator[None]:
+    """Run a CPU-resident transformer on ``device``: its small top-level parts move for the duration of the block,
+    each transformer block only for its own forward (hooks), so the device holds one block at a time."""
+    blocks = [*getattr(transformer, "transformer_blocks", []), *getattr(transformer, "single_transformer_blocks", [])]
+    block_ids = {id(b) for b in blocks}
+    rest = [m for m in transformer.children() if not isinstance(m, nn.ModuleList) and id(m) not in block_ids]
+
+    def arrive(module: nn.Module, args) -> None:
+        module.to(device)
+
+    def leave(module: nn.Module, args, output) -> None:
+        module.to("cpu")
+
+    hooks = [hook for block in blocks for hook in (block.register_forward_pre_hook(arrive),
+                                                   block.register_forward_hook(leave))]  # fmt: skip
+    for module in rest:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module in rest:
+            module.to("cpu")

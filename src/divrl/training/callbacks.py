@@ -189,7 +189,7 @@ class LoRAExporter(pl.Callback):
         info = {"global_step": trainer.global_step, "stage": pl_module.stage, "model": pl_module.policy_config.model,
                 "ema": None if ema is None else {"decay": ema.decay, "every_n_steps": ema.every_n_steps}}  # fmt: skip
         (directory / "info.json").write_text(json.dumps(info, indent=2))
-        rank_log(trainer, f"LoRA written to {path}")
+        rank_log(trainer, f"{'LoRA' if policy.lora_config is not None else 'weights'} written to {path}")
         return path
 
     def on_stage_switch(self, trainer, pl_module, old_stage: int, new_stage: int) -> None:

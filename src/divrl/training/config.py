@@ -33,8 +33,10 @@ class PolicyConfig:
         text_encoders: load the CLIP and T5 text encoders (and keep the VAE encoder). ``false`` skips them (T5-XXL + CLIP-L: 9.8 GB in bf16
             for FLUX.1 Kontext, benchmarks/precompute.py) and requires shards converted with ``divrl data ... --precompute MODEL``.
         train_transformer: full fine-tuning instead of LoRA (set ``lora: null``): every transformer weight trains in
-            float32. The KL reference would be a second frozen copy of the transformer, so ``grpo.kl_beta`` must be 0
-            (the published run's value). Memory per GPU: benchmarks/memory_model.py (FSDP needed at full size).
+            float32. With ``grpo.kl_beta > 0`` the KL reference is a frozen copy of the initial transformer that does
+            not double GPU memory: sharded like the policy under FSDP2 (1/world per GPU), else kept on the CPU and
+            streamed through the GPU block by block. Memory per GPU: benchmarks/memory_model.py (FSDP2 needed at
+            full size).
         gradient_checkpointing: recompute the transformer blocks' activations in the backward pass. On an H100 at 512²
             with micro-batches of 3 (benchmarks/gpu_step.py): peak 29.4 GB instead of 78.8 GB, each micro-batch 1.43×
             slower. Needed to train FLUX.1 Kontext on 80 GB GPUs with room to spare.
@@ -112,7 +114,8 @@ class GRPOConfig:
         adv_clip: advantages are clipped to ``±adv_clip`` (paper: 5).
         adv_scope: ``"group"`` standardises rewards within each condition's ``G`` samples (the GRPO definition and
             our default); ``"batch"`` over the whole rollout batch of all ranks (the official code's choice).
-        kl_beta: weight ``β`` of the KL to the reference policy (the adapter switched off). The official code uses 0
+        kl_beta: weight ``β`` of the KL to the reference policy (the adapter switched off; with full fine-tuning,
+            a frozen copy of the initial transformer). The official code uses 0
             (the paper text says 0.1); 0 skips the reference forward entirely.
         ppo_epochs: passes over each rollout batch (paper: 1).
         updates_per_epoch: optimizer steps per pass: the rollout batch is shuffled and split into this many parts,

@@ -42,7 +42,7 @@ from divrl.grpo import (
 )
 from divrl.grpo.timesteps import sde_mask
 from divrl.policy.flops import PEAK_TFLOPS, transformer_flops
-from divrl.policy.sharding import gathered, grad_norm, is_sharded, shard_transformer
+from divrl.policy.sharding import gathered, grad_norm, shard_transformer
 from divrl.rewards.modules import GroupReward, RewardOutput
 from divrl.training.config import GRPOConfig, PolicyConfig
 
@@ -102,11 +102,6 @@ class DivRLModule(pl.LightningModule):
             raise ValueError("DivRLModule: rewards is empty; give one reward per stage, e.g. [NSSMReward, GatedReward]")
         self.policy_config = policy
         self.grpo = replace(grpo) if grpo is not None else GRPOConfig()
-        if policy.train_transformer and self.grpo.kl_beta > 0:
-            raise ValueError(
-                "full fine-tuning (policy.train_transformer) with grpo.kl_beta > 0 would need a second frozen copy of "
-                "the transformer as the reference policy; use kl_beta: 0 (the published run's value) or a LoRA"
-            )
         self.rewards = nn.ModuleList(rewards).requires_grad_(False)  # reward models are judges, never trained
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -125,14 +120,23 @@ class DivRLModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------ setup
 
     def configure_model(self) -> None:
-        if self.policy is None:
-            self.policy = self.policy_config.build()
+        if self.policy is not None:
+            return
+        self.policy = self.policy_config.build()
         mesh = self._data_parallel_mesh()
-        if mesh is not None and not is_sharded(self.policy.transformer):
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        reference = None
+        if self.policy.train_transformer and self.grpo.kl_beta > 0:
+            # Full fine-tuning's KL reference: a frozen copy of the initial transformer that never doubles GPU memory:
+            # sharded like the policy under FSDP2, else kept on the CPU and streamed block by block on a GPU.
+            reference = self.policy.keep_reference(offload=mesh is None and device.type != "cpu")
+        if mesh is not None:
             # FSDP2 (ModelParallelStrategy): the strategy moves nothing itself, so the frozen VAE, text encoders and
             # reward backbones go to this rank's device here; the transformer is sharded block by block.
-            self.to(self.trainer.strategy.root_device)
+            self.to(device)
             shard_transformer(self.policy.transformer, mesh)
+            if reference is not None:
+                shard_transformer(reference, mesh)
 
     def _data_parallel_mesh(self):
         mesh = self.device_mesh  # set by ModelParallelStrategy (FSDP2); None otherwise
@@ -361,7 +365,7 @@ class DivRLModule(pl.LightningModule):
                 loss, stats = grpo_loss(out.log_prob, trajectory.log_probs[index, step], adv[index], cfg.clip_range)
                 add("train/policy_loss", loss)
                 if cfg.kl_beta > 0:
-                    with torch.no_grad(), self.policy.adapter_disabled():
+                    with torch.no_grad(), self.policy.reference():
                         ref = transition_log_prob(self.policy, trajectory, step, condition, index)
                     kl = kl_divergence(out.mean, ref.mean, out.std).mean()
                     loss = loss + cfg.kl_beta * kl
