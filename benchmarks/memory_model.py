@@ -8,8 +8,8 @@ Counts the real transformer (built from its configuration on the meta device, no
 - trainable weights: fp32 (4 B), their gradients fp32 (4 B), AdamW moments fp32 (8 B) or 8-bit (2 B; the block-wise
   absmax scales are under 1%); all sharded under FSDP;
 - the VAE (bf16, replicated); the text encoders unless conditions are precomputed (``policy.text_encoders: false``);
-- full fine-tuning with ``kl_beta > 0`` needs a frozen reference copy (bf16): counted on the GPU here, or 0 when it
-  is offloaded to CPU memory.
+- full fine-tuning with ``kl_beta > 0`` keeps a frozen reference copy in the trained weights' dtype (fp32, so the
+  first update's KL is exactly 0): sharded like the policy under FSDP2, in CPU memory (0 on the GPU) otherwise.
 
 Activations are not modelled; measured on an H100 at 512², micro-batch 3 (``benchmarks/gpu_step.py``): about 5 GB
 with gradient checkpointing, about 54 GB without.
@@ -56,7 +56,7 @@ def per_gpu_bytes(params: int, trainable: int, gpus: int, *, full: bool, sharded
     base = 0 if full else 2 * params  # frozen bf16 base (full fine-tuning trains it: counted as trainable)
     state = trainable * (4 + 4 + (2 if eightbit else 8))
     fixed = 2 * VAE_PARAMS + (2 * TEXT_ENCODER_PARAMS if text_encoders else 0)
-    reference = 2 * params / shard if (full and reference_copy) else 0
+    reference = 4 * params / shard if (full and reference_copy and sharded) else 0  # unsharded: on the CPU
     return (base + state) / shard + fixed + reference
 
 
@@ -84,8 +84,8 @@ def main(argv=None) -> list[dict]:
                                         reference_copy=False) / GB for n in args.gpus]  # fmt: skip
                 rows.append({"setup": label, **{str(n): v for n, v in zip(args.gpus, values)}})
                 print(f"| {label} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
-    print("\nfull fine-tuning with kl_beta > 0 adds a frozen bf16 reference copy: "
-          f"{2 * params / GB:.1f} GB / number of shards (0 when offloaded to CPU)")  # fmt: skip
+    print("\nfull fine-tuning with kl_beta > 0 adds a frozen fp32 reference copy: under FSDP2 "
+          f"{4 * params / GB:.1f} GB / number of shards per GPU; without sharding it stays in CPU memory")  # fmt: skip
     return rows
 
 

@@ -98,6 +98,7 @@ def test_fsdp2_trains_the_same_adapter_as_ddp_on_disjoint_data(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("in_repository_root")
 def test_demo_fsdp_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
     """configs/demo_fsdp.yaml with torchao's 8-bit AdamW (its states shard with FSDP2): interrupted after 3 updates
     and resumed from the sharded checkpoint, it ends where the uninterrupted run ends, 8-bit states included."""
@@ -124,3 +125,12 @@ def test_demo_fsdp_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
         torch.testing.assert_close(cut_w[0][key], full_w[0][key], atol=1e-6, rtol=1e-5)
     stage1 = [load_file(tmp_path / d / "lora/stage1/pytorch_lora_weights.safetensors") for d in ("full", "cut")]
     assert all(torch.equal(stage1[0][k], stage1[1][k]) for k in stage1[0])
+    # one process samples from the sharded checkpoint folder exactly as from the exported LoRA of the same step
+    from divrl.cli import main
+
+    for name, weights in (("ckpt", checkpoint), ("lora", tmp_path / "cut/lora/final")):
+        assert main(["sample", "--config", str(ROOT / "configs/demo.yaml"), "--trainer.logger", "false",
+                     "--lora", str(weights), "--num_identities", "1", "--num_samples", "2", "--num_steps", "3",
+                     "--output_dir", str(tmp_path / name)]) == 0  # fmt: skip
+    images = [sorted((tmp_path / name).glob("*/000_[01].png")) for name in ("ckpt", "lora")]
+    assert len(images[0]) == 2 and [p.read_bytes() for p in images[0]] == [p.read_bytes() for p in images[1]]

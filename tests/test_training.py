@@ -303,11 +303,23 @@ def test_an_optimizer_that_cannot_run_under_the_strategy_is_refused_at_start():
 
     optimizer = bnb.optim.AdamW8bit([torch.nn.Parameter(torch.zeros(4))])
     for fsdp2 in (FSDP2Strategy(), ModelParallelStrategy()):
-        with pytest.raises(ValueError, match=r"torchao.optim.AdamW8bit.*fsdp \(FSDP1\) or ddp"):
+        with pytest.raises(ValueError, match=r"torchao.optim.AdamW8bit.*trainer.strategy: ddp"):
             check_optimizer_strategy(optimizer, fsdp2)
     check_optimizer_strategy(optimizer, None)  # one device: fine
     check_optimizer_strategy(optimizer, DDPStrategy())
     check_optimizer_strategy(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))]), FSDP2Strategy())
+
+
+def test_fsdp1_is_refused_at_start_with_the_fsdp2_fix():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from divrl.training import FSDP2Strategy
+    from divrl.training.module import check_strategy
+
+    with pytest.raises(ValueError, match=r"FSDP1 .* divrl.training.FSDP2Strategy"):
+        check_strategy(FSDPStrategy())
+    for fine in (None, DDPStrategy(), FSDP2Strategy()):
+        check_strategy(fine)
 
 
 def test_the_slurm_overlay_parses_on_top_of_a_config(tmp_path):

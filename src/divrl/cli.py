@@ -232,6 +232,8 @@ def run_lightning(argv: Sequence[str] | None = None, run: bool = True):
     # FSDP2 warns that FLUX blocks return views (in-place ops on them would skip its backward hook); diffusers' blocks
     # only use them out of place: tests/test_distributed.py checks FSDP2's adapter against DDP's after training.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    # Lightning rewrites checkpoints/last.ckpt on purpose; under FSDP2 it is a folder and torch warns each time.
+    warnings.filterwarnings("ignore", message=r"Detected an existing checkpoint in .*overwriting")
     if argv is not None:  # called from Python (tests, notebooks) with explicit arguments
         warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     return DivRLCLI(

@@ -239,7 +239,7 @@ def split_for_rank(urls: Sequence[str], rank: int, world: int, warn: Callable[[s
     if len(urls) < world:
         warn(
             f"{len(urls)} shard(s) for {world} ranks: every rank reads all shards (different random order per rank). "
-            f"Write at least {world} shards (`--shard_size`) for disjoint data per rank"
+            f"Write at least {world} shards (`divrl data ... --shard-size`) for disjoint data per rank"
         )
         return list(urls)
     return list(urls[rank::world])

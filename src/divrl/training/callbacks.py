@@ -167,7 +167,9 @@ class LoRAExporter(pl.Callback):
         if policy is None or (policy.lora_config is None and not policy.train_transformer):
             return None
         ema = next((c for c in trainer.callbacks if isinstance(c, AdapterEMA)), None)
-        # Every rank gathers: with a sharded (FSDP2) transformer, assembling the weights is a collective.
+        directory = Path(trainer.default_root_dir) / self.dirname / name
+        # Every rank gathers (with a sharded transformer, assembling the weights is a collective); rank 0 writes,
+        # inside the block: on a CPU the gathered tensors may be the (averaged) parameters themselves.
         with ema.applied(pl_module) if ema is not None else contextlib.nullcontext():
             if policy.lora_config is not None:
                 state = policy.lora_state_dict()
@@ -179,13 +181,12 @@ class LoRAExporter(pl.Callback):
 
                 options = StateDictOptions(full_state_dict=True, cpu_offload=True)
                 state = get_model_state_dict(policy.transformer, options=options)
-        if not trainer.is_global_zero:
-            return None
-        directory = Path(trainer.default_root_dir) / self.dirname / name
-        if policy.lora_config is not None:
-            path = policy.save_lora(directory, state)
-        else:  # the transformer folder of a diffusers pipeline
-            path = save_full_transformer(policy.transformer, state, directory / "transformer")
+            if not trainer.is_global_zero:
+                return None
+            if policy.lora_config is not None:
+                path = policy.save_lora(directory, state)
+            else:  # the transformer folder of a diffusers pipeline
+                path = save_full_transformer(policy.transformer, state, directory / "transformer")
         info = {"global_step": trainer.global_step, "stage": pl_module.stage, "model": pl_module.policy_config.model,
                 "ema": None if ema is None else {"decay": ema.decay, "every_n_steps": ema.every_n_steps}}  # fmt: skip
         (directory / "info.json").write_text(json.dumps(info, indent=2))

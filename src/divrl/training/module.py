@@ -122,6 +122,7 @@ class DivRLModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
+        check_strategy(self._trainer.strategy if self._trainer is not None else None)
         self.policy = self.policy_config.build()
         mesh = self._data_parallel_mesh()
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
@@ -469,11 +470,25 @@ def _device_peak(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
+def check_strategy(strategy) -> None:
+    """Refuse FSDP1 (Lightning's ``FSDPStrategy``) at start-up. Its flat parameters need one dtype per wrapped unit
+    (a bf16 frozen base and fp32 LoRA weights do not mix), PyTorch runs it on accelerators only (so no CPU test can
+    cover it), and FSDP2 does everything it would here: sharded weights, mixed dtypes, sharded checkpoints."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        raise ValueError(
+            "trainer.strategy: FSDP1 (FSDPStrategy) is not supported by DivRL; shard with FSDP2 instead: "
+            "trainer.strategy: {class_path: divrl.training.FSDP2Strategy} (see configs/demo_fsdp.yaml)"
+        )
+
+
 def check_optimizer_strategy(optimizer, strategy) -> None:
     """Refuse combinations known not to work, at start-up, with the fix (instead of a deep stack trace later).
 
     bitsandbytes' 8-bit optimizers index flat CUDA/CPU tensors and fail on FSDP2's DTensor parameters
-    (``ModelParallelStrategy``); they run on one device, under DDP and under FSDP1 (``FSDPStrategy``).
+    (``ModelParallelStrategy``, :class:`~divrl.training.FSDP2Strategy`); they run on one device and under DDP.
+    torchao's ``AdamW8bit`` shards with FSDP2 (tests/test_distributed.py resumes it from a sharded checkpoint).
     """
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -481,7 +496,7 @@ def check_optimizer_strategy(optimizer, strategy) -> None:
         raise ValueError(
             f"model.optimizer {type(optimizer).__name__} (bitsandbytes) does not support FSDP2's sharded DTensor "
             f"parameters (trainer.strategy: {type(strategy).__name__}, FSDP2). Use torchao's 8-bit AdamW "
-            f"(torchao.optim.AdamW8bit), which does, or bitsandbytes with trainer.strategy: fsdp (FSDP1) or ddp"
+            f"(torchao.optim.AdamW8bit, pip install torchao), which does, or bitsandbytes with trainer.strategy: ddp"
         )
 
 

@@ -60,7 +60,8 @@ class DivRLTrainer(pl.Trainer):
             prompts: edit prompts for ``reference``.
             mask: optional subject mask of ``reference`` (used for the nSSM / VSM captions of the grid).
             lora: a trained adapter: a folder (or ``.safetensors`` file) written by the LoRA exporter, or a Lightning
-                checkpoint (``.ckpt``) of the run; for full fine-tuning, the exported folder holding ``transformer/``.
+                checkpoint (``.ckpt``, a file, or a folder written under FSDP2) of the run; for full fine-tuning, the
+                exported folder holding ``transformer/``.
                 ``None`` samples the base model.
             output_dir: where ``<identity>/<prompt index>_<k>.png``, one grid per prompt and ``samples.json`` go.
             num_samples: images per prompt (different seeds).
@@ -228,7 +229,11 @@ def _conditions(datamodule, reference, prompts, mask, num_identities) -> list[Co
 
 
 def _load_weights(model: DivRLModule, path: str) -> None:
-    if str(path).endswith(".ckpt"):
+    if (Path(path) / ".metadata").is_file():  # a distributed (FSDP2) checkpoint folder
+        checkpoint = _read_distributed_checkpoint(Path(path))
+        model.load_state_dict(checkpoint["state_dict"], strict=False)
+        model.on_load_checkpoint(checkpoint)
+    elif str(path).endswith(".ckpt"):
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(checkpoint["state_dict"], strict=False)
         model.on_load_checkpoint(checkpoint)
@@ -240,3 +245,17 @@ def _load_weights(model: DivRLModule, path: str) -> None:
         model.policy.transformer.load_state_dict(trained.state_dict())
     else:
         model.policy.load_lora(path)
+
+
+def _read_distributed_checkpoint(path: Path) -> dict:
+    """The whole trainable state of a distributed checkpoint (every rank's shards), read in this one process."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, Path(tmp) / "full.pt")
+        tensors = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+    checkpoint["state_dict"] = tensors["state_dict"]
+    return checkpoint
