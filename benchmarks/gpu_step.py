@@ -7,7 +7,10 @@ What one DivRL step does on one GPU, timed part by part with ``torch.cuda.synchr
   ``rollout_micro_batch`` samples at a time, then the VAE decode (random FLUX VAE);
 - **training**: one micro-batch of ``micro_batch`` samples × one timestep: forward with gradients through the LoRA
   adapter (r 64 / α 128 on DivRL's targets), the GRPO loss, backward. A DivRL update accumulates
-  ``micro_batches × trained_steps`` of these.
+  ``micro_batches × trained_steps`` of these. ``--full-finetune`` trains every transformer weight instead (bf16
+  weights and gradients here, so the 12B model fits one 80 GB GPU with ``--gradient-checkpointing``; training keeps
+  fp32 master weights sharded by FSDP2, see benchmarks/memory_model.py); its backward also computes the weight
+  gradients, about 3× the forward FLOPs instead of 2×.
 
 Conditions are random tensors of the real shapes (T5 ``128 × 4096``, CLIP pooled 768, packed reference latents),
 as with precomputed shards (``policy.text_encoders: false``). FLOPs are counted analytically (matmuls of every
@@ -18,6 +21,7 @@ Usage::
 
     python benchmarks/gpu_step.py                      # full size on CUDA
     python benchmarks/gpu_step.py --gradient-checkpointing
+    python benchmarks/gpu_step.py --full-finetune --gradient-checkpointing
     python benchmarks/gpu_step.py --smoke              # a tiny configuration on CPU (what the test suite runs)
 """
 
@@ -38,7 +42,7 @@ SMOKE_TRANSFORMER = dict(FLUX_TRANSFORMER, num_layers=1, num_single_layers=1, at
 SMOKE_VAE = dict(FLUX_VAE, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
 
 
-def build_policy(smoke: bool, device: str, dtype: torch.dtype, lora_rank: int):
+def build_policy(smoke: bool, device: str, dtype: torch.dtype, lora_rank: int, full: bool = False):
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     from divrl.policy import KontextPolicy, LoRAConfig
@@ -57,8 +61,11 @@ def build_policy(smoke: bool, device: str, dtype: torch.dtype, lora_rank: int):
         for buffer in transformer.buffers():
             buffer.zero_()
     vae = AutoencoderKL(**(SMOKE_VAE if smoke else FLUX_VAE)).to(device=device, dtype=dtype)
-    policy = KontextPolicy(transformer, vae, None, None, None, None,
-                           lora=LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank), max_sequence_length=128)  # fmt: skip
+    lora = None if full else LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank)
+    policy = KontextPolicy(transformer, vae, None, None, None, None, lora=lora, max_sequence_length=128,
+                           train_transformer=full)  # fmt: skip
+    if full:
+        policy.transformer.to(dtype)  # bf16 weights and gradients (fp32 master weights live sharded in training)
     return policy, config
 
 
@@ -76,7 +83,7 @@ def run(args) -> dict[str, float]:
     from divrl.grpo import grpo_loss, rollout, transition_log_prob
 
     device, dtype = args.device, torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    policy, config = build_policy(args.smoke, device, dtype, args.lora_rank)
+    policy, config = build_policy(args.smoke, device, dtype, args.lora_rank, full=args.full_finetune)
     if args.gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
     res, text_len = args.resolution, 32 if args.smoke else 128
@@ -121,8 +128,8 @@ def run(args) -> dict[str, float]:
     times = [timed(lambda: train_once(s % args.num_steps), device)[1] for s in range(args.train_repeats)]
     seconds = sorted(times)[len(times) // 2]
     results["train_microbatch_timestep_s"] = seconds
-    # forward + backward of activations (the frozen weights get no gradient): about 2x the forward FLOPs
-    results["train_tflops"] = 2 * flops_call * args.micro_batch / seconds / 1e12
+    # forward + backward of the activations (2x the forward FLOPs); full fine-tuning adds the weight gradients (3x)
+    results["train_tflops"] = (3 if args.full_finetune else 2) * flops_call * args.micro_batch / seconds / 1e12
     if device.startswith("cuda"):
         results["train_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     trained_steps = max(1, int(args.num_steps * 0.99))
@@ -148,6 +155,7 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--lora-rank", type=int, default=64)
     parser.add_argument("--train-repeats", type=int, default=5)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--full-finetune", action="store_true", help="train every transformer weight, not a LoRA")
     parser.add_argument("--sdpa-backends", nargs="+", default=["flash", "efficient", "math"],
                         help="attention kernels allowed (training's default leaves cuDNN out)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak")

@@ -72,3 +72,9 @@ def test_memory_model_counts_match_peft_and_a_hand_computed_case():
     # full fine-tuning, FSDP over 4 GPUs, 8-bit states: (4 + 4 + 2) B per parameter, sharded
     assert model.per_gpu_bytes(1000, 1000, 4, full=True, sharded=True, eightbit=True, text_encoders=False,
                                reference_copy=False) == 10_000 / 4 + 2 * model.VAE_PARAMS  # fmt: skip
+
+
+def test_smoke_run_of_full_fine_tuning_trains_every_weight():
+    results = load().main(["--smoke", "--device", "cpu", "--full-finetune"])
+    assert results["trainable_params_m"] == results["transformer_params_b"] * 1e3
+    assert results["train_microbatch_timestep_s"] > 0 and results["train_mfu"] > 0
