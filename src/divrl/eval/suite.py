@@ -51,7 +51,8 @@ class EvalSuite:
         clip: CLIP embedder for **CLIP-T** (sample vs prompt) and **CLIP-I** (sample vs reference).
         dino: backbone whose global embedding gives **DINO** (``DINOv2Backbone`` on ``facebook/dinov2-base`` with
             ``grid_size: 16``, i.e. 224²). Needs an ``embed(images)`` method.
-        sdino: backbone whose patch grid gives **sDINO** (the paper: DINOv2-small), any ``FeatureBackbone``.
+        sdino: backbone whose patch grid gives **sDINO** (the paper: DINOv2-small), any ``FeatureBackbone`` (its
+            ``visual`` grid: appearance; DINOv2 has one grid for both).
         lpips: LPIPS module (:class:`divrl.eval.lpips.LPIPS`); the column is the mean LPIPS over all pairs of the
             group's samples (diversity between samples), repeated on each sample's row.
         hps: :class:`~divrl.eval.models.HPSv2` (needs the ``hpsv2`` package).
@@ -166,7 +167,7 @@ class EvalSuite:
         if self.dino is not None:
             out["dino"] = EF.cosine(self.dino.embed(gen), self.dino.embed(ref))
         if self.sdino is not None:
-            out["sdino"] = EF.patch_similarity(self.sdino(gen).semantic, self.sdino(ref).semantic)
+            out["sdino"] = EF.patch_similarity(self.sdino(gen).visual, self.sdino(ref).visual)  # appearance features
         if self.identity is not None and category not in self.identity_skip_categories:
             scores = self.identity.score_group(ref[0], gen, ref_mask=mask)
             out["vsm"], out["mtg_nssm"] = scores.vsm, scores.nssm

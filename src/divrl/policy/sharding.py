@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["shard_transformer", "is_sharded", "gathered", "full_tensor", "shard_like", "save_full_transformer", "grad_norm"]
+__all__ = ["shard_transformer", "gathered", "full_tensor", "shard_like", "save_full_transformer", "grad_norm"]
 
 
 def _fsdp():
@@ -53,12 +53,6 @@ def shard_transformer(transformer: nn.Module, mesh, reshard_after_forward: bool 
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(transformer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return [*blocks, transformer]
-
-
-def is_sharded(module: nn.Module) -> bool:
-    """Whether ``module`` or one of its submodules was passed to ``fully_shard``."""
-    FSDPModule, _ = _fsdp()
-    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 @contextlib.contextmanager

@@ -122,10 +122,11 @@ class DivRLModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        check_strategy(self._trainer.strategy if self._trainer is not None else None)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        check_strategy(strategy)
         self.policy = self.policy_config.build()
         mesh = self._data_parallel_mesh()
-        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
         reference = None
         if self.policy.train_transformer and self.grpo.kl_beta > 0:
             # Full fine-tuning's KL reference: a frozen copy of the initial transformer that never doubles GPU memory:
