@@ -298,3 +298,27 @@ def test_hps_without_the_package_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "hpsv2", None)  # import fails
     with pytest.raises(ImportError, match="pip install hpsv2"):
         HPSv2()
+
+
+def test_the_trade_off_metric_computes_after_a_sync_across_processes():
+    def two_ranks(tensor, group=None):  # what a 2-process all-gather returns: this rank's state and the other's
+        return [tensor, tensor.clone()]
+
+    metric = ConsistencyDiversity(0.6, dist_sync_fn=two_ranks, distributed_available_fn=lambda: True)
+    metric.update(torch.tensor(IDENTITY), torch.tensor(DIVERSITY))
+    out = metric.compute()
+    assert (out["consistent"].item(), out["samples"].item()) == (6, 10)
+    assert out["consistency_ratio"].item() == pytest.approx(3 / 5)
+    assert out["diversity_over_consistency"].item() == pytest.approx(0.4)
+
+
+def test_a_reference_with_an_empty_mask_leaves_its_masked_columns_out_instead_of_stopping(caplog):
+    from divrl.data.synthetic import Pose, SubjectIdentity, render
+
+    ref, _ = render(SubjectIdentity("disc", ("red", "blue"), "dots"), Pose(), size=96)
+    backbone = DenseDescriptor(grid_size=24, cell=4)
+    suite = EvalSuite(identity=FeatureScorer(backbone, pool=1), sdino=backbone, segmenter=BackgroundSegmenter())
+    with caplog.at_level("WARNING"):
+        out = suite.score_group(ref, torch.stack([ref, ref]), "a dotted disc", torch.zeros(96, 96), "object")
+    assert out["vsm"] == out["mtg_nssm"] == out["si_iou"] == [None, None]
+    assert out["sdino"][0] == pytest.approx(1.0, abs=1e-5) and "mask is empty or tiny" in caplog.text

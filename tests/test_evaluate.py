@@ -149,3 +149,33 @@ def test_samples_of_another_system_in_the_dreambench_layout(evaluated, tmp_path)
     base = json.loads((evaluated / "metrics.json").read_text())["methods"]["base"]["overall"]
     # the same images scored without the reference masks of the data (segmented instead): close, not identical
     assert other["overall"]["sdino"] == pytest.approx(base["sdino"], abs=0.05)
+
+
+def test_other_scoring_models_rescore_without_regenerating(tmp_path):
+    small = {"methods": {"base": None}, "num_identities": 1, "prompts_per_identity": 1}
+    assert evaluate(tmp_path, "first", **small)[0] == 0
+    image = next((tmp_path / "eval/base/images").glob("*/*.png"))
+    stamp = image.stat().st_mtime_ns
+    before = json.loads((tmp_path / "eval/metrics.json").read_text())["methods"]["base"]["overall"]
+    identity = {"class_path": "divrl.rewards.FeatureScorer", "init_args": {
+        "backbone": {"class_path": "divrl.rewards.backbones.DenseDescriptor", "init_args": {"grid_size": 24, "cell": 4}},
+        "pool": 1, "tau_v": 0.2}}  # fmt: skip
+    assert evaluate(tmp_path, "second", **small, suite={"init_args": {"identity": identity}})[0] == 0
+    after = json.loads((tmp_path / "eval/metrics.json").read_text())["methods"]["base"]["overall"]
+    assert (tmp_path / "eval/base/scores.jsonl.stale").is_file() and image.stat().st_mtime_ns == stamp
+    assert after["vsm"] > before["vsm"]  # a laxer visual threshold: more matched cells count as consistent
+    assert "VSM-0.2" in (tmp_path / "eval/table.md").read_text()
+
+
+def test_retrained_weights_at_the_same_path_are_refused(tmp_path, tuned_lora):
+    import os
+    import shutil
+
+    lora = tmp_path / "lora"
+    shutil.copytree(tuned_lora.parent, lora)  # the fixture returns the .safetensors file
+    small = {"methods": {"tuned": str(lora)}, "num_identities": 1, "prompts_per_identity": 1}
+    assert evaluate(tmp_path, "first", **small)[0] == 0
+    weights = lora / "pytorch_lora_weights.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # "retrained"
+    with pytest.raises(ValueError, match="weights_files"):
+        evaluate(tmp_path, "second", **small)

@@ -53,8 +53,7 @@ class ConsistencyDiversity(Metric):
         self.diversity.append(diversity)
 
     def compute(self) -> dict[str, Tensor]:
-        identity = dim_zero_cat(self.identity) if self.identity else torch.zeros(0)
-        diversity = dim_zero_cat(self.diversity) if self.diversity else torch.zeros(0)
+        identity, diversity = _cat(self.identity), _cat(self.diversity)  # after a sync: one tensor, not a list
         covered = ~identity.isnan()
         return {
             "consistency_ratio": consistency_ratio(identity, self.threshold),
@@ -62,6 +61,12 @@ class ConsistencyDiversity(Metric):
             "consistent": (identity[covered] > self.threshold).sum(),
             "samples": covered.sum(),
         }
+
+
+def _cat(state: list[Tensor] | Tensor) -> Tensor:
+    if isinstance(state, Tensor):
+        return state.flatten()
+    return dim_zero_cat(state) if len(state) else torch.zeros(0)
 
 
 def summarize(
@@ -94,7 +99,8 @@ def _summary(rows: list[Mapping], columns: Sequence[str], identity: str, diversi
     for column in columns:
         values = torch.tensor([_value(row.get(column)) for row in rows], dtype=torch.float64)
         count = int((~values.isnan()).sum())
-        mean = MeanMetric(nan_strategy="ignore")  # a NaN is a sample the metric does not cover
+        # a NaN is a sample the metric does not cover; the rows are already all here: never sync across processes
+        mean = MeanMetric(nan_strategy="ignore", sync_on_compute=False)
         if count:
             mean.update(values)
         out[column] = float(mean.compute()) if count else None
@@ -102,7 +108,7 @@ def _summary(rows: list[Mapping], columns: Sequence[str], identity: str, diversi
     point = {"consistency_ratio": torch.tensor(float("nan")), "diversity_over_consistency": torch.tensor(float("nan")),
              "consistent": torch.tensor(0)}  # fmt: skip
     if rows:
-        trade_off = ConsistencyDiversity(threshold)
+        trade_off = ConsistencyDiversity(threshold, sync_on_compute=False)
         trade_off.update([_value(row.get(identity)) for row in rows], [_value(row.get(diversity)) for row in rows])
         point = trade_off.compute()
     out["consistency_ratio"] = _number(point["consistency_ratio"])

@@ -82,7 +82,7 @@ class CLIPEmbedder(nn.Module):
         """``(B, 3, H, W)`` in [0, 1] → CLIP pixel values ``(B, 3, S, S)``: shorter side to ``S``, centre crop."""
         h, w = images.shape[-2:]
         scale = self.image_size / min(h, w)
-        size = (max(self.image_size, round(h * scale)), max(self.image_size, round(w * scale)))
+        size = (max(self.image_size, int(h * scale)), max(self.image_size, int(w * scale)))  # HF truncates too
         x = F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
         top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
         x = x[..., top : top + self.image_size, left : left + self.image_size]

@@ -194,14 +194,16 @@ class Evaluation:
         folder.mkdir(parents=True, exist_ok=True)
         self._check_meta(folder, {"method": name, "num_samples": self.num_samples, "seed": self.seed, **(meta or {})},
                          generated=generate is not None)  # fmt: skip
-        scored = _read_scores(folder / "scores.jsonl", self.suite.columns)
+        scored = self._previous_scores(folder)
         rows: list[dict] = []
         grid_groups = []
         with (folder / "scores.jsonl").open("a") as scores_file:
             for condition in _progress(conditions, f"evaluate {name}", self.progress):
                 images, files = self._images(folder, condition, generate)
                 keys = [f"{condition.key}/{k}" for k in range(len(files))]
-                if all(key in scored for key in keys):
+                same = (lambda row: row["prompt"] == condition.prompt and row["category"] == condition.category
+                        and row["file"] == str(files[int(row["key"].rsplit("/", 1)[1])]))  # fmt: skip
+                if all(key in scored and same(scored[key]) for key in keys):
                     group = [scored[key] for key in keys]
                 else:
                     values = self.suite.score_group(condition.reference, images(), condition.prompt, condition.mask,
@@ -240,6 +242,18 @@ class Evaluation:
         write_table(metrics, self.suite, self.output_dir / "table.md")
         plot_frontier(metrics, self.output_dir / "frontier.png")
         return metrics
+
+    def _previous_scores(self, folder: Path) -> dict[str, dict]:
+        """Scores of an earlier run, if the same models computed them; otherwise they are set aside and rescored."""
+        path, stamp = folder / "scores.jsonl", folder / "scoring.json"
+        scoring = json.loads(json.dumps({"models": self.suite.describe(), "consistency": self.suite.consistency_metric,
+                                         "skip": sorted(self.suite.identity_skip_categories)}))  # fmt: skip
+        if path.is_file() and (not stamp.is_file() or json.loads(stamp.read_text()) != scoring):
+            stale = path.with_suffix(".jsonl.stale")
+            path.replace(stale)
+            log.warning("%s: scored by other models or settings; moved to %s and scoring again", path, stale.name)
+        stamp.write_text(json.dumps(scoring, indent=2))
+        return _read_scores(path, self.suite.columns)
 
     def _images(self, folder: Path, condition: EvalCondition, generate: Generator | None):
         """The condition's images as a lazy loader (scored groups need no pixels) and their files."""

@@ -9,6 +9,7 @@ object built from the config (``class_path`` / ``init_args``), so any column can
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Literal
 
@@ -22,6 +23,8 @@ from divrl.rewards.backbones.base import FeatureBackbone
 from divrl.rewards.base import GroupScorer
 
 __all__ = ["EvalSuite", "COLUMNS"]
+
+log = logging.getLogger(__name__)
 
 COLUMNS: dict[str, tuple[str, str]] = {
     "clip_t": ("CLIP-T", "↑"),
@@ -168,14 +171,18 @@ class EvalSuite:
             out["dino"] = EF.cosine(self.dino.embed(gen), self.dino.embed(ref))
         if self.sdino is not None:
             out["sdino"] = EF.patch_similarity(self.sdino(gen).visual, self.sdino(ref).visual)  # appearance features
-        if self.identity is not None and category not in self.identity_skip_categories:
+        usable = mask is None or _covers(mask)
+        if not usable:  # an empty or tiny subject mask: the masked scores are undefined for this reference
+            log.warning("reference %r: its subject mask is empty or tiny; VSM, nSSM and si-IoU left out for it",
+                        getattr(reference, "filename", "") or prompt)  # fmt: skip
+        if self.identity is not None and category not in self.identity_skip_categories and usable:
             scores = self.identity.score_group(ref[0], gen, ref_mask=mask)
             out["vsm"], out["mtg_nssm"] = scores.vsm, scores.nssm
-        if self.dino_nssm is not None:
+        if self.dino_nssm is not None and usable:
             out["dino_nssm"] = self.dino_nssm.score_group(ref[0], gen, ref_mask=mask, need_vsm=False).nssm
-        if self.segmenter is not None and mask is not None:
-            gen_masks = self.segmenter(gen)
-            out["si_iou"] = EF.scale_invariant_iou(gen_masks, mask)
+        if self.segmenter is not None and mask is not None and usable:
+            gen_masks = torch.as_tensor(self.segmenter(gen)).cpu()  # a GPU segmenter's masks meet the CPU mask
+            out["si_iou"] = EF.scale_invariant_iou(gen_masks, mask.cpu())
         if self.hps is not None:
             out["hps"] = self.hps(gen, prompt)
         if self.lpips is not None:
@@ -189,6 +196,12 @@ _SOURCE = {
     "clip_t": "clip", "clip_i": "clip", "dino": "dino", "vsm": "identity", "mtg_nssm": "identity",
     "dino_nssm": "dino_nssm", "si_iou": "segmenter", "hps": "hps", "sdino": "sdino", "lpips": "lpips",
 }  # fmt: skip
+
+
+def _covers(mask: Tensor, min_fraction: float = 0.005) -> bool:
+    """Whether a subject mask covers enough of the image to score with (0.5% of the pixels: 2 cells of a 24×24
+    grid, what the masked nSSM needs)."""
+    return bool((mask > 0.5).float().mean() >= min_fraction)
 
 
 def _describe(model) -> str:

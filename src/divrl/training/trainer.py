@@ -151,6 +151,11 @@ class DivRLTrainer(pl.Trainer):
         """
         from divrl.eval import Evaluation, data_conditions, samples_layout
 
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RuntimeError(
+                "divrl evaluate runs in one process (it writes one set of files); start it without torchrun/srun "
+                "tasks > 1, with trainer.devices: 1"
+            )
         evaluation = Evaluation(suite, output_dir, num_samples, seed, grid_conditions, progress)
         suite.to(self.strategy.root_device)
         conditions = None
@@ -201,7 +206,8 @@ class DivRLTrainer(pl.Trainer):
     @staticmethod
     def _eval_meta(model: DivRLModule, weights: str | None, num_steps: int) -> dict:
         return {"weights": None if weights is None else str(Path(weights).resolve()), "num_steps": num_steps,
-                "model": str(model.policy_config.model), "resolution": model.grpo.resolution}  # fmt: skip
+                "weights_files": _stamp(weights), "model": str(model.policy_config.model),
+                "resolution": model.grpo.resolution}  # fmt: skip
 
 
 def _conditions(datamodule, reference, prompts, mask, num_identities) -> list[ConditionSample]:
@@ -259,3 +265,13 @@ def _read_distributed_checkpoint(path: Path) -> dict:
     checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
     checkpoint["state_dict"] = tensors["state_dict"]
     return checkpoint
+
+
+def _stamp(weights: str | None) -> list | None:
+    """Size and modification time of the weights' files: retrained weights at the same path are new weights."""
+    if weights is None:
+        return None
+    path = Path(weights)
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    return [[str(f.relative_to(path) if path.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns]
+            for f in files]  # fmt: skip
