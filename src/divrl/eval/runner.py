@@ -201,9 +201,7 @@ class Evaluation:
             for condition in _progress(conditions, f"evaluate {name}", self.progress):
                 images, files = self._images(folder, condition, generate)
                 keys = [f"{condition.key}/{k}" for k in range(len(files))]
-                same = (lambda row: row["prompt"] == condition.prompt and row["category"] == condition.category
-                        and row["file"] == str(files[int(row["key"].rsplit("/", 1)[1])]))  # fmt: skip
-                if all(key in scored and same(scored[key]) for key in keys):
+                if all(key in scored and _same_sample(scored[key], condition, files[k]) for k, key in enumerate(keys)):
                     group = [scored[key] for key in keys]
                 else:
                     values = self.suite.score_group(condition.reference, images(), condition.prompt, condition.mask,
@@ -284,6 +282,11 @@ class Evaluation:
                     f"be mixed with new ones. Use another --output_dir, another method name, or delete {folder}"
                 )
         path.write_text(json.dumps({**meta, "generated": generated}, indent=2))
+
+
+def _same_sample(row: dict, condition: EvalCondition, file: Path) -> bool:
+    """Whether a scored row is this condition's sample (same prompt, category and file)."""
+    return row["prompt"] == condition.prompt and row["category"] == condition.category and row["file"] == str(file)
 
 
 def _read_scores(path: Path, columns: Sequence[str]) -> dict[str, dict]:
