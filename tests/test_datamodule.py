@@ -154,3 +154,17 @@ def test_the_committed_demo_dataset_is_what_the_generator_writes(tmp_path):
     for pattern, count in (("train-*.tar", DEMO_TRAIN_IDENTITIES), ("val-*.tar", DEMO_VAL_IDENTITIES)):
         committed, regenerated = decoded(DEMO, pattern), decoded(tmp_path, pattern)
         assert len(committed) == count and committed == regenerated
+
+
+def test_validation_gives_every_rank_the_same_number_of_batches_of_disjoint_identities(tmp_path):
+    records = list(synthetic_records(5, size=16, prompts_per_identity=1))
+    uneven = [_write_raw(tmp_path / "a.tar", [r.to_sample() for r in records[:4]]),
+              _write_raw(tmp_path / "b.tar", [records[4].to_sample()])]  # fmt: skip
+    for wanted, per_rank in ((1, 1), (2, 2), (8, 2)):  # 8 per rank asked, 5 exist: 4 usable, 2 each
+        ranks = [[c.id for b in ValConditionStream(uneven, batch_size=1, num_identities=wanted, rank=r, world=2)
+                  for c in b.conditions] for r in (0, 1)]  # fmt: skip
+        assert [len(ids) for ids in ranks] == [per_rank, per_rank]
+        assert set(ranks[0]).isdisjoint(ranks[1])
+    assert ranks[0] == [records[0].id, records[2].id] and ranks[1] == [records[1].id, records[3].id]
+    with pytest.raises(ValueError, match="2 validation identities for 3 ranks"):
+        list(ValConditionStream(uneven[1:] + uneven[1:], batch_size=1, num_identities=1, rank=0, world=3))

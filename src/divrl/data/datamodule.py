@@ -140,7 +140,7 @@ class IdentityDataModule(pl.LightningDataModule):
         rank, world = self._rank_world()
         urls = resolve_shards(self.val_shards if self.val_shards is not None else self.shards, "data.val_shards")
         stream = ValConditionStream(
-            split_for_rank(urls, rank, world), batch_size=self.batch_size, num_identities=self.val_identities,
+            urls, batch_size=self.batch_size, num_identities=self.val_identities, rank=rank, world=world,
             max_consecutive_bad=self.max_consecutive_bad,
         )  # fmt: skip
         return DataLoader(stream, batch_size=None, collate_fn=_collate, num_workers=min(self.num_workers, 1))

@@ -199,30 +199,53 @@ class TrainConditionStream(IterableDataset):
 
 
 class ValConditionStream(IterableDataset):
-    """A fixed validation set: the first ``num_identities`` identities of this rank's shards, each with its first
-    prompt, in shard order (no resampling), batched by ``batch_size``.
+    """A fixed validation set, each identity with its first prompt, in shard order (no resampling), batched by
+    ``batch_size``.
+
+    One process validates the first ``num_identities`` identities. With ``world`` processes every rank reads all the
+    shards and takes every ``world``-th of the first ``num_identities · world`` identities, cut to a multiple of
+    ``world``: the ranks validate disjoint identities and, above all, the **same number of batches** — under FSDP2
+    every transformer forward is a collective, so one rank with an extra batch would wait forever for the others.
 
     Args:
-        urls: this rank's validation shards (split across ranks by the caller).
+        urls: the validation shards (all of them, on every rank).
         batch_size: conditions per batch.
-        num_identities: identities to validate on (per rank).
+        num_identities: identities to validate on, per rank.
+        rank, world: this process and the number of processes.
         max_consecutive_bad: raise after this many bad samples in a row.
     """
 
-    def __init__(self, urls: Sequence[str], *, batch_size: int, num_identities: int, max_consecutive_bad: int = 1000):
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        batch_size: int,
+        num_identities: int,
+        rank: int = 0,
+        world: int = 1,
+        max_consecutive_bad: int = 1000,
+    ):
         super().__init__()
         self.urls = list(urls)
         self.batch_size = batch_size
         self.num_identities = num_identities
+        self.rank, self.world = rank, world
         self.max_consecutive_bad = max_consecutive_bad
 
     def __iter__(self) -> Iterator[ConditionBatch]:
         if get_worker_info() is not None and get_worker_info().id > 0:
             return  # one reader: the set is small and must not be duplicated across workers
         skips = _SkipCounter(self.max_consecutive_bad)
+        records = list(islice(read_identities(self.urls, skips), self.num_identities * self.world))
+        if self.world > 1:
+            if len(records) < self.world:
+                raise ValueError(
+                    f"{len(records)} validation identities for {self.world} ranks: every rank needs at least one. "
+                    f"Add identities to data.val_shards (or set trainer.limit_val_batches: 0)"
+                )
+            records = records[self.rank : len(records) - len(records) % self.world : self.world]
         batch: list[ConditionSample] = []
-        records = read_identities(self.urls, skips)
-        for record in islice(records, self.num_identities):
+        for record in records:
             batch.append(_to_condition(record, 0))
             if len(batch) == self.batch_size:
                 yield ConditionBatch(batch, *skips.take())

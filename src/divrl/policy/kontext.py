@@ -585,6 +585,9 @@ class KontextPolicy(nn.Module):
         frozen = copy.deepcopy(self.transformer).requires_grad_(False).eval()
         if offload:
             frozen.to("cpu")
+            if torch.cuda.is_available():  # pinned pages: the per-block copies to the GPU run asynchronously
+                for t in [*frozen.parameters(), *frozen.buffers()]:
+                    t.data = t.data.pin_memory()
         self._reference = (frozen,)  # a tuple hides it from nn.Module's registration
         self._reference_offloaded = offload
         return frozen
@@ -702,16 +705,23 @@ def _load_hint(name: str, err: Exception) -> str:
 @contextlib.contextmanager
 def _streamed(transformer: nn.Module, device: torch.device) -> Iterator[None]:
     """Run a CPU-resident transformer on ``device``: its small top-level parts move for the duration of the block,
-    each transformer block only for its own forward (hooks), so the device holds one block at a time."""
+    each transformer block only for its own forward (hooks), so the device holds one block at a time. A block's
+    weights are copied to the device before its forward and simply dropped after it (the CPU copies stay where they
+    are: nothing is copied back), also when the forward raises."""
     blocks = [*getattr(transformer, "transformer_blocks", []), *getattr(transformer, "single_transformer_blocks", [])]
     block_ids = {id(b) for b in blocks}
     rest = [m for m in transformer.children() if not isinstance(m, nn.ModuleList) and id(m) not in block_ids]
+    on_cpu: dict[int, list[tuple[Tensor, Tensor]]] = {}
 
     def arrive(module: nn.Module, args) -> None:
-        module.to(device)
+        tensors = [*module.parameters(), *module.buffers()]
+        on_cpu[id(module)] = [(t, t.data) for t in tensors]
+        for t in tensors:
+            t.data = t.data.to(device, non_blocking=True)
 
-    def leave(module: nn.Module, args, output) -> None:
-        module.to("cpu")
+    def leave(module: nn.Module, args=None, output=None) -> None:
+        for t, data in on_cpu.pop(id(module), []):
+            t.data = data
 
     hooks = [hook for block in blocks for hook in (block.register_forward_pre_hook(arrive),
                                                    block.register_forward_hook(leave))]  # fmt: skip
@@ -722,5 +732,7 @@ def _streamed(transformer: nn.Module, device: torch.device) -> Iterator[None]:
     finally:
         for hook in hooks:
             hook.remove()
+        for block in blocks:  # a forward that raised left its block on the device
+            leave(block)
         for module in rest:
             module.to("cpu")

@@ -139,8 +139,17 @@ class AdapterEMA(pl.Callback):
         self._validation.__exit__(None, None, None)
 
     def state_dict(self) -> dict:
-        # whole tensors (sharded ones are gathered: every rank saves a checkpoint, so every rank takes part)
-        return {"shadow": {n: full_tensor(t).cpu() for n, t in self.shadow.items()}, "last_step": self.last_step}
+        # Whole tensors: sharded ones are gathered (every rank saves a checkpoint, so every rank takes part), and
+        # only global rank 0, which writes the checkpoint's metadata, keeps them.
+        import torch.distributed as dist
+
+        keep = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        shadow = {}
+        for name, tensor in self.shadow.items():
+            whole = full_tensor(tensor)
+            if keep:
+                shadow[name] = whole.cpu()
+        return {"shadow": shadow, "last_step": self.last_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.shadow = dict(state_dict["shadow"])

@@ -128,14 +128,19 @@ class DivRLModule(pl.LightningModule):
         mesh = self._data_parallel_mesh()
         device = strategy.root_device if strategy is not None else torch.device("cpu")
         reference = None
-        if self.policy.train_transformer and self.grpo.kl_beta > 0:
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
+        if self.policy.train_transformer and self.grpo.kl_beta > 0 and fitting:
             # Full fine-tuning's KL reference: a frozen copy of the initial transformer that never doubles GPU memory:
             # sharded like the policy under FSDP2, else kept on the CPU and streamed block by block on a GPU.
             reference = self.policy.keep_reference(offload=mesh is None and device.type != "cpu")
         if mesh is not None:
             # FSDP2 (ModelParallelStrategy): the strategy moves nothing itself, so the frozen VAE, text encoders and
-            # reward backbones go to this rank's device here; the transformer is sharded block by block.
-            self.to(device)
+            # reward backbones go to this rank's device here; fully_shard moves each transformer block's shard there
+            # itself, one block at a time (moving the whole transformer first would need all of it on each GPU).
+            self.rewards.to(device)
+            for part in (self.policy.vae, self.policy.text_encoder, self.policy.text_encoder_2):
+                if part is not None:
+                    part.to(device)
             shard_transformer(self.policy.transformer, mesh)
             if reference is not None:
                 shard_transformer(reference, mesh)

@@ -60,8 +60,9 @@ class DivRLTrainer(pl.Trainer):
             prompts: edit prompts for ``reference``.
             mask: optional subject mask of ``reference`` (used for the nSSM / VSM captions of the grid).
             lora: a trained adapter: a folder (or ``.safetensors`` file) written by the LoRA exporter, or a Lightning
-                checkpoint (``.ckpt``, a file, or a folder written under FSDP2) of the run; for full fine-tuning, the
-                exported folder holding ``transformer/``.
+                checkpoint (``.ckpt``, a file, or a folder written under FSDP2) of the run (its ``AdapterEMA``
+                average when it has one, as the run's validation and exports); for full fine-tuning, the exported
+                folder holding ``transformer/``.
                 ``None`` samples the base model.
             output_dir: where ``<identity>/<prompt index>_<k>.png``, one grid per prompt and ``samples.json`` go.
             num_samples: images per prompt (different seeds).
@@ -235,14 +236,17 @@ def _conditions(datamodule, reference, prompts, mask, num_identities) -> list[Co
 
 
 def _load_weights(model: DivRLModule, path: str) -> None:
-    if (Path(path) / ".metadata").is_file():  # a distributed (FSDP2) checkpoint folder
-        checkpoint = _read_distributed_checkpoint(Path(path))
+    if (Path(path) / ".metadata").is_file() or str(path).endswith(".ckpt"):
+        if (Path(path) / ".metadata").is_file():  # a distributed (FSDP2) checkpoint folder
+            checkpoint = _read_distributed_checkpoint(Path(path), model)
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(checkpoint["state_dict"], strict=False)
         model.on_load_checkpoint(checkpoint)
-    elif str(path).endswith(".ckpt"):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        model.load_state_dict(checkpoint["state_dict"], strict=False)
-        model.on_load_checkpoint(checkpoint)
+        average = next((state["shadow"] for name, state in checkpoint.get("callbacks", {}).items()
+                        if name.startswith("AdapterEMA") and state.get("shadow")), None)  # fmt: skip
+        if average is not None:  # the run's moving average: what its validation and its exported LoRA use
+            model.load_state_dict(average, strict=False)
     elif (Path(path) / "transformer" / "config.json").is_file() or (Path(path) / "config.json").is_file():
         from diffusers import FluxTransformer2DModel  # a fully fine-tuned transformer (LoRAExporter, full FT)
 
@@ -253,17 +257,15 @@ def _load_weights(model: DivRLModule, path: str) -> None:
         model.policy.load_lora(path)
 
 
-def _read_distributed_checkpoint(path: Path) -> dict:
-    """The whole trainable state of a distributed checkpoint (every rank's shards), read in this one process."""
-    import tempfile
+def _read_distributed_checkpoint(path: Path, model: DivRLModule) -> dict:
+    """A distributed checkpoint's trainable weights (every rank's shards, none of its optimizer state) and metadata,
+    read in this one process."""
+    import torch.distributed.checkpoint as dcp
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(path, Path(tmp) / "full.pt")
-        tensors = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
+    state = {"state_dict": {k: torch.empty_like(v) for k, v in model.trainable_state_dict().items()}}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
     checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
-    checkpoint["state_dict"] = tensors["state_dict"]
+    checkpoint["state_dict"] = state["state_dict"]
     return checkpoint
 
 
