@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -263,7 +264,9 @@ def _read_distributed_checkpoint(path: Path, model: DivRLModule) -> dict:
     import torch.distributed.checkpoint as dcp
 
     state = {"state_dict": {k: torch.empty_like(v) for k, v in model.trainable_state_dict().items()}}
-    dcp.load(state, checkpoint_id=path, no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process is the intent here
+        warnings.filterwarnings("ignore", message=r"torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=True)
     checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
     checkpoint["state_dict"] = state["state_dict"]
     return checkpoint
