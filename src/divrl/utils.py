@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["parse_dtype", "load_pretrained"]
+__all__ = ["parse_dtype", "load_pretrained", "load_image_processor"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -75,3 +75,21 @@ def load_pretrained(
             f"local_files_only=True (or set HF_HUB_OFFLINE=1), or pass the path of a local folder written by "
             f"save_pretrained. Original error: {err}"
         ) from err
+
+
+def load_image_processor(model: str | os.PathLike, local_files_only: bool) -> Any | None:
+    """The checkpoint's image processor (its ``image_mean``, ``image_std``, ``crop_size``...), or ``None`` when it
+    ships none. Loaded with the PIL backend: reading the statistics needs no torchvision."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    name = os.fspath(model)
+    if os.path.isdir(os.path.expanduser(name)):
+        name = os.path.expanduser(name)
+    kwargs: dict[str, Any] = {"local_files_only": local_files_only}
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        kwargs["backend"] = "pil"
+    try:
+        return AutoImageProcessor.from_pretrained(name, **kwargs)
+    except (OSError, ValueError):
+        return None

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from divrl.images import ImageLike, to_image_batch, to_pil
-from divrl.utils import load_pretrained, parse_dtype
+from divrl.utils import load_image_processor, load_pretrained, parse_dtype
 
 __all__ = ["CLIPEmbedder", "HPSv2", "Segmenter", "BackgroundSegmenter", "CallableSegmenter"]
 
@@ -117,24 +117,14 @@ class CLIPEmbedder(nn.Module):
 
 
 def _clip_preprocessing(model, local_files_only: bool, default_size: int) -> tuple[int, tuple, tuple]:
-    """Crop size, mean and std from the checkpoint's ``preprocessor_config.json``, or OpenAI CLIP's defaults."""
-    import json
-
-    from huggingface_hub import hf_hub_download
-
-    name = os.path.expanduser(os.fspath(model))
-    try:
-        path = os.path.join(name, "preprocessor_config.json") if os.path.isdir(name) else hf_hub_download(
-            name, "preprocessor_config.json", local_files_only=local_files_only
-        )  # fmt: skip
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return default_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    crop = config.get("crop_size", default_size)
-    size = int(crop.get("height", default_size) if isinstance(crop, dict) else crop)
-    mean = tuple(float(v) for v in config.get("image_mean", OPENAI_CLIP_MEAN))
-    std = tuple(float(v) for v in config.get("image_std", OPENAI_CLIP_STD))
+    """Crop size, mean and std of the checkpoint's image processor, or OpenAI CLIP's defaults."""
+    processor = load_image_processor(model, local_files_only)
+    crop = getattr(processor, "crop_size", None) or default_size
+    if not isinstance(crop, (int, float)):  # {"height", "width"}: a dict, or transformers 5's SizeDict
+        crop = crop["height"] if isinstance(crop, dict) else getattr(crop, "height", None) or default_size
+    size = int(crop)
+    mean = tuple(float(v) for v in getattr(processor, "image_mean", None) or OPENAI_CLIP_MEAN)
+    std = tuple(float(v) for v in getattr(processor, "image_std", None) or OPENAI_CLIP_STD)
     return size, mean, std
 
 

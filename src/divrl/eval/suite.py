@@ -113,12 +113,7 @@ class EvalSuite:
     @property
     def columns(self) -> list[str]:
         """The configured per-sample columns, in table order."""
-        have = {
-            "clip_t": self.clip, "clip_i": self.clip, "dino": self.dino, "vsm": self.identity,
-            "dino_nssm": self.dino_nssm, "si_iou": self.segmenter, "mtg_nssm": self.identity, "hps": self.hps,
-            "sdino": self.sdino, "lpips": self.lpips,
-        }  # fmt: skip
-        return [column for column in COLUMNS if have[column] is not None]
+        return [column for column in COLUMNS if getattr(self, _SOURCE[column]) is not None]
 
     def header(self, column: str) -> str:
         """The table header of ``column`` (VSM carries its visual threshold, as the paper's VSM-0.7)."""

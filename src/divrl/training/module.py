@@ -458,15 +458,7 @@ class DivRLModule(pl.LightningModule):
         self.counters = defaultdict(int, state.get("counters", {}))
         if self.policy is None:
             return
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        saved = set(checkpoint["state_dict"])
-        if trainable != saved:
-            missing, unexpected = sorted(trainable - saved), sorted(saved - trainable)
-            raise KeyError(
-                f"checkpoint does not match this model's trainable weights: {len(missing)} missing (e.g. "
-                f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}). Resume with the same "
-                f"model.policy (model and lora settings) as the run that wrote it"
-            )
+        check_trainable_keys({n for n, p in self.named_parameters() if p.requires_grad}, set(checkpoint["state_dict"]))
 
 
 def _device_peak(device: torch.device) -> float | None:
@@ -474,6 +466,17 @@ def _device_peak(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def check_trainable_keys(trainable: set[str], saved: set[str], where: str = "checkpoint") -> None:
+    """Refuse a checkpoint whose weights are not exactly this model's trainable ones, naming what differs."""
+    if trainable != saved:
+        missing, unexpected = sorted(trainable - saved), sorted(saved - trainable)
+        raise KeyError(
+            f"{where} does not match this model's trainable weights: {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}). Resume with the same model.policy (model and "
+            f"lora settings) as the run that wrote it"
+        )
 
 
 def check_strategy(strategy) -> None:

@@ -50,20 +50,15 @@ class FSDP2Strategy(ModelParallelStrategy):
             set_optimizer_state_dict,
         )
 
+        from divrl.training.module import check_trainable_keys
+
         path = Path(self.broadcast(checkpoint_path))
         if not path.is_dir():  # a single-file checkpoint (save_distributed_checkpoint=False)
             return super().load_checkpoint(path, weights_only=weights_only)
         model = self.model
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         weights = {k: v for k, v in get_model_state_dict(model).items() if k in trainable}
-        saved = _saved_keys(path, "state_dict")
-        if saved != set(weights):
-            missing, unexpected = sorted(set(weights) - saved), sorted(saved - set(weights))
-            raise KeyError(
-                f"checkpoint {path} does not match this model's trainable weights: {len(missing)} missing (e.g. "
-                f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}). Resume with the same "
-                f"model.policy (model and lora settings) as the run that wrote it"
-            )
+        check_trainable_keys(set(weights), _saved_keys(path, "state_dict"), f"checkpoint {path}")  # before DCP's error
         state = {"state_dict": weights}
         dcp.load(state, checkpoint_id=path)
         set_model_state_dict(model, state["state_dict"], options=StateDictOptions(strict=False))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from divrl.rewards.backbones.base import FeatureBackbone, Features
-from divrl.utils import load_pretrained, parse_dtype
+from divrl.utils import load_image_processor, load_pretrained, parse_dtype
 
 __all__ = ["DINOv2Backbone"]
 
@@ -225,19 +225,7 @@ def _load_model(model: str | os.PathLike, local_files_only: bool) -> nn.Module:
 
 def _load_mean_std(model: str | os.PathLike, local_files_only: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The checkpoint's normalisation statistics, or ImageNet's when it ships no preprocessor config."""
-    import transformers
-    from transformers import AutoImageProcessor
-
-    name = os.fspath(model)
-    if os.path.isdir(os.path.expanduser(name)):
-        name = os.path.expanduser(name)
-    kwargs = {"local_files_only": local_files_only}
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        kwargs["backend"] = "pil"  # mean/std only: the PIL processor needs no torchvision (and does not warn)
-    try:
-        processor = AutoImageProcessor.from_pretrained(name, **kwargs)
-    except (OSError, ValueError):
-        return IMAGENET_MEAN, IMAGENET_STD
+    processor = load_image_processor(model, local_files_only)
     mean = getattr(processor, "image_mean", None)
     std = getattr(processor, "image_std", None)
     if mean is None or std is None:
