@@ -1,12 +1,14 @@
 """Memory model: GPU bytes per rank for training FLUX.1 Kontext, from parameter counts on the meta device.
 
 Counts the real transformer (built from its configuration on the meta device, no download) and DivRL's LoRA
-(r 64 on the official targets), then adds up what each rank holds for LoRA or full fine-tuning, DDP or FSDP
-(fully sharded weights, gradients and optimizer states), fp32 AdamW or 8-bit AdamW states, on 1, 8 and 64 GPUs:
+(r 64 on the official targets), then adds up what each rank holds for LoRA or full fine-tuning under DDP, FSDP1
+(``FSDP1Strategy``: the frozen base sharded, the LoRA weights and their states whole on every rank; LoRA only) or
+FSDP2 (``FSDP2Strategy``: weights, gradients and optimizer states all sharded), fp32 AdamW or 8-bit AdamW states,
+on 1, 8 and 64 GPUs:
 
-- frozen base weights: bf16, 2 bytes per parameter (sharded under FSDP);
+- frozen base weights: bf16, 2 bytes per parameter (sharded under FSDP1 and FSDP2);
 - trainable weights: fp32 (4 B), their gradients fp32 (4 B), AdamW moments fp32 (8 B) or 8-bit (2 B; the block-wise
-  absmax scales are under 1%); all sharded under FSDP;
+  absmax scales are under 1%); sharded under FSDP2 only;
 - the VAE (bf16, replicated); the text encoders unless conditions are precomputed (``policy.text_encoders: false``);
 - full fine-tuning with ``kl_beta > 0`` keeps a frozen reference copy in the trained weights' dtype (fp32, so the
   first update's KL is exactly 0): sharded like the policy under FSDP2, in CPU memory (0 on the GPU) otherwise.
@@ -50,14 +52,21 @@ def parameter_counts(rank: int, config: dict = FLUX_TRANSFORMER) -> tuple[int, i
     return total, lora
 
 
-def per_gpu_bytes(params: int, trainable: int, gpus: int, *, full: bool, sharded: bool, eightbit: bool,
+STRATEGIES = {"ddp": "DDP", "fsdp1": "FSDP1", "fsdp2": "FSDP2"}
+
+
+def per_gpu_bytes(params: int, trainable: int, gpus: int, *, full: bool, strategy: str, eightbit: bool,
                   text_encoders: bool, reference_copy: bool) -> float:  # fmt: skip
-    shard = gpus if sharded else 1
+    """Bytes on one GPU (no activations) for ``strategy`` in :data:`STRATEGIES` over ``gpus`` ranks."""
+    if strategy not in STRATEGIES or (full and strategy == "fsdp1"):
+        raise ValueError(f"strategy {strategy!r}: choose from {sorted(STRATEGIES)} (full fine-tuning: ddp or fsdp2)")
     base = 0 if full else 2 * params  # frozen bf16 base (full fine-tuning trains it: counted as trainable)
     state = trainable * (4 + 4 + (2 if eightbit else 8))
+    base /= 1 if strategy == "ddp" else gpus
+    state /= gpus if strategy == "fsdp2" else 1
     fixed = 2 * VAE_PARAMS + (2 * TEXT_ENCODER_PARAMS if text_encoders else 0)
-    reference = 4 * params / shard if (full and reference_copy and sharded) else 0  # unsharded: on the CPU
-    return (base + state) / shard + fixed + reference
+    reference = 4 * params / gpus if (full and reference_copy and strategy == "fsdp2") else 0  # else on the CPU
+    return base + state + fixed + reference
 
 
 def main(argv=None) -> list[dict]:
@@ -75,11 +84,11 @@ def main(argv=None) -> list[dict]:
     print(header)
     print("| --- |" + " --- |" * len(args.gpus))
     for full in (False, True):
-        for sharded in (False, True):
+        for strategy in ("ddp", "fsdp2") if full else STRATEGIES:
             for eightbit in (False, True):
-                label = (f"{'full FT' if full else f'LoRA r{args.lora_rank}'}, {'FSDP' if sharded else 'DDP'}, "
+                label = (f"{'full FT' if full else f'LoRA r{args.lora_rank}'}, {STRATEGIES[strategy]}, "
                          f"{'8-bit' if eightbit else 'fp32'} AdamW")  # fmt: skip
-                values = [per_gpu_bytes(params, params if full else lora, n, full=full, sharded=sharded,
+                values = [per_gpu_bytes(params, params if full else lora, n, full=full, strategy=strategy,
                                         eightbit=eightbit, text_encoders=args.text_encoders,
                                         reference_copy=False) / GB for n in args.gpus]  # fmt: skip
                 rows.append({"setup": label, **{str(n): v for n, v in zip(args.gpus, values)}})

@@ -1,6 +1,7 @@
-"""The demo in two CPU processes (gloo), under DDP and under FSDP2: it trains, the ranks read disjoint shards, their
-adapters stay identical, FSDP2 trains the same adapter as DDP, and a run resumed from FSDP2's sharded checkpoint
-continues the uninterrupted run exactly."""
+"""The demo in two CPU processes (gloo), under DDP, FSDP2 and FSDP1: it trains, the ranks read disjoint shards, their
+adapters stay identical, FSDP2 and FSDP1 train the same adapter as DDP, and runs resumed from FSDP2's sharded
+checkpoint (torchao's 8-bit AdamW) and from FSDP1's (bitsandbytes' 8-bit AdamW) continue the uninterrupted run
+exactly."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP2 = {"class_path": "divrl.training.FSDP2Strategy"}
+FSDP1 = {"class_path": "divrl.training.FSDP1Strategy"}
 
 
 def run(tmp_path: Path, max_steps: int, callbacks: list[dict], timeout: int, config: str = "configs/demo.yaml",
@@ -75,26 +77,60 @@ def test_a_failure_on_one_rank_neither_deadlocks_nor_desynchronises(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_trains_the_same_adapter_as_ddp_on_disjoint_data(tmp_path):
-    """FSDP2 (fully_shard per FLUX block, reduce-scatter of gradients) and DDP (all-reduce) see the same data and
-    noise on each rank, so after three updates their adapters agree to float rounding."""
-    counter = {"class_path": "helpers.probe.GatherCounter", "init_args": {"out_dir": str(tmp_path / "fsdp")}}
-    exporter = {"class_path": "divrl.training.LoRAExporter"}
-    run(tmp_path / "fsdp", 3, [probe(tmp_path / "fsdp"), counter, exporter], 600, strategy=FSDP2)
+def test_fsdp2_and_fsdp1_train_the_same_adapter_as_ddp_on_disjoint_data(tmp_path):
+    """FSDP2 (fully_shard per FLUX block, reduce-scatter of gradients), FSDP1 (each block's frozen base one unit, the
+    LoRA weights unwrapped and all-reduced) and DDP (all-reduce) see the same data and noise on each rank, so after
+    three updates their adapters agree to float rounding."""
     run_ddp(tmp_path / "ddp", 3, [probe(tmp_path / "ddp")], timeout=600)
-    (fsdp, fsdp_w), (ddp, ddp_w) = probed(tmp_path / "fsdp"), probed(tmp_path / "ddp")
-    assert [r["ids"] for r in fsdp] == [r["ids"] for r in ddp]
-    assert set(fsdp[0]["ids"]).isdisjoint(fsdp[1]["ids"]) and all(r["step"] == 3 for r in fsdp)
-    assert all(torch.equal(fsdp_w[0][k], fsdp_w[1][k]) for k in fsdp_w[0])  # the gathered shards: one adapter
-    assert any(v.abs().max() > 0 for k, v in fsdp_w[0].items() if "lora_B" in k)
-    for key in ddp_w[0]:
-        torch.testing.assert_close(fsdp_w[0][key], ddp_w[0][key], atol=2e-6, rtol=1e-4)
-    exported = load_file(tmp_path / "fsdp/lora/final/pytorch_lora_weights.safetensors")
-    assert {k.removeprefix("transformer.") for k in exported} == set(fsdp_w[0])
-    assert all(torch.equal(exported[f"transformer.{k}"], v) for k, v in fsdp_w[0].items())
-    # each rollout gathered every FSDP unit (the blocks and the root) once, not once per denoising step (4 steps)
-    gathers = json.loads((tmp_path / "fsdp" / "gathers0.json").read_text())
-    assert gathers["per_rollout"] == [gathers["units"]] * 3 and gathers["units"] >= 3
+    ddp, ddp_w = probed(tmp_path / "ddp")
+    for name, strategy in (("fsdp2", FSDP2), ("fsdp1", FSDP1)):
+        out = tmp_path / name
+        counter = {"class_path": "helpers.probe.GatherCounter", "init_args": {"out_dir": str(out)}}
+        run(out, 3, [probe(out), counter, {"class_path": "divrl.training.LoRAExporter"}], 600, strategy=strategy)
+        fsdp, fsdp_w = probed(out)
+        assert [r["ids"] for r in fsdp] == [r["ids"] for r in ddp], name
+        assert set(fsdp[0]["ids"]).isdisjoint(fsdp[1]["ids"]) and all(r["step"] == 3 for r in fsdp)
+        assert all(torch.equal(fsdp_w[0][k], fsdp_w[1][k]) for k in fsdp_w[0]), name  # one adapter on both ranks
+        assert any(v.abs().max() > 0 for k, v in fsdp_w[0].items() if "lora_B" in k)
+        for key in ddp_w[0]:
+            torch.testing.assert_close(fsdp_w[0][key], ddp_w[0][key], atol=2e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+        exported = load_file(out / "lora/final/pytorch_lora_weights.safetensors")
+        assert {k.removeprefix("transformer.") for k in exported} == set(fsdp_w[0])
+        assert all(torch.equal(exported[f"transformer.{k}"], v) for k, v in fsdp_w[0].items())
+        # each rollout gathered every FSDP unit once, not once per denoising step (4 steps): FSDP2's units are the
+        # blocks and the root (4 + 1 for the demo model), FSDP1's the blocks' frozen bases (4)
+        gathers = json.loads((out / "gathers0.json").read_text())
+        assert gathers["units"] == {"fsdp2": 5, "fsdp1": 4}[name]
+        assert gathers["per_rollout"] == [gathers["units"]] * 3, name
+
+
+@pytest.mark.slow
+def test_fsdp1_with_bitsandbytes_8bit_adamw_resumes_exactly(tmp_path):
+    """FSDP1 with bitsandbytes' 8-bit AdamW (it sees only the unwrapped LoRA weights): checkpoints are single files
+    holding the adapter and its 8-bit states under the unwrapped names, and a run resumed from step 2 ends where the
+    uninterrupted run ends."""
+    pytest.importorskip("bitsandbytes")
+    adamw8bit = ("--model.optimizer", "bitsandbytes.optim.AdamW8bit", "--model.optimizer.lr", "3e-4",
+                 "--model.optimizer.min_8bit_size", "16")  # the tiny model's adapters are small  # fmt: skip
+    every_step = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1}}  # fmt: skip
+    run(tmp_path / "full", 3, [every_step, probe(tmp_path / "full")], 600, "configs/demo.yaml", FSDP1, *adamw8bit)
+    step2 = tmp_path / "full/checkpoints/epoch=0-step=2.ckpt"
+    assert step2.is_file()
+    state = torch.load(step2, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2
+    states = [s.get("__bnb_optimizer_quant_state__", s) for s in state["optimizer_states"][0]["state"].values()]
+    moments = [v for s in states for v in s.values() if torch.is_tensor(v)]
+    assert any(t.dtype == torch.uint8 for t in moments)
+    run(tmp_path / "cut", 3, [every_step, probe(tmp_path / "cut")], 600, "configs/demo.yaml", FSDP1, *adamw8bit,
+        "--ckpt_path", str(step2))  # fmt: skip
+    (full, full_w), (cut, cut_w) = probed(tmp_path / "full"), probed(tmp_path / "cut")
+    # the adapter alone, under the names DDP and one device use (no FSDP1 wrapper prefix, no frozen weight)
+    assert {k.removeprefix("policy.transformer.").replace(".default", "") for k in state["state_dict"]} == set(full_w[0])
+    assert [r["step"] for r in cut] == [3, 3] and [r["ids"] for r in cut] == [r["ids"][-2:] for r in full]
+    assert all(torch.equal(cut_w[0][k], cut_w[1][k]) for k in cut_w[0])
+    for key in full_w[0]:
+        torch.testing.assert_close(cut_w[0][key], full_w[0][key], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -67,11 +68,19 @@ def test_memory_model_counts_match_peft_and_a_hand_computed_case():
     assert lora == sum(p.numel() for p in policy.trainable_parameters())
     assert total + lora == sum(p.numel() for p in policy.transformer.parameters())
     # LoRA under DDP, fp32 AdamW, precomputed conditions: bf16 base + 16 B per trainable weight + the bf16 VAE
-    assert model.per_gpu_bytes(1000, 10, 8, full=False, sharded=False, eightbit=False, text_encoders=False,
+    assert model.per_gpu_bytes(1000, 10, 8, full=False, strategy="ddp", eightbit=False, text_encoders=False,
                                reference_copy=False) == 2000 + 160 + 2 * model.VAE_PARAMS  # fmt: skip
-    # full fine-tuning, FSDP over 4 GPUs, 8-bit states: (4 + 4 + 2) B per parameter, sharded
-    assert model.per_gpu_bytes(1000, 1000, 4, full=True, sharded=True, eightbit=True, text_encoders=False,
+    # LoRA under FSDP1 over 4 GPUs: the base sharded, the adapter and its states whole; FSDP2 shards them too
+    assert model.per_gpu_bytes(1000, 10, 4, full=False, strategy="fsdp1", eightbit=False, text_encoders=False,
+                               reference_copy=False) == 2000 / 4 + 160 + 2 * model.VAE_PARAMS  # fmt: skip
+    assert model.per_gpu_bytes(1000, 10, 4, full=False, strategy="fsdp2", eightbit=False, text_encoders=False,
+                               reference_copy=False) == (2000 + 160) / 4 + 2 * model.VAE_PARAMS  # fmt: skip
+    # full fine-tuning, FSDP2 over 4 GPUs, 8-bit states: (4 + 4 + 2) B per parameter, sharded
+    assert model.per_gpu_bytes(1000, 1000, 4, full=True, strategy="fsdp2", eightbit=True, text_encoders=False,
                                reference_copy=False) == 10_000 / 4 + 2 * model.VAE_PARAMS  # fmt: skip
+    with pytest.raises(ValueError, match="full fine-tuning: ddp or fsdp2"):
+        model.per_gpu_bytes(1000, 1000, 4, full=True, strategy="fsdp1", eightbit=True, text_encoders=False,
+                            reference_copy=False)  # fmt: skip
 
 
 def test_smoke_run_of_full_fine_tuning_trains_every_weight():

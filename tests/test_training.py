@@ -310,16 +310,22 @@ def test_an_optimizer_that_cannot_run_under_the_strategy_is_refused_at_start():
     check_optimizer_strategy(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))]), FSDP2Strategy())
 
 
-def test_fsdp1_is_refused_at_start_with_the_fsdp2_fix():
+def test_strategies_divrl_cannot_train_under_are_refused_at_start_with_the_fix():
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-    from divrl.training import FSDP2Strategy
+    from divrl.training import FSDP1Strategy, FSDP2Strategy, PolicyConfig
     from divrl.training.module import check_strategy
 
-    with pytest.raises(ValueError, match=r"FSDP1 .* divrl.training.FSDP2Strategy"):
-        check_strategy(FSDPStrategy())
-    for fine in (None, DDPStrategy(), FSDP2Strategy()):
-        check_strategy(fine)
+    with pytest.raises(ValueError, match=r"Lightning's FSDPStrategy .* divrl.training.FSDP1Strategy"):
+        check_strategy(FSDPStrategy())  # would wrap the whole module (VAE, rewards) into mixed-dtype flat params
+    full = PolicyConfig(model="tiny", lora=None, train_transformer=True)
+    with pytest.raises(ValueError, match=r"full fine-tuning .* divrl.training.FSDP2Strategy"):
+        check_strategy(FSDP1Strategy(), full)
+    with pytest.raises(ValueError, match="state_dict_type must be 'full'"):
+        FSDP1Strategy(state_dict_type="sharded")
+    for fine in (None, DDPStrategy(), FSDP2Strategy(), FSDP1Strategy()):
+        check_strategy(fine, PolicyConfig(model="tiny"))
+    check_strategy(FSDP2Strategy(), full)
 
 
 def test_the_slurm_overlay_parses_on_top_of_a_config(tmp_path):

@@ -62,7 +62,8 @@ class BreakRankOne(pl.Callback):
 
 
 class GatherCounter(pl.Callback):
-    """Counts FSDP2 all-gathers during each training rollout (rank 0 writes ``gathers0.json``)."""
+    """Counts FSDP all-gathers (FSDP2's per unit, FSDP1's per flat parameter) during each training rollout; rank 0
+    writes ``gathers0.json`` with the counts and the number of FSDP units of the transformer."""
 
     def __init__(self, out_dir: str):
         super().__init__()
@@ -70,15 +71,20 @@ class GatherCounter(pl.Callback):
         self.per_rollout: list[int] = []
 
     def on_fit_start(self, trainer, pl_module):
-        import torch.distributed.fsdp._fully_shard._fsdp_param_group as group
+        import torch.distributed.fsdp._flat_param as fsdp1
+        import torch.distributed.fsdp._fully_shard._fsdp_param_group as fsdp2
 
-        real_gather, count = group.foreach_all_gather, {"n": 0}
+        count = {"n": 0}
 
-        def counting(*args, **kwargs):
-            count["n"] += 1
-            return real_gather(*args, **kwargs)
+        def counted(real):
+            def counting(*args, **kwargs):
+                count["n"] += 1
+                return real(*args, **kwargs)
 
-        group.foreach_all_gather = counting
+            return counting
+
+        fsdp2.foreach_all_gather = counted(fsdp2.foreach_all_gather)
+        fsdp1.FlatParamHandle._all_gather_flat_param = counted(fsdp1.FlatParamHandle._all_gather_flat_param)
         real_rollout = pl_module._rollout
 
         def rollout(*args, **kwargs):
@@ -91,9 +97,9 @@ class GatherCounter(pl.Callback):
         pl_module._rollout = rollout
 
     def on_train_end(self, trainer, pl_module):
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-        units = sum(isinstance(m, FSDPModule) for m in pl_module.policy.transformer.modules())
+        units = sum(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in pl_module.policy.transformer.modules())
         if trainer.global_rank == 0:
             out = Path(self.out_dir)
             out.mkdir(parents=True, exist_ok=True)

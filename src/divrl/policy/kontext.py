@@ -31,7 +31,7 @@ from peft import get_peft_model_state_dict
 from torch import Tensor, nn
 
 from divrl.images import ImageLike, to_image_batch
-from divrl.policy.sharding import full_tensor
+from divrl.policy.sharding import clean_name, full_tensor
 from divrl.utils import parse_dtype
 
 __all__ = ["LoRAConfig", "Condition", "KontextPolicy", "DEFAULT_LORA_TARGETS", "ModelLoadError"]
@@ -605,10 +605,17 @@ class KontextPolicy(nn.Module):
 
     def lora_state_dict(self) -> dict[str, Tensor]:
         """The adapter weights with peft's names (``...lora_A.weight``), whole and on the CPU. With a sharded
-        (FSDP2) transformer the shards are gathered: a collective, every rank must call it."""
+        (FSDP2) transformer the shards are gathered: a collective, every rank must call it. Under FSDP1 the adapter
+        is unwrapped (whole on every rank) and nothing is gathered."""
         if self.lora_config is None:
             raise RuntimeError("lora_state_dict: this policy has no LoRA adapter (lora=None)")
-        return {k: full_tensor(v.detach()).cpu() for k, v in get_peft_model_state_dict(self.transformer).items()}
+        return {k: full_tensor(v.detach()).cpu() for k, v in self._adapter_state().items()}
+
+    def _adapter_state(self) -> dict[str, Tensor]:
+        """peft's adapter state dict read from the parameters (``state_dict()`` on an FSDP1-wrapped transformer would
+        gather every block's frozen weights to pick out the adapter's), by their unwrapped names."""
+        state = get_peft_model_state_dict(self.transformer, state_dict=dict(self.transformer.named_parameters()))
+        return {clean_name(k): v for k, v in state.items()}
 
     def save_lora(self, directory: str | os.PathLike, state: dict[str, Tensor] | None = None) -> Path:
         """Write the adapter in diffusers' format: ``<directory>/pytorch_lora_weights.safetensors``.
@@ -647,14 +654,14 @@ class KontextPolicy(nn.Module):
         if not file.is_file():
             raise FileNotFoundError(f"load_lora: {str(file)!r} does not exist; pass a folder written by save_lora")
         state = {k.removeprefix("transformer."): v for k, v in load_file(str(file)).items()}
-        expected = {k for k in get_peft_model_state_dict(self.transformer)}
+        ours = self._adapter_state()
+        expected = set(ours)
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise ValueError(
                 f"load_lora: {file} does not fit this adapter ({len(missing)} missing keys e.g. {missing[:2]}, "
                 f"{len(extra)} unexpected e.g. {extra[:2]}); use the same lora target_modules as the run that wrote it"
             )
-        ours = get_peft_model_state_dict(self.transformer)
         shapes = [k for k in state if state[k].shape != ours[k].shape]
         if shapes:
             raise ValueError(

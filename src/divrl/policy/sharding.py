@@ -1,10 +1,15 @@
-"""FSDP2 for the FLUX transformer (plain torch, no Lightning): sharding, gathering for rollouts, full weights out.
+"""FSDP for the FLUX transformer (plain torch, no Lightning): sharding, gathering for rollouts, full weights out.
 
 - :func:`shard_transformer` applies ``fully_shard`` to every ``FluxTransformerBlock`` and
   ``FluxSingleTransformerBlock`` (one all-gather per block), then to the transformer itself (the embedders and the
   output layers). The frozen base and the trainable LoRA weights of a block share one unit; mixed dtypes (a bf16
   base with fp32 adapters) are all-gathered as they are. The VAE, the text encoders and the reward backbones are
   frozen and stay whole on every rank.
+- :func:`shard_transformer_fsdp1` is the FSDP1 (``FullyShardedDataParallel``) counterpart for LoRA training: each
+  block's frozen base is wrapped and sharded, its LoRA weights are left out of the unit (``ignored_states``), so
+  they stay whole on every rank like DDP's and keep their own dtype (FSDP1 flattens a unit's parameters into one
+  tensor of one dtype); :func:`all_reduce_grads` averages their gradients, as DDP would. The names of wrapped
+  parameters gain FSDP1's ``_fsdp_wrapped_module.``; :func:`trainable_parameters` gives them without it.
 - :func:`gathered` keeps the shards gathered across the denoising steps of a rollout: one all-gather per block
   per rollout instead of one per block per step (a 6-step rollout: 6× less all-gather traffic), for the price of
   the whole (bf16) transformer on each GPU while the rollout runs — the memory the backward pass never needs at
@@ -24,7 +29,20 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["shard_transformer", "gathered", "full_tensor", "shard_like", "save_full_transformer", "grad_norm"]
+__all__ = [
+    "shard_transformer",
+    "shard_transformer_fsdp1",
+    "gathered",
+    "full_tensor",
+    "shard_like",
+    "save_full_transformer",
+    "grad_norm",
+    "all_reduce_grads",
+    "trainable_parameters",
+    "clean_name",
+]
+
+_FSDP1_PREFIX = "_fsdp_wrapped_module."  # what FSDP1's wrapper inserts into the names of the parameters it wraps
 
 
 def _fsdp():
@@ -43,23 +61,91 @@ def shard_transformer(transformer: nn.Module, mesh, reshard_after_forward: bool 
             gathers them again.
     """
     _, fully_shard = _fsdp()
-    blocks = [*getattr(transformer, "transformer_blocks", []), *getattr(transformer, "single_transformer_blocks", [])]
-    if not blocks:
-        raise ValueError(
-            f"shard_transformer: {type(transformer).__name__} has no transformer_blocks / single_transformer_blocks; "
-            f"expected a diffusers FluxTransformer2DModel"
-        )
+    blocks = [block for _, _, block in _blocks(transformer, "shard_transformer")]
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(transformer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return [*blocks, transformer]
 
 
+def shard_transformer_fsdp1(transformer: nn.Module, device: torch.device, **fsdp_kwargs) -> list[nn.Module]:
+    """Wrap each transformer block's frozen weights in FSDP1 (``use_orig_params=True``), in place; returns the units.
+
+    The trainable (LoRA) weights of a block are ``ignored_states`` of its unit: whole on every rank, their gradients
+    left to :func:`all_reduce_grads`. Everything outside the blocks (embedders, output layers) is small and stays
+    whole. Only the blocks' frozen weights are moved to ``device`` unit by unit (never the whole transformer at once).
+
+    Args:
+        transformer: a diffusers ``FluxTransformer2DModel`` with a LoRA adapter (its base frozen).
+        device: this rank's device (``torch.device("cpu")`` runs FSDP1 on CPU processes with gloo).
+        **fsdp_kwargs: passed to ``FullyShardedDataParallel`` (``sharding_strategy``, ``process_group``, ...).
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    blocks = _blocks(transformer, "shard_transformer_fsdp1")
+    inside = {id(p) for _, _, block in blocks for p in block.parameters()}
+    if any(p.requires_grad for _, _, block in blocks for n, p in block.named_parameters() if "lora_" not in n):
+        raise ValueError(
+            "shard_transformer_fsdp1: the transformer's base weights are trainable (full fine-tuning); FSDP1 here "
+            "shards a frozen base under LoRA only. Fully fine-tune with FSDP2 (divrl.training.FSDP2Strategy)"
+        )
+    for p in transformer.parameters():  # the whole-on-every-rank part: outside the blocks, and the adapters
+        if id(p) not in inside or p.requires_grad:
+            p.data = p.data.to(device)
+    for name, buffer in transformer.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        transformer.get_submodule(owner)._buffers[leaf] = buffer.to(device)
+    units = []
+    for container, index, block in blocks:
+        adapters = [p for p in block.parameters() if p.requires_grad]
+        unit = FullyShardedDataParallel(
+            block, device_id=device, use_orig_params=True, ignored_states=adapters or None, **fsdp_kwargs
+        )
+        container[index] = unit
+        units.append(unit)
+    return units
+
+
+def _blocks(transformer: nn.Module, caller: str) -> list[tuple[nn.ModuleList, int, nn.Module]]:
+    """The FLUX blocks as ``(container, index, block)``, double-stream blocks first."""
+    blocks = [
+        (container, index, block)
+        for container in (getattr(transformer, "transformer_blocks", None), getattr(transformer, "single_transformer_blocks", None))
+        if container is not None
+        for index, block in enumerate(container)
+    ]
+    if not blocks:
+        raise ValueError(
+            f"{caller}: {type(transformer).__name__} has no transformer_blocks / single_transformer_blocks; "
+            f"expected a diffusers FluxTransformer2DModel"
+        )
+    return blocks
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name as the unwrapped model spells it (FSDP1's ``_fsdp_wrapped_module.`` removed)."""
+    return name.replace(_FSDP1_PREFIX, "")
+
+
+def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters that train, by their unwrapped names (identical under no sharding, DDP, FSDP1 and FSDP2)."""
+    return {clean_name(n): p for n, p in module.named_parameters() if p.requires_grad}
+
+
 @contextlib.contextmanager
 def gathered(module: nn.Module, reshard_after_forward: bool = True) -> Iterator[None]:
     """Within the block, FSDP2 units gather their shards on first use and keep them (no reshard after forward);
     on exit every unit is resharded and set back to ``reshard_after_forward`` (what :func:`shard_transformer` was
-    given). A no-op for a module that is not sharded."""
+    given). FSDP1 units are gathered on entry (``summon_full_params``, read-only: for no-grad rollouts) and
+    resharded on exit. A no-op for a module that is not sharded."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
+        if torch.is_grad_enabled():
+            raise RuntimeError("gathered: FSDP1 units stay gathered for no-grad forwards only (rollouts)")
+        with FullyShardedDataParallel.summon_full_params(module, writeback=False):
+            yield
+        return
     FSDPModule, _ = _fsdp()
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]
     if not units:
@@ -131,3 +217,21 @@ def grad_norm(params) -> Tensor:
         dist.all_reduce(total, group=group)
         return total.sqrt()
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def all_reduce_grads(params) -> None:
+    """Average the gradients of replicated parameters over all ranks, as DDP does (FSDP1 leaves its
+    ``ignored_states`` to the caller): one flat all-reduce. Every rank must call it with the same parameters having
+    gradients (the backward passes run the same graph on every rank). A no-op in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(part.view_as(g))

@@ -9,10 +9,11 @@ from divrl.training.callbacks import (
 )
 from divrl.training.config import GRPOConfig, PolicyConfig
 from divrl.training.module import DivRLModule, RolloutGroup, default_optimizer
-from divrl.training.strategies import FSDP2Strategy
+from divrl.training.strategies import FSDP1Strategy, FSDP2Strategy
 
 __all__ = [
     "DivRLModule",
+    "FSDP1Strategy",
     "FSDP2Strategy",
     "GRPOConfig",
     "LoRAExporter",

@@ -12,7 +12,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
 from divrl.images import caption_grid, to_image_batch
-from divrl.policy.sharding import full_tensor, save_full_transformer, shard_like
+from divrl.policy.sharding import (
+    full_tensor,
+    save_full_transformer,
+    shard_like,
+    trainable_parameters,
+)
 
 __all__ = ["LoRAExporter", "RolloutImageLogger", "StageSwitch", "group_grid"]
 
@@ -94,7 +99,7 @@ class AdapterEMA(pl.Callback):
         self.last_step = 0
 
     def _params(self, pl_module) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+        return trainable_parameters(pl_module)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         params = self._params(pl_module)

@@ -42,7 +42,14 @@ from divrl.grpo import (
 )
 from divrl.grpo.timesteps import sde_mask
 from divrl.policy.flops import PEAK_TFLOPS, transformer_flops
-from divrl.policy.sharding import gathered, grad_norm, shard_transformer
+from divrl.policy.sharding import (
+    all_reduce_grads,
+    gathered,
+    grad_norm,
+    shard_transformer,
+    shard_transformer_fsdp1,
+    trainable_parameters,
+)
 from divrl.rewards.modules import GroupReward, RewardOutput
 from divrl.training.config import GRPOConfig, PolicyConfig
 
@@ -123,7 +130,7 @@ class DivRLModule(pl.LightningModule):
         if self.policy is not None:
             return
         strategy = self._trainer.strategy if self._trainer is not None else None
-        check_strategy(strategy)
+        check_strategy(strategy, self.policy_config)
         self.policy = self.policy_config.build()
         mesh = self._data_parallel_mesh()
         device = strategy.root_device if strategy is not None else torch.device("cpu")
@@ -144,6 +151,15 @@ class DivRLModule(pl.LightningModule):
             shard_transformer(self.policy.transformer, mesh)
             if reference is not None:
                 shard_transformer(reference, mesh)
+        elif _is_fsdp1(strategy):
+            # FSDP1: each block's frozen base is one unit (moved to the device and sharded unit by unit); the LoRA
+            # weights stay whole on every rank (averaged in _step); the rest is small and moved whole.
+            self.rewards.to(device)
+            for part in (self.policy.vae, self.policy.text_encoder, self.policy.text_encoder_2):
+                if part is not None:
+                    part.to(device)
+            kwargs = strategy.wrap_kwargs()
+            shard_transformer_fsdp1(self.policy.transformer, kwargs.pop("device"), **kwargs)
 
     def _data_parallel_mesh(self):
         mesh = self.device_mesh  # set by ModelParallelStrategy (FSDP2); None otherwise
@@ -248,7 +264,7 @@ class DivRLModule(pl.LightningModule):
         window = cfg.sde_window if steps == cfg.num_steps else None
         sde = sde_mask(steps, window) if noise_level > 0 else [False] * steps
         keep = gathered(self.policy.transformer) if cfg.rollout_keep_gathered else contextlib.nullcontext()
-        with keep:  # under FSDP2: one all-gather per block for the whole rollout
+        with torch.no_grad(), keep:  # sharded: one all-gather per block for the whole rollout
             trajectory = rollout(
                 self.policy, condition, num_steps=steps, noise_level=noise_level, group_size=group_size,
                 sde_steps=sde, generator=generator, micro_batch_size=cfg.rollout_micro_batch_size, decode=True,
@@ -387,6 +403,9 @@ class DivRLModule(pl.LightningModule):
         """Clip and apply the accumulated gradient, unless the loss or the gradient is non-finite on any rank (then
         the update is skipped everywhere and counted). Returns the update's statistics, or ``None`` when skipped."""
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        fsdp1 = _is_fsdp1(self.trainer.strategy)
+        if fsdp1:  # FSDP1 leaves the LoRA weights unwrapped: their gradients are averaged here, as DDP would
+            all_reduce_grads(params)
         norm = grad_norm(params)  # sharded gradients: a collective over the shards
         stats = {k: v.item() for k, v in sums.items()}  # the one host sync of the update
         finite = math.isfinite(stats["train/loss"]) and math.isfinite(norm.item())
@@ -398,7 +417,9 @@ class DivRLModule(pl.LightningModule):
                 log.warning("update at rollout %d skipped: another rank had a non-finite loss", self.rollouts_done)
             self._skip(optimizer)
             return None
-        if self.grpo.max_grad_norm is not None:
+        if self.grpo.max_grad_norm is not None and fsdp1:  # Lightning's FSDP1 precision refuses to clip by norm
+            torch.nn.utils.clip_grads_with_norm_(params, self.grpo.max_grad_norm, norm)
+        elif self.grpo.max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.grpo.max_grad_norm, gradient_clip_algorithm="norm")
         stats["train/grad_norm"] = norm.item()
         stats["train/lr"] = optimizer.param_groups[0]["lr"]
@@ -443,11 +464,11 @@ class DivRLModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------ checkpoints
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
+        """The trainable weights by their unwrapped names (this rank's shards under FSDP2); no collective."""
+        return {name: p.detach() for name, p in trainable_parameters(self).items()}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        trainable = set(trainable_parameters(self))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["divrl"] = {"stage": self.stage, "rollouts_done": self.rollouts_done, "counters": dict(self.counters)}
 
@@ -458,7 +479,7 @@ class DivRLModule(pl.LightningModule):
         self.counters = defaultdict(int, state.get("counters", {}))
         if self.policy is None:
             return
-        check_trainable_keys({n for n, p in self.named_parameters() if p.requires_grad}, set(checkpoint["state_dict"]))
+        check_trainable_keys(set(trainable_parameters(self)), set(checkpoint["state_dict"]))
 
 
 def _device_peak(device: torch.device) -> float | None:
@@ -479,17 +500,35 @@ def check_trainable_keys(trainable: set[str], saved: set[str], where: str = "che
         )
 
 
-def check_strategy(strategy) -> None:
-    """Refuse FSDP1 (Lightning's ``FSDPStrategy``) at start-up. Its flat parameters need one dtype per wrapped unit
-    (a bf16 frozen base and fp32 LoRA weights do not mix), PyTorch runs it on accelerators only (so no CPU test can
-    cover it), and FSDP2 does everything it would here: sharded weights, mixed dtypes, sharded checkpoints."""
+def check_strategy(strategy, policy: PolicyConfig | None = None) -> None:
+    """Refuse, at start-up, strategies DivRL cannot train under, with the fix.
+
+    - Lightning's own ``FSDPStrategy`` (``strategy: fsdp``) would wrap the whole module, frozen VAE, text encoders and
+      reward backbones included, and flatten bf16 base and fp32 LoRA weights into one tensor; DivRL's
+      :class:`~divrl.training.FSDP1Strategy` wraps the FLUX blocks only and leaves the LoRA weights unwrapped.
+    - FSDP1 trains LoRA only; full fine-tuning shards with FSDP2.
+    """
     from lightning.pytorch.strategies import FSDPStrategy
 
-    if isinstance(strategy, FSDPStrategy):
+    from divrl.training.strategies import FSDP1Strategy
+
+    if isinstance(strategy, FSDPStrategy) and not isinstance(strategy, FSDP1Strategy):
         raise ValueError(
-            "trainer.strategy: FSDP1 (FSDPStrategy) is not supported by DivRL; shard with FSDP2 instead: "
-            "trainer.strategy: {class_path: divrl.training.FSDP2Strategy} (see configs/demo_fsdp.yaml)"
+            "trainer.strategy: Lightning's FSDPStrategy (FSDP1) would wrap the whole DivRLModule; use "
+            "trainer.strategy: {class_path: divrl.training.FSDP1Strategy} (FSDP1, LoRA left unwrapped) or "
+            "{class_path: divrl.training.FSDP2Strategy} (see configs/demo_fsdp.yaml)"
         )
+    if isinstance(strategy, FSDP1Strategy) and policy is not None and (policy.train_transformer or policy.lora is None):
+        raise ValueError(
+            "trainer.strategy: FSDP1Strategy trains a LoRA adapter on a frozen base; full fine-tuning "
+            "(policy.train_transformer: true) shards with trainer.strategy: {class_path: divrl.training.FSDP2Strategy}"
+        )
+
+
+def _is_fsdp1(strategy) -> bool:
+    from divrl.training.strategies import FSDP1Strategy
+
+    return isinstance(strategy, FSDP1Strategy)
 
 
 def check_optimizer_strategy(optimizer, strategy) -> None:

@@ -1,5 +1,5 @@
-"""``FSDP2Strategy``: Lightning's ``ModelParallelStrategy`` set up for DivRL (data parallel only), with sharded
-checkpoints that hold the trainable weights alone.
+"""DivRL's sharded strategies: ``FSDP2Strategy`` (Lightning's ``ModelParallelStrategy``, data parallel only) and
+``FSDP1Strategy`` (Lightning's ``FSDPStrategy``, LoRA training), with checkpoints that hold the trainable weights alone.
 
 Lightning's FSDP2 strategy saves a distributed checkpoint (a folder, one file per rank, written with
 ``torch.distributed.checkpoint``) and, on resume, asks for *every* weight of the model — the 12B frozen base
@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-__all__ = ["FSDP2Strategy"]
+__all__ = ["FSDP1Strategy", "FSDP2Strategy"]
 
 _METADATA = "meta.pt"  # lightning's name for the non-tensor part of a distributed checkpoint
 
@@ -70,6 +70,71 @@ class FSDP2Strategy(ModelParallelStrategy):
         metadata = torch.load(path / _METADATA, weights_only=weights_only)
         metadata["state_dict"] = state["state_dict"]  # for LightningModule.on_load_checkpoint's key check
         return metadata
+
+
+class FSDP1Strategy(FSDPStrategy):
+    """FSDP1 (``FullyShardedDataParallel``, ``use_orig_params=True``) for LoRA training: each FLUX block's frozen
+    base is one unit, sharded over all processes; the LoRA weights are left unwrapped (``ignored_states``), whole on
+    every rank, with their gradients averaged like DDP's (``DivRLModule`` does both: ``configure_model`` wraps,
+    :func:`~divrl.policy.sharding.all_reduce_grads` averages). bitsandbytes' 8-bit optimizers work here: they only
+    ever see the plain LoRA tensors.
+
+    Checkpoints are single files written by rank 0 (the trainable weights and optimizer state are the same on every
+    rank, so there is nothing to shard), loadable by ``divrl sample`` / ``divrl evaluate`` and resumable under any
+    strategy. Runs on GPUs and, for tests, on CPU processes (gloo): Lightning's own ``FSDPStrategy`` accepts CUDA
+    only, and FSDP1 on CPU needs the device given explicitly, which the wrapping here does.
+    Full fine-tuning (every weight trains) shards with :class:`FSDP2Strategy`.
+
+    Args:
+        **kwargs: passed to Lightning's ``FSDPStrategy`` (``sharding_strategy``: ``FULL_SHARD`` (default),
+            ``SHARD_GRAD_OP``, ``HYBRID_SHARD``; ``process_group_backend``; ``timeout``). ``state_dict_type`` is
+            always ``"full"``; ``auto_wrap_policy`` and ``activation_checkpointing_policy`` are not used (the blocks
+            are the units; ``policy.gradient_checkpointing`` recomputes them).
+    """
+
+    def __init__(self, **kwargs):
+        if kwargs.pop("state_dict_type", "full") != "full":
+            raise ValueError("FSDP1Strategy: state_dict_type must be 'full': the LoRA weights are not sharded, so "
+                             "checkpoints are single files (sharded checkpoints: divrl.training.FSDP2Strategy)")  # fmt: skip
+        for unused in ("auto_wrap_policy", "activation_checkpointing_policy"):
+            if kwargs.get(unused) is not None:
+                raise ValueError(f"FSDP1Strategy: {unused} is not used (each FLUX block is one unit); remove it")
+        super().__init__(state_dict_type="full", **kwargs)
+
+    def wrap_kwargs(self) -> dict[str, Any]:
+        """What ``DivRLModule.configure_model`` passes to each block's ``FullyShardedDataParallel``."""
+        return {"sharding_strategy": self.sharding_strategy, "device": self.root_device}
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        from divrl.policy.sharding import trainable_parameters
+
+        return {name: p.detach() for name, p in trainable_parameters(self.lightning_module).items()}
+
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        return getattr(optimizer, "_optimizer", optimizer).state_dict()  # plain tensors, the same on every rank
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        from divrl.policy.sharding import trainable_parameters
+        from divrl.training.module import check_trainable_keys
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_file():
+            raise FileNotFoundError(f"FSDP1Strategy: checkpoint {str(path)!r} is not a file (FSDP1 checkpoints are "
+                                    f"single .ckpt files; a folder was written by FSDP2Strategy: resume with it)")  # fmt: skip
+        checkpoint = self.checkpoint_io.load_checkpoint(path, map_location="cpu", weights_only=weights_only)
+        params = trainable_parameters(self.lightning_module)
+        check_trainable_keys(set(params), set(checkpoint["state_dict"]), f"checkpoint {path}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(checkpoint["state_dict"][name])
+        states = checkpoint.get("optimizer_states")
+        if states is not None and self.lightning_module.trainer.state.fn == "fit":
+            if len(states) != len(self.optimizers):
+                raise RuntimeError(f"checkpoint {path} has {len(states)} optimizer states for {len(self.optimizers)} "
+                                   f"optimizers; resume with the same model.optimizer")  # fmt: skip
+            for optimizer, state in zip(self.optimizers, states, strict=True):
+                optimizer.load_state_dict(state)
+        return checkpoint
 
 
 def _saved_keys(path: Path, prefix: str) -> set[str]:
