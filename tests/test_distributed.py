@@ -79,14 +79,17 @@ def test_a_failure_on_one_rank_neither_deadlocks_nor_desynchronises(tmp_path):
 @pytest.mark.slow
 def test_fsdp2_and_fsdp1_train_the_same_adapter_as_ddp_on_disjoint_data(tmp_path):
     """FSDP2 (fully_shard per FLUX block, reduce-scatter of gradients), FSDP1 (each block's frozen base one unit, the
-    LoRA weights unwrapped and all-reduced) and DDP (all-reduce) see the same data and noise on each rank, so after
-    three updates their adapters agree to float rounding."""
+    LoRA weights unwrapped and all-reduced; here with activation checkpointing of the wrapped blocks) and DDP
+    (all-reduce) see the same data and noise on each rank, so after three updates their adapters agree to float
+    rounding."""
     run_ddp(tmp_path / "ddp", 3, [probe(tmp_path / "ddp")], timeout=600)
     ddp, ddp_w = probed(tmp_path / "ddp")
-    for name, strategy in (("fsdp2", FSDP2), ("fsdp1", FSDP1)):
+    checkpointing = ("--model.policy.gradient_checkpointing", "true")
+    for name, strategy, args in (("fsdp2", FSDP2, ()), ("fsdp1", FSDP1, checkpointing)):
         out = tmp_path / name
         counter = {"class_path": "helpers.probe.GatherCounter", "init_args": {"out_dir": str(out)}}
-        run(out, 3, [probe(out), counter, {"class_path": "divrl.training.LoRAExporter"}], 600, strategy=strategy)
+        exporter = {"class_path": "divrl.training.LoRAExporter"}
+        run(out, 3, [probe(out), counter, exporter], 600, "configs/demo.yaml", strategy, *args)
         fsdp, fsdp_w = probed(out)
         assert [r["ids"] for r in fsdp] == [r["ids"] for r in ddp], name
         assert set(fsdp[0]["ids"]).isdisjoint(fsdp[1]["ids"]) and all(r["step"] == 3 for r in fsdp)
