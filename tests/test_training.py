@@ -323,6 +323,17 @@ def test_strategies_divrl_cannot_train_under_are_refused_at_start_with_the_fix()
         check_strategy(FSDP1Strategy(), full)
     with pytest.raises(ValueError, match="state_dict_type must be 'full'"):
         FSDP1Strategy(state_dict_type="sharded")
+    with pytest.raises(ValueError, match=r"mixed_precision is not taken \(set model.policy.torch_dtype\)"):
+        FSDP1Strategy(mixed_precision=object())
+    with pytest.raises(ValueError, match="use_orig_params must be true"):
+        FSDP1Strategy(use_orig_params=False)
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+
+    strategy = FSDP1Strategy(limit_all_gathers=False, parallel_devices=[torch.device("cpu")])
+    assert strategy.wrap_kwargs()["limit_all_gathers"] is False  # FSDP1's own options reach every block's unit
+    strategy.precision_plugin = FSDPPrecision("bf16-mixed")
+    with pytest.raises(ValueError, match="trainer.precision 'bf16-mixed' would cast"):
+        strategy.wrap_kwargs()
     for fine in (None, DDPStrategy(), FSDP2Strategy(), FSDP1Strategy()):
         check_strategy(fine, PolicyConfig(model="tiny"))
     check_strategy(FSDP2Strategy(), full)

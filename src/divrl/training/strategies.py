@@ -87,23 +87,37 @@ class FSDP1Strategy(FSDPStrategy):
 
     Args:
         **kwargs: passed to Lightning's ``FSDPStrategy`` (``sharding_strategy``: ``FULL_SHARD`` (default),
-            ``SHARD_GRAD_OP``, ``HYBRID_SHARD``; ``process_group_backend``; ``timeout``). ``state_dict_type`` is
-            always ``"full"``; ``auto_wrap_policy`` and ``activation_checkpointing_policy`` are not used (the blocks
-            are the units; ``policy.gradient_checkpointing`` recomputes them).
+            ``SHARD_GRAD_OP``, ``HYBRID_SHARD``; ``process_group_backend``; ``timeout``) and, except Lightning's own,
+            to each block's ``FullyShardedDataParallel`` (``device_mesh``, ``limit_all_gathers``,
+            ``backward_prefetch``, ...). ``state_dict_type`` is always ``"full"`` and ``use_orig_params`` always
+            true. Not taken: ``auto_wrap_policy`` and ``activation_checkpointing_policy`` (the blocks are the units;
+            ``policy.gradient_checkpointing`` recomputes them), ``cpu_offload`` and ``mixed_precision`` (the dtypes
+            are ``policy.torch_dtype``'s: a bf16 base, fp32 adapters).
     """
 
     def __init__(self, **kwargs):
         if kwargs.pop("state_dict_type", "full") != "full":
             raise ValueError("FSDP1Strategy: state_dict_type must be 'full': the LoRA weights are not sharded, so "
                              "checkpoints are single files (sharded checkpoints: divrl.training.FSDP2Strategy)")  # fmt: skip
-        for unused in ("auto_wrap_policy", "activation_checkpointing_policy"):
-            if kwargs.get(unused) is not None:
-                raise ValueError(f"FSDP1Strategy: {unused} is not used (each FLUX block is one unit); remove it")
+        if not kwargs.pop("use_orig_params", True):
+            raise ValueError("FSDP1Strategy: use_orig_params must be true (the optimizer and the LoRA export address "
+                             "the original parameters); remove it")  # fmt: skip
+        why = {"auto_wrap_policy": "each FLUX block is one unit", "activation_checkpointing_policy": "set "
+               "model.policy.gradient_checkpointing: true", "cpu_offload": "not supported here", "mixed_precision":
+               "set model.policy.torch_dtype"}  # fmt: skip
+        for name, fix in why.items():
+            if kwargs.get(name):
+                raise ValueError(f"FSDP1Strategy: {name} is not taken ({fix}); remove it")
         super().__init__(state_dict_type="full", **kwargs)
 
     def wrap_kwargs(self) -> dict[str, Any]:
-        """What ``DivRLModule.configure_model`` passes to each block's ``FullyShardedDataParallel``."""
-        return {"sharding_strategy": self.sharding_strategy, "device": self.root_device}
+        """What ``DivRLModule.configure_model`` passes to each block's ``FullyShardedDataParallel`` (and ``device``)."""
+        precision = getattr(self.precision_plugin, "precision", "32-true")
+        if precision not in ("32-true", "32"):
+            raise ValueError(f"FSDP1Strategy: trainer.precision {precision!r} would cast the bf16 base and fp32 "
+                             f"adapters alike; leave trainer.precision at 32-true and set model.policy.torch_dtype")  # fmt: skip
+        extra = {k: v for k, v in self.kwargs.items() if k not in ("use_orig_params", "auto_wrap_policy")}
+        return {**extra, "sharding_strategy": self.sharding_strategy, "device": self.root_device}
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         from divrl.policy.sharding import trainable_parameters
