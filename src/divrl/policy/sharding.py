@@ -89,9 +89,10 @@ def shard_transformer_fsdp1(transformer: nn.Module, device: torch.device, **fsdp
             "shard_transformer_fsdp1: the transformer's base weights are trainable (full fine-tuning); FSDP1 here "
             "shards a frozen base under LoRA only. Fully fine-tune with FSDP2 (divrl.training.FSDP2Strategy)"
         )
-    for p in transformer.parameters():  # the whole-on-every-rank part: outside the blocks, and the adapters
-        if id(p) not in inside or p.requires_grad:
-            p.data = p.data.to(device)
+    replicated = [p for p in transformer.parameters() if id(p) not in inside or p.requires_grad]
+    for p in replicated:  # the whole-on-every-rank part: outside the blocks, and the adapters
+        p.data = p.data.to(device)
+    _broadcast(replicated)
     for name, buffer in transformer.named_buffers():
         owner, _, leaf = name.rpartition(".")
         transformer.get_submodule(owner)._buffers[leaf] = buffer.to(device)
@@ -104,6 +105,18 @@ def shard_transformer_fsdp1(transformer: nn.Module, device: torch.device, **fsdp
         container[index] = unit
         units.append(unit)
     return units
+
+
+def _broadcast(params: list[Tensor]) -> None:
+    """Rank 0's values on every rank, for what FSDP1 does not manage (the adapters, whose random init differs between
+    ranks launched with different seeds, and the parts outside the blocks), as DDP does when it wraps a model."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
 
 
 def _blocks(transformer: nn.Module, caller: str) -> list[tuple[nn.ModuleList, int, nn.Module]]:

@@ -1,0 +1,121 @@
+"""FSDP1 helpers of divrl.policy.sharding in two CPU processes (gloo), on a toy transformer with FLUX's block layout,
+checked against an unsharded copy: rank 0's adapters reach every rank, gradients are averaged as DDP would,
+``gathered`` gathers each unit once for any number of no-grad forwards and reshards afterwards, and names are the
+unwrapped model's."""
+
+from __future__ import annotations
+
+import copy
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+WORLD = 2
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Linear(8, 8).requires_grad_(False)  # the frozen weights FSDP1 shards
+        self.lora_A = nn.Linear(8, 2, bias=False)  # the adapter it leaves unwrapped
+        self.lora_B = nn.Linear(2, 8, bias=False)
+
+    def forward(self, x):
+        return torch.tanh(x + self.base(x) + self.lora_B(self.lora_A(x)))
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 8).requires_grad_(False)
+        self.transformer_blocks = nn.ModuleList([Block(), Block()])
+        self.single_transformer_blocks = nn.ModuleList([Block()])
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
+            x = block(x)
+        return x
+
+
+def inputs(rank: int) -> torch.Tensor:
+    return torch.randn(4, 8, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def worker(rank: int, port: int) -> None:
+    import torch.distributed.fsdp._flat_param as flat
+
+    from divrl.policy.sharding import (
+        all_reduce_grads,
+        gathered,
+        shard_transformer_fsdp1,
+        trainable_parameters,
+    )
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = Toy()  # the same frozen weights on every rank, as loaded from one checkpoint
+        torch.manual_seed(1 + rank)  # adapters initialised differently on each rank (ranks seeded apart)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data.normal_()
+        own = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        reference = copy.deepcopy(model)
+
+        units = shard_transformer_fsdp1(model, torch.device("cpu"))
+        params = trainable_parameters(model)
+        assert len(units) == 3
+        assert set(params) == {n for n, p in reference.named_parameters() if p.requires_grad}
+        everyone = [None] * WORLD
+        dist.all_gather_object(everyone, {n: p.detach().clone() for n, p in params.items()})
+        for name, value in params.items():  # rank 0's adapters everywhere; rank 1's own init was replaced
+            assert torch.equal(value, everyone[0][name]) and torch.equal(everyone[1][name], everyone[0][name])
+            assert torch.equal(value, own[name]) == (rank == 0)
+        reference.load_state_dict({n: p.detach() for n, p in params.items()}, strict=False)
+
+        # gradients: each rank's own data, averaged over ranks = the mean of the unsharded model's gradients
+        model(inputs(rank)).square().sum().backward()
+        all_reduce_grads(list(params.values()))
+        for r in range(WORLD):
+            (reference(inputs(r)).square().sum() / WORLD).backward()
+        ref_params = dict(reference.named_parameters())
+        for name, p in params.items():
+            torch.testing.assert_close(p.grad, ref_params[name].grad, atol=1e-6, rtol=1e-5)
+
+        # gathered: one all-gather per unit for two forwards, the unsharded model's outputs, resharded on exit
+        calls = {"n": 0}
+        real = flat.FlatParamHandle._all_gather_flat_param
+
+        def counting(*args, **kwargs):
+            calls["n"] += 1
+            return real(*args, **kwargs)
+
+        flat.FlatParamHandle._all_gather_flat_param = counting
+        x = inputs(rank)
+        with torch.no_grad():
+            with gathered(model):
+                outs = [model(x), model(x)]
+            assert calls["n"] == 3
+            assert all(torch.allclose(out, reference(x), atol=1e-6) for out in outs)
+            model(x)  # resharded: a plain forward gathers every unit again
+            assert calls["n"] == 6
+        with pytest.raises(RuntimeError, match="no-grad"):
+            with gathered(model):
+                pass
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fsdp1_sharding_broadcasts_adapters_averages_gradients_and_gathers_once():
+    mp.spawn(worker, args=(free_port(),), nprocs=WORLD, join=True)
