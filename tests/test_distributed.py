@@ -96,25 +96,28 @@ def test_fsdp2_and_fsdp1_train_the_same_adapter_as_ddp_on_disjoint_data(tmp_path
         assert all(torch.equal(fsdp_w[0][k], fsdp_w[1][k]) for k in fsdp_w[0]), name  # one adapter on both ranks
         assert any(v.abs().max() > 0 for k, v in fsdp_w[0].items() if "lora_B" in k)
         for key in ddp_w[0]:
-            torch.testing.assert_close(fsdp_w[0][key], ddp_w[0][key], atol=2e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(fsdp_w[0][key], ddp_w[0][key], atol=2e-6, rtol=1e-4,
+                                       msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
         exported = load_file(out / "lora/final/pytorch_lora_weights.safetensors")
         assert {k.removeprefix("transformer.") for k in exported} == set(fsdp_w[0])
         assert all(torch.equal(exported[f"transformer.{k}"], v) for k, v in fsdp_w[0].items())
-        # each rollout gathered every FSDP unit once, not once per denoising step (4 steps): FSDP2's units are the
-        # blocks and the root (4 + 1 for the demo model), FSDP1's the blocks' frozen bases (4)
+        # units: the demo model's 4 blocks and the root. FSDP2 keeps each gathered for the whole rollout (5
+        # all-gathers, not one per unit per denoising step); FSDP1 (FULL_SHARD) gathers every block at each of the 4
+        # steps and its root once
         gathers = json.loads((out / "gathers0.json").read_text())
-        assert gathers["units"] == {"fsdp2": 5, "fsdp1": 4}[name]
-        assert gathers["per_rollout"] == [gathers["units"]] * 3, name
+        assert gathers["units"] == 5
+        assert gathers["per_rollout"] == [{"fsdp2": 5, "fsdp1": 1 + 4 * 4}[name]] * 3, name
 
 
 @pytest.mark.slow
 def test_fsdp1_with_bitsandbytes_8bit_adamw_resumes_exactly(tmp_path):
-    """FSDP1 with bitsandbytes' 8-bit AdamW (it sees only the unwrapped LoRA weights): checkpoints are single files
-    holding the adapter and its 8-bit states under the unwrapped names, and a run resumed from step 2 ends where the
-    uninterrupted run ends."""
+    """FSDP1 with a bf16 frozen base and bitsandbytes' 8-bit AdamW (it sees only the unwrapped fp32 LoRA weights):
+    the dtypes stay as loaded, checkpoints are single files holding the adapter and its 8-bit states under the
+    unwrapped names, and a run resumed from step 2 ends where the uninterrupted run ends."""
     pytest.importorskip("bitsandbytes")
     adamw8bit = ("--model.optimizer", "bitsandbytes.optim.AdamW8bit", "--model.optimizer.lr", "3e-4",
-                 "--model.optimizer.min_8bit_size", "16")  # the tiny model's adapters are small  # fmt: skip
+                 "--model.optimizer.min_8bit_size", "16",  # the tiny model's adapters are small
+                 "--model.policy.torch_dtype", "bfloat16")  # fmt: skip
     every_step = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1}}  # fmt: skip
     run(tmp_path / "full", 3, [every_step, probe(tmp_path / "full")], 600, "configs/demo.yaml", FSDP1, *adamw8bit)
@@ -131,6 +134,7 @@ def test_fsdp1_with_bitsandbytes_8bit_adamw_resumes_exactly(tmp_path):
     # the adapter alone, under the names DDP and one device use (no FSDP1 wrapper prefix, no frozen weight)
     assert {k.removeprefix("policy.transformer.").replace(".default", "") for k in state["state_dict"]} == set(full_w[0])
     assert [r["step"] for r in cut] == [3, 3] and [r["ids"] for r in cut] == [r["ids"][-2:] for r in full]
+    assert all(r["dtypes"] == {"frozen": ["torch.bfloat16"], "trained": ["torch.float32"]} for r in full + cut)
     assert all(torch.equal(cut_w[0][k], cut_w[1][k]) for k in cut_w[0])
     for key in full_w[0]:
         torch.testing.assert_close(cut_w[0][key], full_w[0][key], atol=1e-6, rtol=1e-5)

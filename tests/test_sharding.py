@@ -1,14 +1,13 @@
 """FSDP1 helpers of divrl.policy.sharding in two CPU processes (gloo), on a toy transformer with FLUX's block layout,
-checked against an unsharded copy: rank 0's adapters reach every rank, gradients are averaged as DDP would,
-``gathered`` gathers each unit once for any number of no-grad forwards and reshards afterwards, and names are the
-unwrapped model's."""
+checked against an unsharded copy: rank 0's adapters reach every rank, gradients are averaged as DDP would, blocks
+are resharded after their forward (one root unit) unless ``SHARD_GRAD_OP`` keeps them, and names are the unwrapped
+model's."""
 
 from __future__ import annotations
 
 import copy
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -48,6 +47,7 @@ def inputs(rank: int) -> torch.Tensor:
 
 def worker(rank: int, port: int) -> None:
     import torch.distributed.fsdp._flat_param as flat
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
     from divrl.policy.sharding import (
         all_reduce_grads,
@@ -67,9 +67,9 @@ def worker(rank: int, port: int) -> None:
         own = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         reference = copy.deepcopy(model)
 
-        units = shard_transformer_fsdp1(model, torch.device("cpu"))
+        model = shard_transformer_fsdp1(model, torch.device("cpu"))
         params = trainable_parameters(model)
-        assert len(units) == 3
+        assert sum(isinstance(m, FullyShardedDataParallel) for m in model.modules()) == 4  # 3 blocks + the root
         assert set(params) == {n for n, p in reference.named_parameters() if p.requires_grad}
         everyone = [None] * WORLD
         dist.all_gather_object(everyone, {n: p.detach().clone() for n, p in params.items()})
@@ -78,16 +78,6 @@ def worker(rank: int, port: int) -> None:
             assert torch.equal(value, own[name]) == (rank == 0)
         reference.load_state_dict({n: p.detach() for n, p in params.items()}, strict=False)
 
-        # gradients: each rank's own data, averaged over ranks = the mean of the unsharded model's gradients
-        model(inputs(rank)).square().sum().backward()
-        all_reduce_grads(list(params.values()))
-        for r in range(WORLD):
-            (reference(inputs(r)).square().sum() / WORLD).backward()
-        ref_params = dict(reference.named_parameters())
-        for name, p in params.items():
-            torch.testing.assert_close(p.grad, ref_params[name].grad, atol=1e-6, rtol=1e-5)
-
-        # gathered: one all-gather per unit for two forwards, the unsharded model's outputs, resharded on exit
         calls = {"n": 0}
         real = flat.FlatParamHandle._all_gather_flat_param
 
@@ -96,17 +86,35 @@ def worker(rank: int, port: int) -> None:
             return real(*args, **kwargs)
 
         flat.FlatParamHandle._all_gather_flat_param = counting
+        # gradients: each rank's own data, averaged over ranks = the mean of the unsharded model's gradients. The
+        # blocks free their weights after the forward and gather them again in the backward (the root keeps its own)
+        model(inputs(rank)).square().sum().backward()
+        assert calls["n"] == 4 + 3
+        all_reduce_grads(list(params.values()), bucket_numel=20)  # several buckets (adapters of 16 elements)
+        for r in range(WORLD):
+            (reference(inputs(r)).square().sum() / WORLD).backward()
+        ref_params = dict(reference.named_parameters())
+        for name, p in params.items():
+            torch.testing.assert_close(p.grad, ref_params[name].grad, atol=1e-6, rtol=1e-5)
+
+        # no-grad forwards (rollouts): under FULL_SHARD each forward gathers every block again (gathered() cannot
+        # keep FSDP1 units and leaves them alone), the root once; the unsharded model's outputs
         x = inputs(rank)
         with torch.no_grad():
+            calls["n"] = 0
             with gathered(model):
                 outs = [model(x), model(x)]
-            assert calls["n"] == 3
+            assert calls["n"] == 1 + 2 * 3, calls
             assert all(torch.allclose(out, reference(x), atol=1e-6) for out in outs)
-            model(x)  # resharded: a plain forward gathers every unit again
-            assert calls["n"] == 6
-        with pytest.raises(RuntimeError, match="no-grad"):
-            with gathered(model):
-                pass
+
+        # SHARD_GRAD_OP (passed through to every unit) keeps each unit gathered from its first forward to the backward
+        torch.manual_seed(0)
+        zero2 = shard_transformer_fsdp1(Toy(), torch.device("cpu"), sharding_strategy=ShardingStrategy.SHARD_GRAD_OP)
+        calls["n"] = 0
+        with torch.no_grad():
+            zero2(x), zero2(x), zero2(x)
+        zero2(x).square().sum().backward()
+        assert calls["n"] == 4, calls
     finally:
         dist.destroy_process_group()
 

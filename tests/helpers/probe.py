@@ -22,8 +22,13 @@ class RankProbe(pl.Callback):
         out = Path(self.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         rank = trainer.global_rank
+        policy = pl_module.policy
+        frozen = {str(p.dtype) for part in (policy.transformer, policy.vae, policy.text_encoder, policy.text_encoder_2)
+                  if part is not None for p in part.parameters() if not p.requires_grad}  # fmt: skip
+        trained = {str(p.dtype) for p in pl_module.parameters() if p.requires_grad}
         (out / f"rank{rank}.json").write_text(json.dumps({"ids": self.ids, "world": trainer.world_size,
-                                                          "step": trainer.global_step}))  # fmt: skip
+                                                          "step": trainer.global_step, "dtypes": {
+                                                              "frozen": sorted(frozen), "trained": sorted(trained)}}))  # fmt: skip
         save_file({k: v.contiguous() for k, v in pl_module.policy.lora_state_dict().items()}, str(out / f"rank{rank}.safetensors"))
 
 

@@ -31,7 +31,7 @@ from peft import get_peft_model_state_dict
 from torch import Tensor, nn
 
 from divrl.images import ImageLike, to_image_batch
-from divrl.policy.sharding import clean_name, full_tensor
+from divrl.policy.sharding import clean_name, full_tensor, unwrapped
 from divrl.utils import parse_dtype
 
 __all__ = ["LoRAConfig", "Condition", "KontextPolicy", "DEFAULT_LORA_TARGETS", "ModelLoadError"]
@@ -614,7 +614,8 @@ class KontextPolicy(nn.Module):
     def _adapter_state(self) -> dict[str, Tensor]:
         """peft's adapter state dict read from the parameters (``state_dict()`` on an FSDP1-wrapped transformer would
         gather every block's frozen weights to pick out the adapter's), by their unwrapped names."""
-        state = get_peft_model_state_dict(self.transformer, state_dict=dict(self.transformer.named_parameters()))
+        transformer = unwrapped(self.transformer)  # peft matches its layers' module names against these keys
+        state = get_peft_model_state_dict(transformer, state_dict=dict(transformer.named_parameters()))
         return {clean_name(k): v for k, v in state.items()}
 
     def save_lora(self, directory: str | os.PathLike, state: dict[str, Tensor] | None = None) -> Path:

@@ -6,10 +6,11 @@
   base with fp32 adapters) are all-gathered as they are. The VAE, the text encoders and the reward backbones are
   frozen and stay whole on every rank.
 - :func:`shard_transformer_fsdp1` is the FSDP1 (``FullyShardedDataParallel``) counterpart for LoRA training: each
-  block's frozen base is wrapped and sharded, its LoRA weights are left out of the unit (``ignored_states``), so
-  they stay whole on every rank like DDP's and keep their own dtype (FSDP1 flattens a unit's parameters into one
-  tensor of one dtype); :func:`all_reduce_grads` averages their gradients, as DDP would. The names of wrapped
-  parameters gain FSDP1's ``_fsdp_wrapped_module.``; :func:`trainable_parameters` gives them without it.
+  block's frozen base is one unit, the rest of the transformer the root unit around them; the LoRA weights are left
+  out of every unit (``ignored_states``), so they stay whole on every rank like DDP's and keep their own dtype
+  (FSDP1 flattens a unit's parameters into one tensor of one dtype); :func:`all_reduce_grads` averages their
+  gradients, as DDP would. The names of wrapped parameters gain FSDP1's ``_fsdp_wrapped_module.``;
+  :func:`trainable_parameters` gives them without it.
 - :func:`gathered` keeps the shards gathered across the denoising steps of a rollout: one all-gather per block
   per rollout instead of one per block per step (a 6-step rollout: 6× less all-gather traffic), for the price of
   the whole (bf16) transformer on each GPU while the rollout runs — the memory the backward pass never needs at
@@ -40,6 +41,7 @@ __all__ = [
     "all_reduce_grads",
     "trainable_parameters",
     "clean_name",
+    "unwrapped",
 ]
 
 _FSDP1_PREFIX = "_fsdp_wrapped_module."  # what FSDP1's wrapper inserts into the names of the parameters it wraps
@@ -68,12 +70,16 @@ def shard_transformer(transformer: nn.Module, mesh, reshard_after_forward: bool 
     return [*blocks, transformer]
 
 
-def shard_transformer_fsdp1(transformer: nn.Module, device: torch.device, **fsdp_kwargs) -> list[nn.Module]:
-    """Wrap each transformer block's frozen weights in FSDP1 (``use_orig_params=True``), in place; returns the units.
+def shard_transformer_fsdp1(transformer: nn.Module, device: torch.device, **fsdp_kwargs) -> nn.Module:
+    """Shard the transformer's frozen weights with FSDP1 (``use_orig_params=True``): each block is one unit (wrapped
+    in place in its ``ModuleList``) and the transformer the root unit around them (the embedders and output layers).
+    Returns the root unit, to use in place of ``transformer`` (attributes reach the transformer through it).
 
-    The trainable (LoRA) weights of a block are ``ignored_states`` of its unit: whole on every rank, their gradients
-    left to :func:`all_reduce_grads`. Everything outside the blocks (embedders, output layers) is small and stays
-    whole. Only the blocks' frozen weights are moved to ``device`` unit by unit (never the whole transformer at once).
+    One root matters: FSDP1 frees a unit's gathered weights after its forward only when it is not a root, so blocks
+    wrapped side by side would all stay gathered from their first forward until the backward pass.
+    The trainable (LoRA) weights are ``ignored_states``: whole on every rank (broadcast from rank 0 here, as DDP does),
+    their gradients left to :func:`all_reduce_grads`. Frozen weights are moved to ``device`` unit by unit (never the
+    whole transformer at once).
 
     Args:
         transformer: a diffusers ``FluxTransformer2DModel`` with a LoRA adapter (its base frozen).
@@ -83,33 +89,28 @@ def shard_transformer_fsdp1(transformer: nn.Module, device: torch.device, **fsdp
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     blocks = _blocks(transformer, "shard_transformer_fsdp1")
-    inside = {id(p) for _, _, block in blocks for p in block.parameters()}
-    if any(p.requires_grad for _, _, block in blocks for n, p in block.named_parameters() if "lora_" not in n):
+    if any(p.requires_grad for n, p in transformer.named_parameters() if "lora_" not in n):
         raise ValueError(
             "shard_transformer_fsdp1: the transformer's base weights are trainable (full fine-tuning); FSDP1 here "
             "shards a frozen base under LoRA only. Fully fine-tune with FSDP2 (divrl.training.FSDP2Strategy)"
         )
-    replicated = [p for p in transformer.parameters() if id(p) not in inside or p.requires_grad]
-    for p in replicated:  # the whole-on-every-rank part: outside the blocks, and the adapters
+    adapters = [p for p in transformer.parameters() if p.requires_grad]
+    for p in adapters:
         p.data = p.data.to(device)
-    _broadcast(replicated)
-    for name, buffer in transformer.named_buffers():
-        owner, _, leaf = name.rpartition(".")
-        transformer.get_submodule(owner)._buffers[leaf] = buffer.to(device)
-    units = []
+    _broadcast(adapters)
     for container, index, block in blocks:
-        adapters = [p for p in block.parameters() if p.requires_grad]
-        unit = FullyShardedDataParallel(
-            block, device_id=device, use_orig_params=True, ignored_states=adapters or None, **fsdp_kwargs
+        own = [p for p in block.parameters() if p.requires_grad]
+        container[index] = FullyShardedDataParallel(
+            block, device_id=device, use_orig_params=True, ignored_states=own or None, **fsdp_kwargs
         )
-        container[index] = unit
-        units.append(unit)
-    return units
+    return FullyShardedDataParallel(
+        transformer, device_id=device, use_orig_params=True, ignored_states=adapters or None, **fsdp_kwargs
+    )
 
 
 def _broadcast(params: list[Tensor]) -> None:
-    """Rank 0's values on every rank, for what FSDP1 does not manage (the adapters, whose random init differs between
-    ranks launched with different seeds, and the parts outside the blocks), as DDP does when it wraps a model."""
+    """Rank 0's values on every rank, for what FSDP1 does not manage: the adapters, whose random init differs between
+    ranks launched with different seeds (DDP does the same when it wraps a model)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -135,6 +136,13 @@ def _blocks(transformer: nn.Module, caller: str) -> list[tuple[nn.ModuleList, in
     return blocks
 
 
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The module an FSDP1 root unit wraps (what :func:`shard_transformer_fsdp1` returns), else ``module`` itself."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return module.module if isinstance(module, FullyShardedDataParallel) else module
+
+
 def clean_name(name: str) -> str:
     """A parameter's name as the unwrapped model spells it (FSDP1's ``_fsdp_wrapped_module.`` removed)."""
     return name.replace(_FSDP1_PREFIX, "")
@@ -149,16 +157,12 @@ def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
 def gathered(module: nn.Module, reshard_after_forward: bool = True) -> Iterator[None]:
     """Within the block, FSDP2 units gather their shards on first use and keep them (no reshard after forward);
     on exit every unit is resharded and set back to ``reshard_after_forward`` (what :func:`shard_transformer` was
-    given). FSDP1 units are gathered on entry (``summon_full_params``, read-only: for no-grad rollouts) and
-    resharded on exit. A no-op for a module that is not sharded."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    given). A no-op for a module that is not sharded by FSDP2.
 
-    if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
-        if torch.is_grad_enabled():
-            raise RuntimeError("gathered: FSDP1 units stay gathered for no-grad forwards only (rollouts)")
-        with FullyShardedDataParallel.summon_full_params(module, writeback=False):
-            yield
-        return
+    FSDP1 has no such switch: a non-root FSDP1 unit frees its weights after every forward under ``FULL_SHARD``
+    (``summon_full_params`` does not stop that), so a rollout gathers each block once per denoising step;
+    ``sharding_strategy: SHARD_GRAD_OP`` keeps them gathered from the first forward until the next backward.
+    """
     FSDPModule, _ = _fsdp()
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]
     if not units:
@@ -232,19 +236,26 @@ def grad_norm(params) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
-def all_reduce_grads(params) -> None:
+def all_reduce_grads(params, bucket_numel: int = 2**25) -> None:
     """Average the gradients of replicated parameters over all ranks, as DDP does (FSDP1 leaves its
-    ``ignored_states`` to the caller): one flat all-reduce. Every rank must call it with the same parameters having
-    gradients (the backward passes run the same graph on every rank). A no-op in a single process."""
+    ``ignored_states`` to the caller), in buckets of at most ``bucket_numel`` elements (one float32 copy of a
+    bucket at a time, 128 MB by default). Every rank must call it with the same parameters having gradients (the
+    backward passes run the same graph on every rank). A no-op in a single process."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-        g.copy_(part.view_as(g))
+    buckets: list[list[Tensor]] = [[]]
+    size = 0
+    for grad in (p.grad for p in params if p.grad is not None):
+        if buckets[-1] and size + grad.numel() > bucket_numel:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(grad)
+        size += grad.numel()
+    for bucket in filter(None, buckets):
+        flat = torch.cat([g.reshape(-1).float() for g in bucket])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for g, part in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+            g.copy_(part.view_as(g))

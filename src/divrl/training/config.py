@@ -127,7 +127,8 @@ class GRPOConfig:
             every denoising step (one all-gather per block per rollout instead of per step), at the cost of the
             whole transformer on each GPU during the rollout, in its parameter dtype: FLUX.1 Kontext with a LoRA
             (bf16 base) 23.8 GB; full fine-tuning (fp32) 47.6 GB, so turn it off there on 80 GB GPUs. ``false``
-            re-gathers block by block at every step (ZeRO-3 memory). Ignored without sharding.
+            re-gathers block by block at every step (ZeRO-3 memory). Ignored without sharding and under FSDP1 (whose
+            units re-gather at every step under ``FULL_SHARD``; its ``SHARD_GRAD_OP`` keeps them gathered).
         timestep_fraction: train the first ``int(num_steps · fraction)`` steps (paper: 0.99 → steps 0..4 of 6).
             Exclusive with ``sde_window``.
         sde_window: ``[start, size]``: only these steps are stochastic and trained, the others use the ODE

@@ -152,14 +152,14 @@ class DivRLModule(pl.LightningModule):
             if reference is not None:
                 shard_transformer(reference, mesh)
         elif _is_fsdp1(strategy):
-            # FSDP1: each block's frozen base is one unit (moved to the device and sharded unit by unit); the LoRA
-            # weights stay whole on every rank (averaged in _step); the rest is small and moved whole.
+            # FSDP1: each block's frozen base is one unit, the transformer the root unit around them (moved to the
+            # device and sharded unit by unit); the LoRA weights stay whole on every rank (averaged in _step).
             self.rewards.to(device)
             for part in (self.policy.vae, self.policy.text_encoder, self.policy.text_encoder_2):
                 if part is not None:
                     part.to(device)
             kwargs = strategy.wrap_kwargs()
-            shard_transformer_fsdp1(self.policy.transformer, kwargs.pop("device"), **kwargs)
+            self.policy.transformer = shard_transformer_fsdp1(self.policy.transformer, kwargs.pop("device"), **kwargs)
 
     def _data_parallel_mesh(self):
         mesh = self.device_mesh  # set by ModelParallelStrategy (FSDP2); None otherwise

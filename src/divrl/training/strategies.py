@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 __all__ = ["FSDP1Strategy", "FSDP2Strategy"]
@@ -74,25 +75,33 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 class FSDP1Strategy(FSDPStrategy):
     """FSDP1 (``FullyShardedDataParallel``, ``use_orig_params=True``) for LoRA training: each FLUX block's frozen
-    base is one unit, sharded over all processes; the LoRA weights are left unwrapped (``ignored_states``), whole on
-    every rank, with their gradients averaged like DDP's (``DivRLModule`` does both: ``configure_model`` wraps,
-    :func:`~divrl.policy.sharding.all_reduce_grads` averages). bitsandbytes' 8-bit optimizers work here: they only
-    ever see the plain LoRA tensors.
+    base is one unit and the rest of the transformer the root unit around them, sharded over all processes; the LoRA
+    weights are left unwrapped (``ignored_states``), whole on every rank (rank 0's initial values broadcast), with
+    their gradients averaged like DDP's (``DivRLModule`` does both: ``configure_model`` wraps through
+    :func:`~divrl.policy.sharding.shard_transformer_fsdp1`, ``_step`` averages through
+    :func:`~divrl.policy.sharding.all_reduce_grads`). bitsandbytes' 8-bit optimizers work here: they only ever see the
+    plain LoRA tensors. The dtypes stay as ``model.policy.torch_dtype`` loaded them (a bf16 base, fp32 adapters):
+    Lightning's FSDP precision would cast the module to float32.
 
     Checkpoints are single files written by rank 0 (the trainable weights and optimizer state are the same on every
-    rank, so there is nothing to shard), loadable by ``divrl sample`` / ``divrl evaluate`` and resumable under any
-    strategy. Runs on GPUs and, for tests, on CPU processes (gloo): Lightning's own ``FSDPStrategy`` accepts CUDA
-    only, and FSDP1 on CPU needs the device given explicitly, which the wrapping here does.
-    Full fine-tuning (every weight trains) shards with :class:`FSDP2Strategy`.
+    rank, so there is nothing to shard), with the names an unsharded run uses; they resume under this strategy and
+    load in ``divrl sample`` / ``divrl evaluate``. Runs on GPUs and, for tests, on CPU processes (gloo): Lightning's
+    own ``FSDPStrategy`` accepts CUDA only, and FSDP1 on CPU needs the device given explicitly, which the wrapping
+    here does. Full fine-tuning (every weight trains) shards with :class:`FSDP2Strategy`.
+
+    Under ``FULL_SHARD`` each block is gathered again at every denoising step of a rollout (FSDP1 frees a non-root
+    unit after every forward; ``grpo.rollout_keep_gathered`` is FSDP2's); ``SHARD_GRAD_OP`` keeps the blocks gathered
+    from the rollout's first step to the backward pass, at the memory of the whole base on each GPU.
 
     Args:
         **kwargs: passed to Lightning's ``FSDPStrategy`` (``sharding_strategy``: ``FULL_SHARD`` (default),
-            ``SHARD_GRAD_OP``, ``HYBRID_SHARD``; ``process_group_backend``; ``timeout``) and, except Lightning's own,
-            to each block's ``FullyShardedDataParallel`` (``device_mesh``, ``limit_all_gathers``,
-            ``backward_prefetch``, ...). ``state_dict_type`` is always ``"full"`` and ``use_orig_params`` always
-            true. Not taken: ``auto_wrap_policy`` and ``activation_checkpointing_policy`` (the blocks are the units;
-            ``policy.gradient_checkpointing`` recomputes them), ``cpu_offload`` and ``mixed_precision`` (the dtypes
-            are ``policy.torch_dtype``'s: a bf16 base, fp32 adapters).
+            ``SHARD_GRAD_OP``, ``HYBRID_SHARD`` (with a ``device_mesh`` or ``process_group``);
+            ``process_group_backend``; ``timeout``) and, except Lightning's own, to every ``FullyShardedDataParallel``
+            unit (``device_mesh``, ``limit_all_gathers``, ``backward_prefetch``, ``sync_module_states`` to broadcast
+            rank 0's frozen weights when ranks could have loaded different ones, ...). ``state_dict_type`` is always
+            ``"full"`` and ``use_orig_params`` always true. Not taken: ``auto_wrap_policy`` and the activation
+            checkpointing options (the blocks are the units; ``policy.gradient_checkpointing`` recomputes them),
+            ``cpu_offload``, and ``mixed_precision`` (the dtypes are ``policy.torch_dtype``'s).
     """
 
     def __init__(self, **kwargs):
@@ -102,13 +111,24 @@ class FSDP1Strategy(FSDPStrategy):
         if not kwargs.pop("use_orig_params", True):
             raise ValueError("FSDP1Strategy: use_orig_params must be true (the optimizer and the LoRA export address "
                              "the original parameters); remove it")  # fmt: skip
-        why = {"auto_wrap_policy": "each FLUX block is one unit", "activation_checkpointing_policy": "set "
-               "model.policy.gradient_checkpointing: true", "cpu_offload": "not supported here", "mixed_precision":
-               "set model.policy.torch_dtype"}  # fmt: skip
+        recompute = "set model.policy.gradient_checkpointing: true"
+        why = {"auto_wrap_policy": "each FLUX block is one unit", "activation_checkpointing": recompute,
+               "activation_checkpointing_policy": recompute, "cpu_offload": "not supported here",
+               "mixed_precision": "set model.policy.torch_dtype"}  # fmt: skip
         for name, fix in why.items():
             if kwargs.get(name):
                 raise ValueError(f"FSDP1Strategy: {name} is not taken ({fix}); remove it")
         super().__init__(state_dict_type="full", **kwargs)
+
+    @property
+    def precision_plugin(self) -> FSDPPrecision:
+        return self._precision_plugin if self._precision_plugin is not None else _KeepDtypes("32-true")
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin) -> None:
+        if type(plugin) is FSDPPrecision and plugin.precision == "32-true":  # Lightning's default for FSDP
+            plugin = _KeepDtypes("32-true")
+        FSDPStrategy.precision_plugin.fset(self, plugin)
 
     def wrap_kwargs(self) -> dict[str, Any]:
         """What ``DivRLModule.configure_model`` passes to each block's ``FullyShardedDataParallel`` (and ``device``)."""
@@ -149,6 +169,18 @@ class FSDP1Strategy(FSDPStrategy):
             for optimizer, state in zip(self.optimizers, states, strict=True):
                 optimizer.load_state_dict(state)
         return checkpoint
+
+
+class _KeepDtypes(FSDPPrecision):
+    """FSDP1Strategy's 32-true precision: the module and the batches keep the dtypes ``model.policy.torch_dtype``
+    gave them (a bf16 base, fp32 adapters, bf16 precomputed conditions). Lightning's would cast the whole module,
+    frozen base and text encoders included, and every batch tensor to float32."""
+
+    def convert_module(self, module):
+        return module
+
+    def convert_input(self, data):
+        return data
 
 
 def _saved_keys(path: Path, prefix: str) -> set[str]:
