@@ -144,22 +144,24 @@ class DivRLModule(pl.LightningModule):
             # FSDP2 (ModelParallelStrategy): the strategy moves nothing itself, so the frozen VAE, text encoders and
             # reward backbones go to this rank's device here; fully_shard moves each transformer block's shard there
             # itself, one block at a time (moving the whole transformer first would need all of it on each GPU).
-            self.rewards.to(device)
-            for part in (self.policy.vae, self.policy.text_encoder, self.policy.text_encoder_2):
-                if part is not None:
-                    part.to(device)
+            self._move_whole_parts(device)
             shard_transformer(self.policy.transformer, mesh)
             if reference is not None:
                 shard_transformer(reference, mesh)
         elif _is_fsdp1(strategy):
             # FSDP1: each block's frozen base is one unit, the transformer the root unit around them (moved to the
             # device and sharded unit by unit); the LoRA weights stay whole on every rank (averaged in _step).
-            self.rewards.to(device)
-            for part in (self.policy.vae, self.policy.text_encoder, self.policy.text_encoder_2):
-                if part is not None:
-                    part.to(device)
+            self._move_whole_parts(device)
             kwargs = strategy.wrap_kwargs()
             self.policy.transformer = shard_transformer_fsdp1(self.policy.transformer, kwargs.pop("device"), **kwargs)
+
+    def _move_whole_parts(self, device: torch.device) -> None:
+        """The frozen parts every rank holds whole (VAE, text encoders, reward backbones) to this rank's device:
+        sharded strategies move nothing themselves."""
+        self.rewards.to(device)
+        for part in (self.policy.vae, self.policy.text_encoder, self.policy.text_encoder_2):
+            if part is not None:
+                part.to(device)
 
     def _data_parallel_mesh(self):
         mesh = self.device_mesh  # set by ModelParallelStrategy (FSDP2); None otherwise
@@ -264,7 +266,7 @@ class DivRLModule(pl.LightningModule):
         window = cfg.sde_window if steps == cfg.num_steps else None
         sde = sde_mask(steps, window) if noise_level > 0 else [False] * steps
         keep = gathered(self.policy.transformer) if cfg.rollout_keep_gathered else contextlib.nullcontext()
-        with torch.no_grad(), keep:  # sharded: one all-gather per block for the whole rollout
+        with torch.no_grad(), keep:  # FSDP2: one all-gather per block for the whole rollout
             trajectory = rollout(
                 self.policy, condition, num_steps=steps, noise_level=noise_level, group_size=group_size,
                 sde_steps=sde, generator=generator, micro_batch_size=cfg.rollout_micro_batch_size, decode=True,
