@@ -283,6 +283,20 @@ def test_gradient_checkpointing_trains_the_same_adapter(trained, tmp_path):
     assert all(torch.allclose(checkpointed[k], plain[k], atol=1e-6) for k in plain)
 
 
+def test_an_update_is_clipped_to_max_grad_norm(tmp_path):
+    """Plain SGD (lr 1, no weight decay) moves the weights by exactly the clipped gradient: an update of norm
+    max_grad_norm when the logged gradient norm is larger."""
+    fit(tmp_path, 2, "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "1.0",
+        "--model.optimizer.weight_decay", "0", "--model.grpo.max_grad_norm", "0.001")  # fmt: skip
+    before, after = (torch.load(tmp_path / f"checkpoints/epoch=0-step={s}.ckpt", map_location="cpu",
+                                weights_only=False)["state_dict"] for s in (1, 2))  # fmt: skip
+    moved = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(after[k].double() - before[k].double())
+                                                  for k in before]))  # fmt: skip
+    logged = [float(r["train/grad_norm"]) for r in metrics(tmp_path) if r.get("train/grad_norm")]
+    assert len(logged) == 2 and logged[1] > 0.01  # the unclipped norm of the second update
+    assert moved.item() == pytest.approx(0.001, rel=1e-3)
+
+
 def test_bitsandbytes_8bit_adamw_trains_checkpoints_and_resumes(tmp_path):
     args = ["--model.optimizer", "bitsandbytes.optim.AdamW8bit", "--model.optimizer.init_args.lr", "3e-4",
             "--model.optimizer.init_args.min_8bit_size", "16"]  # fmt: skip

@@ -405,8 +405,7 @@ class DivRLModule(pl.LightningModule):
         """Clip and apply the accumulated gradient, unless the loss or the gradient is non-finite on any rank (then
         the update is skipped everywhere and counted). Returns the update's statistics, or ``None`` when skipped."""
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        fsdp1 = _is_fsdp1(self.trainer.strategy)
-        if fsdp1:  # FSDP1 leaves the LoRA weights unwrapped: their gradients are averaged here, as DDP would
+        if _is_fsdp1(self.trainer.strategy):  # FSDP1 leaves the LoRA weights unwrapped: averaged here, as DDP would
             all_reduce_grads(params)
         norm = grad_norm(params)  # sharded gradients: a collective over the shards
         stats = {k: v.item() for k, v in sums.items()}  # the one host sync of the update
@@ -419,10 +418,8 @@ class DivRLModule(pl.LightningModule):
                 log.warning("update at rollout %d skipped: another rank had a non-finite loss", self.rollouts_done)
             self._skip(optimizer)
             return None
-        if self.grpo.max_grad_norm is not None and fsdp1:  # Lightning's FSDP1 precision refuses to clip by norm
+        if self.grpo.max_grad_norm is not None:  # by the norm computed above (sharded or not): no second pass
             torch.nn.utils.clip_grads_with_norm_(params, self.grpo.max_grad_norm, norm)
-        elif self.grpo.max_grad_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.grpo.max_grad_norm, gradient_clip_algorithm="norm")
         stats["train/grad_norm"] = norm.item()
         stats["train/lr"] = optimizer.param_groups[0]["lr"]
         optimizer.step()
