@@ -51,13 +51,14 @@ class FSDP2Strategy(ModelParallelStrategy):
             set_optimizer_state_dict,
         )
 
+        from divrl.policy.sharding import trainable_parameters
         from divrl.training.module import check_trainable_keys
 
         path = Path(self.broadcast(checkpoint_path))
         if not path.is_dir():  # a single-file checkpoint (save_distributed_checkpoint=False)
             return super().load_checkpoint(path, weights_only=weights_only)
         model = self.model
-        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        trainable = set(trainable_parameters(model))
         weights = {k: v for k, v in get_model_state_dict(model).items() if k in trainable}
         check_trainable_keys(set(weights), _saved_keys(path, "state_dict"), f"checkpoint {path}")  # before DCP's error
         state = {"state_dict": weights}
