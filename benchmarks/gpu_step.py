@@ -38,7 +38,7 @@ from divrl.policy.flops import transformer_flops
 
 SMOKE_TRANSFORMER = dict(FLUX_TRANSFORMER, num_layers=1, num_single_layers=1, attention_head_dim=16,
                          num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
-                         axes_dims_rope=(4, 6, 6))  # fmt: skip
+                         axes_dims_rope=(4, 6, 6))
 SMOKE_VAE = dict(FLUX_VAE, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
 
 
@@ -63,7 +63,7 @@ def build_policy(smoke: bool, device: str, dtype: torch.dtype, lora_rank: int, f
     vae = AutoencoderKL(**(SMOKE_VAE if smoke else FLUX_VAE)).to(device=device, dtype=dtype)
     lora = None if full else LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank)
     policy = KontextPolicy(transformer, vae, None, None, None, None, lora=lora, max_sequence_length=128,
-                           train_transformer=full)  # fmt: skip
+                           train_transformer=full)
     if full:
         policy.transformer.to(dtype)  # bf16 weights and gradients (fp32 master weights live sharded in training)
     return policy, config
@@ -93,13 +93,13 @@ def run(args) -> dict[str, float]:
         torch.randn(1, text_len, config["joint_attention_dim"], generator=g, device=device),
         torch.randn(1, config["pooled_projection_dim"], generator=g, device=device),
         torch.randn(1, tokens, config["in_channels"], generator=g, device=device), res, res, group_size=args.group_size,
-    )  # fmt: skip
+    )
     flops_call = transformer_flops(config, tokens, tokens, text_len)
     results: dict[str, float] = {"image_tokens": tokens, "gflops_per_sample_forward": flops_call / 1e9}
 
     def do_rollout():
-        return rollout(policy, condition, num_steps=args.num_steps, noise_level=0.9, group_size=args.group_size,
-                       generator=torch.Generator().manual_seed(0), micro_batch_size=args.rollout_micro_batch)  # fmt: skip
+        return rollout(policy, condition, num_steps=args.num_steps, noise_level=0.9,
+                       generator=torch.Generator().manual_seed(0), micro_batch_size=args.rollout_micro_batch)
 
     with torch.no_grad():
         do_rollout() if not args.smoke else None  # warm-up (kernels, allocator)
@@ -162,9 +162,9 @@ def main(argv=None) -> dict[str, float]:
     args = parser.parse_args(argv)
     if args.smoke:
         args.resolution, args.group_size, args.rollout_micro_batch, args.train_repeats = 32, 4, 2, 2
-    from divrl.training.config import PolicyConfig
+    from divrl.policy.base import sdpa_context
 
-    with PolicyConfig(sdpa_backends=args.sdpa_backends).attention():  # the kernels training uses
+    with sdpa_context(args.sdpa_backends):  # the kernels training uses
         results = run(args)
     width = max(map(len, results))
     for key, value in results.items():

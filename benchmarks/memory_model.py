@@ -56,7 +56,7 @@ STRATEGIES = {"ddp": "DDP", "fsdp1": "FSDP1", "fsdp2": "FSDP2"}
 
 
 def per_gpu_bytes(params: int, trainable: int, gpus: int, *, full: bool, strategy: str, eightbit: bool,
-                  text_encoders: bool, reference_copy: bool) -> float:  # fmt: skip
+                  text_encoders: bool, reference_copy: bool) -> float:
     """Bytes on one GPU (no activations) for ``strategy`` in :data:`STRATEGIES` over ``gpus`` ranks."""
     if strategy not in STRATEGIES or (full and strategy == "fsdp1"):
         raise ValueError(f"strategy {strategy!r}: choose from {sorted(STRATEGIES)} (full fine-tuning: ddp or fsdp2)")
@@ -77,7 +77,7 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     params, lora = parameter_counts(args.lora_rank)
     print(f"FLUX.1 Kontext transformer: {params / 1e9:.3f} B parameters; LoRA r {args.lora_rank}: {lora / 1e6:.1f} M "
-          f"({100 * lora / params:.2f}%)")  # fmt: skip
+          f"({100 * lora / params:.2f}%)")
     print(f"per-GPU GB without activations ({'with' if args.text_encoders else 'without'} text encoders on the GPU)\n")
     rows = []
     header = "| setup | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in args.gpus) + " |"
@@ -87,14 +87,14 @@ def main(argv=None) -> list[dict]:
         for strategy in ("ddp", "fsdp2") if full else STRATEGIES:
             for eightbit in (False, True):
                 label = (f"{'full FT' if full else f'LoRA r{args.lora_rank}'}, {STRATEGIES[strategy]}, "
-                         f"{'8-bit' if eightbit else 'fp32'} AdamW")  # fmt: skip
+                         f"{'8-bit' if eightbit else 'fp32'} AdamW")
                 values = [per_gpu_bytes(params, params if full else lora, n, full=full, strategy=strategy,
                                         eightbit=eightbit, text_encoders=args.text_encoders,
-                                        reference_copy=False) / GB for n in args.gpus]  # fmt: skip
+                                        reference_copy=False) / GB for n in args.gpus]
                 rows.append({"setup": label, **{str(n): v for n, v in zip(args.gpus, values)}})
                 print(f"| {label} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
     print("\nfull fine-tuning with kl_beta > 0 adds a frozen fp32 reference copy: under FSDP2 "
-          f"{4 * params / GB:.1f} GB / number of shards per GPU; without sharding it stays in CPU memory")  # fmt: skip
+          f"{4 * params / GB:.1f} GB / number of shards per GPU; without sharding it stays in CPU memory")
     return rows
 
 

@@ -32,9 +32,9 @@ DEMO_MODEL = ROOT / "data" / "demo" / "tiny-kontext"
 
 # Published configurations (google/t5-v1_1-xxl encoder, openai/clip-vit-large-patch14 text model, FLUX.1 VAE).
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)  # fmt: skip
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, projection_dim=768)  # fmt: skip
+              max_position_embeddings=77, projection_dim=768)
 
 
 def skipped_memory() -> dict[str, float]:
@@ -57,7 +57,7 @@ def conditioning_seconds(repeats: int) -> tuple[float, float]:
 
     policy = KontextPolicy.from_pretrained(DEMO_MODEL, lora=None, max_sequence_length=32)
     records = list(synthetic_records(2 * repeats, size=64, seed=7))
-    stored = [Precompute(policy, 32, "demo")(r).conditioning for r in records]
+    stored = [Precompute(policy, 32)(r).conditioning for r in records]
     encode, read = [], []
     for i in range(repeats):
         batch = records[2 * i : 2 * i + 2]
@@ -68,7 +68,7 @@ def conditioning_seconds(repeats: int) -> tuple[float, float]:
         pre = stored[2 * i : 2 * i + 2]
         policy.condition_from_precomputed(torch.cat([p["prompt_embeds"][:1] for p in pre]),
                                           torch.cat([p["pooled_prompt_embeds"][:1] for p in pre]),
-                                          torch.cat([p["image_latents"] for p in pre]), 32, 32, group_size=8)  # fmt: skip
+                                          torch.cat([p["image_latents"] for p in pre]), 32, 32, group_size=8)
         t2 = time.perf_counter()
         encode.append(t1 - t0)
         read.append(t2 - t1)
@@ -83,7 +83,7 @@ def step_seconds(steps: int) -> dict[str, float]:
         for label, extra, flags in (("encoded at run time", [], []),
                                     ("precomputed, no text encoders", ["--precompute", str(DEMO_MODEL),
                                      "--precompute-resolution", "32", "--max-sequence-length", "32"],
-                                     ["--model.policy.text_encoders", "false"])):  # fmt: skip
+                                     ["--model.policy.text_encoders", "false"])):
             shards, root = Path(tmp) / label.replace(" ", "_"), Path(tmp) / ("run_" + label.replace(" ", "_"))
             main(["data", "synthetic", "--out", str(shards), "--num-identities", "24", "--resolution", "64", *extra])
             root.mkdir()
@@ -92,11 +92,11 @@ def step_seconds(steps: int) -> dict[str, float]:
                 "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root)}}}}))
             main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(root / "over.yaml"),
                   "--model.policy.model", str(DEMO_MODEL), "--trainer.max_steps", str(steps), "--data.shards",
-                  str(shards), "--data.val_shards", "null", "--trainer.limit_val_batches", "0", *flags])  # fmt: skip
+                  str(shards), "--data.val_shards", "null", "--trainer.limit_val_batches", "0", *flags])
             rows = [r for f in root.glob("lightning_logs/*/metrics.csv") for r in csv.DictReader(f.open())
-                    if r.get("time/rollout")][2:]  # fmt: skip
+                    if r.get("time/rollout")][2:]
             out[label] = statistics.median(float(r["time/rollout"]) + float(r["time/reward"]) + float(r["time/update"])
-                                           for r in rows)  # fmt: skip
+                                           for r in rows)
     return out
 
 

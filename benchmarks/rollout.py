@@ -51,14 +51,14 @@ def main() -> None:
     def ours():
         policy.clear_caches()
         condition = policy.condition(reference, PROMPT, h, w, guidance=2.5, group_size=args.group)
-        return rollout(policy, condition, num_steps=args.steps, noise_level=0.0, group_size=args.group,
-                       generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+        return rollout(policy, condition, num_steps=args.steps, noise_level=0.0,
+                       generator=torch.Generator().manual_seed(0)).images
 
     def theirs():
         return pipe(image=reference, prompt=PROMPT, height=h, width=w, num_inference_steps=args.steps,
                     guidance_scale=2.5, generator=torch.Generator().manual_seed(0), output_type="pt",
                     max_area=h * w, _auto_resize=False, max_sequence_length=policy.max_sequence_length,
-                    num_images_per_prompt=args.group).images  # fmt: skip
+                    num_images_per_prompt=args.group).images
 
     with torch.no_grad():
         difference = (ours().cpu() - theirs().cpu()).abs().max().item()
@@ -73,7 +73,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     ours_s, theirs_s = statistics.median(times["divrl"]), statistics.median(times["diffusers"])
     print(f"tiny FLUX.1 Kontext, {h}x{w}, G={args.group}, {args.steps} steps, device={args.device}, "
-          f"dtype={policy.dtype}, median of {args.repeats}; max |image difference| {difference:.2e}")  # fmt: skip
+          f"dtype={policy.dtype}, median of {args.repeats}; max |image difference| {difference:.2e}")
     print(f"  diffusers FluxKontextPipeline:   {theirs_s * 1e3:8.2f} ms")
     print(f"  divrl rollout (noise level 0):   {ours_s * 1e3:8.2f} ms   ratio {ours_s / theirs_s:.3f} (goal <= 1.05)")
 
@@ -101,8 +101,8 @@ def main() -> None:
             spent.update(transformer=0.0, sde_step=0.0)
             sync(args.device)
             start = time.perf_counter()
-            rollout(policy, condition, num_steps=args.steps, noise_level=0.9, group_size=args.group,
-                    generator=torch.Generator().manual_seed(0), decode=False)  # fmt: skip
+            rollout(policy, condition, num_steps=args.steps, noise_level=0.9,
+                    generator=torch.Generator().manual_seed(0), decode=False)
             sync(args.device)
             totals.append((time.perf_counter() - start, dict(spent)))
     finally:
@@ -112,23 +112,23 @@ def main() -> None:
     rest = total - parts["transformer"] - parts["sde_step"]
     print(f"stochastic rollout (noise 0.9, no decode), per step of {args.steps}:")
     for name, value in (("transformer", parts["transformer"]), ("sde_step (sample + log-prob)", parts["sde_step"]),
-                        ("bookkeeping", rest)):  # fmt: skip
+                        ("bookkeeping", rest)):
         print(f"  {name:<30s} {value / args.steps * 1e3:8.3f} ms  ({100 * value / total:5.1f}%)")
 
-    traj = rollout(policy, condition, num_steps=args.steps, noise_level=0.9, group_size=args.group,
-                   generator=torch.Generator().manual_seed(1), decode=False)  # fmt: skip
+    traj = rollout(policy, condition, num_steps=args.steps, noise_level=0.9,
+                   generator=torch.Generator().manual_seed(1), decode=False)
     deviation = {"whole batch": 0.0, "micro-batches of 1": 0.0}
     with torch.no_grad():
         for step in range(args.steps - 1):
             whole = transition_log_prob(policy, traj, step, condition).log_prob
             deviation["whole batch"] = max(deviation["whole batch"],
-                                           (whole - traj.log_probs[:, step]).exp().sub(1).abs().max().item())  # fmt: skip
+                                           (whole - traj.log_probs[:, step]).exp().sub(1).abs().max().item())
             for k in range(args.group):
                 one = transition_log_prob(policy, traj, step, condition, index=[k]).log_prob
                 deviation["micro-batches of 1"] = max(deviation["micro-batches of 1"],
-                                                      abs((one - traj.log_probs[k, step]).exp().item() - 1))  # fmt: skip
+                                                      abs((one - traj.log_probs[k, step]).exp().item() - 1))
     print("on-policy ratio, max |r - 1| over the trained steps: "
-          + ", ".join(f"{k} {v:.2e}" for k, v in deviation.items()))  # fmt: skip
+          + ", ".join(f"{k} {v:.2e}" for k, v in deviation.items()))
 
 
 if __name__ == "__main__":

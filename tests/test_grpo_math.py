@@ -1,4 +1,5 @@
-"""The Flow-GRPO math in divrl.grpo, checked against diffusers, float64 brute force and hand-worked values."""
+"""The Flow-GRPO math in divrl.grpo (and FLUX's sigma schedule), checked against diffusers, float64 brute force and
+hand-worked values."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ from torch.distributions import Normal
 
 from divrl.grpo import (
     SDEStepOutput,
-    calculate_shift,
-    flux_sigmas,
     group_advantages,
     grpo_loss,
     kl_divergence,
@@ -21,6 +20,7 @@ from divrl.grpo import (
     sde_step,
     select_train_steps,
 )
+from divrl.policy.kontext.schedule import calculate_shift, flux_sigmas
 
 FLUX_SCHEDULER = dict(
     use_dynamic_shifting=True,

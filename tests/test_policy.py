@@ -23,7 +23,7 @@ def pipeline_latents(pipe, ref, prompt, height, width, steps, seed, group):
         image=ref, prompt=prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=2.5,
         generator=torch.Generator().manual_seed(seed), output_type="latent", max_area=height * width,
         _auto_resize=False, max_sequence_length=32, num_images_per_prompt=group,
-    ).images  # fmt: skip
+    ).images
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def test_ode_rollout_matches_diffusers_pipeline(steps, height, width):
     ref = reference(height, width)
     expected = pipeline_latents(pipe, ref, PROMPT, height, width, steps, seed=3, group=2)
     condition = policy.condition(ref, PROMPT, height, width, guidance=2.5, group_size=2)
-    traj = rollout(policy, condition, num_steps=steps, noise_level=0.0, group_size=2,
-                   generator=torch.Generator().manual_seed(3), decode=False)  # fmt: skip
+    traj = rollout(policy, condition, num_steps=steps, noise_level=0.0,
+                   generator=torch.Generator().manual_seed(3), decode=False)
     assert traj.latents.shape == (2, steps + 1, *expected.shape[1:])
     assert torch.allclose(traj.latents[:, -1], expected, atol=1e-5, rtol=0)
     assert (traj.latents[:, -1] - expected).abs().max() < 1e-5
@@ -57,7 +57,7 @@ def test_decoded_images_match_pipeline_and_adapter_starts_neutral(tiny_policy):
         image=ref, prompt=PROMPT, height=height, width=width, num_inference_steps=3, guidance_scale=2.5,
         generator=torch.Generator().manual_seed(0), output_type="pt", max_area=height * width, _auto_resize=False,
         max_sequence_length=32,
-    ).images  # fmt: skip
+    ).images
     condition = tiny_policy.condition(ref, PROMPT, height, width)
     traj = rollout(tiny_policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(0))
     assert traj.images.shape == (1, 3, height, width)
@@ -73,23 +73,22 @@ def test_batch_of_conditions_equals_separate_runs(tiny_policy):
     condition = tiny_policy.condition(refs, prompts, 32, 32, group_size=2)
     assert condition.batch_size == 4
     gens = [torch.Generator().manual_seed(10 + k) for k in range(4)]
-    traj = rollout(tiny_policy, condition, num_steps=3, noise_level=0.7, group_size=2, generator=gens, decode=False)
-    assert traj.condition_ids.tolist() == [0, 0, 1, 1]
+    traj = rollout(tiny_policy, condition, num_steps=3, noise_level=0.7, generator=gens, decode=False)
     for c in range(2):
         single = tiny_policy.condition(refs[c], prompts[c], 32, 32, group_size=2)
-        one = rollout(tiny_policy, single, num_steps=3, noise_level=0.7, group_size=2,
-                      generator=[torch.Generator().manual_seed(10 + 2 * c + k) for k in range(2)], decode=False)  # fmt: skip
+        one = rollout(tiny_policy, single, num_steps=3, noise_level=0.7,
+                      generator=[torch.Generator().manual_seed(10 + 2 * c + k) for k in range(2)], decode=False)
         assert torch.allclose(one.latents, traj.latents[2 * c : 2 * c + 2], atol=1e-5)
         assert torch.allclose(one.log_probs, traj.log_probs[2 * c : 2 * c + 2], atol=1e-5)
-    micro = rollout(tiny_policy, condition, num_steps=3, noise_level=0.7, group_size=2, decode=False,
-                    generator=[torch.Generator().manual_seed(10 + k) for k in range(4)], micro_batch_size=3)  # fmt: skip
+    micro = rollout(tiny_policy, condition, num_steps=3, noise_level=0.7, decode=False,
+                    generator=[torch.Generator().manual_seed(10 + k) for k in range(4)], micro_batch_size=3)
     assert torch.allclose(micro.latents, traj.latents, atol=1e-5)
 
 
 def test_on_policy_ratio_is_one_and_fresh_kl_is_zero(tiny_policy):
     condition = tiny_policy.condition(reference(32, 32), PROMPT, 32, 32, group_size=3)
-    traj = rollout(tiny_policy, condition, num_steps=4, noise_level=0.9, group_size=3,
-                   generator=torch.Generator().manual_seed(0), decode=False)  # fmt: skip
+    traj = rollout(tiny_policy, condition, num_steps=4, noise_level=0.9,
+                   generator=torch.Generator().manual_seed(0), decode=False)
     assert (traj.log_probs != 0).all()
     for step in range(4):
         out = transition_log_prob(tiny_policy, traj, step, condition)
@@ -122,7 +121,7 @@ def test_lora_targets_dtypes_and_prompt_cache(tiny_policy):
     assert not any(p.requires_grad for p in frozen)
     embeds, pooled, _ = tiny_policy.encode_prompts([PROMPT, "a dog", PROMPT])
     assert torch.equal(embeds[0], embeds[2]) and not torch.equal(embeds[0], embeds[1])
-    assert list(tiny_policy._prompt_cache)[-2:] == ["a dog", PROMPT]
+    assert list(tiny_policy.encoder.prompts)[-2:] == ["a dog", PROMPT]
 
 
 def test_prompt_cache_smaller_than_a_call_still_encodes_every_prompt():
@@ -131,22 +130,22 @@ def test_prompt_cache_smaller_than_a_call_still_encodes_every_prompt():
     small.encode_prompts(["a dog"])  # cached, then evicted while this call's new prompts are cached
     embeds, _, _ = small.encode_prompts(prompts)
     fresh = KontextPolicy.tiny(seed=0, prompt_cache_size=16).encode_prompts(prompts)[0]
-    assert torch.equal(embeds, fresh) and len(small._prompt_cache) == 2
-    assert list(small._prompt_cache) == ["a red star", "a dog"]
+    assert torch.equal(embeds, fresh) and len(small.encoder.prompts) == 2
+    assert list(small.encoder.prompts) == ["a red star", "a dog"]
 
 
 def test_saved_pipeline_loads_through_from_pretrained(tmp_path):
     components = tiny_kontext_components(seed=5)
     FluxKontextPipeline(**components).save_pretrained(tmp_path / "tiny-kontext")
     loaded = KontextPolicy.from_pretrained(tmp_path / "tiny-kontext", torch_dtype=None, max_sequence_length=32,
-                                           lora=LoRAConfig(rank=4, alpha=8))  # fmt: skip
+                                           lora=LoRAConfig(rank=4, alpha=8))
     direct = KontextPolicy(**components, lora=None, max_sequence_length=32)
     ref = reference(32, 32)
     runs = []
     for policy in (loaded, direct):
         condition = policy.condition(ref, PROMPT, 32, 32)
         runs.append(rollout(policy, condition, num_steps=2, noise_level=0.0,
-                            generator=torch.Generator().manual_seed(0), decode=False).latents)  # fmt: skip
+                            generator=torch.Generator().manual_seed(0), decode=False).latents)
     assert torch.allclose(runs[0], runs[1], atol=1e-6)
 
 
@@ -209,3 +208,40 @@ def test_a_missing_relative_model_folder_is_not_mistaken_for_a_hub_id(tmp_path, 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelLoadError, match=r"model folder 'data/demo/tiny-kontext' does not exist \(relative paths"):
         KontextPolicy.from_pretrained("data/demo/tiny-kontext")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"max_shift": 1.5, "base_shift": 0.3}, {"shift_terminal": 0.05}])
+def test_sigmas_follow_the_models_own_scheduler_config(overrides):
+    """The sampler's sigmas are the loaded model's: its scheduler config, not FLUX's constants, sets the shift (here
+    checked against diffusers' scheduler built from the same config, as FluxKontextPipeline uses it)."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from divrl.policy.tiny import FLUX_SCHEDULER_CONFIG
+
+    components = tiny_kontext_components(seed=0)
+    scheduler = FlowMatchEulerDiscreteScheduler(**{**FLUX_SCHEDULER_CONFIG, **overrides})
+    assert all(scheduler.config[k] == v for k, v in overrides.items())
+    policy = KontextPolicy(**{**components, "scheduler": scheduler}, lora=None, max_sequence_length=32)
+    condition = policy.condition(reference(64, 48), PROMPT, 64, 48)
+    c = scheduler.config
+    mu = calculate_shift(condition.num_tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 6, 6), mu=mu)
+    assert torch.equal(policy.sigmas(6, condition), scheduler.sigmas)
+    default = KontextPolicy(**tiny_kontext_components(seed=0), lora=None, max_sequence_length=32)
+    assert torch.equal(default.sigmas(6, condition), policy.sigmas(6, condition)) == (not overrides)
+
+
+def test_a_scheduler_config_the_schedule_does_not_reproduce_is_refused():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from divrl.policy.tiny import FLUX_SCHEDULER_CONFIG
+
+    components = tiny_kontext_components(seed=0)
+    for change, match in (({"use_dynamic_shifting": False}, "use_dynamic_shifting"),
+                          ({"use_karras_sigmas": True}, "use_karras_sigmas")):
+        scheduler = FlowMatchEulerDiscreteScheduler(**{**FLUX_SCHEDULER_CONFIG, **change})
+        policy = KontextPolicy(**{**components, "scheduler": scheduler}, lora=None, max_sequence_length=32)
+        with pytest.raises(ValueError, match=match):
+            policy.sigmas(4, policy.condition(reference(32, 32), PROMPT, 32, 32))

@@ -34,6 +34,10 @@ class Toy(nn.Module):
         self.transformer_blocks = nn.ModuleList([Block(), Block()])
         self.single_transformer_blocks = nn.ModuleList([Block()])
 
+    def units(self) -> list[nn.Module]:
+        """What a policy's shard_units gives: the repeated blocks."""
+        return [*self.transformer_blocks, *self.single_transformer_blocks]
+
     def forward(self, x):
         x = self.embed(x)
         for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
@@ -52,7 +56,7 @@ def worker(rank: int, port: int) -> None:
     from divrl.policy.sharding import (
         all_reduce_grads,
         gathered,
-        shard_transformer_fsdp1,
+        shard_network_fsdp1,
         trainable_parameters,
     )
 
@@ -67,7 +71,7 @@ def worker(rank: int, port: int) -> None:
         own = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         reference = copy.deepcopy(model)
 
-        model = shard_transformer_fsdp1(model, torch.device("cpu"))
+        model = shard_network_fsdp1(model, model.units(), torch.device("cpu"))
         params = trainable_parameters(model)
         assert sum(isinstance(m, FullyShardedDataParallel) for m in model.modules()) == 4  # 3 blocks + the root
         assert set(params) == {n for n, p in reference.named_parameters() if p.requires_grad}
@@ -109,7 +113,8 @@ def worker(rank: int, port: int) -> None:
 
         # SHARD_GRAD_OP (passed through to every unit) keeps each unit gathered from its first forward to the backward
         torch.manual_seed(0)
-        zero2 = shard_transformer_fsdp1(Toy(), torch.device("cpu"), sharding_strategy=ShardingStrategy.SHARD_GRAD_OP)
+        toy = Toy()
+        zero2 = shard_network_fsdp1(toy, toy.units(), torch.device("cpu"), sharding_strategy=ShardingStrategy.SHARD_GRAD_OP)
         calls["n"] = 0
         with torch.no_grad():
             zero2(x), zero2(x), zero2(x)

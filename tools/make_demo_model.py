@@ -29,7 +29,7 @@ Usage (deterministic; about 6 minutes on a free 2-core CPU, slower when other jo
     python tools/make_demo_model.py --out data/demo/tiny-kontext
 
 Measured: 8 held-out identities (the demo's validation identities, ``synthetic_records(8, size=64, seed=1)``,
-never seen in training), first prompt each, ``rollout(num_steps=4, group_size=8, seed 0)`` at 32 × 32, scored
+never seen in training), first prompt each, ``rollout(num_steps=4, seed 0)`` at 32 × 32, scored
 against the 64 × 64 reference and mask with the demo reward (``DenseDescriptor(grid_size=24, cell=4)``, pool 2);
 mean over the 64 samples::
 
@@ -292,9 +292,9 @@ def sample_group(policy: KontextPolicy, reference, prompt: str, noise_level: flo
         [reference], [prompt], RESOLUTION, RESOLUTION, guidance=GUIDANCE, group_size=group_size
     )
     trajectory = rollout(
-        policy, condition, num_steps=4, noise_level=noise_level, group_size=group_size,
+        policy, condition, num_steps=4, noise_level=noise_level,
         generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
+    )
     return trajectory.images
 
 
@@ -309,7 +309,8 @@ def evaluate(trained: KontextPolicy, random_policy: KontextPolicy, subjects: Sub
     ):
         ref32 = (to_pixels(trained, [reference]) + 1) / 2
         other32 = (to_pixels(trained, [render_pil(identity, random_pose(rng)) for _ in range(8)]) + 1) / 2
-        roundtrip = trained.decode(pack(trained, raw_latents(trained.vae, ref32 * 2 - 1)), RESOLUTION, RESOLUTION)
+        condition = trained.condition([reference], prompts[:1], RESOLUTION, RESOLUTION, guidance=GUIDANCE)
+        roundtrip = trained.decode(pack(trained, raw_latents(trained.vae, ref32 * 2 - 1)), condition)
         groups = {
             "pretrained, ODE (noise 0.0)": sample_group(trained, reference, prompts[0], 0.0),
             "pretrained, SDE (noise 0.9)": sample_group(trained, reference, prompts[0], 0.9),
@@ -321,7 +322,7 @@ def evaluate(trained: KontextPolicy, random_policy: KontextPolicy, subjects: Sub
         }
         for name, images in groups.items():
             out = reward(reference, images, mask)
-            scores.setdefault(name, []).append(torch.stack([out.nssm.mean(), out.vsm.mean()]))
+            scores.setdefault(name, []).append(torch.stack([out.components[k].mean() for k in ("nssm", "vsm")]))
         pretrained = groups["pretrained, ODE (noise 0.0)"][:4], groups["pretrained, SDE (noise 0.9)"][:4]
         rows.append(torch.cat([ref32, *pretrained, groups["random tiny, SDE (noise 0.9)"][:2], other32[:2]]))
     table = {name: torch.stack(values).mean(0).tolist() for name, values in scores.items()}
@@ -384,7 +385,7 @@ def main() -> None:
     reference_pixels = to_pixels(policy, train.references)
     other_pixels = to_pixels(policy, others)
     print(f"{len(train.references)} training references, {len(others)} other-pose renders "
-          f"({time.time() - start:.0f} s)", flush=True)  # fmt: skip
+          f"({time.time() - start:.0f} s)", flush=True)
 
     print("1/3 VAE", flush=True)
     t = time.time()
@@ -393,7 +394,7 @@ def main() -> None:
     calibrate_vae(policy.vae, reference_raw)
     vae_time = time.time() - t
     print(f"  shift_factor {policy.vae.config.shift_factor}, scaling_factor {policy.vae.config.scaling_factor} "
-          f"({vae_time:.0f} s)", flush=True)  # fmt: skip
+          f"({vae_time:.0f} s)", flush=True)
 
     # Encode everything with the trained VAE (no reference cache is involved: no keys are passed).
     references = pack(policy, reference_raw)
@@ -408,7 +409,7 @@ def main() -> None:
     train_transformer(
         policy, references, other_latents, prompt_embeds, pooled_embeds, template, args.transformer_steps,
         seed=args.seed,
-    )  # fmt: skip
+    )
     transformer_time = time.time() - t
     print(f"  ({transformer_time:.0f} s)", flush=True)
 
@@ -431,9 +432,9 @@ def main() -> None:
     save_grid(rows, args.grid)
     print(format_table(table))
     print(f"grid (rows: reference | 4 ODE samples | 4 SDE samples | 2 random-model samples | 2 other-pose truths): "
-          f"{args.grid}")  # fmt: skip
+          f"{args.grid}")
     print(f"VAE {vae_time:.0f} s, transformer {transformer_time:.0f} s, total {time.time() - start:.0f} s; "
-          f"folder {folder_size(out) / 2**20:.2f} MiB")  # fmt: skip
+          f"folder {folder_size(out) / 2**20:.2f} MiB")
 
 
 if __name__ == "__main__":

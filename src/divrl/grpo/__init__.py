@@ -1,6 +1,8 @@
-"""Flow-GRPO in plain torch: the FLUX sigma schedule, the SDE step with its log-probability, advantages, loss.
+"""Flow-GRPO in plain torch: the SDE step with its log-probability, rollouts, advantages, loss.
 
-- :mod:`divrl.grpo.schedule`: ``flux_sigmas`` / ``calculate_shift`` (bit-exact with diffusers' FLUX schedule).
+The sampler reaches the model only through the :class:`~divrl.policy.Policy` seam; a family's sigma schedule is its
+own (FLUX's: :mod:`divrl.policy.kontext.schedule`).
+
 - :mod:`divrl.grpo.sde`: ``sde_step`` (sample a step, or score a recorded one) → ``SDEStepOutput``.
 - :mod:`divrl.grpo.advantages`: ``group_advantages`` (per group or per batch, clipped); ``pooled_advantages``
   (statistics over a larger pool, e.g. every rank's rewards).
@@ -13,14 +15,10 @@
 from divrl.grpo.advantages import group_advantages, pooled_advantages
 from divrl.grpo.loss import grpo_loss, kl_divergence
 from divrl.grpo.sampler import Trajectory, rollout, transition_log_prob
-from divrl.grpo.schedule import calculate_shift, flux_sigmas
 from divrl.grpo.sde import SDEStepOutput, sde_step
 from divrl.grpo.timesteps import random_window, sde_mask, select_train_steps
 
 __all__ = [
-    # schedule
-    "calculate_shift",
-    "flux_sigmas",
     # sde
     "SDEStepOutput",
     "sde_step",

@@ -5,8 +5,10 @@
 recomputes one step's log-prob *with gradients* in the training path, through the same policy call and the same
 ``sde_step``, so the first update's ratio is exactly 1 on-policy.
 
-With ``noise_level=0`` every step is the deterministic Euler step and the rollout reproduces diffusers'
-``FluxKontextPipeline`` output for the same components, prompt, reference, seed and steps.
+The sampler sees the model only through the :class:`~divrl.policy.Policy` seam (``sigmas``, ``initial_noise``,
+``velocity``, ``decode``). With ``noise_level=0`` every step is the deterministic Euler step: for
+:class:`~divrl.policy.KontextPolicy` the rollout reproduces diffusers' ``FluxKontextPipeline`` output for the same
+components, prompt, reference, seed and steps.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from divrl.grpo.schedule import flux_sigmas
 from divrl.grpo.sde import SDEStepOutput, sde_step
 
 __all__ = ["Trajectory", "rollout", "transition_log_prob"]
@@ -25,7 +26,7 @@ __all__ = ["Trajectory", "rollout", "transition_log_prob"]
 
 @dataclass
 class Trajectory:
-    """What a rollout recorded, for ``B = n_conditions × G`` samples and ``T`` steps.
+    """What a rollout recorded, for ``B`` samples and ``T`` steps.
 
     Attributes:
         latents: packed latents ``(B, T + 1, tokens, channels)``: the initial noise, then the sample after each step
@@ -34,7 +35,6 @@ class Trajectory:
             GRPO); 0 at deterministic (ODE) steps.
         sigmas: ``(T + 1,)`` float32 noise levels, ending with 0.
         sde: ``(T,)`` bool, which steps were stochastic (only those can be trained).
-        condition_ids: ``(B,)`` long, the index of each sample's condition (its group).
         noise_level: the SDE noise level ``a`` used at stochastic steps.
         images: decoded images ``(B, 3, H, W)`` in [0, 1], or ``None`` when not decoded.
     """
@@ -43,7 +43,6 @@ class Trajectory:
     log_probs: Tensor
     sigmas: Tensor
     sde: Tensor
-    condition_ids: Tensor
     noise_level: float
     images: Tensor | None = None
 
@@ -63,21 +62,18 @@ def rollout(
     *,
     num_steps: int,
     noise_level: float,
-    group_size: int = 1,
     sde_steps: Sequence[bool] | Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     micro_batch_size: int | None = None,
     decode: bool = True,
 ) -> Trajectory:
-    """Sample ``condition.batch_size`` trajectories (``group_size`` consecutive rows per condition).
+    """Sample ``condition.batch_size`` trajectories (one per row of the conditioning).
 
     Args:
-        policy: a :class:`~divrl.policy.KontextPolicy` (anything with ``initial_noise``, ``velocity``, ``decode``
-            and ``num_image_tokens``).
-        condition: the batch's conditions, e.g. ``policy.condition(refs, prompts, H, W, group_size=G)``.
+        policy: a :class:`~divrl.policy.Policy`.
+        condition: the batch's conditioning, e.g. ``policy.encode(samples, H, W, group_size=G)``.
         num_steps: denoising steps (DivRL trains with 6, evaluates with 28).
         noise_level: SDE noise level ``a`` at stochastic steps (DivRL: 0.9); 0 gives the deterministic sampler.
-        group_size: samples per condition (``G``), used to record each sample's condition id.
         sde_steps: which steps are stochastic (bool per step); ``None`` = all. ODE steps elsewhere
             (Flow-GRPO-Fast / MixGRPO windows, see :mod:`divrl.grpo.timesteps`).
         generator: seeds the initial noise and the SDE noise (a generator, or one per sample).
@@ -88,17 +84,13 @@ def rollout(
     Returns:
         A :class:`Trajectory`.
     """
-    batch = condition.batch_size
-    if batch % group_size:
-        raise ValueError(f"rollout: batch {batch} is not a multiple of group_size {group_size}")
-    height, width = condition.height, condition.width
-    sigmas = flux_sigmas(num_steps, policy.num_image_tokens(height, width)).to(policy.device)
+    sigmas = policy.sigmas(num_steps, condition).to(policy.device)
     sde = _sde_mask(sde_steps, num_steps, policy.device)
     values = sigmas.tolist()  # host copies: no device sync inside the loop
     stochastic = sde.tolist()
     sigma_max = values[1] if num_steps > 1 else None
 
-    x = policy.initial_noise(batch, height, width, generator)
+    x = policy.initial_noise(condition, generator)
     latents = [x]
     log_probs = []
     for step in range(num_steps):
@@ -106,17 +98,16 @@ def rollout(
         out = sde_step(
             velocity, x, values[step], values[step + 1],
             noise_level if stochastic[step] else 0.0, sigma_max=sigma_max, generator=generator,
-        )  # fmt: skip
+        )
         x = out.prev_sample
         latents.append(x)
         log_probs.append(out.log_prob)
-    images = policy.decode(x, height, width) if decode else None
+    images = policy.decode(x, condition) if decode else None
     return Trajectory(
         latents=torch.stack(latents, dim=1),
         log_probs=torch.stack(log_probs, dim=1).float(),
         sigmas=sigmas.float(),
         sde=sde,
-        condition_ids=torch.arange(batch // group_size, device=x.device).repeat_interleave(group_size),
         noise_level=float(noise_level),
         images=images,
     )
@@ -152,7 +143,7 @@ def transition_log_prob(
     return sde_step(
         velocity, rows[:, step], sigmas[step].item(), sigmas[step + 1].item(), trajectory.noise_level,
         sigma_max=sigma_max, prev_sample=rows[:, step + 1],
-    )  # fmt: skip
+    )
 
 
 def _chunked_velocity(policy, x: Tensor, sigma: Tensor, condition, micro_batch_size: int | None) -> Tensor:

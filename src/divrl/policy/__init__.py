@@ -1,5 +1,17 @@
-"""The generator being trained: FLUX.1 Kontext with a LoRA adapter (:class:`KontextPolicy`)."""
+"""The generator being trained: the :class:`Policy` seam (base.py) and its model families.
 
-from divrl.policy.kontext import DEFAULT_LORA_TARGETS, Condition, KontextPolicy, LoRAConfig, ModelLoadError
+- :class:`Policy` / :class:`PolicyConfig`: what every family implements (encode, initial noise, velocity, sigmas,
+  decode, sharding units...) and the settings every family shares;
+- :mod:`divrl.policy.lora` and :mod:`divrl.policy.reference`: the LoRA adapter, its diffusers files and the KL
+  reference of full fine-tuning, generic over diffusers transformers;
+- :mod:`divrl.policy.kontext`: FLUX.1 Kontext (:class:`KontextPolicy`, :class:`KontextConfig`), the default family.
+"""
 
-__all__ = ["KontextPolicy", "LoRAConfig", "Condition", "ModelLoadError", "DEFAULT_LORA_TARGETS"]
+from divrl.policy.base import Conditioning, ModelLoadError, Policy, PolicyConfig
+from divrl.policy.lora import DEFAULT_LORA_TARGETS, LoRAConfig
+from divrl.policy.kontext import Condition, KontextConfig, KontextPolicy
+
+__all__ = [
+    "Policy", "PolicyConfig", "Conditioning", "KontextPolicy", "KontextConfig", "LoRAConfig", "Condition",
+    "ModelLoadError", "DEFAULT_LORA_TARGETS",
+]

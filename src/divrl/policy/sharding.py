@@ -1,20 +1,21 @@
-"""FSDP for the FLUX transformer (plain torch, no Lightning): sharding, gathering for rollouts, full weights out.
+"""FSDP for a policy's network (plain torch, no Lightning): sharding, gathering for rollouts, full weights out.
 
-- :func:`shard_transformer` applies ``fully_shard`` to every ``FluxTransformerBlock`` and
-  ``FluxSingleTransformerBlock`` (one all-gather per block), then to the transformer itself (the embedders and the
-  output layers). The frozen base and the trainable LoRA weights of a block share one unit; mixed dtypes (a bf16
-  base with fp32 adapters) are all-gathered as they are. The VAE, the text encoders and the reward backbones are
-  frozen and stay whole on every rank.
-- :func:`shard_transformer_fsdp1` is the FSDP1 (``FullyShardedDataParallel``) counterpart for LoRA training: each
-  block's frozen base is one unit, the rest of the transformer the root unit around them; the LoRA weights are left
-  out of every unit (``ignored_states``), so they stay whole on every rank like DDP's and keep their own dtype
-  (FSDP1 flattens a unit's parameters into one tensor of one dtype); :func:`all_reduce_grads` averages their
-  gradients, as DDP would. The names of wrapped parameters gain FSDP1's ``_fsdp_wrapped_module.``;
-  :func:`trainable_parameters` gives them without it.
+The units come from the policy (:meth:`divrl.policy.Policy.shard_units`: FLUX's double- and single-stream blocks),
+so nothing here knows a model family.
+
+- :func:`shard_network` applies ``fully_shard`` to every unit (one all-gather per block), then to the network itself
+  (the embedders and the output layers). The frozen base and the trainable LoRA weights of a block share one unit;
+  mixed dtypes (a bf16 base with fp32 adapters) are all-gathered as they are. The VAE, the text encoders and the
+  reward backbones are frozen and stay whole on every rank.
+- :func:`shard_network_fsdp1` is the FSDP1 (``FullyShardedDataParallel``) counterpart for LoRA training: each unit's
+  frozen base is one FSDP1 unit, the rest of the network the root unit around them; the LoRA weights are left out of
+  every unit (``ignored_states``), so they stay whole on every rank like DDP's and keep their own dtype (FSDP1
+  flattens a unit's parameters into one tensor of one dtype); :func:`all_reduce_grads` averages their gradients, as
+  DDP would. The names of wrapped parameters gain FSDP1's ``_fsdp_wrapped_module.``; :func:`trainable_parameters`
+  gives them without it.
 - :func:`gathered` keeps the shards gathered across the denoising steps of a rollout: one all-gather per block
   per rollout instead of one per block per step (a 6-step rollout: 6× less all-gather traffic), for the price of
-  the whole (bf16) transformer on each GPU while the rollout runs — the memory the backward pass never needs at
-  once.
+  the whole (bf16) network on each GPU while the rollout runs — the memory the backward pass never needs at once.
 - :func:`full_tensor` / :func:`shard_like` turn a sharded ``DTensor`` into the full tensor (a collective: every rank
   must call it) and back. The LoRA export, the adapter moving average and full fine-tuning exports go through them.
 """
@@ -31,12 +32,12 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "shard_transformer",
-    "shard_transformer_fsdp1",
+    "shard_network",
+    "shard_network_fsdp1",
     "gathered",
     "full_tensor",
     "shard_like",
-    "save_full_transformer",
+    "save_full_network",
     "grad_norm",
     "all_reduce_grads",
     "trainable_parameters",
@@ -53,58 +54,62 @@ def _fsdp():
     return FSDPModule, fully_shard
 
 
-def shard_transformer(transformer: nn.Module, mesh, reshard_after_forward: bool = True) -> list[nn.Module]:
-    """``fully_shard`` each transformer block, then the transformer; returns the sharded modules (blocks first).
+def shard_network(network: nn.Module, units: list[nn.Module], mesh, reshard_after_forward: bool = True) -> list[nn.Module]:
+    """``fully_shard`` each unit, then the network; returns the sharded modules (units first).
 
     Args:
-        transformer: a diffusers ``FluxTransformer2DModel`` (with or without a LoRA adapter).
+        network: the policy's network (with or without a LoRA adapter).
+        units: its repeated blocks (:meth:`divrl.policy.Policy.shard_units`).
         mesh: the 1-D data-parallel ``DeviceMesh`` (Lightning's ``ModelParallelStrategy``: ``device_mesh["data_parallel"]``).
         reshard_after_forward: free each block's gathered weights after its forward (ZeRO-3); the backward pass
             gathers them again.
     """
     _, fully_shard = _fsdp()
-    blocks = [block for _, _, block in _blocks(transformer, "shard_transformer")]
-    for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(transformer, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    return [*blocks, transformer]
+    _check_units(network, units, "shard_network")
+    for unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(network, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return [*units, network]
 
 
-def shard_transformer_fsdp1(transformer: nn.Module, device: torch.device, **fsdp_kwargs) -> nn.Module:
-    """Shard the transformer's frozen weights with FSDP1 (``use_orig_params=True``): each block is one unit (wrapped
-    in place in its ``ModuleList``) and the transformer the root unit around them (the embedders and output layers).
-    Returns the root unit, to use in place of ``transformer`` (attributes reach the transformer through it).
+def shard_network_fsdp1(network: nn.Module, units: list[nn.Module], device: torch.device, **fsdp_kwargs) -> nn.Module:
+    """Shard the network's frozen weights with FSDP1 (``use_orig_params=True``): each unit is one FSDP1 unit (wrapped
+    in place in its parent) and the network the root unit around them (the embedders and output layers). Returns the
+    root unit, to use in place of ``network`` (attributes reach the network through it).
 
     One root matters: FSDP1 frees a unit's gathered weights after its forward only when it is not a root, so blocks
     wrapped side by side would all stay gathered from their first forward until the backward pass.
     The trainable (LoRA) weights are ``ignored_states``: whole on every rank (broadcast from rank 0 here, as DDP does),
     their gradients left to :func:`all_reduce_grads`. Frozen weights are moved to ``device`` unit by unit (never the
-    whole transformer at once).
+    whole network at once).
 
     Args:
-        transformer: a diffusers ``FluxTransformer2DModel`` with a LoRA adapter (its base frozen).
+        network: the policy's network with a LoRA adapter (its base frozen).
+        units: its repeated blocks (:meth:`divrl.policy.Policy.shard_units`).
         device: this rank's device (``torch.device("cpu")`` runs FSDP1 on CPU processes with gloo).
         **fsdp_kwargs: passed to ``FullyShardedDataParallel`` (``sharding_strategy``, ``process_group``, ...).
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    blocks = _blocks(transformer, "shard_transformer_fsdp1")
-    if any(p.requires_grad for n, p in transformer.named_parameters() if "lora_" not in n):
+    _check_units(network, units, "shard_network_fsdp1")
+    if any(p.requires_grad for n, p in network.named_parameters() if "lora_" not in n):
         raise ValueError(
-            "shard_transformer_fsdp1: the transformer's base weights are trainable (full fine-tuning); FSDP1 here "
+            "shard_network_fsdp1: the network's base weights are trainable (full fine-tuning); FSDP1 here "
             "shards a frozen base under LoRA only. Fully fine-tune with FSDP2 (divrl.training.FSDP2Strategy)"
         )
-    adapters = [p for p in transformer.parameters() if p.requires_grad]
+    adapters = [p for p in network.parameters() if p.requires_grad]
     for p in adapters:
         p.data = p.data.to(device)
     _broadcast(adapters)
-    for container, index, block in blocks:
-        own = [p for p in block.parameters() if p.requires_grad]
-        container[index] = FullyShardedDataParallel(
-            block, device_id=device, use_orig_params=True, ignored_states=own or None, **fsdp_kwargs
-        )
+    parents = {id(child): (parent, name) for parent in network.modules() for name, child in parent.named_children()}
+    for unit in units:
+        parent, name = parents[id(unit)]
+        own = [p for p in unit.parameters() if p.requires_grad]
+        setattr(parent, name, FullyShardedDataParallel(
+            unit, device_id=device, use_orig_params=True, ignored_states=own or None, **fsdp_kwargs
+        ))
     return FullyShardedDataParallel(
-        transformer, device_id=device, use_orig_params=True, ignored_states=adapters or None, **fsdp_kwargs
+        network, device_id=device, use_orig_params=True, ignored_states=adapters or None, **fsdp_kwargs
     )
 
 
@@ -120,24 +125,17 @@ def _broadcast(params: list[Tensor]) -> None:
             dist.broadcast(p.data, src=0)
 
 
-def _blocks(transformer: nn.Module, caller: str) -> list[tuple[nn.ModuleList, int, nn.Module]]:
-    """The FLUX blocks as ``(container, index, block)``, double-stream blocks first."""
-    blocks = [
-        (container, index, block)
-        for container in (getattr(transformer, "transformer_blocks", None), getattr(transformer, "single_transformer_blocks", None))
-        if container is not None
-        for index, block in enumerate(container)
-    ]
-    if not blocks:
+def _check_units(network: nn.Module, units: list[nn.Module], caller: str) -> None:
+    inside = {id(m) for m in network.modules()}
+    if not units or any(id(u) not in inside or u is network for u in units):
         raise ValueError(
-            f"{caller}: {type(transformer).__name__} has no transformer_blocks / single_transformer_blocks; "
-            f"expected a diffusers FluxTransformer2DModel"
+            f"{caller}: the units must be submodules of the {type(network).__name__} (its repeated blocks, from "
+            f"policy.shard_units()); got {len(units)}"
         )
-    return blocks
 
 
 def unwrapped(module: nn.Module) -> nn.Module:
-    """The module an FSDP1 root unit wraps (what :func:`shard_transformer_fsdp1` returns), else ``module`` itself."""
+    """The module an FSDP1 root unit wraps (what :func:`shard_network_fsdp1` returns), else ``module`` itself."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return module.module if isinstance(module, FullyShardedDataParallel) else module
@@ -156,7 +154,7 @@ def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
 @contextlib.contextmanager
 def gathered(module: nn.Module, reshard_after_forward: bool = True) -> Iterator[None]:
     """Within the block, FSDP2 units gather their shards on first use and keep them (no reshard after forward);
-    on exit every unit is resharded and set back to ``reshard_after_forward`` (what :func:`shard_transformer` was
+    on exit every unit is resharded and set back to ``reshard_after_forward`` (what :func:`shard_network` was
     given). A no-op for a module that is not sharded by FSDP2.
 
     FSDP1 has no such switch: a non-root FSDP1 unit frees its weights after every forward under ``FULL_SHARD``
@@ -196,15 +194,15 @@ def shard_like(full: Tensor, like: Tensor) -> Tensor:
     return full
 
 
-def save_full_transformer(transformer: nn.Module, state: Mapping[str, Tensor], directory: str | os.PathLike) -> Path:
-    """Write a full (gathered) transformer state dict as a diffusers model folder (``config.json`` + safetensors
-    shards of at most 10 GB + index), loadable with ``FluxTransformer2DModel.from_pretrained``."""
+def save_full_network(network: nn.Module, state: Mapping[str, Tensor], directory: str | os.PathLike) -> Path:
+    """Write a full (gathered) state dict of a diffusers model as its model folder (``config.json`` + safetensors
+    shards of at most 10 GB + index), loadable with ``type(network).from_pretrained`` (``FluxTransformer2DModel``...)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    transformer.save_config(directory)
+    network.save_config(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     split = split_torch_state_dict_into_shards(
         state, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB"

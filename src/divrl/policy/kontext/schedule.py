@@ -1,4 +1,4 @@
-"""The FLUX sigma schedule, bit-for-bit as diffusers builds it for FLUX.1 (Kontext).
+"""The FLUX sigma schedule, bit-for-bit as diffusers builds it for FLUX.1 (Kontext), from a scheduler configuration.
 
 ``FluxKontextPipeline`` starts from ``np.linspace(1, 1/N, N)`` (float64), computes the shift ``μ`` from the
 number of image tokens (:func:`calculate_shift`) and hands both to ``FlowMatchEulerDiscreteScheduler.set_timesteps``
@@ -22,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["calculate_shift", "flux_sigmas"]
+__all__ = ["calculate_shift", "flux_sigmas", "scheduler_sigmas"]
 
 
 def calculate_shift(
@@ -108,3 +108,32 @@ def flux_sigmas(
         sigmas = one - one_minus / scale
     sigmas = torch.from_numpy(np.ascontiguousarray(sigmas, dtype=np.float32))
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float32)])
+
+
+_FIXED = {"time_shift_type": "exponential", "use_karras_sigmas": False, "use_exponential_sigmas": False,
+          "use_beta_sigmas": False, "invert_sigmas": False, "stochastic_sampling": False}
+"""Scheduler options :func:`scheduler_sigmas` reproduces only at these values (FLUX's)."""
+
+
+def scheduler_sigmas(config: dict, num_steps: int, image_seq_len: int) -> torch.Tensor:
+    """The sigmas ``FluxKontextPipeline`` samples with for a ``FlowMatchEulerDiscreteScheduler`` configuration
+    ``config`` (the model's ``scheduler/scheduler_config.json``): :func:`flux_sigmas` with the configuration's
+    ``base_shift``, ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len`` and ``shift_terminal``.
+
+    Raises:
+        ValueError: for a configuration this function does not reproduce (no dynamic shifting, Karras, exponential
+            or beta sigmas, a linear time shift, inverted or stochastic sampling), naming the option.
+    """
+    if not config.get("use_dynamic_shifting", False):
+        raise ValueError("scheduler config: use_dynamic_shifting is false; divrl's FLUX schedule shifts by the image "
+                         "size (use_dynamic_shifting: true, as FLUX.1 Kontext's scheduler_config.json)")
+    unsupported = {k: config[k] for k, v in _FIXED.items() if config.get(k, v) not in (v, None)}
+    if unsupported:
+        wanted = {k: _FIXED[k] for k in unsupported}
+        raise ValueError(f"scheduler config: {unsupported} is not supported by divrl's FLUX schedule; it reproduces "
+                         f"{wanted} (FLUX.1 Kontext's scheduler_config.json)")
+    return flux_sigmas(
+        num_steps, image_seq_len, base_shift=config["base_shift"], max_shift=config["max_shift"],
+        base_seq_len=config["base_image_seq_len"], max_seq_len=config["max_image_seq_len"],
+        shift_terminal=config.get("shift_terminal"),
+    )

@@ -1,0 +1,45 @@
+"""The settings of a FLUX.1 Kontext run (:class:`KontextConfig`, ``model.policy`` in YAML) and how they build a
+:class:`~divrl.policy.KontextPolicy`: from the Hub or a local folder, or the built-in tiny model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from divrl.policy.base import PolicyConfig
+from divrl.policy.kontext.policy import KontextPolicy
+
+__all__ = ["KontextConfig", "TINY"]
+
+TINY = "tiny"
+"""``model: tiny``: the built-in tiny offline model with random weights (:mod:`divrl.policy.tiny`)."""
+
+
+@dataclass
+class KontextConfig(PolicyConfig):
+    """FLUX.1 Kontext (the default family): which model to train and how (fields of :class:`PolicyConfig`, and:).
+
+    Attributes:
+        model: a Hub id (``black-forest-labs/FLUX.1-Kontext-dev``, gated: accept the licence and log in), a local
+            diffusers folder, or ``"tiny"`` for the built-in offline tiny model with random weights (tests).
+        max_sequence_length: T5 tokens per prompt (paper: 128).
+        guidance: FLUX's distilled guidance scale (paper: 2.5; a conditioning input of the guidance-distilled model,
+            not classifier-free guidance).
+        tiny_seed: weight seed of the tiny model (``model: tiny`` only).
+    """
+
+    model: str = "black-forest-labs/FLUX.1-Kontext-dev"
+    max_sequence_length: int = 128
+    guidance: float = 2.5
+    tiny_seed: int = 0
+
+    def load(self) -> KontextPolicy:
+        """Load (or build) the policy."""
+        common = dict(lora=self.lora, max_sequence_length=self.max_sequence_length, guidance=self.guidance,
+                      train_transformer=self.train_transformer)
+        if self.model == TINY:
+            from divrl.policy.tiny import tiny_kontext_components
+
+            dtype = None if self.torch_dtype == "auto" else self.torch_dtype
+            return KontextPolicy(**tiny_kontext_components(self.tiny_seed), base_dtype=dtype, model_id=TINY, **common)
+        return KontextPolicy.from_pretrained(self.model, torch_dtype=self.torch_dtype, local_files_only=self.local_files_only,
+                                             revision=self.revision, text_encoders=self.text_encoders, **common)

@@ -1,0 +1,319 @@
+"""FLUX.1 Kontext conditioning: prompts and reference images → :class:`Condition`, and the precomputed payload.
+
+:class:`KontextEncoder` is the only reader and writer of the payload ``divrl data --precompute`` stores in a shard
+(``cond.pth``): a dict with ``model``, ``resolution``, ``max_sequence_length``, ``prompt_embeds`` ``(P, L, D)`` and
+``pooled_prompt_embeds`` ``(P, D')`` (one row per prompt of the identity, in order) and ``image_latents`` ``(K, T, C)``
+(the packed latents of each of the identity's ``K`` references). Prompt encoding and reference preprocessing go through
+diffusers' own ``FluxKontextPipeline`` methods on the policy's components, so tokenisation, truncation and VAE scaling
+match the pipeline by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from divrl.images import ImageLike, to_image_batch
+
+if TYPE_CHECKING:
+    from divrl.data.schema import IdentityRecord
+    from divrl.data.stream import ConditionSample
+    from divrl.policy.kontext.policy import KontextPolicy
+
+__all__ = ["Condition", "KontextEncoder", "PAYLOAD_FIELDS"]
+
+log = logging.getLogger(__name__)
+
+PAYLOAD_FIELDS = ("model", "resolution", "max_sequence_length", "prompt_embeds", "pooled_prompt_embeds", "image_latents")
+"""The entries of a precomputed Kontext payload."""
+
+
+@dataclass
+class Condition:
+    """Everything the transformer needs besides the noisy latents, for a batch of samples (a :class:`Conditioning`).
+
+    Batch tensors have the samples along dim 0 (a group of ``G`` samples of one condition repeats its row ``G``
+    times); ``text_ids`` and ``img_ids`` are shared by the batch.
+
+    Attributes:
+        prompt_embeds: T5 token embeddings ``(B, L, D)``.
+        pooled_prompt_embeds: CLIP pooled embedding ``(B, D')``.
+        text_ids: text position ids ``(L, 3)`` (zeros, as in FLUX).
+        image_latents: packed reference latents ``(B, T_ref, 4·C)``.
+        img_ids: position ids of the noisy tokens followed by the reference tokens ``(T + T_ref, 3)``; reference
+            ids have first channel 1.
+        guidance: distilled guidance scale per sample ``(B,)`` (float32), or ``None`` for models without it.
+        height, width: generated image size in pixels.
+        num_tokens: ``T``, the number of noisy image tokens (the transformer output is cut back to them).
+    """
+
+    prompt_embeds: Tensor
+    pooled_prompt_embeds: Tensor
+    text_ids: Tensor
+    image_latents: Tensor
+    img_ids: Tensor
+    guidance: Tensor | None
+    height: int
+    width: int
+    num_tokens: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def select(self, index: Tensor | Sequence[int] | slice) -> Condition:
+        """The conditions of a subset of samples (a micro-batch)."""
+        if isinstance(index, slice):
+            return self._map_batch(lambda t: t[index])
+        return self._map_batch(lambda t: t[torch.as_tensor(index, device=t.device)])
+
+    def repeat_interleave(self, repeats: int) -> Condition:
+        """Each row repeated ``repeats`` times in place (condition i → rows i·G ... i·G + G − 1)."""
+        return self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def _map_batch(self, fn) -> Condition:
+        """Apply ``fn`` to every per-sample tensor (the shared position ids are left as they are)."""
+        return replace(
+            self,
+            prompt_embeds=fn(self.prompt_embeds),
+            pooled_prompt_embeds=fn(self.pooled_prompt_embeds),
+            image_latents=fn(self.image_latents),
+            guidance=None if self.guidance is None else fn(self.guidance),
+        )
+
+
+class KontextEncoder:
+    """Encodes prompts and references for a :class:`~divrl.policy.KontextPolicy`, caching both (least recently used
+    entries evicted beyond ``cache_size``), and reads and writes the precomputed payload.
+
+    Args:
+        policy: the policy whose components encode (held, not copied).
+        cache_size: how many encoded prompts (and, separately, references) to keep.
+    """
+
+    def __init__(self, policy: KontextPolicy, cache_size: int = 256):
+        self.policy = policy
+        self.cache_size = cache_size
+        self.prompts: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
+        self.references: OrderedDict[tuple, Tensor] = OrderedDict()
+        self._warned_model = False
+
+    def clear(self) -> None:
+        self.prompts.clear()
+        self.references.clear()
+
+    # ------------------------------------------------------------------------------------------------ encoding
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """T5 embeddings ``(B, L, D)``, CLIP pooled ``(B, D')`` and text ids ``(L, 3)``; each prompt encoded once."""
+        policy = self.policy
+        if policy.text_encoder is None or policy.text_encoder_2 is None:
+            raise RuntimeError(
+                "this policy was loaded without text encoders (policy.text_encoders: false), so every condition must "
+                "come precomputed: convert the shards with `divrl data ... --precompute MODEL`"
+            )
+        unique = list(dict.fromkeys(prompts))
+        # Collect this call's encodings first: caching new prompts may evict ones this call still needs.
+        found = {p: self.prompts[p] for p in unique if p in self.prompts}
+        missing = [p for p in unique if p not in found]
+        if missing:
+            embeds, pooled, _ = policy.pipeline().encode_prompt(
+                prompt=missing, prompt_2=None, device=policy.device, max_sequence_length=policy.max_sequence_length
+            )
+            for k, prompt in enumerate(missing):
+                found[prompt] = (embeds[k : k + 1], pooled[k : k + 1])
+        for prompt in prompts:
+            self._remember(self.prompts, prompt, found[prompt])  # (re)inserted as most recently used
+        embeds = torch.cat([found[p][0] for p in prompts])
+        pooled = torch.cat([found[p][1] for p in prompts])
+        text_ids = torch.zeros(embeds.shape[1], 3, device=policy.device, dtype=embeds.dtype)
+        return embeds, pooled, text_ids
+
+    @torch.no_grad()
+    def encode_reference(self, image: ImageLike, height: int, width: int, key: str | None = None) -> Tensor:
+        """VAE-encode one reference image at ``height × width`` → packed latents ``(1, T_ref, 4·C)``.
+
+        The image is resized (aspect not kept, as in DivRL's 512×512 training) and normalised by diffusers'
+        ``VaeImageProcessor``; the latent is the distribution's mode, shifted and scaled as the pipeline does.
+        ``key`` (e.g. the identity id) enables caching across groups.
+        """
+        policy = self.policy
+        cache_key = None if key is None else (key, height, width)
+        if cache_key is not None and cache_key in self.references:
+            self.references.move_to_end(cache_key)
+            return self.references[cache_key]
+        policy.check_size(height, width)
+        vae = policy.vae
+        if vae.encoder is None:
+            raise RuntimeError(
+                "this policy has no VAE encoder (policy.text_encoders: false drops the encoders), so every condition "
+                "must come precomputed: convert the shards with `divrl data ... --precompute MODEL`"
+            )
+        pixels = to_image_batch(image, "reference")
+        if pixels.shape[0] != 1:
+            raise ValueError(f"encode_reference: expected one image, got {pixels.shape[0]}")
+        pipe = policy.pipeline()
+        processor = pipe.image_processor
+        pixels = processor.preprocess(processor.resize(pixels, height, width), height, width)
+        pixels = pixels.to(device=policy.device, dtype=vae.dtype)
+        latents = vae.encode(pixels).latent_dist.mode()
+        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        packed = pipe._pack_latents(latents, 1, latents.shape[1], latents.shape[2], latents.shape[3])
+        packed = packed.to(policy.dtype)
+        if cache_key is not None:
+            self._remember(self.references, cache_key, packed)
+        return packed
+
+    def condition(
+        self,
+        references: Sequence[ImageLike] | ImageLike,
+        prompts: Sequence[str] | str,
+        height: int,
+        width: int,
+        guidance: float,
+        group_size: int = 1,
+        reference_keys: Sequence[str | None] | None = None,
+    ) -> Condition:
+        """Conditions for ``len(prompts)`` (reference, prompt) pairs, each repeated ``group_size`` times (see
+        :meth:`KontextPolicy.condition`)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if isinstance(references, Tensor):
+            references = list(references) if references.dim() == 4 else [references] * len(prompts)
+        elif isinstance(references, (str, os.PathLike)) or not isinstance(references, Sequence):
+            references = [references] * len(prompts)
+        if len(references) != len(prompts):
+            raise ValueError(f"condition: {len(references)} references for {len(prompts)} prompts; give one per prompt")
+        keys = list(reference_keys) if reference_keys is not None else [None] * len(prompts)
+        embeds, pooled, _ = self.encode_prompts(prompts)
+        image_latents = torch.cat([self.encode_reference(r, height, width, k) for r, k in zip(references, keys)])
+        return self.condition_from_precomputed(embeds, pooled, image_latents, height, width, guidance, group_size)
+
+    def condition_from_precomputed(
+        self,
+        prompt_embeds: Tensor,
+        pooled_prompt_embeds: Tensor,
+        image_latents: Tensor,
+        height: int,
+        width: int,
+        guidance: float,
+        group_size: int = 1,
+    ) -> Condition:
+        """Conditions from embeddings and reference latents computed earlier, without the text encoders or the VAE
+        encoder; the same result as :meth:`condition` on the same inputs (see
+        :meth:`KontextPolicy.condition_from_precomputed`)."""
+        policy = self.policy
+        batch = prompt_embeds.shape[0]
+        if pooled_prompt_embeds.shape[0] != batch or image_latents.shape[0] != batch:
+            raise ValueError(
+                f"condition_from_precomputed: batch sizes differ: prompt_embeds {batch}, pooled "
+                f"{pooled_prompt_embeds.shape[0]}, image_latents {image_latents.shape[0]}"
+            )
+        latent_h, latent_w = policy.latent_grid(height, width)
+        expected = (latent_h // 2) * (latent_w // 2)
+        if image_latents.shape[1] != expected:
+            raise ValueError(
+                f"condition_from_precomputed: reference latents have {image_latents.shape[1]} tokens, a {height}x{width} "
+                f"image has {expected}; precompute at the training resolution"
+            )
+        device, dtype = policy.device, policy.dtype
+        embeds = prompt_embeds.to(device=device, dtype=dtype)
+        pooled = pooled_prompt_embeds.to(device=device, dtype=dtype)
+        text_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=embeds.dtype)
+        latent_ids = policy.pipeline()._prepare_latent_image_ids(1, latent_h // 2, latent_w // 2, device, dtype)
+        image_ids = latent_ids.clone()
+        image_ids[..., 0] = 1
+        guidance_t = None
+        if policy.transformer.config.guidance_embeds:
+            guidance_t = torch.full((batch,), guidance, device=device, dtype=torch.float32)
+        condition = Condition(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled,
+            text_ids=text_ids,
+            image_latents=image_latents.to(device=device, dtype=dtype),
+            img_ids=torch.cat([latent_ids, image_ids], dim=0),
+            guidance=guidance_t,
+            height=height,
+            width=width,
+            num_tokens=latent_ids.shape[0],
+        )
+        return condition.repeat_interleave(group_size) if group_size > 1 else condition
+
+    # ------------------------------------------------------------------------------------------------ samples
+
+    def encode(self, samples: Sequence[ConditionSample], height: int, width: int, guidance: float,
+               group_size: int = 1) -> Condition:
+        """The batch's conditions: from the precomputed payloads when every sample has one (no text encoder or VAE
+        encoder runs), else encoded from the prompts and reference images."""
+        for sample in samples:
+            if len(sample.references) != 1:
+                raise ValueError(
+                    f"KontextPolicy: identity {sample.id!r} has {len(sample.references)} references; conditioning "
+                    f"FLUX.1 Kontext on several references (their position ids) is not supported yet. Use shards "
+                    f"with one reference per identity (ref.png)"
+                )
+        if all(s.conditioning is not None for s in samples):
+            rows = [self.read_payload(s, height) for s in samples]
+            return self.condition_from_precomputed(
+                torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), torch.cat([r[2] for r in rows]),
+                height, width, guidance, group_size,
+            )
+        return self.condition([s.reference for s in samples], [s.prompt for s in samples], height, width, guidance,
+                              group_size, reference_keys=[s.id for s in samples])
+
+    def read_payload(self, sample: ConditionSample, resolution: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The sample's rows of its identity's payload: prompt embeddings ``(1, L, D)``, pooled ``(1, D')`` and the
+        reference latents ``(K, T, C)``, after checking that the payload fits this policy and run."""
+        payload, policy = sample.conditioning, self.policy
+        missing = [k for k in PAYLOAD_FIELDS if not isinstance(payload, dict) or k not in payload]
+        if missing:
+            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning lacks {missing}; rewrite the shards "
+                             f"with `divrl data ... --precompute MODEL`")
+        want = {"resolution": resolution, "max_sequence_length": policy.max_sequence_length}
+        wrong = {k: payload[k] for k, v in want.items() if payload[k] != v}
+        if wrong:
+            raise ValueError(
+                f"identity {sample.id!r}: its precomputed conditioning has {wrong}, this run needs {want}. Convert the "
+                f"shards again with `divrl data ... --precompute {policy.model_id} --precompute-resolution "
+                f"{want['resolution']} --max-sequence-length {want['max_sequence_length']}`, or set "
+                f"policy.text_encoders: true and drop the precomputed entries"
+            )
+        rows = len(payload["prompt_embeds"])
+        if not 0 <= sample.prompt_index < rows or len(payload["pooled_prompt_embeds"]) != rows:
+            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning has {rows} prompt rows, the prompt "
+                             f"drawn is number {sample.prompt_index}; rewrite the shards with --precompute")
+        if len(payload["image_latents"]) != len(sample.references):
+            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning has {len(payload['image_latents'])} "
+                             f"reference latents for {len(sample.references)} references; rewrite the shards")
+        if payload["model"] != policy.model_id and not self._warned_model:
+            log.warning("precomputed conditioning of %r was made with model %r; training %r", sample.id,
+                        payload["model"], policy.model_id)
+            self._warned_model = True
+        index = slice(sample.prompt_index, sample.prompt_index + 1)
+        return payload["prompt_embeds"][index], payload["pooled_prompt_embeds"][index], payload["image_latents"]
+
+    @torch.no_grad()
+    def precompute(self, record: IdentityRecord, resolution: int) -> dict:
+        """The payload of ``record``: every prompt's embeddings and every reference's packed latents at
+        ``resolution``², in the policy's dtype, on the CPU (see the module docstring)."""
+        embeds, pooled, _ = self.encode_prompts(record.prompts)
+        latents = torch.cat([self.encode_reference(r, resolution, resolution) for r in record.references])
+        self.clear()  # every identity has its own prompts: keep host memory flat
+        return {
+            "model": self.policy.model_id, "resolution": resolution,
+            "max_sequence_length": self.policy.max_sequence_length, "prompt_embeds": embeds.cpu().clone(),
+            "pooled_prompt_embeds": pooled.cpu().clone(), "image_latents": latents.cpu().clone(),
+        }
+
+    def _remember(self, cache: OrderedDict, key, value) -> None:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > self.cache_size:
+            cache.popitem(last=False)

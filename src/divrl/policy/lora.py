@@ -1,0 +1,161 @@
+"""LoRA adapters on a diffusers transformer (peft), and their files in diffusers' format: generic over model families.
+
+A diffusers transformer (``ModelMixin`` with ``PeftAdapterMixin``: FLUX, Qwen-Image, SD3, ...) gets its adapter with
+:func:`add_adapter` (float32 adapter weights on a base of any dtype). :func:`adapter_state` reads the adapter's weights
+with peft's names, :func:`save_adapter` writes them as ``pytorch_lora_weights.safetensors`` through the family's
+pipeline class (``FluxKontextPipeline.save_lora_weights``...), so the pipeline's ``load_lora_weights`` loads them, and
+:func:`load_adapter` reads such a file back into the adapter with errors that say what does not fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from divrl.policy.sharding import clean_name, full_tensor, unwrapped
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS", "LoRAConfig", "add_adapter", "adapter_disabled", "adapter_state", "save_adapter",
+    "load_adapter", "whole_adapter_state", "LORA_FILE",
+]
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+"""diffusers' file name of a LoRA (what ``load_lora_weights(folder)`` looks for)."""
+
+DEFAULT_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+)
+"""The published DivRL run's LoRA targets (REFERENCE.md): every attention and MLP projection of the FLUX blocks."""
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapter on the transformer (peft).
+
+    Attributes:
+        rank: adapter rank ``r`` (DivRL: 64).
+        alpha: scaling numerator ``α``; the update is scaled by ``α / r`` (DivRL: 128).
+        target_modules: module-name suffixes that get an adapter (DivRL's list by default).
+        init: peft ``init_lora_weights``: ``"gaussian"`` (DivRL) draws A from a Gaussian and sets B = 0, so a fresh
+            adapter leaves the model unchanged (KL to the reference policy is 0).
+        dropout: LoRA dropout (0 in DivRL; non-zero makes rollout and training log-probs differ).
+    """
+
+    rank: int = 64
+    alpha: float = 128.0
+    target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    init: str = "gaussian"
+    dropout: float = 0.0
+
+    def to_peft(self):
+        """The equivalent ``peft.LoraConfig``."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            target_modules=list(self.target_modules),
+            init_lora_weights=self.init if self.init != "default" else True,
+            lora_dropout=self.dropout,
+        )
+
+
+def add_adapter(network: nn.Module, config: LoRAConfig) -> None:
+    """Add ``config``'s adapter to a diffusers transformer; the adapter weights train, in float32 whatever the
+    base's dtype (the frozen base keeps its own)."""
+    network.add_adapter(config.to_peft())
+    for name, parameter in network.named_parameters():
+        if "lora_" in name:
+            parameter.data = parameter.data.float()
+            parameter.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def adapter_disabled(network: nn.Module) -> Iterator[None]:
+    """The network with its adapter switched off for the duration of the block (no weight copy)."""
+    network.disable_adapters()
+    try:
+        yield
+    finally:
+        network.enable_adapters()
+
+
+def adapter_state(network: nn.Module) -> dict[str, Tensor]:
+    """peft's adapter state dict (``...lora_A.weight``) read from the parameters, by their unwrapped names.
+
+    ``state_dict()`` of an FSDP1-wrapped network would gather every block's frozen weights to pick out the adapter's;
+    the parameters are read directly instead. The tensors may be sharded (FSDP2): see :func:`whole_adapter_state`.
+    """
+    from peft import get_peft_model_state_dict
+
+    inner = unwrapped(network)  # peft matches its layers' module names against these keys
+    state = get_peft_model_state_dict(inner, state_dict=dict(inner.named_parameters()))
+    return {clean_name(k): v for k, v in state.items()}
+
+
+def whole_adapter_state(network: nn.Module) -> dict[str, Tensor]:
+    """The adapter weights whole and on the CPU. With a sharded (FSDP2) network the shards are gathered: a
+    collective, every rank must call it. Under FSDP1 the adapter is unwrapped (whole on every rank)."""
+    return {k: full_tensor(v.detach()).cpu() for k, v in adapter_state(network).items()}
+
+
+def save_adapter(network: nn.Module, directory: str | os.PathLike, lora_format, state: dict[str, Tensor]) -> Path:
+    """Write ``state`` (the adapter's weights, peft names) as ``<directory>/pytorch_lora_weights.safetensors``.
+
+    ``lora_format`` is the family's diffusers pipeline class: its ``save_lora_weights`` writes the file its
+    ``load_lora_weights`` reads. The adapter's rank, alpha and targets travel in the file's metadata (without them
+    diffusers assumes alpha = rank); the same weights always give the same bytes.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # peft keeps target_modules as a set: sorted, the same weights always give the same file bytes
+    metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
+                for k, v in unwrapped(network).peft_config["default"].to_dict().items()}
+    lora_format.save_lora_weights(directory, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata,
+                                  safe_serialization=True)
+    return directory / LORA_FILE
+
+
+def load_adapter(network: nn.Module, path: str | os.PathLike) -> None:
+    """Load adapter weights written by :func:`save_adapter` (a folder or the ``.safetensors`` file) into the
+    network's adapter; the targets and the rank must match (the error says what differs and the fix)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / LORA_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"load_lora: {str(file)!r} does not exist; pass a folder written by the LoRA export")
+    state = {k.removeprefix("transformer."): v for k, v in load_file(str(file)).items()}
+    ours = adapter_state(network)
+    if set(state) != set(ours):
+        missing, extra = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+        raise ValueError(
+            f"load_lora: {file} does not fit this adapter ({len(missing)} missing keys e.g. {missing[:2]}, "
+            f"{len(extra)} unexpected e.g. {extra[:2]}); use the same lora target_modules as the run that wrote it"
+        )
+    shapes = [k for k in state if state[k].shape != ours[k].shape]
+    if shapes:
+        raise ValueError(
+            f"load_lora: {file} has rank {state[shapes[0]].shape} where this adapter has {ours[shapes[0]].shape} "
+            f"({shapes[0]}); set policy.lora.rank to the trained rank"
+        )
+    set_peft_model_state_dict(network, state)
