@@ -3,6 +3,8 @@ into training."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import json
 from pathlib import Path
@@ -93,7 +95,7 @@ def test_dreambooth_instantiates_the_class_templates(dreambooth, tmp_path):
 def test_dreambooth_on_the_real_dataset(dreambooth_root, tmp_path):
     out = tmp_path / "out"
     assert main(["data", "dreambooth", "--src", str(dreambooth_root), "--out", str(out), "--resolution", "64",
-                 "--val-fraction", "0.2", "--shard-size", "8"]) == 0  # fmt: skip
+                 "--val-fraction", "0.2", "--shard-size", "8"]) == 0
     train, val = records(out, "train"), records(out, "val")
     assert len(train) + len(val) == 30 and 2 <= len(val) <= 12
     assert all(len(r.prompts) == 25 for r in train + val)
@@ -112,7 +114,7 @@ def test_dreambench_keeps_categories_and_skips_bad_captions(tmp_path):
     captions.mkdir(parents=True)
     for category, index, text in (("animal", "00", "a corgi\na corgi on the moon\na corgi in a box"),
                                   ("style", "03", "a watercolor\nthe city in this style"),
-                                  ("object", "01", "a teapot\n")):  # fmt: skip
+                                  ("object", "01", "a teapot\n")):
         (captions / category).mkdir(exist_ok=True)
         (captions / category / f"{index}.txt").write_text(text)
     out = tmp_path / "out"
@@ -150,7 +152,7 @@ def test_syncd_release_layout_and_its_bad_items(tmp_path):
     syncd_identity(src, "bag_0004", ["a bag"], corrupt=True)
     out = tmp_path / "out"
     assert main(["data", "syncd", "--src", str(src), "--out", str(out), "--resolution", "16",
-                 "--prompts-per-identity", "1"]) == 0  # fmt: skip
+                 "--prompts-per-identity", "1"]) == 0
     (good,) = records(out)
     assert good.id == "cat_0001" and good.prompts == ["a cat on a sofa"] and good.mask is not None
     assert good.extra["views"] == ["1.jpg"]
@@ -171,7 +173,7 @@ def test_syncd_parquet_layout(tmp_path):
         "image": [{"bytes": png(ref), "path": None}, {"bytes": b"broken", "path": None}, {"bytes": png(ref), "path": None}],
         "mask": [{"bytes": png(mask), "path": None}] * 3,
         "caption": ["header\na green cube on a table\na green cube in space", "x\ny", "only one line"],
-    })  # fmt: skip
+    })
     pq.write_table(table, tmp_path / "part-0.parquet")
     report = C.convert(C.read_syncd_parquet(tmp_path / "part-0.parquet"), tmp_path / "out", resolution=None)
     got = records(tmp_path / "out")
@@ -184,7 +186,7 @@ def test_syncd_parquet_layout(tmp_path):
 
 def record(identity: str, size=(40, 20)) -> IdentityRecord:
     return IdentityRecord(identity, Image.new("RGB", size, (255, 0, 0)), ["a prompt"],
-                          Image.new("L", size, 255), source="test")  # fmt: skip
+                          Image.new("L", size, 255), source="test")
 
 
 def test_duplicate_ids_are_skipped_and_the_first_kept(tmp_path):
@@ -264,11 +266,57 @@ def test_converted_shards_train_one_step(tmp_path):
     assert len(records(out)) == 6
     overrides = tmp_path / "over.yaml"
     overrides.write_text(json.dumps({"trainer": {"callbacks": [], "logger": False, "enable_checkpointing": False,
-                                                 "default_root_dir": str(tmp_path / "run")}}))  # fmt: skip
+                                                 "default_root_dir": str(tmp_path / "run")}}))
     code = main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(overrides),
                  "--model.policy.model", str(ROOT / "data/demo/tiny-kontext"), "--trainer.max_steps", "1",
-                 "--data.shards", str(out), "--data.val_shards", "null", "--trainer.limit_val_batches", "0"])  # fmt: skip
+                 "--data.shards", str(out), "--data.val_shards", "null", "--trainer.limit_val_batches", "0"])
     assert code == 0
+
+
+def multi(identity: str) -> IdentityRecord:
+    """Three references of different sizes and colours; the second has no mask."""
+    sizes, colours = ((40, 20), (30, 30), (20, 40)), ((255, 0, 0), (0, 255, 0), (0, 0, 255))
+    references = [Image.new("RGB", s, c) for s, c in zip(sizes, colours)]
+    masks = [Image.new("L", (40, 20), 255), None, Image.new("L", (20, 40), 255)]
+    return IdentityRecord(identity, references, ["a prompt", "another"], masks, category="object")
+
+
+def test_every_reference_and_its_mask_is_resized():
+    record = C.resize_record(multi("three"), 20, "pad")
+    assert [r.size for r in record.references] == [(20, 20)] * 3 and record.masks[1] is None
+    assert [r.getpixel((10, 10)) for r in record.references] == [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    assert record.masks[0].getpixel((10, 2)) == 0 and record.masks[2].getpixel((2, 10)) == 0  # each padded its way
+    assert (record.id, record.prompts, record.category) == ("three", ["a prompt", "another"], "object")
+
+
+class FakePolicy:
+    """Stands for a model family: its payload is its own business (here: what it saw of the record)."""
+
+    def precompute(self, record: IdentityRecord, resolution: int) -> dict:
+        return {"model": "fake", "resolution": resolution, "sizes": [list(r.size) for r in record.references],
+                "rows": torch.arange(len(record.prompts))}
+
+
+def test_several_references_and_the_policys_payload_survive_a_conversion(tmp_path):
+    precompute = C.Precompute(FakePolicy(), 16)
+    report = C.convert([multi("three"), record("one")], tmp_path, resolution=16, precompute=precompute)
+    assert report.converted["train"] == 2
+    got = {r.id: r for r in records(tmp_path)}
+    three = got["three"]
+    assert len(three.references) == 3 and [m is None for m in three.masks] == [False, True, False]
+    assert [r.getpixel((8, 8)) for r in three.references] == [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    assert three.conditioning["sizes"] == [[16, 16]] * 3  # computed after resizing, on what the shard stores
+    assert three.conditioning["model"] == "fake" and torch.equal(three.conditioning["rows"], torch.arange(2))
+    assert len(got["one"].references) == 1 and got["one"].conditioning["sizes"] == [[16, 16]]
+
+
+def test_a_policy_payload_that_is_not_a_dict_is_refused():
+    class Bad:
+        def precompute(self, record, resolution):
+            return [1, 2]
+
+    with pytest.raises(TypeError, match=r"Bad.precompute returned a list for identity 'one'; it must return a dict"):
+        C.Precompute(Bad(), 16)(record("one"))
 
 
 # ---------------------------------------------------------------------------------------------------- precompute
@@ -284,7 +332,7 @@ def test_precomputed_conditioning_equals_what_the_policy_computes(tmp_path):
     from divrl.policy import KontextPolicy
 
     convert_synthetic(tmp_path, "--precompute", DEMO_MODEL, "--precompute-resolution", "32",
-                      "--max-sequence-length", "32")  # fmt: skip
+                      "--max-sequence-length", "32")
     (first, *_) = records(tmp_path)
     cond = first.conditioning
     assert cond["model"] == DEMO_MODEL and cond["resolution"] == 32 and cond["max_sequence_length"] == 32
@@ -292,9 +340,19 @@ def test_precomputed_conditioning_equals_what_the_policy_computes(tmp_path):
     policy = KontextPolicy.from_pretrained(DEMO_MODEL, lora=None, max_sequence_length=32)
     live = policy.condition([first.reference] * 2, first.prompts[:2], 32, 32, group_size=3)
     stored = policy.condition_from_precomputed(cond["prompt_embeds"][:2], cond["pooled_prompt_embeds"][:2],
-                                               cond["image_latents"].expand(2, -1, -1), 32, 32, group_size=3)  # fmt: skip
+                                               cond["image_latents"].expand(2, -1, -1), 32, 32, group_size=3)
     for name in ("prompt_embeds", "pooled_prompt_embeds", "image_latents", "img_ids", "text_ids", "guidance"):
         assert torch.equal(getattr(live, name), getattr(stored, name)), name
+    # through the seam: a condition carrying its identity's payload encodes to what the encoders compute
+    from divrl.data.stream import to_condition
+
+    with_payload = to_condition(first, 1)
+    without = dataclasses.replace(with_payload, conditioning=None)
+    a, b = policy.encode([with_payload], 32, 32, group_size=2), policy.encode([without], 32, 32, group_size=2)
+    for name in ("prompt_embeds", "pooled_prompt_embeds", "image_latents", "img_ids", "text_ids", "guidance"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    with pytest.raises(ValueError, match=r"has 4 prompt rows, the prompt drawn is number 9"):
+        policy.encode([dataclasses.replace(with_payload, prompt_index=9)], 32, 32)
 
 
 def fit_on(shards: Path, root: Path, *extra: str) -> dict:
@@ -302,10 +360,10 @@ def fit_on(shards: Path, root: Path, *extra: str) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     overrides.write_text(json.dumps({"trainer": {
         "callbacks": [{"class_path": "divrl.training.LoRAExporter"}], "logger": False, "enable_checkpointing": False,
-        "default_root_dir": str(root), "enable_progress_bar": False}}))  # fmt: skip
+        "default_root_dir": str(root), "enable_progress_bar": False}}))
     assert main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(overrides),
                  "--model.policy.model", DEMO_MODEL, "--trainer.max_steps", "2", "--data.shards", str(shards),
-                 "--data.val_shards", "null", "--trainer.limit_val_batches", "0", *extra]) == 0  # fmt: skip
+                 "--data.val_shards", "null", "--trainer.limit_val_batches", "0", *extra]) == 0
     from safetensors.torch import load_file
 
     return load_file(root / "lora/final/pytorch_lora_weights.safetensors")
@@ -333,10 +391,10 @@ def test_missing_or_mismatched_precomputed_conditioning_fails_clearly(tmp_path):
 
 
 def test_a_policy_without_encoders_holds_no_text_encoder_or_vae_encoder_weights():
-    from divrl.training.config import PolicyConfig
+    from divrl.policy import KontextConfig
 
-    full = PolicyConfig(model=DEMO_MODEL, lora=None, max_sequence_length=32).build()
-    lean = PolicyConfig(model=DEMO_MODEL, lora=None, max_sequence_length=32, text_encoders=False).build()
+    full = KontextConfig(model=DEMO_MODEL, lora=None, max_sequence_length=32).build()
+    lean = KontextConfig(model=DEMO_MODEL, lora=None, max_sequence_length=32, text_encoders=False).build()
     assert lean.text_encoder is None and lean.text_encoder_2 is None and lean.vae.encoder is None
     dropped = sum(p.numel() for m in (full.text_encoder, full.text_encoder_2, full.vae.encoder) for p in m.parameters())
     assert sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in lean.parameters()) == dropped

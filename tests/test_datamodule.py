@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from divrl.data import synthetic_records, write_shards
 from divrl.data.datamodule import IdentityDataModule, resolve_shards
-from divrl.data.schema import REF_KEY
-from divrl.data.stream import TrainConditionStream, ValConditionStream, split_for_rank
+from divrl.data.schema import COND_KEY, REF_KEY
+from divrl.data.stream import ConditionSample, TrainConditionStream, ValConditionStream, split_for_rank
 from divrl.data.synthetic import (
     DEMO_TRAIN_IDENTITIES,
     DEMO_VAL_IDENTITIES,
@@ -73,7 +78,7 @@ def test_the_stream_is_deterministic_and_draws_prompts_from_each_identity(shards
 def test_an_iteration_started_mid_epoch_continues_the_uninterrupted_stream(shards, workers):
     def run(position):
         loader = DataLoader(stream(shards, position, seed=1), batch_size=None, collate_fn=lambda b: b,
-                            num_workers=workers)  # fmt: skip
+                            num_workers=workers)
         return keys(loader)
 
     full = run(0) + run(6)  # two whole epochs
@@ -149,7 +154,7 @@ def test_the_committed_demo_dataset_is_what_the_generator_writes(tmp_path):
 
     def decoded(folder, pattern):
         return [(s["__key__"], s["json"], s["ref.png"], s["mask.png"]) for s in wds.WebDataset(
-            sorted(str(p) for p in Path(folder).glob(pattern)), shardshuffle=False)]  # fmt: skip
+            sorted(str(p) for p in Path(folder).glob(pattern)), shardshuffle=False)]
 
     for pattern, count in (("train-*.tar", DEMO_TRAIN_IDENTITIES), ("val-*.tar", DEMO_VAL_IDENTITIES)):
         committed, regenerated = decoded(DEMO, pattern), decoded(tmp_path, pattern)
@@ -159,12 +164,114 @@ def test_the_committed_demo_dataset_is_what_the_generator_writes(tmp_path):
 def test_validation_gives_every_rank_the_same_number_of_batches_of_disjoint_identities(tmp_path):
     records = list(synthetic_records(5, size=16, prompts_per_identity=1))
     uneven = [_write_raw(tmp_path / "a.tar", [r.to_sample() for r in records[:4]]),
-              _write_raw(tmp_path / "b.tar", [records[4].to_sample()])]  # fmt: skip
+              _write_raw(tmp_path / "b.tar", [records[4].to_sample()])]
     for wanted, per_rank in ((1, 1), (2, 2), (8, 2)):  # 8 per rank asked, 5 exist: 4 usable, 2 each
         ranks = [[c.id for b in ValConditionStream(uneven, batch_size=1, num_identities=wanted, rank=r, world=2)
-                  for c in b.conditions] for r in (0, 1)]  # fmt: skip
+                  for c in b.conditions] for r in (0, 1)]
         assert [len(ids) for ids in ranks] == [per_rank, per_rank]
         assert set(ranks[0]).isdisjoint(ranks[1])
     assert ranks[0] == [records[0].id, records[2].id] and ranks[1] == [records[1].id, records[3].id]
     with pytest.raises(ValueError, match="2 validation identities for 3 ranks"):
         list(ValConditionStream(uneven[1:] + uneven[1:], batch_size=1, num_identities=1, rank=0, world=3))
+
+
+# ------------------------------------------------------------------------------------------------ several references
+
+
+def same_pixels(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_identities_with_several_references_reach_the_stream_intact(tmp_path):
+    r = list(synthetic_records(4, size=16, prompts_per_identity=3, references_per_identity=3, seed=9))
+    records = [
+        replace(r[0], references=r[0].references[:2], masks=[r[0].masks[0], None], category="animal"),  # K = 2
+        replace(r[1], masks=[r[1].masks[0], None, r[1].masks[2]]),  # K = 3, reference 1 without a mask
+        r[2],  # K = 3, every mask
+        replace(r[3], references=r[3].references[:1], masks=None, license=None, extra={"photographer": "ann"}),
+    ]
+    write_shards(records, tmp_path, shard_size=3)
+    dm = IdentityDataModule(str(tmp_path), val_shards=str(tmp_path), batch_size=2, steps_per_epoch=8, seed=1)
+    dm.setup("fit")
+    conditions = [c for loader in (dm.train_dataloader(), dm.val_dataloader()) for b in loader for c in b.conditions]
+    by_id = {record.id: record for record in records}
+    assert {c.id for c in conditions} == set(by_id)
+    for c in conditions:
+        want = by_id[c.id]
+        assert len(c.references) == len(c.masks) == len(want.references)
+        assert all(same_pixels(a, b) for a, b in zip(c.references, want.references, strict=True)), c.id
+        assert all(same_pixels(a, b) for a, b in zip(c.masks, want.masks, strict=True)), c.id
+        assert c.category == want.category and c.prompt == want.prompts[c.prompt_index]
+        assert c.reference is c.references[0] and c.mask is c.masks[0]
+    metadata = {c.id: c.metadata for c in conditions}
+    assert metadata[records[3].id] == {"source": "synthetic", "photographer": "ann"}  # no licence: no key
+    assert metadata[records[2].id] == {"source": "synthetic", "license": "CC0-1.0", **records[2].extra}
+    assert [len(c.references) for c in conditions if c.id == records[0].id][0] == 2
+    assert [c.category for c in conditions if c.id == records[0].id][0] == "animal"
+
+
+def test_the_further_json_fields_of_a_shard_become_the_metadata(tmp_path):
+    (record,) = synthetic_records(1, size=16, prompts_per_identity=1)
+    meta = {"id": record.id, "prompts": ["a prompt"], "source": "web", "license": "MIT", "views": ["1.jpg"],
+            "photographer": {"name": "ann"}}
+    url = _write_raw(tmp_path / "meta.tar", [{"__key__": record.id, REF_KEY: png(record.reference),
+                                              "json": json.dumps(meta).encode()}])
+    (batch,) = ValConditionStream([url], batch_size=1, num_identities=1)
+    assert batch.conditions[0].metadata == {"source": "web", "license": "MIT", "views": ["1.jpg"],
+                                            "photographer": {"name": "ann"}}
+
+
+def test_orphan_or_mis_sized_masks_and_bad_payloads_are_skipped_counted_and_named(tmp_path, caplog):
+    good = [r.to_sample() for r in synthetic_records(5, size=16, prompts_per_identity=2, references_per_identity=2)]
+    saved = io.BytesIO()
+    torch.save([torch.zeros(2)], saved)
+    small_mask = png(Image.new("L", (8, 8)))
+    bad = {
+        "'mask_1.png' has no reference: 'ref_1.png' is absent": {k: v for k, v in good[1].items() if k != "ref_1.png"},
+        "mask 1 has size (8, 8) but reference 1 has size (16, 16)": dict(good[2], **{"mask_1.png": small_mask}),
+        "'cond.pth' holds a list, not the dict": dict(good[3], **{COND_KEY: saved.getvalue()}),
+        "'cond.pth' is not a readable conditioning file": dict(good[4], **{COND_KEY: b"not a torch file"}),
+    }
+    url = _write_raw(tmp_path / "bad.tar", [good[0], *bad.values()])
+    with caplog.at_level(logging.WARNING, logger="divrl.data.stream"):
+        batches = list(ValConditionStream([url], batch_size=8, num_identities=8))
+    assert [c.id for b in batches for c in b.conditions] == [good[0]["__key__"]]
+    assert sum(b.skipped for b in batches) == 4
+    for reason, sample in bad.items():
+        lines = [line for line in caplog.text.splitlines() if reason in line]
+        assert len(lines) == 1 and f"bad.tar:{sample['__key__']}: " in lines[0], reason  # named with its sample
+
+
+def test_a_condition_carries_the_whole_payload_and_the_index_of_its_drawn_prompt(tmp_path):
+    records = list(synthetic_records(3, size=16, prompts_per_identity=4))
+    for n, record in enumerate(records):
+        record.conditioning = {"model": "fake", "prompts": list(record.prompts), "rows": torch.arange(4) + 10 * n}
+    urls = [str(p) for p in write_shards(records, tmp_path, shard_size=2)]
+    by_id = {record.id: record for record in records}
+    conditions = [c for b in stream(urls, steps=8, seed=2) for c in b.conditions]
+    assert len({c.prompt_index for c in conditions}) > 1  # several prompts drawn
+    for c in conditions:
+        payload = by_id[c.id].conditioning
+        assert c.conditioning.keys() == payload.keys() and torch.equal(c.conditioning["rows"], payload["rows"])  # whole
+        assert c.conditioning["prompts"][c.prompt_index] == c.prompt  # the index picks the drawn prompt's row
+    (first,) = next(iter(ValConditionStream(urls, batch_size=1, num_identities=1))).conditions
+    assert first.prompt_index == 0 and first.conditioning["prompts"][0] == first.prompt
+
+
+def test_a_condition_sample_normalises_its_references_like_an_identity_record():
+    image, mask, other = Image.new("RGB", (8, 6)), Image.new("L", (8, 6)), Image.new("RGB", (4, 4))
+    one = ConditionSample("a", "p", image, mask, "object")  # the single-reference form, positionally
+    assert one.references == [image] and one.masks == [mask] and one.reference is image and one.mask is mask
+    assert (one.category, one.metadata, one.conditioning, one.prompt_index) == ("object", {}, None, 0)
+    assert ConditionSample("b", "p", [image, other]).masks == [None, None]
+    assert ConditionSample("c", "p", [image, other], mask).masks == [mask, None]
+    with pytest.raises(ValueError, match=r"identity 'd': mask 1 has size \(8, 6\) but reference 1 has size \(4, 4\)"):
+        ConditionSample("d", "p", [image, other], [mask, mask])

@@ -27,7 +27,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -38,7 +38,7 @@ from divrl.data.synthetic import synthetic_records, write_shards
 __all__ = [
     "Skip", "ConversionReport", "convert", "resize_record", "split_of",
     "read_syncd", "read_syncd_parquet", "read_dreambench", "read_dreambooth", "Precompute", "SOURCES",
-]  # fmt: skip
+]
 
 RESIZE_POLICIES = ("pad", "crop", "stretch", "none")
 LIVE_CLASSES = {"dog", "cat"}  # DreamBooth's live subjects get the live-subject templates
@@ -46,7 +46,12 @@ LIVE_CLASSES = {"dog", "cat"}  # DreamBooth's live subjects get the live-subject
 
 @dataclass
 class Skip:
-    """An input item that could not be converted: where it is and why."""
+    """An input item that could not be converted: where it is and why.
+
+    Attributes:
+        where: the file, folder or row that could not be used.
+        reason: why, in words.
+    """
 
     where: str
     reason: str
@@ -57,13 +62,20 @@ Item = IdentityRecord | Skip
 
 @dataclass
 class ConversionReport:
-    """What a conversion did: identities written per split, the shards, and every skipped item with its reason."""
+    """What a conversion did: identities written per split, the shards, and every skipped item with its reason.
+
+    Attributes:
+        converted: identities written per split (``train``, ``val``).
+        skipped: every skipped input item, in order.
+        shards: the shards written, in order.
+    """
 
     converted: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
     skipped: list[Skip] = field(default_factory=list)
     shards: list[Path] = field(default_factory=list)
 
     def summary(self, limit: int = 20) -> str:
+        """The closing summary: counts, then the first ``limit`` skipped items with their reasons."""
         lines = [
             f"converted {sum(self.converted.values())} identities (train {self.converted['train']}, val "
             f"{self.converted['val']}) into {len(self.shards)} shard(s); skipped {len(self.skipped)}"
@@ -98,9 +110,9 @@ def split_of(identity_id: str, val_fraction: float, seed: int) -> str:
 
 
 def resize_record(record: IdentityRecord, resolution: int | None, policy: str) -> IdentityRecord:
-    """Resize the reference (and mask) to ``resolution``² by ``policy``: ``pad`` keeps the aspect and pads with the
-    border's mean colour (mask padded with 0), ``crop`` centre-crops, ``stretch`` ignores the aspect (DivRL's 512×512
-    training), ``none`` keeps the image."""
+    """Resize every reference (and its mask) to ``resolution``² by ``policy``: ``pad`` keeps the aspect and pads with
+    the reference's border mean colour (mask padded with 0), ``crop`` centre-crops, ``stretch`` ignores the aspect
+    (DivRL's 512×512 training), ``none`` keeps the images. Returns a new record; the other fields are kept."""
     if resolution is None or policy == "none":
         return record
     if policy not in RESIZE_POLICIES:
@@ -114,11 +126,9 @@ def resize_record(record: IdentityRecord, resolution: int | None, policy: str) -
             return ImageOps.fit(image, size, Image.LANCZOS)
         return ImageOps.pad(image, size, Image.LANCZOS, color=fill)
 
-    border = _border_colour(record.reference)
-    reference = one(record.reference, border)
-    mask = one(record.mask, 0) if record.mask is not None else None
-    return IdentityRecord(record.id, reference, record.prompts, mask, record.source, record.category, record.license,
-                          record.extra, record.conditioning)  # fmt: skip
+    references = [one(reference, _border_colour(reference)) for reference in record.references]
+    masks = [one(mask, 0) if mask is not None else None for mask in record.masks]
+    return replace(record, references=references, masks=masks)
 
 
 def _border_colour(image: Image.Image) -> tuple[int, int, int]:
@@ -175,7 +185,7 @@ def read_syncd(src: Path, prompts_per_identity: int | None = None) -> Iterator[I
         yield IdentityRecord(
             identity, reference, prompts[:prompts_per_identity], mask.resize(reference.size), source="syncd",
             category="object", license="MIT", extra={"views": filenames[1:], "origin": str(meta_path.relative_to(src))},
-        )  # fmt: skip
+        )
 
 
 def read_syncd_parquet(src: Path, prompts_per_identity: int | None = None) -> Iterator[Item]:
@@ -210,7 +220,7 @@ def read_syncd_parquet(src: Path, prompts_per_identity: int | None = None) -> It
             yield IdentityRecord(
                 _identity_id(f"{file.stem}/{row:06d}"), reference, prompts[:prompts_per_identity],
                 subject_mask.resize(reference.size), source="syncd", category="object", license="MIT",
-            )  # fmt: skip
+            )
 
 
 def _bytes(value) -> bytes | None:
@@ -249,7 +259,7 @@ def read_dreambench(src: Path, prompts_per_identity: int | None = None) -> Itera
         yield IdentityRecord(
             _identity_id(f"{category}/{path.stem}"), reference, caption[1:prompts_per_identity and prompts_per_identity + 1],
             source="dreambench", category=category, license="Apache-2.0", extra={"subject": caption[0]},
-        )  # fmt: skip
+        )
 
 
 def _listing(images: Path) -> Iterator[Path | Skip]:
@@ -301,10 +311,11 @@ def read_dreambooth(src: Path, prompts_per_identity: int | None = None, unique_t
         yield IdentityRecord(
             _identity_id(folder.name), reference, prompts, source="dreambooth", category="live" if cls in LIVE_CLASSES
             else "object", license="CC-BY-4.0", extra={"class": cls, "views": [p.name for p in photos[1:]]},
-        )  # fmt: skip
+        )
 
 
 def read_synthetic(num_identities: int, seed: int, prompts_per_identity: int | None, size: int = 128) -> Iterator[Item]:
+    """The procedural subjects of :func:`~divrl.data.synthetic.synthetic_records` (4 prompts each by default)."""
     yield from synthetic_records(num_identities, size=size, prompts_per_identity=prompts_per_identity or 4, seed=seed)
 
 
@@ -312,26 +323,34 @@ SOURCES = ("syncd", "dreambench", "dreambooth", "synthetic")
 
 
 class Precompute:
-    """Attach the conditioning ``policy`` computes for a record (``cond.pth``, see :mod:`divrl.data.schema`): the
-    T5 / CLIP embeddings of every prompt and the packed reference latents at ``resolution``², in the policy's dtype,
-    on the CPU. Applied after resizing, to exactly the reference the shard stores, so training with
-    ``policy.text_encoders: false`` sees what it would have computed itself."""
+    """Attach the conditioning ``policy`` precomputes for a record (``cond.pth``, see :mod:`divrl.data.schema`).
 
-    def __init__(self, policy, resolution: int, model: str):
-        self.policy, self.resolution, self.model = policy, resolution, model
+    The payload is the policy's business: ``policy.precompute(record, resolution)`` returns a dict (for a FLUX
+    Kontext policy, the embeddings of every prompt and the reference latents at ``resolution``², with the model's
+    name) that only that model family's encoder reads back. Applied after resizing, to exactly the references the
+    shard stores, so training without the encoders sees what it would have computed itself.
+
+    Args:
+        policy: the policy whose encoders compute the payload (it implements ``precompute``).
+        resolution: the training resolution the payload is computed at.
+    """
+
+    def __init__(self, policy, resolution: int):
+        self.policy, self.resolution = policy, resolution
 
     def __call__(self, record: IdentityRecord) -> IdentityRecord:
-        import torch
+        """Set ``record.conditioning`` to the policy's payload for it; returns the record.
 
-        with torch.no_grad():
-            embeds, pooled, _ = self.policy.encode_prompts(record.prompts)
-            latents = self.policy.encode_reference(record.reference, self.resolution, self.resolution)
-        self.policy.clear_caches()  # every identity has its own prompts: keep host memory flat
-        record.conditioning = {
-            "model": self.model, "resolution": self.resolution, "max_sequence_length": self.policy.max_sequence_length,
-            "prompt_embeds": embeds.cpu().clone(), "pooled_prompt_embeds": pooled.cpu().clone(),
-            "image_latents": latents.cpu().clone(),
-        }  # fmt: skip
+        Raises:
+            TypeError: the policy returned something other than a dict (``cond.pth`` must hold a dict).
+        """
+        conditioning = self.policy.precompute(record, self.resolution)
+        if not isinstance(conditioning, dict):
+            raise TypeError(
+                f"{type(self.policy).__name__}.precompute returned a {type(conditioning).__name__} for identity "
+                f"{record.id!r}; it must return a dict (what cond.pth stores)"
+            )
+        record.conditioning = conditioning
         return record
 
 

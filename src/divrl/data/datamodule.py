@@ -73,6 +73,8 @@ def _collate(batch: ConditionBatch) -> ConditionBatch:
 class IdentityDataModule(pl.LightningDataModule):
     """Streams training conditions (identity + one drawn prompt) from WebDataset identity shards.
 
+    Each condition carries all the identity's references and masks (see :class:`~divrl.data.stream.ConditionSample`).
+
     Every rank runs exactly ``steps_per_epoch`` batches per epoch from an endless resampled stream of its own share
     of the shards (disjoint across ranks when there are at least as many shards as ranks); the stream is
     deterministic for ``seed`` and resumes at the checkpointed data position.
@@ -123,38 +125,44 @@ class IdentityDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------------------------------------ Lightning hooks
 
     def setup(self, stage: str | None = None) -> None:
+        """Resolve the shard paths, failing fast (with the path and the fix) when they do not exist."""
         self._urls = resolve_shards(self.shards, "data.shards")
         if self.val_shards is not None:
             resolve_shards(self.val_shards, "data.val_shards")
 
     def train_dataloader(self) -> DataLoader:
+        """The rank's training stream, starting at the data position (batches of :class:`ConditionBatch`)."""
         rank, world = self._rank_world()  # captured here, in the main process
         urls = split_for_rank(self._urls or resolve_shards(self.shards, "data.shards"), rank, world)
         self._train_stream = TrainConditionStream(
             urls, batch_size=self.batch_size, steps_per_epoch=self.steps_per_epoch, seed=self.seed, rank=rank,
             shuffle_buffer=self.shuffle_buffer, max_consecutive_bad=self.max_consecutive_bad,
-        )  # fmt: skip
+        )
         return _PositionedLoader(self, self._train_stream, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
+        """The rank's fixed validation set (the same number of batches on every rank)."""
         rank, world = self._rank_world()
         urls = resolve_shards(self.val_shards if self.val_shards is not None else self.shards, "data.val_shards")
         stream = ValConditionStream(
             urls, batch_size=self.batch_size, num_identities=self.val_identities, rank=rank, world=world,
             max_consecutive_bad=self.max_consecutive_bad,
-        )  # fmt: skip
+        )
         return DataLoader(stream, batch_size=None, collate_fn=_collate, num_workers=min(self.num_workers, 1))
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Count the batch as consumed when it goes to ``training_step``; the batch passes unchanged."""
         if self.trainer is not None and self.trainer.training:
             self.position += 1  # one more batch handed to training_step
         return batch
 
     def state_dict(self) -> dict:
+        """The data position and the settings that determine the stream (checkpointed)."""
         return {"position": self.position, "seed": self.seed, "batch_size": self.batch_size,
-                "steps_per_epoch": self.steps_per_epoch, "num_workers": self.num_workers}  # fmt: skip
+                "steps_per_epoch": self.steps_per_epoch, "num_workers": self.num_workers}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the data position; warns when a setting that changes the data order differs from the checkpoint."""
         changed = [k for k in ("seed", "batch_size", "steps_per_epoch", "num_workers") if state.get(k, getattr(self, k)) != getattr(self, k)]
         if changed:
             import warnings
@@ -189,7 +197,9 @@ class _PositionedLoader(DataLoader):
 
     # Lightning checkpoints the state of resumable loaders; the data position lives in the DataModule.
     def state_dict(self) -> dict:
+        """The DataModule's data position."""
         return {"position": self._datamodule.position}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the DataModule's data position."""
         self._datamodule.position = int(state["position"])

@@ -1,13 +1,23 @@
 """The identity shard schema (DESIGN.md "Shard schema"): one WebDataset sample = one identity.
 
-``__key__`` is the identity id; ``ref.png`` the RGB reference; ``mask.png`` the optional subject mask (8-bit L);
-``json`` = ``{"id", "prompts": [...], "category"?, "source", "license"?}``. A training condition is
-(identity, one prompt drawn from its list).
+Entries of a sample (the tar member ``<__key__>.<entry>``):
 
-Optional ``cond.pth`` (written by ``divrl data --precompute MODEL``): the conditioning a Kontext model computes from
-the identity, so training can skip the text encoders and the VAE encoder: a ``torch.save`` d dict with ``model``,
-``resolution``, ``max_sequence_length``, ``prompt_embeds`` ``(P, L, D)`` and ``pooled_prompt_embeds`` ``(P, D')`` (one
-row per prompt, in the order of ``prompts``) and ``image_latents`` ``(1, T, C)`` (the packed reference latents).
+- ``__key__``: the identity id (see :func:`check_identity_id`).
+- ``ref.png``: reference 0, RGB (required).
+- ``mask.png``: optional subject mask of reference 0 (8-bit L, white = subject).
+- ``ref_1.png``, ``ref_2.png``, ...: further references of the same identity, RGB. Indices are contiguous: reading
+  stops at the first missing ``ref_i.png`` (a ``ref_i.png`` after a gap is not read).
+- ``mask_1.png``, ``mask_2.png``, ...: optional mask of ``ref_i.png``. A ``mask_i.png`` whose ``ref_i.png`` is not
+  read, or a mask whose size differs from its reference's, makes the sample bad (skipped and counted by the streams).
+- ``json``: ``{"id", "prompts": [...], "source", ..., "category"?, "license"?}``; further fields are kept as
+  :attr:`IdentityRecord.extra`.
+- ``cond.pth`` (optional, written by ``divrl data --precompute MODEL``): the conditioning a model family precomputes
+  for the identity, so that training can skip its encoders. It is **opaque** here: a ``torch.save`` d dict, written by
+  the policy's ``precompute`` and read only by that model family's encoder. The data layer only checks that
+  ``torch.load(..., weights_only=True)`` reads it as a dict.
+
+A single-reference identity (K = 1) is stored exactly as before references 1.. existed. A training condition is
+(identity, one prompt drawn from its list).
 """
 
 from __future__ import annotations
@@ -20,15 +30,27 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-__all__ = ["IdentityRecord", "REF_KEY", "MASK_KEY", "META_KEY", "COND_KEY", "check_identity_id"]
+__all__ = [
+    "IdentityRecord", "REF_KEY", "MASK_KEY", "META_KEY", "COND_KEY", "check_identity_id", "reference_key", "mask_key",
+    "normalise_references",
+]
 
 REF_KEY = "ref.png"
 MASK_KEY = "mask.png"
 META_KEY = "json"
 COND_KEY = "cond.pth"
-CONDITIONING_FIELDS = ("model", "resolution", "max_sequence_length", "prompt_embeds", "pooled_prompt_embeds",
-                       "image_latents")  # fmt: skip
 _ID = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
+_MASK_I = re.compile(r"^mask_([1-9][0-9]*)\.png$")
+
+
+def reference_key(index: int) -> str:
+    """The sample entry of reference ``index``: ``ref.png`` for 0, then ``ref_1.png``, ``ref_2.png``, ..."""
+    return REF_KEY if index == 0 else f"ref_{index}.png"
+
+
+def mask_key(index: int) -> str:
+    """The sample entry of the mask of reference ``index``: ``mask.png`` for 0, then ``mask_1.png``, ..."""
+    return MASK_KEY if index == 0 else f"mask_{index}.png"
 
 
 def check_identity_id(identity_id: str) -> str:
@@ -42,26 +64,68 @@ def check_identity_id(identity_id: str) -> str:
     return identity_id
 
 
+def normalise_references(identity: str, references, masks) -> tuple[list, list]:
+    """The references and masks of ``identity`` as two lists of the same length.
+
+    Args:
+        identity: the identity id, named in errors.
+        references: a list (or tuple) of images, at least one; anything else (a ``PIL.Image``, a tensor...) is one
+            reference.
+        masks: ``None`` (no masks), a list (or tuple) with one entry (an image or ``None``) per reference, padded
+            with ``None`` when shorter; anything else is the mask of the first reference.
+
+    Returns:
+        ``(references, masks)``, new lists, ``len(masks) == len(references)``.
+
+    Raises:
+        ValueError: no reference, more masks than references, or a PIL mask whose size differs from its PIL
+            reference's; the message names the identity and the index.
+    """
+    refs = list(references) if isinstance(references, (list, tuple)) else [references]
+    if not refs or any(image is None for image in refs):
+        raise ValueError(f"identity {identity!r}: needs at least one reference image (and no None), got {references!r}")
+    masks = list(masks) if isinstance(masks, (list, tuple)) else [masks]
+    if len(masks) > len(refs):
+        raise ValueError(
+            f"identity {identity!r}: {len(masks)} masks for {len(refs)} references; give one mask (or None) per "
+            f"reference"
+        )
+    masks += [None] * (len(refs) - len(masks))
+    for index, (image, mask) in enumerate(zip(refs, masks)):
+        if isinstance(image, Image.Image) and isinstance(mask, Image.Image) and mask.size != image.size:
+            raise ValueError(
+                f"identity {identity!r}: mask {index} has size {mask.size} but reference {index} has size "
+                f"{image.size}; resize the mask to its reference"
+            )
+    return refs, masks
+
+
 @dataclass
 class IdentityRecord:
-    """One identity: a reference image, an optional subject mask, and the prompts to condition on.
+    """One identity: one or more reference images, their optional subject masks, and the prompts to condition on.
+
+    ``IdentityRecord(id, image, prompts, mask)`` (one image and its mask, not in a list) means one reference. After
+    construction ``masks`` is a list as long as ``references``, ``None`` where a reference has no mask (see
+    :func:`normalise_references`).
 
     Attributes:
         id: identity id (the shard key; see :func:`check_identity_id`).
-        reference: the reference image (RGB).
+        references: the reference images (RGB), at least one; reference 0 is ``ref.png``.
         prompts: edit prompts for this identity (at least one).
-        mask: optional subject mask (L; white = subject).
+        masks: optional subject masks (L; white = subject), one entry (an image or ``None``) per reference; each has
+            the size of its reference.
         source: where the identity comes from (``"synthetic"``, ``"syncd"``, ``"dreambench"``, ``"dreambooth"``...).
         category: optional category (DreamBench++: animal, human, object, style).
-        license: optional licence of the reference image.
+        license: optional licence of the reference images.
         extra: further JSON fields, kept as they are.
-        conditioning: optional precomputed conditioning (see the module docstring), one row per prompt.
+        conditioning: optional precomputed conditioning (``cond.pth``): a dict, opaque to the data layer (see the
+            module docstring).
     """
 
     id: str
-    reference: Image.Image
+    references: list[Image.Image]
     prompts: list[str]
-    mask: Image.Image | None = None
+    masks: list[Image.Image | None] | None = None
     source: str = "unknown"
     category: str | None = None
     license: str | None = None
@@ -72,16 +136,29 @@ class IdentityRecord:
         check_identity_id(self.id)
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise ValueError(f"identity {self.id!r}: needs at least one non-empty prompt, got {self.prompts!r}")
-        if self.mask is not None and self.mask.size != self.reference.size:
+        self.references, self.masks = normalise_references(self.id, self.references, self.masks)
+        for what, images in (("reference", self.references), ("mask", self.masks)):
+            for index, image in enumerate(images):
+                if image is not None and not isinstance(image, Image.Image):
+                    raise ValueError(
+                        f"identity {self.id!r}: {what} {index} is a {type(image).__name__}; an IdentityRecord holds PIL "
+                        f"images (convert it with divrl.images.to_pil or PIL.Image.open)"
+                    )
+        if self.conditioning is not None and not isinstance(self.conditioning, dict):
             raise ValueError(
-                f"identity {self.id!r}: mask size {self.mask.size} differs from the reference size {self.reference.size}"
+                f"identity {self.id!r}: precomputed conditioning must be a dict (what cond.pth stores), got a "
+                f"{type(self.conditioning).__name__}"
             )
-        if self.conditioning is not None:
-            rows = [len(self.conditioning[k]) for k in ("prompt_embeds", "pooled_prompt_embeds")]
-            if rows != [len(self.prompts)] * 2:
-                raise ValueError(
-                    f"identity {self.id!r}: precomputed conditioning has {rows} rows for {len(self.prompts)} prompts"
-                )
+
+    @property
+    def reference(self) -> Image.Image:
+        """The first reference (``ref.png``)."""
+        return self.references[0]
+
+    @property
+    def mask(self) -> Image.Image | None:
+        """The mask of the first reference (``mask.png``), or ``None``."""
+        return self.masks[0]
 
     def to_sample(self) -> dict:
         """The WebDataset sample (``__key__`` plus encoded files) for ``webdataset.TarWriter.write``."""
@@ -93,6 +170,10 @@ class IdentityRecord:
         sample = {"__key__": self.id, REF_KEY: _png(self.reference.convert("RGB")), META_KEY: json.dumps(meta).encode()}
         if self.mask is not None:
             sample[MASK_KEY] = _png(self.mask.convert("L"))
+        for index in range(1, len(self.references)):
+            sample[reference_key(index)] = _png(self.references[index].convert("RGB"))
+            if self.masks[index] is not None:
+                sample[mask_key(index)] = _png(self.masks[index].convert("L"))
         if self.conditioning is not None:
             buffer = io.BytesIO()
             torch.save(self.conditioning, buffer)
@@ -110,15 +191,27 @@ class IdentityRecord:
             meta = json.loads(sample[META_KEY])
         except (UnicodeDecodeError, ValueError) as err:
             raise ValueError(f"shard sample {key!r}: {META_KEY!r} is not valid JSON ({err})") from None
-        reference = _open(sample[REF_KEY], key, REF_KEY, "RGB")
-        mask = _open(sample[MASK_KEY], key, MASK_KEY, "L") if MASK_KEY in sample else None
+        references, masks = [], []
+        while reference_key(len(references)) in sample:
+            ref, mask = reference_key(len(references)), mask_key(len(references))
+            references.append(_open(sample[ref], key, ref, "RGB"))
+            masks.append(_open(sample[mask], key, mask, "L") if mask in sample else None)
+        indices = sorted(int(m.group(1)) for name in sample if (m := _MASK_I.match(name)))
+        orphans = [index for index in indices if index >= len(references)]
+        if orphans:
+            raise ValueError(
+                f"shard sample {key!r}: {mask_key(orphans[0])!r} has no reference: {reference_key(orphans[0])!r} is "
+                f"absent or follows a gap "
+                f"(references are ref.png, ref_1.png, ... with contiguous indices); write its reference or drop the "
+                f"mask"
+            )
         conditioning = _conditioning(sample[COND_KEY], key) if COND_KEY in sample else None
         known = {"id", "prompts", "source", "category", "license"}
         return cls(
             id=meta.get("id", key),
-            reference=reference,
+            references=references,
             prompts=list(meta.get("prompts") or []),
-            mask=mask,
+            masks=masks,
             source=meta.get("source", "unknown"),
             category=meta.get("category"),
             license=meta.get("license"),
@@ -128,13 +221,19 @@ class IdentityRecord:
 
 
 def _conditioning(data: bytes, key: str) -> dict:
+    """The ``cond.pth`` payload: any dict ``torch.load(weights_only=True)`` reads; its fields are not looked at."""
     try:
         value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a broken entry
-        raise ValueError(f"shard sample {key!r}: {COND_KEY!r} is not a readable conditioning file ({err})") from None
-    missing = [k for k in CONDITIONING_FIELDS if not isinstance(value, dict) or k not in value]
-    if missing:
-        raise ValueError(f"shard sample {key!r}: {COND_KEY!r} lacks {missing}; rewrite it with divrl data --precompute")
+        raise ValueError(
+            f"shard sample {key!r}: {COND_KEY!r} is not a readable conditioning file ({err}); rewrite the shards with "
+            f"`divrl data ... --precompute MODEL`"
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"shard sample {key!r}: {COND_KEY!r} holds a {type(value).__name__}, not the dict that `divrl data ... "
+            f"--precompute MODEL` writes; rewrite the shards with it"
+        )
     return value
 
 

@@ -1,8 +1,8 @@
 """Deterministic, resumable condition streams over identity shards (plain torch + webdataset, no Lightning).
 
-A training *condition* is one identity (reference, mask) with one prompt drawn from its list. A rank's stream is
-fully determined by ``(seed, rank, epoch, position)``, so a run resumed at global batch position ``P`` sees exactly
-the batches an uninterrupted run would have seen there.
+A training *condition* is one identity (its references and masks) with one prompt drawn from its list. A rank's
+stream is fully determined by ``(seed, rank, epoch, position)``, so a run resumed at global batch position ``P`` sees
+exactly the batches an uninterrupted run would have seen there.
 
 Layout of an epoch of ``E`` batches on one rank served by ``W`` DataLoader workers (``W = 1`` in the main process):
 batch ``j`` of the epoch comes from *logical stream* ``j mod W``; each logical stream is an endless resampled
@@ -23,39 +23,87 @@ from itertools import islice
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from divrl.data.schema import IdentityRecord
+from divrl.data.schema import IdentityRecord, normalise_references
 
-__all__ = ["ConditionBatch", "ConditionSample", "TrainConditionStream", "ValConditionStream", "read_identities"]
+__all__ = [
+    "ConditionBatch", "ConditionSample", "SkipCounter", "TrainConditionStream", "ValConditionStream", "read_identities",
+    "to_condition",
+]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ConditionSample:
-    """One (identity, prompt) condition: what a group of ``G`` rollouts is conditioned on."""
+    """One (identity, prompt) condition: what a group of ``G`` rollouts is conditioned on.
+
+    ``ConditionSample(id, prompt, image, mask, category)`` (one image and its mask, not in a list) means one
+    reference. After construction ``masks`` is a list as long as ``references``, ``None`` where a reference has no
+    mask (see :func:`~divrl.data.schema.normalise_references`).
+
+    Attributes:
+        id: the identity id.
+        prompt: the prompt of this condition (one of the identity's prompts).
+        references: the identity's reference images, at least one (RGB PIL images when read from shards; other
+            image-likes, e.g. tensors, for scoring outside training).
+        masks: the references' subject masks (L), one entry (an image or ``None``) per reference.
+        category: the identity's category, if any.
+        metadata: the identity's further JSON fields: ``source``, ``license`` (when set) and its extra fields.
+        conditioning: the identity's whole precomputed payload (``cond.pth``), opaque here; the model family's
+            encoder picks the rows of this condition's prompt with ``prompt_index``.
+        prompt_index: the index of ``prompt`` in the identity's prompt list.
+    """
 
     id: str
     prompt: str
-    reference: Image.Image
-    mask: Image.Image | None = None
+    references: list[Image.Image]
+    masks: list[Image.Image | None] | None = None
     category: str | None = None
-    conditioning: dict | None = None  # precomputed (``divrl data --precompute``): this prompt's rows only
+    metadata: dict = field(default_factory=dict)
+    conditioning: object = None
+    prompt_index: int = 0
+
+    def __post_init__(self) -> None:
+        self.references, self.masks = normalise_references(self.id, self.references, self.masks)
+
+    @property
+    def reference(self) -> Image.Image:
+        """The first reference."""
+        return self.references[0]
+
+    @property
+    def mask(self) -> Image.Image | None:
+        """The mask of the first reference, or ``None``."""
+        return self.masks[0]
 
 
 @dataclass
 class ConditionBatch:
-    """A batch of conditions, plus how many bad shard samples were skipped while reading it (logged, never hidden)."""
+    """A batch of conditions, plus how many bad shard samples were skipped while reading it (logged, never hidden).
+
+    Attributes:
+        conditions: the batch's conditions.
+        skipped: bad shard samples skipped since the previous batch of the same stream.
+    """
 
     conditions: list[ConditionSample]
     skipped: int = 0
-    skip_reasons: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.conditions)
 
 
-class _SkipCounter:
-    """Counts (and logs) bad samples; raises if too many come in a row, so a folder of broken shards cannot spin."""
+class SkipCounter:
+    """Counts (and logs) bad samples; raises if too many come in a row, so a folder of broken shards cannot spin.
+
+    Args:
+        max_consecutive: raise after this many bad samples in a row.
+
+    Attributes:
+        count: bad samples since the last :meth:`take`.
+        consecutive: bad samples since the last good one.
+        reasons: the reasons of the bad samples since the last :meth:`take` (each names the shard and the key).
+    """
 
     def __init__(self, max_consecutive: int):
         self.max_consecutive = max_consecutive
@@ -64,6 +112,11 @@ class _SkipCounter:
         self.reasons: list[str] = []
 
     def bad(self, reason: str) -> bool:
+        """Record (and log) a bad sample; returns ``True`` (webdataset's handler protocol: go on).
+
+        Raises:
+            RuntimeError: the ``max_consecutive``-th bad sample in a row.
+        """
         self.count += 1
         self.consecutive += 1
         self.reasons.append(reason)
@@ -77,15 +130,17 @@ class _SkipCounter:
         return True  # webdataset handler protocol: continue
 
     def good(self) -> None:
+        """Record a good sample (ends a run of bad ones)."""
         self.consecutive = 0
 
-    def take(self) -> tuple[int, list[str]]:
-        count, reasons = self.count, self.reasons
+    def take(self) -> int:
+        """The number of bad samples since the last call; clears the count and the reasons."""
+        count = self.count
         self.count, self.reasons = 0, []
-        return count, reasons
+        return count
 
 
-def read_identities(urls: Sequence[str], skips: _SkipCounter) -> Iterator[IdentityRecord]:
+def read_identities(urls: Sequence[str], skips: SkipCounter) -> Iterator[IdentityRecord]:
     """Decode identity records from a stream of shard urls; bad tar members and bad samples are skipped and counted."""
     import webdataset as wds
 
@@ -115,15 +170,15 @@ def _shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
     yield from pool
 
 
-def _to_condition(record: IdentityRecord, index: int) -> ConditionSample:
-    """The condition of ``record`` with its prompt number ``index`` (and that prompt's precomputed rows, if any)."""
-    conditioning = None
-    if record.conditioning is not None:
-        c = record.conditioning
-        conditioning = {k: c[k] for k in ("model", "resolution", "max_sequence_length", "image_latents")}
-        conditioning["prompt_embeds"] = c["prompt_embeds"][index : index + 1]
-        conditioning["pooled_prompt_embeds"] = c["pooled_prompt_embeds"][index : index + 1]
-    return ConditionSample(record.id, record.prompts[index], record.reference, record.mask, record.category, conditioning)
+def to_condition(record: IdentityRecord, index: int) -> ConditionSample:
+    """The condition of ``record`` with its prompt number ``index``: all its references and masks, its further JSON
+    fields as ``metadata`` and its whole precomputed payload (if any) with ``prompt_index = index``."""
+    metadata = {"source": record.source}
+    if record.license is not None:
+        metadata["license"] = record.license
+    metadata.update(record.extra)
+    return ConditionSample(record.id, record.prompts[index], record.references, record.masks, record.category, metadata,
+                           record.conditioning, index)
 
 
 def _served_before(start: int, stream: int, num_streams: int) -> int:
@@ -174,7 +229,7 @@ class TrainConditionStream(IterableDataset):
     def logical_stream(self, epoch: int, stream: int) -> Iterator[ConditionBatch]:
         """The endless batch stream number ``stream`` of ``epoch`` on this rank."""
         rng = random.Random(f"divrl-train/{self.seed}/{self.rank}/{epoch}/{stream}")
-        skips = _SkipCounter(self.max_consecutive_bad)
+        skips = SkipCounter(self.max_consecutive_bad)
 
         def urls() -> Iterator[str]:
             while True:
@@ -182,9 +237,8 @@ class TrainConditionStream(IterableDataset):
 
         records = _shuffled(read_identities(urls(), skips), self.shuffle_buffer, rng)
         while True:
-            batch = [_to_condition(r, rng.randrange(len(r.prompts))) for r in islice(records, self.batch_size)]
-            count, reasons = skips.take()
-            yield ConditionBatch(batch, count, reasons)
+            batch = [to_condition(r, rng.randrange(len(r.prompts))) for r in islice(records, self.batch_size)]
+            yield ConditionBatch(batch, skips.take())
 
     def __iter__(self) -> Iterator[ConditionBatch]:
         info = get_worker_info()
@@ -235,7 +289,7 @@ class ValConditionStream(IterableDataset):
     def __iter__(self) -> Iterator[ConditionBatch]:
         if get_worker_info() is not None and get_worker_info().id > 0:
             return  # one reader: the set is small and must not be duplicated across workers
-        skips = _SkipCounter(self.max_consecutive_bad)
+        skips = SkipCounter(self.max_consecutive_bad)
         records = list(islice(read_identities(self.urls, skips), self.num_identities * self.world))
         if self.world > 1:
             if len(records) < self.world:
@@ -246,12 +300,12 @@ class ValConditionStream(IterableDataset):
             records = records[self.rank : len(records) - len(records) % self.world : self.world]
         batch: list[ConditionSample] = []
         for record in records:
-            batch.append(_to_condition(record, 0))
+            batch.append(to_condition(record, 0))
             if len(batch) == self.batch_size:
-                yield ConditionBatch(batch, *skips.take())
+                yield ConditionBatch(batch, skips.take())
                 batch = []
         if batch:
-            yield ConditionBatch(batch, *skips.take())
+            yield ConditionBatch(batch, skips.take())
 
 
 def split_for_rank(urls: Sequence[str], rank: int, world: int, warn: Callable[[str], None] = log.warning) -> list[str]:

@@ -1,9 +1,10 @@
 """A procedural world of subjects for the CPU demo: identity = shape, palette and texture; structure = pose,
 position and scale. Deterministic for a seed; no files, no downloads.
 
-Each identity is drawn once as its reference (a random pose) with a subject mask; its prompts name it ("the red and
-yellow striped star") and ask for structural changes ("on the left, small, tilted"), so a policy that copies the
-reference layout scores a low nSSM and one that changes the subject's colours scores a low VSM.
+Each identity is drawn once as its reference (a random pose; optionally further poses as further references) with a
+subject mask; its prompts name it ("the red and yellow striped star") and ask for structural changes ("on the left,
+small, tilted"), so a policy that copies the reference layout scores a low nSSM and one that changes the subject's
+colours scores a low VSM.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from divrl.images import to_pil
 __all__ = [
     "SubjectIdentity", "Pose", "render", "random_identity", "random_pose", "synthetic_records", "write_shards",
     "write_demo_dataset",
-]  # fmt: skip
+]
 
 KINDS = ("star", "square", "disc", "triangle", "ring", "cross")
 TEXTURES = ("checker", "stripes", "dots", "plain")
@@ -50,7 +51,13 @@ _POSES = ("tilted", "upside down", "turned", "lying on its side")
 
 @dataclass(frozen=True)
 class SubjectIdentity:
-    """What makes a subject itself: its shape, its two colours (palette names or RGB triples) and its texture."""
+    """What makes a subject itself: its shape, its two colours (palette names or RGB triples) and its texture.
+
+    Attributes:
+        kind: the shape, one of :data:`KINDS`.
+        colours: the main and the second colour (palette names or RGB triples in [0, 1]).
+        texture: how the second colour is laid over the first, one of :data:`TEXTURES`.
+    """
 
     kind: str
     colours: tuple[str | tuple[float, float, float], str | tuple[float, float, float]]
@@ -58,6 +65,7 @@ class SubjectIdentity:
 
     @property
     def name(self) -> str:
+        """The subject's name in prompts, e.g. ``"red and yellow striped star"``."""
         first, second = self.colours
         colour = first if self.texture == "plain" else f"{first} and {second}"
         return f"{colour} {_TEXTURE_WORDS[self.texture]} {self.kind}"
@@ -65,7 +73,14 @@ class SubjectIdentity:
 
 @dataclass(frozen=True)
 class Pose:
-    """Where and how the subject stands: centre (fractions of the image side), radius (fraction) and rotation."""
+    """Where and how the subject stands.
+
+    Attributes:
+        cx: horizontal centre, as a fraction of the image side.
+        cy: vertical centre, as a fraction of the image side.
+        radius: size, as a fraction of the image side.
+        rotation: rotation in radians.
+    """
 
     cx: float = 0.5
     cy: float = 0.5
@@ -112,19 +127,34 @@ def render(identity: SubjectIdentity, pose: Pose, size: int = 128, background: f
 
 
 def random_identity(rng: random.Random) -> SubjectIdentity:
+    """A random subject (shape, two distinct palette colours, texture) drawn from ``rng``."""
     colours = tuple(rng.sample(sorted(PALETTE), 2))
     return SubjectIdentity(rng.choice(KINDS), colours, rng.choice(TEXTURES))  # type: ignore[arg-type]
 
 
 def random_pose(rng: random.Random) -> Pose:
+    """A random pose drawn from ``rng`` that keeps the subject inside the image."""
     radius = rng.uniform(0.18, 0.32)
     return Pose(rng.uniform(radius, 1 - radius), rng.uniform(radius, 1 - radius), radius, rng.uniform(0, 2 * math.pi))
 
 
 def synthetic_records(
-    num_identities: int, *, size: int = 128, prompts_per_identity: int = 4, seed: int = 0, prefix: str = "synth"
+    num_identities: int,
+    *,
+    size: int = 128,
+    prompts_per_identity: int = 4,
+    seed: int = 0,
+    prefix: str = "synth",
+    references_per_identity: int = 1,
 ) -> Iterator[IdentityRecord]:
-    """``num_identities`` distinct procedural identities as :class:`IdentityRecord` s, deterministic for ``seed``."""
+    """``num_identities`` distinct procedural identities as :class:`IdentityRecord` s, deterministic for ``seed``.
+
+    Each identity is drawn as ``references_per_identity`` references (random poses of the same subject), each with
+    its mask. Further poses are drawn after the first pose and the prompts, so one reference per identity (the
+    default) draws exactly the records the demo dataset holds.
+    """
+    if references_per_identity < 1:
+        raise ValueError(f"references_per_identity must be >= 1, got {references_per_identity}")
     rng = random.Random(seed)
     seen: set[SubjectIdentity] = set()
     index = 0
@@ -135,17 +165,18 @@ def synthetic_records(
                 raise ValueError(f"the synthetic world has fewer than {num_identities} distinct identities")
             continue
         seen.add(identity)
-        image, mask = render(identity, random_pose(rng), size)
+        views = [render(identity, random_pose(rng), size)]
         prompts = [
             f"a photo of the {identity.name} {rng.choice(_LAYOUTS)}, {rng.choice(_SCALES)} and "
             f"{rng.choice(_POSES)}, {rng.choice(_PLACES)}"
             for _ in range(prompts_per_identity)
         ]
+        views += [render(identity, random_pose(rng), size) for _ in range(references_per_identity - 1)]
         yield IdentityRecord(
             id=f"{prefix}_{index:05d}",
-            reference=to_pil(image),
+            references=[to_pil(image) for image, _ in views],
             prompts=prompts,
-            mask=Image.fromarray((mask * 255).to(torch.uint8).numpy(), mode="L"),
+            masks=[Image.fromarray((mask * 255).to(torch.uint8).numpy(), mode="L") for _, mask in views],
             source="synthetic",
             category="object",
             license="CC0-1.0",
