@@ -33,8 +33,8 @@ def test_score_builtin_example_prints_the_rewards(capsys):
     expected = GatedReward(FeatureScorer(DenseDescriptor()))(reference, images, ref_mask=mask)
     assert list(rows) == names
     for k, name in enumerate(names):
-        assert rows[name][0] == pytest.approx(expected.nssm[k].item(), abs=1e-3)
-        assert rows[name][1] == pytest.approx(expected.vsm[k].item(), abs=1e-3)
+        assert rows[name][0] == pytest.approx(expected.components["nssm"][k].item(), abs=1e-3)
+        assert rows[name][1] == pytest.approx(expected.components["vsm"][k].item(), abs=1e-3)
         assert rows[name][2] == pytest.approx(expected.reward[k].item(), abs=1e-3)
     # the example tells the story: moving earns diversity and keeps identity; recolouring loses identity
     assert rows["moved, rotated, smaller"][0] > 0.5 and rows["moved, rotated, smaller"][1] > 0.9
@@ -52,7 +52,7 @@ def test_score_image_files_writes_json(tmp_path):
         to_pil(image).save(paths[-1])
     out_json = tmp_path / "scores.json"
     argv = ["score", "--reference", str(tmp_path / "ref.png"), "--ref-mask", str(tmp_path / "mask.png"),
-            "--size", "128", "--json", str(out_json), *map(str, paths)]  # fmt: skip
+            "--size", "128", "--json", str(out_json), *map(str, paths)]
     assert main(argv) == 0
     rows = json.loads(out_json.read_text())["scores"]
     assert [r["image"] for r in rows] == [p.name for p in paths]
@@ -60,8 +60,9 @@ def test_score_image_files_writes_json(tmp_path):
         to_image_batch(tmp_path / "ref.png")[0], to_image_batch([str(p) for p in paths]), ref_mask=mask[None]
     )
     got = torch.tensor([[r["nssm"], r["vsm"], r["r2"]] for r in rows])
-    assert torch.allclose(got, torch.stack([expected.nssm, expected.vsm, expected.reward], 1), atol=1e-5)
-    assert [r["penalized"] for r in rows] == expected.penalized.tolist()
+    want = torch.stack([expected.components["nssm"], expected.components["vsm"], expected.reward], 1)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert [r["penalized"] for r in rows] == expected.gated.tolist()
 
 
 def test_score_errors_name_the_input(tmp_path, capsys):

@@ -21,17 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def scores(policy: KontextPolicy, records: list[IdentityRecord]) -> tuple[float, float]:
     reward = NSSMReward(FeatureScorer(DenseDescriptor(grid_size=24, cell=4), pool=2), track_vsm=True)
     condition = policy.condition([r.reference for r in records], [r.prompts[0] for r in records], 32, 32, group_size=4)
-    traj = rollout(policy, condition, num_steps=4, noise_level=0.0, group_size=4,
-                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+    traj = rollout(policy, condition, num_steps=4, noise_level=0.0, generator=torch.Generator().manual_seed(0))
     outs = [reward(r.reference, traj.images[4 * i : 4 * i + 4], r.mask) for i, r in enumerate(records)]
-    return torch.cat([o.nssm for o in outs]).mean().item(), torch.cat([o.vsm for o in outs]).mean().item()
+    return tuple(torch.cat([o.components[k] for o in outs]).mean().item() for k in ("nssm", "vsm"))
 
 
 def test_the_demo_model_copies_its_reference_and_the_random_model_does_not():
     folder = ROOT / "data" / "demo" / "tiny-kontext"
     assert (folder / "model_index.json").is_file()
     records = [IdentityRecord.from_sample(s) for s in wds.WebDataset(str(ROOT / "data/demo/val-000000.tar"),
-                                                                      shardshuffle=False)]  # fmt: skip
+                                                                      shardshuffle=False)]
     pretrained = KontextPolicy.from_pretrained(folder, torch_dtype="float32", lora=None, max_sequence_length=32)
     assert pretrained.transformer.config.attention_head_dim == 32
     nssm, vsm = scores(pretrained, records)

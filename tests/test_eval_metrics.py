@@ -168,16 +168,16 @@ def tiny_clip(tmp_path_factory):
     tokenizer = tiny_tokenizer(77)
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                 num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=0)  # fmt: skip
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=0)
     vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8, projection_dim=16)  # fmt: skip
+                  patch_size=8, projection_dim=16)
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
     (folder / "preprocessor_config.json").write_text(json.dumps({"crop_size": {"height": 32, "width": 32},
-                                                                 "image_mean": mean, "image_std": std}))  # fmt: skip
+                                                                 "image_mean": mean, "image_std": std}))
     return folder, model, tokenizer, torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
 
@@ -189,12 +189,12 @@ def test_clip_embedder_loads_the_saved_model_and_matches_direct_calls(tiny_clip)
         direct = model.get_image_features(pixel_values=(images - mean) / std)
         direct = getattr(direct, "pooler_output", direct)
         tokens = tokenizer(["a red star", "a blue disc on the left"], padding="max_length", max_length=77,
-                           return_tensors="pt")  # fmt: skip
+                           return_tensors="pt")
         text = model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
         text = getattr(text, "pooler_output", text)
     assert torch.allclose(clip.embed_images(images), F.normalize(direct, dim=-1), atol=1e-5)
     assert torch.allclose(clip.embed_texts(["a red star", "a blue disc on the left"]), F.normalize(text, dim=-1),
-                          atol=1e-5)  # fmt: skip
+                          atol=1e-5)
 
 
 def test_clip_preprocessing_resizes_the_short_side_and_centre_crops(tiny_clip):
@@ -218,7 +218,7 @@ def test_dino_embedding_is_the_normalised_cls_token(tmp_path):
 
     torch.manual_seed(0)
     model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                                     patch_size=4, image_size=16)).eval()  # fmt: skip
+                                     patch_size=4, image_size=16)).eval()
     model.save_pretrained(tmp_path)
     dino = DINOv2Backbone(str(tmp_path), grid_size=4, local_files_only=True)
     images = torch.rand(2, 3, 16, 16)
@@ -249,6 +249,37 @@ def test_suite_scores_a_copy_a_pose_change_and_a_recolouring(tmp_path):
     assert style["vsm"] == [None, None] and style["mtg_nssm"] == [None, None] and style["si_iou"][0] is not None
 
 
+def test_any_reward_is_a_column_with_the_conditions_prompt_and_metadata():
+    from divrl.data.stream import ConditionSample
+    from divrl.data.synthetic import Pose, SubjectIdentity, render
+    from divrl.rewards import CallableReward, GatedReward, NonFiniteReward
+
+    subject = SubjectIdentity("star", ("red", "yellow"), "stripes")
+    ref, mask = render(subject, Pose(0.5, 0.5, 0.3, 0.0), size=96)
+    images = torch.stack([ref, render(subject, Pose(0.3, 0.6, 0.2, 1.0), size=96)[0]])
+    scorer = FeatureScorer(DenseDescriptor(grid_size=24, cell=4), pool=1)
+    seen = []
+
+    def length(images, prompts, metadata):
+        seen.append((prompts, metadata[0]["source"]))
+        return [len(p) for p in prompts]
+
+    def broken(images, prompts, metadata):
+        raise NonFiniteReward("nan")
+
+    suite = EvalSuite(identity=scorer, rewards={"r2": GatedReward(scorer), "length": CallableReward(length),
+                                                "broken": CallableReward(broken)})
+    assert suite.columns == ["vsm", "mtg_nssm", "r2", "length", "broken"] and suite.header("r2") == "r2 ↑"
+    assert suite.describe()["r2"].startswith("GatedReward")
+    sample = ConditionSample("star", "a star", [ref], [mask], "object", {"source": "synthetic"})
+    out = suite.score_group(ref, images, "a star", mask, "object", sample=sample)
+    assert out["r2"] == pytest.approx(GatedReward(scorer)(ref, images, ref_mask=mask).reward.tolist())
+    assert out["length"] == [6.0, 6.0] and seen == [(["a star", "a star"], "synthetic")]
+    assert out["broken"] == [None, None]  # not finite: empty cells, never 0
+    with pytest.raises(ValueError, match=r"names of built-in columns"):
+        EvalSuite(identity=scorer, rewards={"vsm": GatedReward(scorer)})
+
+
 def test_suite_refuses_a_trade_off_column_no_model_computes():
     with pytest.raises(ValueError, match="consistency_metric is 'vsm' but no model computes"):
         EvalSuite(sdino=DenseDescriptor())
@@ -272,11 +303,11 @@ def test_suite_wires_clip_dino_and_hps_to_their_columns(tiny_clip, tmp_path, mon
     monkeypatch.setitem(sys.modules, "hpsv2", types.SimpleNamespace(score=fake_score))
     torch.manual_seed(0)
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-                             patch_size=4, image_size=16)).save_pretrained(tmp_path)  # fmt: skip
+                             patch_size=4, image_size=16)).save_pretrained(tmp_path)
     clip = CLIPEmbedder(str(tiny_clip[0]), local_files_only=True)
     dino = DINOv2Backbone(str(tmp_path), grid_size=4, local_files_only=True)
     suite = EvalSuite(clip=clip, dino=dino, sdino=dino, hps=HPSv2(), consistency_metric="sdino",
-                      consistency_threshold=0.75, diversity_metric="clip_i")  # fmt: skip
+                      consistency_threshold=0.75, diversity_metric="clip_i")
     assert suite.columns == ["clip_t", "clip_i", "dino", "hps", "sdino"]
     g = torch.Generator().manual_seed(3)
     reference, images = torch.rand(3, 48, 48, generator=g), torch.rand(3, 3, 40, 40, generator=g)
@@ -286,7 +317,7 @@ def test_suite_wires_clip_dino_and_hps_to_their_columns(tiny_clip, tmp_path, mon
     assert out["clip_i"] == pytest.approx(cosine(gen_emb, clip.embed_images(reference)).tolist(), abs=1e-6)
     assert out["dino"] == pytest.approx(cosine(dino.embed(images), dino.embed(reference)).tolist(), abs=1e-6)
     assert out["sdino"] == pytest.approx(patch_similarity(dino(images).visual, dino(reference).visual).tolist(),
-                                         abs=1e-6)  # fmt: skip
+                                         abs=1e-6)
     assert out["hps"] == pytest.approx([0.25, 0.26, 0.27]) and calls == [(3, (40, 40), "a red star", "v2.1")]
 
 

@@ -28,7 +28,7 @@ def test_nssm_ranks_pose_and_mirror_above_colour_jitter(dreambooth_root):
         photos = sorted(subject.glob("*.jpg"))
         reference = load_square(photos[0])
         variants = torch.cat([load_square(photos[1]), reference.flip(-1), colour_jitter(reference, generator)])
-        out = reward(reference, variants).nssm
+        out = reward(reference, variants).components["nssm"]
         for name, value in zip(scores, out):
             scores[name].append(value.item())
     mean = {k: sum(v) / len(v) for k, v in scores.items()}

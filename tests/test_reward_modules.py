@@ -8,6 +8,7 @@ from jsonargparse import ArgumentParser
 
 from divrl.rewards import (
     FeatureScorer,
+    NonFiniteReward,
     GatedReward,
     GroupReward,
     LinearReward,
@@ -45,9 +46,9 @@ def test_reference_encoded_once_and_components_match_functions():
     fr, fg = backbone(ref), backbone(images)
     n = RF.nssm(fg.visual, fr.visual, pool=2)
     v = RF.vsm(fg.semantic, fg.visual, fr.semantic, fr.visual, tau_s=0.3, tau_v=0.3)
-    assert torch.allclose(out.nssm, n) and torch.allclose(out.vsm, v)
+    assert torch.allclose(out.components["nssm"], n) and torch.allclose(out.components["vsm"], v)
     assert torch.allclose(out.reward, RF.gated_reward(n, v, 0.5, 5.0))
-    assert torch.equal(out.penalized, v < 0.5)
+    assert torch.equal(out.gated, v < 0.5)
     assert out.reward.shape == (6,) and out.reward.dtype == torch.float32
 
 
@@ -58,27 +59,27 @@ def test_penalty_fires_exactly_below_the_gate():
     for s in (0.0, 1.01):
         r2 = GatedReward(scorer, threshold=s, weight=5.0)(ref, images)
         if s == 0.0:  # nobody is below 0 -> R2 == R1
-            assert torch.allclose(r2.reward, r1.reward) and not r2.penalized.any()
+            assert torch.allclose(r2.reward, r1.reward) and not r2.gated.any()
         else:  # everybody is below 1.01 -> penalty 5 (1.01 - vsm)^2
-            assert r2.penalized.all()
-            assert torch.allclose(r2.reward, r1.nssm - 5 * (1.01 - r2.vsm) ** 2)
+            assert r2.gated.all()
+            assert torch.allclose(r2.reward, r1.components["nssm"] - 5 * (1.01 - r2.components["vsm"]) ** 2)
 
 
 def test_track_vsm_switch_and_vsm_only_reward():
     backbone = CountingBackbone()
     ref, images = group()
     out = NSSMReward(FeatureScorer(backbone), track_vsm=False)(ref, images)
-    assert out.vsm is None and "vsm" not in out.as_dict()
-    assert torch.equal(out.reward, out.nssm)
+    assert list(out.components) == ["nssm"]
+    assert torch.equal(out.reward, out.components["nssm"])
     only = VSMReward(FeatureScorer(backbone))(ref, images)
-    assert only.nssm is None and torch.equal(only.reward, only.vsm)
+    assert list(only.components) == ["vsm"] and torch.equal(only.reward, only.components["vsm"])
 
 
 def test_linear_reward_module():
     ref, images = group()
     scorer = FeatureScorer(CountingBackbone(), tau_s=0.3, tau_v=0.3)
     out = LinearReward(scorer, weight=0.3)(ref, images)
-    assert torch.allclose(out.reward, 0.3 * out.vsm + 0.7 * out.nssm)
+    assert torch.allclose(out.reward, 0.3 * out.components["vsm"] + 0.7 * out.components["nssm"])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         LinearReward(scorer, weight=1.5)
 
@@ -87,7 +88,7 @@ def test_max_batch_chunks_give_the_same_scores_and_keep_shared_features():
     ref, images = group(g=7)
     full = GatedReward(FeatureScorer(DenseDescriptor(grid_size=8, cell=4, max_batch=None)))(ref, images)
     chunked = GatedReward(FeatureScorer(DenseDescriptor(grid_size=8, cell=4, max_batch=3)))(ref, images)
-    for a, b in zip(full, chunked):
+    for a, b in zip([full.reward, *full.components.values()], [chunked.reward, *chunked.components.values()]):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
     calls = []
     shared = CallableBackbone(lambda x: calls.append(len(x)) or x[:, :, ::4, ::4], grid_size=8, max_batch=3)
@@ -105,7 +106,7 @@ def test_masks_at_image_resolution():
     fr, fg = backbone(ref), backbone(images)
     grid_mask = torch.zeros(1, 8, 8)
     grid_mask[0, 2:6, 1:7] = 1.0
-    assert torch.allclose(out.nssm, RF.nssm(fg.visual, fr.visual, grid_mask, pool=2))
+    assert torch.allclose(out.components["nssm"], RF.nssm(fg.visual, fr.visual, grid_mask, pool=2))
 
 
 def test_empty_reference_mask_fails_fast():
@@ -118,7 +119,7 @@ def test_empty_reference_mask_fails_fast():
 def test_non_finite_scores_raise_never_zero():
     nan_backbone = CallableBackbone(lambda x: torch.full((x.shape[0], 4, 8, 8), float("nan")), grid_size=8)
     ref, images = group()
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(NonFiniteReward, match="non-finite nssm"):
         NSSMReward(FeatureScorer(nan_backbone))(ref, images)
 
 

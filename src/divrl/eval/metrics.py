@@ -106,7 +106,7 @@ def _summary(rows: list[Mapping], columns: Sequence[str], identity: str, diversi
         out[column] = float(mean.compute()) if count else None
         out[f"{column}_n"] = count
     point = {"consistency_ratio": torch.tensor(float("nan")), "diversity_over_consistency": torch.tensor(float("nan")),
-             "consistent": torch.tensor(0)}  # fmt: skip
+             "consistent": torch.tensor(0)}
     if rows:
         trade_off = ConsistencyDiversity(threshold, sync_on_compute=False)
         trade_off.update([_value(row.get(identity)) for row in rows], [_value(row.get(diversity)) for row in rows])

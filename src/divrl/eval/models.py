@@ -110,7 +110,7 @@ class CLIPEmbedder(nn.Module):
             tokens = self.tokenizer(
                 list(texts[start : start + step]), padding="max_length", truncation=True,
                 max_length=self.context_length, return_tensors="pt",
-            ).to(self.device)  # fmt: skip
+            ).to(self.device)
             pooled = self.model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).pooler_output
             out.append(self.model.text_projection(pooled).float())
         return F.normalize(torch.cat(out), dim=-1)

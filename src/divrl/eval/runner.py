@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -28,9 +28,9 @@ from torch import Tensor
 
 from divrl.data.stream import (
     ConditionSample,
-    _SkipCounter,
-    _to_condition,
+    SkipCounter,
     read_identities,
+    to_condition,
 )
 from divrl.eval.metrics import summarize
 from divrl.eval.report import method_grid, plot_frontier, write_table
@@ -54,6 +54,9 @@ class EvalCondition:
     category: str | None = None
     conditioning: dict | None = None
     files: list[Path] | None = None  # samples another method generated (``samples_layout``)
+    references: list[Image.Image] | None = None  # all the identity's references (the first is ``reference``)
+    masks: list[Image.Image | None] | None = None  # their masks (the first is ``mask``); with ``references``
+    metadata: dict = field(default_factory=dict)  # the identity's further JSON fields (``ConditionSample.metadata``)
 
     @property
     def key(self) -> str:
@@ -65,7 +68,9 @@ class EvalCondition:
         return int.from_bytes(digest[:8], "little") % (2**63 - 1)
 
     def as_sample(self) -> ConditionSample:
-        return ConditionSample(self.id, self.prompt, self.reference, self.mask, self.category, self.conditioning)
+        references, masks = (self.references, self.masks) if self.references else ([self.reference], [self.mask])
+        return ConditionSample(self.id, self.prompt, references, masks, self.category, dict(self.metadata),
+                               self.conditioning, self.prompt_index)
 
 
 def data_conditions(
@@ -74,15 +79,16 @@ def data_conditions(
     """Every (identity, prompt) of the shards, in shard order: the first ``num_identities`` identities (all when
     ``None``), each with its first ``prompts_per_identity`` prompts (all when ``None``). Bad samples are skipped and
     counted in the log, as in training."""
-    skips = _SkipCounter(1000)
+    skips = SkipCounter(1000)
     out = []
     for n, record in enumerate(read_identities(list(shards), skips)):
         if num_identities is not None and n >= num_identities:
             break
         for index in range(len(record.prompts[:prompts_per_identity])):
-            sample = _to_condition(record, index)
+            sample = to_condition(record, index)
             out.append(EvalCondition(record.id, index, sample.prompt, sample.reference, sample.mask, sample.category,
-                                     sample.conditioning))  # fmt: skip
+                                     sample.conditioning, references=sample.references, masks=sample.masks,
+                                     metadata=sample.metadata))
     if skips.count:
         log.warning("evaluation data: %d bad sample(s) skipped: %s", skips.count, "; ".join(skips.reasons[:5]))
     if not out:
@@ -193,7 +199,7 @@ class Evaluation:
         folder = self.output_dir / name
         folder.mkdir(parents=True, exist_ok=True)
         self._check_meta(folder, {"method": name, "num_samples": self.num_samples, "seed": self.seed, **(meta or {})},
-                         generated=generate is not None)  # fmt: skip
+                         generated=generate is not None)
         scored = self._previous_scores(folder)
         rows: list[dict] = []
         grid_groups = []
@@ -205,11 +211,11 @@ class Evaluation:
                     group = [scored[key] for key in keys]
                 else:
                     values = self.suite.score_group(condition.reference, images(), condition.prompt, condition.mask,
-                                                    condition.category)  # fmt: skip
+                                                    condition.category, sample=condition.as_sample())
                     group = []
                     for k, key in enumerate(keys):
                         row = {"key": key, "id": condition.id, "prompt": condition.prompt, "category": condition.category,
-                               "file": str(files[k]), **{c: values[c][k] for c in values}}  # fmt: skip
+                               "file": str(files[k]), **{c: values[c][k] for c in values}}
                         scores_file.write(json.dumps(row) + "\n")
                         group.append(row)
                     scores_file.flush()
@@ -219,7 +225,7 @@ class Evaluation:
         if grid_groups:
             method_grid(name, grid_groups, self.suite).save(folder / "grid.png")
         summary = summarize(rows, self.suite.columns, identity=self.suite.consistency_metric,
-                            diversity=self.suite.diversity_metric, threshold=self.suite.consistency_threshold)  # fmt: skip
+                            diversity=self.suite.diversity_metric, threshold=self.suite.consistency_threshold)
         self.results[name] = summary
         return summary
 
@@ -234,7 +240,7 @@ class Evaluation:
                 "identity_skip_categories": sorted(self.suite.identity_skip_categories),
             },
             "methods": self.results,
-        }  # fmt: skip
+        }
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         write_table(metrics, self.suite, self.output_dir / "table.md")
@@ -245,7 +251,7 @@ class Evaluation:
         """Scores of an earlier run, if the same models computed them; otherwise they are set aside and rescored."""
         path, stamp = folder / "scores.jsonl", folder / "scoring.json"
         scoring = json.loads(json.dumps({"models": self.suite.describe(), "consistency": self.suite.consistency_metric,
-                                         "skip": sorted(self.suite.identity_skip_categories)}))  # fmt: skip
+                                         "skip": sorted(self.suite.identity_skip_categories)}))
         if path.is_file() and (not stamp.is_file() or json.loads(stamp.read_text()) != scoring):
             stale = path.with_suffix(".jsonl.stale")
             path.replace(stale)

@@ -20,7 +20,7 @@ from divrl.eval import functional as EF
 from divrl.eval.models import CLIPEmbedder, HPSv2, Segmenter
 from divrl.images import ImageLike, to_image_batch, to_mask_batch
 from divrl.rewards.backbones.base import FeatureBackbone
-from divrl.rewards.base import GroupScorer
+from divrl.rewards.base import Group, GroupScorer, NonFiniteReward, Reward
 
 __all__ = ["EvalSuite", "COLUMNS"]
 
@@ -67,6 +67,9 @@ class EvalSuite:
         diversity_metric: the column averaged over consistent samples (paper: MTG-nSSM).
         identity_skip_categories: categories left out of VSM and MTG-nSSM (paper: ``style``: a style reference has
             no subject to match); their rows hold no value for those columns.
+        rewards: any rewards (:class:`~divrl.rewards.Reward`, e.g. the run's training reward) as further columns,
+            higher is better: ``name: reward`` gives the column ``name``, each sample's reward in the group of its
+            condition's samples. A group whose reward is not finite leaves its cells empty.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class EvalSuite:
         consistency_threshold: float = 0.6,
         diversity_metric: str = "mtg_nssm",
         identity_skip_categories: Sequence[str] = ("style",),
+        rewards: dict[str, Reward] | None = None,
     ):
         if consistency_metric not in ("vsm", "sdino"):
             raise ValueError(f"EvalSuite: consistency_metric must be 'vsm' or 'sdino', got {consistency_metric!r}")
@@ -102,6 +106,10 @@ class EvalSuite:
         self.consistency_threshold = float(consistency_threshold)
         self.diversity_metric = diversity_metric
         self.identity_skip_categories = set(identity_skip_categories)
+        self.rewards = dict(rewards or {})
+        clash = sorted(set(self.rewards) & set(COLUMNS))
+        if clash:
+            raise ValueError(f"EvalSuite: rewards {clash} have the names of built-in columns; rename them")
         needed = {consistency_metric: "consistency_metric", diversity_metric: "diversity_metric"}
         for column, field in needed.items():
             if column not in self.columns:
@@ -112,11 +120,13 @@ class EvalSuite:
 
     @property
     def columns(self) -> list[str]:
-        """The configured per-sample columns, in table order."""
-        return [column for column in COLUMNS if getattr(self, _SOURCE[column]) is not None]
+        """The configured per-sample columns, in table order, then the rewards'."""
+        return [column for column in COLUMNS if getattr(self, _SOURCE[column]) is not None] + list(self.rewards)
 
     def header(self, column: str) -> str:
         """The table header of ``column`` (VSM carries its visual threshold, as the paper's VSM-0.7)."""
+        if column not in COLUMNS:
+            return f"{column} ↑"
         name, arrow = COLUMNS[column]
         if column == "vsm" and getattr(self.identity, "tau_v", None) is not None:
             name = f"VSM-{self.identity.tau_v:g}"
@@ -124,11 +134,12 @@ class EvalSuite:
 
     def describe(self) -> dict[str, str]:
         """Which model computes each configured column (written into metrics.json and table.md)."""
-        return {column: _describe(getattr(self, _SOURCE[column])) for column in self.columns}
+        models = {column: getattr(self, source) for column, source in _SOURCE.items()}
+        return {column: _describe(models.get(column) or self.rewards[column]) for column in self.columns}
 
     def to(self, device: torch.device | str) -> EvalSuite:
-        for name in ("identity", "dino_nssm", "clip", "dino", "sdino", "lpips"):
-            model = getattr(self, name)
+        for model in [*(getattr(self, n) for n in ("identity", "dino_nssm", "clip", "dino", "sdino", "lpips")),
+                      *self.rewards.values()]:
             if isinstance(model, torch.nn.Module):
                 model.to(device)
         return self
@@ -141,6 +152,7 @@ class EvalSuite:
         prompt: str,
         ref_mask: ImageLike | None = None,
         category: str | None = None,
+        sample=None,
     ) -> dict[str, list[float]]:
         """One value per sample for every configured column (``None`` where a column does not cover the category).
 
@@ -150,6 +162,8 @@ class EvalSuite:
             prompt: the prompt they were generated for (CLIP-T, HPS).
             ref_mask: the reference's subject mask (from the data); segmented when ``None`` and a segmenter is set.
             category: the identity's category (``identity_skip_categories`` leave VSM and MTG-nSSM out).
+            sample: the condition as a :class:`~divrl.data.stream.ConditionSample` (its metadata and every reference)
+                for the ``rewards`` columns; by default one built from the arguments above.
         """
         ref = to_image_batch(reference, "reference")
         gen = to_image_batch(images, "images")
@@ -169,7 +183,7 @@ class EvalSuite:
         usable = mask is None or _covers(mask)
         if not usable:  # an empty or tiny subject mask: the masked scores are undefined for this reference
             log.warning("reference %r: its subject mask is empty or tiny; VSM, nSSM and si-IoU left out for it",
-                        getattr(reference, "filename", "") or prompt)  # fmt: skip
+                        getattr(reference, "filename", "") or prompt)
         if self.identity is not None and category not in self.identity_skip_categories and usable:
             scores = self.identity.score_group(ref[0], gen, ref_mask=mask)
             out["vsm"], out["mtg_nssm"] = scores.vsm, scores.nssm
@@ -183,14 +197,32 @@ class EvalSuite:
         if self.lpips is not None:
             device = next(self.lpips.parameters()).device
             out["lpips"] = torch.full((n,), float(self.lpips.pairwise(gen.to(device))) if n > 1 else float("nan"))
+        out.update(self._score_rewards(sample, reference, gen, prompt, ref_mask, category))
         return {column: [_float(v) for v in out[column].flatten().tolist()] if column in out else [None] * n
-                for column in self.columns}  # fmt: skip
+                for column in self.columns}
+
+
+    def _score_rewards(self, sample, reference, gen: Tensor, prompt: str, ref_mask, category) -> dict[str, Tensor]:
+        if not self.rewards:
+            return {}
+        from divrl.data.stream import ConditionSample
+
+        group = Group(sample or ConditionSample("eval", prompt, [reference], [ref_mask], category), gen)
+        out: dict[str, Tensor] = {}
+        for name, reward in self.rewards.items():
+            try:
+                scored = reward(group)
+            except NonFiniteReward as err:  # the cells stay empty; logged, never a score of 0
+                log.warning("reward column %r: %s", name, err)
+                continue
+            out[name] = scored.reward
+        return out
 
 
 _SOURCE = {
     "clip_t": "clip", "clip_i": "clip", "dino": "dino", "vsm": "identity", "mtg_nssm": "identity",
     "dino_nssm": "dino_nssm", "si_iou": "segmenter", "hps": "hps", "sdino": "sdino", "lpips": "lpips",
-}  # fmt: skip
+}
 
 
 def _covers(mask: Tensor, min_fraction: float = 0.005) -> bool:

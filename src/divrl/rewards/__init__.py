@@ -1,15 +1,19 @@
-"""The DivRL rewards: nSSM (structural diversity) and VSM (identity), as functions, scorers and reward modules.
+"""Rewards: the :class:`Reward` seam, DivRL's nSSM / VSM rewards, and rewards composed of others.
 
+- :mod:`divrl.rewards.base`: :class:`Reward` (``forward(group) -> RewardOutput``), :class:`Group`,
+  :class:`RewardOutput`, :class:`NonFiniteReward`; the scorer interface :class:`GroupScorer`.
 - :mod:`divrl.rewards.functional`: pure tensor functions (``nssm``, ``vsm``, ``gated_reward``, ``linear_reward``).
 - :mod:`divrl.rewards.backbones`: feature grids from DINOv2, the weight-free dense descriptor, any callable, and
   the Mind-the-Glitch reward-server client.
-- :class:`FeatureScorer` / :class:`GroupScorer`: a group (one reference, G samples) → components.
+- :class:`FeatureScorer`: a group (one reference, G samples) → nSSM / VSM components from a local backbone.
 - :class:`NSSMReward` (R1), :class:`GatedReward` (R2), :class:`VSMReward`, :class:`LinearReward`.
+- :class:`WeightedReward` (a weighted sum of rewards), :class:`CallableReward` (a plain function as a reward).
 """
 
+from divrl.rewards.base import Components, Group, GroupScorer, NonFiniteReward, Reward, RewardOutput
+from divrl.rewards.compose import CallableReward, WeightedReward
 from divrl.rewards.functional import gated_reward, linear_reward, nssm, vsm
-from divrl.rewards.modules import GatedReward, GroupReward, LinearReward, NSSMReward, RewardOutput, VSMReward
-from divrl.rewards.base import Components, GroupScorer
+from divrl.rewards.modules import GatedReward, GroupReward, LinearReward, NSSMReward, VSMReward
 from divrl.rewards.scorers import FeatureScorer
 
 __all__ = [
@@ -17,13 +21,18 @@ __all__ = [
     "vsm",
     "gated_reward",
     "linear_reward",
+    "Reward",
+    "Group",
+    "RewardOutput",
+    "NonFiniteReward",
     "Components",
     "GroupScorer",
     "FeatureScorer",
-    "RewardOutput",
     "GroupReward",
     "NSSMReward",
     "VSMReward",
     "GatedReward",
     "LinearReward",
+    "WeightedReward",
+    "CallableReward",
 ]

@@ -11,7 +11,9 @@ Formulas (paper §3; ``DESIGN.md`` "The math"):
   (48→24 for ``pool=2``; *no* re-normalisation after pooling), flatten to ``N`` tokens ``F`` and form the
   self-similarity matrix ``SSM = F Fᵀ`` for the reference and for each generated image. Keep the entries
   ``(i, j)`` with ``i ≠ j`` and both tokens inside the reference mask (all entries without a mask) and take the
-  Pearson correlation ``ρ`` of the two SSMs over them: ``nSSM = 1 − ρ``, in ``[0, 2]``.
+  Pearson correlation ``ρ`` of the two SSMs over them: ``nSSM = 1 − ρ``, in ``[0, 2]``. ``ρ`` is the population
+  Pearson of the paper's eq. 5 (the official code's is ``(n−1)/n`` of it: its stds use Bessel's correction;
+  ``docs/configuration.md``).
 - **VSM** (identity, Mind-the-Glitch). Each generated cell (inside its mask) is matched by cosine argmax to
   the reference cells inside the reference mask, once with semantic and once with visual features. Cells whose
   semantic maximum exceeds ``tau_s`` are kept; one-to-one, each matched reference cell keeps only the source cell

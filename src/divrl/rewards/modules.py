@@ -1,8 +1,8 @@
-"""Reward modules: score one group (a reference and its ``G`` samples) and return rewards plus components.
+"""The DivRL rewards: score one group against its reference with nSSM / VSM and combine them into a reward.
 
-Each module wraps a :class:`~divrl.rewards.scorers.GroupScorer` (local features or the MTG server) and decides
-how the components become a reward. They are ``nn.Module`` s with plain init arguments, so a LightningCLI YAML
-names them by ``class_path``::
+Each module wraps a :class:`~divrl.rewards.base.GroupScorer` (local features or the MTG server) and decides how
+the components become a reward. They are :class:`~divrl.rewards.base.Reward` s with plain init arguments, so a
+LightningCLI YAML names them by ``class_path``::
 
     reward:
       class_path: divrl.rewards.GatedReward          # DivRL stage 2 (R2)
@@ -14,45 +14,27 @@ names them by ``class_path``::
           init_args:
             backbone: {class_path: divrl.rewards.backbones.DINOv2Backbone}
             pool: 2
+
+They score a condition's single reference; a condition with several references (multi-subject data) is refused
+with an error rather than scored against its first subject alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from divrl.images import ImageLike
 from divrl.rewards import functional as RF
-from divrl.rewards.base import Components, GroupScorer
+from divrl.rewards.base import Components, Group, GroupScorer, NonFiniteReward, Reward, RewardOutput
 
 __all__ = ["RewardOutput", "GroupReward", "NSSMReward", "VSMReward", "GatedReward", "LinearReward"]
 
 
-class RewardOutput(NamedTuple):
-    """Rewards of one group and the components behind them, float32 ``(G,)`` CPU tensors.
-
-    ``vsm`` is ``None`` when it was neither needed nor tracked; ``penalized`` marks the samples whose identity
-    gate fired (``VSM < s`` under R2; all False for rewards without a gate).
-    """
-
-    reward: Tensor
-    nssm: Tensor | None
-    vsm: Tensor | None
-    penalized: Tensor
-
-    def as_dict(self) -> dict[str, Tensor]:
-        """The non-empty fields by name (for logging)."""
-        return {k: v for k, v in self._asdict().items() if v is not None}
-
-
-class GroupReward(nn.Module):
-    """Base class: ``forward(reference, images, ref_mask=None, gen_masks=None) -> RewardOutput``.
+class GroupReward(Reward):
+    """Base class of the DivRL rewards: the group's reference and images → nSSM / VSM components → a reward.
 
     Subclasses set which components they need and implement :meth:`combine`. Non-finite components raise
-    (a failed score never becomes a reward).
+    :class:`~divrl.rewards.base.NonFiniteReward` (a failed score never becomes a reward).
 
     Args:
         scorer: computes nSSM / VSM for a group (:class:`~divrl.rewards.FeatureScorer` or
@@ -74,23 +56,23 @@ class GroupReward(nn.Module):
         self.scorer = scorer
         self.track_vsm = track_vsm
 
-    def forward(
-        self,
-        reference: ImageLike,
-        images: ImageLike | Sequence[ImageLike],
-        ref_mask: ImageLike | None = None,
-        gen_masks: ImageLike | Sequence[ImageLike] | None = None,
-    ) -> RewardOutput:
+    def forward(self, group: Group) -> RewardOutput:
+        if len(group.references) != 1:
+            raise ValueError(
+                f"{type(self).__name__} scores a condition against one reference; {group.sample.id!r} has "
+                f"{len(group.references)}. Use single-reference data, or a reward written for several subjects"
+            )
         components = self.scorer.score_group(
-            reference, images, ref_mask, gen_masks,
+            group.reference, group.images, group.mask, group.gen_masks,
             need_nssm=self.needs_nssm, need_vsm=self.needs_vsm or self.track_vsm,
-        )  # fmt: skip
+        )
         _check_finite(components, type(self.scorer).__name__)
-        reward, penalized = self.combine(components)
-        return RewardOutput(reward.float(), components.nssm, components.vsm, penalized)
+        reward, gated = self.combine(components)
+        named = {name: value for name, value in components._asdict().items() if value is not None}
+        return RewardOutput(reward.float(), named, gated)
 
     def combine(self, components: Components) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
-        """Return ``(reward, penalized)`` from the components."""
+        """Return ``(reward, gated)`` from the components (``gated``: the samples whose gate fired)."""
         raise NotImplementedError
 
 
@@ -154,4 +136,5 @@ class LinearReward(GroupReward):
 def _check_finite(components: Components, who: str) -> None:
     for name, value in components._asdict().items():
         if value is not None and not torch.isfinite(value).all():
-            raise ValueError(f"{who} returned non-finite {name} scores {value.tolist()}; refusing to turn them into rewards")
+            raise NonFiniteReward(f"{who} returned non-finite {name} scores {value.tolist()}; refusing to turn them "
+                                  f"into rewards")

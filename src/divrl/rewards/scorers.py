@@ -92,7 +92,7 @@ class FeatureScorer(GroupScorer):
             vsm = RF.vsm(
                 gen.semantic, gen.visual, ref.semantic, ref.visual,
                 gen_mask=gen_mask_grid, ref_mask=ref_mask_grid, tau_s=self.tau_s, tau_v=self.tau_v,
-            ).cpu()  # fmt: skip
+            ).cpu()
         return Components(nssm, vsm)
 
 

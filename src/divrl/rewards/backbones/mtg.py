@@ -217,7 +217,7 @@ class MTGServerScorer(GroupScorer):
             logger.warning(
                 "MTG server %s: VSM is NaN for image(s) %s (no cell passed the semantic threshold %.3g); scoring them "
                 "VSM = 0 (%d such image(s) so far)", self.endpoint, nan, self.tau_s, self.nan_vsm_count,
-            )  # fmt: skip
+            )
             scores = [0.0 if math.isnan(v) else v for v in scores]
         return torch.tensor(scores, dtype=torch.float32)
 
@@ -234,7 +234,7 @@ class MTGServerScorer(GroupScorer):
                 logger.warning(
                     "MTG server %s (%s): attempt %d/%d failed (%s); retrying in %.3g s",
                     self.endpoint, what, attempt, attempts, last, delay,
-                )  # fmt: skip
+                )
                 if delay > 0:
                     self._sleep(delay)
             try:
@@ -249,7 +249,7 @@ class MTGServerScorer(GroupScorer):
             f"`url` (one worker listens on http://127.0.0.1:8101 by default, the round-robin balancer on :8098); "
             f"if the server is up but slow, raise `timeout` (now {self.timeout:g} s) or `retries`.",
             url=self.endpoint, attempts=attempts, status=last.status if last is not None else None,
-        )  # fmt: skip
+        )
 
     def _post(self, data: bytes, attempt: int) -> bytes:
         request = urllib.request.Request(
@@ -274,7 +274,7 @@ class MTGServerScorer(GroupScorer):
                 f"MTG reward server at {self.endpoint} answered HTTP {err.code} {err.reason} (attempt {attempt}, "
                 f"not retried); response: {excerpt}. {hint}",
                 url=self.endpoint, attempts=attempt, status=err.code,
-            ) from None  # fmt: skip
+            ) from None
         except urllib.error.URLError as err:  # connection refused, DNS, timeout while connecting...
             raise _Retryable(f"{type(err.reason).__name__}: {err.reason}") from None
         except (OSError, http.client.HTTPException) as err:  # timeouts and resets while reading, bad status lines
@@ -287,7 +287,7 @@ class MTGServerScorer(GroupScorer):
                 f"response: {_excerpt(body)}. Expected JSON {{\"score\": [float, ...]}} with {expected} finite "
                 f"value(s); check that `url` points at the DivRL MTG reward server.",
                 url=self.endpoint, attempts=attempt,
-            )  # fmt: skip
+            )
 
         try:
             answer = json.loads(body.decode("utf-8"))
