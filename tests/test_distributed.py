@@ -22,18 +22,18 @@ FSDP1 = {"class_path": "divrl.training.FSDP1Strategy"}
 
 
 def run(tmp_path: Path, max_steps: int, callbacks: list[dict], timeout: int, config: str = "configs/demo.yaml",
-        strategy: str | dict = "ddp", *args: str) -> None:  # fmt: skip
+        strategy: str | dict = "ddp", *args: str) -> None:
     """`divrl fit` in two gloo processes, with test callbacks importable from tests/helpers."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     overrides = tmp_path / "over.yaml"
     overrides.write_text(yaml.safe_dump({"trainer": {
         "accelerator": "cpu", "devices": 2, "strategy": strategy, "max_steps": max_steps, "logger": False,
         "enable_checkpointing": any("ModelCheckpoint" in c["class_path"] for c in callbacks),
-        "enable_progress_bar": False, "default_root_dir": str(tmp_path), "callbacks": callbacks}}))  # fmt: skip
+        "enable_progress_bar": False, "default_root_dir": str(tmp_path), "callbacks": callbacks}}))
     path = os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-m", "divrl.cli", "fit", "--config", str(ROOT / config),
                            "--config", str(overrides), *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=path),
-                          capture_output=True, text=True, timeout=timeout)  # a deadlock fails here, not CI  # fmt: skip
+                          capture_output=True, text=True, timeout=timeout)  # a deadlock fails here, not CI
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -97,7 +97,7 @@ def test_fsdp2_and_fsdp1_train_the_same_adapter_as_ddp_on_disjoint_data(tmp_path
         assert any(v.abs().max() > 0 for k, v in fsdp_w[0].items() if "lora_B" in k)
         for key in ddp_w[0]:
             torch.testing.assert_close(fsdp_w[0][key], ddp_w[0][key], atol=2e-6, rtol=1e-4,
-                                       msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
+                                       msg=lambda m, name=name: f"{name}: {m}")
         exported = load_file(out / "lora/final/pytorch_lora_weights.safetensors")
         assert {k.removeprefix("transformer.") for k in exported} == set(fsdp_w[0])
         assert all(torch.equal(exported[f"transformer.{k}"], v) for k, v in fsdp_w[0].items())
@@ -117,9 +117,9 @@ def test_fsdp1_with_bitsandbytes_8bit_adamw_resumes_exactly(tmp_path):
     pytest.importorskip("bitsandbytes")
     adamw8bit = ("--model.optimizer", "bitsandbytes.optim.AdamW8bit", "--model.optimizer.lr", "3e-4",
                  "--model.optimizer.min_8bit_size", "16",  # the tiny model's adapters are small
-                 "--model.policy.torch_dtype", "bfloat16")  # fmt: skip
+                 "--model.policy.torch_dtype", "bfloat16")
     every_step = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1}}  # fmt: skip
+                  "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1}}
     run(tmp_path / "full", 3, [every_step, probe(tmp_path / "full")], 600, "configs/demo.yaml", FSDP1, *adamw8bit)
     step2 = tmp_path / "full/checkpoints/epoch=0-step=2.ckpt"
     assert step2.is_file()
@@ -129,7 +129,7 @@ def test_fsdp1_with_bitsandbytes_8bit_adamw_resumes_exactly(tmp_path):
     moments = [v for s in states for v in s.values() if torch.is_tensor(v)]
     assert any(t.dtype == torch.uint8 for t in moments)
     run(tmp_path / "cut", 3, [every_step, probe(tmp_path / "cut")], 600, "configs/demo.yaml", FSDP1, *adamw8bit,
-        "--ckpt_path", str(step2))  # fmt: skip
+        "--ckpt_path", str(step2))
     (full, full_w), (cut, cut_w) = probed(tmp_path / "full"), probed(tmp_path / "cut")
     # the adapter alone, under the names DDP and one device use (no FSDP1 wrapper prefix, no frozen weight)
     assert {k.removeprefix("policy.transformer.").replace(".default", "") for k in state["state_dict"]} == set(full_w[0])
@@ -152,14 +152,14 @@ def test_demo_fsdp_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
         {"class_path": "divrl.training.LoRAExporter"},
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1}},
-    ]  # fmt: skip
+    ]
     run(tmp_path / "full", 4, [*callbacks, probe(tmp_path / "full")], 600, "configs/demo_fsdp.yaml", FSDP2, *adamw8bit)
     run(tmp_path / "cut", 3, callbacks, 600, "configs/demo_fsdp.yaml", FSDP2, *adamw8bit)
     checkpoint = tmp_path / "cut/checkpoints/last.ckpt"
     assert checkpoint.is_dir() and sorted(p.name for p in checkpoint.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert sum(p.stat().st_size for p in checkpoint.iterdir()) < 5e6  # the adapter and its optimizer, not the base
     run(tmp_path / "cut", 4, [*callbacks, probe(tmp_path / "cut")], 600, "configs/demo_fsdp.yaml", FSDP2,
-        *adamw8bit, "--ckpt_path", "last")  # fmt: skip
+        *adamw8bit, "--ckpt_path", "last")
     state = torch.load(tmp_path / "cut/checkpoints/last.ckpt/meta.pt", weights_only=False)
     assert state["global_step"] == 4 and state["divrl"]["stage"] == 1
     (full, full_w), (cut, cut_w) = probed(tmp_path / "full"), probed(tmp_path / "cut")
@@ -174,6 +174,6 @@ def test_demo_fsdp_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
     for name, weights in (("ckpt", checkpoint), ("lora", tmp_path / "cut/lora/final")):
         assert main(["sample", "--config", str(ROOT / "configs/demo.yaml"), "--trainer.logger", "false",
                      "--lora", str(weights), "--num_identities", "1", "--num_samples", "2", "--num_steps", "3",
-                     "--output_dir", str(tmp_path / name)]) == 0  # fmt: skip
+                     "--output_dir", str(tmp_path / name)]) == 0
     images = [sorted((tmp_path / name).glob("*/000_[01].png")) for name in ("ckpt", "lora")]
     assert len(images[0]) == 2 and [p.read_bytes() for p in images[0]] == [p.read_bytes() for p in images[1]]

@@ -12,11 +12,11 @@ import yaml
 from PIL import Image
 
 from divrl.cli import main
-from divrl.data.stream import _SkipCounter, read_identities
+from divrl.data.stream import SkipCounter, read_identities
 from divrl.eval import BackgroundSegmenter, scale_invariant_iou
 from divrl.images import to_image_batch, to_mask_batch
 from divrl.policy import LoRAConfig
-from divrl.training.config import PolicyConfig
+from divrl.policy import KontextConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_DEMO = ROOT / "configs" / "eval_demo.yaml"
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("in_repository_root")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def tuned_lora(tmp_path_factory, in_repository_root) -> Path:
     """A LoRA for the demo model with non-zero weights (a stand-in for a trained one: only the plumbing is tested)."""
-    policy = PolicyConfig(model="data/demo/tiny-kontext", lora=LoRAConfig(rank=8, alpha=16.0), max_sequence_length=32).build()
+    policy = KontextConfig(model="data/demo/tiny-kontext", lora=LoRAConfig(rank=8, alpha=16.0), max_sequence_length=32).build()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in policy.transformer.named_parameters():
@@ -40,7 +40,7 @@ def tuned_lora(tmp_path_factory, in_repository_root) -> Path:
 def evaluate(tmp_path: Path, name: str = "run", **settings) -> tuple[int, Path]:
     out = tmp_path / "eval"
     config = {"num_identities": 2, "prompts_per_identity": 2, "num_samples": 2, "num_steps": 4, "progress": False,
-              "grid_conditions": 2, **settings}  # fmt: skip
+              "grid_conditions": 2, **settings}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return main(["evaluate", "--config", str(EVAL_DEMO), "--config", str(path), "--output_dir", str(out)]), out
@@ -87,7 +87,7 @@ def test_the_tuned_lora_changes_the_samples_and_every_method_sees_the_same_noise
 
 
 def test_reported_numbers_match_a_recomputation_from_the_saved_images(evaluated):
-    record = next(read_identities(["data/demo/val-000000.tar"], _SkipCounter(10)))
+    record = next(read_identities(["data/demo/val-000000.tar"], SkipCounter(10)))
     ref_mask = to_mask_batch(record.mask)
     rows = [json.loads(line) for line in (evaluated / "base/scores.jsonl").read_text().splitlines()]
     first = [r for r in rows if r["key"].startswith(f"{record.id}/000/")]
@@ -131,7 +131,7 @@ def test_missing_weights_fail_before_any_generation(tmp_path):
 def test_samples_of_another_system_in_the_dreambench_layout(evaluated, tmp_path):
     """Lay out the base model's images as another method's DreamBench++ samples and score them."""
     root = tmp_path / "samples" / "other"
-    records = {r.id: r for r in read_identities(["data/demo/val-000000.tar"], _SkipCounter(10))}
+    records = {r.id: r for r in read_identities(["data/demo/val-000000.tar"], SkipCounter(10))}
     for row in map(json.loads, (evaluated / "base/scores.jsonl").read_text().splitlines()):
         identity, prompt, k = row["key"].split("/")
         stem = f"{int(prompt)}_{k}"
@@ -159,7 +159,7 @@ def test_other_scoring_models_rescore_without_regenerating(tmp_path):
     before = json.loads((tmp_path / "eval/metrics.json").read_text())["methods"]["base"]["overall"]
     identity = {"class_path": "divrl.rewards.FeatureScorer", "init_args": {
         "backbone": {"class_path": "divrl.rewards.backbones.DenseDescriptor", "init_args": {"grid_size": 24, "cell": 4}},
-        "pool": 1, "tau_v": 0.2}}  # fmt: skip
+        "pool": 1, "tau_v": 0.2}}
     assert evaluate(tmp_path, "second", **small, suite={"init_args": {"identity": identity}})[0] == 0
     after = json.loads((tmp_path / "eval/metrics.json").read_text())["methods"]["base"]["overall"]
     assert (tmp_path / "eval/base/scores.jsonl.stale").is_file() and image.stat().st_mtime_ns == stamp

@@ -294,7 +294,7 @@ def test_vsm_matches_brute_force(seed):
         expected = brute_vsm(
             gen_s[k].numpy(), gen_v[k].numpy(), ref_s[0].numpy(), ref_v[0].numpy(),
             gmask[k].numpy(), rmask[0].numpy(), 0.5, 0.6,
-        )  # fmt: skip
+        )
         assert got[k].item() == pytest.approx(expected, abs=1e-6)
 
 

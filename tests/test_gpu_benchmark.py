@@ -39,7 +39,7 @@ def test_analytic_flops_match_the_block_matmuls():
     res, text = 64, 8
     tokens = policy.num_image_tokens(res, res)
     condition = policy.condition_from_precomputed(torch.randn(1, text, 32), torch.randn(1, 16),
-                                                  torch.randn(1, tokens, 64), res, res)  # fmt: skip
+                                                  torch.randn(1, tokens, 64), res, res)
     with torch.no_grad(), policy.adapter_disabled():
         policy.velocity(torch.randn(1, tokens, 64), 0.5, condition)
     h = config["attention_head_dim"] * config["num_attention_heads"]
@@ -51,7 +51,7 @@ def test_analytic_flops_match_the_block_matmuls():
 def test_smoke_run_reports_every_figure():
     results = load().main(["--smoke", "--device", "cpu"])
     for key in ("rollout_step_s", "train_microbatch_timestep_s", "update_s", "trajectory_group_s", "rollout_mfu",
-                "train_mfu"):  # fmt: skip
+                "train_mfu"):
         assert results[key] > 0, key
     assert results["trajectory_group_s"] == results["rollout_s"] + results["update_s"]
 
@@ -69,18 +69,18 @@ def test_memory_model_counts_match_peft_and_a_hand_computed_case():
     assert total + lora == sum(p.numel() for p in policy.transformer.parameters())
     # LoRA under DDP, fp32 AdamW, precomputed conditions: bf16 base + 16 B per trainable weight + the bf16 VAE
     assert model.per_gpu_bytes(1000, 10, 8, full=False, strategy="ddp", eightbit=False, text_encoders=False,
-                               reference_copy=False) == 2000 + 160 + 2 * model.VAE_PARAMS  # fmt: skip
+                               reference_copy=False) == 2000 + 160 + 2 * model.VAE_PARAMS
     # LoRA under FSDP1 over 4 GPUs: the base sharded, the adapter and its states whole; FSDP2 shards them too
     assert model.per_gpu_bytes(1000, 10, 4, full=False, strategy="fsdp1", eightbit=False, text_encoders=False,
-                               reference_copy=False) == 2000 / 4 + 160 + 2 * model.VAE_PARAMS  # fmt: skip
+                               reference_copy=False) == 2000 / 4 + 160 + 2 * model.VAE_PARAMS
     assert model.per_gpu_bytes(1000, 10, 4, full=False, strategy="fsdp2", eightbit=False, text_encoders=False,
-                               reference_copy=False) == (2000 + 160) / 4 + 2 * model.VAE_PARAMS  # fmt: skip
+                               reference_copy=False) == (2000 + 160) / 4 + 2 * model.VAE_PARAMS
     # full fine-tuning, FSDP2 over 4 GPUs, 8-bit states: (4 + 4 + 2) B per parameter, sharded
     assert model.per_gpu_bytes(1000, 1000, 4, full=True, strategy="fsdp2", eightbit=True, text_encoders=False,
-                               reference_copy=False) == 10_000 / 4 + 2 * model.VAE_PARAMS  # fmt: skip
+                               reference_copy=False) == 10_000 / 4 + 2 * model.VAE_PARAMS
     with pytest.raises(ValueError, match="full fine-tuning: ddp or fsdp2"):
         model.per_gpu_bytes(1000, 1000, 4, full=True, strategy="fsdp1", eightbit=True, text_encoders=False,
-                            reference_copy=False)  # fmt: skip
+                            reference_copy=False)
 
 
 def test_smoke_run_of_full_fine_tuning_trains_every_weight():

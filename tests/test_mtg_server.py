@@ -222,7 +222,7 @@ def test_max_images_per_request_splits_and_concatenates(server, group):
     torch.testing.assert_close(out.vsm.double(), want_vsm, atol=1e-6, rtol=0)
     assert [(r["is_ssm"], len(r["image_1"])) for r in server.requests] == [
         (True, 2), (True, 2), (True, 1), (False, 2), (False, 2), (False, 1),
-    ]  # fmt: skip
+    ]
     sent = [_decode_u8(b, "RGB") for r in server.requests[:3] for b in r["image_1"]]
     np.testing.assert_array_equal(np.stack(sent), _u8(gen))
 

@@ -17,7 +17,7 @@ from divrl.cli import main, run_lightning
 from divrl.grpo import rollout
 from divrl.policy.flops import transformer_flops
 from divrl.policy.tiny import tiny_kontext_components
-from divrl.training.config import PolicyConfig
+from divrl.policy import KontextConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -27,9 +27,9 @@ EXPECTED_METRICS = {
     "reward/mean", "reward/std", "reward/nssm", "reward/vsm", "reward/gated_fraction",
     "train/loss", "train/policy_loss", "train/clip_fraction", "train/approx_kl", "train/ratio_mean",
     "train/ratio_max_dev", "train/grad_norm", "train/lr", "train/stage", "time/rollout", "time/reward",
-    "time/update", "data/skipped_samples", "train/skipped_groups", "train/skipped_updates", "perf/rollout_tflops",
-    "perf/update_tflops",
-}  # fmt: skip
+    "time/update", "data/skipped_samples", "train/skipped_groups", "train/skipped_updates", "train/empty_rollouts",
+    "perf/rollout_tflops", "perf/update_tflops",
+}
 
 
 def overrides(tmp_path: Path, **extra) -> Path:
@@ -45,7 +45,7 @@ def overrides(tmp_path: Path, **extra) -> Path:
                 {"class_path": "divrl.training.RolloutImageLogger", "init_args": {"every_n_rollouts": 1}},
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                  "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1}},
-            ],  # fmt: skip
+            ],
         },
         **extra,
     }
@@ -56,7 +56,7 @@ def overrides(tmp_path: Path, **extra) -> Path:
 
 def fit(tmp_path: Path, max_steps: int, *args: str) -> None:
     code = main(["fit", "--config", str(DEMO), "--config", str(overrides(tmp_path)),
-                 "--trainer.max_steps", str(max_steps), *args])  # fmt: skip
+                 "--trainer.max_steps", str(max_steps), *args])
     assert code == 0
 
 
@@ -68,15 +68,15 @@ def metrics(tmp_path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def demo_policy_config() -> PolicyConfig:
+def demo_policy_config() -> KontextConfig:
     config = yaml.safe_load(DEMO.read_text())["model"]["policy"]
     from divrl.policy import LoRAConfig
 
     lora = LoRAConfig(**config.pop("lora"))
-    return PolicyConfig(**config, lora=lora)
+    return KontextConfig(**config, lora=lora)
 
 
-def base_pipeline(config: PolicyConfig) -> FluxKontextPipeline:
+def base_pipeline(config: KontextConfig) -> FluxKontextPipeline:
     if config.model == "tiny":
         pipe = FluxKontextPipeline(**tiny_kontext_components(config.tiny_seed))
     else:
@@ -113,7 +113,7 @@ def test_the_exported_lora_changes_diffusers_output_exactly_as_the_trained_polic
     ref = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     prompt = "a photo of the red star on the left"
     kwargs = dict(image=ref, prompt=prompt, height=32, width=32, num_inference_steps=4, guidance_scale=2.5,
-                  output_type="latent", max_area=32 * 32, _auto_resize=False, max_sequence_length=32)  # fmt: skip
+                  output_type="latent", max_area=32 * 32, _auto_resize=False, max_sequence_length=32)
     base = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
     pipe.load_lora_weights(trained / "lora/final")
     tuned = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
@@ -123,7 +123,7 @@ def test_the_exported_lora_changes_diffusers_output_exactly_as_the_trained_polic
     policy.load_lora(trained / "lora/final")
     condition = policy.condition(ref, prompt, 32, 32)
     ours = rollout(policy, condition, num_steps=4, noise_level=0.0, generator=torch.Generator().manual_seed(1),
-                   decode=False).latents[:, -1]  # fmt: skip
+                   decode=False).latents[:, -1]
     assert torch.allclose(ours, tuned, atol=1e-5)
 
 
@@ -195,7 +195,7 @@ def test_every_shipped_config_parses_and_instantiates(config, tmp_path):
     cli = run_lightning(["--config", str(DEMO), "--trainer.default_root_dir", str(tmp_path)], run=False)
     cfg = cli.parser.parse_args(["--config", str(config)])
     model = cli.parser.instantiate_classes(cfg).model
-    assert len(model.rewards) == 2 and model.grpo.group_size >= 2
+    assert len(model.rewards) == 2 and model.sampling.group_size >= 2
 
 
 @pytest.mark.parametrize("config", EVAL_CONFIGS, ids=lambda p: p.name)
@@ -211,7 +211,7 @@ def test_every_shipped_evaluation_config_parses(config, capsys):
 
 def test_a_config_key_typo_names_the_key(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(DEMO), "--model.grpo.group_sise", "4"])
+        main(["fit", "--config", str(DEMO), "--model.sampling.group_sise", "4"])
     assert "group_sise" in capsys.readouterr().err
 
 
@@ -223,10 +223,10 @@ def test_sample_writes_pngs_with_the_trained_lora(trained, tmp_path):
     out = tmp_path / "samples"
     main(["sample", "--config", str(DEMO), "--trainer.logger", "false", "--lora", str(trained / "lora/final"),
           "--reference", str(ref), "--prompts", "[a photo of the red star, a sketch of the red star]",
-          "--num_samples", "2", "--num_steps", "4", "--output_dir", str(out)])  # fmt: skip
+          "--num_samples", "2", "--num_steps", "4", "--output_dir", str(out)])
     files = sorted(out.glob("ref/*.png"))
     assert [f.name for f in files] == ["000_0.png", "000_1.png", "000_grid.png", "001_0.png", "001_1.png",
-                                       "001_grid.png"]  # fmt: skip
+                                       "001_grid.png"]
     meta = yaml.safe_load((out / "samples.json").read_text())
     assert len(meta["samples"]) == 2 and len(meta["samples"][0]["nssm"]) == 2
     a, b = (torch.tensor(list(Image.open(out / f"ref/000_{k}.png").getdata())) for k in (0, 1))
@@ -236,7 +236,7 @@ def test_sample_writes_pngs_with_the_trained_lora(trained, tmp_path):
 def test_validate_scores_deterministic_samples_of_held_out_identities(trained, tmp_path):
     for _ in range(2):
         assert main(["validate", "--config", str(DEMO), "--config", str(overrides(tmp_path)),
-                     "--ckpt_path", str(trained / "checkpoints/last.ckpt")]) == 0  # fmt: skip
+                     "--ckpt_path", str(trained / "checkpoints/last.ckpt")]) == 0
     runs = [r for r in metrics(tmp_path) if r.get("val/reward")]
     assert len(runs) == 2 and {"val/reward", "val/nssm", "val/vsm", "val/gated_fraction"} <= set(runs[0])
     assert runs[0]["val/reward"] == runs[1]["val/reward"]  # fixed seeds, ODE sampler: the same numbers each time
@@ -245,7 +245,7 @@ def test_validate_scores_deterministic_samples_of_held_out_identities(trained, t
 def test_sample_without_a_reference_uses_the_held_out_identities(trained, tmp_path):
     out = tmp_path / "samples"
     main(["sample", "--config", str(DEMO), "--trainer.logger", "false", "--lora", str(trained / "checkpoints/last.ckpt"),
-          "--num_identities", "2", "--num_samples", "1", "--num_steps", "2", "--output_dir", str(out)])  # fmt: skip
+          "--num_identities", "2", "--num_samples", "1", "--num_steps", "2", "--output_dir", str(out)])
     meta = yaml.safe_load((out / "samples.json").read_text())
     assert [s["id"] for s in meta["samples"]] == ["val_00000", "val_00001"]
     assert all(Path(f).is_file() for s in meta["samples"] for f in s["files"])
@@ -253,18 +253,22 @@ def test_sample_without_a_reference_uses_the_held_out_identities(trained, tmp_pa
 
 def test_print_config_shows_every_resolved_field(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(DEMO), "--model.grpo.group_size", "6", "--print_config"])
+        main(["fit", "--config", str(DEMO), "--model.sampling.group_size", "6", "--print_config"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    grpo = printed["model"]["grpo"]
-    assert grpo["group_size"] == 6 and grpo["clip_range"] == 1e-4 and grpo["adv_scope"] == "group"
-    assert printed["model"]["policy"]["sdpa_backends"] == ["flash", "efficient", "math"]
+    objective = printed["model"]["objective"]
+    assert objective["class_path"] == "divrl.objectives.GRPOObjective" and printed["model"]["sampling"]["group_size"] == 6
+    assert objective["init_args"]["clip_range"] == 1e-4 and objective["init_args"]["adv_scope"] == "group"
+    assert printed["model"]["system"]["max_empty_rollouts"] == 10
+    policy = printed["model"]["policy"]  # a plain mapping configures the default family, FLUX.1 Kontext
+    assert policy["class_path"] == "divrl.policy.KontextConfig"
+    assert policy["init_args"]["sdpa_backends"] == ["flash", "efficient", "math"]
     assert printed["trainer"]["callbacks"][0]["init_args"]["switch_steps"] == 60
     assert [r["class_path"] for r in printed["model"]["rewards"]] == ["divrl.rewards.NSSMReward", "divrl.rewards.GatedReward"]
 
 
 def test_kl_to_the_reference_policy_is_zero_for_the_fresh_adapter_then_grows(tmp_path):
-    fit(tmp_path, 3, "--model.grpo.kl_beta", "0.1")
+    fit(tmp_path, 3, "--model.objective.kl_beta", "0.1")
     rows = [r for r in metrics(tmp_path) if r.get("reward/mean")]
     kl = [float(r["train/kl"]) for r in rows]
     assert kl[0] == 0.0  # B = 0: the adapter-off reference policy is the policy itself
@@ -287,11 +291,11 @@ def test_an_update_is_clipped_to_max_grad_norm(tmp_path):
     """Plain SGD (lr 1, no weight decay) moves the weights by exactly the clipped gradient: an update of norm
     max_grad_norm when the logged gradient norm is larger."""
     fit(tmp_path, 2, "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "1.0",
-        "--model.optimizer.weight_decay", "0", "--model.grpo.max_grad_norm", "0.001")  # fmt: skip
+        "--model.optimizer.weight_decay", "0", "--model.system.max_grad_norm", "0.001")
     before, after = (torch.load(tmp_path / f"checkpoints/epoch=0-step={s}.ckpt", map_location="cpu",
-                                weights_only=False)["state_dict"] for s in (1, 2))  # fmt: skip
+                                weights_only=False)["state_dict"] for s in (1, 2))
     moved = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(after[k].double() - before[k].double())
-                                                  for k in before]))  # fmt: skip
+                                                  for k in before]))
     logged = [float(r["train/grad_norm"]) for r in metrics(tmp_path) if r.get("train/grad_norm")]
     assert len(logged) == 2 and logged[1] > 0.01  # the unclipped norm of the second update
     assert moved.item() == pytest.approx(0.001, rel=1e-3)
@@ -299,7 +303,7 @@ def test_an_update_is_clipped_to_max_grad_norm(tmp_path):
 
 def test_bitsandbytes_8bit_adamw_trains_checkpoints_and_resumes(tmp_path):
     args = ["--model.optimizer", "bitsandbytes.optim.AdamW8bit", "--model.optimizer.init_args.lr", "3e-4",
-            "--model.optimizer.init_args.min_8bit_size", "16"]  # fmt: skip
+            "--model.optimizer.init_args.min_8bit_size", "16"]
     fit(tmp_path, 1, *args)
     fit(tmp_path, 2, *args, "--ckpt_path", "last")
     ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
@@ -313,7 +317,7 @@ def test_an_optimizer_that_cannot_run_under_the_strategy_is_refused_at_start():
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     from divrl.training import FSDP2Strategy
-    from divrl.training.module import check_optimizer_strategy
+    from divrl.training.strategies import check_optimizer_strategy
 
     optimizer = bnb.optim.AdamW8bit([torch.nn.Parameter(torch.zeros(4))])
     for fsdp2 in (FSDP2Strategy(), ModelParallelStrategy()):
@@ -327,12 +331,12 @@ def test_an_optimizer_that_cannot_run_under_the_strategy_is_refused_at_start():
 def test_strategies_divrl_cannot_train_under_are_refused_at_start_with_the_fix():
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-    from divrl.training import FSDP1Strategy, FSDP2Strategy, PolicyConfig
-    from divrl.training.module import check_strategy
+    from divrl.training import FSDP1Strategy, FSDP2Strategy
+    from divrl.training.strategies import check_strategy
 
     with pytest.raises(ValueError, match=r"Lightning's FSDPStrategy .* divrl.training.FSDP1Strategy"):
         check_strategy(FSDPStrategy())  # would wrap the whole module (VAE, rewards) into mixed-dtype flat params
-    full = PolicyConfig(model="tiny", lora=None, train_transformer=True)
+    full = KontextConfig(model="tiny", lora=None, train_transformer=True)
     with pytest.raises(ValueError, match=r"full fine-tuning .* divrl.training.FSDP2Strategy"):
         check_strategy(FSDP1Strategy(), full)
     with pytest.raises(ValueError, match="state_dict_type must be 'full'"):
@@ -349,16 +353,16 @@ def test_strategies_divrl_cannot_train_under_are_refused_at_start_with_the_fix()
     with pytest.raises(ValueError, match="trainer.precision 'bf16-mixed' would cast"):
         strategy.wrap_kwargs()
     for fine in (None, DDPStrategy(), FSDP2Strategy(), FSDP1Strategy()):
-        check_strategy(fine, PolicyConfig(model="tiny"))
+        check_strategy(fine, KontextConfig(model="tiny"))
     check_strategy(FSDP2Strategy(), full)
 
 
 def test_the_slurm_overlay_parses_on_top_of_a_config(tmp_path):
     cli = run_lightning(["--config", str(DEMO), "--trainer.default_root_dir", str(tmp_path)], run=False)
     cfg = cli.parser.parse_args(["--config", str(ROOT / "configs/explore.yaml"), "--config",
-                                 str(ROOT / "examples/slurm/slurm.yaml")])  # fmt: skip
+                                 str(ROOT / "examples/slurm/slurm.yaml")])
     assert cfg.trainer.plugins[0].class_path.endswith("SLURMEnvironment")
-    assert cfg.trainer.plugins[0].init_args.auto_requeue is True and cfg.model.policy.local_files_only is True
+    assert cfg.trainer.plugins[0].init_args.auto_requeue is True and cfg.model.policy.init_args.local_files_only is True
     assert "srun divrl fit --config configs/explore.yaml" in (ROOT / "examples/slurm/explore.sbatch").read_text()
 
 
@@ -375,13 +379,13 @@ def test_full_fine_tuning_trains_every_transformer_weight_and_exports_the_transf
     out = tmp_path / "samples"
     main(["sample", "--config", str(DEMO), "--trainer.logger", "false", "--lora", str(tmp_path / "lora/final"),
           "--model.policy.lora", "null", "--num_identities", "1", "--num_samples", "1", "--num_steps", "2",
-          "--output_dir", str(out)])  # fmt: skip
+          "--output_dir", str(out)])
     assert len(yaml.safe_load((out / "samples.json").read_text())["samples"]) == 1
 
 
 def test_full_fine_tuning_with_kl_uses_a_frozen_copy_of_the_initial_transformer(tmp_path):
     fit(tmp_path, 3, "--model.policy.lora", "null", "--model.policy.train_transformer", "true",
-        "--model.grpo.kl_beta", "0.1")  # fmt: skip
+        "--model.objective.kl_beta", "0.1")
     rows = [r for r in metrics(tmp_path) if r.get("reward/mean")]
     kl = [float(r["train/kl"]) for r in rows]
     assert kl[0] == 0.0 and all(k > 0 for k in kl[1:])  # the copy is the policy until the first update
@@ -396,17 +400,17 @@ def test_the_offloaded_reference_streams_blocks_and_matches_the_resident_one():
 
     policy = KontextPolicy.tiny(lora=None, train_transformer=True)
     condition = policy.condition([torch.rand(3, 32, 32)], ["a red star"], 32, 32, group_size=2)
-    latents = policy.initial_noise(2, 32, 32, torch.Generator().manual_seed(0))
+    latents = policy.initial_noise(condition, torch.Generator().manual_seed(0))
     resident = policy.keep_reference(offload=False)
-    with torch.no_grad(), policy.reference():
+    with torch.no_grad(), policy.reference_policy():
         assert policy.transformer is resident
         expected = policy.velocity(latents, 0.5, condition)
     with torch.no_grad():
         policy.transformer.transformer_blocks[0].ff.net[2].weight.add_(1.0)  # train the policy a little
         trained = policy.velocity(latents, 0.5, condition)
     offloaded = policy.keep_reference(offload=False)
-    policy._reference_offloaded = True  # the streaming path (a no-op move on a CPU machine)
-    with torch.no_grad(), policy.reference():
+    policy._frozen.offload = True  # the streaming path (a no-op move on a CPU machine)
+    with torch.no_grad(), policy.reference_policy():
         streamed = policy.velocity(latents, 0.5, condition)
     assert policy.transformer is not offloaded and not torch.equal(trained, expected)
     assert torch.equal(streamed, trained)  # the copy taken after the change: the policy as it was then
@@ -414,7 +418,7 @@ def test_the_offloaded_reference_streams_blocks_and_matches_the_resident_one():
 
 
 def test_batch_scope_advantages_train(tmp_path):
-    fit(tmp_path, 2, "--model.grpo.adv_scope", "batch")  # the published run's choice (explore.yaml)
+    fit(tmp_path, 2, "--model.objective.adv_scope", "batch")  # the published run's choice (explore.yaml)
     rows = [r for r in metrics(tmp_path) if r.get("reward/mean")]
     assert len(rows) == 2 and all(float(r["train/grad_norm"]) > 0 for r in rows)
     assert all(float(r["train/ratio_max_dev"]) < 1e-6 for r in rows)

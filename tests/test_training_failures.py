@@ -9,13 +9,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-import divrl.training.module as module_mod
+import divrl.objectives.grpo as grpo_mod
 from divrl.data import IdentityDataModule
-from divrl.policy import LoRAConfig
+from divrl.objectives import GRPOObjective, SamplingConfig
+from divrl.policy import KontextConfig, LoRAConfig, PolicyConfig
 from divrl.rewards import FeatureScorer, NSSMReward
 from divrl.rewards.backbones import DenseDescriptor
 from divrl.rewards.base import Components, GroupScorer
-from divrl.training import DivRLModule, GRPOConfig, PolicyConfig
+from divrl.training import DivRLModule, SystemConfig
 from divrl.training.trainer import DivRLTrainer
 
 SHARDS = str(Path(__file__).resolve().parents[1] / "data" / "demo" / "train-*.tar")
@@ -37,18 +38,27 @@ class FlakyScorer(GroupScorer):
         return out
 
 
-def run(reward, max_steps: int, callbacks=()) -> tuple[DivRLModule, DivRLTrainer]:
+class NaNScorer(GroupScorer):
+    """A scorer that returns NaN for every group (a reward server gone wrong)."""
+
+    def score_group(self, reference, images, ref_mask=None, gen_masks=None, *, need_nssm=True, need_vsm=True):
+        return Components(torch.full((len(images),), float("nan")), None)
+
+
+def run(reward, max_steps: int, callbacks=(), **system) -> tuple[DivRLModule, DivRLTrainer]:
     torch.manual_seed(0)
     model = DivRLModule(
-        PolicyConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
+        KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
         [reward],
-        GRPOConfig(group_size=4, num_steps=3, resolution=32, micro_batch_size=4, val_group_size=2),
+        GRPOObjective(micro_batch_size=4),
+        SamplingConfig(group_size=4, num_steps=3, resolution=32, val_group_size=2),
+        SystemConfig(**system),
     )
     data = IdentityDataModule(SHARDS, batch_size=2, steps_per_epoch=10)
     trainer = DivRLTrainer(
         accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks),
-    )  # fmt: skip
+    )
     trainer.fit(model, data)
     return model, trainer
 
@@ -64,6 +74,25 @@ def test_a_group_with_non_finite_rewards_is_skipped_and_counted(caplog):
     assert "skipping group" in caplog.text and "non-finite nssm" in caplog.text
 
 
+def test_a_reward_configuration_error_stops_the_run_at_the_first_step_with_its_message():
+    """pool 5 on a 12×12 feature grid leaves a 2×2 scoring grid on which no subject mask covers two cells: a
+    configuration error, not a non-finite score. The run stops at once with the reward's own message instead of
+    skipping every group until max_steps (what it did when every ValueError counted as a non-finite reward)."""
+    snapshot = Snapshot()
+    reward = NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=5), track_vsm=False)
+    with pytest.raises(ValueError, match=r"ref_mask covers 0 cell\(s\) of the 2x2 scoring grid"):
+        run(reward, max_steps=5, callbacks=[snapshot])
+    assert len(snapshot.states) == 1  # stopped inside the first training step: no update was ever applied
+
+
+def test_a_reward_that_is_never_finite_stops_after_the_configured_number_of_empty_rollouts():
+    snapshot = Snapshot()
+    with pytest.raises(RuntimeError, match=r"3 rollouts in a row had no group with a finite reward \(NSSMReward"):
+        run(NSSMReward(NaNScorer(), track_vsm=False), max_steps=50, callbacks=[snapshot], max_empty_rollouts=3)
+    before, *after = snapshot.states
+    assert len(after) == 2 and all(torch.equal(before[k], a[k]) for a in after for k in before)  # never applied
+
+
 class Snapshot(pl.Callback):
     def __init__(self):
         self.states = []
@@ -77,7 +106,7 @@ class Snapshot(pl.Callback):
 
 
 def test_a_non_finite_loss_skips_the_update_and_never_applies_it(monkeypatch):
-    real = module_mod.grpo_loss
+    real = grpo_mod.grpo_loss
     calls = {"n": 0}
 
     def first_call_nan(*args, **kwargs):
@@ -85,7 +114,7 @@ def test_a_non_finite_loss_skips_the_update_and_never_applies_it(monkeypatch):
         loss, stats = real(*args, **kwargs)
         return (loss * float("nan") if calls["n"] == 1 else loss), stats
 
-    monkeypatch.setattr(module_mod, "grpo_loss", first_call_nan)
+    monkeypatch.setattr(grpo_mod, "grpo_loss", first_call_nan)
     snapshot = Snapshot()
     reward = NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1))
     model, trainer = run(reward, max_steps=1, callbacks=[snapshot])
@@ -96,7 +125,7 @@ def test_a_non_finite_loss_skips_the_update_and_never_applies_it(monkeypatch):
 
 
 def test_many_non_finite_updates_in_a_row_stop_the_run(monkeypatch):
-    monkeypatch.setattr(module_mod, "grpo_loss", lambda log_prob, *a, **k: (log_prob.mean() * float("nan"), {}))
+    monkeypatch.setattr(grpo_mod, "grpo_loss", lambda log_prob, *a, **k: (log_prob.mean() * float("nan"), {}))
     reward = NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1))
     with pytest.raises(FloatingPointError, match="10 updates in a row"):
         run(reward, max_steps=1)

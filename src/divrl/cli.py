@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--backbone", choices=["dense", "dinov2"], default="dense",
         help="feature backbone: the weight-free dense descriptor (offline) or DINOv2 (default: dense)",
-    )  # fmt: skip
+    )
     score.add_argument("--model", default="facebook/dinov2-small", help="DINOv2 Hub id or local folder")
     score.add_argument("--mtg-url", help="score with a running Mind-the-Glitch reward server instead of a backbone")
     score.add_argument("--pool", type=int, default=2, help="nSSM pooling factor on the 48x48 grid (default 2 -> 24x24)")
@@ -64,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--out", type=Path, required=True, help="output folder for train-*.tar and val-*.tar")
     data.add_argument("--resolution", type=int, default=512, help="reference side in pixels (default 512; 0 keeps)")
     data.add_argument("--resize", choices=["pad", "crop", "stretch", "none"], default="pad",
-                      help="keep aspect and pad (default), centre crop, stretch (DivRL's training), or none")  # fmt: skip
+                      help="keep aspect and pad (default), centre crop, stretch (DivRL's training), or none")
     data.add_argument("--shard-size", type=int, default=100, help="identities per shard (default 100)")
     data.add_argument("--val-fraction", type=float, default=0.0,
-                      help="share of identities in the validation split, chosen by a hash of the id (default 0)")  # fmt: skip
+                      help="share of identities in the validation split, chosen by a hash of the id (default 0)")
     data.add_argument("--seed", type=int, default=0, help="split seed (and the synthetic world's seed)")
     data.add_argument("--num-identities", type=int, help="stop after this many identities (synthetic: default 100)")
     data.add_argument("--prompts-per-identity", type=int, help="keep at most this many prompts (paper: 10)")
@@ -122,18 +122,19 @@ def run_score(args: argparse.Namespace) -> int:
 
     reward = GatedReward(scorer, threshold=args.threshold, weight=args.weight)
     out = reward(reference, images, ref_mask=ref_mask)
-    linear = RF.linear_reward(out.nssm, out.vsm, 0.5)
+    nssm, vsm = out.components["nssm"], out.components["vsm"]
+    linear = RF.linear_reward(nssm, vsm, 0.5)
     width = max(len(n) for n in names)
     print(f"{'image':<{width}}  {'nSSM':>6}  {'VSM':>6}  {'R2':>7}  {'linear':>6}")
     for k, name in enumerate(names):
-        flag = "  (identity gate)" if out.penalized[k] else ""
-        print(f"{name:<{width}}  {out.nssm[k]:6.3f}  {out.vsm[k]:6.3f}  {out.reward[k]:7.3f}  {linear[k]:6.3f}{flag}")
+        flag = "  (identity gate)" if out.gated[k] else ""
+        print(f"{name:<{width}}  {nssm[k]:6.3f}  {vsm[k]:6.3f}  {out.reward[k]:7.3f}  {linear[k]:6.3f}{flag}")
     if args.json:
         rows = [
-            {"image": n, "nssm": float(out.nssm[k]), "vsm": float(out.vsm[k]), "r2": float(out.reward[k]),
-             "linear": float(linear[k]), "penalized": bool(out.penalized[k])}
+            {"image": n, "nssm": float(nssm[k]), "vsm": float(vsm[k]), "r2": float(out.reward[k]),
+             "linear": float(linear[k]), "penalized": bool(out.gated[k])}
             for k, n in enumerate(names)
-        ]  # fmt: skip
+        ]
         args.json.write_text(json.dumps({"scores": rows}, indent=2))
         print(f"wrote {args.json}")
     return 0
@@ -164,16 +165,16 @@ def run_data(args: argparse.Namespace) -> int:
         items = C.read_dreambooth(args.src, per, args.unique_token)
     precompute = None
     if args.precompute:
-        from divrl.training.config import PolicyConfig
+        from divrl.policy import KontextConfig
 
-        policy = PolicyConfig(model=args.precompute, lora=None, max_sequence_length=args.max_sequence_length).build()
+        policy = KontextConfig(model=args.precompute, lora=None, max_sequence_length=args.max_sequence_length).build()
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        precompute = C.Precompute(policy.to(device), args.precompute_resolution, args.precompute)
+        precompute = C.Precompute(policy.to(device), args.precompute_resolution)
     try:
         report = C.convert(
             items, args.out, resolution=args.resolution or None, resize=args.resize, shard_size=args.shard_size,
             val_fraction=args.val_fraction, seed=args.seed, max_identities=args.num_identities, precompute=precompute,
-        )  # fmt: skip
+        )
     except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as err:
         print(f"divrl data {args.source}: {err}", file=sys.stderr)
         return 2
@@ -239,7 +240,7 @@ def run_lightning(argv: Sequence[str] | None = None, run: bool = True):
     return DivRLCLI(
         module, datamodule, trainer_class=trainer, args=list(argv) if argv is not None else None, run=run,
         save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "divrl"},
-    )  # fmt: skip
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

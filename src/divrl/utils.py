@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["parse_dtype", "load_pretrained", "load_image_processor"]
+__all__ = ["parse_dtype", "load_pretrained", "load_image_processor", "mix_seeds"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -93,3 +93,11 @@ def load_image_processor(model: str | os.PathLike, local_files_only: bool) -> An
         return AutoImageProcessor.from_pretrained(name, **kwargs)
     except (OSError, ValueError):
         return None
+
+
+def mix_seeds(*values: int) -> int:
+    """A 63-bit seed from several integers (seed, rank, index), stable across runs and Python versions."""
+    out = 0
+    for v in values:
+        out = (out * 1_000_003 + int(v) + 0x9E3779B9) % (2**63 - 1)
+    return out

@@ -23,12 +23,12 @@ class RankProbe(pl.Callback):
         out.mkdir(parents=True, exist_ok=True)
         rank = trainer.global_rank
         policy = pl_module.policy
-        frozen = {str(p.dtype) for part in (policy.transformer, policy.vae, policy.text_encoder, policy.text_encoder_2)
-                  if part is not None for p in part.parameters() if not p.requires_grad}  # fmt: skip
+        frozen = {str(p.dtype) for part in (policy.network, *policy.frozen_parts())
+                  for p in part.parameters() if not p.requires_grad}
         trained = {str(p.dtype) for p in pl_module.parameters() if p.requires_grad}
         (out / f"rank{rank}.json").write_text(json.dumps({"ids": self.ids, "world": trainer.world_size,
                                                           "step": trainer.global_step, "dtypes": {
-                                                              "frozen": sorted(frozen), "trained": sorted(trained)}}))  # fmt: skip
+                                                              "frozen": sorted(frozen), "trained": sorted(trained)}}))
         save_file({k: v.contiguous() for k, v in pl_module.policy.lora_state_dict().items()}, str(out / f"rank{rank}.safetensors"))
 
 
@@ -39,7 +39,8 @@ class BreakRankOne(pl.Callback):
     def on_fit_start(self, trainer, pl_module):
         if trainer.global_rank != 1:
             return
-        import divrl.training.module as module
+        import divrl.objectives.grpo as module
+        from divrl.rewards import NonFiniteReward
 
         real_loss, calls = module.grpo_loss, {"loss": 0}
 
@@ -55,7 +56,7 @@ class BreakRankOne(pl.Callback):
         def nan_first_rollout(*args, **kwargs):
             out = real_forward(*args, **kwargs)
             if pl_module.rollouts_done == 0:
-                raise ValueError("probe: non-finite nssm scores [nan]")
+                raise NonFiniteReward("probe: non-finite nssm scores [nan]")
             return out
 
         reward.forward = nan_first_rollout
@@ -90,7 +91,7 @@ class GatherCounter(pl.Callback):
 
         fsdp2.foreach_all_gather = counted(fsdp2.foreach_all_gather)
         fsdp1.FlatParamHandle._all_gather_flat_param = counted(fsdp1.FlatParamHandle._all_gather_flat_param)
-        real_rollout = pl_module._rollout
+        real_rollout = pl_module._trajectories
 
         def rollout(*args, **kwargs):
             before = count["n"]
@@ -99,12 +100,12 @@ class GatherCounter(pl.Callback):
                 self.per_rollout.append(count["n"] - before)
             return out
 
-        pl_module._rollout = rollout
+        pl_module._trajectories = rollout
 
     def on_train_end(self, trainer, pl_module):
         from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-        units = sum(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in pl_module.policy.transformer.modules())
+        units = sum(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in pl_module.policy.network.modules())
         if trainer.global_rank == 0:
             out = Path(self.out_dir)
             out.mkdir(parents=True, exist_ok=True)

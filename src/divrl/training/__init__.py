@@ -1,4 +1,5 @@
-"""The Lightning layer: the DivRL LightningModule, its configuration and its callbacks."""
+"""The Lightning layer: the LightningModule that orchestrates an objective, its configuration, callbacks, sharded
+strategies and checkpoint formats."""
 
 from divrl.training.callbacks import (
     AdapterEMA,
@@ -7,8 +8,9 @@ from divrl.training.callbacks import (
     StageSwitch,
     group_grid,
 )
-from divrl.training.config import GRPOConfig, PolicyConfig
-from divrl.training.module import DivRLModule, RolloutGroup, default_optimizer
+from divrl.training.config import GRPOConfig, KontextConfig, PolicyConfig, SamplingConfig, SystemConfig
+from divrl.training.environment import RolloutGroup
+from divrl.training.module import DivRLModule, default_optimizer
 from divrl.training.strategies import FSDP1Strategy, FSDP2Strategy
 
 __all__ = [
@@ -16,11 +18,14 @@ __all__ = [
     "FSDP1Strategy",
     "FSDP2Strategy",
     "GRPOConfig",
+    "KontextConfig",
     "LoRAExporter",
     "PolicyConfig",
     "RolloutGroup",
     "RolloutImageLogger",
+    "SamplingConfig",
     "StageSwitch",
+    "SystemConfig",
     "AdapterEMA",
     "default_optimizer",
     "group_grid",

@@ -1,4 +1,5 @@
-"""Callbacks of a DivRL run: the Explore-and-Suppress stage switch, rollout image grids, and LoRA export."""
+"""Callbacks of a DivRL run: the Explore-and-Suppress stage switch, the adapter's moving average, rollout image grids,
+and the export of the trained weights."""
 
 from __future__ import annotations
 
@@ -12,19 +13,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
 from divrl.images import caption_grid, to_image_batch
-from divrl.policy.sharding import (
-    full_tensor,
-    save_full_transformer,
-    shard_like,
-    trainable_parameters,
-)
+from divrl.training.environment import RolloutGroup
+from divrl.policy.sharding import full_tensor, shard_like, trainable_parameters
 
 __all__ = ["LoRAExporter", "RolloutImageLogger", "StageSwitch", "group_grid"]
 
 
 class StageSwitch(pl.Callback):
     """Explore-and-Suppress: train ``rewards[0]`` (R1 = nSSM) until ``switch_steps`` optimizer steps, then
-    ``rewards[1]`` (R2 = gated), and so on. The LoRA and the optimizer state carry on across the switch.
+    ``rewards[1]`` (R2 = gated), and so on; with one objective per stage (``model.objective`` a list), the objective
+    switches too (e.g. SFT, then DPO). The LoRA and the optimizer state carry on across the switch.
 
     The active stage is module state saved in every checkpoint; this callback also saves the steps at which it
     switched, so a resumed run neither repeats nor misses a switch. Callbacks that define
@@ -45,10 +43,13 @@ class StageSwitch(pl.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         needed = len(self.switch_steps) + 1
-        if len(pl_module.rewards) < needed:
+        counts = {"rewards in model.rewards": len(pl_module.rewards), "objectives in model.objective":
+                  len(pl_module.objectives)}
+        if all(n == 1 for n in counts.values()) or any(1 < n < needed for n in counts.values()):
             raise ValueError(
-                f"StageSwitch: {len(self.switch_steps)} switch step(s) need {needed} rewards in model.rewards (one per "
-                f"stage), got {len(pl_module.rewards)}"
+                f"StageSwitch: {len(self.switch_steps)} switch step(s) need {needed} rewards in model.rewards or {needed} "
+                f"objectives in model.objective (one per stage; a single one serves every stage), got "
+                f"{', '.join(f'{n} {what}' for what, n in counts.items())}"
             )
 
     def stage_at(self, step: int) -> int:
@@ -61,7 +62,7 @@ class StageSwitch(pl.Callback):
             pl_module.stage = old + 1
             self.switched_at[pl_module.stage] = trainer.global_step
             rank_log(trainer, f"stage switch at step {trainer.global_step}: stage {old} -> {pl_module.stage} "
-                              f"({type(pl_module.reward).__name__})")  # fmt: skip
+                              f"({type(pl_module.reward).__name__}, {type(pl_module.objective).__name__})")
             for callback in trainer.callbacks:
                 hook = getattr(callback, "on_stage_switch", None)
                 if hook is not None:
@@ -162,11 +163,12 @@ class AdapterEMA(pl.Callback):
 
 
 class LoRAExporter(pl.Callback):
-    """Writes the adapter (its moving average when :class:`AdapterEMA` is among the callbacks) in diffusers' format
-    (``pytorch_lora_weights.safetensors``, loadable with ``FluxKontextPipeline.load_lora_weights``) to
-    ``<default_root_dir>/<dirname>/stage<k>/`` when stage ``k`` ends and to ``<default_root_dir>/<dirname>/final/``
-    when training ends, with an ``info.json`` (step, stage, base model). With full fine-tuning it writes the trained
-    transformer instead, as ``transformer/`` (the folder of a diffusers pipeline).
+    """Writes the trained weights (the adapter's moving average when :class:`AdapterEMA` is among the callbacks) through
+    :meth:`divrl.policy.Policy.export` to ``<default_root_dir>/<dirname>/stage<k>/`` when stage ``k`` ends and to
+    ``<default_root_dir>/<dirname>/final/`` when training ends, with an ``info.json`` (step, stage, base model). A LoRA
+    is written in diffusers' format (``pytorch_lora_weights.safetensors``, loadable with the family pipeline's
+    ``load_lora_weights``, e.g. ``FluxKontextPipeline``); full fine-tuning writes the trained network as a diffusers
+    model folder (``transformer/``).
 
     Args:
         dirname: folder under the trainer's ``default_root_dir``.
@@ -182,27 +184,15 @@ class LoRAExporter(pl.Callback):
             return None
         ema = next((c for c in trainer.callbacks if isinstance(c, AdapterEMA)), None)
         directory = Path(trainer.default_root_dir) / self.dirname / name
-        # Every rank gathers (with a sharded transformer, assembling the weights is a collective); rank 0 writes,
+        # Every rank gathers (with a sharded network, assembling the weights is a collective); rank 0 writes,
         # inside the block: on a CPU the gathered tensors may be the (averaged) parameters themselves.
         with ema.applied(pl_module) if ema is not None else contextlib.nullcontext():
-            if policy.lora_config is not None:
-                state = policy.lora_state_dict()
-            else:  # full fine-tuning: the whole transformer, materialised on rank 0 only (cpu_offload)
-                from torch.distributed.checkpoint.state_dict import (
-                    StateDictOptions,
-                    get_model_state_dict,
-                )
-
-                options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-                state = get_model_state_dict(policy.transformer, options=options)
+            state = policy.export_state()
             if not trainer.is_global_zero:
                 return None
-            if policy.lora_config is not None:
-                path = policy.save_lora(directory, state)
-            else:  # the transformer folder of a diffusers pipeline
-                path = save_full_transformer(policy.transformer, state, directory / "transformer")
+            path = policy.export(directory, state)
         info = {"global_step": trainer.global_step, "stage": pl_module.stage, "model": pl_module.policy_config.model,
-                "ema": None if ema is None else {"decay": ema.decay, "every_n_steps": ema.every_n_steps}}  # fmt: skip
+                "ema": None if ema is None else {"decay": ema.decay, "every_n_steps": ema.every_n_steps}}
         (directory / "info.json").write_text(json.dumps(info, indent=2))
         rank_log(trainer, f"{'LoRA' if policy.lora_config is not None else 'weights'} written to {path}")
         return path
@@ -215,8 +205,8 @@ class LoRAExporter(pl.Callback):
 
 
 class RolloutImageLogger(pl.Callback):
-    """Every ``every_n_rollouts`` rollouts, a grid of the first group — the reference, then its ``G`` samples, each
-    labelled with nSSM / VSM / reward — to ``<default_root_dir>/<dirname>/rollout_<n>_step_<s>.png`` and to the
+    """Every ``every_n_rollouts`` rollouts, a grid of the first scored group — its references, then its ``G``
+    samples, each labelled with the reward's components and the reward — to ``<default_root_dir>/<dirname>/rollout_<n>_step_<s>.png`` and to the
     active logger (TensorBoard ``add_image``, W&B ``log_image``).
 
     Args:
@@ -249,20 +239,18 @@ class RolloutImageLogger(pl.Callback):
             _log_image(logger, f"rollouts/stage{group.stage}", grid, trainer.global_step)
 
 
-def group_grid(group, tile: int = 160, columns: int = 8) -> Image.Image:
-    """The reference and the group's samples side by side, each with a caption line (PIL image)."""
-    reference = to_image_batch(group.reference, "reference")[0]
-    images = [reference] + list(group.images)
-    captions = [f"reference  stage {group.stage + 1}"]
+def group_grid(group: RolloutGroup, tile: int = 160, columns: int = 8) -> Image.Image:
+    """The condition's references and the group's images side by side, each image captioned with the reward's
+    components and the reward (PIL image)."""
+    references = [to_image_batch(r, "reference")[0] for r in group.sample.references]
+    captions = [f"reference{f' {i + 1}' if len(references) > 1 else ''}  stage {group.stage + 1}"
+                for i in range(len(references))]
+    out = group.output
     for k in range(group.images.shape[0]):
-        parts = []
-        if group.nssm is not None:
-            parts.append(f"nSSM {group.nssm[k]:.2f}")
-        if group.vsm is not None:
-            parts.append(f"VSM {group.vsm[k]:.2f}")
-        parts.append(f"R {group.reward[k]:.2f}")
-        captions.append(" ".join(parts))
-    return caption_grid(f"{group.id}: {group.prompt}", images, captions, tile, columns)
+        parts = [f"{name} {value[k]:.2f}" for name, value in out.components.items()]
+        captions.append(" ".join([*parts, f"R {out.reward[k]:.2f}"]))
+    title = f"{group.sample.id}: {group.sample.prompt}"
+    return caption_grid(title, references + list(group.images), captions, tile, columns)
 
 
 def _log_image(logger, tag: str, image: Image.Image, step: int) -> None:

@@ -1,5 +1,6 @@
 """DivRL's sharded strategies: ``FSDP2Strategy`` (Lightning's ``ModelParallelStrategy``, data parallel only) and
-``FSDP1Strategy`` (Lightning's ``FSDPStrategy``, LoRA training), with checkpoints that hold the trainable weights alone.
+``FSDP1Strategy`` (Lightning's ``FSDPStrategy``, LoRA training), with checkpoints that hold the trainable weights alone;
+how each shards a policy (:func:`shard_policy`), and the start-up checks of strategies and optimizers.
 
 Lightning's FSDP2 strategy saves a distributed checkpoint (a folder, one file per rank, written with
 ``torch.distributed.checkpoint``) and, on resume, asks for *every* weight of the model — the 12B frozen base
@@ -17,9 +18,11 @@ import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-__all__ = ["FSDP1Strategy", "FSDP2Strategy"]
+from divrl.policy.sharding import shard_network, shard_network_fsdp1, trainable_parameters
+from divrl.training.checkpoints import DCP_METADATA, check_trainable_keys
 
-_METADATA = "meta.pt"  # lightning's name for the non-tensor part of a distributed checkpoint
+__all__ = ["FSDP1Strategy", "FSDP2Strategy", "shard_policy", "data_parallel_mesh", "check_strategy",
+           "check_optimizer_strategy", "is_fsdp1"]
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -34,7 +37,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def __init__(self, data_parallel_size: int | str = "auto", save_distributed_checkpoint: bool = True, **kwargs):
         super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=1,
-                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)  # fmt: skip
+                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":  # Lightning's "auto" is one replica per node (TP inside); ours: all
@@ -51,9 +54,6 @@ class FSDP2Strategy(ModelParallelStrategy):
             set_optimizer_state_dict,
         )
 
-        from divrl.policy.sharding import trainable_parameters
-        from divrl.training.module import check_trainable_keys
-
         path = Path(self.broadcast(checkpoint_path))
         if not path.is_dir():  # a single-file checkpoint (save_distributed_checkpoint=False)
             return super().load_checkpoint(path, weights_only=weights_only)
@@ -69,7 +69,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             optim_state = {key: get_optimizer_state_dict(model, optimizer)}
             dcp.load(optim_state, checkpoint_id=path)
             set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_state[key])
-        metadata = torch.load(path / _METADATA, weights_only=weights_only)
+        metadata = torch.load(path / DCP_METADATA, weights_only=weights_only)
         metadata["state_dict"] = state["state_dict"]  # for LightningModule.on_load_checkpoint's key check
         return metadata
 
@@ -78,8 +78,8 @@ class FSDP1Strategy(FSDPStrategy):
     """FSDP1 (``FullyShardedDataParallel``, ``use_orig_params=True``) for LoRA training: each FLUX block's frozen
     base is one unit and the rest of the transformer the root unit around them, sharded over all processes; the LoRA
     weights are left unwrapped (``ignored_states``), whole on every rank (rank 0's initial values broadcast), with
-    their gradients averaged like DDP's (``DivRLModule`` does both: ``configure_model`` wraps through
-    :func:`~divrl.policy.sharding.shard_transformer_fsdp1`, ``_step`` averages through
+    their gradients averaged like DDP's (:func:`shard_policy` wraps through
+    :func:`~divrl.policy.sharding.shard_network_fsdp1`, ``DivRLModule`` averages the gradients through
     :func:`~divrl.policy.sharding.all_reduce_grads`). bitsandbytes' 8-bit optimizers work here: they only ever see the
     plain LoRA tensors. The dtypes stay as ``model.policy.torch_dtype`` loaded them (a bf16 base, fp32 adapters):
     Lightning's FSDP precision would cast the module to float32.
@@ -108,14 +108,14 @@ class FSDP1Strategy(FSDPStrategy):
     def __init__(self, **kwargs):
         if kwargs.pop("state_dict_type", "full") != "full":
             raise ValueError("FSDP1Strategy: state_dict_type must be 'full': the LoRA weights are not sharded, so "
-                             "checkpoints are single files (sharded checkpoints: divrl.training.FSDP2Strategy)")  # fmt: skip
+                             "checkpoints are single files (sharded checkpoints: divrl.training.FSDP2Strategy)")
         if not kwargs.pop("use_orig_params", True):
             raise ValueError("FSDP1Strategy: use_orig_params must be true (the optimizer and the LoRA export address "
-                             "the original parameters); remove it")  # fmt: skip
+                             "the original parameters); remove it")
         recompute = "set model.policy.gradient_checkpointing: true"
         why = {"auto_wrap_policy": "each FLUX block is one unit", "activation_checkpointing": recompute,
                "activation_checkpointing_policy": recompute, "cpu_offload": "not supported here",
-               "mixed_precision": "set model.policy.torch_dtype"}  # fmt: skip
+               "mixed_precision": "set model.policy.torch_dtype"}
         for name, fix in why.items():
             if kwargs.get(name):
                 raise ValueError(f"FSDP1Strategy: {name} is not taken ({fix}); remove it")
@@ -132,30 +132,25 @@ class FSDP1Strategy(FSDPStrategy):
         FSDPStrategy.precision_plugin.fset(self, plugin)
 
     def wrap_kwargs(self) -> dict[str, Any]:
-        """What ``DivRLModule.configure_model`` passes to each block's ``FullyShardedDataParallel`` (and ``device``)."""
+        """What :func:`shard_policy` passes to each block's ``FullyShardedDataParallel`` (and ``device``)."""
         precision = getattr(self.precision_plugin, "precision", "32-true")
         if precision not in ("32-true", "32"):
             raise ValueError(f"FSDP1Strategy: trainer.precision {precision!r} would cast the bf16 base and fp32 "
-                             f"adapters alike; leave trainer.precision at 32-true and set model.policy.torch_dtype")  # fmt: skip
+                             f"adapters alike; leave trainer.precision at 32-true and set model.policy.torch_dtype")
         extra = {k: v for k, v in self.kwargs.items() if k not in ("use_orig_params", "auto_wrap_policy")}
         return {**extra, "sharding_strategy": self.sharding_strategy, "device": self.root_device}
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        from divrl.policy.sharding import trainable_parameters
-
         return {name: p.detach() for name, p in trainable_parameters(self.lightning_module).items()}
 
     def optimizer_state(self, optimizer) -> dict[str, Any]:
         return getattr(optimizer, "_optimizer", optimizer).state_dict()  # plain tensors, the same on every rank
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        from divrl.policy.sharding import trainable_parameters
-        from divrl.training.module import check_trainable_keys
-
         path = Path(self.broadcast(checkpoint_path))
         if not path.is_file():
             raise FileNotFoundError(f"FSDP1Strategy: checkpoint {str(path)!r} is not a file (FSDP1 checkpoints are "
-                                    f"single .ckpt files; a folder was written by FSDP2Strategy: resume with it)")  # fmt: skip
+                                    f"single .ckpt files; a folder was written by FSDP2Strategy: resume with it)")
         checkpoint = self.checkpoint_io.load_checkpoint(path, map_location="cpu", weights_only=weights_only)
         params = trainable_parameters(self.lightning_module)
         check_trainable_keys(set(params), set(checkpoint["state_dict"]), f"checkpoint {path}")
@@ -166,7 +161,7 @@ class FSDP1Strategy(FSDPStrategy):
         if states is not None and self.lightning_module.trainer.state.fn == "fit":
             if len(states) != len(self.optimizers):
                 raise RuntimeError(f"checkpoint {path} has {len(states)} optimizer states for {len(self.optimizers)} "
-                                   f"optimizers; resume with the same model.optimizer")  # fmt: skip
+                                   f"optimizers; resume with the same model.optimizer")
             for optimizer, state in zip(self.optimizers, states, strict=True):
                 optimizer.load_state_dict(state)
         return checkpoint
@@ -191,3 +186,74 @@ def _saved_keys(path: Path, prefix: str) -> set[str]:
     metadata = FileSystemReader(str(path)).read_metadata()
     start = f"{prefix}."
     return {key[len(start) :] for key in metadata.state_dict_metadata if key.startswith(start)}
+
+
+# ---------------------------------------------------------------------------------------------------- sharding a policy
+
+
+def data_parallel_mesh(device_mesh):
+    """The 1-D data-parallel mesh of an FSDP2 run (``LightningModule.device_mesh``), or ``None`` without one."""
+    if device_mesh is None:
+        return None
+    names = device_mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and device_mesh["tensor_parallel"].size() > 1:
+        raise ValueError("DivRLModule: tensor parallelism is not supported; use tensor_parallel_size: 1 (FSDP2)")
+    return device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
+
+
+def shard_policy(policy, strategy, mesh, reference=None) -> None:
+    """Shard the policy's network by its units (:meth:`divrl.policy.Policy.shard_units`) for the strategy: FSDP2
+    (``mesh`` given) shards it, and full fine-tuning's frozen ``reference`` copy alike, with ``fully_shard``; FSDP1
+    wraps each unit's frozen base and the network as the root unit, LoRA weights left whole. Other strategies: no-op."""
+    if mesh is not None:
+        shard_network(policy.network, policy.shard_units(), mesh)
+        if reference is not None:
+            shard_network(reference, policy.shard_units(reference), mesh)
+    elif is_fsdp1(strategy):
+        kwargs = strategy.wrap_kwargs()
+        device = kwargs.pop("device")
+        policy.wrap_network(lambda network: shard_network_fsdp1(network, policy.shard_units(network), device, **kwargs))
+
+
+def is_fsdp1(strategy) -> bool:
+    return isinstance(strategy, FSDP1Strategy)
+
+
+def check_strategy(strategy, policy=None) -> None:
+    """Refuse, at start-up, strategies DivRL cannot train under, with the fix.
+
+    - Lightning's own ``FSDPStrategy`` (``strategy: fsdp``) would wrap the whole module, frozen VAE, text encoders and
+      reward backbones included, and flatten bf16 base and fp32 LoRA weights into one tensor; DivRL's
+      :class:`FSDP1Strategy` wraps the network's blocks only and leaves the LoRA weights unwrapped.
+    - FSDP1 trains LoRA only; full fine-tuning shards with FSDP2.
+
+    Args:
+        strategy: the trainer's strategy (or ``None``).
+        policy: the policy's settings (:class:`~divrl.policy.PolicyConfig`), or ``None``.
+    """
+    if isinstance(strategy, FSDPStrategy) and not isinstance(strategy, FSDP1Strategy):
+        raise ValueError(
+            "trainer.strategy: Lightning's FSDPStrategy (FSDP1) would wrap the whole DivRLModule; use "
+            "trainer.strategy: {class_path: divrl.training.FSDP1Strategy} (FSDP1, LoRA left unwrapped) or "
+            "{class_path: divrl.training.FSDP2Strategy} (see configs/demo_fsdp.yaml)"
+        )
+    if isinstance(strategy, FSDP1Strategy) and policy is not None and (policy.train_transformer or policy.lora is None):
+        raise ValueError(
+            "trainer.strategy: FSDP1Strategy trains a LoRA adapter on a frozen base; full fine-tuning "
+            "(policy.train_transformer: true) shards with trainer.strategy: {class_path: divrl.training.FSDP2Strategy}"
+        )
+
+
+def check_optimizer_strategy(optimizer, strategy) -> None:
+    """Refuse combinations known not to work, at start-up, with the fix (instead of a deep stack trace later).
+
+    bitsandbytes' 8-bit optimizers index flat CUDA/CPU tensors and fail on FSDP2's DTensor parameters
+    (``ModelParallelStrategy``, :class:`FSDP2Strategy`); they run on one device, under DDP and under FSDP1. torchao's
+    ``AdamW8bit`` shards with FSDP2 (tests/test_distributed.py resumes it from a sharded checkpoint).
+    """
+    if type(optimizer).__module__.startswith("bitsandbytes") and isinstance(strategy, ModelParallelStrategy):
+        raise ValueError(
+            f"model.optimizer {type(optimizer).__name__} (bitsandbytes) does not support FSDP2's sharded DTensor "
+            f"parameters (trainer.strategy: {type(strategy).__name__}, FSDP2). Use torchao's 8-bit AdamW "
+            f"(torchao.optim.AdamW8bit, pip install torchao), which does, or bitsandbytes with trainer.strategy: ddp"
+        )

@@ -1,11 +1,11 @@
-"""``DivRLTrainer``: Lightning's Trainer plus the ``sample`` subcommand of the ``divrl`` CLI."""
+"""``DivRLTrainer``: Lightning's Trainer plus the ``sample`` and ``evaluate`` subcommands of the ``divrl`` CLI."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -16,8 +16,12 @@ from divrl.data.datamodule import resolve_shards
 from divrl.data.stream import ConditionSample
 from divrl.eval.suite import EvalSuite
 from divrl.images import to_pil
+from divrl.rewards.base import Group
 from divrl.training.callbacks import group_grid
-from divrl.training.module import DivRLModule, RolloutGroup, _mix
+from divrl.training.checkpoints import load_weights
+from divrl.training.environment import RolloutGroup
+from divrl.training.module import DivRLModule
+from divrl.utils import mix_seeds
 
 __all__ = ["DivRLTrainer"]
 
@@ -59,13 +63,14 @@ class DivRLTrainer(pl.Trainer):
             datamodule: used when no ``reference`` is given: the first ``num_identities`` validation identities.
             reference: a reference image file.
             prompts: edit prompts for ``reference``.
-            mask: optional subject mask of ``reference`` (used for the nSSM / VSM captions of the grid).
+            mask: optional subject mask of ``reference`` (the rewards of the grid's captions may use it).
             lora: a trained adapter: a folder (or ``.safetensors`` file) written by the LoRA exporter, or a Lightning
                 checkpoint (``.ckpt``, a file, or a folder written under FSDP2) of the run (its ``AdapterEMA``
                 average when it has one, as the run's validation and exports); for full fine-tuning, the exported
                 folder holding ``transformer/``.
                 ``None`` samples the base model.
-            output_dir: where ``<identity>/<prompt index>_<k>.png``, one grid per prompt and ``samples.json`` go.
+            output_dir: where ``<identity>/<prompt index>_<k>.png``, one grid per prompt and ``samples.json`` (the
+                files, the reward and its components per sample) go.
             num_samples: images per prompt (different seeds).
             num_steps: denoising steps (the paper evaluates with 28).
             noise_level: 0 for the deterministic sampler (evaluation); > 0 samples like training rollouts.
@@ -77,17 +82,16 @@ class DivRLTrainer(pl.Trainer):
         """
         model.configure_model()
         if lora is not None:
-            _load_weights(model, lora)
+            load_weights(model, lora)
         model.to(self.strategy.root_device).eval()
         conditions = _conditions(datamodule, reference, prompts, mask, num_identities)
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         records = []
         for index, condition in enumerate(conditions):
-            generator = torch.Generator().manual_seed(_mix(seed, index))
-            with model.policy_config.attention():
-                _, trajectory = model._rollout([condition], num_samples, noise_level, generator, num_steps)
-            images = trajectory.images.float().cpu()
+            generator = torch.Generator().manual_seed(mix_seeds(seed, index))
+            images = model.generate([condition], num_samples, generator, num_steps=num_steps, noise_level=noise_level)
+            images = images.float().cpu()
             folder = out / condition.id
             folder.mkdir(parents=True, exist_ok=True)
             files = []
@@ -95,14 +99,11 @@ class DivRLTrainer(pl.Trainer):
                 path = folder / f"{index:03d}_{k}.png"
                 to_pil(image).save(path)
                 files.append(str(path))
-            scores = model.reward(condition.reference, images, condition.mask)
-            grid = RolloutGroup(0, model.stage, condition.id, condition.prompt, condition.reference, images,
-                                scores.reward, scores.nssm, scores.vsm)  # fmt: skip
-            group_grid(grid).save(folder / f"{index:03d}_grid.png")
+            scores = model.reward(Group(condition, images))
+            group_grid(RolloutGroup(0, model.stage, condition, images, scores)).save(folder / f"{index:03d}_grid.png")
+            components = {name: value.tolist() for name, value in scores.components.items()}
             records.append({"id": condition.id, "prompt": condition.prompt, "files": files,
-                            "reward": scores.reward.tolist(),
-                            "nssm": None if scores.nssm is None else scores.nssm.tolist(),
-                            "vsm": None if scores.vsm is None else scores.vsm.tolist()})  # fmt: skip
+                            "reward": scores.reward.tolist(), **components})
         meta = {"lora": lora, "num_steps": num_steps, "noise_level": noise_level, "seed": seed, "samples": records}
         (out / "samples.json").write_text(json.dumps(meta, indent=2))
         print(f"[divrl] wrote {sum(len(r['files']) for r in records)} images to {out}")
@@ -176,7 +177,7 @@ class DivRLTrainer(pl.Trainer):
         # the base model first: a full fine-tune loaded for another method would otherwise replace its weights
         for name, weights in sorted(methods.items(), key=lambda item: item[1] is not None):
             evaluation.run_method(name, conditions, self._eval_generator(model, weights, num_steps),
-                                  meta=self._eval_meta(model, weights, num_steps))  # fmt: skip
+                                  meta=self._eval_meta(model, weights, num_steps))
         if samples_dir is not None:
             categories = {c.id: c.category for c in conditions or [] if c.category}
             names = sample_methods or sorted(p.name for p in Path(samples_dir).iterdir() if (p / "tgt_image").is_dir())
@@ -184,7 +185,7 @@ class DivRLTrainer(pl.Trainer):
                 raise FileNotFoundError(f"divrl evaluate: no <method>/tgt_image folders in samples_dir {samples_dir}")
             for name in names:
                 evaluation.run_method(name, samples_layout(samples_dir, name, categories),
-                                      meta={"samples_dir": str(Path(samples_dir).resolve())})  # fmt: skip
+                                      meta={"samples_dir": str(Path(samples_dir).resolve())})
         metrics = evaluation.write_reports()
         print(f"[divrl] evaluation of {', '.join(metrics['methods'])} written to {output_dir}")
         print((Path(output_dir) / "table.md").read_text().split("\n## ")[0])
@@ -193,15 +194,14 @@ class DivRLTrainer(pl.Trainer):
     def _eval_generator(self, model: DivRLModule, weights: str | None, num_steps: int):
         model.configure_model()
         if weights is not None:
-            _load_weights(model, weights)
+            load_weights(model, weights)
         model.to(self.strategy.root_device).eval()
 
         def generate(condition, num_samples: int, seed: int) -> torch.Tensor:
             generator = torch.Generator().manual_seed(seed)
             base = weights is None and model.policy.lora_config is not None
-            with model.policy_config.attention(), model.policy.adapter_disabled() if base else contextlib.nullcontext():
-                _, trajectory = model._rollout([condition.as_sample()], num_samples, 0.0, generator, num_steps)
-            return trajectory.images
+            with model.policy.adapter_disabled() if base else contextlib.nullcontext():
+                return model.generate([condition.as_sample()], num_samples, generator, num_steps=num_steps)
 
         return generate
 
@@ -209,7 +209,7 @@ class DivRLTrainer(pl.Trainer):
     def _eval_meta(model: DivRLModule, weights: str | None, num_steps: int) -> dict:
         return {"weights": None if weights is None else str(Path(weights).resolve()), "num_steps": num_steps,
                 "weights_files": _stamp(weights), "model": str(model.policy_config.model),
-                "resolution": model.grpo.resolution}  # fmt: skip
+                "resolution": model.sampling.resolution}
 
 
 def _conditions(datamodule, reference, prompts, mask, num_identities) -> list[ConditionSample]:
@@ -227,49 +227,12 @@ def _conditions(datamodule, reference, prompts, mask, num_identities) -> list[Co
     loader = datamodule.val_dataloader()
     conditions: list[ConditionSample] = []
     for batch in loader:
-        for c in batch.conditions:
-            for p in prompts or [c.prompt]:
-                conditions.append(ConditionSample(c.id, p, c.reference, c.mask, c.category))
+        for c in batch.conditions:  # other prompts than the identity's own have no precomputed rows
+            conditions += [c] if not prompts else [replace(c, prompt=p, conditioning=None) for p in prompts]
         if len({c.id for c in conditions}) >= num_identities:
             break
     ids = list(dict.fromkeys(c.id for c in conditions))[:num_identities]
     return [c for c in conditions if c.id in ids]
-
-
-def _load_weights(model: DivRLModule, path: str) -> None:
-    if (Path(path) / ".metadata").is_file() or str(path).endswith(".ckpt"):
-        if (Path(path) / ".metadata").is_file():  # a distributed (FSDP2) checkpoint folder
-            checkpoint = _read_distributed_checkpoint(Path(path), model)
-        else:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        model.load_state_dict(checkpoint["state_dict"], strict=False)
-        model.on_load_checkpoint(checkpoint)
-        average = next((state["shadow"] for name, state in checkpoint.get("callbacks", {}).items()
-                        if name.startswith("AdapterEMA") and state.get("shadow")), None)  # fmt: skip
-        if average is not None:  # the run's moving average: what its validation and its exported LoRA use
-            model.load_state_dict(average, strict=False)
-    elif (Path(path) / "transformer" / "config.json").is_file() or (Path(path) / "config.json").is_file():
-        from diffusers import FluxTransformer2DModel  # a fully fine-tuned transformer (LoRAExporter, full FT)
-
-        folder = Path(path) / "transformer" if (Path(path) / "transformer").is_dir() else Path(path)
-        trained = FluxTransformer2DModel.from_pretrained(folder)
-        model.policy.transformer.load_state_dict(trained.state_dict())
-    else:
-        model.policy.load_lora(path)
-
-
-def _read_distributed_checkpoint(path: Path, model: DivRLModule) -> dict:
-    """A distributed checkpoint's trainable weights (every rank's shards, none of its optimizer state) and metadata,
-    read in this one process."""
-    import torch.distributed.checkpoint as dcp
-
-    state = {"state_dict": {k: torch.empty_like(v) for k, v in model.trainable_state_dict().items()}}
-    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process is the intent here
-        warnings.filterwarnings("ignore", message=r"torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path, no_dist=True)
-    checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
-    checkpoint["state_dict"] = state["state_dict"]
-    return checkpoint
 
 
 def _stamp(weights: str | None) -> list | None:
@@ -279,4 +242,4 @@ def _stamp(weights: str | None) -> list | None:
     path = Path(weights)
     files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
     return [[str(f.relative_to(path) if path.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns]
-            for f in files]  # fmt: skip
+            for f in files]

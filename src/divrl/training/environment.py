@@ -1,0 +1,149 @@
+"""What a :class:`~divrl.training.DivRLModule` offers its objective (:class:`~divrl.objectives.Environment`): rollouts,
+skip-and-count scoring with one cross-rank agreement on reward errors, and cross-rank gathering; plus the reward
+metrics and the record of a scored group the image logger draws."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from divrl.data.stream import ConditionSample
+from divrl.objectives.base import Batch, SamplingConfig, Scores
+from divrl.policy.flops import PEAK_TFLOPS
+from divrl.rewards.base import Group, NonFiniteReward, Reward, RewardOutput
+
+__all__ = ["RunEnvironment", "RolloutGroup", "score_groups", "reward_metrics", "throughput", "device_peak"]
+
+log = logging.getLogger(__name__)
+
+
+class RunEnvironment:
+    """The :class:`~divrl.objectives.Environment` of one training step of ``module``, scoring with ``reward``; it
+    times the rollouts and the scoring (``timings``, seconds)."""
+
+    def __init__(self, module, reward: Reward, sampling: SamplingConfig):
+        self.module = module
+        self.reward = reward
+        self.sampling = sampling
+        self.timings = {"rollout": 0.0, "reward": 0.0}
+
+    def rollout(self, samples, group_size, generator, *, num_steps=None, noise_level=None, sde_steps=None):
+        start = self.module._clock()
+        out = self.module._trajectories(samples, group_size, generator, num_steps=num_steps, noise_level=noise_level,
+                                        sde_steps=sde_steps)
+        self.timings["rollout"] += self.module._clock() - start
+        return out
+
+    def score(self, samples: Sequence[ConditionSample], images: Tensor, group_size: int) -> Scores:
+        start = self.module._clock()
+        scores = score_groups(self.reward, samples, images, group_size, self.module.device, self.module._agree,
+                              self.module._count_skipped_group)
+        self.timings["reward"] += self.module._clock() - start
+        return scores
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        return self.module.all_gather(tensor) if self.module.trainer.world_size > 1 else tensor
+
+
+def score_groups(
+    reward: Reward,
+    samples: Sequence[ConditionSample],
+    images: Tensor,
+    group_size: int,
+    device: torch.device,
+    agree: Callable[[bool], bool],
+    on_skip: Callable[[], None] = lambda: None,
+) -> Scores:
+    """Score each condition's ``group_size`` images with ``reward``.
+
+    A group whose reward is not finite (:class:`~divrl.rewards.NonFiniteReward`) is skipped (``on_skip``) and logged:
+    its row is 0 and not kept. Any other exception is a configuration error: scoring stops, and after ``agree`` (every
+    rank says whether its scoring went well: one collective, so no rank is left waiting in the next one) the error is
+    raised, on the other ranks as a ``RuntimeError`` pointing to it.
+    """
+    rows, keep, outputs, error = [], [], [], None
+    for i, sample in enumerate(samples):
+        group = Group(sample, images[i * group_size : (i + 1) * group_size])
+        try:
+            out = reward(group)
+        except NonFiniteReward as err:
+            log.warning("skipping group %r (%r): %s", sample.id, sample.prompt, err)
+            on_skip()
+            rows.append(torch.zeros(group_size))
+            keep.append(False)
+            outputs.append(None)
+            continue
+        except Exception as err:  # noqa: BLE001 - re-raised below, once every rank knows
+            error = err
+            break
+        rows.append(out.reward)
+        keep.append(True)
+        outputs.append(out)
+    if not agree(error is None):
+        if error is not None:
+            raise error
+        raise RuntimeError("the reward raised an error on another rank (that rank's log has it); stopping every rank")
+    return Scores(torch.stack(rows).to(device), torch.tensor(keep, device=device), outputs)
+
+
+def reward_metrics(outputs: Sequence[RewardOutput | None], prefix: str) -> dict[str, float]:
+    """Mean and std of the rewards, the mean of every component all outputs have, and the gated fraction, over the
+    scored groups; ``reward/...`` for training, ``val/reward``, ``val/<component>``... for validation."""
+    outputs = [o for o in outputs if o is not None]
+    if not outputs:
+        return {}
+    reward = torch.cat([o.reward for o in outputs])
+    mean, std = ("mean", "std") if prefix == "reward" else ("reward", "reward_std")
+    metrics = {f"{prefix}/{mean}": reward.mean().item(), f"{prefix}/{std}": reward.std(unbiased=False).item()}
+    names = [n for n in outputs[0].components if all(n in o.components for o in outputs)]
+    for name in names:
+        metrics[f"{prefix}/{name}"] = torch.cat([o.components[name] for o in outputs]).mean().item()
+    metrics[f"{prefix}/gated_fraction"] = torch.cat([o.gated for o in outputs]).float().mean().item()
+    return metrics
+
+
+def throughput(policy, collected: Batch, samples: int, rollout_s: float, update_s: float,
+               peak: float | None) -> dict[str, float]:
+    """Achieved TFLOP/s of the rollout and the update (the policy's analytic FLOPs of the batch's network calls) and
+    MFU against ``peak`` TFLOP/s; nothing when the policy has no FLOP count."""
+    per_call = policy.flops_per_call(collected.condition) if collected.condition is not None else None
+    if per_call is None:
+        return {}
+    rollout_flops = per_call * samples * collected.rollout_calls
+    update_flops = per_call * samples * collected.update_calls
+    out = {"perf/rollout_tflops": rollout_flops / max(rollout_s, 1e-9) / 1e12,
+           "perf/update_tflops": update_flops / max(update_s, 1e-9) / 1e12}
+    if peak:
+        out["perf/mfu"] = (rollout_flops + update_flops) / max(rollout_s + update_s, 1e-9) / 1e12 / peak
+    return out
+
+
+def device_peak(device: torch.device) -> float | None:
+    """The dense bf16 peak TFLOP/s of a CUDA device, looked up by name in :data:`~divrl.policy.flops.PEAK_TFLOPS`."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+@dataclass
+class RolloutGroup:
+    """One scored group, kept for image logging: the condition, its ``G`` images and their scores (CPU).
+
+    Attributes:
+        step: the optimizer step when it was generated.
+        stage: the curriculum stage.
+        sample: the condition (its references are drawn first).
+        images: the ``G`` images.
+        output: their reward and components.
+    """
+
+    step: int
+    stage: int
+    sample: ConditionSample
+    images: Tensor
+    output: RewardOutput
