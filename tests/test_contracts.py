@@ -45,13 +45,13 @@ def brightness(images, prompts, metadata):
     return images.mean((1, 2, 3))
 
 
-def fit(model: DivRLModule, max_steps: int, tmp_path: Path | None = None, callbacks=()) -> DivRLTrainer:
+def fit(model: DivRLModule, max_steps: int, tmp_path: Path | None = None, callbacks=(), shards=SHARDS) -> DivRLTrainer:
     trainer = DivRLTrainer(
         accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks),
         default_root_dir=str(tmp_path) if tmp_path else None,
     )
-    trainer.fit(model, IdentityDataModule(SHARDS, batch_size=2, steps_per_epoch=10))
+    trainer.fit(model, IdentityDataModule(shards, batch_size=2, steps_per_epoch=10))
     return trainer
 
 
@@ -178,6 +178,27 @@ def test_a_toy_objective_trains_through_the_module():
     assert probe(model.policy) < 0.8 * probe(ToyPolicy(TOY_LORA))  # the module applied the objective's gradient
 
 
+def test_a_stage_switch_changes_the_objective_and_one_reward_serves_both_stages():
+    from divrl.training import StageSwitch
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen.append((type(pl_module.objective).__name__, "train/velocity_sq" in trainer.logged_metrics))
+
+    record = Record()
+    objectives = [GRPOObjective(micro_batch_size=8, timestep_fraction=1.0), ShrinkVelocity(steps=1)]
+    model = DivRLModule(ToyConfig(lora=TOY_LORA), [CallableReward(brightness)], objectives,
+                        SamplingConfig(group_size=4, num_steps=2, resolution=16))
+    fit(model, 3, callbacks=[StageSwitch(switch_steps=1), record])
+    assert record.seen == [("GRPOObjective", False), ("ShrinkVelocity", True), ("ShrinkVelocity", True)]
+    with pytest.raises(ValueError, match="need 2 rewards in model.rewards or 2 objectives"):
+        fit(DivRLModule(ToyConfig(lora=TOY_LORA), [CallableReward(brightness)], objectives[0],
+                        SamplingConfig(group_size=4, num_steps=2, resolution=16)), 1, callbacks=[StageSwitch(1)])
+
+
 # ---------------------------------------------------------------------------------------------------- the reward seam
 
 
@@ -199,6 +220,37 @@ def test_a_reward_reads_the_prompt_the_metadata_and_every_reference_during_train
         assert metadata[0]["id"] == sample.id and metadata[0]["source"] == "synthetic"
         assert metadata[0]["kind"] in ("star", "square", "disc", "triangle", "ring", "cross")  # the shard's JSON
         assert len(metadata[0]["references"]) == len(sample.references) == 1
+
+
+def test_several_references_reach_the_policy_the_reward_and_the_image_grid(tmp_path):
+    """Identities with two references each: the shards, the stream, the policy's encode, the reward's group and the
+    rollout grid all carry both (the family decides what to do with them; the toy one averages their colours)."""
+    import numpy as np
+    from PIL import Image
+
+    from divrl.data.synthetic import synthetic_records, write_shards
+    from divrl.training import RolloutImageLogger
+
+    records = list(synthetic_records(4, size=32, references_per_identity=2))
+    write_shards(records, tmp_path / "shards", shard_size=4, name="train")
+    counts = []
+
+    def count(images, prompts, metadata):
+        counts.append(len(metadata[0]["references"]))
+        return images.mean((1, 2, 3))
+
+    model = DivRLModule(ToyConfig(lora=TOY_LORA), [CallableReward(count)],
+                        GRPOObjective(micro_batch_size=4, timestep_fraction=1.0),
+                        SamplingConfig(group_size=2, num_steps=2, resolution=16))
+    logger = RolloutImageLogger(every_n_rollouts=1, tile=32)
+    fit(model, 1, tmp_path, [logger], shards=str(tmp_path / "shards"))
+    assert counts == [2, 2] and all(len(s.references) == 2 for batch in model.policy.seen for s in batch)
+    drawn = model.last_group.sample
+    grid = np.array(Image.open(logger.written[0]))
+    assert grid.shape[1] == 4 * 32  # two references, then the two images of the group
+    record = next(r for r in records if r.id == drawn.id)
+    for k in range(2):  # tile k of the first row is reference k, pixel for pixel
+        assert np.array_equal(grid[18 : 18 + 32, 32 * k : 32 * (k + 1)], np.array(record.references[k]))
 
 
 def test_a_weighted_sum_of_rewards_adds_the_parts_and_keeps_their_components():
