@@ -107,6 +107,19 @@ def test_the_grpo_objective_on_a_toy_family_is_on_policy_with_zero_kl_for_a_fres
     # the transition log-prob under the current policy reproduces the recorded one exactly
     out = transition_log_prob(policy, batch.trajectory, 1, batch.condition)
     assert torch.equal(out.log_prob, batch.trajectory.log_probs[:, 1])
+    # once the adapter moved, the KL is the exact Gaussian KL to the adapter-off network, computed here by hand
+    with torch.no_grad():
+        for name, p in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    index, step = items[1]
+    _, stats = objective.loss(policy, batch, (index, step))
+    moved = transition_log_prob(policy, batch.trajectory, step, batch.condition, index)
+    policy.transformer.disable_adapters()
+    base = transition_log_prob(policy, batch.trajectory, step, batch.condition, index)
+    policy.transformer.enable_adapters()
+    by_hand = ((moved.mean - base.mean) ** 2 / (2 * moved.std**2)).mean()
+    assert stats["kl"] > 0 and torch.allclose(stats["kl"], by_hand, rtol=1e-5)
 
 
 def test_a_toy_family_trains_through_the_module_and_its_export_loads_back(tmp_path):
@@ -372,6 +385,9 @@ def test_no_import_circle_between_modules_even_inside_functions():
 @pytest.mark.parametrize(("folders", "pattern"), [
     (["training"], r"policy\.(transformer|vae|text_encoder)"),
     (["grpo", "training", "data", "objectives"], r"flux_sigmas|prompt_embeds"),
+    (["grpo", "training", "data", "objectives", "rewards"],  # FLUX's components and classes, in code and docs
+     r"\b(Flux\w*|FLUX_\w*|x_embedder|transformer_blocks|pooled_prompt_embeds|image_latents|vae_scale_factor|"
+     r"KontextPolicy|KontextEncoder)\b"),
 ])
 def test_no_model_family_names_outside_the_policy(folders, pattern):
     hits = [f"{p.relative_to(SRC)}:{i}" for folder in folders for p in (SRC / folder).rglob("*.py")

@@ -353,6 +353,8 @@ def test_precomputed_conditioning_equals_what_the_policy_computes(tmp_path):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     with pytest.raises(ValueError, match=r"has 4 prompt rows, the prompt drawn is number 9"):
         policy.encode([dataclasses.replace(with_payload, prompt_index=9)], 32, 32)
+    with pytest.raises(ValueError, match=r"computed for other prompts .*edited after --precompute"):  # a stale payload
+        policy.encode([dataclasses.replace(with_payload, prompt="a prompt written later")], 32, 32)
 
 
 def fit_on(shards: Path, root: Path, *extra: str) -> dict:

@@ -85,6 +85,9 @@ def test_schema_errors_name_the_input():
         IdentityRecord.from_sample({**sample, "ref.png": b"\x89PNG truncated"})
     with pytest.raises(ValueError, match="not valid JSON"):
         IdentityRecord.from_sample({**sample, "json": b"{oops"})
+    black = IdentityRecord("x", good.references, good.prompts, Image.new("L", good.reference.size)).to_sample()
+    with pytest.raises(ValueError, match=r"'mask.png' is empty \(no subject pixel\)"):  # nothing to score against
+        IdentityRecord.from_sample(black)
 
 
 def same_pixels(a: Image.Image | None, b: Image.Image | None) -> bool:

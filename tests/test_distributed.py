@@ -22,7 +22,7 @@ FSDP1 = {"class_path": "divrl.training.FSDP1Strategy"}
 
 
 def run(tmp_path: Path, max_steps: int, callbacks: list[dict], timeout: int, config: str = "configs/demo.yaml",
-        strategy: str | dict = "ddp", *args: str) -> None:
+        strategy: str | dict = "ddp", *args: str, succeed: bool = True) -> str:
     """`divrl fit` in two gloo processes, with test callbacks importable from tests/helpers."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     overrides = tmp_path / "over.yaml"
@@ -34,7 +34,8 @@ def run(tmp_path: Path, max_steps: int, callbacks: list[dict], timeout: int, con
     done = subprocess.run([sys.executable, "-m", "divrl.cli", "fit", "--config", str(ROOT / config),
                            "--config", str(overrides), *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=path),
                           capture_output=True, text=True, timeout=timeout)  # a deadlock fails here, not CI
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.returncode == 0) == succeed, done.stderr[-3000:]
+    return done.stderr
 
 
 def run_ddp(tmp_path: Path, max_steps: int, callbacks: list[dict], timeout: int) -> None:
@@ -74,6 +75,27 @@ def test_a_failure_on_one_rank_neither_deadlocks_nor_desynchronises(tmp_path):
     assert ranks[0]["step"] == ranks[1]["step"] == 2
     weights = [load_file(tmp_path / "probe" / f"rank{r}.safetensors") for r in (0, 1)]
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-7) for k in weights[0])
+
+
+@pytest.mark.slow
+def test_a_reward_error_on_one_rank_stops_both_ranks_with_its_message(tmp_path):
+    """A configuration error inside the reward on rank 1 only: rank 1 raises it, rank 0 learns of it in their one
+    agreement and stops too, instead of waiting for rank 1 in the next collective."""
+    stderr = run(tmp_path, 3, [{"class_path": "helpers.probe.MisconfiguredRewardOnRankOne"}], 300, succeed=False)
+    assert "probe: this reward is misconfigured" in stderr  # rank 1's own message
+    assert "the reward failed on another rank" in stderr  # rank 0's
+
+
+@pytest.mark.slow
+def test_rollouts_with_no_finite_reward_on_any_rank_apply_nothing_and_stop_together(tmp_path):
+    stderr = run(tmp_path, 10, [{"class_path": "helpers.probe.NonFiniteRewardEverywhere"}], 300, "configs/demo.yaml",
+                 "ddp", "--model.system.max_empty_rollouts", "3", succeed=False)
+    assert "3 rollouts in a row had no group with a finite reward (NSSMReward" in stderr
+    counters = [json.loads((tmp_path / "probe" / f"counters{r}.json").read_text()) for r in (0, 1)]
+    # both ranks stopped at the same rollout, every group skipped, no update applied (or attempted and skipped)
+    assert all(c["empty_rollouts"] == 3 and c["skipped_groups"] == 3 * 2 and c.get("skipped_updates", 0) == 0
+               and c["global_step"] == 0
+               for c in counters), counters
 
 
 @pytest.mark.slow

@@ -177,6 +177,43 @@ def test_resume_matches_the_uninterrupted_run(trained, tmp_path, stop):
     assert [float(rows[s]["train/stage"]) for s in sorted(rows)] == [0, 0, 1, 1]
 
 
+FORMER_LAYOUT = {  # the model settings of a demo checkpoint written before the seams (divrl 4d90d9b), verbatim
+    "policy": {"model": "data/demo/tiny-kontext", "lora": {"rank": 8, "alpha": 16.0, "init": "gaussian", "dropout": 0.0},
+               "torch_dtype": "auto", "max_sequence_length": 32, "local_files_only": False, "revision": None,
+               "tiny_seed": 0, "text_encoders": True, "train_transformer": False, "gradient_checkpointing": False,
+               "sdpa_backends": ["flash", "efficient", "math"]},
+    "grpo": {"group_size": 8, "num_steps": 4, "noise_level": 0.9, "guidance": 2.5, "resolution": 32,
+             "clip_range": 0.0001, "adv_clip": 5.0, "adv_scope": "group", "kl_beta": 0.0, "ppo_epochs": 1,
+             "updates_per_epoch": 1, "micro_batch_size": 8, "rollout_micro_batch_size": None,
+             "rollout_keep_gathered": True, "timestep_fraction": 0.99, "sde_window": None, "max_grad_norm": 1.0,
+             "seed": 42, "val_group_size": 4, "max_consecutive_skips": 10},
+    "peak_tflops": None,
+    "_instantiator": "lightning.pytorch.cli.instantiate_module",
+}
+
+
+def test_a_checkpoint_of_the_former_settings_layout_resumes_exactly(trained, tmp_path):
+    """Lightning re-reads the model settings saved in a --ckpt_path file; those of the former single `grpo` group are
+    read in today's layout, and the resumed run ends where the uninterrupted one does."""
+    from divrl.training.checkpoints import upgrade_hparams
+
+    today = upgrade_hparams(FORMER_LAYOUT)
+    assert "grpo" not in today and today["policy"]["guidance"] == 2.5 and today["system"]["max_grad_norm"] == 1.0
+    assert today["sampling"] == {"group_size": 8, "num_steps": 4, "noise_level": 0.9, "resolution": 32, "seed": 42,
+                                 "val_group_size": 4}
+    assert today["objective"]["init_args"]["micro_batch_size"] == 8 and "seed" not in today["objective"]["init_args"]
+    assert upgrade_hparams(today) == today and FORMER_LAYOUT["grpo"]["guidance"] == 2.5  # the input is left as it was
+    fit(tmp_path, 1)
+    ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"] = FORMER_LAYOUT
+    torch.save(ckpt, tmp_path / "former.ckpt")
+    fit(tmp_path, 4, "--ckpt_path", str(tmp_path / "former.ckpt"))
+    for name in ("stage1", "final"):
+        resumed = load_file(tmp_path / f"lora/{name}/pytorch_lora_weights.safetensors")
+        straight = load_file(trained / f"lora/{name}/pytorch_lora_weights.safetensors")
+        assert all(torch.equal(resumed[k], straight[k]) for k in straight), name
+
+
 def test_resume_from_a_checkpoint_of_another_adapter_fails_clearly(trained, tmp_path):
     ckpt = torch.load(trained / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     dropped = sorted(ckpt["state_dict"])[0]

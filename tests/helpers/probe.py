@@ -64,7 +64,8 @@ class BreakRankOne(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         out = Path(trainer.default_root_dir) / "probe"
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"counters{trainer.global_rank}.json").write_text(json.dumps(dict(pl_module.counters)))
+        state = {**pl_module.counters, "global_step": trainer.global_step}
+        (out / f"counters{trainer.global_rank}.json").write_text(json.dumps(state))
 
 
 class GatherCounter(pl.Callback):
@@ -110,3 +111,36 @@ class GatherCounter(pl.Callback):
             out = Path(self.out_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "gathers0.json").write_text(json.dumps({"per_rollout": self.per_rollout, "units": units}))
+
+
+class MisconfiguredRewardOnRankOne(pl.Callback):
+    """On global rank 1 only, the reward raises a configuration error (not a non-finite score) at the first rollout."""
+
+    def on_fit_start(self, trainer, pl_module):
+        if trainer.global_rank != 1:
+            return
+
+        def misconfigured(group):
+            raise ValueError("probe: this reward is misconfigured")
+
+        for reward in pl_module.rewards:
+            reward.forward = misconfigured
+
+
+class NonFiniteRewardEverywhere(pl.Callback):
+    """On every rank, every group's reward is non-finite; writes each rank's counters when the run stops."""
+
+    def on_fit_start(self, trainer, pl_module):
+        from divrl.rewards import NonFiniteReward
+
+        def never_finite(group):
+            raise NonFiniteReward("probe: non-finite nssm scores [nan]")
+
+        for reward in pl_module.rewards:
+            reward.forward = never_finite
+
+    def on_exception(self, trainer, pl_module, exception):
+        out = Path(trainer.default_root_dir) / "probe"
+        out.mkdir(parents=True, exist_ok=True)
+        state = {**pl_module.counters, "global_step": trainer.global_step}
+        (out / f"counters{trainer.global_rank}.json").write_text(json.dumps(state))

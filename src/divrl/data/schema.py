@@ -196,6 +196,8 @@ class IdentityRecord:
             ref, mask = reference_key(len(references)), mask_key(len(references))
             references.append(_open(sample[ref], key, ref, "RGB"))
             masks.append(_open(sample[mask], key, mask, "L") if mask in sample else None)
+            if masks[-1] is not None and masks[-1].getbbox() is None:  # all black: no subject to score against
+                raise ValueError(f"shard sample {key!r}: {mask!r} is empty (no subject pixel); fix or drop the mask")
         indices = sorted(int(m.group(1)) for name in sample if (m := _MASK_I.match(name)))
         orphans = [index for index in indices if index >= len(references)]
         if orphans:

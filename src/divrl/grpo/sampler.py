@@ -6,9 +6,9 @@ recomputes one step's log-prob *with gradients* in the training path, through th
 ``sde_step``, so the first update's ratio is exactly 1 on-policy.
 
 The sampler sees the model only through the :class:`~divrl.policy.Policy` seam (``sigmas``, ``initial_noise``,
-``velocity``, ``decode``). With ``noise_level=0`` every step is the deterministic Euler step: for
-:class:`~divrl.policy.KontextPolicy` the rollout reproduces diffusers' ``FluxKontextPipeline`` output for the same
-components, prompt, reference, seed and steps.
+``velocity``, ``decode``). With ``noise_level=0`` every step is the deterministic Euler step: for FLUX.1 Kontext the
+rollout reproduces the diffusers pipeline's output for the same components, prompt, reference, seed and steps
+(``tests/test_policy.py``).
 """
 
 from __future__ import annotations

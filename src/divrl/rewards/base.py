@@ -111,7 +111,7 @@ class Reward(nn.Module):
 
     Calling a reward runs :meth:`forward` and checks its output: one finite float reward per image and finite
     components of the same shape, else :class:`NonFiniteReward` (non-finite values) or ``ValueError`` (a malformed
-    output, a configuration error). ``reward(reference, images, ref_mask)`` is a shorthand for scoring one reference
+    output, a configuration error); what it returns is detached float32 on the CPU, whatever device the reward ran on. ``reward(reference, images, ref_mask)`` is a shorthand for scoring one reference
     outside training (:meth:`Group.of`). Reward models are judges: the training module never trains them.
     """
 
@@ -123,13 +123,26 @@ class Reward(nn.Module):
             group = Group.of(group, images, ref_mask, gen_masks)
         out = super().__call__(group)
         check_output(out, group.size, type(self).__name__)
-        return out
+        return RewardOutput(_plain(out.reward), {k: _plain(v) for k, v in out.components.items()},
+                            out.gated.detach().bool().cpu())
+
+
+RESERVED_COMPONENTS = frozenset({"reward", "reward_std", "mean", "std", "gated_fraction", "id", "prompt", "files"})
+"""Names a component cannot take: they are the reward's own metrics and ``samples.json`` fields."""
+
+
+def _plain(value: Tensor) -> Tensor:
+    return value.detach().float().cpu()
 
 
 def check_output(out: RewardOutput, size: int, who: str) -> None:
     """Refuse a reward output that is not ``size`` finite rewards and components (see :class:`Reward`)."""
     if not isinstance(out, RewardOutput):
         raise TypeError(f"{who} returned {type(out).__name__}; a reward's forward returns a RewardOutput")
+    reserved = sorted(set(out.components) & RESERVED_COMPONENTS)
+    if reserved or not all(isinstance(k, str) and k for k in out.components):
+        raise ValueError(f"{who} returned components named {reserved or list(out.components)}; component names are "
+                         f"non-empty strings other than {sorted(RESERVED_COMPONENTS)}")
     for name, value in {"reward": out.reward, **out.components, "gated": out.gated}.items():
         if not isinstance(value, Tensor) or tuple(value.shape) != (size,):
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__

@@ -166,9 +166,9 @@ class LoRAExporter(pl.Callback):
     """Writes the trained weights (the adapter's moving average when :class:`AdapterEMA` is among the callbacks) through
     :meth:`divrl.policy.Policy.export` to ``<default_root_dir>/<dirname>/stage<k>/`` when stage ``k`` ends and to
     ``<default_root_dir>/<dirname>/final/`` when training ends, with an ``info.json`` (step, stage, base model). A LoRA
-    is written in diffusers' format (``pytorch_lora_weights.safetensors``, loadable with the family pipeline's
-    ``load_lora_weights``, e.g. ``FluxKontextPipeline``); full fine-tuning writes the trained network as a diffusers
-    model folder (``transformer/``).
+    is written in diffusers' format (``pytorch_lora_weights.safetensors``, loadable with the ``load_lora_weights`` of
+    the family's diffusers pipeline); full fine-tuning writes the trained network as a diffusers model folder
+    (``transformer/``).
 
     Args:
         dirname: folder under the trainer's ``default_root_dir``.

@@ -5,6 +5,8 @@
   Lightning collected; :func:`check_trainable_keys` refuses a checkpoint of another adapter with the fix.
 - **Exports** (written by :class:`~divrl.training.LoRAExporter` through :meth:`divrl.policy.Policy.export`): a LoRA in
   diffusers' format, or a full fine-tune's model folder.
+- :func:`upgrade_hparams` reads the model settings of a checkpoint written before they were grouped by concern (one
+  ``grpo`` group), so ``--ckpt_path`` resumes such a run.
 - :func:`load_weights` reads any of them into a module, for ``divrl sample`` and ``divrl evaluate``: a run's
   checkpoint applies its moving average (:class:`~divrl.training.AdapterEMA`) when it has one, as the run's own
   validation and exports do.
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 from divrl.policy.sharding import trainable_parameters
 
 __all__ = ["trainable_state_dict", "keep_trainable", "check_trainable_keys", "load_weights", "read_checkpoint",
-           "DCP_METADATA"]
+           "upgrade_hparams", "DCP_METADATA"]
 
 DCP_METADATA = "meta.pt"
 """Lightning's name for the non-tensor part of a distributed checkpoint folder."""
@@ -85,3 +87,28 @@ def load_weights(module, path: str | Path) -> None:
                     if name.startswith("AdapterEMA") and state.get("shadow")), None)
     if average is not None:  # the run's moving average: what its validation and its exported LoRA use
         module.load_state_dict(average, strict=False)
+
+
+_SAMPLING = ("group_size", "num_steps", "noise_level", "resolution", "seed", "val_group_size")
+_SYSTEM = ("rollout_micro_batch_size", "rollout_keep_gathered", "max_grad_norm", "max_consecutive_skips")
+
+
+def upgrade_hparams(hparams: dict) -> dict:
+    """A checkpoint's model settings in today's layout: the former ``grpo`` group (divrl before the seams) is split into
+    ``sampling``, ``objective`` (Flow-GRPO's settings) and ``system``, its ``guidance`` moves to ``policy``. Settings in
+    today's layout come back unchanged."""
+    if not isinstance(hparams.get("grpo"), dict):
+        return hparams
+    hparams, grpo = dict(hparams), dict(hparams["grpo"])
+    del hparams["grpo"]
+    guidance = grpo.pop("guidance", None)
+    policy = hparams.get("policy")
+    if isinstance(policy, dict) and guidance is not None:
+        if "init_args" in policy:
+            hparams["policy"] = {**policy, "init_args": {"guidance": guidance, **policy["init_args"]}}
+        else:
+            hparams["policy"] = {"guidance": guidance, **policy}
+    hparams["sampling"] = {k: grpo.pop(k) for k in _SAMPLING if k in grpo}
+    hparams["system"] = {k: grpo.pop(k) for k in _SYSTEM if k in grpo}
+    hparams["objective"] = {"class_path": "divrl.objectives.GRPOObjective", "init_args": grpo}
+    return hparams

@@ -16,7 +16,7 @@ from divrl.objectives.base import Batch, SamplingConfig, Scores
 from divrl.policy.flops import PEAK_TFLOPS
 from divrl.rewards.base import Group, NonFiniteReward, Reward, RewardOutput
 
-__all__ = ["RunEnvironment", "RolloutGroup", "score_groups", "reward_metrics", "throughput", "device_peak"]
+__all__ = ["RunEnvironment", "RolloutGroup", "agreed", "score_groups", "reward_metrics", "throughput", "device_peak"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,18 @@ class RunEnvironment:
         return self.module.all_gather(tensor) if self.module.trainer.world_size > 1 else tensor
 
 
+def agreed(fn: Callable[[], object], agree: Callable[[bool], bool], what: str):
+    """``fn()``, with one agreement of every rank on whether it raised (a collective: no rank is left waiting in the
+    next one); when it raised anywhere, every rank raises: its own error, or a ``RuntimeError`` pointing to it."""
+    try:
+        result, error = fn(), None
+    except Exception as err:  # noqa: BLE001 - re-raised below, once every rank knows
+        result, error = None, err
+    if not agree(error is None):
+        raise error or RuntimeError(f"{what} failed on another rank (that rank's log has the error); stopping every rank")
+    return result
+
+
 def score_groups(
     reward: Reward,
     samples: Sequence[ConditionSample],
@@ -61,33 +73,33 @@ def score_groups(
     """Score each condition's ``group_size`` images with ``reward``.
 
     A group whose reward is not finite (:class:`~divrl.rewards.NonFiniteReward`) is skipped (``on_skip``) and logged:
-    its row is 0 and not kept. Any other exception is a configuration error: scoring stops, and after ``agree`` (every
-    rank says whether its scoring went well: one collective, so no rank is left waiting in the next one) the error is
-    raised, on the other ranks as a ``RuntimeError`` pointing to it.
+    its row is 0 and not kept. Any other exception is a configuration error: it is logged with the identity, and
+    raised on every rank after their agreement (:func:`agreed`).
     """
-    rows, keep, outputs, error = [], [], [], None
-    for i, sample in enumerate(samples):
-        group = Group(sample, images[i * group_size : (i + 1) * group_size])
-        try:
-            out = reward(group)
-        except NonFiniteReward as err:
-            log.warning("skipping group %r (%r): %s", sample.id, sample.prompt, err)
-            on_skip()
-            rows.append(torch.zeros(group_size))
-            keep.append(False)
-            outputs.append(None)
-            continue
-        except Exception as err:  # noqa: BLE001 - re-raised below, once every rank knows
-            error = err
-            break
-        rows.append(out.reward)
-        keep.append(True)
-        outputs.append(out)
-    if not agree(error is None):
-        if error is not None:
-            raise error
-        raise RuntimeError("the reward raised an error on another rank (that rank's log has it); stopping every rank")
-    return Scores(torch.stack(rows).to(device), torch.tensor(keep, device=device), outputs)
+
+    def score() -> Scores:
+        rows, keep, outputs = [], [], []
+        for i, sample in enumerate(samples):
+            group = Group(sample, images[i * group_size : (i + 1) * group_size])
+            try:
+                out = reward(group)
+            except NonFiniteReward as err:
+                log.warning("skipping group %r (%r): %s", sample.id, sample.prompt, err)
+                on_skip()
+                rows.append(torch.zeros(group_size))
+                keep.append(False)
+                outputs.append(None)
+                continue
+            except Exception as err:
+                log.error("%s failed on identity %r (%r): %s: %s", type(reward).__name__, sample.id, sample.prompt,
+                          type(err).__name__, err)
+                raise
+            rows.append(out.reward)
+            keep.append(True)
+            outputs.append(out)
+        return Scores(torch.stack(rows).to(device), torch.tensor(keep, device=device), outputs)
+
+    return agreed(score, agree, "the reward")
 
 
 def reward_metrics(outputs: Sequence[RewardOutput | None], prefix: str) -> dict[str, float]:
@@ -106,15 +118,16 @@ def reward_metrics(outputs: Sequence[RewardOutput | None], prefix: str) -> dict[
     return metrics
 
 
-def throughput(policy, collected: Batch, samples: int, rollout_s: float, update_s: float,
-               peak: float | None) -> dict[str, float]:
+def throughput(policy, collected: Batch, samples: int, rollout_s: float, update_s: float, peak: float | None,
+               updated: bool = True) -> dict[str, float]:
     """Achieved TFLOP/s of the rollout and the update (the policy's analytic FLOPs of the batch's network calls) and
-    MFU against ``peak`` TFLOP/s; nothing when the policy has no FLOP count."""
+    MFU against ``peak`` TFLOP/s; nothing when the policy has no FLOP count, no update FLOPs when the batch was not
+    applied (``updated``)."""
     per_call = policy.flops_per_call(collected.condition) if collected.condition is not None else None
     if per_call is None:
         return {}
     rollout_flops = per_call * samples * collected.rollout_calls
-    update_flops = per_call * samples * collected.update_calls
+    update_flops = per_call * samples * collected.update_calls if updated else 0.0
     out = {"perf/rollout_tflops": rollout_flops / max(rollout_s, 1e-9) / 1e12,
            "perf/update_tflops": update_flops / max(update_s, 1e-9) / 1e12}
     if peak:

@@ -42,21 +42,10 @@ from divrl.policy.sharding import all_reduce_grads, gathered, grad_norm
 from divrl.rewards.base import Reward
 from divrl.training import checkpoints
 from divrl.training.config import SystemConfig
-from divrl.training.environment import (
-    RolloutGroup,
-    RunEnvironment,
-    device_peak,
-    reward_metrics,
-    score_groups,
-    throughput,
-)
-from divrl.training.strategies import (
-    check_optimizer_strategy,
-    check_strategy,
-    data_parallel_mesh,
-    is_fsdp1,
-    shard_policy,
-)
+from divrl.training.environment import (RolloutGroup, RunEnvironment, agreed, device_peak, reward_metrics,
+                                        score_groups, throughput)
+from divrl.training.strategies import (check_optimizer_strategy, check_strategy, data_parallel_mesh, is_fsdp1,
+                                       shard_policy)
 from divrl.utils import mix_seeds
 
 __all__ = ["DivRLModule", "default_optimizer"]
@@ -190,13 +179,14 @@ class DivRLModule(pl.LightningModule):
             collected = self.objective.collect(self.policy, batch.conditions, env, generator)
             metrics = self._collected_metrics(collected)
             start = self._clock()
-            stats = self._update(collected) if self._trains_on(collected) else {}
+            trains = self._trains_on(collected)
+            stats = self._update(collected) if trains else {}
             update_s = self._clock() - start
         self.rollouts_done += 1
         metrics.update(stats)
         samples = len(collected.samples) * collected.group_size
         peak = self.peak_tflops or device_peak(self.device)
-        metrics.update(throughput(self.policy, collected, samples, env.timings["rollout"], update_s, peak))
+        metrics.update(throughput(self.policy, collected, samples, env.timings["rollout"], update_s, peak, trains))
         metrics.update({
             "time/rollout": env.timings["rollout"], "time/reward": env.timings["reward"], "time/update": update_s,
             "train/stage": float(self.stage),
@@ -262,6 +252,9 @@ class DivRLModule(pl.LightningModule):
         (no host sync per item).
         """
         count = len(items)
+        if not count:
+            raise ValueError(f"{type(self.objective).__name__}.updates yielded an empty update: every update needs at "
+                             f"least one work item (and the same number on every rank)")
         max_stats = self.objective.max_stats
         sums: dict[str, Tensor] = {}
 
@@ -326,7 +319,8 @@ class DivRLModule(pl.LightningModule):
         steps = num_steps or sampling.num_steps
         noise = sampling.noise_level if noise_level is None else noise_level
         size = sampling.resolution
-        condition = self.policy.encode(samples, size, size, group_size)
+        # a sample the policy cannot encode (a precomputed payload of another size...) stops every rank together
+        condition = agreed(lambda: self.policy.encode(samples, size, size, group_size), self._agree, "encoding")
         keep = self.system.rollout_keep_gathered
         with torch.no_grad(), gathered(self.policy.network) if keep else contextlib.nullcontext():  # FSDP2: one gather
             trajectory = rollout(
@@ -361,8 +355,11 @@ class DivRLModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------ helpers
 
     def _agree(self, decision: bool) -> bool:
-        """``decision`` and-ed over every rank (one collective; the decision itself in one process)."""
-        return self.trainer.strategy.reduce_boolean_decision(decision, all=True)
+        """``decision`` and-ed over every rank (one collective; the decision itself in one process or without a
+        trainer, as in ``divrl sample``)."""
+        if self._trainer is None:
+            return decision
+        return self._trainer.strategy.reduce_boolean_decision(decision, all=True)
 
     def _count_skipped_group(self) -> None:
         self.counters["skipped_groups"] += 1

@@ -26,7 +26,7 @@ __all__ = ["FSDP1Strategy", "FSDP2Strategy", "shard_policy", "data_parallel_mesh
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    """FSDP2 over all processes: ``fully_shard`` per FLUX block (done by ``DivRLModule.configure_model``).
+    """FSDP2 over all processes: ``fully_shard`` per unit of the policy's network (FLUX's blocks; :func:`shard_policy`).
 
     Args:
         data_parallel_size: processes sharing the shards; ``"auto"``: all of them (nodes × devices).
@@ -91,7 +91,7 @@ class FSDP1Strategy(FSDPStrategy):
     here does. Full fine-tuning (every weight trains) shards with :class:`FSDP2Strategy`.
 
     Under ``FULL_SHARD`` each block is gathered again at every denoising step of a rollout (FSDP1 frees a non-root
-    unit after every forward; ``grpo.rollout_keep_gathered`` is FSDP2's); ``SHARD_GRAD_OP`` keeps the blocks gathered
+    unit after every forward; ``system.rollout_keep_gathered`` is FSDP2's); ``SHARD_GRAD_OP`` keeps the blocks gathered
     from the rollout's first step to the backward pass, at the memory of the whole base on each GPU.
 
     Args:

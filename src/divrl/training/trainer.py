@@ -227,8 +227,8 @@ def _conditions(datamodule, reference, prompts, mask, num_identities) -> list[Co
     loader = datamodule.val_dataloader()
     conditions: list[ConditionSample] = []
     for batch in loader:
-        for c in batch.conditions:  # other prompts than the identity's own have no precomputed rows
-            conditions += [c] if not prompts else [replace(c, prompt=p, conditioning=None) for p in prompts]
+        for c in batch.conditions:  # encoded from the images, as for --reference (precomputed shards may be of another size)
+            conditions += [replace(c, prompt=p, conditioning=None) for p in prompts or [c.prompt]]
         if len({c.id for c in conditions}) >= num_identities:
             break
     ids = list(dict.fromkeys(c.id for c in conditions))[:num_identities]

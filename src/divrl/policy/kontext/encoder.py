@@ -1,7 +1,8 @@
 """FLUX.1 Kontext conditioning: prompts and reference images → :class:`Condition`, and the precomputed payload.
 
 :class:`KontextEncoder` is the only reader and writer of the payload ``divrl data --precompute`` stores in a shard
-(``cond.pth``): a dict with ``model``, ``resolution``, ``max_sequence_length``, ``prompt_embeds`` ``(P, L, D)`` and
+(``cond.pth``): a dict with ``model``, ``resolution``, ``max_sequence_length``, ``prompts`` (the identity's prompts
+it was computed for; absent in payloads written before divrl's seams), ``prompt_embeds`` ``(P, L, D)`` and
 ``pooled_prompt_embeds`` ``(P, D')`` (one row per prompt of the identity, in order) and ``image_latents`` ``(K, T, C)``
 (the packed latents of each of the identity's ``K`` references). Prompt encoding and reference preprocessing go through
 diffusers' own ``FluxKontextPipeline`` methods on the policy's components, so tokenisation, truncation and VAE scaling
@@ -289,6 +290,11 @@ class KontextEncoder:
         if not 0 <= sample.prompt_index < rows or len(payload["pooled_prompt_embeds"]) != rows:
             raise ValueError(f"identity {sample.id!r}: its precomputed conditioning has {rows} prompt rows, the prompt "
                              f"drawn is number {sample.prompt_index}; rewrite the shards with --precompute")
+        prompts = payload.get("prompts")  # payloads written since divrl's seams name their prompts
+        if prompts is not None and (len(prompts) != rows or prompts[sample.prompt_index] != sample.prompt):
+            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning was computed for other prompts "
+                             f"({len(prompts)} rows; the one drawn is {sample.prompt!r}): the shards were edited after "
+                             f"--precompute; rewrite them")
         if len(payload["image_latents"]) != len(sample.references):
             raise ValueError(f"identity {sample.id!r}: its precomputed conditioning has {len(payload['image_latents'])} "
                              f"reference latents for {len(sample.references)} references; rewrite the shards")
@@ -307,7 +313,7 @@ class KontextEncoder:
         latents = torch.cat([self.encode_reference(r, resolution, resolution) for r in record.references])
         self.clear()  # every identity has its own prompts: keep host memory flat
         return {
-            "model": self.policy.model_id, "resolution": resolution,
+            "model": self.policy.model_id, "resolution": resolution, "prompts": list(record.prompts),
             "max_sequence_length": self.policy.max_sequence_length, "prompt_embeds": embeds.cpu().clone(),
             "pooled_prompt_embeds": pooled.cpu().clone(), "image_latents": latents.cpu().clone(),
         }
