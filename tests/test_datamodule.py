@@ -233,7 +233,7 @@ def test_orphan_or_mis_sized_masks_and_bad_payloads_are_skipped_counted_and_name
     good = [r.to_sample() for r in synthetic_records(5, size=16, prompts_per_identity=2, references_per_identity=2)]
     saved = io.BytesIO()
     torch.save([torch.zeros(2)], saved)
-    small_mask = png(Image.new("L", (8, 8)))
+    small_mask = png(Image.new("L", (8, 8), 255))
     bad = {
         "'mask_1.png' has no reference: 'ref_1.png' is absent": {k: v for k, v in good[1].items() if k != "ref_1.png"},
         "mask 1 has size (8, 8) but reference 1 has size (16, 16)": dict(good[2], **{"mask_1.png": small_mask}),

@@ -128,6 +128,11 @@ class Objective(ABC):
     """Base class of training objectives (GRPO, DPO, SFT...). Subclasses are small dataclasses of their settings
     (``model.objective`` in YAML) with the three methods below; they keep no state between batches.
 
+    Under DDP and FSDP every backward pass and every ``env`` call is a collective, so an objective must do the same
+    amount of work on every rank whatever its data: the same ``env.rollout`` / ``env.score`` calls in ``collect``, the
+    same number of updates and of items per update (weight an item by 0 rather than dropping it, as GRPO keeps the
+    samples of skipped groups with advantage 0).
+
     Attributes:
         max_stats: names of loss statistics reduced by their maximum over an update (the others by their mean).
     """
