@@ -100,8 +100,25 @@ def normalise_references(identity: str, references, masks) -> tuple[list, list]:
     return refs, masks
 
 
+class FirstReference:
+    """``reference`` and ``mask``: the first reference (``ref.png``) and its mask, for single-subject code."""
+
+    references: list  # provided by the dataclass that mixes this in
+    masks: list
+
+    @property
+    def reference(self) -> Image.Image:
+        """The first reference."""
+        return self.references[0]
+
+    @property
+    def mask(self) -> Image.Image | None:
+        """The mask of the first reference, or ``None``."""
+        return self.masks[0]
+
+
 @dataclass
-class IdentityRecord:
+class IdentityRecord(FirstReference):
     """One identity: one or more reference images, their optional subject masks, and the prompts to condition on.
 
     ``IdentityRecord(id, image, prompts, mask)`` (one image and its mask, not in a list) means one reference. After
@@ -149,16 +166,6 @@ class IdentityRecord:
                 f"identity {self.id!r}: precomputed conditioning must be a dict (what cond.pth stores), got a "
                 f"{type(self.conditioning).__name__}"
             )
-
-    @property
-    def reference(self) -> Image.Image:
-        """The first reference (``ref.png``)."""
-        return self.references[0]
-
-    @property
-    def mask(self) -> Image.Image | None:
-        """The mask of the first reference (``mask.png``), or ``None``."""
-        return self.masks[0]
 
     def to_sample(self) -> dict:
         """The WebDataset sample (``__key__`` plus encoded files) for ``webdataset.TarWriter.write``."""

@@ -23,7 +23,7 @@ from itertools import islice
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from divrl.data.schema import IdentityRecord, normalise_references
+from divrl.data.schema import FirstReference, IdentityRecord, normalise_references
 
 __all__ = [
     "ConditionBatch", "ConditionSample", "SkipCounter", "TrainConditionStream", "ValConditionStream", "read_identities",
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ConditionSample:
+class ConditionSample(FirstReference):
     """One (identity, prompt) condition: what a group of ``G`` rollouts is conditioned on.
 
     ``ConditionSample(id, prompt, image, mask, category)`` (one image and its mask, not in a list) means one
@@ -65,16 +65,6 @@ class ConditionSample:
 
     def __post_init__(self) -> None:
         self.references, self.masks = normalise_references(self.id, self.references, self.masks)
-
-    @property
-    def reference(self) -> Image.Image:
-        """The first reference."""
-        return self.references[0]
-
-    @property
-    def mask(self) -> Image.Image | None:
-        """The mask of the first reference, or ``None``."""
-        return self.masks[0]
 
 
 @dataclass
