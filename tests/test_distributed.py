@@ -99,6 +99,25 @@ def test_rollouts_with_no_finite_reward_on_any_rank_apply_nothing_and_stop_toget
 
 
 @pytest.mark.slow
+def test_compiled_blocks_with_selective_checkpointing_stay_on_policy_under_fsdp2(tmp_path):
+    """policy.compile with selective checkpointing under FSDP2: each block's forward is compiled inside FSDP2's
+    all-gather hooks; every update of both ranks is exactly on-policy, the compile time is logged, and the ranks hold
+    one adapter that trained."""
+    keys = ["train/ratio_max_dev", "perf/compile_s"]
+    callbacks = [probe(tmp_path), {"class_path": "helpers.probe.MetricsProbe",
+                                   "init_args": {"out_dir": str(tmp_path), "keys": keys}}]
+    run(tmp_path, 2, callbacks, 600, "configs/demo.yaml", FSDP2, "--model.policy.compile", "true",
+        "--model.policy.gradient_checkpointing", "selective")
+    for rank in (0, 1):
+        rows = json.loads((tmp_path / f"metrics{rank}.json").read_text())
+        assert len(rows) == 2 and all(r["train/ratio_max_dev"] <= 1e-6 for r in rows)
+        assert rows[0]["perf/compile_s"] > 0  # the first rollout and update compiled the blocks
+    _, weights = probed(tmp_path)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert any(v.abs().max() > 0 for k, v in weights[0].items() if "lora_B" in k)
+
+
+@pytest.mark.slow
 def test_fsdp2_and_fsdp1_train_the_same_adapter_as_ddp_on_disjoint_data(tmp_path):
     """FSDP2 (fully_shard per FLUX block, reduce-scatter of gradients), FSDP1 (each block's frozen base one unit, the
     LoRA weights unwrapped and all-reduced; here with activation checkpointing of the wrapped blocks) and DDP
@@ -106,7 +125,7 @@ def test_fsdp2_and_fsdp1_train_the_same_adapter_as_ddp_on_disjoint_data(tmp_path
     rounding."""
     run_ddp(tmp_path / "ddp", 3, [probe(tmp_path / "ddp")], timeout=600)
     ddp, ddp_w = probed(tmp_path / "ddp")
-    checkpointing = ("--model.policy.gradient_checkpointing", "true")
+    checkpointing = ("--model.policy.gradient_checkpointing", "full")
     for name, strategy, args in (("fsdp2", FSDP2, ()), ("fsdp1", FSDP1, checkpointing)):
         out = tmp_path / name
         counter = {"class_path": "helpers.probe.GatherCounter", "init_args": {"out_dir": str(out)}}

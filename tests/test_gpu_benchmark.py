@@ -4,6 +4,7 @@ FLUX blocks really perform (counted with forward hooks)."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
 def load():
     spec = importlib.util.spec_from_file_location("gpu_step", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -54,6 +56,32 @@ def test_smoke_run_reports_every_figure():
                 "train_mfu"):
         assert results[key] > 0, key
     assert results["trajectory_group_s"] == results["rollout_s"] + results["update_s"]
+
+
+def test_compare_runs_each_lever_on_one_model_and_every_setting_is_on_policy(capsys):
+    bench = load()
+    names = ["today", "lora-bf16", "selective", "no-checkpointing"]
+    results = bench.main(["--smoke", "--device", "cpu", "--compare", *names])
+    assert list(results) == names
+    assert results["today"]["lora_compute_dtype"] == "float32" and results["today"]["gradient_checkpointing"] == "full"
+    assert results["lora-bf16"]["lora_compute_dtype"] == "bfloat16"
+    for name, row in results.items():
+        assert row["max_ratio_dev"] <= 1e-6, name
+        assert row["trajectory_s"] == pytest.approx(row["trajectory_group_s"] / 4)
+    table = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("setting") and "s/trajectory" in line and "max|r-1|" in line for line in table)
+    assert {line.split()[0] for line in table if line.split()} >= set(names)
+    assert set(bench.comparison("cpu")) >= {"today", "lora-bf16", "compile", "selective", "tf32", "all"}
+    with pytest.raises(SystemExit, match="unknown settings"):
+        bench.main(["--smoke", "--device", "cpu", "--compare", "fastest"])
+
+
+def test_the_full_size_benchmark_refuses_to_run_on_a_cpu_unless_told(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        load().parse([])
+    assert exit_.value.code == 2 and "--smoke" in capsys.readouterr().err
+    assert load().parse(["--device", "cpu"]).device == "cpu"
 
 
 def test_memory_model_counts_match_peft_and_a_hand_computed_case():

@@ -18,6 +18,7 @@ from divrl.grpo import rollout
 from divrl.policy.flops import transformer_flops
 from divrl.policy.tiny import tiny_kontext_components
 from divrl.policy import KontextConfig
+from divrl.policy.compute import UnitForward
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -316,9 +317,9 @@ def test_kl_to_the_reference_policy_is_zero_for_the_fresh_adapter_then_grows(tmp
 
 def test_gradient_checkpointing_trains_the_same_adapter(trained, tmp_path):
     config = demo_policy_config()
-    config.gradient_checkpointing = True
-    assert config.build().transformer.is_gradient_checkpointing
-    fit(tmp_path, SWITCH, "--model.policy.gradient_checkpointing", "true")
+    config.gradient_checkpointing = "selective"
+    assert all(isinstance(block.forward, UnitForward) for block in config.build().shard_units())
+    fit(tmp_path, SWITCH, "--model.policy.gradient_checkpointing", "selective")
     checkpointed = load_file(tmp_path / "lora/final/pytorch_lora_weights.safetensors")
     plain = load_file(trained / "lora/stage1/pytorch_lora_weights.safetensors")  # the same 2 updates
     assert all(torch.allclose(checkpointed[k], plain[k], atol=1e-6) for k in plain)

@@ -144,3 +144,19 @@ class NonFiniteRewardEverywhere(pl.Callback):
         out.mkdir(parents=True, exist_ok=True)
         state = {**pl_module.counters, "global_step": trainer.global_step}
         (out / f"counters{trainer.global_rank}.json").write_text(json.dumps(state))
+
+
+class MetricsProbe(pl.Callback):
+    """Each rank writes the given metrics of every training step (``metrics<rank>.json``, a list of dicts)."""
+
+    def __init__(self, out_dir: str, keys: list[str]):
+        super().__init__()
+        self.out_dir, self.keys, self.rows = out_dir, keys, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rows.append({k: float(trainer.callback_metrics[k]) for k in self.keys if k in trainer.callback_metrics})
+
+    def on_train_end(self, trainer, pl_module):
+        out = Path(self.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"metrics{trainer.global_rank}.json").write_text(json.dumps(self.rows))

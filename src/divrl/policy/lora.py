@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from divrl.policy.sharding import clean_name, full_tensor, unwrapped
@@ -77,14 +78,18 @@ class LoRAConfig:
         )
 
 
-def add_adapter(network: nn.Module, config: LoRAConfig) -> None:
+def add_adapter(network: nn.Module, config: LoRAConfig, compute_dtype: torch.dtype = torch.float32) -> None:
     """Add ``config``'s adapter to a diffusers transformer; the adapter weights train, in float32 whatever the
-    base's dtype (the frozen base keeps its own)."""
+    base's dtype (the frozen base keeps its own), and compute in ``compute_dtype``
+    (:func:`divrl.policy.compute.cast_lora_compute`; float32: peft's own float32 path)."""
+    from divrl.policy.compute import cast_lora_compute
+
     network.add_adapter(config.to_peft())
     for name, parameter in network.named_parameters():
         if "lora_" in name:
             parameter.data = parameter.data.float()
             parameter.requires_grad_(True)
+    cast_lora_compute(network, compute_dtype)
 
 
 @contextlib.contextmanager

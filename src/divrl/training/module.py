@@ -37,6 +37,7 @@ from divrl.grpo import rollout
 from divrl.objectives.base import Batch, Objective, SamplingConfig
 from divrl.objectives.grpo import GRPOObjective
 from divrl.policy.base import PolicyConfig
+from divrl.policy.compute import compile_seconds
 from divrl.policy.kontext import KontextConfig
 from divrl.policy.sharding import all_reduce_grads, gathered, grad_norm
 from divrl.rewards.base import Reward
@@ -175,6 +176,7 @@ class DivRLModule(pl.LightningModule):
         self.counters["skipped_samples"] += batch.skipped
         env = RunEnvironment(self, self.reward, self.sampling)
         generator = torch.Generator().manual_seed(mix_seeds(self.sampling.seed, self.global_rank, self.rollouts_done))
+        compiled = compile_seconds() if self.policy_config.compile else 0.0
         with self.policy.attention():
             collected = self.objective.collect(self.policy, batch.conditions, env, generator)
             metrics = self._collected_metrics(collected)
@@ -187,6 +189,10 @@ class DivRLModule(pl.LightningModule):
         samples = len(collected.samples) * collected.group_size
         peak = self.peak_tflops or device_peak(self.device)
         metrics.update(throughput(self.policy, collected, samples, env.timings["rollout"], update_s, peak, trains))
+        if self.policy_config.compile:  # the blocks compile on the first rollout and update (and on new shapes)
+            metrics["perf/compile_s"] = compile_seconds() - compiled
+            if metrics["perf/compile_s"] > 1.0:
+                log.info("torch.compile: %.1f s compiling in rollout %d", metrics["perf/compile_s"], self.rollouts_done)
         metrics.update({
             "time/rollout": env.timings["rollout"], "time/reward": env.timings["reward"], "time/update": update_s,
             "train/stage": float(self.stage),

@@ -112,7 +112,7 @@ class FSDP1Strategy(FSDPStrategy):
         if not kwargs.pop("use_orig_params", True):
             raise ValueError("FSDP1Strategy: use_orig_params must be true (the optimizer and the LoRA export address "
                              "the original parameters); remove it")
-        recompute = "set model.policy.gradient_checkpointing: true"
+        recompute = "set model.policy.gradient_checkpointing: full (or selective)"
         why = {"auto_wrap_policy": "each FLUX block is one unit", "activation_checkpointing": recompute,
                "activation_checkpointing_policy": recompute, "cpu_offload": "not supported here",
                "mixed_precision": "set model.policy.torch_dtype"}

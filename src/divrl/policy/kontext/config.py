@@ -35,7 +35,7 @@ class KontextConfig(PolicyConfig):
     def load(self) -> KontextPolicy:
         """Load (or build) the policy."""
         common = dict(lora=self.lora, max_sequence_length=self.max_sequence_length, guidance=self.guidance,
-                      train_transformer=self.train_transformer)
+                      train_transformer=self.train_transformer, lora_compute_dtype=self.compute_dtype)
         if self.model == TINY:
             from divrl.policy.tiny import tiny_kontext_components
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from divrl.images import ImageLike
 from divrl.policy import lora as L
 from divrl.policy.base import DEFAULT_SDPA_BACKENDS, Policy
+from divrl.policy.compute import autocast_forward
 from divrl.policy.flops import transformer_flops
 from divrl.policy.kontext.encoder import Condition, KontextEncoder
 from divrl.policy.kontext.schedule import scheduler_sigmas
@@ -61,6 +62,9 @@ class KontextPolicy(Policy):
         max_sequence_length: T5 tokens per prompt (DivRL: 128; diffusers' default 512).
         base_dtype: dtype of the frozen base weights (``"bfloat16"`` on GPUs; ``None`` keeps them as loaded).
             Trainable adapter weights are always float32.
+        lora_compute_dtype: the dtype the trained weights compute in (``None``: the base's): the adapter's matmuls
+            (its weights stay float32: :func:`divrl.policy.compute.cast_lora_compute`), or with full fine-tuning the
+            network's, under autocast (float32 weights).
         prompt_cache_size: how many encoded prompts (and references) to keep (least recently used evicted).
         train_transformer: full fine-tuning: every transformer weight trains, in float32 (``lora`` must be ``None``).
         guidance: FLUX's distilled guidance scale of :meth:`encode` (DivRL: 2.5; not classifier-free guidance).
@@ -88,6 +92,7 @@ class KontextPolicy(Policy):
         guidance: float = 2.5,
         model_id: str | None = None,
         sdpa_backends: Sequence[str] | None = DEFAULT_SDPA_BACKENDS,
+        lora_compute_dtype: str | torch.dtype | None = None,
     ):
         super().__init__(sdpa_backends=sdpa_backends)
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -113,13 +118,15 @@ class KontextPolicy(Policy):
         if dtype is not None:
             for module in modules:
                 module.to(dtype)
+        self.compute_dtype = parse_dtype(lora_compute_dtype, "lora_compute_dtype") or transformer.x_embedder.weight.dtype
         if train_transformer:
             if lora is not None:
                 raise ValueError("KontextPolicy: train_transformer (full fine-tuning) needs lora=None")
-            transformer.float().requires_grad_(True)
+            transformer.float().requires_grad_(True)  # float32 master weights
+            autocast_forward(transformer, self.compute_dtype)  # compute_dtype matmuls
         self.train_transformer = train_transformer
         if lora is not None:
-            L.add_adapter(transformer, lora)
+            L.add_adapter(transformer, lora, self.compute_dtype)
         # A pipeline view on the same modules: diffusers' own prompt encoding and image preprocessing.
         self._pipe = _pipeline_class()(
             scheduler=scheduler or FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
