@@ -4,7 +4,8 @@ leave the first update exactly on-policy (ratio 1), and the bf16 adapter reprodu
 
 Measured on this CPU (tiny model, bf16 base, rollouts of 4 samples, updates of 2): max |r - 1| = 0 for every lever;
 with ``torch.compile`` it is 0 only because the compiled graphs round to bf16 where eager code does
-(``emulate_precision_casts``): without it the no-grad and the training graph fuse differently, 8e-5."""
+(``emulate_precision_casts``): without it the no-grad and the training graph fuse differently, 8e-5. (The float32
+demo compiled under DDP, FSDP1 and FSDP2: at most 2.4e-7, float32 sums fused in another order.)"""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """How a policy's network computes, generic over diffusers transformers: the speed levers of a training run.
 
 Each lever applies to rollouts (no gradients) and updates (gradients) alike, so both phases run one compute path and
-the first update's on-policy ratio stays exactly 1 (``tests/test_speed.py`` checks each lever).
+the first update's on-policy ratio stays 1: exactly for the eager levers, within float32 rounding for compiled
+blocks (``tests/test_speed.py`` checks each lever).
 
 - :func:`cast_lora_compute`: the LoRA adapter computes in the base's dtype (bf16 on GPUs) while its weights, their
   gradients and the optimizer state stay float32 (the *master* weights). Each adapter matmul casts its weight to the
