@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--prompts-per-identity", type=int, help="keep at most this many prompts (paper: 10)")
     data.add_argument("--unique-token", default="", help="dreambooth: token before the class, e.g. sks (default none)")
     data.add_argument("--strict", action="store_true", help="exit 1 if any item was skipped")
+    data.add_argument("--overwrite", action="store_true",
+                      help="replace the shards already in --out (without it, a folder holding shards is refused)")
     data.add_argument("--precompute", metavar="MODEL",
                       help="store each identity's text embeddings and reference latents computed by this Kontext model "
                            "(Hub id, local folder, or 'tiny'), so training can run with policy.text_encoders: false")
@@ -153,6 +155,19 @@ def run_data(args: argparse.Namespace) -> int:
     if not 0.0 <= args.val_fraction <= 1.0 or args.shard_size < 1:
         print("divrl data: --val-fraction must lie in [0, 1] and --shard-size be >= 1", file=sys.stderr)
         return 2
+    counts = {"--num-identities": args.num_identities, "--prompts-per-identity": args.prompts_per_identity}
+    bad = {flag: n for flag, n in counts.items() if n is not None and n < 1}
+    if bad or args.resolution < 0:
+        bad = {**bad, **({"--resolution": args.resolution} if args.resolution < 0 else {})}
+        print(f"divrl data: {', '.join(f'{flag} {n}' for flag, n in bad.items())}: counts must be >= 1 and "
+              f"--resolution >= 0 (0 keeps the photos' size); nothing was written", file=sys.stderr)
+        return 2
+    old = sorted(p for pattern in ("train-*.tar", "val-*.tar", "*.tar.partial") for p in args.out.glob(pattern))
+    if old and not args.overwrite:
+        print(f"divrl data: --out {args.out} already holds {len(old)} shard(s) (e.g. {old[0].name}); a later glob would "
+              f"read old and new shards together. Pass --overwrite to replace them, or choose an empty folder",
+              file=sys.stderr)
+        return 2
     per = args.prompts_per_identity
     if args.source == "synthetic":
         items = C.read_synthetic(args.num_identities or 100, args.seed, per)
@@ -171,12 +186,16 @@ def run_data(args: argparse.Namespace) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         precompute = C.Precompute(policy.to(device), args.precompute_resolution)
     try:
+        for path in old:  # --overwrite: the previous shards go first, so no mix of old and new remains
+            path.unlink()
         report = C.convert(
             items, args.out, resolution=args.resolution or None, resize=args.resize, shard_size=args.shard_size,
             val_fraction=args.val_fraction, seed=args.seed, max_identities=args.num_identities, precompute=precompute,
         )
-    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as err:
-        print(f"divrl data {args.source}: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:  # a missing or unreadable source, a read-only or full --out
+        target = isinstance(err, OSError) and str(err.filename or "").startswith(str(args.out))
+        where = f"cannot write to --out {args.out} ({err.strerror}); choose a writable folder" if target else err
+        print(f"divrl data {args.source}: {where}", file=sys.stderr)
         return 2
     print(report.summary())
     if args.strict and report.skipped:
@@ -267,7 +286,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        run_lightning(given)
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:
+            run_lightning(given)
+        except MisconfigurationException as err:
+            if "gpu" not in str(err).lower() or torch.cuda.is_available():
+                raise
+            print(f"divrl {argv[0]}: this configuration asks for GPUs and this machine has no CUDA GPU ({err}). "
+                  f"configs/explore.yaml is the paper's 8-GPU run; on a CPU try the demo, `divrl fit --config "
+                  f"configs/demo.yaml`, or set --trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto",
+                  file=sys.stderr)
+            return 2
         return 0
     if not argv or argv[0] in ("-h", "--help"):
         build_parser().print_help()

@@ -70,6 +70,12 @@ def to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(array, mode="RGB")
 
 
+def open_image(path_or_image, name: str) -> Image.Image:
+    """A PIL image from a path (or the image itself); a file that is not a readable image raises a ``ValueError``
+    naming ``name`` and the file."""
+    return _open(path_or_image, name)
+
+
 def _open(path_or_image, name: str) -> Image.Image:
     if isinstance(path_or_image, Image.Image):
         return path_or_image

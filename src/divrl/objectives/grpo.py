@@ -118,6 +118,10 @@ class GRPOObjective(Objective):
         if not sampling.noise_level > 0:
             raise ValueError(f"sampling.noise_level must be > 0 to train with GRPO (got {sampling.noise_level}); 0 is "
                              f"the deterministic sampler, whose steps have no log-probability")
+        if sampling.group_size < 2 and self.adv_scope == "group":
+            raise ValueError(f"sampling.group_size {sampling.group_size} with objective.adv_scope 'group': a group of "
+                             f"one sample has advantage 0 and GRPO would train nothing; use group_size >= 2 (DivRL: 21), "
+                             f"or adv_scope 'batch'")
         select_train_steps(sampling.num_steps, fraction=self.timestep_fraction, window=self.sde_window)
 
     # ------------------------------------------------------------------------------------------------ the seam

@@ -135,7 +135,11 @@ def save_adapter(network: nn.Module, directory: str | os.PathLike, lora_format, 
                 for k, v in unwrapped(network).peft_config["default"].to_dict().items()}
     lora_format.save_lora_weights(directory, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata,
                                   safe_serialization=True)
-    return directory / LORA_FILE
+    file = directory / LORA_FILE
+    umask = os.umask(0)
+    os.umask(umask)
+    file.chmod(0o666 & ~umask)  # safetensors writes through a private temporary file (0600): readable like the rest
+    return file
 
 
 def load_adapter(network: nn.Module, path: str | os.PathLike) -> None:
@@ -149,7 +153,11 @@ def load_adapter(network: nn.Module, path: str | os.PathLike) -> None:
         file = file / LORA_FILE
     if not file.is_file():
         raise FileNotFoundError(f"load_lora: {str(file)!r} does not exist; pass a folder written by the LoRA export")
-    state = {k.removeprefix("transformer."): v for k, v in load_file(str(file)).items()}
+    try:
+        state = {k.removeprefix("transformer."): v for k, v in load_file(str(file)).items()}
+    except Exception as err:  # noqa: BLE001 - safetensors' own error type, OSError: re-raised with the file named
+        raise ValueError(f"load_lora: {file} is damaged or not a safetensors file ({type(err).__name__}: {err}); "
+                         f"export the LoRA again or copy it anew") from err
     ours = adapter_state(network)
     if set(state) != set(ours):
         missing, extra = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 
 from divrl.images import caption_grid, to_image_batch
@@ -50,6 +50,15 @@ class StageSwitch(pl.Callback):
                 f"StageSwitch: {len(self.switch_steps)} switch step(s) need {needed} rewards in model.rewards or {needed} "
                 f"objectives in model.objective (one per stage; a single one serves every stage), got "
                 f"{', '.join(f'{n} {what}' for what, n in counts.items())}"
+            )
+        max_steps = trainer.max_steps
+        if stage == "fit" and max_steps is not None and 0 <= max_steps < self.switch_steps[-1]:
+            # A warning, not a refusal: a run may stop early on purpose and be resumed with a higher max_steps.
+            rank_zero_warn(
+                f"trainer.max_steps {max_steps} ends this run before StageSwitch's switch_steps "
+                f"{self.switch_steps[-1]}: stage {len(self.switch_steps) + 1} will not train in it. Resume with "
+                f"--ckpt_path last and a higher trainer.max_steps to reach it (the paper: 400, switch at 200), or lower "
+                f"switch_steps"
             )
 
     def stage_at(self, step: int) -> int:

@@ -213,13 +213,13 @@ class DivRLTrainer(pl.Trainer):
 
 
 def _conditions(datamodule, reference, prompts, mask, num_identities) -> list[ConditionSample]:
-    from PIL import Image
+    from divrl.images import open_image
 
     if reference is not None:
         if not prompts:
             raise ValueError("divrl sample: --reference needs at least one --prompts entry")
-        ref = Image.open(reference).convert("RGB")
-        subject_mask = Image.open(mask).convert("L") if mask is not None else None
+        ref = open_image(reference, "divrl sample --reference").convert("RGB")
+        subject_mask = open_image(mask, "divrl sample --mask").convert("L") if mask is not None else None
         return [ConditionSample(Path(reference).stem, p, ref, subject_mask) for p in prompts]
     if datamodule is None:
         raise ValueError("divrl sample: give --reference and --prompts, or a data config to sample its identities")

@@ -73,13 +73,13 @@ def _load_hint(name: str, err: Exception) -> str:
     gated = "gated" in text.lower() or "401" in text or "403" in text or type(err).__name__ == "GatedRepoError"
     if gated:
         what = (
-            f"{name!r} is gated: accept its licence on the model's Hub page, then log in with `huggingface-cli login` "
-            f"(or set HF_TOKEN)"
+            f"{name!r} is gated: accept its licence on the model's Hub page, then log in with `hf auth login` (or set "
+            f"HF_TOKEN)"
         )
     else:
         what = (
             f"{name!r} is neither a local diffusers folder nor reachable on the Hugging Face Hub (offline, or a wrong "
-            f"id). Download it once (`huggingface-cli download {name}`) and pass local_files_only=True, or pass the "
-            f"path of a folder written by FluxKontextPipeline.save_pretrained"
+            f"id). Download it once (`hf download {name}`) and set model.policy.local_files_only: true (or "
+            f"HF_HUB_OFFLINE=1), or pass the path of a folder written by FluxKontextPipeline.save_pretrained"
         )
-    return f"KontextPolicy: cannot load {what}. Original error: {type(err).__name__}: {text[:300]}"
+    return f"KontextPolicy: cannot load the model: {what}. Original error: {type(err).__name__}: {text[:300]}"

@@ -1,0 +1,119 @@
+"""Bad input gets a sentence that names the input and the fix (issue: bad input and the first run); each case here
+failed before with a traceback, a wrong hint, or silence."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from divrl.cli import main
+from divrl.objectives import GRPOObjective
+from divrl.objectives.base import SamplingConfig
+from divrl.policy import KontextPolicy, LoRAConfig
+from divrl.policy.kontext.builder import _load_hint
+from divrl.training import StageSwitch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_group_of_one_is_refused_where_it_would_train_nothing():
+    with pytest.raises(ValueError, match=r"group_size 1 with objective.adv_scope 'group'.*train nothing"):
+        GRPOObjective().check(SamplingConfig(group_size=1))
+    GRPOObjective(adv_scope="batch").check(SamplingConfig(group_size=1))  # batch statistics: advantages are not 0
+
+
+def test_a_run_that_ends_before_the_stage_switch_says_so():
+    module = SimpleNamespace(rewards=[1, 2], objectives=[1])
+    with pytest.warns(UserWarning, match=r"max_steps 5 ends this run before StageSwitch's switch_steps 60: stage 2"):
+        StageSwitch(60).setup(SimpleNamespace(max_steps=5), module, "fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        StageSwitch(60).setup(SimpleNamespace(max_steps=400), module, "fit")  # reaches stage 2: no warning
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--num-identities", "-5"), ("--prompts-per-identity", "0"),
+                                             ("--resolution", "-5")])
+def test_data_refuses_negative_counts_and_sizes_naming_the_flag(tmp_path, capsys, flag, value):
+    out = tmp_path / "shards"
+    assert main(["data", "synthetic", "--out", str(out), flag, value]) == 2
+    assert f"{flag} {value}" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())  # nothing written
+
+
+def test_data_refuses_a_folder_of_shards_unless_told_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert main(["data", "synthetic", "--out", str(out), "--num-identities", "4", "--resolution", "32"]) == 0
+    first = sorted(p.name for p in out.glob("*.tar"))
+    assert main(["data", "synthetic", "--out", str(out), "--num-identities", "2", "--resolution", "32"]) == 2
+    assert "already holds" in capsys.readouterr().err and sorted(p.name for p in out.glob("*.tar")) == first
+    (out / "train-000009.tar").write_bytes(b"an old shard the new run would not write")
+    assert main(["data", "synthetic", "--out", str(out), "--num-identities", "2", "--resolution", "32",
+                 "--shard-size", "1", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]  # no old shard left
+
+
+def test_data_names_an_unwritable_out_folder(tmp_path, capsys, monkeypatch):
+    from divrl.data import converters
+
+    out = tmp_path / "readonly"
+
+    def read_only(records, folder, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(Path(folder) / "train-000000.tar"))
+
+    monkeypatch.setattr(converters, "write_shards", read_only)
+    assert main(["data", "synthetic", "--out", str(out), "--num-identities", "2", "--resolution", "32"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write to --out {out} (Read-only file system)" in err and "Traceback" not in err
+
+
+def test_sample_names_a_reference_that_is_not_an_image(tmp_path):
+    from divrl.training.trainer import _conditions
+
+    bad = tmp_path / "notanimage.png"
+    bad.write_text("hello")
+    with pytest.raises(ValueError, match=r"--reference: cannot read image .*notanimage.png"):
+        _conditions(None, bad, ["a prompt"], None, 1)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    policy = KontextPolicy.tiny(0, lora=LoRAConfig(rank=4, alpha=8.0))
+    return policy, policy.save_lora(tmp_path_factory.mktemp("lora"))
+
+
+def test_a_damaged_lora_file_is_named(exported, tmp_path):
+    policy, path = exported
+    cut = tmp_path / "pytorch_lora_weights.safetensors"
+    cut.write_bytes(path.read_bytes()[:1000])  # a copy that stopped early
+    with pytest.raises(ValueError, match=r"load_lora: .*pytorch_lora_weights.safetensors is damaged"):
+        policy.load_lora(tmp_path)
+
+
+def test_exported_loras_are_readable_like_every_other_file(exported):
+    _, path = exported
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # safetensors alone leaves 0600
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a CUDA GPU")
+def test_the_paper_config_on_a_machine_without_gpus_points_to_the_demo(capsys):
+    assert main(["fit", "--config", str(ROOT / "configs/explore.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err and "configs/demo.yaml" in err and "--trainer.accelerator cpu" in err
+
+
+def test_model_load_hints_name_the_real_cli_and_setting():
+    hint = _load_hint("black-forest-labs/FLUX.1-Kontext-dev", OSError("offline"))
+    assert "cannot load the model: 'black-forest-labs/FLUX.1-Kontext-dev' is neither" in hint
+    assert "`hf download black-forest-labs/FLUX.1-Kontext-dev`" in hint and "local_files_only: true" in hint
+    assert "`hf auth login`" in _load_hint("x/y", OSError("401 gated"))
+    assert "huggingface-cli" not in (ROOT / "README.md").read_text() + (ROOT / "configs/explore.yaml").read_text()
