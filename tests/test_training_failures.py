@@ -45,7 +45,8 @@ class NaNScorer(GroupScorer):
         return Components(torch.full((len(images),), float("nan")), None)
 
 
-def run(reward, max_steps: int, callbacks=(), **system) -> tuple[DivRLModule, DivRLTrainer]:
+def run(reward, max_steps: int, callbacks=(), max_epochs: int | None = None, steps_per_epoch: int = 10,
+        **system) -> tuple[DivRLModule, DivRLTrainer]:
     torch.manual_seed(0)
     model = DivRLModule(
         KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
@@ -54,9 +55,9 @@ def run(reward, max_steps: int, callbacks=(), **system) -> tuple[DivRLModule, Di
         SamplingConfig(group_size=4, num_steps=3, resolution=32, val_group_size=2),
         SystemConfig(**system),
     )
-    data = IdentityDataModule(SHARDS, batch_size=2, steps_per_epoch=10)
+    data = IdentityDataModule(SHARDS, batch_size=2, steps_per_epoch=steps_per_epoch)
     trainer = DivRLTrainer(
-        accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cpu", max_steps=max_steps, max_epochs=max_epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks),
     )
     trainer.fit(model, data)
@@ -91,6 +92,16 @@ def test_a_reward_that_is_never_finite_stops_after_the_configured_number_of_empt
         run(NSSMReward(NaNScorer(), track_vsm=False), max_steps=50, callbacks=[snapshot], max_empty_rollouts=3)
     before, *after = snapshot.states
     assert len(after) == 2 and all(torch.equal(before[k], a[k]) for a in after for k in before)  # never applied
+
+
+def test_a_run_whose_every_rollout_was_skipped_fails_at_the_end_and_skips_are_summarised(caplog):
+    """A run that ends (one epoch of 3 rollouts) before system.max_empty_rollouts (10) with every rollout skipped
+    must not exit as a success; a run that skipped some groups says how many when it ends."""
+    with pytest.raises(RuntimeError, match=r"every one of the run's 3 rollouts was skipped \(NSSMReward"):
+        run(NSSMReward(NaNScorer(), track_vsm=False), max_steps=-1, max_epochs=1, steps_per_epoch=3)
+    caplog.clear()
+    run(NSSMReward(FlakyScorer(), track_vsm=False), max_steps=2)
+    assert "2 groups skipped (non-finite reward)" in caplog.text
 
 
 class Snapshot(pl.Callback):

@@ -16,7 +16,8 @@ from divrl.objectives.base import Batch, SamplingConfig, Scores
 from divrl.policy.flops import PEAK_TFLOPS
 from divrl.rewards.base import Group, NonFiniteReward, Reward, RewardOutput
 
-__all__ = ["RunEnvironment", "RolloutGroup", "agreed", "score_groups", "reward_metrics", "throughput", "device_peak"]
+__all__ = ["RunEnvironment", "RolloutGroup", "agreed", "score_groups", "reward_metrics", "throughput", "device_peak",
+           "end_of_run"]
 
 log = logging.getLogger(__name__)
 
@@ -160,3 +161,22 @@ class RolloutGroup:
     sample: ConditionSample
     images: Tensor
     output: RewardOutput
+
+
+SKIPS = {"skipped_samples": "bad samples skipped", "skipped_groups": "groups skipped (non-finite reward)",
+         "skipped_updates": "updates skipped (non-finite loss or gradient)",
+         "empty_rollouts": "rollouts with no finite reward on any rank (not applied)"}
+
+
+def end_of_run(module) -> None:
+    """At the end of ``fit``: a summary of what was skipped since the start of the run (a warning when anything
+    was), and an error (a non-zero exit) when every rollout of the run was skipped: it learned nothing."""
+    counters, rollouts = module.counters, module.rollouts_done
+    skipped = [f"{counters[key]} {what}" for key, what in SKIPS.items() if counters.get(key)]
+    if skipped and module.global_rank == 0:
+        log.warning("divrl: %d rollouts, %d optimizer steps; %s", rollouts, module.global_step, "; ".join(skipped))
+    if rollouts and counters.get("empty_rollouts", 0) >= rollouts:
+        raise RuntimeError(
+            f"every one of the run's {rollouts} rollouts was skipped ({type(module.reward).__name__} gave no finite "
+            f"reward): nothing was trained. Check the reward and its scorer (e.g. `divrl score` on a few images)"
+        )

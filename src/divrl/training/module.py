@@ -43,7 +43,7 @@ from divrl.policy.sharding import all_reduce_grads, gathered, grad_norm
 from divrl.rewards.base import Reward
 from divrl.training import checkpoints
 from divrl.training.config import SystemConfig
-from divrl.training.environment import (RolloutGroup, RunEnvironment, agreed, device_peak, reward_metrics,
+from divrl.training.environment import (RolloutGroup, RunEnvironment, agreed, device_peak, end_of_run, reward_metrics,
                                         score_groups, throughput)
 from divrl.training.strategies import (check_optimizer_strategy, check_strategy, data_parallel_mesh, is_fsdp1,
                                        shard_policy)
@@ -204,6 +204,9 @@ class DivRLModule(pl.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
         self.log("reward", metrics.get("reward/mean", float("nan")), prog_bar=True, on_step=True, logger=False,
                  batch_size=len(batch))
+
+    def on_train_end(self) -> None:
+        end_of_run(self)
 
     def _collected_metrics(self, collected: Batch) -> dict[str, float]:
         if collected.scores is None:
