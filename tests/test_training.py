@@ -103,9 +103,10 @@ def test_fit_writes_adapter_only_loras_at_the_switch_and_the_end(trained):
     policy = demo_policy_config().build()
     assert len(final) == len(policy.lora_state_dict())
     assert any(not torch.equal(stage1[k], final[k]) for k in final)  # stage 2 kept training the same adapter
-    assert yaml.safe_load((trained / "lora/stage1/info.json").read_text())["global_step"] == SWITCH
+    stage1 = yaml.safe_load((trained / "lora/stage1/info.json").read_text())
+    assert stage1["global_step"] == SWITCH and stage1["stage"] == 1  # stages are 1-based, as the folder names
     info = yaml.safe_load((trained / "lora/final/info.json").read_text())
-    assert info["global_step"] == 4 and info["stage"] == 1
+    assert info["global_step"] == 4 and info["stage"] == 2
 
 
 def test_the_exported_lora_changes_diffusers_output_exactly_as_the_trained_policy(trained):

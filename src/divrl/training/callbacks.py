@@ -187,7 +187,9 @@ class LoRAExporter(pl.Callback):
         super().__init__()
         self.dirname = dirname
 
-    def export(self, trainer, pl_module, name: str) -> Path | None:
+    def export(self, trainer, pl_module, name: str, stage: int | None = None) -> Path | None:
+        """Write the weights to ``<dirname>/<name>/`` with an ``info.json`` naming ``stage`` (1-based; default: the
+        current one), the stage whose training the weights are the result of."""
         policy = pl_module.policy
         if policy is None or (policy.lora_config is None and not policy.train_transformer):
             return None
@@ -200,14 +202,15 @@ class LoRAExporter(pl.Callback):
             if not trainer.is_global_zero:
                 return None
             path = policy.export(directory, state)
-        info = {"global_step": trainer.global_step, "stage": pl_module.stage, "model": pl_module.policy_config.model,
+        stage = pl_module.stage + 1 if stage is None else stage
+        info = {"global_step": trainer.global_step, "stage": stage, "model": pl_module.policy_config.model,
                 "ema": None if ema is None else {"decay": ema.decay, "every_n_steps": ema.every_n_steps}}
         (directory / "info.json").write_text(json.dumps(info, indent=2))
         rank_log(trainer, f"{'LoRA' if policy.lora_config is not None else 'weights'} written to {path}")
         return path
 
     def on_stage_switch(self, trainer, pl_module, old_stage: int, new_stage: int) -> None:
-        self.export(trainer, pl_module, f"stage{old_stage + 1}")
+        self.export(trainer, pl_module, f"stage{old_stage + 1}", stage=old_stage + 1)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.export(trainer, pl_module, "final")
