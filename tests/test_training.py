@@ -260,16 +260,21 @@ def test_sample_writes_pngs_with_the_trained_lora(trained, tmp_path):
     ref = tmp_path / "ref.png"
     Image.new("RGB", (32, 32), (200, 40, 40)).save(ref)
     out = tmp_path / "samples"
-    main(["sample", "--config", str(DEMO), "--trainer.logger", "false", "--lora", str(trained / "lora/final"),
-          "--reference", str(ref), "--prompts", "[a photo of the red star, a sketch of the red star]",
-          "--num_samples", "2", "--num_steps", "4", "--output_dir", str(out)])
+    command = ["sample", "--config", str(DEMO), "--trainer.logger", "false", "--lora", str(trained / "lora/final"),
+               "--reference", str(ref), "--prompts", "[a photo of the red star, a sketch of the red star]",
+               "--num_samples", "2", "--num_steps", "4", "--output_dir", str(out)]
+    main(command)
     files = sorted(out.glob("ref/*.png"))
     assert [f.name for f in files] == ["000_0.png", "000_1.png", "000_grid.png", "001_0.png", "001_1.png",
                                        "001_grid.png"]
     meta = yaml.safe_load((out / "samples.json").read_text())
     assert len(meta["samples"]) == 2 and len(meta["samples"][0]["nssm"]) == 2
+    # the final LoRA was trained in stage 2 (its info.json): scored with that stage's reward, R2
+    assert meta["stage"] == 2 and meta["reward"] == "GatedReward" and "vsm" in meta["samples"][0]
     a, b = (torch.tensor(list(Image.open(out / f"ref/000_{k}.png").getdata())) for k in (0, 1))
     assert not torch.equal(a, b)  # different seeds per sample
+    with pytest.raises(FileExistsError, match="already holds the samples.json of an earlier run"):
+        main(command)  # a second run never overwrites the first
 
 
 def test_validate_scores_deterministic_samples_of_held_out_identities(trained, tmp_path):

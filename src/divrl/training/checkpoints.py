@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import json
+
 import warnings
 from pathlib import Path
 
@@ -79,6 +81,10 @@ def load_weights(module, path: str | Path) -> None:
     file, a full fine-tune's folder; :meth:`divrl.policy.Policy.load`)."""
     if not is_checkpoint(path):
         module.policy.load(path)
+        info = Path(path) / "info.json" if Path(path).is_dir() else Path(path).with_name("info.json")
+        if info.is_file():  # the exporter's record: the (1-based) stage these weights were trained in
+            stage = json.loads(info.read_text()).get("stage")
+            module.stage = max(0, int(stage) - 1) if isinstance(stage, int) else module.stage
         return
     checkpoint = read_checkpoint(path, module)
     module.load_state_dict(checkpoint["state_dict"], strict=False)

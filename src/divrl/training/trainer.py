@@ -86,6 +86,9 @@ class DivRLTrainer(pl.Trainer):
         model.to(self.strategy.root_device).eval()
         conditions = _conditions(datamodule, reference, prompts, mask, num_identities)
         out = Path(output_dir)
+        if (out / "samples.json").exists():
+            raise FileExistsError(f"divrl sample: --output_dir {out} already holds the samples.json of an earlier run; "
+                                  f"pass another --output_dir (or delete that folder) so nothing is overwritten")
         out.mkdir(parents=True, exist_ok=True)
         records = []
         for index, condition in enumerate(conditions):
@@ -104,7 +107,8 @@ class DivRLTrainer(pl.Trainer):
             components = {name: value.tolist() for name, value in scores.components.items()}
             records.append({"id": condition.id, "prompt": condition.prompt, "files": files,
                             "reward": scores.reward.tolist(), **components})
-        meta = {"lora": lora, "num_steps": num_steps, "noise_level": noise_level, "seed": seed, "samples": records}
+        meta = {"lora": lora, "stage": model.stage + 1, "reward": type(model.reward).__name__, "num_steps": num_steps,
+                "noise_level": noise_level, "seed": seed, "samples": records}
         (out / "samples.json").write_text(json.dumps(meta, indent=2))
         print(f"[divrl] wrote {sum(len(r['files']) for r in records)} images to {out}")
         return out
