@@ -157,6 +157,7 @@ def test_syncd_release_layout_and_its_bad_items(tmp_path):
     assert good.id == "cat_0001" and good.prompts == ["a cat on a sofa"] and good.mask is not None
     assert good.extra["views"] == ["1.jpg"]
     assert main(["data", "syncd", "--src", str(src), "--out", str(tmp_path / "strict"), "--strict"]) == 1
+    assert not list((tmp_path / "strict").glob("*.tar"))  # a failed strict conversion leaves no shard behind
 
 
 def test_syncd_parquet_layout(tmp_path):

@@ -199,7 +199,10 @@ def run_data(args: argparse.Namespace) -> int:
         return 2
     print(report.summary())
     if args.strict and report.skipped:
-        print(f"--strict: {len(report.skipped)} item(s) skipped; failing", file=sys.stderr)
+        for path in report.shards:  # a strict conversion either keeps every item or leaves no shard behind
+            path.unlink(missing_ok=True)
+        print(f"--strict: {len(report.skipped)} item(s) skipped; the {len(report.shards)} shard(s) written were "
+              f"removed; failing", file=sys.stderr)
         return 1
     return 0
 
