@@ -129,6 +129,41 @@ def test_dreambench_keeps_categories_and_skips_bad_captions(tmp_path):
     assert "is missing" in reasons["object/02"] and "is missing" in reasons["human/00"]
 
 
+def dreambench_photo(root: Path, image: Image.Image, **save) -> list[IdentityRecord]:
+    """One DreamBench++ identity whose photo is ``image`` (saved as PNG with ``save``), read back by the converter."""
+    (root / "data" / "images" / "object").mkdir(parents=True, exist_ok=True)
+    image.save(root / "data" / "images" / "object" / "00.png", **save)
+    (root / "data" / "captions" / "object").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "captions" / "object" / "00.txt").write_text("a toy\na toy on the moon")
+    return [r for r in C.read_dreambench(root) if isinstance(r, IdentityRecord)]
+
+
+def test_a_16_bit_photo_keeps_its_tones(tmp_path):
+    ramp = Image.fromarray((torch.arange(64).repeat(16, 1) * 1024).numpy().astype("uint16"))  # 0 .. 64512
+    (record,) = dreambench_photo(tmp_path, ramp)
+    grey = torch.tensor(list(record.reference.convert("L").getdata())).view(16, 64)
+    expected = torch.round(torch.arange(64) * 1024 / 65535 * 255)
+    assert torch.equal(grey[0].float(), expected)  # scaled by the bit depth; PIL's convert would give 255 nearly everywhere
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    wide = Image.new("RGB", (40, 20), (200, 30, 30))
+    exif = wide.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display": a phone photo stored sideways
+    (record,) = dreambench_photo(tmp_path, wide, exif=exif.tobytes())
+    assert record.reference.size == (20, 40)
+
+
+def test_transparency_is_composited_on_white_and_becomes_the_mask(tmp_path):
+    image = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    image.paste((10, 200, 10, 255), (2, 2, 6, 6))  # an opaque green subject on a transparent background
+    (record,) = dreambench_photo(tmp_path, image)
+    assert record.reference.getpixel((0, 0)) == C.BACKGROUND and record.reference.getpixel((3, 3)) == (10, 200, 10)
+    assert record.mask is not None and record.mask.getpixel((0, 0)) == 0 and record.mask.getpixel((3, 3)) == 255
+    (opaque,) = dreambench_photo(tmp_path / "opaque", Image.new("RGBA", (8, 8), (5, 5, 5, 255)))
+    assert opaque.mask is None  # no transparency: no mask invented
+
+
 # ---------------------------------------------------------------------------------------------------- syncd
 
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from divrl.data.schema import IdentityRecord, check_identity_id
@@ -89,13 +90,37 @@ class ConversionReport:
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def _open_image(path: Path | bytes, mode: str, where: str) -> Image.Image | Skip:
+BACKGROUND = (255, 255, 255)
+"""The colour transparent areas of a reference are composited on (white, as product and subject photos)."""
+
+
+def _open_image(path: Path | bytes, mode: str, where: str, alpha: list | None = None) -> Image.Image | Skip:
+    """The image in ``mode``, upright (EXIF orientation applied: phone photos are stored sideways), 16-bit greyscale
+    scaled to 8 bits (PIL's ``convert`` would clip it to white), and for ``RGB`` with transparency composited on
+    :data:`BACKGROUND` (dropping alpha would turn transparent areas black); the alpha channel is appended to ``alpha``
+    when it holds any transparency (a subject mask for sources without masks)."""
     try:
         with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as image:
             image.load()
+            image = _eight_bit(ImageOps.exif_transpose(image))
+            if mode == "RGB" and (image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+                if alpha is not None and rgba.getchannel("A").getextrema()[0] < 255:
+                    alpha.append(rgba.getchannel("A"))
+                return Image.alpha_composite(background, rgba).convert("RGB")
             return image.convert(mode)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         return Skip(where, f"unreadable image ({type(err).__name__}: {err})")
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16- and 32-bit integer greyscale (``I;16``, ``I``) as 8-bit ``L``, scaled by the bit depth, not clipped."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return image
+    array = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+    return Image.fromarray(np.clip(np.round(array / top * 255), 0, 255).astype(np.uint8), mode="L")
 
 
 def _identity_id(text: str) -> str:
@@ -252,13 +277,14 @@ def read_dreambench(src: Path, prompts_per_identity: int | None = None) -> Itera
         if len(caption) < 2:
             yield Skip(where, "caption file has a subject name but no prompts")
             continue
-        reference = _open_image(path, "RGB", where)
+        alpha: list[Image.Image] = []
+        reference = _open_image(path, "RGB", where, alpha)
         if isinstance(reference, Skip):
             yield reference
             continue
         yield IdentityRecord(
             _identity_id(f"{category}/{path.stem}"), reference, caption[1:prompts_per_identity and prompts_per_identity + 1],
-            source="dreambench", category=category, license="Apache-2.0", extra={"subject": caption[0]},
+            alpha[0] if alpha else None, source="dreambench", category=category, license="Apache-2.0", extra={"subject": caption[0]},
         )
 
 
@@ -304,12 +330,13 @@ def read_dreambooth(src: Path, prompts_per_identity: int | None = None, unique_t
         cls = classes[folder.name].strip()
         templates = live_templates if cls in LIVE_CLASSES else object_templates
         prompts = [" ".join(t.format(unique_token, cls).split()) for t in templates][:prompts_per_identity]
-        reference = _open_image(photos[0], "RGB", str(photos[0]))
+        alpha: list[Image.Image] = []
+        reference = _open_image(photos[0], "RGB", str(photos[0]), alpha)
         if isinstance(reference, Skip):
             yield reference
             continue
         yield IdentityRecord(
-            _identity_id(folder.name), reference, prompts, source="dreambooth", category="live" if cls in LIVE_CLASSES
+            _identity_id(folder.name), reference, prompts, alpha[0] if alpha else None, source="dreambooth", category="live" if cls in LIVE_CLASSES
             else "object", license="CC-BY-4.0", extra={"class": cls, "views": [p.name for p in photos[1:]]},
         )
 
