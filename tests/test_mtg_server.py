@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from divrl.rewards.backbones.mtg import MTGServerError, MTGServerScorer
-from divrl.rewards.base import Components, GroupScorer
+from divrl.rewards.base import Components, GroupScorer, NonFiniteReward
 
 G, H, W = 5, 12, 16
 
@@ -388,5 +388,20 @@ def test_vsm_nan_from_the_published_server_means_no_match(server, group, caplog)
     with pytest.raises(MTGServerError, match="NaN"):
         strict.score_group(ref, gen)
     server.script = [("raw", '{"score": [0.1, NaN, 0.3, 0.4, 0.5]}')]  # a NaN nSSM is never accepted
-    with pytest.raises(MTGServerError, match="NaN"):
+    with pytest.raises(MTGServerError, match="NaN") as raised:
         scorer.score_group(ref, gen)
+    # ... and in training it is a non-finite reward: the group is skipped and counted, the run goes on
+    assert isinstance(raised.value, NonFiniteReward)
+
+
+def test_divrl_score_passes_timeout_and_retries_to_the_server_scorer(server, tmp_path):
+    from divrl.cli import main
+
+    ref, gen = tmp_path / "ref.png", tmp_path / "gen.png"
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(ref)
+    Image.new("RGB", (16, 16), (30, 200, 30)).save(gen)
+    server.script = [("status", 503, "overloaded")] * 3
+    with pytest.raises(MTGServerError, match=r"raise `timeout` \(now 7 s\)") as raised:
+        main(["score", "--mtg-url", server.url, "--timeout", "7", "--retries", "1", "--size", "16",
+              "--reference", str(ref), str(gen)])
+    assert raised.value.attempts == 2 and len(server.requests) == 2  # one retry, as asked

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--model", default="facebook/dinov2-small", help="DINOv2 Hub id or local folder")
     score.add_argument("--mtg-url", help="score with a running Mind-the-Glitch reward server instead of a backbone")
+    score.add_argument("--timeout", type=float, default=120.0, help="--mtg-url: seconds per request (default 120)")
+    score.add_argument("--retries", type=int, default=3, help="--mtg-url: extra attempts on transient failures (default 3)")
     score.add_argument("--pool", type=int, default=2, help="nSSM pooling factor on the 48x48 grid (default 2 -> 24x24)")
     score.add_argument("--tau-s", type=float, default=0.7, help="VSM semantic threshold (default 0.7)")
     score.add_argument("--tau-v", type=float, default=0.7, help="VSM visual threshold (default 0.7)")
@@ -94,7 +96,7 @@ def run_score(args: argparse.Namespace) -> int:
     if args.mtg_url:
         from divrl.rewards.backbones import MTGServerScorer
 
-        scorer = MTGServerScorer(args.mtg_url, tau_s=args.tau_s)
+        scorer = MTGServerScorer(args.mtg_url, tau_s=args.tau_s, timeout=args.timeout, retries=args.retries)
     elif args.backbone == "dinov2":
         from divrl.rewards.backbones import DINOv2Backbone
 

@@ -44,9 +44,9 @@ from PIL import Image
 from torch import Tensor
 
 from divrl.images import ImageLike, to_image_batch, to_mask_batch, to_pil
-from divrl.rewards.base import Components, GroupScorer
+from divrl.rewards.base import Components, GroupScorer, NonFiniteReward
 
-__all__ = ["MTGServerScorer", "MTGServerError"]
+__all__ = ["MTGServerScorer", "MTGServerError", "MTGNonFiniteScore"]
 
 logger = logging.getLogger("divrl.rewards.mtg")
 
@@ -67,6 +67,11 @@ class MTGServerError(RuntimeError):
         self.url = url
         self.attempts = attempts
         self.status = status
+
+
+class MTGNonFiniteScore(MTGServerError, NonFiniteReward):
+    """The server answered, well-formed, with NaN or infinite scores for a group: training skips and counts the group
+    (a :class:`~divrl.rewards.NonFiniteReward`) instead of stopping; ``divrl score`` reports it."""
 
 
 class _Retryable(Exception):
@@ -247,7 +252,8 @@ class MTGServerScorer(GroupScorer):
             f"MTG reward server at {self.endpoint} failed for the {what} after {attempts} attempt(s); "
             f"last error: {last}. Start the Mind-the-Glitch reward server (CleanDIFT-SD2.1, needs a GPU) and check "
             f"`url` (one worker listens on http://127.0.0.1:8101 by default, the round-robin balancer on :8098); "
-            f"if the server is up but slow, raise `timeout` (now {self.timeout:g} s) or `retries`.",
+            f"if the server is up but slow, raise `timeout` (now {self.timeout:g} s) or `retries` (the scorer's init_args; "
+            f"`divrl score --timeout/--retries`).",
             url=self.endpoint, attempts=attempts, status=last.status if last is not None else None,
         )
 
@@ -281,8 +287,8 @@ class MTGServerScorer(GroupScorer):
             raise _Retryable(f"{type(err).__name__}: {err or 'no details'}") from None
 
     def _parse(self, body: bytes, expected: int, what: str, attempt: int, nan_ok: bool = False) -> list[float]:
-        def fail(problem: str) -> MTGServerError:
-            return MTGServerError(
+        def fail(problem: str, kind: type[MTGServerError] = MTGServerError) -> MTGServerError:
+            return kind(
                 f"MTG reward server at {self.endpoint} gave an unusable answer for the {what}: {problem}; "
                 f"response: {_excerpt(body)}. Expected JSON {{\"score\": [float, ...]}} with {expected} finite "
                 f"value(s); check that `url` points at the DivRL MTG reward server.",
@@ -309,7 +315,7 @@ class MTGServerScorer(GroupScorer):
         values = [float(v) for v in raw]
         bad = [i for i, v in enumerate(values) if math.isinf(v) or (math.isnan(v) and not nan_ok)]
         if bad:
-            raise fail(f"NaN or infinite score(s) at position(s) {bad}")
+            raise fail(f"NaN or infinite score(s) at position(s) {bad}", MTGNonFiniteScore)
         return values
 
 
