@@ -117,3 +117,12 @@ def test_model_load_hints_name_the_real_cli_and_setting():
     assert "`hf download black-forest-labs/FLUX.1-Kontext-dev`" in hint and "local_files_only: true" in hint
     assert "`hf auth login`" in _load_hint("x/y", OSError("401 gated"))
     assert "huggingface-cli" not in (ROOT / "README.md").read_text() + (ROOT / "configs/explore.yaml").read_text()
+
+
+def test_a_lora_trained_with_another_alpha_is_refused_not_rescaled(exported):
+    _, path = exported  # alpha 8
+    other = KontextPolicy.tiny(0, lora=LoRAConfig(rank=4, alpha=16.0))
+    with pytest.raises(ValueError, match=r"trained with alpha 8 \(its metadata\) where this adapter has 16; set "
+                                         r"policy.lora.alpha to 8"):
+        other.load_lora(path)
+    KontextPolicy.tiny(0, lora=LoRAConfig(rank=4, alpha=8.0)).load_lora(path)  # the same alpha loads

@@ -171,4 +171,24 @@ def load_adapter(network: nn.Module, path: str | os.PathLike) -> None:
             f"load_lora: {file} has rank {state[shapes[0]].shape} where this adapter has {ours[shapes[0]].shape} "
             f"({shapes[0]}); set policy.lora.rank to the trained rank"
         )
+    saved, config = _saved_alpha(file), unwrapped(network).peft_config["default"]
+    if saved is not None and saved != config.lora_alpha:  # the same weights, another scale: other images, silently
+        raise ValueError(
+            f"load_lora: {file} was trained with alpha {saved:g} (its metadata) where this adapter has "
+            f"{config.lora_alpha:g}; set policy.lora.alpha to {saved:g}"
+        )
     set_peft_model_state_dict(network, state)
+
+
+def _saved_alpha(file: Path) -> float | None:
+    """The LoRA alpha recorded in a diffusers LoRA file's metadata, or ``None`` when it has none."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as handle:
+        metadata = (handle.metadata() or {}).get("lora_adapter_metadata")
+    if not metadata:
+        return None
+    alpha = json.loads(metadata).get("transformer.lora_alpha")
+    return float(alpha) if isinstance(alpha, (int, float)) else None
