@@ -126,3 +126,35 @@ def test_a_lora_trained_with_another_alpha_is_refused_not_rescaled(exported):
                                          r"policy.lora.alpha to 8"):
         other.load_lora(path)
     KontextPolicy.tiny(0, lora=LoRAConfig(rank=4, alpha=8.0)).load_lora(path)  # the same alpha loads
+
+
+def test_the_console_prints_divrl_sentences_without_a_traceback(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "notanimage.png"
+    bad.write_text("hello")
+    argv = ["divrl", "sample", "--config", str(ROOT / "configs/demo.yaml"), "--trainer.logger", "false",
+            "--reference", str(bad), "--prompts", "[a photo]", "--output_dir", str(tmp_path / "out")]
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr("sys.argv", argv)
+    assert main() == 1
+    err = capsys.readouterr().err
+    assert "divrl sample: divrl sample --reference: cannot read image" in err and "Traceback" not in err
+    monkeypatch.setenv("DIVRL_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="cannot read image"):
+        main()
+
+
+def test_only_divrl_own_input_errors_lose_their_traceback():
+    from divrl.cli import expected_error
+
+    def raised(fn):
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001
+            return err
+
+    assert expected_error(raised(lambda: int("x"))) is None  # raised outside divrl: a bug, keep the traceback
+    assert expected_error(raised(lambda: GRPOObjective().check(SamplingConfig(group_size=1)))).startswith(
+        "sampling.group_size 1")
+    union = ValueError("Does not validate against any of the Union subtypes\nSubtypes: [...]\nErrors:\n"
+                       "  - DINOv2Backbone: cannot load model 'x'\n  - Expected a <class 'NoneType'>\n")
+    assert expected_error(union) == "DINOv2Backbone: cannot load model 'x'"

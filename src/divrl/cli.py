@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -287,7 +288,41 @@ def run_lightning(argv: Sequence[str] | None = None, run: bool = True):
     )
 
 
+def expected_error(err: BaseException) -> str | None:
+    """The sentence of an error divrl raised on purpose about its input (a ``ValueError``, ``OSError`` or
+    ``RuntimeError`` raised in divrl's own code, or one of them inside jsonargparse's "Does not validate against any of
+    the Union subtypes"), or ``None`` for anything else: a bug, whose traceback the user needs."""
+    import traceback
+
+    text = str(err)
+    if isinstance(err, ValueError) and "Does not validate against any of the Union subtypes" in text:
+        reasons = [line.strip()[2:] for line in text.splitlines()
+                   if line.strip().startswith("- ") and "Expected a <class" not in line]
+        return "; ".join(reasons) or None
+    frames = traceback.extract_tb(err.__traceback__)
+    package = Path(__file__).resolve().parent
+    ours = bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(package)
+    return text if ours and isinstance(err, (ValueError, OSError, RuntimeError)) and text else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``divrl`` command. Called without ``argv`` (the console script), an error divrl raised about its input
+    prints its sentence alone and exits 1 (``DIVRL_TRACEBACK=1`` shows the traceback too); from Python (``argv``
+    given) errors propagate."""
+    if argv is not None or os.environ.get("DIVRL_TRACEBACK"):
+        return _main(argv)
+    try:
+        return _main(argv)
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is one of divrl's own sentences
+        message = expected_error(err)
+        if message is None:
+            raise
+        command = sys.argv[1] if len(sys.argv) > 1 else ""
+        print(f"divrl {command}: {message}\n(DIVRL_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        return 1
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:

@@ -65,15 +65,18 @@ def load_pretrained(
     try:
         return loader(name, **kwargs)
     except OSError as err:
+        offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         hint = (
-            "it is neither a local folder nor in the local Hugging Face cache (local_files_only=True)"
-            if local_files_only
+            "it is neither a local folder nor in the local Hugging Face cache (offline: local_files_only or "
+            "HF_HUB_OFFLINE)"
+            if offline
             else "it is not a local folder and could not be fetched from the Hugging Face Hub (offline?)"
         )
+        fix = "" if offline else " and set local_files_only: true (or HF_HUB_OFFLINE=1) on machines without a network"
         raise OSError(
-            f"{who}: cannot load model {name!r}: {hint}. Download it once (e.g. `hf download {name}`) and pass "
-            f"local_files_only=True (or set HF_HUB_OFFLINE=1), or pass the path of a local folder written by "
-            f"save_pretrained. Original error: {err}"
+            f"{who}: cannot load model {name!r}: {hint}. Download it once on a machine with a network (`hf download "
+            f"{name}`){fix}, or pass the path of a local folder written by save_pretrained. Original error: "
+            f"{str(err)[:300]}"
         ) from err
 
 
