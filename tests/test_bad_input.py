@@ -158,3 +158,45 @@ def test_only_divrl_own_input_errors_lose_their_traceback():
     union = ValueError("Does not validate against any of the Union subtypes\nSubtypes: [...]\nErrors:\n"
                        "  - DINOv2Backbone: cannot load model 'x'\n  - Expected a <class 'NoneType'>\n")
     assert expected_error(union) == "DINOv2Backbone: cannot load model 'x'"
+
+
+def checkpoint_file(path: Path, step: int, mtime: int) -> Path:
+    torch.save({"global_step": step, "weights": torch.arange(1000.0)}, path)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_a_checkpoint_save_that_is_killed_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    from divrl.training.checkpoints import AtomicCheckpointIO
+
+    io, target = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1}, target)
+    real = torch.save
+
+    def killed(obj, f, *args, **kwargs):
+        real(obj, f, *args, **kwargs)
+        raise KeyboardInterrupt  # the process dies after writing part of the new checkpoint
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 2}, target)
+    monkeypatch.setattr(torch, "save", real)
+    assert torch.load(target, weights_only=True)["global_step"] == 1 and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_resume_from_last_falls_back_to_the_newest_intact_checkpoint(tmp_path):
+    from divrl.training.checkpoints import resume_path
+
+    good = checkpoint_file(tmp_path / "epoch=0-step=2.ckpt", 2, 1_000)
+    checkpoint_file(tmp_path / "epoch=0-step=1.ckpt", 1, 500)
+    last = checkpoint_file(tmp_path / "last.ckpt", 3, 2_000)
+    assert resume_path("last", [str(tmp_path)]) == str(last)
+    last.write_bytes(last.read_bytes()[:300])  # cut short by a crash while it was copied
+    with pytest.warns(UserWarning, match=r"last.ckpt is damaged .*resuming from .*epoch=0-step=2.ckpt"):
+        assert resume_path("last", [str(tmp_path)]) == str(good)
+    with pytest.raises(ValueError, match=r"last.ckpt is damaged .*newest intact checkpoint beside it is .*step=2"):
+        resume_path(str(last), [str(tmp_path)])
+    last.unlink()
+    with pytest.warns(UserWarning, match="there is no last.ckpt; resuming from"):
+        assert resume_path("last", [str(tmp_path)]) == str(good)
+    assert resume_path(None, [str(tmp_path)]) is None and resume_path("last", [str(tmp_path / "none")]) == "last"

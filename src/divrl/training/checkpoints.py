@@ -15,11 +15,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import Tensor, nn
 
 from divrl.policy.sharding import trainable_parameters
@@ -118,3 +121,68 @@ def upgrade_hparams(hparams: dict) -> dict:
     hparams["system"] = {k: grpo.pop(k) for k in _SYSTEM if k in grpo}
     hparams["objective"] = {"class_path": "divrl.objectives.GRPOObjective", "init_args": grpo}
     return hparams
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint files, written to a temporary file next to the target and renamed over it: a kill during
+    a save leaves the previous checkpoint whole, never a truncated one (a temporary folder on another file system
+    could not be renamed into place), and stale temporary files of killed saves are removed by :func:`clean_partial`."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}{PARTIAL}{os.getpid()}")
+        try:
+            super().save_checkpoint(checkpoint, partial, storage_options)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+PARTIAL = ".partial-"
+"""What the temporary files of :class:`AtomicCheckpointIO` have in their name (``.last.ckpt.partial-<pid>``)."""
+
+
+def clean_partial(folder: str | Path) -> None:
+    """Remove the temporary files killed saves left in ``folder``."""
+    for stale in Path(folder).glob(f".*{PARTIAL}*"):
+        stale.unlink(missing_ok=True)
+
+
+def intact(path: Path) -> bool:
+    """Whether a checkpoint can be read: a folder (a sharded checkpoint) is taken as it is; a file must be a complete
+    zip archive (what ``torch.save`` writes), every member's checksum right."""
+    if path.is_dir():
+        return True
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def resume_path(ckpt_path, folders: list[str]) -> str | None:
+    """The checkpoint ``--ckpt_path`` should resume from: ``last`` is the newest intact ``last*.ckpt`` in ``folders``,
+    else the newest intact checkpoint there (a warning names the damaged one); a damaged file given by path is refused,
+    naming the newest intact one. Anything else (``None``, ``hpc``, a folder) is returned unchanged."""
+    candidates = sorted((p for folder in folders for p in Path(folder).glob("*.ckpt")),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+    newest = next((p for p in candidates if intact(p)), None)
+    if ckpt_path == "last":
+        lasts = [p for p in candidates if p.name.startswith("last")]
+        chosen = next((p for p in lasts if intact(p)), None)
+        if chosen is None and newest is not None:
+            what = f"{lasts[0]} is damaged (a save interrupted?)" if lasts else "there is no last.ckpt"
+            warnings.warn(f"--ckpt_path last: {what}; resuming from {newest}, the newest intact checkpoint")
+            chosen = newest
+        if chosen is None and lasts:
+            raise ValueError(f"--ckpt_path last: {lasts[0]} is damaged and no intact checkpoint is beside it; start "
+                             f"again without --ckpt_path")
+        return str(chosen) if chosen is not None else "last"
+    if isinstance(ckpt_path, (str, Path)) and Path(ckpt_path).is_file() and not intact(Path(ckpt_path)):
+        near = sorted((p for p in Path(ckpt_path).parent.glob("*.ckpt") if intact(p)),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+        hint = f"; the newest intact checkpoint beside it is {near[0]}" if near else ""
+        raise ValueError(f"--ckpt_path {ckpt_path} is damaged (not a complete checkpoint: a save or copy that was "
+                         f"cut short){hint}")
+    return ckpt_path

@@ -11,6 +11,7 @@ from typing import Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from divrl.data.datamodule import resolve_shards
 from divrl.data.stream import ConditionSample
@@ -18,7 +19,7 @@ from divrl.eval.suite import EvalSuite
 from divrl.images import to_pil
 from divrl.rewards.base import Group
 from divrl.training.callbacks import group_grid
-from divrl.training.checkpoints import load_weights
+from divrl.training.checkpoints import AtomicCheckpointIO, clean_partial, load_weights, resume_path
 from divrl.training.environment import RolloutGroup
 from divrl.training.module import DivRLModule
 from divrl.utils import mix_seeds
@@ -29,9 +30,14 @@ __all__ = ["DivRLTrainer"]
 class DivRLTrainer(pl.Trainer):
     """A Lightning Trainer with the ``sample`` and ``evaluate`` subcommands of the ``divrl`` CLI.
 
-    One difference from ``pl.Trainer``: a ``ModelCheckpoint`` without a ``dirpath`` writes to
-    ``<default_root_dir>/checkpoints`` instead of the logger's versioned folder, so a restarted run finds its
-    checkpoints with ``--ckpt_path last``.
+    Differences from ``pl.Trainer``:
+
+    - a ``ModelCheckpoint`` without a ``dirpath`` writes to ``<default_root_dir>/checkpoints`` instead of the logger's
+      versioned folder, so a restarted run finds its checkpoints with ``--ckpt_path last``;
+    - checkpoint files are written next to their target and renamed into place
+      (:class:`~divrl.training.checkpoints.AtomicCheckpointIO`), so a kill during a save never leaves a truncated one;
+    - ``--ckpt_path last`` resumes from the newest *intact* checkpoint, and a damaged file is refused by name
+      (:func:`~divrl.training.checkpoints.resume_path`).
     """
 
     def __init__(self, *args, **kwargs):
@@ -39,6 +45,16 @@ class DivRLTrainer(pl.Trainer):
         for callback in self.checkpoint_callbacks:
             if getattr(callback, "dirpath", "") is None:
                 callback.dirpath = os.path.realpath(os.path.join(self.default_root_dir, "checkpoints"))
+        if type(self.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not one the user chose
+            self.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path=None, **kwargs):
+        folders = [c.dirpath for c in self.checkpoint_callbacks if getattr(c, "dirpath", None)]
+        if self.is_global_zero:
+            for folder in folders:
+                clean_partial(folder)
+        ckpt_path = resume_path(ckpt_path, folders)
+        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
 
     @torch.no_grad()
     def sample(
