@@ -200,3 +200,23 @@ def test_resume_from_last_falls_back_to_the_newest_intact_checkpoint(tmp_path):
     with pytest.warns(UserWarning, match="there is no last.ckpt; resuming from"):
         assert resume_path("last", [str(tmp_path)]) == str(good)
     assert resume_path(None, [str(tmp_path)]) is None and resume_path("last", [str(tmp_path / "none")]) == "last"
+
+
+def test_a_resumed_run_keeps_the_command_line_and_refuses_what_its_weights_cannot_take():
+    from divrl.policy import KontextConfig
+    from divrl.training.checkpoints import compare_settings
+
+    saved = {"policy": {"class_path": "divrl.policy.KontextConfig", "init_args": {
+                 "model": "tiny", "lora": {"rank": 8, "alpha": 16.0, "target_modules": ["attn.to_q"]}}},
+             "sampling": {"group_size": 8, "num_steps": 4}, "_instantiator": "lightning"}
+    same = {"policy": KontextConfig(model="tiny", lora=LoRAConfig(rank=8, alpha=16.0, target_modules=("attn.to_q",))),
+            "sampling": SamplingConfig(group_size=8, num_steps=4)}
+    assert compare_settings(saved, same) == {}  # the checkpoint's dict form and the run's objects agree
+    other = dict(same, sampling=SamplingConfig(group_size=4, num_steps=4))
+    assert compare_settings(saved, other) == {"sampling.group_size": (8, 4)}  # may change: the command line's apply
+    rank = dict(same, policy=KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=16.0, target_modules=("attn.to_q",))))
+    with pytest.raises(ValueError, match=r"model.policy.lora.rank: 8 in the checkpoint, 4 now"):
+        compare_settings(saved, rank)
+    full = dict(same, policy=KontextConfig(model="tiny", lora=None, train_transformer=True))
+    with pytest.raises(ValueError, match=r"model.policy.lora: '<mapping>' in the checkpoint, None now"):
+        compare_settings(saved, full)

@@ -155,7 +155,7 @@ def test_load_errors_say_what_to_do(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="model_index.json"):
         KontextPolicy.from_pretrained(tmp_path / "empty")
-    with pytest.raises(ModelLoadError, match="huggingface-cli download"):
+    with pytest.raises(ModelLoadError, match="hf download"):
         KontextPolicy.from_pretrained("divrl-tests/no-such-model", local_files_only=True)
 
     from huggingface_hub.errors import GatedRepoError
@@ -167,7 +167,7 @@ def test_load_errors_say_what_to_do(tmp_path, monkeypatch):
         raise GatedRepoError("401 Client Error: access to this model is restricted", response=response)
 
     monkeypatch.setattr(FluxKontextPipeline, "from_pretrained", gated)
-    with pytest.raises(ModelLoadError, match="huggingface-cli login"):
+    with pytest.raises(ModelLoadError, match="hf auth login"):
         KontextPolicy.from_pretrained("black-forest-labs/FLUX.1-Kontext-dev")
 
 

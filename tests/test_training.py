@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -319,6 +320,19 @@ def test_kl_to_the_reference_policy_is_zero_for_the_fresh_adapter_then_grows(tmp
     assert all(k > 0 for k in kl[1:])
     loss = [float(r["train/loss"]) - float(r["train/policy_loss"]) for r in rows]
     assert loss == pytest.approx([0.1 * k for k in kl], rel=1e-4, abs=1e-9)
+
+
+def test_resuming_keeps_the_command_line_settings_for_a_file_and_for_last(tmp_path):
+    fit(tmp_path, 1)
+    one = tmp_path / "one.ckpt"
+    shutil.copy(tmp_path / "checkpoints/last.ckpt", one)
+    with pytest.warns(UserWarning, match=r"the command line's apply: model.sampling.group_size: 8 -> 4"):
+        fit(tmp_path, 2, "--ckpt_path", str(one), "--model.sampling.group_size", "4")
+    resumed = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 2 and resumed["hyper_parameters"]["sampling"]["group_size"] == 4
+    for path in (str(one), "last"):  # the same refusal for a file and for last, before any weight is loaded
+        with pytest.raises(ValueError, match=r"model.policy.lora.rank: 8 in the checkpoint, 4 now"):
+            fit(tmp_path, 3, "--ckpt_path", path, "--model.policy.lora.rank", "4")
 
 
 def test_gradient_checkpointing_trains_the_same_adapter(trained, tmp_path):

@@ -232,24 +232,10 @@ def _lightning_cli():
         """``LightningCLI`` over DivRLModule / IdentityDataModule with DivRLTrainer's ``sample`` and ``evaluate``."""
 
         def _parse_ckpt_path(self) -> None:
-            """Lightning's: the model settings saved in a ``--ckpt_path`` file take precedence over the config; here a
-            checkpoint of the former ``grpo`` layout is read in today's (:func:`divrl.training.checkpoints.upgrade_hparams`)."""
-            from divrl.training.checkpoints import upgrade_hparams
-
-            ckpt_path = self.config.get("subcommand") and self.config[self.config.subcommand].get("ckpt_path")
-            if not ckpt_path or not Path(ckpt_path).is_file():
-                return
-            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-            hparams.pop("_instantiator", None)
-            if hparams:
-                hparams = upgrade_hparams(hparams)
-                if "_class_path" in hparams:  # a subclass of the model, as Lightning writes it
-                    hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-                try:
-                    self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
-                except SystemExit:
-                    sys.stderr.write(f"Parsing of the model settings saved in {ckpt_path} failed!\n")
-                    raise
+            """Lightning's reloads the model settings saved in a ``--ckpt_path`` file over the command line, silently
+            (and does not for ``last``). Here the command line's settings apply in both cases: the module compares
+            them with the checkpoint's when it loads it, refusing those its weights cannot take and listing the
+            others (:func:`divrl.training.checkpoints.compare_settings`)."""
 
         @staticmethod
         def subcommands() -> dict[str, set[str]]:

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from divrl.policy import lora as L
-from divrl.policy.compute import CHECKPOINTING, configure_units, enable_tf32, set_attention_backend
+from divrl.policy.compute import (CHECKPOINTING, check_attention_backend, configure_units, enable_tf32,
+                                  set_attention_backend)
 from divrl.policy.reference import FrozenReference
 from divrl.policy.sharding import unwrapped
 from divrl.utils import parse_dtype
@@ -311,11 +312,13 @@ class PolicyConfig:
         compile: compile each repeated block with ``torch.compile`` (regional compilation: identical blocks share a
             graph; compiled on the first rollout and the first update, logged as ``perf/compile_s``). Composes with
             DDP, FSDP1, FSDP2 and checkpointing. The compiled graphs round to the low precision where eager code
-            does, so the rollout (no-grad) and the training graph agree: measured max |r − 1| on CPU: 0 for the bf16
-            tiny model (8e-5 without that rounding), ≤ 2.4e-7 for the float32 demo under DDP, FSDP1 and FSDP2
-            (float32 sums fused in another order); velocities within one bf16 ulp of eager code.
+            does, so the rollout (no-grad) and the training graph agree: measured max |r − 1| = 0 on CPU for the bf16
+            tiny model (8e-5 without that rounding) and for the float32 demo under DDP, FSDP1 and FSDP2; velocities
+            within one bf16 ulp of eager code.
         compile_mode: ``torch.compile``'s ``mode`` (``null``: its default). ``max-autotune`` picks kernels by timing
             them, so a resumed run may pick others: resume is then no longer bit-exact.
+        compile_backend: ``torch.compile``'s ``backend``: ``inductor`` (generated kernels: the speed); ``aot_eager``
+            traces the same graphs without generating code (to tell a compiler problem from a model one).
         attention_backend: diffusers' attention backend for every attention layer (``native`` = PyTorch SDPA,
             restricted to ``sdpa_backends``; ``flash`` needs flash-attn 2, ``_flash_3`` flash-attn 3 (Hopper),
             ``sage``...; see ``diffusers.models.attention_dispatch.AttentionBackendName``); ``null`` keeps
@@ -338,6 +341,7 @@ class PolicyConfig:
     gradient_checkpointing: Literal["none", "full", "selective"] | bool = "none"
     compile: bool = False
     compile_mode: str | None = None
+    compile_backend: str = "inductor"
     sdpa_backends: list[str] | None = field(default_factory=lambda: list(DEFAULT_SDPA_BACKENDS))
     attention_backend: str | None = None
     tf32: bool = True
@@ -351,6 +355,7 @@ class PolicyConfig:
                              f"{list(CHECKPOINTING)}")
         if self.lora_compute_dtype != "auto":
             parse_dtype(self.lora_compute_dtype, "policy.lora_compute_dtype (or 'auto')")
+        check_attention_backend(self.attention_backend)
         if self.train_transformer and self.lora is not None:
             raise ValueError("policy: train_transformer (full fine-tuning) needs lora: null")
 
@@ -366,7 +371,10 @@ class PolicyConfig:
         policy = self.load()
         policy.sdpa_backends = None if self.sdpa_backends is None else list(self.sdpa_backends)
         set_attention_backend(policy.network, self.attention_backend)
-        configure_units(policy.shard_units(), self.gradient_checkpointing, self.compile, self.compile_mode)
+        checkpointing = self.gradient_checkpointing  # a bool set after construction still means full / none
+        checkpointing = {True: "full", False: "none"}.get(checkpointing, checkpointing)
+        configure_units(policy.shard_units(), checkpointing, self.compile, self.compile_mode,
+                        backend=self.compile_backend)
         if self.tf32 and torch.cuda.is_available():
             enable_tf32()
         return policy if self.text_encoders else policy.drop_encoders()

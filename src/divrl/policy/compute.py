@@ -1,8 +1,7 @@
 """How a policy's network computes, generic over diffusers transformers: the speed levers of a training run.
 
 Each lever applies to rollouts (no gradients) and updates (gradients) alike, so both phases run one compute path and
-the first update's on-policy ratio stays 1: exactly for the eager levers, within float32 rounding for compiled
-blocks (``tests/test_speed.py`` checks each lever).
+the first update's on-policy ratio stays exactly 1 (``tests/test_speed.py`` checks each lever).
 
 - :func:`cast_lora_compute`: the LoRA adapter computes in the base's dtype (bf16 on GPUs) while its weights, their
   gradients and the optimizer state stay float32 (the *master* weights). Each adapter matmul casts its weight to the
@@ -30,7 +29,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "CHECKPOINTING", "LoRAComputeLinear", "cast_lora_compute", "configure_units", "unit_runner", "UnitForward",
-    "selective_checkpoint_policy", "autocast_forward", "set_attention_backend", "enable_tf32", "compile_seconds", "SAVED_OPS",
+    "selective_checkpoint_policy", "autocast_forward", "set_attention_backend", "check_attention_backend",
+    "enable_tf32", "compile_seconds", "SAVED_OPS", "is_attention_op",
 ]
 
 CHECKPOINTING = ("none", "full", "selective")
@@ -97,6 +97,17 @@ SAVED_OPS = (
 a block (norms, modulation, activations, RoPE, residual sums) is recomputed in the backward pass."""
 
 
+ATTENTION_OPS = ("flash_attn", "attention", "sageattn")
+"""Name fragments of the custom attention ops diffusers' backends call (flash-attn 2: ``flash_attn::``, flash-attn 3:
+``_diffusers_flash_attn_3::_flash_attn_forward``, SageAttention...): selective checkpointing keeps their outputs too."""
+
+
+def is_attention_op(op) -> bool:
+    """Whether ``op`` (an ``OpOverload``) is a custom attention kernel (see :data:`ATTENTION_OPS`)."""
+    name = op.name() if hasattr(op, "name") else str(op)
+    return "::" in name and not name.startswith("aten::") and any(part in name for part in ATTENTION_OPS)
+
+
 def selective_checkpoint_policy(saved: Sequence[str] = SAVED_OPS) -> Callable:
     """The ``context_fn`` of :func:`torch.utils.checkpoint.checkpoint` that keeps the outputs of the ``saved`` ops."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -104,7 +115,7 @@ def selective_checkpoint_policy(saved: Sequence[str] = SAVED_OPS) -> Callable:
     ops = {getattr(torch.ops.aten, name).default for name in saved if hasattr(torch.ops.aten, name)}
 
     def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in ops else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if op in ops or is_attention_op(op) else CheckpointPolicy.PREFER_RECOMPUTE
 
     return functools.partial(create_selective_checkpoint_contexts, policy)
 
@@ -118,33 +129,34 @@ class UnitForward:
     """
 
     def __init__(self, unit: nn.Module, run: Callable):
-        self.unit, self.run = unit, run
+        # The class's forward, looked up here: inside the compiled region ``type(unit).forward`` is a lookup dynamo
+        # cannot trace for diffusers' blocks (``maybe_allow_in_graph``), a graph break that would leave everything
+        # under the checkpoint, i.e. all of training, eager.
+        self.unit, self.run, self.forward = unit, run, type(unit).forward
 
     def __call__(self, *args, **kwargs):
-        return self.run(self.unit, *args, **kwargs)
-
-
-def _run_unit(unit: nn.Module, *args, **kwargs):
-    return type(unit).forward(unit, *args, **kwargs)
+        return self.run(self.forward, self.unit, *args, **kwargs)
 
 
 @functools.cache
-def unit_runner(checkpointing: str, compile: bool, mode: str | None = None) -> Callable:
-    """``run(unit, *args, **kwargs)``: the unit's forward with ``checkpointing`` (``none``, ``full``, ``selective``),
-    compiled or not; one function per setting, so identical blocks share one compiled graph."""
+def unit_runner(checkpointing: str, compile: bool, mode: str | None = None, backend: str = "inductor") -> Callable:
+    """``run(forward, unit, *args, **kwargs)``: ``forward(unit, ...)`` with ``checkpointing`` (``none``, ``full``,
+    ``selective``), compiled by ``backend`` or not; one function per setting, so identical blocks share one graph."""
     from torch.utils.checkpoint import checkpoint
 
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"policy.gradient_checkpointing: {checkpointing!r} is not one of {list(CHECKPOINTING)}")
     context = {"context_fn": selective_checkpoint_policy()} if checkpointing == "selective" else {}
 
-    def run(unit, *args, **kwargs):
+    def run(forward, unit, *args, **kwargs):
         if checkpointing == "none" or not torch.is_grad_enabled():  # rollouts keep nothing for a backward pass
-            return _run_unit(unit, *args, **kwargs)
-        return checkpoint(_run_unit, unit, *args, use_reentrant=False, **context, **kwargs)
+            return forward(unit, *args, **kwargs)
+        return checkpoint(forward, unit, *args, use_reentrant=False, **context, **kwargs)
 
     if not compile:
         return run
+    if backend != "inductor":  # e.g. aot_eager: tracing without code generation (debugging, fast tests)
+        return torch.compile(run, dynamic=False, backend=backend)
     from torch._inductor import list_mode_options
 
     # Round to the low precision where eager code would: without it the no-grad (rollout) and the training graph fuse
@@ -155,7 +167,7 @@ def unit_runner(checkpointing: str, compile: bool, mode: str | None = None) -> C
 
 
 def configure_units(units: Sequence[nn.Module], checkpointing: str = "none", compile: bool = False,
-                    mode: str | None = None, recompile_limit: int = 64) -> None:
+                    mode: str | None = None, recompile_limit: int = 64, backend: str = "inductor") -> None:
     """Give each unit (a repeated block) activation checkpointing and regional compilation.
 
     ``checkpointing``: ``full`` keeps each block's inputs only and recomputes the block in the backward pass;
@@ -163,15 +175,16 @@ def configure_units(units: Sequence[nn.Module], checkpointing: str = "none", com
     ``none`` keeps everything. Without gradients (rollouts) nothing is checkpointed.
 
     ``compile``: the block's ``forward`` (checkpoint included, the only way selective checkpointing composes with
-    ``torch.compile``) is compiled with static shapes and ``mode`` (torch's; default none: ``max-autotune`` chooses
-    kernels by timing, which breaks bit-exact resume). Only ``forward`` is compiled, not the module call, so the hooks
+    ``torch.compile``) is compiled by ``backend`` with static shapes and ``mode`` (torch's; default none:
+    ``max-autotune`` chooses kernels by timing, which breaks bit-exact resume). Training is compiled as much as
+    rollouts: no graph break (``tests/test_speed.py`` checks). Only ``forward`` is compiled, not the module call, so the hooks
     of FSDP1 and FSDP2 (all-gathers) stay eager around it, in any order of sharding and compiling. Blocks of one type
     share a graph per input shape and grad mode (rollout and training micro-batches, adapter on and off):
     ``recompile_limit`` leaves room for every variant; past it PyTorch would run eager code, and the rollout and the
     update would no longer share kernels.
     """
     if checkpointing == "none" and not compile:
-        unit_runner(checkpointing, compile, mode)  # validates
+        unit_runner(checkpointing, compile, mode, backend)  # validates
         for unit in units:  # the class's own forward again
             if isinstance(unit.__dict__.get("forward"), UnitForward):
                 del unit.forward
@@ -180,7 +193,7 @@ def configure_units(units: Sequence[nn.Module], checkpointing: str = "none", com
         import torch._dynamo
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
-    run = unit_runner(checkpointing, compile, mode)
+    run = unit_runner(checkpointing, compile, mode, backend)
     for unit in units:
         unit.forward = UnitForward(unit, run)
 
@@ -193,8 +206,9 @@ class AutocastForward:
         self.network, self.dtype = network, dtype
 
     def __call__(self, *args, **kwargs):
-        tensor = next(t for t in (*args, *kwargs.values()) if isinstance(t, Tensor))
-        with torch.autocast(tensor.device.type, dtype=self.dtype):
+        tensor = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
+        device = tensor.device if tensor is not None else next(self.network.parameters()).device
+        with torch.autocast(device.type, dtype=self.dtype):
             return type(self.network).forward(self.network, *args, **kwargs)
 
 
@@ -213,9 +227,8 @@ def compile_seconds() -> float:
     return float(calculate_time_spent().get("total_wall_time", 0.0))
 
 
-def set_attention_backend(network: nn.Module, backend: str | None) -> None:
-    """Use diffusers' attention ``backend`` (``native`` = PyTorch SDPA, ``flash``, ``_flash_3``, ``sage``...) in
-    every attention layer of ``network``, for rollouts and updates alike; ``None`` keeps diffusers' default (SDPA)."""
+def check_attention_backend(backend: str | None) -> None:
+    """Refuse a name that is not one of diffusers' attention backends, listing them."""
     if backend is None:
         return
     from diffusers.models.attention_dispatch import AttentionBackendName
@@ -223,12 +236,21 @@ def set_attention_backend(network: nn.Module, backend: str | None) -> None:
     names = [b.value for b in AttentionBackendName]
     if backend not in names:
         raise ValueError(f"policy.attention_backend: {backend!r} is not a diffusers attention backend; one of {names}")
+
+
+def set_attention_backend(network: nn.Module, backend: str | None) -> None:
+    """Use diffusers' attention ``backend`` (``native`` = PyTorch SDPA, ``flash``, ``_flash_3``, ``sage``...) in
+    every attention layer of ``network``, for rollouts and updates alike; ``None`` keeps diffusers' default (SDPA)."""
+    if backend is None:
+        return
+    check_attention_backend(backend)
     if not hasattr(network, "set_attention_backend"):
         raise ValueError(f"policy.attention_backend: {type(network).__name__} has no set_attention_backend (diffusers)")
     network.set_attention_backend(backend)
 
 
 def enable_tf32() -> None:
-    """Let float32 matmuls and convolutions on CUDA use TF32 tensor cores (CPU numerics are untouched)."""
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    """Let float32 matmuls on CUDA use TF32 tensor cores (cuDNN convolutions do by default). Through the legacy API:
+    setting only the per-backend ``fp32_precision`` would leave ``torch.get_float32_matmul_precision()``, which
+    inductor's autotuning reads, raising on the mix of APIs. Called only where CUDA is available."""
+    torch.set_float32_matmul_precision("high")

@@ -186,3 +186,70 @@ def resume_path(ckpt_path, folders: list[str]) -> str | None:
         raise ValueError(f"--ckpt_path {ckpt_path} is damaged (not a complete checkpoint: a save or copy that was "
                          f"cut short){hint}")
     return ckpt_path
+
+
+FIXED_SETTINGS = ("policy.model", "policy.lora", "policy.lora.rank", "policy.lora.alpha", "policy.lora.target_modules",
+                  "policy.train_transformer")
+"""Model settings a resumed run cannot change: the trained weights belong to them."""
+
+
+def _plain(value):
+    """Settings as plain data: dataclasses and ``{class_path, init_args}`` mappings become dicts with a ``_class``
+    entry (the class's name), tuples become lists."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"_class": type(value).__name__, **{f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if isinstance(value, dict):
+        if "class_path" in value:
+            return {"_class": str(value["class_path"]).rsplit(".", 1)[-1], **_plain(value.get("init_args") or {})}
+        return {str(k): _plain(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _flat(value, prefix: str = "") -> dict:
+    """Dotted keys of nested settings; a mapping's own key holds ``"<mapping>"`` (so ``lora: null`` against an
+    adapter's settings differs at ``policy.lora``)."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out = {prefix: "<mapping>"} if prefix else {}
+    for k, v in value.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def compare_settings(saved: dict, current: dict, where: str = "the checkpoint") -> dict[str, tuple]:
+    """On resume the command line's model settings apply. Returns the settings that differ from ``saved`` (the
+    checkpoint's) as ``{key: (saved, current)}``, after refusing those no resumed run can change
+    (:data:`FIXED_SETTINGS`: the weights belong to them). Settings only one side knows (a field added since) are
+    not compared."""
+    old, new = _flat(_plain(upgrade_hparams(dict(saved)))), _flat(_plain(dict(current)))
+    differ = {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
+    fixed = {k: v for k, v in differ.items() if k in FIXED_SETTINGS or k.startswith("policy.lora.")}
+    fixed = {k: v for k, v in fixed.items() if not k.startswith(("policy.lora.init", "policy.lora.dropout"))}
+    if fixed:
+        listed = "; ".join(f"model.{k}: {a!r} in {where}, {b!r} now" for k, (a, b) in fixed.items())
+        raise ValueError(f"resuming from {where} with settings its weights cannot take ({listed}); resume with the "
+                         f"checkpoint's values, or start a new run without --ckpt_path")
+    return differ
+
+
+def resumed_settings(checkpoint: dict, hparams, policy=None) -> None:
+    """:func:`compare_settings` of a checkpoint being loaded against the run's settings; what differs (and may) is
+    logged as a warning: the command line's values apply. A checkpoint written before ``policy.lora_compute_dtype``
+    existed trained with float32 adapter compute: a warning says how to continue on those numerics."""
+    saved = checkpoint.get("hyper_parameters")
+    if not saved:
+        return
+    old_policy = _plain(upgrade_hparams(dict(saved)).get("policy") or {})
+    if policy is not None and "lora_compute_dtype" not in old_policy and policy.compute_dtype != torch.float32:
+        warnings.warn(f"the checkpoint predates policy.lora_compute_dtype: it trained with float32 adapter compute "
+                      f"and TF32 off; this run computes in {policy.compute_dtype}. To continue on the same numerics, "
+                      f"set model.policy.lora_compute_dtype: float32 and model.policy.tf32: false")
+    differ = compare_settings(saved, dict(hparams))
+    if differ:
+        listed = "; ".join(f"model.{k}: {a!r} -> {b!r}" for k, (a, b) in differ.items())
+        warnings.warn(f"resuming with model settings that differ from the checkpoint's; the command line's apply: "
+                      f"{listed}")

@@ -394,5 +394,6 @@ class DivRLModule(pl.LightningModule):
         self.stage = int(state.get("stage", 0))
         self.rollouts_done = int(state.get("rollouts_done", 0))
         self.counters = defaultdict(int, state.get("counters", {}))
+        checkpoints.resumed_settings(checkpoint, self.hparams, self.policy)
         if self.policy is not None:
             checkpoints.check_trainable_keys(set(self.trainable_state_dict()), set(checkpoint["state_dict"]))

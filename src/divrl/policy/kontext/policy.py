@@ -122,6 +122,9 @@ class KontextPolicy(Policy):
         if train_transformer:
             if lora is not None:
                 raise ValueError("KontextPolicy: train_transformer (full fine-tuning) needs lora=None")
+            if self.compute_dtype == torch.float16:
+                raise ValueError("KontextPolicy: full fine-tuning under float16 autocast would need a gradient scaler; "
+                                 "use lora_compute_dtype bfloat16 (or float32)")
             transformer.float().requires_grad_(True)  # float32 master weights
             autocast_forward(transformer, self.compute_dtype)  # compute_dtype matmuls
         self.train_transformer = train_transformer
