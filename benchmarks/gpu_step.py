@@ -137,8 +137,8 @@ def apply(policy, levers: Levers) -> None:
         cast_lora_compute(policy.transformer, getattr(torch, levers.lora_compute_dtype))
     configure_units(policy.shard_units(), levers.gradient_checkpointing, levers.compile)
     set_attention_backend(policy.transformer, levers.attention_backend)
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.fp32_precision = "tf32" if levers.tf32 else "ieee"
+    if torch.cuda.is_available():  # the legacy API, as divrl.policy.compute.enable_tf32 (inductor reads it)
+        torch.set_float32_matmul_precision("high" if levers.tf32 else "highest")
 
 
 def timed(fn, device: str):
