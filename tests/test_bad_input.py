@@ -220,3 +220,10 @@ def test_a_resumed_run_keeps_the_command_line_and_refuses_what_its_weights_canno
     full = dict(same, policy=KontextConfig(model="tiny", lora=None, train_transformer=True))
     with pytest.raises(ValueError, match=r"model.policy.lora: '<mapping>' in the checkpoint, None now"):
         compare_settings(saved, full)
+
+
+def test_citations_point_at_files_the_repository_ships():
+    """Users have the repository, not the project's private notes: every citation is docs/reference.md."""
+    cited = [p for pattern in ("src/**/*.py", "configs/*.yaml", "*.md", "docs/*.md", "examples/**/*")
+             for p in ROOT.glob(pattern) if p.is_file() and "REFERENCE.md" in p.read_text(errors="ignore")]
+    assert cited == [] and (ROOT / "docs/reference.md").is_file()

@@ -5,7 +5,7 @@ naming the file and the reason it could not be used. :func:`convert` applies the
 identity ids, splits identities deterministically into train and validation, writes shards atomically (a ``.partial``
 name renamed when complete) and returns a :class:`ConversionReport`.
 
-Layouts (``REFERENCE.md``, "Data layouts"):
+Layouts (``docs/reference.md``, "Data layouts"):
 
 - **syncd** — the SynCD release: every ``*metadata.json`` under ``--src`` is one identity, listing ``filenames``
   (images in the JSON's folder; the first becomes the reference) and ``prompts``; masks in

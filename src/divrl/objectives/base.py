@@ -36,7 +36,7 @@ __all__ = ["SamplingConfig", "Scores", "Batch", "Environment", "Objective"]
 class SamplingConfig:
     """How rollouts are drawn (``model.sampling``); shared by the objectives, validation and ``divrl sample``.
 
-    Defaults are the published DivRL run (``REFERENCE.md``, "The published DivRL run").
+    Defaults are the published DivRL run (``docs/reference.md``, "The published run").
 
     Attributes:
         group_size: samples per (identity, prompt) condition, ``G`` (paper: 21).

@@ -61,7 +61,7 @@ class GRPOBatch(Batch):
 class GRPOObjective(Objective):
     """Flow-GRPO: PPO-clipped updates on SDE rollouts with group-standardised advantages.
 
-    Defaults are the published DivRL run (``REFERENCE.md``, "The published DivRL run"); ``docs/configuration.md`` maps
+    Defaults are the published DivRL run (``docs/reference.md``, "The published run"); ``docs/configuration.md`` maps
     each name to trl's and flow_grpo's.
 
     Attributes:

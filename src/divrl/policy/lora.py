@@ -43,7 +43,7 @@ DEFAULT_LORA_TARGETS = (
     "ff_context.net.2",
     "proj_mlp",
 )
-"""The published DivRL run's LoRA targets (REFERENCE.md): every attention and MLP projection of the FLUX blocks."""
+"""The published DivRL run's LoRA targets (docs/reference.md): every attention and MLP projection of the FLUX blocks."""
 
 
 @dataclass

@@ -30,7 +30,7 @@ class FeatureScorer(GroupScorer):
         backbone: the feature extractor (DINOv2, the weight-free dense descriptor, any
             :class:`~divrl.rewards.backbones.CallableBackbone`...).
         pool: nSSM pooling factor on the backbone grid; 2 turns 48×48 into the paper's 24×24 (the published code
-            resizes to 32×32 instead; REFERENCE.md). Evaluation uses 1 (no pooling), as in the paper.
+            resizes to 32×32 instead; docs/reference.md). Evaluation uses 1 (no pooling), as in the paper.
         tau_s: VSM semantic threshold (paper and code: 0.7).
         tau_v: VSM visual threshold (paper: 0.7, the ``vsm_0.7`` key of the published code).
         nssm_features: which grid nSSM compares, ``"visual"`` (default) or ``"semantic"``; identical for DINOv2.

@@ -6,7 +6,7 @@
 - ``model.objective``: the loss and its settings (:class:`~divrl.objectives.GRPOObjective` by default);
 - ``model.system``: how the run executes and guards itself (:class:`SystemConfig`).
 
-Defaults are the published DivRL run (``REFERENCE.md``, "The published DivRL run") unless a field says otherwise.
+Defaults are the published DivRL run (``docs/reference.md``, "The published run") unless a field says otherwise.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Client for the DivRL Mind-the-Glitch (MTG) reward server.
 
-DivRL scores generated images with Mind-the-Glitch (two heads on CleanDIFT-SD2.1 features, REFERENCE.md). That
+DivRL scores generated images with Mind-the-Glitch (two heads on CleanDIFT-SD2.1 features, docs/reference.md). That
 model needs a GPU and code that is not on PyPI, so DivRL runs it as a separate HTTP service; this module is only
 the client. **The server is started separately by the user** (one worker listens on port 8101 by default; the
 round-robin balancer in front of several workers listens on 8098).
