@@ -4,6 +4,7 @@ failed before with a traceback, a wrong hint, or silence."""
 from __future__ import annotations
 
 import errno
+import re
 import os
 import stat
 import warnings
@@ -227,3 +228,40 @@ def test_citations_point_at_files_the_repository_ships():
     cited = [p for pattern in ("src/**/*.py", "configs/*.yaml", "*.md", "docs/*.md", "examples/**/*")
              for p in ROOT.glob(pattern) if p.is_file() and "REFERENCE.md" in p.read_text(errors="ignore")]
     assert cited == [] and (ROOT / "docs/reference.md").is_file()
+
+
+def test_the_demo_starts_quietly_and_ends_with_a_summary(tmp_path):
+    """The first run prints divrl's lines and the real warnings, none of the third-party notices divrl.notices lists,
+    no model-loading bars, a progress bar labelled with the stage and step, and a summary at the end."""
+    import subprocess
+    import sys
+
+    from divrl.notices import NOTICES, WARNINGS
+
+    done = subprocess.run([sys.executable, "-m", "divrl.cli", "fit", "--config", "configs/demo.yaml",
+                           "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k != "DIVRL_NOTICES"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    for _, pattern, why in NOTICES:
+        assert not re.search(pattern, output), why
+    for pattern, why in WARNINGS:
+        assert not re.search(pattern, output), why
+    assert "Loading pipeline components" not in output and "Loading weights" not in output
+    assert "stage 1 · step 2/2" in output and "Epoch 0/-2" not in output
+    assert "[divrl] fit ended: 2 optimizer steps, 2 rollouts" in output and "skipped:     nothing" in output
+    assert f"tensorboard --logdir {tmp_path}" in output
+    assert "max_steps 2 ends this run before StageSwitch" in output  # a real warning stays
+
+
+def test_quiet_drops_only_the_listed_notices(caplog):
+    import logging
+
+    from divrl.notices import quiet
+
+    quiet()
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("torchao").warning("Failed to load /x/_C_mxfp8.so: no such file")
+        logging.getLogger("torchao").warning("something else torchao wants you to know")
+    assert [r.getMessage() for r in caplog.records] == ["something else torchao wants you to know"]

@@ -295,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``divrl`` command. Called without ``argv`` (the console script), an error divrl raised about its input
     prints its sentence alone and exits 1 (``DIVRL_TRACEBACK=1`` shows the traceback too); from Python (``argv``
     given) errors propagate."""
+    from divrl.notices import quiet
+
+    quiet()  # before the libraries load: their import-time notices that do not apply (divrl.notices says why)
     if argv is not None or os.environ.get("DIVRL_TRACEBACK"):
         return _main(argv)
     try:

@@ -3,6 +3,7 @@ strategies and checkpoint formats."""
 
 from divrl.training.callbacks import (
     AdapterEMA,
+    DivRLProgressBar,
     LoRAExporter,
     RolloutImageLogger,
     StageSwitch,
@@ -27,6 +28,7 @@ __all__ = [
     "StageSwitch",
     "SystemConfig",
     "AdapterEMA",
+    "DivRLProgressBar",
     "default_optimizer",
     "group_grid",
 ]

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import RichProgressBar
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
@@ -16,7 +17,7 @@ from divrl.images import caption_grid, to_image_batch
 from divrl.training.environment import RolloutGroup
 from divrl.policy.sharding import full_tensor, shard_like, trainable_parameters
 
-__all__ = ["LoRAExporter", "RolloutImageLogger", "StageSwitch", "group_grid"]
+__all__ = ["LoRAExporter", "RolloutImageLogger", "StageSwitch", "DivRLProgressBar", "group_grid"]
 
 
 class StageSwitch(pl.Callback):
@@ -276,6 +277,31 @@ def _log_image(logger, tag: str, image: Image.Image, step: int) -> None:
 
 
 def rank_log(trainer, message: str) -> None:
-    """Log on global rank 0 through Lightning's console logger."""
-    if trainer.is_global_zero:
+    """Log on global rank 0: above a live rich progress bar on a line of its own, else through Lightning's console
+    logger."""
+    if not trainer.is_global_zero:
+        return
+    bar = trainer.progress_bar_callback
+    console = getattr(getattr(bar, "progress", None), "console", None)
+    if console is not None and getattr(bar.progress, "live", None) is not None and bar.progress.live.is_started:
+        console.print(f"[divrl] {message}", markup=False, highlight=False, soft_wrap=True)
+    else:
         rank_zero_info(f"[divrl] {message}")
+
+
+class DivRLProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, labelled with what a divrl run counts: the stage and the optimizer step out of
+    ``trainer.max_steps`` (``stage 2 · step 75/120``) instead of Lightning's epoch (``Epoch 11/-2`` without
+    ``max_epochs``). The bar itself still fills per epoch of ``data.steps_per_epoch`` rollout batches."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer, module = self.trainer, self.trainer.lightning_module
+        stage = getattr(module, "stage", 0) + 1
+        total = f"/{trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else ""
+        return f"stage {stage} · step {trainer.global_step}{total}"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, description=self._get_train_description(0))
+            self.refresh()

@@ -17,7 +17,7 @@ from divrl.policy.flops import PEAK_TFLOPS
 from divrl.rewards.base import Group, NonFiniteReward, Reward, RewardOutput
 
 __all__ = ["RunEnvironment", "RolloutGroup", "agreed", "score_groups", "reward_metrics", "throughput", "device_peak",
-           "end_of_run"]
+           "end_of_run", "run_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +169,15 @@ SKIPS = {"skipped_samples": "bad samples skipped", "skipped_groups": "groups ski
 
 
 def end_of_run(module) -> None:
-    """At the end of ``fit``: a summary of what was skipped since the start of the run (a warning when anything
-    was), and an error (a non-zero exit) when every rollout of the run was skipped: it learned nothing."""
+    """At the end of ``fit``: one summary block (steps, time, where the exports, checkpoints and logs are, the last
+    validation numbers, what was skipped: a warning when anything was), and an error (a non-zero exit) when every
+    rollout of the run was skipped: it learned nothing."""
     counters, rollouts = module.counters, module.rollouts_done
     skipped = [f"{counters[key]} {what}" for key, what in SKIPS.items() if counters.get(key)]
+    if module.global_rank == 0 and module._trainer is not None:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info("\n".join(run_summary(module._trainer, module)))
     if skipped and module.global_rank == 0:
         log.warning("divrl: %d rollouts, %d optimizer steps; %s", rollouts, module.global_step, "; ".join(skipped))
     if rollouts and counters.get("empty_rollouts", 0) >= rollouts:
@@ -180,3 +185,31 @@ def end_of_run(module) -> None:
             f"every one of the run's {rollouts} rollouts was skipped ({type(module.reward).__name__} gave no finite "
             f"reward): nothing was trained. Check the reward and its scorer (e.g. `divrl score` on a few images)"
         )
+
+
+def run_summary(trainer, module) -> list[str]:
+    """The lines of the end-of-fit summary (see :func:`end_of_run`)."""
+    import time
+    from pathlib import Path
+
+    started = getattr(trainer, "fit_started", None)
+    took = f" in {time.monotonic() - started:.0f} s" if started is not None else ""
+    lines = [f"[divrl] fit ended: {trainer.global_step} optimizer steps, {module.rollouts_done} rollouts, stage "
+             f"{module.stage + 1}{took}"]
+    for callback in trainer.callbacks:
+        if type(callback).__name__ == "LoRAExporter":
+            lines.append(f"  weights:     {Path(trainer.default_root_dir) / callback.dirname}/ (load with "
+                         f"`divrl sample --lora` or diffusers' load_lora_weights)")
+        if type(callback).__name__ == "ModelCheckpoint" and callback.dirpath:
+            lines.append(f"  checkpoints: {callback.dirpath}/ (resume with --ckpt_path last)")
+    validation = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if validation:
+        lines.append("  validation:  " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(validation.items())))
+    skipped = [f"{module.counters[key]} {what}" for key, what in SKIPS.items() if module.counters.get(key)]
+    lines.append("  skipped:     " + ("; ".join(skipped) if skipped else "nothing"))
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "TensorBoardLogger":
+            lines.append(f"  curves:      tensorboard --logdir {logger.log_dir}")
+        elif getattr(logger, "log_dir", None):
+            lines.append(f"  logs:        {logger.log_dir}")
+    return lines

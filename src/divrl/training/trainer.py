@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -54,6 +55,7 @@ class DivRLTrainer(pl.Trainer):
             for folder in folders:
                 clean_partial(folder)
         ckpt_path = resume_path(ckpt_path, folders)
+        self.fit_started = time.monotonic()  # for the end-of-fit summary
         return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
 
     @torch.no_grad()
