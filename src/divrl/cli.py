@@ -165,7 +165,9 @@ def run_data(args: argparse.Namespace) -> int:
         print(f"divrl data: {', '.join(f'{flag} {n}' for flag, n in bad.items())}: counts must be >= 1 and "
               f"--resolution >= 0 (0 keeps the photos' size); nothing was written", file=sys.stderr)
         return 2
-    old = sorted(p for pattern in ("train-*.tar", "val-*.tar", "*.tar.partial") for p in args.out.glob(pattern))
+    for stale in args.out.glob("*.tar.partial"):  # left by a killed conversion: never read, removed
+        stale.unlink()
+    old = sorted(p for pattern in ("train-*.tar", "val-*.tar") for p in args.out.glob(pattern))
     if old and not args.overwrite:
         print(f"divrl data: --out {args.out} already holds {len(old)} shard(s) (e.g. {old[0].name}); a later glob would "
               f"read old and new shards together. Pass --overwrite to replace them, or choose an empty folder",

@@ -190,7 +190,9 @@ def write_shards(
 ) -> list[Path]:
     """Write records as ``<out_dir>/<name>-000000.tar``, ... (numbered from ``start``); each shard is written to a
     temporary name and renamed when complete, so an interrupted run never leaves a half-written shard that training
-    would read."""
+    would read (a killed process leaves its ``.tar.partial``, which the next ``divrl data`` into the folder removes).
+    The tar members carry a fixed time stamp: the same records give the same bytes (the committed demo shards stay
+    unchanged when regenerated)."""
     import webdataset as wds
 
     out = Path(out_dir)
@@ -202,7 +204,7 @@ def write_shards(
         final = out / f"{name}-{start + len(paths):06d}.tar"
         partial = final.with_name(final.name + ".partial")
         try:
-            with wds.TarWriter(str(partial)) as writer:
+            with wds.TarWriter(str(partial), mtime=0.0) as writer:
                 for record in batch:
                     writer.write(record.to_sample())
         except BaseException:
