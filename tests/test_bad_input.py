@@ -265,3 +265,18 @@ def test_quiet_drops_only_the_listed_notices(caplog):
         logging.getLogger("torchao").warning("Failed to load /x/_C_mxfp8.so: no such file")
         logging.getLogger("torchao").warning("something else torchao wants you to know")
     assert [r.getMessage() for r in caplog.records] == ["something else torchao wants you to know"]
+
+
+def test_a_prompt_file_that_is_not_utf8_is_named_with_its_line(tmp_path, capsys):
+    from divrl.data import converters as C
+
+    src = tmp_path / "dreambooth"
+    (src / "dog").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(src / "dog" / "00.jpg")
+    (src / "prompts_and_classes.txt").write_bytes(b"subject_name,class\ndog,dog\n\nPrompts\ncaf\xe9 au lait\n")
+    assert main(["data", "dreambooth", "--src", str(src), "--out", str(tmp_path / "out")]) == 2
+    assert "prompts_and_classes.txt: line 5 is not UTF-8 (byte 0xe9" in capsys.readouterr().err
+    bad = tmp_path / "00.txt"
+    bad.write_bytes(b"a subject\nan \xff prompt\n")
+    skipped = C._read_lines(bad, "object/00")
+    assert "line 2 is not UTF-8" in skipped.reason and "00.txt" in skipped.reason

@@ -162,13 +162,24 @@ def _border_colour(image: Image.Image) -> tuple[int, int, int]:
     return tuple(sum(p[c] for p in pixels) // len(pixels) for c in range(3))
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's content; one that is not UTF-8 raises a ``ValueError`` naming the file, the line and the byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 (byte {data[err.start]:#04x} at offset {err.start}); "
+                         f"save the file as UTF-8") from None
+
+
 def _read_lines(path: Path, where: str) -> list[str] | Skip:
     if not path.is_file():
         return Skip(where, f"prompt file {path} is missing")
     try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as err:
-        return Skip(where, f"prompt file {path} is unreadable ({err})")
+        lines = [line.strip() for line in read_utf8(path).splitlines() if line.strip()]
+    except (OSError, ValueError) as err:
+        return Skip(where, f"prompt file unreadable: {err}")
     return lines or Skip(where, f"prompt file {path} has no prompts")
 
 
@@ -299,7 +310,7 @@ def _listing(images: Path) -> Iterator[Path | Skip]:
 
 def dreambooth_templates(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
     """Parse ``prompts_and_classes.txt``: subject → class, the object templates and the live-subject templates."""
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     classes = dict(re.findall(r"^([A-Za-z0-9_]+),([^,\n]+)$", text.split("Prompts")[0], flags=re.M))
     classes.pop("subject_name", None)
     lists = re.findall(r"prompt_list\s*=\s*\[(.*?)\]", text, flags=re.S)
