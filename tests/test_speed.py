@@ -222,7 +222,7 @@ def compiled_nodes(loss: torch.Tensor) -> set[str]:
 
 @pytest.mark.slow
 def test_compiled_blocks_stay_on_policy_and_match_eager():
-    """bf16 base and adapter compute, selective checkpointing, compiled blocks (one compilation, ~60 s cold). The
+    """bf16 base and adapter compute, selective checkpointing, compiled blocks (~60 s cold on two cores). The
     training forward is compiled as the rollouts are: no graph break (a break at the checkpoint once left all of
     training eager)."""
     from torch._dynamo.utils import counters
@@ -234,14 +234,13 @@ def test_compiled_blocks_stay_on_policy_and_match_eager():
     deviation, grads = first_update_ratio(compiled)
     assert deviation <= 1e-6  # measured: 0
     assert not counters["graph_break"], dict(counters["graph_break"])
-    cond = compiled.condition(reference(32, 32), PROMPT, 32, 32)
+    # batches of 2, the training micro-batch's shape: the graphs compiled above serve (no compilation for new shapes)
+    cond = compiled.condition(reference(32, 32), PROMPT, 32, 32, group_size=2)
     x = compiled.initial_noise(cond, torch.Generator().manual_seed(0))
     assert compiled_nodes(compiled.velocity(x, 0.5, cond).float().sum())  # training runs compiled code
     _, eager_grads = first_update_ratio(eager)
     for g, e in zip(grads, eager_grads):  # bf16 rounding points differ from eager's by an ulp here and there
         torch.testing.assert_close(g, e, atol=1e-2 * e.abs().max().item(), rtol=0)
-    cond = eager.condition(reference(32, 32), PROMPT, 32, 32)
-    x = eager.initial_noise(cond, torch.Generator().manual_seed(0))
     with torch.no_grad():
         v, w = eager.velocity(x, 0.5, cond).float(), compiled.velocity(x, 0.5, cond).float()
     assert (v - w).abs().max() <= 2 ** -7 * v.abs().max()  # within one bf16 ulp of the largest value
