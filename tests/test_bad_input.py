@@ -61,6 +61,16 @@ def test_data_refuses_a_folder_of_shards_unless_told_to_overwrite(tmp_path, caps
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]  # no old shard left
 
 
+def test_an_overwrite_whose_source_fails_keeps_the_old_shards(tmp_path):
+    out = tmp_path / "shards"
+    assert main(["data", "synthetic", "--out", str(out), "--num-identities", "2", "--resolution", "32"]) == 0
+    before = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    (tmp_path / "empty").mkdir()
+    assert main(["data", "dreambooth", "--src", str(tmp_path / "empty"), "--out", str(out), "--overwrite"]) == 2
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before and sorted(out.iterdir()) == sorted(
+        out / name for name in before)  # nothing left behind either
+
+
 def test_data_names_an_unwritable_out_folder(tmp_path, capsys, monkeypatch):
     from divrl.data import converters
 
@@ -100,9 +110,7 @@ def test_a_damaged_lora_file_is_named(exported, tmp_path):
 
 def test_exported_loras_are_readable_like_every_other_file(exported):
     _, path = exported
-    umask = os.umask(0)
-    os.umask(umask)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # safetensors alone leaves 0600
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # safetensors alone leaves 0600
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a CUDA GPU")
@@ -154,6 +162,11 @@ def test_only_divrl_own_input_errors_lose_their_traceback():
             return err
 
     assert expected_error(raised(lambda: int("x"))) is None  # raised outside divrl: a bug, keep the traceback
+    from divrl.policy.compute import LoRAComputeLinear
+
+    layer = LoRAComputeLinear.wrap(torch.nn.Linear(3, 2), torch.float32)
+    shape_bug = raised(lambda: layer(torch.ones(2, 5)))  # torch's error on a divrl line: still a bug
+    assert isinstance(shape_bug, RuntimeError) and expected_error(shape_bug) is None
     assert expected_error(raised(lambda: GRPOObjective().check(SamplingConfig(group_size=1)))).startswith(
         "sampling.group_size 1")
     union = ValueError("Does not validate against any of the Union subtypes\nSubtypes: [...]\nErrors:\n"
@@ -171,6 +184,12 @@ def test_a_checkpoint_save_that_is_killed_leaves_the_previous_one_whole(tmp_path
     from divrl.training.checkpoints import AtomicCheckpointIO
 
     io, target = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(Path(a).name), real_replace(a, b)))
+    io.save_checkpoint({"global_step": 1}, tmp_path / "hpc_ckpt_2.ckpt")
+    # a killed save's leftover must not look like a checkpoint to Lightning's "last" or SLURM "hpc" lookups
+    assert renamed[0].startswith(".divrl-partial-") and "hpc_ckpt_" not in renamed[0] and "last" not in renamed[0]
     io.save_checkpoint({"global_step": 1}, target)
     real = torch.save
 
@@ -182,7 +201,8 @@ def test_a_checkpoint_save_that_is_killed_leaves_the_previous_one_whole(tmp_path
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"global_step": 2}, target)
     monkeypatch.setattr(torch, "save", real)
-    assert torch.load(target, weights_only=True)["global_step"] == 1 and sorted(tmp_path.iterdir()) == [target]
+    assert torch.load(target, weights_only=True)["global_step"] == 1
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "hpc_ckpt_2.ckpt", target]
 
 
 def test_resume_from_last_falls_back_to_the_newest_intact_checkpoint(tmp_path):

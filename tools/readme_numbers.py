@@ -65,8 +65,12 @@ def main() -> None:
     parser.add_argument("--write-docs", action="store_true", help="replace the README's pictures in docs/")
     args = parser.parse_args()
     out = args.out.resolve()
+    marker = out / ".readme_numbers"
+    if out.exists() and any(out.iterdir()) and not marker.exists():
+        sys.exit(f"readme_numbers.py: --out {out} holds files this tool did not write; pass a new or empty folder")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    marker.touch()
 
     run("validate", "--config", "configs/demo.yaml", "--trainer.default_root_dir", str(out / "base"))
     seconds = run("fit", "--config", "configs/demo.yaml", "--trainer.default_root_dir", str(out / "fit"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -190,16 +191,27 @@ def run_data(args: argparse.Namespace) -> int:
         policy = KontextConfig(model=args.precompute, lora=None, max_sequence_length=args.max_sequence_length).build()
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         precompute = C.Precompute(policy.to(device), args.precompute_resolution)
+    # --overwrite: the new shards are written beside the old ones (a hidden folder) and replace them only when the
+    # conversion succeeded; a source that fails to read leaves the old shards as they were
+    target = args.out / ".divrl-overwrite" if old else args.out
     try:
-        for path in old:  # --overwrite: the previous shards go first, so no mix of old and new remains
-            path.unlink()
         report = C.convert(
-            items, args.out, resolution=args.resolution or None, resize=args.resize, shard_size=args.shard_size,
+            items, target, resolution=args.resolution or None, resize=args.resize, shard_size=args.shard_size,
             val_fraction=args.val_fraction, seed=args.seed, max_identities=args.num_identities, precompute=precompute,
         )
+        if old:
+            for path in old:
+                path.unlink()
+            report.shards = [path.replace(args.out / path.name) for path in report.shards]
+            shutil.rmtree(target)
     except (OSError, ValueError) as err:  # a missing or unreadable source, a read-only or full --out
-        target = isinstance(err, OSError) and str(err.filename or "").startswith(str(args.out))
-        where = f"cannot write to --out {args.out} ({err.strerror}); choose a writable folder" if target else err
+        if old:
+            shutil.rmtree(target, ignore_errors=True)
+        filename = isinstance(err, OSError) and err.filename
+        writing = bool(filename) and Path(os.path.abspath(filename)).is_relative_to(os.path.abspath(args.out))
+        writing = writing and not (args.src is not None and Path(os.path.abspath(filename)).is_relative_to(
+            os.path.abspath(args.src)))
+        where = f"cannot write to --out {args.out} ({err.strerror}); choose a writable folder" if writing else err
         print(f"divrl data {args.source}: {where}", file=sys.stderr)
         return 2
     print(report.summary())
@@ -289,8 +301,29 @@ def expected_error(err: BaseException) -> str | None:
         return "; ".join(reasons) or None
     frames = traceback.extract_tb(err.__traceback__)
     package = Path(__file__).resolve().parent
-    ours = bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(package)
+    # raised on purpose: the innermost frame is a ``raise`` statement in divrl (a tensor-shape RuntimeError or an
+    # unpacking ValueError raised by torch or Python on a divrl line is a bug, and keeps its traceback)
+    ours = bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(package) and _raises(frames[-1])
+    if isinstance(err, KeyError) and ours:
+        return str(err.args[0]) if err.args else None
     return text if ours and isinstance(err, (ValueError, OSError, RuntimeError)) and text else None
+
+
+def _raises(frame) -> bool:
+    """Whether the statement at ``frame`` raises (its first line, or the line the frame points to, says ``raise``)."""
+    import linecache
+
+    line = (frame.line or "").strip()
+    if line.startswith("raise"):
+        return True
+    # a multi-line raise: the frame may point inside it; look back to the statement's first line
+    for number in range(frame.lineno, max(frame.lineno - 8, 0), -1):
+        text = linecache.getline(frame.filename, number).strip()
+        if text.startswith("raise"):
+            return True
+        if text.endswith(":") or not text:
+            return False
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -300,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from divrl.notices import quiet
 
     quiet()  # before the libraries load: their import-time notices that do not apply (divrl.notices says why)
-    if argv is not None or os.environ.get("DIVRL_TRACEBACK"):
+    if argv is not None or os.environ.get("DIVRL_TRACEBACK", "0") not in ("", "0"):
         return _main(argv)
     try:
         return _main(argv)
@@ -322,7 +355,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         try:
             run_lightning(given)
         except MisconfigurationException as err:
-            if "gpu" not in str(err).lower() or torch.cuda.is_available():
+            if not any(word in str(err).lower() for word in ("gpu", "cuda")) or torch.cuda.is_available():
                 raise
             print(f"divrl {argv[0]}: this configuration asks for GPUs and this machine has no CUDA GPU ({err}). "
                   f"configs/explore.yaml is the paper's 8-GPU run; on a CPU try the demo, `divrl fit --config "

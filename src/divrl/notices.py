@@ -50,7 +50,8 @@ class _Drop(logging.Filter):
 
 def quiet() -> None:
     """Drop :data:`NOTICES` and :data:`WARNINGS`, and the model-loading progress bars of diffusers and transformers
-    (a tiny model loads in a blink; a real one logs its own line). Idempotent; a no-op with ``DIVRL_NOTICES=1``."""
+    (a tiny model loads in a blink); downloads from the Hub keep their progress bars. Idempotent; a no-op with
+    ``DIVRL_NOTICES=1``."""
     if os.environ.get("DIVRL_NOTICES"):
         return
     for names, pattern, _ in NOTICES:
@@ -60,9 +61,12 @@ def quiet() -> None:
                 logger.addFilter(_Drop(pattern))
     for pattern, _ in WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as transformers_logging
 
+    hub_bars_off = are_progress_bars_disabled()  # the user's choice (HF_HUB_DISABLE_PROGRESS_BARS), kept
     diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # also switches off the Hub's bars: downloads keep theirs
+    if not hub_bars_off:
+        enable_progress_bars()

@@ -166,7 +166,7 @@ def read_utf8(path: Path) -> str:
     """A text file's content; one that is not UTF-8 raises a ``ValueError`` naming the file, the line and the byte."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the first prompt
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise ValueError(f"{path}: line {line} is not UTF-8 (byte {data[err.start]:#04x} at offset {err.start}); "

@@ -136,9 +136,8 @@ def save_adapter(network: nn.Module, directory: str | os.PathLike, lora_format, 
     lora_format.save_lora_weights(directory, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata,
                                   safe_serialization=True)
     file = directory / LORA_FILE
-    umask = os.umask(0)
-    os.umask(umask)
-    file.chmod(0o666 & ~umask)  # safetensors writes through a private temporary file (0600): readable like the rest
+    with contextlib.suppress(OSError):  # file systems that refuse chmod keep the file as written
+        file.chmod(0o644)  # safetensors writes through a private temporary file (0600): readable like the rest
     return file
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 
 import warnings
 import zipfile
@@ -129,9 +130,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     could not be renamed into place), and stale temporary files of killed saves are removed by :func:`clean_partial`."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path):  # a remote file system (s3://...): Lightning's own writer, through fsspec
+            return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}{PARTIAL}{os.getpid()}")
+        # The temporary name contains neither the target's name nor "hpc_ckpt_" / "last": Lightning finds SLURM's
+        # newest hpc checkpoint by the digits of every name holding "hpc_ckpt_" in the folder.
+        partial = path.with_name(f"{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
             super().save_checkpoint(checkpoint, partial, storage_options)
             os.replace(partial, path)
@@ -139,13 +144,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             partial.unlink(missing_ok=True)
 
 
-PARTIAL = ".partial-"
-"""What the temporary files of :class:`AtomicCheckpointIO` have in their name (``.last.ckpt.partial-<pid>``)."""
+PARTIAL = ".divrl-partial-"
+"""The start of the names of :class:`AtomicCheckpointIO`'s temporary files (``.divrl-partial-<pid>-<random>``)."""
 
 
 def clean_partial(folder: str | Path) -> None:
     """Remove the temporary files killed saves left in ``folder``."""
-    for stale in Path(folder).glob(f".*{PARTIAL}*"):
+    if "://" in str(folder) or not Path(folder).is_dir():
+        return
+    for stale in Path(folder).glob(f"{PARTIAL}*"):
         stale.unlink(missing_ok=True)
 
 
@@ -165,12 +172,14 @@ def resume_path(ckpt_path, folders: list[str]) -> str | None:
     """The checkpoint ``--ckpt_path`` should resume from: ``last`` is the newest intact ``last*.ckpt`` in ``folders``,
     else the newest intact checkpoint there (a warning names the damaged one); a damaged file given by path is refused,
     naming the newest intact one. Anything else (``None``, ``hpc``, a folder) is returned unchanged."""
-    candidates = sorted((p for folder in folders for p in Path(folder).glob("*.ckpt")),
+    if ckpt_path != "last" and not (isinstance(ckpt_path, (str, Path)) and Path(ckpt_path).is_file()):
+        return ckpt_path  # None, "hpc", "best", a folder (a sharded checkpoint): as Lightning resolves them
+    candidates = sorted((p for folder in folders if "://" not in str(folder) for p in Path(folder).glob("*.ckpt")),
                         key=lambda p: p.stat().st_mtime, reverse=True)
-    newest = next((p for p in candidates if intact(p)), None)
     if ckpt_path == "last":
         lasts = [p for p in candidates if p.name.startswith("last")]
         chosen = next((p for p in lasts if intact(p)), None)
+        newest = None if chosen is not None else next((p for p in candidates if intact(p)), None)
         if chosen is None and newest is not None:
             what = f"{lasts[0]} is damaged (a save interrupted?)" if lasts else "there is no last.ckpt"
             warnings.warn(f"--ckpt_path last: {what}; resuming from {newest}, the newest intact checkpoint")
@@ -188,9 +197,10 @@ def resume_path(ckpt_path, folders: list[str]) -> str | None:
     return ckpt_path
 
 
-FIXED_SETTINGS = ("policy.model", "policy.lora", "policy.lora.rank", "policy.lora.alpha", "policy.lora.target_modules",
+FIXED_SETTINGS = ("policy.lora", "policy.lora.rank", "policy.lora.alpha", "policy.lora.target_modules",
                   "policy.train_transformer")
-"""Model settings a resumed run cannot change: the trained weights belong to them."""
+"""Model settings a resumed run cannot change: the trained weights belong to them. (``policy.model`` may: the same
+weights from a Hub id or from a local folder; a different architecture fails on the weights' names and shapes.)"""
 
 
 def _plain(value):
@@ -204,9 +214,12 @@ def _plain(value):
         if "class_path" in value:
             return {"_class": str(value["class_path"]).rsplit(".", 1)[-1], **_plain(value.get("init_args") or {})}
         return {str(k): _plain(v) for k, v in value.items() if not str(k).startswith("_")}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_plain(v) for v in value]
+        return sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value  # numbers compare by value: alpha 16 and 16.0 are one setting
 
 
 def _flat(value, prefix: str = "") -> dict:
@@ -226,12 +239,15 @@ def compare_settings(saved: dict, current: dict, where: str = "the checkpoint") 
     (:data:`FIXED_SETTINGS`: the weights belong to them). Settings only one side knows (a field added since) are
     not compared."""
     old, new = _flat(_plain(upgrade_hparams(dict(saved)))), _flat(_plain(dict(current)))
+    for settings in (old, new):  # the order of the adapter's targets is no setting
+        if isinstance(settings.get("policy.lora.target_modules"), list):
+            settings["policy.lora.target_modules"] = sorted(settings["policy.lora.target_modules"])
     differ = {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
     fixed = {k: v for k, v in differ.items() if k in FIXED_SETTINGS or k.startswith("policy.lora.")}
     fixed = {k: v for k, v in fixed.items() if not k.startswith(("policy.lora.init", "policy.lora.dropout"))}
     if fixed:
         listed = "; ".join(f"model.{k}: {a!r} in {where}, {b!r} now" for k, (a, b) in fixed.items())
-        raise ValueError(f"resuming from {where} with settings its weights cannot take ({listed}); resume with the "
+        raise ValueError(f"loading {where} with settings its weights cannot take ({listed}); resume with the "
                          f"checkpoint's values, or start a new run without --ckpt_path")
     return differ
 
@@ -251,5 +267,4 @@ def resumed_settings(checkpoint: dict, hparams, policy=None) -> None:
     differ = compare_settings(saved, dict(hparams))
     if differ:
         listed = "; ".join(f"model.{k}: {a!r} -> {b!r}" for k, (a, b) in differ.items())
-        warnings.warn(f"resuming with model settings that differ from the checkpoint's; the command line's apply: "
-                      f"{listed}")
+        warnings.warn(f"model settings that differ from the checkpoint's; the command line's apply: {listed}")

@@ -49,14 +49,18 @@ class DivRLTrainer(pl.Trainer):
         if type(self.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not one the user chose
             self.strategy.checkpoint_io = AtomicCheckpointIO()
 
-    def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path=None, **kwargs):
+    def fit(self, model: pl.LightningModule, train_dataloaders=None, val_dataloaders=None,
+            datamodule: Optional[pl.LightningDataModule] = None, ckpt_path: Optional[str] = None,
+            weights_only: Optional[bool] = None) -> None:
+        """Lightning's ``fit``; ``ckpt_path``: ``last`` (the newest intact checkpoint), ``hpc``, ``best``, or a
+        checkpoint file or folder to resume from."""
         folders = [c.dirpath for c in self.checkpoint_callbacks if getattr(c, "dirpath", None)]
         if self.is_global_zero:
             for folder in folders:
                 clean_partial(folder)
         ckpt_path = resume_path(ckpt_path, folders)
         self.fit_started = time.monotonic()  # for the end-of-fit summary
-        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
 
     @torch.no_grad()
     def sample(
@@ -98,15 +102,15 @@ class DivRLTrainer(pl.Trainer):
         Returns:
             The output folder.
         """
+        out = Path(output_dir)
+        if (out / "samples.json").exists():  # before minutes of loading a model
+            raise FileExistsError(f"divrl sample: --output_dir {out} already holds the samples.json of an earlier run; "
+                                  f"pass another --output_dir (or delete that folder) so nothing is overwritten")
         model.configure_model()
         if lora is not None:
             load_weights(model, lora)
         model.to(self.strategy.root_device).eval()
         conditions = _conditions(datamodule, reference, prompts, mask, num_identities)
-        out = Path(output_dir)
-        if (out / "samples.json").exists():
-            raise FileExistsError(f"divrl sample: --output_dir {out} already holds the samples.json of an earlier run; "
-                                  f"pass another --output_dir (or delete that folder) so nothing is overwritten")
         out.mkdir(parents=True, exist_ok=True)
         records = []
         for index, condition in enumerate(conditions):
