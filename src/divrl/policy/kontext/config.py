@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from divrl.policy.base import PolicyConfig
 from divrl.policy.kontext.policy import KontextPolicy
@@ -25,17 +26,23 @@ class KontextConfig(PolicyConfig):
         guidance: FLUX's distilled guidance scale (paper: 2.5; a conditioning input of the guidance-distilled model,
             not classifier-free guidance).
         tiny_seed: weight seed of the tiny model (``model: tiny`` only).
+        reference_positions: where a condition's several references sit in FLUX's position space: ``frame``
+            (reference *i* gets position ids ``(i, h, w)``, rows and columns restarting at 0: the Kontext paper's
+            multi-image scheme, PSR's) or ``stitch`` (side by side in frame 1: diffusers' community multi-image
+            pipeline). One reference gets FLUX.1 Kontext's own ids either way.
     """
 
     model: str = "black-forest-labs/FLUX.1-Kontext-dev"
     max_sequence_length: int = 128
     guidance: float = 2.5
     tiny_seed: int = 0
+    reference_positions: Literal["frame", "stitch"] = "frame"
 
     def load(self) -> KontextPolicy:
         """Load (or build) the policy."""
         common = dict(lora=self.lora, max_sequence_length=self.max_sequence_length, guidance=self.guidance,
-                      train_transformer=self.train_transformer, lora_compute_dtype=self.compute_dtype)
+                      train_transformer=self.train_transformer, lora_compute_dtype=self.compute_dtype,
+                      reference_positions=self.reference_positions)
         if self.model == TINY:
             from divrl.policy.tiny import tiny_kontext_components
 

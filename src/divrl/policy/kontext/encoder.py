@@ -47,9 +47,9 @@ class Condition:
         prompt_embeds: T5 token embeddings ``(B, L, D)``.
         pooled_prompt_embeds: CLIP pooled embedding ``(B, D')``.
         text_ids: text position ids ``(L, 3)`` (zeros, as in FLUX).
-        image_latents: packed reference latents ``(B, T_ref, 4·C)``.
-        img_ids: position ids of the noisy tokens followed by the reference tokens ``(T + T_ref, 3)``; reference
-            ids have first channel 1.
+        image_latents: packed latents of every reference, one after the other, ``(B, K·T_ref, 4·C)``.
+        img_ids: position ids of the noisy tokens followed by each reference's tokens ``(T + K·T_ref, 3)``
+            (:func:`reference_ids`).
         guidance: distilled guidance scale per sample ``(B,)`` (float32), or ``None`` for models without it.
         height, width: generated image size in pixels.
         num_tokens: ``T``, the number of noisy image tokens (the transformer output is cut back to them).
@@ -88,6 +88,31 @@ class Condition:
             image_latents=fn(self.image_latents),
             guidance=None if self.guidance is None else fn(self.guidance),
         )
+
+
+POSITIONS = ("frame", "stitch")
+"""How several references are placed in FLUX's position space (``policy.reference_positions``)."""
+
+
+def reference_ids(latent_ids: Tensor, count: int, positions: str, width: int) -> Tensor:
+    """The position ids ``(count · T_ref, 3)`` of ``count`` references whose tokens each sit on the grid of
+    ``latent_ids`` ``(T_ref, 3)`` (channels: frame index, row, column; ``width`` packed columns).
+
+    ``frame`` (the FLUX.1 Kontext paper's multi-image scheme, PSR's): reference *i* (1-based) is frame *i*, its rows and
+    columns restarting at 0. ``stitch`` (diffusers' community multi-image pipeline): every reference in frame 1, side
+    by side, reference *i*'s columns shifted by ``(i − 1) · width``. With one reference both are frame 1, columns from
+    0: FLUX.1 Kontext's single-reference ids.
+    """
+    if positions not in POSITIONS:
+        raise ValueError(f"policy.reference_positions: {positions!r} is not one of {list(POSITIONS)}")
+    blocks = []
+    for i in range(count):
+        ids = latent_ids.clone()
+        ids[..., 0] = i + 1 if positions == "frame" else 1
+        if positions == "stitch":
+            ids[..., 2] += i * width
+        blocks.append(ids)
+    return torch.cat(blocks)
 
 
 class KontextEncoder:
@@ -192,9 +217,19 @@ class KontextEncoder:
             references = [references] * len(prompts)
         if len(references) != len(prompts):
             raise ValueError(f"condition: {len(references)} references for {len(prompts)} prompts; give one per prompt")
+        # each prompt's references: one image, or a list of K images (every prompt of a batch the same K)
+        per_prompt = [list(r) if isinstance(r, (list, tuple)) else [r] for r in references]
+        counts = sorted({len(r) for r in per_prompt})
+        if len(counts) != 1 or counts[0] < 1:
+            raise ValueError(f"condition: the prompts of one batch have {counts} references; give each the same "
+                             f"number (at least one), or condition them in separate batches")
         keys = list(reference_keys) if reference_keys is not None else [None] * len(prompts)
         embeds, pooled, _ = self.encode_prompts(prompts)
-        image_latents = torch.cat([self.encode_reference(r, height, width, k) for r, k in zip(references, keys)])
+        image_latents = torch.cat([
+            torch.cat([self.encode_reference(image, height, width, None if key is None else f"{key}#{i}" if i else key)
+                       for i, image in enumerate(images)], dim=1)
+            for images, key in zip(per_prompt, keys)
+        ])
         return self.condition_from_precomputed(embeds, pooled, image_latents, height, width, guidance, group_size)
 
     def condition_from_precomputed(
@@ -219,18 +254,18 @@ class KontextEncoder:
             )
         latent_h, latent_w = policy.latent_grid(height, width)
         expected = (latent_h // 2) * (latent_w // 2)
-        if image_latents.shape[1] != expected:
+        count = image_latents.shape[1] // expected
+        if image_latents.shape[1] % expected or count < 1:
             raise ValueError(
                 f"condition_from_precomputed: reference latents have {image_latents.shape[1]} tokens, a {height}x{width} "
-                f"image has {expected}; precompute at the training resolution"
+                f"image has {expected} per reference; precompute at the training resolution"
             )
         device, dtype = policy.device, policy.dtype
         embeds = prompt_embeds.to(device=device, dtype=dtype)
         pooled = pooled_prompt_embeds.to(device=device, dtype=dtype)
         text_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=embeds.dtype)
         latent_ids = policy.pipeline()._prepare_latent_image_ids(1, latent_h // 2, latent_w // 2, device, dtype)
-        image_ids = latent_ids.clone()
-        image_ids[..., 0] = 1
+        image_ids = reference_ids(latent_ids, count, policy.reference_positions, latent_w // 2)
         guidance_t = None
         if policy.transformer.config.guidance_embeds:
             guidance_t = torch.full((batch,), guidance, device=device, dtype=torch.float32)
@@ -253,21 +288,20 @@ class KontextEncoder:
                group_size: int = 1) -> Condition:
         """The batch's conditions: from the precomputed payloads when every sample has one (no text encoder or VAE
         encoder runs), else encoded from the prompts and reference images."""
-        for sample in samples:
-            if len(sample.references) != 1:
-                raise ValueError(
-                    f"KontextPolicy: identity {sample.id!r} has {len(sample.references)} references; conditioning "
-                    f"FLUX.1 Kontext on several references (their position ids) is not supported yet. Use shards "
-                    f"with one reference per identity (ref.png)"
-                )
+        counts = {len(s.references) for s in samples}
+        if len(counts) > 1:
+            raise ValueError(f"KontextPolicy: the identities of one batch have {sorted(counts)} references "
+                             f"({', '.join(f'{s.id}: {len(s.references)}' for s in samples)}); batch identities with "
+                             f"the same number of references (data.batch_size 1 mixes any)")
         if all(s.conditioning is not None for s in samples):
             rows = [self.read_payload(s, height) for s in samples]
+            latents = [r[2].reshape(1, -1, r[2].shape[-1]) for r in rows]  # (K, T, C) → (1, K·T, C), in order
             return self.condition_from_precomputed(
-                torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), torch.cat([r[2] for r in rows]),
+                torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), torch.cat(latents),
                 height, width, guidance, group_size,
             )
-        return self.condition([s.reference for s in samples], [s.prompt for s in samples], height, width, guidance,
-                              group_size, reference_keys=[s.id for s in samples])
+        return self.condition([list(s.references) for s in samples], [s.prompt for s in samples], height, width,
+                              guidance, group_size, reference_keys=[s.id for s in samples])
 
     def read_payload(self, sample: ConditionSample, resolution: int) -> tuple[Tensor, Tensor, Tensor]:
         """The sample's rows of its identity's payload: prompt embeddings ``(1, L, D)``, pooled ``(1, D')`` and the

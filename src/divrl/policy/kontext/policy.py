@@ -30,7 +30,7 @@ from divrl.policy import lora as L
 from divrl.policy.base import DEFAULT_SDPA_BACKENDS, Policy
 from divrl.policy.compute import autocast_forward
 from divrl.policy.flops import transformer_flops
-from divrl.policy.kontext.encoder import Condition, KontextEncoder
+from divrl.policy.kontext.encoder import POSITIONS, Condition, KontextEncoder
 from divrl.policy.kontext.schedule import scheduler_sigmas
 from divrl.utils import parse_dtype
 
@@ -62,6 +62,9 @@ class KontextPolicy(Policy):
         max_sequence_length: T5 tokens per prompt (DivRL: 128; diffusers' default 512).
         base_dtype: dtype of the frozen base weights (``"bfloat16"`` on GPUs; ``None`` keeps them as loaded).
             Trainable adapter weights are always float32.
+        reference_positions: where several references of a condition sit in FLUX's position space: ``frame``
+            (reference *i* is frame *i*) or ``stitch`` (side by side in frame 1); one reference is FLUX.1 Kontext's
+            own either way (:func:`divrl.policy.kontext.encoder.reference_ids`).
         lora_compute_dtype: the dtype the trained weights compute in (``None``: the base's): the adapter's matmuls
             (its weights stay float32: :func:`divrl.policy.compute.cast_lora_compute`), or with full fine-tuning the
             network's, under autocast (float32 weights).
@@ -93,6 +96,7 @@ class KontextPolicy(Policy):
         model_id: str | None = None,
         sdpa_backends: Sequence[str] | None = DEFAULT_SDPA_BACKENDS,
         lora_compute_dtype: str | torch.dtype | None = None,
+        reference_positions: str = "frame",
     ):
         super().__init__(sdpa_backends=sdpa_backends)
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -141,6 +145,9 @@ class KontextPolicy(Policy):
             transformer=transformer,
         )
         self._pipe.set_progress_bar_config(disable=True)
+        if reference_positions not in POSITIONS:
+            raise ValueError(f"KontextPolicy: reference_positions {reference_positions!r} is not one of {list(POSITIONS)}")
+        self.reference_positions = reference_positions
         self.encoder = KontextEncoder(self, prompt_cache_size)
 
     # ------------------------------------------------------------------------------------------------ construction
@@ -264,7 +271,8 @@ class KontextPolicy(Policy):
         """Conditions for ``len(prompts)`` (reference, prompt) pairs, each repeated ``group_size`` times.
 
         Args:
-            references: one reference image per prompt (or one image shared by all prompts).
+            references: one reference image per prompt (or one image shared by all prompts), or per prompt a list of
+                its ``K`` references (the same ``K`` for every prompt; placed by :attr:`reference_positions`).
             prompts: the edit prompts.
             height, width: generated (and reference) size in pixels.
             guidance: FLUX's distilled guidance scale (default :attr:`guidance`, DivRL: 2.5).
