@@ -186,8 +186,10 @@ def run_data(args: argparse.Namespace) -> int:
         items = C.read_dreambooth(args.src, per, args.unique_token)
     precompute = None
     if args.precompute:
+        from divrl.notices import quiet_loading_bars
         from divrl.policy import KontextConfig
 
+        quiet_loading_bars()
         policy = KontextConfig(model=args.precompute, lora=None, max_sequence_length=args.max_sequence_length).build()
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         precompute = C.Precompute(policy.to(device), args.precompute_resolution)
@@ -268,6 +270,9 @@ def run_lightning(argv: Sequence[str] | None = None, run: bool = True):
     command line."""
     import warnings
 
+    from divrl.notices import quiet_loading_bars
+
+    quiet_loading_bars()
     DivRLCLI, module, datamodule, trainer = _lightning_cli()
     # Expected in RL post-training: the frozen base and the reward backbones stay in eval mode on purpose, and the
     # condition stream handles DataLoader workers itself.

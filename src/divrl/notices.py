@@ -12,7 +12,7 @@ import os
 import re
 import warnings
 
-__all__ = ["NOTICES", "WARNINGS", "quiet"]
+__all__ = ["NOTICES", "WARNINGS", "quiet", "quiet_loading_bars"]
 
 NOTICES: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("torchao",), r"Failed to load .*\.so",
@@ -49,9 +49,8 @@ class _Drop(logging.Filter):
 
 
 def quiet() -> None:
-    """Drop :data:`NOTICES` and :data:`WARNINGS`, and the model-loading progress bars of diffusers and transformers
-    (a tiny model loads in a blink); downloads from the Hub keep their progress bars. Idempotent; a no-op with
-    ``DIVRL_NOTICES=1``."""
+    """Drop :data:`NOTICES` and :data:`WARNINGS` (log filters: imports nothing, so ``divrl --help`` stays fast).
+    Idempotent; a no-op with ``DIVRL_NOTICES=1``."""
     if os.environ.get("DIVRL_NOTICES"):
         return
     for names, pattern, _ in NOTICES:
@@ -61,6 +60,14 @@ def quiet() -> None:
                 logger.addFilter(_Drop(pattern))
     for pattern, _ in WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def quiet_loading_bars() -> None:
+    """Switch off the model-loading progress bars of diffusers and transformers (a tiny model loads in a blink; the
+    commands that load models call this); downloads from the Hub keep their progress bars. A no-op with
+    ``DIVRL_NOTICES=1``."""
+    if os.environ.get("DIVRL_NOTICES"):
+        return
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as transformers_logging
