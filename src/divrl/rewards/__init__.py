@@ -8,13 +8,21 @@
 - :class:`FeatureScorer`: a group (one reference, G samples) → nSSM / VSM components from a local backbone.
 - :class:`NSSMReward` (R1), :class:`GatedReward` (R2), :class:`VSMReward`, :class:`LinearReward`.
 - :class:`WeightedReward` (a weighted sum of rewards), :class:`CallableReward` (a plain function as a reward).
+- Several subjects per condition (:mod:`divrl.rewards.multi`): :class:`PairwiseSubjectConsistency` (PSR) and
+  :class:`PerSubjectDivRL`, which find each subject with a :class:`SubjectLocator` (a :class:`Detector` and an
+  assignment) and compare crops with an :class:`Embedder` (:mod:`divrl.rewards.subjects`; Grounding DINO and DINO
+  CLS features in :mod:`divrl.rewards.subject_models`).
 """
 
 from divrl.rewards.base import Components, Group, GroupScorer, NonFiniteReward, Reward, RewardOutput
 from divrl.rewards.compose import CallableReward, WeightedReward
 from divrl.rewards.functional import gated_reward, linear_reward, nssm, vsm
 from divrl.rewards.modules import GatedReward, GroupReward, LinearReward, NSSMReward, VSMReward
+from divrl.rewards.multi import PairwiseSubjectConsistency, PerSubjectDivRL
 from divrl.rewards.scorers import FeatureScorer
+from divrl.rewards.subject_models import CLSEmbedder, GroundingDINODetector
+from divrl.rewards.subjects import (BackboneEmbedder, CallableDetector, Detector, Embedder, PlainBackgroundDetector,
+                                    SubjectLocator)
 
 __all__ = [
     "nssm",
@@ -35,4 +43,14 @@ __all__ = [
     "LinearReward",
     "WeightedReward",
     "CallableReward",
+    "PairwiseSubjectConsistency",
+    "PerSubjectDivRL",
+    "SubjectLocator",
+    "Detector",
+    "PlainBackgroundDetector",
+    "CallableDetector",
+    "Embedder",
+    "BackboneEmbedder",
+    "GroundingDINODetector",
+    "CLSEmbedder",
 ]
