@@ -58,24 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
         "data",
         help="convert a published dataset layout into divrl identity shards",
         description=(
-            "Convert SynCD (release folders or DivRL's parquet copy), DreamBench++, DreamBooth or the synthetic demo "
-            "world into WebDataset identity shards (schema: data/README.md). Bad items are skipped, named and counted; "
-            "--strict makes any skip an error. Shards are renamed into place only when complete."
+            "Convert SynCD (release folders or DivRL's parquet copy), DreamBench++, DreamBooth, PSRBench or the "
+            "synthetic demo world into WebDataset identity shards (schema: data/README.md). Bad items are skipped, "
+            "named and counted; --strict makes any skip an error. Shards are renamed into place only when complete."
         ),
     )
-    data.add_argument("source", choices=["syncd", "dreambench", "dreambooth", "synthetic"])
+    data.add_argument("source", choices=["syncd", "dreambench", "dreambooth", "psrbench", "synthetic"])
     data.add_argument("--src", type=Path, help="the dataset folder (or a SynCD .parquet file); not for synthetic")
     data.add_argument("--out", type=Path, required=True, help="output folder for train-*.tar and val-*.tar")
     data.add_argument("--resolution", type=int, default=512, help="reference side in pixels (default 512; 0 keeps)")
     data.add_argument("--resize", choices=["pad", "crop", "stretch", "none"], default="pad",
                       help="keep aspect and pad (default), centre crop, stretch (DivRL's training), or none")
     data.add_argument("--shard-size", type=int, default=100, help="identities per shard (default 100)")
-    data.add_argument("--val-fraction", type=float, default=0.0,
-                      help="share of identities in the validation split, chosen by a hash of the id (default 0)")
+    data.add_argument("--val-fraction", type=float, default=None,
+                      help="share of identities in the validation split, chosen by a hash of the id (default 0; "
+                           "psrbench, an evaluation benchmark: 1, all in val)")
     data.add_argument("--seed", type=int, default=0, help="split seed (and the synthetic world's seed)")
     data.add_argument("--num-identities", type=int, help="stop after this many identities (synthetic: default 100)")
     data.add_argument("--prompts-per-identity", type=int, help="keep at most this many prompts (paper: 10)")
     data.add_argument("--unique-token", default="", help="dreambooth: token before the class, e.g. sks (default none)")
+    data.add_argument("--subjects", help="synthetic: subjects per sample, e.g. 2 or 2,3,4 (default: single-subject "
+                                         "identities)")
+    data.add_argument("--subject-weights", help="synthetic: probabilities of the --subjects counts, e.g. 0.9,0.05,0.05 "
+                                                "(PSR's training mix; default uniform)")
+    data.add_argument("--subsets", help="psrbench: comma-separated subsets, e.g. Attribute,Three (default: all)")
     data.add_argument("--strict", action="store_true", help="exit 1 if any item was skipped")
     data.add_argument("--overwrite", action="store_true",
                       help="replace the shards already in --out (without it, a folder holding shards is refused)")
@@ -146,6 +152,16 @@ def run_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _numbers(text: str | None, kind: type, flag: str) -> tuple | None:
+    """``"2,3,4"`` → ``(2, 3, 4)`` (``None`` stays ``None``); a ValueError names the flag."""
+    if text is None:
+        return None
+    try:
+        return tuple(kind(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} is not a comma-separated list of {kind.__name__} values") from None
+
+
 def run_data(args: argparse.Namespace) -> int:
     from divrl.data import converters as C
 
@@ -156,6 +172,8 @@ def run_data(args: argparse.Namespace) -> int:
         if not args.src.exists():
             print(f"divrl data {args.source}: --src {args.src} does not exist", file=sys.stderr)
             return 2
+    if args.val_fraction is None:  # an evaluation benchmark goes to val whole
+        args.val_fraction = 1.0 if args.source == "psrbench" else 0.0
     if not 0.0 <= args.val_fraction <= 1.0 or args.shard_size < 1:
         print("divrl data: --val-fraction must lie in [0, 1] and --shard-size be >= 1", file=sys.stderr)
         return 2
@@ -176,12 +194,24 @@ def run_data(args: argparse.Namespace) -> int:
         return 2
     per = args.prompts_per_identity
     if args.source == "synthetic":
-        items = C.read_synthetic(args.num_identities or 100, args.seed, per)
+        try:
+            subjects, weights = _numbers(args.subjects, int, "--subjects"), _numbers(args.subject_weights, float,
+                                                                                     "--subject-weights")
+            if subjects and (any(k not in (2, 3, 4) for k in subjects) or
+                             (weights and (len(weights) != len(subjects) or min(weights) < 0 or sum(weights) <= 0))):
+                raise ValueError(f"--subjects takes counts among 2, 3, 4 and --subject-weights one non-negative weight "
+                                 f"per count, got {args.subjects} and {args.subject_weights}")
+        except ValueError as err:
+            print(f"divrl data synthetic: {err}; nothing was written", file=sys.stderr)
+            return 2
+        items = C.read_synthetic(args.num_identities or 100, args.seed, per, subjects=subjects, weights=weights)
     elif args.source == "syncd":
         parquet = args.src.suffix == ".parquet" or (args.src.is_dir() and not any(args.src.rglob("*metadata.json")))
         items = C.read_syncd_parquet(args.src, per) if parquet else C.read_syncd(args.src, per)
     elif args.source == "dreambench":
         items = C.read_dreambench(args.src, per)
+    elif args.source == "psrbench":
+        items = C.read_psrbench(args.src, per, args.subsets.split(",") if args.subsets else None)
     else:
         items = C.read_dreambooth(args.src, per, args.unique_token)
     precompute = None

@@ -16,6 +16,12 @@ Layouts (``docs/reference.md``, "Data layouts"):
   the subject name, then the prompts); the category is kept.
 - **dreambooth** — ``<subject>/NN.jpg`` and ``prompts_and_classes.txt`` (subject → class; 25 object and 25
   live-subject templates ``'a {0} {1} ...'.format(unique_token, class_token)``), instantiated with the class.
+- **psrbench** — PSRBench (PSR, arXiv 2512.01236; evaluation only): ``<Subset>.json`` for the seven subsets
+  (Attribute, Action, Background, Position, Complex, Three, Four), each a JSON list of samples with ``instruction``
+  (the prompt), ``input_path`` (reference images relative to ``--src``: ``subjects/...``, ``animals/...``) and
+  ``category1`` .. ``categoryN`` (each reference's category word, what PSR prompts Grounding DINO with). One
+  multi-subject identity per sample, ``<subset>/<index>``; the category words go to ``extra["subjects"]`` and the
+  subset (lower case) is the category, so evaluation tables break down by subset.
 - **synthetic** — the procedural subjects of :mod:`divrl.data.synthetic`.
 """
 
@@ -34,11 +40,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from divrl.data.schema import IdentityRecord, check_identity_id
-from divrl.data.synthetic import synthetic_records, write_shards
+from divrl.data.synthetic import multi_subject_records, synthetic_records, write_shards
 
 __all__ = [
     "Skip", "ConversionReport", "convert", "resize_record", "split_of",
-    "read_syncd", "read_syncd_parquet", "read_dreambench", "read_dreambooth", "Precompute", "SOURCES",
+    "read_syncd", "read_syncd_parquet", "read_dreambench", "read_dreambooth", "read_psrbench", "PSRBENCH_SUBSETS",
+    "Precompute", "SOURCES",
 ]
 
 RESIZE_POLICIES = ("pad", "crop", "stretch", "none")
@@ -352,12 +359,147 @@ def read_dreambooth(src: Path, prompts_per_identity: int | None = None, unique_t
         )
 
 
-def read_synthetic(num_identities: int, seed: int, prompts_per_identity: int | None, size: int = 128) -> Iterator[Item]:
-    """The procedural subjects of :func:`~divrl.data.synthetic.synthetic_records` (4 prompts each by default)."""
-    yield from synthetic_records(num_identities, size=size, prompts_per_identity=prompts_per_identity or 4, seed=seed)
+def read_synthetic(num_identities: int, seed: int, prompts_per_identity: int | None, size: int = 128,
+                   subjects: tuple[int, ...] | None = None, weights: tuple[float, ...] | None = None) -> Iterator[Item]:
+    """The procedural subjects of :func:`~divrl.data.synthetic.synthetic_records` (4 prompts each by default), or
+    with ``subjects`` (counts, e.g. ``(2,)`` or ``(2, 3, 4)``, drawn with ``weights``, default uniform) the
+    multi-subject conditions of :func:`~divrl.data.synthetic.multi_subject_records`."""
+    per = prompts_per_identity or 4
+    if subjects:
+        yield from multi_subject_records(num_identities, size=size, prompts_per_identity=per, seed=seed,
+                                         subjects=tuple(subjects), weights=weights)
+    else:
+        yield from synthetic_records(num_identities, size=size, prompts_per_identity=per, seed=seed)
 
 
-SOURCES = ("syncd", "dreambench", "dreambooth", "synthetic")
+PSRBENCH_SUBSETS = ("Attribute", "Action", "Background", "Position", "Complex", "Three", "Four")
+"""PSRBench's subsets, in its README's order; each is ``<subset>.json`` in the benchmark folder."""
+
+PSRBENCH_RELATIONS = (
+    "to the left of", "to the right of", "on the left of", "on the right of", "on top of", "above", "below", "under",
+    "next to", "near",
+)
+"""The spatial phrases PSR's position score understands; a Position prompt's first one is kept as ``relation``."""
+
+
+def read_psrbench(
+    src: Path, prompts_per_identity: int | None = None, subsets: Iterable[str] | None = None
+) -> Iterator[Item]:
+    """PSRBench: one multi-subject identity per sample of ``<src>/<Subset>.json`` (see the module docstring).
+
+    A sample is a JSON object with ``instruction`` (the prompt), ``input_path`` (``input_paths`` is accepted too: the
+    PSR README spells it so) listing the reference images relative to ``src``, and ``category1`` .. ``categoryN``,
+    the category word of each reference. The identity ``<subset lower>/<index>`` (``attribute/007``: the sample's
+    position in its file, as PSR's scripts count) has the references in the file's order, the alpha channel of a
+    transparent reference as its mask, the prompt, and ``extra``: ``subjects`` (the category words, one per
+    reference), ``subset``, ``index``, ``reference_paths`` (as the JSON gives them), for Position the spatial
+    ``relation`` found in the prompt (read as "subjects[0] <relation> subjects[1]", as PSR's position score does)
+    and any further fields of the sample under ``fields``. ``prompts_per_identity`` is accepted for symmetry with
+    the other sources (a sample has one prompt).
+
+    Args:
+        src: the benchmark folder (the ``*.json`` files, ``subjects/`` and ``animals/``).
+        prompts_per_identity: unused beyond the first prompt.
+        subsets: the subsets to read (names as in :data:`PSRBENCH_SUBSETS`, any case); default every one present.
+
+    Raises:
+        FileNotFoundError: no subset JSON in ``src`` (or a subset asked for by name is missing).
+        ValueError: an unknown subset name, or a JSON file that is not valid JSON or not a list of samples.
+    """
+    wanted = PSRBENCH_SUBSETS
+    if subsets is not None:
+        names = {name.lower(): name for name in PSRBENCH_SUBSETS}
+        asked = [s.strip() for s in subsets if s.strip()]
+        unknown = [s for s in asked if s.lower() not in names]
+        if unknown or not asked:
+            raise ValueError(f"psrbench: unknown subset(s) {unknown or asked}; choose among "
+                             f"{', '.join(PSRBENCH_SUBSETS)}")
+        wanted = tuple(dict.fromkeys(names[s.lower()] for s in asked))
+    files = {subset: src / f"{subset}.json" for subset in wanted}
+    present = {subset: path for subset, path in files.items() if path.is_file()}
+    if not present:
+        raise FileNotFoundError(
+            f"psrbench: no subset file in {src}; expected {', '.join(p.name for p in files.values())} (with the "
+            f"subjects/ and animals/ image folders) as unpacked from the PSRBench download"
+        )
+    if subsets is not None and len(present) < len(files):
+        missing = [path.name for subset, path in files.items() if subset not in present]
+        raise FileNotFoundError(f"psrbench: {', '.join(missing)} asked for but missing in {src}")
+    # every file is parsed before the first identity is yielded: a broken file stops the run before any shard is written
+    samples = {subset: _psrbench_samples(path) for subset, path in present.items()}
+    for subset, items in samples.items():
+        for index, sample in enumerate(items):
+            yield _psrbench_record(src, present[subset], subset, index, sample)
+
+
+def _psrbench_samples(path: Path) -> list:
+    try:
+        samples = json.loads(read_utf8(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"psrbench: {path} is not valid JSON (line {err.lineno}, column {err.colno}: "
+                         f"{err.msg})") from None
+    if not isinstance(samples, list):
+        raise ValueError(f"psrbench: {path} holds a JSON {type(samples).__name__}; PSRBench files are a list of "
+                         f"samples")
+    return samples
+
+
+def _psrbench_record(src: Path, path: Path, subset: str, index: int, sample) -> Item:
+    where = f"{path}#{index}"
+    if not isinstance(sample, dict):
+        return Skip(where, f"sample is a JSON {type(sample).__name__}, not an object")
+    prompt = sample.get("instruction")
+    if not isinstance(prompt, str) or not prompt.strip():
+        return Skip(where, "sample has no prompt ('instruction')")
+    key = "input_path" if "input_path" in sample else "input_paths"
+    paths = sample.get(key)
+    if isinstance(paths, str):
+        paths = [paths]
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p.strip() for p in paths):
+        return Skip(where, "sample has no reference image paths ('input_path')")
+    numbers = sorted(int(m.group(1)) for k in sample if (m := re.fullmatch(r"category([1-9][0-9]*)", k)))
+    if numbers != list(range(1, len(numbers) + 1)):
+        return Skip(where, f"category keys are not category1..categoryN: {['category%d' % n for n in numbers]}")
+    subjects = [sample[f"category{n}"] for n in numbers]
+    if not all(isinstance(word, str) and word.strip() for word in subjects):
+        return Skip(where, f"a category word is empty or not a string: {subjects!r}")
+    subjects = [word.strip() for word in subjects]
+    if len(subjects) != len(paths):
+        return Skip(where, f"{len(subjects)} category word(s) for {len(paths)} reference image(s)")
+    references, masks = [], []
+    for k, name in enumerate(paths):
+        image_path = src / name
+        if not image_path.is_file():
+            return Skip(where, f"reference {k + 1} {name} is missing ({image_path})")
+        alpha: list[Image.Image] = []
+        image = _open_image(image_path, "RGB", where, alpha)
+        if isinstance(image, Skip):
+            return Skip(where, f"reference {k + 1} {name}: {image.reason}")
+        references.append(image)
+        masks.append(alpha[0] if alpha else None)
+    extra = {"subjects": subjects, "subset": subset, "index": index, "reference_paths": list(paths)}
+    if subset == "Position":
+        relation = _relation(prompt)
+        if relation is not None:
+            extra["relation"] = relation
+    consumed = {"instruction", "input_path", "input_paths", "result_path", *(f"category{n}" for n in numbers)}
+    fields = {k: v for k, v in sample.items() if k not in consumed}
+    if fields:
+        extra["fields"] = fields
+    return IdentityRecord(
+        _identity_id(f"{subset.lower()}/{index:03d}"), references, [prompt.strip()], masks,
+        source="psrbench", category=subset.lower(), extra=extra,
+    )
+
+
+def _relation(prompt: str) -> str | None:
+    """The first spatial phrase of :data:`PSRBENCH_RELATIONS` in ``prompt`` (whole words, any case), or ``None``."""
+    found = [(m.start(), -len(phrase), phrase) for phrase in PSRBENCH_RELATIONS
+             if (m := re.search(rf"\b{re.escape(phrase)}\b", prompt, flags=re.I))]
+    return min(found)[2] if found else None
+
+
+SOURCES = ("syncd", "dreambench", "dreambooth", "psrbench", "synthetic")
 
 
 class Precompute:

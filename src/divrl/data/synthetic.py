@@ -24,8 +24,8 @@ from divrl.data.schema import IdentityRecord
 from divrl.images import to_pil
 
 __all__ = [
-    "SubjectIdentity", "Pose", "render", "random_identity", "random_pose", "synthetic_records", "write_shards",
-    "write_demo_dataset",
+    "SubjectIdentity", "Pose", "render", "render_scene", "random_identity", "random_pose", "scene_poses",
+    "synthetic_records", "multi_subject_records", "scene_prompt", "write_shards", "write_demo_dataset", "write_demo_multi_dataset",
 ]
 
 KINDS = ("star", "square", "disc", "triangle", "ring", "cross")
@@ -126,6 +126,37 @@ def render(identity: SubjectIdentity, pose: Pose, size: int = 128, background: f
     return image, mask.float()
 
 
+def render_scene(identities, poses, size: int = 128, background: float = 0.5) -> tuple[Tensor, Tensor]:
+    """Draw several subjects in one image (later ones in front): the image ``(3, size, size)`` and each subject's
+    visible mask ``(K, size, size)``."""
+    image = torch.full((3, size, size), background)
+    masks = []
+    for identity, pose in zip(identities, poses, strict=True):
+        drawn, mask = render(identity, pose, size, background)
+        image = torch.where(mask.bool(), drawn, image)
+        masks = [m * (1 - mask) for m in masks] + [mask]
+    return image, torch.stack(masks)
+
+
+def scene_poses(count: int, rng: random.Random, copy: list[Pose] | None = None) -> list[Pose]:
+    """Poses of ``count`` subjects side by side, left to right, one slot of ``1 / count`` of the width each.
+
+    With ``copy`` (the subjects' reference poses), each keeps its reference's rotation and height and, scaled to fit
+    its slot, its size: the copying base model. Otherwise rotation, height and size are drawn from ``rng``.
+    """
+    slot = 1.0 / count
+    poses = []
+    for k in range(count):
+        largest = 0.42 * slot
+        if copy is None:
+            radius, rotation, cy = rng.uniform(0.6, 1.0) * largest, rng.uniform(0, 2 * math.pi), None
+        else:
+            radius, rotation, cy = min(copy[k].radius, 0.32) / 0.32 * largest, copy[k].rotation, copy[k].cy
+        cy = rng.uniform(radius, 1 - radius) if cy is None else min(max(cy, radius), 1 - radius)
+        poses.append(Pose((k + 0.5) * slot, cy, radius, rotation))
+    return poses
+
+
 def random_identity(rng: random.Random) -> SubjectIdentity:
     """A random subject (shape, two distinct palette colours, texture) drawn from ``rng``."""
     colours = tuple(rng.sample(sorted(PALETTE), 2))
@@ -136,6 +167,11 @@ def random_pose(rng: random.Random) -> Pose:
     """A random pose drawn from ``rng`` that keeps the subject inside the image."""
     radius = rng.uniform(0.18, 0.32)
     return Pose(rng.uniform(radius, 1 - radius), rng.uniform(radius, 1 - radius), radius, rng.uniform(0, 2 * math.pi))
+
+
+def _mask_image(mask: Tensor) -> Image.Image:
+    """A ``{0, 1}`` mask as the 8-bit L image the shards store."""
+    return Image.fromarray((mask * 255).to(torch.uint8).numpy(), mode="L")
 
 
 def synthetic_records(
@@ -176,13 +212,69 @@ def synthetic_records(
             id=f"{prefix}_{index:05d}",
             references=[to_pil(image) for image, _ in views],
             prompts=prompts,
-            masks=[Image.fromarray((mask * 255).to(torch.uint8).numpy(), mode="L") for _, mask in views],
+            masks=[_mask_image(mask) for _, mask in views],
             source="synthetic",
             category="object",
             license="CC0-1.0",
             extra={"kind": identity.kind, "colours": list(identity.colours), "texture": identity.texture},
         )
         index += 1
+
+
+_SLOTS = {2: ("on the left", "on the right"), 3: ("on the left", "in the middle", "on the right"),
+          4: ("on the far left", "on the left", "on the right", "on the far right")}
+
+
+def scene_prompt(identities, rng: random.Random) -> str:
+    """A prompt naming every subject of a scene left to right, and a place drawn from ``rng``."""
+    named = " and ".join(f"the {identity.name} {slot}" for identity, slot in zip(identities, _SLOTS[len(identities)]))
+    return f"a photo of {named}, {rng.choice(_PLACES)}"
+
+
+def multi_subject_records(
+    num_samples: int,
+    *,
+    size: int = 128,
+    prompts_per_identity: int = 4,
+    seed: int = 0,
+    prefix: str = "multi",
+    subjects: tuple[int, ...] = (2, 3, 4),
+    weights: tuple[float, ...] | None = (0.9, 0.05, 0.05),
+) -> Iterator[IdentityRecord]:
+    """Multi-subject conditions of the procedural world: each sample draws ``K`` distinct subjects (``K`` from
+    ``subjects`` with probabilities ``weights``; PSR's training mix of 2 / 3 / 4 by default), deterministic for
+    ``seed``.
+
+    A sample holds one reference per subject (the subject alone in a random pose, with its mask), the subjects' shape
+    words as ``extra["subjects"]`` (the category words the multi-subject rewards detect them by), and prompts that
+    name every subject left to right ("a photo of the red striped star on the left and the blue plain disc on the
+    right, on the beach"). Subjects of one sample have distinct identities (their shapes may repeat).
+    """
+    if not subjects or any(k not in _SLOTS for k in subjects):
+        raise ValueError(f"subjects must be counts among {sorted(_SLOTS)}, got {subjects!r}")
+    if weights is not None and len(weights) != len(subjects):
+        raise ValueError(f"give one weight per subject count: {len(subjects)} counts, {len(weights)} weights")
+    rng = random.Random(seed)
+    for index in range(num_samples):
+        count = rng.choices(subjects, weights=weights)[0] if len(subjects) > 1 else subjects[0]
+        identities: list[SubjectIdentity] = []
+        while len(identities) < count:
+            identity = random_identity(rng)
+            if identity not in identities:
+                identities.append(identity)
+        views = [render(identity, random_pose(rng), size) for identity in identities]
+        prompts = [scene_prompt(identities, rng) for _ in range(prompts_per_identity)]
+        yield IdentityRecord(
+            id=f"{prefix}_{index:05d}",
+            references=[to_pil(image) for image, _ in views],
+            prompts=prompts,
+            masks=[_mask_image(mask) for _, mask in views],
+            source="synthetic",
+            license="CC0-1.0",
+            extra={"subjects": [identity.kind for identity in identities],
+                   "identities": [{"kind": i.kind, "colours": list(i.colours), "texture": i.texture}
+                                  for i in identities]},
+        )
 
 
 def write_shards(
@@ -234,3 +326,17 @@ def write_demo_dataset(out_dir: str | os.PathLike, *, size: int = 64, seed: int 
     train = synthetic_records(DEMO_TRAIN_IDENTITIES, size=size, prompts_per_identity=4, seed=seed, prefix="train")
     val = synthetic_records(DEMO_VAL_IDENTITIES, size=size, prompts_per_identity=4, seed=seed + 1, prefix="val")
     return write_shards(train, out_dir, shard_size=12, name="train") + write_shards(val, out_dir, shard_size=8, name="val")
+
+
+DEMO_MULTI_TRAIN = 48
+DEMO_MULTI_VAL = 8
+
+
+def write_demo_multi_dataset(out_dir: str | os.PathLike, *, size: int = 64, seed: int = 0) -> list[Path]:
+    """The committed multi-subject demo dataset (``data/demo-multi``): 48 training and 8 held-out conditions of two
+    subjects each, 4 prompts each, ``size``-pixel references with masks. Deterministic."""
+    train = multi_subject_records(DEMO_MULTI_TRAIN, size=size, seed=seed + 10, prefix="train", subjects=(2,),
+                                  weights=None)
+    val = multi_subject_records(DEMO_MULTI_VAL, size=size, seed=seed + 11, prefix="val", subjects=(2,), weights=None)
+    return write_shards(train, out_dir, shard_size=24, name="train") + write_shards(val, out_dir, shard_size=8,
+                                                                                     name="val")
