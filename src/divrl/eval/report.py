@@ -91,13 +91,16 @@ def plot_frontier(metrics: dict, path: str | Path) -> None:
 
 
 def method_grid(name: str, groups: Sequence[tuple], suite, tile: int = 128) -> Image.Image:
-    """One block per condition: the reference, then its samples captioned with the identity and diversity scores."""
+    """One block per condition: its references, then its samples captioned with the identity and diversity scores."""
     identity, diversity = suite.consistency_metric, suite.diversity_metric
+    label = {"subject_nssm": "nSSM", "subject_vsm": "VSM"}.get(diversity, diversity.split("_")[0])
     blocks = []
     for condition, images, rows in groups:
-        tiles = [to_image_batch(condition.reference)[0]] + list(images)
-        captions = ["reference"] + [
-            f"{identity} {_cell(r.get(identity), 2)} {diversity.split('_')[0]} {_cell(r.get(diversity), 2)}" for r in rows
+        references = condition.as_sample().references
+        tiles = [to_image_batch(r)[0] for r in references] + list(images)
+        names = ["reference"] if len(references) == 1 else [f"reference {k + 1}" for k in range(len(references))]
+        captions = names + [
+            f"{identity} {_cell(r.get(identity), 2)} {label} {_cell(r.get(diversity), 2)}" for r in rows
         ]
         title = f"{name}: {condition.id} / {condition.prompt}"
         blocks.append(caption_grid(title, tiles, captions, tile=tile, columns=len(tiles)))

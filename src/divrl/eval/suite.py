@@ -22,7 +22,10 @@ from divrl.images import ImageLike, to_image_batch, to_mask_batch
 from divrl.rewards.backbones.base import FeatureBackbone
 from divrl.rewards.base import Group, GroupScorer, NonFiniteReward, Reward
 
-__all__ = ["EvalSuite", "COLUMNS"]
+__all__ = ["EvalSuite", "COLUMNS", "MAX_SUBJECTS"]
+
+MAX_SUBJECTS = 4
+"""Per-subject columns SC-1 … SC-4 (PSRBench's largest subset has four subjects)."""
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +40,21 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "hps": ("HPS", "↑"),
     "sdino": ("sDINO", "↑"),
     "lpips": ("LPIPS", "↑"),
+    "sc": ("SC", "↑"),
+    **{f"sc_{k}": (f"SC-{k}", "↑") for k in range(1, MAX_SUBJECTS + 1)},
+    "found": ("found", "↑"),
+    "subject_vsm": ("VSM/subject", "↑"),
+    "subject_nssm": ("nSSM/subject", "↑"),
 }
 """Per-sample columns in the paper's Table 1 order (then the extra ones): key → (header, better direction).
-si-IoU is lower-is-better: a high value means the generated silhouette copies the reference's pose."""
+si-IoU is lower-is-better: a high value means the generated silhouette copies the reference's pose. The multi-subject
+columns: SC (PSRBench's subject consistency, the mean over subjects), SC-k (subject k's), found (the fraction of
+subjects detected), VSM/subject and nSSM/subject (DivRL's components of every subject against its own reference,
+averaged over subjects)."""
+
+SINGLE_REFERENCE = ("clip_i", "dino", "sdino", "vsm", "mtg_nssm", "dino_nssm", "si_iou")
+"""The columns that compare a sample with *the* reference: left empty for a condition with several references
+(comparing with its first subject alone would mislead); the multi-subject columns score those."""
 
 
 class EvalSuite:
@@ -61,12 +76,17 @@ class EvalSuite:
         hps: :class:`~divrl.eval.models.HPSv2` (needs the ``hpsv2`` package).
         segmenter: masks of generated images, needed for **si-IoU** (the paper: Grounded-SAM-2). References without
             a mask in the data are segmented with it too. ``None``: no si-IoU.
-        consistency_metric: the identity column of the trade-off plot: ``"vsm"`` (in domain) or ``"sdino"`` (out
-            of domain, the paper's DreamBench++ protocol).
+        consistency_metric: the identity column of the trade-off plot: ``"vsm"`` (in domain), ``"sdino"`` (out
+            of domain, the paper's DreamBench++ protocol), or for several subjects ``"sc"`` or ``"subject_vsm"``.
         consistency_threshold: a sample is consistent above it (paper: VSM 0.6, sDINO 0.75).
         diversity_metric: the column averaged over consistent samples (paper: MTG-nSSM).
         identity_skip_categories: categories left out of VSM and MTG-nSSM (paper: ``style``: a style reference has
             no subject to match); their rows hold no value for those columns.
+        subject_consistency: PSRBench's **SC** and **SC-k** columns and **found**
+            (:class:`~divrl.rewards.PairwiseSubjectConsistency`; PSR's protocol: Grounding DINO, ``order``, DINO v1
+            CLS, ``on_missing: whole_image``). Scores every condition, one subject or several.
+        per_subject: **VSM/subject** and **nSSM/subject** (:class:`~divrl.rewards.PerSubjectDivRL`; its components
+            ``vsm`` and ``nssm``, the means over subjects).
         rewards: any rewards (:class:`~divrl.rewards.Reward`, e.g. the run's training reward) as further columns,
             higher is better: ``name: reward`` gives the column ``name``, each sample's reward in the group of its
             condition's samples. A group whose reward is not finite leaves its cells empty.
@@ -82,14 +102,17 @@ class EvalSuite:
         lpips: torch.nn.Module | None = None,
         hps: HPSv2 | None = None,
         segmenter: Segmenter | None = None,
-        consistency_metric: Literal["vsm", "sdino"] = "vsm",
+        consistency_metric: Literal["vsm", "sdino", "sc", "subject_vsm"] = "vsm",
         consistency_threshold: float = 0.6,
         diversity_metric: str = "mtg_nssm",
         identity_skip_categories: Sequence[str] = ("style",),
+        subject_consistency: Reward | None = None,
+        per_subject: Reward | None = None,
         rewards: dict[str, Reward] | None = None,
     ):
-        if consistency_metric not in ("vsm", "sdino"):
-            raise ValueError(f"EvalSuite: consistency_metric must be 'vsm' or 'sdino', got {consistency_metric!r}")
+        if consistency_metric not in CONSISTENCY:
+            raise ValueError(f"EvalSuite: consistency_metric must be one of {list(CONSISTENCY)}, got "
+                             f"{consistency_metric!r}")
         if diversity_metric not in COLUMNS:
             raise ValueError(f"EvalSuite: diversity_metric must be one of {sorted(COLUMNS)}, got {diversity_metric!r}")
         if dino is not None and not hasattr(dino, "embed"):
@@ -102,6 +125,8 @@ class EvalSuite:
         self.lpips = lpips
         self.hps = hps
         self.segmenter = segmenter
+        self.subject_consistency = subject_consistency
+        self.per_subject = per_subject
         self.consistency_metric = consistency_metric
         self.consistency_threshold = float(consistency_threshold)
         self.diversity_metric = diversity_metric
@@ -138,7 +163,8 @@ class EvalSuite:
         return {column: _describe(models.get(column) or self.rewards[column]) for column in self.columns}
 
     def to(self, device: torch.device | str) -> EvalSuite:
-        for model in [*(getattr(self, n) for n in ("identity", "dino_nssm", "clip", "dino", "sdino", "lpips")),
+        for model in [*(getattr(self, n) for n in ("identity", "dino_nssm", "clip", "dino", "sdino", "lpips",
+                                                   "subject_consistency", "per_subject")),
                       *self.rewards.values()]:
             if isinstance(model, torch.nn.Module):
                 model.to(device)
@@ -168,14 +194,21 @@ class EvalSuite:
         ref = to_image_batch(reference, "reference")
         gen = to_image_batch(images, "images")
         n = gen.shape[0]
+        if sample is None:
+            from divrl.data.stream import ConditionSample
+
+            sample = ConditionSample("eval", prompt, [reference], [ref_mask], category)
+        out: dict[str, Tensor] = self._score_subjects(sample, gen)
+        gen_clip = self.clip.embed_images(gen) if self.clip is not None else None
+        out.update(self._score_any_reference(gen, prompt, n, gen_clip))
+        if len(sample.references) > 1:  # several subjects: no column compares with one reference
+            out.update(self._score_rewards(sample, gen))
+            return self._rows(out, n, skip=SINGLE_REFERENCE)
         mask = to_mask_batch(ref_mask, "ref_mask")
         if mask is None and self.segmenter is not None:
             mask = self.segmenter(ref)
-        out: dict[str, Tensor] = {}
         if self.clip is not None:
-            gen_emb, ref_emb = self.clip.embed_images(gen), self.clip.embed_images(ref)
-            out["clip_t"] = EF.cosine(gen_emb, self.clip.embed_texts([prompt]))
-            out["clip_i"] = EF.cosine(gen_emb, ref_emb)
+            out["clip_i"] = EF.cosine(gen_clip, self.clip.embed_images(ref))
         if self.dino is not None:
             out["dino"] = EF.cosine(self.dino.embed(gen), self.dino.embed(ref))
         if self.sdino is not None:
@@ -192,22 +225,49 @@ class EvalSuite:
         if self.segmenter is not None and mask is not None and usable:
             gen_masks = torch.as_tensor(self.segmenter(gen)).cpu()  # a GPU segmenter's masks meet the CPU mask
             out["si_iou"] = EF.scale_invariant_iou(gen_masks, mask.cpu())
+        out.update(self._score_rewards(sample, gen))
+        return self._rows(out, n)
+
+    def _rows(self, out: dict[str, Tensor], n: int, skip: Sequence[str] = ()) -> dict[str, list[float | None]]:
+        return {column: [_float(v) for v in out[column].flatten().tolist()] if column in out and column not in skip
+                else [None] * n for column in self.columns}
+
+    def _score_any_reference(self, gen: Tensor, prompt: str, n: int, gen_clip: Tensor | None) -> dict[str, Tensor]:
+        """The columns that do not look at a reference: CLIP-T (from the samples' CLIP embeddings), HPS, LPIPS."""
+        out: dict[str, Tensor] = {}
+        if self.clip is not None:
+            out["clip_t"] = EF.cosine(gen_clip, self.clip.embed_texts([prompt]))
         if self.hps is not None:
             out["hps"] = self.hps(gen, prompt)
         if self.lpips is not None:
             device = next(self.lpips.parameters()).device
             out["lpips"] = torch.full((n,), float(self.lpips.pairwise(gen.to(device))) if n > 1 else float("nan"))
-        out.update(self._score_rewards(sample, reference, gen, prompt, ref_mask, category))
-        return {column: [_float(v) for v in out[column].flatten().tolist()] if column in out else [None] * n
-                for column in self.columns}
+        return out
 
+    def _score_subjects(self, sample, gen: Tensor) -> dict[str, Tensor]:
+        """SC, SC-k and found; VSM/subject and nSSM/subject. A non-finite score leaves its cells empty (logged)."""
+        out: dict[str, Tensor] = {}
+        if len(sample.references) > MAX_SUBJECTS:
+            log.warning("condition %r has %d subjects; the SC-k columns stop at %d", sample.id, len(sample.references),
+                        MAX_SUBJECTS)
+        sc = {"reward": "sc", "found": "found", **{f"sc_{k}": f"sc_{k}" for k in range(1, MAX_SUBJECTS + 1)}}
+        for model, names in ((self.subject_consistency, sc), (self.per_subject, {"vsm": "subject_vsm",
+                                                                                 "nssm": "subject_nssm"})):
+            if model is None:
+                continue
+            try:
+                scored = model(Group(sample, gen))
+            except NonFiniteReward as err:
+                log.warning("%s on %r: %s", type(model).__name__, sample.id, err)
+                continue
+            values = {"reward": scored.reward, **scored.components}
+            out.update({column: values[key] for key, column in names.items() if key in values})
+        return out
 
-    def _score_rewards(self, sample, reference, gen: Tensor, prompt: str, ref_mask, category) -> dict[str, Tensor]:
+    def _score_rewards(self, sample, gen: Tensor) -> dict[str, Tensor]:
         if not self.rewards:
             return {}
-        from divrl.data.stream import ConditionSample
-
-        group = Group(sample or ConditionSample("eval", prompt, [reference], [ref_mask], category), gen)
+        group = Group(sample, gen)
         out: dict[str, Tensor] = {}
         for name, reward in self.rewards.items():
             try:
@@ -222,7 +282,12 @@ class EvalSuite:
 _SOURCE = {
     "clip_t": "clip", "clip_i": "clip", "dino": "dino", "vsm": "identity", "mtg_nssm": "identity",
     "dino_nssm": "dino_nssm", "si_iou": "segmenter", "hps": "hps", "sdino": "sdino", "lpips": "lpips",
+    "sc": "subject_consistency", "found": "subject_consistency", "subject_vsm": "per_subject",
+    "subject_nssm": "per_subject", **{f"sc_{k}": "subject_consistency" for k in range(1, MAX_SUBJECTS + 1)},
 }
+
+CONSISTENCY = ("vsm", "sdino", "sc", "subject_vsm")
+"""The columns ``consistency_metric`` may name."""
 
 
 def _covers(mask: Tensor, min_fraction: float = 0.005) -> bool:
