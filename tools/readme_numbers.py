@@ -8,9 +8,12 @@ Runs, in ``--out``:
 3. ``divrl evaluate --config configs/eval_demo.yaml`` on the base model and the two exported LoRAs: the evaluation
    table, ``frontier.png`` and one sample grid per method;
 
-then prints the two README tables as markdown, the demo's wall time and the package versions, and with
-``--write-docs`` replaces ``docs/demo_frontier.png`` and ``docs/demo_samples.png`` (the three methods' grids, one
-above the other).
+4. the same for the multi-subject demo: ``divrl validate`` and ``divrl fit --config configs/demo_multi.yaml``
+   (60 updates, validation every 20), ``divrl evaluate --config configs/eval_demo_multi.yaml``;
+
+then prints the README tables as markdown, the demos' wall times and the package versions, and with
+``--write-docs`` replaces ``docs/demo_frontier.png``, ``docs/demo_samples.png`` (the three methods' grids, one
+above the other), ``docs/demo_multi_curves.png`` and ``docs/demo_multi_samples.png``.
 
     python tools/readme_numbers.py --out runs/readme --write-docs
 """
@@ -102,18 +105,91 @@ def main() -> None:
         cells = ["—" if row.get(c) is None else f"{row[c]:.3f}" for c in columns]
         print(f"| {label} | " + " | ".join(cells) + " |")
 
-    if args.write_docs:
-        from PIL import Image
+    multi_seconds = multi_demo(out)
+    print(f"\nmulti-subject demo fit: {multi_seconds:.0f} s on this machine\n")
+    multi_tables(out)
 
+    if args.write_docs:
         shutil.copy(out / "eval/frontier.png", ROOT / "docs/demo_frontier.png")
-        grids = [Image.open(out / "eval" / method / "grid.png").convert("RGB") for method in names]
-        canvas = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), "white")
-        y = 0
-        for grid in grids:
-            canvas.paste(grid, (0, y))
-            y += grid.height
-        canvas.save(ROOT / "docs/demo_samples.png", optimize=True)
-        print("\nwrote docs/demo_frontier.png and docs/demo_samples.png")
+        stack([out / "eval" / method / "grid.png" for method in names], ROOT / "docs/demo_samples.png")
+        stack([out / "eval_multi" / method / "grid.png" for method in ("base", "divrl")],
+              ROOT / "docs/demo_multi_samples.png")
+        multi_curves(out, ROOT / "docs/demo_multi_curves.png")
+        print("\nwrote docs/demo_frontier.png, docs/demo_samples.png, docs/demo_multi_curves.png and "
+              "docs/demo_multi_samples.png")
+
+
+MULTI_VAL = ("val/reward", "val/psr", "val/psr/found", "val/divrl/vsm", "val/divrl/nssm", "val/gated_fraction")
+
+
+def multi_demo(out: Path) -> float:
+    """Validate the two-subject base model, train the multi-subject demo (timed), evaluate base and trained."""
+    run("validate", "--config", "configs/demo_multi.yaml", "--trainer.default_root_dir", str(out / "base_multi"))
+    seconds = run("fit", "--config", "configs/demo_multi.yaml", "--trainer.default_root_dir", str(out / "fit_multi"))
+    methods = json.dumps({"base": None, "divrl": str(out / "fit_multi/lora/final")})
+    run("evaluate", "--config", "configs/eval_demo_multi.yaml", "--methods", methods, "--output_dir",
+        str(out / "eval_multi"), "--progress", "false")
+    return seconds
+
+
+def multi_tables(out: Path) -> None:
+    base, fit = scalars(out / "base_multi"), scalars(out / "fit_multi")
+    print("| | val reward | val PSR | val found | val VSM/subject | val nSSM/subject | val below the gate |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| base model (`divrl validate` without a checkpoint) | "
+          + " | ".join(f"{base[t][-1][1]:.3f}" for t in MULTI_VAL) + " |")
+    for step in (19, 39, 59):
+        print(f"| step {step + 1} | " + " | ".join(f"{at(fit[t], step):.3f}" for t in MULTI_VAL) + " |")
+    metrics = json.loads((out / "eval_multi/metrics.json").read_text())["methods"]
+    columns = ("sc", "sc_1", "sc_2", "found", "subject_vsm", "subject_nssm", "consistency_ratio",
+               "diversity_over_consistency")
+    print("\n| method | SC ↑ | SC-1 ↑ | SC-2 ↑ | found ↑ | VSM/subject ↑ | nSSM/subject ↑ | consistency ratio ↑ | "
+          "diversity over consistency ↑ |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for method in ("base", "divrl"):
+        row = metrics[method]["overall"]
+        print(f"| {method} | " + " | ".join("—" if row.get(c) is None else f"{row[c]:.3f}" for c in columns) + " |")
+
+
+def multi_curves(out: Path, path: Path) -> None:
+    """Training rewards (mean over 5 updates) and the validation points of the multi-subject demo."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base, fit = scalars(out / "base_multi"), scalars(out / "fit_multi")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for tag, label in (("reward/mean", "reward"), ("reward/psr", "PSR"), ("reward/divrl/vsm", "VSM/subject"),
+                       ("reward/divrl/found", "found")):
+        values = [v for _, v in sorted(fit[tag])]
+        smooth = [statistics.mean(values[i:i + 5]) for i in range(0, len(values), 5)]
+        axes[0].plot([i + 2.5 for i in range(0, len(values), 5)], smooth, marker=".", label=label)
+    axes[0].set_title("training rollouts (mean of 5 updates)")
+    for tag, label in zip(MULTI_VAL[:5], ("reward", "PSR", "found", "VSM/subject", "nSSM/subject")):
+        points = [(0, base[tag][-1][1])] + [(s + 1, at(fit[tag], s)) for s in (19, 39, 59)]
+        axes[1].plot(*zip(*points), marker="o", label=label)
+    axes[1].set_title("held-out conditions (deterministic sampler)")
+    for ax in axes:
+        ax.set_xlabel("update")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def stack(paths: list[Path], target: Path) -> None:
+    """PNG grids one above the other, on white."""
+    from PIL import Image
+
+    grids = [Image.open(p).convert("RGB") for p in paths]
+    canvas = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), "white")
+    y = 0
+    for grid in grids:
+        canvas.paste(grid, (0, y))
+        y += grid.height
+    canvas.save(target, optimize=True)
 
 
 if __name__ == "__main__":
