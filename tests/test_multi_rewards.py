@@ -109,6 +109,7 @@ def test_swapped_subjects_score_low_in_order_and_are_recovered_by_hungarian():
 def test_a_missing_subject_is_counted_and_scored_as_configured():
     whole = psr()(group(ALONE))
     assert whole.components["found"].item() == 0.5
+    assert whole.components["found_1"].item() == 1.0 and whole.components["found_2"].item() == 0.0
     mean = ALONE.reshape(3, -1).mean(1).tolist()  # PSR's fallback: the whole image
     assert whole.components["sc_2"].item() == pytest.approx(cos(mean, BLUE), abs=1e-6)
     scored = psr(on_missing="score", missing_score=-1.0)(group(ALONE))
@@ -239,3 +240,82 @@ def test_backbone_embedder_is_the_normalised_mean_of_the_grid():
                          for c in crops])
     expected = torch.nn.functional.normalize(backbone(resized).visual.mean(dim=(-2, -1)), dim=-1)
     assert torch.allclose(out, expected, atol=1e-6) and torch.allclose(out.norm(dim=-1), torch.ones(2))
+
+
+class ColourAndSquare(Embedder):
+    """Another feature space (6-D): the crop's mean colour and mean squared colour."""
+
+    def embed(self, crops):
+        return torch.stack([torch.cat([c.reshape(3, -1).mean(1), c.reshape(3, -1).square().mean(1)]) for c in crops])
+
+
+def feature(colour):
+    return list(colour) + [c * c for c in colour]
+
+
+def test_hungarian_matches_in_the_locators_space_and_scores_in_the_rewards():
+    locator = SubjectLocator(PlainBackgroundDetector(), "hungarian", MeanColour())
+    out = PairwiseSubjectConsistency(locator, ColourAndSquare())(group(PAIR, SWAPPED))
+    for n in range(2):  # matched by colour, so the swap is undone; scored in the 6-D space
+        assert out.components["sc_1"][n].item() == pytest.approx(cos(feature(RED_2), feature(RED)), abs=1e-6)
+        assert out.components["sc_2"][n].item() == pytest.approx(cos(feature(BLUE_2), feature(BLUE)), abs=1e-6)
+    assert PairwiseSubjectConsistency(locator).embedder is locator.embedder  # no embedder: the locator's
+
+
+def test_a_subject_missing_from_its_reference_is_counted_and_cropped_whole(caplog):
+    references = [canvas((RED, (20, 22, 44, 42))), torch.ones(3, 64, 64)]  # reference 2 shows nothing
+    with caplog.at_level("WARNING"):
+        out = psr()(group(PAIR, references=references))
+    assert out.components["ref_found"].item() == 0.5 and out.components["found"].item() == 1.0
+    assert out.components["sc_2"].item() == pytest.approx(cos(BLUE_2, (1.0, 1.0, 1.0)), abs=1e-6)
+    assert "subject 2 ('disc') not found in its reference" in caplog.text
+
+
+def test_boxes_without_area_are_dropped_and_malformed_output_refused():
+    flat = CallableDetector(lambda images, word: [torch.tensor([[5.0, 5.0, 5.0, 9.0], [1.0, 1.0, 3.0, 3.0]])])
+    assert flat(PAIR[None], "dog")[0].tolist() == [[1.0, 1.0, 3.0, 3.0]]
+    one = CallableDetector(lambda images, word: [[1, 2, 3, 4]])
+    assert one(PAIR[None], "dog")[0].tolist() == [[1.0, 2.0, 3.0, 4.0]]
+    wide = CallableDetector(lambda images, word: [torch.zeros(1, 8)])
+    with pytest.raises(ValueError, match="CallableDetector.detect returned boxes"):
+        wide(PAIR[None], "dog")
+
+
+def test_crop_truncates_coordinates_as_psr():
+    image = torch.arange(100.0).reshape(1, 10, 10)
+    assert torch.equal(crop(image, torch.tensor([1.7, 2.2, 4.9, 5.99])), image[:, 2:5, 1:4])
+    assert crop(image, torch.tensor([9.5, 9.5, 9.9, 9.9])).shape == (1, 1, 1)  # at least one pixel
+
+
+def test_per_subject_divrl_crops_the_reference_mask_with_its_reference():
+    scorer = _scorer()
+    references = [textured((0, (20, 22, 44, 42))), textured((1, (16, 16, 48, 48)))]
+    mask = torch.zeros(64, 64)
+    mask[22:42, 20:32] = 1  # the left half of subject 1 only
+    g = group(textured((0, LEFT), (1, RIGHT)), references=references, masks=[mask, None])
+    out = PerSubjectDivRL(SubjectLocator(PlainBackgroundDetector(), reference_crop="detect"), scorer, crop_size=32)(g)
+    size = lambda t: torch.nn.functional.interpolate(t[None], size=(32, 32), mode="bilinear", antialias=True)
+    box = torch.tensor([20.0, 22.0, 44.0, 42.0])
+    ref_mask = torch.nn.functional.interpolate(crop(mask[None], box)[None], size=(32, 32), mode="bilinear")[0, 0]
+    expected = scorer.score_group(size(crop(references[0], box)), size(crop(g.images[0], torch.tensor(LEFT).float())),
+                                  ref_mask)
+    unmasked = scorer.score_group(size(crop(references[0], box)), size(crop(g.images[0], torch.tensor(LEFT).float())))
+    assert out.components["nssm_1"].item() == pytest.approx(expected.nssm.item(), abs=1e-6)
+    assert out.components["vsm_1"].item() == pytest.approx(expected.vsm.item(), abs=1e-6)
+    assert expected.nssm.item() != pytest.approx(unmasked.nssm.item(), abs=1e-3)  # the mask mattered
+    bad = group(PAIR, masks=[torch.zeros(32, 32), None])
+    with pytest.raises(ValueError, match="mask 0 has size"):
+        PerSubjectDivRL(SubjectLocator(PlainBackgroundDetector()), scorer)(bad)
+
+
+def test_an_evaluation_is_rescored_when_any_subject_setting_changes():
+    from divrl.eval.suite import _describe
+
+    embedder = MeanColour()
+    base = _describe(PairwiseSubjectConsistency(SubjectLocator(PlainBackgroundDetector(), "order"), embedder))
+    for other in (SubjectLocator(PlainBackgroundDetector(), "hungarian", embedder),
+                  SubjectLocator(PlainBackgroundDetector(threshold=0.3), "order"),
+                  SubjectLocator(PlainBackgroundDetector(), "order", reference_crop="detect")):
+        assert _describe(PairwiseSubjectConsistency(other, embedder)) != base
+    assert _describe(PairwiseSubjectConsistency(SubjectLocator(PlainBackgroundDetector(), "order"), embedder,
+                                                on_missing="score")) != base

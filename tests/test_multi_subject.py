@@ -15,7 +15,7 @@ from PIL import Image
 
 from divrl.cli import main
 from divrl.data.stream import ConditionSample, SkipCounter, read_identities
-from divrl.data.synthetic import (multi_subject_records, random_identity, render, render_scene, scene_poses,
+from divrl.data.synthetic import (multi_subject_records, random_identity, render_scene, scene_poses,
                                   write_demo_multi_dataset)
 from divrl.eval import EvalSuite
 from divrl.images import to_image_batch
@@ -44,8 +44,6 @@ def test_scenes_place_subjects_left_to_right_and_the_detector_reads_them_in_that
     for k, box in enumerate(boxes):  # each detected box is the tight box of subject k's mask
         ys, xs = torch.nonzero(masks[k] > 0.5, as_tuple=True)
         assert box.tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
-    alone, _ = render(identities[1], scene_poses(3, random.Random(5))[1], 96)
-    assert not torch.equal(alone, image)
 
 
 def test_multi_subject_records_name_every_subject_and_draw_psr_counts():
@@ -55,9 +53,11 @@ def test_multi_subject_records_name_every_subject_and_draw_psr_counts():
     for record in records[:20]:
         subjects = record.extra["subjects"]
         assert len(subjects) == len(record.references) == len(record.masks)
-        names = [f"{i['texture']}" for i in record.extra["identities"]]
-        assert all(word in record.prompts[0] for word in subjects) and len(names) == len(subjects)
+        named = [prompt.index(word) for prompt in record.prompts[:1] for word in subjects]
+        assert named == sorted(named)  # every subject named, left to right
         assert "on the left" in record.prompts[0] and "on the right" in record.prompts[0]
+        for image, mask in zip(record.references, record.masks):  # each reference shows its subject alone
+            assert image.size == mask.size == (32, 32) and 0 < sum(mask.getdata()) < 255 * 32 * 32
 
 
 def test_the_committed_demo_shards_are_what_the_generator_writes(tmp_path):
@@ -152,10 +152,10 @@ def test_evaluate_on_two_subject_data_writes_per_subject_columns(tmp_path):
     assert main(["evaluate", "--config", "configs/eval_demo_multi.yaml", "--config", str(path), "--output_dir",
                  str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["protocol"]["columns"] == ["sc", "sc_1", "sc_2", "sc_3", "sc_4", "found", "subject_vsm",
-                                              "subject_nssm"]
+    assert metrics["protocol"]["columns"] == ["sc", "sc_1", "sc_2", "sc_3", "sc_4", "found", "ref_found",
+                                              "subject_vsm", "subject_nssm"]
     overall = metrics["methods"]["base"]["overall"]
-    assert overall["samples"] == 4 and overall["sc_n"] == 4 and overall["sc_3_n"] == 0
+    assert overall["samples"] == 4 and overall["sc_n"] == 4 and overall["sc_3_n"] == 0 and overall["ref_found"] == 1
     assert "| method | SC ↑ | SC-1 ↑ | SC-2 ↑ |" in (out / "table.md").read_text()
     grid = Image.open(out / "base" / "grid.png")
     assert grid.width == 4 * 128  # both references, then the two samples
@@ -170,3 +170,19 @@ def test_evaluate_on_two_subject_data_writes_per_subject_columns(tmp_path):
         sample = ConditionSample(record.id, record.prompts[0], record.references, record.masks,
                                  metadata=dict(record.extra))
         assert [r["sc"] for r in mine] == pytest.approx(reward(Group(sample, images)).reward.tolist(), abs=1e-6)
+
+
+def test_divrl_data_synthetic_writes_multi_subject_shards_and_refuses_misplaced_flags(tmp_path, capsys):
+    out = tmp_path / "multi"
+    assert main(["data", "synthetic", "--out", str(out), "--subjects", "3,4", "--subject-weights", "1,0",
+                 "--num-identities", "3", "--resolution", "32"]) == 0
+    records = list(read_identities([str(p) for p in sorted(out.glob("*.tar"))], SkipCounter(10)))
+    assert len(records) == 3 and all(len(r.references) == 3 == len(r.extra["subjects"]) for r in records)
+    for argv, message in ((["synthetic", "--subjects", "5"], "counts among 2, 3, 4"),
+                          (["synthetic", "--subjects", "2,x"], "comma-separated list of int"),
+                          (["synthetic", "--subjects", "2,3", "--subject-weights", "1"], "one non-negative weight"),
+                          (["synthetic", "--subject-weights", "1"], "--subject-weights needs --subjects"),
+                          (["dreambooth", "--src", str(tmp_path), "--subjects", "2"], "--subjects applies only")):
+        assert main(["data", *argv, "--out", str(tmp_path / "refused")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())

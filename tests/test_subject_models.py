@@ -88,8 +88,9 @@ def _pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
-def _expected_boxes(model, processor, images, prompt, box_threshold, text_threshold):
-    """Independently: processor → model → post_process_grounded_object_detection, then sort by score, clamp."""
+def _expected_boxes(model, processor, images, prompt, box_threshold, text_threshold, sort=False):
+    """Independently: processor → model → post_process_grounded_object_detection, then (``sort``) sort by score, clamp,
+    and drop the boxes left without area."""
     pil = [_pil(im) for im in images]
     inputs = processor(images=pil, text=[prompt] * len(pil), return_tensors="pt")
     with torch.no_grad():
@@ -102,22 +103,25 @@ def _expected_boxes(model, processor, images, prompt, box_threshold, text_thresh
         scores = result["scores"]
         raw_scores.append(scores)
         raw_boxes.append(result["boxes"])
-        order = torch.sort(scores, descending=True, stable=True).indices
+        order = torch.sort(scores, descending=True, stable=True).indices if sort else torch.arange(len(scores))
         b = result["boxes"][order]
         b = torch.stack([b[:, 0].clamp(0, WIDTH), b[:, 1].clamp(0, HEIGHT), b[:, 2].clamp(0, WIDTH),
                          b[:, 3].clamp(0, HEIGHT)], dim=1)
-        boxes.append(b)
+        boxes.append(b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])])
     return boxes, raw_scores, raw_boxes
 
 
-@pytest.mark.parametrize("box_threshold, text_threshold", [(0.0, 0.0), (0.9, 0.25)])
-def test_detector_matches_transformers(tiny_gdino, box_threshold, text_threshold):
+@pytest.mark.parametrize("box_threshold, text_threshold, sort", [(0.0, 0.0, False), (0.0, 0.0, True),
+                                                                  (0.9, 0.25, False)])
+def test_detector_matches_transformers(tiny_gdino, box_threshold, text_threshold, sort):
     folder, model, processor = tiny_gdino
     detector = GroundingDINODetector(str(folder), box_threshold=box_threshold, text_threshold=text_threshold,
-                                     local_files_only=True)
+                                     local_files_only=True, sort_by_score=sort)
     images = _images(seed=1)
     got = detector(images, "  Dog ")  # the module call: Detector.forward checks the format
-    expected, raw_scores, raw_boxes = _expected_boxes(model, processor, images, "dog.", box_threshold, text_threshold)
+    expected, raw_scores, raw_boxes = _expected_boxes(model, processor, images, "dog.", box_threshold, text_threshold,
+                                                      sort)
+    other, _, _ = _expected_boxes(model, processor, images, "dog.", box_threshold, text_threshold, not sort)
 
     assert isinstance(got, list) and len(got) == len(images)
     for boxes, want in zip(got, expected):
@@ -128,9 +132,10 @@ def test_detector_matches_transformers(tiny_gdino, box_threshold, text_threshold
         assert boxes.shape == want.shape
         torch.testing.assert_close(boxes, want, rtol=0, atol=1e-4)
     if box_threshold == 0.0:
-        # Every query is a detection, and the post-processing's own order is not by score: the sort is tested.
-        assert all(len(b) == 10 for b in got)
+        # Every query is a detection, and the post-processing's own order is not by score: the order is tested.
+        assert all(len(b) >= 8 for b in got)
         assert any(not torch.equal(s, torch.sort(s, descending=True, stable=True).values) for s in raw_scores)
+        assert any(not torch.allclose(a, b) for a, b in zip(expected, other))
         # ... and some raw boxes cross the border on each axis: the clamp is tested.
         raw = torch.cat(raw_boxes)
         assert (raw[:, 0] < 0).any() and (raw[:, 2] > WIDTH).any()

@@ -58,7 +58,8 @@ left to right, and the target the scene with subject 1 on the left and subject 2
 (:func:`divrl.data.synthetic.render_scene`), each in its reference's rotation and height with probability 0.75 (the
 paradox, per subject) and in new poses otherwise. The VAE and text encoders are the single-subject model's. Measured
 on the 8 held-out conditions of ``data/demo-multi`` (first prompt, ``rollout(num_steps=4, seed 0)``, 8 samples
-each) with the demo's rewards (plain-background detector, Hungarian matching, dense-descriptor crops)::
+each) with the demo's detector, matching and features (plain background, Hungarian, dense-descriptor crops) but a
+subject not found cropped as the whole image (the demo's reward scores it instead)::
 
     images                                      PSR   nSSM    VSM  found
     pretrained, ODE (noise 0.0)               0.703  0.911  0.678  0.766

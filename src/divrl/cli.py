@@ -184,6 +184,15 @@ def run_data(args: argparse.Namespace) -> int:
         print(f"divrl data: {', '.join(f'{flag} {n}' for flag, n in bad.items())}: counts must be >= 1 and "
               f"--resolution >= 0 (0 keeps the photos' size); nothing was written", file=sys.stderr)
         return 2
+    misplaced = [flag for flag, value, source in (("--subjects", args.subjects, "synthetic"),
+                                                  ("--subject-weights", args.subject_weights, "synthetic"),
+                                                  ("--subsets", args.subsets, "psrbench"))
+                 if value is not None and args.source != source]
+    if misplaced or (args.subject_weights is not None and args.subjects is None):
+        print(f"divrl data {args.source}: {', '.join(misplaced) or '--subject-weights'} "
+              f"{'applies only to other sources' if misplaced else 'needs --subjects'} (--subjects and "
+              f"--subject-weights: synthetic; --subsets: psrbench); nothing was written", file=sys.stderr)
+        return 2
     for stale in args.out.glob("*.tar.partial"):  # left by a killed conversion: never read, removed
         stale.unlink()
     old = sorted(p for pattern in ("train-*.tar", "val-*.tar") for p in args.out.glob(pattern))

@@ -43,13 +43,14 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "sc": ("SC", "↑"),
     **{f"sc_{k}": (f"SC-{k}", "↑") for k in range(1, MAX_SUBJECTS + 1)},
     "found": ("found", "↑"),
+    "ref_found": ("ref found", "↑"),
     "subject_vsm": ("VSM/subject", "↑"),
     "subject_nssm": ("nSSM/subject", "↑"),
 }
 """Per-sample columns in the paper's Table 1 order (then the extra ones): key → (header, better direction).
 si-IoU is lower-is-better: a high value means the generated silhouette copies the reference's pose. The multi-subject
 columns: SC (PSRBench's subject consistency, the mean over subjects), SC-k (subject k's), found (the fraction of
-subjects detected), VSM/subject and nSSM/subject (DivRL's components of every subject against its own reference,
+subjects detected), ref found (the fraction located in their references), VSM/subject and nSSM/subject (DivRL's components of every subject against its own reference,
 averaged over subjects)."""
 
 SINGLE_REFERENCE = ("clip_i", "dino", "sdino", "vsm", "mtg_nssm", "dino_nssm", "si_iou")
@@ -82,7 +83,7 @@ class EvalSuite:
         diversity_metric: the column averaged over consistent samples (paper: MTG-nSSM).
         identity_skip_categories: categories left out of VSM and MTG-nSSM (paper: ``style``: a style reference has
             no subject to match); their rows hold no value for those columns.
-        subject_consistency: PSRBench's **SC** and **SC-k** columns and **found**
+        subject_consistency: PSRBench's **SC** and **SC-k** columns, **found** and **ref found**
             (:class:`~divrl.rewards.PairwiseSubjectConsistency`; PSR's protocol: Grounding DINO, ``order``, DINO v1
             CLS, ``on_missing: whole_image``). Scores every condition, one subject or several.
         per_subject: **VSM/subject** and **nSSM/subject** (:class:`~divrl.rewards.PerSubjectDivRL`; its components
@@ -250,7 +251,8 @@ class EvalSuite:
         if len(sample.references) > MAX_SUBJECTS:
             log.warning("condition %r has %d subjects; the SC-k columns stop at %d", sample.id, len(sample.references),
                         MAX_SUBJECTS)
-        sc = {"reward": "sc", "found": "found", **{f"sc_{k}": f"sc_{k}" for k in range(1, MAX_SUBJECTS + 1)}}
+        sc = {"reward": "sc", "found": "found", "ref_found": "ref_found",
+              **{f"sc_{k}": f"sc_{k}" for k in range(1, MAX_SUBJECTS + 1)}}
         for model, names in ((self.subject_consistency, sc), (self.per_subject, {"vsm": "subject_vsm",
                                                                                  "nssm": "subject_nssm"})):
             if model is None:
@@ -282,7 +284,8 @@ class EvalSuite:
 _SOURCE = {
     "clip_t": "clip", "clip_i": "clip", "dino": "dino", "vsm": "identity", "mtg_nssm": "identity",
     "dino_nssm": "dino_nssm", "si_iou": "segmenter", "hps": "hps", "sdino": "sdino", "lpips": "lpips",
-    "sc": "subject_consistency", "found": "subject_consistency", "subject_vsm": "per_subject",
+    "sc": "subject_consistency", "found": "subject_consistency", "ref_found": "subject_consistency",
+    "subject_vsm": "per_subject",
     "subject_nssm": "per_subject", **{f"sc_{k}": "subject_consistency" for k in range(1, MAX_SUBJECTS + 1)},
 }
 
@@ -296,17 +299,26 @@ def _covers(mask: Tensor, min_fraction: float = 0.005) -> bool:
     return bool((mask > 0.5).float().mean() >= min_fraction)
 
 
+_SETTINGS = ("name", "url", "pool", "tau_s", "tau_v", "grid_size", "assignment", "reference_crop", "on_missing",
+             "missing_score", "box_threshold", "text_threshold", "sort_by_score", "threshold", "min_area", "resize",
+             "crop", "size", "features", "crop_size", "gate", "weight")
+_PARTS = ("backbone", "scorer", "locator", "detector", "embedder")
+
+
 def _describe(model) -> str:
+    """The model and every setting that changes its scores, its parts described in brackets (what a resumed
+    evaluation compares before reusing earlier scores)."""
     if model is None:
         return "not configured"
     parts = [type(model).__name__]
-    for attr in ("name", "url", "pool", "tau_s", "tau_v", "grid_size"):
+    for attr in _SETTINGS:
         value = getattr(model, attr, None)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, (str, int, float)) and not callable(value):
             parts.append(f"{attr}={value}")
-    backbone = getattr(model, "backbone", None)
-    if backbone is not None:
-        parts.append(f"backbone={_describe(backbone)}")
+    for attr in _PARTS:
+        value = getattr(model, attr, None)
+        if isinstance(value, torch.nn.Module):
+            parts.append(f"{attr}=({_describe(value)})" if attr != "backbone" else f"backbone={_describe(value)}")
     return " ".join(parts)
 
 

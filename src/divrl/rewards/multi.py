@@ -10,7 +10,8 @@ and an assignment of boxes to subjects) and compare each subject's crop with its
 
 A subject that is not detected is counted (the component ``found``: the fraction of subjects found in each image) and
 either cropped as the whole image (``on_missing: whole_image``, PSR's fallback) or scored ``missing_score``
-(``on_missing: score``). A condition with one reference is scored the same way (one subject).
+(``on_missing: score``). A subject not located in its own reference is cropped as the whole reference, counted in
+``ref_found`` and logged. A condition with one reference is scored the same way (one subject).
 """
 
 from __future__ import annotations
@@ -50,48 +51,61 @@ class _SubjectReward(Reward):
 class PairwiseSubjectConsistency(_SubjectReward):
     """PSR's reward: ``R = mean_k cos(E(crop_k(image)), E(crop_k(reference_k)))`` over the ``K`` subjects.
 
-    Components: ``sc_k`` (the cosine of subject *k*, 1-based as the reference frames) and ``found`` (the fraction of
-    subjects detected in the image).
+    Components: ``sc_k`` (the cosine of subject *k*, 1-based as the reference frames), ``found_k`` (1 where subject
+    *k* was detected, else 0; logged per subject), ``found`` (the fraction of subjects detected in the image) and ``ref_found`` (the fraction located in their references; the others are
+    cropped as the whole reference).
 
     Args:
         locator: finds the subjects (PSR: Grounding DINO, ``order``; the demo: the plain-background detector).
-        embedder: the crop features (PSR: :class:`~divrl.rewards.subject_models.CLSEmbedder`, DINO v1 ViT-S/16).
+        embedder: the crop features (PSR: :class:`~divrl.rewards.subject_models.CLSEmbedder`, DINO v1 ViT-S/16);
+            ``None`` uses the locator's embedder.
         on_missing: a subject not found in an image is cropped as the whole image (``whole_image``, PSR's official
             evaluation) or scores ``missing_score`` (``score``; UMO counts an unmatched subject −1).
         missing_score: the cosine of a missing subject under ``on_missing: score``.
     """
 
-    def __init__(self, locator: SubjectLocator, embedder: Embedder, on_missing: OnMissing = "whole_image",
+    def __init__(self, locator: SubjectLocator, embedder: Embedder | None = None, on_missing: OnMissing = "whole_image",
                  missing_score: float = -1.0):
         super().__init__(locator, on_missing, missing_score)
+        embedder = embedder if embedder is not None else locator.embedder
         if not isinstance(embedder, Embedder):
-            raise TypeError(f"PairwiseSubjectConsistency: embedder must be an Embedder, got {type(embedder).__name__}")
+            raise TypeError(f"PairwiseSubjectConsistency: embedder must be an Embedder (or None to use the locator's), "
+                            f"got {type(embedder).__name__}")
         self.embedder = embedder
 
     def forward(self, group: Group) -> RewardOutput:
         words = self.words(group)
-        references, boxes, _ = self.locator.references(group.references, group.masks, words)
-        ref_features = self.embedder([crop(r, b) for r, b in zip(references, boxes)])  # (K, D)
-        where = self.locator.locate(group.images, words, ref_features)
+        references, boxes, ref_found = self.locator.references(group.references, group.masks, words, group.sample.id)
+        ref_crops = [crop(r, b) for r, b in zip(references, boxes)]
+        ref_features = self.embedder(ref_crops)  # (K, D)
+        where = self.locator.locate(group.images, words, self.locator_features(ref_crops, ref_features))
+        count = len(words)
         if where.similarity is not None and self.locator.embedder is self.embedder:
-            cosine = where.similarity.clone()
-            unfound = ~where.found
-            if unfound.any():
-                cosine[unfound] = self._whole(group.images, ref_features, unfound)
+            cosine = where.similarity.clone()  # the matching's own cosines: no second embedding
         else:
-            crops = [crop(group.images[n], where.boxes[n, k]) for n in range(group.size) for k in range(len(words))]
-            features = self.embedder(crops).reshape(group.size, len(words), -1)
+            crops = [crop(group.images[n], where.boxes[n, k]) for n in range(group.size) for k in range(count)]
+            features = self.embedder(crops).reshape(group.size, count, -1)
             cosine = (features * ref_features[None]).sum(-1)
-        if self.on_missing == "score":
-            cosine = torch.where(where.found, cosine, torch.full_like(cosine, self.missing_score))
-        components = {f"sc_{k + 1}": cosine[:, k] for k in range(len(words))}
+        unfound = ~where.found
+        if unfound.any():
+            if self.on_missing == "score":
+                cosine[unfound] = self.missing_score
+            elif where.similarity is not None and self.locator.embedder is self.embedder:
+                rows = unfound.any(1).nonzero().flatten()  # PSR's fallback: the whole image, embedded only if needed
+                whole = self.embedder(list(group.images[rows])) @ ref_features.T  # (rows, K)
+                cosine[rows] = torch.where(unfound[rows], whole, cosine[rows])
+        components = {f"sc_{k + 1}": cosine[:, k] for k in range(count)}
+        components.update({f"found_{k + 1}": where.found[:, k].float() for k in range(count)})
         components["found"] = where.found.float().mean(1)
+        components["ref_found"] = ref_found.float().mean().expand(group.size)
         return RewardOutput(cosine.mean(1), components)
 
-    def _whole(self, images: Tensor, ref_features: Tensor, unfound: Tensor) -> Tensor:
-        """Cosines of the whole images with the references of the subjects not found (``unfound`` ``(N, K)``)."""
-        features = self.embedder(list(images))  # (N, D)
-        return (features @ ref_features.T)[unfound]
+    def locator_features(self, ref_crops: list[Tensor], own: Tensor) -> Tensor | None:
+        """The references' features in the locator's embedder (``hungarian`` matches in its space), reusing ours when
+        it is the same embedder."""
+        if self.locator.assignment != "hungarian":
+            return None
+        return own if self.locator.embedder is self.embedder else self.locator.embedder(ref_crops)
 
 
 class PerSubjectDivRL(_SubjectReward):
@@ -103,8 +117,8 @@ class PerSubjectDivRL(_SubjectReward):
     ``R = mean_k nSSM_k``. Stage 2 (``gate: true``): ``R = mean_k [nSSM_k − λ·(s − VSM_k)²·1(VSM_k < s)]``, and a
     sample is gated when any subject fails the gate.
 
-    Components: ``nssm`` and ``vsm`` (the means over subjects), ``nssm_k`` and ``vsm_k`` per subject (1-based), and
-    ``found``. A subject scored under ``on_missing: score`` gets nSSM 0 and VSM ``missing_score`` (default 0: not
+    Components: ``nssm`` and ``vsm`` (the means over subjects), ``nssm_k`` and ``vsm_k`` per subject (1-based),
+    ``found`` and ``ref_found`` (as :class:`PairwiseSubjectConsistency`). A subject scored under ``on_missing: score`` gets nSSM 0 and VSM ``missing_score`` (default 0: not
     itself, so the gate fires).
 
     Args:
@@ -129,7 +143,7 @@ class PerSubjectDivRL(_SubjectReward):
 
     def forward(self, group: Group) -> RewardOutput:
         words = self.words(group)
-        references, boxes, _ = self.locator.references(group.references, group.masks, words)
+        references, boxes, ref_found = self.locator.references(group.references, group.masks, words, group.sample.id)
         ref_crops = [crop(r, b) for r, b in zip(references, boxes)]
         ref_features = None
         if self.locator.assignment == "hungarian":
@@ -139,7 +153,11 @@ class PerSubjectDivRL(_SubjectReward):
         for k, word in enumerate(words):
             mask = group.masks[k]
             if mask is not None:
-                mask = crop(to_mask_batch(mask, f"mask {k}"), boxes[k])[None]  # (1, 1, h, w)
+                mask = to_mask_batch(mask, f"mask {k}")
+                if tuple(mask.shape[-2:]) != tuple(references[k].shape[-2:]):
+                    raise ValueError(f"{group.sample.id!r}: mask {k} has size {tuple(mask.shape[-2:])} but reference {k} "
+                                     f"{tuple(references[k].shape[-2:])}; resize the mask to its reference")
+                mask = crop(mask, boxes[k])[None]  # (1, 1, h, w)
                 mask = F.interpolate(mask, size=(self.crop_size,) * 2, mode="bilinear", align_corners=False)[0, 0]
             gen = torch.cat([self._resize(crop(group.images[n], where.boxes[n, k])) for n in range(group.size)])
             parts = self.scorer.score_group(self._resize(ref_crops[k]), gen, mask, need_nssm=True, need_vsm=True)
@@ -163,6 +181,7 @@ class PerSubjectDivRL(_SubjectReward):
         for k in range(len(words)):
             components[f"nssm_{k + 1}"], components[f"vsm_{k + 1}"] = nssm_k[:, k], vsm_k[:, k]
         components["found"] = where.found.float().mean(1)
+        components["ref_found"] = ref_found.float().mean().expand(group.size)
         return RewardOutput(reward, components, gated)
 
     def _resize(self, image: Tensor) -> Tensor:

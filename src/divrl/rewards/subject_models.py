@@ -93,7 +93,8 @@ class GroundingDINODetector(Detector):
     most 1333 for the IDEA-Research checkpoints, as Grounding DINO's own ``load_image``), the model runs
     without gradients, and the processor's ``post_process_grounded_object_detection`` keeps the queries whose best
     token score (the max over the prompt's tokens of the sigmoid of the logits) exceeds ``box_threshold`` and scales
-    their boxes to the image's pixels. Boxes are returned best score first, clamped to the image.
+    their boxes to the image's pixels. Boxes are returned in query order, as Grounding DINO's own ``predict`` returns
+    them and PSR's "first box" reads them (``sort_by_score: true`` sorts them best first), clamped to the image.
 
     Args:
         model: a Hugging Face Hub id (``"IDEA-Research/grounding-dino-tiny"``, ``"IDEA-Research/grounding-dino-base"``)
@@ -109,6 +110,7 @@ class GroundingDINODetector(Detector):
         local_files_only: only read the local folder / Hugging Face cache; never contact the Hub. Set it on offline
             machines with a populated cache (otherwise a missing network means retries, then an error).
         max_batch: detect in at most this many images per forward pass (``None``: all at once).
+        sort_by_score: return each image's boxes best score first instead of in query order (PSR's order).
 
     Raises:
         FileNotFoundError: if ``model`` is a filesystem path (absolute, ``./``, ``../`` or ``~``) that does not exist.
@@ -126,6 +128,7 @@ class GroundingDINODetector(Detector):
         device: str | None = None,
         local_files_only: bool = False,
         max_batch: int | None = None,
+        sort_by_score: bool = False,
     ):
         super().__init__()
         who = "GroundingDINODetector"
@@ -152,6 +155,7 @@ class GroundingDINODetector(Detector):
         self.model.requires_grad_(False)
         self.name = str(model)
         self.box_threshold, self.text_threshold, self.max_batch = float(box_threshold), float(text_threshold), max_batch
+        self.sort_by_score = bool(sort_by_score)
         # transformers < 4.49 calls the box threshold `box_threshold`, later versions `threshold`.
         parameters = inspect.signature(self.processor.post_process_grounded_object_detection).parameters
         self._threshold_arg = "threshold" if "threshold" in parameters else "box_threshold"
@@ -194,8 +198,9 @@ class GroundingDINODetector(Detector):
                 **{self._threshold_arg: self.box_threshold},
             )
             for result in results:
-                order = torch.sort(result["scores"], descending=True, stable=True).indices
-                boxes = result["boxes"][order].float().reshape(-1, 4).clone()
+                boxes = result["boxes"].float().reshape(-1, 4).clone()
+                if self.sort_by_score:
+                    boxes = boxes[torch.sort(result["scores"], descending=True, stable=True).indices]
                 boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
                 boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
                 out.append(boxes)
@@ -203,7 +208,7 @@ class GroundingDINODetector(Detector):
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, box_threshold={self.box_threshold}, text_threshold={self.text_threshold}, "
-                f"max_batch={self.max_batch}")
+                f"max_batch={self.max_batch}, sort_by_score={self.sort_by_score}")
 
 
 # ---------------------------------------------------------------------------------------------------- embedder

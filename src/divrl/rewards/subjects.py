@@ -13,8 +13,9 @@ Three pieces do that, each pluggable:
   :class:`~divrl.rewards.subject_models.CLSEmbedder` (the CLS token of DINO v1 / DINOv2 through transformers, PSR's
   feature);
 - a :class:`SubjectLocator` assigns boxes to subjects: PSR's ``order`` (subject *i* takes the first box of its word;
-  two subjects of one word take boxes 0 and 1) or ``hungarian`` (UMO: every detected box is a candidate, and
-  subjects and boxes are matched one to one by maximal total similarity to the references).
+  two subjects of one word take boxes 0 and 1, as PSR's two-subject evaluation; its three- and four-subject scripts
+  give every subject box 0, which ``order`` does not copy) or ``hungarian`` (UMO: every detected box is a candidate,
+  and subjects and boxes are matched one to one by maximal total similarity to the references).
 
 A subject that is not found is **counted** (``found`` is False) and then either cropped as the whole image (PSR's
 fallback) or scored ``missing_score`` — never silently.
@@ -25,6 +26,7 @@ Boxes are float ``(x0, y0, x1, y1)`` in pixels of the image they were found in (
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +38,8 @@ from torch import Tensor, nn
 from divrl.images import ImageLike, to_image_batch, to_mask_batch
 from divrl.rewards.backbones.base import FeatureBackbone
 from divrl.rewards.compose import _import
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Detector", "CallableDetector", "PlainBackgroundDetector", "Embedder", "BackboneEmbedder", "SubjectLocator",
@@ -75,11 +79,10 @@ def subject_words(sample, class_agnostic: bool = False) -> list[str]:
 
 
 def crop(image: Tensor, box: Tensor) -> Tensor:
-    """The pixels of ``image`` ``(3, H, W)`` inside ``box`` (rounded outwards to whole pixels, clamped to the image,
-    at least one pixel)."""
+    """The pixels of ``image`` ``(3, H, W)`` inside ``box``: every coordinate truncated to a whole pixel as PSR's
+    evaluation does (``image[int(y0):int(y1), int(x0):int(x1)]``), clamped to the image, at least one pixel."""
     height, width = image.shape[-2:]
-    x0, y0 = int(np.floor(float(box[0]))), int(np.floor(float(box[1])))
-    x1, y1 = int(np.ceil(float(box[2]))), int(np.ceil(float(box[3])))
+    x0, y0, x1, y1 = (int(np.floor(float(v))) for v in box[:4])
     x0, y0 = min(max(x0, 0), width - 1), min(max(y0, 0), height - 1)
     x1, y1 = min(max(x1, x0 + 1), width), min(max(y1, y0 + 1), height)
     return image[..., y0:y1, x0:x1]
@@ -120,7 +123,8 @@ class Detector(nn.Module):
 
     def detect(self, images: Tensor, word: str) -> list[Tensor]:  # pragma: no cover - abstract
         """Boxes of ``word`` in each of ``images`` (float ``(N, 3, H, W)`` in [0, 1]): one float ``(n_i, 4)`` tensor of
-        ``(x0, y0, x1, y1)`` pixel boxes per image, best first (``n_i`` may be 0)."""
+        ``(x0, y0, x1, y1)`` pixel boxes per image, in the detector's order (``n_i`` may be 0). Calling the detector
+        drops boxes without area and refuses malformed output with an error naming the detector."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -134,12 +138,15 @@ class Detector(nn.Module):
                              f"list with one (n, 4) tensor of boxes per image")
         out = []
         for index, b in enumerate(boxes):
-            b = torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) if not isinstance(b, Tensor) or b.numel() else \
-                torch.zeros(0, 4)
+            b = torch.as_tensor(b.detach().cpu() if isinstance(b, Tensor) else b, dtype=torch.float32)
+            if b.numel() == 0:
+                b = torch.zeros(0, 4)
+            elif b.dim() == 1 and b.numel() == 4:
+                b = b[None]
             if b.dim() != 2 or b.shape[-1] != 4 or not torch.isfinite(b).all():
                 raise ValueError(f"{who}.detect returned boxes {b.tolist()} for image {index}; expected finite (n, 4) "
                                  f"(x0, y0, x1, y1) pixel boxes")
-            out.append(b.float().cpu())
+            out.append(b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])])  # a box without area holds no subject
         return out
 
 
@@ -191,7 +198,7 @@ class PlainBackgroundDetector(Detector):
         from scipy import ndimage
 
         out = []
-        for image in images:
+        for image in images.detach().float().cpu():
             b = self.border
             frame = torch.cat([image[:, :b].reshape(3, -1), image[:, -b:].reshape(3, -1), image[:, :, :b].reshape(3, -1),
                                image[:, :, -b:].reshape(3, -1)], dim=1)
@@ -306,27 +313,45 @@ class SubjectLocator(nn.Module):
             raise TypeError(f"detector must be a Detector (PlainBackgroundDetector, GroundingDINODetector, "
                             f"CallableDetector), got {type(detector).__name__}")
         self.detector, self.assignment, self.embedder, self.reference_crop = detector, assignment, embedder, reference_crop
+        self._reference_boxes: dict[tuple, tuple[Tensor, bool]] = {}
 
-    def references(self, references: Sequence[ImageLike], masks: Sequence, words: Sequence[str]
-                   ) -> tuple[list[Tensor], list[Tensor], Tensor]:
-        """Each reference as a ``(3, H, W)`` tensor, its subject's box, and whether the box was found (a mask counts)."""
+    def references(self, references: Sequence[ImageLike], masks: Sequence, words: Sequence[str],
+                   key: str | None = None) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Each reference as a ``(3, H, W)`` tensor, its subject's box, and whether the subject was located (by its
+        mask or the detector). A subject not located in its reference is cropped as the whole reference, counted in
+        the returned flags and logged once. ``key`` (the identity id) caches the boxes: references do not change."""
         images = [to_image_batch(r, f"reference {k}")[0] for k, r in enumerate(references)]
         boxes, found = [], []
         for k, (image, mask, word) in enumerate(zip(images, masks, words)):
-            box = None
-            if self.reference_crop == "whole":
-                box = whole(image)
-            elif self.reference_crop == "auto" and mask is not None:
-                m = to_mask_batch(mask, f"mask {k}")[0]
-                if tuple(m.shape) != tuple(image.shape[-2:]):
-                    raise ValueError(f"mask {k} has size {tuple(m.shape)}, reference {k} {tuple(image.shape[-2:])}")
-                box = box_of_mask(m)
-            if box is None and self.reference_crop != "whole":
-                detected = self.detector(image[None], word)[0]
-                box = detected[0] if len(detected) else None
-            found.append(box is not None)
-            boxes.append(whole(image) if box is None else box)
+            cache_key = None if key is None else (key, k, word, tuple(image.shape))
+            if cache_key in self._reference_boxes:
+                box, located = self._reference_boxes[cache_key]
+            else:
+                box, located = self._reference_box(image, mask, word, k)
+                if not located:
+                    log.warning("%s: subject %d (%r) not found in its reference; the whole reference is its crop "
+                                "(counted in ref_found)", key or "a condition", k + 1, word)
+                if cache_key is not None:
+                    if len(self._reference_boxes) >= 4096:
+                        self._reference_boxes.clear()
+                    self._reference_boxes[cache_key] = (box, located)
+            boxes.append(box)
+            found.append(located)
         return images, boxes, torch.tensor(found)
+
+    def _reference_box(self, image: Tensor, mask, word: str, k: int) -> tuple[Tensor, bool]:
+        if self.reference_crop == "whole":
+            return whole(image), True
+        if mask is not None:
+            m = to_mask_batch(mask, f"mask {k}")[0]
+            if tuple(m.shape) != tuple(image.shape[-2:]):
+                raise ValueError(f"mask {k} has size {tuple(m.shape)} but reference {k} {tuple(image.shape[-2:])}; "
+                                 f"resize the mask to its reference")
+            box = box_of_mask(m) if self.reference_crop == "auto" else None
+            if box is not None:
+                return box, True
+        detected = self.detector(image[None], word)[0]
+        return (detected[0], True) if len(detected) else (whole(image), False)
 
     def locate(self, images: Tensor, words: Sequence[str], ref_features: Tensor | None = None) -> Located:
         """Find the ``K = len(words)`` subjects in each of ``images`` ``(N, 3, H, W)``.
@@ -351,18 +376,24 @@ class SubjectLocator(nn.Module):
         from scipy.optimize import linear_sum_assignment
 
         similarity = torch.zeros(size, count)
+        candidates: list[list[Tensor]] = []
         for n in range(size):
-            candidates: list[Tensor] = []
+            kept: list[Tensor] = []
             for word in unique:
                 for box in detected[word][n]:
-                    if all(_iou(box, c) <= 0.7 for c in candidates):
-                        candidates.append(box)
-            if not candidates:
+                    if all(_iou(box, c) <= 0.7 for c in kept):
+                        kept.append(box)
+            candidates.append(kept)
+        crops = [crop(images[n], b) for n in range(size) for b in candidates[n]]
+        features = self.embedder(crops) if crops else None  # every image's candidates in one call
+        start = 0
+        for n in range(size):
+            if not candidates[n]:
                 continue
-            features = self.embedder([crop(images[n], b) for b in candidates])
-            cosine = ref_features @ features.T  # (K, M)
+            cosine = ref_features @ features[start:start + len(candidates[n])].T  # (K, M)
+            start += len(candidates[n])
             rows, cols = linear_sum_assignment(cosine.numpy(), maximize=True)
             for k, m in zip(rows.tolist(), cols.tolist()):
-                boxes[n, k], found[n, k], similarity[n, k] = candidates[m], True, cosine[k, m]
+                boxes[n, k], found[n, k], similarity[n, k] = candidates[n][m], True, cosine[k, m]
         return Located(boxes, found, similarity)
 
