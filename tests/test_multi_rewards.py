@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from divrl.data.stream import ConditionSample
-from divrl.rewards import FeatureScorer, Group, NonFiniteReward
+from divrl.rewards import FeatureScorer, Group, GroupScorer, NonFiniteReward
 from divrl.rewards import functional as RF
 from divrl.rewards.backbones import DenseDescriptor
 from divrl.rewards.multi import PairwiseSubjectConsistency, PerSubjectDivRL
@@ -204,6 +204,22 @@ def test_per_subject_divrl_equals_the_scorer_on_each_subject_crop():
     assert (out.components["vsm_1"][1] < 0.5) and (out.components["vsm_1"][0] >= 0.5)
 
 
+def test_per_subject_divrl_with_any_group_scorer_scores_each_subject_alone():
+    class Remote(GroupScorer):  # a scorer without a local backbone (a reward server): one call per subject
+        calls = 0
+
+        def score_group(self, reference, images, ref_mask=None, gen_masks=None, **kwargs):
+            Remote.calls += 1
+            return _scorer().score_group(reference, images, ref_mask, gen_masks, **kwargs)
+
+    references = [textured((0, (20, 22, 44, 42))), textured((1, (16, 16, 48, 48)))]
+    g = group(textured((0, LEFT), (1, RIGHT)), textured((1, LEFT), (0, RIGHT)), references=references)
+    locator = SubjectLocator(PlainBackgroundDetector())
+    remote = PerSubjectDivRL(locator, Remote(), crop_size=32)(g)
+    local = PerSubjectDivRL(locator, _scorer(), crop_size=32)(g)
+    assert Remote.calls == 2 and torch.equal(remote.reward, local.reward)
+
+
 def test_per_subject_stage_one_is_the_mean_nssm_and_a_missing_subject_fails_its_gate():
     locator = SubjectLocator(PlainBackgroundDetector())
     references = [textured((0, (20, 22, 44, 42))), textured((1, (16, 16, 48, 48)))]
@@ -222,8 +238,8 @@ def test_per_subject_stage_one_is_the_mean_nssm_and_a_missing_subject_fails_its_
 
 def test_per_subject_non_finite_scores_are_skipped_not_rewarded():
     class Broken(FeatureScorer):
-        def score_group(self, *args, **kwargs):
-            out = super().score_group(*args, **kwargs)
+        def score_features(self, *args, **kwargs):
+            out = super().score_features(*args, **kwargs)
             return out._replace(vsm=out.vsm * float("nan"))
 
     reward = PerSubjectDivRL(SubjectLocator(PlainBackgroundDetector()), Broken(DenseDescriptor(grid_size=8, cell=4)))

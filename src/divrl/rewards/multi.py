@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from divrl.rewards import functional as RF
+from divrl.rewards.backbones.base import Features
 from divrl.rewards.base import Group, GroupScorer, NonFiniteReward, Reward, RewardOutput
+from divrl.rewards.scorers import FeatureScorer
 from divrl.images import to_mask_batch
 from divrl.rewards.subjects import Embedder, Located, SubjectLocator, crop, subject_words
 
@@ -149,6 +151,11 @@ class PerSubjectDivRL(_SubjectReward):
         if self.locator.assignment == "hungarian":
             ref_features = self.locator.embedder(ref_crops)
         where: Located = self.locator.locate(group.images, words, ref_features)
+        count = len(words)
+        refs = torch.cat([self._resize(c) for c in ref_crops])  # (K, 3, S, S)
+        gens = torch.cat([self._resize(crop(group.images[n], where.boxes[n, k]))
+                          for k in range(count) for n in range(group.size)])  # (K·G, 3, S, S), subject-major
+        features = self._features(torch.cat([refs, gens]))  # every crop of the group in one backbone call
         nssm, vsm = [], []
         for k, word in enumerate(words):
             mask = group.masks[k]
@@ -159,8 +166,13 @@ class PerSubjectDivRL(_SubjectReward):
                                      f"{tuple(references[k].shape[-2:])}; resize the mask to its reference")
                 mask = crop(mask, boxes[k])[None]  # (1, 1, h, w)
                 mask = F.interpolate(mask, size=(self.crop_size,) * 2, mode="bilinear", align_corners=False)[0, 0]
-            gen = torch.cat([self._resize(crop(group.images[n], where.boxes[n, k])) for n in range(group.size)])
-            parts = self.scorer.score_group(self._resize(ref_crops[k]), gen, mask, need_nssm=True, need_vsm=True)
+            rows = slice(k * group.size, (k + 1) * group.size)  # subject k's crops in `gens`
+            if features is None:
+                parts = self.scorer.score_group(refs[k:k + 1], gens[rows], mask, need_nssm=True, need_vsm=True)
+            else:  # features hold the K references first, then `gens`
+                gen_rows = slice(count + rows.start, count + rows.stop)
+                parts = self.scorer.score_features(_rows(features, slice(k, k + 1)), _rows(features, gen_rows), mask,
+                                                   need_nssm=True, need_vsm=True)
             for name, value in parts._asdict().items():
                 if value is None or not torch.isfinite(value).all():
                     raise NonFiniteReward(f"PerSubjectDivRL: {type(self.scorer).__name__} returned {name} "
@@ -184,6 +196,19 @@ class PerSubjectDivRL(_SubjectReward):
         components["ref_found"] = ref_found.float().mean().expand(group.size)
         return RewardOutput(reward, components, gated)
 
+    def _features(self, crops: Tensor) -> Features | None:
+        """The backbone features of every crop, when the scorer is a local :class:`~divrl.rewards.FeatureScorer`
+        (else ``None``: each subject is scored with ``score_group``, e.g. by a reward server)."""
+        if isinstance(self.scorer, FeatureScorer):
+            return self.scorer.backbone(crops)
+        return None
+
     def _resize(self, image: Tensor) -> Tensor:
         return F.interpolate(image[None].float(), size=(self.crop_size,) * 2, mode="bilinear", antialias=True,
                              align_corners=False)
+
+
+def _rows(features: Features, rows: slice) -> Features:
+    """Some rows of a batch's features, keeping a shared semantic/visual grid shared (one similarity in VSM)."""
+    semantic = features.semantic[rows]
+    return Features(semantic, semantic if features.visual is features.semantic else features.visual[rows])
