@@ -335,3 +335,21 @@ def test_an_evaluation_is_rescored_when_any_subject_setting_changes():
         assert _describe(PairwiseSubjectConsistency(other, embedder)) != base
     assert _describe(PairwiseSubjectConsistency(SubjectLocator(PlainBackgroundDetector(), "order"), embedder,
                                                 on_missing="score")) != base
+
+
+def test_reference_boxes_are_cached_by_content_not_by_id():
+    reward = psr()
+    a = [canvas((RED, (20, 22, 44, 42))), canvas((BLUE, (16, 16, 48, 48)))]
+    b = [canvas((RED, (2, 2, 20, 20))), canvas((BLUE, (40, 40, 60, 60)))]  # the same colours elsewhere
+    first = reward(group(PAIR, references=a))
+    second = reward(group(PAIR, references=b))  # the same condition id, other pictures
+    fresh = psr()(group(PAIR, references=b))
+    assert torch.equal(second.reward, fresh.reward) and torch.equal(first.reward, second.reward)
+    _, boxes, _ = reward.locator.references(b, [None, None], ["square", "disc"], "pair/0")
+    assert boxes[0].tolist() == [2, 2, 20, 20] and len(reward.locator._reference_boxes) == 4
+
+
+def test_ragged_detector_output_names_the_detector():
+    ragged = CallableDetector(lambda images, word: [[[1, 2, 3], [1, 2, 3, 4]]])
+    with pytest.raises(ValueError, match="CallableDetector.detect returned"):
+        ragged(PAIR[None], "dog")

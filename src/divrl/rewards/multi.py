@@ -199,9 +199,9 @@ class PerSubjectDivRL(_SubjectReward):
     def _features(self, crops: Tensor) -> Features | None:
         """The backbone features of every crop, when the scorer is a local :class:`~divrl.rewards.FeatureScorer`
         (else ``None``: each subject is scored with ``score_group``, e.g. by a reward server)."""
-        if isinstance(self.scorer, FeatureScorer):
+        if isinstance(self.scorer, FeatureScorer) and type(self.scorer).score_group is FeatureScorer.score_group:
             return self.scorer.backbone(crops)
-        return None
+        return None  # a scorer that scores groups its own way keeps doing so
 
     def _resize(self, image: Tensor) -> Tensor:
         return F.interpolate(image[None].float(), size=(self.crop_size,) * 2, mode="bilinear", antialias=True,

@@ -26,6 +26,7 @@ Boxes are float ``(x0, y0, x1, y1)`` in pixels of the image they were found in (
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -96,6 +97,15 @@ def box_of_mask(mask: Tensor, threshold: float = 0.5) -> Tensor | None:
     return torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
 
 
+def _fingerprint(image) -> str | None:
+    """A digest of an image's content (tensor or PIL), the reference-box cache's key."""
+    if image is None:
+        return None
+    data = image.detach().cpu().contiguous().numpy().tobytes() if isinstance(image, Tensor) else \
+        np.asarray(image).tobytes() + str(getattr(image, "mode", "")).encode()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def whole(image: Tensor) -> Tensor:
     """The box of the whole image."""
     return torch.tensor([0.0, 0.0, float(image.shape[-1]), float(image.shape[-2])])
@@ -138,7 +148,11 @@ class Detector(nn.Module):
                              f"list with one (n, 4) tensor of boxes per image")
         out = []
         for index, b in enumerate(boxes):
-            b = torch.as_tensor(b.detach().cpu() if isinstance(b, Tensor) else b, dtype=torch.float32)
+            try:
+                b = torch.as_tensor(b.detach().cpu() if isinstance(b, Tensor) else b, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise ValueError(f"{who}.detect returned {b!r} for image {index} ({err}); expected finite (n, 4) "
+                                 f"(x0, y0, x1, y1) pixel boxes") from err
             if b.numel() == 0:
                 b = torch.zeros(0, 4)
             elif b.dim() == 1 and b.numel() == 4:
@@ -319,11 +333,12 @@ class SubjectLocator(nn.Module):
                    key: str | None = None) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """Each reference as a ``(3, H, W)`` tensor, its subject's box, and whether the subject was located (by its
         mask or the detector). A subject not located in its reference is cropped as the whole reference, counted in
-        the returned flags and logged once. ``key`` (the identity id) caches the boxes: references do not change."""
+        the returned flags and logged. Boxes are cached by the content of the reference and its mask (references
+        repeat from group to group); ``key`` (the identity id) only names the condition in the log."""
         images = [to_image_batch(r, f"reference {k}")[0] for k, r in enumerate(references)]
         boxes, found = [], []
         for k, (image, mask, word) in enumerate(zip(images, masks, words)):
-            cache_key = None if key is None else (key, k, word, tuple(image.shape))
+            cache_key = (word, self.reference_crop, _fingerprint(image), _fingerprint(mask))
             if cache_key in self._reference_boxes:
                 box, located = self._reference_boxes[cache_key]
             else:
@@ -331,10 +346,9 @@ class SubjectLocator(nn.Module):
                 if not located:
                     log.warning("%s: subject %d (%r) not found in its reference; the whole reference is its crop "
                                 "(counted in ref_found)", key or "a condition", k + 1, word)
-                if cache_key is not None:
-                    if len(self._reference_boxes) >= 4096:
-                        self._reference_boxes.clear()
-                    self._reference_boxes[cache_key] = (box, located)
+                if len(self._reference_boxes) >= 4096:
+                    self._reference_boxes.clear()
+                self._reference_boxes[cache_key] = (box, located)
             boxes.append(box)
             found.append(located)
         return images, boxes, torch.tensor(found)
