@@ -15,8 +15,8 @@ from divrl.rewards import FeatureScorer, Group, GroupScorer, NonFiniteReward
 from divrl.rewards import functional as RF
 from divrl.rewards.backbones import DenseDescriptor
 from divrl.rewards.multi import PairwiseSubjectConsistency, PerSubjectDivRL
-from divrl.rewards.subjects import (BackboneEmbedder, CallableDetector, Embedder, PlainBackgroundDetector,
-                                    SubjectLocator, crop, subject_words)
+from divrl.rewards.embedders import BackboneEmbedder, Embedder
+from divrl.rewards.subjects import CallableDetector, PlainBackgroundDetector, SubjectLocator, crop, subject_words
 
 RED, BLUE = (0.9, 0.1, 0.1), (0.1, 0.2, 0.9)
 RED_2, BLUE_2 = (0.8, 0.25, 0.1), (0.2, 0.2, 0.8)  # the generated subjects: a little off their references

@@ -414,7 +414,7 @@ def scene_set(num: int, seed: int, exclude: set[SubjectIdentity], prompts: int =
 def multi_rewards():
     """The multi-subject demo's rewards at the demo's settings: PSR's subject consistency and DivRL per subject."""
     from divrl.rewards.multi import PairwiseSubjectConsistency, PerSubjectDivRL
-    from divrl.rewards.subjects import BackboneEmbedder, PlainBackgroundDetector, SubjectLocator
+    from divrl.rewards import BackboneEmbedder, PlainBackgroundDetector, SubjectLocator
 
     backbone = DenseDescriptor(grid_size=24, cell=4)
     embedder = BackboneEmbedder(backbone, size=32)

@@ -21,8 +21,8 @@ from divrl.rewards.modules import GatedReward, GroupReward, LinearReward, NSSMRe
 from divrl.rewards.multi import PairwiseSubjectConsistency, PerSubjectDivRL
 from divrl.rewards.scorers import FeatureScorer
 from divrl.rewards.subject_models import CLSEmbedder, GroundingDINODetector
-from divrl.rewards.subjects import (BackboneEmbedder, CallableDetector, Detector, Embedder, PlainBackgroundDetector,
-                                    SubjectLocator)
+from divrl.rewards.embedders import BackboneEmbedder, Embedder
+from divrl.rewards.subjects import CallableDetector, Detector, PlainBackgroundDetector, SubjectLocator
 
 __all__ = [
     "nssm",

@@ -27,7 +27,8 @@ from divrl.rewards.backbones.base import Features
 from divrl.rewards.base import Group, GroupScorer, NonFiniteReward, Reward, RewardOutput
 from divrl.rewards.scorers import FeatureScorer
 from divrl.images import to_mask_batch
-from divrl.rewards.subjects import Embedder, Located, SubjectLocator, crop, subject_words
+from divrl.rewards.embedders import Embedder
+from divrl.rewards.subjects import Located, SubjectLocator, crop, subject_words
 
 __all__ = ["PairwiseSubjectConsistency", "PerSubjectDivRL"]
 

@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from divrl.rewards.subjects import Detector, Embedder
+from divrl.rewards.embedders import Embedder
+from divrl.rewards.subjects import Detector
 from divrl.utils import load_pretrained, parse_dtype
 
 __all__ = ["GroundingDINODetector", "CLSEmbedder"]

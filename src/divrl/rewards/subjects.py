@@ -8,7 +8,8 @@ Three pieces do that, each pluggable:
 - a :class:`Detector` finds boxes by category word: :class:`PlainBackgroundDetector` (weight-free, for subjects on a
   plain background: the demo world), :class:`CallableDetector` (any function), and
   :class:`~divrl.rewards.subject_models.GroundingDINODetector` (PSR's open-vocabulary detector, through transformers);
-- an :class:`Embedder` turns a crop into one L2-normalised vector: :class:`BackboneEmbedder` (the mean of any
+- an :class:`~divrl.rewards.embedders.Embedder` turns a crop into one L2-normalised vector:
+  :class:`~divrl.rewards.embedders.BackboneEmbedder` (the mean of any
   :class:`~divrl.rewards.backbones.FeatureBackbone`'s grid: DINOv2, the weight-free dense descriptor) and
   :class:`~divrl.rewards.subject_models.CLSEmbedder` (the CLS token of DINO v1 / DINOv2 through transformers, PSR's
   feature);
@@ -33,17 +34,16 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from divrl.images import ImageLike, to_image_batch, to_mask_batch
-from divrl.rewards.backbones.base import FeatureBackbone
 from divrl.rewards.compose import _import
+from divrl.rewards.embedders import Embedder
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Detector", "CallableDetector", "PlainBackgroundDetector", "Embedder", "BackboneEmbedder", "SubjectLocator",
+    "Detector", "CallableDetector", "PlainBackgroundDetector", "SubjectLocator",
     "Located", "subject_words", "crop", "box_of_mask",
 ]
 
@@ -228,57 +228,6 @@ class PlainBackgroundDetector(Detector):
             boxes.sort(key=lambda q: (q[0] + q[2], q[1] + q[3]))
             out.append(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
         return out
-
-
-# ---------------------------------------------------------------------------------------------------- embedders
-
-
-class Embedder(nn.Module):
-    """Base class: crops → one L2-normalised vector each (the subject's identity).
-
-    Subclasses implement :meth:`embed`; calling the module runs it without gradients, checks it, normalises.
-    """
-
-    def embed(self, crops: Sequence[Tensor]) -> Tensor:  # pragma: no cover - abstract
-        """``(N, D)`` features of ``N`` crops, each a float ``(3, h, w)`` tensor in [0, 1] of its own size."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def forward(self, crops: Sequence[Tensor]) -> Tensor:
-        if not crops:
-            return torch.zeros(0, 0)
-        features = self.embed(list(crops))
-        who = type(self).__name__
-        if not isinstance(features, Tensor) or features.dim() != 2 or features.shape[0] != len(crops):
-            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-            raise ValueError(f"{who}.embed returned {shape} for {len(crops)} crops; expected (N, D)")
-        return F.normalize(features.float(), dim=-1).cpu()
-
-
-class BackboneEmbedder(Embedder):
-    """The mean of a :class:`~divrl.rewards.backbones.FeatureBackbone`'s grid over a crop (resized to ``size``).
-
-    Args:
-        backbone: the feature grid (DINOv2, the weight-free :class:`~divrl.rewards.backbones.DenseDescriptor`...).
-        size: crops are resized (bilinear, antialiased) to ``size × size`` before the backbone.
-        features: which grid to average, ``visual`` (appearance: the identity) or ``semantic``.
-    """
-
-    def __init__(self, backbone: FeatureBackbone, size: int = 64, features: Literal["visual", "semantic"] = "visual"):
-        super().__init__()
-        if features not in ("visual", "semantic"):
-            raise ValueError(f"BackboneEmbedder: features must be 'visual' or 'semantic', got {features!r}")
-        self.backbone, self.size, self.features = backbone, size, features
-
-    def embed(self, crops: Sequence[Tensor]) -> Tensor:
-        batch = torch.cat([resize(c, self.size) for c in crops])
-        grid = getattr(self.backbone(batch), self.features)
-        return grid.float().mean(dim=(-2, -1))
-
-
-def resize(image: Tensor, size: int) -> Tensor:
-    """``(3, h, w)`` → ``(1, 3, size, size)``, bilinear with antialiasing."""
-    return F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 # ---------------------------------------------------------------------------------------------------- assignment
