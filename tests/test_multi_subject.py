@@ -187,3 +187,32 @@ def test_divrl_data_synthetic_writes_multi_subject_shards_and_refuses_misplaced_
         assert main(["data", *argv, "--out", str(tmp_path / "refused")]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+
+
+def test_divrl_sample_takes_several_references_and_scores_each_subject(tmp_path):
+    record = list(read_identities(["data/demo-multi/val-000000.tar"], SkipCounter(10)))[0]
+    files = []
+    for k, image in enumerate(record.references):
+        files.append(tmp_path / f"subject{k}.png")
+        image.save(files[-1])
+    out = tmp_path / "samples"
+    command = ["sample", "--config", str(DEMO_MULTI), "--trainer.logger", "false", "--reference",
+               f"[{files[0]}, {files[1]}]", "--subjects", f"[{', '.join(record.extra['subjects'])}]",
+               "--prompts", f"[{record.prompts[0]}]", "--num_samples", "2", "--num_steps", "4",
+               "--output_dir", str(out)]
+    assert main(command) == 0
+    meta = json.loads((out / "samples.json").read_text())
+    sample = meta["samples"][0]
+    assert sample["id"] == "subject0_and_subject1" and len(sample["files"]) == 2
+    assert len(sample["psr/sc_1"]) == 2 and len(sample["divrl/vsm_2"]) == 2
+    # the numbers are the demo reward of these images against both references (recomputed from the 8-bit PNGs the
+    # command scored as floats: 1e-3)
+    images = torch.cat([to_image_batch(f) for f in sample["files"]])
+    embedder = BackboneEmbedder(DenseDescriptor(grid_size=24, cell=4), size=32)
+    psr = PairwiseSubjectConsistency(SubjectLocator(PlainBackgroundDetector(), "hungarian", embedder), embedder,
+                                     on_missing="score")
+    condition = ConditionSample("x", record.prompts[0], record.references, [None, None],
+                                metadata={"subjects": record.extra["subjects"]})
+    assert sample["psr"] == pytest.approx(psr(Group(condition, images)).reward.tolist(), abs=1e-3)
+    with pytest.raises(ValueError, match="one mask .or null. and one category word per reference"):
+        main(command[:-1] + [str(tmp_path / "other"), "--mask", f"[{files[0]}]"])

@@ -67,9 +67,10 @@ class DivRLTrainer(pl.Trainer):
         self,
         model: DivRLModule,
         datamodule: pl.LightningDataModule | None = None,
-        reference: str | None = None,
+        reference: str | list[str] | None = None,
         prompts: list[str] | None = None,
-        mask: str | None = None,
+        mask: str | list[str | None] | None = None,
+        subjects: list[str] | None = None,
         lora: str | None = None,
         output_dir: str = "samples",
         num_samples: int = 4,
@@ -83,9 +84,13 @@ class DivRLTrainer(pl.Trainer):
         Args:
             model: the configured model (``--config`` of the training run).
             datamodule: used when no ``reference`` is given: the first ``num_identities`` validation identities.
-            reference: a reference image file.
+            reference: a reference image file, or a list of them: one per subject of a multi-subject model
+                (``--reference '[dog.png, backpack.png]'``), placed as the policy's ``reference_positions`` says.
             prompts: edit prompts for ``reference``.
-            mask: optional subject mask of ``reference`` (the rewards of the grid's captions may use it).
+            mask: optional subject mask of ``reference`` (the rewards of the grid's captions may use it), or one per
+                reference (``null`` for none).
+            subjects: the category word of each reference (``'[dog, backpack]'``), which multi-subject rewards
+                detect the subjects by.
             lora: a trained adapter: a folder (or ``.safetensors`` file) written by the LoRA exporter, or a Lightning
                 checkpoint (``.ckpt``, a file, or a folder written under FSDP2) of the run (its ``AdapterEMA``
                 average when it has one, as the run's validation and exports); for full fine-tuning, the exported
@@ -110,7 +115,7 @@ class DivRLTrainer(pl.Trainer):
         if lora is not None:
             load_weights(model, lora)
         model.to(self.strategy.root_device).eval()
-        conditions = _conditions(datamodule, reference, prompts, mask, num_identities)
+        conditions = _conditions(datamodule, reference, prompts, mask, num_identities, subjects)
         out.mkdir(parents=True, exist_ok=True)
         records = []
         for index, condition in enumerate(conditions):
@@ -238,15 +243,23 @@ class DivRLTrainer(pl.Trainer):
                 "resolution": model.sampling.resolution}
 
 
-def _conditions(datamodule, reference, prompts, mask, num_identities) -> list[ConditionSample]:
+def _conditions(datamodule, reference, prompts, mask, num_identities, subjects=None) -> list[ConditionSample]:
     from divrl.images import open_image
 
     if reference is not None:
         if not prompts:
             raise ValueError("divrl sample: --reference needs at least one --prompts entry")
-        ref = open_image(reference, "divrl sample --reference").convert("RGB")
-        subject_mask = open_image(mask, "divrl sample --mask").convert("L") if mask is not None else None
-        return [ConditionSample(Path(reference).stem, p, ref, subject_mask) for p in prompts]
+        files = [reference] if isinstance(reference, str) else list(reference)
+        masks = mask if isinstance(mask, list) else [mask] + [None] * (len(files) - 1)
+        if len(masks) != len(files) or (subjects is not None and len(subjects) != len(files)):
+            raise ValueError(f"divrl sample: {len(files)} --reference image(s), {len(masks)} --mask entries and "
+                             f"{'no' if subjects is None else len(subjects)} --subjects; give one mask (or null) and one "
+                             f"category word per reference")
+        refs = [open_image(f, "divrl sample --reference").convert("RGB") for f in files]
+        subject_masks = [open_image(m, "divrl sample --mask").convert("L") if m is not None else None for m in masks]
+        identity = "_and_".join(Path(f).stem for f in files)
+        metadata = {} if subjects is None else {"subjects": list(subjects)}
+        return [ConditionSample(identity, p, refs, subject_masks, metadata=dict(metadata)) for p in prompts]
     if datamodule is None:
         raise ValueError("divrl sample: give --reference and --prompts, or a data config to sample its identities")
     datamodule.setup("validate")
