@@ -249,8 +249,8 @@ def _conditions(datamodule, reference, prompts, mask, num_identities, subjects=N
     if reference is not None:
         if not prompts:
             raise ValueError("divrl sample: --reference needs at least one --prompts entry")
-        files = [reference] if isinstance(reference, str) else list(reference)
-        masks = mask if isinstance(mask, list) else [mask] + [None] * (len(files) - 1)
+        files = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+        masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] + [None] * (len(files) - 1)
         if len(masks) != len(files) or (subjects is not None and len(subjects) != len(files)):
             raise ValueError(f"divrl sample: {len(files)} --reference image(s), {len(masks)} --mask entries and "
                              f"{'no' if subjects is None else len(subjects)} --subjects; give one mask (or null) and one "
