@@ -104,3 +104,11 @@ def mix_seeds(*values: int) -> int:
     for v in values:
         out = (out * 1_000_003 + int(v) + 0x9E3779B9) % (2**63 - 1)
     return out
+
+
+class Frozen:
+    """Mixin for judge models (reward backbones, detectors, evaluation models) inside a trained module: they stay in
+    eval mode (no dropout) whatever ``train()`` the parent module calls. List it before the ``nn.Module`` base."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)

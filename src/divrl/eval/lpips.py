@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from divrl.utils import Frozen
+
 __all__ = ["BACKBONES", "LPIPS", "default_lin_weights_path", "hub_cache_path"]
 
 BACKBONES: dict[str, dict] = {
@@ -134,7 +136,7 @@ def _as_state_dict(state: object, source: object, what: str, fix: str) -> Mappin
     return state
 
 
-class LPIPS(nn.Module):
+class LPIPS(Frozen, nn.Module):
     """LPIPS distance between images in ``[0, 1]``, AlexNet (default) or VGG16 backbone; frozen, always in eval mode.
 
     Args:
@@ -263,10 +265,6 @@ class LPIPS(nn.Module):
                 lin.weight.copy_(state[key].float())
 
     # ------------------------------------------------------------------ mode
-
-    def train(self, mode: bool = True) -> LPIPS:
-        """LPIPS always stays in eval mode; ``train(True)`` is ignored."""
-        return super().train(False)
 
     # ------------------------------------------------------------------ computation
 

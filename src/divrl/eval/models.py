@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from divrl.images import ImageLike, to_image_batch, to_pil
-from divrl.utils import load_image_processor, load_pretrained, parse_dtype
+from divrl.utils import Frozen, load_image_processor, load_pretrained, parse_dtype
 
 __all__ = ["CLIPEmbedder", "HPSv2", "Segmenter", "BackgroundSegmenter", "CallableSegmenter"]
 
@@ -29,7 +29,7 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class CLIPEmbedder(nn.Module):
+class CLIPEmbedder(Frozen, nn.Module):
     """L2-normalised CLIP embeddings of images and texts.
 
     Images are preprocessed as CLIP's image processor does — the shorter side resized to the crop size (bicubic,
@@ -69,10 +69,6 @@ class CLIPEmbedder(nn.Module):
         self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         if device is not None:
             self.to(device)
-
-    def train(self, mode: bool = True) -> CLIPEmbedder:
-        """Frozen: stays in eval mode (no dropout)."""
-        return super().train(False)
 
     @property
     def device(self) -> torch.device:

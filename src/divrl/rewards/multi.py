@@ -27,7 +27,7 @@ from divrl.rewards.backbones.base import Features
 from divrl.rewards.base import Group, GroupScorer, NonFiniteReward, Reward, RewardOutput
 from divrl.rewards.scorers import FeatureScorer
 from divrl.images import to_mask_batch
-from divrl.rewards.embedders import Embedder
+from divrl.rewards.embedders import Embedder, resize
 from divrl.rewards.subjects import Located, SubjectLocator, crop, subject_words
 
 __all__ = ["PairwiseSubjectConsistency", "PerSubjectDivRL"]
@@ -153,8 +153,8 @@ class PerSubjectDivRL(_SubjectReward):
             ref_features = self.locator.embedder(ref_crops)
         where: Located = self.locator.locate(group.images, words, ref_features)
         count = len(words)
-        refs = torch.cat([self._resize(c) for c in ref_crops])  # (K, 3, S, S)
-        gens = torch.cat([self._resize(crop(group.images[n], where.boxes[n, k]))
+        refs = torch.cat([resize(c, self.crop_size) for c in ref_crops])  # (K, 3, S, S)
+        gens = torch.cat([resize(crop(group.images[n], where.boxes[n, k]), self.crop_size)
                           for k in range(count) for n in range(group.size)])  # (K·G, 3, S, S), subject-major
         features = self._features(torch.cat([refs, gens]))  # every crop of the group in one backbone call
         nssm, vsm = [], []
@@ -204,9 +204,6 @@ class PerSubjectDivRL(_SubjectReward):
             return self.scorer.backbone(crops)
         return None  # a scorer that scores groups its own way keeps doing so
 
-    def _resize(self, image: Tensor) -> Tensor:
-        return F.interpolate(image[None].float(), size=(self.crop_size,) * 2, mode="bilinear", antialias=True,
-                             align_corners=False)
 
 
 def _rows(features: Features, rows: slice) -> Features:

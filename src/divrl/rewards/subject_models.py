@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from divrl.rewards.embedders import Embedder
 from divrl.rewards.subjects import Detector
-from divrl.utils import load_pretrained, parse_dtype
+from divrl.utils import Frozen, load_pretrained, parse_dtype
 
 __all__ = ["GroundingDINODetector", "CLSEmbedder"]
 
@@ -82,7 +82,7 @@ def _check_max_batch(max_batch: int | None, who: str) -> None:
 # ---------------------------------------------------------------------------------------------------- detector
 
 
-class GroundingDINODetector(Detector):
+class GroundingDINODetector(Frozen, Detector):
     """PSR's open-vocabulary detector: Grounding DINO, prompted with the subject's category word.
 
     PSR detects subjects with Grounding DINO Swin-T OGC (the Swin-T backbone trained on O365, GoldG and Cap4M);
@@ -164,11 +164,6 @@ class GroundingDINODetector(Detector):
         if device is not None:
             self.to(device)
 
-    def train(self, mode: bool = True) -> GroundingDINODetector:
-        """The detector is frozen: it stays in eval mode whatever the parent module does."""
-        super().train(False)
-        return self
-
     @staticmethod
     def prompt(word: str) -> str:
         """Grounding DINO's text prompt for a category word: lower-cased, stripped, ending with ``"."``."""
@@ -215,7 +210,7 @@ class GroundingDINODetector(Detector):
 # ---------------------------------------------------------------------------------------------------- embedder
 
 
-class CLSEmbedder(Embedder):
+class CLSEmbedder(Frozen, Embedder):
     """PSR's subject feature: the L2-normalised CLS token of DINO v1 ViT-S/16 (or of a DINOv2).
 
     The feature is ``last_hidden_state[:, 0]``, the CLS token of the last block *after* the final layer norm (for
@@ -295,11 +290,6 @@ class CLSEmbedder(Embedder):
         self.eval()
         if device is not None:
             self.to(device)
-
-    def train(self, mode: bool = True) -> CLSEmbedder:
-        """The embedder is frozen: it stays in eval mode whatever the parent module does."""
-        super().train(False)
-        return self
 
     def preprocess(self, crop: Tensor) -> Tensor:
         """One float ``(3, h, w)`` crop in [0, 1] → the ``(3, crop, crop)`` [0, 1] pixels the model sees (before

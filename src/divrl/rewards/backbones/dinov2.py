@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from divrl.rewards.backbones.base import FeatureBackbone, Features
-from divrl.utils import load_image_processor, load_pretrained, parse_dtype
+from divrl.utils import Frozen, load_image_processor, load_pretrained, parse_dtype
 
 __all__ = ["DINOv2Backbone"]
 
@@ -35,7 +35,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 
 
-class DINOv2Backbone(FeatureBackbone):
+class DINOv2Backbone(Frozen, FeatureBackbone):
     """DINOv2 (with or without registers) patch tokens as the semantic *and* visual feature grid.
 
     :meth:`extract` returns ``Features(grid, grid)`` with one tensor object in both fields; the rewards detect the
@@ -158,11 +158,6 @@ class DINOv2Backbone(FeatureBackbone):
     def resolution(self) -> int:
         """Side in pixels of the square model input: ``grid_size * patch_size``."""
         return self.grid_size * self.patch_size
-
-    def train(self, mode: bool = True) -> DINOv2Backbone:
-        """The backbone is frozen: it stays in eval mode (no dropout) whatever the parent module does."""
-        super().train(False)
-        return self
 
     def extract(self, images: Tensor) -> Features:
         if images.dim() != 4 or images.shape[1] != 3:
