@@ -9,6 +9,12 @@ Entries of a sample (the tar member ``<__key__>.<entry>``):
   stops at the first missing ``ref_i.png`` (a ``ref_i.png`` after a gap is not read).
 - ``mask_1.png``, ``mask_2.png``, ...: optional mask of ``ref_i.png``. A ``mask_i.png`` whose ``ref_i.png`` is not
   read, or a mask whose size differs from its reference's, makes the sample bad (skipped and counted by the streams).
+- ``target_<p>.png``: optional target image of prompt ``p`` (0-based index into ``prompts``), RGB: what a
+  supervised objective (:class:`~divrl.objectives.SFTObjective`) trains the generator to produce for (references,
+  prompt ``p``); another photo of the same subject. Prompts without a target are fine.
+- ``rejected_<p>.png``: optional *rejected* image of prompt ``p``, RGB: with ``target_<p>.png`` (the chosen image) it
+  makes a preference pair for offline DPO (:class:`~divrl.objectives.DPOObjective` with ``pairs: shards``). A
+  rejected image without its target makes the sample bad.
 - ``json``: ``{"id", "prompts": [...], "source", ..., "category"?, "license"?}``; further fields are kept as
   :attr:`IdentityRecord.extra`.
 - ``cond.pth`` (optional, written by ``divrl data --precompute MODEL``): the conditioning a model family precomputes
@@ -32,7 +38,7 @@ from PIL import Image
 
 __all__ = [
     "IdentityRecord", "REF_KEY", "MASK_KEY", "META_KEY", "COND_KEY", "check_identity_id", "reference_key", "mask_key",
-    "normalise_references",
+    "normalise_references", "target_key", "rejected_key",
 ]
 
 REF_KEY = "ref.png"
@@ -41,6 +47,7 @@ META_KEY = "json"
 COND_KEY = "cond.pth"
 _ID = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 _MASK_I = re.compile(r"^mask_([1-9][0-9]*)\.png$")
+_PER_PROMPT = re.compile(r"^(target|rejected)_(0|[1-9][0-9]*)\.png$")
 
 
 def reference_key(index: int) -> str:
@@ -51,6 +58,16 @@ def reference_key(index: int) -> str:
 def mask_key(index: int) -> str:
     """The sample entry of the mask of reference ``index``: ``mask.png`` for 0, then ``mask_1.png``, ..."""
     return MASK_KEY if index == 0 else f"mask_{index}.png"
+
+
+def target_key(prompt: int) -> str:
+    """The sample entry of the target image of prompt number ``prompt``: ``target_0.png``, ``target_1.png``, ..."""
+    return f"target_{prompt}.png"
+
+
+def rejected_key(prompt: int) -> str:
+    """The sample entry of the rejected image of prompt number ``prompt``: ``rejected_0.png``, ..."""
+    return f"rejected_{prompt}.png"
 
 
 def check_identity_id(identity_id: str) -> str:
@@ -137,6 +154,8 @@ class IdentityRecord(FirstReference):
         extra: further JSON fields, kept as they are.
         conditioning: optional precomputed conditioning (``cond.pth``): a dict, opaque to the data layer (see the
             module docstring).
+        targets: optional target image per prompt, ``{prompt index: image}`` (``target_<p>.png``): supervised pairs.
+        rejected: optional rejected image per prompt (``rejected_<p>.png``), each with a target: preference pairs.
     """
 
     id: str
@@ -148,19 +167,33 @@ class IdentityRecord(FirstReference):
     license: str | None = None
     extra: dict = field(default_factory=dict)
     conditioning: dict | None = None
+    targets: dict[int, Image.Image] = field(default_factory=dict)
+    rejected: dict[int, Image.Image] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_identity_id(self.id)
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise ValueError(f"identity {self.id!r}: needs at least one non-empty prompt, got {self.prompts!r}")
         self.references, self.masks = normalise_references(self.id, self.references, self.masks)
-        for what, images in (("reference", self.references), ("mask", self.masks)):
-            for index, image in enumerate(images):
-                if image is not None and not isinstance(image, Image.Image):
-                    raise ValueError(
-                        f"identity {self.id!r}: {what} {index} is a {type(image).__name__}; an IdentityRecord holds PIL "
-                        f"images (convert it with divrl.images.to_pil or PIL.Image.open)"
-                    )
+        self.targets, self.rejected = dict(self.targets or {}), dict(self.rejected or {})
+        for what, images in (("target", self.targets), ("rejected image", self.rejected)):
+            bad = [p for p in images if not isinstance(p, int) or not 0 <= p < len(self.prompts)]
+            if bad:
+                raise ValueError(f"identity {self.id!r}: {what} of prompt {bad[0]!r}, but it has {len(self.prompts)} "
+                                 f"prompts; key targets by prompt index 0..{len(self.prompts) - 1}")
+        orphans = sorted(set(self.rejected) - set(self.targets))
+        if orphans:
+            raise ValueError(f"identity {self.id!r}: prompt {orphans[0]} has a rejected image but no target (the "
+                             f"chosen image of the pair); give both, or neither")
+        named = [("reference", i, im) for i, im in enumerate(self.references)] + [
+            ("mask", i, im) for i, im in enumerate(self.masks)] + [
+            ("target", i, im) for i, im in self.targets.items()] + [("rejected image", i, im) for i, im in self.rejected.items()]
+        for what, index, image in named:
+            if image is not None and not isinstance(image, Image.Image):
+                raise ValueError(
+                    f"identity {self.id!r}: {what} {index} is a {type(image).__name__}; an IdentityRecord holds PIL "
+                    f"images (convert it with divrl.images.to_pil or PIL.Image.open)"
+                )
         if self.conditioning is not None and not isinstance(self.conditioning, dict):
             raise ValueError(
                 f"identity {self.id!r}: precomputed conditioning must be a dict (what cond.pth stores), got a "
@@ -181,6 +214,10 @@ class IdentityRecord(FirstReference):
             sample[reference_key(index)] = _png(self.references[index].convert("RGB"))
             if self.masks[index] is not None:
                 sample[mask_key(index)] = _png(self.masks[index].convert("L"))
+        for prompt, image in sorted(self.targets.items()):
+            sample[target_key(prompt)] = _png(image.convert("RGB"))
+        for prompt, image in sorted(self.rejected.items()):
+            sample[rejected_key(prompt)] = _png(image.convert("RGB"))
         if self.conditioning is not None:
             buffer = io.BytesIO()
             torch.save(self.conditioning, buffer)
@@ -215,6 +252,10 @@ class IdentityRecord(FirstReference):
                 f"mask"
             )
         conditioning = _conditioning(sample[COND_KEY], key) if COND_KEY in sample else None
+        per_prompt: dict[str, dict[int, Image.Image]] = {"target": {}, "rejected": {}}
+        for name in sorted(sample):
+            if (m := _PER_PROMPT.match(name)):
+                per_prompt[m.group(1)][int(m.group(2))] = _open(sample[name], key, name, "RGB")
         known = {"id", "prompts", "source", "category", "license"}
         return cls(
             id=meta.get("id", key),
@@ -226,6 +267,8 @@ class IdentityRecord(FirstReference):
             license=meta.get("license"),
             extra={k: v for k, v in meta.items() if k not in known},
             conditioning=conditioning,
+            targets=per_prompt["target"],
+            rejected=per_prompt["rejected"],
         )
 
 

@@ -52,6 +52,9 @@ class ConditionSample(FirstReference):
         conditioning: the identity's whole precomputed payload (``cond.pth``), opaque here; the model family's
             encoder picks the rows of this condition's prompt with ``prompt_index``.
         prompt_index: the index of ``prompt`` in the identity's prompt list.
+        target: the target image of this prompt (``target_<p>.png``: the supervised objectives' data), or ``None``.
+        rejected: the rejected image of this prompt (``rejected_<p>.png``: with ``target``, a preference pair), or
+            ``None``.
     """
 
     id: str
@@ -62,6 +65,8 @@ class ConditionSample(FirstReference):
     metadata: dict = field(default_factory=dict)
     conditioning: object = None
     prompt_index: int = 0
+    target: Image.Image | None = None
+    rejected: Image.Image | None = None
 
     def __post_init__(self) -> None:
         self.references, self.masks = normalise_references(self.id, self.references, self.masks)
@@ -162,13 +167,14 @@ def _shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
 
 def to_condition(record: IdentityRecord, index: int) -> ConditionSample:
     """The condition of ``record`` with its prompt number ``index``: all its references and masks, its further JSON
-    fields as ``metadata`` and its whole precomputed payload (if any) with ``prompt_index = index``."""
+    fields as ``metadata``, its whole precomputed payload (if any) with ``prompt_index = index``, and the prompt's
+    target and rejected images (if any)."""
     metadata = {"source": record.source}
     if record.license is not None:
         metadata["license"] = record.license
     metadata.update(record.extra)
     return ConditionSample(record.id, record.prompts[index], record.references, record.masks, record.category, metadata,
-                           record.conditioning, index)
+                           record.conditioning, index, record.targets.get(index), record.rejected.get(index))
 
 
 def _served_before(start: int, stream: int, num_streams: int) -> int:

@@ -24,7 +24,7 @@ from divrl.data.schema import IdentityRecord
 from divrl.images import to_pil
 
 __all__ = [
-    "SubjectIdentity", "Pose", "render", "render_scene", "random_identity", "random_pose", "scene_poses",
+    "SubjectIdentity", "Pose", "render", "prompt_pose", "render_scene", "random_identity", "random_pose", "scene_poses",
     "synthetic_records", "multi_subject_records", "scene_prompt", "write_shards", "write_demo_dataset", "write_demo_multi_dataset",
 ]
 
@@ -169,6 +169,20 @@ def random_pose(rng: random.Random) -> Pose:
     return Pose(rng.uniform(radius, 1 - radius), rng.uniform(radius, 1 - radius), radius, rng.uniform(0, 2 * math.pi))
 
 
+_LAYOUT_CENTRES = {"on the left": (0.28, 0.5), "on the right": (0.72, 0.5), "at the top": (0.5, 0.28),
+                   "at the bottom": (0.5, 0.72), "in the corner": (0.28, 0.28), "in the centre": (0.5, 0.5)}
+_SCALE_RADII = {"tiny": 0.17, "small": 0.2, "large": 0.28, "big": 0.3}
+_POSE_ROTATIONS = {"tilted": math.pi / 6, "upside down": math.pi, "turned": math.pi / 2, "lying on its side": -math.pi / 2}
+
+
+def prompt_pose(layout: str, scale: str, pose: str, rng: random.Random) -> Pose:
+    """The pose a prompt of the procedural world asks for ("on the left", "small", "tilted"), with a little jitter
+    from ``rng``; the subject stays inside the image."""
+    radius = _SCALE_RADII[scale] * rng.uniform(0.95, 1.05)
+    cx, cy = (min(max(c + rng.uniform(-0.04, 0.04), radius), 1 - radius) for c in _LAYOUT_CENTRES[layout])
+    return Pose(cx, cy, radius, _POSE_ROTATIONS[pose] + rng.uniform(-0.15, 0.15))
+
+
 def _mask_image(mask: Tensor) -> Image.Image:
     """A ``{0, 1}`` mask as the 8-bit L image the shards store."""
     return Image.fromarray((mask * 255).to(torch.uint8).numpy(), mode="L")
@@ -182,12 +196,15 @@ def synthetic_records(
     seed: int = 0,
     prefix: str = "synth",
     references_per_identity: int = 1,
+    targets: bool = False,
 ) -> Iterator[IdentityRecord]:
     """``num_identities`` distinct procedural identities as :class:`IdentityRecord` s, deterministic for ``seed``.
 
     Each identity is drawn as ``references_per_identity`` references (random poses of the same subject), each with
     its mask. Further poses are drawn after the first pose and the prompts, so one reference per identity (the
-    default) draws exactly the records the demo dataset holds.
+    default) draws exactly the records the demo dataset holds. ``targets=True`` adds a target image per prompt: the
+    same subject in the pose the prompt asks for (:func:`prompt_pose`), for supervised fine-tuning; the targets come
+    from a generator of their own, so the other fields do not change.
     """
     if references_per_identity < 1:
         raise ValueError(f"references_per_identity must be >= 1, got {references_per_identity}")
@@ -202,12 +219,14 @@ def synthetic_records(
             continue
         seen.add(identity)
         views = [render(identity, random_pose(rng), size)]
-        prompts = [
-            f"a photo of the {identity.name} {rng.choice(_LAYOUTS)}, {rng.choice(_SCALES)} and "
-            f"{rng.choice(_POSES)}, {rng.choice(_PLACES)}"
-            for _ in range(prompts_per_identity)
-        ]
+        asks = [(rng.choice(_LAYOUTS), rng.choice(_SCALES), rng.choice(_POSES), rng.choice(_PLACES))
+                for _ in range(prompts_per_identity)]
+        prompts = [f"a photo of the {identity.name} {layout}, {scale} and {pose}, {place}"
+                   for layout, scale, pose, place in asks]
         views += [render(identity, random_pose(rng), size) for _ in range(references_per_identity - 1)]
+        if targets:  # from a generator of their own: the records without targets stay as they were
+            other = random.Random(f"divrl-targets/{seed}/{index}")
+            targets_of = {p: to_pil(render(identity, prompt_pose(*ask[:3], other), size)[0]) for p, ask in enumerate(asks)}
         yield IdentityRecord(
             id=f"{prefix}_{index:05d}",
             references=[to_pil(image) for image, _ in views],
@@ -217,6 +236,7 @@ def synthetic_records(
             category="object",
             license="CC0-1.0",
             extra={"kind": identity.kind, "colours": list(identity.colours), "texture": identity.texture},
+            targets=targets_of if targets else {},
         )
         index += 1
 
@@ -321,10 +341,12 @@ DEMO_VAL_IDENTITIES = 8
 
 def write_demo_dataset(out_dir: str | os.PathLike, *, size: int = 64, seed: int = 0) -> list[Path]:
     """The committed demo dataset (``data/demo``): 24 training identities in two shards and 8 held-out validation
-    identities, 4 prompts each, ``size``-pixel references with masks. Deterministic: rewriting it gives the same
-    samples."""
-    train = synthetic_records(DEMO_TRAIN_IDENTITIES, size=size, prompts_per_identity=4, seed=seed, prefix="train")
-    val = synthetic_records(DEMO_VAL_IDENTITIES, size=size, prompts_per_identity=4, seed=seed + 1, prefix="val")
+    identities, 4 prompts each, ``size``-pixel references with masks and a target image per prompt (for the
+    supervised objectives). Deterministic: rewriting it gives the same samples."""
+    train = synthetic_records(DEMO_TRAIN_IDENTITIES, size=size, prompts_per_identity=4, seed=seed, prefix="train",
+                              targets=True)
+    val = synthetic_records(DEMO_VAL_IDENTITIES, size=size, prompts_per_identity=4, seed=seed + 1, prefix="val",
+                            targets=True)
     return write_shards(train, out_dir, shard_size=12, name="train") + write_shards(val, out_dir, shard_size=8, name="val")
 
 
