@@ -124,6 +124,17 @@ class Policy(nn.Module, ABC):
     def frozen_parts(self) -> list[nn.Module]:
         """The frozen modules outside the network that every rank holds whole (VAE, text encoders)."""
 
+    def encode_images(self, images: Sequence, height: int, width: int, keys: Sequence[str | None] | None = None) -> Tensor:
+        """The clean latents ``x₀`` of ``images`` (a row each, as :meth:`velocity` takes them) at ``height × width``,
+        for flow-matching losses on given images (SFT targets, preference pairs); ``keys`` name images for caching."""
+        raise NotImplementedError(f"{type(self).__name__} cannot encode images to latents (image_latents)")
+
+    def time_shift(self, cond: Conditioning) -> float:
+        """The shift ``s`` the family's sampler applies to uniform times at ``cond``'s size (``σ' = s·σ / (1 + (s −
+        1)·σ)``; 1 = none), for training timesteps drawn where the sampler spends its steps."""
+        raise NotImplementedError(f"{type(self).__name__} defines no time shift; use timestep sampling uniform or "
+                                  f"logit_normal")
+
     def flops_per_call(self, cond: Conditioning) -> float | None:
         """Forward FLOPs of one network call for one sample of ``cond`` (for throughput and MFU), or ``None`` when
         the family has no count (the perf metrics are then not logged)."""

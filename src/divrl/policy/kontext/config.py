@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from divrl.policy.base import PolicyConfig
+from divrl.policy.gating import check_window
 from divrl.policy.kontext.policy import KontextPolicy
 
 __all__ = ["KontextConfig", "TINY"]
@@ -30,6 +31,10 @@ class KontextConfig(PolicyConfig):
             (reference *i* gets position ids ``(i, h, w)``, rows and columns restarting at 0: the Kontext paper's
             multi-image scheme, PSR's) or ``stitch`` (side by side in frame 1: diffusers' community multi-image
             pipeline). One reference gets FLUX.1 Kontext's own ids either way.
+        reference_window: identity gating, IdGlow's *temporal gating*: ``[low, high]``, the reference tokens join the
+            transformer only at noise levels ``low ≤ σ ≤ high`` (IdGlow: ``[0.3, 0.6]``, its "critical semantic
+            window", ``docs/reference.md``); outside it the network sees the prompt alone, so composition (high σ) and
+            fine detail (low σ) are free of the reference. Training and sampling both honour it. ``null``: always.
     """
 
     model: str = "black-forest-labs/FLUX.1-Kontext-dev"
@@ -37,12 +42,17 @@ class KontextConfig(PolicyConfig):
     guidance: float = 2.5
     tiny_seed: int = 0
     reference_positions: Literal["frame", "stitch"] = "frame"
+    reference_window: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.reference_window = check_window(self.reference_window)
 
     def load(self) -> KontextPolicy:
         """Load (or build) the policy."""
         common = dict(lora=self.lora, max_sequence_length=self.max_sequence_length, guidance=self.guidance,
                       train_transformer=self.train_transformer, lora_compute_dtype=self.compute_dtype,
-                      reference_positions=self.reference_positions)
+                      reference_positions=self.reference_positions, reference_window=self.reference_window)
         if self.model == TINY:
             from divrl.policy.tiny import tiny_kontext_components
 

@@ -30,8 +30,9 @@ from divrl.policy import lora as L
 from divrl.policy.base import DEFAULT_SDPA_BACKENDS, Policy
 from divrl.policy.compute import autocast_forward
 from divrl.policy.flops import transformer_flops
+from divrl.policy.gating import check_window, gated_velocity
 from divrl.policy.kontext.encoder import POSITIONS, Condition, KontextEncoder
-from divrl.policy.kontext.schedule import scheduler_sigmas
+from divrl.policy.kontext.schedule import scheduler_shift, scheduler_sigmas
 from divrl.utils import parse_dtype
 
 if TYPE_CHECKING:
@@ -73,6 +74,10 @@ class KontextPolicy(Policy):
         guidance: FLUX's distilled guidance scale of :meth:`encode` (DivRL: 2.5; not classifier-free guidance).
         model_id: the name the model was loaded by (written into precomputed payloads, compared when reading them).
         sdpa_backends: the attention kernels of :meth:`~divrl.policy.Policy.attention`.
+        reference_window: identity gating (IdGlow's temporal gating): ``(low, high)``; the reference tokens join the
+            transformer call only at noise levels ``low ≤ σ ≤ high``, elsewhere the network sees the prompt alone.
+            ``None`` (the default): every call sees the references. Sampling and training both go through
+            :meth:`velocity`, so both honour it.
     """
 
     lora_format = property(lambda self: _pipeline_class())  # the file FluxKontextPipeline.load_lora_weights reads
@@ -97,8 +102,10 @@ class KontextPolicy(Policy):
         sdpa_backends: Sequence[str] | None = DEFAULT_SDPA_BACKENDS,
         lora_compute_dtype: str | torch.dtype | None = None,
         reference_positions: str = "frame",
+        reference_window: Sequence[float] | None = None,
     ):
         super().__init__(sdpa_backends=sdpa_backends)
+        self.reference_window = check_window(reference_window)
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from divrl.policy.tiny import FLUX_SCHEDULER_CONFIG
@@ -326,16 +333,21 @@ class KontextPolicy(Policy):
     def velocity(self, latents: Tensor, sigma: Tensor | float, cond: Condition) -> Tensor:
         """The transformer's velocity for noisy packed ``latents`` ``(B, T, 4·C)`` at noise level ``sigma``.
 
-        The reference tokens are appended after the noisy ones and the output is cut back to the noisy tokens.
-        ``sigma`` is a float or a ``(B,)`` tensor. Gradients flow to the trainable (adapter) weights when enabled.
+        The reference tokens are appended after the noisy ones (only inside :attr:`reference_window`, if set) and the
+        output is cut back to the noisy tokens. ``sigma`` is a float or a ``(B,)`` tensor. Gradients flow to the
+        trainable (adapter) weights when enabled.
         """
         batch = latents.shape[0]
         if cond.batch_size != batch:
             raise ValueError(f"velocity: condition has batch {cond.batch_size}, latents have {batch}")
         sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(batch)
+        return gated_velocity(self._velocity, latents, sigma, cond, self.reference_window)
+
+    def _velocity(self, latents: Tensor, sigma: Tensor, cond: Condition, references: bool) -> Tensor:
+        """One transformer call, with the reference tokens appended (``references``) or without them."""
         # The pipeline passes timestep = (σ·1000 as float32, cast to the latent dtype) / 1000; mirror it exactly.
         timestep = (sigma * 1000).to(latents.dtype) / 1000
-        hidden = torch.cat([latents.to(self.dtype), cond.image_latents], dim=1)
+        hidden = torch.cat([latents.to(self.dtype), cond.image_latents], dim=1) if references else latents.to(self.dtype)
         out = self.transformer(
             hidden_states=hidden,
             timestep=timestep,
@@ -343,10 +355,23 @@ class KontextPolicy(Policy):
             pooled_projections=cond.pooled_prompt_embeds,
             encoder_hidden_states=cond.prompt_embeds,
             txt_ids=cond.text_ids,
-            img_ids=cond.img_ids,
+            img_ids=cond.img_ids if references else cond.img_ids[: latents.shape[1]],
             return_dict=False,
         )[0]
         return out[:, : latents.shape[1]]
+
+    def time_shift(self, cond: Condition) -> float:
+        """FLUX's resolution-dependent shift ``exp(μ)`` at ``cond``'s token count, from the scheduler configuration."""
+        return scheduler_shift(self.scheduler_config, cond.num_tokens)
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[ImageLike], height: int, width: int,
+                      keys: Sequence[str | None] | None = None) -> Tensor:
+        """Clean packed latents ``(B, T, 4·C)`` of ``images``, encoded as references are (the VAE's mode, shifted and
+        scaled as the pipeline does; cached under ``keys``)."""
+        keys = list(keys) if keys is not None else [None] * len(images)
+        return torch.cat([self.encoder.encode_reference(image, height, width, None if key is None else f"image/{key}")
+                          for image, key in zip(images, keys, strict=True)])
 
     @torch.no_grad()
     def decode(self, latents: Tensor, cond: Condition) -> Tensor:

@@ -22,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["calculate_shift", "flux_sigmas", "scheduler_sigmas"]
+__all__ = ["calculate_shift", "flux_sigmas", "scheduler_sigmas", "scheduler_shift"]
 
 
 def calculate_shift(
@@ -137,3 +137,11 @@ def scheduler_sigmas(config: dict, num_steps: int, image_seq_len: int) -> torch.
         base_seq_len=config["base_image_seq_len"], max_seq_len=config["max_image_seq_len"],
         shift_terminal=config.get("shift_terminal"),
     )
+
+
+def scheduler_shift(config: dict, image_seq_len: int) -> float:
+    """The time shift ``s = exp(μ)`` FLUX's schedule applies at ``image_seq_len`` tokens (``σ' = s·σ / (1 + (s − 1)·σ)``,
+    the map :func:`flux_sigmas` applies to its uniform grid), for training timesteps drawn like the sampler's."""
+    scheduler_sigmas(config, 1, image_seq_len)  # refuses the configurations divrl does not reproduce
+    return math.exp(calculate_shift(image_seq_len, config["base_image_seq_len"], config["max_image_seq_len"],
+                                    config["base_shift"], config["max_shift"]))
