@@ -123,6 +123,10 @@ class Environment(Protocol):
     def all_gather(self, tensor: Tensor) -> Tensor:
         """Every rank's ``tensor`` stacked along a new first dim (the tensor itself, unstacked, in one process)."""
 
+    @property
+    def step(self) -> int:
+        """Optimizer updates done so far in the run (``global_step``; schedules over training read it)."""
+
 
 class Objective(ABC):
     """Base class of training objectives (GRPO, DPO, SFT...). Subclasses are small dataclasses of their settings
@@ -159,6 +163,18 @@ class Objective(ABC):
     @abstractmethod
     def loss(self, policy: Policy, batch: Batch, item: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss of one work item (with gradients) and detached scalar statistics (logged as ``train/<name>``)."""
+
+
+def shuffled_updates(num: int, epochs: int, updates_per_epoch: int, micro_batch_size: int, inner: Sequence,
+                     generator: torch.Generator, device: torch.device | str = "cpu") -> Iterator[list[tuple[Tensor, Any]]]:
+    """The work items of minibatch updates over ``num`` samples: ``epochs`` shuffles (``generator``), each cut into
+    ``updates_per_epoch`` parts (one optimizer step each); a part's items are its (micro-batch of sample indices,
+    ``x``) pairs for every ``x`` in ``inner`` (GRPO: the trained steps; SFT: the timestep draws)."""
+    samples = torch.arange(num, device=device)
+    for _ in range(epochs):
+        order = samples[torch.randperm(num, generator=generator).to(samples.device)]
+        for part in order.tensor_split(min(updates_per_epoch, num)):
+            yield [(index, x) for index in part.split(micro_batch_size) for x in inner]
 
 
 def positive(obj: object, prefix: str, *names: str) -> None:

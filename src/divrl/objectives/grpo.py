@@ -32,7 +32,7 @@ from divrl.grpo import (
     select_train_steps,
     transition_log_prob,
 )
-from divrl.objectives.base import Batch, Environment, Objective, SamplingConfig, positive
+from divrl.objectives.base import Batch, Environment, Objective, SamplingConfig, positive, shuffled_updates
 
 if TYPE_CHECKING:
     from divrl.data.stream import ConditionSample
@@ -158,11 +158,8 @@ class GRPOObjective(Objective):
     def updates(self, batch: GRPOBatch, generator: torch.Generator) -> Iterator[list[tuple[Tensor, int]]]:
         """``ppo_epochs`` shuffles of the samples, each cut into ``updates_per_epoch`` parts; an update's items are
         its (micro-batch, trained step) pairs."""
-        samples = torch.arange(batch.advantages.numel(), device=batch.advantages.device)
-        for _ in range(self.ppo_epochs):
-            order = samples[torch.randperm(samples.numel(), generator=generator).to(samples.device)]
-            for part in order.tensor_split(min(self.updates_per_epoch, order.numel())):
-                yield [(index, step) for index in part.split(self.micro_batch_size) for step in batch.train_steps]
+        yield from shuffled_updates(batch.advantages.numel(), self.ppo_epochs, self.updates_per_epoch,
+                                    self.micro_batch_size, batch.train_steps, generator, batch.advantages.device)
 
     def loss(self, policy: Policy, batch: GRPOBatch, item: tuple[Tensor, int]) -> tuple[Tensor, dict[str, Tensor]]:
         index, step = item

@@ -49,6 +49,10 @@ class RunEnvironment:
     def all_gather(self, tensor: Tensor) -> Tensor:
         return self.module.all_gather(tensor) if self.module.trainer.world_size > 1 else tensor
 
+    @property
+    def step(self) -> int:
+        return self.module.global_step
+
 
 def agreed(fn: Callable[[], object], agree: Callable[[bool], bool], what: str):
     """``fn()``, with one agreement of every rank on whether it raised (a collective: no rank is left waiting in the

@@ -1,0 +1,155 @@
+"""``SFTObjective``: supervised flow matching on (references, prompt, target image) triples, with IdGlow's linear-decay
+timestep schedule.
+
+One batch of conditions:
+
+1. **collect**: each condition's target image (``target_<p>.png`` in the shards) is encoded to clean latents ``x₀``;
+   for each, ``timesteps_per_sample`` noise levels ``σ`` (:class:`~divrl.objectives.flow.TimestepSampling`) and noises
+   ``ε`` are drawn (seeded per batch: a resumed run draws the same);
+2. **updates**: ``epochs`` shuffles, each cut into ``updates_per_epoch`` optimizer steps of micro-batches × draws;
+3. **loss**: ``w·mean ‖v_θ(x_σ, σ) − (ε − x₀)‖²``.
+
+IdGlow's *temporal gating* is a policy option (``policy.reference_window``): outside the window the network is called
+without the reference tokens, here and when sampling. Its *linear-decay schedule* is not public; divrl offers two
+readings (``decay``): the upper end of the sampled ``σ`` range, or the loss weight of high ``σ``, decays linearly over
+``decay_steps`` updates to ``decay_to`` (the high-noise steps decide composition: relaxing the reconstruction there
+"progressively relaxes the constraint for natural group composition", ``docs/reference.md``).
+
+A condition without a target is kept with weight 0 (the same work on every rank) and counted in ``train/targets``
+(the fraction that had one).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor
+
+from divrl.objectives.base import Batch, Environment, Objective, positive, shuffled_updates
+from divrl.objectives.flow import TimestepSampling, flow_error, noised
+
+if TYPE_CHECKING:
+    from divrl.data.stream import ConditionSample
+    from divrl.policy.base import Conditioning, Policy
+
+__all__ = ["SFTObjective", "SFTBatch", "target_latents", "flow_matching_loss"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTBatch(Batch):
+    """Targets with their noise draws, ready for SFT updates.
+
+    Attributes:
+        x0: ``(n, ...)`` clean latents of the targets (a condition without one holds its first reference's).
+        noise: ``(n, K, ...)`` the noises of the ``K`` draws.
+        sigmas: ``(n, K)`` float32 noise levels.
+        weights: ``(n, K)`` float32 loss weights (0 for a condition without target; the decay schedule's weight).
+    """
+
+    x0: Tensor | None = None
+    noise: Tensor | None = None
+    sigmas: Tensor | None = None
+    weights: Tensor | None = None
+
+
+def target_latents(policy: Policy, samples: Sequence[ConditionSample], size: int,
+                   fallback_reference: bool = True) -> tuple[Tensor, Tensor]:
+    """Clean latents ``(n, ...)`` of the samples' targets at ``size``, and a bool ``(n,)`` of which samples had one
+    (the others get their first reference's latents, to be weighted 0)."""
+    has = torch.tensor([s.target is not None for s in samples])
+    images = [s.target if s.target is not None else s.references[0] for s in samples]
+    keys = [f"target/{s.id}/{s.prompt_index}" if s.target is not None else f"reference/{s.id}" for s in samples]
+    return policy.encode_images(images, size, size, keys), has
+
+
+def flow_matching_loss(policy: Policy, cond: Conditioning, x0: Tensor, sigmas: Tensor, generator: torch.Generator,
+                       micro_batch_size: int = 8) -> Tensor:
+    """The mean flow-matching error of ``x0`` under ``cond`` at each of ``sigmas`` (one noise per row and level drawn
+    from ``generator``), without gradients: the held-out loss SFT lowers. Returns ``(len(sigmas),)``."""
+    out = []
+    with torch.no_grad():
+        for sigma in sigmas.tolist():
+            noise = torch.randn(x0.shape, generator=generator).to(x0)
+            errors = [flow_error(policy.velocity(noised(x0[i], noise[i], torch.full((len(i),), sigma)), sigma,
+                                                 cond.select(i)), x0[i], noise[i])
+                      for i in torch.arange(len(x0)).split(micro_batch_size)]
+            out.append(torch.cat(errors).mean())
+    return torch.stack(out)
+
+
+@dataclass
+class SFTObjective(Objective):
+    """Flow-matching supervised fine-tuning on target images (IdGlow's stage 1; PSR's warm-up before RL).
+
+    Attributes:
+        timesteps: how the training noise levels are drawn (default logit-normal(0, 1), as FLUX / SD3 training).
+        timesteps_per_sample: noise draws per target per batch (each one work item of its micro-batch).
+        micro_batch_size: targets per forward/backward.
+        epochs: passes over each batch of targets.
+        updates_per_epoch: optimizer steps per pass (the batch is shuffled and split into this many parts).
+        decay: IdGlow's linear-decay schedule (a documented interpretation, the module docstring): ``none``;
+            ``range``: the largest sampled ``σ`` falls linearly from ``timesteps.high`` to ``decay_to`` over
+            ``decay_steps``; ``weight``: the loss weight ``1 − p·(1 − decay_to)·σ`` at training progress
+            ``p = min(step / decay_steps, 1)`` (high-noise steps end weighted ``decay_to``).
+        decay_steps: optimizer updates over which the schedule decays (then it stays at its end).
+        decay_to: where the decay ends (``range``: the top ``σ``; ``weight``: the weight at ``σ = 1``).
+    """
+
+    timesteps: TimestepSampling = field(default_factory=TimestepSampling)
+    timesteps_per_sample: int = 1
+    micro_batch_size: int = 4
+    epochs: int = 1
+    updates_per_epoch: int = 1
+    decay: Literal["none", "range", "weight"] = "none"
+    decay_steps: int = 1000
+    decay_to: float = 0.6
+
+    def __post_init__(self) -> None:
+        positive(self, "objective", "timesteps_per_sample", "micro_batch_size", "epochs", "updates_per_epoch",
+                 "decay_steps")
+        if self.decay not in ("none", "range", "weight"):
+            raise ValueError(f"objective.decay must be none, range or weight, got {self.decay!r}")
+        if not 0.0 < self.decay_to <= 1.0:
+            raise ValueError(f"objective.decay_to must be in (0, 1], got {self.decay_to}")
+
+    def progress(self, step: int) -> float:
+        """Training progress ``p ∈ [0, 1]`` of the decay schedule at optimizer step ``step``."""
+        return 0.0 if self.decay == "none" else min(step / self.decay_steps, 1.0)
+
+    def collect(self, policy: Policy, samples: Sequence[ConditionSample], env: Environment,
+                generator: torch.Generator) -> SFTBatch:
+        size, k = env.sampling.resolution, self.timesteps_per_sample
+        condition = policy.encode(samples, size, size, group_size=1)
+        x0, has = target_latents(policy, samples, size)
+        if not has.all():
+            log.warning("SFT: %d of %d conditions have no target image (target_<p>.png); they are weighted 0",
+                        int((~has).sum()), len(samples))
+        p = self.progress(env.step)
+        high = self.timesteps.high - p * (self.timesteps.high - self.decay_to) if self.decay == "range" else None
+        shift = policy.time_shift(condition) if self.timesteps.distribution == "shifted" and self.timesteps.shift is None \
+            else None
+        sigmas = self.timesteps.sample(len(samples) * k, generator, shift=shift, high=high).view(len(samples), k)
+        noise = torch.randn((len(samples), k, *x0.shape[1:]), generator=generator).to(x0)
+        weights = has[:, None].float().expand(-1, k).clone()
+        if self.decay == "weight":
+            weights *= 1 - p * (1 - self.decay_to) * sigmas
+        return SFTBatch(samples, 1, None, None, condition, rollout_calls=0, update_calls=2 * k * self.epochs,
+                        x0=x0, noise=noise, sigmas=sigmas.to(x0.device), weights=weights.to(x0.device))
+
+    def updates(self, batch: SFTBatch, generator: torch.Generator) -> Iterator[list[tuple[Tensor, int]]]:
+        yield from shuffled_updates(len(batch.x0), self.epochs, self.updates_per_epoch, self.micro_batch_size,
+                                    range(self.timesteps_per_sample), generator, batch.x0.device)
+
+    def loss(self, policy: Policy, batch: SFTBatch, item: tuple[Tensor, int]) -> tuple[Tensor, dict[str, Tensor]]:
+        index, k = item
+        x0, noise, sigma = batch.x0[index], batch.noise[index, k], batch.sigmas[index, k]
+        error = flow_error(policy.velocity(noised(x0, noise, sigma), sigma, batch.condition.select(index)), x0, noise)
+        weights = batch.weights[index, k]
+        loss = (weights * error).mean()
+        return loss, {"fm_loss": error.detach().mean(), "sigma": sigma.mean(), "targets": (weights > 0).float().mean()}
