@@ -438,3 +438,142 @@ def test_a_policy_without_encoders_holds_no_text_encoder_or_vae_encoder_weights(
     assert sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in lean.parameters()) == dropped
     with pytest.raises(RuntimeError, match="--precompute"):
         lean.encode_reference(Image.new("RGB", (32, 32)), 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------------- targets
+
+
+def rgb_bytes(path: Path) -> bytes:
+    with Image.open(path) as image:
+        return image.convert("RGB").tobytes()
+
+
+def samples(out: Path) -> list[dict]:
+    return list(wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")), shardshuffle=False))
+
+
+def test_dreambooth_targets_cycle_over_the_other_photos(dreambooth, tmp_path):
+    photo(dreambooth / "dog" / "02.jpg", (10, 200, 10), size=(20, 12))  # dog: 3 photos, 3 live-subject prompts
+    report = C.convert(C.read_dreambooth(dreambooth, targets=True), tmp_path / "out", resolution=None)
+    assert report.skipped == []
+    got = {r.id: r for r in records(tmp_path / "out")}
+    dog = got["dog"]
+    assert sorted(dog.targets) == [0, 1, 2]
+    expected = {0: "01.jpg", 1: "02.jpg", 2: "01.jpg"}  # photos[1 + p % 2]
+    for p, name in expected.items():
+        assert dog.targets[p].tobytes() == rgb_bytes(dreambooth / "dog" / name), p
+    assert dog.targets[1].size == (20, 12) and dog.targets[0].size == (48, 32)  # not resized with resolution=None
+    assert dog.reference.tobytes() == rgb_bytes(dreambooth / "dog" / "00.jpg")
+    assert dog.extra["views"] == ["01.jpg", "02.jpg"]
+    assert got["red_can"].targets == {}  # a single photo: converted, without targets
+    assert len(got["red_can"].prompts) == 2
+
+
+def test_an_unreadable_dreambooth_target_is_skipped_alone(dreambooth, tmp_path):
+    truncated_jpeg(dreambooth / "dog" / "02.jpg")
+    report = C.convert(C.read_dreambooth(dreambooth, targets=True), tmp_path / "out", resolution=None)
+    assert report.converted["train"] == 2 and len(report.skipped) == 1
+    (skip,) = report.skipped
+    assert skip.where.endswith("dog/02.jpg") and "unreadable image" in skip.reason and "prompt(s) 1 " in skip.reason
+    dog = {r.id: r for r in records(tmp_path / "out")}["dog"]
+    assert sorted(dog.targets) == [0, 2]
+    assert dog.targets[2].tobytes() == rgb_bytes(dreambooth / "dog" / "01.jpg")
+
+
+def test_the_cli_writes_dreambooth_targets_only_when_asked(dreambooth, tmp_path):
+    out, plain = tmp_path / "out", tmp_path / "plain"
+    assert main(["data", "dreambooth", "--src", str(dreambooth), "--out", str(out), "--resolution", "0",
+                 "--targets"]) == 0
+    raw = {s["__key__"]: s for s in samples(out)}
+    assert sorted(k for k in raw["dog"] if k.startswith("target_")) == ["target_0.png", "target_1.png", "target_2.png"]
+    assert not any(k.startswith("target_") for k in raw["red_can"])
+    dog = IdentityRecord.from_sample(raw["dog"])
+    assert all(dog.targets[p].tobytes() == rgb_bytes(dreambooth / "dog" / "01.jpg") for p in range(3))
+    assert main(["data", "dreambooth", "--src", str(dreambooth), "--out", str(plain), "--resolution", "0"]) == 0
+    assert len(samples(plain)) == 2 and not any(k.startswith("target_") for s in samples(plain) for k in s)
+    resized = tmp_path / "resized"  # targets follow the references' resize policy
+    assert main(["data", "dreambooth", "--src", str(dreambooth), "--out", str(resized), "--resolution", "16",
+                 "--targets"]) == 0
+    dog = {r.id: r for r in records(resized)}["dog"]
+    assert dog.reference.size == (16, 16) and {t.size for t in dog.targets.values()} == {(16, 16)}
+    assert dog.targets[0].getpixel((8, 8)) == pytest.approx((150, 100, 60), abs=8)  # 01.jpg's centre colour
+
+
+def syncd_views(root: Path, name: str, views: int, prompts: list[str]) -> list[Path]:
+    """A SynCD identity folder with ``views`` images of distinct colours (0 the reference) and its metadata."""
+    folder = root / name
+    paths = [photo(folder / f"{i}.png", (40 * i, 255 - 40 * i, 7 * i), size=(12 + 2 * i, 10)) for i in range(views)]
+    (folder / "masks").mkdir()
+    Image.new("L", (12, 10), 255).save(folder / "masks" / "0.jpg")
+    (folder / "metadata.json").write_text(json.dumps({"filenames": [p.name for p in paths], "prompts": prompts}))
+    return paths
+
+
+def syncd_targets(src: Path, per: int | None = None) -> dict[str, dict[int, bytes]]:
+    items = list(C.read_syncd(src, per, targets=True))
+    assert not [i for i in items if isinstance(i, C.Skip)]
+    return {r.id: {p: image.tobytes() for p, image in r.targets.items()} for r in items}
+
+
+def test_syncd_targets_aligned_cycling_and_truncated(tmp_path):
+    src = tmp_path / "syncd"
+    aligned = syncd_views(src, "aligned", 3, ["p0", "p1", "p2"])
+    cycling = syncd_views(src, "cycling", 3, ["q0", "q1", "q2", "q3", "q4"])
+    blank = syncd_views(src, "blank", 3, ["r0", " ", "r2"])  # aligned on the JSON's list: r2 keeps image 2
+    syncd_views(src, "single", 1, ["s0", "s1"])
+    got = syncd_targets(src)
+    want = [rgb_bytes(p) for p in aligned]
+    assert got["aligned"] == {1: want[1], 2: want[2]}  # image i from prompt i; prompt 0 is the reference's
+    want = [rgb_bytes(p) for p in cycling]
+    assert got["cycling"] == {0: want[1], 1: want[2], 2: want[1], 3: want[2], 4: want[1]}
+    assert got["blank"] == {1: rgb_bytes(blank[2])}
+    assert got["single"] == {}
+    truncated = syncd_targets(src, per=2)
+    assert truncated["aligned"] == {1: rgb_bytes(aligned[1])}
+    assert truncated["cycling"] == {0: rgb_bytes(cycling[1]), 1: rgb_bytes(cycling[2])}
+    assert all(len(r.prompts) <= 2 and set(r.targets) <= {0, 1} for r in C.read_syncd(src, 2, targets=True))
+    assert all(r.targets == {} for r in C.read_syncd(src))  # off by default
+    out = tmp_path / "out"
+    assert main(["data", "syncd", "--src", str(src), "--out", str(out), "--resolution", "0", "--targets",
+                 "--prompts-per-identity", "2"]) == 0
+    back = {r.id: r for r in records(out)}
+    assert {k: {p: t.tobytes() for p, t in r.targets.items()} for k, r in back.items()} == truncated
+
+
+def test_targets_are_refused_for_sources_without_them(tmp_path, capsys):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "parquet").mkdir()
+    (tmp_path / "parquet" / "part-0.parquet").write_bytes(b"not read")
+    for argv in (["dreambench", "--src", str(tmp_path / "bench")], ["psrbench", "--src", str(tmp_path / "bench")],
+                 ["syncd", "--src", str(tmp_path / "parquet")], ["syncd", "--src", str(tmp_path / "parquet" /
+                                                                                      "part-0.parquet")]):
+        assert main(["data", *argv, "--targets", "--out", str(tmp_path / "refused")]) == 2
+        err = capsys.readouterr().err
+        assert "--targets applies only to other sources" in err and "nothing was written" in err
+        assert not (tmp_path / "refused").exists()
+    assert main(["data", "synthetic", "--subjects", "2", "--targets", "--out", str(tmp_path / "refused")]) == 2
+    assert "--targets" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    with pytest.raises(ValueError, match="--targets"):
+        C.read_synthetic(2, 0, None, subjects=(2,), targets=True)
+
+
+def test_synthetic_targets_through_the_cli_equal_the_worlds(tmp_path):
+    from divrl.data.synthetic import synthetic_records
+
+    out = tmp_path / "out"
+    assert main(["data", "synthetic", "--out", str(out), "--num-identities", "2", "--resolution", "0",
+                 "--targets", "--seed", "4", "--prompts-per-identity", "2"]) == 0
+    got = records(out)
+    expected = list(synthetic_records(2, size=128, prompts_per_identity=2, seed=4, targets=True))
+    assert [r.id for r in got] == [r.id for r in expected] and len(got) == 2
+    for mine, theirs in zip(got, expected):
+        assert mine.prompts == theirs.prompts and sorted(mine.targets) == sorted(theirs.targets) == [0, 1]
+        assert all(mine.targets[p].tobytes() == theirs.targets[p].convert("RGB").tobytes() for p in mine.targets)
+
+
+def test_targets_are_resized_with_the_references():
+    wide = dataclasses.replace(record("wide", size=(40, 20)), targets={0: Image.new("RGB", (10, 30), (0, 0, 255))})
+    padded = C.resize_record(wide, 20, "pad")
+    assert padded.targets[0].size == (20, 20) and padded.targets[0].getpixel((10, 10)) == (0, 0, 255)
+    assert padded.targets[0].getpixel((1, 10)) == (0, 0, 255)  # padded with its own border colour
+    assert C.resize_record(wide, None, "pad").targets[0].size == (10, 30)

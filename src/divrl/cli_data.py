@@ -41,6 +41,10 @@ def add_data_command(commands) -> None:
     data.add_argument("--subject-weights", help="synthetic: probabilities of the --subjects counts, e.g. 0.9,0.05,0.05 "
                                                 "(PSR's training mix; default uniform)")
     data.add_argument("--subsets", help="psrbench: comma-separated subsets, e.g. Attribute,Three (default: all)")
+    data.add_argument("--targets", action="store_true",
+                      help="dreambooth, syncd, synthetic: write a target image per prompt (another photo of the same "
+                           "subject; the synthetic world renders the pose the prompt asks for) for supervised "
+                           "fine-tuning (objective SFTObjective)")
     data.add_argument("--strict", action="store_true", help="exit 1 if any item was skipped")
     data.add_argument("--overwrite", action="store_true",
                       help="replace the shards already in --out (without it, a folder holding shards is refused)")
@@ -86,14 +90,21 @@ def run_data(args: argparse.Namespace) -> int:
         print(f"divrl data: {', '.join(f'{flag} {n}' for flag, n in bad.items())}: counts must be >= 1 and "
               f"--resolution >= 0 (0 keeps the photos' size); nothing was written", file=sys.stderr)
         return 2
-    misplaced = [flag for flag, value, source in (("--subjects", args.subjects, "synthetic"),
-                                                  ("--subject-weights", args.subject_weights, "synthetic"),
-                                                  ("--subsets", args.subsets, "psrbench"))
-                 if value is not None and args.source != source]
+    # SynCD: the release folders (*metadata.json), else DivRL's parquet copy (one image per row: no targets)
+    parquet = args.source == "syncd" and (args.src.suffix == ".parquet" or (
+        args.src.is_dir() and not any(args.src.rglob("*metadata.json"))))
+    source = "syncd (parquet)" if parquet else args.source
+    misplaced = [flag for flag, value, sources in (("--subjects", args.subjects, ("synthetic",)),
+                                                   ("--subject-weights", args.subject_weights, ("synthetic",)),
+                                                   ("--subsets", args.subsets, ("psrbench",)),
+                                                   ("--targets", args.targets or None, ("dreambooth", "syncd",
+                                                                                        "synthetic")))
+                 if value is not None and source not in sources]
     if misplaced or (args.subject_weights is not None and args.subjects is None):
-        print(f"divrl data {args.source}: {', '.join(misplaced) or '--subject-weights'} "
+        print(f"divrl data {source}: {', '.join(misplaced) or '--subject-weights'} "
               f"{'applies only to other sources' if misplaced else 'needs --subjects'} (--subjects and "
-              f"--subject-weights: synthetic; --subsets: psrbench); nothing was written", file=sys.stderr)
+              f"--subject-weights: synthetic; --subsets: psrbench; --targets: dreambooth, syncd release folders (not "
+              f"the parquet copy), synthetic); nothing was written", file=sys.stderr)
         return 2
     for stale in args.out.glob("*.tar.partial"):  # left by a killed conversion: never read, removed
         stale.unlink()
@@ -112,19 +123,19 @@ def run_data(args: argparse.Namespace) -> int:
                              (weights and (len(weights) != len(subjects) or min(weights) < 0 or sum(weights) <= 0))):
                 raise ValueError(f"--subjects takes counts among 2, 3, 4 and --subject-weights one non-negative weight "
                                  f"per count, got {args.subjects} and {args.subject_weights}")
+            items = C.read_synthetic(args.num_identities or 100, args.seed, per, subjects=subjects, weights=weights,
+                                     targets=args.targets)
         except ValueError as err:
             print(f"divrl data synthetic: {err}; nothing was written", file=sys.stderr)
             return 2
-        items = C.read_synthetic(args.num_identities or 100, args.seed, per, subjects=subjects, weights=weights)
     elif args.source == "syncd":
-        parquet = args.src.suffix == ".parquet" or (args.src.is_dir() and not any(args.src.rglob("*metadata.json")))
-        items = C.read_syncd_parquet(args.src, per) if parquet else C.read_syncd(args.src, per)
+        items = C.read_syncd_parquet(args.src, per) if parquet else C.read_syncd(args.src, per, targets=args.targets)
     elif args.source == "dreambench":
         items = C.read_dreambench(args.src, per)
     elif args.source == "psrbench":
         items = C.read_psrbench(args.src, per, args.subsets.split(",") if args.subsets else None)
     else:
-        items = C.read_dreambooth(args.src, per, args.unique_token)
+        items = C.read_dreambooth(args.src, per, args.unique_token, targets=args.targets)
     precompute = None
     if args.precompute:
         from divrl.notices import quiet_loading_bars

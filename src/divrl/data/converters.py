@@ -9,20 +9,27 @@ Layouts (``docs/reference.md``, "Data layouts"):
 
 - **syncd** — the SynCD release: every ``*metadata.json`` under ``--src`` is one identity, listing ``filenames``
   (images in the JSON's folder; the first becomes the reference) and ``prompts``; masks in
-  ``<folder>/masks/<image stem>.jpg``. Or a parquet file (DivRL's filtered copy): one identity per row, columns
+  ``<folder>/masks/<image stem>.jpg``. With ``targets=True`` prompt ``p`` gets another view as its target image
+  (see :func:`read_syncd` for the pairing). Or a parquet file (DivRL's filtered copy): one identity per row, columns
   ``image``, ``mask`` (encoded image bytes) and ``caption`` (newline-separated; a first header line is dropped when
-  there are several).
+  there are several; no targets: one image per row).
 - **dreambench** — DreamBench++: ``data/images/<category>/NN.jpg`` and ``data/captions/<category>/NN.txt`` (line 1
   the subject name, then the prompts); the category is kept.
 - **dreambooth** — ``<subject>/NN.jpg`` and ``prompts_and_classes.txt`` (subject → class; 25 object and 25
-  live-subject templates ``'a {0} {1} ...'.format(unique_token, class_token)``), instantiated with the class.
+  live-subject templates ``'a {0} {1} ...'.format(unique_token, class_token)``), instantiated with the class. With
+  ``targets=True`` prompt ``p``'s target is the subject's other photo ``photos[1 + p % (len(photos) - 1)]``.
 - **psrbench** — PSRBench (PSR, arXiv 2512.01236; evaluation only): ``<Subset>.json`` for the seven subsets
   (Attribute, Action, Background, Position, Complex, Three, Four), each a JSON list of samples with ``instruction``
   (the prompt), ``input_path`` (reference images relative to ``--src``: ``subjects/...``, ``animals/...``) and
   ``category1`` .. ``categoryN`` (each reference's category word, what PSR prompts Grounding DINO with). One
   multi-subject identity per sample, ``<subset>/<index>``; the category words go to ``extra["subjects"]`` and the
   subset (lower case) is the category, so evaluation tables break down by subset.
-- **synthetic** — the procedural subjects of :mod:`divrl.data.synthetic`.
+- **synthetic** — the procedural subjects of :mod:`divrl.data.synthetic`; with ``targets=True`` each prompt's target
+  renders the subject in the pose the prompt asks for.
+
+Targets (``target_<p>.png``, for supervised fine-tuning) are resized with the references by :func:`resize_record`. A
+target photo that cannot be read is reported as a :class:`Skip` naming the file (and the prompts left without a
+target); the identity itself is still converted.
 """
 
 from __future__ import annotations
@@ -144,7 +151,9 @@ def split_of(identity_id: str, val_fraction: float, seed: int) -> str:
 def resize_record(record: IdentityRecord, resolution: int | None, policy: str) -> IdentityRecord:
     """Resize every reference (and its mask) to ``resolution``² by ``policy``: ``pad`` keeps the aspect and pads with
     the reference's border mean colour (mask padded with 0), ``crop`` centre-crops, ``stretch`` ignores the aspect
-    (DivRL's 512×512 training), ``none`` keeps the images. Returns a new record; the other fields are kept."""
+    (DivRL's 512×512 training), ``none`` keeps the images. Target and rejected images (``target_<p>.png``,
+    ``rejected_<p>.png``) are resized the same way, each padded with its own border colour. Returns a new record;
+    the other fields are kept."""
     if resolution is None or policy == "none":
         return record
     if policy not in RESIZE_POLICIES:
@@ -160,7 +169,9 @@ def resize_record(record: IdentityRecord, resolution: int | None, policy: str) -
 
     references = [one(reference, _border_colour(reference)) for reference in record.references]
     masks = [one(mask, 0) if mask is not None else None for mask in record.masks]
-    return replace(record, references=references, masks=masks)
+    targets, rejected = ({p: one(image, _border_colour(image)) for p, image in images.items()}
+                         for images in (record.targets, record.rejected))
+    return replace(record, references=references, masks=masks, targets=targets, rejected=rejected)
 
 
 def _border_colour(image: Image.Image) -> tuple[int, int, int]:
@@ -190,16 +201,54 @@ def _read_lines(path: Path, where: str) -> list[str] | Skip:
     return lines or Skip(where, f"prompt file {path} has no prompts")
 
 
+def _other_view(prompt: int, views: int) -> int:
+    """The view paired with ``prompt`` when the prompts are not aligned with the views: view 0 is the reference, so
+    prompts cycle over views 1 .. ``views - 1``."""
+    return 1 + prompt % (views - 1)
+
+
+def _open_targets(pairs: dict[int, Path]) -> tuple[dict[int, Image.Image], list[Skip]]:
+    """Open the target photo of each prompt (``{prompt: path}``) as the references are opened; a photo that cannot be
+    read gives one :class:`Skip` naming it and the prompts left without a target (the identity is still usable)."""
+    opened: dict[Path, Image.Image | Skip] = {}
+    for path in pairs.values():
+        if path not in opened:
+            opened[path] = _open_image(path, "RGB", str(path))
+    targets = {p: opened[path] for p, path in pairs.items() if not isinstance(opened[path], Skip)}
+    skips = []
+    for path, image in opened.items():
+        if isinstance(image, Skip):
+            lost = ", ".join(str(p) for p, other in pairs.items() if other == path)
+            skips.append(Skip(image.where, f"{image.reason}; prompt(s) {lost} converted without a target"))
+    return targets, skips
+
+
 # ---------------------------------------------------------------------------------------------------- sources
 
 
-def read_syncd(src: Path, prompts_per_identity: int | None = None) -> Iterator[Item]:
-    """SynCD release layout: one identity per ``*metadata.json`` (see the module docstring)."""
+def read_syncd(src: Path, prompts_per_identity: int | None = None, targets: bool = False) -> Iterator[Item]:
+    """SynCD release layout: one identity per ``*metadata.json`` (see the module docstring).
+
+    View 0 (``filenames[0]``) is the reference. With ``targets=True`` each kept prompt gets another view of the
+    subject as its target image (``target_<p>.png``):
+
+    - when the JSON lists as many prompts as images (SynCD generated image ``i`` from prompt ``i``), prompt ``i``'s
+      target is ``filenames[i]`` for ``i >= 1``; prompt 0 (the reference's own prompt) has none;
+    - otherwise prompt ``p``'s target is ``filenames[1 + p % (len(filenames) - 1)]``, cycling over the other views;
+    - an identity with a single image has no targets.
+
+    The pairing is decided on the JSON's lists (blank prompts, which are dropped, keep their place in the
+    alignment); targets are keyed by the index of the prompt in the record, so ``prompts_per_identity`` (which keeps
+    the first prompts) keeps exactly the targets of the kept prompts. A target image that cannot be read is a
+    :class:`Skip` naming it; the identity is converted without that target.
+    """
     for meta_path in sorted(src.rglob("*metadata.json")):
         where = str(meta_path)
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            filenames, prompts = list(meta["filenames"]), [p for p in meta["prompts"] if str(p).strip()]
+            filenames, listed = list(meta["filenames"]), list(meta["prompts"])
+            kept = [i for i, p in enumerate(listed) if str(p).strip()][:prompts_per_identity]
+            prompts = [listed[i] for i in kept]
         except (OSError, ValueError, KeyError, TypeError) as err:
             yield Skip(where, f"metadata unreadable or without 'filenames' / 'prompts' ({type(err).__name__}: {err})")
             continue
@@ -225,9 +274,16 @@ def read_syncd(src: Path, prompts_per_identity: int | None = None) -> Iterator[I
             continue
         stem = meta_path.name[: -len("metadata.json")].rstrip("_-.")  # "<id>_metadata.json" or "metadata.json"
         identity = _identity_id(str((folder / stem if stem else folder).relative_to(src)))
+        paired: dict[int, Image.Image] = {}
+        if targets and len(filenames) > 1:
+            aligned = len(listed) == len(filenames)
+            views = {p: i if aligned else _other_view(p, len(filenames)) for p, i in enumerate(kept)}
+            paired, skips = _open_targets({p: folder / filenames[v] for p, v in views.items() if v >= 1})
+            yield from skips
         yield IdentityRecord(
-            identity, reference, prompts[:prompts_per_identity], mask.resize(reference.size), source="syncd",
+            identity, reference, prompts, mask.resize(reference.size), source="syncd",
             category="object", license="MIT", extra={"views": filenames[1:], "origin": str(meta_path.relative_to(src))},
+            targets=paired,
         )
 
 
@@ -327,8 +383,15 @@ def dreambooth_templates(path: Path) -> tuple[dict[str, str], list[str], list[st
     return classes, object_t, live_t
 
 
-def read_dreambooth(src: Path, prompts_per_identity: int | None = None, unique_token: str = "") -> Iterator[Item]:
-    """DreamBooth: one identity per subject folder, reference ``00.jpg`` (the first photo), the class's templates."""
+def read_dreambooth(src: Path, prompts_per_identity: int | None = None, unique_token: str = "",
+                    targets: bool = False) -> Iterator[Item]:
+    """DreamBooth: one identity per subject folder, reference ``00.jpg`` (the first photo), the class's templates.
+
+    With ``targets=True`` prompt ``p``'s target image (``target_<p>.png``) is the subject's other photo
+    ``photos[1 + p % (len(photos) - 1)]`` (photos in name order; the prompts cycle over the photos after the
+    reference); a subject with a single photo has no targets and is still converted. A target photo that cannot be
+    read is a :class:`Skip` naming it; the subject is converted without that target.
+    """
     table = src / "prompts_and_classes.txt"
     if not table.is_file():
         raise FileNotFoundError(f"dreambooth: {table} is missing; it maps subjects to classes and holds the templates")
@@ -353,23 +416,37 @@ def read_dreambooth(src: Path, prompts_per_identity: int | None = None, unique_t
         if isinstance(reference, Skip):
             yield reference
             continue
+        paired: dict[int, Image.Image] = {}
+        if targets and len(photos) > 1:
+            paired, skips = _open_targets({p: photos[_other_view(p, len(photos))] for p in range(len(prompts))})
+            yield from skips
         yield IdentityRecord(
             _identity_id(folder.name), reference, prompts, alpha[0] if alpha else None, source="dreambooth", category="live" if cls in LIVE_CLASSES
             else "object", license="CC-BY-4.0", extra={"class": cls, "views": [p.name for p in photos[1:]]},
+            targets=paired,
         )
 
 
 def read_synthetic(num_identities: int, seed: int, prompts_per_identity: int | None, size: int = 128,
-                   subjects: tuple[int, ...] | None = None, weights: tuple[float, ...] | None = None) -> Iterator[Item]:
-    """The procedural subjects of :func:`~divrl.data.synthetic.synthetic_records` (4 prompts each by default), or
-    with ``subjects`` (counts, e.g. ``(2,)`` or ``(2, 3, 4)``, drawn with ``weights``, default uniform) the
-    multi-subject conditions of :func:`~divrl.data.synthetic.multi_subject_records`."""
+                   subjects: tuple[int, ...] | None = None, weights: tuple[float, ...] | None = None,
+                   targets: bool = False) -> Iterator[Item]:
+    """The procedural subjects of :func:`~divrl.data.synthetic.synthetic_records` (4 prompts each by default; with
+    ``targets`` a target image per prompt, the subject in the pose the prompt asks for), or with ``subjects``
+    (counts, e.g. ``(2,)`` or ``(2, 3, 4)``, drawn with ``weights``, default uniform) the multi-subject conditions of
+    :func:`~divrl.data.synthetic.multi_subject_records`.
+
+    Raises:
+        ValueError: ``targets`` with ``subjects`` (multi-subject records have no targets); raised by the call, before
+            any record is drawn.
+    """
     per = prompts_per_identity or 4
     if subjects:
-        yield from multi_subject_records(num_identities, size=size, prompts_per_identity=per, seed=seed,
-                                         subjects=tuple(subjects), weights=weights)
-    else:
-        yield from synthetic_records(num_identities, size=size, prompts_per_identity=per, seed=seed)
+        if targets:
+            raise ValueError("targets=True (--targets) is for single-subject synthetic identities: the multi-subject "
+                             "records (subjects / --subjects) have no target images")
+        return multi_subject_records(num_identities, size=size, prompts_per_identity=per, seed=seed,
+                                     subjects=tuple(subjects), weights=weights)
+    return synthetic_records(num_identities, size=size, prompts_per_identity=per, seed=seed, targets=targets)
 
 
 PSRBENCH_SUBSETS = ("Attribute", "Action", "Background", "Position", "Complex", "Three", "Four")
