@@ -29,7 +29,7 @@ from torch import Tensor
 
 from divrl.grpo import group_advantages
 from divrl.objectives.base import Batch, Environment, Objective, positive, shuffled_updates
-from divrl.objectives.flow import TimestepSampling, _check_beta, dpo_loss, flow_error, group_dpo_loss, group_weights, noised
+from divrl.objectives.flow import TimestepSampling, as_timesteps, _check_beta, dpo_loss, flow_error, group_dpo_loss, group_weights, noised
 from divrl.objectives.sft import target_latents
 
 if TYPE_CHECKING:
@@ -97,6 +97,7 @@ class _Preference(Objective):
     def __post_init__(self) -> None:
         _check_beta(self.beta)
         positive(self, "objective", "timesteps_per_sample", "epochs", "updates_per_epoch")
+        self.timesteps = as_timesteps(self.timesteps)
         if not self.noise_level >= 0:
             raise ValueError(f"objective.noise_level must be >= 0 (0: deterministic rollouts), got {self.noise_level}")
 

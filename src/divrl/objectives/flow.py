@@ -69,6 +69,11 @@ class TimestepSampling:
         return (self.low + (top - self.low) * t).float()
 
 
+def as_timesteps(value: TimestepSampling | dict) -> TimestepSampling:
+    """``value`` as :class:`TimestepSampling` (a YAML mapping of its fields becomes one)."""
+    return TimestepSampling(**value) if isinstance(value, dict) else value
+
+
 def shift_sigmas(t: Tensor, shift: float) -> Tensor:
     """FLUX / SD3's time shift ``s·t / (1 + (s − 1)·t)`` (``exp(μ) / (exp(μ) + 1/t − 1)`` written without the pole)."""
     return shift * t / (1 + (shift - 1) * t)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from divrl.grpo import group_advantages
 from divrl.objectives.base import Batch, Environment, Objective, positive, shuffled_updates
-from divrl.objectives.flow import TimestepSampling, _check_beta, flow_error, nft_loss, noised, optimality
+from divrl.objectives.flow import TimestepSampling, as_timesteps, _check_beta, flow_error, nft_loss, noised, optimality
 
 if TYPE_CHECKING:
     from divrl.data.stream import ConditionSample
@@ -83,6 +83,7 @@ class NFTObjective(Objective):
     def __post_init__(self) -> None:
         _check_beta(self.beta)
         positive(self, "objective", "timesteps_per_sample", "micro_batch_size", "epochs", "updates_per_epoch")
+        self.timesteps = as_timesteps(self.timesteps)
         if not self.adv_clip > 0 or not self.noise_level >= 0:
             raise ValueError(f"objective: adv_clip must be > 0 and noise_level >= 0, got {self.adv_clip}, "
                              f"{self.noise_level}")

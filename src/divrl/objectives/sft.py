@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from divrl.objectives.base import Batch, Environment, Objective, positive, shuffled_updates
-from divrl.objectives.flow import TimestepSampling, flow_error, noised
+from divrl.objectives.flow import TimestepSampling, as_timesteps, flow_error, noised
 
 if TYPE_CHECKING:
     from divrl.data.stream import ConditionSample
@@ -113,6 +113,7 @@ class SFTObjective(Objective):
     def __post_init__(self) -> None:
         positive(self, "objective", "timesteps_per_sample", "micro_batch_size", "epochs", "updates_per_epoch",
                  "decay_steps")
+        self.timesteps = as_timesteps(self.timesteps)
         if self.decay not in ("none", "range", "weight"):
             raise ValueError(f"objective.decay must be none, range or weight, got {self.decay!r}")
         if not 0.0 < self.decay_to <= 1.0:

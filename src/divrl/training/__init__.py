@@ -7,6 +7,7 @@ from divrl.training.callbacks import (
     LoRAExporter,
     RolloutImageLogger,
     StageSwitch,
+    TrainTimeLimit,
     group_grid,
 )
 from divrl.training.config import GRPOConfig, KontextConfig, PolicyConfig, SamplingConfig, SystemConfig
@@ -26,6 +27,7 @@ __all__ = [
     "RolloutImageLogger",
     "SamplingConfig",
     "StageSwitch",
+    "TrainTimeLimit",
     "SystemConfig",
     "AdapterEMA",
     "DivRLProgressBar",

@@ -17,7 +17,7 @@ from divrl.images import caption_grid, to_image_batch
 from divrl.training.environment import RolloutGroup
 from divrl.policy.sharding import full_tensor, shard_like, trainable_parameters
 
-__all__ = ["LoRAExporter", "RolloutImageLogger", "StageSwitch", "DivRLProgressBar", "group_grid"]
+__all__ = ["LoRAExporter", "RolloutImageLogger", "StageSwitch", "DivRLProgressBar", "TrainTimeLimit", "group_grid"]
 
 
 class StageSwitch(pl.Callback):
@@ -83,6 +83,27 @@ class StageSwitch(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.switched_at = {int(k): int(v) for k, v in state_dict.get("switched_at", {}).items()}
+
+
+class TrainTimeLimit(pl.Callback):
+    """Stop the run once its training steps have taken ``seconds`` (``time/train_s``: rollouts, rewards and updates,
+    resumes included; validation and checkpoints excluded): equal compute budgets for comparing objectives
+    (``benchmarks/objectives.py``). Every rank stops together (the slowest rank's clock decides).
+
+    Args:
+        seconds: the budget of training-step seconds.
+    """
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        if not seconds > 0:
+            raise ValueError(f"TrainTimeLimit: seconds must be > 0, got {seconds}")
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        spent = pl_module.counters["train_seconds"] >= self.seconds
+        if trainer.strategy.reduce_boolean_decision(spent, all=False):
+            trainer.should_stop = True
 
 
 class AdapterEMA(pl.Callback):

@@ -8,11 +8,10 @@ batch of conditions (identity + prompt):
    any other reward error stops the run on every rank, and a rollout in which no rank kept a group is not applied;
 2. for each of the objective's **updates**: every work item's loss is backpropagated (the same backward calls on
    every rank, whatever the data), then the accumulated gradient is clipped and applied, unless the loss or the
-   gradient is non-finite on any rank (then the update is skipped everywhere and counted);
-3. metrics: rewards and their components, losses, timings, throughput and MFU.
+   gradient is non-finite on any rank (then the update is skipped everywhere and counted); then the metrics.
 
 The curriculum's stage (which reward and which objective are active) is module state, switched by
-:class:`~divrl.training.StageSwitch` and saved in checkpoints. Checkpoints hold only trainable weights.
+:class:`~divrl.training.StageSwitch` and saved in checkpoints (which hold only trainable weights).
 """
 
 from __future__ import annotations
@@ -114,8 +113,7 @@ class DivRLModule(pl.LightningModule):
         self.rollouts_done = 0  # rollout batches trained on (seeds the rollout noise; checkpointed)
         self.counters = defaultdict(int)  # skipped samples, groups, updates and empty rollouts since the start
         self.last_group: RolloutGroup | None = None
-        self._consecutive_skips = 0
-        self._empty_rollouts = 0
+        self._consecutive_skips = self._empty_rollouts = 0
         self.save_hyperparameters(ignore=["rewards", "optimizer", "lr_scheduler"])
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -174,6 +172,7 @@ class DivRLModule(pl.LightningModule):
 
     def training_step(self, batch: ConditionBatch, batch_idx: int) -> None:
         self.counters["skipped_samples"] += batch.skipped
+        began = self._clock()
         env = RunEnvironment(self, self.reward, self.sampling)
         generator = torch.Generator().manual_seed(mix_seeds(self.sampling.seed, self.global_rank, self.rollouts_done))
         compiled = compile_seconds() if self.policy_config.compile else 0.0
@@ -193,9 +192,11 @@ class DivRLModule(pl.LightningModule):
             metrics["perf/compile_s"] = compile_seconds() - compiled
             if metrics["perf/compile_s"] > 1.0:
                 log.info("torch.compile: %.1f s compiling in rollout %d", metrics["perf/compile_s"], self.rollouts_done)
+        self.counters["train_seconds"] += self._clock() - began  # training steps only (not validation), resumes too
         metrics.update({
             "time/rollout": env.timings["rollout"], "time/reward": env.timings["reward"], "time/update": update_s,
             "train/stage": float(self.stage),
+            "time/train_s": float(self.counters["train_seconds"]),
             "data/skipped_samples": float(self.counters["skipped_samples"]),
             "train/skipped_groups": float(self.counters["skipped_groups"]),
             "train/skipped_updates": float(self.counters["skipped_updates"]),
