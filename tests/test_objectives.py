@@ -228,3 +228,24 @@ def test_shard_entries_round_trip(tmp_path):
         IdentityRecord("x", image, ["a"], rejected={0: image})
     with pytest.raises(ValueError, match="prompt 3"):
         IdentityRecord("x", image, ["a"], targets={3: image})
+
+
+def test_the_sft_weight_adds_the_winners_and_positives_flow_matching_error():
+    policy = demo_policy()
+    env = Env(policy, group_size=4)
+    samples = demo_samples("train", 1)
+    item = (torch.tensor([0]), 0)
+    for plain, regularised in ((DPOObjective(beta=50.0), DPOObjective(beta=50.0, sft_weight=2.0)),
+                               (GroupDPOObjective(beta=50.0), GroupDPOObjective(beta=50.0, sft_weight=2.0))):
+        batch = plain.collect(policy, samples, env, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            base, _ = plain.loss(policy, batch, item)
+            added, _ = regularised.loss(policy, batch, item)
+            err, _ = plain._errors(policy, batch, batch.pairs[:1], batch.cond_rows[:1], batch.noise[:1, 0],
+                                   batch.sigmas[:1, 0])
+        if batch.advantages is None:  # the winner's error
+            expected = 2.0 * err[0, 0]
+        else:  # the positives' |advantage|-weighted error
+            pos = batch.advantages[0].clamp(min=0)
+            expected = 2.0 * (pos / pos.sum() * err[0]).sum()
+        assert (added - base).item() == pytest.approx(expected.item(), rel=1e-5)

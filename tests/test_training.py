@@ -210,7 +210,8 @@ def test_every_shipped_config_parses_and_instantiates(config, tmp_path):
     cfg = cli.parser.parse_args(["--config", str(config)])
     model = cli.parser.instantiate_classes(cfg).model
     stages = 1 if config.name == "demo_multi.yaml" else 2  # the multi-subject demo trains one stage
-    assert len(model.rewards) == stages and model.sampling.group_size >= 2
+    # one reward per stage, or (demo_idglow.yaml: SFT, then group DPO) one objective per stage
+    assert max(len(model.rewards), len(model.objectives)) == stages and model.sampling.group_size >= 2
 
 
 @pytest.mark.parametrize("config", EVAL_CONFIGS, ids=lambda p: p.name)

@@ -97,7 +97,8 @@ class SFTObjective(Objective):
             ``range``: the largest sampled ``σ`` falls linearly from ``timesteps.high`` to ``decay_to`` over
             ``decay_steps``; ``weight``: the loss weight ``1 − p·(1 − decay_to)·σ`` at training progress
             ``p = min(step / decay_steps, 1)`` (high-noise steps end weighted ``decay_to``).
-        decay_steps: optimizer updates over which the schedule decays (then it stays at its end).
+        decay_steps: optimizer updates over which the schedule decays, counted from the run's start (``global_step``;
+            then it stays at its end).
         decay_to: where the decay ends (``range``: the top ``σ``; ``weight``: the weight at ``σ = 1``).
     """
 

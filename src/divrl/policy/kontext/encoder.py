@@ -181,7 +181,8 @@ class KontextEncoder:
         if vae.encoder is None:
             raise RuntimeError(
                 "this policy has no VAE encoder (policy.text_encoders: false drops the encoders), so every condition "
-                "must come precomputed: convert the shards with `divrl data ... --precompute MODEL`"
+                "must come precomputed: convert the shards with `divrl data ... --precompute MODEL`. Target images (SFT, "
+                "DPO on shard pairs) are never precomputed: they need policy.text_encoders: true"
             )
         pixels = to_image_batch(image, "reference")
         if pixels.shape[0] != 1:
