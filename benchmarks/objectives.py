@@ -21,7 +21,7 @@ Run:  python benchmarks/objectives.py [--budget 150] [--methods grpo,group_dpo,n
       python benchmarks/objectives.py --replot docs/objectives.json --plot docs/objectives.png   (no training)
 
 It prints one table: the held-out reward (and its nSSM, VSM) at a quarter, half and all of the budget (the last
-validation at or before each), and the number of optimizer updates done.
+validation at or before each), and the number of training batches done.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def overrides(out: Path, method: str, budget: float, val_every: int) -> Path:
 
 
 def read_curve(folder: Path) -> list[dict]:
-    """(train seconds, updates, val reward, val nSSM, val VSM) at each validation of a run's metrics.csv."""
+    """(train seconds, batches, val reward, val nSSM, val VSM) at each validation of a run's metrics.csv (the logged
+    step counts training batches: an objective with two updates per batch does twice as many updates)."""
     rows = []
     for path in sorted(folder.glob("lightning_logs/version_*/metrics.csv")):
         with path.open() as f:
@@ -88,8 +89,8 @@ def read_curve(folder: Path) -> list[dict]:
     for r in rows:
         if r.get("val/reward"):
             step = int(r["step"])
-            done = max((s for s in seconds if s < step), default=None)  # the logged step of the last update before
-            curve.append({"seconds": seconds[done] if done is not None else 0.0, "updates": step,
+            done = max((s for s in seconds if s <= step), default=None)  # the last training row at or before it
+            curve.append({"seconds": seconds[done] if done is not None else 0.0, "batches": step,
                           "reward": float(r["val/reward"]), "nssm": float(r["val/nssm"]), "vsm": float(r["val/vsm"])})
     return sorted(curve, key=lambda c: c["seconds"])
 
@@ -104,12 +105,14 @@ def base_point(out: Path, gated: bool) -> dict:
           "lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={out / name}")
     rows = [r for p in sorted((out / name).glob("lightning_logs/version_*/metrics.csv")) for r in csv.DictReader(p.open())]
     r = next(r for r in rows if r.get("val/reward"))
-    return {"seconds": 0.0, "updates": 0, "reward": float(r["val/reward"]), "nssm": float(r["val/nssm"]),
+    return {"seconds": 0.0, "batches": 0, "reward": float(r["val/reward"]), "nssm": float(r["val/nssm"]),
             "vsm": float(r["val/vsm"])}
 
 
-def at(curve: list[dict], seconds: float) -> dict:
-    return [c for c in curve if c["seconds"] <= seconds + 1e-9][-1]
+def at(curve: list[dict], seconds: float, budget: float) -> dict:
+    """The last validation at or before ``seconds`` (the run's last one for the whole budget: the run stops after the
+    update that crosses it)."""
+    return curve[-1] if seconds >= budget else [c for c in curve if c["seconds"] <= seconds][-1]
 
 
 def main() -> None:
@@ -149,14 +152,14 @@ def report(curves: dict, bases: dict, budget: float, args) -> None:
     gated = bases.get("gated") or {}
     print(f"held-out reward R2 (8 identities x 4 samples) after a quarter, half and all of {budget:.0f} training "
           f"seconds; base model {bases['ungated']['reward']:.3f} (gated: {gated.get('reward', float('nan')):.3f})")
-    print("| method | 25% | 50% | 100% | nSSM | VSM | updates |\n" + "|---" * 7 + "|")
+    print("| method | 25% | 50% | 100% | nSSM | VSM | batches |\n" + "|---" * 7 + "|")
     table = {}
     for method, curve in curves.items():
-        points = [at(curve, f * budget) for f in (0.25, 0.5, 1.0)]
+        points = [at(curve, f * budget, budget) for f in (0.25, 0.5, 1.0)]
         table[method] = points
         end = points[-1]
         print(f"| {LABELS[method]} | " + " | ".join(f"{p['reward']:.3f}" for p in points)
-              + f" | {end['nssm']:.3f} | {end['vsm']:.3f} | {curve[-1]['updates']} |")
+              + f" | {end['nssm']:.3f} | {end['vsm']:.3f} | {curve[-1]['batches']} |")
     if args.json:
         args.json.write_text(json.dumps({"budget": budget, "bases": bases, "curves": curves, "table": table}, indent=1))
     if args.plot:

@@ -54,6 +54,24 @@ def test_a_mixed_batch_equals_row_by_row_calls(gated):
     assert torch.allclose(batched, rows, atol=1e-6)
 
 
+def test_the_number_of_network_calls_does_not_depend_on_the_draws(gated):
+    """Under FSDP every call is a collective: two ranks drawing different σ must make the same calls. Rows sharing a σ
+    make one call; rows with their own σ always make two (with and without the references), whatever the draws."""
+    policy, conds, latents = gated
+    cond = policy.condition(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(5)), ["a red star"] * 3, 32, 32)
+    x = torch.cat([latents] * 3)
+    calls = []
+    hook = policy.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with torch.no_grad():
+            for sigma in ([0.9, 0.45, 0.1], [0.4, 0.5, 0.55], [0.9, 0.8, 0.7], [0.2, 0.2, 0.2], [0.5, 0.5, 0.5]):
+                calls.clear()
+                policy.velocity(x, torch.tensor(sigma), cond)
+                assert len(calls) == (1 if len(set(sigma)) == 1 else 2), sigma
+    finally:
+        hook.remove()
+
+
 def test_the_sampler_honours_the_window(gated):
     """Sampling steps whose σ is outside the window cannot see the reference: with σ = 1 → 0.77 the first step's
     latents are identical for two references; later steps (one of them inside the window) differ."""

@@ -117,7 +117,11 @@ def test_sft_weights_a_condition_without_target_zero():
     samples = demo_samples("train", 2)
     samples[1].target = None
     batch = SFTObjective().collect(policy, samples, Env(policy), torch.Generator().manual_seed(0))
-    assert batch.weights[:, 0].tolist() == [1.0, 0.0]
+    assert batch.weights[:, 0].tolist() == [1.0, 0.0] and batch.usable == 1 and "--targets" in batch.missing
+    loss, stats = SFTObjective().loss(policy, batch, (torch.tensor([1]), 0))
+    loss.backward()
+    assert loss.item() == 0 and stats["fm_loss"] > 0  # the error is there, its weight is 0: no gradient
+    assert all(p.grad is None or not p.grad.any() for p in policy.trainable_parameters())
 
 
 def test_pairwise_dpo_pairs_best_and_worst_with_margins_and_raises_the_winners_likelihood():
@@ -249,3 +253,49 @@ def test_the_sft_weight_adds_the_winners_and_positives_flow_matching_error():
             pos = batch.advantages[0].clamp(min=0)
             expected = 2.0 * (pos / pos.sum() * err[0]).sum()
         assert (added - base).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_dpo_with_full_fine_tuning_compares_against_the_frozen_copy():
+    """Full fine-tuning has no adapter to switch off: DPO's reference is the frozen copy of the initial network (kept
+    by the training module when the objective needs_reference), so the first implicit margin is exactly 0 and grows
+    once the network trains."""
+    from divrl.policy import KontextPolicy
+
+    policy = KontextPolicy.tiny(seed=1, train_transformer=True)
+    objective = DPOObjective(beta=50.0)
+    assert objective.needs_reference
+    with pytest.raises(RuntimeError, match="keep_reference"):
+        with policy.reference_policy():
+            pass
+    policy.keep_reference()
+    env = Env(policy, group_size=4)
+    batch = objective.collect(policy, demo_samples("train", 1), env, torch.Generator().manual_seed(0))
+    assert implicit_margins(policy, objective, batch).item() == 0
+    step(policy, objective, batch, lr=1e-3)
+    assert implicit_margins(policy, objective, batch).item() > 0
+
+
+def test_nft_gives_skipped_groups_r_one_half():
+    policy = demo_policy()
+
+    class HalfSkipped(Env):
+        def score(self, samples, images, group_size):
+            scores = super().score(samples, images, group_size)
+            scores.keep[1] = False
+            return scores
+
+    batch = NFTObjective().collect(policy, demo_samples("train", 2), HalfSkipped(policy), torch.Generator().manual_seed(0))
+    assert (batch.r[4:] == 0.5).all() and not (batch.r[:4] == 0.5).all()
+
+
+@pytest.mark.parametrize(("objective", "distribution"), [("SFTObjective", "logit_normal"), ("NFTObjective", "uniform"),
+                                                         ("GroupDPOObjective", "uniform")])
+def test_a_partial_timesteps_mapping_keeps_the_objectives_default_distribution(objective, distribution, tmp_path):
+    from divrl.cli import run_lightning
+
+    cli = run_lightning(["--config", str(ROOT / "configs/demo.yaml"), "--trainer.default_root_dir", str(tmp_path)],
+                        run=False)
+    cfg = cli.parser.parse_args(["--config", str(ROOT / "configs/demo.yaml"), "--model.objective", f"divrl.objectives.{objective}",
+                                 "--model.objective.timesteps", '{"low": 0.5}'])
+    parsed = cli.parser.instantiate_classes(cfg).model.objectives[0]
+    assert parsed.timesteps.distribution == distribution and parsed.timesteps.low == 0.5

@@ -178,3 +178,25 @@ def test_adapter_ema_follows_the_recurrence_and_is_what_gets_exported(tmp_path):
     exported = {k.removeprefix("transformer."): v for k, v in load_file(path).items()}
     assert all(torch.allclose(exported[k], expected[k], atol=1e-7) for k in expected)
     assert all(torch.equal(model.policy.lora_state_dict()[k], states[4][k]) for k in expected)  # raw weights restored
+
+
+def test_sft_on_shards_without_targets_stops_after_the_configured_number_of_empty_batches(tmp_path):
+    """Shards written without --targets give SFT nothing to learn from: no update is applied (not a loss of 0 with
+    AdamW's weight decay still moving the adapter), and the run stops naming what the shards lack."""
+    from divrl.data.synthetic import synthetic_records, write_shards
+    from divrl.objectives import SFTObjective
+
+    shards = write_shards(synthetic_records(4, size=32), tmp_path / "shards", name="train")
+    model = DivRLModule(KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
+                        [NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=2), track_vsm=False)],
+                        SFTObjective(), SamplingConfig(group_size=2, num_steps=3, resolution=32, val_group_size=2),
+                        SystemConfig(max_empty_rollouts=2))
+    snapshot = Snapshot()
+    trainer = DivRLTrainer(accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False,
+                           enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                           limit_val_batches=0, callbacks=[snapshot])
+    with pytest.raises(RuntimeError, match=r"2 rollouts in a row had no condition with a target image.*--targets"):
+        trainer.fit(model, IdentityDataModule([str(p) for p in shards], batch_size=2, steps_per_epoch=5))
+    before, *after = snapshot.states
+    assert after and all(torch.equal(before[k], a[k]) for a in after for k in before)  # never applied
+    assert model.counters["empty_rollouts"] == 2

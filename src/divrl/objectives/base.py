@@ -94,6 +94,10 @@ class Batch:
         rollout_calls: network calls per generated image during collect (FLOP accounting).
         update_calls: forward-pass equivalents per generated image of all this batch's updates (a forward and its
             backward count 2, a reference forward 1).
+        usable: for a batch without scores, how many conditions can train (e.g. those with a target image); ``None``:
+            all of them. A batch with none on any rank is not applied and counted, as a rollout without a kept group.
+        missing: what a condition lacks when ``usable`` is 0 (named in the warning and in the error that stops a run
+            after ``system.max_empty_rollouts`` such batches in a row).
     """
 
     samples: Sequence[ConditionSample]
@@ -103,6 +107,8 @@ class Batch:
     condition: Conditioning | None = None
     rollout_calls: int = 0
     update_calls: int = 0
+    usable: int | None = None
+    missing: str = ""
 
 
 class Environment(Protocol):

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from divrl.grpo import group_advantages
 from divrl.objectives.base import Batch, Environment, Objective, positive, shuffled_updates
-from divrl.objectives.flow import TimestepSampling, as_timesteps, _check_beta, dpo_loss, flow_error, group_dpo_loss, group_weights, noised
+from divrl.objectives.flow import (TimestepSampling, _check_beta, as_timesteps, dpo_loss, flow_error, group_dpo_loss,
+                                   group_weights, noised)
 from divrl.objectives.sft import target_latents
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ class _Preference(Objective):
     margin: dict[str, float] = field(default_factory=dict)
     sft_weight: float = 0.0
     noise_level: float = 0.0
-    timesteps: TimestepSampling = field(default_factory=lambda: TimestepSampling("uniform"))
+    timesteps: TimestepSampling = field(default_factory=TimestepSampling)
     timesteps_per_sample: int = 1
     epochs: int = 1
     updates_per_epoch: int = 1
@@ -100,7 +101,7 @@ class _Preference(Objective):
         positive(self, "objective", "timesteps_per_sample", "epochs", "updates_per_epoch")
         if not self.sft_weight >= 0:
             raise ValueError(f"objective.sft_weight must be >= 0, got {self.sft_weight}")
-        self.timesteps = as_timesteps(self.timesteps)
+        self.timesteps = as_timesteps(self.timesteps, "uniform")
         if not self.noise_level >= 0:
             raise ValueError(f"objective.noise_level must be >= 0 (0: deterministic rollouts), got {self.noise_level}")
 
@@ -149,7 +150,7 @@ class DPOObjective(_Preference):
         pairs: ``online``: pairs from each scored group of ``G`` rollouts; ``shards``: the shards' preference pairs
             (``target_<p>.png`` chosen, ``rejected_<p>.png`` rejected), no rollout.
         pairs_per_group: online pairs per group, the largest reward gaps first: 1 is best vs worst (Flow-Factory);
-            ``G·(G − 1)/2`` is every ordered pair.
+            ``G·(G − 1)/2`` is every pair.
         min_gap: pairs whose reward gap is not above this are weighted 0.
         margin: ODPO-style margin, weight per reward component (``reward`` is the reward itself), e.g.
             ``{vsm: 2.0, nssm: 1.0}``: ``m = Σ_c γ_c·(r_c(w) − r_c(l))``, subtracted inside the sigmoid, so a pair
@@ -222,7 +223,9 @@ class DPOObjective(_Preference):
         x0 = torch.cat([chosen, policy.encode_images(images, size, size, keys)])
         rows = torch.stack([torch.arange(n), torch.arange(n, 2 * n)], dim=1).to(x0.device)
         noise, sigmas = self._draws(n, x0, generator, policy, condition)
-        return PreferenceBatch(samples, 1, None, None, condition, update_calls=self._update_calls(n, n), x0=x0,
+        return PreferenceBatch(samples, 1, None, None, condition, update_calls=self._update_calls(n, n),
+                               usable=int(paired.sum()), missing="no condition with a preference pair (target_<p>.png "
+                               "and rejected_<p>.png)", x0=x0,
                                pairs=rows, cond_rows=rows % n, weights=paired.float().to(x0.device),
                                margins=torch.zeros(n, device=x0.device), noise=noise, sigmas=sigmas)
 
@@ -274,6 +277,11 @@ class GroupDPOObjective(_Preference):
 
     adv_clip: float = 5.0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.adv_clip > 0:
+            raise ValueError(f"objective.adv_clip must be > 0, got {self.adv_clip}")
+
     def check(self, sampling) -> None:
         if sampling.group_size < 2:
             raise ValueError(f"sampling.group_size {sampling.group_size}: group DPO needs groups of at least 2")
@@ -307,5 +315,9 @@ class GroupDPOObjective(_Preference):
         losses, delta = group_dpo_loss(err, ref, batch.advantages[index], self.beta, batch.margins[index])
         used = batch.weights[index].sum().clamp(min=1)
         positives = (group_weights(batch.advantages[index])[0] * err).sum(-1)
-        return (losses + self.sft_weight * positives).mean(), {"dpo_loss": losses.sum() / used, "implicit_acc": ((delta > 0).float() * batch.weights[index]).sum() / used,
-                               "implicit_margin": (delta * batch.weights[index]).sum() / used, "fm_loss": err.detach().mean()}
+        weights = batch.weights[index]
+        return (losses + self.sft_weight * positives).mean(), {
+            "dpo_loss": losses.sum() / used, "implicit_acc": ((delta > 0).float() * weights).sum() / used,
+            "implicit_margin": (delta * weights).sum() / used, "groups_used": (weights > 0).float().mean(),
+            "fm_loss": err.detach().mean(),
+        }

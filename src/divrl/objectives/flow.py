@@ -9,7 +9,7 @@ every non-batch dimension, in float32. References for the formulas: ``docs/refer
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -29,7 +29,8 @@ class TimestepSampling:
     Attributes:
         distribution: ``uniform`` (``σ ~ U(0, 1)``); ``logit_normal`` (``σ = sigmoid(mean + std·z)``, SD3 / FLUX
             training's choice); ``shifted``: uniform times pushed towards the noise as the model's sampler pushes its
-            steps, ``σ = s·t / (1 + (s − 1)·t)`` with ``s = shift`` (FLUX at 512²: ``exp(μ) ≈ 1.58``).
+            steps, ``σ = s·t / (1 + (s − 1)·t)`` with ``s = shift`` (FLUX at 512²: ``exp(μ) ≈ 1.88``); ``null``: the
+            objective's default (SFT: ``logit_normal``; DPO, group DPO, NFT: ``uniform``).
         mean: the logit-normal's location (``logit_normal`` only).
         std: the logit-normal's scale (``logit_normal`` only).
         shift: the shift ``s`` of ``shifted``; ``null``: the policy's own at the training size
@@ -38,7 +39,7 @@ class TimestepSampling:
         high: the largest ``σ``.
     """
 
-    distribution: Literal["uniform", "logit_normal", "shifted"] = "logit_normal"
+    distribution: Literal["uniform", "logit_normal", "shifted"] | None = None
     mean: float = 0.0
     std: float = 1.0
     shift: float | None = None
@@ -46,7 +47,7 @@ class TimestepSampling:
     high: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.distribution not in ("uniform", "logit_normal", "shifted"):
+        if self.distribution not in ("uniform", "logit_normal", "shifted", None):
             raise ValueError(f"timesteps.distribution must be uniform, logit_normal or shifted, got {self.distribution!r}")
         if not 0.0 <= self.low < self.high <= 1.0:
             raise ValueError(f"timesteps: need 0 <= low < high <= 1, got low {self.low}, high {self.high}")
@@ -56,6 +57,8 @@ class TimestepSampling:
     def sample(self, n: int, generator: torch.Generator, *, shift: float | None = None, high: float | None = None) -> Tensor:
         """``n`` float32 noise levels in ``[low, high]`` (``high`` may be lowered, e.g. by a decay schedule);
         ``shift`` is the policy's, used by ``shifted`` when :attr:`shift` is unset."""
+        if self.distribution is None:
+            raise ValueError("timesteps.distribution is unset: the objective sets its default (as_timesteps)")
         if self.distribution == "logit_normal":
             t = torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator))
         else:
@@ -69,9 +72,11 @@ class TimestepSampling:
         return (self.low + (top - self.low) * t).float()
 
 
-def as_timesteps(value: TimestepSampling | dict) -> TimestepSampling:
-    """``value`` as :class:`TimestepSampling` (a YAML mapping of its fields becomes one)."""
-    return TimestepSampling(**value) if isinstance(value, dict) else value
+def as_timesteps(value: TimestepSampling | dict, distribution: str) -> TimestepSampling:
+    """``value`` as :class:`TimestepSampling` (a YAML mapping of its fields becomes one), its ``distribution`` the
+    objective's default ``distribution`` when unset."""
+    value = TimestepSampling(**value) if isinstance(value, dict) else value
+    return value if value.distribution is not None else replace(value, distribution=distribution)
 
 
 def shift_sigmas(t: Tensor, shift: float) -> Tensor:
@@ -80,11 +85,13 @@ def shift_sigmas(t: Tensor, shift: float) -> Tensor:
 
 
 def _expand(sigma: Tensor, like: Tensor) -> Tensor:
-    return sigma.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+    return sigma.reshape(-1, *([1] * (like.dim() - 1))).to(like.device, like.dtype)
 
 
 def noised(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
-    """The forward process ``(1 − σ)·x₀ + σ·ε``, ``σ`` one value per row."""
+    """The forward process ``(1 − σ)·x₀ + σ·ε``, ``σ`` one value per row, computed in float32 (the policy casts its
+    input to its own dtype)."""
+    x0, noise = x0.float(), noise.float()
     s = _expand(sigma, x0)
     return (1 - s) * x0 + s * noise
 

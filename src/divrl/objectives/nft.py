@@ -26,7 +26,8 @@ from torch import Tensor
 
 from divrl.grpo import group_advantages
 from divrl.objectives.base import Batch, Environment, Objective, positive, shuffled_updates
-from divrl.objectives.flow import TimestepSampling, as_timesteps, _check_beta, flow_error, nft_loss, noised, optimality
+from divrl.objectives.flow import (TimestepSampling, _check_beta, as_timesteps, flow_error, nft_loss, noised,
+                                   optimality)
 
 if TYPE_CHECKING:
     from divrl.data.stream import ConditionSample
@@ -74,7 +75,7 @@ class NFTObjective(Objective):
     adv_clip: float = 5.0
     adaptive_weight: bool = True
     noise_level: float = 0.0
-    timesteps: TimestepSampling = field(default_factory=lambda: TimestepSampling("uniform"))
+    timesteps: TimestepSampling = field(default_factory=TimestepSampling)
     timesteps_per_sample: int = 1
     micro_batch_size: int = 4
     epochs: int = 1
@@ -83,7 +84,7 @@ class NFTObjective(Objective):
     def __post_init__(self) -> None:
         _check_beta(self.beta)
         positive(self, "objective", "timesteps_per_sample", "micro_batch_size", "epochs", "updates_per_epoch")
-        self.timesteps = as_timesteps(self.timesteps)
+        self.timesteps = as_timesteps(self.timesteps, "uniform")
         if not self.adv_clip > 0 or not self.noise_level >= 0:
             raise ValueError(f"objective: adv_clip must be > 0 and noise_level >= 0, got {self.adv_clip}, "
                              f"{self.noise_level}")
@@ -111,7 +112,8 @@ class NFTObjective(Objective):
                 for index in torch.arange(len(x0), device=x0.device).split(self.micro_batch_size):
                     s = sigmas[index, j]
                     old[index, j] = policy.velocity(noised(x0[index], noise[index, j], s), s, condition.select(index))
-        return NFTBatch(samples, g, scores, trajectory.images, condition, rollout_calls=env.sampling.num_steps + k,
+        # rollout_calls: the sampler's (the old-velocity pass, k calls per sample, runs outside the timed phases)
+        return NFTBatch(samples, g, scores, trajectory.images, condition, rollout_calls=env.sampling.num_steps,
                         update_calls=2 * k * self.epochs, x0=x0, r=optimality(adv, self.adv_clip).flatten(),
                         noise=noise, sigmas=sigmas, old_velocity=old)
 

@@ -21,7 +21,7 @@ A condition without a target is kept with weight 0 (the same work on every rank)
 
 from __future__ import annotations
 
-import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SFTObjective", "SFTBatch", "target_latents", "flow_matching_loss"]
 
-log = logging.getLogger(__name__)
+NO_TARGET = ("no condition with a target image (target_<p>.png): write the shards with `divrl data dreambooth|syncd|"
+             "synthetic --targets`")
 
 
 @dataclass
@@ -114,11 +115,14 @@ class SFTObjective(Objective):
     def __post_init__(self) -> None:
         positive(self, "objective", "timesteps_per_sample", "micro_batch_size", "epochs", "updates_per_epoch",
                  "decay_steps")
-        self.timesteps = as_timesteps(self.timesteps)
+        self.timesteps = as_timesteps(self.timesteps, "logit_normal")
         if self.decay not in ("none", "range", "weight"):
             raise ValueError(f"objective.decay must be none, range or weight, got {self.decay!r}")
         if not 0.0 < self.decay_to <= 1.0:
             raise ValueError(f"objective.decay_to must be in (0, 1], got {self.decay_to}")
+        if self.decay == "range" and not self.timesteps.low < self.decay_to:
+            raise ValueError(f"objective.decay_to {self.decay_to} must lie above timesteps.low {self.timesteps.low}: "
+                             f"decay 'range' lowers the top of the sampled range to it")
 
     def progress(self, step: int) -> float:
         """Training progress ``p ∈ [0, 1]`` of the decay schedule at optimizer step ``step``."""
@@ -129,9 +133,9 @@ class SFTObjective(Objective):
         size, k = env.sampling.resolution, self.timesteps_per_sample
         condition = policy.encode(samples, size, size, group_size=1)
         x0, has = target_latents(policy, samples, size)
-        if not has.all():
-            log.warning("SFT: %d of %d conditions have no target image (target_<p>.png); they are weighted 0",
-                        int((~has).sum()), len(samples))
+        if not has.all():  # once per run (a constant message); train/targets logs the fraction with one
+            warnings.warn("SFT: some conditions have no target image (target_<p>.png) and are weighted 0; "
+                          "train/targets logs the fraction that have one", stacklevel=2)
         p = self.progress(env.step)
         high = self.timesteps.high - p * (self.timesteps.high - self.decay_to) if self.decay == "range" else None
         shift = policy.time_shift(condition) if self.timesteps.distribution == "shifted" and self.timesteps.shift is None \
@@ -142,7 +146,7 @@ class SFTObjective(Objective):
         if self.decay == "weight":
             weights *= 1 - p * (1 - self.decay_to) * sigmas
         return SFTBatch(samples, 1, None, None, condition, rollout_calls=0, update_calls=2 * k * self.epochs,
-                        x0=x0, noise=noise, sigmas=sigmas.to(x0.device), weights=weights.to(x0.device))
+                        usable=int(has.sum()), missing=NO_TARGET, x0=x0, noise=noise, sigmas=sigmas.to(x0.device), weights=weights.to(x0.device))
 
     def updates(self, batch: SFTBatch, generator: torch.Generator) -> Iterator[list[tuple[Tensor, int]]]:
         yield from shuffled_updates(len(batch.x0), self.epochs, self.updates_per_epoch, self.micro_batch_size,

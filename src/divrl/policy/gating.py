@@ -28,14 +28,17 @@ def check_window(window: Sequence[float] | None) -> tuple[float, float] | None:
 def gated_velocity(call: Callable[[Tensor, Tensor, object, bool], Tensor], latents: Tensor, sigma: Tensor, cond,
                    window: tuple[float, float] | None) -> Tensor:
     """``call(latents, sigma, cond, references)`` with ``references`` true exactly for the rows whose ``σ`` lies in
-    ``window`` (every row when ``window`` is ``None``): one call when all rows agree, else one call per side, the rows
-    put back in order. ``sigma`` is ``(B,)``; ``cond`` selects rows with ``cond.select``."""
+    ``window`` (every row when ``window`` is ``None``); ``sigma`` is ``(B,)``.
+
+    The number of network calls never depends on the data, since under FSDP every call is a collective that every
+    rank must make: rows sharing one ``σ`` (a sampler step; a group's shared noise level) make one call, with or
+    without the references; rows with their own ``σ`` (the flow-matching objectives' draws) make both calls on every
+    row and keep each row's own (twice the compute of an ungated call; the unused half gets no gradient).
+    """
     if window is None:
         return call(latents, sigma, cond, True)
     inside = (sigma >= window[0]) & (sigma <= window[1])
-    if bool(inside.all()) or not bool(inside.any()):
+    if bool((sigma == sigma[0]).all()):
         return call(latents, sigma, cond, bool(inside[0]))
-    rows = [inside.nonzero().flatten(), (~inside).nonzero().flatten()]
-    parts = [call(latents[r], sigma[r], cond.select(r), see) for r, see in zip(rows, (True, False))]
-    out = torch.empty((latents.shape[0], *parts[0].shape[1:]), dtype=parts[0].dtype, device=parts[0].device)
-    return out.index_put((rows[0],), parts[0]).index_put((rows[1],), parts[1])
+    seen, unseen = call(latents, sigma, cond, True), call(latents, sigma, cond, False)
+    return torch.where(inside.view(-1, *([1] * (seen.dim() - 1))), seen, unseen)

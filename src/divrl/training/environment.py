@@ -17,7 +17,7 @@ from divrl.policy.flops import PEAK_TFLOPS
 from divrl.rewards.base import Group, NonFiniteReward, Reward, RewardOutput
 
 __all__ = ["RunEnvironment", "RolloutGroup", "agreed", "score_groups", "reward_metrics", "throughput", "device_peak",
-           "end_of_run", "run_summary"]
+           "end_of_run", "run_summary", "trains_on"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,33 @@ class RunEnvironment:
     @property
     def step(self) -> int:
         return self.module.global_step
+
+
+def trains_on(module, collected: Batch) -> bool:
+    """Whether any rank has something to train on in ``collected``: a kept group (rewarded batches), or
+    ``collected.usable`` conditions (a target, a preference pair). A batch with nothing on any rank is not applied and
+    counted (``train/empty_rollouts``); ``system.max_empty_rollouts`` of them in a row stop the run, saying what was
+    missing. One collective."""
+    usable = collected.scores.kept if collected.scores is not None else collected.usable
+    if usable is None:
+        return True
+    if usable == 0:
+        log.warning("rollout %d: nothing to train on on this rank (%s); its update carries no gradient",
+                    module.rollouts_done, "every group was skipped" if collected.scores is not None else collected.missing)
+    if module.trainer.strategy.reduce_boolean_decision(usable > 0, all=False):
+        module._empty_rollouts = 0
+        return True
+    module.counters["empty_rollouts"] += 1
+    module._empty_rollouts += 1
+    if module._empty_rollouts >= module.system.max_empty_rollouts:
+        missing = (f"no group with a finite reward ({type(module.reward).__name__} returned non-finite scores for every "
+                   f"group on every rank)" if collected.scores is not None else collected.missing)
+        raise RuntimeError(
+            f"{module._empty_rollouts} rollouts in a row had {missing}; stopping instead of training on nothing. "
+            f"{'Check the reward and its scorer' if collected.scores is not None else 'Check the shards'}, or raise "
+            f"system.max_empty_rollouts"
+        )
+    return False
 
 
 def agreed(fn: Callable[[], object], agree: Callable[[bool], bool], what: str):

@@ -43,7 +43,7 @@ from divrl.rewards.base import Reward
 from divrl.training import checkpoints
 from divrl.training.config import SystemConfig
 from divrl.training.environment import (RolloutGroup, RunEnvironment, agreed, device_peak, end_of_run, reward_metrics,
-                                        score_groups, throughput)
+                                        score_groups, throughput, trains_on)
 from divrl.training.strategies import (check_optimizer_strategy, check_strategy, data_parallel_mesh, is_fsdp1,
                                        shard_policy)
 from divrl.utils import mix_seeds
@@ -180,7 +180,7 @@ class DivRLModule(pl.LightningModule):
             collected = self.objective.collect(self.policy, batch.conditions, env, generator)
             metrics = self._collected_metrics(collected)
             start = self._clock()
-            trains = self._trains_on(collected)
+            trains = trains_on(self, collected)
             stats = self._update(collected) if trains else {}
             update_s = self._clock() - start
         self.rollouts_done += 1
@@ -219,26 +219,6 @@ class DivRLModule(pl.LightningModule):
             images = collected.images[first * g : (first + 1) * g].detach().float().cpu()
             self.last_group = RolloutGroup(self.global_step, self.stage, collected.samples[first], images, outputs[first])
         return reward_metrics(outputs, "reward")
-
-    def _trains_on(self, collected: Batch) -> bool:
-        """Whether any rank kept a group of this rollout; ``system.max_empty_rollouts`` of them in a row stop the run."""
-        if collected.scores is None:
-            return True
-        if collected.scores.kept == 0:
-            log.warning("rollout %d: every group was skipped on this rank; its update carries no policy gradient",
-                        self.rollouts_done)
-        if self.trainer.strategy.reduce_boolean_decision(collected.scores.kept > 0, all=False):
-            self._empty_rollouts = 0
-            return True
-        self.counters["empty_rollouts"] += 1
-        self._empty_rollouts += 1
-        if self._empty_rollouts >= self.system.max_empty_rollouts:
-            raise RuntimeError(
-                f"{self._empty_rollouts} rollouts in a row had no group with a finite reward ({type(self.reward).__name__} "
-                f"returned non-finite scores for every group on every rank); stopping instead of training on nothing. "
-                f"Check the reward and its scorer, or raise system.max_empty_rollouts"
-            )
-        return False
 
     def _update(self, collected: Batch) -> dict[str, float]:
         """Every optimizer step of the objective's updates; returns the mean of the applied updates' statistics."""
