@@ -112,7 +112,7 @@ def test_sft_decay_schedules():
     assert torch.allclose(batch.weights, 1 - 0.5 * batch.sigmas)
 
 
-def test_sft_weights_a_condition_without_target_zero():
+def test_rpo_alphas_a_condition_without_target_zero():
     policy = demo_policy()
     samples = demo_samples("train", 2)
     samples[1].target = None
@@ -234,13 +234,13 @@ def test_shard_entries_round_trip(tmp_path):
         IdentityRecord("x", image, ["a"], targets={3: image})
 
 
-def test_the_sft_weight_adds_the_winners_and_positives_flow_matching_error():
+def test_the_rpo_alpha_adds_the_winners_and_positives_flow_matching_error():
     policy = demo_policy()
     env = Env(policy, group_size=4)
     samples = demo_samples("train", 1)
     item = (torch.tensor([0]), 0)
-    for plain, regularised in ((DPOObjective(beta=50.0), DPOObjective(beta=50.0, sft_weight=2.0)),
-                               (GroupDPOObjective(beta=50.0), GroupDPOObjective(beta=50.0, sft_weight=2.0))):
+    for plain, regularised in ((DPOObjective(beta=50.0), DPOObjective(beta=50.0, rpo_alpha=2.0)),
+                               (GroupDPOObjective(beta=50.0), GroupDPOObjective(beta=50.0, rpo_alpha=2.0))):
         batch = plain.collect(policy, samples, env, torch.Generator().manual_seed(0))
         with torch.no_grad():
             base, _ = plain.loss(policy, batch, item)

@@ -89,7 +89,7 @@ class _Preference(Objective):
 
     beta: float = 100.0
     margin: dict[str, float] = field(default_factory=dict)
-    sft_weight: float = 0.0
+    rpo_alpha: float = 0.0
     noise_level: float = 0.0
     timesteps: TimestepSampling = field(default_factory=TimestepSampling)
     timesteps_per_sample: int = 1
@@ -99,8 +99,8 @@ class _Preference(Objective):
     def __post_init__(self) -> None:
         _check_beta(self.beta)
         positive(self, "objective", "timesteps_per_sample", "epochs", "updates_per_epoch")
-        if not self.sft_weight >= 0:
-            raise ValueError(f"objective.sft_weight must be >= 0, got {self.sft_weight}")
+        if not self.rpo_alpha >= 0:
+            raise ValueError(f"objective.rpo_alpha must be >= 0, got {self.rpo_alpha}")
         self.timesteps = as_timesteps(self.timesteps, "uniform")
         if not self.noise_level >= 0:
             raise ValueError(f"objective.noise_level must be >= 0 (0: deterministic rollouts), got {self.noise_level}")
@@ -155,7 +155,7 @@ class DPOObjective(_Preference):
         margin: ODPO-style margin, weight per reward component (``reward`` is the reward itself), e.g.
             ``{vsm: 2.0, nssm: 1.0}``: ``m = Σ_c γ_c·(r_c(w) − r_c(l))``, subtracted inside the sigmoid, so a pair
             with a larger gap must be preferred by more. Empty: plain DPO.
-        sft_weight: ``λ`` of an added flow-matching loss on the winners, ``λ·e_θ(w)`` (RPO-style): DPO alone can raise
+        rpo_alpha: ``λ`` of an added flow-matching loss on the winners, ``λ·e_θ(w)`` (RPO; trl's name): DPO alone can raise
             the margin by making both images unlikely, the loser more so, and drift off the data; this keeps the
             preferred image likely. 0: plain DPO.
         noise_level: SDE noise level of the online rollouts (0: the deterministic sampler).
@@ -244,7 +244,7 @@ class DPOObjective(_Preference):
         losses, z = dpo_loss(err[:, 0], ref[:, 0], err[:, 1], ref[:, 1], self.beta, batch.margins[index])
         weights = batch.weights[index]
         used = weights.sum().clamp(min=1)
-        return (weights * (losses + self.sft_weight * err[:, 0])).mean(), {
+        return (weights * (losses + self.rpo_alpha * err[:, 0])).mean(), {
             "dpo_loss": (weights * losses).sum() / used, "implicit_acc": (weights * (z > 0)).sum() / used,
             "implicit_margin": (weights * z).sum() / used, "pairs_used": (weights > 0).float().mean(),
             "fm_loss": err.detach().mean(),
@@ -266,7 +266,7 @@ class GroupDPOObjective(_Preference):
         adv_clip: advantages (group-standardised rewards) are clipped to ``±adv_clip``.
         margin: weight per reward component (``reward``: the reward itself) of the margin
             ``m = Σ_c γ_c·(Σ w₊·r_c − Σ w₋·r_c)``, the ``|advantage|``-weighted gap between the sides. Empty: none.
-        sft_weight: ``λ`` of an added flow-matching loss on the positives, ``λ·Σ w₊·e_θ`` (RPO-style; keeps the
+        rpo_alpha: ``λ`` of an added flow-matching loss on the positives, ``λ·Σ w₊·e_θ`` (RPO-style; keeps the
             preferred samples likely while the negatives are pushed away). 0: plain group DPO.
         noise_level: SDE noise level of the rollouts (0: the deterministic sampler; DGPO works with ODE rollouts).
         timesteps: how each group's shared ``σ`` is drawn.
@@ -316,7 +316,7 @@ class GroupDPOObjective(_Preference):
         used = batch.weights[index].sum().clamp(min=1)
         positives = (group_weights(batch.advantages[index])[0] * err).sum(-1)
         weights = batch.weights[index]
-        return (losses + self.sft_weight * positives).mean(), {
+        return (losses + self.rpo_alpha * positives).mean(), {
             "dpo_loss": losses.sum() / used, "implicit_acc": ((delta > 0).float() * weights).sum() / used,
             "implicit_margin": (delta * weights).sum() / used, "groups_used": (weights > 0).float().mean(),
             "fm_loss": err.detach().mean(),
