@@ -203,8 +203,9 @@ class DivRLModule(pl.LightningModule):
             "train/empty_rollouts": float(self.counters["empty_rollouts"]),
         })
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
-        self.log("reward", metrics.get("reward/mean", float("nan")), prog_bar=True, on_step=True, logger=False,
-                 batch_size=len(batch))
+        for name, key in (("reward", "reward/mean"), ("loss", "train/loss")):  # the bar shows SFT's loss, no NaN reward
+            if key in metrics:
+                self.log(name, metrics[key], prog_bar=True, on_step=True, logger=False, batch_size=len(batch))
 
     def on_train_end(self) -> None:
         end_of_run(self)
