@@ -29,8 +29,8 @@ from torch import Tensor
 
 from divrl.grpo import group_advantages
 from divrl.objectives.base import Batch, Environment, Objective, positive, shuffled_updates
-from divrl.objectives.flow import (TimestepSampling, _check_beta, as_timesteps, dpo_loss, flow_error, group_dpo_loss,
-                                   group_weights, noised)
+from divrl.objectives.flow import (TimestepSampling, _check_beta, as_timesteps, dpo_loss, draw, flow_error,
+                                   group_dpo_loss, group_weights, noised)
 from divrl.objectives.sft import target_latents
 
 if TYPE_CHECKING:
@@ -115,11 +115,8 @@ class _Preference(Objective):
                                                                                  env.sampling.group_size)
 
     def _draws(self, count: int, like: Tensor, generator: torch.Generator, policy: Policy, condition) -> tuple[Tensor, Tensor]:
-        k = self.timesteps_per_sample
-        shift = policy.time_shift(condition) if self.timesteps.distribution == "shifted" and self.timesteps.shift is None \
-            else None
-        sigmas = self.timesteps.sample(count * k, generator, shift=shift).view(count, k).to(like.device)
-        return torch.randn((count, k, *like.shape[1:]), generator=generator).to(like), sigmas
+        """One ``(ε, σ)`` per pair (group) and draw, shared by its images."""
+        return draw(self.timesteps, count, self.timesteps_per_sample, like, generator, policy=policy, condition=condition)
 
     def _errors(self, policy: Policy, batch: PreferenceBatch, rows: Tensor, cond_rows: Tensor, noise: Tensor,
                 sigma: Tensor) -> tuple[Tensor, Tensor]:

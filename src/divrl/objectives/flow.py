@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from divrl.objectives.base import Batch
+
 __all__ = [
-    "TimestepSampling", "shift_sigmas", "noised", "flow_error", "dpo_loss", "group_weights", "group_dpo_loss",
+    "TimestepSampling", "FlowBatch", "draw", "shift_sigmas", "noised", "flow_error", "dpo_loss", "group_weights", "group_dpo_loss",
     "optimality", "nft_loss",
 ]
 
@@ -77,6 +79,41 @@ def as_timesteps(value: TimestepSampling | dict, distribution: str) -> TimestepS
     objective's default ``distribution`` when unset."""
     value = TimestepSampling(**value) if isinstance(value, dict) else value
     return value if value.distribution is not None else replace(value, distribution=distribution)
+
+
+def draw(timesteps: TimestepSampling, count: int, per_row: int, like: Tensor, generator: torch.Generator, *,
+         policy=None, condition=None, high: float | None = None) -> tuple[Tensor, Tensor]:
+    """``per_row`` (noise, noise level) draws for each of ``count`` rows, from ``generator`` (σ first, then ε: a
+    resumed run draws the same): ``ε`` ``(count, per_row, *like.shape[1:])`` in ``like``'s dtype and ``σ``
+    ``(count, per_row)`` float32, both on ``like``'s device. ``shifted`` without its own shift uses
+    ``policy.time_shift(condition)``; ``high`` lowers the top of the range (a decay schedule)."""
+    shift = policy.time_shift(condition) if timesteps.distribution == "shifted" and timesteps.shift is None else None
+    sigmas = timesteps.sample(count * per_row, generator, shift=shift, high=high).view(count, per_row)
+    noise = torch.randn((count, per_row, *like.shape[1:]), generator=generator).to(like)
+    return noise, sigmas.to(like.device)
+
+
+@dataclass
+class FlowBatch(Batch):
+    """Clean latents with their noise draws, for the objectives that train per sample on the forward process (SFT,
+    DiffusionNFT); a work item is ``(sample indices, draw k)``.
+
+    Attributes:
+        x0: ``(N, ...)`` clean latents.
+        noise: ``(N, K, ...)`` the noises of the ``K`` draws.
+        sigmas: ``(N, K)`` float32 noise levels.
+    """
+
+    x0: Tensor | None = None
+    noise: Tensor | None = None
+    sigmas: Tensor | None = None
+
+    def predict(self, policy, item: tuple[Tensor, int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The policy's velocity (with gradients) for an item's samples noised at their draw ``k``, with the
+        ``x₀``, ``ε`` and ``σ`` it was computed from."""
+        index, k = item
+        x0, noise, sigma = self.x0[index], self.noise[index, k], self.sigmas[index, k]
+        return policy.velocity(noised(x0, noise, sigma), sigma, self.condition.select(index)), x0, noise, sigma
 
 
 def shift_sigmas(t: Tensor, shift: float) -> Tensor:

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from divrl.grpo import group_advantages
-from divrl.objectives.base import Batch, Environment, Objective, positive, shuffled_updates
-from divrl.objectives.flow import (TimestepSampling, _check_beta, as_timesteps, flow_error, nft_loss, noised,
-                                   optimality)
+from divrl.objectives.base import Environment, Objective, positive, shuffled_updates
+from divrl.objectives.flow import (FlowBatch, TimestepSampling, _check_beta, as_timesteps, draw, flow_error, nft_loss,
+                                   noised, optimality)
 
 if TYPE_CHECKING:
     from divrl.data.stream import ConditionSample
@@ -37,20 +37,15 @@ __all__ = ["NFTObjective", "NFTBatch"]
 
 
 @dataclass
-class NFTBatch(Batch):
-    """Scored clean samples with their noise draws and the old policy's velocities.
+class NFTBatch(FlowBatch):
+    """Scored clean samples (the rollouts' ends in ``x0``) with their noise draws and the old policy's velocities.
 
     Attributes:
-        x0: ``(N, ...)`` clean latents (the rollouts' ends).
         r: ``(N,)`` float32 optimality probabilities (1/2 for skipped groups).
-        noise: ``(N, K, ...)`` noises; ``sigmas``: ``(N, K)`` noise levels.
         old_velocity: ``(N, K, ...)`` the old policy's velocities at the noised samples.
     """
 
-    x0: Tensor | None = None
     r: Tensor | None = None
-    noise: Tensor | None = None
-    sigmas: Tensor | None = None
     old_velocity: Tensor | None = None
 
 
@@ -102,10 +97,7 @@ class NFTObjective(Objective):
         if scores.keep.any():
             adv[scores.keep] = group_advantages(scores.rewards[scores.keep], "group", clip=self.adv_clip)
         x0 = trajectory.latents[:, -1]
-        shift = policy.time_shift(condition) if self.timesteps.distribution == "shifted" and self.timesteps.shift is None \
-            else None
-        sigmas = self.timesteps.sample(len(x0) * k, generator, shift=shift).view(len(x0), k).to(x0.device)
-        noise = torch.randn((len(x0), k, *x0.shape[1:]), generator=generator).to(x0)
+        noise, sigmas = draw(self.timesteps, len(x0), k, x0, generator, policy=policy, condition=condition)
         old = torch.empty_like(noise)
         with torch.no_grad():
             for j in range(k):
@@ -123,10 +115,9 @@ class NFTObjective(Objective):
 
     def loss(self, policy: Policy, batch: NFTBatch, item: tuple[Tensor, int]) -> tuple[Tensor, dict[str, Tensor]]:
         index, k = item
-        x0, noise, sigma = batch.x0[index], batch.noise[index, k], batch.sigmas[index, k]
-        velocity = policy.velocity(noised(x0, noise, sigma), sigma, batch.condition.select(index))
-        losses = nft_loss(velocity, batch.old_velocity[index, k], x0, noise, sigma, batch.r[index], self.beta,
-                          self.adaptive_weight)
-        drift = (velocity.detach().float() - batch.old_velocity[index, k].float()).pow(2).flatten(1).mean(1)
+        velocity, x0, noise, sigma = batch.predict(policy, item)
+        old = batch.old_velocity[index, k]
+        losses = nft_loss(velocity, old, x0, noise, sigma, batch.r[index], self.beta, self.adaptive_weight)
+        drift = (velocity.detach().float() - old.float()).pow(2).flatten(1).mean(1)
         return losses.mean(), {"nft_loss": losses.detach().mean(), "fm_loss": flow_error(velocity.detach(), x0, noise).mean(),
                                "old_drift": drift.mean()}

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from divrl.objectives.base import Batch, Environment, Objective, positive, shuffled_updates
-from divrl.objectives.flow import TimestepSampling, as_timesteps, flow_error, noised
+from divrl.objectives.base import Environment, Objective, positive, shuffled_updates
+from divrl.objectives.flow import FlowBatch, TimestepSampling, as_timesteps, draw, flow_error, noised
 
 if TYPE_CHECKING:
     from divrl.data.stream import ConditionSample
@@ -43,19 +43,14 @@ NO_TARGET = ("no condition with a target image (target_<p>.png): write the shard
 
 
 @dataclass
-class SFTBatch(Batch):
-    """Targets with their noise draws, ready for SFT updates.
+class SFTBatch(FlowBatch):
+    """Targets with their noise draws, ready for SFT updates (a condition without a target holds its first
+    reference's latents in ``x0``).
 
     Attributes:
-        x0: ``(n, ...)`` clean latents of the targets (a condition without one holds its first reference's).
-        noise: ``(n, K, ...)`` the noises of the ``K`` draws.
-        sigmas: ``(n, K)`` float32 noise levels.
         weights: ``(n, K)`` float32 loss weights (0 for a condition without target; the decay schedule's weight).
     """
 
-    x0: Tensor | None = None
-    noise: Tensor | None = None
-    sigmas: Tensor | None = None
     weights: Tensor | None = None
 
 
@@ -138,24 +133,20 @@ class SFTObjective(Objective):
                           "train/targets logs the fraction that have one", stacklevel=2)
         p = self.progress(env.step)
         high = self.timesteps.high - p * (self.timesteps.high - self.decay_to) if self.decay == "range" else None
-        shift = policy.time_shift(condition) if self.timesteps.distribution == "shifted" and self.timesteps.shift is None \
-            else None
-        sigmas = self.timesteps.sample(len(samples) * k, generator, shift=shift, high=high).view(len(samples), k)
-        noise = torch.randn((len(samples), k, *x0.shape[1:]), generator=generator).to(x0)
-        weights = has[:, None].float().expand(-1, k).clone()
+        noise, sigmas = draw(self.timesteps, len(samples), k, x0, generator, policy=policy, condition=condition, high=high)
+        weights = has.to(sigmas.device)[:, None].float().expand(-1, k).clone()
         if self.decay == "weight":
             weights *= 1 - p * (1 - self.decay_to) * sigmas
         return SFTBatch(samples, 1, None, None, condition, rollout_calls=0, update_calls=2 * k * self.epochs,
-                        usable=int(has.sum()), missing=NO_TARGET, x0=x0, noise=noise, sigmas=sigmas.to(x0.device), weights=weights.to(x0.device))
+                        usable=int(has.sum()), missing=NO_TARGET, x0=x0, noise=noise, sigmas=sigmas, weights=weights)
 
     def updates(self, batch: SFTBatch, generator: torch.Generator) -> Iterator[list[tuple[Tensor, int]]]:
         yield from shuffled_updates(len(batch.x0), self.epochs, self.updates_per_epoch, self.micro_batch_size,
                                     range(self.timesteps_per_sample), generator, batch.x0.device)
 
     def loss(self, policy: Policy, batch: SFTBatch, item: tuple[Tensor, int]) -> tuple[Tensor, dict[str, Tensor]]:
-        index, k = item
-        x0, noise, sigma = batch.x0[index], batch.noise[index, k], batch.sigmas[index, k]
-        error = flow_error(policy.velocity(noised(x0, noise, sigma), sigma, batch.condition.select(index)), x0, noise)
-        weights = batch.weights[index, k]
+        velocity, x0, noise, sigma = batch.predict(policy, item)
+        error = flow_error(velocity, x0, noise)
+        weights = batch.weights[item[0], item[1]]
         loss = (weights * error).mean()
         return loss, {"fm_loss": error.detach().mean(), "sigma": sigma.mean(), "targets": (weights > 0).float().mean()}
