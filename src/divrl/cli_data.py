@@ -94,7 +94,9 @@ def run_data(args: argparse.Namespace) -> int:
     parquet = args.source == "syncd" and (args.src.suffix == ".parquet" or (
         args.src.is_dir() and not any(args.src.rglob("*metadata.json"))))
     source = "syncd (parquet)" if parquet else args.source
-    misplaced = [flag for flag, value, sources in (("--subjects", args.subjects, ("synthetic",)),
+    misplaced = [flag for flag, value, sources in (("--src", args.src, ("syncd", "syncd (parquet)", "dreambench",
+                                                                        "dreambooth", "psrbench")),
+                                                   ("--subjects", args.subjects, ("synthetic",)),
                                                    ("--subject-weights", args.subject_weights, ("synthetic",)),
                                                    ("--subsets", args.subsets, ("psrbench",)),
                                                    ("--targets", args.targets or None, ("dreambooth", "syncd",
@@ -102,7 +104,8 @@ def run_data(args: argparse.Namespace) -> int:
                  if value is not None and source not in sources]
     if misplaced or (args.subject_weights is not None and args.subjects is None):
         print(f"divrl data {source}: {', '.join(misplaced) or '--subject-weights'} "
-              f"{'applies only to other sources' if misplaced else 'needs --subjects'} (--subjects and "
+              f"{'applies only to other sources' if misplaced else 'needs --subjects'} (--src: every source but "
+              f"synthetic, whose world is generated; --subjects and "
               f"--subject-weights: synthetic; --subsets: psrbench; --targets: dreambooth, syncd release folders (not "
               f"the parquet copy), synthetic); nothing was written", file=sys.stderr)
         return 2
@@ -153,7 +156,7 @@ def run_data(args: argparse.Namespace) -> int:
             items, target, resolution=args.resolution or None, resize=args.resize, shard_size=args.shard_size,
             val_fraction=args.val_fraction, seed=args.seed, max_identities=args.num_identities, precompute=precompute,
         )
-        if old:
+        if old and report.shards:  # a conversion that wrote nothing leaves the old shards (below)
             for path in old:
                 path.unlink()
             report.shards = [path.replace(args.out / path.name) for path in report.shards]
@@ -168,6 +171,14 @@ def run_data(args: argparse.Namespace) -> int:
         where = f"cannot write to --out {args.out} ({err.strerror}); choose a writable folder" if writing else err
         print(f"divrl data {args.source}: {where}", file=sys.stderr)
         return 2
+    if not report.shards:  # every item skipped, or none listed: nothing written, and nothing replaced
+        if old:
+            shutil.rmtree(target, ignore_errors=True)
+        first = "; ".join(f"{skip.where}: {skip.reason}" for skip in report.skipped[:3])
+        why = f"{len(report.skipped)} item(s) skipped (first: {first})" if first else "it lists no item"
+        print(f"divrl data {source}: nothing was converted from --src {args.src}: {why}; check the source (--out "
+              f"{args.out} was left as it was)", file=sys.stderr)
+        return 1
     print(report.summary())
     if args.strict and report.skipped:
         for path in report.shards:  # a strict conversion either keeps every item or leaves no shard behind

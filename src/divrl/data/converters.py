@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from divrl.data.schema import IdentityRecord, check_identity_id
+from divrl.data.schema import IdentityRecord, check_identity_id, image_error
 from divrl.data.synthetic import multi_subject_records, synthetic_records, write_shards
 
 __all__ = [
@@ -125,7 +125,7 @@ def _open_image(path: Path | bytes, mode: str, where: str, alpha: list | None = 
                 return Image.alpha_composite(background, rgba).convert("RGB")
             return image.convert(mode)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        return Skip(where, f"unreadable image ({type(err).__name__}: {err})")
+        return Skip(where, f"unreadable image ({image_error(err)})")
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
@@ -303,11 +303,13 @@ def read_syncd_parquet(src: Path, prompts_per_identity: int | None = None) -> It
         for row, record in enumerate(table.to_pylist()):
             where = f"{file}#row{row}"
             image, mask = (_bytes(record[k]) for k in ("image", "mask"))
-            reference = _open_image(image, "RGB", where) if image is not None else Skip(where, "no image bytes")
+            reference = _open_image(image, "RGB", f"{where} column 'image'") if image is not None else Skip(
+                where, "no image bytes")
             if isinstance(reference, Skip):
                 yield reference
                 continue
-            subject_mask = _open_image(mask, "L", where) if mask is not None else Skip(where, "mask is missing")
+            subject_mask = _open_image(mask, "L", f"{where} column 'mask'") if mask is not None else Skip(
+                where, "mask is missing")
             if isinstance(subject_mask, Skip):
                 yield subject_mask
                 continue

@@ -83,9 +83,11 @@ class IdentityDataModule(pl.LightningDataModule):
         shards: training shards: a folder, a glob, brace notation, or a list (see :func:`resolve_shards`).
         val_shards: validation shards; ``None`` validates on the first identities of ``shards``.
         batch_size: conditions per training batch and rank; each becomes a group of ``group_size`` rollouts
-            (DivRL: 32 groups per epoch over all ranks).
+            (DivRL: 32 groups per epoch over all ranks). A batch holds identities of one reference count (see
+            :mod:`divrl.data.stream`).
         steps_per_epoch: training batches per epoch and rank.
-        val_identities: identities per rank in the validation set (each with its first prompt).
+        val_identities: identities per rank in the validation set (each with its first prompt), at least 1 (turn
+            validation off with ``trainer.limit_val_batches: 0``).
         num_workers: DataLoader worker processes (0 reads in the main process; decoding a few PNGs per step is
             rarely the bottleneck of RL training).
         shuffle_buffer: identities held in the shuffle buffer of each stream.
@@ -106,9 +108,13 @@ class IdentityDataModule(pl.LightningDataModule):
         max_consecutive_bad: int = 1000,
     ):
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("steps_per_epoch", steps_per_epoch)):
-            if value < 1:
-                raise ValueError(f"IdentityDataModule: {name} must be >= 1, got {value}")
+        settings = (("batch_size", batch_size, 1), ("steps_per_epoch", steps_per_epoch, 1),
+                    ("val_identities", val_identities, 1), ("num_workers", num_workers, 0),
+                    ("shuffle_buffer", shuffle_buffer, 1), ("max_consecutive_bad", max_consecutive_bad, 1))
+        for name, value, least in settings:
+            if value < least:
+                raise ValueError(f"data.{name} must be >= {least}, got {value}: set it in the config's data: section "
+                                 f"or with --data.{name}")
         self.shards = shards
         self.val_shards = val_shards
         self.batch_size = batch_size

@@ -34,11 +34,11 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "IdentityRecord", "REF_KEY", "MASK_KEY", "META_KEY", "COND_KEY", "check_identity_id", "reference_key", "mask_key",
-    "normalise_references", "target_key", "rejected_key",
+    "normalise_references", "target_key", "rejected_key", "image_error",
 ]
 
 REF_KEY = "ref.png"
@@ -235,6 +235,15 @@ class IdentityRecord(FirstReference):
             meta = json.loads(sample[META_KEY])
         except (UnicodeDecodeError, ValueError) as err:
             raise ValueError(f"shard sample {key!r}: {META_KEY!r} is not valid JSON ({err})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"shard sample {key!r}: {META_KEY!r} holds a JSON {type(meta).__name__}, not the object "
+                             f"of the schema ({{\"id\", \"prompts\": [...], ...}}); rewrite the shard with `divrl "
+                             f"data`")
+        prompts = meta.get("prompts") or []
+        if not isinstance(prompts, list) or not all(isinstance(prompt, str) for prompt in prompts):
+            raise ValueError(f"shard sample {key!r}: 'prompts' in {META_KEY!r} must be a JSON list of strings, got a "
+                             f"{type(prompts).__name__} ({str(prompts)[:60]!r}); write it as [\"...\", ...] (divrl "
+                             f"data does)")
         references, masks = [], []
         while reference_key(len(references)) in sample:
             ref, mask = reference_key(len(references)), mask_key(len(references))
@@ -260,7 +269,7 @@ class IdentityRecord(FirstReference):
         return cls(
             id=meta.get("id", key),
             references=references,
-            prompts=list(meta.get("prompts") or []),
+            prompts=prompts,
             masks=masks,
             source=meta.get("source", "unknown"),
             category=meta.get("category"),
@@ -295,9 +304,17 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def image_error(err: Exception) -> str:
+    """Why PIL could not read an image, without the ``<_io.BytesIO object at 0x...>`` it names image bytes by."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not a PNG, JPEG or other image format PIL reads"
+    return f"{type(err).__name__}: {err}"
+
+
 def _open(data: bytes, key: str, name: str, mode: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.convert(mode)
-    except OSError as err:
-        raise ValueError(f"shard sample {key!r}: {name!r} is not a readable image ({err})") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(f"shard sample {key!r}: {name!r} is not a readable image ({image_error(err)}); rewrite the "
+                         f"shard with `divrl data`") from None

@@ -10,13 +10,18 @@ shard stream seeded by ``(seed, rank, epoch, stream)`` (shards drawn with replac
 small buffer, a prompt drawn per identity). A DataLoader always starts its round robin with worker 0, so an iteration
 that starts at epoch position ``s`` (a resume) lets worker ``w`` play logical stream ``(s + w) mod W`` after skipping
 the batches that stream already served before ``s``.
+
+Every batch holds identities of one reference count (a policy conditions a batch on the same number of references
+per condition): the conditions are bucketed by their number of references and a bucket becomes a batch as soon as it
+holds ``batch_size`` of them. With one reference count in the data the batches are exactly ``batch_size`` conditions
+at a time, in stream order.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -74,11 +79,13 @@ class ConditionSample(FirstReference):
 
 @dataclass
 class ConditionBatch:
-    """A batch of conditions, plus how many bad shard samples were skipped while reading it (logged, never hidden).
+    """A batch of conditions, plus how many bad shard samples were skipped to read them (logged, never hidden).
 
     Attributes:
         conditions: the batch's conditions.
-        skipped: bad shard samples skipped since the previous batch of the same stream.
+        skipped: the bad shard samples read just before the batch's identities (each bad sample is counted with the
+            next good identity, when that identity is used: identities read ahead into a shuffle buffer are counted
+            when a batch takes them).
     """
 
     conditions: list[ConditionSample]
@@ -154,6 +161,30 @@ def read_identities(urls: Sequence[str], skips: SkipCounter) -> Iterator[Identit
         yield record
 
 
+def _with_skips(records: Iterator[IdentityRecord], skips: SkipCounter) -> Iterator[tuple[IdentityRecord, int]]:
+    """Each record of ``read_identities(..., skips)`` with the number of bad samples read just before it."""
+    for record in records:
+        yield record, skips.take()
+
+
+def _bucketed(items: Iterable[tuple[int, object]], batch_size: int) -> Iterator[list]:
+    """Batches of ``batch_size`` items of one key from ``(key, item)`` pairs (the key: a number of references), each
+    yielded as soon as its bucket is full; when ``items`` ends, the partial buckets in the order they started. With a
+    single key: ``batch_size`` items at a time, in order."""
+    pending: dict[int, list] = {}
+    for key, item in items:
+        bucket = pending.setdefault(key, [])
+        bucket.append(item)
+        if len(bucket) == batch_size:
+            yield pending.pop(key)
+    yield from pending.values()
+
+
+def _batch(items: list[tuple[ConditionSample, int]]) -> ConditionBatch:
+    """The batch of ``(condition, bad samples read before it)`` pairs."""
+    return ConditionBatch([condition for condition, _ in items], sum(skipped for _, skipped in items))
+
+
 def _shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
     """Buffer shuffle: keep ``buffer`` items, emit a random one as each new item arrives."""
     pool: list = []
@@ -183,7 +214,8 @@ def _served_before(start: int, stream: int, num_streams: int) -> int:
 
 
 class TrainConditionStream(IterableDataset):
-    """The endless, resampled training stream of one rank, cut into epochs of ``steps_per_epoch`` batches.
+    """The endless, resampled training stream of one rank, cut into epochs of ``steps_per_epoch`` batches, each of
+    ``batch_size`` identities with one reference count.
 
     Args:
         urls: this rank's shards (already split across ranks when there are enough of them).
@@ -231,10 +263,11 @@ class TrainConditionStream(IterableDataset):
             while True:
                 yield rng.choice(self.urls)
 
-        records = _shuffled(read_identities(urls(), skips), self.shuffle_buffer, rng)
-        while True:
-            batch = [to_condition(r, rng.randrange(len(r.prompts))) for r in islice(records, self.batch_size)]
-            yield ConditionBatch(batch, skips.take())
+        records = _shuffled(_with_skips(read_identities(urls(), skips), skips), self.shuffle_buffer, rng)
+        # a prompt is drawn as each identity leaves the shuffle buffer; the batch of its reference count takes it
+        conditions = ((len(r.references), (to_condition(r, rng.randrange(len(r.prompts))), skipped))
+                      for r, skipped in records)
+        yield from map(_batch, _bucketed(conditions, self.batch_size))
 
     def __iter__(self) -> Iterator[ConditionBatch]:
         info = get_worker_info()
@@ -249,13 +282,17 @@ class TrainConditionStream(IterableDataset):
 
 
 class ValConditionStream(IterableDataset):
-    """A fixed validation set, each identity with its first prompt, in shard order (no resampling), batched by
-    ``batch_size``.
+    """A fixed validation set, each identity with its first prompt, in shard order (no resampling), in batches of at
+    most ``batch_size`` identities of one reference count.
 
     One process validates the first ``num_identities`` identities. With ``world`` processes every rank reads all the
     shards and takes every ``world``-th of the first ``num_identities · world`` identities, cut to a multiple of
     ``world``: the ranks validate disjoint identities and, above all, the **same number of batches** — under FSDP2
     every transformer forward is a collective, so one rank with an extra batch would wait forever for the others.
+    Bucketing by reference count could give the ranks different numbers or sizes of batches (the number of
+    micro-batched transformer calls depends on the size): with several processes and several reference counts in the
+    set, every batch is one identity, so every rank has the same batches, one per identity. With one reference count
+    every rank has the same batches as without bucketing.
 
     Args:
         urls: the validation shards (all of them, on every rank).
@@ -286,22 +323,21 @@ class ValConditionStream(IterableDataset):
         if get_worker_info() is not None and get_worker_info().id > 0:
             return  # one reader: the set is small and must not be duplicated across workers
         skips = SkipCounter(self.max_consecutive_bad)
-        records = list(islice(read_identities(self.urls, skips), self.num_identities * self.world))
-        if self.world > 1:
-            if len(records) < self.world:
-                raise ValueError(
-                    f"{len(records)} validation identities for {self.world} ranks: every rank needs at least one. "
-                    f"Add identities to data.val_shards (or set trainer.limit_val_batches: 0)"
-                )
-            records = records[self.rank : len(records) - len(records) % self.world : self.world]
-        batch: list[ConditionSample] = []
-        for record in records:
-            batch.append(to_condition(record, 0))
-            if len(batch) == self.batch_size:
-                yield ConditionBatch(batch, skips.take())
-                batch = []
-        if batch:
-            yield ConditionBatch(batch, skips.take())
+        records = list(islice(_with_skips(read_identities(self.urls, skips), skips), self.num_identities * self.world))
+        trailing = skips.take()  # bad samples after the last identity read: counted with the last batch
+        if self.world > 1 and len(records) < self.world:
+            raise ValueError(
+                f"{len(records)} validation identities for {self.world} ranks: every rank needs at least one. "
+                f"Add identities to data.val_shards (or set trainer.limit_val_batches: 0)"
+            )
+        end = len(records) - len(records) % self.world
+        mixed = self.world > 1 and len({len(r.references) for r, _ in records[:end]}) > 1
+        mine = ((len(r.references), (r, skipped)) for r, skipped in records[self.rank : end : self.world])
+        batches = list(_bucketed(mine, 1 if mixed else self.batch_size))
+        for n, batch in enumerate(batches):
+            batch = _batch([(to_condition(record, 0), skipped) for record, skipped in batch])
+            batch.skipped += trailing if n == len(batches) - 1 else 0
+            yield batch
 
 
 def split_for_rank(urls: Sequence[str], rank: int, world: int, warn: Callable[[str], None] = log.warning) -> list[str]:
