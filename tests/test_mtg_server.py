@@ -405,3 +405,29 @@ def test_divrl_score_passes_timeout_and_retries_to_the_server_scorer(server, tmp
         main(["score", "--mtg-url", server.url, "--timeout", "7", "--retries", "1", "--size", "16",
               "--reference", str(ref), str(gen)])
     assert raised.value.attempts == 2 and len(server.requests) == 2  # one retry, as asked
+
+
+@pytest.mark.parametrize(("component", "score", "bounds"), [("nssm", -5.0, "[0, 2]"), ("nssm", 2.5, "[0, 2]"),
+                                                            ("vsm", 1.5, "[0, 1]"), ("vsm", -0.2, "[0, 1]")])
+def test_scores_outside_the_components_range_are_refused_not_used(server, group, component, score, bounds):
+    """A server answering nSSM = −5 once gave R2 = −156: a score no reward can take is a broken server, not a reward
+    (and not a skipped group: like a non-numeric answer it stops the run)."""
+    gen, ref, _ = group
+    scorer, _ = make_scorer(server.url)
+    server.script = [("raw", json.dumps({"score": [0.5, 0.5, score, 0.5, 0.5]}))]
+    with pytest.raises(MTGServerError) as info:
+        scorer.score_group(ref, gen, need_nssm=component == "nssm", need_vsm=component == "vsm")
+    assert not isinstance(info.value, NonFiniteReward)
+    message = str(info.value)
+    assert f"score(s) [{score}] at position(s) [2] outside {bounds}" in message and server.url in message
+    assert ("nSSM" if component == "nssm" else "VSM") in message
+
+
+def test_scores_on_the_edge_of_the_range_are_kept(server, group):
+    gen, ref, _ = group
+    scorer, _ = make_scorer(server.url)
+    server.script = [("raw", json.dumps({"score": [0.0, 2.0, 2.00001, 1.0, 0.0]})),
+                     ("raw", json.dumps({"score": [0.0, 1.0, 1.00001, 0.5, 0.0]}))]
+    out = scorer.score_group(ref, gen)
+    assert out.nssm.tolist() == pytest.approx([0.0, 2.0, 2.00001, 1.0, 0.0])
+    assert out.vsm.tolist() == pytest.approx([0.0, 1.0, 1.00001, 0.5, 0.0])

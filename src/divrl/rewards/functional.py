@@ -46,6 +46,7 @@ __all__ = [
     "linear_reward",
     "normalize_features",
     "pool_features",
+    "check_pool",
     "self_similarity",
     "masked_pearson",
     "resize_mask",
@@ -71,17 +72,21 @@ def pool_features(feats: Tensor, pool: int) -> Tensor:
     Raises:
         ValueError: if ``H`` or ``W`` is not a multiple of ``pool``.
     """
-    if not isinstance(pool, int) or pool < 1:
+    check_pool(tuple(feats.shape[-2:]), pool)
+    return feats if pool == 1 else F.avg_pool2d(feats, pool)
+
+
+def check_pool(grid: tuple[int, int], pool: int) -> None:
+    """Refuse a pooling factor that is not a positive integer dividing the ``(H, W)`` feature grid, naming both."""
+    if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
         raise ValueError(f"pool must be a positive integer, got {pool!r}")
-    if pool == 1:
-        return feats
-    h, w = feats.shape[-2:]
+    h, w = grid
     if h % pool or w % pool:
+        divisors = [d for d in range(1, min(h, w) + 1) if h % d == 0 and w % d == 0]
         raise ValueError(
-            f"feature grid {h}x{w} is not divisible by pool={pool}; choose a pool factor that divides the grid "
-            f"(the DINOv2 and dense backbones give 48x48 grids by default: pool 1, 2, 3, 4, 6, 8...)"
+            f"pool={pool} does not divide the backbone's {h}x{w} feature grid; set the scorer's pool to one that does "
+            f"({', '.join(map(str, divisors[:8]))}...)"
         )
-    return F.avg_pool2d(feats, pool)
 
 
 def self_similarity(tokens: Tensor) -> Tensor:

@@ -47,6 +47,7 @@ class FeatureScorer(GroupScorer):
         super().__init__()
         if nssm_features not in ("visual", "semantic"):
             raise ValueError(f"nssm_features must be 'visual' or 'semantic', got {nssm_features!r}")
+        RF.check_pool((pool, pool), pool)  # a positive integer; the grid is checked when features arrive
         self.backbone = backbone
         self.pool = pool
         self.tau_s = tau_s
@@ -80,6 +81,8 @@ class FeatureScorer(GroupScorer):
     ) -> Components:
         """Score precomputed features (the reference's may be cached by the caller across groups)."""
         grid = tuple(gen.semantic.shape[-2:])
+        if need_nssm:  # before the mask, which is checked on the pooled grid
+            RF.check_pool(grid, self.pool)
         ref_mask_grid = _mask_to_grid(to_mask_batch(ref_mask, "ref_mask"), grid, "ref_mask")
         gen_mask_grid = _mask_to_grid(to_mask_batch(gen_masks, "gen_masks"), grid, "gen_masks")
         if ref_mask_grid is not None:

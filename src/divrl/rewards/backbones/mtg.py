@@ -51,6 +51,7 @@ __all__ = ["MTGServerScorer", "MTGServerError", "MTGNonFiniteScore"]
 logger = logging.getLogger("divrl.rewards.mtg")
 
 _EXCERPT_CHARS = 500
+_SLACK = 1e-4  # float rounding on the server's side is no range violation
 
 
 class MTGServerError(RuntimeError):
@@ -215,7 +216,8 @@ class MTGServerScorer(GroupScorer):
                 "semantic_threshold": self.tau_s,
             }
             what = f"{'nSSM' if is_ssm else 'VSM'} of images {start}..{start + len(chunk) - 1}"
-            scores.extend(self._request(payload, len(chunk), what, nan_ok=not is_ssm and self.vsm_nan_as_zero))
+            scores.extend(self._request(payload, len(chunk), what, nan_ok=not is_ssm and self.vsm_nan_as_zero,
+                                        bounds=(0.0, 2.0) if is_ssm else (0.0, 1.0)))
         nan = [i for i, v in enumerate(scores) if math.isnan(v)]
         if nan:
             self.nan_vsm_count += len(nan)
@@ -228,8 +230,10 @@ class MTGServerScorer(GroupScorer):
 
     # ------------------------------------------------------------------------------------------------ HTTP
 
-    def _request(self, payload: dict, expected: int, what: str, nan_ok: bool = False) -> list[float]:
-        """POST one request with retries; return ``expected`` validated scores or raise :class:`MTGServerError`."""
+    def _request(self, payload: dict, expected: int, what: str, nan_ok: bool = False,
+                 bounds: tuple[float, float] = (-math.inf, math.inf)) -> list[float]:
+        """POST one request with retries; return ``expected`` validated scores (finite, within ``bounds``: nSSM
+        ``1 − ρ`` lies in [0, 2], VSM, a fraction, in [0, 1]) or raise :class:`MTGServerError`."""
         data = json.dumps(payload).encode("utf-8")
         attempts = self.retries + 1
         last: _Retryable | None = None
@@ -247,7 +251,7 @@ class MTGServerScorer(GroupScorer):
             except _Retryable as err:
                 last = err
                 continue
-            return self._parse(body, expected, what, attempt + 1, nan_ok)
+            return self._parse(body, expected, what, attempt + 1, nan_ok, bounds)
         raise MTGServerError(
             f"MTG reward server at {self.endpoint} failed for the {what} after {attempts} attempt(s); "
             f"last error: {last}. Start the Mind-the-Glitch reward server (CleanDIFT-SD2.1, needs a GPU) and check "
@@ -286,7 +290,8 @@ class MTGServerScorer(GroupScorer):
         except (OSError, http.client.HTTPException) as err:  # timeouts and resets while reading, bad status lines
             raise _Retryable(f"{type(err).__name__}: {err or 'no details'}") from None
 
-    def _parse(self, body: bytes, expected: int, what: str, attempt: int, nan_ok: bool = False) -> list[float]:
+    def _parse(self, body: bytes, expected: int, what: str, attempt: int, nan_ok: bool = False,
+               bounds: tuple[float, float] = (-math.inf, math.inf)) -> list[float]:
         def fail(problem: str, kind: type[MTGServerError] = MTGServerError) -> MTGServerError:
             return kind(
                 f"MTG reward server at {self.endpoint} gave an unusable answer for the {what}: {problem}; "
@@ -316,6 +321,11 @@ class MTGServerScorer(GroupScorer):
         bad = [i for i, v in enumerate(values) if math.isinf(v) or (math.isnan(v) and not nan_ok)]
         if bad:
             raise fail(f"NaN or infinite score(s) at position(s) {bad}", MTGNonFiniteScore)
+        low, high = bounds  # a score outside its component's range is a server bug, never a reward
+        out = {i: v for i, v in enumerate(values) if not (low - _SLACK <= v <= high + _SLACK or math.isnan(v))}
+        if out:
+            raise fail(f"score(s) {list(out.values())} at position(s) {list(out)} outside [{low:g}, {high:g}], the "
+                       f"range of the {what.split()[0]}")
         return values
 
 
