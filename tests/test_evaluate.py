@@ -91,7 +91,7 @@ def test_reported_numbers_match_a_recomputation_from_the_saved_images(evaluated)
     ref_mask = to_mask_batch(record.mask)
     rows = [json.loads(line) for line in (evaluated / "base/scores.jsonl").read_text().splitlines()]
     first = [r for r in rows if r["key"].startswith(f"{record.id}/000/")]
-    images = to_image_batch([r["file"] for r in first])
+    images = to_image_batch([str(evaluated / "base" / r["file"]) for r in first])  # relative to the method folder
     expected = scale_invariant_iou(BackgroundSegmenter(0.1)(images), ref_mask)
     assert [r["si_iou"] for r in first] == pytest.approx(expected.tolist(), abs=1e-6)
     overall = json.loads((evaluated / "metrics.json").read_text())["methods"]["base"]["overall"]
@@ -139,7 +139,7 @@ def test_samples_of_another_system_in_the_dreambench_layout(evaluated, tmp_path)
             (root / folder / identity).mkdir(parents=True, exist_ok=True)
         records[identity].reference.save(root / "src_image" / identity / f"{stem}.jpg", quality=95)
         (root / "text" / identity / f"{stem}.txt").write_text(row["prompt"] + "\n")
-        Image.open(row["file"]).save(root / "tgt_image" / identity / f"{stem}.png")
+        Image.open(evaluated / "base" / row["file"]).save(root / "tgt_image" / identity / f"{stem}.png")
     code, out = evaluate(tmp_path, methods={}, samples_dir=str(tmp_path / "samples"))
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())

@@ -5,7 +5,9 @@ function of the policy. Everything is written under ``output_dir``::
 
     <method>/images/<id>/<prompt index>_<k>.png     generated samples (reused when present: the run resumes)
     <method>/generation.json                        how they were generated (a mismatch stops the run)
-    <method>/scores.jsonl                           one line per sample, appended as groups are scored
+    <method>/scores.jsonl                           one line per sample, appended as groups are scored; its
+                                                    ``file``: relative to <method>/ for generated images (the folder
+                                                    may move), the path as read for ``samples_dir`` ones
     <method>/grid.png                               reference + samples of the first conditions
     metrics.json, table.md, frontier.png            every method, overall and per category
 
@@ -203,11 +205,13 @@ class Evaluation:
         scored = self._previous_scores(folder)
         rows: list[dict] = []
         grid_groups = []
+        _end_line(folder / "scores.jsonl")
         with (folder / "scores.jsonl").open("a") as scores_file:
             for condition in _progress(conditions, f"evaluate {name}", self.progress):
                 images, files = self._images(folder, condition, generate)
                 keys = [f"{condition.key}/{k}" for k in range(len(files))]
-                if all(key in scored and _same_sample(scored[key], condition, files[k]) for k, key in enumerate(keys)):
+                if all(key in scored and _same_sample(scored[key], condition, files[k], folder)
+                       for k, key in enumerate(keys)):
                     group = [scored[key] for key in keys]
                 else:
                     values = self.suite.score_group(condition.reference, images(), condition.prompt, condition.mask,
@@ -215,7 +219,7 @@ class Evaluation:
                     group = []
                     for k, key in enumerate(keys):
                         row = {"key": key, "id": condition.id, "prompt": condition.prompt, "category": condition.category,
-                               "file": str(files[k]), **{c: values[c][k] for c in values}}
+                               "file": _stored(files[k], folder), **{c: values[c][k] for c in values}}
                         scores_file.write(json.dumps(row) + "\n")
                         group.append(row)
                     scores_file.flush()
@@ -290,9 +294,26 @@ class Evaluation:
         path.write_text(json.dumps({**meta, "generated": generated}, indent=2))
 
 
-def _same_sample(row: dict, condition: EvalCondition, file: Path) -> bool:
-    """Whether a scored row is this condition's sample (same prompt, category and file)."""
-    return row["prompt"] == condition.prompt and row["category"] == condition.category and row["file"] == str(file)
+def _stored(file: Path, folder: Path) -> str:
+    """A sample's ``file`` in ``scores.jsonl``: relative to the method's folder when it lies in it (generated images),
+    else as read (``samples_dir``)."""
+    return file.relative_to(folder).as_posix() if file.is_relative_to(folder) else str(file)
+
+
+def _same_sample(row: dict, condition: EvalCondition, file: Path, folder: Path) -> bool:
+    """Whether a scored row is this condition's sample (same prompt, category and file; a ``file`` written before it
+    was stored relative to the method's folder counts when it is the same path)."""
+    return (row["prompt"] == condition.prompt and row["category"] == condition.category
+            and row["file"] in (_stored(file, folder), str(file)))
+
+
+def _end_line(path: Path) -> None:
+    """Start a new line after a last line a killed run cut short, so that the next row is not glued onto it."""
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
 
 
 def _read_scores(path: Path, columns: Sequence[str]) -> dict[str, dict]:
