@@ -146,7 +146,7 @@ def test_the_console_prints_divrl_sentences_without_a_traceback(tmp_path, monkey
     monkeypatch.setattr("sys.argv", argv)
     assert main() == 1
     err = capsys.readouterr().err
-    assert "divrl sample: divrl sample --reference: cannot read image" in err and "Traceback" not in err
+    assert "divrl sample: --reference: cannot read image" in err and "Traceback" not in err
     monkeypatch.setenv("DIVRL_TRACEBACK", "1")
     with pytest.raises(ValueError, match="cannot read image"):
         main()

@@ -76,12 +76,12 @@ def test_a_group_with_non_finite_rewards_is_skipped_and_counted(caplog):
 
 
 def test_a_reward_configuration_error_stops_the_run_at_the_first_step_with_its_message():
-    """pool 5 on a 12×12 feature grid leaves a 2×2 scoring grid on which no subject mask covers two cells: a
-    configuration error, not a non-finite score. The run stops at once with the reward's own message instead of
+    """pool 5 on a 12×12 feature grid: a configuration error, not a non-finite score. The run stops at once with the
+    reward's own message, naming the pool and the grid (not the identity's mask, which it once blamed), instead of
     skipping every group until max_steps (what it did when every ValueError counted as a non-finite reward)."""
     snapshot = Snapshot()
     reward = NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=5), track_vsm=False)
-    with pytest.raises(ValueError, match=r"ref_mask covers 0 cell\(s\) of the 2x2 scoring grid"):
+    with pytest.raises(ValueError, match=r"pool=5 does not divide the backbone's 12x12 feature grid"):
         run(reward, max_steps=5, callbacks=[snapshot])
     assert len(snapshot.states) == 1  # stopped inside the first training step: no update was ever applied
 
@@ -97,7 +97,8 @@ def test_a_reward_that_is_never_finite_stops_after_the_configured_number_of_empt
 def test_a_run_whose_every_rollout_was_skipped_fails_at_the_end_and_skips_are_summarised(caplog):
     """A run that ends (one epoch of 3 rollouts) before system.max_empty_rollouts (10) with every rollout skipped
     must not exit as a success; a run that skipped some groups says how many when it ends."""
-    with pytest.raises(RuntimeError, match=r"every one of the run's 3 rollouts was skipped \(NSSMReward"):
+    with pytest.raises(RuntimeError, match=r"every one of the run's 3 rollouts was skipped \(the last had no group with a "
+                                           r"finite reward \(NSSMReward"):
         run(NSSMReward(NaNScorer(), track_vsm=False), max_steps=-1, max_epochs=1, steps_per_epoch=3)
     caplog.clear()
     run(NSSMReward(FlakyScorer(), track_vsm=False), max_steps=2)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import yaml
 
 from divrl import __version__
 from divrl.cli_data import add_data_command
@@ -25,6 +26,18 @@ from divrl.cli_data import add_data_command
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="divrl", description="RL post-training of subject-driven image generators.")
+
+    def bounded(kind: type, low: float, strict: bool = False):
+        """An argparse type refusing values below ``low`` (at or below with ``strict``): ``must be >= 1, got 0``."""
+        def parse(text: str):
+            value = kind(text)
+            if value < low or (strict and value == low):
+                raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+            return value
+
+        parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+        return parse
+
     parser.add_argument("--version", action="version", version=f"divrl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     score = commands.add_parser(
@@ -44,15 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--model", default="facebook/dinov2-small", help="DINOv2 Hub id or local folder")
     score.add_argument("--mtg-url", help="score with a running Mind-the-Glitch reward server instead of a backbone")
-    score.add_argument("--timeout", type=float, default=120.0, help="--mtg-url: seconds per request (default 120)")
-    score.add_argument("--retries", type=int, default=3, help="--mtg-url: extra attempts on transient failures (default 3)")
-    score.add_argument("--pool", type=int, default=2, help="nSSM pooling factor on the 48x48 grid (default 2 -> 24x24)")
+    score.add_argument("--timeout", type=bounded(float, 0, strict=True), default=120.0,
+                       help="--mtg-url: seconds per request (default 120)")
+    score.add_argument("--retries", type=bounded(int, 0), default=3,
+                       help="--mtg-url: extra attempts on transient failures (default 3)")
+    score.add_argument("--pool", type=bounded(int, 1), default=2,
+                       help="nSSM pooling factor on the 48x48 grid (default 2 -> 24x24)")
     score.add_argument("--tau-s", type=float, default=0.7, help="VSM semantic threshold (default 0.7)")
     score.add_argument("--tau-v", type=float, default=0.7, help="VSM visual threshold (default 0.7)")
     score.add_argument("--threshold", type=float, default=0.5, help="R2 identity gate s (default 0.5)")
     score.add_argument("--weight", type=float, default=5.0, help="R2 penalty weight lambda (default 5)")
-    score.add_argument("--size", type=int, default=512, help="resize images to this square size first (default 512)")
-    score.add_argument("--json", type=Path, help="also write the scores to this JSON file")
+    score.add_argument("--size", type=bounded(int, 1), default=512,
+                       help="resize images to this square size first (default 512)")
+    score.add_argument("--json", type=Path, help="also write the scores to this JSON file (its folder is created)")
     score.set_defaults(func=run_score)
 
     add_data_command(commands)
@@ -64,6 +81,15 @@ def run_score(args: argparse.Namespace) -> int:
     from divrl.rewards import FeatureScorer, GatedReward
     from divrl.rewards import functional as RF
 
+    if args.json is not None:  # before minutes of scoring
+        if args.json.is_dir():
+            raise IsADirectoryError(f"--json {args.json} is a folder; give a file name, e.g. --json "
+                                    f"{args.json / 'scores.json'}")
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(f"cannot write --json {args.json} ({err.strerror or err}); give a file in a folder you can "
+                          f"write to") from err
     if args.mtg_url:
         from divrl.rewards.backbones import MTGServerScorer
 
@@ -220,6 +246,37 @@ def _raises(frame) -> bool:
     return False
 
 
+def check_command_line(args: Sequence[str]) -> list[Path]:
+    """What jsonargparse would refuse with its usage screen, refused with one sentence before it parses: a ``--config``
+    file that is missing or not YAML (named, with the line), and settings of the former ``model.grpo`` group (on the
+    command line or in a config), each named with where it moved. Returns the config files."""
+    from divrl.training.checkpoints import moved_setting
+
+    configs = [Path(value) for flag, value in zip(args, [*args[1:], None]) if flag == "--config" and value]
+    configs += [Path(arg.split("=", 1)[1]) for arg in args if arg.startswith("--config=")]
+    old = [arg.split("=", 1)[0].removeprefix("--model.grpo.") for arg in args if arg.startswith("--model.grpo.")]
+    where = "on the command line"
+    for path in configs:
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path} does not exist (relative paths start at {os.getcwd()!r})")
+        try:
+            config = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"--config {path} is not valid YAML: {getattr(err, 'problem', None) or err}{at}; fix the "
+                             f"file") from None
+        grpo = config.get("model", {}).get("grpo") if isinstance(config, dict) and isinstance(
+            config.get("model"), dict) else None
+        if isinstance(grpo, dict) and not old:
+            old, where = list(grpo), f"in --config {path}"
+    if old:
+        moves = ", ".join(f"model.grpo.{key} -> model.{moved_setting(key)}" for key in old)
+        raise ValueError(f"the settings of model.grpo {where} moved when they were grouped by concern ({moves}); "
+                         f"rename them (the README's Training section lists every move)")
+    return configs
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``divrl`` command. Called without ``argv`` (the console script), an error divrl raised about its input
     prints its sentence alone and exits 1 (``DIVRL_TRACEBACK=1`` shows the traceback too); from Python (``argv``
@@ -235,8 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = expected_error(err)
         if message is None:
             raise
-        command = sys.argv[1] if len(sys.argv) > 1 else ""
-        print(f"divrl {command}: {message}\n(DIVRL_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        command = f"divrl {sys.argv[1]}" if len(sys.argv) > 1 else "divrl"
+        sentence = message if message.startswith(command) else f"{command}: {message}"  # no "divrl sample: divrl sample"
+        print(f"{sentence}\n(DIVRL_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return 1
 
 
@@ -246,15 +304,15 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in LIGHTNING_COMMANDS:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+        configs = check_command_line(argv[1:])
         try:
             run_lightning(given)
         except MisconfigurationException as err:
             if not any(word in str(err).lower() for word in ("gpu", "cuda")) or torch.cuda.is_available():
                 raise
-            print(f"divrl {argv[0]}: this configuration asks for GPUs and this machine has no CUDA GPU ({err}). "
-                  f"configs/explore.yaml is the paper's 8-GPU run; on a CPU try the demo, `divrl fit --config "
-                  f"configs/demo.yaml`, or set --trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto",
-                  file=sys.stderr)
+            given = f" (--config {' + '.join(map(str, configs))})" if configs else ""
+            print(f"divrl {argv[0]}: this run{given} asks for GPUs and this machine has no CUDA GPU ({err}). On a CPU try the demo, `divrl fit --config configs/demo.yaml`, or "
+                  f"set --trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto", file=sys.stderr)
             return 2
         return 0
     if not argv or argv[0] in ("-h", "--help"):

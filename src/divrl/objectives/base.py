@@ -94,10 +94,11 @@ class Batch:
         rollout_calls: network calls per generated image during collect (FLOP accounting).
         update_calls: forward-pass equivalents per generated image of all this batch's updates (a forward and its
             backward count 2, a reference forward 1).
-        usable: for a batch without scores, how many conditions can train (e.g. those with a target image); ``None``:
-            all of them. A batch with none on any rank is not applied and counted, as a rollout without a kept group.
-        missing: what a condition lacks when ``usable`` is 0 (named in the warning and in the error that stops a run
-            after ``system.max_empty_rollouts`` such batches in a row).
+        usable: how many conditions, pairs or groups can train (those with a target image, pairs whose reward gap is
+            large enough...); ``None``: all of them (of the kept groups, when scored). A batch with none on any rank
+            (or no kept group) is not applied and counted, as a rollout without a kept group.
+        missing: what the batch lacks when ``usable`` is 0, with the fix (named in the warning and in the error that
+            stops a run after ``system.max_empty_rollouts`` such batches in a row).
     """
 
     samples: Sequence[ConditionSample]

@@ -200,7 +200,11 @@ class DPOObjective(_Preference):
         pairs_t = torch.tensor(pairs, device=x0.device)
         noise, sigmas = self._draws(len(pairs), x0, generator, policy, condition)
         return PreferenceBatch(samples, g, scores, images, condition, rollout_calls=env.sampling.num_steps,
-                               update_calls=self._update_calls(len(pairs), len(samples) * g), x0=x0, pairs=pairs_t,
+                               update_calls=self._update_calls(len(pairs), len(samples) * g),
+                               usable=sum(w > 0 for w in weights),
+                               missing=f"no pair whose reward gap is above objective.min_gap {self.min_gap:g} (lower it, "
+                                       f"or raise sampling.group_size or noise_level for more varied groups)",
+                               x0=x0, pairs=pairs_t,
                                cond_rows=pairs_t, weights=torch.tensor(weights, device=x0.device),
                                margins=torch.stack(margins).to(x0.device), noise=noise, sigmas=sigmas)
 
@@ -297,7 +301,10 @@ class GroupDPOObjective(_Preference):
         both = (adv > 0).any(-1) & (adv < 0).any(-1)
         noise, sigmas = self._draws(n, x0, generator, policy, condition)
         return PreferenceBatch(samples, g, scores, images, condition, rollout_calls=env.sampling.num_steps,
-                               update_calls=3 * self.timesteps_per_sample * self.epochs, x0=x0, pairs=rows,
+                               update_calls=3 * self.timesteps_per_sample * self.epochs,
+                               usable=int(both.sum()), missing="no group with rewards both above and below its mean "
+                               "(every group's samples scored alike: raise sampling.group_size or noise_level)",
+                               x0=x0, pairs=rows,
                                cond_rows=rows, weights=both.float(), margins=margins, advantages=adv, noise=noise,
                                sigmas=sigmas)
 

@@ -65,6 +65,18 @@ class LoRAConfig:
     init: str = "gaussian"
     dropout: float = 0.0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"policy.lora.rank must be an integer >= 1 (DivRL: 64), got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"policy.lora.alpha must be > 0 (the update is scaled by alpha / rank; DivRL: 128), got "
+                             f"{self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"policy.lora.dropout must lie in [0, 1) (DivRL: 0), got {self.dropout!r}")
+        if isinstance(self.target_modules, str) or not self.target_modules:
+            raise ValueError(f"policy.lora.target_modules must be a non-empty list of module-name suffixes, got "
+                             f"{self.target_modules!r}")
+
     def to_peft(self):
         """The equivalent ``peft.LoraConfig``."""
         from peft import LoraConfig

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from divrl.policy.sharding import trainable_parameters
 
 __all__ = ["trainable_state_dict", "keep_trainable", "check_trainable_keys", "load_weights", "read_checkpoint",
-           "upgrade_hparams", "DCP_METADATA"]
+           "upgrade_hparams", "optimizer_settings", "apply_optimizer_settings", "DCP_METADATA"]
 
 DCP_METADATA = "meta.pt"
 """Lightning's name for the non-tensor part of a distributed checkpoint folder."""
@@ -103,6 +103,15 @@ _SAMPLING = ("group_size", "num_steps", "noise_level", "resolution", "seed", "va
 _SYSTEM = ("rollout_micro_batch_size", "rollout_keep_gathered", "max_grad_norm", "max_consecutive_skips")
 
 
+def moved_setting(key: str) -> str:
+    """Where a setting of the former ``grpo`` group lives now (``"group_size"`` → ``"sampling.group_size"``), as
+    :func:`upgrade_hparams` moves it."""
+    if key == "guidance":
+        return "policy.guidance"
+    group = "sampling" if key in _SAMPLING else "system" if key in _SYSTEM else "objective.init_args"
+    return f"{group}.{key}"
+
+
 def upgrade_hparams(hparams: dict) -> dict:
     """A checkpoint's model settings in today's layout: the former ``grpo`` group (divrl before the seams) is split into
     ``sampling``, ``objective`` (Flow-GRPO's settings) and ``system``, its ``guidance`` moves to ``policy``. Settings in
@@ -171,9 +180,25 @@ def intact(path: Path) -> bool:
 def resume_path(ckpt_path, folders: list[str]) -> str | None:
     """The checkpoint ``--ckpt_path`` should resume from: ``last`` is the newest intact ``last*.ckpt`` in ``folders``,
     else the newest intact checkpoint there (a warning names the damaged one); a damaged file given by path is refused,
-    naming the newest intact one. Anything else (``None``, ``hpc``, a folder) is returned unchanged."""
-    if ckpt_path != "last" and not (isinstance(ckpt_path, (str, Path)) and Path(ckpt_path).is_file()):
-        return ckpt_path  # None, "hpc", "best", a folder (a sharded checkpoint): as Lightning resolves them
+    naming the newest intact one, and so are a path that does not exist and one that is no training checkpoint (a LoRA
+    export). ``None``, ``hpc``, ``best``, ``registry[:...]``, remote paths and sharded checkpoint folders are returned
+    unchanged, for Lightning to resolve."""
+    if ckpt_path is None or ckpt_path in ("hpc", "best") or "://" in str(ckpt_path) or str(
+            ckpt_path).lower().split(":")[0] == "registry":
+        return ckpt_path
+    if ckpt_path != "last":
+        path = Path(ckpt_path)
+        if not path.exists():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist; pass a checkpoint of a run "
+                                    f"(<default_root_dir>/checkpoints/*.ckpt), `last` for the newest one, or no "
+                                    f"--ckpt_path to start anew")
+        if path.suffix == ".safetensors" or (path.is_dir() and not is_checkpoint(path)):
+            raise ValueError(f"--ckpt_path {ckpt_path} is not a training checkpoint (it takes a .ckpt file or a sharded "
+                             f"checkpoint folder of a run, <default_root_dir>/checkpoints/); a LoRA or an exported "
+                             f"model is loaded by `divrl sample --lora {ckpt_path}` or `divrl evaluate --methods "
+                             f"'{{name: {ckpt_path}}}'`")
+        if path.is_dir():
+            return ckpt_path  # a sharded checkpoint: as Lightning resolves it
     candidates = sorted((p for folder in folders if "://" not in str(folder) for p in Path(folder).glob("*.ckpt")),
                         key=lambda p: p.stat().st_mtime, reverse=True)
     if ckpt_path == "last":
@@ -268,3 +293,50 @@ def resumed_settings(checkpoint: dict, hparams, policy=None) -> None:
     if differ:
         listed = "; ".join(f"model.{k}: {a!r} -> {b!r}" for k, (a, b) in differ.items())
         warnings.warn(f"model settings that differ from the checkpoint's; the command line's apply: {listed}")
+
+
+_SCHEDULE_PROGRESS = frozenset({"last_epoch", "base_lrs", "best", "num_bad_epochs", "cooldown_counter", "verbose"})
+"""Public entries of a scheduler's ``state_dict`` that are its progress, not its settings."""
+
+
+def optimizer_settings(optimizer, scheduler=None) -> dict:
+    """The settings of a freshly built optimizer (every param group's hyperparameters) and scheduler (the public
+    entries of its state that are not progress), kept to be re-applied over a checkpoint's by
+    :func:`apply_optimizer_settings`."""
+    import copy
+
+    groups = [copy.deepcopy({k: v for k, v in group.items() if k != "params"}) for group in optimizer.param_groups]
+    schedule = {} if scheduler is None else copy.deepcopy(
+        {k: v for k, v in scheduler.state_dict().items() if not k.startswith("_") and k not in _SCHEDULE_PROGRESS})
+    return {"groups": groups, "scheduler": schedule}
+
+
+def apply_optimizer_settings(optimizer, scheduler, configured: dict) -> list[str]:
+    """Re-apply the command line's optimizer and scheduler settings (``configured``: :func:`optimizer_settings` of the
+    freshly built ones) over those a resumed checkpoint restored; returns what changed, as ``"model.optimizer lr:
+    0.0003 -> 0.0001"``. A new learning rate under a scheduler rescales the schedule: the current rate, the
+    scheduler's base rates and the param group's ``initial_lr`` are multiplied by new / old."""
+    changes = []
+    for index, (group, fresh) in enumerate(zip(optimizer.param_groups, configured["groups"])):
+        where = "model.optimizer" + (f" (param group {index})" if len(optimizer.param_groups) > 1 else "")
+        for key, value in fresh.items():
+            if key not in ("lr", "initial_lr") and key in group and _plain(group[key]) != _plain(value):
+                changes.append(f"{where} {key}: {group[key]!r} -> {value!r}")
+                group[key] = value
+        new, old = fresh.get("initial_lr", fresh["lr"]), group.get("initial_lr", group["lr"])
+        if new == old:
+            continue
+        if scheduler is not None and "initial_lr" in group and old:
+            changes.append(f"{where} lr: {old!r} -> {new!r} (the schedule rescaled by {new / old:.6g})")
+            group["lr"] = group["lr"] * (new / old)
+            group["initial_lr"] = scheduler.base_lrs[index] = new
+            if getattr(scheduler, "_last_lr", None):
+                scheduler._last_lr[index] = group["lr"]
+        else:
+            changes.append(f"{where} lr: {old!r} -> {new!r}")
+            group["lr"] = new
+    for key, value in configured["scheduler"].items():
+        if scheduler is not None and _plain(getattr(scheduler, key, None)) != _plain(value):
+            changes.append(f"model.lr_scheduler {key}: {getattr(scheduler, key, None)!r} -> {value!r}")
+            setattr(scheduler, key, value)
+    return changes

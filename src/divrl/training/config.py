@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from divrl.objectives.base import SamplingConfig, positive
 from divrl.objectives.grpo import GRPOConfig
 from divrl.policy.base import PolicyConfig
 from divrl.policy.kontext import KontextConfig
 
-__all__ = ["SystemConfig", "SamplingConfig", "PolicyConfig", "KontextConfig", "GRPOConfig"]
+__all__ = ["SystemConfig", "SamplingConfig", "PolicyConfig", "KontextConfig", "GRPOConfig", "check_optimizer"]
 
 
 @dataclass
@@ -54,3 +56,25 @@ class SystemConfig:
             positive(self, "system", "rollout_micro_batch_size")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"system.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+
+
+def check_optimizer(optimizer, lr_scheduler=None) -> None:
+    """Build ``model.optimizer`` (and ``model.lr_scheduler``) once over a stand-in parameter, so settings torch refuses
+    (a negative learning rate, betas outside [0, 1)...) stop the run when the config is read, naming the key, not
+    after minutes of loading the model. Only torch's own refusals (``ValueError``) are reported here; anything else
+    an optimizer may need (a GPU parameter...) is left to the real construction."""
+    probe = torch.nn.Parameter(torch.zeros(1))
+    try:
+        built = optimizer([probe])
+    except ValueError as err:
+        raise ValueError(f"model.optimizer: {err}; fix model.optimizer.init_args") from None
+    except Exception:  # noqa: BLE001 - not a settings error this probe can judge
+        return
+    if lr_scheduler is None:
+        return
+    try:
+        lr_scheduler(built)
+    except ValueError as err:
+        raise ValueError(f"model.lr_scheduler: {err}; fix model.lr_scheduler.init_args") from None
+    except Exception:  # noqa: BLE001 - as above
+        return

@@ -55,28 +55,29 @@ class RunEnvironment:
 
 
 def trains_on(module, collected: Batch) -> bool:
-    """Whether any rank has something to train on in ``collected``: a kept group (rewarded batches), or
-    ``collected.usable`` conditions (a target, a preference pair). A batch with nothing on any rank is not applied and
+    """Whether any rank has something to train on in ``collected``: a kept group (rewarded batches) and
+    ``collected.usable`` conditions, pairs or groups (a target, a preference pair, a reward gap). A batch with nothing on any rank is not applied and
     counted (``train/empty_rollouts``); ``system.max_empty_rollouts`` of them in a row stop the run, saying what was
     missing. One collective."""
-    usable = collected.scores.kept if collected.scores is not None else collected.usable
+    unscored = collected.scores is not None and collected.scores.kept == 0
+    usable = 0 if unscored else collected.usable
     if usable is None:
         return True
+    missing = (f"no group with a finite reward ({type(module.reward).__name__} returned non-finite scores for every "
+               f"group)" if unscored else collected.missing)
     if usable == 0:
         log.warning("rollout %d: nothing to train on on this rank (%s); its update carries no gradient",
-                    module.rollouts_done, "every group was skipped" if collected.scores is not None else collected.missing)
+                    module.rollouts_done, missing)
     if module.trainer.strategy.reduce_boolean_decision(usable > 0, all=False):
         module._empty_rollouts = 0
         return True
     module.counters["empty_rollouts"] += 1
     module._empty_rollouts += 1
+    module.empty_reason = missing
     if module._empty_rollouts >= module.system.max_empty_rollouts:
-        missing = (f"no group with a finite reward ({type(module.reward).__name__} returned non-finite scores for every "
-                   f"group on every rank)" if collected.scores is not None else collected.missing)
         raise RuntimeError(
-            f"{module._empty_rollouts} rollouts in a row had {missing}; stopping instead of training on nothing. "
-            f"{'Check the reward and its scorer' if collected.scores is not None else 'Check the shards'}, or raise "
-            f"system.max_empty_rollouts"
+            f"{module._empty_rollouts} rollouts in a row had {missing}, on every rank; stopping instead of training on "
+            f"nothing{'. Check the reward and its scorer' if unscored else ''}, or raise system.max_empty_rollouts"
         )
     return False
 
@@ -196,7 +197,7 @@ class RolloutGroup:
 
 SKIPS = {"skipped_samples": "bad samples skipped", "skipped_groups": "groups skipped (non-finite reward)",
          "skipped_updates": "updates skipped (non-finite loss or gradient)",
-         "empty_rollouts": "rollouts with no finite reward on any rank (not applied)"}
+         "empty_rollouts": "rollouts with nothing to train on, on any rank (not applied)"}
 
 
 def end_of_run(module) -> None:
@@ -213,8 +214,8 @@ def end_of_run(module) -> None:
         log.warning("divrl: %d rollouts, %d optimizer steps; %s", rollouts, module.global_step, "; ".join(skipped))
     if rollouts and counters.get("empty_rollouts", 0) >= rollouts:
         raise RuntimeError(
-            f"every one of the run's {rollouts} rollouts was skipped ({type(module.reward).__name__} gave no finite "
-            f"reward): nothing was trained. Check the reward and its scorer (e.g. `divrl score` on a few images)"
+            f"every one of the run's {rollouts} rollouts was skipped (the last had {module.empty_reason}): nothing was "
+            f"trained. Check the reward and its scorer (e.g. `divrl score` on a few images) or the objective's settings"
         )
 
 

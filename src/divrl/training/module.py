@@ -21,6 +21,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -41,7 +42,7 @@ from divrl.policy.kontext import KontextConfig
 from divrl.policy.sharding import all_reduce_grads, gathered, grad_norm
 from divrl.rewards.base import Reward
 from divrl.training import checkpoints
-from divrl.training.config import SystemConfig
+from divrl.training.config import SystemConfig, check_optimizer
 from divrl.training.environment import (RolloutGroup, RunEnvironment, agreed, device_peak, end_of_run, reward_metrics,
                                         score_groups, throughput, trains_on)
 from divrl.training.strategies import (check_optimizer_strategy, check_strategy, data_parallel_mesh, is_fsdp1,
@@ -103,8 +104,10 @@ class DivRLModule(pl.LightningModule):
         for o in self.objectives:
             o.check(self.sampling)
         self.rewards = nn.ModuleList(rewards).requires_grad_(False)  # reward models are judges, never trained
+        check_optimizer(optimizer, lr_scheduler)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
+        self._optimizer_settings: dict | None = None
         self.peak_tflops = peak_tflops
         self.policy = None  # built in configure_model (so sharded strategies can wrap it)
         self.automatic_optimization = False
@@ -114,6 +117,7 @@ class DivRLModule(pl.LightningModule):
         self.counters = defaultdict(int)  # skipped samples, groups, updates and empty rollouts since the start
         self.last_group: RolloutGroup | None = None
         self._consecutive_skips = self._empty_rollouts = 0
+        self.empty_reason = ""  # what the last batch not applied lacked (see environment.trains_on)
         self.save_hyperparameters(ignore=["rewards", "optimizer", "lr_scheduler"])
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -146,9 +150,23 @@ class DivRLModule(pl.LightningModule):
             raise ValueError("DivRLModule: nothing to train (policy.lora is null and no parameter requires grad)")
         optimizer = self.optimizer_factory(params)
         check_optimizer_strategy(optimizer, self._trainer.strategy if self._trainer is not None else None)
-        if self.scheduler_factory is None:
+        scheduler = self.scheduler_factory(optimizer) if self.scheduler_factory is not None else None
+        self._optimizer_settings = checkpoints.optimizer_settings(optimizer, scheduler)  # re-applied on resume
+        if scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """A resumed run trains with the command line's optimizer and scheduler settings, not the checkpoint's (which
+        Lightning restored with the optimizer's state): they are re-applied and listed in a warning."""
+        if self._optimizer_settings is None:
+            return
+        scheduler = self.lr_schedulers()
+        changes = checkpoints.apply_optimizer_settings(self.optimizers().optimizer, scheduler,
+                                                       self._optimizer_settings)
+        if changes and self.global_rank == 0:
+            warnings.warn(f"optimizer settings that differ from the checkpoint's; the command line's apply: "
+                          f"{'; '.join(changes)}")
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -13,14 +15,22 @@ from typing import Optional
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from divrl.data.datamodule import resolve_shards
 from divrl.data.stream import ConditionSample
 from divrl.eval.suite import EvalSuite
 from divrl.images import to_pil
+from divrl.policy.lora import LORA_FILE
 from divrl.rewards.base import Group
 from divrl.training.callbacks import group_grid
-from divrl.training.checkpoints import AtomicCheckpointIO, clean_partial, load_weights, resume_path
+from divrl.training.checkpoints import (
+    AtomicCheckpointIO,
+    clean_partial,
+    load_weights,
+    resume_path,
+    trainable_state_dict,
+)
 from divrl.training.environment import RolloutGroup
 from divrl.training.module import DivRLModule
 from divrl.utils import mix_seeds
@@ -42,7 +52,13 @@ class DivRLTrainer(pl.Trainer):
     """
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)
+        except MisconfigurationException as err:  # Lightning's sentence about a trainer setting, named by its key
+            if any(word in str(err).lower() for word in ("gpu", "cuda")):
+                raise  # the console script points GPU configs on CPU machines to the demo
+            keys = set(inspect.signature(pl.Trainer.__init__).parameters)
+            raise ValueError(re.sub(r"`(\w+)`", lambda m: f"trainer.{m[1]}" if m[1] in keys else m[0], str(err))) from None
         for callback in self.checkpoint_callbacks:
             if getattr(callback, "dirpath", "") is None:
                 callback.dirpath = os.path.realpath(os.path.join(self.default_root_dir, "checkpoints"))
@@ -61,6 +77,15 @@ class DivRLTrainer(pl.Trainer):
         ckpt_path = resume_path(ckpt_path, folders)
         self.fit_started = time.monotonic()  # for the end-of-fit summary
         return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
+
+    def validate(self, model: Optional[pl.LightningModule] = None, dataloaders=None, ckpt_path: Optional[str] = None,
+                 verbose: bool = True, datamodule: Optional[pl.LightningDataModule] = None,
+                 weights_only: Optional[bool] = None):
+        """Lightning's ``validate``; ``ckpt_path`` is resolved and checked as ``fit``'s (a missing file, a LoRA export
+        or a damaged file is refused by name)."""
+        folders = [c.dirpath for c in self.checkpoint_callbacks if getattr(c, "dirpath", None)]
+        ckpt_path = resume_path(ckpt_path, folders)
+        return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     @torch.no_grad()
     def sample(
@@ -107,21 +132,26 @@ class DivRLTrainer(pl.Trainer):
         Returns:
             The output folder.
         """
+        _at_least_one(num_samples=num_samples, num_steps=num_steps, num_identities=num_identities)
         out = Path(output_dir)
         if (out / "samples.json").exists():  # before minutes of loading a model
-            raise FileExistsError(f"divrl sample: --output_dir {out} already holds the samples.json of an earlier run; "
-                                  f"pass another --output_dir (or delete that folder) so nothing is overwritten")
+            raise FileExistsError(f"--output_dir {out} already holds the samples.json of an earlier run; pass another "
+                                  f"--output_dir (or delete that folder) so nothing is overwritten")
+        _writable_folder(out, "--output_dir")
         model.configure_model()
         if lora is not None:
             load_weights(model, lora)
+            _check_finite(model, lora, "--lora")
         model.to(self.strategy.root_device).eval()
         conditions = _conditions(datamodule, reference, prompts, mask, num_identities, subjects)
-        out.mkdir(parents=True, exist_ok=True)
         records = []
+        meta = {"lora": lora, "stage": model.stage + 1, "reward": type(model.reward).__name__, "num_steps": num_steps,
+                "noise_level": noise_level, "seed": seed, "complete": False, "samples": records}
         for index, condition in enumerate(conditions):
             generator = torch.Generator().manual_seed(mix_seeds(seed, index))
             images = model.generate([condition], num_samples, generator, num_steps=num_steps, noise_level=noise_level)
             images = images.float().cpu()
+            scores = model.reward(Group(condition, images))  # before any file of the group
             folder = out / condition.id
             folder.mkdir(parents=True, exist_ok=True)
             files = []
@@ -129,14 +159,12 @@ class DivRLTrainer(pl.Trainer):
                 path = folder / f"{index:03d}_{k}.png"
                 to_pil(image).save(path)
                 files.append(str(path))
-            scores = model.reward(Group(condition, images))
             group_grid(RolloutGroup(0, model.stage, condition, images, scores)).save(folder / f"{index:03d}_grid.png")
             components = {name: value.tolist() for name, value in scores.components.items()}
             records.append({"id": condition.id, "prompt": condition.prompt, "files": files,
                             "reward": scores.reward.tolist(), **components})
-        meta = {"lora": lora, "stage": model.stage + 1, "reward": type(model.reward).__name__, "num_steps": num_steps,
-                "noise_level": noise_level, "seed": seed, "samples": records}
-        (out / "samples.json").write_text(json.dumps(meta, indent=2))
+            _write_json(out / "samples.json", meta)  # after every group: no image the file does not list
+        _write_json(out / "samples.json", {**meta, "complete": True})
         print(f"[divrl] wrote {sum(len(r['files']) for r in records)} images to {out}")
         return out
 
@@ -190,6 +218,8 @@ class DivRLTrainer(pl.Trainer):
                 "divrl evaluate runs in one process (it writes one set of files); start it without torchrun/srun "
                 "tasks > 1, with trainer.devices: 1"
             )
+        _at_least_one(num_samples=num_samples, num_steps=num_steps, num_identities=num_identities,
+                      prompts_per_identity=prompts_per_identity)
         evaluation = Evaluation(suite, output_dir, num_samples, seed, grid_conditions, progress)
         suite.to(self.strategy.root_device)
         conditions = None
@@ -198,22 +228,21 @@ class DivRLTrainer(pl.Trainer):
             conditions = data_conditions(resolve_shards(shards, "data.val_shards"), num_identities, prompts_per_identity)
         methods = {"base": None} if methods is None and samples_dir is None else dict(methods or {})
         if methods and conditions is None:
-            raise ValueError("divrl evaluate: generating samples needs identities: configure `data` (val_shards)")
+            raise ValueError("generating samples needs identities: configure `data` (val_shards)")
         missing = {name: w for name, w in methods.items() if w is not None and not Path(w).exists()}
         if missing:  # before any work: a typo must not cost an hour of generation first
             raise FileNotFoundError(
-                f"divrl evaluate: weights of method(s) {missing} do not exist; train first (the demo: `divrl fit "
+                f"weights of method(s) {missing} do not exist; train first (the demo: `divrl fit "
                 f"--config configs/demo.yaml` writes runs/demo/lora/stage1 and runs/demo/lora/final) or fix the path"
             )
+        names = _sample_methods(samples_dir, sample_methods) if samples_dir is not None else []
+        _writable_folder(Path(output_dir), "--output_dir")
         # the base model first: a full fine-tune loaded for another method would otherwise replace its weights
         for name, weights in sorted(methods.items(), key=lambda item: item[1] is not None):
-            evaluation.run_method(name, conditions, self._eval_generator(model, weights, num_steps),
+            evaluation.run_method(name, conditions, self._eval_generator(model, weights, num_steps, f"methods.{name}"),
                                   meta=self._eval_meta(model, weights, num_steps))
         if samples_dir is not None:
             categories = {c.id: c.category for c in conditions or [] if c.category}
-            names = sample_methods or sorted(p.name for p in Path(samples_dir).iterdir() if (p / "tgt_image").is_dir())
-            if not names:
-                raise FileNotFoundError(f"divrl evaluate: no <method>/tgt_image folders in samples_dir {samples_dir}")
             for name in names:
                 evaluation.run_method(name, samples_layout(samples_dir, name, categories),
                                       meta={"samples_dir": str(Path(samples_dir).resolve())})
@@ -222,10 +251,11 @@ class DivRLTrainer(pl.Trainer):
         print((Path(output_dir) / "table.md").read_text().split("\n## ")[0])
         return metrics
 
-    def _eval_generator(self, model: DivRLModule, weights: str | None, num_steps: int):
+    def _eval_generator(self, model: DivRLModule, weights: str | None, num_steps: int, name: str):
         model.configure_model()
         if weights is not None:
             load_weights(model, weights)
+            _check_finite(model, weights, name)
         model.to(self.strategy.root_device).eval()
 
         def generate(condition, num_samples: int, seed: int) -> torch.Tensor:
@@ -248,20 +278,20 @@ def _conditions(datamodule, reference, prompts, mask, num_identities, subjects=N
 
     if reference is not None:
         if not prompts:
-            raise ValueError("divrl sample: --reference needs at least one --prompts entry")
+            raise ValueError("--reference needs at least one --prompts entry")
         files = list(reference) if isinstance(reference, (list, tuple)) else [reference]
         masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] + [None] * (len(files) - 1)
         if len(masks) != len(files) or (subjects is not None and len(subjects) != len(files)):
-            raise ValueError(f"divrl sample: {len(files)} --reference image(s), {len(masks)} --mask entries and "
+            raise ValueError(f"{len(files)} --reference image(s), {len(masks)} --mask entries and "
                              f"{'no' if subjects is None else len(subjects)} --subjects; give one mask (or null) and one "
                              f"category word per reference")
-        refs = [open_image(f, "divrl sample --reference").convert("RGB") for f in files]
-        subject_masks = [open_image(m, "divrl sample --mask").convert("L") if m is not None else None for m in masks]
+        refs = [open_image(f, "--reference").convert("RGB") for f in files]
+        subject_masks = [open_image(m, "--mask").convert("L") if m is not None else None for m in masks]
         identity = "_and_".join(Path(f).stem for f in files)
         metadata = {} if subjects is None else {"subjects": list(subjects)}
         return [ConditionSample(identity, p, refs, subject_masks, metadata=dict(metadata)) for p in prompts]
     if datamodule is None:
-        raise ValueError("divrl sample: give --reference and --prompts, or a data config to sample its identities")
+        raise ValueError("give --reference and --prompts, or a data config to sample its identities")
     datamodule.setup("validate")
     loader = datamodule.val_dataloader()
     conditions: list[ConditionSample] = []
@@ -272,6 +302,63 @@ def _conditions(datamodule, reference, prompts, mask, num_identities, subjects=N
             break
     ids = list(dict.fromkeys(c.id for c in conditions))[:num_identities]
     return [c for c in conditions if c.id in ids]
+
+
+def _at_least_one(**flags: int | None) -> None:
+    """Refuse counts below 1 (``None``: all), naming the flags, before anything is loaded."""
+    bad = [f"--{flag} {value}" for flag, value in flags.items() if value is not None and value < 1]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: must be at least 1")
+
+
+def _writable_folder(folder: Path, flag: str) -> None:
+    """Create ``folder`` and write a probe file in it: a file in its place or a read-only file system is refused by
+    the flag's name before a model is loaded."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{flag} {folder} is a file, not a folder; pass a folder (it is created if missing)")
+    probe = folder / f".divrl-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"cannot write to {flag} {folder} ({err.strerror or err}); pass a folder on a writable file "
+                      f"system") from err
+
+
+def _check_finite(model: DivRLModule, weights: str, flag: str) -> None:
+    """Refuse loaded weights that are not finite (a run that diverged exported NaN), naming their file: every image
+    of them would be black or noise."""
+    bad = next((name for name, p in trainable_state_dict(model).items() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        file = Path(weights) / LORA_FILE if (Path(weights) / LORA_FILE).is_file() else Path(weights)
+        raise ValueError(f"{flag} {file}: its weights are not finite (NaN or inf in {bad}); the run that wrote them "
+                         f"diverged: export it again or pick another checkpoint (an earlier one)")
+
+
+def _sample_methods(samples_dir: str, names: list[str] | None) -> list[str]:
+    """The method folders of ``samples_dir`` to score (``names``, default all), checked before anything is
+    generated."""
+    root = Path(samples_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--samples_dir {samples_dir} is not a folder; pass the folder holding <method>/"
+                                f"{{src_image,text,tgt_image}}/<id>/<prompt>_<k>.jpg (the DreamBench++ layout)")
+    found = sorted(p.name for p in root.iterdir() if (p / "tgt_image").is_dir())
+    missing = [name for name in names or [] if name not in found]
+    if missing:
+        raise FileNotFoundError(f"--sample_methods {missing} have no <method>/tgt_image folder in {samples_dir}; "
+                                f"the methods there: {found}")
+    if not (names or found):
+        raise FileNotFoundError(f"--samples_dir {samples_dir} holds no <method>/tgt_image folder; pass the folder "
+                                f"above the methods' folders (the DreamBench++ layout)")
+    return list(names or found)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write ``path`` beside itself and rename it into place: a kill never leaves half a file."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=2))
+    partial.replace(path)
 
 
 def _stamp(weights: str | None) -> list | None:

@@ -1,0 +1,269 @@
+"""Bad input, round two (training): settings that used to be ignored or fail after a traceback (issue 23). Each test
+failed before its fix: a resumed run kept the checkpoint's learning rate, a DPO run whose pairs were all below min_gap
+trained nothing and exited 0, a server's out-of-range scores were used as rewards, config errors surfaced from torch,
+peft or Lightning with their tracebacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+
+from divrl.cli import main
+from divrl.data import IdentityDataModule
+from divrl.objectives import DPOObjective, GroupDPOObjective, SamplingConfig
+from divrl.policy import KontextConfig, LoRAConfig
+from divrl.rewards import FeatureScorer, NSSMReward
+from divrl.rewards.backbones import DenseDescriptor
+from divrl.training import DivRLModule, SystemConfig
+from divrl.training.trainer import DivRLTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+SHARDS = str(ROOT / "data" / "demo" / "train-*.tar")
+
+pytestmark = pytest.mark.usefixtures("in_repository_root")  # tests/conftest.py
+
+
+# ------------------------------------------------------------------------------------ optimizer settings on resume
+
+
+class SetLR(pl.Callback):
+    """Sets every param group's learning rate before the optimizer step ``at`` of an uninterrupted run: what a run
+    resumed at ``at`` with a new ``--model.optimizer.init_args.lr`` must do."""
+
+    def __init__(self, at: int, lr: float):
+        self.at, self.lr = at, lr
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] = self.lr
+
+
+def grpo_fit(folder: Path, steps: int, lr: float, ckpt_path=None, callbacks=()) -> dict[str, torch.Tensor]:
+    """The tiny policy trained with GRPO for ``steps`` updates at ``lr``, a checkpoint after every update."""
+    from functools import partial
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from divrl.objectives import GRPOObjective
+
+    torch.manual_seed(0)
+    model = DivRLModule(KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
+                        [NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1), track_vsm=False)],
+                        GRPOObjective(micro_batch_size=4), SamplingConfig(group_size=4, num_steps=2, resolution=32),
+                        optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=1e-4))
+    checkpoint = ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_last=True)
+    trainer = DivRLTrainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+                           enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                           callbacks=[checkpoint, *callbacks], default_root_dir=folder)
+    trainer.fit(model, IdentityDataModule(SHARDS, batch_size=2, steps_per_epoch=10), ckpt_path=ckpt_path,
+                weights_only=False)  # in-process settings are dataclasses, not the CLI's plain dicts
+    return {k: v.clone() for k, v in model.policy.lora_state_dict().items()}
+
+
+def test_a_resumed_run_trains_with_the_learning_rate_of_the_command_line(tmp_path):
+    """Lightning restores the optimizer's param groups, lr included, from the checkpoint; the run must train at the lr
+    the command line gives, and say so. Independent computation: an uninterrupted run whose lr is set to the new
+    value before the same step gives bit-identical weights."""
+    straight = grpo_fit(tmp_path / "straight", 3, 3e-4, callbacks=[SetLR(at=2, lr=1e-4)])
+    grpo_fit(tmp_path / "cut", 2, 3e-4)
+    with pytest.warns(UserWarning, match=r"the command line's apply: model.optimizer lr: 0.0003 -> 0.0001$") as record:
+        resumed = grpo_fit(tmp_path / "cut", 3, 1e-4, ckpt_path="last")
+    assert sum("optimizer settings" in str(w.message) for w in record) == 1  # only the lr differs, listed once
+    assert sorted(resumed) == sorted(straight) and all(torch.equal(resumed[k], straight[k]) for k in straight)
+    kept = grpo_fit(tmp_path / "kept", 3, 3e-4)  # the same run without the change differs: the lr mattered
+    assert any(not torch.equal(kept[k], straight[k]) for k in straight)
+
+
+def test_a_new_learning_rate_under_a_scheduler_rescales_the_schedule():
+    from divrl.training.checkpoints import apply_optimizer_settings, optimizer_settings
+
+    def build(lr):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=lr, weight_decay=0.1)
+        return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+
+    old_opt, old_sched = build(4e-4)
+    for _ in range(3):  # the checkpointed run: 3 steps, one decay
+        old_opt.step()
+        old_sched.step()
+    new_opt, new_sched = build(1e-4)
+    fresh = optimizer_settings(new_opt, new_sched)
+    new_sched_state = {**old_sched.state_dict()}
+    new_opt.load_state_dict(old_opt.state_dict())  # what Lightning's restore does
+    new_sched.load_state_dict(new_sched_state)
+    changes = apply_optimizer_settings(new_opt, new_sched, fresh)
+    assert changes == ["model.optimizer lr: 0.0004 -> 0.0001 (the schedule rescaled by 0.25)"]
+    assert new_opt.param_groups[0]["lr"] == pytest.approx(0.5e-4) and new_sched.base_lrs == [1e-4]
+    new_opt.step()
+    new_sched.step()  # step 4: the second decay, from the rescaled rate
+    assert new_opt.param_groups[0]["lr"] == pytest.approx(0.25e-4)
+    # a scheduler setting changed on the command line applies too
+    other_opt, other_sched = build(4e-4)
+    other_sched.step_size = 5
+    fresh = optimizer_settings(other_opt, other_sched)
+    other_sched.load_state_dict(old_sched.state_dict())
+    assert apply_optimizer_settings(other_opt, other_sched, fresh) == ["model.lr_scheduler step_size: 2 -> 5"]
+    assert other_sched.step_size == 5
+
+
+# ------------------------------------------------------------------------------------ objectives with nothing to learn
+
+
+class Snapshot(pl.Callback):
+    def __init__(self):
+        self.states = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.states.append({k: v.clone() for k, v in pl_module.policy.lora_state_dict().items()})
+
+
+def dpo_run(objective, max_steps: int, max_empty_rollouts: int, max_epochs: int | None = None):
+    torch.manual_seed(0)
+    model = DivRLModule(KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
+                        [NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1), track_vsm=False)],
+                        objective, SamplingConfig(group_size=2, num_steps=2, resolution=32, val_group_size=2),
+                        SystemConfig(max_empty_rollouts=max_empty_rollouts))
+    initial = {k: v.clone() for k, v in KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0),
+                                                      max_sequence_length=32).build().lora_state_dict().items()}
+    snapshot = Snapshot()
+    trainer = DivRLTrainer(accelerator="cpu", max_steps=max_steps, max_epochs=max_epochs, logger=False,
+                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                           num_sanity_val_steps=0, limit_val_batches=0, callbacks=[snapshot])
+    return model, trainer, snapshot, initial
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_dpo_whose_every_pair_is_below_min_gap_trains_nothing_and_says_so(stop):
+    """Every pair weighted 0 is an empty batch (not a loss of 0 whose AdamW weight decay still moves the adapter):
+    counted, never applied, and a run stops naming min_gap after max_empty_rollouts of them, or at its end."""
+    # stop: 2 empty batches in a row end the run; else a 3-batch epoch (no update moves global_step) ends it
+    model, trainer, snapshot, initial = dpo_run(DPOObjective(min_gap=100.0), 5, 2 if stop else 10, None if stop else 1)
+    data = IdentityDataModule(SHARDS, batch_size=2, steps_per_epoch=3)
+    expected = (r"2 rollouts in a row had no pair whose reward gap is above objective.min_gap 100 \(lower it" if stop
+                else r"every one of the run's 3 rollouts was skipped \(the last had no pair whose reward gap is above "
+                     r"objective.min_gap 100")
+    with pytest.raises(RuntimeError, match=expected):
+        trainer.fit(model, data)
+    assert model.counters["empty_rollouts"] == (2 if stop else 3) and trainer.global_step == 0
+    assert all(torch.equal(state[k], initial[k]) for state in snapshot.states for k in initial)  # never applied
+
+
+def test_pairs_above_min_gap_still_train():
+    model, trainer, snapshot, initial = dpo_run(DPOObjective(min_gap=0.0), 2, 2)
+    trainer.fit(model, IdentityDataModule(SHARDS, batch_size=2, steps_per_epoch=5))
+    assert model.counters["empty_rollouts"] == 0 and trainer.global_step == 2
+    assert any(not torch.equal(snapshot.states[-1][k], initial[k]) for k in initial)
+
+
+def test_group_dpo_counts_a_batch_without_any_group_to_compare_as_empty(monkeypatch):
+    from divrl.rewards.base import Components
+
+    flat = lambda self, *a, **k: Components(torch.full((2,), 0.5), None)  # noqa: E731 - every sample alike
+    monkeypatch.setattr(FeatureScorer, "score_group", flat)
+    model, trainer, snapshot, initial = dpo_run(GroupDPOObjective(), 3, 2)
+    with pytest.raises(RuntimeError, match=r"2 rollouts in a row had no group with rewards both above and below"):
+        trainer.fit(model, IdentityDataModule(SHARDS, batch_size=2, steps_per_epoch=5))
+    assert all(torch.equal(state[k], initial[k]) for state in snapshot.states for k in initial)
+
+
+# ------------------------------------------------------------------------------------ config errors: divrl's sentence
+
+
+def console(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    monkeypatch.setattr("sys.argv", ["divrl", *argv])
+    monkeypatch.delenv("DIVRL_TRACEBACK", raising=False)
+    try:
+        code = main()
+    except SystemExit as exit_:  # argparse / jsonargparse
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "sentence"), [
+    (["--model.optimizer.init_args.lr", "-1"], "divrl fit: model.optimizer: Invalid learning rate: -1.0; fix "
+                                               "model.optimizer.init_args"),
+    (["--model.policy.lora.rank", "0"], "divrl fit: policy.lora.rank must be an integer >= 1 (DivRL: 64), got 0"),
+    (["--trainer.max_steps", "-5"], "divrl fit: trainer.max_steps must be a non-negative integer or -1"),
+])
+def test_config_errors_print_divrls_sentence_naming_the_key(args, sentence, monkeypatch, capsys, tmp_path):
+    code, err = console(["fit", "--config", str(DEMO), "--trainer.default_root_dir", str(tmp_path),
+                         "--trainer.logger", "false", *args], monkeypatch, capsys)
+    assert code == 1 and sentence in err and "Traceback" not in err, err
+    assert not (tmp_path / "checkpoints").exists()  # refused before anything ran
+
+
+def test_a_negative_scheduler_setting_torch_refuses_is_named(monkeypatch, capsys, tmp_path):
+    code, err = console(["fit", "--config", str(DEMO), "--trainer.default_root_dir", str(tmp_path),
+                         "--trainer.logger", "false", "--model.lr_scheduler", "torch.optim.lr_scheduler.LinearLR",
+                         "--model.lr_scheduler.start_factor", "-2"], monkeypatch, capsys)
+    assert code == 1 and "divrl fit: model.lr_scheduler: " in err and "fix model.lr_scheduler.init_args" in err, err
+    assert "Traceback" not in err
+
+
+def test_a_pool_that_does_not_divide_the_grid_is_named_in_training_not_the_mask():
+    """With a subject mask, the pooled grid used to be checked through the mask first, which blamed the identity's
+    mask.png for the scorer's pool."""
+    from divrl.data.stream import ConditionSample
+    from divrl.rewards import GatedReward, Group
+
+    mask = torch.zeros(32, 32)
+    mask[8:24, 8:24] = 1
+    sample = ConditionSample("id0", "a photo", torch.rand(3, 32, 32), mask)
+    reward = GatedReward(FeatureScorer(DenseDescriptor(grid_size=24, cell=4), pool=5))
+    with pytest.raises(ValueError, match=r"^pool=5 does not divide the backbone's 24x24 feature grid; set the scorer's "
+                                         r"pool to one that does \(1, 2, 3, 4, 6, 8, 12, 24\.\.\.\)$"):
+        reward(Group(sample, torch.rand(2, 3, 32, 32)))
+    with pytest.raises(ValueError, match=r"pool must be a positive integer, got 0"):
+        FeatureScorer(DenseDescriptor(grid_size=24, cell=4), pool=0)
+
+
+# ------------------------------------------------------------------------------------ the command line itself
+
+
+def test_a_config_that_is_not_yaml_is_named_with_its_line(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("model:\n  sampling: [group_size: 4\n")
+    code, err = console(["fit", "--config", str(DEMO), f"--config={bad}"], monkeypatch, capsys)
+    assert code == 1 and f"divrl fit: --config {bad} is not valid YAML: " in err and "at line 3, column 1" in err, err
+    assert "usage:" not in err and "Traceback" not in err
+    code, err = console(["validate", "--config", str(tmp_path / "missing.yaml")], monkeypatch, capsys)
+    assert code == 1 and f"divrl validate: --config {tmp_path / 'missing.yaml'} does not exist" in err
+
+
+def test_settings_of_the_former_grpo_group_are_named_with_where_they_moved(tmp_path, monkeypatch, capsys):
+    code, err = console(["fit", "--config", str(DEMO), "--model.grpo.group_size", "4", "--model.grpo.clip_range=0.1",
+                         "--model.grpo.max_grad_norm", "2", "--model.grpo.guidance", "3"], monkeypatch, capsys)
+    assert code == 1 and "usage:" not in err, err
+    assert ("model.grpo.group_size -> model.sampling.group_size, model.grpo.clip_range -> "
+            "model.objective.init_args.clip_range, model.grpo.max_grad_norm -> model.system.max_grad_norm, "
+            "model.grpo.guidance -> model.policy.guidance") in err
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  grpo:\n    num_steps: 4\n    kl_beta: 0.01\n")
+    code, err = console(["fit", "--config", str(DEMO), "--config", str(old)], monkeypatch, capsys)
+    assert code == 1 and f"model.grpo in --config {old} moved" in err
+    assert "model.grpo.num_steps -> model.sampling.num_steps, model.grpo.kl_beta -> model.objective.init_args.kl_beta" in err
+    # the names it suggests are the ones the parser takes
+    from divrl.cli import run_lightning
+
+    cli = run_lightning(["--config", str(DEMO), "--model.objective.init_args.kl_beta", "0.01",
+                         "--model.sampling.num_steps", "3", "--trainer.logger", "false"], run=False)
+    assert cli.model.objective.kl_beta == 0.01 and cli.model.sampling.num_steps == 3
+
+
+def test_a_sentence_that_names_its_command_is_not_prefixed_twice(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "notanimage.png"
+    bad.write_text("hello")
+    code, err = console(["sample", "--config", str(DEMO), "--trainer.logger", "false", "--reference", str(bad),
+                         "--prompts", "[a photo]", "--output_dir", str(tmp_path / "out")], monkeypatch, capsys)
+    assert code == 1 and "cannot read image" in err and "divrl sample: divrl sample" not in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a CUDA GPU")
+def test_the_gpu_refusal_names_the_config_that_was_given(monkeypatch, capsys):
+    code, err = console(["fit", "--config", str(DEMO), "--trainer.accelerator", "gpu"], monkeypatch, capsys)
+    assert code == 2 and f"this run (--config {DEMO}) asks for GPUs" in err and "explore.yaml" not in err, err
