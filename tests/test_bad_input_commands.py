@@ -156,6 +156,8 @@ def test_a_sample_run_that_stops_midway_leaves_no_image_samples_json_does_not_li
     listed = {Path(f) for record in meta["samples"] for f in record["files"]}
     written = {p for p in out.rglob("*.png") if not p.name.endswith("_grid.png")}
     assert written and written == listed and meta["complete"] is False
+    with pytest.raises(FileExistsError, match=r"holds the samples.json of an earlier run \(stopped before it finished\)"):
+        main(sample_args(out, "--num_identities", "2"))  # a rerun into it is refused, saying why
 
 
 def test_evaluate_names_weights_that_are_not_finite(tmp_path, nan_lora, monkeypatch):

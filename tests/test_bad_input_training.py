@@ -80,35 +80,93 @@ def test_a_resumed_run_trains_with_the_learning_rate_of_the_command_line(tmp_pat
     assert any(not torch.equal(kept[k], straight[k]) for k in straight)
 
 
-def test_a_new_learning_rate_under_a_scheduler_rescales_the_schedule():
+SCHEDULES = {
+    "none": None,
+    "step": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+    "lambda": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1 / (1 + t)),
+    "one_cycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-3, total_steps=20),
+    "warm_restarts": lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=3),
+    "sequential": lambda o: torch.optim.lr_scheduler.SequentialLR(o, [
+        torch.optim.lr_scheduler.LinearLR(o, start_factor=0.25, total_iters=2),
+        torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)], milestones=[2]),
+}
+
+
+def lrs_after_resume(schedule: str, lr: float, new_lr: float, cut: int = 3, more: int = 5):
+    """A run of ``cut`` steps at ``lr``, checkpointed (state dicts) and resumed by a run configured with ``new_lr``,
+    as Lightning and DivRLModule do it; returns the changes listed and the learning rates of ``more`` further steps."""
     from divrl.training.checkpoints import apply_optimizer_settings, optimizer_settings
 
-    def build(lr):
-        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=lr, weight_decay=0.1)
-        return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    def build(rate):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2, 2))], lr=rate, weight_decay=0.1)
+        scheduler = SCHEDULES[schedule](optimizer) if SCHEDULES[schedule] else None
+        return optimizer, scheduler, optimizer_settings(optimizer, scheduler)
 
-    old_opt, old_sched = build(4e-4)
-    for _ in range(3):  # the checkpointed run: 3 steps, one decay
+    optimizer, scheduler, saved = build(lr)
+    for _ in range(cut):
+        optimizer.step()
+        scheduler.step() if scheduler else None
+    states = optimizer.state_dict(), scheduler.state_dict() if scheduler else None
+    optimizer, scheduler, configured = build(new_lr)
+    optimizer.load_state_dict(states[0])
+    scheduler.load_state_dict(states[1]) if scheduler else None
+    changes = apply_optimizer_settings(optimizer, scheduler, configured, saved)
+    rates = []
+    for _ in range(more):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step() if scheduler else None
+    return changes, rates
+
+
+def straight_lrs(schedule: str, lr: float, cut: int = 3, more: int = 5) -> list[float]:
+    """The learning rates of steps ``cut .. cut + more`` of an uninterrupted run at ``lr``: an independent account
+    of what the resumed run must follow (each schedule here scales with its base rate)."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2, 2))], lr=lr, weight_decay=0.1)
+    scheduler = SCHEDULES[schedule](optimizer) if SCHEDULES[schedule] else None
+    rates = []
+    for step in range(cut + more):
+        if step >= cut:
+            rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step() if scheduler else None
+    return rates
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_a_resume_with_the_same_settings_changes_nothing_whatever_the_scheduler(schedule):
+    """The schedulers' progress (a cycle's position, scheduled momentum, lambdas) is never taken for a setting."""
+    changes, rates = lrs_after_resume(schedule, 4e-4, 4e-4)
+    assert changes == [] and rates == straight_lrs(schedule, 4e-4)
+
+
+@pytest.mark.parametrize("schedule", ["none", "step", "warm_restarts", "sequential"])
+def test_a_new_learning_rate_rescales_the_schedule_as_if_the_run_had_used_it(schedule):
+    changes, rates = lrs_after_resume(schedule, 4e-4, 1e-4)
+    rescaled = " (the schedule rescaled by 0.25)" if SCHEDULES[schedule] else ""
+    assert changes == [f"model.optimizer lr: 0.0004 -> 0.0001{rescaled}"]
+    assert rates == pytest.approx(straight_lrs(schedule, 1e-4), rel=1e-12)
+
+
+def test_a_changed_scheduler_or_optimizer_setting_applies_and_is_listed():
+    from divrl.training.checkpoints import apply_optimizer_settings, optimizer_settings
+
+    def build(step_size, weight_decay):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2, 2))], lr=1e-3, weight_decay=weight_decay)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=0.5)
+        return optimizer, scheduler, optimizer_settings(optimizer, scheduler)
+
+    old_opt, old_sched, saved = build(2, 0.1)
+    for _ in range(3):
         old_opt.step()
         old_sched.step()
-    new_opt, new_sched = build(1e-4)
-    fresh = optimizer_settings(new_opt, new_sched)
-    new_sched_state = {**old_sched.state_dict()}
-    new_opt.load_state_dict(old_opt.state_dict())  # what Lightning's restore does
-    new_sched.load_state_dict(new_sched_state)
-    changes = apply_optimizer_settings(new_opt, new_sched, fresh)
-    assert changes == ["model.optimizer lr: 0.0004 -> 0.0001 (the schedule rescaled by 0.25)"]
-    assert new_opt.param_groups[0]["lr"] == pytest.approx(0.5e-4) and new_sched.base_lrs == [1e-4]
-    new_opt.step()
-    new_sched.step()  # step 4: the second decay, from the rescaled rate
-    assert new_opt.param_groups[0]["lr"] == pytest.approx(0.25e-4)
-    # a scheduler setting changed on the command line applies too
-    other_opt, other_sched = build(4e-4)
-    other_sched.step_size = 5
-    fresh = optimizer_settings(other_opt, other_sched)
-    other_sched.load_state_dict(old_sched.state_dict())
-    assert apply_optimizer_settings(other_opt, other_sched, fresh) == ["model.lr_scheduler step_size: 2 -> 5"]
-    assert other_sched.step_size == 5
+    optimizer, scheduler, configured = build(5, 0.01)
+    optimizer.load_state_dict(old_opt.state_dict())
+    scheduler.load_state_dict(old_sched.state_dict())
+    changes = apply_optimizer_settings(optimizer, scheduler, configured, saved)
+    assert changes == ["model.optimizer weight_decay: 0.1 -> 0.01", "model.lr_scheduler step_size: 2 -> 5"]
+    assert scheduler.step_size == 5 and optimizer.param_groups[0]["weight_decay"] == 0.01
+    assert apply_optimizer_settings(optimizer, scheduler, configured, None) == []  # not resumed: nothing to do
 
 
 # ------------------------------------------------------------------------------------ objectives with nothing to learn
@@ -216,7 +274,7 @@ def test_a_pool_that_does_not_divide_the_grid_is_named_in_training_not_the_mask(
     sample = ConditionSample("id0", "a photo", torch.rand(3, 32, 32), mask)
     reward = GatedReward(FeatureScorer(DenseDescriptor(grid_size=24, cell=4), pool=5))
     with pytest.raises(ValueError, match=r"^pool=5 does not divide the backbone's 24x24 feature grid; set the scorer's "
-                                         r"pool to one that does \(1, 2, 3, 4, 6, 8, 12, 24\.\.\.\)$"):
+                                         r"pool to one that does \(1, 2, 3, 4, 6, 8, 12, 24\)$"):
         reward(Group(sample, torch.rand(2, 3, 32, 32)))
     with pytest.raises(ValueError, match=r"pool must be a positive integer, got 0"):
         FeatureScorer(DenseDescriptor(grid_size=24, cell=4), pool=0)
@@ -267,3 +325,49 @@ def test_a_sentence_that_names_its_command_is_not_prefixed_twice(tmp_path, monke
 def test_the_gpu_refusal_names_the_config_that_was_given(monkeypatch, capsys):
     code, err = console(["fit", "--config", str(DEMO), "--trainer.accelerator", "gpu"], monkeypatch, capsys)
     assert code == 2 and f"this run (--config {DEMO}) asks for GPUs" in err and "explore.yaml" not in err, err
+
+
+def test_every_scored_batch_agrees_across_ranks_and_empty_batches_count_only_in_a_row():
+    """The agreement is a collective: every rank must make it for every scored batch, whether it kept groups or not
+    (a rank that skipped it would leave the others waiting); and only empty batches in a row stop a run."""
+    from types import SimpleNamespace
+
+    from divrl.objectives.base import Batch, Scores
+    from divrl.training.environment import trains_on
+
+    calls = []
+
+    class Strategy:
+        def reduce_boolean_decision(self, decision, all=True):
+            calls.append(decision)
+            return decision
+
+    module = SimpleNamespace(trainer=SimpleNamespace(strategy=Strategy()), counters={"empty_rollouts": 0},
+                             system=SystemConfig(max_empty_rollouts=3), reward=object(), rollouts_done=0,
+                             _empty_rollouts=0, empty_reason="")
+
+    def batch(kept: int, usable=None) -> Batch:
+        scores = Scores(torch.zeros(2, 2), torch.tensor([i < kept for i in range(2)]), [None, None])
+        return Batch([], 2, scores, usable=usable, missing="no pair above min_gap")
+
+    for kept in (0, 2, 0, 1, 0):  # empty batches, never three in a row: no stop
+        assert trains_on(module, batch(kept)) == (kept > 0)
+    assert calls == [False, True, False, True, False] and module.counters["empty_rollouts"] == 3
+    assert trains_on(module, batch(2, usable=0)) is False and module.empty_reason == "no pair above min_gap"
+    with pytest.raises(RuntimeError, match=r"3 rollouts in a row had no pair above min_gap, on every rank"):
+        trains_on(module, batch(2, usable=0))
+    assert trains_on(module, Batch([], 1)) is True and len(calls) == 7  # neither scored nor counted: no collective
+
+
+def test_inline_and_remote_configs_pass_and_files_that_are_not_utf8_are_named(tmp_path):
+    from divrl.cli import check_command_line
+
+    assert check_command_line(["--config", "{trainer: {max_steps: 3}}", "--config", "s3://bucket/run.yaml"]) == [
+        "{trainer: {max_steps: 3}}", "s3://bucket/run.yaml"]  # jsonargparse reads both
+    with pytest.raises(ValueError, match=r"model.grpo in --config \{model: \{grpo: \{seed: 3\}\}\} moved .*"
+                                         r"model.grpo.seed -> model.sampling.seed"):
+        check_command_line(["-c", "{model: {grpo: {seed: 3}}}"])
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"model: {sampling: \xff}\n")
+    with pytest.raises(ValueError, match=rf"--config {latin} is not UTF-8 text \(byte 0xff at offset 18\)"):
+        check_command_line([f"--config={latin}"])

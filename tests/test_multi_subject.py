@@ -167,7 +167,7 @@ def test_evaluate_on_two_subject_data_writes_per_subject_columns(tmp_path):
     reward = PairwiseSubjectConsistency(SubjectLocator(PlainBackgroundDetector(), "order"), embedder)
     for record in records:
         mine = [r for r in rows if r["id"] == record.id]
-        images = torch.cat([to_image_batch(r["file"]) for r in mine])
+        images = torch.cat([to_image_batch(str(out / "base" / r["file"])) for r in mine])
         sample = ConditionSample(record.id, record.prompts[0], record.references, record.masks,
                                  metadata=dict(record.extra))
         assert [r["sc"] for r in mine] == pytest.approx(reward(Group(sample, images)).reward.tolist(), abs=1e-6)

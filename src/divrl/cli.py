@@ -246,35 +246,57 @@ def _raises(frame) -> bool:
     return False
 
 
-def check_command_line(args: Sequence[str]) -> list[Path]:
+def check_command_line(args: Sequence[str]) -> list[str]:
     """What jsonargparse would refuse with its usage screen, refused with one sentence before it parses: a ``--config``
-    file that is missing or not YAML (named, with the line), and settings of the former ``model.grpo`` group (on the
-    command line or in a config), each named with where it moved. Returns the config files."""
+    file that is missing, not UTF-8 or not YAML (named, with the line), and settings of the former ``model.grpo``
+    group (on the command line or in a config), each named with where it moved. Inline (``--config '{...}'``) and
+    remote (``s3://...``) configs are left to jsonargparse. Returns the configs given."""
     from divrl.training.checkpoints import moved_setting
 
-    configs = [Path(value) for flag, value in zip(args, [*args[1:], None]) if flag == "--config" and value]
-    configs += [Path(arg.split("=", 1)[1]) for arg in args if arg.startswith("--config=")]
+    flags = ("--config", "-c")
+    configs = [value for flag, value in zip(args, [*args[1:], None]) if flag in flags and value]
+    configs += [arg.split("=", 1)[1] for arg in args if arg.startswith(("--config=", "-c="))]
     old = [arg.split("=", 1)[0].removeprefix("--model.grpo.") for arg in args if arg.startswith("--model.grpo.")]
     where = "on the command line"
-    for path in configs:
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path} does not exist (relative paths start at {os.getcwd()!r})")
-        try:
-            config = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ValueError(f"--config {path} is not valid YAML: {getattr(err, 'problem', None) or err}{at}; fix the "
-                             f"file") from None
+    for value in configs:
+        config, path = _config(value)
         grpo = config.get("model", {}).get("grpo") if isinstance(config, dict) and isinstance(
             config.get("model"), dict) else None
         if isinstance(grpo, dict) and not old:
-            old, where = list(grpo), f"in --config {path}"
+            old, where = list(grpo), f"in --config {path or value}"
     if old:
         moves = ", ".join(f"model.grpo.{key} -> model.{moved_setting(key)}" for key in old)
         raise ValueError(f"the settings of model.grpo {where} moved when they were grouped by concern ({moves}); "
                          f"rename them (the README's Training section lists every move)")
     return configs
+
+
+def _config(value: str):
+    """A ``--config`` value read as YAML: ``(content, path)``; a remote one is not read (``(None, None)``), an inline
+    mapping has no path."""
+    path = Path(value)
+    if "://" in value:
+        return None, None
+    if not path.is_file():
+        inline = _yaml(value, f"--config {value!r}") if "\n" in value or value.lstrip().startswith("{") else None
+        if isinstance(inline, dict):
+            return inline, None
+        raise FileNotFoundError(f"--config {value} does not exist (relative paths start at {os.getcwd()!r})")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--config {path} is not UTF-8 text (byte {err.object[err.start]:#x} at offset {err.start}); "
+                         f"save it as UTF-8") from None
+    return _yaml(text, f"--config {path}"), path
+
+
+def _yaml(text: str, what: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{what} is not valid YAML: {getattr(err, 'problem', None) or err}{at}; fix it") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -304,14 +326,16 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in LIGHTNING_COMMANDS:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+        from divrl.training.trainer import asks_for_gpus
+
         configs = check_command_line(argv[1:])
         try:
             run_lightning(given)
         except MisconfigurationException as err:
-            if not any(word in str(err).lower() for word in ("gpu", "cuda")) or torch.cuda.is_available():
+            if not asks_for_gpus(err) or torch.cuda.is_available():
                 raise
-            given = f" (--config {' + '.join(map(str, configs))})" if configs else ""
-            print(f"divrl {argv[0]}: this run{given} asks for GPUs and this machine has no CUDA GPU ({err}). On a CPU try the demo, `divrl fit --config configs/demo.yaml`, or "
+            named = f" (--config {' + '.join(configs)})" if configs else ""
+            print(f"divrl {argv[0]}: this run{named} asks for GPUs and this machine has no CUDA GPU ({err}). On a CPU try the demo, `divrl fit --config configs/demo.yaml`, or "
                   f"set --trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto", file=sys.stderr)
             return 2
         return 0

@@ -113,8 +113,9 @@ class IdentityDataModule(pl.LightningDataModule):
                     ("shuffle_buffer", shuffle_buffer, 1), ("max_consecutive_bad", max_consecutive_bad, 1))
         for name, value, least in settings:
             if value < least:
+                off = " (to validate nothing, set trainer.limit_val_batches: 0)" if name == "val_identities" else ""
                 raise ValueError(f"data.{name} must be >= {least}, got {value}: set it in the config's data: section "
-                                 f"or with --data.{name}")
+                                 f"or with --data.{name}{off}")
         self.shards = shards
         self.val_shards = val_shards
         self.batch_size = batch_size

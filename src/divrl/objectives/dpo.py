@@ -203,7 +203,8 @@ class DPOObjective(_Preference):
                                update_calls=self._update_calls(len(pairs), len(samples) * g),
                                usable=sum(w > 0 for w in weights),
                                missing=f"no pair whose reward gap is above objective.min_gap {self.min_gap:g} (lower it, "
-                                       f"or raise sampling.group_size or noise_level for more varied groups)",
+                                       f"or raise sampling.group_size or objective.noise_level for more varied "
+                                       f"groups)",
                                x0=x0, pairs=pairs_t,
                                cond_rows=pairs_t, weights=torch.tensor(weights, device=x0.device),
                                margins=torch.stack(margins).to(x0.device), noise=noise, sigmas=sigmas)
@@ -303,7 +304,8 @@ class GroupDPOObjective(_Preference):
         return PreferenceBatch(samples, g, scores, images, condition, rollout_calls=env.sampling.num_steps,
                                update_calls=3 * self.timesteps_per_sample * self.epochs,
                                usable=int(both.sum()), missing="no group with rewards both above and below its mean "
-                               "(every group's samples scored alike: raise sampling.group_size or noise_level)",
+                               "(every group's samples scored alike: raise sampling.group_size or "
+                               "objective.noise_level)",
                                x0=x0, pairs=rows,
                                cond_rows=rows, weights=both.float(), margins=margins, advantages=adv, noise=noise,
                                sigmas=sigmas)

@@ -295,48 +295,55 @@ def resumed_settings(checkpoint: dict, hparams, policy=None) -> None:
         warnings.warn(f"model settings that differ from the checkpoint's; the command line's apply: {listed}")
 
 
-_SCHEDULE_PROGRESS = frozenset({"last_epoch", "base_lrs", "best", "num_bad_epochs", "cooldown_counter", "verbose"})
-"""Public entries of a scheduler's ``state_dict`` that are its progress, not its settings."""
-
-
 def optimizer_settings(optimizer, scheduler=None) -> dict:
-    """The settings of a freshly built optimizer (every param group's hyperparameters) and scheduler (the public
-    entries of its state that are not progress), kept to be re-applied over a checkpoint's by
-    :func:`apply_optimizer_settings`."""
+    """The settings a run configured: every param group's hyperparameters of the freshly built optimizer and the
+    scalar settings of its scheduler (progress included, at its start), saved in the run's checkpoints so that a
+    resumed run can tell which settings its command line changed (:func:`apply_optimizer_settings`)."""
     import copy
 
     groups = [copy.deepcopy({k: v for k, v in group.items() if k != "params"}) for group in optimizer.param_groups]
-    schedule = {} if scheduler is None else copy.deepcopy(
-        {k: v for k, v in scheduler.state_dict().items() if not k.startswith("_") and k not in _SCHEDULE_PROGRESS})
+    schedule = {} if scheduler is None else {k: v for k, v in scheduler.state_dict().items()
+                                             if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
     return {"groups": groups, "scheduler": schedule}
 
 
-def apply_optimizer_settings(optimizer, scheduler, configured: dict) -> list[str]:
-    """Re-apply the command line's optimizer and scheduler settings (``configured``: :func:`optimizer_settings` of the
-    freshly built ones) over those a resumed checkpoint restored; returns what changed, as ``"model.optimizer lr:
-    0.0003 -> 0.0001"``. A new learning rate under a scheduler rescales the schedule: the current rate, the
-    scheduler's base rates and the param group's ``initial_lr`` are multiplied by new / old."""
+def apply_optimizer_settings(optimizer, scheduler, configured: dict, saved: dict | None) -> list[str]:
+    """After a resume restored the checkpoint's optimizer and scheduler, re-apply the settings this run configured
+    (``configured``) that differ from those the checkpoint's run configured (``saved``, both
+    :func:`optimizer_settings`); returns what changed, as ``"model.optimizer lr: 0.0003 -> 0.0001"``. A new learning
+    rate under a scheduler rescales the schedule: the current rate, the base rates (of every chained scheduler) and
+    ``initial_lr`` are multiplied by new / old. ``saved`` is ``None`` when nothing was resumed; ``{}`` (a checkpoint
+    that predates the record) compares the learning rate only, and only without a scheduler, whose rate moves."""
+    if saved is None or (not saved and scheduler is not None):
+        return []
+    saved = saved or {"groups": [{"lr": group.get("initial_lr", group["lr"])} for group in optimizer.param_groups],
+                      "scheduler": {}}
     changes = []
-    for index, (group, fresh) in enumerate(zip(optimizer.param_groups, configured["groups"])):
+    for index, (group, new, old) in enumerate(zip(optimizer.param_groups, configured["groups"], saved["groups"])):
         where = "model.optimizer" + (f" (param group {index})" if len(optimizer.param_groups) > 1 else "")
-        for key, value in fresh.items():
-            if key not in ("lr", "initial_lr") and key in group and _plain(group[key]) != _plain(value):
-                changes.append(f"{where} {key}: {group[key]!r} -> {value!r}")
+        for key, value in new.items():
+            if key not in ("lr", "initial_lr") and key in old and key in group and _plain(old[key]) != _plain(value):
+                changes.append(f"{where} {key}: {old[key]!r} -> {value!r}")
                 group[key] = value
-        new, old = fresh.get("initial_lr", fresh["lr"]), group.get("initial_lr", group["lr"])
-        if new == old:
+        lr, before = new.get("initial_lr", new["lr"]), old.get("initial_lr", old["lr"])
+        if _plain(lr) == _plain(before):
             continue
-        if scheduler is not None and "initial_lr" in group and old:
-            changes.append(f"{where} lr: {old!r} -> {new!r} (the schedule rescaled by {new / old:.6g})")
-            group["lr"] = group["lr"] * (new / old)
-            group["initial_lr"] = scheduler.base_lrs[index] = new
-            if getattr(scheduler, "_last_lr", None):
-                scheduler._last_lr[index] = group["lr"]
-        else:
-            changes.append(f"{where} lr: {old!r} -> {new!r}")
-            group["lr"] = new
-    for key, value in configured["scheduler"].items():
-        if scheduler is not None and _plain(getattr(scheduler, key, None)) != _plain(value):
-            changes.append(f"model.lr_scheduler {key}: {getattr(scheduler, key, None)!r} -> {value!r}")
-            setattr(scheduler, key, value)
+        if scheduler is None or not before:
+            changes.append(f"{where} lr: {before!r} -> {lr!r}")
+            group["lr"] = lr
+            continue
+        ratio = float(lr) / float(before)
+        changes.append(f"{where} lr: {before!r} -> {lr!r} (the schedule rescaled by {ratio:.6g})")
+        group["lr"] = group["lr"] * ratio
+        if "initial_lr" in group:
+            group["initial_lr"] = lr
+        for part in [scheduler, *getattr(scheduler, "_schedulers", [])]:  # SequentialLR, ChainedScheduler
+            for name in ("base_lrs", "_last_lr"):
+                if len(getattr(part, name, None) or []) > index:
+                    getattr(part, name)[index] = getattr(part, name)[index] * ratio
+    if scheduler is not None:
+        for key, value in configured["scheduler"].items():
+            if key in saved["scheduler"] and saved["scheduler"][key] != value:
+                changes.append(f"model.lr_scheduler {key}: {saved['scheduler'][key]!r} -> {value!r}")
+                setattr(scheduler, key, value)
     return changes

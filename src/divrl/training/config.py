@@ -63,7 +63,7 @@ def check_optimizer(optimizer, lr_scheduler=None) -> None:
     (a negative learning rate, betas outside [0, 1)...) stop the run when the config is read, naming the key, not
     after minutes of loading the model. Only torch's own refusals (``ValueError``) are reported here; anything else
     an optimizer may need (a GPU parameter...) is left to the real construction."""
-    probe = torch.nn.Parameter(torch.zeros(1))
+    probe = torch.nn.Parameter(torch.zeros(2, 2))  # 2-D: some optimizers (Muon) take matrices only
     try:
         built = optimizer([probe])
     except ValueError as err:

@@ -56,13 +56,18 @@ class RunEnvironment:
 
 def trains_on(module, collected: Batch) -> bool:
     """Whether any rank has something to train on in ``collected``: a kept group (rewarded batches) and
-    ``collected.usable`` conditions, pairs or groups (a target, a preference pair, a reward gap). A batch with nothing on any rank is not applied and
-    counted (``train/empty_rollouts``); ``system.max_empty_rollouts`` of them in a row stop the run, saying what was
-    missing. One collective."""
+    ``collected.usable`` conditions, pairs or groups (a target, a preference pair, a reward gap). A batch with nothing
+    on any rank is not applied and counted (``train/empty_rollouts``); ``system.max_empty_rollouts`` of them in a row
+    stop the run, saying what was missing. One collective for every scored or counted batch, on every rank."""
     unscored = collected.scores is not None and collected.scores.kept == 0
-    usable = 0 if unscored else collected.usable
-    if usable is None:
-        return True
+    if unscored:
+        usable = 0
+    elif collected.usable is not None:
+        usable = collected.usable
+    elif collected.scores is not None:
+        usable = collected.scores.kept
+    else:
+        return True  # an objective that neither scores nor counts: always trains (no collective: the same on every rank)
     missing = (f"no group with a finite reward ({type(module.reward).__name__} returned non-finite scores for every "
                f"group)" if unscored else collected.missing)
     if usable == 0:
@@ -213,10 +218,10 @@ def end_of_run(module) -> None:
     if skipped and module.global_rank == 0:
         log.warning("divrl: %d rollouts, %d optimizer steps; %s", rollouts, module.global_step, "; ".join(skipped))
     if rollouts and counters.get("empty_rollouts", 0) >= rollouts:
-        raise RuntimeError(
-            f"every one of the run's {rollouts} rollouts was skipped (the last had {module.empty_reason}): nothing was "
-            f"trained. Check the reward and its scorer (e.g. `divrl score` on a few images) or the objective's settings"
-        )
+        check = (". Check the reward and its scorer (e.g. `divrl score` on a few images)"
+                 if "finite reward" in module.empty_reason else "")
+        raise RuntimeError(f"every one of the run's {rollouts} rollouts was skipped (the last had "
+                           f"{module.empty_reason}): nothing was trained{check}")
 
 
 def run_summary(trainer, module) -> list[str]:

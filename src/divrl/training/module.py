@@ -107,7 +107,7 @@ class DivRLModule(pl.LightningModule):
         check_optimizer(optimizer, lr_scheduler)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
-        self._optimizer_settings: dict | None = None
+        self._optimizer_settings = self._resumed_settings = None  # configured here / by the resumed checkpoint's run
         self.peak_tflops = peak_tflops
         self.policy = None  # built in configure_model (so sharded strategies can wrap it)
         self.automatic_optimization = False
@@ -158,12 +158,9 @@ class DivRLModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         """A resumed run trains with the command line's optimizer and scheduler settings, not the checkpoint's (which
-        Lightning restored with the optimizer's state): they are re-applied and listed in a warning."""
-        if self._optimizer_settings is None:
-            return
-        scheduler = self.lr_schedulers()
-        changes = checkpoints.apply_optimizer_settings(self.optimizers().optimizer, scheduler,
-                                                       self._optimizer_settings)
+        Lightning restored with the optimizer's state): those that changed are re-applied and listed in a warning."""
+        changes = checkpoints.apply_optimizer_settings(self.optimizers().optimizer, self.lr_schedulers(),
+                                                       self._optimizer_settings, self._resumed_settings)
         if changes and self.global_rank == 0:
             warnings.warn(f"optimizer settings that differ from the checkpoint's; the command line's apply: "
                           f"{'; '.join(changes)}")
@@ -387,12 +384,14 @@ class DivRLModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoints.keep_trainable(checkpoint, self)
-        checkpoint["divrl"] = {"stage": self.stage, "rollouts_done": self.rollouts_done, "counters": dict(self.counters)}
+        checkpoint["divrl"] = {"stage": self.stage, "rollouts_done": self.rollouts_done, "counters": dict(self.counters),
+                               "optimizer_settings": self._optimizer_settings}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("divrl", {})
         self.stage = int(state.get("stage", 0))
         self.rollouts_done = int(state.get("rollouts_done", 0))
+        self._resumed_settings = state.get("optimizer_settings") or {}  # {}: a checkpoint older than the record
         self.counters = defaultdict(int, state.get("counters", {}))
         checkpoints.resumed_settings(checkpoint, self.hparams, self.policy)
         if self.policy is not None:

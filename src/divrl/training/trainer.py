@@ -55,7 +55,7 @@ class DivRLTrainer(pl.Trainer):
         try:
             super().__init__(*args, **kwargs)
         except MisconfigurationException as err:  # Lightning's sentence about a trainer setting, named by its key
-            if any(word in str(err).lower() for word in ("gpu", "cuda")):
+            if asks_for_gpus(err):
                 raise  # the console script points GPU configs on CPU machines to the demo
             keys = set(inspect.signature(pl.Trainer.__init__).parameters)
             raise ValueError(re.sub(r"`(\w+)`", lambda m: f"trainer.{m[1]}" if m[1] in keys else m[0], str(err))) from None
@@ -135,8 +135,10 @@ class DivRLTrainer(pl.Trainer):
         _at_least_one(num_samples=num_samples, num_steps=num_steps, num_identities=num_identities)
         out = Path(output_dir)
         if (out / "samples.json").exists():  # before minutes of loading a model
-            raise FileExistsError(f"--output_dir {out} already holds the samples.json of an earlier run; pass another "
-                                  f"--output_dir (or delete that folder) so nothing is overwritten")
+            done = '"complete": false' not in (out / "samples.json").read_text(errors="replace")
+            raise FileExistsError(f"--output_dir {out} already holds the samples.json of an earlier run"
+                                  f"{'' if done else ' (stopped before it finished)'}; pass another --output_dir (or "
+                                  f"delete that folder) so nothing is overwritten")
         _writable_folder(out, "--output_dir")
         model.configure_model()
         if lora is not None:
@@ -302,6 +304,12 @@ def _conditions(datamodule, reference, prompts, mask, num_identities, subjects=N
             break
     ids = list(dict.fromkeys(c.id for c in conditions))[:num_identities]
     return [c for c in conditions if c.id in ids]
+
+
+def asks_for_gpus(err: Exception) -> bool:
+    """Whether Lightning refused the accelerator because this machine has no GPU (the console script points such a
+    run to the demo)."""
+    return any(word in str(err).lower() for word in ("gpu", "cuda"))
 
 
 def _at_least_one(**flags: int | None) -> None:
