@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -24,7 +25,7 @@ def add_data_command(commands) -> None:
     )
     data.add_argument("source", choices=["syncd", "dreambench", "dreambooth", "psrbench", "synthetic"])
     data.add_argument("--src", type=Path, help="the dataset folder (or a SynCD .parquet file); not for synthetic")
-    data.add_argument("--out", type=Path, required=True, help="output folder for train-*.tar and val-*.tar")
+    data.add_argument("--out", type=_out_folder, required=True, help="output folder for train-*.tar and val-*.tar")
     data.add_argument("--resolution", type=int, default=512, help="reference side in pixels (default 512; 0 keeps)")
     data.add_argument("--resize", choices=["pad", "crop", "stretch", "none"], default="pad",
                       help="keep aspect and pad (default), centre crop, stretch (DivRL's training), or none")
@@ -58,6 +59,56 @@ def add_data_command(commands) -> None:
     data.set_defaults(func=run_data)
 
 
+def _out_folder(text: str) -> Path:
+    """``--out``: a folder name; an empty one (which would write the shards into the current folder) is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a folder, got {text!r} (the shards would land in the current "
+                                         f"folder); give one, e.g. --out data/shards (--out . for the current folder)")
+    return Path(text)
+
+
+def _out_of_range(args: argparse.Namespace) -> list[str]:
+    """One sentence per numeric flag out of its range (naming the flag and the value), ``--device`` included."""
+    wrong = [f"{flag} {value} must be >= 1" for flag, value in (
+        ("--num-identities", args.num_identities), ("--prompts-per-identity", args.prompts_per_identity),
+        ("--shard-size", args.shard_size), ("--precompute-resolution", args.precompute_resolution),
+        ("--max-sequence-length", args.max_sequence_length)) if value is not None and value < 1]
+    if args.resolution < 0:
+        wrong.append(f"--resolution {args.resolution} must be >= 0 (0 keeps the photos' size)")
+    if not (math.isfinite(args.val_fraction) and 0.0 <= args.val_fraction <= 1.0):
+        wrong.append(f"--val-fraction {args.val_fraction} must be a share in [0, 1]")
+    device = _device_error(args.device) if args.device is not None else None
+    return [*wrong, device] if device else wrong
+
+
+def _device_error(text: str) -> str | None:
+    """Why ``--device`` cannot be used on this machine (not a device string, or a device this machine lacks)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        return f"--device {text!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)"
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if backend is None or not hasattr(backend, "is_available"):
+        return None
+    count = (backend.device_count() if hasattr(backend, "device_count") else 1) if backend.is_available() else 0
+    if count == 0:
+        return f"--device {text}: this machine has no {device.type} device; use --device cpu"
+    if device.index is not None and device.index >= count:
+        return (f"--device {text}: this machine has {count} {device.type} device(s), {device.type}:0 .. "
+                f"{device.type}:{count - 1}; pick one of them (or --device cpu)")
+    return None
+
+
+FOLDERS = {
+    "syncd": "a SynCD release folder (its *metadata.json files) or DivRL's parquet copy (a .parquet file or a folder "
+             "of them)",
+    "dreambench": "the DreamBench++ folder (holding data/images and data/captions)",
+    "dreambooth": "the DreamBooth dataset folder (prompts_and_classes.txt and one folder per subject)",
+    "psrbench": "the PSRBench folder (the <Subset>.json files with subjects/ and animals/)",
+}
+"""What ``--src`` names for each source (all of them folders; SynCD's parquet copy may be a single file)."""
+
+
 def _numbers(text: str | None, kind: type, flag: str) -> tuple | None:
     """``"2,3,4"`` → ``(2, 3, 4)`` (``None`` stays ``None``); a ValueError names the flag."""
     if text is None:
@@ -78,17 +129,15 @@ def run_data(args: argparse.Namespace) -> int:
         if not args.src.exists():
             print(f"divrl data {args.source}: --src {args.src} does not exist", file=sys.stderr)
             return 2
+        if args.src.is_file() and not (args.source == "syncd" and args.src.suffix == ".parquet"):
+            print(f"divrl data {args.source}: --src {args.src} is a file; {args.source} reads "
+                  f"{FOLDERS[args.source]}: pass it as --src; nothing was written", file=sys.stderr)
+            return 2
     if args.val_fraction is None:  # an evaluation benchmark goes to val whole
         args.val_fraction = 1.0 if args.source == "psrbench" else 0.0
-    if not 0.0 <= args.val_fraction <= 1.0 or args.shard_size < 1:
-        print("divrl data: --val-fraction must lie in [0, 1] and --shard-size be >= 1", file=sys.stderr)
-        return 2
-    counts = {"--num-identities": args.num_identities, "--prompts-per-identity": args.prompts_per_identity}
-    bad = {flag: n for flag, n in counts.items() if n is not None and n < 1}
-    if bad or args.resolution < 0:
-        bad = {**bad, **({"--resolution": args.resolution} if args.resolution < 0 else {})}
-        print(f"divrl data: {', '.join(f'{flag} {n}' for flag, n in bad.items())}: counts must be >= 1 and "
-              f"--resolution >= 0 (0 keeps the photos' size); nothing was written", file=sys.stderr)
+    wrong = _out_of_range(args)
+    if wrong:
+        print(f"divrl data: {'; '.join(wrong)}; nothing was written", file=sys.stderr)
         return 2
     # SynCD: the release folders (*metadata.json), else DivRL's parquet copy (one image per row: no targets)
     parquet = args.source == "syncd" and (args.src.suffix == ".parquet" or (
@@ -122,10 +171,18 @@ def run_data(args: argparse.Namespace) -> int:
         try:
             subjects, weights = _numbers(args.subjects, int, "--subjects"), _numbers(args.subject_weights, float,
                                                                                      "--subject-weights")
-            if subjects and (any(k not in (2, 3, 4) for k in subjects) or
-                             (weights and (len(weights) != len(subjects) or min(weights) < 0 or sum(weights) <= 0))):
-                raise ValueError(f"--subjects takes counts among 2, 3, 4 and --subject-weights one non-negative weight "
-                                 f"per count, got {args.subjects} and {args.subject_weights}")
+            if subjects and any(k not in (2, 3, 4) for k in subjects):
+                raise ValueError(f"--subjects takes counts among 2, 3, 4, got {args.subjects}")
+            if weights and len(weights) != len(subjects):
+                raise ValueError(f"--subject-weights {args.subject_weights} gives {len(weights)} weight(s) for the "
+                                 f"{len(subjects)} counts of --subjects {args.subjects}: give one non-negative weight "
+                                 f"per count")
+            if weights and not all(math.isfinite(w) and w >= 0 for w in weights):
+                raise ValueError(f"--subject-weights {args.subject_weights}: every weight must be a finite number "
+                                 f">= 0 (a probability of its --subjects count)")
+            if weights and sum(weights) <= 0:
+                raise ValueError(f"--subject-weights {args.subject_weights} sum to 0: give at least one --subjects "
+                                 f"count a positive weight")
             items = C.read_synthetic(args.num_identities or 100, args.seed, per, subjects=subjects, weights=weights,
                                      targets=args.targets)
         except ValueError as err:
@@ -146,6 +203,12 @@ def run_data(args: argparse.Namespace) -> int:
 
         quiet_loading_bars()
         policy = KontextConfig(model=args.precompute, lora=None, max_sequence_length=args.max_sequence_length).build()
+        multiple = policy.vae_scale_factor * 2  # known once the model is loaded; before any identity is converted
+        if args.precompute_resolution % multiple:
+            print(f"divrl data {source}: --precompute-resolution {args.precompute_resolution} must be a multiple of "
+                  f"{multiple} for {args.precompute} (its VAE's factor {policy.vae_scale_factor} x 2 for packing), "
+                  f"e.g. 512; nothing was written", file=sys.stderr)
+            return 2
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         precompute = C.Precompute(policy.to(device), args.precompute_resolution)
     # --overwrite: the new shards are written beside the old ones (a hidden folder) and replace them only when the

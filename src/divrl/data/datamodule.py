@@ -22,7 +22,7 @@ from divrl.data.stream import (
     split_for_rank,
 )
 
-__all__ = ["IdentityDataModule", "resolve_shards"]
+__all__ = ["IdentityDataModule", "check_shards", "resolve_shards"]
 
 
 def resolve_shards(shards: str | os.PathLike | Sequence[str], what: str = "shards") -> list[str]:
@@ -64,6 +64,31 @@ def resolve_shards(shards: str | os.PathLike | Sequence[str], what: str = "shard
             raise FileNotFoundError(f"{what}: {kind} {missing[0]!r} does not exist; {hint}")
         urls.extend(expanded)
     return urls
+
+
+def check_shards(urls: Sequence[str], what: str = "shards") -> None:
+    """Refuse local shards no sample can come from, reading each one's first tar header (cheap): a tar with no
+    member (a resampled training stream would draw it forever) or a file that is not a tar archive. Remote and
+    ``pipe:`` urls are checked when read.
+
+    Raises:
+        ValueError: naming the shard, what is wrong with it and the fix.
+    """
+    import tarfile
+
+    fix = "write shards with `divrl data ... --out DIR` and point to them, or leave this file out"
+    for url in urls:
+        if "://" in url or url.startswith("pipe:"):
+            continue
+        try:
+            with tarfile.open(url, "r|*") as tar:
+                first = tar.next()
+        except tarfile.ReadError as err:
+            if str(err) != "empty file":
+                raise ValueError(f"{what}: {url} is not a tar archive ({err}); {fix}") from None
+            first = None
+        if first is None:
+            raise ValueError(f"{what}: {url} holds no sample (an empty tar archive); {fix}")
 
 
 def _collate(batch: ConditionBatch) -> ConditionBatch:
@@ -132,10 +157,12 @@ class IdentityDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------------------------------------ Lightning hooks
 
     def setup(self, stage: str | None = None) -> None:
-        """Resolve the shard paths, failing fast (with the path and the fix) when they do not exist."""
+        """Resolve the shard paths, failing fast (with the path and the fix) when they do not exist, are empty or are
+        not tar archives (:func:`check_shards`)."""
         self._urls = resolve_shards(self.shards, "data.shards")
+        check_shards(self._urls, "data.shards")
         if self.val_shards is not None:
-            resolve_shards(self.val_shards, "data.val_shards")
+            check_shards(resolve_shards(self.val_shards, "data.val_shards"), "data.val_shards")
 
     def train_dataloader(self) -> DataLoader:
         """The rank's training stream, starting at the data position (batches of :class:`ConditionBatch`)."""
@@ -150,10 +177,11 @@ class IdentityDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """The rank's fixed validation set (the same number of batches on every rank)."""
         rank, world = self._rank_world()
-        urls = resolve_shards(self.val_shards if self.val_shards is not None else self.shards, "data.val_shards")
+        what = "data.val_shards" if self.val_shards is not None else "data.shards"
+        urls = resolve_shards(self.val_shards if self.val_shards is not None else self.shards, what)
         stream = ValConditionStream(
             urls, batch_size=self.batch_size, num_identities=self.val_identities, rank=rank, world=world,
-            max_consecutive_bad=self.max_consecutive_bad,
+            max_consecutive_bad=self.max_consecutive_bad, what=what,
         )
         return DataLoader(stream, batch_size=None, collate_fn=_collate, num_workers=min(self.num_workers, 1))
 

@@ -105,6 +105,8 @@ class SkipCounter:
         count: bad samples since the last :meth:`take`.
         consecutive: bad samples since the last good one.
         reasons: the reasons of the bad samples since the last :meth:`take` (each names the shard and the key).
+        seen: samples recorded so far, good and bad (a resampled stream that draws shards without this growing is
+            drawing empty shards).
     """
 
     def __init__(self, max_consecutive: int):
@@ -112,6 +114,7 @@ class SkipCounter:
         self.count = 0
         self.consecutive = 0
         self.reasons: list[str] = []
+        self.seen = 0
 
     def bad(self, reason: str) -> bool:
         """Record (and log) a bad sample; returns ``True`` (webdataset's handler protocol: go on).
@@ -121,6 +124,7 @@ class SkipCounter:
         """
         self.count += 1
         self.consecutive += 1
+        self.seen += 1
         self.reasons.append(reason)
         log.warning("skipping bad shard sample: %s", reason)
         if self.consecutive >= self.max_consecutive:
@@ -134,6 +138,7 @@ class SkipCounter:
     def good(self) -> None:
         """Record a good sample (ends a run of bad ones)."""
         self.consecutive = 0
+        self.seen += 1
 
     def take(self) -> int:
         """The number of bad samples since the last call; clears the count and the reasons."""
@@ -260,8 +265,16 @@ class TrainConditionStream(IterableDataset):
         skips = SkipCounter(self.max_consecutive_bad)
 
         def urls() -> Iterator[str]:
+            empty, seen, url = 0, -1, None  # shards drawn in a row with no sample read (all empty: it would spin)
             while True:
-                yield rng.choice(self.urls)
+                empty, seen = (empty + 1 if skips.seen == seen else 0), skips.seen
+                if empty >= self.max_consecutive_bad:
+                    raise RuntimeError(
+                        f"{empty} shards drawn in a row held no sample (last: {url}; {len(self.urls)} shard(s) in "
+                        f"all); the shards look empty: check data.shards, or rewrite them with `divrl data`"
+                    )
+                url = rng.choice(self.urls)
+                yield url
 
         records = _shuffled(_with_skips(read_identities(urls(), skips), skips), self.shuffle_buffer, rng)
         # a prompt is drawn as each identity leaves the shuffle buffer; the batch of its reference count takes it
@@ -300,6 +313,7 @@ class ValConditionStream(IterableDataset):
         num_identities: identities to validate on, per rank.
         rank, world: this process and the number of processes.
         max_consecutive_bad: raise after this many bad samples in a row.
+        what: the setting the shards come from, named when none holds a readable identity.
     """
 
     def __init__(
@@ -311,6 +325,7 @@ class ValConditionStream(IterableDataset):
         rank: int = 0,
         world: int = 1,
         max_consecutive_bad: int = 1000,
+        what: str = "data.val_shards",
     ):
         super().__init__()
         self.urls = list(urls)
@@ -318,12 +333,20 @@ class ValConditionStream(IterableDataset):
         self.num_identities = num_identities
         self.rank, self.world = rank, world
         self.max_consecutive_bad = max_consecutive_bad
+        self.what = what
 
     def __iter__(self) -> Iterator[ConditionBatch]:
         if get_worker_info() is not None and get_worker_info().id > 0:
             return  # one reader: the set is small and must not be duplicated across workers
         skips = SkipCounter(self.max_consecutive_bad)
         records = list(islice(_with_skips(read_identities(self.urls, skips), skips), self.num_identities * self.world))
+        if not records:  # validating nothing would end with no metric and no word
+            first = f" (first: {skips.reasons[0]})" if skips.reasons else ""
+            shards = ", ".join(self.urls[:3]) + (f" and {len(self.urls) - 3} more" if len(self.urls) > 3 else "")
+            raise ValueError(
+                f"no validation identity could be read from {self.what} ({shards}): {skips.count} bad sample(s) "
+                f"skipped{first}; point {self.what} to shards `divrl data` wrote (or set trainer.limit_val_batches: 0)"
+            )
         trailing = skips.take()  # bad samples after the last identity read: counted with the last batch
         if self.world > 1 and len(records) < self.world:
             raise ValueError(
