@@ -371,3 +371,69 @@ def test_inline_and_remote_configs_pass_and_files_that_are_not_utf8_are_named(tm
     latin.write_bytes(b"model: {sampling: \xff}\n")
     with pytest.raises(ValueError, match=rf"--config {latin} is not UTF-8 text \(byte 0xff at offset 18\)"):
         check_command_line([f"--config={latin}"])
+
+
+# ------------------------------------------------------------------------------------ found by the second fuzz
+
+
+@pytest.mark.parametrize(("build", "sentence"), [
+    (lambda: SamplingConfig(noise_level=float("inf")), r"sampling.noise_level must be a finite number >= 0"),
+    (lambda: __import__("divrl.objectives", fromlist=["GRPOObjective"]).GRPOObjective(timestep_fraction=0.0),
+     r"objective.timestep_fraction must lie in \(0, 1\] \(paper: 0.99\), got 0.0"),
+    (lambda: __import__("divrl.objectives", fromlist=["GRPOObjective"]).GRPOObjective(timestep_fraction=2.0),
+     r"objective.timestep_fraction must lie in \(0, 1\] \(paper: 0.99\), got 2.0"),
+    (lambda: KontextConfig(model="tiny", guidance=float("nan")), r"policy.guidance must be a finite number"),
+    (lambda: KontextConfig(model="tiny", max_sequence_length=0), r"policy.max_sequence_length must be >= 1"),
+    (lambda: __import__("divrl.training.config", fromlist=["x"]).check_settings(torch.optim.AdamW, None, -5.0),
+     r"model.peak_tflops must be a positive number of TFLOP/s \(or null\), got -5.0"),
+])
+def test_settings_that_used_to_fail_late_or_blame_the_reward_are_refused_by_key(build, sentence):
+    with pytest.raises(ValueError, match=sentence):
+        build()
+
+
+def test_a_model_that_is_a_file_is_named_as_a_file(tmp_path):
+    from divrl.policy.kontext.builder import load_pipeline
+    from divrl.utils import load_pretrained
+
+    text = tmp_path / "model.txt"
+    text.write_text("not a model")
+    with pytest.raises(Exception, match=r"is a file, not a diffusers pipeline folder"):
+        load_pipeline(str(text))
+    with pytest.raises(NotADirectoryError, match=r"is a file, not a folder written by save_pretrained"):
+        load_pretrained(lambda *a, **k: None, text, True, "DINOv2Backbone", "facebook/dinov2-small")
+
+
+def test_a_wrong_image_size_names_the_setting():
+    policy = KontextConfig(model="tiny", lora=None, max_sequence_length=32).build()
+    with pytest.raises(ValueError, match=r"image size 7x7 must be a positive multiple .* set sampling.resolution"):
+        policy.check_size(7, 7)
+
+
+@pytest.mark.parametrize(("content", "sentence"), [
+    ("", "is empty, not a mapping of settings"),
+    ("- 1\n- 2\n", "holds a list, not a mapping of settings"),
+    ("model:\n  sampling: [1, 2]\n", "model.sampling in --config {path} is a list; it takes a mapping of settings"),
+    ("trainer: 3\n", "trainer in --config {path} is a int; it takes a mapping of settings"),
+])
+def test_config_files_of_the_wrong_shape_are_named(content, sentence, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "mine.yaml"
+    path.write_text(content)
+    code, err = console(["fit", "--config", str(DEMO), "--config", str(path)], monkeypatch, capsys)
+    assert code == 1 and sentence.format(path=path) in err and "usage:" not in err, err
+    code, err = console(["fit", "--config", str(tmp_path)], monkeypatch, capsys)
+    assert code == 1 and f"--config {tmp_path} is a folder; pass a YAML file" in err
+
+
+def test_a_callbacks_refusal_is_printed_without_jsonargparses_menu(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "switch.yaml"
+    path.write_text("trainer:\n  callbacks:\n    - class_path: divrl.training.StageSwitch\n"
+                    "      init_args: {switch_steps: -3}\n")
+    code, err = console(["fit", "--config", str(DEMO), "--config", str(path)], monkeypatch, capsys)
+    assert code == 1 and "StageSwitch: switch_steps must be non-negative and ascending, got -3\n" in err, err
+    assert "Not a valid subclass" not in err and "class path (str)" not in err
+
+
+def test_lightnings_trainer_refusals_name_the_trainer_key(monkeypatch, capsys):
+    code, err = console(["fit", "--config", str(DEMO), "--trainer.devices", "0"], monkeypatch, capsys)
+    assert code == 1 and "divrl fit: trainer.devices: '0' value is not a valid input" in err and "`" not in err, err

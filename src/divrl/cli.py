@@ -27,12 +27,14 @@ from divrl.cli_data import add_data_command
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="divrl", description="RL post-training of subject-driven image generators.")
 
-    def bounded(kind: type, low: float, strict: bool = False):
-        """An argparse type refusing values below ``low`` (at or below with ``strict``): ``must be >= 1, got 0``."""
+    def bounded(kind: type, low: float, strict: bool = False, high: float | None = None):
+        """An argparse type refusing NaN, infinities, values below ``low`` (at or below with ``strict``) and above
+        ``high``: ``must be >= 1, got 0``, ``must be in [0, 1], got 2``, ``must be a finite number >= 0, got nan``."""
         def parse(text: str):
-            value = kind(text)
-            if value < low or (strict and value == low):
-                raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+            value, finite = kind(text), "" if abs(kind(text)) < float("inf") else "a finite number "
+            if finite or value < low or (strict and value == low) or (high is not None and value > high):
+                span = f"in [{low}, {high}]" if high is not None else f"{'>' if strict else '>='} {low}"
+                raise argparse.ArgumentTypeError(f"must be {finite}{span}, got {text}")
             return value
 
         parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
@@ -63,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--mtg-url: extra attempts on transient failures (default 3)")
     score.add_argument("--pool", type=bounded(int, 1), default=2,
                        help="nSSM pooling factor on the 48x48 grid (default 2 -> 24x24)")
-    score.add_argument("--tau-s", type=float, default=0.7, help="VSM semantic threshold (default 0.7)")
-    score.add_argument("--tau-v", type=float, default=0.7, help="VSM visual threshold (default 0.7)")
-    score.add_argument("--threshold", type=float, default=0.5, help="R2 identity gate s (default 0.5)")
-    score.add_argument("--weight", type=float, default=5.0, help="R2 penalty weight lambda (default 5)")
+    score.add_argument("--tau-s", type=bounded(float, 0, high=1), default=0.7, help="VSM semantic threshold (0.7)")
+    score.add_argument("--tau-v", type=bounded(float, 0, high=1), default=0.7, help="VSM visual threshold (0.7)")
+    score.add_argument("--threshold", type=bounded(float, 0, high=1), default=0.5, help="R2 identity gate s (0.5)")
+    score.add_argument("--weight", type=bounded(float, 0), default=5.0, help="R2 penalty weight lambda (default 5)")
     score.add_argument("--size", type=bounded(int, 1), default=512,
                        help="resize images to this square size first (default 512)")
     score.add_argument("--json", type=Path, help="also write the scores to this JSON file (its folder is created)")
@@ -82,6 +84,17 @@ def run_score(args: argparse.Namespace) -> int:
     from divrl.rewards import functional as RF
 
     if args.json is not None:  # before minutes of scoring
+        inputs = [p for p in (args.reference, args.ref_mask, *args.images) if p is not None and p.exists()]
+        if args.json.exists() and any(args.json.samefile(p) for p in inputs):
+            raise ValueError(f"--json {args.json} is one of the inputs; the scores would overwrite it: give another "
+                             f"file name, e.g. --json scores.json")
+        try:  # an existing file is replaced only when it is a scores file divrl score wrote
+            ours = not args.json.is_file() or "scores" in dict(json.loads(args.json.read_bytes()))
+        except (ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise ValueError(f"--json {args.json} exists and is not a scores file of divrl score (JSON with "
+                             f"\"scores\"); give another file name, or remove it to write there")
         if args.json.is_dir():
             raise IsADirectoryError(f"--json {args.json} is a folder; give a file name, e.g. --json "
                                     f"{args.json / 'scores.json'}")
@@ -90,19 +103,6 @@ def run_score(args: argparse.Namespace) -> int:
         except OSError as err:
             raise OSError(f"cannot write --json {args.json} ({err.strerror or err}); give a file in a folder you can "
                           f"write to") from err
-    if args.mtg_url:
-        from divrl.rewards.backbones import MTGServerScorer
-
-        scorer = MTGServerScorer(args.mtg_url, tau_s=args.tau_s, timeout=args.timeout, retries=args.retries)
-    elif args.backbone == "dinov2":
-        from divrl.rewards.backbones import DINOv2Backbone
-
-        scorer = FeatureScorer(DINOv2Backbone(args.model), pool=args.pool, tau_s=args.tau_s, tau_v=args.tau_v)
-    else:
-        from divrl.rewards.backbones import DenseDescriptor
-
-        scorer = FeatureScorer(DenseDescriptor(), pool=args.pool, tau_s=args.tau_s, tau_v=args.tau_v)
-
     if args.reference is None:
         if args.images:
             raise SystemExit("divrl score: images were given without --reference REFERENCE")
@@ -114,12 +114,29 @@ def run_score(args: argparse.Namespace) -> int:
         if not args.images:
             raise SystemExit("divrl score: give the generated images to score after --reference REFERENCE")
         resize = _square(args.size)
-        reference = resize(to_image_batch(args.reference, "--reference"))[0]
+        reference = to_image_batch(args.reference, "--reference")
         images = torch.cat([resize(to_image_batch(p, str(p))) for p in args.images])
         ref_mask = to_mask_batch(args.ref_mask, "--ref-mask") if args.ref_mask else None
-        if ref_mask is not None:
+        if ref_mask is not None:  # checked as `divrl sample --mask` is, before anything is scored
+            (h, w), (mh, mw) = reference.shape[-2:], ref_mask.shape[-2:]
+            if (h, w) != (mh, mw) or not (ref_mask > 0.5).any():
+                raise ValueError(f"--ref-mask {args.ref_mask} " + (f"is {mw}x{mh} but --reference {args.reference} is "
+                                 f"{w}x{h}; resize the mask to its reference" if (h, w) != (mh, mw) else "has no subject "
+                                 "pixel (all black; white marks the subject); fix it") + ", or score without --ref-mask")
             ref_mask = torch.nn.functional.interpolate(ref_mask[:, None], size=(args.size,) * 2, mode="area")[:, 0]
-        names = [p.name for p in args.images]
+        reference, names = resize(reference)[0], [p.name for p in args.images]
+    if args.mtg_url:  # the scorer is built once the inputs are known to be usable (DINOv2 takes a while to load)
+        from divrl.rewards.backbones import MTGServerScorer
+
+        scorer = MTGServerScorer(args.mtg_url, tau_s=args.tau_s, timeout=args.timeout, retries=args.retries)
+    elif args.backbone == "dinov2":
+        from divrl.rewards.backbones import DINOv2Backbone
+
+        scorer = FeatureScorer(DINOv2Backbone(args.model), pool=args.pool, tau_s=args.tau_s, tau_v=args.tau_v)
+    else:
+        from divrl.rewards.backbones import DenseDescriptor
+
+        scorer = FeatureScorer(DenseDescriptor(), pool=args.pool, tau_s=args.tau_s, tau_v=args.tau_v)
 
     reward = GatedReward(scorer, threshold=args.threshold, weight=args.weight)
     out = reward(reference, images, ref_mask=ref_mask)
@@ -216,8 +233,8 @@ def expected_error(err: BaseException) -> str | None:
 
     text = str(err)
     if isinstance(err, ValueError) and "Does not validate against any of the Union subtypes" in text:
-        reasons = [line.strip()[2:] for line in text.splitlines()
-                   if line.strip().startswith("- ") and "Expected a <class" not in line]
+        reasons = [line[4:] for line in text.splitlines() if line.startswith("  - ")  # the subtypes' own reasons,
+                   and not line[4:].startswith(("Expected a <class", "Not a valid subclass"))]  # not the menu
         return "; ".join(reasons) or None
     frames = traceback.extract_tb(err.__traceback__)
     package = Path(__file__).resolve().parent
@@ -277,6 +294,8 @@ def _config(value: str):
     path = Path(value)
     if "://" in value:
         return None, None
+    if path.is_dir():
+        raise IsADirectoryError(f"--config {value} is a folder; pass a YAML file (e.g. configs/demo.yaml)")
     if not path.is_file():
         inline = _yaml(value, f"--config {value!r}") if "\n" in value or value.lstrip().startswith("{") else None
         if isinstance(inline, dict):
@@ -287,7 +306,18 @@ def _config(value: str):
     except UnicodeDecodeError as err:
         raise ValueError(f"--config {path} is not UTF-8 text (byte {err.object[err.start]:#x} at offset {err.start}); "
                          f"save it as UTF-8") from None
-    return _yaml(text, f"--config {path}"), path
+    config = _yaml(text, f"--config {path}")
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {path} {'is empty' if config is None else f'holds a {type(config).__name__}'}, not a "
+                         f"mapping of settings (trainer:, model:, data:); fix the file or drop it")
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    sections = {**{k: v for k, v in config.items() if k in ("trainer", "model", "data")},
+                **{f"model.{k}": v for k, v in model.items() if k in ("policy", "sampling", "system")}}
+    bad = next(((k, v) for k, v in sections.items() if isinstance(v, (list, int, float))), None)
+    if bad is not None:
+        raise ValueError(f"{bad[0]} in --config {path} is a {type(bad[1]).__name__}; it takes a mapping of settings "
+                         f"({bad[0]}: {{name: value, ...}})")
+    return config, path
 
 
 def _yaml(text: str, what: str):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from divrl.eval.report import method_grid, plot_frontier, write_table
 from divrl.eval.suite import EvalSuite
 from divrl.images import to_image_batch, to_pil
 
-__all__ = ["EvalCondition", "Evaluation", "data_conditions", "samples_layout"]
+__all__ = ["EvalCondition", "Evaluation", "data_conditions", "method_name", "samples_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,26 @@ def _sibling(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path:
     raise FileNotFoundError(f"samples_dir: no {'/'.join(suffixes)} file for sample {stem!r} in {folder}")
 
 
+REPORTS = ("metrics.json", "table.md", "frontier.png")
+"""The files :meth:`Evaluation.write_reports` writes beside the methods' folders."""
+
+
+def method_name(name, flag: str = "method") -> str:
+    """``name`` if it is one plain folder name (the method's images and scores go to ``<output_dir>/<name>/``): no
+    ``/`` or ``\\``, not empty, ``.`` or ``..``, not one of the report files; anything else is refused before a file is
+    written (``/tmp/x`` or ``../x`` would write and move files outside ``output_dir``)."""
+    text = name if isinstance(name, str) else ""
+    if text in REPORTS:
+        raise ValueError(f"{flag} name {name!r} is the name of a report file written to <output_dir>/; name the method "
+                         f"otherwise, e.g. {text.split('.')[0] + '_method'!r}")
+    if not text.strip() or any(c in text for c in "/\\\0") or text in (".", ".."):
+        parts = [p for p in re.split(r"[/\\\0]+", str(name)) if p.strip() and p not in (".", "..")]
+        raise ValueError(f"{flag} name {name!r} is not a plain folder name (the method's images and scores are written "
+                         f"to <output_dir>/<name>/): use a name without '/', '\\' or '..', e.g. "
+                         f"{parts[-1] if parts else 'mine'!r}")
+    return text
+
+
 Generator = Callable[[EvalCondition, int, int], Tensor]
 """``generate(condition, num_samples, seed) -> (num_samples, 3, H, W)`` images in [0, 1]."""
 
@@ -179,6 +200,8 @@ class Evaluation:
     ):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if grid_conditions < 0:
+            raise ValueError(f"grid_conditions must be >= 0 (0: no grid.png), got {grid_conditions}")
         self.suite = suite
         self.output_dir = Path(output_dir)
         self.num_samples = num_samples
@@ -198,7 +221,7 @@ class Evaluation:
             generate: the generator function; ``None`` reads each condition's ``files``.
             meta: generation settings recorded in ``generation.json`` and compared on a resumed run.
         """
-        folder = self.output_dir / name
+        folder = self.output_dir / method_name(name)
         folder.mkdir(parents=True, exist_ok=True)
         self._check_meta(folder, {"method": name, "num_samples": self.num_samples, "seed": self.seed, **(meta or {})},
                          generated=generate is not None)

@@ -57,8 +57,8 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         positive(self, "sampling", "group_size", "num_steps", "resolution", "val_group_size")
-        if not self.noise_level >= 0:
-            raise ValueError(f"sampling.noise_level must be >= 0, got {self.noise_level}")
+        if not 0 <= self.noise_level < float("inf"):
+            raise ValueError(f"sampling.noise_level must be a finite number >= 0 (paper: 0.9), got {self.noise_level}")
 
 
 @dataclass

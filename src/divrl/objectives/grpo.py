@@ -105,6 +105,8 @@ class GRPOObjective(Objective):
             raise ValueError(f"objective.kl_beta must be >= 0, got {self.kl_beta}")
         if self.adv_scope not in ("group", "batch"):
             raise ValueError(f"objective.adv_scope must be 'group' or 'batch', got {self.adv_scope!r}")
+        if self.timestep_fraction is not None and not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"objective.timestep_fraction must lie in (0, 1] (paper: 0.99), got {self.timestep_fraction}")
         if self.sde_window is not None:
             self.sde_window = tuple(self.sde_window)
             if self.timestep_fraction is not None:
@@ -122,7 +124,11 @@ class GRPOObjective(Objective):
             raise ValueError(f"sampling.group_size {sampling.group_size} with objective.adv_scope 'group': a group of "
                              f"one sample has advantage 0 and GRPO would train nothing; use group_size >= 2 (DivRL: 21), "
                              f"or adv_scope 'batch'")
-        select_train_steps(sampling.num_steps, fraction=self.timestep_fraction, window=self.sde_window)
+        try:
+            select_train_steps(sampling.num_steps, fraction=self.timestep_fraction, window=self.sde_window)
+        except ValueError as err:
+            raise ValueError(f"objective.{'sde_window' if self.sde_window is not None else 'timestep_fraction'} with "
+                             f"sampling.num_steps {sampling.num_steps}: {err}") from None
 
     # ------------------------------------------------------------------------------------------------ the seam
 

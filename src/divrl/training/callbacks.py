@@ -15,6 +15,7 @@ from PIL import Image
 
 from divrl.images import caption_grid, to_image_batch
 from divrl.training.environment import RolloutGroup
+from divrl.training.inputs import folder_problem
 from divrl.policy.sharding import full_tensor, shard_like, trainable_parameters
 
 __all__ = ["LoRAExporter", "RolloutImageLogger", "StageSwitch", "DivRLProgressBar", "TrainTimeLimit", "group_grid"]
@@ -39,6 +40,9 @@ class StageSwitch(pl.Callback):
         steps = [switch_steps] if isinstance(switch_steps, int) else list(switch_steps)
         if not steps or any(s < 0 for s in steps) or steps != sorted(steps):
             raise ValueError(f"StageSwitch: switch_steps must be non-negative and ascending, got {switch_steps}")
+        if len(set(steps)) < len(steps):
+            raise ValueError(f"StageSwitch: switch_steps {switch_steps} repeat a step, so a stage would train no step; "
+                             f"give each stage its own, higher, start")
         self.switch_steps = steps
         self.switched_at: dict[int, int] = {}
 
@@ -209,6 +213,10 @@ class LoRAExporter(pl.Callback):
         super().__init__()
         self.dirname = dirname
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":  # not at the end of training, when the weights are written
+            writable(trainer, self, "exports")
+
     def export(self, trainer, pl_module, name: str, stage: int | None = None) -> Path | None:
         """Write the weights to ``<dirname>/<name>/`` with an ``info.json`` naming ``stage`` (1-based; default: the
         current one), the stage whose training the weights are the result of."""
@@ -252,11 +260,20 @@ class RolloutImageLogger(pl.Callback):
 
     def __init__(self, every_n_rollouts: int = 10, dirname: str = "rollouts", tile: int = 160, columns: int = 8):
         super().__init__()
+        bad = {name: value for name, value in (("every_n_rollouts", every_n_rollouts), ("tile", tile),
+                                                 ("columns", columns)) if not (isinstance(value, int) and value >= 1)}
+        if bad:
+            raise ValueError(f"RolloutImageLogger: {', '.join(f'{k} {v!r}' for k, v in bad.items())}: must be a whole "
+                             f"number >= 1 (every_n_rollouts 1 logs every rollout)")
         self.every_n_rollouts = every_n_rollouts
         self.dirname = dirname
         self.tile = tile
         self.columns = columns
         self.written: list[Path] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":  # not at the first rollout
+            writable(trainer, self, "image grids")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         group = pl_module.last_group
@@ -271,6 +288,20 @@ class RolloutImageLogger(pl.Callback):
         self.written.append(path)
         for logger in trainer.loggers:
             _log_image(logger, f"rollouts/stage{group.stage}", grid, trainer.global_step)
+
+
+def writable(trainer, callback, what: str) -> None:
+    """Refuse, when the run starts, a callback's ``dirname`` under ``trainer.default_root_dir`` that cannot be written
+    to (a file in its place, a read-only file system): one sentence naming the callback and its ``dirname``."""
+    if "://" in str(trainer.default_root_dir):  # a remote file system: not probed
+        return
+    folder = Path(trainer.default_root_dir) / callback.dirname
+    problem = folder_problem(folder)
+    if problem is not None:
+        name = type(callback).__name__
+        raise OSError(f"{name}: cannot write its {what} to {folder} ({problem}): set the callback's dirname "
+                      f"(init_args.dirname, now {callback.dirname!r}, under trainer.default_root_dir) to a folder "
+                      f"you can write to")
 
 
 def group_grid(group: RolloutGroup, tile: int = 160, columns: int = 8) -> Image.Image:

@@ -217,6 +217,17 @@ def resume_path(ckpt_path, folders: list[str]) -> str | None:
         near = sorted((p for p in Path(ckpt_path).parent.glob("*.ckpt") if intact(p)),
                       key=lambda p: p.stat().st_mtime, reverse=True)
         hint = f"; the newest intact checkpoint beside it is {near[0]}" if near else ""
+        with open(ckpt_path, "rb") as file:
+            head = file.read(4096)
+        if head and not head.startswith(b"PK"):  # torch.save writes a zip archive; a cut-short one still starts so
+            kinds = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+                     b"RIFF": "a WEBP image", b"\x80": "a pickle, not a zip archive"}
+            kind = next((name for magic, name in kinds.items() if head.startswith(magic)), None)
+            text = b"\0" not in head and head.decode("utf-8", "replace").count("\ufffd") <= 1
+            kind = kind or ("a text file" if text else f"a file starting with {head[:4]!r}")
+            raise ValueError(f"--ckpt_path {ckpt_path} is not a checkpoint at all (a checkpoint is a zip archive, as "
+                             f"torch.save writes it; this is {kind}): pass a .ckpt file of a run "
+                             f"(<default_root_dir>/checkpoints/), or `last` for the newest one{hint}")
         raise ValueError(f"--ckpt_path {ckpt_path} is damaged (not a complete checkpoint: a save or copy that was "
                          f"cut short){hint}")
     return ckpt_path

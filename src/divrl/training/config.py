@@ -20,7 +20,8 @@ from divrl.objectives.grpo import GRPOConfig
 from divrl.policy.base import PolicyConfig
 from divrl.policy.kontext import KontextConfig
 
-__all__ = ["SystemConfig", "SamplingConfig", "PolicyConfig", "KontextConfig", "GRPOConfig", "check_optimizer"]
+__all__ = ["SystemConfig", "SamplingConfig", "PolicyConfig", "KontextConfig", "GRPOConfig", "check_optimizer",
+           "check_settings"]
 
 
 @dataclass
@@ -56,6 +57,13 @@ class SystemConfig:
             positive(self, "system", "rollout_micro_batch_size")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"system.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+
+
+def check_settings(optimizer, lr_scheduler=None, peak_tflops: float | None = None) -> None:
+    """The module's own settings, refused when the config is read: ``peak_tflops`` and :func:`check_optimizer`."""
+    if peak_tflops is not None and not 0 < peak_tflops < float("inf"):
+        raise ValueError(f"model.peak_tflops must be a positive number of TFLOP/s (or null), got {peak_tflops}")
+    check_optimizer(optimizer, lr_scheduler)
 
 
 def check_optimizer(optimizer, lr_scheduler=None) -> None:

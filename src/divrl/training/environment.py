@@ -224,21 +224,48 @@ def end_of_run(module) -> None:
                            f"{module.empty_reason}): nothing was trained{check}")
 
 
-def run_summary(trainer, module) -> list[str]:
-    """The lines of the end-of-fit summary (see :func:`end_of_run`)."""
+def run_summary(trainer, module, interrupted: bool = False) -> list[str]:
+    """The lines of the end-of-fit summary (see :func:`end_of_run`); with ``interrupted``, those of a fit stopped by
+    Ctrl-C: the steps done, the newest checkpoint (or that none was written and the steps are lost) and how to
+    resume. A checkpoint folder is listed only when a checkpoint is in it."""
+    import re
+    import shlex
+    import sys
     import time
     from pathlib import Path
 
     started = getattr(trainer, "fit_started", None)
     took = f" in {time.monotonic() - started:.0f} s" if started is not None else ""
-    lines = [f"[divrl] fit ended: {trainer.global_step} optimizer steps, {module.rollouts_done} rollouts, stage "
-             f"{module.stage + 1}{took}"]
+    steps = trainer.global_step
+    lines = [f"[divrl] fit {'interrupted after' if interrupted else 'ended:'} {steps} optimizer steps, "
+             f"{module.rollouts_done} rollouts, stage {module.stage + 1}{took}"]
+    folders = [c for c in trainer.callbacks if type(c).__name__ == "ModelCheckpoint" and c.dirpath]
     for callback in trainer.callbacks:
-        if type(callback).__name__ == "LoRAExporter":
-            lines.append(f"  weights:     {Path(trainer.default_root_dir) / callback.dirname}/ (load with "
-                         f"`divrl sample --lora` or diffusers' load_lora_weights)")
-        if type(callback).__name__ == "ModelCheckpoint" and callback.dirpath:
+        weights = Path(trainer.default_root_dir) / getattr(callback, "dirname", "")
+        if type(callback).__name__ == "LoRAExporter" and (not interrupted or any(weights.glob("*/*"))):
+            lines.append(f"  weights:     {weights}/ (load with `divrl sample --lora` or diffusers' load_lora_weights)")
+    for callback in folders:
+        found = [p for p in Path(callback.dirpath).glob("*.ckpt")] if "://" not in str(callback.dirpath) else [None]
+        if found == [None]:  # a remote folder: not looked into
             lines.append(f"  checkpoints: {callback.dirpath}/ (resume with --ckpt_path last)")
+            continue
+        newest = max(found, key=lambda p: p.stat().st_mtime, default=None)
+        if newest is None:
+            lost = f": the {steps} optimizer steps of this run are lost" if interrupted else ""
+            lines.append(f"  checkpoints: none written (to {callback.dirpath}/){lost}")
+            continue
+        if not interrupted:
+            lines.append(f"  checkpoints: {callback.dirpath}/ (newest {newest.name}; resume with --ckpt_path last)")
+            continue
+        saved = max([getattr(callback, "_last_global_step_saved", 0) or 0,
+                     *(int(m[1]) for p in found if (m := re.search(r"step=(\d+)", p.name)))])
+        lost = steps - saved
+        after = f": {lost} optimizer step{'s' * (lost != 1)} after it will be lost" if lost else ", the last one done"
+        after = f" (step {saved}{after})" if 0 < saved <= steps else ""
+        lines.append(f"  checkpoints: newest {newest}{after}")
+    if interrupted and not folders:
+        lines.append(f"  checkpoints: none (no ModelCheckpoint callback): the {steps} optimizer steps are lost")
+    resume = interrupted and any("checkpoints: newest" in line for line in lines)
     validation = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if validation:
         lines.append("  validation:  " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(validation.items())))
@@ -249,4 +276,9 @@ def run_summary(trainer, module) -> list[str]:
             lines.append(f"  curves:      tensorboard --logdir {logger.log_dir}")
         elif getattr(logger, "log_dir", None):
             lines.append(f"  logs:        {logger.log_dir}")
+    if resume:
+        argv = sys.argv[1:]
+        keep = [a for i, a in enumerate(argv) if not (a.startswith("--ckpt_path") or i and argv[i - 1] == "--ckpt_path")]
+        lines.append(f"  resume:      divrl {shlex.join(keep)} --ckpt_path last" if argv[:1] == ["fit"] else
+                     "  resume:      the same `divrl fit` command with --ckpt_path last")
     return lines

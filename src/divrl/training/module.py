@@ -42,7 +42,7 @@ from divrl.policy.kontext import KontextConfig
 from divrl.policy.sharding import all_reduce_grads, gathered, grad_norm
 from divrl.rewards.base import Reward
 from divrl.training import checkpoints
-from divrl.training.config import SystemConfig, check_optimizer
+from divrl.training.config import SystemConfig, check_settings
 from divrl.training.environment import (RolloutGroup, RunEnvironment, agreed, device_peak, end_of_run, reward_metrics,
                                         score_groups, throughput, trains_on)
 from divrl.training.strategies import (check_optimizer_strategy, check_strategy, data_parallel_mesh, is_fsdp1,
@@ -104,7 +104,7 @@ class DivRLModule(pl.LightningModule):
         for o in self.objectives:
             o.check(self.sampling)
         self.rewards = nn.ModuleList(rewards).requires_grad_(False)  # reward models are judges, never trained
-        check_optimizer(optimizer, lr_scheduler)
+        check_settings(optimizer, lr_scheduler, peak_tflops)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self._optimizer_settings = self._resumed_settings = None  # configured here / by the resumed checkpoint's run

@@ -7,8 +7,9 @@ import inspect
 import json
 import os
 import re
+import signal
+import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -16,9 +17,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_info
 
 from divrl.data.datamodule import resolve_shards
-from divrl.data.stream import ConditionSample
 from divrl.eval.suite import EvalSuite
 from divrl.images import to_pil
 from divrl.policy.lora import LORA_FILE
@@ -31,7 +32,11 @@ from divrl.training.checkpoints import (
     resume_path,
     trainable_state_dict,
 )
-from divrl.training.environment import RolloutGroup
+from divrl.training.environment import RolloutGroup, run_summary
+from divrl.training.inputs import at_least_one as _at_least_one
+from divrl.training.inputs import conditions as _conditions
+from divrl.training.inputs import evaluate_inputs, sample_inputs, writable_folder
+from divrl.training.inputs import sample_methods as _sample_methods
 from divrl.training.module import DivRLModule
 from divrl.utils import mix_seeds
 
@@ -48,7 +53,9 @@ class DivRLTrainer(pl.Trainer):
     - checkpoint files are written next to their target and renamed into place
       (:class:`~divrl.training.checkpoints.AtomicCheckpointIO`), so a kill during a save never leaves a truncated one;
     - ``--ckpt_path last`` resumes from the newest *intact* checkpoint, and a damaged file is refused by name
-      (:func:`~divrl.training.checkpoints.resume_path`).
+      (:func:`~divrl.training.checkpoints.resume_path`);
+    - a fit stopped by Ctrl-C says what was kept (the steps done, the newest checkpoint or that none was written) and
+      how to resume, and Python's Ctrl-C handler is back afterwards (Lightning leaves it ignored).
     """
 
     def __init__(self, *args, **kwargs):
@@ -58,7 +65,8 @@ class DivRLTrainer(pl.Trainer):
             if asks_for_gpus(err):
                 raise  # the console script points GPU configs on CPU machines to the demo
             keys = set(inspect.signature(pl.Trainer.__init__).parameters)
-            raise ValueError(re.sub(r"`(\w+)`", lambda m: f"trainer.{m[1]}" if m[1] in keys else m[0], str(err))) from None
+            text = re.sub(r"`Trainer\((\w+)=([^`]*)\)`", r"trainer.\1: \2", str(err))  # `Trainer(devices='0')`
+            raise ValueError(re.sub(r"`(\w+)`", lambda m: f"trainer.{m[1]}" if m[1] in keys else m[0], text)) from None
         for callback in self.checkpoint_callbacks:
             if getattr(callback, "dirpath", "") is None:
                 callback.dirpath = os.path.realpath(os.path.join(self.default_root_dir, "checkpoints"))
@@ -75,8 +83,19 @@ class DivRLTrainer(pl.Trainer):
             for folder in folders:
                 clean_partial(folder)
         ckpt_path = resume_path(ckpt_path, folders)
+        if "://" not in str(self.default_root_dir):  # before Lightning's traceback at its first write there
+            writable_folder(Path(self.default_root_dir), "trainer.default_root_dir")
         self.fit_started = time.monotonic()  # for the end-of-fit summary
-        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
+        except SystemExit:  # Lightning's exit after a Ctrl-C: say what was kept and how to resume
+            if self.interrupted and self.is_global_zero:
+                rank_zero_info("\n".join(run_summary(self, model, interrupted=True)))
+            raise
+        finally:
+            if threading.current_thread() is threading.main_thread() and handler is not None:
+                signal.signal(signal.SIGINT, handler)  # Lightning ignores a second Ctrl-C for good (a notebook's too)
 
     def validate(self, model: Optional[pl.LightningModule] = None, dataloaders=None, ckpt_path: Optional[str] = None,
                  verbose: bool = True, datamodule: Optional[pl.LightningDataModule] = None,
@@ -93,7 +112,7 @@ class DivRLTrainer(pl.Trainer):
         model: DivRLModule,
         datamodule: pl.LightningDataModule | None = None,
         reference: str | list[str] | None = None,
-        prompts: list[str] | None = None,
+        prompts: list[str] | str | None = None,
         mask: str | list[str | None] | None = None,
         subjects: list[str] | None = None,
         lora: str | None = None,
@@ -111,7 +130,7 @@ class DivRLTrainer(pl.Trainer):
             datamodule: used when no ``reference`` is given: the first ``num_identities`` validation identities.
             reference: a reference image file, or a list of them: one per subject of a multi-subject model
                 (``--reference '[dog.png, backpack.png]'``), placed as the policy's ``reference_positions`` says.
-            prompts: edit prompts for ``reference``.
+            prompts: edit prompts for ``reference`` (one prompt: a list of one, or the prompt itself).
             mask: optional subject mask of ``reference`` (the rewards of the grid's captions may use it), or one per
                 reference (``null`` for none).
             subjects: the category word of each reference (``'[dog, backpack]'``), which multi-subject rewards
@@ -133,19 +152,20 @@ class DivRLTrainer(pl.Trainer):
             The output folder.
         """
         _at_least_one(num_samples=num_samples, num_steps=num_steps, num_identities=num_identities)
+        prompts = sample_inputs(reference, prompts, mask, subjects, lora, output_dir, noise_level)
         out = Path(output_dir)
         if (out / "samples.json").exists():  # before minutes of loading a model
             done = '"complete": false' not in (out / "samples.json").read_text(errors="replace")
             raise FileExistsError(f"--output_dir {out} already holds the samples.json of an earlier run"
                                   f"{'' if done else ' (stopped before it finished)'}; pass another --output_dir (or "
                                   f"delete that folder) so nothing is overwritten")
-        _writable_folder(out, "--output_dir")
+        conditions = _conditions(datamodule, reference, prompts, mask, num_identities, subjects)  # before the model
+        writable_folder(out, "--output_dir")
         model.configure_model()
         if lora is not None:
             load_weights(model, lora)
             _check_finite(model, lora, "--lora")
         model.to(self.strategy.root_device).eval()
-        conditions = _conditions(datamodule, reference, prompts, mask, num_identities, subjects)
         records = []
         meta = {"lora": lora, "stage": model.stage + 1, "reward": type(model.reward).__name__, "num_steps": num_steps,
                 "noise_level": noise_level, "seed": seed, "complete": False, "samples": records}
@@ -222,6 +242,7 @@ class DivRLTrainer(pl.Trainer):
             )
         _at_least_one(num_samples=num_samples, num_steps=num_steps, num_identities=num_identities,
                       prompts_per_identity=prompts_per_identity)
+        evaluate_inputs(methods, samples_dir, sample_methods, output_dir, grid_conditions)
         evaluation = Evaluation(suite, output_dir, num_samples, seed, grid_conditions, progress)
         suite.to(self.strategy.root_device)
         conditions = None
@@ -237,8 +258,8 @@ class DivRLTrainer(pl.Trainer):
                 f"weights of method(s) {missing} do not exist; train first (the demo: `divrl fit "
                 f"--config configs/demo.yaml` writes runs/demo/lora/stage1 and runs/demo/lora/final) or fix the path"
             )
-        names = _sample_methods(samples_dir, sample_methods) if samples_dir is not None else []
-        _writable_folder(Path(output_dir), "--output_dir")
+        names = _sample_methods(samples_dir, sample_methods, methods) if samples_dir is not None else []
+        writable_folder(Path(output_dir), "--output_dir")
         # the base model first: a full fine-tune loaded for another method would otherwise replace its weights
         for name, weights in sorted(methods.items(), key=lambda item: item[1] is not None):
             evaluation.run_method(name, conditions, self._eval_generator(model, weights, num_steps, f"methods.{name}"),
@@ -275,63 +296,10 @@ class DivRLTrainer(pl.Trainer):
                 "resolution": model.sampling.resolution}
 
 
-def _conditions(datamodule, reference, prompts, mask, num_identities, subjects=None) -> list[ConditionSample]:
-    from divrl.images import open_image
-
-    if reference is not None:
-        if not prompts:
-            raise ValueError("--reference needs at least one --prompts entry")
-        files = list(reference) if isinstance(reference, (list, tuple)) else [reference]
-        masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] + [None] * (len(files) - 1)
-        if len(masks) != len(files) or (subjects is not None and len(subjects) != len(files)):
-            raise ValueError(f"{len(files)} --reference image(s), {len(masks)} --mask entries and "
-                             f"{'no' if subjects is None else len(subjects)} --subjects; give one mask (or null) and one "
-                             f"category word per reference")
-        refs = [open_image(f, "--reference").convert("RGB") for f in files]
-        subject_masks = [open_image(m, "--mask").convert("L") if m is not None else None for m in masks]
-        identity = "_and_".join(Path(f).stem for f in files)
-        metadata = {} if subjects is None else {"subjects": list(subjects)}
-        return [ConditionSample(identity, p, refs, subject_masks, metadata=dict(metadata)) for p in prompts]
-    if datamodule is None:
-        raise ValueError("give --reference and --prompts, or a data config to sample its identities")
-    datamodule.setup("validate")
-    loader = datamodule.val_dataloader()
-    conditions: list[ConditionSample] = []
-    for batch in loader:
-        for c in batch.conditions:  # encoded from the images, as for --reference (precomputed shards may be of another size)
-            conditions += [replace(c, prompt=p, conditioning=None) for p in prompts or [c.prompt]]
-        if len({c.id for c in conditions}) >= num_identities:
-            break
-    ids = list(dict.fromkeys(c.id for c in conditions))[:num_identities]
-    return [c for c in conditions if c.id in ids]
-
-
 def asks_for_gpus(err: Exception) -> bool:
     """Whether Lightning refused the accelerator because this machine has no GPU (the console script points such a
     run to the demo)."""
     return any(word in str(err).lower() for word in ("gpu", "cuda"))
-
-
-def _at_least_one(**flags: int | None) -> None:
-    """Refuse counts below 1 (``None``: all), naming the flags, before anything is loaded."""
-    bad = [f"--{flag} {value}" for flag, value in flags.items() if value is not None and value < 1]
-    if bad:
-        raise ValueError(f"{', '.join(bad)}: must be at least 1")
-
-
-def _writable_folder(folder: Path, flag: str) -> None:
-    """Create ``folder`` and write a probe file in it: a file in its place or a read-only file system is refused by
-    the flag's name before a model is loaded."""
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"{flag} {folder} is a file, not a folder; pass a folder (it is created if missing)")
-    probe = folder / f".divrl-probe-{os.getpid()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise OSError(f"cannot write to {flag} {folder} ({err.strerror or err}); pass a folder on a writable file "
-                      f"system") from err
 
 
 def _check_finite(model: DivRLModule, weights: str, flag: str) -> None:
@@ -342,24 +310,6 @@ def _check_finite(model: DivRLModule, weights: str, flag: str) -> None:
         file = Path(weights) / LORA_FILE if (Path(weights) / LORA_FILE).is_file() else Path(weights)
         raise ValueError(f"{flag} {file}: its weights are not finite (NaN or inf in {bad}); the run that wrote them "
                          f"diverged: export it again or pick another checkpoint (an earlier one)")
-
-
-def _sample_methods(samples_dir: str, names: list[str] | None) -> list[str]:
-    """The method folders of ``samples_dir`` to score (``names``, default all), checked before anything is
-    generated."""
-    root = Path(samples_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--samples_dir {samples_dir} is not a folder; pass the folder holding <method>/"
-                                f"{{src_image,text,tgt_image}}/<id>/<prompt>_<k>.jpg (the DreamBench++ layout)")
-    found = sorted(p.name for p in root.iterdir() if (p / "tgt_image").is_dir())
-    missing = [name for name in names or [] if name not in found]
-    if missing:
-        raise FileNotFoundError(f"--sample_methods {missing} have no <method>/tgt_image folder in {samples_dir}; "
-                                f"the methods there: {found}")
-    if not (names or found):
-        raise FileNotFoundError(f"--samples_dir {samples_dir} holds no <method>/tgt_image folder; pass the folder "
-                                f"above the methods' folders (the DreamBench++ layout)")
-    return list(names or found)
 
 
 def _write_json(path: Path, data: dict) -> None:

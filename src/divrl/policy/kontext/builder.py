@@ -48,6 +48,9 @@ def load_pipeline(
                 f"KontextPolicy: {name!r} has no model_index.json; it is not a diffusers pipeline folder. Save one "
                 f"with FluxKontextPipeline.save_pretrained(folder), or pass a Hub id"
             )
+    elif local.exists():
+        raise ModelLoadError(f"KontextPolicy: model {name!r} is a file, not a diffusers pipeline folder; pass the folder "
+                             f"holding model_index.json (FluxKontextPipeline.save_pretrained), or a Hub id")
     elif name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:  # a Hub id has exactly one "/"
         raise ModelLoadError(
             f"KontextPolicy: model folder {name!r} does not exist (relative paths start at {os.getcwd()!r}; run "

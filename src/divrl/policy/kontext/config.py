@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,6 +48,11 @@ class KontextConfig(PolicyConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.reference_window = check_window(self.reference_window)
+        if isinstance(self.max_sequence_length, bool) or not self.max_sequence_length >= 1:
+            raise ValueError(f"policy.max_sequence_length must be >= 1 (T5 tokens per prompt; paper: 128), got "
+                             f"{self.max_sequence_length}")
+        if not math.isfinite(self.guidance):
+            raise ValueError(f"policy.guidance must be a finite number (paper: 2.5), got {self.guidance}")
 
     def load(self) -> KontextPolicy:
         """Load (or build) the policy."""

@@ -247,7 +247,8 @@ class KontextPolicy(Policy):
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise ValueError(
                 f"image size {height}x{width} must be a positive multiple of {multiple} (VAE factor "
-                f"{self.vae_scale_factor} x 2 for packing); e.g. 512x512"
+                f"{self.vae_scale_factor} x 2 for packing), e.g. 512x512: set sampling.resolution (divrl data: "
+                f"--precompute-resolution) to one"
             )
 
     # ------------------------------------------------------------------------------------------------ conditioning
