@@ -437,3 +437,13 @@ def test_a_callbacks_refusal_is_printed_without_jsonargparses_menu(tmp_path, mon
 def test_lightnings_trainer_refusals_name_the_trainer_key(monkeypatch, capsys):
     code, err = console(["fit", "--config", str(DEMO), "--trainer.devices", "0"], monkeypatch, capsys)
     assert code == 1 and "divrl fit: trainer.devices: '0' value is not a valid input" in err and "`" not in err, err
+
+
+def test_out_of_memory_is_a_sentence_naming_what_makes_a_run_smaller():
+    from divrl.cli import expected_error
+
+    for err in (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8192 bytes")):
+        message = expected_error(err)
+        assert message.startswith("out of memory (") and "sampling.group_size" in message and "data.batch_size" in message
+    assert expected_error(RuntimeError("shape mismatch")) is None  # other errors raised outside divrl: tracebacks

@@ -112,7 +112,7 @@ def test_masks_at_image_resolution():
 def test_empty_reference_mask_fails_fast():
     scorer = FeatureScorer(DenseDescriptor(grid_size=8, cell=4))
     ref, images = group()
-    with pytest.raises(ValueError, match="ref_mask covers 0 cell"):
+    with pytest.raises(ValueError, match="the subject mask covers 0 cell"):
         GatedReward(scorer)(ref, images, ref_mask=torch.zeros(32, 32))
 
 

@@ -232,6 +232,10 @@ def expected_error(err: BaseException) -> str | None:
     import traceback
 
     text = str(err)
+    if isinstance(err, torch.cuda.OutOfMemoryError) or "can't allocate memory" in text:  # no bug: the run is too big
+        return (f"out of memory ({text.splitlines()[0][:200]}); make the run smaller: data.batch_size, "
+                f"sampling.group_size or sampling.resolution, or set system.rollout_micro_batch_size, "
+                f"objective.micro_batch_size, policy.gradient_checkpointing")
     if isinstance(err, ValueError) and "Does not validate against any of the Union subtypes" in text:
         reasons = [line[4:] for line in text.splitlines() if line.startswith("  - ")  # the subtypes' own reasons,
                    and not line[4:].startswith(("Expected a <class", "Not a valid subclass"))]  # not the menu

@@ -114,6 +114,7 @@ def _check_reference_mask(mask: Tensor, grid: tuple[int, int], pool: int) -> Non
     cells = RF.resize_mask(_mask_to_grid(mask, (size[0] * pool, size[1] * pool), "ref_mask"), size).flatten(1).sum(1)
     if (cells < 2).any():
         raise ValueError(
-            f"ref_mask covers {int(cells.min())} cell(s) of the {size[0]}x{size[1]} scoring grid; at least 2 are "
-            f"needed. The mask is empty or tiny: check the identity's mask.png, or score without a mask (ref_mask=None)."
+            f"the subject mask covers {int(cells.min())} cell(s) of the {size[0]}x{size[1]} scoring grid; at least 2 "
+            f"are needed. The mask is empty or tiny: check it (a shard's mask.png, divrl sample --mask, divrl score "
+            f"--ref-mask), or score without a mask"
         )

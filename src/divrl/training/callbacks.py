@@ -75,7 +75,7 @@ class StageSwitch(pl.Callback):
             old = pl_module.stage
             pl_module.stage = old + 1
             self.switched_at[pl_module.stage] = trainer.global_step
-            rank_log(trainer, f"stage switch at step {trainer.global_step}: stage {old} -> {pl_module.stage} "
+            rank_log(trainer, f"stage switch at step {trainer.global_step}: stage {old + 1} -> {pl_module.stage + 1} "
                               f"({type(pl_module.reward).__name__}, {type(pl_module.objective).__name__})")
             for callback in trainer.callbacks:
                 hook = getattr(callback, "on_stage_switch", None)
