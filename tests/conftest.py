@@ -46,3 +46,43 @@ def colour_jitter(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
     cross = torch.tensor([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
     rotation = torch.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
     return torch.einsum("ij,bjhw->bihw", rotation, x).clamp(0, 1)
+
+
+@pytest.fixture
+def console(monkeypatch, capsys):
+    """Run the console script (``divrl.cli.main()`` with ``sys.argv``) from the repository root: its exit code and
+    what it printed (``capsys``' captured out and err)."""
+    import logging
+    import sys
+
+    import lightning.pytorch  # noqa: F401 - its log handlers hold the sys.stderr of the test that imported it
+
+    from divrl.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("DIVRL_TRACEBACK", raising=False)
+
+    def run(*args: str):
+        for logger in [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]:
+            for handler in logger.handlers:  # this test's stderr, not an earlier test's closed one ("Logging error")
+                if type(handler) is logging.StreamHandler:
+                    monkeypatch.setattr(handler, "stream", sys.stderr)
+        monkeypatch.setattr("sys.argv", ["divrl", *args])
+        try:
+            code = main()
+        except SystemExit as exit:  # argparse's refusals
+            code = exit.code
+        return code, capsys.readouterr()
+
+    return run
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading the model fails the test: a refusal must come before it."""
+    from divrl.training.module import DivRLModule
+
+    def loaded(self):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(DivRLModule, "configure_model", loaded)

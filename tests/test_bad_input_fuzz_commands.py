@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import signal
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,49 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from divrl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs/demo.yaml")
 EVAL_DEMO = str(ROOT / "configs/eval_demo.yaml")
 SHARDS = str(ROOT / "data" / "demo" / "train-*.tar")
-
-
-@pytest.fixture
-def console(monkeypatch, capsys):
-    """Run the console script (``divrl.cli.main()`` with ``sys.argv``) from the repository root: its exit code and
-    what it printed."""
-    import logging
-
-    import lightning.pytorch  # noqa: F401 - its log handlers hold the sys.stderr of the test that imported it
-
-    monkeypatch.chdir(ROOT)
-    monkeypatch.delenv("DIVRL_TRACEBACK", raising=False)
-
-    def run(*args: str):
-        for logger in [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]:
-            for handler in logger.handlers:  # this test's stderr, not an earlier test's closed one
-                if type(handler) is logging.StreamHandler:
-                    monkeypatch.setattr(handler, "stream", sys.stderr)
-        monkeypatch.setattr("sys.argv", ["divrl", *args])
-        try:
-            code = main()
-        except SystemExit as exit:
-            code = exit.code
-        return code, capsys.readouterr()
-
-    return run
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Loading the model fails the test: the refusal must come first."""
-    from divrl.training.module import DivRLModule
-
-    def loaded(self):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(DivRLModule, "configure_model", loaded)
 
 
 def evaluate(*more: str) -> list[str]:

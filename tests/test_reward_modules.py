@@ -56,13 +56,14 @@ def test_penalty_fires_exactly_below_the_gate():
     ref, images = group(g=4)
     scorer = FeatureScorer(DenseDescriptor(grid_size=8, cell=4))
     r1 = NSSMReward(scorer)(ref, images)
-    for s in (0.0, 1.01):
+    for s in (0.0, 1.0):  # the gate's range is [0, 1] (outside it is refused); every VSM here is 1
         r2 = GatedReward(scorer, threshold=s, weight=5.0)(ref, images)
-        if s == 0.0:  # nobody is below 0 -> R2 == R1
-            assert torch.allclose(r2.reward, r1.reward) and not r2.gated.any()
-        else:  # everybody is below 1.01 -> penalty 5 (1.01 - vsm)^2
-            assert r2.gated.all()
-            assert torch.allclose(r2.reward, r1.components["nssm"] - 5 * (1.01 - r2.components["vsm"]) ** 2)
+        assert torch.allclose(r2.reward, r1.reward) and not r2.gated.any()  # nobody below 0, nor below 1 (strict)
+    # tau_v 1: no cell's visual cosine exceeds it, every VSM is 0: everybody is below 1 -> penalty 5 (1 - vsm)^2
+    r2 = GatedReward(FeatureScorer(DenseDescriptor(grid_size=8, cell=4), tau_v=1.0), threshold=1.0, weight=5.0)(
+        ref, images)
+    assert r2.gated.all() and (r2.components["vsm"] < 1).all()
+    assert torch.allclose(r2.reward, r1.components["nssm"] - 5 * (1.0 - r2.components["vsm"]) ** 2)
 
 
 def test_track_vsm_switch_and_vsm_only_reward():

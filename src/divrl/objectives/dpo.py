@@ -20,6 +20,7 @@ gap (or of a skipped group, or a condition without a shard pair) weighted 0.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -29,8 +30,8 @@ from torch import Tensor
 
 from divrl.grpo import group_advantages
 from divrl.objectives.base import Batch, Environment, Objective, positive, shuffled_updates
-from divrl.objectives.flow import (TimestepSampling, _check_beta, as_timesteps, dpo_loss, draw, flow_error,
-                                   group_dpo_loss, group_weights, noised)
+from divrl.objectives.flow import (TimestepSampling, _check_beta, _check_finite, as_timesteps, dpo_loss, draw,
+                                   flow_error, group_dpo_loss, group_weights, noised)
 from divrl.objectives.sft import target_latents
 
 if TYPE_CHECKING:
@@ -104,6 +105,15 @@ class _Preference(Objective):
         self.timesteps = as_timesteps(self.timesteps, "uniform")
         if not self.noise_level >= 0:
             raise ValueError(f"objective.noise_level must be >= 0 (0: deterministic rollouts), got {self.noise_level}")
+        _check_finite(self, "rpo_alpha", "noise_level")
+        if not isinstance(self.margin, dict):
+            raise ValueError(f"objective.margin must map reward components to weights, e.g. {{vsm: 2.0}}, got "
+                             f"{self.margin!r}")
+        bad = {name: gamma for name, gamma in self.margin.items() if isinstance(gamma, bool) or not isinstance(
+            gamma, (int, float)) or not math.isfinite(gamma)}
+        if bad:
+            raise ValueError(f"objective.margin {self.margin} gives {sorted(bad)} a weight that is not a finite "
+                             f"number: give each component a finite weight, or margin: {{}} for none")
 
     @property
     def needs_reference(self) -> bool:
@@ -171,16 +181,23 @@ class DPOObjective(_Preference):
     def __post_init__(self) -> None:
         super().__post_init__()
         positive(self, "objective", "pairs_per_group", "micro_batch_size")
+        _check_finite(self, "min_gap")  # NaN: no gap is above it and nothing trains
         if self.pairs not in ("online", "shards"):
             raise ValueError(f"objective.pairs must be online or shards, got {self.pairs!r}")
         if self.pairs == "shards" and self.margin:
-            raise ValueError("objective.margin needs rewards: it works with pairs: online only")
+            raise ValueError(f"objective.margin {self.margin} needs rewards, and pairs: shards has none (its pairs are "
+                             f"the shards' images): set margin: {{}} (a margin may be carried over from the config's "
+                             f"previous objective entry), or use pairs: online")
 
     def check(self, sampling) -> None:
         g = sampling.group_size
-        if self.pairs == "online" and (g < 2 or self.pairs_per_group > g * (g - 1) // 2):
+        if self.pairs == "online" and g < 2:
+            raise ValueError(f"sampling.group_size {g}: DPO with pairs: online needs groups of at least 2 to make a "
+                             f"pair; raise sampling.group_size")
+        if self.pairs == "online" and self.pairs_per_group > g * (g - 1) // 2:
             raise ValueError(f"objective.pairs_per_group {self.pairs_per_group} with sampling.group_size {g}: a group "
-                             f"has {g * (g - 1) // 2} pairs (use group_size >= 2)")
+                             f"has {g * (g - 1) // 2} pairs; set objective.pairs_per_group <= {g * (g - 1) // 2}, "
+                             f"or raise sampling.group_size")
 
     def collect(self, policy: Policy, samples: Sequence[ConditionSample], env: Environment,
                 generator: torch.Generator) -> PreferenceBatch:
@@ -283,6 +300,7 @@ class GroupDPOObjective(_Preference):
         super().__post_init__()
         if not self.adv_clip > 0:
             raise ValueError(f"objective.adv_clip must be > 0, got {self.adv_clip}")
+        _check_finite(self, "adv_clip")
 
     def check(self, sampling) -> None:
         if sampling.group_size < 2:

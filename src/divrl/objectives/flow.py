@@ -51,6 +51,11 @@ class TimestepSampling:
     def __post_init__(self) -> None:
         if self.distribution not in ("uniform", "logit_normal", "shifted", None):
             raise ValueError(f"timesteps.distribution must be uniform, logit_normal or shifted, got {self.distribution!r}")
+        for name in ("mean", "std", "shift", "low", "high"):  # a NaN here makes every loss NaN, minutes later
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"objective.timesteps.{name} must be a finite number, got {value!r}: set it in the "
+                                 f"objective's timesteps (defaults: mean 0, std 1, low 0, high 1, shift null)")
         if not 0.0 <= self.low < self.high <= 1.0:
             raise ValueError(f"timesteps: need 0 <= low < high <= 1, got low {self.low}, high {self.high}")
         if not self.std > 0 or (self.shift is not None and not self.shift > 0):
@@ -198,3 +203,14 @@ def nft_loss(velocity: Tensor, old_velocity: Tensor, x0: Tensor, noise: Tensor, 
 def _check_beta(beta: float, name: str = "beta") -> None:
     if not (beta > 0 and math.isfinite(beta)):
         raise ValueError(f"objective.{name} must be a positive number, got {beta}")
+
+
+def _check_finite(obj: object, *names: str, low: float | None = None) -> None:
+    """Refuse settings of ``obj`` that are not finite numbers (or below ``low``), naming them: a NaN or infinite
+    setting only shows as non-finite losses or a run that trains nothing, minutes later."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                low is not None and value < low):
+            raise ValueError(f"objective.{name} must be a finite number{'' if low is None else f' >= {low:g}'}, got "
+                             f"{value!r}: set it in the objective's init_args")

@@ -33,6 +33,7 @@ from divrl.grpo import (
     transition_log_prob,
 )
 from divrl.objectives.base import Batch, Environment, Objective, SamplingConfig, positive, shuffled_updates
+from divrl.objectives.flow import _check_finite
 
 if TYPE_CHECKING:
     from divrl.data.stream import ConditionSample
@@ -103,6 +104,9 @@ class GRPOObjective(Objective):
             raise ValueError(f"objective.clip_range must be > 0, got {self.clip_range}")
         if self.kl_beta < 0:
             raise ValueError(f"objective.kl_beta must be >= 0, got {self.kl_beta}")
+        _check_finite(self, "clip_range", "kl_beta", "adv_clip")  # NaN: non-finite losses minutes later
+        if not self.adv_clip > 0:  # else refused at the first rollout
+            raise ValueError(f"objective.adv_clip must be > 0 (paper: 5), got {self.adv_clip}")
         if self.adv_scope not in ("group", "batch"):
             raise ValueError(f"objective.adv_scope must be 'group' or 'batch', got {self.adv_scope!r}")
         if self.timestep_fraction is not None and not 0 < self.timestep_fraction <= 1:

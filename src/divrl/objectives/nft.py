@@ -26,8 +26,8 @@ from torch import Tensor
 
 from divrl.grpo import group_advantages
 from divrl.objectives.base import Environment, Objective, positive, shuffled_updates
-from divrl.objectives.flow import (FlowBatch, TimestepSampling, _check_beta, as_timesteps, draw, flow_error, nft_loss,
-                                   noised, optimality)
+from divrl.objectives.flow import (FlowBatch, TimestepSampling, _check_beta, _check_finite, as_timesteps, draw,
+                                   flow_error, nft_loss, noised, optimality)
 
 if TYPE_CHECKING:
     from divrl.data.stream import ConditionSample
@@ -83,6 +83,7 @@ class NFTObjective(Objective):
         if not self.adv_clip > 0 or not self.noise_level >= 0:
             raise ValueError(f"objective: adv_clip must be > 0 and noise_level >= 0, got {self.adv_clip}, "
                              f"{self.noise_level}")
+        _check_finite(self, "adv_clip", "noise_level")  # adv_clip inf: every r is 1/2 and nothing trains
 
     def check(self, sampling) -> None:
         if sampling.group_size < 2:

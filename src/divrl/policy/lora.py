@@ -96,7 +96,26 @@ def add_adapter(network: nn.Module, config: LoRAConfig, compute_dtype: torch.dty
     (:func:`divrl.policy.compute.cast_lora_compute`; float32: peft's own float32 path)."""
     from divrl.policy.compute import cast_lora_compute
 
-    network.add_adapter(config.to_peft())
+    modules = dict(network.named_modules())
+    linear = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
+
+    def matching_nothing(names: list[str]) -> list[str]:  # peft's rule for a list: the name, or a "."-suffix of it
+        return [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+
+    unmatched = matching_nothing(list(modules))  # peft would drop a typo silently when another target matches
+    try:
+        if not unmatched:
+            network.add_adapter(config.to_peft())
+    except ValueError:  # peft's NoMatchingPeftModuleError ("Target modules {...} not found"), or a non-Linear match
+        unmatched = matching_nothing(linear)
+        if not unmatched:
+            raise
+    if unmatched:
+        parts = [name.split(".") for name in linear]  # suffixes after the block index: "attn.to_q"
+        suffixes = dict.fromkeys(".".join(p[next((i + 1 for i, s in enumerate(p) if s.isdigit()), 0):]) for p in parts)
+        have = [t for t in DEFAULT_LORA_TARGETS if t in suffixes] or list(suffixes)[:8]
+        raise ValueError(f"policy.lora.target_modules {unmatched} match no Linear layer of the network (a target is a "
+                         f"module-name suffix); use targets it has, e.g. [{', '.join(have)}]")
     for name, parameter in network.named_parameters():
         if "lora_" in name:
             parameter.data = parameter.data.float()
@@ -163,7 +182,7 @@ def load_adapter(network: nn.Module, path: str | os.PathLike) -> None:
     if file.is_dir():
         file = file / LORA_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"load_lora: {str(file)!r} does not exist; pass a folder written by the LoRA export")
+        raise FileNotFoundError(_no_lora_file(Path(path), file))
     try:
         state = {k.removeprefix("transformer."): v for k, v in load_file(str(file)).items()}
     except Exception as err:  # noqa: BLE001 - safetensors' own error type, OSError: re-raised with the file named
@@ -189,6 +208,22 @@ def load_adapter(network: nn.Module, path: str | os.PathLike) -> None:
             f"{config.lora_alpha:g}; set policy.lora.alpha to {saved:g}"
         )
     set_peft_model_state_dict(network, state)
+
+
+def _no_lora_file(path: Path, file: Path) -> str:
+    """Why ``path`` gives no LoRA file, naming what the folder holds instead: LoRA folders one level below it (a
+    run's ``lora/`` holds ``final`` and ``stage1``), or a run's checkpoints (``checkpoints/``)."""
+    if path.is_dir():
+        below = sorted(p.parent for p in path.glob(f"*/{LORA_FILE}"))
+        if below:
+            return (f"load_lora: {path} holds no {LORA_FILE} but LoRA folders below it: pass one of "
+                    f"{', '.join(map(str, below))}")
+        checkpoints = sorted(path.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name))
+        if checkpoints:
+            names = ", ".join(p.name for p in checkpoints[:5]) + (", ..." if len(checkpoints) > 5 else "")
+            return (f"load_lora: {path} is a folder of checkpoints ({names}): pass one of them, e.g. "
+                    f"{checkpoints[0]}")
+    return f"load_lora: {str(file)!r} does not exist; pass a folder written by the LoRA export"
 
 
 def _saved_alpha(file: Path) -> float | None:

@@ -11,6 +11,7 @@ skips (the group is dropped and counted); any other exception is a configuration
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
@@ -129,6 +130,24 @@ class Reward(nn.Module):
 
 RESERVED_COMPONENTS = frozenset({"reward", "reward_std", "mean", "std", "gated_fraction", "id", "prompt", "files"})
 """Names a component cannot take: they are the reward's own metrics and ``samples.json`` fields."""
+
+
+def check_setting(who: str, name: str, value, low: float | None = None, high: float | None = None, *,
+                  what: str = "", where: str = "the reward's init_args (its entry of model.rewards)") -> float:
+    """``value`` as a float, or a ``ValueError`` (one sentence naming ``who``'s init argument ``name``, its bounds and
+    where to fix it) when it is not a finite number in ``[low, high]`` (a bound ``None``: open on that side)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    inside = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(number)
+    inside = inside and (low is None or number >= low) and (high is None or number <= high)
+    if not inside:
+        bounds = (f" in [{low:g}, {high:g}]" if low is not None and high is not None else
+                  f" >= {low:g}" if low is not None else f" <= {high:g}" if high is not None else "")
+        raise ValueError(f"{who}: init_args.{name} must be a finite number{bounds}{f' ({what})' if what else ''}, got "
+                         f"{value!r}: set it in {where}")
+    return number
 
 
 def _plain(value: Tensor) -> Tensor:

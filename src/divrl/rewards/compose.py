@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from divrl.rewards.base import Group, Reward, RewardOutput
+from divrl.rewards.base import RESERVED_COMPONENTS, Group, Reward, RewardOutput, check_setting
 
 __all__ = ["WeightedReward", "CallableReward"]
 
@@ -31,7 +31,8 @@ class WeightedReward(Reward):
         super().__init__()
         if not rewards:
             raise ValueError("WeightedReward: rewards is empty; give at least one reward")
-        weights = [1.0] * len(rewards) if weights is None else [float(w) for w in weights]
+        weights = [1.0] * len(rewards) if weights is None else [  # negative weights are penalties; NaN is refused
+            check_setting("WeightedReward", f"weights[{i}]", w) for i, w in enumerate(weights)]
         names = _default_names(rewards) if names is None else list(names)
         if len(weights) != len(rewards) or len(names) != len(rewards):
             raise ValueError(f"WeightedReward: {len(rewards)} rewards, {len(weights)} weights, {len(names)} names; give "
@@ -80,6 +81,10 @@ class CallableReward(Reward):
         if not callable(self.fn):
             raise TypeError(f"CallableReward: fn must be callable, got {self.fn!r}")
         self.name = name or getattr(self.fn, "__name__", "score")
+        if not isinstance(self.name, str) or self.name in RESERVED_COMPONENTS:  # else refused at the first rollout
+            raise ValueError(f"CallableReward: init_args.name {self.name!r} is taken by the reward's own metrics "
+                             f"({sorted(RESERVED_COMPONENTS)}): give the reward another name in its entry of "
+                             f"model.rewards")
 
     def forward(self, group: Group) -> RewardOutput:
         sample = group.sample

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from divrl.rewards import functional as RF
-from divrl.rewards.base import Components, Group, GroupScorer, NonFiniteReward, Reward, RewardOutput
+from divrl.rewards.base import (Components, Group, GroupScorer, NonFiniteReward, Reward, RewardOutput,
+                                check_setting)
 
 __all__ = ["RewardOutput", "GroupReward", "NSSMReward", "VSMReward", "GatedReward", "LinearReward"]
 
@@ -106,8 +107,10 @@ class GatedReward(GroupReward):
 
     def __init__(self, scorer: GroupScorer, threshold: float = 0.5, weight: float = 5.0):
         super().__init__(scorer, track_vsm=True)
-        self.threshold = threshold
-        self.weight = weight
+        # a gate below 0 never fires, a negative weight turns the penalty into a bonus, NaN poisons every reward
+        self.threshold = check_setting("GatedReward", "threshold", threshold, 0.0, 1.0,
+                                       what="the identity gate s on VSM; paper: 0.5")
+        self.weight = check_setting("GatedReward", "weight", weight, 0.0, what="the penalty weight lambda; paper: 5")
 
     def combine(self, c: Components) -> tuple[Tensor, Tensor]:
         return RF.gated_reward(c.nssm, c.vsm, self.threshold, self.weight), c.vsm < self.threshold
@@ -125,9 +128,7 @@ class LinearReward(GroupReward):
 
     def __init__(self, scorer: GroupScorer, weight: float = 0.5):
         super().__init__(scorer, track_vsm=True)
-        if not 0.0 <= weight <= 1.0:
-            raise ValueError(f"LinearReward: weight must lie in [0, 1], got {weight}")
-        self.weight = weight
+        self.weight = check_setting("LinearReward", "weight", weight, 0.0, 1.0, what="the VSM weight w")
 
     def combine(self, c: Components) -> tuple[Tensor, Tensor]:
         return RF.linear_reward(c.nssm, c.vsm, self.weight), torch.zeros_like(c.vsm, dtype=torch.bool)

@@ -17,7 +17,7 @@ from torch import Tensor
 from divrl.images import ImageLike, to_mask_batch
 from divrl.rewards import functional as RF
 from divrl.rewards.backbones.base import FeatureBackbone, Features
-from divrl.rewards.base import Components, GroupScorer
+from divrl.rewards.base import Components, GroupScorer, check_setting
 
 
 class FeatureScorer(GroupScorer):
@@ -50,8 +50,11 @@ class FeatureScorer(GroupScorer):
         RF.check_pool((pool, pool), pool)  # a positive integer; the grid is checked when features arrive
         self.backbone = backbone
         self.pool = pool
-        self.tau_s = tau_s
-        self.tau_v = tau_v
+        where = "the scorer's init_args (model.rewards[i].init_args.scorer, or the evaluation's scorer)"
+        self.tau_s = check_setting("FeatureScorer", "tau_s", tau_s, 0.0, 1.0, where=where,
+                                   what="a cosine similarity, paper: 0.7; above 1 no cell passes and every VSM is 0")
+        self.tau_v = check_setting("FeatureScorer", "tau_v", tau_v, 0.0, 1.0, where=where,
+                                   what="a cosine similarity, paper: 0.7; above 1 no cell passes and every VSM is 0")
         self.nssm_features = nssm_features
 
     def score_group(

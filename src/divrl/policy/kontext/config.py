@@ -10,6 +10,7 @@ from typing import Literal
 from divrl.policy.base import PolicyConfig
 from divrl.policy.gating import check_window
 from divrl.policy.kontext.policy import KontextPolicy
+from divrl.utils import parse_dtype
 
 __all__ = ["KontextConfig", "TINY"]
 
@@ -48,6 +49,8 @@ class KontextConfig(PolicyConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.reference_window = check_window(self.reference_window)
+        if self.torch_dtype != "auto":  # a typo is named here, not as a failed model load
+            parse_dtype(self.torch_dtype, "policy.torch_dtype (or 'auto')")
         if isinstance(self.max_sequence_length, bool) or not self.max_sequence_length >= 1:
             raise ValueError(f"policy.max_sequence_length must be >= 1 (T5 tokens per prompt; paper: 128), got "
                              f"{self.max_sequence_length}")
