@@ -7,12 +7,10 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from divrl.cli import main
 from divrl.policy import KontextConfig, LoRAConfig
@@ -20,43 +18,6 @@ from divrl.policy import KontextConfig, LoRAConfig
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs/demo.yaml")
 EVAL_DEMO = str(ROOT / "configs/eval_demo.yaml")
-
-
-@pytest.fixture
-def console(monkeypatch, capsys):
-    """Run the console script (``divrl.cli.main()`` with ``sys.argv``) from the repository root: its exit code and
-    what it printed."""
-    import logging
-
-    import lightning.pytorch  # noqa: F401 - its log handlers hold the sys.stderr of the test that imported it
-
-    monkeypatch.chdir(ROOT)
-    monkeypatch.delenv("DIVRL_TRACEBACK", raising=False)
-
-    def run(*args: str):
-        for logger in [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]:
-            for handler in logger.handlers:  # this test's stderr, not an earlier test's closed one ("Logging error")
-                if type(handler) is logging.StreamHandler:
-                    monkeypatch.setattr(handler, "stream", sys.stderr)
-        monkeypatch.setattr("sys.argv", ["divrl", *args])
-        try:
-            code = main()
-        except SystemExit as exit:  # argparse's refusals
-            code = exit.code
-        return code, capsys.readouterr()
-
-    return run
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Loading the model fails the test: the refusal must come first."""
-    from divrl.training.module import DivRLModule
-
-    def loaded(self):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(DivRLModule, "configure_model", loaded)
 
 
 def sample_args(out: Path, *more: str) -> list[str]:
@@ -175,7 +136,7 @@ def test_evaluate_names_weights_that_are_not_finite(tmp_path, nan_lora, monkeypa
 
 
 @pytest.mark.parametrize(("flag", "value", "says"), [
-    ("--size", "0", "must be >= 1"), ("--size", "-5", "must be >= 1"), ("--pool", "0", "must be >= 1"),
+    ("--size", "0", "must be >= 16"), ("--size", "-5", "must be >= 16"), ("--pool", "0", "must be >= 1"),
     ("--timeout", "0", "must be > 0"), ("--timeout", "-1", "must be > 0"), ("--retries", "-1", "must be >= 0"),
 ])
 def test_score_refuses_sizes_and_settings_out_of_range(console, flag, value, says):

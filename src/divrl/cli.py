@@ -21,7 +21,8 @@ import torch
 import yaml
 
 from divrl import __version__
-from divrl.cli_data import add_data_command
+from divrl.cli_data import add_data_command, file_name
+from divrl.images import MIN_SIDE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--tau-v", type=bounded(float, 0, high=1), default=0.7, help="VSM visual threshold (0.7)")
     score.add_argument("--threshold", type=bounded(float, 0, high=1), default=0.5, help="R2 identity gate s (0.5)")
     score.add_argument("--weight", type=bounded(float, 0), default=5.0, help="R2 penalty weight lambda (default 5)")
-    score.add_argument("--size", type=bounded(int, 1), default=512,
-                       help="resize images to this square size first (default 512)")
-    score.add_argument("--json", type=Path, help="also write the scores to this JSON file (its folder is created)")
+    score.add_argument("--size", type=bounded(int, MIN_SIDE), default=512,
+                       help=f"resize images to this square size first (default 512; >= {MIN_SIDE}: DINOv2's 14-px patch)")
+    score.add_argument("--json", type=file_name, help="also write the scores to this JSON file (its folder is created)")
     score.set_defaults(func=run_score)
 
     add_data_command(commands)
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from divrl.images import to_image_batch, to_mask_batch
+    from divrl.images import check_side, to_image_batch, to_mask_batch
     from divrl.rewards import FeatureScorer, GatedReward
     from divrl.rewards import functional as RF
 
@@ -114,8 +115,8 @@ def run_score(args: argparse.Namespace) -> int:
         if not args.images:
             raise SystemExit("divrl score: give the generated images to score after --reference REFERENCE")
         resize = _square(args.size)
-        reference = to_image_batch(args.reference, "--reference")
-        images = torch.cat([resize(to_image_batch(p, str(p))) for p in args.images])
+        reference = check_side(to_image_batch(args.reference, "--reference"), f"--reference {args.reference}")
+        images = torch.cat([resize(check_side(to_image_batch(p, str(p)), f"image {p}")) for p in args.images])
         ref_mask = to_mask_batch(args.ref_mask, "--ref-mask") if args.ref_mask else None
         if ref_mask is not None:  # checked as `divrl sample --mask` is, before anything is scored
             (h, w), (mh, mw) = reference.shape[-2:], ref_mask.shape[-2:]
@@ -247,7 +248,7 @@ def expected_error(err: BaseException) -> str | None:
     ours = bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(package) and _raises(frames[-1])
     if isinstance(err, KeyError) and ours:
         return str(err.args[0]) if err.args else None
-    return text if ours and isinstance(err, (ValueError, OSError, RuntimeError)) and text else None
+    return text if ours and isinstance(err, (ValueError, OSError, RuntimeError, FloatingPointError)) and text else None
 
 
 def _raises(frame) -> bool:
@@ -272,12 +273,22 @@ def check_command_line(args: Sequence[str]) -> list[str]:
     file that is missing, not UTF-8 or not YAML (named, with the line), and settings of the former ``model.grpo``
     group (on the command line or in a config), each named with where it moved. Inline (``--config '{...}'``) and
     remote (``s3://...``) configs are left to jsonargparse. Returns the configs given."""
+    from divrl.eval.runner import method_name
     from divrl.training.checkpoints import moved_setting
 
     flags = ("--config", "-c")
     configs = [value for flag, value in zip(args, [*args[1:], None]) if flag in flags and value]
     configs += [arg.split("=", 1)[1] for arg in args if arg.startswith(("--config=", "-c="))]
     old = [arg.split("=", 1)[0].removeprefix("--model.grpo.") for arg in args if arg.startswith("--model.grpo.")]
+    methods = [v for f, v in zip(args, [*args[1:], None]) if f == "--methods" and v] + [
+        a.split("=", 1)[1] for a in args if a.startswith("--methods=")]
+    for value in methods:  # jsonargparse would answer with its usage screen and a Union error
+        given = _yaml(value, f"--methods {value!r}")
+        if not isinstance(given, dict) or not all(isinstance(k, str) for k in given):
+            raise ValueError(f"--methods takes a mapping of method name to weights (a LoRA, a run's .ckpt, or null for "
+                             f"the base model), e.g. '{{base: null, mine: runs/demo/lora/final}}'; got {value!r}")
+        for name in given:
+            method_name(name, "--methods")
     where = "on the command line"
     for value in configs:
         config, path = _config(value)

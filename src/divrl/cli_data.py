@@ -40,7 +40,9 @@ def add_data_command(commands) -> None:
     data.add_argument("--subjects", help="synthetic: subjects per sample, e.g. 2 or 2,3,4 (default: single-subject "
                                          "identities)")
     data.add_argument("--subject-weights", help="synthetic: probabilities of the --subjects counts, e.g. 0.9,0.05,0.05 "
-                                                "(PSR's training mix; default uniform)")
+                                                "(PSR's training mix; default uniform); a value starting with '-' "
+                                                "needs the = form, --subject-weights=-1,2 (argparse reads -1,2 as an "
+                                                "option)")
     data.add_argument("--subsets", help="psrbench: comma-separated subsets, e.g. Attribute,Three (default: all)")
     data.add_argument("--targets", action="store_true",
                       help="dreambooth, syncd, synthetic: write a target image per prompt (another photo of the same "
@@ -64,6 +66,14 @@ def _out_folder(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError(f"must name a folder, got {text!r} (the shards would land in the current "
                                          f"folder); give one, e.g. --out data/shards (--out . for the current folder)")
+    return Path(text)
+
+
+def file_name(text: str) -> Path:
+    """A file flag (``divrl score --json``): a path ending with a separator, a folder to be, is refused (``Path``
+    would drop the separator and write a file named like the folder)."""
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text} ends with a path separator; give a file name, e.g. {text}scores.json")
     return Path(text)
 
 
@@ -219,7 +229,8 @@ def run_data(args: argparse.Namespace) -> int:
             items, target, resolution=args.resolution or None, resize=args.resize, shard_size=args.shard_size,
             val_fraction=args.val_fraction, seed=args.seed, max_identities=args.num_identities, precompute=precompute,
         )
-        if old and report.shards:  # a conversion that wrote nothing leaves the old shards (below)
+        failed = not report.shards or (args.strict and report.skipped)  # the old shards stay (below)
+        if old and not failed:
             for path in old:
                 path.unlink()
             report.shards = [path.replace(args.out / path.name) for path in report.shards]
@@ -234,6 +245,10 @@ def run_data(args: argparse.Namespace) -> int:
         where = f"cannot write to --out {args.out} ({err.strerror}); choose a writable folder" if writing else err
         print(f"divrl data {args.source}: {where}", file=sys.stderr)
         return 2
+    except BaseException:  # anything else (a --precompute model that fails, Ctrl-C): the old shards stay as they were
+        if old:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
     if not report.shards:  # every item skipped, or none listed: nothing written, and nothing replaced
         if old:
             shutil.rmtree(target, ignore_errors=True)
@@ -246,7 +261,10 @@ def run_data(args: argparse.Namespace) -> int:
     if args.strict and report.skipped:
         for path in report.shards:  # a strict conversion either keeps every item or leaves no shard behind
             path.unlink(missing_ok=True)
+        if old:  # written aside: the old shards were never touched
+            shutil.rmtree(target, ignore_errors=True)
+        kept = f"; --out {args.out} was left as it was ({len(old)} old shard(s))" if old else ""
         print(f"--strict: {len(report.skipped)} item(s) skipped; the {len(report.shards)} shard(s) written were "
-              f"removed; failing", file=sys.stderr)
+              f"removed{kept}; failing", file=sys.stderr)
         return 1
     return 0

@@ -9,11 +9,55 @@ from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 ImageLike = Union[Tensor, Image.Image, np.ndarray, str, os.PathLike]
 """One image (PIL, HWC numpy, CHW tensor, path) or a batch: a (B, 3, H, W) tensor or a sequence of images."""
+
+BACKGROUND = (255, 255, 255)
+"""The colour transparent areas of a reference are composited on (white, as product and subject photos)."""
+
+MIN_SIDE = 16
+"""The smallest image side ``divrl sample`` and ``divrl score`` take (references, masks, scored images, ``--size``):
+DINOv2 reads 14-pixel patches and the dense descriptor 8-pixel cells, so a smaller image holds at most one patch,
+whatever it is resized to: its scores (and a generation conditioned on it) would mean nothing."""
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """16- and 32-bit integer greyscale (``I;16``, ``I``) as 8-bit ``L``, scaled by the bit depth, not clipped."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return image
+    array = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+    return Image.fromarray(np.clip(np.round(array / top * 255), 0, 255).astype(np.uint8), mode="L")
+
+
+def in_mode(image: Image.Image, mode: str, alpha: list | None = None) -> Image.Image:
+    """``image`` in ``mode`` as ``divrl data``, ``divrl sample`` and ``divrl score`` read every photo: upright (EXIF
+    orientation applied: phone photos are stored sideways), 16-bit greyscale scaled to 8 bits (PIL's ``convert`` would
+    clip it to white), and for ``RGB`` with transparency composited on :data:`BACKGROUND` (dropping alpha would turn
+    transparent areas black); the alpha channel is appended to ``alpha`` when it holds any transparency (a subject
+    mask for sources without masks)."""
+    image = eight_bit(ImageOps.exif_transpose(image))
+    if mode == "RGB" and (image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        if alpha is not None and rgba.getchannel("A").getextrema()[0] < 255:
+            alpha.append(rgba.getchannel("A"))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert(mode)
+
+
+def check_side(image: Image.Image | Tensor, what: str) -> Image.Image | Tensor:
+    """``image`` (PIL or ``(..., H, W)`` tensor); one smaller than :data:`MIN_SIDE` on a side raises a ``ValueError``
+    naming ``what`` (the flag and the file)."""
+    w, h = image.size if isinstance(image, Image.Image) else (image.shape[-1], image.shape[-2])
+    if min(w, h) < MIN_SIDE:
+        raise ValueError(f"{what} is {w}x{h}; images must be at least {MIN_SIDE}x{MIN_SIDE} pixels (DINOv2 reads "
+                         f"14-pixel patches, the dense descriptor 8-pixel cells: a smaller image holds no structure to "
+                         f"score or to follow); pass a larger image")
+    return image
 
 
 def to_image_batch(images: ImageLike | Sequence[ImageLike], name: str = "images") -> Tensor:
@@ -44,7 +88,7 @@ def to_mask_batch(mask: ImageLike | Sequence[ImageLike] | None, name: str = "mas
     if mask is None:
         return None
     if isinstance(mask, (Image.Image, str, os.PathLike)):
-        mask = _open(mask, name).convert("L")
+        mask = in_mode(_open(mask, name), "L")
     if isinstance(mask, Image.Image):
         mask = torch.from_numpy(np.asarray(mask).copy())
     elif isinstance(mask, np.ndarray):
@@ -70,10 +114,11 @@ def to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(array, mode="RGB")
 
 
-def open_image(path_or_image, name: str) -> Image.Image:
-    """A PIL image from a path (or the image itself); a file that is not a readable image raises a ``ValueError``
-    naming ``name`` and the file."""
-    return _open(path_or_image, name)
+def open_image(path_or_image, name: str, mode: str | None = None) -> Image.Image:
+    """A PIL image from a path (or the image itself), in ``mode`` by :func:`in_mode` when given (as ``divrl data``
+    reads photos); a file that is not a readable image raises a ``ValueError`` naming ``name`` and the file."""
+    image = _open(path_or_image, name)
+    return in_mode(image, mode) if mode is not None else image
 
 
 def _open(path_or_image, name: str) -> Image.Image:
@@ -83,7 +128,7 @@ def _open(path_or_image, name: str) -> Image.Image:
         with Image.open(path_or_image) as im:
             im.load()
             return im.copy()
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"{name}: cannot read image {os.fspath(path_or_image)!r} ({err}); check the file") from err
 
 
@@ -91,7 +136,7 @@ def _one_image(image: ImageLike, name: str) -> Tensor:
     if isinstance(image, Tensor):
         return image
     if isinstance(image, (str, os.PathLike, Image.Image)):
-        image = np.asarray(_open(image, name).convert("RGB"))
+        image = np.asarray(in_mode(_open(image, name), "RGB"))
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)

@@ -43,11 +43,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageOps
 
 from divrl.data.schema import IdentityRecord, check_identity_id, image_error
 from divrl.data.synthetic import multi_subject_records, synthetic_records, write_shards
+from divrl.images import BACKGROUND, in_mode  # noqa: F401 - BACKGROUND: the colour transparency is composited on
 
 __all__ = [
     "Skip", "ConversionReport", "convert", "resize_record", "split_of",
@@ -104,37 +104,16 @@ class ConversionReport:
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-BACKGROUND = (255, 255, 255)
-"""The colour transparent areas of a reference are composited on (white, as product and subject photos)."""
-
-
 def _open_image(path: Path | bytes, mode: str, where: str, alpha: list | None = None) -> Image.Image | Skip:
-    """The image in ``mode``, upright (EXIF orientation applied: phone photos are stored sideways), 16-bit greyscale
-    scaled to 8 bits (PIL's ``convert`` would clip it to white), and for ``RGB`` with transparency composited on
-    :data:`BACKGROUND` (dropping alpha would turn transparent areas black); the alpha channel is appended to ``alpha``
-    when it holds any transparency (a subject mask for sources without masks)."""
+    """The image in ``mode`` as :func:`divrl.images.in_mode` reads it (upright, 16-bit scaled to 8 bits,
+    transparency composited on :data:`BACKGROUND`, its alpha appended to ``alpha``: the same reader as ``divrl
+    sample`` and ``divrl score``), or a :class:`Skip` naming ``where``."""
     try:
         with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as image:
             image.load()
-            image = _eight_bit(ImageOps.exif_transpose(image))
-            if mode == "RGB" and (image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
-                if alpha is not None and rgba.getchannel("A").getextrema()[0] < 255:
-                    alpha.append(rgba.getchannel("A"))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return image.convert(mode)
+            return in_mode(image, mode, alpha)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         return Skip(where, f"unreadable image ({image_error(err)})")
-
-
-def _eight_bit(image: Image.Image) -> Image.Image:
-    """16- and 32-bit integer greyscale (``I;16``, ``I``) as 8-bit ``L``, scaled by the bit depth, not clipped."""
-    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        return image
-    array = np.asarray(image, dtype=np.float64)
-    top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
-    return Image.fromarray(np.clip(np.round(array / top * 255), 0, 255).astype(np.uint8), mode="L")
 
 
 def _identity_id(text: str) -> str:
@@ -226,6 +205,16 @@ def _open_targets(pairs: dict[int, Path]) -> tuple[dict[int, Image.Image], list[
 # ---------------------------------------------------------------------------------------------------- sources
 
 
+_JSON_KINDS = {str: "string", dict: "object", type(None): "null", int: "number", float: "number", bool: "boolean"}
+
+
+def _not_strings(key: str, value) -> str:
+    """Why the metadata's ``key`` is not a JSON list of strings (its JSON kind, or its first non-string entry)."""
+    if not isinstance(value, list):
+        return f"{key!r} is a JSON {_JSON_KINDS.get(type(value), 'value')}"
+    return f"{key!r} holds a non-string entry {next(v for v in value if not isinstance(v, str))!r}"
+
+
 def read_syncd(src: Path, prompts_per_identity: int | None = None, targets: bool = False) -> Iterator[Item]:
     """SynCD release layout: one identity per ``*metadata.json`` (see the module docstring).
 
@@ -246,12 +235,18 @@ def read_syncd(src: Path, prompts_per_identity: int | None = None, targets: bool
         where = str(meta_path)
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            filenames, listed = list(meta["filenames"]), list(meta["prompts"])
-            kept = [i for i, p in enumerate(listed) if str(p).strip()][:prompts_per_identity]
-            prompts = [listed[i] for i in kept]
+            filenames, listed = meta["filenames"], meta["prompts"]
         except (OSError, ValueError, KeyError, TypeError) as err:
             yield Skip(where, f"metadata unreadable or without 'filenames' / 'prompts' ({type(err).__name__}: {err})")
             continue
+        # a string would be read as a list of characters: one prompt per letter, one image per letter
+        wrong = [_not_strings(key, value) for key, value in (("filenames", filenames), ("prompts", listed))
+                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value)]
+        if wrong:
+            yield Skip(where, f"{' and '.join(wrong)}; 'filenames' and 'prompts' must be JSON lists of strings")
+            continue
+        kept = [i for i, p in enumerate(listed) if p.strip()][:prompts_per_identity]
+        prompts = [listed[i] for i in kept]
         if not filenames:
             yield Skip(where, "metadata lists no images")
             continue

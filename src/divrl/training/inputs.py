@@ -120,7 +120,7 @@ def sample_methods(samples_dir: str, names: list[str] | None, generated=()) -> l
 def conditions(datamodule, reference, prompts, mask, num_identities, subjects=None) -> list[ConditionSample]:
     """The conditions ``divrl sample`` generates: the ``--reference`` image(s) with each of ``prompts``, or the first
     ``num_identities`` validation identities of the data (with ``prompts`` in place of theirs when given)."""
-    from divrl.images import open_image
+    from divrl.images import check_side, open_image
 
     if reference is not None:
         if not prompts:
@@ -131,8 +131,12 @@ def conditions(datamodule, reference, prompts, mask, num_identities, subjects=No
             raise ValueError(f"{len(files)} --reference image(s), {len(masks)} --mask entries and "
                              f"{'no' if subjects is None else len(subjects)} --subjects; give one mask (or null) and one "
                              f"category word per reference")
-        refs = [open_image(f, "--reference").convert("RGB") for f in files]
-        subject_masks = [open_image(m, "--mask").convert("L") if m is not None else None for m in masks]
+        # read as divrl data reads photos (upright, 16-bit scaled to 8, transparency on white), large enough to use
+        refs = [open_image(f, "--reference", "RGB") for f in files]
+        subject_masks = [open_image(m, "--mask", "L") if m is not None else None for m in masks]
+        for flag, file, image in [*(("--reference", f, r) for f, r in zip(files, refs)),
+                                  *(("--mask", m, k) for m, k in zip(masks, subject_masks) if k is not None)]:
+            check_side(image, f"{flag} {file}")
         for file, subject in zip(masks, subject_masks):
             if subject is not None and subject.point(lambda v: 255 if v >= 128 else 0).getbbox() is None:
                 raise ValueError(f"--mask {file} has no subject pixel (it is black: white marks the subject); pass the "
