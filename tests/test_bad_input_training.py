@@ -6,6 +6,7 @@ peft or Lightning with their tracebacks."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -447,3 +448,83 @@ def test_out_of_memory_is_a_sentence_naming_what_makes_a_run_smaller():
         message = expected_error(err)
         assert message.startswith("out of memory (") and "sampling.group_size" in message and "data.batch_size" in message
     assert expected_error(RuntimeError("shape mismatch")) is None  # other errors raised outside divrl: tracebacks
+
+
+# ------------------------------------------------------------------------------------ found by the third fuzz
+
+
+@pytest.mark.parametrize(("setting", "says"), [
+    ({"accumulate_grad_batches": 4}, "trainer.accumulate_grad_batches 4: divrl optimizes manually .* "
+                                     "objective.micro_batch_size"),
+    ({"gradient_clip_val": 1.0}, "trainer.gradient_clip_val 1.0: .* model.system.max_grad_norm clips every update"),
+    ({"precision": "16-mixed"}, "trainer.precision '16-mixed': divrl sets its numerics itself .* policy.torch_dtype"),
+])
+def test_trainer_settings_manual_optimization_cannot_honour_are_refused(setting, says):
+    with pytest.raises(ValueError, match=says):
+        DivRLTrainer(accelerator="cpu", logger=False, **setting)
+    DivRLTrainer(accelerator="cpu", logger=False, precision="32-true", accumulate_grad_batches=1)  # the defaults pass
+
+
+def test_stages_need_a_stage_switch_and_no_more_rewards_than_stages():
+    from divrl.training import StageSwitch
+
+    rewards = [NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1), track_vsm=False)] * 3
+    model = DivRLModule(KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
+                        rewards[:2], sampling=SamplingConfig(group_size=2, num_steps=2, resolution=32))
+    trainer = DivRLTrainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"give 2 stages but trainer.callbacks has no divrl.training.StageSwitch"):
+        trainer.fit(model, IdentityDataModule(SHARDS, batch_size=2, steps_per_epoch=2))
+    assert model.policy is None  # refused before the model was built
+    model = DivRLModule(KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
+                        rewards, sampling=SamplingConfig(group_size=2, num_steps=2, resolution=32))
+    with pytest.raises(ValueError, match=r"1 switch step\(s\) make 2 stages, .* got 3 rewards in model.rewards"):
+        StageSwitch(5).setup(DivRLTrainer(accelerator="cpu", logger=False, max_steps=10), model, "fit")
+
+
+def test_loading_a_checkpoint_of_another_adapter_into_sample_names_the_setting(tmp_path):
+    from divrl.training.checkpoints import load_weights
+
+    grpo_fit(tmp_path / "run", 1, 3e-4)  # LoRA rank 4
+    model = DivRLModule(KontextConfig(model="tiny", lora=LoRAConfig(rank=2, alpha=8.0), max_sequence_length=32),
+                        [NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1), track_vsm=False)])
+    model.configure_model()
+    with pytest.raises(ValueError, match=r"model.policy.lora.rank: 4 in the checkpoint, 2 now"):
+        load_weights(model, tmp_path / "run" / "last.ckpt")
+
+
+def test_a_folder_of_checkpoints_given_as_ckpt_path_names_the_newest(tmp_path):
+    from divrl.training.checkpoints import resume_path
+
+    grpo_fit(tmp_path, 2, 3e-4)
+    with pytest.raises(IsADirectoryError, match=rf"--ckpt_path {tmp_path} is a folder of checkpoints; pass one of them, "
+                                                rf"e.g. .*\.ckpt \(the newest\), or `last`"):
+        resume_path(str(tmp_path), [])
+
+
+def test_methods_that_are_not_a_mapping_of_plain_names_are_refused_with_an_example():
+    from divrl.cli import check_command_line, expected_error
+
+    for value in ("[base, mine]", "base"):
+        with pytest.raises(ValueError, match=r"--methods takes a mapping of method name to weights .* e.g. '\{base: null"):
+            check_command_line(["--methods", value])
+    with pytest.raises(ValueError, match=r"--methods name '/tmp/x' is not a plain folder name"):
+        check_command_line(["--methods={/tmp/x: null}"])
+    assert check_command_line(["--methods", "{base: null, mine: runs/demo/lora/final}"]) == []
+    stop = None
+    try:  # divrl's own stop after non-finite updates is a sentence, not a traceback
+        DivRLModule._skip(SimpleNamespace(counters={"skipped_updates": 0}, _consecutive_skips=0,
+                                          system=SystemConfig(max_consecutive_skips=1)),
+                          SimpleNamespace(zero_grad=lambda set_to_none: None))
+    except FloatingPointError as err:
+        stop = err
+    assert expected_error(stop).startswith("1 updates in a row had a non-finite loss or gradient")
+
+
+def test_two_stage_switches_are_refused_by_name(tmp_path, monkeypatch, capsys):
+    """A config's callbacks plus ``--trainer.callbacks+=StageSwitch`` (they add up) was Lightning's traceback about a
+    callback's ``state_key``."""
+    code, err = console(["fit", "--config", "configs/demo.yaml", "--trainer.max_steps", "1", "--trainer.logger", "false",
+                         "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks+=divrl.training.StageSwitch",
+                         "--trainer.callbacks.switch_steps=2"], monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err, err
+    assert "trainer.callbacks holds 2 StageSwitch; give one of each (a StageSwitch takes every switch step" in err, err

@@ -207,7 +207,7 @@ def test_a_stage_switch_changes_the_objective_and_one_reward_serves_both_stages(
                         SamplingConfig(group_size=4, num_steps=2, resolution=16))
     fit(model, 3, callbacks=[StageSwitch(switch_steps=1), record])
     assert record.seen == [("GRPOObjective", False), ("ShrinkVelocity", True), ("ShrinkVelocity", True)]
-    with pytest.raises(ValueError, match="need 2 rewards in model.rewards or 2 objectives"):
+    with pytest.raises(ValueError, match="make 2 stages, which take 2 rewards in model.rewards or 2 objectives"):
         fit(DivRLModule(ToyConfig(lora=TOY_LORA), [CallableReward(brightness)], objectives[0],
                         SamplingConfig(group_size=4, num_steps=2, resolution=16)), 1, callbacks=[StageSwitch(1)])
 

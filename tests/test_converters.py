@@ -301,7 +301,7 @@ def test_converted_shards_train_one_step(tmp_path):
     assert main(["data", "synthetic", "--out", str(out), "--num-identities", "6", "--resolution", "64"]) == 0
     assert len(records(out)) == 6
     overrides = tmp_path / "over.yaml"
-    overrides.write_text(json.dumps({"trainer": {"callbacks": [], "logger": False, "enable_checkpointing": False,
+    overrides.write_text(json.dumps({"trainer": {"callbacks": [STAGES], "logger": False, "enable_checkpointing": False,
                                                  "default_root_dir": str(tmp_path / "run")}}))
     code = main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(overrides),
                  "--model.policy.model", str(ROOT / "data/demo/tiny-kontext"), "--trainer.max_steps", "1",
@@ -393,11 +393,16 @@ def test_precomputed_conditioning_equals_what_the_policy_computes(tmp_path):
         policy.encode([dataclasses.replace(with_payload, prompt="a prompt written later")], 32, 32)
 
 
+STAGES = {"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": 60}}
+"""The demo's stage switch: a config's trainer.callbacks replaces the demo's list, and its two rewards need it."""
+
+
 def fit_on(shards: Path, root: Path, *extra: str) -> dict:
     overrides = root / "over.yaml"
     root.mkdir(parents=True, exist_ok=True)
     overrides.write_text(json.dumps({"trainer": {
-        "callbacks": [{"class_path": "divrl.training.LoRAExporter"}], "logger": False, "enable_checkpointing": False,
+        "callbacks": [STAGES, {"class_path": "divrl.training.LoRAExporter"}], "logger": False,
+        "enable_checkpointing": False,
         "default_root_dir": str(root), "enable_progress_bar": False}}))
     assert main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(overrides),
                  "--model.policy.model", DEMO_MODEL, "--trainer.max_steps", "2", "--data.shards", str(shards),

@@ -19,6 +19,13 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 FSDP2 = {"class_path": "divrl.training.FSDP2Strategy"}
 FSDP1 = {"class_path": "divrl.training.FSDP1Strategy"}
+STAGES = {"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": 60}}
+"""The demo configs' stage switch (their two rewards need it): the callbacks given here replace the config's list."""
+
+
+def staged(callbacks: list[dict]) -> list[dict]:
+    """``callbacks`` with the demo's stage switch first when they have none of their own."""
+    return callbacks if any(c["class_path"].endswith("StageSwitch") for c in callbacks) else [STAGES, *callbacks]
 
 
 def run(tmp_path: Path, max_steps: int, callbacks: list[dict], timeout: int, config: str = "configs/demo.yaml",
@@ -29,7 +36,7 @@ def run(tmp_path: Path, max_steps: int, callbacks: list[dict], timeout: int, con
     overrides.write_text(yaml.safe_dump({"trainer": {
         "accelerator": "cpu", "devices": 2, "strategy": strategy, "max_steps": max_steps, "logger": False,
         "enable_checkpointing": any("ModelCheckpoint" in c["class_path"] for c in callbacks),
-        "enable_progress_bar": False, "default_root_dir": str(tmp_path), "callbacks": callbacks}}))
+        "enable_progress_bar": False, "default_root_dir": str(tmp_path), "callbacks": staged(callbacks)}}))
     path = os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-m", "divrl.cli", "fit", "--config", str(ROOT / config),
                            "--config", str(overrides), *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=path),

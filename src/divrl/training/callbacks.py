@@ -50,10 +50,11 @@ class StageSwitch(pl.Callback):
         needed = len(self.switch_steps) + 1
         counts = {"rewards in model.rewards": len(pl_module.rewards), "objectives in model.objective":
                   len(pl_module.objectives)}
-        if all(n == 1 for n in counts.values()) or any(1 < n < needed for n in counts.values()):
+        if all(n == 1 for n in counts.values()) or any(n not in (1, needed) for n in counts.values()):
             raise ValueError(
-                f"StageSwitch: {len(self.switch_steps)} switch step(s) need {needed} rewards in model.rewards or {needed} "
-                f"objectives in model.objective (one per stage; a single one serves every stage), got "
+                f"StageSwitch: {len(self.switch_steps)} switch step(s) make {needed} stages, which take {needed} rewards "
+                f"in model.rewards or {needed} objectives in model.objective (one per stage; a single one serves every "
+                f"stage), got "
                 f"{', '.join(f'{n} {what}' for what, n in counts.items())}"
             )
         max_steps = trainer.max_steps

@@ -91,8 +91,8 @@ def load_weights(module, path: str | Path) -> None:
             module.stage = max(0, int(stage) - 1) if isinstance(stage, int) else module.stage
         return
     checkpoint = read_checkpoint(path, module)
+    module.on_load_checkpoint(checkpoint)  # first: settings its weights cannot take are refused by name, not by shape
     module.load_state_dict(checkpoint["state_dict"], strict=False)
-    module.on_load_checkpoint(checkpoint)
     average = next((state["shadow"] for name, state in checkpoint.get("callbacks", {}).items()
                     if name.startswith("AdapterEMA") and state.get("shadow")), None)
     if average is not None:  # the run's moving average: what its validation and its exported LoRA use
@@ -192,6 +192,10 @@ def resume_path(ckpt_path, folders: list[str]) -> str | None:
             raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist; pass a checkpoint of a run "
                                     f"(<default_root_dir>/checkpoints/*.ckpt), `last` for the newest one, or no "
                                     f"--ckpt_path to start anew")
+        inside = sorted(path.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
+        if inside and not is_checkpoint(path):
+            raise IsADirectoryError(f"--ckpt_path {ckpt_path} is a folder of checkpoints; pass one of them, e.g. "
+                                    f"{inside[-1]} (the newest), or `last`")
         if path.suffix == ".safetensors" or (path.is_dir() and not is_checkpoint(path)):
             raise ValueError(f"--ckpt_path {ckpt_path} is not a training checkpoint (it takes a .ckpt file or a sharded "
                              f"checkpoint folder of a run, <default_root_dir>/checkpoints/); a LoRA or an exported "

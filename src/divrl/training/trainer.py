@@ -24,7 +24,7 @@ from divrl.eval.suite import EvalSuite
 from divrl.images import to_pil
 from divrl.policy.lora import LORA_FILE
 from divrl.rewards.base import Group
-from divrl.training.callbacks import group_grid
+from divrl.training.callbacks import StageSwitch, group_grid
 from divrl.training.checkpoints import (
     AtomicCheckpointIO,
     clean_partial,
@@ -59,6 +59,7 @@ class DivRLTrainer(pl.Trainer):
     """
 
     def __init__(self, *args, **kwargs):
+        _check_trainer_settings(kwargs)
         try:
             super().__init__(*args, **kwargs)
         except MisconfigurationException as err:  # Lightning's sentence about a trainer setting, named by its key
@@ -83,6 +84,11 @@ class DivRLTrainer(pl.Trainer):
             for folder in folders:
                 clean_partial(folder)
         ckpt_path = resume_path(ckpt_path, folders)
+        stages = max(len(getattr(model, "rewards", [])), len(getattr(model, "objectives", [])))
+        if stages > 1 and not any(isinstance(c, StageSwitch) for c in self.callbacks):
+            raise ValueError(f"model.rewards / model.objective give {stages} stages but trainer.callbacks has no "
+                             f"divrl.training.StageSwitch to move between them: add one (init_args: {{switch_steps: "
+                             f"[...]}}), or give one reward and one objective")
         if "://" not in str(self.default_root_dir):  # before Lightning's traceback at its first write there
             writable_folder(Path(self.default_root_dir), "trainer.default_root_dir")
         self.fit_started = time.monotonic()  # for the end-of-fit summary
@@ -294,6 +300,30 @@ class DivRLTrainer(pl.Trainer):
         return {"weights": None if weights is None else str(Path(weights).resolve()), "num_steps": num_steps,
                 "weights_files": _stamp(weights), "model": str(model.policy_config.model),
                 "resolution": model.sampling.resolution}
+
+
+_MANUAL = {"accumulate_grad_batches": (1, "objective.micro_batch_size and the objective's updates_per_epoch set how "
+                                          "many samples each update sums"),
+           "gradient_clip_val": (None, "model.system.max_grad_norm clips every update (paper: 1.0)")}
+
+
+def _check_trainer_settings(settings: dict) -> None:
+    """Trainer settings divrl's manual optimization handles itself, refused with what sets them instead."""
+    for key, (default, instead) in _MANUAL.items():
+        if settings.get(key, default) not in (default, None):
+            raise ValueError(f"trainer.{key} {settings[key]!r}: divrl optimizes manually and Lightning cannot do this "
+                             f"for it; {instead}")
+    callbacks = settings.get("callbacks") or []
+    kinds = [type(c).__name__ for c in (callbacks if isinstance(callbacks, list) else [callbacks])]
+    twice = sorted({kind for kind in kinds if kind in ("StageSwitch", "AdapterEMA") and kinds.count(kind) > 1})
+    if twice:  # stateful: else Lightning's traceback about a callback's state_key
+        raise ValueError(f"trainer.callbacks holds {', '.join(f'{kinds.count(k)} {k}' for k in twice)}; give one of each "
+                         f"(a StageSwitch takes every switch step in its switch_steps, e.g. [60, 120]); a config's "
+                         f"callbacks and --trainer.callbacks+=... add up")
+    if str(settings.get("precision") or "32-true") not in ("32", "32-true"):
+        raise ValueError(f"trainer.precision {settings['precision']!r}: divrl sets its numerics itself (the frozen base "
+                         f"in policy.torch_dtype, the adapter's compute in policy.lora_compute_dtype, rewards in float32);"
+                         f" leave trainer.precision at 32-true")
 
 
 def asks_for_gpus(err: Exception) -> bool:
