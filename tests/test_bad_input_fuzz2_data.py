@@ -314,3 +314,30 @@ def test_sample_names_the_lora_folders_below_a_runs_lora_folder(tmp_path, consol
     (tmp_path / "lora" / "final" / LORA_FILE).write_bytes(b"")
     code, printed = console(*sample("--lora", str(tmp_path / "lora"), "--output_dir", str(tmp_path / "out")))
     assert f"pass one of {tmp_path / 'lora' / 'final'}" in one_sentence(code, printed, "sample")
+
+
+def test_an_overwrite_interrupted_while_replacing_loses_no_shard(tmp_path, monkeypatch):
+    """Ctrl-C between two shard moves of the replacement: every new shard is either in --out or still in the hidden
+    folder, and no old shard was deleted before the new ones were in (the old order deleted first)."""
+    out = tmp_path / "shards"
+    assert main(["data", "synthetic", "--num-identities", "4", "--resolution", "16", "--shard-size", "1",
+                 "--val-fraction", "0", "--out", str(out)]) == 0
+    old = sorted(p.name for p in out.glob("*.tar"))
+    moves = []
+    replace = Path.replace
+
+    def interrupted(self, target):
+        if Path(target).parent == out:  # a move into --out (the writer's own .partial renames stay inside)
+            moves.append(self.name)
+            if len(moves) == 2:
+                raise KeyboardInterrupt
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["data", "synthetic", "--num-identities", "4", "--resolution", "16", "--shard-size", "1",
+              "--val-fraction", "0", "--seed", "7", "--out", str(out), "--overwrite"])
+    monkeypatch.setattr(Path, "replace", replace)
+    kept = {p.name for p in out.glob("*.tar")} | {p.name for p in (out / ".divrl-overwrite").glob("*.tar")}
+    assert len(old) == 4 and set(old) <= kept  # the new shards share the old names: all 4 still somewhere
+    assert len(list((out / ".divrl-overwrite").glob("*.tar"))) == 3  # the 3 not moved yet, kept for the user

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from divrl.cli import expected_error
@@ -99,13 +100,29 @@ def test_dpo_margins_that_are_not_finite_are_refused(make):
 
 @pytest.mark.parametrize("make, name, value", [
     (DPOObjective, "min_gap", NAN), (DPOObjective, "min_gap", INF), (DPOObjective, "rpo_alpha", INF),
-    (GroupDPOObjective, "noise_level", INF), (GroupDPOObjective, "adv_clip", INF),
+    (GroupDPOObjective, "noise_level", INF), (GroupDPOObjective, "adv_clip", NAN),
     (NFTObjective, "adv_clip", INF), (NFTObjective, "noise_level", INF),
-    (GRPOObjective, "kl_beta", NAN), (GRPOObjective, "kl_beta", INF), (GRPOObjective, "clip_range", INF),
+    (GRPOObjective, "kl_beta", NAN), (GRPOObjective, "kl_beta", INF), (GRPOObjective, "clip_range", NAN),
     (GRPOObjective, "adv_clip", NAN), (GRPOObjective, "adv_clip", 0.0),
 ])
 def test_objective_settings_that_are_not_finite_are_refused(make, name, value):
     refused(lambda: make(**{name: value}), f"objective.{name}", repr(value))
+
+
+@pytest.mark.parametrize("make, name, value", [
+    (GRPOObjective, "adv_clip", INF), (GRPOObjective, "adv_clip", None), (GRPOObjective, "clip_range", INF),
+    (GroupDPOObjective, "adv_clip", INF),
+])
+def test_an_infinite_clip_still_turns_clipping_off(make, name, value):
+    """``adv_clip`` / ``clip_range`` ``.inf`` (GRPO's ``adv_clip: null`` too) clip nothing: valid, not refused (NFT's
+    ``adv_clip`` is different: at inf every r is 1/2 and nothing trains)."""
+    assert getattr(make(**{name: value}), name) == value
+
+
+def test_numpy_scalars_are_numbers():
+    assert GatedReward(scorer(), threshold=np.float32(0.5), weight=np.int64(5)).weight == 5.0
+    assert WeightedReward([LinearReward(scorer())], weights=[np.float32(2.0)]).weights == [2.0]
+    assert TimestepSampling(mean=np.float32(0.5)).mean == 0.5
 
 
 def test_dpo_pairs_per_group_above_the_groups_pairs_names_the_bound():

@@ -510,6 +510,8 @@ def test_methods_that_are_not_a_mapping_of_plain_names_are_refused_with_an_examp
     with pytest.raises(ValueError, match=r"--methods name '/tmp/x' is not a plain folder name"):
         check_command_line(["--methods={/tmp/x: null}"])
     assert check_command_line(["--methods", "{base: null, mine: runs/demo/lora/final}"]) == []
+    assert check_command_line(["--methods", "null"]) == []  # clears a config's methods (only --samples_dir scored)
+    assert check_command_line(["--methods", "{2024-01-01: null, 7: null}"]) == []  # jsonargparse keeps them strings
     stop = None
     try:  # divrl's own stop after non-finite updates is a sentence, not a traceback
         DivRLModule._skip(SimpleNamespace(counters={"skipped_updates": 0}, _consecutive_skips=0,
@@ -528,3 +530,12 @@ def test_two_stage_switches_are_refused_by_name(tmp_path, monkeypatch, capsys):
                          "--trainer.callbacks.switch_steps=2"], monkeypatch, capsys)
     assert code == 1 and "Traceback" not in err, err
     assert "trainer.callbacks holds 2 StageSwitch; give one of each (a StageSwitch takes every switch step" in err, err
+
+
+def test_a_gradient_clip_of_zero_is_no_clipping_and_accepted():
+    from divrl.training.trainer import _check_trainer_settings
+
+    _check_trainer_settings({"gradient_clip_val": 0})  # Lightning's manual optimization refuses > 0 only
+    _check_trainer_settings({"gradient_clip_val": 0.0, "precision": 32})
+    with pytest.raises(ValueError, match="trainer.gradient_clip_val 1.0: divrl optimizes manually"):
+        _check_trainer_settings({"gradient_clip_val": 1.0})

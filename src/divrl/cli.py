@@ -284,11 +284,13 @@ def check_command_line(args: Sequence[str]) -> list[str]:
         a.split("=", 1)[1] for a in args if a.startswith("--methods=")]
     for value in methods:  # jsonargparse would answer with its usage screen and a Union error
         given = _yaml(value, f"--methods {value!r}")
-        if not isinstance(given, dict) or not all(isinstance(k, str) for k in given):
+        if given is None:  # null clears a config's methods (score --samples_dir alone)
+            continue
+        if not isinstance(given, dict):
             raise ValueError(f"--methods takes a mapping of method name to weights (a LoRA, a run's .ckpt, or null for "
                              f"the base model), e.g. '{{base: null, mine: runs/demo/lora/final}}'; got {value!r}")
-        for name in given:
-            method_name(name, "--methods")
+        for name in given:  # a key YAML reads as a date or a number is a string to jsonargparse
+            method_name(str(name), "--methods")
     where = "on the command line"
     for value in configs:
         config, path = _config(value)

@@ -224,6 +224,7 @@ def run_data(args: argparse.Namespace) -> int:
     # --overwrite: the new shards are written beside the old ones (a hidden folder) and replace them only when the
     # conversion succeeded; a source that fails to read leaves the old shards as they were
     target = args.out / ".divrl-overwrite" if old else args.out
+    committing = False  # once the new shards start replacing the old ones, nothing written is removed any more
     try:
         report = C.convert(
             items, target, resolution=args.resolution or None, resize=args.resize, shard_size=args.shard_size,
@@ -231,11 +232,18 @@ def run_data(args: argparse.Namespace) -> int:
         )
         failed = not report.shards or (args.strict and report.skipped)  # the old shards stay (below)
         if old and not failed:
-            for path in old:
-                path.unlink()
+            committing = True
+            names = {path.name for path in report.shards}  # moved in first (a same-named old shard is replaced)...
             report.shards = [path.replace(args.out / path.name) for path in report.shards]
+            for path in old:  # ...then the old shards no new one replaced go
+                if path.name not in names:
+                    path.unlink()
             shutil.rmtree(target)
     except (OSError, ValueError) as err:  # a missing or unreadable source, a read-only or full --out
+        if committing:
+            print(f"divrl data {args.source}: replacing the shards in --out {args.out} failed ({err}); the new shards "
+                  f"not moved yet are in {target}: move them into --out, or run the conversion again", file=sys.stderr)
+            return 2
         if old:
             shutil.rmtree(target, ignore_errors=True)
         filename = isinstance(err, OSError) and err.filename
@@ -246,7 +254,7 @@ def run_data(args: argparse.Namespace) -> int:
         print(f"divrl data {args.source}: {where}", file=sys.stderr)
         return 2
     except BaseException:  # anything else (a --precompute model that fails, Ctrl-C): the old shards stay as they were
-        if old:
+        if old and not committing:
             shutil.rmtree(target, ignore_errors=True)
         raise
     if not report.shards:  # every item skipped, or none listed: nothing written, and nothing replaced

@@ -300,7 +300,7 @@ class GroupDPOObjective(_Preference):
         super().__post_init__()
         if not self.adv_clip > 0:
             raise ValueError(f"objective.adv_clip must be > 0, got {self.adv_clip}")
-        _check_finite(self, "adv_clip")
+        _check_finite(self, "adv_clip", infinite=True)  # .inf: no clipping
 
     def check(self, sampling) -> None:
         if sampling.group_size < 2:

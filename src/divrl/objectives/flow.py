@@ -9,6 +9,7 @@ every non-batch dimension, in float32. References for the formulas: ``docs/refer
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -53,7 +54,7 @@ class TimestepSampling:
             raise ValueError(f"timesteps.distribution must be uniform, logit_normal or shifted, got {self.distribution!r}")
         for name in ("mean", "std", "shift", "low", "high"):  # a NaN here makes every loss NaN, minutes later
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            if value is not None and not (is_number(value) and math.isfinite(value)):
                 raise ValueError(f"objective.timesteps.{name} must be a finite number, got {value!r}: set it in the "
                                  f"objective's timesteps (defaults: mean 0, std 1, low 0, high 1, shift null)")
         if not 0.0 <= self.low < self.high <= 1.0:
@@ -205,12 +206,19 @@ def _check_beta(beta: float, name: str = "beta") -> None:
         raise ValueError(f"objective.{name} must be a positive number, got {beta}")
 
 
-def _check_finite(obj: object, *names: str, low: float | None = None) -> None:
+def _check_finite(obj: object, *names: str, low: float | None = None, infinite: bool = False) -> None:
     """Refuse settings of ``obj`` that are not finite numbers (or below ``low``), naming them: a NaN or infinite
-    setting only shows as non-finite losses or a run that trains nothing, minutes later."""
+    setting only shows as non-finite losses or a run that trains nothing, minutes later. ``infinite``: the settings
+    may be ``±inf`` or ``None`` (a clip range: no clipping), only NaN and non-numbers are refused."""
     for name in names:
         value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-                low is not None and value < low):
+        if infinite and (value is None or (is_number(value) and math.isinf(value))):
+            continue
+        if not is_number(value) or not math.isfinite(value) or (low is not None and value < low):
             raise ValueError(f"objective.{name} must be a finite number{'' if low is None else f' >= {low:g}'}, got "
                              f"{value!r}: set it in the objective's init_args")
+
+
+def is_number(value) -> bool:
+    """A real number (Python, numpy or a 0-d tensor's ``.item()``-able scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -104,9 +104,11 @@ class GRPOObjective(Objective):
             raise ValueError(f"objective.clip_range must be > 0, got {self.clip_range}")
         if self.kl_beta < 0:
             raise ValueError(f"objective.kl_beta must be >= 0, got {self.kl_beta}")
-        _check_finite(self, "clip_range", "kl_beta", "adv_clip")  # NaN: non-finite losses minutes later
-        if not self.adv_clip > 0:  # else refused at the first rollout
-            raise ValueError(f"objective.adv_clip must be > 0 (paper: 5), got {self.adv_clip}")
+        _check_finite(self, "kl_beta")  # NaN: non-finite losses minutes later
+        _check_finite(self, "clip_range", "adv_clip", infinite=True)  # inf (adv_clip: null too): no clipping
+        if self.adv_clip is not None and not self.adv_clip > 0:  # else refused at the first rollout
+            raise ValueError(f"objective.adv_clip must be > 0 (paper: 5; null or .inf: no clipping), got "
+                             f"{self.adv_clip}")
         if self.adv_scope not in ("group", "batch"):
             raise ValueError(f"objective.adv_scope must be 'group' or 'batch', got {self.adv_scope!r}")
         if self.timestep_fraction is not None and not 0 < self.timestep_fraction <= 1:

@@ -12,6 +12,7 @@ skips (the group is dropped and counted); any other exception is a configuration
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
@@ -140,7 +141,7 @@ def check_setting(who: str, name: str, value, low: float | None = None, high: fl
         number = float(value)
     except (TypeError, ValueError):
         number = float("nan")
-    inside = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(number)
+    inside = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(number)
     inside = inside and (low is None or number >= low) and (high is None or number <= high)
     if not inside:
         bounds = (f" in [{low:g}, {high:g}]" if low is not None and high is not None else

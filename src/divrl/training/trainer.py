@@ -310,7 +310,7 @@ _MANUAL = {"accumulate_grad_batches": (1, "objective.micro_batch_size and the ob
 def _check_trainer_settings(settings: dict) -> None:
     """Trainer settings divrl's manual optimization handles itself, refused with what sets them instead."""
     for key, (default, instead) in _MANUAL.items():
-        if settings.get(key, default) not in (default, None):
+        if settings.get(key, default) not in (default, None) and not (key == "gradient_clip_val" and settings[key] == 0):
             raise ValueError(f"trainer.{key} {settings[key]!r}: divrl optimizes manually and Lightning cannot do this "
                              f"for it; {instead}")
     callbacks = settings.get("callbacks") or []
