@@ -2,7 +2,7 @@
 :class:`PolicyConfig`.
 
 Sampling (:mod:`divrl.grpo`), the objectives, the Lightning layer and the data never name a model component: they see
-a policy only through the methods of :class:`Policy`. A new family (Qwen-Image-Edit, FLUX.2) is one folder in
+a policy only through the methods of :class:`Policy`. A new family is one folder in
 ``divrl/policy/`` with a :class:`Policy` subclass and a :class:`PolicyConfig` subclass that builds it; YAML selects it
 with ``model.policy.class_path``. :class:`~divrl.policy.KontextPolicy` is the reference implementation.
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -105,7 +105,7 @@ def add_adapter(network: nn.Module, config: LoRAConfig, compute_dtype: torch.dty
     unmatched = matching_nothing(list(modules))  # peft would drop a typo silently when another target matches
     try:
         if not unmatched:
-            network.add_adapter(config.to_peft())
+            network.add_adapter(replace(config, target_modules=_layer_targets(config.target_modules, modules)).to_peft())
     except ValueError:  # peft's NoMatchingPeftModuleError ("Target modules {...} not found"), or a non-Linear match
         unmatched = matching_nothing(linear)
         if not unmatched:
@@ -208,6 +208,21 @@ def load_adapter(network: nn.Module, path: str | os.PathLike) -> None:
             f"{config.lora_alpha:g}; set policy.lora.alpha to {saved:g}"
         )
     set_peft_model_state_dict(network, state)
+
+
+def _layer_targets(targets: Sequence[str], modules: dict[str, nn.Module]) -> tuple[str, ...]:
+    """``targets`` for peft: a suffix that also names a module peft cannot adapt (an ``attn.to_out`` that is a Linear in one
+    kind of block and a list in another) becomes the full names of the layers it names
+    that peft can adapt; every other suffix stays as given."""
+    adaptable = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    resolved: list[str] = []
+    for target in targets:
+        named = [name for name in modules if name == target or name.endswith("." + target)]
+        if all(isinstance(modules[name], adaptable) for name in named):
+            resolved.append(target)
+        else:
+            resolved += [name for name in named if isinstance(modules[name], adaptable)]
+    return tuple(resolved)
 
 
 def _no_lora_file(path: Path, file: Path) -> str:

@@ -7,7 +7,10 @@ from divrl.policy.base import ModelLoadError
 from divrl.policy.kontext.policy import KontextPolicy
 from divrl.policy.kontext.config import TINY, KontextConfig
 from divrl.policy.kontext.schedule import calculate_shift, flux_sigmas, scheduler_sigmas
+from divrl.policy.loading import register_family
 from divrl.policy.lora import DEFAULT_LORA_TARGETS, LoRAConfig
+
+register_family("FluxKontextPipeline", "FLUX.1 Kontext", "divrl.policy.KontextConfig")
 
 __all__ = [
     "KontextPolicy", "KontextConfig", "KontextEncoder", "Condition", "ModelLoadError", "TINY", "LoRAConfig",
