@@ -382,6 +382,16 @@ def test_no_import_circle_between_modules_even_inside_functions():
             visit(name, [name])
 
 
+def test_flux2_names_live_in_its_folder_only():
+    """A family is one folder: FLUX.2 [klein]'s names appear in ``policy/flux2/`` only (the family index in
+    ``policy/__init__.py`` lists it by name)."""
+    pattern = re.compile(r"Flux2\w*|\b[Kk]lein\w*|FLUX\.2")
+    hits = [f"{p.relative_to(SRC)}:{i}" for p in SRC.rglob("*.py") if "flux2" not in p.relative_to(SRC).parts
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if pattern.search(line) and not (p.relative_to(SRC) == Path("policy/__init__.py") and line.startswith("- "))]
+    assert not hits, hits
+
+
 @pytest.mark.parametrize(("folders", "pattern"), [
     (["training"], r"policy\.(transformer|vae|text_encoder)"),
     (["grpo", "training", "data", "objectives"], r"flux_sigmas|prompt_embeds"),
