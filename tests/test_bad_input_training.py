@@ -539,3 +539,18 @@ def test_a_gradient_clip_of_zero_is_no_clipping_and_accepted():
     _check_trainer_settings({"gradient_clip_val": 0.0, "precision": 32})
     with pytest.raises(ValueError, match="trainer.gradient_clip_val 1.0: divrl optimizes manually"):
         _check_trainer_settings({"gradient_clip_val": 1.0})
+
+
+def test_turning_the_progress_bar_off_drops_the_configs_bar(tmp_path):
+    """``--trainer.enable_progress_bar false`` with the demo config (whose callbacks hold a DivRLProgressBar) was
+    Lightning's refusal; it now turns the bar off."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from divrl.training import DivRLProgressBar
+    from divrl.training.trainer import DivRLTrainer
+
+    trainer = DivRLTrainer(callbacks=[DivRLProgressBar()], enable_progress_bar=False, logger=False,
+                           default_root_dir=tmp_path)
+    assert not any(isinstance(c, ProgressBar) for c in trainer.callbacks)
+    with_bar = DivRLTrainer(callbacks=[DivRLProgressBar()], logger=False, default_root_dir=tmp_path)
+    assert any(isinstance(c, DivRLProgressBar) for c in with_bar.callbacks)

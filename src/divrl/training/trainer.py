@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 from divrl.data.datamodule import resolve_shards
@@ -60,6 +61,9 @@ class DivRLTrainer(pl.Trainer):
 
     def __init__(self, *args, **kwargs):
         _check_trainer_settings(kwargs)
+        callbacks = kwargs.get("callbacks")
+        if kwargs.get("enable_progress_bar") is False and isinstance(callbacks, list):  # a config's bar is dropped,
+            kwargs["callbacks"] = [c for c in callbacks if not isinstance(c, ProgressBar)]  # not a refusal
         try:
             super().__init__(*args, **kwargs)
         except MisconfigurationException as err:  # Lightning's sentence about a trainer setting, named by its key
