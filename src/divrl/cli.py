@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from divrl import __version__
+from divrl.cli_checks import check_command_line, condensed_parser_error, expected_error  # noqa: F401
 from divrl.cli_data import add_data_command, file_name
 from divrl.images import MIN_SIDE
 
@@ -101,6 +102,8 @@ def run_score(args: argparse.Namespace) -> int:
                                     f"{args.json / 'scores.json'}")
         try:
             args.json.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(args.json.parent, os.W_OK) or (args.json.exists() and not os.access(args.json, os.W_OK)):
+                raise PermissionError(30, "not writable (a read-only folder or file system)")
         except OSError as err:
             raise OSError(f"cannot write --json {args.json} ({err.strerror or err}); give a file in a folder you can "
                           f"write to") from err
@@ -154,7 +157,10 @@ def run_score(args: argparse.Namespace) -> int:
              "linear": float(linear[k]), "penalized": bool(out.gated[k])}
             for k, n in enumerate(names)
         ]
-        args.json.write_text(json.dumps({"scores": rows}, indent=2))
+        try:
+            args.json.write_text(json.dumps({"scores": rows}, indent=2))
+        except OSError as err:
+            raise OSError(f"cannot write --json {args.json} ({err.strerror or err}); the scores are printed above") from err
         print(f"wrote {args.json}")
     return 0
 
@@ -185,6 +191,12 @@ def _lightning_cli():
             (and does not for ``last``). Here the command line's settings apply in both cases: the module compares
             them with the checkpoint's when it loads it, refusing those its weights cannot take and listing the
             others (:func:`divrl.training.checkpoints.compare_settings`)."""
+
+        def _set_seed(self) -> None:
+            seed = self._get(self.config, "seed_everything")
+            if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed <= 2**32 - 1:  # numpy's range
+                raise ValueError(f"seed_everything {seed} must lie in [0, {2**32 - 1}] (numpy's seed range)")
+            super()._set_seed()
 
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
@@ -222,128 +234,8 @@ def run_lightning(argv: Sequence[str] | None = None, run: bool = True):
         warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     return DivRLCLI(
         module, datamodule, trainer_class=trainer, args=list(argv) if argv is not None else None, run=run,
-        save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "divrl"},
+        save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "divrl", "exit_on_error": False},
     )
-
-
-def expected_error(err: BaseException) -> str | None:
-    """The sentence of an error divrl raised on purpose about its input (a ``ValueError``, ``OSError`` or
-    ``RuntimeError`` raised in divrl's own code, or one of them inside jsonargparse's "Does not validate against any of
-    the Union subtypes"), or ``None`` for anything else: a bug, whose traceback the user needs."""
-    import traceback
-
-    text = str(err)
-    if isinstance(err, torch.cuda.OutOfMemoryError) or "can't allocate memory" in text:  # no bug: the run is too big
-        return (f"out of memory ({text.splitlines()[0][:200]}); make the run smaller: data.batch_size, "
-                f"sampling.group_size or sampling.resolution, or set system.rollout_micro_batch_size, "
-                f"objective.micro_batch_size, policy.gradient_checkpointing")
-    if isinstance(err, ValueError) and "Does not validate against any of the Union subtypes" in text:
-        reasons = [line[4:] for line in text.splitlines() if line.startswith("  - ")  # the subtypes' own reasons,
-                   and not line[4:].startswith(("Expected a <class", "Not a valid subclass"))]  # not the menu
-        return "; ".join(reasons) or None
-    frames = traceback.extract_tb(err.__traceback__)
-    package = Path(__file__).resolve().parent
-    # raised on purpose: the innermost frame is a ``raise`` statement in divrl (a tensor-shape RuntimeError or an
-    # unpacking ValueError raised by torch or Python on a divrl line is a bug, and keeps its traceback)
-    ours = bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(package) and _raises(frames[-1])
-    if isinstance(err, KeyError) and ours:
-        return str(err.args[0]) if err.args else None
-    return text if ours and isinstance(err, (ValueError, OSError, RuntimeError, FloatingPointError)) and text else None
-
-
-def _raises(frame) -> bool:
-    """Whether the statement at ``frame`` raises (its first line, or the line the frame points to, says ``raise``)."""
-    import linecache
-
-    line = (frame.line or "").strip()
-    if line.startswith("raise"):
-        return True
-    # a multi-line raise: the frame may point inside it; look back to the statement's first line
-    for number in range(frame.lineno, max(frame.lineno - 8, 0), -1):
-        text = linecache.getline(frame.filename, number).strip()
-        if text.startswith("raise"):
-            return True
-        if text.endswith(":") or not text:
-            return False
-    return False
-
-
-def check_command_line(args: Sequence[str]) -> list[str]:
-    """What jsonargparse would refuse with its usage screen, refused with one sentence before it parses: a ``--config``
-    file that is missing, not UTF-8 or not YAML (named, with the line), and settings of the former ``model.grpo``
-    group (on the command line or in a config), each named with where it moved. Inline (``--config '{...}'``) and
-    remote (``s3://...``) configs are left to jsonargparse. Returns the configs given."""
-    from divrl.eval.runner import method_name
-    from divrl.training.checkpoints import moved_setting
-
-    flags = ("--config", "-c")
-    configs = [value for flag, value in zip(args, [*args[1:], None]) if flag in flags and value]
-    configs += [arg.split("=", 1)[1] for arg in args if arg.startswith(("--config=", "-c="))]
-    old = [arg.split("=", 1)[0].removeprefix("--model.grpo.") for arg in args if arg.startswith("--model.grpo.")]
-    methods = [v for f, v in zip(args, [*args[1:], None]) if f == "--methods" and v] + [
-        a.split("=", 1)[1] for a in args if a.startswith("--methods=")]
-    for value in methods:  # jsonargparse would answer with its usage screen and a Union error
-        given = _yaml(value, f"--methods {value!r}")
-        if given is None:  # null clears a config's methods (score --samples_dir alone)
-            continue
-        if not isinstance(given, dict):
-            raise ValueError(f"--methods takes a mapping of method name to weights (a LoRA, a run's .ckpt, or null for "
-                             f"the base model), e.g. '{{base: null, mine: runs/demo/lora/final}}'; got {value!r}")
-        for name in given:  # a key YAML reads as a date or a number is a string to jsonargparse
-            method_name(str(name), "--methods")
-    where = "on the command line"
-    for value in configs:
-        config, path = _config(value)
-        grpo = config.get("model", {}).get("grpo") if isinstance(config, dict) and isinstance(
-            config.get("model"), dict) else None
-        if isinstance(grpo, dict) and not old:
-            old, where = list(grpo), f"in --config {path or value}"
-    if old:
-        moves = ", ".join(f"model.grpo.{key} -> model.{moved_setting(key)}" for key in old)
-        raise ValueError(f"the settings of model.grpo {where} moved when they were grouped by concern ({moves}); "
-                         f"rename them (the README's Training section lists every move)")
-    return configs
-
-
-def _config(value: str):
-    """A ``--config`` value read as YAML: ``(content, path)``; a remote one is not read (``(None, None)``), an inline
-    mapping has no path."""
-    path = Path(value)
-    if "://" in value:
-        return None, None
-    if path.is_dir():
-        raise IsADirectoryError(f"--config {value} is a folder; pass a YAML file (e.g. configs/demo.yaml)")
-    if not path.is_file():
-        inline = _yaml(value, f"--config {value!r}") if "\n" in value or value.lstrip().startswith("{") else None
-        if isinstance(inline, dict):
-            return inline, None
-        raise FileNotFoundError(f"--config {value} does not exist (relative paths start at {os.getcwd()!r})")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"--config {path} is not UTF-8 text (byte {err.object[err.start]:#x} at offset {err.start}); "
-                         f"save it as UTF-8") from None
-    config = _yaml(text, f"--config {path}")
-    if not isinstance(config, dict):
-        raise ValueError(f"--config {path} {'is empty' if config is None else f'holds a {type(config).__name__}'}, not a "
-                         f"mapping of settings (trainer:, model:, data:); fix the file or drop it")
-    model = config.get("model") if isinstance(config.get("model"), dict) else {}
-    sections = {**{k: v for k, v in config.items() if k in ("trainer", "model", "data")},
-                **{f"model.{k}": v for k, v in model.items() if k in ("policy", "sampling", "system")}}
-    bad = next(((k, v) for k, v in sections.items() if isinstance(v, (list, int, float))), None)
-    if bad is not None:
-        raise ValueError(f"{bad[0]} in --config {path} is a {type(bad[1]).__name__}; it takes a mapping of settings "
-                         f"({bad[0]}: {{name: value, ...}})")
-    return config, path
-
-
-def _yaml(text: str, what: str):
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ValueError(f"{what} is not valid YAML: {getattr(err, 'problem', None) or err}{at}; fix it") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -353,10 +245,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from divrl.notices import quiet
 
     quiet()  # before the libraries load: their import-time notices that do not apply (divrl.notices says why)
-    if argv is not None or os.environ.get("DIVRL_TRACEBACK", "0") not in ("", "0"):
+    if argv is not None or os.environ.get("DIVRL_TRACEBACK", "0").strip().lower() not in ("", "0", "false", "no", "off"):
         return _main(argv)
     try:
         return _main(argv)
+    except KeyboardInterrupt:  # before training started (a fit under way prints its own summary): nothing was written
+        command = f"divrl {sys.argv[1]}" if len(sys.argv) > 1 else "divrl"
+        print(f"\n{command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:  # noqa: BLE001 - re-raised unless it is one of divrl's own sentences
         message = expected_error(err)
         if message is None:
@@ -375,9 +271,14 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
         from divrl.training.trainer import asks_for_gpus
 
+        from jsonargparse import ArgumentError
+
         configs = check_command_line(argv[1:])
         try:
             run_lightning(given)
+        except ArgumentError as err:  # jsonargparse's refusal, without its usage screen
+            print(f"divrl {argv[0]}: {condensed_parser_error(str(err), f'divrl {argv[0]}')}", file=sys.stderr)
+            raise SystemExit(2) from None
         except MisconfigurationException as err:
             if not asks_for_gpus(err) or torch.cuda.is_available():
                 raise

@@ -7,16 +7,19 @@ import math
 import os
 import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
+
+from divrl.images import MIN_SIDE
 
 
 def add_data_command(commands) -> None:
     """Register ``divrl data`` on the console script's subcommands."""
     data = commands.add_parser(
         "data",
-        help="convert a published dataset layout into divrl identity shards",
+        help="convert a published dataset layout into divrl identity shards", formatter_class=_Help,
         description=(
             "Convert SynCD (release folders or DivRL's parquet copy), DreamBench++, DreamBooth, PSRBench or the "
             "synthetic demo world into WebDataset identity shards (schema: data/README.md). Bad items are skipped, "
@@ -26,7 +29,8 @@ def add_data_command(commands) -> None:
     data.add_argument("source", choices=["syncd", "dreambench", "dreambooth", "psrbench", "synthetic"])
     data.add_argument("--src", type=Path, help="the dataset folder (or a SynCD .parquet file); not for synthetic")
     data.add_argument("--out", type=_out_folder, required=True, help="output folder for train-*.tar and val-*.tar")
-    data.add_argument("--resolution", type=int, default=512, help="reference side in pixels (default 512; 0 keeps)")
+    data.add_argument("--resolution", type=int, default=512,
+                      help=f"reference side in pixels, >= {MIN_SIDE} (default 512; 0 keeps the source's sizes)")
     data.add_argument("--resize", choices=["pad", "crop", "stretch", "none"], default="pad",
                       help="keep aspect and pad (default), centre crop, stretch (DivRL's training), or none")
     data.add_argument("--shard-size", type=int, default=100, help="identities per shard (default 100)")
@@ -40,9 +44,8 @@ def add_data_command(commands) -> None:
     data.add_argument("--subjects", help="synthetic: subjects per sample, e.g. 2 or 2,3,4 (default: single-subject "
                                          "identities)")
     data.add_argument("--subject-weights", help="synthetic: probabilities of the --subjects counts, e.g. 0.9,0.05,0.05 "
-                                                "(PSR's training mix; default uniform); a value starting with '-' "
-                                                "needs the = form, --subject-weights=-1,2 (argparse reads -1,2 as an "
-                                                "option)")
+                                                "(PSR's training mix; default uniform); --subject-weights=-1,2 and "
+                                                "--subject-weights -1,2 both give the value -1,2")
     data.add_argument("--subsets", help="psrbench: comma-separated subsets, e.g. Attribute,Three (default: all)")
     data.add_argument("--targets", action="store_true",
                       help="dreambooth, syncd, synthetic: write a target image per prompt (another photo of the same "
@@ -55,10 +58,40 @@ def add_data_command(commands) -> None:
                       help="store each identity's text embeddings and reference latents computed by this Kontext model "
                            "(Hub id, local folder, or 'tiny'), so training can run with policy.text_encoders: false")
     data.add_argument("--precompute-resolution", type=int, default=512,
-                      help="training resolution the reference latents are computed at (default 512)")
+                      help=f"training resolution the reference latents are computed at, >= {MIN_SIDE} (default 512)")
     data.add_argument("--max-sequence-length", type=int, default=128, help="T5 tokens per prompt (default 128)")
     data.add_argument("--device", default=None, help="device for --precompute (default: cuda if available)")
     data.set_defaults(func=run_data)
+    data.parse_known_args = _equals_form(data.parse_known_args, ("--subjects", "--subject-weights"))
+
+
+class _Help(argparse.HelpFormatter):
+    """``--help`` that never breaks a flag at its hyphens (``--subject-`` / ``weights=-1,2``)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def _equals_form(parse, flags: tuple[str, ...]):
+    """``parse`` (the data parser's ``parse_known_args``, which the console script's parser calls with the arguments
+    after ``data``) reading ``--subject-weights -1,2`` as ``--subject-weights=-1,2``: argparse takes a value that
+    starts with '-' (and is no plain negative number) for an option, and would answer "expected one argument" instead
+    of the flag's own check."""
+    def parse_known_args(args=None, namespace=None):
+        if args is not None:
+            args, given = [], list(args)
+            while given:
+                flag = given.pop(0)
+                if flag == "--":  # everything after it is positional
+                    args += [flag, *given]
+                    break
+                value = given[0] if given else ""
+                if flag in flags and value[:1] == "-" and value[1:2] not in ("", "-", "h"):
+                    flag = f"{flag}={given.pop(0)}"
+                args.append(flag)
+        return parse(args, namespace)
+
+    return parse_known_args
 
 
 def _out_folder(text: str) -> Path:
@@ -85,6 +118,9 @@ def _out_of_range(args: argparse.Namespace) -> list[str]:
         ("--max-sequence-length", args.max_sequence_length)) if value is not None and value < 1]
     if args.resolution < 0:
         wrong.append(f"--resolution {args.resolution} must be >= 0 (0 keeps the photos' size)")
+    elif 0 < args.resolution < MIN_SIDE:
+        wrong.append(f"--resolution {args.resolution} must be 0 (keep the source's sizes) or >= {MIN_SIDE} ({_SMALL}), "
+                     f"e.g. 512")
     if not (math.isfinite(args.val_fraction) and 0.0 <= args.val_fraction <= 1.0):
         wrong.append(f"--val-fraction {args.val_fraction} must be a share in [0, 1]")
     device = _device_error(args.device) if args.device is not None else None
@@ -108,6 +144,10 @@ def _device_error(text: str) -> str | None:
                 f"{device.type}:{count - 1}; pick one of them (or --device cpu)")
     return None
 
+
+_SMALL = (f"divrl sample and score refuse images under {MIN_SIDE}x{MIN_SIDE} pixels: DINOv2 reads 14-pixel patches, "
+          f"the dense descriptor 8-pixel cells")
+"""Why a side under :data:`~divrl.images.MIN_SIDE` is refused (``--resolution``, ``--precompute-resolution``)."""
 
 FOLDERS = {
     "syncd": "a SynCD release folder (its *metadata.json files) or DivRL's parquet copy (a .parquet file or a folder "
@@ -158,6 +198,7 @@ def run_data(args: argparse.Namespace) -> int:
                                                    ("--subjects", args.subjects, ("synthetic",)),
                                                    ("--subject-weights", args.subject_weights, ("synthetic",)),
                                                    ("--subsets", args.subsets, ("psrbench",)),
+                                                   ("--unique-token", args.unique_token or None, ("dreambooth",)),
                                                    ("--targets", args.targets or None, ("dreambooth", "syncd",
                                                                                         "synthetic")))
                  if value is not None and source not in sources]
@@ -165,17 +206,25 @@ def run_data(args: argparse.Namespace) -> int:
         print(f"divrl data {source}: {', '.join(misplaced) or '--subject-weights'} "
               f"{'applies only to other sources' if misplaced else 'needs --subjects'} (--src: every source but "
               f"synthetic, whose world is generated; --subjects and "
-              f"--subject-weights: synthetic; --subsets: psrbench; --targets: dreambooth, syncd release folders (not "
-              f"the parquet copy), synthetic); nothing was written", file=sys.stderr)
+              f"--subject-weights: synthetic; --subsets: psrbench; --unique-token: dreambooth; --targets: dreambooth, "
+              f"syncd release folders (not the parquet copy), synthetic); nothing was written", file=sys.stderr)
         return 2
-    for stale in args.out.glob("*.tar.partial"):  # left by a killed conversion: never read, removed
-        stale.unlink()
     old = sorted(p for pattern in ("train-*.tar", "val-*.tar") for p in args.out.glob(pattern))
-    if old and not args.overwrite:
-        print(f"divrl data: --out {args.out} already holds {len(old)} shard(s) (e.g. {old[0].name}); a later glob would "
-              f"read old and new shards together. Pass --overwrite to replace them, or choose an empty folder",
-              file=sys.stderr)
+    foreign = next(((path, why) for path in old if (why := C.shard_error(path))), None)
+    if foreign:  # named like a shard but not one divrl wrote: never replaced, never read with the new shards
+        print(f"divrl data {source}: --out {args.out} holds {foreign[0].name}, which is not a divrl shard "
+              f"({foreign[1]}) though named like one (train-*.tar, val-*.tar: "
+              f"{'--overwrite would delete it' if args.overwrite else 'training would read it with the new shards'}); "
+              f"move it away or choose another --out; nothing was written", file=sys.stderr)
         return 2
+    if old and not args.overwrite:
+        print(f"divrl data: --out {args.out} already holds {len(old)} divrl shard(s) (e.g. {old[0].name}); a later "
+              f"glob would read old and new shards together. Pass --overwrite to replace them, or choose an empty "
+              f"folder", file=sys.stderr)
+        return 2
+    for stale in args.out.glob("*.tar.partial"):  # a shard a killed conversion left half-written: never read, removed
+        if C.is_stale_partial(stale):  # train-000000.tar.partial, ...; any other .partial file is the user's
+            stale.unlink()
     per = args.prompts_per_identity
     if args.source == "synthetic":
         try:
@@ -199,7 +248,13 @@ def run_data(args: argparse.Namespace) -> int:
             print(f"divrl data synthetic: {err}; nothing was written", file=sys.stderr)
             return 2
     elif args.source == "syncd":
-        items = C.read_syncd_parquet(args.src, per) if parquet else C.read_syncd(args.src, per, targets=args.targets)
+        try:  # the parquet copy's files are checked by the call, before anything is written
+            items = (C.read_syncd_parquet(args.src, per) if parquet
+                     else C.read_syncd(args.src, per, targets=args.targets))
+        except ValueError as err:
+            print(f"divrl data {source}: --src {err if args.src.is_file() else f'{args.src}: {err}'}; syncd's --src "
+                  f"takes {FOLDERS['syncd']}; nothing was written", file=sys.stderr)
+            return 2
     elif args.source == "dreambench":
         items = C.read_dreambench(args.src, per)
     elif args.source == "psrbench":
@@ -214,10 +269,12 @@ def run_data(args: argparse.Namespace) -> int:
         quiet_loading_bars()
         policy = KontextConfig(model=args.precompute, lora=None, max_sequence_length=args.max_sequence_length).build()
         multiple = policy.vae_scale_factor * 2  # known once the model is loaded; before any identity is converted
-        if args.precompute_resolution % multiple:
-            print(f"divrl data {source}: --precompute-resolution {args.precompute_resolution} must be a multiple of "
-                  f"{multiple} for {args.precompute} (its VAE's factor {policy.vae_scale_factor} x 2 for packing), "
-                  f"e.g. 512; nothing was written", file=sys.stderr)
+        need = [(f"a multiple of {multiple} for {args.precompute} (its VAE's factor {policy.vae_scale_factor} x 2 "
+                 f"for packing)")] if args.precompute_resolution % multiple else []
+        need += [f">= {MIN_SIDE} ({_SMALL})"] if args.precompute_resolution < MIN_SIDE else []
+        if need:  # the factor is known once the model is loaded
+            print(f"divrl data {source}: --precompute-resolution {args.precompute_resolution} must be "
+                  f"{' and '.join(need)}, e.g. 512; nothing was written", file=sys.stderr)
             return 2
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         precompute = C.Precompute(policy.to(device), args.precompute_resolution)

@@ -52,7 +52,7 @@ from divrl.images import BACKGROUND, in_mode  # noqa: F401 - BACKGROUND: the col
 __all__ = [
     "Skip", "ConversionReport", "convert", "resize_record", "split_of",
     "read_syncd", "read_syncd_parquet", "read_dreambench", "read_dreambooth", "read_psrbench", "PSRBENCH_SUBSETS",
-    "Precompute", "SOURCES",
+    "Precompute", "SOURCES", "shard_error", "is_stale_partial",
 ]
 
 RESIZE_POLICIES = ("pad", "crop", "stretch", "none")
@@ -283,12 +283,27 @@ def read_syncd(src: Path, prompts_per_identity: int | None = None, targets: bool
 
 
 def read_syncd_parquet(src: Path, prompts_per_identity: int | None = None) -> Iterator[Item]:
-    """DivRL's filtered SynCD copy: parquet rows with ``image``, ``mask``, ``caption`` (needs ``pyarrow``)."""
+    """DivRL's filtered SynCD copy: parquet rows with ``image``, ``mask``, ``caption`` (needs ``pyarrow``).
+
+    Raises:
+        ValueError: a file (``src`` or one under it) that is not a Parquet file, naming it; raised by the call, before
+            any row is read.
+    """
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as err:
         raise ImportError("reading SynCD parquet files needs pyarrow: pip install pyarrow") from err
-    files = sorted(src.rglob("*.parquet")) if src.is_dir() else [src]
+    files = sorted(f for f in src.rglob("*.parquet") if f.is_file()) if src.is_dir() else [src]
+    for file in files:  # every file's footer first: one that is not Parquet stops the call before any row is read
+        try:
+            pq.read_metadata(file)
+        except pa.ArrowInvalid as err:  # "Parquet magic bytes not found in footer..." and the like
+            raise ValueError(f"{file} is not a Parquet file (pyarrow: {str(err).splitlines()[0]})") from None
+    return _syncd_parquet_rows(pq, files, prompts_per_identity)
+
+
+def _syncd_parquet_rows(pq, files: list[Path], prompts_per_identity: int | None) -> Iterator[Item]:
     for file in files:
         table = pq.read_table(file)
         missing = {"image", "mask", "caption"} - set(table.column_names)
@@ -676,3 +691,49 @@ def _flush(records: list[IdentityRecord], out: Path, split: str, name: str, repo
     paths = write_shards(list(records), out, shard_size=len(records), name=prefix, start=index)
     records.clear()
     return paths
+
+
+# ---------------------------------------------------------------------------------------------------- --out's files
+
+_STALE_PARTIAL = re.compile(r"^(train|val)-[0-9]{6,}\.tar\.partial$")
+_SAMPLE_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's split of <key>.<entry>
+
+
+def is_stale_partial(path: Path) -> bool:
+    """Whether ``path`` is a shard :func:`convert` left half-written (``train-000000.tar.partial``, ...: the name
+    of one of its shards with ``.partial`` appended, killed before the rename); any other file is the user's."""
+    return bool(_STALE_PARTIAL.match(path.name)) and path.is_file()
+
+
+def shard_error(path: Path, members: int = 1000) -> str | None:
+    """Why ``path`` is not a divrl identity shard, in words (``None`` when it is one): a tar archive whose first
+    sample, read from its first ``members`` members at most, holds the required ``<key>.json`` and ``<key>.ref.png``
+    (:meth:`IdentityRecord.to_sample`, under a key :func:`check_identity_id` accepts). Reads headers only."""
+    import tarfile
+
+    if not path.is_file():
+        return "it is not a file"
+    try:
+        with tarfile.open(path, "r:") as archive:
+            key, entries = None, set()
+            for _, member in zip(range(members), archive):
+                match = _SAMPLE_MEMBER.match(member.name)
+                if not member.isfile() or not match:
+                    return f"its member {member.name!r} is not a <key>.<entry> file of a webdataset sample"
+                if key is not None and match.group(1) != key:
+                    break
+                key = match.group(1)
+                entries.add(match.group(2))
+    except tarfile.TarError:
+        return "it is not a tar archive"
+    except OSError as err:
+        return f"it cannot be read: {err.strerror or err}"
+    if key is None:
+        return "it is an empty tar archive"
+    try:
+        check_identity_id(key)
+    except ValueError:
+        return f"its first sample's key {key!r} is not a divrl identity id"
+    if not {"json", "ref.png"} <= entries:
+        return f"its first sample {key!r} lacks {key}.json or {key}.ref.png, which every divrl sample holds"
+    return None

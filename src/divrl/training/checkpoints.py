@@ -287,8 +287,9 @@ def compare_settings(saved: dict, current: dict, where: str = "the checkpoint") 
     fixed = {k: v for k, v in fixed.items() if not k.startswith(("policy.lora.init", "policy.lora.dropout"))}
     if fixed:
         listed = "; ".join(f"model.{k}: {a!r} in {where}, {b!r} now" for k, (a, b) in fixed.items())
-        raise ValueError(f"loading {where} with settings its weights cannot take ({listed}); resume with the "
-                         f"checkpoint's values, or start a new run without --ckpt_path")
+        raise ValueError(f"loading {where} with settings its weights cannot take ({listed}); set them to the "
+                         f"checkpoint's values (in the config or on the command line), or, to train anew instead of "
+                         f"resuming, start without --ckpt_path")
     return differ
 
 

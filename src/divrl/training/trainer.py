@@ -71,7 +71,11 @@ class DivRLTrainer(pl.Trainer):
                 raise  # the console script points GPU configs on CPU machines to the demo
             keys = set(inspect.signature(pl.Trainer.__init__).parameters)
             text = re.sub(r"`Trainer\((\w+)=([^`]*)\)`", r"trainer.\1: \2", str(err))  # `Trainer(devices='0')`
-            raise ValueError(re.sub(r"`(\w+)`", lambda m: f"trainer.{m[1]}" if m[1] in keys else m[0], text)) from None
+            text = re.sub(r"`(\w+)`", lambda m: f"trainer.{m[1]}" if m[1] in keys else m[0], text)
+            if "trainer.devices" in text:
+                text = text.rstrip(". ") + ("; give a number of devices >= 1, a list of device indices, -1 for all of them, or auto (with "
+                         "trainer.accelerator cpu: a number of processes)")
+            raise ValueError(text) from None
         for callback in self.checkpoint_callbacks:
             if getattr(callback, "dirpath", "") is None:
                 callback.dirpath = os.path.realpath(os.path.join(self.default_root_dir, "checkpoints"))
@@ -114,6 +118,10 @@ class DivRLTrainer(pl.Trainer):
         or a damaged file is refused by name)."""
         folders = [c.dirpath for c in self.checkpoint_callbacks if getattr(c, "dirpath", None)]
         ckpt_path = resume_path(ckpt_path, folders)
+        if ckpt_path == "last":  # fit starts anew; validate would silently score the base model
+            where = " or ".join(str(f) for f in folders) or f"{self.default_root_dir}/checkpoints"
+            raise FileNotFoundError(f"--ckpt_path last: no checkpoint in {where}; pass a run's checkpoint (or that run's "
+                                    f"--trainer.default_root_dir), or drop --ckpt_path to validate the base model")
         return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     @torch.no_grad()
@@ -170,6 +178,12 @@ class DivRLTrainer(pl.Trainer):
                                   f"{'' if done else ' (stopped before it finished)'}; pass another --output_dir (or "
                                   f"delete that folder) so nothing is overwritten")
         conditions = _conditions(datamodule, reference, prompts, mask, num_identities, subjects)  # before the model
+        planned = [out / c.id / f"{i:03d}_{name}.png" for i, c in enumerate(conditions)
+                   for name in [*map(str, range(num_samples)), "grid"]]
+        taken = next((path for path in planned if path.exists()), None)
+        if taken is not None:  # a user's files where this run writes (no samples.json: not an earlier divrl sample)
+            raise FileExistsError(f"--output_dir {out} already holds {taken}, which this run would overwrite; pass "
+                                  f"another --output_dir (or move that file)")
         writable_folder(out, "--output_dir")
         model.configure_model()
         if lora is not None:
