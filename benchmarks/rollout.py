@@ -1,6 +1,9 @@
-"""Rollout overhead: divrl's deterministic rollout vs diffusers' FluxKontextPipeline, side by side.
+"""Rollout overhead: divrl's deterministic rollout vs the family's diffusers pipeline, side by side.
 
-Both run the same tiny FLUX.1 Kontext components, reference, prompt, seed, steps and guidance, end to end
+``--family kontext`` (default): ``FluxKontextPipeline``; ``--family klein``: ``Flux2KleinPipeline`` with
+classifier-free guidance (scale 4, the base models' default), where divrl's rollout is also timed with the two halves
+of CFG batched into one transformer call (``policy.cfg_batched``). Both run the same tiny components, reference,
+prompt, seed, steps and guidance, end to end
 (prompt encoding, reference VAE encoding, noise, the denoising loop, VAE decoding). Caches are cleared before every
 divrl run so it pays for encoding too. The ratio shows what our log-prob bookkeeping costs (goal <= 1.05). Then a
 stochastic rollout (noise level 0.9) is broken down per step: transformer, SDE step (sampling + log-prob), and
@@ -8,8 +11,8 @@ the rest (bookkeeping). Last, the on-policy check: the training path's log-prob 
 recomputed for the whole batch and for micro-batches of 1, gives ratio exp(logp - logp_old) = 1 up to the printed
 deviation (in the chosen dtype; exactly 1 is expected when the kernels do not depend on the batch size).
 
-Run:  python benchmarks/rollout.py [--size 64] [--group 4] [--steps 6] [--repeats 7] [--device cpu|cuda]
-                                  [--dtype float32|bfloat16]
+Run:  python benchmarks/rollout.py [--family kontext|klein] [--size 64] [--group 4] [--steps 6] [--repeats 7]
+                                  [--device cpu|cuda] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -33,16 +36,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--group", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, help="frozen base dtype (bfloat16 on GPUs); default float32")
-    args = parser.parse_args()
-
+def kontext(args):
+    """FLUX.1 Kontext: the policy, divrl's and the pipeline's end-to-end generation, and a condition."""
     policy = KontextPolicy.tiny(seed=0, base_dtype=args.dtype).to(args.device)
     pipe = policy.pipeline()
     reference = draw_subject(args.size)[0].unsqueeze(0)
@@ -60,22 +55,83 @@ def main() -> None:
                     max_area=h * w, _auto_resize=False, max_sequence_length=policy.max_sequence_length,
                     num_images_per_prompt=args.group).images
 
+    return (policy, ours, theirs, lambda: policy.condition(reference, PROMPT, h, w, guidance=2.5,
+                                                          group_size=args.group), "FluxKontextPipeline")
+
+
+def klein(args):
+    """FLUX.2 [klein] with CFG (scale 4): the same, for ``Flux2KleinPipeline`` (references of at least 64 px)."""
+    from divrl.images import to_pil
+    from divrl.policy.flux2 import Flux2KleinPolicy
+    from divrl.policy.flux2.tiny import TINY_TEXT_LAYERS
+
+    policy = Flux2KleinPolicy.tiny(seed=0, base_dtype=args.dtype, guidance_scale=4.0).to(args.device)
+    pipe = policy.pipeline()
+    reference = to_pil(draw_subject(args.size)[0])
+    h = w = args.size
+
+    def ours():
+        policy.clear_caches()
+        condition = policy.condition([[reference]], [PROMPT], h, w, group_size=args.group)
+        return rollout(policy, condition, num_steps=args.steps, noise_level=0.0,
+                       generator=torch.Generator().manual_seed(0)).images
+
+    def theirs():
+        return pipe(image=[reference], prompt=PROMPT, height=h, width=w, num_inference_steps=args.steps,
+                    guidance_scale=4.0, generator=torch.Generator().manual_seed(0), output_type="pt",
+                    text_encoder_out_layers=TINY_TEXT_LAYERS, max_sequence_length=policy.max_sequence_length,
+                    num_images_per_prompt=args.group).images
+
+    return (policy, ours, theirs, lambda: policy.condition([[reference]], [PROMPT], h, w, group_size=args.group),
+            "Flux2KleinPipeline")
+
+
+FAMILIES = {"kontext": kontext, "klein": klein}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="kontext")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--group", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="frozen base dtype (bfloat16 on GPUs); default float32")
+    args = parser.parse_args()
+
+    policy, ours, theirs, condition_of, pipeline_name = FAMILIES[args.family](args)
     with torch.no_grad():
         difference = (ours().cpu() - theirs().cpu()).abs().max().item()
         assert difference < (1e-4 if args.dtype in (None, "float32") else 5e-2), f"outputs differ by {difference}"
-        times = {"divrl": [], "diffusers": []}
-        for _ in range(args.repeats):  # interleaved, so drift on the machine hits both alike
-            for name, fn in (("divrl", ours), ("diffusers", theirs)):
+        variants = [("divrl", ours), ("diffusers", theirs)]
+        if hasattr(policy, "cfg_batched"):  # klein: also CFG's two halves as one batched transformer call
+            def batched():
+                policy.cfg_batched = True
+                try:
+                    return ours()
+                finally:
+                    policy.cfg_batched = False
+
+            variants.append(("divrl, CFG batched", batched))
+        times = {name: [] for name, _ in variants}
+        for _ in range(args.repeats):  # interleaved, so drift on the machine hits every variant alike
+            for name, fn in variants:
                 sync(args.device)
                 start = time.perf_counter()
                 fn()
                 sync(args.device)
                 times[name].append(time.perf_counter() - start)
     ours_s, theirs_s = statistics.median(times["divrl"]), statistics.median(times["diffusers"])
-    print(f"tiny FLUX.1 Kontext, {h}x{w}, G={args.group}, {args.steps} steps, device={args.device}, "
+    h = w = args.size
+    print(f"tiny {args.family}, {h}x{w}, G={args.group}, {args.steps} steps, device={args.device}, "
           f"dtype={policy.dtype}, median of {args.repeats}; max |image difference| {difference:.2e}")
-    print(f"  diffusers FluxKontextPipeline:   {theirs_s * 1e3:8.2f} ms")
+    print(f"  diffusers {pipeline_name + ':':<22s} {theirs_s * 1e3:8.2f} ms")
     print(f"  divrl rollout (noise level 0):   {ours_s * 1e3:8.2f} ms   ratio {ours_s / theirs_s:.3f} (goal <= 1.05)")
+    if "divrl, CFG batched" in times:
+        batched_s = statistics.median(times["divrl, CFG batched"])
+        print(f"  divrl rollout, CFG batched:      {batched_s * 1e3:8.2f} ms   ratio {batched_s / theirs_s:.3f}; one "
+              f"batched call vs two calls: {batched_s / ours_s:.3f}x the time")
 
     # Per-step breakdown of a stochastic rollout.
     spent = {"transformer": 0.0, "sde_step": 0.0}
@@ -92,7 +148,7 @@ def main() -> None:
 
         return wrapper
 
-    condition = policy.condition(reference, PROMPT, h, w, guidance=2.5, group_size=args.group)
+    condition = condition_of()
     policy.velocity = timed("transformer", velocity)
     sampler_module.sde_step = timed("sde_step", sde_step)
     try:

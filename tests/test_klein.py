@@ -248,3 +248,51 @@ def test_flops_count_the_real_matmuls_and_cfg_counts_twice(tiny):
     counted_flops = klein_flops(config, condition.num_tokens, condition.image_latents.shape[1], text)
     assert sum(counted) + attention == counted_flops
     assert tiny.flops_per_call(condition) == 2 * counted_flops  # CFG: two calls per velocity
+
+
+def test_a_shifted_timestep_distribution_needs_its_shift_on_klein(tiny):
+    from divrl.objectives.flow import TimestepSampling, draw
+
+    condition = tiny.condition([references(1, 32)], [PROMPT], 32, 32)
+    like = torch.zeros(2, condition.num_tokens, 16)
+    with pytest.raises(ValueError, match=r"depends on the step count .* give objective.timesteps.shift"):
+        draw(TimestepSampling(distribution="shifted"), 2, 1, like, torch.Generator().manual_seed(0), policy=tiny,
+             condition=condition)
+    _, sigmas = draw(TimestepSampling(distribution="shifted", shift=3.0), 2, 1, like,
+                     torch.Generator().manual_seed(0), policy=tiny, condition=condition)
+    plain = TimestepSampling(distribution="uniform").sample(2, torch.Generator().manual_seed(0))
+    assert torch.allclose(sigmas.flatten(), 3 * plain / (1 + 2 * plain))  # the given shift, applied
+
+
+def test_review_fixes_targets_guards_and_batches(tiny):
+    """Targets that name no adaptable layer are still refused; a distilled policy refuses guidance per call too;
+    full fine-tuning refuses float16 autocast; a (B, 3, H, W) batch is one reference per prompt, as for Kontext."""
+    with pytest.raises(ValueError, match=r"target_modules \['ff'\] match no Linear layer"):
+        Flux2KleinPolicy.tiny(seed=0, lora=LoRAConfig(rank=2, alpha=2.0, target_modules=("attn.to_q", "ff")))
+    distilled = Flux2KleinPolicy.tiny(seed=0, lora=None, guidance_scale=1.0, is_distilled=True)
+    with pytest.raises(ValueError, match="is step-distilled and takes no classifier-free guidance"):
+        distilled.condition([references(1, 32)], [PROMPT], 32, 32, guidance_scale=4.0)
+    with pytest.raises(ValueError, match="full fine-tuning under float16 autocast"):
+        Flux2KleinPolicy.tiny(seed=0, lora=None, train_transformer=True, lora_compute_dtype="float16")
+    batch = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    together = tiny.condition(batch, [PROMPT, "a dog"], 32, 32)
+    apart = tiny.condition([batch[1]], ["a dog"], 32, 32)
+    assert together.batch_size == 2 and torch.equal(together.image_latents[1:], apart.image_latents)
+    assert Flux2KleinConfig().lora.target_modules == KLEIN_LORA_TARGETS  # recorded in the run's settings as trained
+
+
+def test_shards_precomputed_for_kontext_are_encoded_live_or_refused_without_encoders():
+    from divrl.data.stream import ConditionSample
+
+    policy = Flux2KleinPolicy.tiny(seed=0, guidance_scale=2.0)
+    photo = references(1, 32)[0]
+    kontext_payload = {"model": "tiny", "resolution": 32, "prompt_embeds": torch.zeros(1, 4, 8)}
+    sample = ConditionSample(id="dog", prompt=PROMPT, references=[photo], masks=[None],
+                             conditioning=kontext_payload, prompt_index=0)
+    live = policy.encode([sample], 32, 32)
+    expected = policy.condition([[photo]], [PROMPT], 32, 32)
+    assert torch.equal(live.prompt_embeds, expected.prompt_embeds)
+    assert torch.equal(live.image_latents, expected.image_latents)
+    policy.drop_encoders()
+    with pytest.raises(ValueError, match="made for another model family .* not FLUX.2 klein: set policy.text_encoders"):
+        policy.encode([sample], 32, 32)

@@ -220,8 +220,8 @@ def _layer_targets(targets: Sequence[str], modules: dict[str, nn.Module]) -> tup
         named = [name for name in modules if name == target or name.endswith("." + target)]
         if all(isinstance(modules[name], adaptable) for name in named):
             resolved.append(target)
-        else:
-            resolved += [name for name in named if isinstance(modules[name], adaptable)]
+        else:  # none adaptable: kept as given, for peft (and the refusal below) to name it
+            resolved += [name for name in named if isinstance(modules[name], adaptable)] or [target]
     return tuple(resolved)
 
 

@@ -5,10 +5,11 @@ from the Hub or a local folder, or the built-in tiny klein."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from divrl.policy.base import PolicyConfig
-from divrl.policy.flux2.policy import Flux2KleinPolicy
+from divrl.policy.flux2.policy import KLEIN_LORA_TARGETS, Flux2KleinPolicy
+from divrl.policy.lora import DEFAULT_LORA_TARGETS
 from divrl.policy.gating import check_window
 from divrl.utils import parse_dtype
 
@@ -61,6 +62,8 @@ class Flux2KleinConfig(PolicyConfig):
         if isinstance(self.guidance_scale, bool) or not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
             raise ValueError(f"policy.guidance_scale must be a finite number >= 0 (klein base: 4.0; 1: no CFG), got "
                              f"{self.guidance_scale}")
+        if self.lora is not None and tuple(self.lora.target_modules) == tuple(DEFAULT_LORA_TARGETS):
+            self.lora = replace(self.lora, target_modules=KLEIN_LORA_TARGETS)  # saved in the run's settings as trained
         layers = self.text_encoder_out_layers
         if layers is not None and (not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
                                                      for i in layers)):

@@ -6,7 +6,8 @@ statistics, the 4-axis position ids), so tokenisation and scaling match the pipe
 each reference is encoded once and cached (least recently used evicted); a condition's ``K`` references are encoded
 separately and sit one after the other, reference *i* on time coordinate ``10·(i + 1)`` as the pipeline places them.
 
-The payload ``divrl data --precompute`` stores for this family (``cond.pth``) is a dict with ``family: "flux2-klein"``,
+The payload :meth:`KleinEncoder.precompute` makes (a shard's ``cond.pth`` entry; ``divrl data --precompute`` writes
+only FLUX.1 Kontext's so far) is a dict with ``family: "flux2-klein"``,
 ``model``, ``resolution``, ``max_sequence_length``, ``prompts``, ``prompt_embeds`` ``(P, L, D)`` and
 ``image_latents`` ``(K, T, C)``; the empty negative prompt is encoded once per run (it needs the text encoder only
 once, or is stored under ``negative_prompt_embeds`` ``(1, L, D)``).
@@ -116,9 +117,9 @@ class KleinEncoder:
 
     def _text_encoder_needed(self) -> None:
         if self.policy.text_encoder is None:
-            raise RuntimeError("this policy was loaded without its text encoder (policy.text_encoders: false), so every "
-                               "condition must come precomputed: convert the shards with `divrl data ... --precompute "
-                               "MODEL`")
+            raise RuntimeError("this policy was loaded without its text encoder (policy.text_encoders: false), and "
+                               "`divrl data --precompute` does not write FLUX.2 klein conditioning yet: set "
+                               "policy.text_encoders: true")
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
@@ -160,9 +161,8 @@ class KleinEncoder:
             return self.references[cache_key]
         policy.check_size(height, width)
         if policy.vae.encoder is None:
-            raise RuntimeError("this policy has no VAE encoder (policy.text_encoders: false drops the encoders), so "
-                               "every condition must come precomputed: convert the shards with `divrl data ... "
-                               "--precompute MODEL`")
+            raise RuntimeError("this policy has no VAE encoder (policy.text_encoders: false drops the encoders), and "
+                               "`divrl data --precompute` does not write FLUX.2 klein conditioning yet: set policy.text_encoders: true")
         pixels = to_image_batch(image, "reference")
         if pixels.shape[0] != 1:
             raise ValueError(f"encode_reference: expected one image, got {pixels.shape[0]}")
@@ -198,6 +198,9 @@ class KleinEncoder:
         C)`` each (computed now or precomputed); ``negative`` is the empty prompt's embedding when CFG is on
         (encoded here when not given)."""
         policy = self.policy
+        if guidance_scale > 1 and policy.is_distilled:
+            raise ValueError(f"guidance_scale {guidance_scale}: {policy.model_id or 'this model'} is step-distilled and "
+                             f"takes no classifier-free guidance; use 1")
         device, dtype = policy.device, policy.dtype
         pipe = policy.pipeline()
         grid_h, grid_w = policy.token_grid(height, width)
@@ -237,7 +240,9 @@ class KleinEncoder:
             raise ValueError(f"Flux2KleinPolicy: the identities of one batch have {sorted(counts)} references "
                              f"({', '.join(f'{s.id}: {len(s.references)}' for s in samples)}); batch identities with "
                              f"the same number of references (data.batch_size 1 mixes any)")
-        if all(s.conditioning is not None for s in samples):
+        ours = all(isinstance(s.conditioning, dict) and s.conditioning.get("family") == FAMILY for s in samples)
+        live = self.policy.text_encoder is not None and self.policy.vae.encoder is not None
+        if ours or (not live and all(s.conditioning is not None for s in samples)):  # another family's: refused
             rows = [self.read_payload(s, height) for s in samples]
             negative = rows[0][2] if guidance_scale > 1 else None
             return self.from_latents(torch.cat([r[0] for r in rows]), [list(r[1].split(1)) for r in rows], height,
@@ -252,8 +257,8 @@ class KleinEncoder:
         if not isinstance(payload, dict) or payload.get("family") != FAMILY:
             raise ValueError(f"identity {sample.id!r}: its precomputed conditioning was made for another model family "
                              f"({payload.get('family', 'FLUX.1 Kontext') if isinstance(payload, dict) else 'unknown'}), "
-                             f"not FLUX.2 klein; convert the shards again with `divrl data ... --precompute "
-                             f"{policy.model_id}`, or set policy.text_encoders: true")
+                             f"not FLUX.2 klein: set policy.text_encoders: true (klein then encodes every condition "
+                             f"itself and ignores it)")
         missing = [k for k in PAYLOAD_FIELDS if k not in payload]
         want = {"resolution": resolution, "max_sequence_length": policy.max_sequence_length}
         wrong = {k: payload[k] for k, v in want.items() if k in payload and payload[k] != v}
@@ -264,7 +269,8 @@ class KleinEncoder:
                              f"{policy.max_sequence_length}`")
         prompts = payload.get("prompts")
         rows = len(payload["prompt_embeds"])
-        if not 0 <= sample.prompt_index < rows or (prompts is not None and prompts[sample.prompt_index] != sample.prompt):
+        if not 0 <= sample.prompt_index < rows or (prompts is not None and (
+                len(prompts) != rows or prompts[sample.prompt_index] != sample.prompt)):
             raise ValueError(f"identity {sample.id!r}: its precomputed conditioning was computed for other prompts "
                              f"({rows} rows; the one drawn is {sample.prompt!r}): rewrite the shards with --precompute")
         if len(payload["image_latents"]) != len(sample.references):

@@ -128,6 +128,9 @@ class Flux2KleinPolicy(Policy):
         if train_transformer:
             if lora is not None:
                 raise ValueError("Flux2KleinPolicy: train_transformer (full fine-tuning) needs lora=None")
+            if self.compute_dtype == torch.float16:
+                raise ValueError("Flux2KleinPolicy: full fine-tuning under float16 autocast would need a gradient "
+                                 "scaler; use lora_compute_dtype bfloat16 (or float32)")
             transformer.float().requires_grad_(True)
             autocast_forward(transformer, self.compute_dtype)
         self.train_transformer = train_transformer
@@ -230,6 +233,8 @@ class Flux2KleinPolicy(Policy):
         """Conditions for ``len(prompts)`` prompts: ``references`` is one image per prompt, one image shared by all, or
         per prompt a list of its ``K`` references (reference *i* on time coordinate ``10·(i + 1)``)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if isinstance(references, Tensor) and references.dim() == 4:  # a batch: one reference per prompt
+            references = list(references)
         if not isinstance(references, (list, tuple)):
             references = [references] * len(prompts)
         per_prompt = [list(r) if isinstance(r, (list, tuple)) else [r] for r in references]
@@ -262,6 +267,12 @@ class Flux2KleinPolicy(Policy):
         retrieve_timesteps(scheduler, num_steps, "cpu", sigmas=sigmas,
                            mu=compute_empirical_mu(image_seq_len=cond.num_tokens, num_steps=num_steps))
         return scheduler.sigmas.float().cpu()
+
+    def time_shift(self, cond: KleinCondition) -> float:
+        """Not defined: klein's shift ``μ`` depends on the sampler's step count as well as the image size."""
+        raise ValueError("objective.timesteps.distribution shifted: FLUX.2 klein's time shift depends on the step count "
+                         "(compute_empirical_mu), so it has no single value; give objective.timesteps.shift (e.g. 3.0), "
+                         "or use distribution uniform or logit_normal")
 
     def initial_noise(self, cond: KleinCondition, generator=None) -> Tensor:
         """Packed Gaussian latents ``(B, T, C)``, drawn exactly as ``Flux2KleinPipeline.prepare_latents``."""

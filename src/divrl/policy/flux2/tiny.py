@@ -6,7 +6,8 @@ small byte-level BPE learned in code with the ``tokenizers`` library, as a ``Qwe
 template (the pipeline applies it to every prompt). The text encoder has 4 layers, read at
 :data:`TINY_TEXT_LAYERS` (the real models' are 9, 18, 27), so their 3 × 16 stacked widths are the transformer's joint
 dimension 48. ``Flux2KleinPipeline(**tiny_klein_components())`` runs 4 steps at 64×64 with two references and CFG in
-a fraction of a second; the pipeline refuses references under 64 px, so the tiny model works at 64 px and above.
+a fraction of a second; the pipeline refuses references under 64 px (comparisons with it run at 64 px), the
+policy takes any multiple of 4.
 """
 
 from __future__ import annotations
