@@ -226,3 +226,22 @@ def test_the_equals_form_and_a_missing_value_are_read_as_before(console, tmp_pat
     assert code == 2 and "--subject-weights -1,2: every weight must be" in printed.err
     code, printed = console("data", "synthetic", "--subjects", "2,3", "--subject-weights", "--out", str(tmp_path / "o"))
     assert code == 2 and "argument --subject-weights: expected one argument" in printed.err
+
+
+def test_shards_with_references_under_the_minimum_side_are_bad_samples(tmp_path):
+    """Shards written before divrl data refused --resolution 1-15 (or by hand): training and validation skip a 7x7
+    reference as a bad sample, named and counted (was: trained on silently)."""
+    import webdataset as wds
+
+    from divrl.data.schema import IdentityRecord
+    from divrl.data.stream import SkipCounter, read_identities
+
+    shard = tmp_path / "train-000000.tar"
+    with wds.TarWriter(str(shard)) as writer:
+        writer.write(IdentityRecord("tiny-dog", [Image.new("RGB", (7, 7), (200, 30, 30))], ["a photo"], [None],
+                                    source="test").to_sample())
+        writer.write(IdentityRecord("dog", [Image.new("RGB", (16, 16), (200, 30, 30))], ["a photo"], [None],
+                                    source="test").to_sample())
+    skips = SkipCounter(max_consecutive=10)
+    assert [r.id for r in read_identities([str(shard)], skips)] == ["dog"]
+    assert skips.count == 1 and "reference 0 is 7x7; references must be at least 16x16 pixels" in skips.reasons[0]

@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from divrl.data.schema import FirstReference, IdentityRecord, normalise_references
+from divrl.images import MIN_SIDE
 
 __all__ = [
     "ConditionBatch", "ConditionSample", "SkipCounter", "TrainConditionStream", "ValConditionStream", "read_identities",
@@ -161,6 +162,13 @@ def read_identities(urls: Sequence[str], skips: SkipCounter) -> Iterator[Identit
             record = IdentityRecord.from_sample(sample)
         except ValueError as err:
             skips.bad(f"{where}: {err}")
+            continue
+        small = next((i for i, r in enumerate(record.references) if min(r.size) < MIN_SIDE), None)
+        if small is not None:  # as divrl data, sample and score refuse them (shards of older versions, or by hand)
+            size = record.references[small].size
+            skips.bad(f"{where}: reference {small} is {size[0]}x{size[1]}; references must be at least "
+                      f"{MIN_SIDE}x{MIN_SIDE} pixels (no structure to score): rewrite the shards with `divrl data ... "
+                      f"--resolution 512`")
             continue
         skips.good()
         yield record
