@@ -30,7 +30,7 @@ from torch import Tensor, nn
 __all__ = [
     "CHECKPOINTING", "LoRAComputeLinear", "cast_lora_compute", "configure_units", "unit_runner", "UnitForward",
     "selective_checkpoint_policy", "autocast_forward", "set_attention_backend", "check_attention_backend",
-    "enable_tf32", "compile_seconds", "SAVED_OPS", "is_attention_op",
+    "enable_tf32", "compile_seconds", "SAVED_OPS", "is_attention_op", "prepare_weights",
 ]
 
 CHECKPOINTING = ("none", "full", "selective")
@@ -254,3 +254,36 @@ def enable_tf32() -> None:
     setting only the per-backend ``fp32_precision`` would leave ``torch.get_float32_matmul_precision()``, which
     inductor's autotuning reads, raising on the mix of APIs. Called only where CUDA is available."""
     torch.set_float32_matmul_precision("high")
+
+
+def prepare_weights(policy, modules, *, lora, base_dtype, lora_compute_dtype, train_transformer: bool,
+                    who: str) -> None:
+    """A family's weights set up as every family trains them: ``modules`` (the network first, then the encoders and
+    the VAE) frozen in eval mode and cast to ``base_dtype``; ``policy.compute_dtype`` from ``lora_compute_dtype``
+    (default: the base's, ``policy.dtype``); then either full fine-tuning (float32 master weights of the network under
+    autocast to the compute dtype; float16 refused: it would need a gradient scaler) or ``lora``'s adapter.
+    ``who`` names the family in errors."""
+    from divrl.policy import lora as L
+    from divrl.utils import parse_dtype
+
+    network = modules[0]
+    for module in modules:
+        module.requires_grad_(False)
+        module.eval()
+    dtype = parse_dtype(base_dtype, who)
+    if dtype is not None:
+        for module in modules:
+            module.to(dtype)
+    policy.compute_dtype = parse_dtype(lora_compute_dtype, "lora_compute_dtype") or policy.dtype
+    if train_transformer:
+        if lora is not None:
+            raise ValueError(f"{who}: train_transformer (full fine-tuning) needs lora=None")
+        if policy.compute_dtype == torch.float16:
+            raise ValueError(f"{who}: full fine-tuning under float16 autocast would need a gradient scaler; use "
+                             f"lora_compute_dtype bfloat16 (or float32)")
+        network.float().requires_grad_(True)  # float32 master weights
+        autocast_forward(network, policy.compute_dtype)  # compute_dtype matmuls
+    policy.train_transformer = train_transformer
+    policy.lora_config = lora
+    if lora is not None:
+        L.add_adapter(network, lora, policy.compute_dtype)

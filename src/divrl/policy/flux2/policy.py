@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,10 +27,9 @@ from torch import Tensor, nn
 
 from divrl.policy import lora as L
 from divrl.policy.base import DEFAULT_SDPA_BACKENDS, Policy
-from divrl.policy.compute import autocast_forward
+from divrl.policy.compute import prepare_weights
 from divrl.policy.flux2.encoder import KleinCondition, KleinEncoder
 from divrl.policy.gating import check_window, gated_velocity
-from divrl.utils import parse_dtype
 
 if TYPE_CHECKING:
     from divrl.data.schema import IdentityRecord
@@ -116,31 +116,11 @@ class Flux2KleinPolicy(Policy):
         self.max_sequence_length = max_sequence_length
         self.text_encoder_out_layers = tuple(text_encoder_out_layers)
         self.model_id = model_id
-        modules = [m for m in (transformer, vae, text_encoder) if m is not None]
-        for module in modules:
-            module.requires_grad_(False)
-            module.eval()
-        dtype = parse_dtype(base_dtype, "Flux2KleinPolicy")
-        if dtype is not None:
-            for module in modules:
-                module.to(dtype)
-        self.compute_dtype = parse_dtype(lora_compute_dtype, "lora_compute_dtype") or transformer.x_embedder.weight.dtype
-        if train_transformer:
-            if lora is not None:
-                raise ValueError("Flux2KleinPolicy: train_transformer (full fine-tuning) needs lora=None")
-            if self.compute_dtype == torch.float16:
-                raise ValueError("Flux2KleinPolicy: full fine-tuning under float16 autocast would need a gradient "
-                                 "scaler; use lora_compute_dtype bfloat16 (or float32)")
-            transformer.float().requires_grad_(True)
-            autocast_forward(transformer, self.compute_dtype)
-        self.train_transformer = train_transformer
         if lora is not None and tuple(lora.target_modules) == tuple(L.DEFAULT_LORA_TARGETS):
-            from dataclasses import replace
-
             lora = replace(lora, target_modules=KLEIN_LORA_TARGETS)  # FLUX.1's names: klein's blocks name theirs
-        self.lora_config = lora
-        if lora is not None:
-            L.add_adapter(transformer, lora, self.compute_dtype)
+        modules = [m for m in (transformer, vae, text_encoder) if m is not None]
+        prepare_weights(self, modules, lora=lora, base_dtype=base_dtype, lora_compute_dtype=lora_compute_dtype,
+                        train_transformer=train_transformer, who="Flux2KleinPolicy")
         self._pipe = _pipeline_class()(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                        transformer=transformer, is_distilled=is_distilled)
         self._pipe.set_progress_bar_config(disable=True)

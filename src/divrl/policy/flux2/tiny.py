@@ -12,26 +12,18 @@ policy takes any multiple of 4.
 
 from __future__ import annotations
 
-import string
-
 import torch
+
+from divrl.policy.tiny import FLUX_SCHEDULER_CONFIG
 
 __all__ = ["tiny_klein_components", "tiny_qwen_tokenizer", "TINY_TEXT_LAYERS", "KLEIN_SCHEDULER_CONFIG"]
 
 TINY_TEXT_LAYERS = (1, 2, 3)
 """The hidden layers of the tiny text encoder whose states are stacked into the prompt embedding."""
 
-KLEIN_SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
-"""The ``FlowMatchEulerDiscreteScheduler`` configuration of the tiny model (dynamic shifting: the pipeline hands the
-scheduler ``μ`` from ``compute_empirical_mu``)."""
+KLEIN_SCHEDULER_CONFIG = dict(FLUX_SCHEDULER_CONFIG)
+"""The ``FlowMatchEulerDiscreteScheduler`` configuration of the tiny model, FLUX's (dynamic shifting: the pipeline hands
+the scheduler ``μ`` from ``compute_empirical_mu``)."""
 
 _CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -28,12 +28,11 @@ from torch import Tensor, nn
 from divrl.images import ImageLike
 from divrl.policy import lora as L
 from divrl.policy.base import DEFAULT_SDPA_BACKENDS, Policy
-from divrl.policy.compute import autocast_forward
+from divrl.policy.compute import prepare_weights
 from divrl.policy.flops import transformer_flops
 from divrl.policy.gating import check_window, gated_velocity
 from divrl.policy.kontext.encoder import POSITIONS, Condition, KontextEncoder
 from divrl.policy.kontext.schedule import scheduler_shift, scheduler_sigmas
-from divrl.utils import parse_dtype
 
 if TYPE_CHECKING:
     from divrl.data.schema import IdentityRecord
@@ -120,27 +119,9 @@ class KontextPolicy(Policy):
         self.max_sequence_length = max_sequence_length
         self.guidance = guidance
         self.model_id = model_id
-        self.lora_config = lora
         modules = [m for m in (transformer, vae, text_encoder, text_encoder_2) if m is not None]
-        for module in modules:
-            module.requires_grad_(False)
-            module.eval()
-        dtype = parse_dtype(base_dtype, "KontextPolicy")
-        if dtype is not None:
-            for module in modules:
-                module.to(dtype)
-        self.compute_dtype = parse_dtype(lora_compute_dtype, "lora_compute_dtype") or transformer.x_embedder.weight.dtype
-        if train_transformer:
-            if lora is not None:
-                raise ValueError("KontextPolicy: train_transformer (full fine-tuning) needs lora=None")
-            if self.compute_dtype == torch.float16:
-                raise ValueError("KontextPolicy: full fine-tuning under float16 autocast would need a gradient scaler; "
-                                 "use lora_compute_dtype bfloat16 (or float32)")
-            transformer.float().requires_grad_(True)  # float32 master weights
-            autocast_forward(transformer, self.compute_dtype)  # compute_dtype matmuls
-        self.train_transformer = train_transformer
-        if lora is not None:
-            L.add_adapter(transformer, lora, self.compute_dtype)
+        prepare_weights(self, modules, lora=lora, base_dtype=base_dtype, lora_compute_dtype=lora_compute_dtype,
+                        train_transformer=train_transformer, who="KontextPolicy")
         # A pipeline view on the same modules: diffusers' own prompt encoding and image preprocessing.
         self._pipe = _pipeline_class()(
             scheduler=scheduler or FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
