@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import yaml
 
 from divrl import __version__
 from divrl.cli_checks import check_command_line, condensed_parser_error, expected_error  # noqa: F401
