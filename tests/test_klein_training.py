@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from divrl.cli import main
 
+pytestmark = pytest.mark.slow  # a 4-update fit on the tiny klein (~50 s on 2 cores); tests/test_klein.py is the inner loop
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 SWITCH = 2
@@ -94,7 +96,6 @@ def test_the_exported_lora_loads_in_the_pipeline(trained):
         assert torch.allclose(policy.velocity(latents, 0.6, condition), neg + 3.0 * (out - neg), atol=1e-5)
 
 
-@pytest.mark.slow
 def test_resume_after_the_switch_matches_the_uninterrupted_run(trained, tmp_path):
     fit(tmp_path, 3)
     fit(tmp_path, 4, "--ckpt_path", "last")
