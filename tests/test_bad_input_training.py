@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-import yaml
 
 from divrl.cli import main
 from divrl.data import IdentityDataModule
