@@ -22,22 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = str(ROOT / "data/demo/tiny-kontext")
 
 
-@pytest.fixture
-def console(monkeypatch, capsys):
-    """Run the console script (``divrl.cli.main()`` with ``sys.argv``): its exit code and what it printed."""
-    monkeypatch.delenv("DIVRL_TRACEBACK", raising=False)
-
-    def run(*args: str):
-        monkeypatch.setattr("sys.argv", ["divrl", *args])
-        try:
-            code = main()
-        except SystemExit as exit:  # argparse's refusals
-            code = exit.code
-        return code, capsys.readouterr()
-
-    return run
-
-
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (hidden ones included) with its bytes, and every folder."""
     return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>" for p in folder.rglob("*")}

@@ -15,7 +15,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from divrl.cli import expected_error, main
+from divrl.cli import expected_error
 from divrl.data import synthetic_records, write_shards
 from divrl.data.datamodule import IdentityDataModule, check_shards
 from divrl.data.schema import REF_KEY
@@ -23,22 +23,6 @@ from divrl.data.stream import TrainConditionStream, ValConditionStream
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = str(ROOT / "data/demo/tiny-kontext")
-
-
-@pytest.fixture
-def console(monkeypatch, capsys):
-    """Run the console script (``divrl.cli.main()`` with ``sys.argv``): its exit code and what it printed."""
-    monkeypatch.delenv("DIVRL_TRACEBACK", raising=False)
-
-    def run(*args: str):
-        monkeypatch.setattr("sys.argv", ["divrl", *args])
-        try:
-            code = main()
-        except SystemExit as exit:  # argparse's refusals
-            code = exit.code
-        return code, capsys.readouterr()
-
-    return run
 
 
 @pytest.fixture
