@@ -66,3 +66,21 @@ def test_the_two_subject_demo_model_draws_both_references_better_than_the_single
     multi, single = psr("data/demo/tiny-kontext-multi"), psr("data/demo/tiny-kontext")
     print(f"\ntwo-subject model PSR {multi[0]:.3f} found {multi[1]:.3f}; single-subject {single[0]:.3f} {single[1]:.3f}")
     assert multi[0] > single[0] + 0.05 and multi[1] > single[1] + 0.1
+
+
+def test_the_klein_demo_model_copies_its_reference_and_the_random_model_does_not():
+    """data/demo/tiny-klein (tools/make_demo_model.py --family klein), sampled as configs/demo_klein.yaml samples it
+    (CFG 2.0, 48 text tokens, klein's text layers 9/18/27), against the random tiny klein."""
+    from divrl.policy.flux2 import Flux2KleinConfig, Flux2KleinPolicy
+
+    folder = ROOT / "data" / "demo" / "tiny-klein"
+    assert (folder / "model_index.json").is_file()
+    records = [IdentityRecord.from_sample(s) for s in wds.WebDataset(str(ROOT / "data/demo/val-000000.tar"),
+                                                                      shardshuffle=False)]
+    pretrained = Flux2KleinConfig(model=str(folder), lora=None, guidance_scale=2.0, max_sequence_length=48).build()
+    assert pretrained.text_encoder_out_layers == (9, 18, 27) and not pretrained.is_distilled
+    nssm, vsm = scores(pretrained, records)
+    random_nssm, random_vsm = scores(Flux2KleinPolicy.tiny(seed=0, lora=None, guidance_scale=2.0), records)
+    print(f"\nklein demo model nSSM {nssm:.3f} VSM {vsm:.3f}; random tiny klein nSSM {random_nssm:.3f} VSM {random_vsm:.3f}")
+    assert vsm > random_vsm + 0.3  # the subject's identity is there
+    assert nssm < 0.6 < random_nssm  # in the reference's layout: the paradox the demo trains away

@@ -28,6 +28,9 @@ Usage (deterministic; about 6 minutes on a free 2-core CPU, slower when other jo
 
     python tools/make_demo_model.py --out data/demo/tiny-kontext
 
+``--family klein`` builds the FLUX.2 [klein] demo model the same way (``data/demo/tiny-klein``,
+``tools/demo_model_klein.py``).
+
 Measured: 8 held-out identities (the demo's validation identities, ``synthetic_records(8, size=64, seed=1)``,
 never seen in training), first prompt each, ``rollout(num_steps=4, seed 0)`` at 32 × 32, scored
 against the 64 × 64 reference and mask with the demo reward (``DenseDescriptor(grid_size=24, cell=4)``, pool 2);
@@ -237,6 +240,7 @@ def train_transformer(
     seed: int = 0,
     copies: Tensor | None = None,
     warmup: int = 50,
+    make_condition=None,
 ) -> None:
     """Rectified-flow training of every transformer weight as a copying Kontext editor.
 
@@ -249,12 +253,19 @@ def train_transformer(
             ``P`` prompts.
         template: a one-sample :class:`~divrl.policy.kontext.Condition` from ``policy.condition`` (position ids,
             guidance); each batch replaces its embeddings and reference latents.
+        make_condition: ``(batch_condition, index, prompt) → condition`` of a batch (identity and prompt indices);
+            default: Kontext's, ``template`` with the rows' T5 / CLIP embeddings and reference latents. Another family
+            passes its own (``tools/demo_model_klein.py``).
     """
     transformer = policy.transformer
     transformer.requires_grad_(True)  # KontextPolicy froze it
     transformer.train()
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     copies = references if copies is None else copies
+    if make_condition is None:
+        def make_condition(batch_condition, index: Tensor, prompt: Tensor):
+            return replace(batch_condition, prompt_embeds=prompt_embeds[index, prompt],
+                           pooled_prompt_embeds=pooled_embeds[index, prompt], image_latents=references[index])
 
     def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 10 %
         return min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
@@ -270,12 +281,7 @@ def train_transformer(
         other = torch.randint(num_others, (batch_size,), generator=generator)
         copy = torch.rand(batch_size, generator=generator) < COPY_PROBABILITY
         x0 = torch.where(copy[:, None, None], copies[index], others[index, other])
-        condition = replace(
-            batch_condition,
-            prompt_embeds=prompt_embeds[index, prompt],
-            pooled_prompt_embeds=pooled_embeds[index, prompt],
-            image_latents=references[index],
-        )
+        condition = make_condition(batch_condition, index, prompt)
         sigma = torch.rand(batch_size, generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         s = sigma[:, None, None]
@@ -501,8 +507,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--out", default=None, help="output folder, a FluxKontextPipeline (default: "
-                        "data/demo/tiny-kontext, with --multi data/demo/tiny-kontext-multi)")
+    parser.add_argument("--family", choices=("kontext", "klein"), default="kontext",
+                        help="kontext: a FluxKontextPipeline; klein: a Flux2KleinPipeline (tools/demo_model_klein.py)")
+    parser.add_argument("--out", default=None, help="output folder (default: data/demo/tiny-kontext, with --multi "
+                        "data/demo/tiny-kontext-multi, with --family klein data/demo/tiny-klein)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--transformer-steps", type=int, default=1200)
@@ -512,13 +520,21 @@ def main() -> None:
     parser.add_argument("--base", default="data/demo/tiny-kontext", help="--multi: the single-subject model")
     parser.add_argument("--lr", type=float, default=None, help="transformer learning rate (default 1.5e-3; --multi 5e-4)")
     args = parser.parse_args()
-    args.out = args.out or ("data/demo/tiny-kontext-multi" if args.multi else "data/demo/tiny-kontext")
+    if args.multi and args.family != "kontext":
+        parser.error("--multi builds the two-subject Kontext model; leave out --family")
+    default = {"klein": "data/demo/tiny-klein"}.get(args.family, "data/demo/tiny-kontext")
+    args.out = args.out or ("data/demo/tiny-kontext-multi" if args.multi else default)
     args.lr = args.lr or (5e-4 if args.multi else 1.5e-3)
 
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
     if args.multi:
         main_multi(args)
+        return
+    if args.family == "klein":
+        from demo_model_klein import main_klein
+
+        main_klein(args)
         return
     start = time.time()
 
