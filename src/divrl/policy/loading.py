@@ -14,7 +14,7 @@ import torch
 from divrl.policy.base import ModelLoadError
 from divrl.utils import parse_dtype
 
-__all__ = ["load_family_pipeline", "load_hint", "register_family", "FAMILY_CONFIGS"]
+__all__ = ["FAMILY_CONFIGS", "family_config", "load_family_pipeline", "load_hint", "register_family"]
 
 FAMILY_CONFIGS: dict[str, tuple[str, str]] = {}
 """diffusers pipeline class (``model_index.json``'s ``_class_name``) → the family and the ``model.policy.class_path``
@@ -25,6 +25,30 @@ def register_family(pipeline_class: str, family: str, config_class_path: str) ->
     """Make a family's pipeline folders known to every family's loader (a folder of another family is refused with
     the ``model.policy.class_path`` that trains it)."""
     FAMILY_CONFIGS[pipeline_class] = (family, config_class_path)
+
+
+def family_config(model: str | os.PathLike, default: str = "divrl.policy.KontextConfig") -> type:
+    """The policy config class (``model.policy.class_path``) that trains ``model``, read from its ``model_index.json``
+    (a local folder, or a Hub id through the Hub's cache); ``default`` for ``tiny``, a pipeline no family registered,
+    or a ``model`` whose index cannot be read (that config's own loader then says what is wrong with it)."""
+    from importlib import import_module
+
+    name = os.fspath(model)
+    local = Path(name).expanduser()
+    index: Path | None = local / "model_index.json" if local.is_dir() else None
+    if index is None and name != "tiny" and not local.exists():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            index = Path(hf_hub_download(name, "model_index.json"))
+        except Exception:  # offline, gated or no such id: the default config's loader explains it
+            index = None
+    try:
+        found = json.loads(index.read_text(encoding="utf-8")).get("_class_name") if index else None
+    except (OSError, ValueError, AttributeError):
+        found = None
+    module, _, cls = FAMILY_CONFIGS.get(found, ("", default))[1].rpartition(".")
+    return getattr(import_module(module), cls)
 
 
 def load_family_pipeline(pipeline_class, model: str | os.PathLike, *, who: str, torch_dtype="auto",

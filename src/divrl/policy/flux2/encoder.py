@@ -6,8 +6,8 @@ statistics, the 4-axis position ids), so tokenisation and scaling match the pipe
 each reference is encoded once and cached (least recently used evicted); a condition's ``K`` references are encoded
 separately and sit one after the other, reference *i* on time coordinate ``10·(i + 1)`` as the pipeline places them.
 
-The payload :meth:`KleinEncoder.precompute` makes (a shard's ``cond.pth`` entry; ``divrl data --precompute`` writes
-only FLUX.1 Kontext's so far) is a dict with ``family: "flux2-klein"``,
+The payload :meth:`KleinEncoder.precompute` makes (a shard's ``cond.pth`` entry, written by ``divrl data --precompute
+KLEIN_MODEL``) is a dict with ``family: "flux2-klein"``,
 ``model``, ``resolution``, ``max_sequence_length``, ``prompts``, ``prompt_embeds`` ``(P, L, D)`` and
 ``image_latents`` ``(K, T, C)``; the empty negative prompt is encoded once per run (it needs the text encoder only
 once, or is stored under ``negative_prompt_embeds`` ``(1, L, D)``).
@@ -117,9 +117,9 @@ class KleinEncoder:
 
     def _text_encoder_needed(self) -> None:
         if self.policy.text_encoder is None:
-            raise RuntimeError("this policy was loaded without its text encoder (policy.text_encoders: false), and "
-                               "`divrl data --precompute` does not write FLUX.2 klein conditioning yet: set "
-                               "policy.text_encoders: true")
+            raise RuntimeError("this policy was loaded without its text encoder (policy.text_encoders: false), so every "
+                               "condition must come precomputed: convert the shards with `divrl data ... --precompute "
+                               "MODEL` (a klein model), or set policy.text_encoders: true")
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
@@ -161,8 +161,10 @@ class KleinEncoder:
             return self.references[cache_key]
         policy.check_size(height, width)
         if policy.vae.encoder is None:
-            raise RuntimeError("this policy has no VAE encoder (policy.text_encoders: false drops the encoders), and "
-                               "`divrl data --precompute` does not write FLUX.2 klein conditioning yet: set policy.text_encoders: true")
+            raise RuntimeError("this policy has no VAE encoder (policy.text_encoders: false drops the encoders), so every "
+                               "condition must come precomputed: convert the shards with `divrl data ... --precompute "
+                               "MODEL` (a klein model). Target images (SFT, DPO on shard pairs) are never precomputed: "
+                               "they need policy.text_encoders: true")
         pixels = to_image_batch(image, "reference")
         if pixels.shape[0] != 1:
             raise ValueError(f"encode_reference: expected one image, got {pixels.shape[0]}")

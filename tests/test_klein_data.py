@@ -1,0 +1,135 @@
+"""FLUX.2 [klein] on divrl's data and tools: `divrl data --precompute` with a klein model (one and two references),
+training without the encoders on such shards, `divrl sample` with several `--reference`s against
+``Flux2KleinPipeline``, and the multi-subject (PSR) demo's shards trained on klein unchanged. The model is the shipped
+demo model, ``data/demo/tiny-klein`` (``tools/make_demo_model.py --family klein``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from divrl.cli import main
+from divrl.data.schema import IdentityRecord
+from divrl.policy.flux2 import Flux2KleinConfig, Flux2KleinPolicy
+
+ROOT = Path(__file__).resolve().parents[1]
+KLEIN = str(ROOT / "data/demo/tiny-klein")
+DEMO_KLEIN = ROOT / "configs/demo_klein.yaml"
+LENGTH = "48"  # configs/demo_klein.yaml's policy.max_sequence_length
+
+
+def records(folder: Path) -> list[IdentityRecord]:
+    shards = sorted(str(p) for p in folder.glob("*.tar"))
+    return [IdentityRecord.from_sample(s) for s in wds.WebDataset(shards, shardshuffle=False)]
+
+
+def convert(out: Path, *extra: str) -> None:
+    assert main(["data", "synthetic", "--out", str(out), "--num-identities", "4", "--resolution", "64", "--precompute",
+                 KLEIN, "--precompute-resolution", "32", "--max-sequence-length", LENGTH, *extra]) == 0
+
+
+@pytest.fixture(scope="module")
+def policy() -> Flux2KleinPolicy:
+    return Flux2KleinConfig(model=KLEIN, lora=None, guidance_scale=2.0, max_sequence_length=int(LENGTH)).build()
+
+
+def assert_same_condition(a, b) -> None:
+    for name in ("prompt_embeds", "negative_prompt_embeds", "image_latents", "img_ids", "text_ids"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.guidance_scale == b.guidance_scale and a.num_tokens == b.num_tokens
+
+
+@pytest.mark.parametrize("subjects", [None, "2"], ids=["one reference", "two references"])
+def test_precomputed_klein_conditioning_equals_encoding_at_run_time(policy, tmp_path, subjects):
+    from divrl.data.stream import to_condition
+
+    convert(tmp_path, *(["--subjects", subjects] if subjects else []))
+    first = records(tmp_path)[0]
+    payload = first.conditioning
+    k = 2 if subjects else 1
+    assert payload["family"] == "flux2-klein" and payload["model"] == KLEIN and payload["resolution"] == 32
+    assert payload["image_latents"].shape == (k, 64, 16)  # 8 × 8 tokens of 16 channels per reference
+    assert payload["prompt_embeds"].shape == (len(first.prompts), 48, 48)  # 48 tokens × 3 layers of width 16
+    stored = to_condition(first, 1)
+    live = dataclasses.replace(stored, conditioning=None)
+    assert_same_condition(policy.encode([stored], 32, 32, group_size=2), policy.encode([live], 32, 32, group_size=2))
+    lean = Flux2KleinConfig(model=KLEIN, lora=None, guidance_scale=2.0, max_sequence_length=int(LENGTH),
+                            text_encoders=False).build()
+    assert lean.text_encoder is None and lean.vae.encoder is None
+    assert_same_condition(lean.encode([stored], 32, 32), policy.encode([live], 32, 32))
+    with pytest.raises(RuntimeError, match=r"must come precomputed: convert the shards with `divrl data"):
+        lean.encode([live], 32, 32)
+
+
+def test_the_precompute_family_is_read_from_the_model_folder():
+    from divrl.policy import KontextConfig
+    from divrl.policy.loading import family_config
+
+    assert family_config(KLEIN) is Flux2KleinConfig
+    assert family_config(ROOT / "data/demo/tiny-kontext") is KontextConfig
+    assert family_config("tiny") is KontextConfig  # the tiny Kontext, as before
+
+
+def test_a_precompute_length_the_run_does_not_use_is_named(tmp_path):
+    convert(tmp_path / "shards")  # 48 tokens; the run below reads 40
+    from divrl.data.stream import to_condition
+
+    lean = Flux2KleinConfig(model=KLEIN, lora=None, guidance_scale=2.0, max_sequence_length=40,
+                            text_encoders=False).build()
+    with pytest.raises(ValueError, match=r"'max_sequence_length': 48.*needs .*'max_sequence_length': 40.*"
+                                         r"--max-sequence-length 40"):
+        lean.encode([to_condition(records(tmp_path / "shards")[0], 0)], 32, 32)
+
+
+def test_sample_with_two_references_equals_the_pipeline(tmp_path):
+    """`divrl sample --reference '[a, b]'` on klein: the deterministic sampler's image is the pipeline's."""
+    from diffusers import Flux2KleinPipeline
+
+    from divrl.utils import mix_seeds
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for name in ("a", "b"):
+        paths.append(tmp_path / f"{name}.png")
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(paths[-1])
+    prompt = "a photo of both on the beach"
+    out = tmp_path / "samples"
+    main(["sample", "--config", str(ROOT / "configs/demo_multi.yaml"), "--config", str(klein_policy(tmp_path)),
+          "--trainer.logger", "false", "--model.sampling.resolution", "64", "--reference", f"[{paths[0]}, {paths[1]}]",
+          "--subjects", "[disc, star]", "--prompts", f"[{prompt}]", "--num_samples", "1", "--num_steps", "3",
+          "--output_dir", str(out)])
+    ours = np.asarray(Image.open(next(out.glob("*/000_0.png"))), dtype=np.float32) / 255
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["samples"][0]["reward"] and len(meta["samples"]) == 1
+    pipe = Flux2KleinPipeline.from_pretrained(KLEIN)
+    theirs = pipe(image=[Image.open(p) for p in paths], prompt=prompt, height=64, width=64, num_inference_steps=3,
+                  guidance_scale=2.0, max_sequence_length=48, output_type="np",
+                  generator=torch.Generator().manual_seed(mix_seeds(0, 0))).images[0]
+    assert np.abs(ours - theirs).max() <= 1 / 255 + 1e-4  # the PNG's 8-bit rounding
+
+
+def klein_policy(tmp_path: Path) -> Path:
+    """A config layer that swaps the multi-subject demo's policy for the klein demo model."""
+    layer = tmp_path / "klein.yaml"
+    layer.write_text(json.dumps({"model": {"policy": {
+        "class_path": "divrl.policy.flux2.Flux2KleinConfig",
+        "init_args": {"model": KLEIN, "guidance_scale": 2.0, "cfg_batched": True, "max_sequence_length": 48,
+                      "lora": {"rank": 8, "alpha": 16.0}}}}}))
+    return layer
+
+
+def test_a_single_reference_reward_on_two_reference_shards_is_refused_naming_the_identity(tmp_path):
+    """configs/demo_klein.yaml's DivRL rewards score against one reference; the multi-subject shards give two."""
+    with pytest.raises(ValueError, match=r"NSSMReward scores a condition against one reference; '.+' has 2\. Use "
+                                         r"single-reference data, or a reward written for several subjects"):
+        main(["fit", "--config", str(DEMO_KLEIN), "--trainer.default_root_dir", str(tmp_path), "--trainer.logger",
+              "false", "--trainer.max_steps", "1", "--data.shards", str(ROOT / "data/demo-multi/train-*.tar"), "--data.val_shards", "null",
+              "--trainer.limit_val_batches", "0", "--model.sampling.group_size", "2",
+              "--model.objective.init_args.micro_batch_size", "2"])
