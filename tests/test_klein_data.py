@@ -1,5 +1,5 @@
 """FLUX.2 [klein] on divrl's data and tools: `divrl data --precompute` with a klein model (one and two references),
-training without the encoders on such shards, `divrl sample` with several `--reference`s against
+a policy without its encoders reading such shards, `divrl sample` with several `--reference`s against
 ``Flux2KleinPipeline``, and the multi-subject (PSR) demo's shards trained on klein unchanged. The model is the shipped
 demo model, ``data/demo/tiny-klein`` (``tools/make_demo_model.py --family klein``)."""
 

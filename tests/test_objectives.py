@@ -1,6 +1,7 @@
 """SFT, DPO (pairwise, group, shard pairs) and DiffusionNFT on the tiny demo model, through the Objective seam without
 Lightning: SFT lowers the held-out flow-matching loss of the demo pairs; one preference update moves the policy the
-way each loss says (the winner's likelihood rises); the batches hold what the losses need."""
+way each loss says (the winner's likelihood rises); the batches hold what the losses need. The preference and NFT
+tests run on both families' demo models (FLUX.1 Kontext, and FLUX.2 klein with its guided velocity)."""
 
 from __future__ import annotations
 
@@ -27,10 +28,19 @@ def demo_samples(split: str, count: int, prompt: int = 0):
     return [to_condition(r, prompt) for r in records[:count]]
 
 
-def demo_policy():
-    config = KontextConfig(model=str(ROOT / "data/demo/tiny-kontext"), lora=LoRAConfig(rank=8, alpha=16.0),
-                           max_sequence_length=32)
-    return config.build()
+FAMILIES = ("kontext", "klein")
+
+
+def demo_policy(family: str = "kontext"):
+    """A demo model with a fresh LoRA: ``data/demo/tiny-kontext``, or ``data/demo/tiny-klein`` sampled with CFG 2.0 as
+    ``configs/demo_klein.yaml`` samples it."""
+    lora = LoRAConfig(rank=8, alpha=16.0)
+    if family == "klein":
+        from divrl.policy.flux2 import Flux2KleinConfig
+
+        return Flux2KleinConfig(model=str(ROOT / "data/demo/tiny-klein"), lora=lora, guidance_scale=2.0,
+                                max_sequence_length=48).build()
+    return KontextConfig(model=str(ROOT / "data/demo/tiny-kontext"), lora=lora, max_sequence_length=32).build()
 
 
 class Env:
@@ -124,9 +134,10 @@ def test_rpo_alphas_a_condition_without_target_zero():
     assert all(p.grad is None or not p.grad.any() for p in policy.trainable_parameters())
 
 
-def test_pairwise_dpo_pairs_best_and_worst_with_margins_and_raises_the_winners_likelihood():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pairwise_dpo_pairs_best_and_worst_with_margins_and_raises_the_winners_likelihood(family):
     torch.manual_seed(0)
-    policy = demo_policy()
+    policy = demo_policy(family)
     samples = demo_samples("train", 2)
     env = Env(policy, group_size=4)
     objective = DPOObjective(beta=50.0, margin={"red": 2.0, "half": 1.0}, micro_batch_size=4, timesteps_per_sample=1)
@@ -162,9 +173,10 @@ def test_all_pairs_above_a_gap_are_weighted_and_the_rest_padded():
         DPOObjective(pairs_per_group=7).check(env.sampling)
 
 
-def test_group_dpo_weights_margins_and_the_direction_of_an_update():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_group_dpo_weights_margins_and_the_direction_of_an_update(family):
     torch.manual_seed(0)
-    policy = demo_policy()
+    policy = demo_policy(family)
     samples = demo_samples("train", 2)
     env = Env(policy, group_size=4)
     objective = GroupDPOObjective(beta=50.0, margin={"red": 1.0})
@@ -184,8 +196,9 @@ def test_group_dpo_weights_margins_and_the_direction_of_an_update():
     assert ((pos * scores).sum(1) / pos.sum(1) > (neg * scores).sum(1) / neg.sum(1)).all()  # R₊ − R₋ rose from 0
 
 
-def test_dpo_on_shard_preference_pairs():
-    policy = demo_policy()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dpo_on_shard_preference_pairs(family):
+    policy = demo_policy(family)
     samples = demo_samples("train", 2)
     samples[0].rejected = samples[0].references[0]  # chosen: the asked pose; rejected: a copy of the reference
     objective = DPOObjective(pairs="shards", beta=50.0)
@@ -200,9 +213,10 @@ def test_dpo_on_shard_preference_pairs():
         DPOObjective(pairs="shards", margin={"reward": 1.0})
 
 
-def test_nft_records_old_velocities_and_moves_towards_positives_and_away_from_negatives():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nft_records_old_velocities_and_moves_towards_positives_and_away_from_negatives(family):
     torch.manual_seed(0)
-    policy = demo_policy()
+    policy = demo_policy(family)
     samples = demo_samples("train", 2)
     env = Env(policy, group_size=4)
     objective = NFTObjective(beta=1.0, adaptive_weight=False, micro_batch_size=8)

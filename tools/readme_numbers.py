@@ -10,12 +10,15 @@ Runs, in ``--out``:
 
 4. the same for the multi-subject demo: ``divrl validate`` and ``divrl fit --config configs/demo_multi.yaml``
    (60 updates, validation every 20), ``divrl evaluate --config configs/eval_demo_multi.yaml``;
+5. the FLUX.2 [klein] demo: ``divrl validate`` and ``divrl fit --config configs/demo_klein.yaml`` (timed), the same
+   table as the Kontext demo's;
 
 then prints the README tables as markdown, the demos' wall times and the package versions, and with
 ``--write-docs`` replaces ``docs/demo_frontier.png``, ``docs/demo_samples.png`` (the three methods' grids, one
 above the other), ``docs/demo_multi_curves.png`` and ``docs/demo_multi_samples.png``.
 
     python tools/readme_numbers.py --out runs/readme --write-docs
+    python tools/readme_numbers.py --out runs/readme_klein --demos klein     # one demo's tables only
 """
 
 from __future__ import annotations
@@ -66,7 +69,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (emptied first)")
     parser.add_argument("--write-docs", action="store_true", help="replace the README's pictures in docs/")
+    parser.add_argument("--demos", default="kontext,multi,klein",
+                        help="comma-separated demos to run: kontext, multi, klein (default: all; --write-docs needs "
+                             "kontext and multi)")
     args = parser.parse_args()
+    demos = set(args.demos.split(","))
+    if demos - {"kontext", "multi", "klein"} or (args.write_docs and not {"kontext", "multi"} <= demos):
+        parser.error(f"--demos {args.demos}: name kontext, multi or klein (--write-docs needs kontext and multi)")
     out = args.out.resolve()
     marker = out / ".readme_numbers"
     if out.exists() and any(out.iterdir()) and not marker.exists():
@@ -74,16 +83,40 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     marker.touch()
+    print("versions: " + ", ".join(f"{p} {version(p)}" for p in PACKAGES) + "\n")
 
-    run("validate", "--config", "configs/demo.yaml", "--trainer.default_root_dir", str(out / "base"))
-    seconds = run("fit", "--config", "configs/demo.yaml", "--trainer.default_root_dir", str(out / "fit"))
-    methods = json.dumps({"base": None, "explore": str(out / "fit/lora/stage1"), "divrl": str(out / "fit/lora/final")})
-    run("evaluate", "--config", "configs/eval_demo.yaml", "--methods", methods, "--output_dir", str(out / "eval"),
-        "--progress", "false")
+    if "kontext" in demos:
+        kontext_demo(out)
+    if "multi" in demos:
+        multi_seconds = multi_demo(out)
+        print(f"\nmulti-subject demo fit: {multi_seconds:.0f} s on this machine\n")
+        multi_tables(out)
+    if "klein" in demos:
+        seconds = two_stage_demo(out, "configs/demo_klein.yaml", "klein")
+        print(f"\nFLUX.2 [klein] demo fit: {seconds:.0f} s on this machine\n")
+        two_stage_table(out, "klein")
 
-    base, fit = scalars(out / "base"), scalars(out / "fit")
-    print(f"demo fit: {seconds:.0f} s on this machine; versions: "
-          + ", ".join(f"{p} {version(p)}" for p in PACKAGES) + "\n")
+    if args.write_docs:
+        names = ("base", "explore", "divrl")
+        shutil.copy(out / "eval/frontier.png", ROOT / "docs/demo_frontier.png")
+        stack([out / "eval" / method / "grid.png" for method in names], ROOT / "docs/demo_samples.png")
+        stack([out / "eval_multi" / method / "grid.png" for method in ("base", "divrl")],
+              ROOT / "docs/demo_multi_samples.png")
+        multi_curves(out, ROOT / "docs/demo_multi_curves.png")
+        print("\nwrote docs/demo_frontier.png, docs/demo_samples.png, docs/demo_multi_curves.png and "
+              "docs/demo_multi_samples.png")
+
+
+def two_stage_demo(out: Path, config: str, name: str) -> float:
+    """``divrl validate`` without weights (the base model's row) and the timed ``divrl fit`` of a two-stage demo, in
+    ``out/<name>_base`` and ``out/<name>_fit``."""
+    run("validate", "--config", config, "--trainer.default_root_dir", str(out / f"{name}_base"))
+    return run("fit", "--config", config, "--trainer.default_root_dir", str(out / f"{name}_fit"))
+
+
+def two_stage_table(out: Path, name: str) -> None:
+    """The README table of a two-stage demo: validation and training rollouts of the base model and after each stage."""
+    base, fit = scalars(out / f"{name}_base"), scalars(out / f"{name}_fit")
     print("| | val nSSM | val VSM | train nSSM | train VSM | below the gate |")
     print("| --- | --- | --- | --- | --- | --- |")
     nssm, vsm, gated = fit["reward/nssm"], fit["reward/vsm"], fit["reward/gated_fraction"]
@@ -95,6 +128,18 @@ def main() -> None:
           f"{at(fit['val/vsm'], 119):.3f} | {mean(nssm, 110, 119):.3f} (steps 110–119) | {mean(vsm, 110, 119):.3f} | "
           f"{mean(gated, 110, 119):.0%} |\n")
 
+
+def kontext_demo(out: Path) -> None:
+    """The Kontext demo: its fit, its table and its evaluation (``out/kontext_*``, ``out/eval``)."""
+    seconds = two_stage_demo(out, "configs/demo.yaml", "kontext")
+    fit = out / "kontext_fit"
+    methods = json.dumps({"base": None, "explore": str(fit / "lora/stage1"), "divrl": str(fit / "lora/final")})
+    run("evaluate", "--config", "configs/eval_demo.yaml", "--methods", methods, "--output_dir", str(out / "eval"),
+        "--progress", "false")
+
+    print(f"demo fit: {seconds:.0f} s on this machine\n")
+    two_stage_table(out, "kontext")
+
     metrics = json.loads((out / "eval/metrics.json").read_text())["methods"]
     columns = ("vsm", "si_iou", "mtg_nssm", "sdino", "consistency_ratio", "diversity_over_consistency")
     names = {"base": "base", "explore": "explore (after stage 1)", "divrl": "divrl (after stage 2)"}
@@ -104,19 +149,6 @@ def main() -> None:
         row = metrics[method]["overall"]
         cells = ["—" if row.get(c) is None else f"{row[c]:.3f}" for c in columns]
         print(f"| {label} | " + " | ".join(cells) + " |")
-
-    multi_seconds = multi_demo(out)
-    print(f"\nmulti-subject demo fit: {multi_seconds:.0f} s on this machine\n")
-    multi_tables(out)
-
-    if args.write_docs:
-        shutil.copy(out / "eval/frontier.png", ROOT / "docs/demo_frontier.png")
-        stack([out / "eval" / method / "grid.png" for method in names], ROOT / "docs/demo_samples.png")
-        stack([out / "eval_multi" / method / "grid.png" for method in ("base", "divrl")],
-              ROOT / "docs/demo_multi_samples.png")
-        multi_curves(out, ROOT / "docs/demo_multi_curves.png")
-        print("\nwrote docs/demo_frontier.png, docs/demo_samples.png, docs/demo_multi_curves.png and "
-              "docs/demo_multi_samples.png")
 
 
 MULTI_VAL = ("val/reward", "val/psr", "val/psr/found", "val/divrl/vsm", "val/divrl/nssm", "val/gated_fraction")
