@@ -133,3 +133,25 @@ def test_a_single_reference_reward_on_two_reference_shards_is_refused_naming_the
               "false", "--trainer.max_steps", "1", "--data.shards", str(ROOT / "data/demo-multi/train-*.tar"), "--data.val_shards", "null",
               "--trainer.limit_val_batches", "0", "--model.sampling.group_size", "2",
               "--model.objective.init_args.micro_batch_size", "2"])
+
+
+def test_the_multi_subject_demo_trains_on_klein_unchanged(tmp_path):
+    """configs/demo_multi.yaml (PSR + per-subject DivRL on the two-subject shards) with only the policy swapped for the
+    klein demo model: two on-policy updates with CFG over two references per condition, PSR's components logged."""
+    import csv
+
+    from safetensors.torch import load_file
+
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}}
+    assert main(["fit", "--config", str(ROOT / "configs/demo_multi.yaml"), "--config", str(klein_policy(tmp_path)),
+                 "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", json.dumps(logger),
+                 "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--model.sampling.group_size", "4",
+                 "--model.objective.init_args.micro_batch_size", "4"]) == 0
+    with next(tmp_path.glob("lightning_logs/version_*/metrics.csv")).open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("reward/mean")]
+    assert len(rows) == 2
+    assert all(float(r["train/ratio_max_dev"]) < 1e-6 for r in rows)  # the guided velocity on both paths
+    assert all(0 <= float(r["reward/psr"]) <= 1 and 0 <= float(r["reward/divrl/found"]) <= 1 for r in rows)
+    lora = load_file(tmp_path / "lora/final/pytorch_lora_weights.safetensors")
+    assert any(".single_transformer_blocks.0.attn.to_qkv_mlp_proj." in k for k in lora)  # klein's targets
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)  # it trained
