@@ -153,9 +153,7 @@ def evaluate(trained: Flux2KleinPolicy, random_policy: Flux2KleinPolicy, subject
             "truth: the reference (32 px)": ref32,
             "truth: the reference, VAE round trip": roundtrip,
         }
-        for name, images in groups.items():
-            out = reward(reference, images, mask)
-            scores.setdefault(name, []).append(torch.stack([out.components[k].mean() for k in ("nssm", "vsm")]))
+        kontext.add_scores(scores, reward, reference, mask, groups)
         rows.append(torch.cat([ref32, groups[f"pretrained, ODE, CFG {GUIDANCE_SCALE}"][:4],
                                groups[f"pretrained, SDE 0.9, CFG {GUIDANCE_SCALE}"][:4],
                                groups["random tiny, SDE (noise 0.9)"][:2], other32[:2]]))

@@ -328,6 +328,13 @@ def sample_group(policy: KontextPolicy, reference, prompt: str, noise_level: flo
     return trajectory.images
 
 
+def add_scores(scores: dict, reward, reference, mask, groups: dict) -> None:
+    """Append each group's mean nSSM and VSM against ``reference`` to ``scores[name]``."""
+    for name, images in groups.items():
+        out = reward(reference, images, mask)
+        scores.setdefault(name, []).append(torch.stack([out.components[k].mean() for k in ("nssm", "vsm")]))
+
+
 def evaluate(trained: KontextPolicy, random_policy: KontextPolicy, subjects: SubjectSet) -> tuple[dict, Tensor]:
     """Mean nSSM and VSM per image source over the held-out subjects, and a grid of references and samples."""
     reward = NSSMReward(FeatureScorer(DenseDescriptor(grid_size=24, cell=4), pool=2))
@@ -350,9 +357,7 @@ def evaluate(trained: KontextPolicy, random_policy: KontextPolicy, subjects: Sub
             "truth: the reference (32 px)": ref32,
             "truth: the reference, VAE round trip": roundtrip,
         }
-        for name, images in groups.items():
-            out = reward(reference, images, mask)
-            scores.setdefault(name, []).append(torch.stack([out.components[k].mean() for k in ("nssm", "vsm")]))
+        add_scores(scores, reward, reference, mask, groups)
         pretrained = groups["pretrained, ODE (noise 0.0)"][:4], groups["pretrained, SDE (noise 0.9)"][:4]
         rows.append(torch.cat([ref32, *pretrained, groups["random tiny, SDE (noise 0.9)"][:2], other32[:2]]))
     table = {name: torch.stack(values).mean(0).tolist() for name, values in scores.items()}
