@@ -1,7 +1,8 @@
 """The committed demo model (data/demo/tiny-kontext, built by tools/make_demo_model.py) loads through the real
 `from_pretrained` path and shows the identity-diversity paradox the demo trains away: it copies the reference's
 subject (high VSM) in the reference's layout (low nSSM), where the random tiny model draws noise; and the two-subject
-model (data/demo/tiny-kontext-multi) draws both of its references better than the model it was fine-tuned from."""
+model (data/demo/tiny-kontext-multi) draws both of its references better than the model it was fine-tuned from; the
+FLUX.2 klein demo model (data/demo/tiny-klein) copies its reference as the Kontext one does."""
 
 from __future__ import annotations
 
@@ -69,8 +70,9 @@ def test_the_two_subject_demo_model_draws_both_references_better_than_the_single
 
 
 def test_the_klein_demo_model_copies_its_reference_and_the_random_model_does_not():
-    """data/demo/tiny-klein (tools/make_demo_model.py --family klein), sampled as configs/demo_klein.yaml samples it
-    (CFG 2.0, 48 text tokens, klein's text layers 9/18/27), against the random tiny klein."""
+    """data/demo/tiny-klein (tools/make_demo_model.py --family klein) with configs/demo_klein.yaml's policy settings
+    (CFG 2.0, 48 text tokens, klein's text layers 9/18/27), deterministic sampler as for Kontext, against the random
+    tiny klein."""
     from divrl.policy.flux2 import Flux2KleinConfig, Flux2KleinPolicy
 
     folder = ROOT / "data" / "demo" / "tiny-klein"

@@ -155,3 +155,44 @@ def test_the_multi_subject_demo_trains_on_klein_unchanged(tmp_path):
     lora = load_file(tmp_path / "lora/final/pytorch_lora_weights.safetensors")
     assert any(".single_transformer_blocks.0.attn.to_qkv_mlp_proj." in k for k in lora)  # klein's targets
     assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)  # it trained
+
+
+def test_a_distilled_klein_precomputes_without_guidance(tmp_path):
+    """`divrl data --precompute` needs no guidance: a step-distilled klein (which refuses guidance > 1) precomputes."""
+    import shutil
+
+    distilled = tmp_path / "distilled"
+    shutil.copytree(KLEIN, distilled)
+    index = json.loads((distilled / "model_index.json").read_text())
+    (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    assert main(["data", "synthetic", "--out", str(tmp_path / "shards"), "--num-identities", "2", "--resolution", "64",
+                 "--precompute", str(distilled), "--precompute-resolution", "32", "--max-sequence-length", LENGTH]) == 0
+    payload = records(tmp_path / "shards")[0].conditioning
+    assert payload["family"] == "flux2-klein" and payload["text_encoder_out_layers"] == [9, 18, 27]
+
+
+def test_hub_ids_are_recognised_from_the_cache_or_their_name_without_the_network(monkeypatch, tmp_path):
+    from divrl.policy import KontextConfig
+    from divrl.policy.loading import family_config
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing is looked up on the network
+    assert family_config("black-forest-labs/FLUX.2-klein-base-4B") is Flux2KleinConfig
+    assert family_config("black-forest-labs/FLUX.1-Kontext-dev") is KontextConfig
+    assert family_config("someone/a-klein-finetune") is KontextConfig  # unknown: the default, whose loader explains
+
+
+def test_a_kontext_run_encodes_klein_payloads_live_or_refuses_them_naming_the_family(tmp_path):
+    from divrl.data.stream import to_condition
+    from divrl.policy import KontextConfig
+
+    convert(tmp_path)
+    stored = to_condition(records(tmp_path)[0], 0)
+    live = dataclasses.replace(stored, conditioning=None)
+    kontext = KontextConfig(model=str(ROOT / "data/demo/tiny-kontext"), lora=None, max_sequence_length=32).build()
+    a, b = kontext.encode([stored], 32, 32), kontext.encode([live], 32, 32)
+    for name in ("prompt_embeds", "pooled_prompt_embeds", "image_latents"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    lean = KontextConfig(model=str(ROOT / "data/demo/tiny-kontext"), lora=None, max_sequence_length=32,
+                         text_encoders=False).build()
+    with pytest.raises(ValueError, match=r"made for another model family \(flux2-klein\), not FLUX.1 Kontext"):
+        lean.encode([stored], 32, 32)

@@ -56,14 +56,15 @@ def add_data_command(commands) -> None:
                       help="replace the shards already in --out (without it, a folder holding shards is refused)")
     data.add_argument("--precompute", metavar="MODEL",
                       help="store each identity's text embeddings and reference latents computed by this model (Hub "
-                           "id or local folder of a FLUX.1 Kontext or FLUX.2 klein pipeline, its family read from its "
-                           "model_index.json; 'tiny': the tiny Kontext), so training can run with "
+                           "id or local folder of any model family's pipeline, the family read from its model_index.json; "
+                           "'tiny': the tiny Kontext), so training can run with "
                            "policy.text_encoders: false")
     data.add_argument("--precompute-resolution", type=int, default=512,
                       help=f"training resolution the reference latents are computed at, >= {MIN_SIDE} (default 512)")
     data.add_argument("--max-sequence-length", type=int, default=None,
-                      help="text tokens per prompt for --precompute (default: the family's, Kontext 128, klein 512); "
-                           "the training config's policy.max_sequence_length must be the same")
+                      help="text tokens per prompt for --precompute (default: the family config's "
+                           "max_sequence_length, e.g. Kontext 128); the training config's policy.max_sequence_length "
+                           "must be the same (the shipped configs/explore*.yaml name theirs)")
     data.add_argument("--device", default=None, help="device for --precompute (default: cuda if available)")
     data.set_defaults(func=run_data)
     data.parse_known_args = _equals_form(data.parse_known_args, ("--subjects", "--subject-weights"))
@@ -268,11 +269,11 @@ def run_data(args: argparse.Namespace) -> int:
     precompute = None
     if args.precompute:
         from divrl.notices import quiet_loading_bars
-        from divrl.policy.loading import family_config
+        from divrl.policy.loading import precompute_config
 
         quiet_loading_bars()
         length = {} if args.max_sequence_length is None else {"max_sequence_length": args.max_sequence_length}
-        policy = family_config(args.precompute)(model=args.precompute, lora=None, **length).build()
+        policy = precompute_config(args.precompute, **length).build()
         multiple = policy.vae_scale_factor * 2  # known once the model is loaded; before any identity is converted
         need = [(f"a multiple of {multiple} for {args.precompute} (its VAE's factor {policy.vae_scale_factor} x 2 "
                  f"for packing)")] if args.precompute_resolution % multiple else []

@@ -14,23 +14,33 @@ import torch
 from divrl.policy.base import ModelLoadError
 from divrl.utils import parse_dtype
 
-__all__ = ["FAMILY_CONFIGS", "family_config", "load_family_pipeline", "load_hint", "register_family"]
+__all__ = ["FAMILY_CONFIGS", "FAMILY_NAMES", "family_config", "load_family_pipeline", "load_hint",
+           "precompute_config", "register_family"]
 
 FAMILY_CONFIGS: dict[str, tuple[str, str]] = {}
 """diffusers pipeline class (``model_index.json``'s ``_class_name``) → the family and the ``model.policy.class_path``
 that trains it; each family's package registers itself (:func:`register_family`) when ``divrl.policy`` is imported."""
 
 
-def register_family(pipeline_class: str, family: str, config_class_path: str) -> None:
+FAMILY_NAMES: dict[str, str] = {}
+"""A lower-case pattern of a family's Hub ids (``flux.1-kontext``) → its pipeline class: how :func:`family_config` knows an
+id whose ``model_index.json`` is not in the local cache."""
+
+
+def register_family(pipeline_class: str, family: str, config_class_path: str, hub_name: str | None = None) -> None:
     """Make a family's pipeline folders known to every family's loader (a folder of another family is refused with
-    the ``model.policy.class_path`` that trains it)."""
+    the ``model.policy.class_path`` that trains it); ``hub_name``: a lower-case pattern of its Hub ids."""
     FAMILY_CONFIGS[pipeline_class] = (family, config_class_path)
+    if hub_name:
+        FAMILY_NAMES[hub_name] = pipeline_class
 
 
 def family_config(model: str | os.PathLike, default: str = "divrl.policy.KontextConfig") -> type:
-    """The policy config class (``model.policy.class_path``) that trains ``model``, read from its ``model_index.json``
-    (a local folder, or a Hub id through the Hub's cache); ``default`` for ``tiny``, a pipeline no family registered,
-    or a ``model`` whose index cannot be read (that config's own loader then says what is wrong with it)."""
+    """The policy config class (``model.policy.class_path``) that trains ``model``, read from its ``model_index.json``:
+    in a local folder, or for a Hub id in the local Hub cache (no network: ``hf download ID`` first); an id not in the
+    cache by its name (a registered family's pipeline class, or its name pattern, e.g. ``FLUX.1-Kontext``). ``default``
+    for ``tiny``, a pipeline no family registered, or an index that cannot be read (that config's own loader then
+    says what is wrong with the model)."""
     from importlib import import_module
 
     name = os.fspath(model)
@@ -38,17 +48,28 @@ def family_config(model: str | os.PathLike, default: str = "divrl.policy.Kontext
     index: Path | None = local / "model_index.json" if local.is_dir() else None
     if index is None and name != "tiny" and not local.exists():
         try:
-            from huggingface_hub import hf_hub_download
+            from huggingface_hub import try_to_load_from_cache
 
-            index = Path(hf_hub_download(name, "model_index.json"))
-        except Exception:  # offline, gated or no such id: the default config's loader explains it
+            cached = try_to_load_from_cache(name, "model_index.json")
+            index = Path(cached) if isinstance(cached, str) else None
+        except Exception:  # not a valid repo id: the default config's loader says so
             index = None
     try:
         found = json.loads(index.read_text(encoding="utf-8")).get("_class_name") if index else None
     except (OSError, ValueError, AttributeError):
         found = None
+    if found is None:  # not read: recognise a family by its Hub names
+        found = next((cls for pattern, cls in FAMILY_NAMES.items() if pattern in name.lower()), None)
     module, _, cls = FAMILY_CONFIGS.get(found, ("", default))[1].rpartition(".")
     return getattr(import_module(module), cls)
+
+
+def precompute_config(model: str, **settings):
+    """The settings that load ``model`` for ``divrl data --precompute``: its family's config (:func:`family_config`)
+    without an adapter, with the family's ``PRECOMPUTE_SETTINGS`` (defaults a model may refuse that precomputing
+    needs nothing of) and ``settings`` (``max_sequence_length``)."""
+    cls = family_config(model)
+    return cls(model=model, lora=None, **{**getattr(cls, "PRECOMPUTE_SETTINGS", {}), **settings})
 
 
 def load_family_pipeline(pipeline_class, model: str | os.PathLike, *, who: str, torch_dtype="auto",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from divrl.policy.base import PolicyConfig
 from divrl.policy.flux2.policy import KLEIN_LORA_TARGETS, Flux2KleinPolicy
@@ -50,6 +51,10 @@ class Flux2KleinConfig(PolicyConfig):
     text_encoder_out_layers: tuple[int, ...] | None = None
     tiny_seed: int = 0
     reference_window: tuple[float, float] | None = None
+
+    PRECOMPUTE_SETTINGS: ClassVar[dict] = {"guidance_scale": 1.0}
+    """``divrl data --precompute`` loads the model without guidance: the payload always holds the empty negative
+    prompt, and a step-distilled model refuses any (:func:`divrl.policy.loading.precompute_config`)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -7,10 +7,10 @@ each reference is encoded once and cached (least recently used evicted); a condi
 separately and sit one after the other, reference *i* on time coordinate ``10·(i + 1)`` as the pipeline places them.
 
 The payload :meth:`KleinEncoder.precompute` makes (a shard's ``cond.pth`` entry, written by ``divrl data --precompute
-KLEIN_MODEL``) is a dict with ``family: "flux2-klein"``,
-``model``, ``resolution``, ``max_sequence_length``, ``prompts``, ``prompt_embeds`` ``(P, L, D)`` and
-``image_latents`` ``(K, T, C)``; the empty negative prompt is encoded once per run (it needs the text encoder only
-once, or is stored under ``negative_prompt_embeds`` ``(1, L, D)``).
+KLEIN_MODEL``) is a dict with ``family: "flux2-klein"``, ``model``, ``resolution``, ``max_sequence_length``,
+``text_encoder_out_layers``, ``prompts``, ``prompt_embeds`` ``(P, L, D)``, the empty negative prompt's
+``negative_prompt_embeds`` ``(1, L, D)`` and ``image_latents`` ``(K, T, C)``. Encoding live, the negative prompt is
+encoded once per run.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 FAMILY = "flux2-klein"
 """The ``family`` entry of this family's precomputed payloads (a Kontext payload has none)."""
 
-PAYLOAD_FIELDS = ("family", "model", "resolution", "max_sequence_length", "prompt_embeds", "negative_prompt_embeds",
-                  "image_latents")
+PAYLOAD_FIELDS = ("family", "model", "resolution", "max_sequence_length", "text_encoder_out_layers", "prompt_embeds",
+                  "negative_prompt_embeds", "image_latents")
 """The entries of a precomputed klein payload."""
 
 
@@ -262,7 +262,8 @@ class KleinEncoder:
                              f"not FLUX.2 klein: set policy.text_encoders: true (klein then encodes every condition "
                              f"itself and ignores it)")
         missing = [k for k in PAYLOAD_FIELDS if k not in payload]
-        want = {"resolution": resolution, "max_sequence_length": policy.max_sequence_length}
+        want = {"resolution": resolution, "max_sequence_length": policy.max_sequence_length,
+                "text_encoder_out_layers": list(policy.text_encoder_out_layers)}
         wrong = {k: payload[k] for k, v in want.items() if k in payload and payload[k] != v}
         if missing or wrong:
             raise ValueError(f"identity {sample.id!r}: its precomputed conditioning lacks {missing} / has {wrong}, this "
@@ -295,7 +296,8 @@ class KleinEncoder:
         self.clear()  # every identity has its own prompts: keep host memory flat
         return {
             "family": FAMILY, "model": self.policy.model_id, "resolution": resolution, "prompts": list(record.prompts),
-            "max_sequence_length": self.policy.max_sequence_length, "prompt_embeds": embeds.cpu().clone(),
+            "max_sequence_length": self.policy.max_sequence_length,
+            "text_encoder_out_layers": list(self.policy.text_encoder_out_layers), "prompt_embeds": embeds.cpu().clone(),
             "negative_prompt_embeds": negative.cpu().clone(), "image_latents": latents.cpu().clone(),
         }
 

@@ -10,7 +10,7 @@ from divrl.policy.kontext.schedule import calculate_shift, flux_sigmas, schedule
 from divrl.policy.loading import register_family
 from divrl.policy.lora import DEFAULT_LORA_TARGETS, LoRAConfig
 
-register_family("FluxKontextPipeline", "FLUX.1 Kontext", "divrl.policy.KontextConfig")
+register_family("FluxKontextPipeline", "FLUX.1 Kontext", "divrl.policy.KontextConfig", "flux.1-kontext")
 
 __all__ = [
     "KontextPolicy", "KontextConfig", "KontextEncoder", "Condition", "ModelLoadError", "TINY", "LoRAConfig",

@@ -294,7 +294,10 @@ class KontextEncoder:
             raise ValueError(f"KontextPolicy: the identities of one batch have {sorted(counts)} references "
                              f"({', '.join(f'{s.id}: {len(s.references)}' for s in samples)}); batch identities with "
                              f"the same number of references (data.batch_size 1 mixes any)")
-        if all(s.conditioning is not None for s in samples):
+        foreign = any(isinstance(s.conditioning, dict) and "family" in s.conditioning for s in samples)
+        policy = self.policy
+        live = None not in (policy.text_encoder, policy.text_encoder_2, policy.vae.encoder)
+        if all(s.conditioning is not None for s in samples) and not (foreign and live):  # another family's: live
             rows = [self.read_payload(s, height) for s in samples]
             latents = [r[2].reshape(1, -1, r[2].shape[-1]) for r in rows]  # (K, T, C) → (1, K·T, C), in order
             return self.condition_from_precomputed(
@@ -308,6 +311,10 @@ class KontextEncoder:
         """The sample's rows of its identity's payload: prompt embeddings ``(1, L, D)``, pooled ``(1, D')`` and the
         reference latents ``(K, T, C)``, after checking that the payload fits this policy and run."""
         payload, policy = sample.conditioning, self.policy
+        if isinstance(payload, dict) and "family" in payload:  # FLUX.1 Kontext's payloads carry no family
+            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning was made for another model family "
+                             f"({payload['family']}), not FLUX.1 Kontext: set policy.text_encoders: true (Kontext then "
+                             f"encodes every condition itself and ignores it), or precompute with a Kontext model")
         missing = [k for k in PAYLOAD_FIELDS if not isinstance(payload, dict) or k not in payload]
         if missing:
             raise ValueError(f"identity {sample.id!r}: its precomputed conditioning lacks {missing}; rewrite the shards "
