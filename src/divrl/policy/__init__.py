@@ -5,13 +5,15 @@
 - :mod:`divrl.policy.lora` and :mod:`divrl.policy.reference`: the LoRA adapter, its diffusers files and the KL
   reference of full fine-tuning, generic over diffusers transformers;
 - :mod:`divrl.policy.kontext`: FLUX.1 Kontext (:class:`KontextPolicy`, :class:`KontextConfig`), the default family;
-- :mod:`divrl.policy.flux2`: FLUX.2 [klein] (``Flux2KleinPolicy``, ``Flux2KleinConfig``).
+- :mod:`divrl.policy.flux2`: FLUX.2 [klein] (``Flux2KleinPolicy``, ``Flux2KleinConfig``);
+- :mod:`divrl.policy.qwen_image`: Qwen-Image-Edit-Plus 2509 / 2511 (``QwenEditPolicy``, ``QwenEditConfig``).
 """
 
 from divrl.policy.base import Conditioning, ModelLoadError, Policy, PolicyConfig
 from divrl.policy.lora import DEFAULT_LORA_TARGETS, LoRAConfig
 from divrl.policy.kontext import Condition, KontextConfig, KontextPolicy
 from divrl.policy import flux2  # noqa: F401, E402 - registers the family (its folders are recognised by every loader)
+from divrl.policy import qwen_image  # noqa: F401, E402 - the same
 
 __all__ = [
     "Policy", "PolicyConfig", "Conditioning", "KontextPolicy", "KontextConfig", "LoRAConfig", "Condition",

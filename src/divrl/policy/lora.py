@@ -1,6 +1,6 @@
 """LoRA adapters on a diffusers transformer (peft), and their files in diffusers' format: generic over model families.
 
-A diffusers transformer (``ModelMixin`` with ``PeftAdapterMixin``: FLUX, Qwen-Image, SD3, ...) gets its adapter with
+A diffusers transformer (``ModelMixin`` with ``PeftAdapterMixin``: FLUX, SD3, ...) gets its adapter with
 :func:`add_adapter` (float32 adapter weights on a base of any dtype). :func:`adapter_state` reads the adapter's weights
 with peft's names, :func:`save_adapter` writes them as ``pytorch_lora_weights.safetensors`` through the family's
 pipeline class (``FluxKontextPipeline.save_lora_weights``...), so the pipeline's ``load_lora_weights`` loads them, and

@@ -4,6 +4,8 @@ The transformer, VAE, CLIP and T5 encoders have the architecture of FLUX.1 Konte
 tokenizers are word-level vocabularies built with the ``tokenizers`` library and wrapped in
 ``PreTrainedTokenizerFast``. ``FluxKontextPipeline(**tiny_kontext_components())`` runs 6 steps at 64×64 in well
 under a second on a laptop CPU, and ``save_pretrained`` / ``from_pretrained`` round-trip it in diffusers' format.
+:func:`tiny_qwen_tokenizer` is the small byte-level BPE Qwen tokenizer that the families with Qwen text encoders build
+their tiny models with.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import string
 
 import torch
 
-__all__ = ["tiny_kontext_components", "tiny_tokenizer", "FLUX_SCHEDULER_CONFIG"]
+__all__ = ["tiny_kontext_components", "tiny_tokenizer", "tiny_qwen_tokenizer", "FLUX_SCHEDULER_CONFIG"]
 
 FLUX_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
@@ -148,3 +150,37 @@ def tiny_kontext_components(seed: int = 0, text_dim: int = 32, heads: int = 2, h
         "tokenizer_2": tiny_tokenizer(512),
         "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
     }
+
+
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""Qwen's chat markup, reduced to what the pipeline's ``apply_chat_template`` call needs."""
+
+
+def tiny_qwen_tokenizer(model_max_length: int = 512):
+    """A small byte-level BPE ``Qwen2Tokenizer`` (Qwen's pre-tokenizer; merges learned in code on the tiny models'
+    words, so each of them is one or two tokens), Qwen's chat markers as special tokens and a minimal chat template.
+    Built as ``Qwen2Tokenizer`` itself builds one from ``vocab.json`` and ``merges.txt``, so ``save_pretrained`` /
+    ``from_pretrained`` give the same token ids."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    words = ["user", "assistant", "system", *_WORDS]
+    bpe.train_from_iterator([" ".join(words), *(f"a {w}" for w in words), *(f" {w}" for w in words)], trainer)
+    learned = json.loads(bpe.to_str())["model"]
+    return Qwen2Tokenizer(vocab=learned["vocab"], merges=[tuple(m) for m in learned["merges"]], unk_token=None,
+                          eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"],
+                          chat_template=_CHAT_TEMPLATE, model_max_length=model_max_length)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from divrl.policy.tiny import FLUX_SCHEDULER_CONFIG
+from divrl.policy.tiny import FLUX_SCHEDULER_CONFIG, tiny_qwen_tokenizer
 
 __all__ = ["tiny_klein_components", "tiny_qwen_tokenizer", "TINY_TEXT_LAYERS", "KLEIN_SCHEDULER_CONFIG"]
 
@@ -24,42 +24,6 @@ TINY_TEXT_LAYERS = (1, 2, 3)
 KLEIN_SCHEDULER_CONFIG = dict(FLUX_SCHEDULER_CONFIG)
 """The ``FlowMatchEulerDiscreteScheduler`` configuration of the tiny model, FLUX's (dynamic shifting: the pipeline hands
 the scheduler ``μ`` from ``compute_empirical_mu``)."""
-
-_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-"""Qwen's chat markup, reduced to what the pipeline's ``apply_chat_template`` call needs."""
-
-
-def tiny_qwen_tokenizer(model_max_length: int = 512):
-    """A small byte-level BPE ``Qwen2Tokenizer`` (Qwen's pre-tokenizer; merges learned in code on the tiny models'
-    words, so each of them is one or two tokens), Qwen's chat markers as special tokens and a minimal chat template.
-    Built as ``Qwen2Tokenizer`` itself builds one from ``vocab.json`` and ``merges.txt``, so ``save_pretrained`` /
-    ``from_pretrained`` give the same token ids."""
-    import json
-
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
-    from divrl.policy.tiny import _WORDS
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    words = ["user", "assistant", "system", *_WORDS]
-    bpe.train_from_iterator([" ".join(words), *(f"a {w}" for w in words), *(f" {w}" for w in words)], trainer)
-    learned = json.loads(bpe.to_str())["model"]
-    return Qwen2Tokenizer(vocab=learned["vocab"], merges=[tuple(m) for m in learned["merges"]], unk_token=None,
-                          eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"],
-                          chat_template=_CHAT_TEMPLATE, model_max_length=model_max_length)
-
 
 def tiny_klein_components(seed: int = 0, text_width: int = 16, heads: int = 2, head_dim: int = 8) -> dict:
     """The components of a tiny ``Flux2KleinPipeline``, in eval mode, deterministic for a given ``seed``.

@@ -1,0 +1,233 @@
+"""Qwen-Image-Edit-Plus conditioning: prompts *and* references → :class:`QwenEditCondition`.
+
+Unlike FLUX, the text encoder (Qwen2.5-VL) reads the references with the prompt: the prompt template holds
+``Picture i: <|vision_start|><|image_pad|><|vision_end|>`` per reference, and each reference is resized to a
+``condition_image_size`` area (the pipeline's ~384²) for the vision tower. Separately, each reference is resized to a
+``vae_image_size`` area (~1024²) for the VAE; its latents (normalised by the VAE's per-channel mean and std, packed
+2×2) follow the noisy tokens, and ``img_shapes`` gives the transformer every latent grid. :class:`QwenEditEncoder`
+does each step with diffusers' own ``QwenImageEditPlusPipeline`` methods on the policy's components, one condition at
+a time as the pipeline does (so the embeddings are the pipeline's to the bit), and caches the prompt embeddings per
+(prompt, references) and each reference's latents, least recently used evicted.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from divrl.images import ImageLike, to_image_batch, to_pil
+
+if TYPE_CHECKING:
+    from divrl.data.stream import ConditionSample
+    from divrl.policy.qwen_image.policy import QwenEditPolicy
+
+__all__ = ["QwenEditCondition", "QwenEditEncoder", "pad_embeddings"]
+
+
+@dataclass
+class QwenEditCondition:
+    """Everything the Qwen-Image transformer needs besides the noisy latents, for a batch of samples.
+
+    Attributes:
+        prompt_embeds: the VL encoder's last hidden states of the prompt (template prefix dropped) ``(B, L, D)``.
+        prompt_mask: ``(B, L)`` (1 = a token, 0 = padding), or ``None`` when no row is padded.
+        negative_prompt_embeds, negative_mask: the negative prompt's, read with the same references, for true CFG;
+            ``None`` without CFG.
+        image_latents: packed latents of every reference, one after the other, ``(B, T_refs, C)``.
+        img_shapes: the latent grids ``(frames, rows, columns)`` of the generated image and of each reference (shared
+            by the batch).
+        true_cfg_scale: the CFG scale ``s``; 1 when there is no CFG.
+        height, width: generated image size in pixels.
+        num_tokens: ``T``, the number of noisy image tokens.
+    """
+
+    prompt_embeds: Tensor
+    prompt_mask: Tensor | None
+    negative_prompt_embeds: Tensor | None
+    negative_mask: Tensor | None
+    image_latents: Tensor
+    img_shapes: list[tuple[int, int, int]]
+    true_cfg_scale: float
+    height: int
+    width: int
+    num_tokens: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    @property
+    def num_references(self) -> int:
+        return len(self.img_shapes) - 1
+
+    def select(self, index: Tensor | Sequence[int] | slice) -> QwenEditCondition:
+        """The conditions of a subset of samples (a micro-batch)."""
+        if isinstance(index, slice):
+            return self._map_batch(lambda t: t[index])
+        return self._map_batch(lambda t: t[torch.as_tensor(index, device=t.device)])
+
+    def repeat_interleave(self, repeats: int) -> QwenEditCondition:
+        """Each row repeated ``repeats`` times in place (condition i → rows i·G ... i·G + G − 1)."""
+        return self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def _map_batch(self, fn) -> QwenEditCondition:
+        apply = lambda t: None if t is None else fn(t)  # noqa: E731
+        return replace(self, prompt_embeds=fn(self.prompt_embeds), prompt_mask=apply(self.prompt_mask),
+                       negative_prompt_embeds=apply(self.negative_prompt_embeds),
+                       negative_mask=apply(self.negative_mask), image_latents=fn(self.image_latents))
+
+
+def pad_embeddings(rows: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """Embeddings ``(L_i, D)`` of different lengths → ``(B, max L, D)`` padded with zeros and the mask, ``None`` when
+    no row is padded (as the pipeline stacks a batch of prompts)."""
+    longest = max(len(r) for r in rows)
+    embeds = torch.stack([torch.cat([r, r.new_zeros(longest - len(r), r.shape[-1])]) for r in rows])
+    mask = torch.stack([torch.arange(longest, device=rows[0].device) < len(r) for r in rows]).long()
+    return embeds, None if bool(mask.all()) else mask
+
+
+class QwenEditEncoder:
+    """Encodes prompts with their references and the references' latents for a
+    :class:`~divrl.policy.qwen_image.QwenEditPolicy`, caching both.
+
+    Args:
+        policy: the policy whose components encode (held, not copied).
+        cache_size: how many encoded prompts (and, separately, reference latents) to keep.
+    """
+
+    def __init__(self, policy: QwenEditPolicy, cache_size: int = 256):
+        self.policy = policy
+        self.cache_size = cache_size
+        self.prompts: OrderedDict[tuple, Tensor] = OrderedDict()
+        self.references: OrderedDict[tuple, tuple[Tensor, tuple[int, int, int]]] = OrderedDict()
+
+    def clear(self) -> None:
+        self.prompts.clear()
+        self.references.clear()
+
+    # ------------------------------------------------------------------------------------------------ encoding
+
+    @staticmethod
+    def sizes(image, area: int) -> tuple[int, int]:
+        """``(height, width)`` of the pipeline's resize of ``image`` to ``area`` pixels at its aspect ratio (multiples
+        of 32, ``calculate_dimensions``)."""
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+
+        width, height = calculate_dimensions(area, image.width / image.height)
+        return height, width
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, images: Sequence, key: str | None = None) -> Tensor:
+        """The embedding ``(L, D)`` of ``prompt`` read with its references ``images`` (PIL), as
+        ``QwenImageEditPlusPipeline.encode_prompt`` computes it for one prompt; cached under ``(prompt, key)``."""
+        policy = self.policy
+        cache_key = None if key is None else (prompt, key, len(images))
+        if cache_key is not None and cache_key in self.prompts:
+            self.prompts.move_to_end(cache_key)
+            return self.prompts[cache_key]
+        pipe = policy.pipeline()
+        if policy.text_encoder is None or pipe.processor is None:
+            raise RuntimeError("this policy was loaded without its text encoder or processor (policy.text_encoders: "
+                               "false); Qwen-Image-Edit reads every prompt with its references: set "
+                               "policy.text_encoders: true")
+        resized = [pipe.image_processor.resize(image, *self.sizes(image, policy.condition_image_size))
+                   for image in images]
+        embeds, _ = pipe.encode_prompt(prompt=[prompt], image=resized, device=policy.device)
+        embeds = embeds[0].to(policy.dtype)
+        if cache_key is not None:
+            self._remember(self.prompts, cache_key, embeds)
+        return embeds
+
+    @torch.no_grad()
+    def encode_reference(self, image, key: str | None = None) -> tuple[Tensor, tuple[int, int, int]]:
+        """VAE latents of one reference at the ``vae_image_size`` area: packed ``(1, T_ref, C)`` and the grid
+        ``(1, rows, columns)`` that ``img_shapes`` lists for it. ``key`` enables caching."""
+        policy = self.policy
+        area = policy.vae_image_size
+        cache_key = None if key is None else (key, area)
+        if cache_key is not None and cache_key in self.references:
+            self.references.move_to_end(cache_key)
+            return self.references[cache_key]
+        if policy.vae.encoder is None:
+            raise RuntimeError("this policy has no VAE encoder (policy.text_encoders: false drops the encoders); "
+                               "Qwen-Image-Edit needs it to encode the references: set policy.text_encoders: true")
+        pipe = policy.pipeline()
+        height, width = self.sizes(image, area)
+        pixels = pipe.image_processor.preprocess(image, height, width).unsqueeze(2)
+        latents = pipe._encode_vae_image(pixels.to(device=policy.device, dtype=policy.vae.dtype), generator=None)
+        rows, cols = latents.shape[3:]
+        packed = pipe._pack_latents(latents, 1, latents.shape[1], rows, cols).to(policy.dtype)
+        out = (packed, (1, rows // 2, cols // 2))
+        if cache_key is not None:
+            self._remember(self.references, cache_key, out)
+        return out
+
+    def condition(self, references: Sequence[Sequence[ImageLike]], prompts: Sequence[str], height: int, width: int,
+                  true_cfg_scale: float, group_size: int = 1,
+                  reference_keys: Sequence[str | None] | None = None) -> QwenEditCondition:
+        """Conditions for ``len(prompts)`` prompts, each with its list of ``K`` references (the same ``K``, and the same
+        latent grids, for every prompt), each repeated ``group_size`` times."""
+        policy = self.policy
+        if len(references) != len(prompts):
+            raise ValueError(f"condition: {len(references)} reference lists for {len(prompts)} prompts; give one per "
+                             f"prompt")
+        counts = sorted({len(r) for r in references})
+        if len(counts) != 1 or counts[0] < 1:
+            raise ValueError(f"condition: the prompts of one batch have {counts} references; give each the same "
+                             f"number (at least one), or condition them in separate batches")
+        rows, cols = policy.token_grid(height, width)
+        keys = list(reference_keys) if reference_keys is not None else [None] * len(prompts)
+        images = [[self._pil(image) for image in row] for row in references]
+        latents, shapes = [], None
+        for row, key in zip(images, keys):
+            encoded = [self.encode_reference(image, None if key is None else f"{key}#{i}") for i, image in enumerate(row)]
+            row_shapes = [(1, rows, cols), *(shape for _, shape in encoded)]
+            if shapes is not None and row_shapes != shapes:
+                raise ValueError(f"condition: the references of one batch have latent grids {shapes[1:]} and "
+                                 f"{row_shapes[1:]}; give references of one aspect ratio per batch (data.batch_size 1 "
+                                 f"takes any)")
+            shapes = row_shapes
+            latents.append(torch.cat([packed for packed, _ in encoded], dim=1))
+        embeds, mask = pad_embeddings([self.encode_prompt(p, row, key) for p, row, key in zip(prompts, images, keys)])
+        negative = negative_mask = None
+        if true_cfg_scale > 1:
+            negative, negative_mask = pad_embeddings([self.encode_prompt(policy.negative_prompt, row, key)
+                                                      for row, key in zip(images, keys)])
+        condition = QwenEditCondition(
+            prompt_embeds=embeds, prompt_mask=mask, negative_prompt_embeds=negative, negative_mask=negative_mask,
+            image_latents=torch.cat(latents), img_shapes=shapes, true_cfg_scale=float(true_cfg_scale),
+            height=height, width=width, num_tokens=rows * cols,
+        )
+        return condition.repeat_interleave(group_size) if group_size > 1 else condition
+
+    def encode(self, samples: Sequence[ConditionSample], height: int, width: int, true_cfg_scale: float,
+               group_size: int = 1) -> QwenEditCondition:
+        """The batch's conditions, encoded from the prompts and the reference images."""
+        counts = {len(s.references) for s in samples}
+        if len(counts) > 1:
+            raise ValueError(f"QwenEditPolicy: the identities of one batch have {sorted(counts)} references "
+                             f"({', '.join(f'{s.id}: {len(s.references)}' for s in samples)}); batch identities with "
+                             f"the same number of references (data.batch_size 1 mixes any)")
+        if any(s.conditioning is not None for s in samples) and self.policy.text_encoder is None:
+            raise ValueError("QwenEditPolicy reads no precomputed conditioning yet: set policy.text_encoders: true "
+                             "(the shards' precomputed entries are then ignored)")
+        return self.condition([list(s.references) for s in samples], [s.prompt for s in samples], height, width,
+                              true_cfg_scale, group_size, reference_keys=[s.id for s in samples])
+
+    @staticmethod
+    def _pil(image):
+        """A reference as the pipeline takes it: a PIL image (tensors and arrays converted)."""
+        if hasattr(image, "size") and hasattr(image, "convert") and not isinstance(image, Tensor):
+            return image.convert("RGB")
+        return to_pil(to_image_batch(image, "reference")[0])
+
+    def _remember(self, cache: OrderedDict, key, value) -> None:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > self.cache_size:
+            cache.popitem(last=False)
