@@ -69,3 +69,138 @@ def test_ode_rollout_matches_the_pipeline(small_references, count, scale):
     assert (traj.latents[:, 1:] - expected).abs().max() < 1e-5  # every step, float32 rounding
     assert (traj.images - decoded).abs().max() < 1e-5
     assert torch.equal(traj.log_probs, torch.zeros(2, 4))
+
+
+def transformer_velocity(policy, latents, sigma, condition, text, mask=None) -> torch.Tensor:
+    """One plain transformer call as the pipeline makes it (reference tokens appended, output cut)."""
+    hidden = torch.cat([latents, condition.image_latents], dim=1)
+    timestep = torch.full((len(latents),), sigma * 1000, dtype=torch.float32) / 1000
+    out = policy.transformer(hidden_states=hidden, timestep=timestep, guidance=None, encoder_hidden_states=text,
+                             encoder_hidden_states_mask=mask, img_shapes=[condition.img_shapes] * len(latents),
+                             return_dict=False)[0]
+    return out[:, : latents.shape[1]]
+
+
+def test_on_policy_ratio_is_one_with_cfg_and_the_kl_is_computed_from_the_guided_velocities():
+    from divrl.grpo import kl_divergence
+    from divrl.grpo.sampler import transition_log_prob
+    from divrl.grpo.sde import sde_step
+
+    policy = QwenEditPolicy.tiny(seed=0, true_cfg_scale=4.0)
+    condition = policy.condition([references(2)], [PROMPT], 32, 32, group_size=3)
+    traj = rollout(policy, condition, num_steps=3, noise_level=0.9, generator=torch.Generator().manual_seed(0),
+                   decode=False)
+    for step in range(3):
+        out = transition_log_prob(policy, traj, step, condition)
+        assert (torch.exp(out.log_prob - traj.log_probs[:, step]) - 1).abs().max() <= 1e-6
+        with torch.no_grad(), policy.adapter_disabled():
+            reference = transition_log_prob(policy, traj, step, condition)
+        assert torch.equal(kl_divergence(out.mean.detach(), reference.mean, out.std), torch.zeros(3))
+    with torch.no_grad():  # move the adapter: the KL is now the guided velocities' difference through the SDE mean
+        for name, parameter in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+        sigmas, x = policy.sigmas(3, condition).tolist(), traj.latents[:, 1]
+
+        def guided() -> torch.Tensor:  # neg + s·(pos − neg), rescaled per token to the conditional norm, by hand
+            pos = transformer_velocity(policy, x, sigmas[1], condition, condition.prompt_embeds)
+            neg = transformer_velocity(policy, x, sigmas[1], condition, condition.negative_prompt_embeds)
+            mixed = neg + 4.0 * (pos - neg)
+            return mixed * pos.norm(dim=-1, keepdim=True) / mixed.norm(dim=-1, keepdim=True)
+
+        moved = guided()
+        with policy.adapter_disabled():
+            initial = guided()
+        mine, base = (sde_step(v, x, sigmas[1], sigmas[2], 0.9, sigma_max=sigmas[1], prev_sample=traj.latents[:, 2])
+                      for v in (moved, initial))
+        by_hand = ((mine.mean.double() - base.mean.double()) ** 2 / (2 * mine.std.double() ** 2)).mean(dim=(1, 2))
+        out = transition_log_prob(policy, traj, 1, condition)
+        with policy.adapter_disabled():
+            reference = transition_log_prob(policy, traj, 1, condition)
+        kl = kl_divergence(out.mean, reference.mean, out.std)
+    assert (by_hand > 1e-6).all() and torch.allclose(kl.double(), by_hand, rtol=1e-4, atol=0)
+
+
+def test_a_trained_lora_loads_in_the_pipeline_with_the_same_samples(small_references, tmp_path):
+    policy = QwenEditPolicy.tiny(seed=0, true_cfg_scale=4.0)
+    images = references(2)
+    condition = policy.condition([images], [PROMPT], 32, 32)
+    optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=1e-2)
+    noise = policy.initial_noise(condition, torch.Generator().manual_seed(1))
+    for _ in range(2):  # two updates
+        optimizer.zero_grad()
+        policy.velocity(noise, 0.8, condition).square().mean().backward()
+        optimizer.step()
+    policy.save_lora(tmp_path / "lora")
+    pipe = QwenImageEditPlusPipeline(**tiny_qwen_edit_components(seed=0))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(tmp_path / "lora")
+    expected, _ = pipeline_trajectory(pipe, images, 4.0, steps=3, seed=5, group=1)
+    traj = rollout(policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(5),
+                   decode=False)
+    with policy.adapter_disabled():
+        base = rollout(policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(5),
+                       decode=False)
+    assert (traj.latents[:, 1:] - expected).abs().max() < 1e-5
+    assert (base.latents[:, -1] - expected[:, -1]).abs().max() > 1e-3  # the adapter moved: not a vacuous match
+
+
+def test_default_lora_targets_cover_both_streams_and_flops_count_both_cfg_calls():
+    from divrl.policy import LoRAConfig
+
+    policy = QwenEditPolicy.tiny(seed=0, lora=LoRAConfig(rank=2, alpha=2.0))  # FLUX.1's default names → the family's
+    adapted = {name.split(".lora_A")[0] for name, _ in policy.transformer.named_parameters() if ".lora_A" in name}
+    assert adapted == {f"transformer_blocks.{b}.{t}" for b in range(2) for t in QWEN_EDIT_LORA_TARGETS}
+    assert len(policy.shard_units()) == 2 and policy.frozen_parts() == [policy.vae, policy.text_encoder]
+    with_cfg = policy.condition([references(1)], [PROMPT], 32, 32)
+    without = policy.condition([references(1)], [PROMPT], 32, 32, true_cfg_scale=1.0)
+    h, layers = 16, 2  # the tiny transformer: 2 heads of 8, 2 blocks
+    text, negative = with_cfg.prompt_embeds.shape[1], with_cfg.negative_prompt_embeds.shape[1]
+
+    def by_hand(t: int) -> float:  # image + reference tokens (64 + 64), text t; per block both streams + attention
+        return layers * (2 * 128 * 12 * h * h + 2 * t * 12 * h * h + 4 * (128 + t) ** 2 * h)
+
+    assert policy.flops_per_call(without) == by_hand(text)
+    assert policy.flops_per_call(with_cfg) == by_hand(text) + by_hand(negative)
+
+
+def test_a_saved_model_loads_through_the_config_in_the_released_format(tmp_path):
+    import json
+
+    from divrl.policy import LoRAConfig
+    from divrl.policy.qwen_image.builder import save_pipeline
+
+    folder = tmp_path / "tiny-qwen-edit"
+    save_pipeline(QwenImageEditPlusPipeline(**tiny_qwen_edit_components(seed=2)), folder)
+    assert json.loads((folder / "model_index.json").read_text())["processor"] == ["transformers", "Qwen2VLProcessor"]
+    config = QwenEditConfig(model=str(folder), torch_dtype="float32", true_cfg_scale=2.0, condition_image_size=AREA,
+                            vae_image_size=AREA, lora=LoRAConfig(rank=2, alpha=2.0))
+    loaded = config.build()
+    built = QwenEditPolicy.tiny(seed=2, true_cfg_scale=2.0, lora=LoRAConfig(rank=2, alpha=2.0))
+    condition = built.condition([references(2)], [PROMPT], 32, 32)
+    again = loaded.condition([references(2)], [PROMPT], 32, 32)
+    assert torch.equal(again.prompt_embeds, condition.prompt_embeds)  # tokenizer, processor and VL encoder round-trip
+    noise = built.initial_noise(condition, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.velocity(noise, 0.5, again), built.velocity(noise, 0.5, condition))
+
+
+def test_another_familys_folder_is_refused_by_name(tmp_path):
+    from diffusers import FluxKontextPipeline
+
+    from divrl.policy import KontextConfig, ModelLoadError
+    from divrl.policy.qwen_image.builder import save_pipeline
+    from divrl.policy.tiny import tiny_kontext_components
+
+    FluxKontextPipeline(**tiny_kontext_components(seed=0)).save_pretrained(tmp_path / "kontext")
+    save_pipeline(QwenImageEditPlusPipeline(**tiny_qwen_edit_components(seed=0)), tmp_path / "qwen")
+    with pytest.raises(ModelLoadError, match=r"is a FluxKontextPipeline folder \(FLUX.1 Kontext\), and this config "
+                                             r"trains Qwen-Image-Edit-Plus.*class_path: divrl.policy.KontextConfig"):
+        QwenEditConfig(model=str(tmp_path / "kontext"), lora=None).build()
+    with pytest.raises(ModelLoadError, match=r"is a QwenImageEditPlusPipeline folder \(Qwen-Image-Edit-Plus\).*"
+                                             r"class_path: divrl.policy.qwen_image.QwenEditConfig"):
+        KontextConfig(model=str(tmp_path / "qwen"), lora=None).build()
+    with pytest.raises(ValueError, match=r"policy.true_cfg_scale must be a finite number >= 0"):
+        QwenEditConfig(model="tiny", true_cfg_scale=float("nan"))
+    with pytest.raises(ValueError, match=r"policy.vae_image_size must be a pixel area >= 1024"):
+        QwenEditConfig(model="tiny", vae_image_size=16)
