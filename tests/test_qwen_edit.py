@@ -204,3 +204,52 @@ def test_another_familys_folder_is_refused_by_name(tmp_path):
         QwenEditConfig(model="tiny", true_cfg_scale=float("nan"))
     with pytest.raises(ValueError, match=r"policy.vae_image_size must be a pixel area >= 1024"):
         QwenEditConfig(model="tiny", vae_image_size=16)
+
+
+def test_precomputed_conditioning_equals_encoding_at_run_time(tmp_path):
+    """The payload (prompts read with their references, the negative prompt's, the references' latents and grids)
+    through `divrl data`'s shard writer and reader gives the conditions the encoders compute, with the encoders
+    dropped; another family's payload is refused without them."""
+    import dataclasses
+
+    from divrl.data import converters as C
+    from divrl.data.schema import IdentityRecord
+    from divrl.data.stream import SkipCounter, read_identities, to_condition
+    from divrl.policy.loading import family_config
+    from divrl.policy.qwen_image.builder import save_pipeline
+
+    policy = QwenEditPolicy.tiny(seed=0, true_cfg_scale=3.0)
+    record = IdentityRecord(id="pair", references=references(2), masks=[None, None],
+                            prompts=[PROMPT, "both of them in the snow"])
+    C.convert([record], tmp_path / "shards", resolution=48, precompute=C.Precompute(policy, 32))
+    (stored,) = list(read_identities(sorted(str(p) for p in (tmp_path / "shards").glob("*.tar")), SkipCounter(5)))
+    payload = stored.conditioning
+    assert payload["family"] == "qwen-image-edit" and payload["image_shapes"] == [[1, 8, 8], [1, 8, 8]]
+    samples = [to_condition(stored, i) for i in (0, 1)]
+    live = policy.encode([dataclasses.replace(s, conditioning=None) for s in samples], 32, 32, group_size=2)
+    lean = QwenEditPolicy.tiny(seed=0, true_cfg_scale=3.0).drop_encoders()
+    read = lean.encode(samples, 32, 32, group_size=2)
+    for name in ("prompt_embeds", "prompt_mask", "negative_prompt_embeds", "image_latents"):
+        a, b = getattr(live, name), getattr(read, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+    assert read.img_shapes == live.img_shapes and read.prompt_mask is not None  # two prompt lengths: padded, masked
+    with pytest.raises(ValueError, match=r"made for another model family \(flux2-klein\), not Qwen-Image-Edit"):
+        lean.encode([dataclasses.replace(samples[0], conditioning={"family": "flux2-klein"})], 32, 32)
+    save_pipeline(QwenImageEditPlusPipeline(**tiny_qwen_edit_components(seed=0)), tmp_path / "qwen")
+    assert family_config(tmp_path / "qwen") is QwenEditConfig  # `divrl data --precompute FOLDER` builds this family
+
+
+def test_a_batch_of_prompts_of_different_lengths_gives_each_row_its_own_velocity():
+    """Shorter prompts are padded and masked (as the pipeline stacks prompts): each row's guided velocity is the one
+    its condition gives alone."""
+    policy = QwenEditPolicy.tiny(seed=0, true_cfg_scale=3.0)
+    images = references(1)
+    prompts = [PROMPT, "a dog"]
+    batch = policy.condition([images, images], prompts, 32, 32)
+    assert batch.prompt_mask is not None and batch.prompt_mask.sum(1).tolist()[0] > batch.prompt_mask.sum(1).tolist()[1]
+    noise = policy.initial_noise(batch, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        together = policy.velocity(noise, 0.6, batch)
+        for row, prompt in enumerate(prompts):
+            alone = policy.velocity(noise[row : row + 1], 0.6, policy.condition([images], [prompt], 32, 32))
+            assert (together[row : row + 1] - alone).abs().max() < 1e-5, prompt

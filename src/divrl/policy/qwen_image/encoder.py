@@ -8,6 +8,10 @@ Unlike FLUX, the text encoder (Qwen2.5-VL) reads the references with the prompt:
 does each step with diffusers' own ``QwenImageEditPlusPipeline`` methods on the policy's components, one condition at
 a time as the pipeline does (so the embeddings are the pipeline's to the bit), and caches the prompt embeddings per
 (prompt, references) and each reference's latents, least recently used evicted.
+
+``divrl data --precompute QWEN_MODEL`` stores, per identity, every prompt's embedding (read with the identity's
+references), the negative prompt's, and each reference's packed latents with its grid (:data:`PAYLOAD_FIELDS`), so a
+run with ``policy.text_encoders: false`` needs neither the 7B VL encoder nor the VAE encoder.
 """
 
 from __future__ import annotations
@@ -26,7 +30,14 @@ if TYPE_CHECKING:
     from divrl.data.stream import ConditionSample
     from divrl.policy.qwen_image.policy import QwenEditPolicy
 
-__all__ = ["QwenEditCondition", "QwenEditEncoder", "pad_embeddings"]
+__all__ = ["QwenEditCondition", "QwenEditEncoder", "pad_embeddings", "FAMILY", "PAYLOAD_FIELDS"]
+
+FAMILY = "qwen-image-edit"
+"""The ``family`` entry of this family's precomputed payloads."""
+
+PAYLOAD_FIELDS = ("family", "model", "condition_image_size", "vae_image_size", "negative_prompt", "prompts",
+                  "prompt_embeds", "negative_prompt_embeds", "image_latents", "image_shapes")
+"""The entries of a precomputed payload (:meth:`QwenEditEncoder.precompute`)."""
 
 
 @dataclass
@@ -172,7 +183,6 @@ class QwenEditEncoder:
                   reference_keys: Sequence[str | None] | None = None) -> QwenEditCondition:
         """Conditions for ``len(prompts)`` prompts, each with its list of ``K`` references (the same ``K``, and the same
         latent grids, for every prompt), each repeated ``group_size`` times."""
-        policy = self.policy
         if len(references) != len(prompts):
             raise ValueError(f"condition: {len(references)} reference lists for {len(prompts)} prompts; give one per "
                              f"prompt")
@@ -180,44 +190,111 @@ class QwenEditEncoder:
         if len(counts) != 1 or counts[0] < 1:
             raise ValueError(f"condition: the prompts of one batch have {counts} references; give each the same "
                              f"number (at least one), or condition them in separate batches")
-        rows, cols = policy.token_grid(height, width)
+        self.policy.check_size(height, width)
         keys = list(reference_keys) if reference_keys is not None else [None] * len(prompts)
         images = [[self._pil(image) for image in row] for row in references]
-        latents, shapes = [], None
-        for row, key in zip(images, keys):
+        rows = []
+        for prompt, row, key in zip(prompts, images, keys):
             encoded = [self.encode_reference(image, None if key is None else f"{key}#{i}") for i, image in enumerate(row)]
-            row_shapes = [(1, rows, cols), *(shape for _, shape in encoded)]
+            negative = self.encode_prompt(self.policy.negative_prompt, row, key) if true_cfg_scale > 1 else None
+            rows.append((self.encode_prompt(prompt, row, key), negative, [latent for latent, _ in encoded],
+                         [shape for _, shape in encoded]))
+        return self.assemble(rows, height, width, true_cfg_scale, group_size)
+
+    def assemble(self, rows: Sequence[tuple], height: int, width: int, true_cfg_scale: float,
+                 group_size: int = 1) -> QwenEditCondition:
+        """A condition from its rows, each ``(prompt embedding (L, D), negative's (L', D) or None, the references'
+        packed latents [(1, T_k, C)], their grids [(1, rows, columns)])``, computed now or precomputed."""
+        policy = self.policy
+        grid_rows, grid_cols = policy.token_grid(height, width)
+        shapes = None
+        for _, _, _, row_shapes in rows:
+            row_shapes = [(1, grid_rows, grid_cols), *(tuple(shape) for shape in row_shapes)]
             if shapes is not None and row_shapes != shapes:
                 raise ValueError(f"condition: the references of one batch have latent grids {shapes[1:]} and "
                                  f"{row_shapes[1:]}; give references of one aspect ratio per batch (data.batch_size 1 "
                                  f"takes any)")
             shapes = row_shapes
-            latents.append(torch.cat([packed for packed, _ in encoded], dim=1))
-        embeds, mask = pad_embeddings([self.encode_prompt(p, row, key) for p, row, key in zip(prompts, images, keys)])
+        device, dtype = policy.device, policy.dtype
+        embeds, mask = pad_embeddings([row[0].to(device, dtype) for row in rows])
         negative = negative_mask = None
         if true_cfg_scale > 1:
-            negative, negative_mask = pad_embeddings([self.encode_prompt(policy.negative_prompt, row, key)
-                                                      for row, key in zip(images, keys)])
+            negative, negative_mask = pad_embeddings([row[1].to(device, dtype) for row in rows])
         condition = QwenEditCondition(
             prompt_embeds=embeds, prompt_mask=mask, negative_prompt_embeds=negative, negative_mask=negative_mask,
-            image_latents=torch.cat(latents), img_shapes=shapes, true_cfg_scale=float(true_cfg_scale),
-            height=height, width=width, num_tokens=rows * cols,
+            image_latents=torch.cat([torch.cat(list(row[2]), dim=1) for row in rows]).to(device, dtype),
+            img_shapes=shapes, true_cfg_scale=float(true_cfg_scale), height=height, width=width,
+            num_tokens=grid_rows * grid_cols,
         )
         return condition.repeat_interleave(group_size) if group_size > 1 else condition
 
     def encode(self, samples: Sequence[ConditionSample], height: int, width: int, true_cfg_scale: float,
                group_size: int = 1) -> QwenEditCondition:
-        """The batch's conditions, encoded from the prompts and the reference images."""
+        """The batch's conditions: from the precomputed payloads when every sample has one of this family, else
+        encoded from the prompts and the reference images (another family's payload is ignored, or refused without
+        the encoders)."""
         counts = {len(s.references) for s in samples}
         if len(counts) > 1:
             raise ValueError(f"QwenEditPolicy: the identities of one batch have {sorted(counts)} references "
                              f"({', '.join(f'{s.id}: {len(s.references)}' for s in samples)}); batch identities with "
                              f"the same number of references (data.batch_size 1 mixes any)")
-        if any(s.conditioning is not None for s in samples) and self.policy.text_encoder is None:
-            raise ValueError("QwenEditPolicy reads no precomputed conditioning yet: set policy.text_encoders: true "
-                             "(the shards' precomputed entries are then ignored)")
+        policy = self.policy
+        ours = all(isinstance(s.conditioning, dict) and s.conditioning.get("family") == FAMILY for s in samples)
+        live = None not in (policy.text_encoder, policy.pipeline().processor, policy.vae.encoder)
+        if ours or (not live and all(s.conditioning is not None for s in samples)):
+            rows = [self.read_payload(s, true_cfg_scale > 1) for s in samples]
+            return self.assemble(rows, height, width, true_cfg_scale, group_size)
         return self.condition([list(s.references) for s in samples], [s.prompt for s in samples], height, width,
                               true_cfg_scale, group_size, reference_keys=[s.id for s in samples])
+
+    # ------------------------------------------------------------------------------------------------ payloads
+
+    def read_payload(self, sample: ConditionSample, negative: bool) -> tuple:
+        """The sample's row of its identity's payload (see :meth:`assemble`), after checking that it was made by this
+        family with this run's reference sizes and negative prompt."""
+        payload, policy = sample.conditioning, self.policy
+        if not isinstance(payload, dict) or payload.get("family") != FAMILY:
+            found = payload.get("family", "FLUX.1 Kontext") if isinstance(payload, dict) else "unknown"
+            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning was made for another model family "
+                             f"({found}), not Qwen-Image-Edit: set policy.text_encoders: true (the encoders then "
+                             f"encode every condition and ignore it), or precompute with a Qwen-Image-Edit model")
+        missing = [k for k in PAYLOAD_FIELDS if k not in payload]
+        want = {"condition_image_size": policy.condition_image_size, "vae_image_size": policy.vae_image_size,
+                "negative_prompt": policy.negative_prompt}
+        wrong = {k: payload[k] for k, v in want.items() if k in payload and payload[k] != v}
+        if missing or wrong:
+            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning lacks {missing} / has {wrong}, this "
+                             f"run needs {want}; precompute with the run's settings (`divrl data ... --precompute "
+                             f"{policy.model_id}` uses the family's defaults), or set policy.text_encoders: true")
+        prompts, rows = payload["prompts"], len(payload["prompt_embeds"])
+        if not 0 <= sample.prompt_index < rows or len(prompts) != rows or prompts[sample.prompt_index] != sample.prompt:
+            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning was computed for other prompts "
+                             f"({rows} rows; the one drawn is {sample.prompt!r}): rewrite the shards with --precompute")
+        if len(payload["image_latents"]) != len(sample.references):
+            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning has {len(payload['image_latents'])} "
+                             f"reference latents for {len(sample.references)} references; rewrite the shards")
+        return (payload["prompt_embeds"][sample.prompt_index], payload["negative_prompt_embeds"] if negative else None,
+                list(payload["image_latents"]), [tuple(shape) for shape in payload["image_shapes"]])
+
+    @torch.no_grad()
+    def precompute(self, record, resolution: int) -> dict:
+        """The payload of ``record``: every prompt's embedding read with the identity's references, the negative
+        prompt's, and every reference's packed latents with its grid, on the CPU. The reference sizes are the
+        policy's areas (``resolution``, the generated size, does not enter)."""
+        policy = self.policy
+        images = [self._pil(image) for image in record.references]
+        encoded = [self.encode_reference(image) for image in images]
+        payload = {
+            "family": FAMILY, "model": policy.model_id, "resolution": resolution,
+            "condition_image_size": policy.condition_image_size, "vae_image_size": policy.vae_image_size,
+            "negative_prompt": policy.negative_prompt, "prompts": list(record.prompts),
+            "prompt_embeds": [self.encode_prompt(p, images).cpu().clone() for p in record.prompts],
+            "negative_prompt_embeds": self.encode_prompt(policy.negative_prompt, images).cpu().clone(),
+            "image_latents": [latent.cpu().clone() for latent, _ in encoded],
+            "image_shapes": [list(shape) for _, shape in encoded],
+        }
+        self.clear()
+        return payload
 
     @staticmethod
     def _pil(image):

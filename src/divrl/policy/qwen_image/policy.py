@@ -151,6 +151,16 @@ class QwenEditPolicy(Policy):
     def clear_caches(self) -> None:
         self.encoder.clear()
 
+    def drop_encoders(self) -> QwenEditPolicy:
+        """Remove the VL text encoder, its processor and the VAE encoder (the decoder stays) for training on
+        precomputed conditions."""
+        self.text_encoder = self._pipe.text_encoder = self._pipe.processor = None
+        self.vae.encoder = None
+        return self
+
+    def precompute(self, record, resolution: int) -> dict:
+        return self.encoder.precompute(record, resolution)
+
     # ------------------------------------------------------------------------------------------------ sizes
 
     @property
