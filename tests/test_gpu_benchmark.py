@@ -109,6 +109,16 @@ def test_memory_model_counts_match_peft_and_a_hand_computed_case():
     with pytest.raises(ValueError, match="full fine-tuning: ddp or fsdp2"):
         model.per_gpu_bytes(1000, 1000, 4, full=True, strategy="fsdp1", eightbit=True, text_encoders=False,
                             reference_copy=False)
+    # the 20B family: its LoRA count is the adapter peft builds on the tiny model with the family's default targets
+    from divrl.policy.qwen_image import QwenEditPolicy
+
+    qwen = QwenEditPolicy.tiny(lora=LoRAConfig(rank=4, alpha=8))
+    config = {k: v for k, v in qwen.transformer.config.items() if not k.startswith("_")}
+    total, lora = model.parameter_counts(4, config, "qwen")
+    assert lora == sum(p.numel() for p in qwen.trainable_parameters())
+    assert total + lora == sum(p.numel() for p in qwen.transformer.parameters())
+    assert model.per_gpu_bytes(1000, 10, 8, full=False, strategy="ddp", eightbit=False, text_encoders=True,
+                               reference_copy=False, text_params=7, vae_params=3) == 2000 + 160 + 2 * 3 + 2 * 7
 
 
 def test_smoke_run_of_full_fine_tuning_trains_every_weight():
