@@ -2,7 +2,8 @@
 
 ``--family kontext`` (default): ``FluxKontextPipeline``; ``--family klein``: ``Flux2KleinPipeline`` with
 classifier-free guidance (scale 4, the base models' default), where divrl's rollout is also timed with the two halves
-of CFG batched into one transformer call (``policy.cfg_batched``). Both run the same tiny components, reference,
+of CFG batched into one transformer call (``policy.cfg_batched``); ``--family qwen``: ``QwenImageEditPlusPipeline``
+with true CFG (scale 4). Both run the same tiny components, reference,
 prompt, seed, steps and guidance, end to end
 (prompt encoding, reference VAE encoding, noise, the denoising loop, VAE decoding). Caches are cleared before every
 divrl run so it pays for encoding too. The ratio shows what our log-prob bookkeeping costs (goal <= 1.05). Then a
@@ -11,7 +12,7 @@ the rest (bookkeeping). Last, the on-policy check: the training path's log-prob 
 recomputed for the whole batch and for micro-batches of 1, gives ratio exp(logp - logp_old) = 1 up to the printed
 deviation (in the chosen dtype; exactly 1 is expected when the kernels do not depend on the batch size).
 
-Run:  python benchmarks/rollout.py [--family kontext|klein] [--size 64] [--group 4] [--steps 6] [--repeats 7]
+Run:  python benchmarks/rollout.py [--family kontext|klein|qwen] [--size 64] [--group 4] [--steps 6] [--repeats 7]
                                   [--device cpu|cuda] [--dtype float32|bfloat16]
 """
 
@@ -86,7 +87,38 @@ def klein(args):
             "Flux2KleinPipeline")
 
 
-FAMILIES = {"kontext": kontext, "klein": klein}
+def qwen(args):
+    """Qwen-Image-Edit-Plus with true CFG (scale 4, negative prompt " "): the same, for ``QwenImageEditPlusPipeline``,
+    whose reference sizes (module constants, ~384² and ~1024²) are set to the policy's (the generated size)."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
+
+    from divrl.images import to_pil
+    from divrl.policy.qwen_image import QwenEditPolicy
+
+    area = args.size * args.size
+    edit_plus.CONDITION_IMAGE_SIZE = edit_plus.VAE_IMAGE_SIZE = area
+    policy = QwenEditPolicy.tiny(seed=0, base_dtype=args.dtype, true_cfg_scale=4.0, condition_image_size=area,
+                                 vae_image_size=area).to(args.device)
+    pipe = policy.pipeline()
+    reference = to_pil(draw_subject(args.size)[0])
+    h = w = args.size
+
+    def ours():
+        policy.clear_caches()
+        condition = policy.condition([[reference]], [PROMPT], h, w, group_size=args.group)
+        return rollout(policy, condition, num_steps=args.steps, noise_level=0.0,
+                       generator=torch.Generator().manual_seed(0)).images
+
+    def theirs():
+        return pipe(image=[reference], prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0, height=h, width=w,
+                    num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0), output_type="pt",
+                    num_images_per_prompt=args.group).images
+
+    return (policy, ours, theirs, lambda: policy.condition([[reference]], [PROMPT], h, w, group_size=args.group),
+            "QwenImageEditPlusPipeline")
+
+
+FAMILIES = {"kontext": kontext, "klein": klein, "qwen": qwen}
 
 
 def main() -> None:
