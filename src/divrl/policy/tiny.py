@@ -159,11 +159,11 @@ _CHAT_TEMPLATE = (
 """Qwen's chat markup, reduced to what the pipeline's ``apply_chat_template`` call needs."""
 
 
-def tiny_qwen_tokenizer(model_max_length: int = 512):
+def tiny_qwen_tokenizer(model_max_length: int = 512, extra_words: tuple[str, ...] = (), vocab_size: int = 1000):
     """A small byte-level BPE ``Qwen2Tokenizer`` (Qwen's pre-tokenizer; merges learned in code on the tiny models'
-    words, so each of them is one or two tokens), Qwen's chat markers as special tokens and a minimal chat template.
-    Built as ``Qwen2Tokenizer`` itself builds one from ``vocab.json`` and ``merges.txt``, so ``save_pretrained`` /
-    ``from_pretrained`` give the same token ids."""
+    words and ``extra_words``, so each of them is one or two tokens), Qwen's chat markers as special tokens and a
+    minimal chat template. Built as ``Qwen2Tokenizer`` itself builds one from ``vocab.json`` and ``merges.txt``, so
+    ``save_pretrained`` / ``from_pretrained`` give the same token ids."""
     import json
 
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
@@ -176,9 +176,9 @@ def tiny_qwen_tokenizer(model_max_length: int = 512):
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=specials, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    words = ["user", "assistant", "system", *_WORDS]
+    words = ["user", "assistant", "system", *_WORDS, *extra_words]
     bpe.train_from_iterator([" ".join(words), *(f"a {w}" for w in words), *(f" {w}" for w in words)], trainer)
     learned = json.loads(bpe.to_str())["model"]
     return Qwen2Tokenizer(vocab=learned["vocab"], merges=[tuple(m) for m in learned["merges"]], unk_token=None,

@@ -48,9 +48,19 @@ class ImageTextProcessor(Qwen2VLProcessor):
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
 
 
+TEMPLATE_WORDS = tuple(
+    "Describe the key features of the input image color shape size texture objects background then explain how "
+    "user's text instruction should alter or modify Generate a new that meets requirements while maintaining "
+    "consistency with original where appropriate Picture".split()
+)
+"""The words of the pipeline's system prompt (``prompt_template_encode``), learned as whole tokens so that its prefix
+is about as short as the real tokenizer makes it (which the pipeline's ``prompt_template_encode_start_idx`` drops)."""
+
+
 def tiny_vl_tokenizer():
-    """The tiny Qwen BPE tokenizer with Qwen2.5-VL's vision markers as special tokens."""
-    tokenizer = tiny_qwen_tokenizer(model_max_length=1024)
+    """The tiny Qwen BPE tokenizer, also knowing the prompt template's words, with Qwen2.5-VL's vision markers as
+    special tokens."""
+    tokenizer = tiny_qwen_tokenizer(model_max_length=1024, extra_words=TEMPLATE_WORDS, vocab_size=1400)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", *VISION_TOKENS]})
     return tokenizer
 
