@@ -86,3 +86,23 @@ def test_the_klein_demo_model_copies_its_reference_and_the_random_model_does_not
     print(f"\nklein demo model nSSM {nssm:.3f} VSM {vsm:.3f}; random tiny klein nSSM {random_nssm:.3f} VSM {random_vsm:.3f}")
     assert vsm > random_vsm + 0.3  # the subject's identity is there
     assert nssm < 0.6 < random_nssm  # in the reference's layout: the paradox the demo trains away
+
+
+def test_the_qwen_edit_demo_model_copies_its_reference_and_the_random_model_does_not():
+    """data/demo/tiny-qwen-edit (tools/make_demo_model.py --family qwen) with configs/demo_qwen_edit.yaml's policy
+    settings (true CFG 2.0, references read at 32² by the VL encoder and the VAE), deterministic sampler, against the
+    random tiny model."""
+    from divrl.policy.qwen_image import QwenEditConfig, QwenEditPolicy
+
+    folder = ROOT / "data" / "demo" / "tiny-qwen-edit"
+    assert (folder / "model_index.json").is_file()
+    records = [IdentityRecord.from_sample(s) for s in wds.WebDataset(str(ROOT / "data/demo/val-000000.tar"),
+                                                                      shardshuffle=False)]
+    pretrained = QwenEditConfig(model=str(folder), lora=None, true_cfg_scale=2.0, condition_image_size=1024,
+                                vae_image_size=1024).build()
+    nssm, vsm = scores(pretrained, records)
+    random_nssm, random_vsm = scores(QwenEditPolicy.tiny(seed=0, lora=None, true_cfg_scale=2.0), records)
+    print(f"\nQwen-Image-Edit demo model nSSM {nssm:.3f} VSM {vsm:.3f}; random tiny nSSM {random_nssm:.3f} VSM "
+          f"{random_vsm:.3f}")
+    assert vsm > random_vsm + 0.3  # the subject's identity is there
+    assert nssm < 0.6 < random_nssm  # in the reference's layout: the paradox the demo trains away

@@ -253,3 +253,22 @@ def test_a_batch_of_prompts_of_different_lengths_gives_each_row_its_own_velocity
         for row, prompt in enumerate(prompts):
             alone = policy.velocity(noise[row : row + 1], 0.6, policy.condition([images], [prompt], 32, 32))
             assert (together[row : row + 1] - alone).abs().max() < 1e-5, prompt
+
+
+def test_references_of_other_aspect_ratios_in_one_batch_are_refused_and_no_encoders_are_named():
+    from PIL import Image
+
+    policy = QwenEditPolicy.tiny(seed=0, true_cfg_scale=1.0, vae_image_size=64 * 64)
+    square, wide = references(1)[0], Image.new("RGB", (64, 32), (200, 30, 30))
+    with pytest.raises(ValueError, match=r"latent grids .* give references of one aspect ratio per batch"):
+        policy.condition([[square], [wide]], [PROMPT, PROMPT], 32, 32)
+    wide_alone = policy.condition([[wide]], [PROMPT], 32, 32)  # alone it conditions, on its own grid: 96 x 32 px
+    assert wide_alone.img_shapes[1] == (1, 8, 24) and policy.condition([[square]], [PROMPT], 32, 32).img_shapes[1] == (
+        1, 16, 16)
+    with pytest.raises(ValueError, match=r"a 256x16 reference resized to a 4096-pixel area .* rounds to 0"):
+        policy.condition([[Image.new("RGB", (256, 16))]], [PROMPT], 32, 32)
+    lean = QwenEditPolicy.tiny(seed=0).drop_encoders()
+    with pytest.raises(RuntimeError, match=r"must come precomputed: convert the shards with `divrl data"):
+        lean.condition([[square]], [PROMPT], 32, 32)
+    with pytest.raises(RuntimeError, match=r"target images .* need it: set policy.text_encoders: true"):
+        lean.encode_images([square], 32, 32)

@@ -29,7 +29,8 @@ Usage (deterministic; about 6 minutes on a free 2-core CPU, slower when other jo
     python tools/make_demo_model.py --out data/demo/tiny-kontext
 
 ``--family klein`` builds the FLUX.2 [klein] demo model the same way (``data/demo/tiny-klein``,
-``tools/demo_model_klein.py``).
+``tools/demo_model_klein.py``), ``--family qwen`` the Qwen-Image-Edit-Plus one (``data/demo/tiny-qwen-edit``,
+``tools/demo_model_qwen.py``).
 
 Measured: 8 held-out identities (the demo's validation identities, ``synthetic_records(8, size=64, seed=1)``,
 never seen in training), first prompt each, ``rollout(num_steps=4, seed 0)`` at 32 × 32, scored
@@ -512,10 +513,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--family", choices=("kontext", "klein"), default="kontext",
-                        help="kontext: a FluxKontextPipeline; klein: a Flux2KleinPipeline (tools/demo_model_klein.py)")
+    parser.add_argument("--family", choices=("kontext", "klein", "qwen"), default="kontext",
+                        help="kontext: a FluxKontextPipeline; klein: a Flux2KleinPipeline (tools/demo_model_klein.py); "
+                             "qwen: a QwenImageEditPlusPipeline (tools/demo_model_qwen.py)")
     parser.add_argument("--out", default=None, help="output folder (default: data/demo/tiny-kontext, with --multi "
-                        "data/demo/tiny-kontext-multi, with --family klein data/demo/tiny-klein)")
+                        "data/demo/tiny-kontext-multi, with --family klein data/demo/tiny-klein, with --family qwen "
+                        "data/demo/tiny-qwen-edit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--transformer-steps", type=int, default=1200)
@@ -527,7 +530,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.multi and args.family != "kontext":
         parser.error("--multi builds the two-subject Kontext model; leave out --family")
-    default = {"klein": "data/demo/tiny-klein"}.get(args.family, "data/demo/tiny-kontext")
+    default = {"klein": "data/demo/tiny-klein", "qwen": "data/demo/tiny-qwen-edit"}.get(args.family,
+                                                                                       "data/demo/tiny-kontext")
     args.out = args.out or ("data/demo/tiny-kontext-multi" if args.multi else default)
     args.lr = args.lr or (5e-4 if args.multi else 1.5e-3)
 
@@ -540,6 +544,11 @@ def main() -> None:
         from demo_model_klein import main_klein
 
         main_klein(args)
+        return
+    if args.family == "qwen":
+        from demo_model_qwen import main_qwen
+
+        main_qwen(args)
         return
     start = time.time()
 

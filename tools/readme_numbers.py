@@ -11,7 +11,7 @@ Runs, in ``--out``:
 4. the same for the multi-subject demo: ``divrl validate`` and ``divrl fit --config configs/demo_multi.yaml``
    (60 updates, validation every 20), ``divrl evaluate --config configs/eval_demo_multi.yaml``;
 5. the FLUX.2 [klein] demo: ``divrl validate`` and ``divrl fit --config configs/demo_klein.yaml`` (timed), the same
-   table as the Kontext demo's;
+   table as the Kontext demo's; 6. the same for the Qwen-Image-Edit demo (``configs/demo_qwen_edit.yaml``);
 
 then prints the README tables as markdown, the demos' wall times and the package versions, and with
 ``--write-docs`` replaces ``docs/demo_frontier.png``, ``docs/demo_samples.png`` (the three methods' grids, one
@@ -69,13 +69,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (emptied first)")
     parser.add_argument("--write-docs", action="store_true", help="replace the README's pictures in docs/")
-    parser.add_argument("--demos", default="kontext,multi,klein",
-                        help="comma-separated demos to run: kontext, multi, klein (default: all; --write-docs needs "
-                             "kontext and multi)")
+    parser.add_argument("--demos", default="kontext,multi,klein,qwen",
+                        help="comma-separated demos to run: kontext, multi, klein, qwen (default: all; --write-docs "
+                             "needs kontext and multi)")
     args = parser.parse_args()
     demos = set(args.demos.split(","))
-    if demos - {"kontext", "multi", "klein"} or (args.write_docs and not {"kontext", "multi"} <= demos):
-        parser.error(f"--demos {args.demos}: name kontext, multi or klein (--write-docs needs kontext and multi)")
+    if demos - {"kontext", "multi", "klein", "qwen"} or (args.write_docs and not {"kontext", "multi"} <= demos):
+        parser.error(f"--demos {args.demos}: name kontext, multi, klein or qwen (--write-docs needs kontext and multi)")
     out = args.out.resolve()
     marker = out / ".readme_numbers"
     if out.exists() and any(out.iterdir()) and not marker.exists():
@@ -95,6 +95,10 @@ def main() -> None:
         seconds = two_stage_demo(out, "configs/demo_klein.yaml", "klein")
         print(f"\nFLUX.2 [klein] demo fit: {seconds:.0f} s on this machine\n")
         two_stage_table(out, "klein")
+    if "qwen" in demos:
+        seconds = two_stage_demo(out, "configs/demo_qwen_edit.yaml", "qwen")
+        print(f"\nQwen-Image-Edit demo fit: {seconds:.0f} s on this machine\n")
+        two_stage_table(out, "qwen")
 
     if args.write_docs:
         names = ("base", "explore", "divrl")

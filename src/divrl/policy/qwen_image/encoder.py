@@ -130,6 +130,10 @@ class QwenEditEncoder:
         from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
 
         width, height = calculate_dimensions(area, image.width / image.height)
+        if not height or not width:
+            raise ValueError(f"a {image.width}x{image.height} reference resized to a {area}-pixel area (policy."
+                             f"condition_image_size / vae_image_size) has a side that rounds to 0 (sides are multiples "
+                             f"of 32): crop it nearer to square, or raise the area")
         return height, width
 
     @torch.no_grad()
@@ -144,8 +148,8 @@ class QwenEditEncoder:
         pipe = policy.pipeline()
         if policy.text_encoder is None or pipe.processor is None:
             raise RuntimeError("this policy was loaded without its text encoder or processor (policy.text_encoders: "
-                               "false); Qwen-Image-Edit reads every prompt with its references: set "
-                               "policy.text_encoders: true")
+                               "false), so every condition must come precomputed: convert the shards with `divrl data "
+                               "... --precompute MODEL` (a Qwen-Image-Edit model), or set policy.text_encoders: true")
         resized = [pipe.image_processor.resize(image, *self.sizes(image, policy.condition_image_size))
                    for image in images]
         embeds, _ = pipe.encode_prompt(prompt=[prompt], image=resized, device=policy.device)
@@ -165,8 +169,10 @@ class QwenEditEncoder:
             self.references.move_to_end(cache_key)
             return self.references[cache_key]
         if policy.vae.encoder is None:
-            raise RuntimeError("this policy has no VAE encoder (policy.text_encoders: false drops the encoders); "
-                               "Qwen-Image-Edit needs it to encode the references: set policy.text_encoders: true")
+            raise RuntimeError("this policy has no VAE encoder (policy.text_encoders: false drops the encoders), so "
+                               "every condition must come precomputed: convert the shards with `divrl data ... "
+                               "--precompute MODEL` (a Qwen-Image-Edit model). Target images (SFT, DPO on shard pairs) "
+                               "are never precomputed: they need policy.text_encoders: true")
         pipe = policy.pipeline()
         height, width = self.sizes(image, area)
         pixels = pipe.image_processor.preprocess(image, height, width).unsqueeze(2)

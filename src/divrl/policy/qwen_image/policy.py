@@ -283,6 +283,9 @@ class QwenEditPolicy(Policy):
         """Clean latents ``(B, T, C)`` of ``images`` at ``height × width`` (targets: the generated size, not the
         references' VAE area), encoded and normalised as references are."""
         pipe = self._pipe
+        if self.vae.encoder is None:
+            raise RuntimeError("this policy has no VAE encoder (policy.text_encoders: false drops the encoders); target "
+                               "images (SFT, DPO on shard pairs) need it: set policy.text_encoders: true")
         rows = []
         for image in images:
             pixels = pipe.image_processor.preprocess(self.encoder._pil(image), height, width).unsqueeze(2)
