@@ -4,6 +4,8 @@ the LoRA export loaded by the pipeline; loading from a saved folder; and the fam
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers import QwenImageEditPlusPipeline
@@ -69,6 +71,36 @@ def test_ode_rollout_matches_the_pipeline(small_references, count, scale):
     assert (traj.latents[:, 1:] - expected).abs().max() < 1e-5  # every step, float32 rounding
     assert (traj.images - decoded).abs().max() < 1e-5
     assert torch.equal(traj.log_probs, torch.zeros(2, 4))
+
+
+def test_non_square_references_and_output_at_other_areas_match_the_pipeline(monkeypatch):
+    """References of other aspect ratios read at different areas by the VL encoder (32²) and the VAE (64²), a
+    non-square output, and 2511's ``zero_cond_t`` transformer: still the pipeline's trajectory."""
+    from diffusers import QwenImageTransformer2DModel
+    from PIL import Image
+
+    monkeypatch.setattr(edit_plus, "CONDITION_IMAGE_SIZE", 32 * 32)
+    monkeypatch.setattr(edit_plus, "VAE_IMAGE_SIZE", 64 * 64)
+    components = tiny_qwen_edit_components(seed=1)
+    torch.manual_seed(5)
+    components["transformer"] = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4), zero_cond_t=True).eval()
+    pipe = QwenImageEditPlusPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    images = [references(1, 96)[0].resize((96, 48)), Image.fromarray(
+        (torch.rand(80, 40, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())]
+    seen = []
+    pipe(prompt=PROMPT, image=images, negative_prompt=" ", true_cfg_scale=4.0, height=32, width=64,
+         num_inference_steps=3, generator=torch.Generator().manual_seed(2), output_type="pt",
+         callback_on_step_end=lambda _p, _i, _t, tensors: seen.append(tensors["latents"].clone()) or {},
+         callback_on_step_end_tensor_inputs=["latents"])
+    policy = QwenEditPolicy.from_pipeline(pipe, lora=None, condition_image_size=32 * 32, vae_image_size=64 * 64)
+    condition = policy.condition([images], [PROMPT], 32, 64)
+    assert condition.img_shapes == [(1, 8, 16), (1, 8, 24), (1, 24, 8)]  # output 32x64; references 96x32, 32x96 px
+    traj = rollout(policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(2),
+                   decode=False)
+    assert (traj.latents[:, 1:] - torch.stack(seen, dim=1)).abs().max() < 1e-5
 
 
 def transformer_velocity(policy, latents, sigma, condition, text, mask=None) -> torch.Tensor:
@@ -165,8 +197,6 @@ def test_default_lora_targets_cover_both_streams_and_flops_count_both_cfg_calls(
 
 
 def test_a_saved_model_loads_through_the_config_in_the_released_format(tmp_path):
-    import json
-
     from divrl.policy import LoRAConfig
     from divrl.policy.qwen_image.builder import save_pipeline
 
@@ -229,30 +259,37 @@ def test_precomputed_conditioning_equals_encoding_at_run_time(tmp_path):
     live = policy.encode([dataclasses.replace(s, conditioning=None) for s in samples], 32, 32, group_size=2)
     lean = QwenEditPolicy.tiny(seed=0, true_cfg_scale=3.0).drop_encoders()
     read = lean.encode(samples, 32, 32, group_size=2)
-    for name in ("prompt_embeds", "prompt_mask", "negative_prompt_embeds", "image_latents"):
+    for name in ("prompt_embeds", "prompt_mask", "negative_prompt_embeds", "negative_mask", "image_latents"):
         a, b = getattr(live, name), getattr(read, name)
         assert (a is None and b is None) or torch.equal(a, b), name
     assert read.img_shapes == live.img_shapes and read.prompt_mask is not None  # two prompt lengths: padded, masked
     with pytest.raises(ValueError, match=r"made for another model family \(flux2-klein\), not Qwen-Image-Edit"):
         lean.encode([dataclasses.replace(samples[0], conditioning={"family": "flux2-klein"})], 32, 32)
+    other_area = QwenEditPolicy.tiny(seed=0, true_cfg_scale=3.0, vae_image_size=64 * 64)  # encoders loaded
+    with pytest.raises(ValueError, match=r"has \{'vae_image_size': 1024\}, this run needs .*'vae_image_size': 4096.*"
+                                         r"or drop the precomputed entries"):
+        other_area.encode(samples, 32, 32)
     save_pipeline(QwenImageEditPlusPipeline(**tiny_qwen_edit_components(seed=0)), tmp_path / "qwen")
     assert family_config(tmp_path / "qwen") is QwenEditConfig  # `divrl data --precompute FOLDER` builds this family
+    processor = json.loads((tmp_path / "qwen/processor/processor_config.json").read_text())
+    assert processor.get("processor_class", "Qwen2VLProcessor") == "Qwen2VLProcessor"  # as the released folders
 
 
 def test_a_batch_of_prompts_of_different_lengths_gives_each_row_its_own_velocity():
     """Shorter prompts are padded and masked (as the pipeline stacks prompts): each row's guided velocity is the one
     its condition gives alone."""
     policy = QwenEditPolicy.tiny(seed=0, true_cfg_scale=3.0)
-    images = references(1)
+    rows = [references(1), references(2)[1:]]  # each row its own reference
     prompts = [PROMPT, "a dog"]
-    batch = policy.condition([images, images], prompts, 32, 32)
+    batch = policy.condition(rows, prompts, 32, 32)
     assert batch.prompt_mask is not None and batch.prompt_mask.sum(1).tolist()[0] > batch.prompt_mask.sum(1).tolist()[1]
     noise = policy.initial_noise(batch, torch.Generator().manual_seed(0))
     with torch.no_grad():
         together = policy.velocity(noise, 0.6, batch)
-        for row, prompt in enumerate(prompts):
+        for row, (images, prompt) in enumerate(zip(rows, prompts)):
             alone = policy.velocity(noise[row : row + 1], 0.6, policy.condition([images], [prompt], 32, 32))
             assert (together[row : row + 1] - alone).abs().max() < 1e-5, prompt
+        assert (together[0] - together[1]).abs().max() > 1e-3  # the rows differ: not a vacuous match
 
 
 def test_references_of_other_aspect_ratios_in_one_batch_are_refused_and_no_encoders_are_named():

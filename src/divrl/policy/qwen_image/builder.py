@@ -64,7 +64,8 @@ def load_pipeline(model: str | os.PathLike = "Qwen/Qwen-Image-Edit-2511", *,
 
 
 def _processor_or_none(model, local_files_only, revision):
-    """The processor, or ``None`` when it cannot be read (the pipeline loader then names what is wrong)."""
+    """The processor, or ``None`` when it cannot be read (the pipeline loader then names what is wrong with the model;
+    a model that loads without its processor is refused by the config, naming it)."""
     try:
         return load_processor(model, local_files_only=local_files_only, revision=revision)
     except (OSError, ValueError):
@@ -79,3 +80,11 @@ def save_pipeline(pipe, folder: str | os.PathLike) -> None:
     config = json.loads(index.read_text())
     config["processor"] = ["transformers", "Qwen2VLProcessor"]
     index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in ("processor/processor_config.json", "processor/tokenizer_config.json",
+                 "tokenizer/tokenizer_config.json"):  # AutoProcessor resolves the class named there
+        path = Path(folder) / name
+        if path.is_file():
+            settings = json.loads(path.read_text())
+            if settings.get("processor_class") == "ImageTextProcessor":
+                settings["processor_class"] = "Qwen2VLProcessor"
+                path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")

@@ -28,15 +28,16 @@ class QwenEditConfig(PolicyConfig):
             ``"tiny"`` for the built-in offline tiny model with random weights (tests).
         true_cfg_scale: true classifier-free guidance ``s`` with :attr:`negative_prompt` (velocity ``neg + s·(cond −
             neg)`` rescaled per token to the conditional velocity's norm: two transformer calls per step); the
-            pipeline's default is 4.0; ``1`` turns CFG off.
+            pipeline's default is 4.0; any value ``<= 1`` turns CFG off (one call), as in the pipeline.
         negative_prompt: the negative prompt (``" "``, as Qwen's examples).
         condition_image_size: pixel area each reference is resized to for the Qwen2.5-VL encoder (the pipeline's
             384² = 147456); ``null``: the pipeline's, or 32² with ``model: tiny``.
         vae_image_size: pixel area each reference is resized to for the VAE (the pipeline's 1024² = 1048576,
             whatever the output size); ``null``: the pipeline's, or 32² with ``model: tiny``.
         tiny_seed: weight seed of the tiny model (``model: tiny`` only).
-        reference_window: identity gating: ``[low, high]``; the reference tokens join the transformer only at noise
-            levels ``low ≤ σ ≤ high``; ``null``: always.
+        reference_window: identity gating: ``[low, high]``; the reference *latent* tokens join the transformer only
+            at noise levels ``low ≤ σ ≤ high``; ``null``: always. Unlike FLUX, the prompt embedding still carries the
+            references (the VL encoder read them), so outside the window the composition is not the prompt's alone.
     """
 
     model: str = "Qwen/Qwen-Image-Edit-2511"
@@ -79,6 +80,12 @@ class QwenEditConfig(PolicyConfig):
             dtype = None if self.torch_dtype == "auto" else self.torch_dtype
             return QwenEditPolicy(**tiny_qwen_edit_components(self.tiny_seed), base_dtype=dtype,
                                   model_id=TINY_QWEN_EDIT, **common)
-        return QwenEditPolicy.from_pretrained(self.model, torch_dtype=self.torch_dtype,
-                                              local_files_only=self.local_files_only, revision=self.revision,
-                                              text_encoders=self.text_encoders, **common)
+        policy = QwenEditPolicy.from_pretrained(self.model, torch_dtype=self.torch_dtype,
+                                                local_files_only=self.local_files_only, revision=self.revision,
+                                                text_encoders=self.text_encoders, **common)
+        if self.text_encoders and policy.pipeline().processor is None:
+            from divrl.policy.base import ModelLoadError
+
+            raise ModelLoadError(f"QwenEditPolicy: the processor of {self.model} (its processor/ folder) could not be "
+                                 f"read; the model needs it to read references with the prompt")
+        return policy

@@ -11,7 +11,7 @@ a time as the pipeline does (so the embeddings are the pipeline's to the bit), a
 
 ``divrl data --precompute QWEN_MODEL`` stores, per identity, every prompt's embedding (read with the identity's
 references), the negative prompt's, and each reference's packed latents with its grid (:data:`PAYLOAD_FIELDS`), so a
-run with ``policy.text_encoders: false`` needs neither the 7B VL encoder nor the VAE encoder.
+run with ``policy.text_encoders: false`` needs neither the 8B VL encoder (Qwen2.5-VL-7B) nor the VAE encoder.
 """
 
 from __future__ import annotations
@@ -265,13 +265,17 @@ class QwenEditEncoder:
                              f"({found}), not Qwen-Image-Edit: set policy.text_encoders: true (the encoders then "
                              f"encode every condition and ignore it), or precompute with a Qwen-Image-Edit model")
         missing = [k for k in PAYLOAD_FIELDS if k not in payload]
-        want = {"condition_image_size": policy.condition_image_size, "vae_image_size": policy.vae_image_size,
-                "negative_prompt": policy.negative_prompt}
+        want = {"condition_image_size": policy.condition_image_size, "vae_image_size": policy.vae_image_size}
+        if negative:  # the negative prompt's embedding is read only with CFG
+            want["negative_prompt"] = policy.negative_prompt
         wrong = {k: payload[k] for k, v in want.items() if k in payload and payload[k] != v}
         if missing or wrong:
-            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning lacks {missing} / has {wrong}, this "
-                             f"run needs {want}; precompute with the run's settings (`divrl data ... --precompute "
-                             f"{policy.model_id}` uses the family's defaults), or set policy.text_encoders: true")
+            what = f"lacks {missing}" if missing else f"has {wrong}"
+            instead = ("drop the precomputed entries (convert the shards again without --precompute)"
+                       if policy.text_encoder is not None else "set policy.text_encoders: true")
+            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning {what}, this run needs {want}; "
+                             f"precompute with those settings (`divrl data ... --precompute {policy.model_id}` uses "
+                             f"the family's defaults: the pipeline's reference areas), or {instead}")
         prompts, rows = payload["prompts"], len(payload["prompt_embeds"])
         if not 0 <= sample.prompt_index < rows or len(prompts) != rows or prompts[sample.prompt_index] != sample.prompt:
             raise ValueError(f"identity {sample.id!r}: its precomputed conditioning was computed for other prompts "
