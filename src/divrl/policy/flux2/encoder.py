@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
 
 from divrl.images import ImageLike, to_image_batch
+from divrl.policy.rows import BatchRows, remember
 
 if TYPE_CHECKING:
     from divrl.data.schema import IdentityRecord
@@ -44,7 +45,7 @@ PAYLOAD_FIELDS = ("family", "model", "resolution", "max_sequence_length", "text_
 
 
 @dataclass
-class KleinCondition:
+class KleinCondition(BatchRows):
     """Everything the klein transformer needs besides the noisy latents, for a batch of samples (a ``Conditioning``).
 
     Attributes:
@@ -68,6 +69,9 @@ class KleinCondition:
     width: int
     num_tokens: int
 
+    row_fields: ClassVar[tuple[str, ...]] = ("prompt_embeds", "negative_prompt_embeds", "image_latents")
+    """The per-row tensors (the rest is shared by the batch)."""
+
     @property
     def batch_size(self) -> int:
         return self.prompt_embeds.shape[0]
@@ -76,20 +80,6 @@ class KleinCondition:
     def num_references(self) -> int:
         return (self.img_ids.shape[0] - self.num_tokens) // self.num_tokens if self.num_tokens else 0
 
-    def select(self, index: Tensor | Sequence[int] | slice) -> KleinCondition:
-        """The conditions of a subset of samples (a micro-batch)."""
-        if isinstance(index, slice):
-            return self._map_batch(lambda t: t[index])
-        return self._map_batch(lambda t: t[torch.as_tensor(index, device=t.device)])
-
-    def repeat_interleave(self, repeats: int) -> KleinCondition:
-        """Each row repeated ``repeats`` times in place (condition i → rows i·G ... i·G + G − 1)."""
-        return self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def _map_batch(self, fn) -> KleinCondition:
-        negative = self.negative_prompt_embeds
-        return replace(self, prompt_embeds=fn(self.prompt_embeds), image_latents=fn(self.image_latents),
-                       negative_prompt_embeds=None if negative is None else fn(negative))
 
 
 class KleinEncoder:
@@ -136,7 +126,7 @@ class KleinEncoder:
             for k, prompt in enumerate(missing):
                 found[prompt] = embeds[k : k + 1]
         for prompt in prompts:
-            self._remember(self.prompts, prompt, found[prompt])
+            remember(self.prompts, prompt, found[prompt], self.cache_size)
         return torch.cat([found[p] for p in prompts]).to(policy.dtype)
 
     def negative_prompt(self) -> Tensor:
@@ -174,7 +164,7 @@ class KleinEncoder:
         latents = pipe._encode_vae_image(pixels.to(device=policy.device, dtype=policy.vae.dtype), generator=None)
         packed = pipe._pack_latents(latents).to(policy.dtype)
         if cache_key is not None:
-            self._remember(self.references, cache_key, packed)
+            remember(self.references, cache_key, packed, self.cache_size)
         return packed
 
     def condition(self, references: Sequence[Sequence[ImageLike]], prompts: Sequence[str], height: int, width: int,
@@ -300,9 +290,3 @@ class KleinEncoder:
             "text_encoder_out_layers": list(self.policy.text_encoder_out_layers), "prompt_embeds": embeds.cpu().clone(),
             "negative_prompt_embeds": negative.cpu().clone(), "image_latents": latents.cpu().clone(),
         }
-
-    def _remember(self, cache: OrderedDict, key, value) -> None:
-        cache[key] = value
-        cache.move_to_end(key)
-        while len(cache) > self.cache_size:
-            cache.popitem(last=False)

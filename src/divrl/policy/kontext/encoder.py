@@ -15,13 +15,14 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
 
 from divrl.images import ImageLike, to_image_batch
+from divrl.policy.rows import BatchRows, remember
 
 if TYPE_CHECKING:
     from divrl.data.schema import IdentityRecord
@@ -37,7 +38,7 @@ PAYLOAD_FIELDS = ("model", "resolution", "max_sequence_length", "prompt_embeds",
 
 
 @dataclass
-class Condition:
+class Condition(BatchRows):
     """Everything the transformer needs besides the noisy latents, for a batch of samples (a :class:`Conditioning`).
 
     Batch tensors have the samples along dim 0 (a group of ``G`` samples of one condition repeats its row ``G``
@@ -65,29 +66,12 @@ class Condition:
     width: int
     num_tokens: int
 
+    row_fields: ClassVar[tuple[str, ...]] = ("prompt_embeds", "pooled_prompt_embeds", "image_latents", "guidance")
+    """The per-row tensors (the position ids are shared by the batch)."""
+
     @property
     def batch_size(self) -> int:
         return self.prompt_embeds.shape[0]
-
-    def select(self, index: Tensor | Sequence[int] | slice) -> Condition:
-        """The conditions of a subset of samples (a micro-batch)."""
-        if isinstance(index, slice):
-            return self._map_batch(lambda t: t[index])
-        return self._map_batch(lambda t: t[torch.as_tensor(index, device=t.device)])
-
-    def repeat_interleave(self, repeats: int) -> Condition:
-        """Each row repeated ``repeats`` times in place (condition i → rows i·G ... i·G + G − 1)."""
-        return self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def _map_batch(self, fn) -> Condition:
-        """Apply ``fn`` to every per-sample tensor (the shared position ids are left as they are)."""
-        return replace(
-            self,
-            prompt_embeds=fn(self.prompt_embeds),
-            pooled_prompt_embeds=fn(self.pooled_prompt_embeds),
-            image_latents=fn(self.image_latents),
-            guidance=None if self.guidance is None else fn(self.guidance),
-        )
 
 
 POSITIONS = ("frame", "stitch")
@@ -157,7 +141,7 @@ class KontextEncoder:
             for k, prompt in enumerate(missing):
                 found[prompt] = (embeds[k : k + 1], pooled[k : k + 1])
         for prompt in prompts:
-            self._remember(self.prompts, prompt, found[prompt])  # (re)inserted as most recently used
+            remember(self.prompts, prompt, found[prompt], self.cache_size)  # (re)inserted as most recently used
         embeds = torch.cat([found[p][0] for p in prompts])
         pooled = torch.cat([found[p][1] for p in prompts])
         text_ids = torch.zeros(embeds.shape[1], 3, device=policy.device, dtype=embeds.dtype)
@@ -196,7 +180,7 @@ class KontextEncoder:
         packed = pipe._pack_latents(latents, 1, latents.shape[1], latents.shape[2], latents.shape[3])
         packed = packed.to(policy.dtype)
         if cache_key is not None:
-            self._remember(self.references, cache_key, packed)
+            remember(self.references, cache_key, packed, self.cache_size)
         return packed
 
     def condition(
@@ -359,9 +343,3 @@ class KontextEncoder:
             "max_sequence_length": self.policy.max_sequence_length, "prompt_embeds": embeds.cpu().clone(),
             "pooled_prompt_embeds": pooled.cpu().clone(), "image_latents": latents.cpu().clone(),
         }
-
-    def _remember(self, cache: OrderedDict, key, value) -> None:
-        cache[key] = value
-        cache.move_to_end(key)
-        while len(cache) > self.cache_size:
-            cache.popitem(last=False)

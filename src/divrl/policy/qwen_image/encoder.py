@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
 
 from divrl.images import ImageLike, to_image_batch, to_pil
+from divrl.policy.rows import BatchRows, remember
 
 if TYPE_CHECKING:
     from divrl.data.stream import ConditionSample
@@ -41,7 +42,7 @@ PAYLOAD_FIELDS = ("family", "model", "condition_image_size", "vae_image_size", "
 
 
 @dataclass
-class QwenEditCondition:
+class QwenEditCondition(BatchRows):
     """Everything the Qwen-Image transformer needs besides the noisy latents, for a batch of samples.
 
     Attributes:
@@ -68,6 +69,10 @@ class QwenEditCondition:
     width: int
     num_tokens: int
 
+    row_fields: ClassVar[tuple[str, ...]] = ("prompt_embeds", "prompt_mask", "negative_prompt_embeds", "negative_mask",
+                                             "image_latents")
+    """The per-row tensors (the rest is shared by the batch)."""
+
     @property
     def batch_size(self) -> int:
         return self.prompt_embeds.shape[0]
@@ -76,21 +81,6 @@ class QwenEditCondition:
     def num_references(self) -> int:
         return len(self.img_shapes) - 1
 
-    def select(self, index: Tensor | Sequence[int] | slice) -> QwenEditCondition:
-        """The conditions of a subset of samples (a micro-batch)."""
-        if isinstance(index, slice):
-            return self._map_batch(lambda t: t[index])
-        return self._map_batch(lambda t: t[torch.as_tensor(index, device=t.device)])
-
-    def repeat_interleave(self, repeats: int) -> QwenEditCondition:
-        """Each row repeated ``repeats`` times in place (condition i → rows i·G ... i·G + G − 1)."""
-        return self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def _map_batch(self, fn) -> QwenEditCondition:
-        apply = lambda t: None if t is None else fn(t)  # noqa: E731
-        return replace(self, prompt_embeds=fn(self.prompt_embeds), prompt_mask=apply(self.prompt_mask),
-                       negative_prompt_embeds=apply(self.negative_prompt_embeds),
-                       negative_mask=apply(self.negative_mask), image_latents=fn(self.image_latents))
 
 
 def pad_embeddings(rows: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -155,7 +145,7 @@ class QwenEditEncoder:
         embeds, _ = pipe.encode_prompt(prompt=[prompt], image=resized, device=policy.device)
         embeds = embeds[0].to(policy.dtype)
         if cache_key is not None:
-            self._remember(self.prompts, cache_key, embeds)
+            remember(self.prompts, cache_key, embeds, self.cache_size)
         return embeds
 
     @torch.no_grad()
@@ -181,7 +171,7 @@ class QwenEditEncoder:
         packed = pipe._pack_latents(latents, 1, latents.shape[1], rows, cols).to(policy.dtype)
         out = (packed, (1, rows // 2, cols // 2))
         if cache_key is not None:
-            self._remember(self.references, cache_key, out)
+            remember(self.references, cache_key, out, self.cache_size)
         return out
 
     def condition(self, references: Sequence[Sequence[ImageLike]], prompts: Sequence[str], height: int, width: int,
@@ -312,9 +302,3 @@ class QwenEditEncoder:
         if hasattr(image, "size") and hasattr(image, "convert") and not isinstance(image, Tensor):
             return image.convert("RGB")
         return to_pil(to_image_batch(image, "reference")[0])
-
-    def _remember(self, cache: OrderedDict, key, value) -> None:
-        cache[key] = value
-        cache.move_to_end(key)
-        while len(cache) > self.cache_size:
-            cache.popitem(last=False)
