@@ -1,5 +1,6 @@
-"""What every family's conditioning and encoder share: a batch of per-row tensors to select and repeat
-(:class:`BatchRows`), and the least-recently-used caches of encoded prompts and references (:func:`remember`)."""
+"""What the model families share besides the :class:`~divrl.policy.Policy` seam: a batch of per-row tensors to
+select and repeat (:class:`BatchRows`), the least-recently-used caches of encoded prompts and references
+(:func:`remember`), and the image sizes a VAE with 2×2 packing takes (:class:`PackedGrid`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-__all__ = ["BatchRows", "remember"]
+__all__ = ["BatchRows", "PackedGrid", "remember"]
 
 
 class BatchRows:
@@ -42,3 +43,25 @@ def remember(cache: OrderedDict, key, value, size: int) -> None:
     cache.move_to_end(key)
     while len(cache) > size:
         cache.popitem(last=False)
+
+
+class PackedGrid:
+    """A mixin for a policy whose latents are packed 2×2 after a VAE of ``vae_scale_factor``: the sizes it takes."""
+
+    vae_scale_factor: int
+
+    def check_size(self, height: int, width: int) -> None:
+        """Refuse an image size the VAE and the 2×2 packing cannot take, naming the multiple."""
+        multiple = self.vae_scale_factor * 2
+        if height % multiple or width % multiple or height <= 0 or width <= 0:
+            raise ValueError(
+                f"image size {height}x{width} must be a positive multiple of {multiple} (VAE factor "
+                f"{self.vae_scale_factor} x 2 for packing), e.g. 512x512: set sampling.resolution (divrl data: "
+                f"--precompute-resolution) to one"
+            )
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The packed latent grid (rows, columns) of a ``height × width`` image: one token per cell."""
+        self.check_size(height, width)
+        multiple = self.vae_scale_factor * 2
+        return height // multiple, width // multiple

@@ -30,6 +30,7 @@ from divrl.policy.base import DEFAULT_SDPA_BACKENDS, Policy
 from divrl.policy.compute import prepare_weights
 from divrl.policy.flux2.encoder import KleinCondition, KleinEncoder
 from divrl.policy.gating import check_window, gated_velocity
+from divrl.policy.rows import PackedGrid
 
 if TYPE_CHECKING:
     from divrl.data.schema import IdentityRecord
@@ -73,7 +74,7 @@ def klein_flops(config, image_tokens: int, reference_tokens: int, text_tokens: i
     return float(config["num_layers"] * double + config["num_single_layers"] * single)
 
 
-class Flux2KleinPolicy(Policy):
+class Flux2KleinPolicy(PackedGrid, Policy):
     """FLUX.2 [klein] (4B or 9B, base or distilled) with an optional LoRA adapter, as a policy for on-policy RL.
 
     Args:
@@ -188,20 +189,6 @@ class Flux2KleinPolicy(Policy):
     def vae_scale_factor(self) -> int:
         return self._pipe.vae_scale_factor
 
-    def check_size(self, height: int, width: int) -> None:
-        """Refuse an image size the VAE and the 2×2 patchification cannot take, naming the multiple."""
-        multiple = self.vae_scale_factor * 2
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
-            raise ValueError(f"image size {height}x{width} must be a positive multiple of {multiple} (VAE factor "
-                             f"{self.vae_scale_factor} x 2 for patchification), e.g. 512x512: set sampling.resolution "
-                             f"(divrl data: --precompute-resolution) to one")
-
-    def token_grid(self, height: int, width: int) -> tuple[int, int]:
-        """The patchified latent grid (rows, columns) of a ``height × width`` image: one token per cell."""
-        self.check_size(height, width)
-        multiple = self.vae_scale_factor * 2
-        return height // multiple, width // multiple
-
     # ------------------------------------------------------------------------------------------------ conditioning
 
     def encode(self, samples: Sequence[ConditionSample], height: int, width: int, group_size: int = 1) -> KleinCondition:
@@ -238,7 +225,10 @@ class Flux2KleinPolicy(Policy):
         """The pipeline's sigmas for ``num_steps`` steps at ``cond``'s size, ending with 0: ``linspace(1, 1/N, N)``
         shifted by ``μ = compute_empirical_mu(T, N)`` through a scheduler built from the model's configuration."""
         from diffusers import FlowMatchEulerDiscreteScheduler
-        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import (
+            compute_empirical_mu,
+            retrieve_timesteps,
+        )
 
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")

@@ -33,6 +33,7 @@ from divrl.policy.flops import transformer_flops
 from divrl.policy.gating import check_window, gated_velocity
 from divrl.policy.kontext.encoder import POSITIONS, Condition, KontextEncoder
 from divrl.policy.kontext.schedule import scheduler_shift, scheduler_sigmas
+from divrl.policy.rows import PackedGrid
 
 if TYPE_CHECKING:
     from divrl.data.schema import IdentityRecord
@@ -47,7 +48,7 @@ def _pipeline_class():
     return FluxKontextPipeline
 
 
-class KontextPolicy(Policy):
+class KontextPolicy(PackedGrid, Policy):
     """FLUX.1 Kontext with an optional LoRA adapter, as a policy for on-policy RL.
 
     Build it with :meth:`from_pretrained` (Hub id or local folder), :meth:`from_pipeline` (an existing
@@ -221,16 +222,6 @@ class KontextPolicy(Policy):
         self.check_size(height, width)
         multiple = self.vae_scale_factor * 2
         return 2 * (height // multiple), 2 * (width // multiple)
-
-    def check_size(self, height: int, width: int) -> None:
-        """Refuse an image size the VAE and the 2×2 packing cannot take, naming the multiple."""
-        multiple = self.vae_scale_factor * 2
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
-            raise ValueError(
-                f"image size {height}x{width} must be a positive multiple of {multiple} (VAE factor "
-                f"{self.vae_scale_factor} x 2 for packing), e.g. 512x512: set sampling.resolution (divrl data: "
-                f"--precompute-resolution) to one"
-            )
 
     # ------------------------------------------------------------------------------------------------ conditioning
 

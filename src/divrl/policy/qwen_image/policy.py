@@ -29,6 +29,7 @@ from divrl.policy.base import DEFAULT_SDPA_BACKENDS, Policy
 from divrl.policy.compute import prepare_weights
 from divrl.policy.gating import check_window, gated_velocity
 from divrl.policy.qwen_image.encoder import QwenEditCondition, QwenEditEncoder
+from divrl.policy.rows import PackedGrid
 
 if TYPE_CHECKING:
     from divrl.data.stream import ConditionSample
@@ -63,7 +64,7 @@ def qwen_edit_flops(config, image_tokens: int, reference_tokens: int, text_token
     return float(config["num_layers"] * (stream(image) + stream(text_tokens) + 2 * 2 * total * total * h))
 
 
-class QwenEditPolicy(Policy):
+class QwenEditPolicy(PackedGrid, Policy):
     """Qwen-Image-Edit-Plus with an optional LoRA adapter, as a policy for on-policy RL.
 
     Args:
@@ -175,19 +176,6 @@ class QwenEditPolicy(Policy):
     def vae_scale_factor(self) -> int:
         return self._pipe.vae_scale_factor
 
-    def check_size(self, height: int, width: int) -> None:
-        """Refuse an image size the VAE and the 2×2 packing cannot take, naming the multiple."""
-        multiple = self.vae_scale_factor * 2
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
-            raise ValueError(f"image size {height}x{width} must be a positive multiple of {multiple} (VAE factor "
-                             f"{self.vae_scale_factor} x 2 for packing), e.g. 512x512: set sampling.resolution to one")
-
-    def token_grid(self, height: int, width: int) -> tuple[int, int]:
-        """The packed latent grid (rows, columns) of a ``height × width`` image: one token per cell."""
-        self.check_size(height, width)
-        multiple = self.vae_scale_factor * 2
-        return height // multiple, width // multiple
-
     # ------------------------------------------------------------------------------------------------ conditioning
 
     def encode(self, samples: Sequence[ConditionSample], height: int, width: int,
@@ -214,7 +202,10 @@ class QwenEditPolicy(Policy):
         """The pipeline's sigmas for ``num_steps`` steps at ``cond``'s size, ending with 0: ``linspace(1, 1/N, N)``
         shifted by ``μ = calculate_shift(T)`` through a scheduler built from the model's configuration."""
         from diffusers import FlowMatchEulerDiscreteScheduler
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift, retrieve_timesteps
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
+            calculate_shift,
+            retrieve_timesteps,
+        )
 
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
