@@ -121,42 +121,42 @@ def prompt_table(policy: Flux2KleinPolicy, prompts: list[list[str]], chunk: int 
 
 
 @torch.no_grad()
-def sample_group(policy: Flux2KleinPolicy, reference, prompt: str, noise_level: float, guidance_scale: float,
-                 group_size: int = 8) -> Tensor:
-    """``group_size`` decoded samples of one condition, as the demo's rollouts draw them."""
-    condition = policy.condition([reference], [prompt], RESOLUTION, RESOLUTION, guidance_scale=guidance_scale,
-                                 group_size=group_size)
+def sample_group(policy, reference, prompt: str, noise_level: float, guidance: float, group_size: int = 8) -> Tensor:
+    """``group_size`` decoded samples of one condition, as the demo's rollouts draw them, at CFG scale ``guidance``
+    (klein's ``guidance_scale``, Qwen-Image-Edit's ``true_cfg_scale``: ``condition``'s fifth argument)."""
+    condition = policy.condition([reference], [prompt], RESOLUTION, RESOLUTION, guidance, group_size=group_size)
     return rollout(policy, condition, num_steps=4, noise_level=noise_level,
                    generator=torch.Generator().manual_seed(0)).images
 
 
-def evaluate(trained: Flux2KleinPolicy, random_policy: Flux2KleinPolicy, subjects) -> tuple[dict, Tensor]:
-    """Mean nSSM and VSM per image source over the held-out subjects, and a grid of references and samples."""
+def evaluate(trained, random_policy, subjects, *, guidance: float = GUIDANCE_SCALE, to_pixels=kontext.to_pixels,
+             roundtrip=None) -> tuple[dict, Tensor]:
+    """Mean nSSM and VSM per image source over the held-out subjects, and a grid of references and samples, for a
+    family sampled with CFG (klein; Qwen-Image-Edit passes its ``to_pixels`` and ``roundtrip``)."""
+    roundtrip = roundtrip or (lambda policy, ref32, condition: policy.decode(
+        pack(policy, patchified(policy, ref32 * 2 - 1)), condition))
     reward = NSSMReward(FeatureScorer(DenseDescriptor(grid_size=24, cell=4), pool=2))
     rng = random.Random(1234)
     scores: dict[str, list[Tensor]] = {}
     rows = []
     for reference, mask, identity, prompts in zip(subjects.references, subjects.masks, subjects.identities,
                                                   subjects.prompts):
-        ref32 = (kontext.to_pixels(trained, [reference]) + 1) / 2
-        other32 = (kontext.to_pixels(trained, [kontext.render_pil(identity, random_pose(rng))
-                                               for _ in range(8)]) + 1) / 2
-        condition = trained.condition([reference], prompts[:1], RESOLUTION, RESOLUTION, guidance_scale=1.0)
-        roundtrip = trained.decode(pack(trained, patchified(trained, ref32 * 2 - 1)), condition)
+        ref32 = (to_pixels(trained, [reference]) + 1) / 2
+        other32 = (to_pixels(trained, [kontext.render_pil(identity, random_pose(rng)) for _ in range(8)]) + 1) / 2
+        condition = trained.condition([reference], prompts[:1], RESOLUTION, RESOLUTION, 1.0)
         groups = {f"pretrained, ODE, CFG {s}": sample_group(trained, reference, prompts[0], 0.0, s)
-                  for s in (1.0, GUIDANCE_SCALE, 4.0)}
+                  for s in (1.0, guidance, 4.0)}
         groups |= {
-            f"pretrained, SDE 0.9, CFG {GUIDANCE_SCALE}": sample_group(trained, reference, prompts[0], 0.9,
-                                                                            GUIDANCE_SCALE),
+            f"pretrained, SDE 0.9, CFG {guidance}": sample_group(trained, reference, prompts[0], 0.9, guidance),
             "random tiny, ODE (noise 0.0)": sample_group(random_policy, reference, prompts[0], 0.0, 1.0),
             "random tiny, SDE (noise 0.9)": sample_group(random_policy, reference, prompts[0], 0.9, 1.0),
             "truth: same identity, other pose": other32,
             "truth: the reference (32 px)": ref32,
-            "truth: the reference, VAE round trip": roundtrip,
+            "truth: the reference, VAE round trip": roundtrip(trained, ref32, condition),
         }
         kontext.add_scores(scores, reward, reference, mask, groups)
-        rows.append(torch.cat([ref32, groups[f"pretrained, ODE, CFG {GUIDANCE_SCALE}"][:4],
-                               groups[f"pretrained, SDE 0.9, CFG {GUIDANCE_SCALE}"][:4],
+        rows.append(torch.cat([ref32, groups[f"pretrained, ODE, CFG {guidance}"][:4],
+                               groups[f"pretrained, SDE 0.9, CFG {guidance}"][:4],
                                groups["random tiny, SDE (noise 0.9)"][:2], other32[:2]]))
     table = {name: torch.stack(values).mean(0).tolist() for name, values in scores.items()}
     return table, torch.stack(rows)

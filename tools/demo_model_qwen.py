@@ -49,10 +49,7 @@ from torch import Tensor
 
 import make_demo_model as kontext
 from divrl.data.synthetic import random_pose
-from divrl.grpo import rollout
 from divrl.policy.qwen_image import QwenEditPolicy
-from divrl.rewards import FeatureScorer, NSSMReward
-from divrl.rewards.backbones import DenseDescriptor
 
 RESOLUTION = kontext.RESOLUTION  # 32 × 32: latents 4 × 16 × 16, packed to 8 × 8 tokens of 16 channels
 AREA = RESOLUTION * RESOLUTION  # references read at 32² by the VL encoder and the VAE
@@ -129,45 +126,15 @@ def prompt_table(policy: QwenEditPolicy, references: list, prompts: list[list[st
     return embeds.view(n, per, *embeds.shape[1:]), mask.view(n, per, -1), embeds
 
 
-@torch.no_grad()
-def sample_group(policy: QwenEditPolicy, reference, prompt: str, noise_level: float, scale: float,
-                 group_size: int = 8) -> Tensor:
-    condition = policy.condition([reference], [prompt], RESOLUTION, RESOLUTION, true_cfg_scale=scale,
-                                 group_size=group_size)
-    return rollout(policy, condition, num_steps=4, noise_level=noise_level,
-                   generator=torch.Generator().manual_seed(0)).images
-
-
 def evaluate(trained: QwenEditPolicy, random_policy: QwenEditPolicy, subjects) -> tuple[dict, Tensor]:
-    """Mean nSSM and VSM per image source over the held-out subjects, and a grid of references and samples."""
-    reward = NSSMReward(FeatureScorer(DenseDescriptor(grid_size=24, cell=4), pool=2))
-    rng = random.Random(1234)
-    scores: dict[str, list[Tensor]] = {}
-    rows = []
-    for reference, mask, identity, prompts in zip(subjects.references, subjects.masks, subjects.identities,
-                                                  subjects.prompts):
-        ref32 = (to_pixels(trained, [reference]) + 1) / 2
-        other32 = (to_pixels(trained, [kontext.render_pil(identity, random_pose(rng))
-                                               for _ in range(8)]) + 1) / 2
-        condition = trained.condition([reference], prompts[:1], RESOLUTION, RESOLUTION, true_cfg_scale=1.0)
-        roundtrip = trained.decode(pack(trained, raw_latents(trained.vae, (ref32 * 2 - 1).unsqueeze(2))), condition)
-        groups = {f"pretrained, ODE, CFG {s}": sample_group(trained, reference, prompts[0], 0.0, s)
-                  for s in (1.0, TRUE_CFG_SCALE, 4.0)}
-        groups |= {
-            f"pretrained, SDE 0.9, CFG {TRUE_CFG_SCALE}": sample_group(trained, reference, prompts[0], 0.9,
-                                                                      TRUE_CFG_SCALE),
-            "random tiny, ODE (noise 0.0)": sample_group(random_policy, reference, prompts[0], 0.0, 1.0),
-            "random tiny, SDE (noise 0.9)": sample_group(random_policy, reference, prompts[0], 0.9, 1.0),
-            "truth: same identity, other pose": other32,
-            "truth: the reference (32 px)": ref32,
-            "truth: the reference, VAE round trip": roundtrip,
-        }
-        kontext.add_scores(scores, reward, reference, mask, groups)
-        rows.append(torch.cat([ref32, groups[f"pretrained, ODE, CFG {TRUE_CFG_SCALE}"][:4],
-                               groups[f"pretrained, SDE 0.9, CFG {TRUE_CFG_SCALE}"][:4],
-                               groups["random tiny, SDE (noise 0.9)"][:2], other32[:2]]))
-    table = {name: torch.stack(values).mean(0).tolist() for name, values in scores.items()}
-    return table, torch.stack(rows)
+    """The klein demo model's evaluation (:func:`demo_model_klein.evaluate`) with this family's pixels and VAE."""
+    from demo_model_klein import evaluate as evaluate_guided
+
+    def roundtrip(policy, ref32, condition):
+        return policy.decode(pack(policy, raw_latents(policy.vae, (ref32 * 2 - 1).unsqueeze(2))), condition)
+
+    return evaluate_guided(trained, random_policy, subjects, guidance=TRUE_CFG_SCALE, to_pixels=to_pixels,
+                           roundtrip=roundtrip)
 
 
 def main_qwen(args) -> None:
