@@ -336,3 +336,26 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(mode):
     assert any(v.abs().max() > 0 for v in plain.values())
     bf16 = gradients(torch_dtype="bfloat16")
     assert all(torch.isfinite(v).all() for v in bf16.values()) and any(v.abs().max() > 0 for v in bf16.values())
+
+
+def test_the_time_shift_is_the_one_the_schedule_applies():
+    """Without the stretch to ``shift_terminal``, the pipeline's sigmas are ``s·σ / (1 + (s − 1)·σ)`` of the uniform
+    grid with ``s = time_shift``: training timesteps drawn with it land where the sampler spends its steps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from divrl.policy.qwen_image.tiny import QWEN_SCHEDULER_CONFIG
+
+    def tiny_with(**config) -> QwenEditPolicy:
+        components = tiny_qwen_edit_components(seed=0)
+        components["scheduler"] = FlowMatchEulerDiscreteScheduler(**{**QWEN_SCHEDULER_CONFIG, **config})
+        return QwenEditPolicy(**components, lora=None, true_cfg_scale=1.0, condition_image_size=AREA,
+                              vae_image_size=AREA)
+
+    policy = tiny_with(shift_terminal=None)
+    condition = policy.condition([references(1)], [PROMPT], 64, 64)
+    s = policy.time_shift(condition)
+    uniform = torch.linspace(1.0, 1 / 8, 8, dtype=torch.float64)
+    assert s > 1 and torch.allclose(policy.sigmas(8, condition)[:-1].double(), s * uniform / (1 + (s - 1) * uniform),
+                                    atol=1e-6)
+    with pytest.raises(ValueError, match=r"no exponential, size-dependent shift; give objective.timesteps.shift"):
+        tiny_with(time_shift_type="linear").time_shift(condition)

@@ -15,6 +15,7 @@ The family's part of the seam:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -216,6 +217,21 @@ class QwenEditPolicy(PackedGrid, Policy):
                              config.get("max_shift", 1.15))
         retrieve_timesteps(scheduler, num_steps, "cpu", sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
         return scheduler.sigmas.float().cpu()
+
+    def time_shift(self, cond: QwenEditCondition) -> float:
+        """The shift ``s = exp(μ)`` the pipeline's schedule applies at ``cond``'s token count (``σ' = s·σ / (1 + (s −
+        1)·σ)``, before the scheduler's stretch to ``shift_terminal``), for training timesteps drawn like the
+        sampler's."""
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
+
+        config = self.scheduler_config
+        if not config.get("use_dynamic_shifting") or config.get("time_shift_type", "exponential") != "exponential":
+            raise ValueError("objective.timesteps.distribution shifted: this model's scheduler configuration has no "
+                             "exponential, size-dependent shift; give objective.timesteps.shift, or use uniform or "
+                             "logit_normal")
+        return math.exp(calculate_shift(cond.num_tokens, config.get("base_image_seq_len", 256),
+                                        config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                        config.get("max_shift", 1.15)))
 
     def initial_noise(self, cond: QwenEditCondition, generator=None) -> Tensor:
         """Packed Gaussian latents ``(B, T, C)``, drawn exactly as ``QwenImageEditPlusPipeline.prepare_latents``."""
