@@ -1,6 +1,7 @@
 """What the model families share besides the :class:`~divrl.policy.Policy` seam: a batch of per-row tensors to
 select and repeat (:class:`BatchRows`), the least-recently-used caches of encoded prompts and references
-(:func:`remember`), and the image sizes a VAE with 2×2 packing takes (:class:`PackedGrid`)."""
+(:func:`remember`), the image sizes a VAE with 2×2 packing takes (:class:`PackedGrid`), and the error of a policy whose
+VAE encoder was dropped (:func:`no_vae_encoder`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-__all__ = ["BatchRows", "PackedGrid", "remember"]
+__all__ = ["BatchRows", "PackedGrid", "no_vae_encoder", "remember"]
 
 
 class BatchRows:
@@ -65,3 +66,13 @@ class PackedGrid:
         self.check_size(height, width)
         multiple = self.vae_scale_factor * 2
         return height // multiple, width // multiple
+
+
+def no_vae_encoder(family: str | None = None) -> RuntimeError:
+    """The error for encoding an image with a policy whose VAE encoder was dropped (``policy.text_encoders: false``),
+    naming the fix; ``family`` names the model ``--precompute`` must be given (e.g. ``"a klein model"``)."""
+    which = "" if family is None else f" ({family})"
+    return RuntimeError(f"this policy has no VAE encoder (policy.text_encoders: false drops the encoders), so every "
+                        f"condition must come precomputed: convert the shards with `divrl data ... --precompute "
+                        f"MODEL`{which}. Target images (SFT, DPO on shard pairs) are never precomputed: they need "
+                        f"policy.text_encoders: true")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from divrl.images import ImageLike, to_image_batch
-from divrl.policy.rows import BatchRows, remember
+from divrl.policy.rows import BatchRows, no_vae_encoder, remember
 
 if TYPE_CHECKING:
     from divrl.data.schema import IdentityRecord
@@ -151,10 +151,7 @@ class KleinEncoder:
             return self.references[cache_key]
         policy.check_size(height, width)
         if policy.vae.encoder is None:
-            raise RuntimeError("this policy has no VAE encoder (policy.text_encoders: false drops the encoders), so every "
-                               "condition must come precomputed: convert the shards with `divrl data ... --precompute "
-                               "MODEL` (a klein model). Target images (SFT, DPO on shard pairs) are never precomputed: "
-                               "they need policy.text_encoders: true")
+            raise no_vae_encoder("a klein model")
         pixels = to_image_batch(image, "reference")
         if pixels.shape[0] != 1:
             raise ValueError(f"encode_reference: expected one image, got {pixels.shape[0]}")

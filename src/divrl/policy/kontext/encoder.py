@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from divrl.images import ImageLike, to_image_batch
-from divrl.policy.rows import BatchRows, remember
+from divrl.policy.rows import BatchRows, no_vae_encoder, remember
 
 if TYPE_CHECKING:
     from divrl.data.schema import IdentityRecord
@@ -163,11 +163,7 @@ class KontextEncoder:
         policy.check_size(height, width)
         vae = policy.vae
         if vae.encoder is None:
-            raise RuntimeError(
-                "this policy has no VAE encoder (policy.text_encoders: false drops the encoders), so every condition "
-                "must come precomputed: convert the shards with `divrl data ... --precompute MODEL`. Target images (SFT, "
-                "DPO on shard pairs) are never precomputed: they need policy.text_encoders: true"
-            )
+            raise no_vae_encoder()
         pixels = to_image_batch(image, "reference")
         if pixels.shape[0] != 1:
             raise ValueError(f"encode_reference: expected one image, got {pixels.shape[0]}")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from divrl.images import ImageLike, to_image_batch, to_pil
-from divrl.policy.rows import BatchRows, remember
+from divrl.policy.rows import BatchRows, no_vae_encoder, remember
 
 if TYPE_CHECKING:
     from divrl.data.stream import ConditionSample
@@ -159,10 +159,7 @@ class QwenEditEncoder:
             self.references.move_to_end(cache_key)
             return self.references[cache_key]
         if policy.vae.encoder is None:
-            raise RuntimeError("this policy has no VAE encoder (policy.text_encoders: false drops the encoders), so "
-                               "every condition must come precomputed: convert the shards with `divrl data ... "
-                               "--precompute MODEL` (a Qwen-Image-Edit model). Target images (SFT, DPO on shard pairs) "
-                               "are never precomputed: they need policy.text_encoders: true")
+            raise no_vae_encoder("a Qwen-Image-Edit model")
         pipe = policy.pipeline()
         height, width = self.sizes(image, area)
         pixels = pipe.image_processor.preprocess(image, height, width).unsqueeze(2)
