@@ -70,7 +70,7 @@ class PackedGrid:
 
 def no_vae_encoder(family: str | None = None) -> RuntimeError:
     """The error for encoding an image with a policy whose VAE encoder was dropped (``policy.text_encoders: false``),
-    naming the fix; ``family`` names the model ``--precompute`` must be given (e.g. ``"a klein model"``)."""
+    naming the fix; ``family`` names the model ``--precompute`` must be given (e.g. ``"a Kontext model"``)."""
     which = "" if family is None else f" ({family})"
     return RuntimeError(f"this policy has no VAE encoder (policy.text_encoders: false drops the encoders), so every "
                         f"condition must come precomputed: convert the shards with `divrl data ... --precompute "
