@@ -165,15 +165,7 @@ def evaluate(trained, random_policy, subjects, *, guidance: float = GUIDANCE_SCA
 def main_klein(args) -> None:
     """Build, train, save, reload and evaluate ``data/demo/tiny-klein``."""
     start = time.time()
-    held_out = kontext.subject_set(kontext.EVAL_IDENTITIES, kontext.EVAL_SEED)
-    train = kontext.SubjectSet([], [], [], [])
-    for seed in kontext.TRAIN_SEEDS:
-        part = kontext.subject_set(kontext.TRAIN_IDENTITIES_PER_SEED, seed, exclude=set(held_out.identities))
-        for field in ("references", "masks", "identities", "prompts"):
-            getattr(train, field).extend(getattr(part, field))
-    rng = random.Random(args.seed)
-    others = [kontext.render_pil(identity, random_pose(rng)) for identity in train.identities
-              for _ in range(kontext.OTHER_POSES)]
+    held_out, train, others = kontext.training_data(args.seed)
     policy = Flux2KleinPolicy(**build_components(args.seed), lora=None, guidance_scale=1.0,
                               max_sequence_length=MAX_SEQUENCE_LENGTH, prompt_cache_size=10**6)
     reference_pixels = kontext.to_pixels(policy, train.references)

@@ -40,7 +40,6 @@ Run time 846 s on a 2-core CPU shared with other jobs (the 3-D VAE 476 s, the tr
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
@@ -48,7 +47,6 @@ import torch
 from torch import Tensor
 
 import make_demo_model as kontext
-from divrl.data.synthetic import random_pose
 from divrl.policy.qwen_image import QwenEditPolicy
 
 RESOLUTION = kontext.RESOLUTION  # 32 × 32: latents 4 × 16 × 16, packed to 8 × 8 tokens of 16 channels
@@ -142,15 +140,7 @@ def main_qwen(args) -> None:
     from divrl.policy.qwen_image.builder import save_pipeline
 
     start = time.time()
-    held_out = kontext.subject_set(kontext.EVAL_IDENTITIES, kontext.EVAL_SEED)
-    train = kontext.SubjectSet([], [], [], [])
-    for seed in kontext.TRAIN_SEEDS:
-        part = kontext.subject_set(kontext.TRAIN_IDENTITIES_PER_SEED, seed, exclude=set(held_out.identities))
-        for field in ("references", "masks", "identities", "prompts"):
-            getattr(train, field).extend(getattr(part, field))
-    rng = random.Random(args.seed)
-    others = [kontext.render_pil(identity, random_pose(rng)) for identity in train.identities
-              for _ in range(kontext.OTHER_POSES)]
+    held_out, train, others = kontext.training_data(args.seed)
     policy = policy_of(build_components(args.seed), true_cfg_scale=1.0)
     reference_pixels = to_pixels(policy, train.references).unsqueeze(2)  # one-frame videos
     other_pixels = to_pixels(policy, others).unsqueeze(2)

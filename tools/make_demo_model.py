@@ -161,6 +161,20 @@ def subject_set(num: int, seed: int, exclude: set[SubjectIdentity] = frozenset()
     return out
 
 
+def training_data(seed: int) -> tuple[SubjectSet, SubjectSet, list[Image.Image]]:
+    """Every demo model's data: the held-out identities (drawn first, so training can exclude them), the training
+    identities and ``OTHER_POSES`` renders of each training identity in random poses (drawn from ``seed``)."""
+    held_out = subject_set(EVAL_IDENTITIES, EVAL_SEED)
+    train = SubjectSet([], [], [], [])
+    for train_seed in TRAIN_SEEDS:
+        part = subject_set(TRAIN_IDENTITIES_PER_SEED, train_seed, exclude=set(held_out.identities))
+        for field in ("references", "masks", "identities", "prompts"):
+            getattr(train, field).extend(getattr(part, field))
+    rng = random.Random(seed)
+    others = [render_pil(identity, random_pose(rng)) for identity in train.identities for _ in range(OTHER_POSES)]
+    return held_out, train, others
+
+
 def render_pil(identity: SubjectIdentity, pose) -> Image.Image:
     """A 64 × 64 render as the shards store it (8-bit RGB)."""
     return to_pil(render(identity, pose, REFERENCE_SIZE)[0])
@@ -552,15 +566,7 @@ def main() -> None:
         return
     start = time.time()
 
-    # Held-out identities first, so training can exclude them.
-    held_out = subject_set(EVAL_IDENTITIES, EVAL_SEED)
-    train = SubjectSet([], [], [], [])
-    for seed in TRAIN_SEEDS:
-        part = subject_set(TRAIN_IDENTITIES_PER_SEED, seed, exclude=set(held_out.identities))
-        for field in ("references", "masks", "identities", "prompts"):
-            getattr(train, field).extend(getattr(part, field))
-    rng = random.Random(args.seed)
-    others = [render_pil(identity, random_pose(rng)) for identity in train.identities for _ in range(OTHER_POSES)]
+    held_out, train, others = training_data(args.seed)
 
     # A large prompt cache: the training prompts are encoded once, up front.
     policy = KontextPolicy(
