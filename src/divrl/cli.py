@@ -6,6 +6,7 @@
 - ``divrl score``: score generated images against a reference with the DivRL rewards (with no images it scores a
   built-in example group).
 - ``divrl data``: convert datasets into identity shards (:mod:`divrl.cli_data`).
+- ``divrl serve-reward``: serve a reward on LitServe for :class:`~divrl.rewards.RemoteReward` (:mod:`divrl.cli_serve`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from divrl import __version__
 from divrl.cli_checks import check_command_line, condensed_parser_error, expected_error  # noqa: F401
 from divrl.cli_data import add_data_command, file_name
+from divrl.cli_serve import add_serve_command
 from divrl.images import MIN_SIDE
 
 
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(func=run_score)
 
     add_data_command(commands)
+    add_serve_command(commands, bounded)
     return parser
 
 

@@ -8,6 +8,8 @@
 - :class:`FeatureScorer`: a group (one reference, G samples) → nSSM / VSM components from a local backbone.
 - :class:`NSSMReward` (R1), :class:`GatedReward` (R2), :class:`VSMReward`, :class:`LinearReward`.
 - :class:`WeightedReward` (a weighted sum of rewards), :class:`CallableReward` (a plain function as a reward).
+- :class:`RemoteReward`: a reward scored by ``divrl serve-reward`` servers (LitServe), with failover
+  (:mod:`divrl.rewards.remote`, the wire format in :mod:`divrl.rewards.wire`).
 - Several subjects per condition (:mod:`divrl.rewards.multi`): :class:`PairwiseSubjectConsistency` (PSR) and
   :class:`PerSubjectDivRL`, which find each subject with a :class:`SubjectLocator` (a :class:`Detector` and an
   assignment) and compare crops with an :class:`Embedder` (:mod:`divrl.rewards.subjects`; Grounding DINO and DINO
@@ -16,6 +18,7 @@
 
 from divrl.rewards.base import Components, Group, GroupScorer, NonFiniteReward, Reward, RewardOutput
 from divrl.rewards.compose import CallableReward, WeightedReward
+from divrl.rewards.remote import RemoteReward
 from divrl.rewards.functional import gated_reward, linear_reward, nssm, vsm
 from divrl.rewards.modules import GatedReward, GroupReward, LinearReward, NSSMReward, VSMReward
 from divrl.rewards.multi import PairwiseSubjectConsistency, PerSubjectDivRL
@@ -43,6 +46,7 @@ __all__ = [
     "LinearReward",
     "WeightedReward",
     "CallableReward",
+    "RemoteReward",
     "PairwiseSubjectConsistency",
     "PerSubjectDivRL",
     "SubjectLocator",
