@@ -59,6 +59,10 @@ class Env:
         outputs = [RewardOutput(row, {"red": row, "half": row / 2}) for row in red]
         return Scores(red, torch.ones(len(samples), dtype=torch.bool), outputs)
 
+    def rollout_and_score(self, samples, group_size, generator, *, noise_level=None, sde_steps=None):
+        cond, trajectory = self.rollout(samples, group_size, generator, noise_level=noise_level, sde_steps=sde_steps)
+        return cond, trajectory, self.score(samples, trajectory.images, group_size)
+
     def all_gather(self, tensor):
         return tensor
 

@@ -13,7 +13,7 @@ rollout reproduces the diffusers pipeline's output for the same components, prom
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from divrl.grpo.sde import SDEStepOutput, sde_step
 
-__all__ = ["Trajectory", "rollout", "transition_log_prob"]
+__all__ = ["Trajectory", "rollout", "rollout_chunks", "transition_log_prob"]
 
 
 @dataclass
@@ -110,6 +110,44 @@ def rollout(
         sde=sde,
         noise_level=float(noise_level),
         images=images,
+    )
+
+
+@torch.no_grad()
+def rollout_chunks(
+    policy,
+    condition,
+    chunk_size: int,
+    *,
+    on_chunk: Callable[[slice, Tensor], None] | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    **kwargs,
+) -> Trajectory:
+    """:func:`rollout` of ``chunk_size`` rows at a time: each chunk is sampled from its first step to its decoded
+    images before the next starts, and ``on_chunk(rows, images)`` gets them at once (pipelined scoring hands them to
+    the reward while the next chunk rolls out). The chunks draw from ``generator`` one after the other, so the result
+    depends on ``chunk_size`` (a different random stream than one whole-batch rollout) but not on what ``on_chunk``
+    does. ``kwargs`` are :func:`rollout`'s (``decode`` must stay on).
+
+    Returns:
+        The whole batch's :class:`Trajectory`, the chunks' concatenated.
+    """
+    if kwargs.get("decode") is False:
+        raise ValueError("rollout_chunks decodes every chunk (on_chunk gets its images); call rollout for latents only")
+    batch = condition.batch_size
+    parts = []
+    for start in range(0, batch, chunk_size):
+        rows = slice(start, min(start + chunk_size, batch))
+        sub = condition if rows == slice(0, batch) else condition.select(rows)
+        part = rollout(policy, sub, generator=generator[rows] if isinstance(generator, list) else generator, **kwargs)
+        if on_chunk is not None:
+            on_chunk(rows, part.images)
+        parts.append(part)
+    first = parts[0]
+    return Trajectory(
+        latents=torch.cat([p.latents for p in parts]), log_probs=torch.cat([p.log_probs for p in parts]),
+        sigmas=first.sigmas, sde=first.sde, noise_level=first.noise_level,
+        images=torch.cat([p.images for p in parts]),
     )
 
 

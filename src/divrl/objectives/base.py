@@ -127,6 +127,13 @@ class Environment(Protocol):
         """Each group's reward under the current stage's reward; non-finite groups are skipped and counted, any
         other reward error stops the run on every rank."""
 
+    def rollout_and_score(
+        self, samples: Sequence[ConditionSample], group_size: int, generator: torch.Generator, *,
+        noise_level: float | None = None, sde_steps: Sequence[bool] | None = None,
+    ) -> tuple[Conditioning, Trajectory, Scores]:
+        """:meth:`rollout` then :meth:`score` of its images; with ``system.overlap_rewards`` the groups are scored while
+        the rest of the batch rolls out (the same scores, bit for bit), and this returns once all are scored."""
+
     def all_gather(self, tensor: Tensor) -> Tensor:
         """Every rank's ``tensor`` stacked along a new first dim (the tensor itself, unstacked, in one process)."""
 

@@ -120,9 +120,9 @@ class _Preference(Objective):
         return True
 
     def _rollout(self, samples, env: Environment, generator):
-        condition, trajectory = env.rollout(samples, env.sampling.group_size, generator, noise_level=self.noise_level)
-        return condition, trajectory.latents[:, -1], trajectory.images, env.score(samples, trajectory.images,
-                                                                                 env.sampling.group_size)
+        condition, trajectory, scores = env.rollout_and_score(samples, env.sampling.group_size, generator,
+                                                              noise_level=self.noise_level)
+        return condition, trajectory.latents[:, -1], trajectory.images, scores
 
     def _draws(self, count: int, like: Tensor, generator: torch.Generator, policy: Policy, condition) -> tuple[Tensor, Tensor]:
         """One ``(ε, σ)`` per pair (group) and draw, shared by its images."""

@@ -142,8 +142,7 @@ class GRPOObjective(Objective):
                 generator: torch.Generator) -> GRPOBatch:
         sampling = env.sampling
         sde = sde_mask(sampling.num_steps, self.sde_window)
-        condition, trajectory = env.rollout(samples, sampling.group_size, generator, sde_steps=sde)
-        scores = env.score(samples, trajectory.images, sampling.group_size)
+        condition, trajectory, scores = env.rollout_and_score(samples, sampling.group_size, generator, sde_steps=sde)
         train_steps = select_train_steps(sampling.num_steps, fraction=self.timestep_fraction, window=self.sde_window)
         return GRPOBatch(
             samples, sampling.group_size, scores, trajectory.images, condition,

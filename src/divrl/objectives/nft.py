@@ -92,8 +92,7 @@ class NFTObjective(Objective):
     def collect(self, policy: Policy, samples: Sequence[ConditionSample], env: Environment,
                 generator: torch.Generator) -> NFTBatch:
         g, k = env.sampling.group_size, self.timesteps_per_sample
-        condition, trajectory = env.rollout(samples, g, generator, noise_level=self.noise_level)
-        scores = env.score(samples, trajectory.images, g)
+        condition, trajectory, scores = env.rollout_and_score(samples, g, generator, noise_level=self.noise_level)
         adv = torch.zeros_like(scores.rewards)
         if scores.keep.any():
             adv[scores.keep] = group_advantages(scores.rewards[scores.keep], "group", clip=self.adv_clip)

@@ -120,6 +120,12 @@ class Reward(nn.Module):
     def forward(self, group: Group) -> RewardOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @property
+    def concurrency(self) -> int:
+        """How many groups may be scored at once, on threads: 1 (a local model: one group after the other); a
+        :class:`~divrl.rewards.RemoteReward` allows its ``max_in_flight`` requests."""
+        return 1
+
     def __call__(self, group: Group | ImageLike, images=None, ref_mask=None, gen_masks=None) -> RewardOutput:
         if not isinstance(group, Group):
             group = Group.of(group, images, ref_mask, gen_masks)

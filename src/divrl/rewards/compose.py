@@ -43,6 +43,10 @@ class WeightedReward(Reward):
         self.weights = weights
         self.names = names
 
+    @property
+    def concurrency(self) -> int:
+        return min(part.concurrency for part in self.parts)  # threads only when every part is safe on them
+
     def forward(self, group: Group) -> RewardOutput:
         total = torch.zeros(group.size, dtype=torch.float32)
         components: dict[str, Tensor] = {}

@@ -37,6 +37,15 @@ class SystemConfig:
             (bf16 base) 23.8 GB; full fine-tuning (fp32) 47.6 GB, so turn it off there on 80 GB GPUs. ``false``
             re-gathers block by block at every step (ZeRO-3 memory). Ignored without sharding and under FSDP1 (whose
             units re-gather at every step under ``FULL_SHARD``; its ``SHARD_GRAD_OP`` keeps them gathered).
+        rollout_chunk_groups: roll out this many groups (conditions, ``group_size`` samples each) at a time, each
+            chunk from noise to decoded images before the next starts (``None``: the whole batch at once). The chunks
+            draw their noise one after the other: a different random stream than one whole-batch rollout, the same
+            with or without ``overlap_rewards``.
+        overlap_rewards: score each chunk's groups while the next chunk rolls out (a background thread for a local
+            reward, requests in flight for a :class:`~divrl.rewards.RemoteReward`); needs ``rollout_chunk_groups``.
+            Strictly on-policy: the update starts after every group of the batch is scored, and the run's weights are
+            bit-identical to the same run without overlap. A reward that draws from torch's global RNG is the
+            exception: its draws then interleave with the rollout's.
         max_grad_norm: gradient-norm clip of every update (paper: 1.0); ``None`` disables clipping.
         max_consecutive_skips: stop with an error after this many updates in a row were skipped for a non-finite
             loss or gradient.
@@ -47,6 +56,8 @@ class SystemConfig:
 
     rollout_micro_batch_size: int | None = None
     rollout_keep_gathered: bool = True
+    rollout_chunk_groups: int | None = None
+    overlap_rewards: bool = False
     max_grad_norm: float | None = 1.0
     max_consecutive_skips: int = 10
     max_empty_rollouts: int = 10
@@ -55,6 +66,11 @@ class SystemConfig:
         positive(self, "system", "max_consecutive_skips", "max_empty_rollouts")
         if self.rollout_micro_batch_size is not None:
             positive(self, "system", "rollout_micro_batch_size")
+        if self.rollout_chunk_groups is not None:
+            positive(self, "system", "rollout_chunk_groups")
+        if self.overlap_rewards and self.rollout_chunk_groups is None:
+            raise ValueError("system.overlap_rewards scores a chunk of groups while the next chunk rolls out: set "
+                             "system.rollout_chunk_groups too (e.g. 1, one group per chunk)")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"system.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
 

@@ -16,8 +16,8 @@ from divrl.objectives.base import Batch, SamplingConfig, Scores
 from divrl.policy.flops import PEAK_TFLOPS
 from divrl.rewards.base import Group, NonFiniteReward, Reward, RewardOutput
 
-__all__ = ["RunEnvironment", "RolloutGroup", "agreed", "score_groups", "reward_metrics", "throughput", "device_peak",
-           "end_of_run", "run_summary", "trains_on"]
+__all__ = ["RunEnvironment", "RolloutGroup", "GroupScoring", "agreed", "score_groups", "collect_scores",
+           "reward_metrics", "throughput", "device_peak", "end_of_run", "run_summary", "trains_on"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,31 @@ class RunEnvironment:
                               self.module._count_skipped_group)
         self.timings["reward"] += self.module._clock() - start
         return scores
+
+    def rollout_and_score(self, samples, group_size, generator, *, noise_level=None, sde_steps=None):
+        """:meth:`rollout` then :meth:`score`; with ``system.overlap_rewards`` each chunk's groups are scored while the
+        next chunk rolls out, and this returns once every group is scored (the same scores, bit for bit). The
+        ``reward`` timing is then the scoring left after the rollout (the part not hidden)."""
+        if not self.module.system.overlap_rewards:
+            condition, trajectory = self.rollout(samples, group_size, generator, noise_level=noise_level,
+                                                 sde_steps=sde_steps)
+            return condition, trajectory, self.score(samples, trajectory.images, group_size)
+        with GroupScoring(self.reward) as scoring:
+            def on_chunk(rows: slice, images: Tensor) -> None:
+                first = rows.start // group_size
+                for i in range(images.shape[0] // group_size):
+                    scoring.submit(samples[first + i], images[i * group_size:(i + 1) * group_size])
+
+            start = self.module._clock()
+            condition, trajectory = self.module._trajectories(samples, group_size, generator, noise_level=noise_level,
+                                                              sde_steps=sde_steps, on_chunk=on_chunk)
+            self.timings["rollout"] += self.module._clock() - start
+            start = self.module._clock()
+            results = scoring.results()
+        scores = agreed(lambda: collect_scores(self.reward, samples, results, group_size, self.module.device,
+                                               self.module._count_skipped_group), self.module._agree, "the reward")
+        self.timings["reward"] += self.module._clock() - start
+        return condition, trajectory, scores
 
     def all_gather(self, tensor: Tensor) -> Tensor:
         return self.module.all_gather(tensor) if self.module.trainer.world_size > 1 else tensor
@@ -108,36 +133,120 @@ def score_groups(
     agree: Callable[[bool], bool],
     on_skip: Callable[[], None] = lambda: None,
 ) -> Scores:
-    """Score each condition's ``group_size`` images with ``reward``.
-
-    A group whose reward is not finite (:class:`~divrl.rewards.NonFiniteReward`) is skipped (``on_skip``) and logged:
-    its row is 0 and not kept. Any other exception is a configuration error: it is logged with the identity, and
-    raised on every rank after their agreement (:func:`agreed`).
-    """
+    """Score each condition's ``group_size`` images with ``reward`` (``reward.concurrency`` groups at once: a remote
+    reward's requests in flight together), then :func:`collect_scores`, with one agreement of every rank on errors."""
 
     def score() -> Scores:
-        rows, keep, outputs = [], [], []
-        for i, sample in enumerate(samples):
-            group = Group(sample, images[i * group_size : (i + 1) * group_size])
-            try:
-                out = reward(group)
-            except NonFiniteReward as err:
-                log.warning("skipping group %r (%r): %s", sample.id, sample.prompt, err)
-                on_skip()
-                rows.append(torch.zeros(group_size))
-                keep.append(False)
-                outputs.append(None)
-                continue
-            except Exception as err:
-                log.error("%s failed on identity %r (%r): %s: %s", type(reward).__name__, sample.id, sample.prompt,
-                          type(err).__name__, err)
-                raise
-            rows.append(out.reward)
-            keep.append(True)
-            outputs.append(out)
-        return Scores(torch.stack(rows).to(device), torch.tensor(keep, device=device), outputs)
+        with GroupScoring(reward, background=False) as scoring:
+            for i, sample in enumerate(samples):
+                scoring.submit(sample, images[i * group_size : (i + 1) * group_size])
+            results = scoring.results()
+        return collect_scores(reward, samples, results, group_size, device, on_skip)
 
     return agreed(score, agree, "the reward")
+
+
+def collect_scores(reward: Reward, samples: Sequence[ConditionSample], results: Sequence[RewardOutput | Exception],
+                   group_size: int, device: torch.device, on_skip: Callable[[], None] = lambda: None) -> Scores:
+    """The :class:`Scores` of each group's result, in order. A group whose reward is not finite
+    (:class:`~divrl.rewards.NonFiniteReward`) is skipped (``on_skip``) and logged: its row is 0 and not kept. Any
+    other exception is a configuration error: it is logged with the identity and raised."""
+    rows, keep, outputs = [], [], []
+    for sample, out in zip(samples, results):
+        if isinstance(out, NonFiniteReward):
+            log.warning("skipping group %r (%r): %s", sample.id, sample.prompt, out)
+            on_skip()
+            rows.append(torch.zeros(group_size))
+            keep.append(False)
+            outputs.append(None)
+            continue
+        if isinstance(out, Exception):
+            log.error("%s failed on identity %r (%r): %s: %s", type(reward).__name__, sample.id, sample.prompt,
+                      type(out).__name__, out)
+            raise out
+        rows.append(out.reward)
+        keep.append(True)
+        outputs.append(out)
+    return Scores(torch.stack(rows).to(device), torch.tensor(keep, device=device), outputs)
+
+
+class GroupScoring:
+    """Groups scored in the background as they are submitted: on ``reward.concurrency`` threads (a remote reward's
+    requests in flight), or one thread for a local reward. :meth:`results` waits for all of them and gives, in
+    submission order, each group's :class:`RewardOutput` or the exception it raised. The threads score with the
+    submitting thread's grad mode, autocast and CUDA device, so a group scores the same as in that thread.
+
+    Used as a context manager: leaving it (an error in the rollout included) cancels what has not started and waits
+    for the rest. With concurrency 1 and nothing to overlap (:func:`score_groups`), scoring runs in the calling thread.
+    """
+
+    def __init__(self, reward: Reward, background: bool = True):
+        self.reward = reward
+        self.workers = max(1, int(getattr(reward, "concurrency", 1)))
+        self.background = background or self.workers > 1
+        self.futures: list = []
+        self.executor = None
+        self.state = _ThreadState()
+
+    def __enter__(self) -> GroupScoring:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.background:
+            self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="divrl-reward")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, sample: ConditionSample, images: Tensor) -> None:
+        if self.executor is not None:
+            self.futures.append(self.executor.submit(self._score, Group(sample, images)))
+            return
+        from concurrent.futures import Future
+
+        done = Future()  # in the calling thread; after a configuration error, the remaining groups are not scored
+        failed = any(not isinstance(f.result(), (RewardOutput, NonFiniteReward)) for f in self.futures)
+        done.set_result(self.futures[-1].result() if failed else self.reward_or_error(Group(sample, images)))
+        self.futures.append(done)
+
+    def reward_or_error(self, group: Group) -> RewardOutput | Exception:
+        try:
+            return self.reward(group)
+        except Exception as err:  # noqa: BLE001 - handed back in order by results(), raised there
+            return err
+
+    def _score(self, group: Group) -> RewardOutput | Exception:
+        with self.state:
+            return self.reward_or_error(group)
+
+    def results(self) -> list[RewardOutput | Exception]:
+        return [future.result() for future in self.futures]
+
+
+class _ThreadState:
+    """The grad mode, autocast and CUDA device of the thread that built it, re-entered in another thread (all three are
+    per thread in torch)."""
+
+    def __init__(self):
+        self.grad = torch.is_grad_enabled()
+        self.autocast = [(kind, torch.get_autocast_dtype(kind)) for kind in ("cpu", "cuda")
+                         if torch.is_autocast_enabled(kind)]
+        self.cuda = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def __enter__(self):
+        import contextlib
+
+        self.stack = contextlib.ExitStack()
+        if self.cuda is not None:
+            torch.cuda.set_device(self.cuda)
+        self.stack.enter_context(torch.set_grad_enabled(self.grad))
+        for kind, dtype in self.autocast:
+            self.stack.enter_context(torch.autocast(kind, dtype=dtype))
+        return self
+
+    def __exit__(self, *exc):
+        self.stack.close()
 
 
 def reward_metrics(outputs: Sequence[RewardOutput | None], prefix: str) -> dict[str, float]:
@@ -217,11 +326,24 @@ def end_of_run(module) -> None:
         rank_zero_info("\n".join(run_summary(module._trainer, module)))
     if skipped and module.global_rank == 0:
         log.warning("divrl: %d rollouts, %d optimizer steps; %s", rollouts, module.global_step, "; ".join(skipped))
+    for line in server_report(module):
+        log.warning("divrl: %s", line)
     if rollouts and counters.get("empty_rollouts", 0) >= rollouts:
         check = (". Check the reward and its scorer (e.g. `divrl score` on a few images)"
                  if "finite reward" in module.empty_reason else "")
         raise RuntimeError(f"every one of the run's {rollouts} rollouts was skipped (the last had "
                            f"{module.empty_reason}): nothing was trained{check}")
+
+
+def server_report(module) -> list[str]:
+    """The reward servers of ``module``'s rewards that failed during the run: when, and when they came back or that
+    they did not (:meth:`~divrl.rewards.RemoteReward.report`)."""
+    from divrl.rewards.endpoints import EndpointPool
+
+    rewards = getattr(module, "rewards", None)
+    pools = [part.pool for part in (rewards.modules() if rewards is not None else ())
+             if isinstance(getattr(part, "pool", None), EndpointPool)]
+    return [line for pool in pools for line in pool.report()]
 
 
 def run_summary(trainer, module, interrupted: bool = False) -> list[str]:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from divrl.data.stream import ConditionBatch, ConditionSample
 from divrl.grpo import rollout
+from divrl.grpo.sampler import rollout_chunks
 from divrl.objectives.base import Batch, Objective, SamplingConfig
 from divrl.objectives.grpo import GRPOObjective
 from divrl.policy.base import PolicyConfig
@@ -318,9 +319,10 @@ class DivRLModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------ sampling
 
     def _trajectories(self, samples: Sequence[ConditionSample], group_size: int, generator: torch.Generator, *,
-                      num_steps: int | None = None, noise_level: float | None = None, sde_steps=None):
+                      num_steps: int | None = None, noise_level: float | None = None, sde_steps=None, on_chunk=None):
         """``group_size`` trajectories per condition with decoded images: the one sampling path of training,
-        validation, ``divrl sample`` and ``divrl evaluate``."""
+        validation, ``divrl sample`` and ``divrl evaluate``; ``system.rollout_chunk_groups`` groups at a time when set,
+        each chunk's decoded images handed to ``on_chunk(rows, images)`` (pipelined scoring)."""
         sampling = self.sampling
         steps = num_steps or sampling.num_steps
         noise = sampling.noise_level if noise_level is None else noise_level
@@ -329,11 +331,15 @@ class DivRLModule(pl.LightningModule):
         condition = agreed(lambda: self.policy.encode(samples, size, size, group_size), self._agree, "encoding")
         keep = self.system.rollout_keep_gathered
         with torch.no_grad(), gathered(self.policy.network) if keep else contextlib.nullcontext():  # FSDP2: one gather
-            trajectory = rollout(
-                self.policy, condition, num_steps=steps, noise_level=noise,
-                sde_steps=sde_steps if noise > 0 else [False] * steps, generator=generator,
-                micro_batch_size=self.system.rollout_micro_batch_size, decode=True,
-            )
+            settings = dict(num_steps=steps, noise_level=noise, sde_steps=sde_steps if noise > 0 else [False] * steps,
+                            generator=generator, micro_batch_size=self.system.rollout_micro_batch_size)
+            chunk = self.system.rollout_chunk_groups
+            if chunk is None:
+                trajectory = rollout(self.policy, condition, decode=True, **settings)
+                if on_chunk is not None:
+                    on_chunk(slice(0, trajectory.batch_size), trajectory.images)
+            else:
+                trajectory = rollout_chunks(self.policy, condition, chunk * group_size, on_chunk=on_chunk, **settings)
         return condition, trajectory
 
     @torch.no_grad()
