@@ -107,18 +107,19 @@ def test_a_chunked_rollout_hands_each_chunk_over_as_it_is_decoded(policy_and_con
     assert torch.allclose(chunked.log_probs, plain.log_probs, atol=1e-4)
 
 
-def demo_fit(root: Path, max_steps: int, *args: str, switch: int = 2, rewards: list | None = None,
+def demo_fit(root: Path, max_steps: int, *args: str, switch: int | None = 2, rewards: list | None = None,
              callbacks: tuple = ()) -> dict:
-    """The CPU demo for ``max_steps`` updates (stage 2 after ``switch``; ``rewards`` in place of the demo's), one group
-    per rollout chunk; its final LoRA."""
+    """The CPU demo for ``max_steps`` updates (stage 2 after ``switch``; one stage with ``switch=None`` and one reward
+    in ``rewards``, the demo's replacement), one group per rollout chunk; its final LoRA."""
     import yaml
 
     from divrl.cli import main
 
     root.mkdir(parents=True, exist_ok=True)
     config = {"trainer": {"default_root_dir": str(root), "logger": False, "enable_progress_bar": False,
-                          "callbacks": [{"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": switch}},
-                                        {"class_path": "divrl.training.LoRAExporter"}, *callbacks]},
+                          "callbacks": [{"class_path": "divrl.training.LoRAExporter"}, *callbacks] + (
+                              [{"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": switch}}]
+                              if switch is not None else [])},
               "model": {"system": {"rollout_chunk_groups": 1}, **({"rewards": rewards} if rewards else {})}}
     (root / "overrides.yaml").write_text(yaml.safe_dump(config))
     assert main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(root / "overrides.yaml"),

@@ -87,12 +87,14 @@ def same(a: RewardOutput, b: RewardOutput) -> bool:
 
 def test_a_group_travels_bit_for_bit():
     group = single_group(0)
+    group.images = group.images.contiguous(memory_format=torch.channels_last)  # as a decoded batch often is
     group.sample.references.append(torch.rand(3, 20, 24))
     group.sample.masks.append(np.ones((20, 24), dtype=np.float32))
     group.gen_masks = torch.rand(4, 48, 48)
     request = json.loads(json.dumps(encode_group(group)))  # through text, as on the wire
     back = decode_group(request)
     assert torch.equal(back.images, group.images) and torch.equal(back.gen_masks, group.gen_masks)
+    assert back.images.stride() == group.images.stride() and request["layouts"] == {"images": [0, 2, 3, 1]}
     assert back.sample.references[0].mode == "RGB"
     assert np.array_equal(np.asarray(back.sample.references[0]), np.asarray(group.sample.references[0]))
     assert np.array_equal(np.asarray(back.sample.masks[0]), np.asarray(group.sample.masks[0]))
@@ -116,7 +118,7 @@ def _with(request: dict, **tensors) -> dict:
 
 
 BASE = {"format": FORMAT, "id": "x", "prompt": "p", "category": None, "metadata": {},
-        "references": [{"kind": "pil", "mode": "RGB"}], "masks": [None]}
+        "references": [{"kind": "pil", "mode": "RGB"}], "masks": [None], "layouts": {}}
 
 
 @pytest.mark.parametrize("request_, message", [
@@ -136,6 +138,8 @@ BASE = {"format": FORMAT, "id": "x", "prompt": "p", "category": None, "metadata"
     (_with({**BASE, "references": [{"kind": "path"}]}), "expected"),
     (_with({**BASE, "id": 3}), "id must be a string"),
     (_with(BASE, gen_masks=torch.rand(3, 16, 16)), "one mask per image"),
+    (_with({**BASE, "layouts": {"images": [0, 1, 1, 3]}}), r"layouts\['images'\] must be an order"),
+    (_with({**BASE, "layouts": {"gen_masks": [0, 1, 2]}}), "layouts names 'gen_masks'"),
 ])
 def test_malformed_requests_are_refused_naming_the_field(request_, message):
     with pytest.raises(WireError, match=message):
@@ -275,6 +279,10 @@ def test_served_equals_in_process(servers, name):
     server, local = servers[name]
     remote = RemoteReward(server.url, timeout=30, api_key=server.api_key)
     groups = [pair_group(s) for s in (0, 3, 6)] if name == "psr" else [single_group(s) for s in range(3)]
+    for group in list(groups):  # and each as training hands it over: a channels-last slice of the decoded batch
+        layout = group.images.contiguous(memory_format=torch.channels_last)
+        groups.append(Group(group.sample, torch.cat([layout, layout])[: group.size]))
+    assert all(g.images.stride()[1] == 1 and not g.images.is_contiguous() for g in groups[len(groups) // 2:])
     for group in groups:
         assert same(remote(group), local(group))
 

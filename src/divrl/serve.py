@@ -51,6 +51,7 @@ class GroupRequest(BaseModel):
     references: list
     masks: list
     tensors: str
+    layouts: dict
 
     @model_validator(mode="after")
     def _decodes(self) -> "GroupRequest":

@@ -74,3 +74,28 @@ class RewardServer:
         deadline = time.monotonic() + 10
         while listening(self.port) and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+KILLED: dict[int, float] = {}
+"""pid -> the time.monotonic() at which :class:`KillServer` killed it."""
+
+
+def _callback_base():
+    from lightning.pytorch.callbacks import Callback
+
+    return Callback
+
+
+class KillServer(_callback_base()):
+    """A training callback that kills a reward server's process group after optimizer step ``at_step``."""
+
+    def __init__(self, pid: int, at_step: int):
+        self.pid, self.at_step = pid, at_step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.at_step and self.pid not in KILLED:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            KILLED[self.pid] = time.monotonic()

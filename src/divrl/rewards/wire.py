@@ -9,10 +9,15 @@ Request (``POST /predict``)::
       "id": "dog", "prompt": "a dog on a beach", "category": "dog", "metadata": {"source": ...},
       "references": [{"kind": "pil", "mode": "RGB"}, ...],     # how to rebuild reference i from tensor "reference.i"
       "masks": [null | {"kind": "pil", "mode": "L"}, ...],    # one entry per reference, tensor "mask.i"
-      "tensors": "<base64 safetensors>"                        # "images" (G, 3, H, W) float, "reference.i", "mask.i",
-    }                                                          # and "gen_masks" (G, H, W) when the group has them
+      "tensors": "<base64 safetensors>",                       # "images" (G, 3, H, W) float, "reference.i", "mask.i",
+                                                               # and "gen_masks" (G, H, W) when the group has them
+      "layouts": {"images": [0, 2, 3, 1]}                      # the memory order of tensors that are not contiguous
+    }
 
-Every tensor travels bit for bit (safetensors, base64 in the JSON); a PIL image travels as its ``uint8`` array and
+Every tensor travels bit for bit (safetensors, base64 in the JSON), in its memory layout: a decoded batch is often
+channels-last, and a reward's convolutions and reductions sum in another order on another layout (1-ulp differences
+that grow over a run), so a tensor whose memory is a permutation of its dimensions travels in memory order with the
+permutation in ``layouts`` and is rebuilt with the same strides. A PIL image travels as its ``uint8`` array and
 its mode. A condition's precomputed conditioning, target and rejected images are not sent: rewards score the images
 against the references, they do not read those.
 
@@ -48,7 +53,7 @@ __all__ = ["FORMAT", "WireError", "decode_group", "decode_output", "encode_group
 FORMAT = "divrl.group/1"
 """The request format this version speaks; a server refuses any other."""
 
-FIELDS = ("format", "id", "prompt", "category", "metadata", "references", "masks", "tensors")
+FIELDS = ("format", "id", "prompt", "category", "metadata", "references", "masks", "tensors", "layouts")
 """The request's fields, all required (``category`` may be null)."""
 
 _PIL_MODES = ("RGB", "L", "RGBA", "LA", "I", "F")
@@ -66,9 +71,9 @@ def encode_group(group: Group) -> dict[str, Any]:
     """The JSON request scoring ``group`` (see the module docstring); ``ValueError`` naming the part that cannot
     travel (a reference given as a path, metadata that is not JSON)."""
     sample = group.sample
-    tensors = {"images": group.images.detach().cpu().contiguous()}
+    tensors = {"images": group.images.detach().cpu()}
     if group.gen_masks is not None:
-        tensors["gen_masks"] = torch.as_tensor(group.gen_masks).detach().cpu().contiguous()
+        tensors["gen_masks"] = torch.as_tensor(group.gen_masks).detach().cpu()
     references = [_pack(image, f"reference.{i}", tensors, sample.id) for i, image in enumerate(sample.references)]
     masks = [None if mask is None else _pack(mask, f"mask.{i}", tensors, sample.id)
              for i, mask in enumerate(sample.masks)]
@@ -77,9 +82,24 @@ def encode_group(group: Group) -> dict[str, Any]:
     except (TypeError, ValueError) as err:
         raise ValueError(f"identity {sample.id!r}: its metadata cannot be sent to a reward server as JSON ({err}); "
                          f"keep the identity's metadata to JSON values") from None
+    layouts = {}
+    for name, tensor in tensors.items():
+        order = _memory_order(tensor)
+        if order != list(range(tensor.ndim)):
+            layouts[name] = order
+            tensors[name] = tensor.permute(order)
+    tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
     return {"format": FORMAT, "id": str(sample.id), "prompt": str(sample.prompt), "category": sample.category,
             "metadata": metadata, "references": references, "masks": masks,
-            "tensors": base64.b64encode(save_tensors(tensors)).decode("ascii")}
+            "tensors": base64.b64encode(save_tensors(tensors)).decode("ascii"), "layouts": layouts}
+
+
+def _memory_order(tensor: Tensor) -> list[int]:
+    """The dimensions from the slowest to the fastest in memory: ``tensor.permute(order)`` is contiguous when the
+    tensor is dense (channels-last ``(B, C, H, W)``: ``[0, 2, 3, 1]``); plain order for anything else."""
+    order = sorted(range(tensor.ndim), key=lambda d: (-tensor.stride(d), d))
+    dense = tensor.permute(order).is_contiguous()
+    return order if dense else list(range(tensor.ndim))
 
 
 def _pack(image, name: str, tensors: dict[str, Tensor], identity: str) -> dict[str, str]:
@@ -93,7 +113,7 @@ def _pack(image, name: str, tensors: dict[str, Tensor], identity: str) -> dict[s
         tensors[name] = torch.from_numpy(np.ascontiguousarray(image))
         return {"kind": "numpy"}
     if isinstance(image, Tensor):
-        tensors[name] = image.detach().cpu().contiguous()
+        tensors[name] = image.detach().cpu()
         return {"kind": "tensor"}
     raise ValueError(f"identity {identity!r}: {name} is a {type(image).__name__}; a reward server takes PIL images, "
                      f"numpy arrays or tensors (open a path first)")
@@ -122,7 +142,7 @@ def decode_group(request: Mapping[str, Any], max_images: int | None = None) -> G
         raise WireError(f"category must be a string or null, got {type(request['category']).__name__}")
     if not isinstance(request["metadata"], dict):
         raise WireError(f"metadata must be a JSON object, got {type(request['metadata']).__name__}")
-    tensors = _tensors(request["tensors"])
+    tensors = _laid_out(_tensors(request["tensors"]), request["layouts"])
     images = _images(tensors.pop("images", None), max_images)
     gen_masks = tensors.pop("gen_masks", None)
     if gen_masks is not None and (gen_masks.ndim != 3 or gen_masks.shape[0] != images.shape[0]):
@@ -154,6 +174,21 @@ def _tensors(text) -> dict[str, Tensor]:
         raise WireError(f"tensors is not base64 ({err})") from None
     except (SafetensorError, RuntimeError, OverflowError) as err:
         raise WireError(f"tensors is not a safetensors file ({err})") from None
+
+
+def _laid_out(tensors: dict[str, Tensor], layouts) -> dict[str, Tensor]:
+    """The tensors with the memory layouts the client had (``layouts``: name -> the order it was sent in)."""
+    if not isinstance(layouts, dict):
+        raise WireError(f"layouts must be an object (tensor name -> dimension order), got {type(layouts).__name__}")
+    for name, order in layouts.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise WireError(f"layouts names {name!r}, which tensors does not hold")
+        if not isinstance(order, list) or sorted(order) != list(range(tensor.ndim)) or not all(
+                type(d) is int for d in order):
+            raise WireError(f"layouts[{name!r}] must be an order of the dimensions 0..{tensor.ndim - 1}, got {order!r}")
+        tensors[name] = tensor.permute([order.index(d) for d in range(tensor.ndim)])
+    return tensors
 
 
 def _images(images: Tensor | None, max_images: int | None) -> Tensor:
