@@ -88,7 +88,7 @@ def policy_and_condition():
 
 def test_a_chunked_rollout_hands_each_chunk_over_as_it_is_decoded(policy_and_condition):
     policy, condition = policy_and_condition
-    kwargs = dict(num_steps=3, noise_level=0.9)
+    kwargs = {"num_steps": 3, "noise_level": 0.9}
     seen = []
     chunked = rollout_chunks(policy, condition, 4, on_chunk=lambda rows, images: seen.append((rows, images)),
                              generator=torch.Generator().manual_seed(0), **kwargs)

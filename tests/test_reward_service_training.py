@@ -12,9 +12,9 @@ import torch
 
 pytest.importorskip("litserve")
 
-from helpers.servers import KILLED, RewardServer, listening  # noqa: E402
-from test_overlap import demo_fit  # noqa: E402
-from test_reward_service import GATED  # noqa: E402
+from helpers.servers import KILLED, RewardServer, listening
+from test_overlap import demo_fit
+from test_reward_service import GATED
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("in_repository_root")]
 
