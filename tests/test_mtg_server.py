@@ -7,6 +7,7 @@ check that the client sent the right images, in the right order, with the right 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -21,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from divrl.rewards import NSSMReward
 from divrl.rewards.backbones.mtg import MTGServerError, MTGServerScorer
 from divrl.rewards.base import Components, GroupScorer, NonFiniteReward
 
@@ -91,6 +93,18 @@ class FakeMTG:
 
 @pytest.fixture
 def server():
+    with fake_server() as fake:
+        yield fake
+
+
+@pytest.fixture
+def second_server():
+    with fake_server() as fake:
+        yield fake
+
+
+@contextlib.contextmanager
+def fake_server():
     fake = FakeMTG()
 
     class Handler(BaseHTTPRequestHandler):
@@ -431,3 +445,30 @@ def test_scores_on_the_edge_of_the_range_are_kept(server, group):
     out = scorer.score_group(ref, gen)
     assert out.nssm.tolist() == pytest.approx([0.0, 2.0, 2.00001, 1.0, 0.0])
     assert out.vsm.tolist() == pytest.approx([0.0, 1.0, 1.00001, 0.5, 0.0])
+
+
+def test_several_urls_fail_over_to_the_server_that_answers(server, second_server, group, caplog):
+    gen, ref, mask = group
+    server.script = [("status", 503, "overloaded")] * 10
+    scorer = MTGServerScorer(urls=[server.url, second_server.url], timeout=5.0, retries=3, backoff=30.0)
+    with caplog.at_level(logging.WARNING, logger="divrl.rewards.endpoints"):
+        nssm, vsm = scorer.score_group(ref, gen, mask)
+    want_nssm, want_vsm = expected(gen, ref, mask.float(), 0.7)
+    assert torch.allclose(nssm.double(), want_nssm, atol=1e-5) and torch.allclose(vsm.double(), want_vsm, atol=1e-5)
+    assert len(server.requests) == 1 and len(second_server.requests) == 2  # the failed one is in its back-off
+    assert f"MTG reward server {server.url}/score failed at" in caplog.text and "HTTP 503" in caplog.text
+    assert scorer.concurrency == 4 and NSSMReward(scorer).concurrency == 4
+
+
+def test_every_url_down_raises_naming_them_within_timeout_times_retries():
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    scorer = MTGServerScorer(urls=urls, timeout=0.4, retries=2, backoff=0.05)
+    start = time.monotonic()
+    with pytest.raises(MTGServerError, match=r"every one of the MTG reward servers .* failed for 0.8 s") as info:
+        scorer.score_group(uint8_images(1, 0)[0], uint8_images(2, 1))
+    assert 0.8 <= time.monotonic() - start < 3 and all(f"{u}/score" in str(info.value) for u in urls)

@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="feature backbone: the weight-free dense descriptor (offline) or DINOv2 (default: dense)",
     )
     score.add_argument("--model", default="facebook/dinov2-small", help="DINOv2 Hub id or local folder")
-    score.add_argument("--mtg-url", help="score with a running Mind-the-Glitch reward server instead of a backbone")
+    score.add_argument("--mtg-url", action="append", metavar="URL",
+                       help="score with a running Mind-the-Glitch reward server instead of a backbone (repeat it for "
+                            "several servers: requests fail over between them)")
     score.add_argument("--timeout", type=bounded(float, 0, strict=True), default=120.0,
                        help="--mtg-url: seconds per request (default 120)")
     score.add_argument("--retries", type=bounded(int, 0), default=3,
@@ -134,7 +136,7 @@ def run_score(args: argparse.Namespace) -> int:
     if args.mtg_url:  # the scorer is built once the inputs are known to be usable (DINOv2 takes a while to load)
         from divrl.rewards.backbones import MTGServerScorer
 
-        scorer = MTGServerScorer(args.mtg_url, tau_s=args.tau_s, timeout=args.timeout, retries=args.retries)
+        scorer = MTGServerScorer(urls=args.mtg_url, tau_s=args.tau_s, timeout=args.timeout, retries=args.retries)
     elif args.backbone == "dinov2":
         from divrl.rewards.backbones import DINOv2Backbone
 

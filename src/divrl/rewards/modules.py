@@ -57,6 +57,10 @@ class GroupReward(Reward):
         self.scorer = scorer
         self.track_vsm = track_vsm
 
+    @property
+    def concurrency(self) -> int:
+        return getattr(self.scorer, "concurrency", 1)  # a served scorer (MTG with several urls) scores groups at once
+
     def forward(self, group: Group) -> RewardOutput:
         if len(group.references) != 1:
             raise ValueError(

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from divrl.images import ImageLike, to_image_batch, to_mask_batch, to_pil
 from divrl.rewards.base import Components, GroupScorer, NonFiniteReward
+from divrl.rewards.endpoints import EndpointPool, Retryable, ServersDown
 
 __all__ = ["MTGServerScorer", "MTGServerError", "MTGNonFiniteScore"]
 
@@ -75,7 +76,7 @@ class MTGNonFiniteScore(MTGServerError, NonFiniteReward):
     (a :class:`~divrl.rewards.NonFiniteReward`) instead of stopping; ``divrl score`` reports it."""
 
 
-class _Retryable(Exception):
+class _Retryable(Retryable):
     """Internal: a failure worth another attempt (connection error, timeout, 5xx, 429)."""
 
     def __init__(self, description: str, status: int | None = None):
@@ -93,6 +94,12 @@ class MTGServerScorer(GroupScorer):
     Args:
         url: base URL of the server, e.g. ``"http://127.0.0.1:8101"`` (one worker) or ``"http://127.0.0.1:8098"``
             (the round-robin balancer). ``/score`` is appended unless the URL already ends with it.
+        urls: several servers in place of ``url``: each request goes to the least-loaded one, a server that fails is
+            skipped (the request goes to the others) and tried again after ``backoff`` seconds (doubled per further
+            failure), and when every server has failed for ``timeout × retries`` seconds the call raises
+            :class:`MTGServerError` naming them (as :class:`~divrl.rewards.RemoteReward`); up to ``max_in_flight``
+            groups are scored at once. One URL keeps the attempt semantics below.
+        max_in_flight: with ``urls``, how many groups training scores at once (their requests in flight together).
         tau_s: VSM semantic threshold sent as ``semantic_threshold`` (paper and code: 0.7).
         timeout: socket timeout in seconds of each request (applies to connecting and to each read); a request
             that exceeds it counts as a failed attempt and is retried.
@@ -116,8 +123,15 @@ class MTGServerScorer(GroupScorer):
         backoff: float = 1.0,
         max_images_per_request: int | None = None,
         vsm_nan_as_zero: bool = True,
+        urls: Sequence[str] | None = None,
+        max_in_flight: int = 4,
     ):
         super().__init__()
+        if urls is not None:
+            urls = [urls] if isinstance(urls, str) else list(urls)
+            if not urls:
+                raise ValueError("urls is empty; give the MTG reward servers' URLs, or url for one")
+            url = urls[0]
         if not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in ("http", "https"):
             raise ValueError(f"url must be an http(s) URL such as 'http://127.0.0.1:8101', got {url!r}")
         if not urllib.parse.urlsplit(url).netloc:
@@ -136,9 +150,22 @@ class MTGServerScorer(GroupScorer):
             or max_images_per_request < 1
         ):
             raise ValueError(f"max_images_per_request must be a positive integer or None, got {max_images_per_request!r}")
+        for other in (urls or [])[1:]:
+            if not isinstance(other, str) or urllib.parse.urlsplit(other).scheme not in ("http", "https") or \
+                    not urllib.parse.urlsplit(other).netloc:
+                raise ValueError(f"urls must hold http(s) URLs such as 'http://127.0.0.1:8101', got {other!r}")
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
         base = url.rstrip("/")
         self.url = base
         self.endpoint = base if base.endswith("/score") else base + "/score"
+        self.endpoints = [u.rstrip("/") if u.rstrip("/").endswith("/score") else u.rstrip("/") + "/score"
+                          for u in (urls or [url])]
+        self.max_in_flight = max_in_flight if len(self.endpoints) > 1 else 1
+        self.pool = EndpointPool(
+            self.endpoints, give_up_after=float(timeout) * retries, backoff=float(backoff), what="MTG reward server",
+            hint="Start the Mind-the-Glitch reward servers (CleanDIFT-SD2.1, needs a GPU) and check `urls`; if they "
+                 "are up but slow, raise `timeout` or `retries`") if len(self.endpoints) > 1 else None
         self.tau_s = float(tau_s)
         self.timeout = float(timeout)
         self.retries = retries
@@ -230,11 +257,23 @@ class MTGServerScorer(GroupScorer):
 
     # ------------------------------------------------------------------------------------------------ HTTP
 
+    @property
+    def concurrency(self) -> int:
+        """Groups scored at once on threads: ``max_in_flight`` with several servers, else 1."""
+        return self.max_in_flight
+
     def _request(self, payload: dict, expected: int, what: str, nan_ok: bool = False,
                  bounds: tuple[float, float] = (-math.inf, math.inf)) -> list[float]:
-        """POST one request with retries; return ``expected`` validated scores (finite, within ``bounds``: nSSM
-        ``1 − ρ`` lies in [0, 2], VSM, a fraction, in [0, 1]) or raise :class:`MTGServerError`."""
+        """POST one request with retries (over the servers, with ``urls``); return ``expected`` validated scores
+        (finite, within ``bounds``: nSSM ``1 − ρ`` lies in [0, 2], VSM, a fraction, in [0, 1]) or raise
+        :class:`MTGServerError`."""
         data = json.dumps(payload).encode("utf-8")
+        if self.pool is not None:
+            try:
+                return self.pool.request(lambda url: self._parse(self._post(data, 1, url), expected, what, 1, nan_ok,
+                                                                 bounds, url))
+            except ServersDown as err:
+                raise MTGServerError(str(err), url=", ".join(err.urls)) from None
         attempts = self.retries + 1
         last: _Retryable | None = None
         for attempt in range(attempts):
@@ -261,9 +300,10 @@ class MTGServerScorer(GroupScorer):
             url=self.endpoint, attempts=attempts, status=last.status if last is not None else None,
         )
 
-    def _post(self, data: bytes, attempt: int) -> bytes:
+    def _post(self, data: bytes, attempt: int, endpoint: str | None = None) -> bytes:
+        endpoint = endpoint or self.endpoint
         request = urllib.request.Request(
-            self.endpoint,
+            endpoint,
             data=data,
             method="POST",
             headers={"Content-Type": "application/json", "Accept": "application/json"},
@@ -281,9 +321,9 @@ class MTGServerScorer(GroupScorer):
                 else "the server rejected the request; check that the server speaks the DivRL MTG protocol"
             )
             raise MTGServerError(
-                f"MTG reward server at {self.endpoint} answered HTTP {err.code} {err.reason} (attempt {attempt}, "
+                f"MTG reward server at {endpoint} answered HTTP {err.code} {err.reason} (attempt {attempt}, "
                 f"not retried); response: {excerpt}. {hint}",
-                url=self.endpoint, attempts=attempt, status=err.code,
+                url=endpoint, attempts=attempt, status=err.code,
             ) from None
         except urllib.error.URLError as err:  # connection refused, DNS, timeout while connecting...
             raise _Retryable(f"{type(err.reason).__name__}: {err.reason}") from None
@@ -291,13 +331,15 @@ class MTGServerScorer(GroupScorer):
             raise _Retryable(f"{type(err).__name__}: {err or 'no details'}") from None
 
     def _parse(self, body: bytes, expected: int, what: str, attempt: int, nan_ok: bool = False,
-               bounds: tuple[float, float] = (-math.inf, math.inf)) -> list[float]:
+               bounds: tuple[float, float] = (-math.inf, math.inf), endpoint: str | None = None) -> list[float]:
+        endpoint = endpoint or self.endpoint
+
         def fail(problem: str, kind: type[MTGServerError] = MTGServerError) -> MTGServerError:
             return kind(
-                f"MTG reward server at {self.endpoint} gave an unusable answer for the {what}: {problem}; "
+                f"MTG reward server at {endpoint} gave an unusable answer for the {what}: {problem}; "
                 f"response: {_excerpt(body)}. Expected JSON {{\"score\": [float, ...]}} with {expected} finite "
                 f"value(s); check that `url` points at the DivRL MTG reward server.",
-                url=self.endpoint, attempts=attempt,
+                url=endpoint, attempts=attempt,
             )
 
         try:
