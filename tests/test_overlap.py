@@ -142,9 +142,9 @@ def test_overlapped_scoring_trains_bit_identical_weights(tmp_path, monkeypatch, 
         chunks.append((start, time.perf_counter()))
         return out
 
-    def timed_score(self, group):
+    def timed_score(self, group, ready=None):
         start = time.perf_counter()
-        out = real_score(self, group)
+        out = real_score(self, group, ready)
         scored.append((start, time.perf_counter(), threading.current_thread().name))
         return out
 

@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,9 +33,9 @@ from divrl.rewards.wire import (
     encode_output,
 )
 
-pytest.importorskip("litserve")
-
 from helpers.servers import RewardServer, listening
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DENSE = {"class_path": "divrl.rewards.backbones.DenseDescriptor", "init_args": {"grid_size": 24, "cell": 4}}
 GATED = {"class_path": "divrl.rewards.GatedReward", "init_args": {
@@ -239,6 +240,20 @@ def test_a_stage_reward_is_read_from_a_training_config(in_repository_root):
         build_reward({"class_path": "divrl.rewards.NSSMReward", "init_args": {"scorer": 3}})
 
 
+def test_the_remote_rewards_overlay_parses_on_top_of_a_config(tmp_path, in_repository_root):
+    from divrl.cli import run_lightning
+
+    cli = run_lightning(["--config", "configs/demo.yaml", "--config", "examples/reward_service/remote_rewards.yaml",
+                         "--trainer.default_root_dir", str(tmp_path)], run=False)
+    rewards = cli.model.rewards
+    assert [type(r).__name__ for r in rewards] == ["RemoteReward", "RemoteReward"]
+    assert [r.endpoints for r in rewards] == [["http://reward-node:8001/predict"], ["http://reward-node:8002/predict"]]
+    assert cli.model.system.overlap_rewards is True and cli.model.system.rollout_chunk_groups == 1
+    serve = (ROOT / "examples/reward_service/serve.sh").read_text()
+    assert "--config configs/explore.yaml --stage 1" in serve and "--stage 2" in serve
+    assert reward_block(ROOT / "configs/explore.yaml", 2)["class_path"] == "divrl.rewards.GatedReward"
+
+
 # ---------------------------------------------------------------------------------------------------- real servers
 
 
@@ -258,6 +273,7 @@ def tiny_dinov2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, tiny_dinov2):
     """Three servers: the dense gated reward (with an API key, batches of 4), DINOv2 tiny R2, and PSR."""
+    pytest.importorskip("litserve")
     folder = tmp_path_factory.mktemp("servers")
     dinov2 = {"class_path": "divrl.rewards.GatedReward", "init_args": {"threshold": 0.5, "weight": 5.0, "scorer": {
         "class_path": "divrl.rewards.FeatureScorer", "init_args": {"pool": 2, "backbone": {

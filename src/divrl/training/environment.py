@@ -174,7 +174,9 @@ class GroupScoring:
     """Groups scored in the background as they are submitted: on ``reward.concurrency`` threads (a remote reward's
     requests in flight), or one thread for a local reward. :meth:`results` waits for all of them and gives, in
     submission order, each group's :class:`RewardOutput` or the exception it raised. The threads score with the
-    submitting thread's grad mode, autocast and CUDA device, so a group scores the same as in that thread.
+    submitting thread's grad mode, autocast and CUDA device, so a group scores the same as in that thread; on a GPU
+    they score on a CUDA stream of their own (after the images are ready on the submitting thread's stream), so a
+    local reward's kernels can run beside the rollout's instead of queueing behind them (not yet run on a GPU).
 
     Used as a context manager: leaving it (an error in the rollout included) cancels what has not started and waits
     for the rest. With concurrency 1 and nothing to overlap (:func:`score_groups`), scoring runs in the calling thread.
@@ -187,6 +189,7 @@ class GroupScoring:
         self.futures: list = []
         self.executor = None
         self.state = _ThreadState()
+        self.stream = torch.cuda.Stream(self.state.cuda) if self.background and self.state.cuda is not None else None
 
     def __enter__(self) -> GroupScoring:
         from concurrent.futures import ThreadPoolExecutor
@@ -201,7 +204,11 @@ class GroupScoring:
 
     def submit(self, sample: ConditionSample, images: Tensor) -> None:
         if self.executor is not None:
-            self.futures.append(self.executor.submit(self._score, Group(sample, images)))
+            ready = None
+            if self.stream is not None:  # the images are written on this thread's stream: the scoring waits for them
+                ready = torch.cuda.Event()
+                ready.record()
+            self.futures.append(self.executor.submit(self._score, Group(sample, images), ready))
             return
         from concurrent.futures import Future
 
@@ -216,9 +223,13 @@ class GroupScoring:
         except Exception as err:  # noqa: BLE001 - handed back in order by results(), raised there
             return err
 
-    def _score(self, group: Group) -> RewardOutput | Exception:
+    def _score(self, group: Group, ready=None) -> RewardOutput | Exception:
         with self.state:
-            return self.reward_or_error(group)
+            if ready is None:
+                return self.reward_or_error(group)
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(ready)
+                return self.reward_or_error(group)  # its outputs come back on the CPU: synchronised
 
     def results(self) -> list[RewardOutput | Exception]:
         return [future.result() for future in self.futures]
