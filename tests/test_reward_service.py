@@ -48,6 +48,9 @@ PSR = {"class_path": "divrl.rewards.PairwiseSubjectConsistency", "init_args": {
     "on_missing": "score"}}
 
 
+CALLABLE = {"class_path": "divrl.rewards.CallableReward", "init_args": {"fn": "helpers.servers.brightness"}}
+
+
 def photo(seed: int, size: int = 48, mode: str = "RGB") -> Image.Image:
     shape = (size, size, 3) if mode == "RGB" else (size, size)
     return Image.fromarray((np.random.RandomState(seed).rand(*shape) * 255).astype(np.uint8), mode=None)
@@ -272,7 +275,8 @@ def tiny_dinov2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, tiny_dinov2):
-    """Three servers: the dense gated reward (with an API key, batches of 4), DINOv2 tiny R2, and PSR."""
+    """Four servers: the dense gated reward (with an API key, batches of 4), DINOv2 tiny R2, PSR, and a
+    CallableReward (requests up to 1 MiB)."""
     pytest.importorskip("litserve")
     folder = tmp_path_factory.mktemp("servers")
     dinov2 = {"class_path": "divrl.rewards.GatedReward", "init_args": {"threshold": 0.5, "weight": 5.0, "scorer": {
@@ -280,8 +284,9 @@ def servers(tmp_path_factory, tiny_dinov2):
             "class_path": "divrl.rewards.backbones.DINOv2Backbone",
             "init_args": {"model": str(tiny_dinov2), "grid_size": 8, "local_files_only": True}}}}}}
     started = {"dense": RewardServer(GATED, folder, "--max-batch-size", "4", api_key="sesame"),
-               "dinov2": RewardServer(dinov2, folder), "psr": RewardServer(PSR, folder)}
-    blocks = {"dense": GATED, "dinov2": dinov2, "psr": PSR}
+               "dinov2": RewardServer(dinov2, folder), "psr": RewardServer(PSR, folder),
+               "callable": RewardServer(CALLABLE, folder, "--max-request-mb", "1")}
+    blocks = {"dense": GATED, "dinov2": dinov2, "psr": PSR, "callable": CALLABLE}
     try:
         yield {name: (server.wait_ready(), build_reward(blocks[name])) for name, server in started.items()}
     finally:
@@ -290,7 +295,7 @@ def servers(tmp_path_factory, tiny_dinov2):
         assert not any(listening(server.port) for server in started.values())
 
 
-@pytest.mark.parametrize("name", ["dense", "dinov2", "psr"])
+@pytest.mark.parametrize("name", ["dense", "dinov2", "psr", "callable"])
 def test_served_equals_in_process(servers, name):
     server, local = servers[name]
     remote = RemoteReward(server.url, timeout=30, api_key=server.api_key)
@@ -403,3 +408,56 @@ def test_settings_are_checked():
         RemoteReward("http://h:1", max_in_flight=0)
     with pytest.raises(ValueError, match="name a server twice"):
         RemoteReward(["http://h:1", "http://h:1/"])
+
+
+def test_a_served_reward_fails_as_it_would_in_process(servers):
+    server, local = servers["callable"]
+    remote = RemoteReward(server.url, timeout=30)
+    nan, crash = single_group(1), single_group(2)
+    nan.sample.prompt, crash.sample.prompt = "nan", "crash"
+    with pytest.raises(NonFiniteReward):
+        local(nan)
+    with pytest.raises(NonFiniteReward, match=f"reward server {server.url}/predict: CallableReward returned non-finite"):
+        remote(nan)  # skipped and counted in training, as in process
+    start = time.monotonic()
+    with pytest.raises(RemoteRewardError, match=r"HTTP 422\): CallableReward: RuntimeError: shape mismatch in the judge"):
+        remote(crash)  # stops the run at once, as in process; not retried on other servers
+    assert time.monotonic() - start < 5 and remote.pool.servers[0].failures == 0
+    nan_images = single_group(3)
+    nan_images.images[1, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteReward, match="NaN or infinite values; not sent"):
+        remote(nan_images)
+    assert same(remote(single_group(4)), local(single_group(4)))
+
+
+def test_a_group_over_the_servers_limit_stops_with_the_fix_not_a_retry_storm(servers):
+    server, _ = servers["callable"]
+    big = Group(single_group(0).sample, torch.rand(8, 3, 256, 256))  # 6 MiB; the server takes 1 MiB
+    start = time.monotonic()
+    with pytest.raises(RemoteRewardError, match=r"takes requests up to 1 MiB and this group's is \d+ MiB: raise the "
+                                                r"servers' --max-request-mb"):
+        RemoteReward(server.url, timeout=30, retries=3)(big)
+    assert time.monotonic() - start < 10
+
+
+def test_background_threads_score_with_the_callers_grad_mode():
+    from divrl.training.scoring import GroupScoring
+
+    class Slow(Reward):
+        concurrency = 3
+
+        def __init__(self):
+            super().__init__()
+            self.grad = []
+
+        def forward(self, group):
+            time.sleep(0.02 * (len(self.grad) % 3))
+            self.grad.append(torch.is_grad_enabled())
+            return RewardOutput(group.images.mean(dim=(1, 2, 3)))
+
+    reward = Slow()
+    with torch.no_grad(), GroupScoring(reward) as scoring:
+        for i in range(9):
+            scoring.submit(single_group(i, g=2).sample, torch.rand(2, 3, 8, 8))
+        results = scoring.results()
+    assert reward.grad == [False] * 9 and all(isinstance(r, RewardOutput) for r in results)

@@ -65,7 +65,7 @@ def test_losing_every_server_stops_in_time_and_keeps_the_last_checkpoint(tmp_pat
     finally:
         server.stop()
     assert code == 1
-    assert f"the reward servers {server.url}/predict failed for 2 s (timeout x retries)" in out.err
+    assert f"the reward server {server.url}/predict failed for 2 s (timeout x retries)" in out.err
     assert ended - KILLED[server.process.pid] < 2 + 20  # the give-up time, plus the rollout under way and the exit
     saved = sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt"))
     assert saved == [f"epoch=0-step={s}.ckpt" for s in (1, 2, 3)]

@@ -45,8 +45,9 @@ def add_serve_command(commands, bounded) -> None:
                                          "set); prefer the variable: a command line is visible in ps")
     serve.add_argument("--max-request-mb", type=bounded(float, 0, strict=True), default=160.0,
                        help="largest request body in MiB (default 160; a group of 21 float32 512x512 images is 88)")
-    serve.add_argument("--timeout", type=bounded(float, 0, strict=True), default=600.0,
-                       help="seconds a request may wait for a worker before it gets 504 (default 600)")
+    serve.add_argument("--timeout", type=bounded(float, 0, strict=True), default=90.0,
+                       help="seconds a request may wait for a worker before it gets 504 (default 90; keep it below "
+                            "the clients' timeout, 120 by default, so a busy server answers before they give up)")
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                        help="the HTTP server's log level (default warning)")
     serve.set_defaults(func=run_serve_reward)
@@ -82,9 +83,11 @@ def run_serve_reward(args: argparse.Namespace) -> int:
     server = reward_server(block, api_key=api_key, accelerator=args.accelerator, devices=args.devices,
                            workers_per_device=args.workers_per_device, max_batch_size=args.max_batch_size,
                            batch_timeout=args.batch_timeout, max_request_mb=args.max_request_mb, timeout=args.timeout)
-    print(f"divrl serve-reward: {type(reward).__name__} on http://{args.host}:{args.port}/predict "
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"divrl serve-reward: {type(reward).__name__} on http://{host}:{args.port}/predict "
           f"({args.workers_per_device} worker(s) per device, batches of up to {args.max_batch_size} group(s)"
-          f"{', API key required' if api_key else ''}); GET /health answers 200 when it is ready", flush=True)
+          f"{', API key required on every endpoint' if api_key else ''}); GET /health answers 200 when it is ready",
+          flush=True)
     del reward
     server.run(host=args.host, port=args.port, generate_client_file=False, log_level=args.log_level)
     return 0

@@ -9,8 +9,10 @@ with the same reward, so an answer never depends on which groups shared its batc
 
 A request is checked where it arrives, before it reaches a worker: malformed JSON, unknown or missing fields,
 undecodable tensors, wrong shapes and non-finite images get HTTP 422 with one sentence naming the field; a body over
-``--max-request-mb`` gets 413; a missing or wrong API key 401. A worker never sees them, so it keeps serving. A group
-the reward itself refuses gets 422 with the reward's sentence, a reward crash 500 (the client tries another server).
+``--max-request-mb`` gets 413; a missing or wrong API key 401 (on every endpoint, ``/health`` included: LitServe
+applies the key to all). A worker never sees them, so it keeps serving. An error the reward raises on a group gets
+422 with the reward's sentence (the run stops, as it would in process); running out of GPU memory gets 503 (the
+client tries another server).
 
 This module needs LitServe (``pip install 'divrl[serve]'``); the client, :class:`~divrl.rewards.RemoteReward`, does not.
 """
@@ -59,6 +61,8 @@ class GroupRequest(BaseModel):
             decode_group(self.model_dump())
         except WireError as err:
             raise ValueError(str(err)) from None
+        except Exception as err:  # whatever else a crafted request trips: a 422, never a 500
+            raise ValueError(f"the request does not decode ({type(err).__name__}: {err})") from None
         return self
 
 
@@ -105,12 +109,12 @@ class RewardAPI(ls.LitAPI):
                 return encode_output(self.reward(group))
             except NonFiniteReward as err:
                 return {"non_finite": str(err)}
-            except (ValueError, TypeError) as err:  # the reward refuses this group: the run stops, as in process
-                log.error("%s refused identity %r: %s", name, group.sample.id, err)
-                return {"_status": 422, "detail": f"{name}: {err}"}
-            except Exception as err:
+            except torch.cuda.OutOfMemoryError as err:  # this worker's trouble: 503, the client tries another server
+                log.error("%s ran out of memory on identity %r: %s", name, group.sample.id, err)
+                return {"_status": 503, "detail": f"{name} ran out of GPU memory on this server: {err}"}
+            except Exception as err:  # the reward's own error: 422, and the run stops, as it would in process
                 log.exception("%s failed on identity %r", name, group.sample.id)
-                return {"_status": 500, "detail": f"{name} failed: {type(err).__name__}: {err}"}
+                return {"_status": 422, "detail": f"{name}: {type(err).__name__}: {err}"}
 
     def encode_response(self, output: dict[str, Any]):
         if "_status" in output:  # per group, so one refused group of a batch does not fail the others
@@ -150,7 +154,7 @@ async def _validation_error(request, exc: RequestValidationError) -> JSONRespons
 
 def reward_server(block: dict, *, api_key: str | None = None, accelerator: str = "auto", devices="auto",
                   workers_per_device: int = 1, max_batch_size: int = 1, batch_timeout: float = 0.01,
-                  max_request_mb: float = 160.0, timeout: float = 600.0) -> ls.LitServer:
+                  max_request_mb: float = 160.0, timeout: float = 90.0) -> ls.LitServer:
     """The ``LitServer`` of the reward ``block`` (call ``.run(host=..., port=...)``)."""
     api = RewardAPI(block, api_key=api_key, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
     limit = int(max_request_mb * 2**20)

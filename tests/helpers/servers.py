@@ -37,6 +37,8 @@ class RewardServer:
         config.write_text(yaml.safe_dump(block))
         self.log = folder / f"server-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if k != "DIVRL_REWARD_API_KEY"}
+        tests = str(Path(__file__).resolve().parents[1])  # helpers.servers.brightness, for a CallableReward
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))
         if api_key:
             env["DIVRL_REWARD_API_KEY"] = api_key
         self.api_key = api_key
@@ -99,3 +101,13 @@ class KillServer(_callback_base()):
             except ProcessLookupError:
                 pass
             KILLED[self.pid] = time.monotonic()
+
+
+def brightness(images, prompts, metadata):
+    """A CallableReward function: each image's mean; NaN for the prompt "nan", a RuntimeError for the prompt "crash"."""
+    import torch
+
+    if prompts[0] == "crash":
+        raise RuntimeError("shape mismatch in the judge")
+    scores = images.mean(dim=(1, 2, 3))
+    return scores * float("nan") if prompts[0] == "nan" else scores

@@ -143,6 +143,8 @@ def rollout_chunks(
         if on_chunk is not None:
             on_chunk(rows, part.images)
         parts.append(part)
+    if len(parts) == 1:  # one chunk is the plain rollout, without copies
+        return parts[0]
     first = parts[0]
     return Trajectory(
         latents=torch.cat([p.latents for p in parts]), log_probs=torch.cat([p.log_probs for p in parts]),

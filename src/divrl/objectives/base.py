@@ -191,6 +191,16 @@ def shuffled_updates(num: int, epochs: int, updates_per_epoch: int, micro_batch_
             yield [(index, x) for index in part.split(micro_batch_size) for x in inner]
 
 
+def rollout_and_score(env: Environment, samples: Sequence[ConditionSample], group_size: int,
+                      generator: torch.Generator, **kwargs) -> tuple[Conditioning, Trajectory, Scores]:
+    """``env.rollout_and_score`` (pipelined scoring in a training run), or ``env.rollout`` then ``env.score`` for an
+    environment that predates it (a test's, a user's own)."""
+    if hasattr(env, "rollout_and_score"):
+        return env.rollout_and_score(samples, group_size, generator, **kwargs)
+    condition, trajectory = env.rollout(samples, group_size, generator, **kwargs)
+    return condition, trajectory, env.score(samples, trajectory.images, group_size)
+
+
 def positive(obj: object, prefix: str, *names: str) -> None:
     """Refuse settings below 1, naming them (``objective.ppo_epochs must be >= 1``)."""
     for name in names:

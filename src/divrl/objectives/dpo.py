@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from divrl.grpo import group_advantages
-from divrl.objectives.base import Batch, Environment, Objective, positive, shuffled_updates
+from divrl.objectives.base import Batch, Environment, Objective, positive, rollout_and_score, shuffled_updates
 from divrl.objectives.flow import (TimestepSampling, _check_beta, _check_finite, as_timesteps, dpo_loss, draw,
                                    flow_error, group_dpo_loss, group_weights, noised)
 from divrl.objectives.sft import target_latents
@@ -120,8 +120,8 @@ class _Preference(Objective):
         return True
 
     def _rollout(self, samples, env: Environment, generator):
-        condition, trajectory, scores = env.rollout_and_score(samples, env.sampling.group_size, generator,
-                                                              noise_level=self.noise_level)
+        condition, trajectory, scores = rollout_and_score(env, samples, env.sampling.group_size, generator,
+                                                          noise_level=self.noise_level)
         return condition, trajectory.latents[:, -1], trajectory.images, scores
 
     def _draws(self, count: int, like: Tensor, generator: torch.Generator, policy: Policy, condition) -> tuple[Tensor, Tensor]:

@@ -32,7 +32,8 @@ from divrl.grpo import (
     select_train_steps,
     transition_log_prob,
 )
-from divrl.objectives.base import Batch, Environment, Objective, SamplingConfig, positive, shuffled_updates
+from divrl.objectives.base import (Batch, Environment, Objective, SamplingConfig, positive, rollout_and_score,
+                                   shuffled_updates)
 from divrl.objectives.flow import _check_finite
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ class GRPOObjective(Objective):
                 generator: torch.Generator) -> GRPOBatch:
         sampling = env.sampling
         sde = sde_mask(sampling.num_steps, self.sde_window)
-        condition, trajectory, scores = env.rollout_and_score(samples, sampling.group_size, generator, sde_steps=sde)
+        condition, trajectory, scores = rollout_and_score(env, samples, sampling.group_size, generator, sde_steps=sde)
         train_steps = select_train_steps(sampling.num_steps, fraction=self.timestep_fraction, window=self.sde_window)
         return GRPOBatch(
             samples, sampling.group_size, scores, trajectory.images, condition,

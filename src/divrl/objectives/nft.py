@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from divrl.grpo import group_advantages
-from divrl.objectives.base import Environment, Objective, positive, shuffled_updates
+from divrl.objectives.base import Environment, Objective, positive, rollout_and_score, shuffled_updates
 from divrl.objectives.flow import (FlowBatch, TimestepSampling, _check_beta, _check_finite, as_timesteps, draw,
                                    flow_error, nft_loss, noised, optimality)
 
@@ -92,7 +92,7 @@ class NFTObjective(Objective):
     def collect(self, policy: Policy, samples: Sequence[ConditionSample], env: Environment,
                 generator: torch.Generator) -> NFTBatch:
         g, k = env.sampling.group_size, self.timesteps_per_sample
-        condition, trajectory, scores = env.rollout_and_score(samples, g, generator, noise_level=self.noise_level)
+        condition, trajectory, scores = rollout_and_score(env, samples, g, generator, noise_level=self.noise_level)
         adv = torch.zeros_like(scores.rewards)
         if scores.keep.any():
             adv[scores.keep] = group_advantages(scores.rewards[scores.keep], "group", clip=self.adv_clip)

@@ -56,9 +56,9 @@ def build_reward(config: Path | str | dict, stage: int | None = None):
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--reward", type=Reward)
     try:
-        config = parser.parse_object({"reward": block})
+        parsed = parser.parse_object({"reward": block})
         instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in 4.49
-        return instantiate(config).reward
+        return instantiate(parsed).reward
     except Exception as err:  # noqa: BLE001 - jsonargparse's refusal (or the reward's own), as one sentence
         where = "the reward config" if isinstance(config, dict) else str(config)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -47,6 +47,7 @@ class _Server:
     url: str
     in_flight: int = 0
     failures: int = 0           # consecutive failed requests
+    failed_at: float = -1.0     # monotonic time of the last failure
     retry_at: float = 0.0       # monotonic time it is tried again
     down_since: float | None = None  # wall-clock time of the first failure of the current outage
     last_error: str = ""
@@ -60,7 +61,8 @@ class EndpointPool:
         urls: the servers, tried in order among equally loaded ones.
         give_up_after: seconds every server may fail (counted from the start of the request whose failure left none
             up) before :meth:`request` raises :class:`ServersDown`.
-        backoff: seconds a failed server waits before it is tried again; doubled after each further failure.
+        backoff: seconds a failed server waits before it is tried again; doubled after each further failure (at least
+            10 ms: no busy loop).
         max_backoff: the longest wait.
         what: how the logs and errors name a server ("reward server").
         hint: what the :class:`ServersDown` sentence tells the user to do.
@@ -74,11 +76,12 @@ class EndpointPool:
             raise ValueError(f"{what} URLs {list(urls)} name a server twice; give each once")
         self.servers = [_Server(url) for url in urls]
         self.give_up_after = float(give_up_after)
-        self.backoff = float(backoff)
+        self.backoff = max(float(backoff), 0.01)
         self.max_backoff = float(max_backoff)
         self.what = what
         self.hint = hint
         self._all_down_since: float | None = None
+        self._last_failure = ("", "")  # (url, error) of the latest failure
         self._turn = 0
         self._clock: Callable[[], float] = time.monotonic
         self._wall: Callable[[], float] = time.time
@@ -124,6 +127,7 @@ class EndpointPool:
             while True:
                 now = self._clock()
                 if self._all_down_since is not None and now - self._all_down_since >= self.give_up_after:
+                    self._all_down_since = None  # a later request (a notebook that goes on) gets a window of its own
                     raise self._down_error()
                 ready = [s for s in self.servers if s.retry_at <= now]
                 if ready:
@@ -141,8 +145,11 @@ class EndpointPool:
         with self._lock:
             now = self._clock()
             server.in_flight -= 1
-            server.failures += 1
+            if started >= server.failed_at:  # requests in flight when it failed do not stretch its back-off again
+                server.failures += 1
+            server.failed_at = now
             server.last_error = str(err)
+            self._last_failure = (server.url, str(err))
             wait = min(self.backoff * 2 ** (server.failures - 1), self.max_backoff)
             server.retry_at = now + wait
             if server.down_since is None:
@@ -170,12 +177,11 @@ class EndpointPool:
             self._lock.notify_all()
 
     def _down_error(self) -> ServersDown:
-        last = max(self.servers, key=lambda s: s.retry_at)
+        url, error = self._last_failure
         names = ", ".join(s.url for s in self.servers)
-        every = "every one of " if len(self.servers) > 1 else ""
-        return ServersDown(
-            f"{every}the {self.what}s {names} failed for {self.give_up_after:g} s (timeout x retries); last error "
-            f"({last.url}): {last.last_error}{'. ' + self.hint if self.hint else ''}", self.urls, last.last_error)
+        who = f"every one of the {self.what}s {names}" if len(self.servers) > 1 else f"the {self.what} {names}"
+        return ServersDown(f"{who} failed for {self.give_up_after:g} s (timeout x retries); last error ({url}): "
+                           f"{error}{'. ' + self.hint if self.hint else ''}", self.urls, error)
 
     def report(self) -> list[str]:
         """One line per server that failed during the run: when it failed, and when it came back or that it did not."""

@@ -17,6 +17,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 
+import torch
+
 from divrl.rewards.base import (
     Group,
     NonFiniteReward,
@@ -51,16 +53,20 @@ class RemoteReward(Reward):
 
     Args:
         urls: the servers' base URLs (``http://host:port``; ``/predict`` is appended) or one URL.
-        timeout: seconds a request may take (connecting, and each read); a slower one counts as a failure.
+        timeout: seconds a request may take (connecting, and each read); a slower one counts as a failure. Keep it
+            above the servers' ``--timeout`` (the time a request may queue there, 90 s by default), so a busy server
+            answers 504 before the client gives up on it and sends the group elsewhere.
         retries: with ``timeout``, how long every server may fail before the run stops: ``timeout × retries`` seconds
             (a failed server is tried again after ``backoff`` seconds, doubled per further failure, at most 30).
+            Under DDP the other ranks wait for that long in the next collective: keep ``timeout × retries`` below
+            the process group's timeout (30 minutes by default), or the collective times out first.
         max_in_flight: groups scored at once by this client (each rank of a distributed run has its own).
-        api_key: the servers' ``--api-key`` (sent as ``X-API-Key``); ``None`` reads ``DIVRL_REWARD_API_KEY``, and
-            sends none when that is unset too.
+        api_key: the servers' ``--api-key`` (sent as ``X-API-Key``, also needed by their ``/health`` and ``/info``);
+            ``None`` reads ``DIVRL_REWARD_API_KEY``, and sends none when that is unset too.
         backoff: seconds before a failed server is tried again (doubled after each further failure).
     """
 
-    def __init__(self, urls: str | Sequence[str], timeout: float = 60.0, retries: int = 3, max_in_flight: int = 4,
+    def __init__(self, urls: str | Sequence[str], timeout: float = 120.0, retries: int = 3, max_in_flight: int = 4,
                  api_key: str | None = None, backoff: float = 1.0):
         super().__init__()
         urls = [urls] if isinstance(urls, str) else list(urls)
@@ -77,6 +83,9 @@ class RemoteReward(Reward):
                 raise ValueError(f"RemoteReward: init_args.{name} must be an integer >= {low}, got {value!r}")
         self.retries, self.max_in_flight = retries, max_in_flight
         self.backoff = check_setting("RemoteReward", "backoff", backoff, 0, what="seconds")
+        if self.backoff == 0:
+            raise ValueError("RemoteReward: init_args.backoff must be > 0 seconds (0 would retry a dead server in a "
+                             "busy loop); the default is 1")
         self.endpoints = [u.rstrip("/") if u.rstrip("/").endswith("/predict") else u.rstrip("/") + "/predict"
                           for u in urls]
         self._api_key = api_key
@@ -96,6 +105,9 @@ class RemoteReward(Reward):
         return self._api_key if self._api_key is not None else os.environ.get(API_KEY_ENV) or None
 
     def forward(self, group: Group) -> RewardOutput:
+        if not torch.isfinite(group.images).all():  # in process such images score non-finite: skipped, as here
+            raise NonFiniteReward(f"identity {group.sample.id!r}: the generated images hold NaN or infinite values; "
+                                  f"not sent to a reward server")
         body = json.dumps(encode_group(group)).encode("utf-8")
         url, answer = self.pool.request(lambda url: (url, self._post(url, body)))
         if isinstance(answer, dict) and set(answer) == {"non_finite"}:
@@ -127,15 +139,28 @@ class RemoteReward(Reward):
                                     f"{_HINTS.get(err.code, '')}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as err:  # refused, reset, timed out
             reason = getattr(err, "reason", None) or err
-            large = (f" (the group's request is {len(body) / 2**20:.0f} MiB: a server closes the connection on a body "
-                     f"over its --max-request-mb, 160 by default)" if len(body) > 64 * 2**20 and
-                     isinstance(reason, (ConnectionResetError, BrokenPipeError)) else "")
-            raise Retryable(f"{type(reason).__name__}: {reason}{large}") from None
+            if isinstance(reason, (ConnectionResetError, BrokenPipeError)):
+                self._check_size(url, len(body))  # a server closes the connection on a body over its limit
+            raise Retryable(f"{type(reason).__name__}: {reason}") from None
         try:
             return json.loads(text)
         except ValueError:
             raise RemoteRewardError(f"reward server {url} answered {text[:_EXCERPT]!r}, not JSON; is it a `divrl "
                                     f"serve-reward`?") from None
+
+
+    def _check_size(self, url: str, size: int) -> None:
+        """:class:`RemoteRewardError` when the server's ``/info`` says it takes less than ``size`` bytes."""
+        headers = {"X-API-Key": self.api_key} if self.api_key else {}
+        info = url.removesuffix("/predict") + "/info"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(info, headers=headers), timeout=self.timeout) as answer:
+                limit = json.loads(answer.read())["server"]["max_payload_size"]
+        except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException):
+            return  # no answer: the reset stays a server failure
+        if isinstance(limit, int) and size > limit:
+            raise RemoteRewardError(f"reward server {url} takes requests up to {limit / 2**20:.0f} MiB and this group's "
+                                    f"is {size / 2**20:.0f} MiB: raise the servers' --max-request-mb") from None
 
 
 _HINTS = {

@@ -80,8 +80,14 @@ def encode_group(group: Group) -> dict[str, Any]:
     try:
         metadata = json.loads(json.dumps(sample.metadata, allow_nan=False))
     except (TypeError, ValueError) as err:
-        raise ValueError(f"identity {sample.id!r}: its metadata cannot be sent to a reward server as JSON ({err}); "
-                         f"keep the identity's metadata to JSON values") from None
+        metadata, problem = None, str(err)
+    else:
+        problem = "it would arrive changed (tuples as lists, non-string keys as strings)"
+    if metadata != sample.metadata:
+        raise ValueError(f"identity {sample.id!r}: its metadata cannot be sent to a reward server as JSON ({problem}); "
+                         f"keep the identity's metadata to JSON values")
+    if not isinstance(sample.id, str) or not isinstance(sample.prompt, str):
+        raise ValueError(f"identity {sample.id!r}: its id and prompt must be strings to be sent to a reward server")
     layouts = {}
     for name, tensor in tensors.items():
         order = _memory_order(tensor)
@@ -89,7 +95,7 @@ def encode_group(group: Group) -> dict[str, Any]:
             layouts[name] = order
             tensors[name] = tensor.permute(order)
     tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
-    return {"format": FORMAT, "id": str(sample.id), "prompt": str(sample.prompt), "category": sample.category,
+    return {"format": FORMAT, "id": sample.id, "prompt": sample.prompt, "category": sample.category,
             "metadata": metadata, "references": references, "masks": masks,
             "tensors": base64.b64encode(save_tensors(tensors)).decode("ascii"), "layouts": layouts}
 
@@ -110,19 +116,19 @@ def _pack(image, name: str, tensors: dict[str, Tensor], identity: str) -> dict[s
         tensors[name] = torch.from_numpy(np.array(image))
         return {"kind": "pil", "mode": image.mode}
     if isinstance(image, np.ndarray):
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(image))
+        tensors[name] = torch.from_numpy(np.array(image))  # a copy: two entries may share memory, safetensors refuses
         return {"kind": "numpy"}
     if isinstance(image, Tensor):
-        tensors[name] = image.detach().cpu()
+        tensors[name] = image.detach().cpu().clone(memory_format=torch.preserve_format)
         return {"kind": "tensor"}
     raise ValueError(f"identity {identity!r}: {name} is a {type(image).__name__}; a reward server takes PIL images, "
                      f"numpy arrays or tensors (open a path first)")
 
 
-def decode_group(request: Mapping[str, Any], max_images: int | None = None) -> Group:
+def decode_group(request: Mapping[str, Any]) -> Group:
     """The :class:`~divrl.rewards.Group` a request describes, checked: :class:`WireError` naming the field for a
     request that is not one (unknown or missing fields, another format, bad base64, tensors of the wrong shape or
-    dtype, non-finite images, references and masks that do not match, more than ``max_images`` images)."""
+    dtype, non-finite images, references and masks that do not match)."""
     from divrl.data.stream import ConditionSample
 
     if not isinstance(request, Mapping):
@@ -143,7 +149,7 @@ def decode_group(request: Mapping[str, Any], max_images: int | None = None) -> G
     if not isinstance(request["metadata"], dict):
         raise WireError(f"metadata must be a JSON object, got {type(request['metadata']).__name__}")
     tensors = _laid_out(_tensors(request["tensors"]), request["layouts"])
-    images = _images(tensors.pop("images", None), max_images)
+    images = _images(tensors.pop("images", None))
     gen_masks = tensors.pop("gen_masks", None)
     if gen_masks is not None and (gen_masks.ndim != 3 or gen_masks.shape[0] != images.shape[0]):
         raise WireError(f"tensor 'gen_masks' has shape {list(gen_masks.shape)}; expected one mask per image, "
@@ -184,14 +190,14 @@ def _laid_out(tensors: dict[str, Tensor], layouts) -> dict[str, Tensor]:
         tensor = tensors.get(name)
         if tensor is None:
             raise WireError(f"layouts names {name!r}, which tensors does not hold")
-        if not isinstance(order, list) or sorted(order) != list(range(tensor.ndim)) or not all(
-                type(d) is int for d in order):
+        if not isinstance(order, list) or not all(type(d) is int for d in order) or sorted(order) != list(
+                range(tensor.ndim)):
             raise WireError(f"layouts[{name!r}] must be an order of the dimensions 0..{tensor.ndim - 1}, got {order!r}")
         tensors[name] = tensor.permute([order.index(d) for d in range(tensor.ndim)])
     return tensors
 
 
-def _images(images: Tensor | None, max_images: int | None) -> Tensor:
+def _images(images: Tensor | None) -> Tensor:
     if images is None:
         raise WireError("tensors holds no 'images': the group's generated images, float [G, 3, H, W]")
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] < 1 or min(images.shape[2:]) < 1:
@@ -201,9 +207,6 @@ def _images(images: Tensor | None, max_images: int | None) -> Tensor:
     if not torch.isfinite(images).all():
         bad = sorted(set((~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()))
         raise WireError(f"tensor 'images' holds NaN or infinite values (images {bad}); a reward scores finite images")
-    if max_images is not None and images.shape[0] > max_images:
-        raise WireError(f"{images.shape[0]} images in one group; this server takes at most {max_images} "
-                        f"(divrl serve-reward --max-group-size)")
     return images
 
 
@@ -217,6 +220,8 @@ def _unpack(kind, name: str, tensors: dict[str, Tensor]):
     if kind["kind"] == "tensor":
         return value
     if kind["kind"] == "numpy":
+        if value.dtype == torch.bfloat16:
+            raise WireError(f"{name}: numpy has no bfloat16; send such an image as a tensor")
         return value.numpy()
     mode = kind.get("mode")
     if mode not in _PIL_MODES or set(kind) != {"kind", "mode"}:

@@ -40,7 +40,8 @@ class SystemConfig:
         rollout_chunk_groups: roll out this many groups (conditions, ``group_size`` samples each) at a time, each
             chunk from noise to decoded images before the next starts (``None``: the whole batch at once). The chunks
             draw their noise one after the other: a different random stream than one whole-batch rollout, the same
-            with or without ``overlap_rewards``.
+            with or without ``overlap_rewards``. It applies to every sampling of the run (validation, ``divrl
+            sample`` and ``divrl evaluate`` with this config included).
         overlap_rewards: score each chunk's groups while the next chunk rolls out (a background thread for a local
             reward, requests in flight for a :class:`~divrl.rewards.RemoteReward`); needs ``rollout_chunk_groups``.
             Strictly on-policy: the update starts after every group of the batch is scored, and the run's weights are

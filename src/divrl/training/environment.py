@@ -5,7 +5,7 @@ metrics and the record of a scored group the image logger draws."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +14,8 @@ from torch import Tensor
 from divrl.data.stream import ConditionSample
 from divrl.objectives.base import Batch, SamplingConfig, Scores
 from divrl.policy.flops import PEAK_TFLOPS
-from divrl.rewards.base import Group, NonFiniteReward, Reward, RewardOutput
+from divrl.rewards.base import Reward, RewardOutput
+from divrl.training.scoring import GroupScoring, agreed, collect_scores, score_groups  # noqa: F401 - re-exported
 
 __all__ = ["RunEnvironment", "RolloutGroup", "GroupScoring", "agreed", "score_groups", "collect_scores",
            "reward_metrics", "throughput", "device_peak", "end_of_run", "run_summary", "trains_on"]
@@ -65,9 +66,10 @@ class RunEnvironment:
                                                               sde_steps=sde_steps, on_chunk=on_chunk)
             self.timings["rollout"] += self.module._clock() - start
             start = self.module._clock()
-            results = scoring.results()
-        scores = agreed(lambda: collect_scores(self.reward, samples, results, group_size, self.module.device,
-                                               self.module._count_skipped_group), self.module._agree, "the reward")
+            # every rank agrees on errors, those of the threads included: no rank is left alone in a collective
+            scores = agreed(lambda: collect_scores(self.reward, samples, scoring.results(), group_size,
+                                                   self.module.device, self.module._count_skipped_group),
+                            self.module._agree, "the reward")
         self.timings["reward"] += self.module._clock() - start
         return condition, trajectory, scores
 
@@ -110,154 +112,6 @@ def trains_on(module, collected: Batch) -> bool:
             f"nothing{'. Check the reward and its scorer' if unscored else ''}, or raise system.max_empty_rollouts"
         )
     return False
-
-
-def agreed(fn: Callable[[], object], agree: Callable[[bool], bool], what: str):
-    """``fn()``, with one agreement of every rank on whether it raised (a collective: no rank is left waiting in the
-    next one); when it raised anywhere, every rank raises: its own error, or a ``RuntimeError`` pointing to it."""
-    try:
-        result, error = fn(), None
-    except Exception as err:  # noqa: BLE001 - re-raised below, once every rank knows
-        result, error = None, err
-    if not agree(error is None):
-        raise error or RuntimeError(f"{what} failed on another rank (that rank's log has the error); stopping every rank")
-    return result
-
-
-def score_groups(
-    reward: Reward,
-    samples: Sequence[ConditionSample],
-    images: Tensor,
-    group_size: int,
-    device: torch.device,
-    agree: Callable[[bool], bool],
-    on_skip: Callable[[], None] = lambda: None,
-) -> Scores:
-    """Score each condition's ``group_size`` images with ``reward`` (``reward.concurrency`` groups at once: a remote
-    reward's requests in flight together), then :func:`collect_scores`, with one agreement of every rank on errors."""
-
-    def score() -> Scores:
-        with GroupScoring(reward, background=False) as scoring:
-            for i, sample in enumerate(samples):
-                scoring.submit(sample, images[i * group_size : (i + 1) * group_size])
-            results = scoring.results()
-        return collect_scores(reward, samples, results, group_size, device, on_skip)
-
-    return agreed(score, agree, "the reward")
-
-
-def collect_scores(reward: Reward, samples: Sequence[ConditionSample], results: Sequence[RewardOutput | Exception],
-                   group_size: int, device: torch.device, on_skip: Callable[[], None] = lambda: None) -> Scores:
-    """The :class:`Scores` of each group's result, in order. A group whose reward is not finite
-    (:class:`~divrl.rewards.NonFiniteReward`) is skipped (``on_skip``) and logged: its row is 0 and not kept. Any
-    other exception is a configuration error: it is logged with the identity and raised."""
-    rows, keep, outputs = [], [], []
-    for sample, out in zip(samples, results):
-        if isinstance(out, NonFiniteReward):
-            log.warning("skipping group %r (%r): %s", sample.id, sample.prompt, out)
-            on_skip()
-            rows.append(torch.zeros(group_size))
-            keep.append(False)
-            outputs.append(None)
-            continue
-        if isinstance(out, Exception):
-            log.error("%s failed on identity %r (%r): %s: %s", type(reward).__name__, sample.id, sample.prompt,
-                      type(out).__name__, out)
-            raise out
-        rows.append(out.reward)
-        keep.append(True)
-        outputs.append(out)
-    return Scores(torch.stack(rows).to(device), torch.tensor(keep, device=device), outputs)
-
-
-class GroupScoring:
-    """Groups scored in the background as they are submitted: on ``reward.concurrency`` threads (a remote reward's
-    requests in flight), or one thread for a local reward. :meth:`results` waits for all of them and gives, in
-    submission order, each group's :class:`RewardOutput` or the exception it raised. The threads score with the
-    submitting thread's grad mode, autocast and CUDA device, so a group scores the same as in that thread; on a GPU
-    they score on a CUDA stream of their own (after the images are ready on the submitting thread's stream), so a
-    local reward's kernels can run beside the rollout's instead of queueing behind them (not yet run on a GPU).
-
-    Used as a context manager: leaving it (an error in the rollout included) cancels what has not started and waits
-    for the rest. With concurrency 1 and nothing to overlap (:func:`score_groups`), scoring runs in the calling thread.
-    """
-
-    def __init__(self, reward: Reward, background: bool = True):
-        self.reward = reward
-        self.workers = max(1, int(getattr(reward, "concurrency", 1)))
-        self.background = background or self.workers > 1
-        self.futures: list = []
-        self.executor = None
-        self.state = _ThreadState()
-        self.stream = torch.cuda.Stream(self.state.cuda) if self.background and self.state.cuda is not None else None
-
-    def __enter__(self) -> GroupScoring:
-        from concurrent.futures import ThreadPoolExecutor
-
-        if self.background:
-            self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="divrl-reward")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
-
-    def submit(self, sample: ConditionSample, images: Tensor) -> None:
-        if self.executor is not None:
-            ready = None
-            if self.stream is not None:  # the images are written on this thread's stream: the scoring waits for them
-                ready = torch.cuda.Event()
-                ready.record()
-            self.futures.append(self.executor.submit(self._score, Group(sample, images), ready))
-            return
-        from concurrent.futures import Future
-
-        done = Future()  # in the calling thread; after a configuration error, the remaining groups are not scored
-        failed = any(not isinstance(f.result(), (RewardOutput, NonFiniteReward)) for f in self.futures)
-        done.set_result(self.futures[-1].result() if failed else self.reward_or_error(Group(sample, images)))
-        self.futures.append(done)
-
-    def reward_or_error(self, group: Group) -> RewardOutput | Exception:
-        try:
-            return self.reward(group)
-        except Exception as err:  # noqa: BLE001 - handed back in order by results(), raised there
-            return err
-
-    def _score(self, group: Group, ready=None) -> RewardOutput | Exception:
-        with self.state:
-            if ready is None:
-                return self.reward_or_error(group)
-            with torch.cuda.stream(self.stream):
-                self.stream.wait_event(ready)
-                return self.reward_or_error(group)  # its outputs come back on the CPU: synchronised
-
-    def results(self) -> list[RewardOutput | Exception]:
-        return [future.result() for future in self.futures]
-
-
-class _ThreadState:
-    """The grad mode, autocast and CUDA device of the thread that built it, re-entered in another thread (all three are
-    per thread in torch)."""
-
-    def __init__(self):
-        self.grad = torch.is_grad_enabled()
-        self.autocast = [(kind, torch.get_autocast_dtype(kind)) for kind in ("cpu", "cuda")
-                         if torch.is_autocast_enabled(kind)]
-        self.cuda = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-
-    def __enter__(self):
-        import contextlib
-
-        self.stack = contextlib.ExitStack()
-        if self.cuda is not None:
-            torch.cuda.set_device(self.cuda)
-        self.stack.enter_context(torch.set_grad_enabled(self.grad))
-        for kind, dtype in self.autocast:
-            self.stack.enter_context(torch.autocast(kind, dtype=dtype))
-        return self
-
-    def __exit__(self, *exc):
-        self.stack.close()
 
 
 def reward_metrics(outputs: Sequence[RewardOutput | None], prefix: str) -> dict[str, float]:

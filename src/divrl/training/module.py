@@ -33,7 +33,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from divrl.data.stream import ConditionBatch, ConditionSample
-from divrl.grpo import rollout
 from divrl.grpo.sampler import rollout_chunks
 from divrl.objectives.base import Batch, Objective, SamplingConfig
 from divrl.objectives.grpo import GRPOObjective
@@ -333,13 +332,8 @@ class DivRLModule(pl.LightningModule):
         with torch.no_grad(), gathered(self.policy.network) if keep else contextlib.nullcontext():  # FSDP2: one gather
             settings = dict(num_steps=steps, noise_level=noise, sde_steps=sde_steps if noise > 0 else [False] * steps,
                             generator=generator, micro_batch_size=self.system.rollout_micro_batch_size)
-            chunk = self.system.rollout_chunk_groups
-            if chunk is None:
-                trajectory = rollout(self.policy, condition, decode=True, **settings)
-                if on_chunk is not None:
-                    on_chunk(slice(0, trajectory.batch_size), trajectory.images)
-            else:
-                trajectory = rollout_chunks(self.policy, condition, chunk * group_size, on_chunk=on_chunk, **settings)
+            rows = (self.system.rollout_chunk_groups or len(samples)) * group_size  # None: one chunk, the batch
+            trajectory = rollout_chunks(self.policy, condition, rows, on_chunk=on_chunk, **settings)
         return condition, trajectory
 
     @torch.no_grad()
