@@ -192,8 +192,8 @@ def main() -> None:
     sequential_step, rollout = rows[0][1], min(r[2] for r in rows)
     reward_s = sequential_step - rows[0][2]
     print(f"\nrollout alone {rollout:.2f} s, sequential in-process scoring {reward_s:.2f} s per batch\n")
-    print(f"| mode | step (s) | of which rollout (s) | reward time hidden | rewards/s (images) |\n"
-          f"| --- | ---: | ---: | ---: | ---: |")
+    print("| mode | step (s) | of which rollout (s) | reward time hidden | rewards/s (images) |\n"
+          "| --- | ---: | ---: | ---: | ---: |")
     for name, step, roll, rate in rows:
         hidden = (sequential_step - step) / reward_s if reward_s > 0 else float("nan")
         print(f"| {name} | {step:.2f} | {roll:.2f} | {hidden:.0%} | {rate:.1f} |")
