@@ -226,3 +226,19 @@ def test_demo_fsdp_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
                      "--output_dir", str(tmp_path / name)]) == 0
     images = [sorted((tmp_path / name).glob("*/000_[01].png")) for name in ("ckpt", "lora")]
     assert len(images[0]) == 2 and [p.read_bytes() for p in images[0]] == [p.read_bytes() for p in images[1]]
+
+
+@pytest.mark.slow
+def test_overlapped_scoring_under_ddp_trains_the_same_weights_and_agrees_on_errors(tmp_path):
+    """Each rank scores its own groups in the background while it rolls out the next: the weights are those of the
+    run without overlap, bit for bit, and a reward error on one rank still stops both (one agreement, after scoring)."""
+    chunks = ("--model.system.rollout_chunk_groups", "1")
+    overlap = (*chunks, "--model.system.overlap_rewards", "true")
+    run(tmp_path / "sequential", 3, [probe(tmp_path / "sequential/probe")], 600, "configs/demo.yaml", "ddp", *chunks)
+    run(tmp_path / "overlapped", 3, [probe(tmp_path / "overlapped/probe")], 600, "configs/demo.yaml", "ddp", *overlap)
+    _, sequential = probed(tmp_path / "sequential/probe")
+    _, overlapped = probed(tmp_path / "overlapped/probe")
+    assert all(torch.equal(overlapped[r][k], sequential[r][k]) for r in (0, 1) for k in sequential[r])
+    stderr = run(tmp_path / "error", 3, [{"class_path": "helpers.probe.MisconfiguredRewardOnRankOne"}], 300,
+                 "configs/demo.yaml", "ddp", *overlap, succeed=False)
+    assert "probe: this reward is misconfigured" in stderr and "the reward failed on another rank" in stderr
