@@ -234,11 +234,11 @@ def test_overlapped_scoring_under_ddp_trains_the_same_weights_and_agrees_on_erro
     run without overlap, bit for bit, and a reward error on one rank still stops both (one agreement, after scoring)."""
     chunks = ("--model.system.rollout_chunk_groups", "1")
     overlap = (*chunks, "--model.system.overlap_rewards", "true")
-    run(tmp_path / "sequential", 3, [probe(tmp_path / "sequential/probe")], 600, "configs/demo.yaml", "ddp", *chunks)
-    run(tmp_path / "overlapped", 3, [probe(tmp_path / "overlapped/probe")], 600, "configs/demo.yaml", "ddp", *overlap)
+    run(tmp_path / "sequential", 2, [probe(tmp_path / "sequential/probe")], 600, "configs/demo.yaml", "ddp", *chunks)
+    run(tmp_path / "overlapped", 2, [probe(tmp_path / "overlapped/probe")], 600, "configs/demo.yaml", "ddp", *overlap)
     _, sequential = probed(tmp_path / "sequential/probe")
     _, overlapped = probed(tmp_path / "overlapped/probe")
     assert all(torch.equal(overlapped[r][k], sequential[r][k]) for r in (0, 1) for k in sequential[r])
-    stderr = run(tmp_path / "error", 3, [{"class_path": "helpers.probe.MisconfiguredRewardOnRankOne"}], 300,
+    stderr = run(tmp_path / "error", 1, [{"class_path": "helpers.probe.MisconfiguredRewardOnRankOne"}], 300,
                  "configs/demo.yaml", "ddp", *overlap, succeed=False)
     assert "probe: this reward is misconfigured" in stderr and "the reward failed on another rank" in stderr

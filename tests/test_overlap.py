@@ -131,6 +131,7 @@ def _fit(root: Path, *args: str) -> dict:
     return demo_fit(root, 4, *args)
 
 
+@pytest.mark.slow  # two 4-update demo runs
 def test_overlapped_scoring_trains_bit_identical_weights(tmp_path, monkeypatch, in_repository_root):
     sequential = _fit(tmp_path / "sequential")
     chunks, scored = [], []

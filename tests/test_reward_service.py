@@ -295,6 +295,7 @@ def servers(tmp_path_factory, tiny_dinov2):
         assert not any(listening(server.port) for server in started.values())
 
 
+@pytest.mark.slow  # four real servers: ~35 s on 2 cores
 @pytest.mark.parametrize("name", ["dense", "dinov2", "psr", "callable"])
 def test_served_equals_in_process(servers, name):
     server, local = servers[name]
@@ -308,6 +309,7 @@ def test_served_equals_in_process(servers, name):
         assert same(remote(group), local(group))
 
 
+@pytest.mark.slow  # four real servers: ~35 s on 2 cores
 def test_batched_groups_from_several_clients_equal_in_process(servers):
     server, local = servers["dense"]
     remote = RemoteReward(server.url, timeout=30, api_key="sesame", max_in_flight=8)
@@ -330,6 +332,7 @@ class _NaNReward(Reward):
         return RewardOutput(torch.full((group.size,), float("nan")))
 
 
+@pytest.mark.slow  # four real servers: ~35 s on 2 cores
 def test_bad_requests_get_4xx_and_the_worker_keeps_serving(servers):
     server, local = servers["dense"]
     good = encode_group(single_group(1))
@@ -384,6 +387,7 @@ def _oversized(port: int, size: int) -> tuple[int, str]:
     return int(head.split()[1]), body.decode()
 
 
+@pytest.mark.slow  # four real servers: ~35 s on 2 cores
 def test_client_errors_name_the_server_and_the_fix(servers):
     server, _ = servers["dense"]
     with pytest.raises(RemoteRewardError, match=r"refused the group \(HTTP 401\).*DIVRL_REWARD_API_KEY"):
@@ -410,6 +414,7 @@ def test_settings_are_checked():
         RemoteReward(["http://h:1", "http://h:1/"])
 
 
+@pytest.mark.slow  # four real servers: ~35 s on 2 cores
 def test_a_served_reward_fails_as_it_would_in_process(servers):
     server, local = servers["callable"]
     remote = RemoteReward(server.url, timeout=30)
@@ -430,6 +435,7 @@ def test_a_served_reward_fails_as_it_would_in_process(servers):
     assert same(remote(single_group(4)), local(single_group(4)))
 
 
+@pytest.mark.slow  # four real servers: ~35 s on 2 cores
 def test_a_group_over_the_servers_limit_stops_with_the_fix_not_a_retry_storm(servers):
     server, _ = servers["callable"]
     big = Group(single_group(0).sample, torch.rand(8, 3, 256, 256))  # 6 MiB; the server takes 1 MiB
