@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from divrl.rewards import Reward, RewardOutput
+from divrl.rewards import Group, Reward, RewardOutput
 
 ROOT = Path(__file__).resolve().parents[1]
 GATED = {"class_path": "divrl.rewards.GatedReward", "init_args": {"threshold": 0.5, "weight": 5.0, "scorer": {
@@ -163,8 +163,6 @@ def main() -> None:
         images = module._trajectories(samples, g, torch.Generator().manual_seed(0))[1].images
     start = time.perf_counter()
     for i, sample in enumerate(samples):
-        from divrl.rewards import Group
-
         plain(Group(sample, images[i * g:(i + 1) * g]))
     compute_s = (time.perf_counter() - start) / len(samples)
     delay = max(rollout_s / len(samples) - compute_s, 0.0) if args.delay == "auto" else float(args.delay)

@@ -233,6 +233,13 @@ def test_a_refusal_is_not_retried_elsewhere():
 # ---------------------------------------------------------------------------------------------------- config
 
 
+def test_the_servers_request_model_has_the_wire_formats_fields():
+    serve = pytest.importorskip("divrl.serve")
+    from divrl.rewards.wire import FIELDS
+
+    assert set(serve.GroupRequest.model_fields) == set(FIELDS)
+
+
 def test_a_stage_reward_is_read_from_a_training_config(in_repository_root):
     assert reward_block("configs/demo.yaml", 2)["class_path"] == "divrl.rewards.GatedReward"
     with pytest.raises(ValueError, match="has 2 stage rewards; pick one with --stage 1..2"):

@@ -33,10 +33,11 @@ class RunEnvironment:
         self.sampling = sampling
         self.timings = {"rollout": 0.0, "reward": 0.0}
 
-    def rollout(self, samples, group_size, generator, *, num_steps=None, noise_level=None, sde_steps=None):
+    def rollout(self, samples, group_size, generator, *, num_steps=None, noise_level=None, sde_steps=None,
+                on_chunk=None):
         start = self.module._clock()
         out = self.module._trajectories(samples, group_size, generator, num_steps=num_steps, noise_level=noise_level,
-                                        sde_steps=sde_steps)
+                                        sde_steps=sde_steps, on_chunk=on_chunk)
         self.timings["rollout"] += self.module._clock() - start
         return out
 
@@ -61,10 +62,8 @@ class RunEnvironment:
                 for i in range(images.shape[0] // group_size):
                     scoring.submit(samples[first + i], images[i * group_size:(i + 1) * group_size])
 
-            start = self.module._clock()
-            condition, trajectory = self.module._trajectories(samples, group_size, generator, noise_level=noise_level,
-                                                              sde_steps=sde_steps, on_chunk=on_chunk)
-            self.timings["rollout"] += self.module._clock() - start
+            condition, trajectory = self.rollout(samples, group_size, generator, noise_level=noise_level,
+                                                 sde_steps=sde_steps, on_chunk=on_chunk)
             start = self.module._clock()
             # every rank agrees on errors, those of the threads included: no rank is left alone in a collective
             scores = agreed(lambda: collect_scores(self.reward, samples, scoring.results(), group_size,

@@ -96,6 +96,7 @@ class GroupScoring:
         self.workers = max(1, int(getattr(reward, "concurrency", 1)))
         self.background = background or self.workers > 1
         self.futures: list = []
+        self.stopped = False  # inline scoring after a configuration error: the remaining groups are not scored
         self.executor = None
         self.state = _ThreadState()
         self.stream = torch.cuda.Stream(self.state.cuda) if self.background and self.state.cuda is not None else None
@@ -122,9 +123,9 @@ class GroupScoring:
             return
         from concurrent.futures import Future
 
-        done = Future()  # in the calling thread; after a configuration error, the remaining groups are not scored
-        failed = any(not isinstance(f.result(), (RewardOutput, NonFiniteReward)) for f in self.futures)
-        done.set_result(self.futures[-1].result() if failed else self.reward_or_error(Group(sample, images)))
+        done = Future()  # in the calling thread
+        done.set_result(self.futures[-1].result() if self.stopped else self.reward_or_error(Group(sample, images)))
+        self.stopped = not isinstance(done.result(), (RewardOutput, NonFiniteReward))
         self.futures.append(done)
 
     def reward_or_error(self, group: Group) -> RewardOutput | Exception:
