@@ -212,7 +212,7 @@ def measure(policy, config, args) -> dict[str, float]:
     train_once(0)  # warm-up
     policy.transformer.zero_grad(set_to_none=True)
     reset_peak(device)
-    times = [timed(lambda: train_once(s % args.num_steps), device)[1] for s in range(args.train_repeats)]
+    times = [timed(lambda s=s: train_once(s % args.num_steps), device)[1] for s in range(args.train_repeats)]
     policy.transformer.zero_grad(set_to_none=True)
     seconds = sorted(times)[len(times) // 2]
     results["train_microbatch_timestep_s"] = seconds

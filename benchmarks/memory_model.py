@@ -31,7 +31,6 @@ import argparse
 import torch
 
 from divrl.policy.flops import FLUX_TRANSFORMER_CONFIG as FLUX_TRANSFORMER
-
 from divrl.policy.kontext import DEFAULT_LORA_TARGETS
 
 TEXT_ENCODER_PARAMS = 4.762e9 + 0.123e9  # T5 v1.1 XXL encoder + CLIP-L text (benchmarks/precompute.py)

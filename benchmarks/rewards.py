@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from divrl.rewards import FeatureScorer, GatedReward, functional as RF
+from divrl.rewards import FeatureScorer, GatedReward
+from divrl.rewards import functional as RF
 from divrl.rewards.backbones import DenseDescriptor
 
 

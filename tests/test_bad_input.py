@@ -3,11 +3,10 @@ failed before with a traceback, a wrong hint, or silence."""
 
 from __future__ import annotations
 
-import shutil
-
 import errno
-import re
 import os
+import re
+import shutil
 import stat
 import warnings
 from pathlib import Path

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from divrl.cli import expected_error
-from divrl.objectives import DPOObjective, GRPOObjective, GroupDPOObjective, NFTObjective, SFTObjective
+from divrl.objectives import DPOObjective, GroupDPOObjective, GRPOObjective, NFTObjective, SFTObjective
 from divrl.objectives.flow import TimestepSampling
 from divrl.policy import KontextConfig
 from divrl.policy.lora import LoRAConfig, add_adapter

@@ -17,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 
-
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs/demo.yaml")
 EVAL_DEMO = str(ROOT / "configs/eval_demo.yaml")

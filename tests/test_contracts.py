@@ -16,6 +16,7 @@ import docstring_parser
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers.toy import ToyConfig, ToyPolicy
 
 from divrl.data import IdentityDataModule
 from divrl.data.stream import ConditionSample
@@ -25,7 +26,6 @@ from divrl.policy import LoRAConfig
 from divrl.rewards import CallableReward, Group, NonFiniteReward, Reward, WeightedReward
 from divrl.training import DivRLModule, LoRAExporter, SystemConfig
 from divrl.training.trainer import DivRLTrainer
-from helpers.toy import ToyConfig, ToyPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "divrl"

@@ -4,7 +4,6 @@ into training."""
 from __future__ import annotations
 
 import dataclasses
-
 import io
 import json
 from pathlib import Path

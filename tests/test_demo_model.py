@@ -46,7 +46,13 @@ def test_the_two_subject_demo_model_draws_both_references_better_than_the_single
     """data/demo/tiny-kontext-multi: PSR's subject consistency and the share of subjects found, on the held-out
     two-subject conditions, against the single-subject model it was fine-tuned from (conditioned the same way)."""
     from divrl.data.stream import ConditionSample
-    from divrl.rewards import BackboneEmbedder, Group, PairwiseSubjectConsistency, PlainBackgroundDetector, SubjectLocator
+    from divrl.rewards import (
+        BackboneEmbedder,
+        Group,
+        PairwiseSubjectConsistency,
+        PlainBackgroundDetector,
+        SubjectLocator,
+    )
 
     records = [IdentityRecord.from_sample(s) for s in wds.WebDataset(str(ROOT / "data/demo-multi/val-000000.tar"),
                                                                       shardshuffle=False)]

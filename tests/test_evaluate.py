@@ -15,8 +15,7 @@ from divrl.cli import main
 from divrl.data.stream import SkipCounter, read_identities
 from divrl.eval import BackgroundSegmenter, scale_invariant_iou
 from divrl.images import to_image_batch, to_mask_batch
-from divrl.policy import LoRAConfig
-from divrl.policy import KontextConfig
+from divrl.policy import KontextConfig, LoRAConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_DEMO = ROOT / "configs" / "eval_demo.yaml"

@@ -14,8 +14,8 @@ from divrl.data.stream import ConditionSample
 from divrl.rewards import FeatureScorer, Group, GroupScorer, NonFiniteReward
 from divrl.rewards import functional as RF
 from divrl.rewards.backbones import DenseDescriptor
-from divrl.rewards.multi import PairwiseSubjectConsistency, PerSubjectDivRL
 from divrl.rewards.embedders import BackboneEmbedder, Embedder
+from divrl.rewards.multi import PairwiseSubjectConsistency, PerSubjectDivRL
 from divrl.rewards.subjects import CallableDetector, PlainBackgroundDetector, SubjectLocator, crop, subject_words
 
 RED, BLUE = (0.9, 0.1, 0.1), (0.1, 0.2, 0.9)
@@ -187,7 +187,9 @@ def test_per_subject_divrl_equals_the_scorer_on_each_subject_crop():
     references = [textured((0, (20, 22, 44, 42))), textured((1, (16, 16, 48, 48)))]
     g = group(textured((0, LEFT), (1, RIGHT)), textured((1, LEFT), (0, RIGHT)), references=references)
     out = reward(g)
-    size = lambda t: torch.nn.functional.interpolate(t[None], size=(32, 32), mode="bilinear", antialias=True)
+    def size(t):
+        return torch.nn.functional.interpolate(t[None], size=(32, 32), mode="bilinear", antialias=True)
+
     expected_nssm, expected_vsm = [], []
     for k, (ref_box, gen_boxes) in enumerate([((20, 22, 44, 42), (LEFT, LEFT)), ((16, 16, 48, 48), (RIGHT, RIGHT))]):
         ref = size(crop(g.references[k], torch.tensor(ref_box, dtype=torch.float32)))
@@ -310,7 +312,9 @@ def test_per_subject_divrl_crops_the_reference_mask_with_its_reference():
     mask[22:42, 20:32] = 1  # the left half of subject 1 only
     g = group(textured((0, LEFT), (1, RIGHT)), references=references, masks=[mask, None])
     out = PerSubjectDivRL(SubjectLocator(PlainBackgroundDetector(), reference_crop="detect"), scorer, crop_size=32)(g)
-    size = lambda t: torch.nn.functional.interpolate(t[None], size=(32, 32), mode="bilinear", antialias=True)
+    def size(t):
+        return torch.nn.functional.interpolate(t[None], size=(32, 32), mode="bilinear", antialias=True)
+
     box = torch.tensor([20.0, 22.0, 44.0, 42.0])
     ref_mask = torch.nn.functional.interpolate(crop(mask[None], box)[None], size=(32, 32), mode="bilinear")[0, 0]
     expected = scorer.score_group(size(crop(references[0], box)), size(crop(g.images[0], torch.tensor(LEFT).float())),

@@ -12,19 +12,31 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers.lora_parity import assert_lora_reproduced_by_diffusers
 from PIL import Image
 
 from divrl.cli import main
 from divrl.data.stream import ConditionSample, SkipCounter, read_identities
-from divrl.data.synthetic import (multi_subject_records, random_identity, render_scene, scene_poses,
-                                  write_demo_multi_dataset)
+from divrl.data.synthetic import (
+    multi_subject_records,
+    random_identity,
+    render_scene,
+    scene_poses,
+    write_demo_multi_dataset,
+)
 from divrl.eval import EvalSuite
 from divrl.images import to_image_batch
 from divrl.policy import KontextConfig, LoRAConfig
-from divrl.rewards import (BackboneEmbedder, FeatureScorer, Group, PairwiseSubjectConsistency, PerSubjectDivRL,
-                           PlainBackgroundDetector, SubjectLocator)
+from divrl.rewards import (
+    BackboneEmbedder,
+    FeatureScorer,
+    Group,
+    PairwiseSubjectConsistency,
+    PerSubjectDivRL,
+    PlainBackgroundDetector,
+    SubjectLocator,
+)
 from divrl.rewards.backbones import DenseDescriptor
-from helpers.lora_parity import assert_lora_reproduced_by_diffusers
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MULTI = ROOT / "configs" / "demo_multi.yaml"

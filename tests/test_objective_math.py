@@ -8,8 +8,17 @@ import math
 import pytest
 import torch
 
-from divrl.objectives.flow import (TimestepSampling, dpo_loss, flow_error, group_dpo_loss, group_weights, nft_loss,
-                                   noised, optimality, shift_sigmas)
+from divrl.objectives.flow import (
+    TimestepSampling,
+    dpo_loss,
+    flow_error,
+    group_dpo_loss,
+    group_weights,
+    nft_loss,
+    noised,
+    optimality,
+    shift_sigmas,
+)
 
 
 def test_forward_process_and_flow_error_by_hand():

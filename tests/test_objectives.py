@@ -147,8 +147,8 @@ def test_pairwise_dpo_pairs_best_and_worst_with_margins_and_raises_the_winners_l
     objective = DPOObjective(beta=50.0, margin={"red": 2.0, "half": 1.0}, micro_batch_size=4, timesteps_per_sample=1)
     batch = objective.collect(policy, samples, env, torch.Generator().manual_seed(0))
     rewards = env.score(samples, batch.images, 4).rewards
-    for i, (w, l) in enumerate(batch.pairs.tolist()):
-        assert w == i * 4 + int(rewards[i].argmax()) and l == i * 4 + int(rewards[i].argmin())
+    for i, (w, lose) in enumerate(batch.pairs.tolist()):
+        assert w == i * 4 + int(rewards[i].argmax()) and lose == i * 4 + int(rewards[i].argmin())
         gap = rewards[i].max() - rewards[i].min()
         assert batch.margins[i].item() == pytest.approx(2.5 * gap.item(), rel=1e-5)  # 2·gap + 1·gap/2
     one = DPOObjective(beta=50.0)  # one pair: a small step must raise its winner's likelihood against the loser's
@@ -171,7 +171,7 @@ def test_all_pairs_above_a_gap_are_weighted_and_the_rest_padded():
     batch = objective.collect(policy, demo_samples("train", 1), env, torch.Generator().manual_seed(0))
     rewards = env.score(demo_samples("train", 1), batch.images, 4).rewards[0]
     assert len(batch.pairs) == 6
-    gaps = torch.tensor([rewards[w] - rewards[l] for w, l in batch.pairs.tolist()])
+    gaps = torch.tensor([rewards[w] - rewards[lose] for w, lose in batch.pairs.tolist()])
     assert (gaps >= 0).all() and torch.equal(gaps, gaps.sort(descending=True).values)
     with pytest.raises(ValueError, match="a group has 6 pairs"):
         DPOObjective(pairs_per_group=7).check(env.sampling)

@@ -158,9 +158,9 @@ def test_load_errors_say_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="hf download"):
         KontextPolicy.from_pretrained("divrl-tests/no-such-model", local_files_only=True)
 
-    from huggingface_hub.errors import GatedRepoError
-
     from types import SimpleNamespace
+
+    from huggingface_hub.errors import GatedRepoError
 
     def gated(*args, **kwargs):
         response = SimpleNamespace(headers={}, request=None, status_code=401)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 
+import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
 import pytest
 import torch
 from diffusers import QwenImageEditPlusPipeline
 
-import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
 from divrl.examples import draw_subject
 from divrl.grpo.sampler import rollout
 from divrl.images import to_pil

@@ -6,12 +6,11 @@ the mirror image) far above a colour change of the same photo (colour jitter kee
 
 import torch
 import torch.nn.functional as F
+from conftest import colour_jitter
 
 from divrl.images import to_image_batch
 from divrl.rewards import FeatureScorer, NSSMReward
 from divrl.rewards.backbones import DenseDescriptor
-
-from conftest import colour_jitter
 
 
 def load_square(path, size=384):

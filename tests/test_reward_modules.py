@@ -8,12 +8,14 @@ from jsonargparse import ArgumentParser
 
 from divrl.rewards import (
     FeatureScorer,
-    NonFiniteReward,
     GatedReward,
     GroupReward,
     LinearReward,
+    NonFiniteReward,
     NSSMReward,
     VSMReward,
+)
+from divrl.rewards import (
     functional as RF,
 )
 from divrl.rewards.backbones import CallableBackbone, DenseDescriptor

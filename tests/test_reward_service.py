@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.servers import RewardServer, listening
 from PIL import Image
 from safetensors.torch import save as save_tensors
 
@@ -32,8 +33,6 @@ from divrl.rewards.wire import (
     encode_group,
     encode_output,
 )
-
-from helpers.servers import RewardServer, listening
 
 ROOT = Path(__file__).resolve().parents[1]
 

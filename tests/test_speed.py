@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import FluxKontextPipeline
+from test_policy import PROMPT, pipeline_latents, reference
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from divrl.grpo.sampler import rollout, transition_log_prob
 from divrl.policy import KontextConfig, KontextPolicy, LoRAConfig
 from divrl.policy.compute import SAVED_OPS, LoRAComputeLinear, UnitForward, configure_units, is_attention_op
 from divrl.policy.tiny import tiny_kontext_components
-from test_policy import PROMPT, pipeline_latents, reference
 
 LORA = LoRAConfig(rank=4, alpha=8.0)
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.lora_parity import assert_lora_reproduced_by_diffusers
 from safetensors.torch import load_file
 
 from divrl.cli import main, run_lightning
-from divrl.policy.flops import transformer_flops
 from divrl.policy import KontextConfig
 from divrl.policy.compute import UnitForward
-from helpers.lora_parity import assert_lora_reproduced_by_diffusers
+from divrl.policy.flops import transformer_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"

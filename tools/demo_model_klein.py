@@ -48,10 +48,10 @@ import random
 import time
 from pathlib import Path
 
+import make_demo_model as kontext
 import torch
 from torch import Tensor
 
-import make_demo_model as kontext
 from divrl.data.synthetic import random_pose
 from divrl.grpo import rollout
 from divrl.policy.flux2 import Flux2KleinPolicy

@@ -43,10 +43,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import make_demo_model as kontext
 import torch
 from torch import Tensor
 
-import make_demo_model as kontext
 from divrl.policy.qwen_image import QwenEditPolicy
 
 RESOLUTION = kontext.RESOLUTION  # 32 × 32: latents 4 × 16 × 16, packed to 8 × 8 tokens of 16 channels

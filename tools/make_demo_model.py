@@ -430,7 +430,10 @@ def scene_set(num: int, seed: int, exclude: set[SubjectIdentity], prompts: int =
             continue
         poses = [random_pose(rng) for _ in identities]
         out.references.append([render_pil(i, p) for i, p in zip(identities, poses)])
-        scene = lambda q: to_pil(render_scene(identities, q, REFERENCE_SIZE)[0])
+
+        def scene(q, identities=identities):
+            return to_pil(render_scene(identities, q, REFERENCE_SIZE)[0])
+
         out.copies.append(scene(scene_poses(MULTI_SUBJECTS, rng, copy=poses)))
         out.others.append([scene(scene_poses(MULTI_SUBJECTS, rng)) for _ in range(OTHER_POSES)])
         out.prompts.append([scene_prompt(identities, rng) for _ in range(prompts)])
@@ -439,8 +442,8 @@ def scene_set(num: int, seed: int, exclude: set[SubjectIdentity], prompts: int =
 
 def multi_rewards():
     """The multi-subject demo's rewards at the demo's settings: PSR's subject consistency and DivRL per subject."""
-    from divrl.rewards.multi import PairwiseSubjectConsistency, PerSubjectDivRL
     from divrl.rewards import BackboneEmbedder, PlainBackgroundDetector, SubjectLocator
+    from divrl.rewards.multi import PairwiseSubjectConsistency, PerSubjectDivRL
 
     backbone = DenseDescriptor(grid_size=24, cell=4)
     embedder = BackboneEmbedder(backbone, size=32)
@@ -452,8 +455,8 @@ def multi_rewards():
 def evaluate_multi(trained: KontextPolicy, base: KontextPolicy, records) -> tuple[dict, Tensor]:
     """Mean PSR score, per-subject nSSM / VSM and found fraction per image source over held-out conditions, and a grid
     (rows: the two references | 4 ODE samples | 4 SDE samples | 2 samples of the single-subject base model)."""
-    from divrl.rewards import Group
     from divrl.data.stream import ConditionSample
+    from divrl.rewards import Group
 
     consistency, per_subject = multi_rewards()
     scores: dict[str, list[Tensor]] = {}
@@ -490,7 +493,10 @@ def main_multi(args) -> None:
     train = scene_set(MULTI_PAIRS, MULTI_SEED + args.seed, exclude)
     policy = KontextPolicy.from_pretrained(args.base, torch_dtype="float32", lora=None, max_sequence_length=MAX_SEQUENCE_LENGTH,
                                            prompt_cache_size=10**6, reference_positions="frame")
-    encode = lambda images: pack(policy, raw_latents(policy.vae, to_pixels(policy, images)))
+
+    def encode(images):
+        return pack(policy, raw_latents(policy.vae, to_pixels(policy, images)))
+
     references = encode([r for refs in train.references for r in refs]).view(MULTI_PAIRS, MULTI_SUBJECTS * 64, -1)
     copies = encode(train.copies)
     others = encode([o for group in train.others for o in group]).view(MULTI_PAIRS, OTHER_POSES, 64, -1)

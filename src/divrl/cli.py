@@ -271,11 +271,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
+        from jsonargparse import ArgumentError
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
         from divrl.training.trainer import asks_for_gpus
-
-        from jsonargparse import ArgumentError
 
         configs = check_command_line(argv[1:])
         try:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-ImageLike = Union[Tensor, Image.Image, np.ndarray, str, os.PathLike]
+ImageLike = Tensor | Image.Image | np.ndarray | str | os.PathLike
 """One image (PIL, HWC numpy, CHW tensor, path) or a batch: a (B, 3, H, W) tensor or a sequence of images."""
 
 BACKGROUND = (255, 255, 255)

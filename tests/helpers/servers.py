@@ -105,7 +105,6 @@ class KillServer(_callback_base()):
 
 def brightness(images, prompts, metadata):
     """A CallableReward function: each image's mean; NaN for the prompt "nan", a RuntimeError for the prompt "crash"."""
-    import torch
 
     if prompts[0] == "crash":
         raise RuntimeError("shape mismatch in the judge")

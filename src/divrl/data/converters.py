@@ -548,7 +548,7 @@ def _psrbench_record(src: Path, path: Path, subset: str, index: int, sample) -> 
         return Skip(where, "sample has no reference image paths ('input_path')")
     numbers = sorted(int(m.group(1)) for k in sample if (m := re.fullmatch(r"category([1-9][0-9]*)", k)))
     if numbers != list(range(1, len(numbers) + 1)):
-        return Skip(where, f"category keys are not category1..categoryN: {['category%d' % n for n in numbers]}")
+        return Skip(where, f"category keys are not category1..categoryN: {[f'category{n}' for n in numbers]}")
     subjects = [sample[f"category{n}"] for n in numbers]
     if not all(isinstance(word, str) and word.strip() for word in subjects):
         return Skip(where, f"a category word is empty or not a string: {subjects!r}")

@@ -17,7 +17,8 @@ call :func:`sde_step`, so the first on-policy ratio ``exp(logp − logp_old)`` i
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor

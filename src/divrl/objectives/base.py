@@ -162,7 +162,7 @@ class Objective(ABC):
         """Whether :meth:`loss` runs the reference policy (full fine-tuning then keeps a frozen copy)."""
         return False
 
-    def check(self, sampling: SamplingConfig) -> None:
+    def check(self, sampling: SamplingConfig) -> None:  # noqa: B027 - optional hook; the default accepts all
         """Refuse, at start-up, sampling settings this objective cannot train with (with the fix)."""
 
     @abstractmethod

@@ -30,8 +30,18 @@ from torch import Tensor
 
 from divrl.grpo import group_advantages
 from divrl.objectives.base import Batch, Environment, Objective, positive, rollout_and_score, shuffled_updates
-from divrl.objectives.flow import (TimestepSampling, _check_beta, _check_finite, as_timesteps, dpo_loss, draw,
-                                   flow_error, group_dpo_loss, group_weights, noised)
+from divrl.objectives.flow import (
+    TimestepSampling,
+    _check_beta,
+    _check_finite,
+    as_timesteps,
+    dpo_loss,
+    draw,
+    flow_error,
+    group_dpo_loss,
+    group_weights,
+    noised,
+)
 from divrl.objectives.sft import target_latents
 
 if TYPE_CHECKING:

@@ -24,16 +24,23 @@ import torch
 from torch import Tensor
 
 from divrl.grpo import (
-    grpo_loss,
     group_advantages,
+    grpo_loss,
     kl_divergence,
     pooled_advantages,
     sde_mask,
     select_train_steps,
     transition_log_prob,
 )
-from divrl.objectives.base import (Batch, Environment, Objective, SamplingConfig, positive, rollout_and_score,
-                                   shuffled_updates)
+from divrl.objectives.base import (
+    Batch,
+    Environment,
+    Objective,
+    SamplingConfig,
+    positive,
+    rollout_and_score,
+    shuffled_updates,
+)
 from divrl.objectives.flow import _check_finite
 
 if TYPE_CHECKING:

@@ -26,8 +26,18 @@ from torch import Tensor
 
 from divrl.grpo import group_advantages
 from divrl.objectives.base import Environment, Objective, positive, rollout_and_score, shuffled_updates
-from divrl.objectives.flow import (FlowBatch, TimestepSampling, _check_beta, _check_finite, as_timesteps, draw,
-                                   flow_error, nft_loss, noised, optimality)
+from divrl.objectives.flow import (
+    FlowBatch,
+    TimestepSampling,
+    _check_beta,
+    _check_finite,
+    as_timesteps,
+    draw,
+    flow_error,
+    nft_loss,
+    noised,
+    optimality,
+)
 
 if TYPE_CHECKING:
     from divrl.data.stream import ConditionSample

@@ -24,8 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from divrl.policy import lora as L
-from divrl.policy.compute import (CHECKPOINTING, check_attention_backend, configure_units, enable_tf32,
-                                  set_attention_backend)
+from divrl.policy.compute import (
+    CHECKPOINTING,
+    check_attention_backend,
+    configure_units,
+    enable_tf32,
+    set_attention_backend,
+)
 from divrl.policy.reference import FrozenReference
 from divrl.policy.sharding import unwrapped
 from divrl.utils import parse_dtype

@@ -52,7 +52,7 @@ def family_config(model: str | os.PathLike, default: str = "divrl.policy.Kontext
 
             cached = try_to_load_from_cache(name, "model_index.json")
             index = Path(cached) if isinstance(cached, str) else None
-        except Exception:  # not a valid repo id: the default config's loader says so
+        except Exception:  # noqa: BLE001 - not a valid repo id: the default config's loader says so
             index = None
     try:
         found = json.loads(index.read_text(encoding="utf-8")).get("_class_name") if index else None

@@ -18,13 +18,13 @@
 
 from divrl.rewards.base import Components, Group, GroupScorer, NonFiniteReward, Reward, RewardOutput
 from divrl.rewards.compose import CallableReward, WeightedReward
-from divrl.rewards.remote import RemoteReward
+from divrl.rewards.embedders import BackboneEmbedder, Embedder
 from divrl.rewards.functional import gated_reward, linear_reward, nssm, vsm
 from divrl.rewards.modules import GatedReward, GroupReward, LinearReward, NSSMReward, VSMReward
 from divrl.rewards.multi import PairwiseSubjectConsistency, PerSubjectDivRL
+from divrl.rewards.remote import RemoteReward
 from divrl.rewards.scorers import FeatureScorer
 from divrl.rewards.subject_models import CLSEmbedder, GroundingDINODetector
-from divrl.rewards.embedders import BackboneEmbedder, Embedder
 from divrl.rewards.subjects import CallableDetector, Detector, PlainBackgroundDetector, SubjectLocator
 
 __all__ = [

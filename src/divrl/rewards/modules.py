@@ -25,8 +25,7 @@ import torch
 from torch import Tensor
 
 from divrl.rewards import functional as RF
-from divrl.rewards.base import (Components, Group, GroupScorer, NonFiniteReward, Reward, RewardOutput,
-                                check_setting)
+from divrl.rewards.base import Components, Group, GroupScorer, NonFiniteReward, Reward, RewardOutput, check_setting
 
 __all__ = ["RewardOutput", "GroupReward", "NSSMReward", "VSMReward", "GatedReward", "LinearReward"]
 

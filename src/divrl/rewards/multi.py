@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from divrl.images import to_mask_batch
 from divrl.rewards import functional as RF
 from divrl.rewards.backbones.base import Features
 from divrl.rewards.base import Group, GroupScorer, NonFiniteReward, Reward, RewardOutput
-from divrl.rewards.scorers import FeatureScorer
-from divrl.images import to_mask_batch
 from divrl.rewards.embedders import Embedder, resize
+from divrl.rewards.scorers import FeatureScorer
 from divrl.rewards.subjects import Located, SubjectLocator, crop, subject_words
 
 __all__ = ["PairwiseSubjectConsistency", "PerSubjectDivRL"]

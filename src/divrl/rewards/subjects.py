@@ -26,9 +26,9 @@ Boxes are float ``(x0, y0, x1, y1)`` in pixels of the image they were found in (
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import hashlib
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 

@@ -8,15 +8,15 @@ import json
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import RichProgressBar
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 
 from divrl.images import caption_grid, to_image_batch
+from divrl.policy.sharding import full_tensor, shard_like, trainable_parameters
 from divrl.training.environment import RolloutGroup
 from divrl.training.inputs import folder_problem
-from divrl.policy.sharding import full_tensor, shard_like, trainable_parameters
 
 __all__ = ["LoRAExporter", "RolloutImageLogger", "StageSwitch", "DivRLProgressBar", "TrainTimeLimit", "group_grid"]
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import uuid
-
 import warnings
 import zipfile
 from pathlib import Path
@@ -211,7 +210,7 @@ def resume_path(ckpt_path, folders: list[str]) -> str | None:
         newest = None if chosen is not None else next((p for p in candidates if intact(p)), None)
         if chosen is None and newest is not None:
             what = f"{lasts[0]} is damaged (a save interrupted?)" if lasts else "there is no last.ckpt"
-            warnings.warn(f"--ckpt_path last: {what}; resuming from {newest}, the newest intact checkpoint")
+            warnings.warn(f"--ckpt_path last: {what}; resuming from {newest}, the newest intact checkpoint", stacklevel=2)
             chosen = newest
         if chosen is None and lasts:
             raise ValueError(f"--ckpt_path last: {lasts[0]} is damaged and no intact checkpoint is beside it; start "
@@ -304,11 +303,11 @@ def resumed_settings(checkpoint: dict, hparams, policy=None) -> None:
     if policy is not None and "lora_compute_dtype" not in old_policy and policy.compute_dtype != torch.float32:
         warnings.warn(f"the checkpoint predates policy.lora_compute_dtype: it trained with float32 adapter compute "
                       f"and TF32 off; this run computes in {policy.compute_dtype}. To continue on the same numerics, "
-                      f"set model.policy.lora_compute_dtype: float32 and model.policy.tf32: false")
+                      f"set model.policy.lora_compute_dtype: float32 and model.policy.tf32: false", stacklevel=2)
     differ = compare_settings(saved, dict(hparams))
     if differ:
         listed = "; ".join(f"model.{k}: {a!r} -> {b!r}" for k, (a, b) in differ.items())
-        warnings.warn(f"model settings that differ from the checkpoint's; the command line's apply: {listed}")
+        warnings.warn(f"model settings that differ from the checkpoint's; the command line's apply: {listed}", stacklevel=2)
 
 
 def optimizer_settings(optimizer, scheduler=None) -> dict:

@@ -43,10 +43,24 @@ from divrl.policy.sharding import all_reduce_grads, gathered, grad_norm
 from divrl.rewards.base import Reward
 from divrl.training import checkpoints
 from divrl.training.config import SystemConfig, check_settings
-from divrl.training.environment import (RolloutGroup, RunEnvironment, agreed, device_peak, end_of_run, reward_metrics,
-                                        score_groups, throughput, trains_on)
-from divrl.training.strategies import (check_optimizer_strategy, check_strategy, data_parallel_mesh, is_fsdp1,
-                                       shard_policy)
+from divrl.training.environment import (
+    RolloutGroup,
+    RunEnvironment,
+    agreed,
+    device_peak,
+    end_of_run,
+    reward_metrics,
+    score_groups,
+    throughput,
+    trains_on,
+)
+from divrl.training.strategies import (
+    check_optimizer_strategy,
+    check_strategy,
+    data_parallel_mesh,
+    is_fsdp1,
+    shard_policy,
+)
 from divrl.utils import mix_seeds
 
 __all__ = ["DivRLModule", "default_optimizer"]
@@ -163,7 +177,7 @@ class DivRLModule(pl.LightningModule):
                                                        self._optimizer_settings, self._resumed_settings)
         if changes and self.global_rank == 0:
             warnings.warn(f"optimizer settings that differ from the checkpoint's; the command line's apply: "
-                          f"{'; '.join(changes)}")
+                          f"{'; '.join(changes)}", stacklevel=2)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -11,7 +11,6 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import lightning.pytorch as pl
 import torch
@@ -83,8 +82,8 @@ class DivRLTrainer(pl.Trainer):
             self.strategy.checkpoint_io = AtomicCheckpointIO()
 
     def fit(self, model: pl.LightningModule, train_dataloaders=None, val_dataloaders=None,
-            datamodule: Optional[pl.LightningDataModule] = None, ckpt_path: Optional[str] = None,
-            weights_only: Optional[bool] = None) -> None:
+            datamodule: pl.LightningDataModule | None = None, ckpt_path: str | None = None,
+            weights_only: bool | None = None) -> None:
         """Lightning's ``fit``; ``ckpt_path``: ``last`` (the newest intact checkpoint), ``hpc``, ``best``, or a
         checkpoint file or folder to resume from."""
         folders = [c.dirpath for c in self.checkpoint_callbacks if getattr(c, "dirpath", None)]
@@ -111,9 +110,9 @@ class DivRLTrainer(pl.Trainer):
             if threading.current_thread() is threading.main_thread() and handler is not None:
                 signal.signal(signal.SIGINT, handler)  # Lightning ignores a second Ctrl-C for good (a notebook's too)
 
-    def validate(self, model: Optional[pl.LightningModule] = None, dataloaders=None, ckpt_path: Optional[str] = None,
-                 verbose: bool = True, datamodule: Optional[pl.LightningDataModule] = None,
-                 weights_only: Optional[bool] = None):
+    def validate(self, model: pl.LightningModule | None = None, dataloaders=None, ckpt_path: str | None = None,
+                 verbose: bool = True, datamodule: pl.LightningDataModule | None = None,
+                 weights_only: bool | None = None):
         """Lightning's ``validate``; ``ckpt_path`` is resolved and checked as ``fit``'s (a missing file, a LoRA export
         or a damaged file is refused by name)."""
         folders = [c.dirpath for c in self.checkpoint_callbacks if getattr(c, "dirpath", None)]
@@ -221,7 +220,7 @@ class DivRLTrainer(pl.Trainer):
         model: DivRLModule,
         suite: EvalSuite,
         datamodule: pl.LightningDataModule | None = None,
-        methods: dict[str, Optional[str]] | None = None,
+        methods: dict[str, str | None] | None = None,
         samples_dir: str | None = None,
         sample_methods: list[str] | None = None,
         output_dir: str = "eval",

@@ -3,9 +3,9 @@ payload (:class:`KleinEncoder`, encoder.py), loading from the Hub or a folder (b
 (:class:`Flux2KleinConfig`, config.py) and a tiny offline klein (tiny.py). Select it in YAML with
 ``model.policy: {class_path: divrl.policy.flux2.Flux2KleinConfig, init_args: {model: ...}}``."""
 
+from divrl.policy.flux2.config import KLEIN_TEXT_LAYERS, TINY_KLEIN, Flux2KleinConfig
 from divrl.policy.flux2.encoder import KleinCondition, KleinEncoder
 from divrl.policy.flux2.policy import KLEIN_LORA_TARGETS, Flux2KleinPolicy, klein_flops
-from divrl.policy.flux2.config import KLEIN_TEXT_LAYERS, TINY_KLEIN, Flux2KleinConfig
 from divrl.policy.loading import register_family
 
 register_family("Flux2KleinPipeline", "FLUX.2 [klein]", "divrl.policy.flux2.Flux2KleinConfig", "flux.2-klein")

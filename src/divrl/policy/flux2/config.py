@@ -10,8 +10,8 @@ from typing import ClassVar
 
 from divrl.policy.base import PolicyConfig
 from divrl.policy.flux2.policy import KLEIN_LORA_TARGETS, Flux2KleinPolicy
-from divrl.policy.lora import DEFAULT_LORA_TARGETS
 from divrl.policy.gating import check_window
+from divrl.policy.lora import DEFAULT_LORA_TARGETS
 from divrl.utils import parse_dtype
 
 __all__ = ["Flux2KleinConfig", "TINY_KLEIN", "KLEIN_TEXT_LAYERS"]

@@ -4,10 +4,10 @@ a folder (builder.py), a run's settings (:class:`QwenEditConfig`, config.py) and
 Select it in YAML with ``model.policy: {class_path: divrl.policy.qwen_image.QwenEditConfig, init_args: {model: ...}}``.
 """
 
+from divrl.policy.loading import register_family
+from divrl.policy.qwen_image.config import TINY_QWEN_EDIT, QwenEditConfig
 from divrl.policy.qwen_image.encoder import QwenEditCondition, QwenEditEncoder
 from divrl.policy.qwen_image.policy import QWEN_EDIT_LORA_TARGETS, QwenEditPolicy, qwen_edit_flops
-from divrl.policy.qwen_image.config import TINY_QWEN_EDIT, QwenEditConfig
-from divrl.policy.loading import register_family
 
 register_family("QwenImageEditPlusPipeline", "Qwen-Image-Edit-Plus", "divrl.policy.qwen_image.QwenEditConfig",
                 "qwen-image-edit")
