@@ -50,9 +50,16 @@ from divrl.policy.flops import FLUX_TRANSFORMER_CONFIG as FLUX_TRANSFORMER
 from divrl.policy.flops import FLUX_VAE_CONFIG as FLUX_VAE
 from divrl.policy.flops import transformer_flops
 
-SMOKE_TRANSFORMER = dict(FLUX_TRANSFORMER, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
-                         axes_dims_rope=(4, 6, 6))
+SMOKE_TRANSFORMER = dict(
+    FLUX_TRANSFORMER,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=16,
+    axes_dims_rope=(4, 6, 6),
+)
 SMOKE_VAE = dict(FLUX_VAE, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
 
 
@@ -85,8 +92,13 @@ def installed_flash_backend() -> str | None:
 def comparison(device: str) -> dict[str, Levers]:
     """Today's path, each lever alone on top of it, then all together."""
     flash = installed_flash_backend() if device.startswith("cuda") else None
-    fast = dict(lora_compute_dtype="bfloat16", compile=True, gradient_checkpointing="selective", tf32=True,
-                attention_backend=flash or "native")
+    fast = dict(
+        lora_compute_dtype="bfloat16",
+        compile=True,
+        gradient_checkpointing="selective",
+        tf32=True,
+        attention_backend=flash or "native",
+    )
     settings = {
         "today": TODAY,
         "lora-bf16": replace(TODAY, lora_compute_dtype="bfloat16"),
@@ -122,8 +134,18 @@ def build_policy(smoke: bool, device: str, dtype: torch.dtype, lora_rank: int, f
             buffer.zero_()
     vae = AutoencoderKL(**(SMOKE_VAE if smoke else FLUX_VAE)).to(device=device, dtype=dtype)
     lora = None if full else LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank)
-    policy = KontextPolicy(transformer, vae, None, None, None, None, lora=lora, max_sequence_length=128,
-                           train_transformer=full, lora_compute_dtype="float32")
+    policy = KontextPolicy(
+        transformer,
+        vae,
+        None,
+        None,
+        None,
+        None,
+        lora=lora,
+        max_sequence_length=128,
+        train_transformer=full,
+        lora_compute_dtype="float32",
+    )
     if full:
         policy.transformer.to(dtype)  # bf16 weights and gradients (fp32 master weights live sharded in training)
     return policy, config
@@ -167,7 +189,10 @@ def make_condition(policy, config, args):
     condition = policy.condition_from_precomputed(
         torch.randn(1, text_len, config["joint_attention_dim"], generator=g, device=device),
         torch.randn(1, config["pooled_projection_dim"], generator=g, device=device),
-        torch.randn(1, tokens, config["in_channels"], generator=g, device=device), res, res, group_size=args.group_size,
+        torch.randn(1, tokens, config["in_channels"], generator=g, device=device),
+        res,
+        res,
+        group_size=args.group_size,
     )
     return condition, transformer_flops(config, tokens, tokens, text_len)
 
@@ -179,14 +204,22 @@ def measure(policy, config, args) -> dict[str, float]:
 
     device = args.device
     condition, flops_call = make_condition(policy, config, args)
-    results: dict[str, float] = {"image_tokens": policy.num_image_tokens(args.resolution, args.resolution),
-                                 "gflops_per_sample_forward": flops_call / 1e9}
+    results: dict[str, float] = {
+        "image_tokens": policy.num_image_tokens(args.resolution, args.resolution),
+        "gflops_per_sample_forward": flops_call / 1e9,
+    }
     compiling = compile_seconds()
 
     def do_rollout():
-        return rollout(policy, condition, num_steps=args.num_steps, noise_level=0.9,
-                       generator=torch.Generator().manual_seed(0), micro_batch_size=args.rollout_micro_batch,
-                       decode=False)
+        return rollout(
+            policy,
+            condition,
+            num_steps=args.num_steps,
+            noise_level=0.9,
+            generator=torch.Generator().manual_seed(0),
+            micro_batch_size=args.rollout_micro_batch,
+            decode=False,
+        )
 
     with torch.no_grad():
         do_rollout()  # warm-up (compilation, kernels, allocator)
@@ -248,12 +281,21 @@ def profile(policy, config, args) -> None:
     x = policy.initial_noise(rows, torch.Generator(device=args.device).manual_seed(0))
     from divrl.grpo import rollout
 
-    trajectory = rollout(policy, condition.select(torch.arange(args.micro_batch)), num_steps=args.num_steps,
-                         noise_level=0.9, generator=torch.Generator().manual_seed(0), decode=False)
+    trajectory = rollout(
+        policy,
+        condition.select(torch.arange(args.micro_batch)),
+        num_steps=args.num_steps,
+        noise_level=0.9,
+        generator=torch.Generator().manual_seed(0),
+        decode=False,
+    )
     phases = {
         "rollout transformer call": lambda: torch.no_grad()(policy.velocity)(x, 0.5, rows),
-        "training micro-batch": lambda: transition_log_prob(policy, trajectory, 0, condition.select(
-            torch.arange(args.micro_batch))).log_prob.sum().backward(),
+        "training micro-batch": lambda: (
+            transition_log_prob(policy, trajectory, 0, condition.select(torch.arange(args.micro_batch)))
+            .log_prob.sum()
+            .backward()
+        ),
     }
     for name, fn in phases.items():
         fn()  # warm-up
@@ -264,10 +306,19 @@ def profile(policy, config, args) -> None:
         policy.transformer.zero_grad(set_to_none=True)
 
 
-COLUMNS = [("rollout_s", "rollout s"), ("rollout_tflops", "TFLOP/s"), ("rollout_mfu", "MFU"),
-           ("rollout_peak_gb", "peak GB"), ("train_microbatch_timestep_s", "train s"), ("train_tflops", "TFLOP/s"),
-           ("train_mfu", "MFU"), ("train_peak_gb", "peak GB"), ("trajectory_s", "s/trajectory"),
-           ("max_ratio_dev", "max|r-1|"), ("compile_s", "compile s")]
+COLUMNS = [
+    ("rollout_s", "rollout s"),
+    ("rollout_tflops", "TFLOP/s"),
+    ("rollout_mfu", "MFU"),
+    ("rollout_peak_gb", "peak GB"),
+    ("train_microbatch_timestep_s", "train s"),
+    ("train_tflops", "TFLOP/s"),
+    ("train_mfu", "MFU"),
+    ("train_peak_gb", "peak GB"),
+    ("trajectory_s", "s/trajectory"),
+    ("max_ratio_dev", "max|r-1|"),
+    ("compile_s", "compile s"),
+]
 
 
 def print_table(rows: dict[str, dict[str, float]]) -> None:
@@ -280,8 +331,9 @@ def print_table(rows: dict[str, dict[str, float]]) -> None:
 
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default=None, help="cuda (default) or cpu (say it: the full model on a CPU "
-                                                       "takes ~48 GB and hours)")
+    parser.add_argument(
+        "--device", default=None, help="cuda (default) or cpu (say it: the full model on a CPU takes ~48 GB and hours)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny configuration (CPU-fast), for tests")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--group-size", type=int, default=21)
@@ -292,17 +344,27 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-repeats", type=int, default=5)
     parser.add_argument("--lora-compute-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--compile", action="store_true", help="compile each FLUX block")
-    parser.add_argument("--gradient-checkpointing", nargs="?", const="full", default="none",
-                        choices=["none", "full", "selective"])
+    parser.add_argument(
+        "--gradient-checkpointing", nargs="?", const="full", default="none", choices=["none", "full", "selective"]
+    )
     parser.add_argument("--tf32", action="store_true", help="TF32 for float32 matmuls on CUDA")
     parser.add_argument("--attention-backend", default="native", help="diffusers' attention backend")
-    parser.add_argument("--compare", nargs="*", metavar="SETTING", default=None,
-                        help="compare today's path, each lever and all together (or the named settings)")
+    parser.add_argument(
+        "--compare",
+        nargs="*",
+        metavar="SETTING",
+        default=None,
+        help="compare today's path, each lever and all together (or the named settings)",
+    )
     parser.add_argument("--profile", action="store_true", help="print the top 20 kernels of each phase")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--full-finetune", action="store_true", help="train every transformer weight, not a LoRA")
-    parser.add_argument("--sdpa-backends", nargs="+", default=["flash", "efficient", "math"],
-                        help="attention kernels allowed (training's default leaves cuDNN out)")
+    parser.add_argument(
+        "--sdpa-backends",
+        nargs="+",
+        default=["flash", "efficient", "math"],
+        help="attention kernels allowed (training's default leaves cuDNN out)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak")
     args = parser.parse_args(argv)
     if args.device is None:
@@ -311,9 +373,12 @@ def parse(argv=None) -> argparse.Namespace:
         elif args.smoke:
             args.device = "cpu"
         else:
-            parser.exit(2, "gpu_step.py: no CUDA GPU here. The full-size model needs one (on a CPU it would build "
-                           "11.9B float32 weights, ~48 GB); pass --smoke for the tiny CPU configuration, or "
-                           "--device cpu if you mean it\n")
+            parser.exit(
+                2,
+                "gpu_step.py: no CUDA GPU here. The full-size model needs one (on a CPU it would build "
+                "11.9B float32 weights, ~48 GB); pass --smoke for the tiny CPU configuration, or "
+                "--device cpu if you mean it\n",
+            )
     if args.smoke:
         args.resolution, args.group_size, args.rollout_micro_batch, args.train_repeats = 32, 4, 2, 2
     return args
@@ -325,8 +390,9 @@ def main(argv=None):
     args = parse(argv)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     policy, config = build_policy(args.smoke, args.device, dtype, args.lora_rank, full=args.full_finetune)
-    single = Levers(args.lora_compute_dtype, args.compile, args.gradient_checkpointing, args.tf32,
-                    args.attention_backend)
+    single = Levers(
+        args.lora_compute_dtype, args.compile, args.gradient_checkpointing, args.tf32, args.attention_backend
+    )
     with sdpa_context(args.sdpa_backends):  # the kernels training uses
         if args.compare is None:
             apply(policy, single)

@@ -37,16 +37,28 @@ TEXT_ENCODER_PARAMS = 4.762e9 + 0.123e9  # T5 v1.1 XXL encoder + CLIP-L text (be
 VAE_PARAMS = 0.084e9
 GB = 1e9
 
-QWEN_EDIT_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
-                             num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56),
-                             zero_cond_t=True)
+QWEN_EDIT_TRANSFORMER = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=60,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,
+    axes_dims_rope=(16, 56, 56),
+    zero_cond_t=True,
+)
 """Qwen-Image-Edit-2511's ``transformer/config.json``."""
 
 FAMILIES = {
     "kontext": ("FLUX.1 Kontext", "FluxTransformer2DModel", FLUX_TRANSFORMER, TEXT_ENCODER_PARAMS, VAE_PARAMS),
-    "qwen": ("Qwen-Image-Edit-2511", "QwenImageTransformer2DModel", QWEN_EDIT_TRANSFORMER,
-             8.292e9,  # Qwen2.5-VL-7B-Instruct: the language model and its vision tower
-             0.127e9),  # the Qwen-Image VAE (Wan 2.1's)
+    "qwen": (
+        "Qwen-Image-Edit-2511",
+        "QwenImageTransformer2DModel",
+        QWEN_EDIT_TRANSFORMER,
+        8.292e9,  # Qwen2.5-VL-7B-Instruct: the language model and its vision tower
+        0.127e9,
+    ),  # the Qwen-Image VAE (Wan 2.1's)
 }
 """family → (name, diffusers transformer class, its configuration, text encoder parameters, VAE parameters)."""
 
@@ -72,9 +84,19 @@ def parameter_counts(rank: int, config: dict = FLUX_TRANSFORMER, family: str = "
 STRATEGIES = {"ddp": "DDP", "fsdp1": "FSDP1", "fsdp2": "FSDP2"}
 
 
-def per_gpu_bytes(params: int, trainable: int, gpus: int, *, full: bool, strategy: str, eightbit: bool,
-                  text_encoders: bool, reference_copy: bool, text_params: float = TEXT_ENCODER_PARAMS,
-                  vae_params: float = VAE_PARAMS) -> float:
+def per_gpu_bytes(
+    params: int,
+    trainable: int,
+    gpus: int,
+    *,
+    full: bool,
+    strategy: str,
+    eightbit: bool,
+    text_encoders: bool,
+    reference_copy: bool,
+    text_params: float = TEXT_ENCODER_PARAMS,
+    vae_params: float = VAE_PARAMS,
+) -> float:
     """Bytes on one GPU (no activations) for ``strategy`` in :data:`STRATEGIES` over ``gpus`` ranks."""
     if strategy not in STRATEGIES or (full and strategy == "fsdp1"):
         raise ValueError(f"strategy {strategy!r}: choose from {sorted(STRATEGIES)} (full fine-tuning: ddp or fsdp2)")
@@ -97,8 +119,10 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     name, _, config, text_params, vae_params = FAMILIES[args.family]
     params, lora = parameter_counts(args.lora_rank, config, args.family)
-    print(f"{name} transformer: {params / 1e9:.3f} B parameters; LoRA r {args.lora_rank}: {lora / 1e6:.1f} M "
-          f"({100 * lora / params:.2f}%)")
+    print(
+        f"{name} transformer: {params / 1e9:.3f} B parameters; LoRA r {args.lora_rank}: {lora / 1e6:.1f} M "
+        f"({100 * lora / params:.2f}%)"
+    )
     print(f"per-GPU GB without activations ({'with' if args.text_encoders else 'without'} text encoders on the GPU)\n")
     rows = []
     header = "| setup | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in args.gpus) + " |"
@@ -107,16 +131,33 @@ def main(argv=None) -> list[dict]:
     for full in (False, True):
         for strategy in ("ddp", "fsdp2") if full else STRATEGIES:
             for eightbit in (False, True):
-                label = (f"{'full FT' if full else f'LoRA r{args.lora_rank}'}, {STRATEGIES[strategy]}, "
-                         f"{'8-bit' if eightbit else 'fp32'} AdamW")
-                values = [per_gpu_bytes(params, params if full else lora, n, full=full, strategy=strategy,
-                                        eightbit=eightbit, text_encoders=args.text_encoders, reference_copy=False,
-                                        text_params=text_params, vae_params=vae_params) / GB for n in args.gpus]
+                label = (
+                    f"{'full FT' if full else f'LoRA r{args.lora_rank}'}, {STRATEGIES[strategy]}, "
+                    f"{'8-bit' if eightbit else 'fp32'} AdamW"
+                )
+                values = [
+                    per_gpu_bytes(
+                        params,
+                        params if full else lora,
+                        n,
+                        full=full,
+                        strategy=strategy,
+                        eightbit=eightbit,
+                        text_encoders=args.text_encoders,
+                        reference_copy=False,
+                        text_params=text_params,
+                        vae_params=vae_params,
+                    )
+                    / GB
+                    for n in args.gpus
+                ]
                 rows.append({"setup": label, **{str(n): v for n, v in zip(args.gpus, values)}})
                 fits = "yes" if values[-1] < args.gpu_gb else "no"  # before activations: leave them room
                 print(f"| {label} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {fits} |")
-    print("\nfull fine-tuning with kl_beta > 0 adds a frozen fp32 reference copy: under FSDP2 "
-          f"{4 * params / GB:.1f} GB / number of shards per GPU; without sharding it stays in CPU memory")
+    print(
+        "\nfull fine-tuning with kl_beta > 0 adds a frozen fp32 reference copy: under FSDP2 "
+        f"{4 * params / GB:.1f} GB / number of shards per GPU; without sharding it stays in CPU memory"
+    )
     return rows
 
 

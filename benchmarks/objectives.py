@@ -42,16 +42,35 @@ IDGLOW = ROOT / "configs" / "demo_idglow.yaml"
 R2 = yaml.safe_load(DEMO.read_text())["model"]["rewards"][1]  # the demo's GatedReward: one reward for every method
 DPO = {"beta": 30.0, "epochs": 2, "timesteps_per_sample": 2, "timesteps": {"distribution": "uniform", "low": 0.5}}
 METHODS = {  # (config, model overrides); each objective's settings from a small sweep at the demo's lr (README)
-    "grpo": (DEMO, {"objective": {"class_path": "divrl.objectives.GRPOObjective",
-                                  "init_args": {"micro_batch_size": 8, "timestep_fraction": 0.99}}}),
+    "grpo": (
+        DEMO,
+        {
+            "objective": {
+                "class_path": "divrl.objectives.GRPOObjective",
+                "init_args": {"micro_batch_size": 8, "timestep_fraction": 0.99},
+            }
+        },
+    ),
     "group_dpo": (DEMO, {"objective": {"class_path": "divrl.objectives.GroupDPOObjective", "init_args": DPO}}),
-    "nft": (DEMO, {"objective": {"class_path": "divrl.objectives.NFTObjective",
-                                 "init_args": {"beta": 1.0, "micro_batch_size": 8, "timesteps_per_sample": 2}}}),
+    "nft": (
+        DEMO,
+        {
+            "objective": {
+                "class_path": "divrl.objectives.NFTObjective",
+                "init_args": {"beta": 1.0, "micro_batch_size": 8, "timesteps_per_sample": 2},
+            }
+        },
+    ),
     "sft_dpo": (IDGLOW, {"policy": {"reference_window": None}}),  # the IdGlow curriculum without the gating
     "idglow": (IDGLOW, {}),
 }
-LABELS = {"grpo": "Flow-GRPO", "group_dpo": "group DPO (DGPO)", "nft": "DiffusionNFT", "sft_dpo": "SFT → group DPO",
-          "idglow": "SFT → group DPO, gated (IdGlow)"}
+LABELS = {
+    "grpo": "Flow-GRPO",
+    "group_dpo": "group DPO (DGPO)",
+    "nft": "DiffusionNFT",
+    "sft_dpo": "SFT → group DPO",
+    "idglow": "SFT → group DPO, gated (IdGlow)",
+}
 
 
 def divrl(*args: str) -> None:
@@ -66,9 +85,17 @@ def overrides(out: Path, method: str, budget: float, val_every: int) -> Path:
     else:
         model = {**model, "rewards": [R2]}
     data = {
-        "trainer": {"max_steps": 100000, "default_root_dir": str(out / method), "enable_progress_bar": False,
-                    "check_val_every_n_epoch": 1, "callbacks": callbacks,
-                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out / method)}}},
+        "trainer": {
+            "max_steps": 100000,
+            "default_root_dir": str(out / method),
+            "enable_progress_bar": False,
+            "check_val_every_n_epoch": 1,
+            "callbacks": callbacks,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(out / method)},
+            },
+        },
         "model": model,
         "data": {"steps_per_epoch": val_every},
     }
@@ -90,8 +117,15 @@ def read_curve(folder: Path) -> list[dict]:
         if r.get("val/reward"):
             step = int(r["step"])
             done = max((s for s in seconds if s <= step), default=None)  # the last training row at or before it
-            curve.append({"seconds": seconds[done] if done is not None else 0.0, "batches": step,
-                          "reward": float(r["val/reward"]), "nssm": float(r["val/nssm"]), "vsm": float(r["val/vsm"])})
+            curve.append(
+                {
+                    "seconds": seconds[done] if done is not None else 0.0,
+                    "batches": step,
+                    "reward": float(r["val/reward"]),
+                    "nssm": float(r["val/nssm"]),
+                    "vsm": float(r["val/vsm"]),
+                }
+            )
     return sorted(curve, key=lambda c: c["seconds"])
 
 
@@ -101,12 +135,25 @@ def base_point(out: Path, gated: bool) -> dict:
     args = ["validate", "--config", str(IDGLOW if gated else DEMO)]
     if not gated:  # the demo's validation under R2
         args += ["--config", str(overrides(out, "grpo", 1.0, 1))]
-    divrl(*args, "--trainer.default_root_dir", str(out / name), "--trainer.logger",
-          "lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={out / name}")
-    rows = [r for p in sorted((out / name).glob("lightning_logs/version_*/metrics.csv")) for r in csv.DictReader(p.open())]
+    divrl(
+        *args,
+        "--trainer.default_root_dir",
+        str(out / name),
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={out / name}",
+    )
+    rows = [
+        r for p in sorted((out / name).glob("lightning_logs/version_*/metrics.csv")) for r in csv.DictReader(p.open())
+    ]
     r = next(r for r in rows if r.get("val/reward"))
-    return {"seconds": 0.0, "batches": 0, "reward": float(r["val/reward"]), "nssm": float(r["val/nssm"]),
-            "vsm": float(r["val/vsm"])}
+    return {
+        "seconds": 0.0,
+        "batches": 0,
+        "reward": float(r["val/reward"]),
+        "nssm": float(r["val/nssm"]),
+        "vsm": float(r["val/vsm"]),
+    }
 
 
 def at(curve: list[dict], seconds: float, budget: float) -> dict:
@@ -123,7 +170,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "objectives")
     parser.add_argument("--plot", type=Path, help="write the curves here (PNG)")
     parser.add_argument("--json", type=Path, help="write the curves and the table here")
-    parser.add_argument("--replot", type=Path, help="train nothing: print the table and plot the curves of a --json file")
+    parser.add_argument(
+        "--replot", type=Path, help="train nothing: print the table and plot the curves of a --json file"
+    )
     args = parser.parse_args()
     if args.replot:
         saved = json.loads(args.replot.read_text())
@@ -141,8 +190,13 @@ def main() -> None:
     for method in methods:
         if (args.out / method).exists():
             raise SystemExit(f"{args.out / method} exists: remove it, or pass another --out")
-        divrl("fit", "--config", str(METHODS[method][0]), "--config", str(overrides(args.out, method, args.budget,
-                                                                                      args.val_every)))
+        divrl(
+            "fit",
+            "--config",
+            str(METHODS[method][0]),
+            "--config",
+            str(overrides(args.out, method, args.budget, args.val_every)),
+        )
         curves[method] = [bases[method == "idglow"], *read_curve(args.out / method)]
     report(curves, {"ungated": bases[False], "gated": bases.get(True)}, args.budget, args)
 
@@ -150,16 +204,21 @@ def main() -> None:
 def report(curves: dict, bases: dict, budget: float, args) -> None:
     """Print the table; write the JSON and the plot when asked."""
     gated = bases.get("gated") or {}
-    print(f"held-out reward R2 (8 identities x 4 samples) after a quarter, half and all of {budget:.0f} training "
-          f"seconds; base model {bases['ungated']['reward']:.3f} (gated: {gated.get('reward', float('nan')):.3f})")
+    print(
+        f"held-out reward R2 (8 identities x 4 samples) after a quarter, half and all of {budget:.0f} training "
+        f"seconds; base model {bases['ungated']['reward']:.3f} (gated: {gated.get('reward', float('nan')):.3f})"
+    )
     print("| method | 25% | 50% | 100% | nSSM | VSM | batches |\n" + "|---" * 7 + "|")
     table = {}
     for method, curve in curves.items():
         points = [at(curve, f * budget, budget) for f in (0.25, 0.5, 1.0)]
         table[method] = points
         end = points[-1]
-        print(f"| {LABELS[method]} | " + " | ".join(f"{p['reward']:.3f}" for p in points)
-              + f" | {end['nssm']:.3f} | {end['vsm']:.3f} | {curve[-1]['batches']} |")
+        print(
+            f"| {LABELS[method]} | "
+            + " | ".join(f"{p['reward']:.3f}" for p in points)
+            + f" | {end['nssm']:.3f} | {end['vsm']:.3f} | {curve[-1]['batches']} |"
+        )
     if args.json:
         args.json.write_text(json.dumps({"budget": budget, "bases": bases, "curves": curves, "table": table}, indent=1))
     if args.plot:

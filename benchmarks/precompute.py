@@ -31,10 +31,25 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "data" / "demo" / "tiny-kontext"
 
 # Published configurations (google/t5-v1_1-xxl encoder, openai/clip-vit-large-patch14 text model, FLUX.1 VAE).
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, projection_dim=768)
+T5_XXL = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+)
+CLIP_L = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    projection_dim=768,
+)
 
 
 def skipped_memory() -> dict[str, float]:
@@ -66,9 +81,14 @@ def conditioning_seconds(repeats: int) -> tuple[float, float]:
         policy.condition([r.reference for r in batch], [r.prompts[0] for r in batch], 32, 32, group_size=8)
         t1 = time.perf_counter()
         pre = stored[2 * i : 2 * i + 2]
-        policy.condition_from_precomputed(torch.cat([p["prompt_embeds"][:1] for p in pre]),
-                                          torch.cat([p["pooled_prompt_embeds"][:1] for p in pre]),
-                                          torch.cat([p["image_latents"] for p in pre]), 32, 32, group_size=8)
+        policy.condition_from_precomputed(
+            torch.cat([p["prompt_embeds"][:1] for p in pre]),
+            torch.cat([p["pooled_prompt_embeds"][:1] for p in pre]),
+            torch.cat([p["image_latents"] for p in pre]),
+            32,
+            32,
+            group_size=8,
+        )
         t2 = time.perf_counter()
         encode.append(t1 - t0)
         read.append(t2 - t1)
@@ -80,23 +100,61 @@ def step_seconds(steps: int) -> dict[str, float]:
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, extra, flags in (("encoded at run time", [], []),
-                                    ("precomputed, no text encoders", ["--precompute", str(DEMO_MODEL),
-                                     "--precompute-resolution", "32", "--max-sequence-length", "32"],
-                                     ["--model.policy.text_encoders", "false"])):
+        for label, extra, flags in (
+            ("encoded at run time", [], []),
+            (
+                "precomputed, no text encoders",
+                ["--precompute", str(DEMO_MODEL), "--precompute-resolution", "32", "--max-sequence-length", "32"],
+                ["--model.policy.text_encoders", "false"],
+            ),
+        ):
             shards, root = Path(tmp) / label.replace(" ", "_"), Path(tmp) / ("run_" + label.replace(" ", "_"))
             main(["data", "synthetic", "--out", str(shards), "--num-identities", "24", "--resolution", "64", *extra])
             root.mkdir()
-            (root / "over.yaml").write_text(json.dumps({"trainer": {
-                "callbacks": [], "enable_checkpointing": False, "default_root_dir": str(root),
-                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root)}}}}))
-            main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(root / "over.yaml"),
-                  "--model.policy.model", str(DEMO_MODEL), "--trainer.max_steps", str(steps), "--data.shards",
-                  str(shards), "--data.val_shards", "null", "--trainer.limit_val_batches", "0", *flags])
-            rows = [r for f in root.glob("lightning_logs/*/metrics.csv") for r in csv.DictReader(f.open())
-                    if r.get("time/rollout")][2:]
-            out[label] = statistics.median(float(r["time/rollout"]) + float(r["time/reward"]) + float(r["time/update"])
-                                           for r in rows)
+            (root / "over.yaml").write_text(
+                json.dumps(
+                    {
+                        "trainer": {
+                            "callbacks": [],
+                            "enable_checkpointing": False,
+                            "default_root_dir": str(root),
+                            "logger": {
+                                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                                "init_args": {"save_dir": str(root)},
+                            },
+                        }
+                    }
+                )
+            )
+            main(
+                [
+                    "fit",
+                    "--config",
+                    str(ROOT / "configs/demo.yaml"),
+                    "--config",
+                    str(root / "over.yaml"),
+                    "--model.policy.model",
+                    str(DEMO_MODEL),
+                    "--trainer.max_steps",
+                    str(steps),
+                    "--data.shards",
+                    str(shards),
+                    "--data.val_shards",
+                    "null",
+                    "--trainer.limit_val_batches",
+                    "0",
+                    *flags,
+                ]
+            )
+            rows = [
+                r
+                for f in root.glob("lightning_logs/*/metrics.csv")
+                for r in csv.DictReader(f.open())
+                if r.get("time/rollout")
+            ][2:]
+            out[label] = statistics.median(
+                float(r["time/rollout"]) + float(r["time/reward"]) + float(r["time/update"]) for r in rows
+            )
     return out
 
 
@@ -115,8 +173,10 @@ def main() -> None:
     print(f"  together: {total:.2f} GB of GPU memory per rank not loaded (policy.text_encoders: false)")
 
     encode, read = conditioning_seconds(args.repeats)
-    print(f"\nConditions for 2 identities x G=8 on the demo model (median of {args.repeats}): encode {encode * 1e3:.1f} ms, "
-          f"read precomputed {read * 1e3:.2f} ms ({encode / read:.0f}x)")
+    print(
+        f"\nConditions for 2 identities x G=8 on the demo model (median of {args.repeats}): encode {encode * 1e3:.1f} ms, "
+        f"read precomputed {read * 1e3:.2f} ms ({encode / read:.0f}x)"
+    )
     steps = step_seconds(args.steps)
     base = steps["encoded at run time"]
     for label, seconds in steps.items():

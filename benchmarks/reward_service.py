@@ -42,9 +42,23 @@ import yaml
 from divrl.rewards import Group, Reward, RewardOutput
 
 ROOT = Path(__file__).resolve().parents[1]
-GATED = {"class_path": "divrl.rewards.GatedReward", "init_args": {"threshold": 0.5, "weight": 5.0, "scorer": {
-    "class_path": "divrl.rewards.FeatureScorer", "init_args": {"pool": 2, "backbone": {
-        "class_path": "divrl.rewards.backbones.DenseDescriptor", "init_args": {"grid_size": 24, "cell": 4}}}}}}
+GATED = {
+    "class_path": "divrl.rewards.GatedReward",
+    "init_args": {
+        "threshold": 0.5,
+        "weight": 5.0,
+        "scorer": {
+            "class_path": "divrl.rewards.FeatureScorer",
+            "init_args": {
+                "pool": 2,
+                "backbone": {
+                    "class_path": "divrl.rewards.backbones.DenseDescriptor",
+                    "init_args": {"grid_size": 24, "cell": 4},
+                },
+            },
+        },
+    },
+}
 
 
 class Delayed(Reward):
@@ -69,11 +83,31 @@ def start_server(block: dict, folder: Path) -> tuple[subprocess.Popen, str]:
         port = sock.getsockname()[1]
     config = folder / f"reward-{port}.yaml"
     config.write_text(yaml.safe_dump(block))
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, "-m", "divrl.cli", "serve-reward", "--config", str(config), "--port",
-                                str(port), "--accelerator", "cpu", "--devices", "1"], env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "divrl.cli",
+            "serve-reward",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "1",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -134,19 +168,31 @@ def throughput(module, reward, samples, images) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--groups", type=int, default=16,
-                        help="conditions per batch (default 16: the last group's scoring, 1/16 of the batch's, is all "
-                             "that overlap cannot hide)")
+    parser.add_argument(
+        "--groups",
+        type=int,
+        default=16,
+        help="conditions per batch (default 16: the last group's scoring, 1/16 of the batch's, is all "
+        "that overlap cannot hide)",
+    )
     parser.add_argument("--group-size", type=int, default=4, help="images per group (default 4)")
     parser.add_argument("--delay", default="auto", help="seconds added per group (auto: scoring = rollout)")
     parser.add_argument("--batches", type=int, default=3, help="timed batches per mode (default 3)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of this process (default 1: on a small CPU the rollout keeps one core and "
-                             "the reward, in a thread or a server process of one thread, gets the other, as a trainer "
-                             "and its reward GPUs would; 0 leaves torch's default)")
-    parser.add_argument("--resolution", type=int, default=64,
-                        help="image side (default 64: at the demo's 32 px a rollout step is mostly Python, which a "
-                             "scoring thread slows down through the GIL; real models are not)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of this process (default 1: on a small CPU the rollout keeps one core and "
+        "the reward, in a thread or a server process of one thread, gets the other, as a trainer "
+        "and its reward GPUs would; 0 leaves torch's default)",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=64,
+        help="image side (default 64: at the demo's 32 px a rollout step is mostly Python, which a "
+        "scoring thread slows down through the GIL; real models are not)",
+    )
     args = parser.parse_args()
 
     from divrl.rewards import RemoteReward
@@ -163,23 +209,29 @@ def main() -> None:
         images = module._trajectories(samples, g, torch.Generator().manual_seed(0))[1].images
     start = time.perf_counter()
     for i, sample in enumerate(samples):
-        plain(Group(sample, images[i * g:(i + 1) * g]))
+        plain(Group(sample, images[i * g : (i + 1) * g]))
     compute_s = (time.perf_counter() - start) / len(samples)
     delay = max(rollout_s / len(samples) - compute_s, 0.0) if args.delay == "auto" else float(args.delay)
     local = build_reward(delayed_block(delay))
-    print(f"divrl reward service, {torch.get_num_threads()} torch thread(s) here and 1 per server: demo policy, "
-          f"{args.groups} groups x "
-          f"G = {g} at {module.sampling.resolution}px, {module.sampling.num_steps} steps, one group per rollout chunk; "
-          f"reward R2 (dense) + {delay * 1000:.0f} ms per group")
+    print(
+        f"divrl reward service, {torch.get_num_threads()} torch thread(s) here and 1 per server: demo policy, "
+        f"{args.groups} groups x "
+        f"G = {g} at {module.sampling.resolution}px, {module.sampling.num_steps} steps, one group per rollout chunk; "
+        f"reward R2 (dense) + {delay * 1000:.0f} ms per group"
+    )
 
     folder = Path(tempfile.mkdtemp(prefix="divrl-reward-service-"))
     servers = [start_server(delayed_block(delay), folder) for _ in range(2)]
     try:
         one = RemoteReward([servers[0][1]], timeout=120, max_in_flight=args.groups)
         two = RemoteReward([s[1] for s in servers], timeout=120, max_in_flight=args.groups)
-        modes = [("sequential local", local, False), ("overlapped local", local, True),
-                 ("remote, 1 server", one, False), ("remote, 2 servers", two, False),
-                 ("overlapped, 2 servers", two, True)]
+        modes = [
+            ("sequential local", local, False),
+            ("overlapped local", local, True),
+            ("remote, 1 server", one, False),
+            ("remote, 2 servers", two, False),
+            ("overlapped, 2 servers", two, True),
+        ]
         rows = []
         for name, reward, overlap in modes:
             step, rollout = measure(module, reward, samples, overlap, args.batches)
@@ -190,14 +242,18 @@ def main() -> None:
     sequential_step, rollout = rows[0][1], min(r[2] for r in rows)
     reward_s = sequential_step - rows[0][2]
     print(f"\nrollout alone {rollout:.2f} s, sequential in-process scoring {reward_s:.2f} s per batch\n")
-    print("| mode | step (s) | of which rollout (s) | reward time hidden | rewards/s (images) |\n"
-          "| --- | ---: | ---: | ---: | ---: |")
+    print(
+        "| mode | step (s) | of which rollout (s) | reward time hidden | rewards/s (images) |\n"
+        "| --- | ---: | ---: | ---: | ---: |"
+    )
     for name, step, roll, rate in rows:
         hidden = (sequential_step - step) / reward_s if reward_s > 0 else float("nan")
         print(f"| {name} | {step:.2f} | {roll:.2f} | {hidden:.0%} | {rate:.1f} |")
     bound = max(rollout, reward_s)
-    print(f"\noverlapped local step / max(rollout, reward) = {rows[1][1] / bound:.2f} (goal <= 1.15); "
-          f"overlapped 2 servers: {rows[4][1] / bound:.2f}")
+    print(
+        f"\noverlapped local step / max(rollout, reward) = {rows[1][1] / bound:.2f} (goal <= 1.15); "
+        f"overlapped 2 servers: {rows[4][1] / bound:.2f}"
+    )
     print(f"2 servers / 1 server reward throughput = {rows[3][3] / rows[2][3]:.2f}x (goal >= 1.8)")
 
 

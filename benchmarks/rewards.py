@@ -93,7 +93,9 @@ def main() -> None:
     backbone = build_backbone(args.backbone).to(args.device)
     gen = torch.Generator().manual_seed(0)
     reference = torch.rand(1, 3, args.resolution, args.resolution, generator=gen)
-    images = (reference + 0.3 * torch.randn(args.group_size, 3, args.resolution, args.resolution, generator=gen)).clamp(0, 1)
+    images = (reference + 0.3 * torch.randn(args.group_size, 3, args.resolution, args.resolution, generator=gen)).clamp(
+        0, 1
+    )
     reference, images = reference.to(args.device), images.to(args.device)
     params = dict(pool=2, tau_s=0.7, tau_v=0.7, threshold=0.5, weight=5.0)
     reward = GatedReward(FeatureScorer(backbone, pool=2, tau_s=0.7, tau_v=0.7), threshold=0.5, weight=5.0)
@@ -111,8 +113,12 @@ def main() -> None:
         f"median of {args.repeats}"
     )
     print(f"  group module (reference once, batched):        {t_group:8.3f} s")
-    print(f"  per-image loop (reference re-encoded):         {t_loop:8.3f} s   -> group is {t_loop / t_group:5.1f}x faster")
-    print(f"  server-style (per image and per component):    {t_server:8.3f} s   -> group is {t_server / t_group:5.1f}x faster")
+    print(
+        f"  per-image loop (reference re-encoded):         {t_loop:8.3f} s   -> group is {t_loop / t_group:5.1f}x faster"
+    )
+    print(
+        f"  server-style (per image and per component):    {t_server:8.3f} s   -> group is {t_server / t_group:5.1f}x faster"
+    )
 
 
 if __name__ == "__main__":

@@ -47,17 +47,33 @@ def kontext(args):
     def ours():
         policy.clear_caches()
         condition = policy.condition(reference, PROMPT, h, w, guidance=2.5, group_size=args.group)
-        return rollout(policy, condition, num_steps=args.steps, noise_level=0.0,
-                       generator=torch.Generator().manual_seed(0)).images
+        return rollout(
+            policy, condition, num_steps=args.steps, noise_level=0.0, generator=torch.Generator().manual_seed(0)
+        ).images
 
     def theirs():
-        return pipe(image=reference, prompt=PROMPT, height=h, width=w, num_inference_steps=args.steps,
-                    guidance_scale=2.5, generator=torch.Generator().manual_seed(0), output_type="pt",
-                    max_area=h * w, _auto_resize=False, max_sequence_length=policy.max_sequence_length,
-                    num_images_per_prompt=args.group).images
+        return pipe(
+            image=reference,
+            prompt=PROMPT,
+            height=h,
+            width=w,
+            num_inference_steps=args.steps,
+            guidance_scale=2.5,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+            max_area=h * w,
+            _auto_resize=False,
+            max_sequence_length=policy.max_sequence_length,
+            num_images_per_prompt=args.group,
+        ).images
 
-    return (policy, ours, theirs, lambda: policy.condition(reference, PROMPT, h, w, guidance=2.5,
-                                                          group_size=args.group), "FluxKontextPipeline")
+    return (
+        policy,
+        ours,
+        theirs,
+        lambda: policy.condition(reference, PROMPT, h, w, guidance=2.5, group_size=args.group),
+        "FluxKontextPipeline",
+    )
 
 
 def klein(args):
@@ -74,17 +90,32 @@ def klein(args):
     def ours():
         policy.clear_caches()
         condition = policy.condition([[reference]], [PROMPT], h, w, group_size=args.group)
-        return rollout(policy, condition, num_steps=args.steps, noise_level=0.0,
-                       generator=torch.Generator().manual_seed(0)).images
+        return rollout(
+            policy, condition, num_steps=args.steps, noise_level=0.0, generator=torch.Generator().manual_seed(0)
+        ).images
 
     def theirs():
-        return pipe(image=[reference], prompt=PROMPT, height=h, width=w, num_inference_steps=args.steps,
-                    guidance_scale=4.0, generator=torch.Generator().manual_seed(0), output_type="pt",
-                    text_encoder_out_layers=TINY_TEXT_LAYERS, max_sequence_length=policy.max_sequence_length,
-                    num_images_per_prompt=args.group).images
+        return pipe(
+            image=[reference],
+            prompt=PROMPT,
+            height=h,
+            width=w,
+            num_inference_steps=args.steps,
+            guidance_scale=4.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+            text_encoder_out_layers=TINY_TEXT_LAYERS,
+            max_sequence_length=policy.max_sequence_length,
+            num_images_per_prompt=args.group,
+        ).images
 
-    return (policy, ours, theirs, lambda: policy.condition([[reference]], [PROMPT], h, w, group_size=args.group),
-            "Flux2KleinPipeline")
+    return (
+        policy,
+        ours,
+        theirs,
+        lambda: policy.condition([[reference]], [PROMPT], h, w, group_size=args.group),
+        "Flux2KleinPipeline",
+    )
 
 
 def qwen(args):
@@ -97,8 +128,9 @@ def qwen(args):
 
     area = args.size * args.size
     edit_plus.CONDITION_IMAGE_SIZE = edit_plus.VAE_IMAGE_SIZE = area
-    policy = QwenEditPolicy.tiny(seed=0, base_dtype=args.dtype, true_cfg_scale=4.0, condition_image_size=area,
-                                 vae_image_size=area).to(args.device)
+    policy = QwenEditPolicy.tiny(
+        seed=0, base_dtype=args.dtype, true_cfg_scale=4.0, condition_image_size=area, vae_image_size=area
+    ).to(args.device)
     pipe = policy.pipeline()
     reference = to_pil(draw_subject(args.size)[0])
     h = w = args.size
@@ -106,16 +138,31 @@ def qwen(args):
     def ours():
         policy.clear_caches()
         condition = policy.condition([[reference]], [PROMPT], h, w, group_size=args.group)
-        return rollout(policy, condition, num_steps=args.steps, noise_level=0.0,
-                       generator=torch.Generator().manual_seed(0)).images
+        return rollout(
+            policy, condition, num_steps=args.steps, noise_level=0.0, generator=torch.Generator().manual_seed(0)
+        ).images
 
     def theirs():
-        return pipe(image=[reference], prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0, height=h, width=w,
-                    num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0), output_type="pt",
-                    num_images_per_prompt=args.group).images
+        return pipe(
+            image=[reference],
+            prompt=PROMPT,
+            negative_prompt=" ",
+            true_cfg_scale=4.0,
+            height=h,
+            width=w,
+            num_inference_steps=args.steps,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+            num_images_per_prompt=args.group,
+        ).images
 
-    return (policy, ours, theirs, lambda: policy.condition([[reference]], [PROMPT], h, w, group_size=args.group),
-            "QwenImageEditPlusPipeline")
+    return (
+        policy,
+        ours,
+        theirs,
+        lambda: policy.condition([[reference]], [PROMPT], h, w, group_size=args.group),
+        "QwenImageEditPlusPipeline",
+    )
 
 
 FAMILIES = {"kontext": kontext, "klein": klein, "qwen": qwen}
@@ -138,6 +185,7 @@ def main() -> None:
         assert difference < (1e-4 if args.dtype in (None, "float32") else 5e-2), f"outputs differ by {difference}"
         variants = [("divrl", ours), ("diffusers", theirs)]
         if hasattr(policy, "cfg_batched"):  # klein: also CFG's two halves as one batched transformer call
+
             def batched():
                 policy.cfg_batched = True
                 try:
@@ -156,14 +204,18 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     ours_s, theirs_s = statistics.median(times["divrl"]), statistics.median(times["diffusers"])
     h = w = args.size
-    print(f"tiny {args.family}, {h}x{w}, G={args.group}, {args.steps} steps, device={args.device}, "
-          f"dtype={policy.dtype}, median of {args.repeats}; max |image difference| {difference:.2e}")
+    print(
+        f"tiny {args.family}, {h}x{w}, G={args.group}, {args.steps} steps, device={args.device}, "
+        f"dtype={policy.dtype}, median of {args.repeats}; max |image difference| {difference:.2e}"
+    )
     print(f"  diffusers {pipeline_name + ':':<22s} {theirs_s * 1e3:8.2f} ms")
     print(f"  divrl rollout (noise level 0):   {ours_s * 1e3:8.2f} ms   ratio {ours_s / theirs_s:.3f} (goal <= 1.05)")
     if "divrl, CFG batched" in times:
         batched_s = statistics.median(times["divrl, CFG batched"])
-        print(f"  divrl rollout, CFG batched:      {batched_s * 1e3:8.2f} ms   ratio {batched_s / theirs_s:.3f}; one "
-              f"batched call vs two calls: {batched_s / ours_s:.3f}x the time")
+        print(
+            f"  divrl rollout, CFG batched:      {batched_s * 1e3:8.2f} ms   ratio {batched_s / theirs_s:.3f}; one "
+            f"batched call vs two calls: {batched_s / ours_s:.3f}x the time"
+        )
 
     # Per-step breakdown of a stochastic rollout.
     spent = {"transformer": 0.0, "sde_step": 0.0}
@@ -189,8 +241,14 @@ def main() -> None:
             spent.update(transformer=0.0, sde_step=0.0)
             sync(args.device)
             start = time.perf_counter()
-            rollout(policy, condition, num_steps=args.steps, noise_level=0.9,
-                    generator=torch.Generator().manual_seed(0), decode=False)
+            rollout(
+                policy,
+                condition,
+                num_steps=args.steps,
+                noise_level=0.9,
+                generator=torch.Generator().manual_seed(0),
+                decode=False,
+            )
             sync(args.device)
             totals.append((time.perf_counter() - start, dict(spent)))
     finally:
@@ -199,24 +257,37 @@ def main() -> None:
     total, parts = sorted(totals, key=lambda t: t[0])[len(totals) // 2]
     rest = total - parts["transformer"] - parts["sde_step"]
     print(f"stochastic rollout (noise 0.9, no decode), per step of {args.steps}:")
-    for name, value in (("transformer", parts["transformer"]), ("sde_step (sample + log-prob)", parts["sde_step"]),
-                        ("bookkeeping", rest)):
+    for name, value in (
+        ("transformer", parts["transformer"]),
+        ("sde_step (sample + log-prob)", parts["sde_step"]),
+        ("bookkeeping", rest),
+    ):
         print(f"  {name:<30s} {value / args.steps * 1e3:8.3f} ms  ({100 * value / total:5.1f}%)")
 
-    traj = rollout(policy, condition, num_steps=args.steps, noise_level=0.9,
-                   generator=torch.Generator().manual_seed(1), decode=False)
+    traj = rollout(
+        policy,
+        condition,
+        num_steps=args.steps,
+        noise_level=0.9,
+        generator=torch.Generator().manual_seed(1),
+        decode=False,
+    )
     deviation = {"whole batch": 0.0, "micro-batches of 1": 0.0}
     with torch.no_grad():
         for step in range(args.steps - 1):
             whole = transition_log_prob(policy, traj, step, condition).log_prob
-            deviation["whole batch"] = max(deviation["whole batch"],
-                                           (whole - traj.log_probs[:, step]).exp().sub(1).abs().max().item())
+            deviation["whole batch"] = max(
+                deviation["whole batch"], (whole - traj.log_probs[:, step]).exp().sub(1).abs().max().item()
+            )
             for k in range(args.group):
                 one = transition_log_prob(policy, traj, step, condition, index=[k]).log_prob
-                deviation["micro-batches of 1"] = max(deviation["micro-batches of 1"],
-                                                      abs((one - traj.log_probs[k, step]).exp().item() - 1))
-    print("on-policy ratio, max |r - 1| over the trained steps: "
-          + ", ".join(f"{k} {v:.2e}" for k, v in deviation.items()))
+                deviation["micro-batches of 1"] = max(
+                    deviation["micro-batches of 1"], abs((one - traj.log_probs[k, step]).exp().item() - 1)
+                )
+    print(
+        "on-policy ratio, max |r - 1| over the trained steps: "
+        + ", ".join(f"{k} {v:.2e}" for k, v in deviation.items())
+    )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ def test_a_run_that_ends_before_the_stage_switch_says_so():
         StageSwitch(60).setup(SimpleNamespace(max_steps=400), module, "fit")  # reaches stage 2: no warning
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--num-identities", "-5"), ("--prompts-per-identity", "0"),
-                                             ("--resolution", "-5")])
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--num-identities", "-5"), ("--prompts-per-identity", "0"), ("--resolution", "-5")]
+)
 def test_data_refuses_negative_counts_and_sizes_naming_the_flag(tmp_path, capsys, flag, value):
     out = tmp_path / "shards"
     assert main(["data", "synthetic", "--out", str(out), flag, value]) == 2
@@ -57,8 +58,24 @@ def test_data_refuses_a_folder_of_shards_unless_told_to_overwrite(tmp_path, caps
     assert main(["data", "synthetic", "--out", str(out), "--num-identities", "2", "--resolution", "32"]) == 2
     assert "already holds" in capsys.readouterr().err and sorted(p.name for p in out.glob("*.tar")) == first
     shutil.copy(out / "train-000000.tar", out / "train-000009.tar")  # an old shard the new run would not write
-    assert main(["data", "synthetic", "--out", str(out), "--num-identities", "2", "--resolution", "32",
-                 "--shard-size", "1", "--overwrite"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synthetic",
+                "--out",
+                str(out),
+                "--num-identities",
+                "2",
+                "--resolution",
+                "32",
+                "--shard-size",
+                "1",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]  # no old shard left
 
 
@@ -69,7 +86,8 @@ def test_an_overwrite_whose_source_fails_keeps_the_old_shards(tmp_path):
     (tmp_path / "empty").mkdir()
     assert main(["data", "dreambooth", "--src", str(tmp_path / "empty"), "--out", str(out), "--overwrite"]) == 2
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before and sorted(out.iterdir()) == sorted(
-        out / name for name in before)  # nothing left behind either
+        out / name for name in before
+    )  # nothing left behind either
 
 
 def test_data_names_an_unwritable_out_folder(tmp_path, capsys, monkeypatch):
@@ -132,8 +150,11 @@ def test_model_load_hints_name_the_real_cli_and_setting():
 def test_a_lora_trained_with_another_alpha_is_refused_not_rescaled(exported):
     _, path = exported  # alpha 8
     other = KontextPolicy.tiny(0, lora=LoRAConfig(rank=4, alpha=16.0))
-    with pytest.raises(ValueError, match=r"trained with alpha 8 \(its metadata\) where this adapter has 16; set "
-                                         r"policy.lora.alpha to 8"):
+    with pytest.raises(
+        ValueError,
+        match=r"trained with alpha 8 \(its metadata\) where this adapter has 16; set "
+        r"policy.lora.alpha to 8",
+    ):
         other.load_lora(path)
     KontextPolicy.tiny(0, lora=LoRAConfig(rank=4, alpha=8.0)).load_lora(path)  # the same alpha loads
 
@@ -141,8 +162,20 @@ def test_a_lora_trained_with_another_alpha_is_refused_not_rescaled(exported):
 def test_the_console_prints_divrl_sentences_without_a_traceback(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "notanimage.png"
     bad.write_text("hello")
-    argv = ["divrl", "sample", "--config", str(ROOT / "configs/demo.yaml"), "--trainer.logger", "false",
-            "--reference", str(bad), "--prompts", "[a photo]", "--output_dir", str(tmp_path / "out")]
+    argv = [
+        "divrl",
+        "sample",
+        "--config",
+        str(ROOT / "configs/demo.yaml"),
+        "--trainer.logger",
+        "false",
+        "--reference",
+        str(bad),
+        "--prompts",
+        "[a photo]",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr("sys.argv", argv)
     assert main() == 1
@@ -169,9 +202,12 @@ def test_only_divrl_own_input_errors_lose_their_traceback():
     shape_bug = raised(lambda: layer(torch.ones(2, 5)))  # torch's error on a divrl line: still a bug
     assert isinstance(shape_bug, RuntimeError) and expected_error(shape_bug) is None
     assert expected_error(raised(lambda: GRPOObjective().check(SamplingConfig(group_size=1)))).startswith(
-        "sampling.group_size 1")
-    union = ValueError("Does not validate against any of the Union subtypes\nSubtypes: [...]\nErrors:\n"
-                       "  - DINOv2Backbone: cannot load model 'x'\n  - Expected a <class 'NoneType'>\n")
+        "sampling.group_size 1"
+    )
+    union = ValueError(
+        "Does not validate against any of the Union subtypes\nSubtypes: [...]\nErrors:\n"
+        "  - DINOv2Backbone: cannot load model 'x'\n  - Expected a <class 'NoneType'>\n"
+    )
     assert expected_error(union) == "DINOv2Backbone: cannot load model 'x'"
 
 
@@ -228,15 +264,24 @@ def test_a_resumed_run_keeps_the_command_line_and_refuses_what_its_weights_canno
     from divrl.policy import KontextConfig
     from divrl.training.checkpoints import compare_settings
 
-    saved = {"policy": {"class_path": "divrl.policy.KontextConfig", "init_args": {
-                 "model": "tiny", "lora": {"rank": 8, "alpha": 16.0, "target_modules": ["attn.to_q"]}}},
-             "sampling": {"group_size": 8, "num_steps": 4}, "_instantiator": "lightning"}
-    same = {"policy": KontextConfig(model="tiny", lora=LoRAConfig(rank=8, alpha=16.0, target_modules=("attn.to_q",))),
-            "sampling": SamplingConfig(group_size=8, num_steps=4)}
+    saved = {
+        "policy": {
+            "class_path": "divrl.policy.KontextConfig",
+            "init_args": {"model": "tiny", "lora": {"rank": 8, "alpha": 16.0, "target_modules": ["attn.to_q"]}},
+        },
+        "sampling": {"group_size": 8, "num_steps": 4},
+        "_instantiator": "lightning",
+    }
+    same = {
+        "policy": KontextConfig(model="tiny", lora=LoRAConfig(rank=8, alpha=16.0, target_modules=("attn.to_q",))),
+        "sampling": SamplingConfig(group_size=8, num_steps=4),
+    }
     assert compare_settings(saved, same) == {}  # the checkpoint's dict form and the run's objects agree
     other = dict(same, sampling=SamplingConfig(group_size=4, num_steps=4))
     assert compare_settings(saved, other) == {"sampling.group_size": (8, 4)}  # may change: the command line's apply
-    rank = dict(same, policy=KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=16.0, target_modules=("attn.to_q",))))
+    rank = dict(
+        same, policy=KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=16.0, target_modules=("attn.to_q",)))
+    )
     with pytest.raises(ValueError, match=r"model.policy.lora.rank: 8 in the checkpoint, 4 now"):
         compare_settings(saved, rank)
     full = dict(same, policy=KontextConfig(model="tiny", lora=None, train_transformer=True))
@@ -246,8 +291,12 @@ def test_a_resumed_run_keeps_the_command_line_and_refuses_what_its_weights_canno
 
 def test_citations_point_at_files_the_repository_ships():
     """Users have the repository, not the project's private notes: every citation is docs/reference.md."""
-    cited = [p for pattern in ("src/**/*.py", "configs/*.yaml", "*.md", "docs/*.md", "examples/**/*")
-             for p in ROOT.glob(pattern) if p.is_file() and "REFERENCE.md" in p.read_text(errors="ignore")]
+    cited = [
+        p
+        for pattern in ("src/**/*.py", "configs/*.yaml", "*.md", "docs/*.md", "examples/**/*")
+        for p in ROOT.glob(pattern)
+        if p.is_file() and "REFERENCE.md" in p.read_text(errors="ignore")
+    ]
     assert cited == [] and (ROOT / "docs/reference.md").is_file()
 
 
@@ -259,10 +308,25 @@ def test_the_demo_starts_quietly_and_ends_with_a_summary(tmp_path):
 
     from divrl.notices import NOTICES, WARNINGS
 
-    done = subprocess.run([sys.executable, "-m", "divrl.cli", "fit", "--config", "configs/demo.yaml",
-                           "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={k: v for k, v in os.environ.items() if k != "DIVRL_NOTICES"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "divrl.cli",
+            "fit",
+            "--config",
+            "configs/demo.yaml",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "DIVRL_NOTICES"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     output = done.stdout + done.stderr
     for _, pattern, why in NOTICES:

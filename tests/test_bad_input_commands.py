@@ -27,8 +27,10 @@ def sample_args(out: Path, *more: str) -> list[str]:
 # 1. counts below one -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--num_samples", "0"), ("--num_samples", "-3"), ("--num_steps", "0"),
-                                             ("--num_identities", "0")])
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--num_samples", "0"), ("--num_samples", "-3"), ("--num_steps", "0"), ("--num_identities", "0")],
+)
 def test_sample_refuses_counts_below_one_naming_the_flag(console, no_model, tmp_path, flag, value):
     out = tmp_path / "out"
     code, printed = console(*sample_args(out, flag, value))
@@ -39,8 +41,9 @@ def test_sample_refuses_counts_below_one_naming_the_flag(console, no_model, tmp_
 
 def test_evaluate_refuses_counts_below_one_before_generating(console, no_model, tmp_path):
     out = tmp_path / "eval"
-    code, printed = console("evaluate", "--config", EVAL_DEMO, "--methods", "{base: null}", "--num_steps", "0",
-                            "--output_dir", str(out))
+    code, printed = console(
+        "evaluate", "--config", EVAL_DEMO, "--methods", "{base: null}", "--num_steps", "0", "--output_dir", str(out)
+    )
     assert code == 1 and "divrl evaluate: --num_steps 0: must be at least 1" in printed.err
     assert "Traceback" not in printed.err and not out.exists()
 
@@ -78,8 +81,9 @@ def test_sample_on_a_read_only_file_system_names_output_dir(console, no_model, t
 @pytest.fixture(scope="module")
 def nan_lora(tmp_path_factory) -> Path:
     """A LoRA of the demo model whose weights diverged (NaN): what a blown-up run exports."""
-    policy = KontextConfig(model=str(ROOT / "data/demo/tiny-kontext"), lora=LoRAConfig(rank=8, alpha=16.0),
-                           max_sequence_length=32).build()
+    policy = KontextConfig(
+        model=str(ROOT / "data/demo/tiny-kontext"), lora=LoRAConfig(rank=8, alpha=16.0), max_sequence_length=32
+    ).build()
     with torch.no_grad():
         for name, parameter in policy.transformer.named_parameters():
             if "lora_B" in name:
@@ -89,8 +93,11 @@ def nan_lora(tmp_path_factory) -> Path:
 
 def test_sample_names_a_lora_whose_weights_are_not_finite_and_writes_no_image(console, tmp_path, nan_lora):
     out = tmp_path / "out"
-    code, printed = console(*sample_args(out, "--lora", str(nan_lora.parent), "--num_identities", "1",
-                                         "--num_samples", "1", "--num_steps", "1"))
+    code, printed = console(
+        *sample_args(
+            out, "--lora", str(nan_lora.parent), "--num_identities", "1", "--num_samples", "1", "--num_steps", "1"
+        )
+    )
     assert code == 1 and "Traceback" not in printed.err
     assert f"divrl sample: --lora {nan_lora}: its weights are not finite (NaN or inf in " in printed.err
     assert "export it again or pick another checkpoint" in printed.err
@@ -117,28 +124,58 @@ def test_a_sample_run_that_stops_midway_leaves_no_image_samples_json_does_not_li
     listed = {Path(f) for record in meta["samples"] for f in record["files"]}
     written = {p for p in out.rglob("*.png") if not p.name.endswith("_grid.png")}
     assert written and written == listed and meta["complete"] is False
-    with pytest.raises(FileExistsError, match=r"holds the samples.json of an earlier run \(stopped before it finished\)"):
+    with pytest.raises(
+        FileExistsError, match=r"holds the samples.json of an earlier run \(stopped before it finished\)"
+    ):
         main(sample_args(out, "--num_identities", "2"))  # a rerun into it is refused, saying why
 
 
 def test_evaluate_names_weights_that_are_not_finite(tmp_path, nan_lora, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "eval"
-    with pytest.raises(ValueError, match=r"methods.diverged .*pytorch_lora_weights.safetensors: its weights are not "
-                                         r"finite"):
-        main(["evaluate", "--config", EVAL_DEMO, "--methods", f"{{diverged: {nan_lora.parent}}}",
-              "--num_identities", "1", "--prompts_per_identity", "1", "--num_samples", "1", "--num_steps", "1",
-              "--output_dir", str(out), "--progress", "false"])
+    with pytest.raises(
+        ValueError,
+        match=r"methods.diverged .*pytorch_lora_weights.safetensors: its weights are not "
+        r"finite",
+    ):
+        main(
+            [
+                "evaluate",
+                "--config",
+                EVAL_DEMO,
+                "--methods",
+                f"{{diverged: {nan_lora.parent}}}",
+                "--num_identities",
+                "1",
+                "--prompts_per_identity",
+                "1",
+                "--num_samples",
+                "1",
+                "--num_steps",
+                "1",
+                "--output_dir",
+                str(out),
+                "--progress",
+                "false",
+            ]
+        )
     assert not list(out.rglob("*.png"))
 
 
 # 4. divrl score ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("flag", "value", "says"), [
-    ("--size", "0", "must be >= 16"), ("--size", "-5", "must be >= 16"), ("--pool", "0", "must be >= 1"),
-    ("--timeout", "0", "must be > 0"), ("--timeout", "-1", "must be > 0"), ("--retries", "-1", "must be >= 0"),
-])
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--size", "0", "must be >= 16"),
+        ("--size", "-5", "must be >= 16"),
+        ("--pool", "0", "must be >= 1"),
+        ("--timeout", "0", "must be > 0"),
+        ("--timeout", "-1", "must be > 0"),
+        ("--retries", "-1", "must be >= 0"),
+    ],
+)
 def test_score_refuses_sizes_and_settings_out_of_range(console, flag, value, says):
     code, printed = console("score", flag, value)
     assert code == 2 and f"argument {flag}: {says}, got {value}" in printed.err
@@ -162,8 +199,17 @@ def test_score_json_naming_a_folder_is_refused_before_scoring(console, tmp_path)
 
 def test_evaluate_names_a_missing_samples_dir_before_generating(console, tmp_path):
     out, missing = tmp_path / "eval", tmp_path / "no-such-samples"
-    code, printed = console("evaluate", "--config", EVAL_DEMO, "--methods", "{base: null}", "--samples_dir",
-                            str(missing), "--output_dir", str(out))
+    code, printed = console(
+        "evaluate",
+        "--config",
+        EVAL_DEMO,
+        "--methods",
+        "{base: null}",
+        "--samples_dir",
+        str(missing),
+        "--output_dir",
+        str(out),
+    )
     assert code == 1 and "Traceback" not in printed.err
     assert f"divrl evaluate: --samples_dir {missing} is not a folder" in printed.err
     assert not out.exists()  # nothing generated
@@ -172,8 +218,19 @@ def test_evaluate_names_a_missing_samples_dir_before_generating(console, tmp_pat
 def test_evaluate_names_a_missing_sample_method_before_generating(console, tmp_path):
     out, samples = tmp_path / "eval", tmp_path / "samples"
     (samples / "other" / "tgt_image").mkdir(parents=True)
-    code, printed = console("evaluate", "--config", EVAL_DEMO, "--methods", "{base: null}", "--samples_dir",
-                            str(samples), "--sample_methods", "[other, typo]", "--output_dir", str(out))
+    code, printed = console(
+        "evaluate",
+        "--config",
+        EVAL_DEMO,
+        "--methods",
+        "{base: null}",
+        "--samples_dir",
+        str(samples),
+        "--sample_methods",
+        "[other, typo]",
+        "--output_dir",
+        str(out),
+    )
     assert code == 1 and "Traceback" not in printed.err
     assert f"divrl evaluate: --sample_methods ['typo'] have no <method>/tgt_image folder in {samples}" in printed.err
     assert not out.exists()
@@ -184,8 +241,17 @@ def test_evaluate_names_a_missing_sample_method_before_generating(console, tmp_p
 
 @pytest.mark.parametrize("command", ["fit", "validate"])
 def test_ckpt_path_given_a_lora_says_where_loras_go(console, no_model, tmp_path, nan_lora, command):
-    code, printed = console(command, "--config", DEMO, "--trainer.logger", "false", "--trainer.default_root_dir",
-                            str(tmp_path), "--ckpt_path", str(nan_lora))
+    code, printed = console(
+        command,
+        "--config",
+        DEMO,
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--ckpt_path",
+        str(nan_lora),
+    )
     assert code == 1 and "Traceback" not in printed.err
     assert f"divrl {command}: --ckpt_path {nan_lora} is not a training checkpoint" in printed.err
     assert "divrl sample --lora" in printed.err and "divrl evaluate --methods" in printed.err
@@ -194,8 +260,17 @@ def test_ckpt_path_given_a_lora_says_where_loras_go(console, no_model, tmp_path,
 @pytest.mark.parametrize("command", ["fit", "validate"])
 def test_ckpt_path_that_does_not_exist_is_named(console, no_model, tmp_path, command):
     missing = tmp_path / "checkpoints" / "epoch=0-step=30.ckpt"
-    code, printed = console(command, "--config", DEMO, "--trainer.logger", "false", "--trainer.default_root_dir",
-                            str(tmp_path), "--ckpt_path", str(missing))
+    code, printed = console(
+        command,
+        "--config",
+        DEMO,
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--ckpt_path",
+        str(missing),
+    )
     assert code == 1 and "Traceback" not in printed.err
     assert f"divrl {command}: --ckpt_path {missing} does not exist" in printed.err
 
@@ -251,8 +326,9 @@ def test_a_moved_evaluation_folder_reuses_every_score(tmp_path, monkeypatch):
     evaluation, conditions, generate = cheap_evaluation(tmp_path / "eval")
     first = evaluation.run_method("base", conditions, generate)
     rows = [json.loads(line) for line in (tmp_path / "eval/base/scores.jsonl").read_text().splitlines()]
-    assert {r["file"] for r in rows} == {f"images/{c.id}/{c.prompt_index:03d}_{k}.png" for c in conditions
-                                        for k in range(2)}  # relative to the method folder
+    assert {r["file"] for r in rows} == {
+        f"images/{c.id}/{c.prompt_index:03d}_{k}.png" for c in conditions for k in range(2)
+    }  # relative to the method folder
     shutil.move(tmp_path / "eval", tmp_path / "moved")
     calls = scored_again(monkeypatch)
     evaluation, _, _ = cheap_evaluation(tmp_path / "moved")
@@ -263,8 +339,10 @@ def test_scores_written_with_absolute_paths_are_still_reused(tmp_path, monkeypat
     evaluation, conditions, generate = cheap_evaluation(tmp_path / "eval")
     first = evaluation.run_method("base", conditions, generate)
     scores = tmp_path / "eval/base/scores.jsonl"
-    old = [{**row, "file": str(tmp_path / "eval/base" / row["file"])} for row in map(json.loads, scores.read_text()
-                                                                                     .splitlines())]
+    old = [
+        {**row, "file": str(tmp_path / "eval/base" / row["file"])}
+        for row in map(json.loads, scores.read_text().splitlines())
+    ]
     scores.write_text("".join(json.dumps(row) + "\n" for row in old))  # what divrl wrote before
     calls = scored_again(monkeypatch)
     assert cheap_evaluation(tmp_path / "eval")[0].run_method("base", conditions, generate) == first and calls == []

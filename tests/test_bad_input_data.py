@@ -89,7 +89,8 @@ def unreadable_dreambooth(tmp_path) -> Path:
 
 @pytest.mark.parametrize("source", ["psrbench", "dreambooth"])
 def test_an_overwrite_that_converts_nothing_leaves_the_old_shards_byte_for_byte(
-        source, old_shards, empty_psrbench, unreadable_dreambooth, capsys):
+    source, old_shards, empty_psrbench, unreadable_dreambooth, capsys
+):
     before = files(old_shards)
     src = empty_psrbench if source == "psrbench" else unreadable_dreambooth
     capsys.readouterr()
@@ -101,19 +102,24 @@ def test_an_overwrite_that_converts_nothing_leaves_the_old_shards_byte_for_byte(
     assert f"--out {old_shards} was left as it was" in err
 
 
-def test_a_conversion_of_zero_identities_fails_and_writes_nothing(tmp_path, empty_psrbench, unreadable_dreambooth,
-                                                                   capsys):
+def test_a_conversion_of_zero_identities_fails_and_writes_nothing(
+    tmp_path, empty_psrbench, unreadable_dreambooth, capsys
+):
     out = tmp_path / "new"
     assert main(["data", "psrbench", "--src", str(empty_psrbench), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == (f"divrl data psrbench: nothing was converted from --src {empty_psrbench}: it lists no item; check "
-                   f"the source (--out {out} was left as it was)")
+    assert err == (
+        f"divrl data psrbench: nothing was converted from --src {empty_psrbench}: it lists no item; check "
+        f"the source (--out {out} was left as it was)"
+    )
     assert not out.exists()
 
     assert main(["data", "dreambooth", "--src", str(unreadable_dreambooth), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"divrl data dreambooth: nothing was converted from --src {unreadable_dreambooth}: 2 "
-                          f"item(s) skipped (first: {unreadable_dreambooth / 'dog' / '00.jpg'}: unreadable image")
+    assert err.startswith(
+        f"divrl data dreambooth: nothing was converted from --src {unreadable_dreambooth}: 2 "
+        f"item(s) skipped (first: {unreadable_dreambooth / 'dog' / '00.jpg'}: unreadable image"
+    )
     assert str(unreadable_dreambooth / "red_can" / "00.jpg") in err and len(err.splitlines()) == 1
     assert not out.exists()
 
@@ -125,8 +131,10 @@ def test_synthetic_refuses_src_like_the_other_misplaced_flags(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["data", "synthetic", "--src", str(tmp_path), "--out", str(out), "--num-identities", "2"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("divrl data synthetic: --src applies only to other sources (--src: every source but "
-                          "synthetic, whose world is generated;") and err.rstrip().endswith("nothing was written")
+    assert err.startswith(
+        "divrl data synthetic: --src applies only to other sources (--src: every source but "
+        "synthetic, whose world is generated;"
+    ) and err.rstrip().endswith("nothing was written")
     assert not out.exists()
 
 
@@ -142,12 +150,16 @@ def test_prompts_that_are_a_string_or_a_json_that_is_not_an_object_are_named(tmp
         (batch,) = ValConditionStream([url], batch_size=4, num_identities=4)
     assert [c.id for c in batch.conditions] == [good["__key__"]] and batch.skipped == 2
     lines = [r.getMessage() for r in caplog.records]
-    assert lines[0] == (f"skipping bad shard sample: {url}:{text_prompts['__key__']}: shard sample "
-                        f"{text_prompts['__key__']!r}: 'prompts' in 'json' must be a JSON list of strings, got a str "
-                        f"('a photo'); write it as [\"...\", ...] (divrl data does)")
-    assert lines[1] == (f"skipping bad shard sample: {url}:{listed['__key__']}: shard sample {listed['__key__']!r}: "
-                        f"'json' holds a JSON list, not the object of the schema ({{\"id\", \"prompts\": [...], "
-                        f"...}}); rewrite the shard with `divrl data`")
+    assert lines[0] == (
+        f"skipping bad shard sample: {url}:{text_prompts['__key__']}: shard sample "
+        f"{text_prompts['__key__']!r}: 'prompts' in 'json' must be a JSON list of strings, got a str "
+        f"('a photo'); write it as [\"...\", ...] (divrl data does)"
+    )
+    assert lines[1] == (
+        f"skipping bad shard sample: {url}:{listed['__key__']}: shard sample {listed['__key__']!r}: "
+        f'\'json\' holds a JSON list, not the object of the schema ({{"id", "prompts": [...], '
+        f"...}}); rewrite the shard with `divrl data`"
+    )
 
 
 def png(image: Image.Image) -> bytes:
@@ -165,16 +177,22 @@ def test_a_corrupt_image_is_named_by_shard_key_and_entry_without_a_python_repr(t
         (batch,) = ValConditionStream([url], batch_size=4, num_identities=4)
     assert [c.id for c in batch.conditions] == [samples[2]["__key__"]] and batch.skipped == 2
     first, second = (r.getMessage() for r in caplog.records)
-    assert first == (f"skipping bad shard sample: {url}:{samples[0]['__key__']}: shard sample "
-                     f"{samples[0]['__key__']!r}: 'ref.png' is not a readable image (not a PNG, JPEG or other image "
-                     f"format PIL reads); rewrite the shard with `divrl data`")
-    assert f"{url}:{samples[1]['__key__']}: shard sample {samples[1]['__key__']!r}: 'mask.png' is not a readable " \
-           f"image (" in second
+    assert first == (
+        f"skipping bad shard sample: {url}:{samples[0]['__key__']}: shard sample "
+        f"{samples[0]['__key__']!r}: 'ref.png' is not a readable image (not a PNG, JPEG or other image "
+        f"format PIL reads); rewrite the shard with `divrl data`"
+    )
+    assert (
+        f"{url}:{samples[1]['__key__']}: shard sample {samples[1]['__key__']!r}: 'mask.png' is not a readable "
+        f"image (" in second
+    )
     assert "BytesIO" not in first + second and " at 0x" not in first + second
     # the converters' reader of image bytes (SynCD's parquet copy) alike
     skip = C._open_image(b"junk", "RGB", "syncd.parquet#row3 column 'image'")
-    assert (skip.where, skip.reason) == ("syncd.parquet#row3 column 'image'",
-                                         "unreadable image (not a PNG, JPEG or other image format PIL reads)")
+    assert (skip.where, skip.reason) == (
+        "syncd.parquet#row3 column 'image'",
+        "unreadable image (not a PNG, JPEG or other image format PIL reads)",
+    )
 
 
 # ------------------------------------------------------------------------------------------- 6: skip counts
@@ -215,15 +233,23 @@ def test_validation_counts_the_bad_samples_of_each_batch(shard_with_bad_samples)
 # ------------------------------------------------------------------------------------------- 7: DataModule settings
 
 
-@pytest.mark.parametrize(("key", "value", "low"), [("num_workers", -1, 0), ("val_identities", 0, 1),
-                                                   ("shuffle_buffer", 0, 1), ("max_consecutive_bad", 0, 1),
-                                                   ("batch_size", 0, 1), ("steps_per_epoch", -2, 1)])
+@pytest.mark.parametrize(
+    ("key", "value", "low"),
+    [
+        ("num_workers", -1, 0),
+        ("val_identities", 0, 1),
+        ("shuffle_buffer", 0, 1),
+        ("max_consecutive_bad", 0, 1),
+        ("batch_size", 0, 1),
+        ("steps_per_epoch", -2, 1),
+    ],
+)
 def test_invalid_datamodule_settings_are_refused_naming_the_key(key, value, low):
     with pytest.raises(ValueError) as raised:
         IdentityDataModule("data/demo", **{key: value})
-    message = (f"data.{key} must be >= {low}, got {value}: set it in the config's data: section or with "
-               f"--data.{key}" + (" (to validate nothing, set trainer.limit_val_batches: 0)" if key == "val_identities"
-                                  else ""))
+    message = f"data.{key} must be >= {low}, got {value}: set it in the config's data: section or with --data.{key}" + (
+        " (to validate nothing, set trainer.limit_val_batches: 0)" if key == "val_identities" else ""
+    )
     assert str(raised.value) == message
     assert expected_error(raised.value) == message  # printed alone by the console script, without a traceback
 
@@ -268,7 +294,7 @@ def test_a_bucketed_stream_started_mid_epoch_continues_the_uninterrupted_one(mix
 
     full = run(0) + run(6)
     for start in (1, 3, 6 + 4):
-        assert run(start) == full[start:(start // 6 + 1) * 6], f"resume at batch {start} diverged"
+        assert run(start) == full[start : (start // 6 + 1) * 6], f"resume at batch {start} diverged"
 
 
 def unbucketed_stream(stream: TrainConditionStream, epoch: int, index: int):
@@ -289,8 +315,9 @@ def unbucketed_stream(stream: TrainConditionStream, epoch: int, index: int):
 
     records = shuffled(read_identities(urls(), SkipCounter(10)))
     while True:
-        yield [(r.id, r.prompts[i], i) for r in islice(records, stream.batch_size)
-               for i in [rng.randrange(len(r.prompts))]]
+        yield [
+            (r.id, r.prompts[i], i) for r in islice(records, stream.batch_size) for i in [rng.randrange(len(r.prompts))]
+        ]
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 5])
@@ -318,12 +345,19 @@ def test_validation_batches_hold_one_reference_count_and_every_rank_the_same_num
     two = shard_urls(mixed_records([1, 1, 1, 2, 1, 1, 1, 2]), tmp_path / "two")
     # rank 0 holds four 1-reference identities, rank 1 two of each count: bucketing would give rank 0 one batch and
     # rank 1 two (a hang under FSDP2); with several ranks and counts every batch is one identity, on every rank
-    assert [val_ids(two, 2, r, batch_size=4, num_identities=4) for r in (0, 1)] == [[[0], [2], [4], [6]],
-                                                                                     [[1], [3], [5], [7]]]
+    assert [val_ids(two, 2, r, batch_size=4, num_identities=4) for r in (0, 1)] == [
+        [[0], [2], [4], [6]],
+        [[1], [3], [5], [7]],
+    ]
     three = shard_urls(mixed_records([1, 1, 2, 1, 2, 2, 1, 1, 2]), tmp_path / "three")
     assert [val_ids(three, 3, r, batch_size=3, num_identities=3) for r in (0, 1, 2)] == [
-        [[0], [3], [6]], [[1], [4], [7]], [[2], [5], [8]]]
+        [[0], [3], [6]],
+        [[1], [4], [7]],
+        [[2], [5], [8]],
+    ]
     single = sorted(str(p) for p in DEMO.glob("val-*.tar"))  # one reference count: the batches as before
     assert val_ids(single, 1, 0, batch_size=3, num_identities=8) == [[0, 1, 2], [3, 4, 5], [6, 7]]
-    assert [val_ids(single, 2, r, batch_size=3, num_identities=4) for r in (0, 1)] == [[[0, 2, 4], [6]],
-                                                                                      [[1, 3, 5], [7]]]
+    assert [val_ids(single, 2, r, batch_size=3, num_identities=4) for r in (0, 1)] == [
+        [[0, 2, 4], [6]],
+        [[1, 3, 5], [7]],
+    ]

@@ -30,8 +30,20 @@ def one_sentence(code, printed, command: str) -> str:
 
 
 def sample(*more: str) -> list[str]:
-    return ["sample", "--config", DEMO, "--trainer.logger", "false", "--num_steps", "1", "--num_samples", "1",
-            "--num_identities", "1", *more]
+    return [
+        "sample",
+        "--config",
+        DEMO,
+        "--trainer.logger",
+        "false",
+        "--num_steps",
+        "1",
+        "--num_samples",
+        "1",
+        "--num_identities",
+        "1",
+        *more,
+    ]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -67,19 +79,49 @@ def half_bad_dreambooth(tmp_path) -> Path:
     (src / "prompts_and_classes.txt").write_text(
         "Classes\n\nsubject_name,class\ndog,dog\ncan,can\n\nPrompts\n\nObject Prompts\n\nprompt_list = [\n"
         "'a {0} {1} in the jungle'.format(unique_token, class_token)\n]\n\nLive Subject Prompts\n\nprompt_list = [\n"
-        "'a {0} {1} on the beach'.format(unique_token, class_token)\n]\n")
+        "'a {0} {1} on the beach'.format(unique_token, class_token)\n]\n"
+    )
     return src
 
 
 def test_a_failing_strict_overwrite_leaves_the_old_shards_exactly(old_shards, half_bad_dreambooth, capsys):
     before = snapshot(old_shards)
-    assert main(["data", "dreambooth", "--src", str(half_bad_dreambooth), "--out", str(old_shards), "--resolution",
-                 "16", "--overwrite", "--strict"]) == 1
+    assert (
+        main(
+            [
+                "data",
+                "dreambooth",
+                "--src",
+                str(half_bad_dreambooth),
+                "--out",
+                str(old_shards),
+                "--resolution",
+                "16",
+                "--overwrite",
+                "--strict",
+            ]
+        )
+        == 1
+    )
     assert snapshot(old_shards) == before  # same files, same bytes, no hidden folder left
     assert f"--out {old_shards} was left as it was (1 old shard(s))" in capsys.readouterr().err
     # without --strict the same conversion replaces them (the skip is reported, the good subject kept)
-    assert main(["data", "dreambooth", "--src", str(half_bad_dreambooth), "--out", str(old_shards), "--resolution",
-                 "16", "--overwrite"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "dreambooth",
+                "--src",
+                str(half_bad_dreambooth),
+                "--out",
+                str(old_shards),
+                "--resolution",
+                "16",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert snapshot(old_shards) != before and [p.name for p in old_shards.iterdir()] == ["train-000000.tar"]
 
 
@@ -110,13 +152,16 @@ def syncd(root: Path, name: str, meta: dict) -> Path:
     return folder / "metadata.json"
 
 
-@pytest.mark.parametrize(("meta", "says"), [
-    ({"filenames": ["00.jpg", "01.jpg"], "prompts": "a cat on the beach"}, "'prompts' is a JSON string"),
-    ({"filenames": "00.jpg", "prompts": ["a cat on the beach"]}, "'filenames' is a JSON string"),
-    ({"filenames": ["00.jpg"], "prompts": {"0": "a cat"}}, "'prompts' is a JSON object"),
-    ({"filenames": ["00.jpg"], "prompts": ["a cat", None]}, "'prompts' holds a non-string entry None"),
-    ({"filenames": [0], "prompts": ["a cat"]}, "'filenames' holds a non-string entry 0"),
-])
+@pytest.mark.parametrize(
+    ("meta", "says"),
+    [
+        ({"filenames": ["00.jpg", "01.jpg"], "prompts": "a cat on the beach"}, "'prompts' is a JSON string"),
+        ({"filenames": "00.jpg", "prompts": ["a cat on the beach"]}, "'filenames' is a JSON string"),
+        ({"filenames": ["00.jpg"], "prompts": {"0": "a cat"}}, "'prompts' is a JSON object"),
+        ({"filenames": ["00.jpg"], "prompts": ["a cat", None]}, "'prompts' holds a non-string entry None"),
+        ({"filenames": [0], "prompts": ["a cat"]}, "'filenames' holds a non-string entry 0"),
+    ],
+)
 def test_syncd_metadata_lists_that_are_not_lists_of_strings_are_skipped_and_named(tmp_path, capsys, meta, says):
     src = tmp_path / "syncd"
     syncd(src, "good", {"filenames": ["00.jpg", "01.jpg"], "prompts": ["a cat on a sofa", "a cat in the rain"]})
@@ -210,8 +255,9 @@ def test_score_scores_a_16_bit_reference_as_its_8_bit_conversion(tmp_path, conso
     path = ramp16(tmp_path / "ref16.png")
     data_reference(path, tmp_path / "dreambench").save(eight := tmp_path / "ref8.png")
     scores = tmp_path / "scores.json"
-    code, printed = console("score", "--size", "32", "--reference", str(path), str(eight), str(path), "--json",
-                            str(scores))
+    code, printed = console(
+        "score", "--size", "32", "--reference", str(path), str(eight), str(path), "--json", str(scores)
+    )
     assert code == 0, printed.err
     rows = json.loads(scores.read_text())["scores"]
     assert rows[0] == {**rows[1], "image": "ref8.png"}  # the same image to every backbone, whichever file holds it
@@ -227,8 +273,11 @@ def test_score_refuses_images_and_sizes_below_the_minimum_side(tmp_path, console
     Image.new("RGB", (1, 1), (200, 30, 30)).save(tiny)
     thin = tmp_path / "thin.png"
     Image.new("RGB", (64, MIN_SIDE - 1), (200, 30, 30)).save(thin)
-    for args, says in (((str(tiny), str(good)), f"--reference {tiny} is 1x1"), ((str(ref), str(good), str(tiny)),
-                       f"image {tiny} is 1x1"), ((str(ref), str(thin)), f"image {thin} is 64x{MIN_SIDE - 1}")):
+    for args, says in (
+        ((str(tiny), str(good)), f"--reference {tiny} is 1x1"),
+        ((str(ref), str(good), str(tiny)), f"image {tiny} is 1x1"),
+        ((str(ref), str(thin)), f"image {thin} is 64x{MIN_SIDE - 1}"),
+    ):
         code, printed = console("score", "--size", "32", "--reference", *args)
         line = one_sentence(code, printed, "score")
         assert says in line and f"at least {MIN_SIDE}x{MIN_SIDE} pixels" in line, line
@@ -245,8 +294,10 @@ def test_sample_refuses_a_reference_or_mask_below_the_minimum_side(tmp_path, con
     Image.new("RGB", (1, 1), (200, 30, 30)).save(tiny)
     small_mask = tmp_path / "mask.png"
     Image.new("L", (8, 8), 255).save(small_mask)
-    for more, says in ((("--reference", str(tiny)), f"--reference {tiny} is 1x1"),
-                       (("--reference", str(ref), "--mask", str(small_mask)), f"--mask {small_mask} is 8x8")):
+    for more, says in (
+        (("--reference", str(tiny)), f"--reference {tiny} is 1x1"),
+        (("--reference", str(ref), "--mask", str(small_mask)), f"--mask {small_mask} is 8x8"),
+    ):
         out = tmp_path / "out"
         code, printed = console(*sample(*more, "--prompts", "[a cat]", "--output_dir", str(out)))
         line = one_sentence(code, printed, "sample")
@@ -271,8 +322,9 @@ def test_score_refuses_a_json_path_ending_with_a_separator(tmp_path, console):
 def test_subject_weights_help_gives_the_form_for_values_starting_with_a_minus(tmp_path, console):
     code, printed = console("data", "--help")
     assert code == 0 and "--subject-weights=-1,2" in " ".join(printed.out.split())
-    code, printed = console("data", "synthetic", "--subjects", "2,3", "--subject-weights=-1,2", "--out",
-                            str(tmp_path / "out"))
+    code, printed = console(
+        "data", "synthetic", "--subjects", "2,3", "--subject-weights=-1,2", "--out", str(tmp_path / "out")
+    )
     assert code == 2 and "--subject-weights -1,2: every weight must be a finite number >= 0" in printed.err
 
 
@@ -288,8 +340,10 @@ def test_load_lora_names_the_lora_folders_below_the_one_given(tmp_path):
     (tmp_path / "lora" / "notes").mkdir()
     with pytest.raises(FileNotFoundError) as raised:
         load_adapter(None, tmp_path / "lora")
-    assert str(raised.value) == (f"load_lora: {tmp_path / 'lora'} holds no {LORA_FILE} but LoRA folders below it: pass "
-                                 f"one of {tmp_path / 'lora' / 'final'}, {tmp_path / 'lora' / 'stage1'}")
+    assert str(raised.value) == (
+        f"load_lora: {tmp_path / 'lora'} holds no {LORA_FILE} but LoRA folders below it: pass "
+        f"one of {tmp_path / 'lora' / 'final'}, {tmp_path / 'lora' / 'stage1'}"
+    )
 
 
 def test_load_lora_names_the_checkpoints_of_a_checkpoints_folder(tmp_path):
@@ -301,8 +355,10 @@ def test_load_lora_names_the_checkpoints_of_a_checkpoints_folder(tmp_path):
         (folder / name).write_bytes(b"")
     with pytest.raises(FileNotFoundError) as raised:
         load_adapter(None, folder)
-    assert str(raised.value) == (f"load_lora: {folder} is a folder of checkpoints (last.ckpt, epoch=0-step=2.ckpt): "
-                                 f"pass one of them, e.g. {folder / 'last.ckpt'}")
+    assert str(raised.value) == (
+        f"load_lora: {folder} is a folder of checkpoints (last.ckpt, epoch=0-step=2.ckpt): "
+        f"pass one of them, e.g. {folder / 'last.ckpt'}"
+    )
     with pytest.raises(FileNotFoundError, match="pass a folder written by the LoRA export"):
         load_adapter(None, tmp_path / "nothing")  # a folder holding neither: as before
 
@@ -320,8 +376,25 @@ def test_an_overwrite_interrupted_while_replacing_loses_no_shard(tmp_path, monke
     """Ctrl-C between two shard moves of the replacement: every new shard is either in --out or still in the hidden
     folder, and no old shard was deleted before the new ones were in (the old order deleted first)."""
     out = tmp_path / "shards"
-    assert main(["data", "synthetic", "--num-identities", "4", "--resolution", "16", "--shard-size", "1",
-                 "--val-fraction", "0", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synthetic",
+                "--num-identities",
+                "4",
+                "--resolution",
+                "16",
+                "--shard-size",
+                "1",
+                "--val-fraction",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     old = sorted(p.name for p in out.glob("*.tar"))
     moves = []
     replace = Path.replace
@@ -335,8 +408,25 @@ def test_an_overwrite_interrupted_while_replacing_loses_no_shard(tmp_path, monke
 
     monkeypatch.setattr(Path, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        main(["data", "synthetic", "--num-identities", "4", "--resolution", "16", "--shard-size", "1",
-              "--val-fraction", "0", "--seed", "7", "--out", str(out), "--overwrite"])
+        main(
+            [
+                "data",
+                "synthetic",
+                "--num-identities",
+                "4",
+                "--resolution",
+                "16",
+                "--shard-size",
+                "1",
+                "--val-fraction",
+                "0",
+                "--seed",
+                "7",
+                "--out",
+                str(out),
+                "--overwrite",
+            ]
+        )
     monkeypatch.setattr(Path, "replace", replace)
     kept = {p.name for p in out.glob("*.tar")} | {p.name for p in (out / ".divrl-overwrite").glob("*.tar")}
     assert len(old) == 4 and set(old) <= kept  # the new shards share the old names: all 4 still somewhere

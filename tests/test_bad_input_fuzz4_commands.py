@@ -22,18 +22,28 @@ def sentence(code, printed, command: str, expected_code: int = 2) -> str:
     return next(line for line in printed.err.splitlines() if line.startswith(f"divrl {command}: "))
 
 
-@pytest.mark.parametrize(("args", "says"), [
-    (["--modle.sampling.group_size", "4"], "unknown option --modle.sampling.group_size; did you mean "
-                                           "--model.sampling.group_size?"),
-    (["--model.sampling.num_stepz", "4"], "did you mean --model.sampling.num_steps?"),
-    (["--model.sampling.group_size", "eight"], "model.sampling.group_size: expected int, got 'eight'"),
-    (["--model.optimizer", "torch.optim.AdamWW"], "torch.optim.AdamWW does not exist; did you mean torch.optim.AdamW?"),
-    (["--model.objective.init_args.timestep_fractoin", "0.5"],
-     "divrl.objectives.GRPOObjective takes no option 'timestep_fractoin'; did you mean timestep_fraction?"),
-    (["--trainer.callbacks+=divrl.training.StageSwich"], "did you mean divrl.training.StageSwitch?"),
-    (["--trainer.precision", "banana"], "trainer.precision: got 'banana'; expected int or one of"),
-    (["--model.policy.lora", "[8, 16]"], "lora: got '[8, 16]'; expected null or a mapping of LoRAConfig settings"),
-])
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (
+            ["--modle.sampling.group_size", "4"],
+            "unknown option --modle.sampling.group_size; did you mean --model.sampling.group_size?",
+        ),
+        (["--model.sampling.num_stepz", "4"], "did you mean --model.sampling.num_steps?"),
+        (["--model.sampling.group_size", "eight"], "model.sampling.group_size: expected int, got 'eight'"),
+        (
+            ["--model.optimizer", "torch.optim.AdamWW"],
+            "torch.optim.AdamWW does not exist; did you mean torch.optim.AdamW?",
+        ),
+        (
+            ["--model.objective.init_args.timestep_fractoin", "0.5"],
+            "divrl.objectives.GRPOObjective takes no option 'timestep_fractoin'; did you mean timestep_fraction?",
+        ),
+        (["--trainer.callbacks+=divrl.training.StageSwich"], "did you mean divrl.training.StageSwitch?"),
+        (["--trainer.precision", "banana"], "trainer.precision: got 'banana'; expected int or one of"),
+        (["--model.policy.lora", "[8, 16]"], "lora: got '[8, 16]'; expected null or a mapping of LoRAConfig settings"),
+    ],
+)
 def test_jsonargparse_refusals_are_one_sentence_with_the_closest_name(console, no_model, args, says):
     code, printed = console("fit", "--config", DEMO, *args)
     line = sentence(code, printed, "fit")
@@ -43,10 +53,19 @@ def test_jsonargparse_refusals_are_one_sentence_with_the_closest_name(console, n
 def test_a_typo_in_a_config_file_and_in_an_evaluation_suite(console, no_model, tmp_path):
     config = tmp_path / "typo.yaml"
     config.write_text("modle:\n  sampling:\n    group_size: 4\n")
-    assert "did you mean --model.sampling.group_size?" in sentence(*console("fit", "--config", DEMO, "--config",
-                                                                            str(config)), "fit")
-    line = sentence(*console("evaluate", "--config", str(ROOT / "configs/eval_demo.yaml"),
-                             "--suite.init_args.identity.init_args.tau_ss", "0.5"), "evaluate")
+    assert "did you mean --model.sampling.group_size?" in sentence(
+        *console("fit", "--config", DEMO, "--config", str(config)), "fit"
+    )
+    line = sentence(
+        *console(
+            "evaluate",
+            "--config",
+            str(ROOT / "configs/eval_demo.yaml"),
+            "--suite.init_args.identity.init_args.tau_ss",
+            "0.5",
+        ),
+        "evaluate",
+    )
     assert "divrl.rewards.FeatureScorer takes no option 'tau_ss'; did you mean tau_s?" in line
 
 
@@ -58,14 +77,28 @@ def test_a_key_given_twice_in_a_config_is_refused_with_both_lines(console, no_mo
 
 
 def test_validate_last_without_a_checkpoint_refuses_instead_of_scoring_the_base_model(console, no_model, tmp_path):
-    line = sentence(*console("validate", "--config", DEMO, "--trainer.logger", "false", "--trainer.default_root_dir",
-                             str(tmp_path), "--ckpt_path", "last"), "validate", expected_code=1)
+    line = sentence(
+        *console(
+            "validate",
+            "--config",
+            DEMO,
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--ckpt_path",
+            "last",
+        ),
+        "validate",
+        expected_code=1,
+    )
     assert "--ckpt_path last: no checkpoint in" in line and "drop --ckpt_path to validate the base model" in line
 
 
 def test_a_seed_outside_numpys_range_is_one_sentence(console, no_model):
-    line = sentence(*console("fit", "--config", DEMO, "--seed_everything", "99999999999999999999"), "fit",
-                    expected_code=1)
+    line = sentence(
+        *console("fit", "--config", DEMO, "--seed_everything", "99999999999999999999"), "fit", expected_code=1
+    )
     assert "seed_everything 99999999999999999999 must lie in [0, 4294967295]" in line
 
 
@@ -75,9 +108,25 @@ def test_sample_never_writes_over_a_users_images(console, no_model, tmp_path):
     out = tmp_path / "out"
     (out / "ref").mkdir(parents=True)
     (out / "ref" / "000_0.png").write_bytes(b"the user's own picture")
-    line = sentence(*console("sample", "--config", DEMO, "--trainer.logger", "false", "--reference", str(reference),
-                             "--prompts", "[a photo]", "--num_samples", "1", "--output_dir", str(out)), "sample",
-                    expected_code=1)
+    line = sentence(
+        *console(
+            "sample",
+            "--config",
+            DEMO,
+            "--trainer.logger",
+            "false",
+            "--reference",
+            str(reference),
+            "--prompts",
+            "[a photo]",
+            "--num_samples",
+            "1",
+            "--output_dir",
+            str(out),
+        ),
+        "sample",
+        expected_code=1,
+    )
     assert f"already holds {out / 'ref' / '000_0.png'}, which this run would overwrite" in line
     assert (out / "ref" / "000_0.png").read_bytes() == b"the user's own picture"
 

@@ -24,13 +24,39 @@ SHARDS = str(ROOT / "data" / "demo" / "train-*.tar")
 
 
 def evaluate(*more: str) -> list[str]:
-    return ["evaluate", "--config", EVAL_DEMO, "--num_steps", "1", "--num_samples", "1", "--num_identities", "1",
-            "--prompts_per_identity", "1", "--progress", "false", *more]
+    return [
+        "evaluate",
+        "--config",
+        EVAL_DEMO,
+        "--num_steps",
+        "1",
+        "--num_samples",
+        "1",
+        "--num_identities",
+        "1",
+        "--prompts_per_identity",
+        "1",
+        "--progress",
+        "false",
+        *more,
+    ]
 
 
 def sample(*more: str) -> list[str]:
-    return ["sample", "--config", DEMO, "--trainer.logger", "false", "--num_steps", "1", "--num_samples", "1",
-            "--num_identities", "1", *more]
+    return [
+        "sample",
+        "--config",
+        DEMO,
+        "--trainer.logger",
+        "false",
+        "--num_steps",
+        "1",
+        "--num_samples",
+        "1",
+        "--num_identities",
+        "1",
+        *more,
+    ]
 
 
 def one_sentence(code, printed, command: str) -> str:
@@ -61,7 +87,9 @@ def test_evaluate_refuses_a_method_name_that_is_not_one_folder_name(console, no_
     line = one_sentence(code, printed, "evaluate")
     assert "--methods name" in line and ("is not a plain folder name" in line or "report file" in line), line
     assert (user / "grid.png").read_bytes() == b"the user's grid" and sorted(p.name for p in user.iterdir()) == [
-        "grid.png", "scores.jsonl"]
+        "grid.png",
+        "scores.jsonl",
+    ]
     assert not (tmp_path / "run").exists() and not (tmp_path / "escape").exists()  # nothing written anywhere
 
 
@@ -71,8 +99,13 @@ def test_run_method_refuses_a_path_as_a_method_name(tmp_path):
     from divrl.rewards import FeatureScorer
     from divrl.rewards.backbones import DenseDescriptor
 
-    evaluation = Evaluation(EvalSuite(identity=FeatureScorer(DenseDescriptor(grid_size=24, cell=4), pool=1)),
-                            tmp_path / "eval", num_samples=1, grid_conditions=0, progress=False)
+    evaluation = Evaluation(
+        EvalSuite(identity=FeatureScorer(DenseDescriptor(grid_size=24, cell=4), pool=1)),
+        tmp_path / "eval",
+        num_samples=1,
+        grid_conditions=0,
+        progress=False,
+    )
     for name in (str(tmp_path / "outside"), "../outside", "", "."):
         with pytest.raises(ValueError, match="is not a plain folder name"):
             evaluation.run_method(name, [], lambda *a: None)
@@ -84,11 +117,15 @@ def test_run_method_refuses_a_path_as_a_method_name(tmp_path):
 def test_evaluate_refuses_sample_methods_that_are_paths_or_collide_with_methods(console, no_model, tmp_path):
     samples, out = tmp_path / "samples", tmp_path / "eval"
     (samples / "base" / "tgt_image").mkdir(parents=True)
-    code, printed = console(*evaluate("--methods", "{}", "--samples_dir", str(samples), "--sample_methods",
-                                      "[../base]", "--output_dir", str(out)))
+    code, printed = console(
+        *evaluate(
+            "--methods", "{}", "--samples_dir", str(samples), "--sample_methods", "[../base]", "--output_dir", str(out)
+        )
+    )
     assert "--sample_methods name '../base' is not a plain folder name" in one_sentence(code, printed, "evaluate")
-    code, printed = console(*evaluate("--methods", "{base: null}", "--samples_dir", str(samples),
-                                      "--output_dir", str(out)))
+    code, printed = console(
+        *evaluate("--methods", "{base: null}", "--samples_dir", str(samples), "--output_dir", str(out))
+    )
     line = one_sentence(code, printed, "evaluate")
     assert "method(s) ['base'] are named in --methods and in --samples_dir" in line, line
     assert not out.exists()
@@ -132,8 +169,9 @@ def test_sample_refuses_mask_or_subjects_without_reference(console, no_model, tm
 
 @pytest.mark.parametrize("command", ["sample", "evaluate"])
 def test_an_empty_output_dir_is_refused_not_the_current_folder(console, no_model, tmp_path, monkeypatch, command):
-    args = sample("--output_dir", "") if command == "sample" else evaluate("--methods", "{base: null}",
-                                                                           "--output_dir", "")
+    args = (
+        sample("--output_dir", "") if command == "sample" else evaluate("--methods", "{base: null}", "--output_dir", "")
+    )
     (cwd := tmp_path / "cwd").mkdir()
     monkeypatch.chdir(cwd)  # where an empty --output_dir wrote
     code, printed = console(*args)
@@ -150,8 +188,9 @@ def test_sample_names_a_black_mask_before_loading_the_model(console, no_model, t
     black = tmp_path / "black.png"
     Image.new("L", (32, 32), 0).save(black)
     out = tmp_path / "out"
-    code, printed = console(*sample("--reference", str(reference), "--mask", str(black), "--prompts", "[a cat]",
-                                    "--output_dir", str(out)))
+    code, printed = console(
+        *sample("--reference", str(reference), "--mask", str(black), "--prompts", "[a cat]", "--output_dir", str(out))
+    )
     line = one_sentence(code, printed, "sample")
     assert f"--mask {black} has no subject pixel" in line and "mask.png" not in line, line
     assert not out.exists()
@@ -162,8 +201,9 @@ def test_sample_names_a_black_mask_before_loading_the_model(console, no_model, t
 
 def test_sample_takes_a_bare_prompt_as_a_list_of_one(console, tmp_path, reference):
     out = tmp_path / "out"
-    code, printed = console(*sample("--reference", str(reference), "--prompts", "a photo on the beach",
-                                    "--output_dir", str(out)))
+    code, printed = console(
+        *sample("--reference", str(reference), "--prompts", "a photo on the beach", "--output_dir", str(out))
+    )
     assert code == 0, printed.err[-2000:]
     records = json.loads((out / "samples.json").read_text())["samples"]
     assert [r["prompt"] for r in records] == ["a photo on the beach"] and len(records[0]["files"]) == 1
@@ -182,13 +222,23 @@ def tiny_fit(tmp_path, callbacks, max_steps: int = 1, **trainer):
     from divrl.training.trainer import DivRLTrainer
 
     torch.manual_seed(0)
-    model = DivRLModule(KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
-                        [NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1), track_vsm=False)],
-                        GRPOObjective(micro_batch_size=4),
-                        SamplingConfig(group_size=2, num_steps=2, resolution=32, val_group_size=2))
-    settings = dict(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                    limit_val_batches=0, default_root_dir=str(tmp_path / "run"))
+    model = DivRLModule(
+        KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
+        [NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1), track_vsm=False)],
+        GRPOObjective(micro_batch_size=4),
+        SamplingConfig(group_size=2, num_steps=2, resolution=32, val_group_size=2),
+    )
+    settings = dict(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path / "run"),
+    )
     trainer = DivRLTrainer(**{**settings, **trainer}, callbacks=list(callbacks))
     trainer.fit(model, IdentityDataModule(SHARDS, batch_size=1, steps_per_epoch=10))
     return model, trainer
@@ -201,8 +251,11 @@ def test_an_exporter_folder_that_cannot_be_written_is_refused_when_fit_starts(tm
     taken = tmp_path / "taken.txt"
     taken.write_text("a file")
     dirname = str(taken) if where == "FILE" else where
-    with pytest.raises(OSError, match=r"LoRAExporter: cannot write its exports to .* is a file, not a folder\): set "
-                                      r"the callback's dirname \(init_args.dirname, now '" + re.escape(dirname)):
+    with pytest.raises(
+        OSError,
+        match=r"LoRAExporter: cannot write its exports to .* is a file, not a folder\): set "
+        r"the callback's dirname \(init_args.dirname, now '" + re.escape(dirname),
+    ):
         tiny_fit(tmp_path, [LoRAExporter(dirname=dirname)])  # no_model: refused before the model loads
     assert taken.read_text() == "a file"
 
@@ -210,8 +263,11 @@ def test_an_exporter_folder_that_cannot_be_written_is_refused_when_fit_starts(tm
 def test_callback_settings_are_refused_when_configured(tmp_path):
     from divrl.training import RolloutImageLogger, StageSwitch
 
-    for settings, says in [({"every_n_rollouts": 0}, "every_n_rollouts 0"), ({"tile": 0}, "tile 0"),
-                           ({"columns": -1}, "columns -1")]:
+    for settings, says in [
+        ({"every_n_rollouts": 0}, "every_n_rollouts 0"),
+        ({"tile": 0}, "tile 0"),
+        ({"columns": -1}, "columns -1"),
+    ]:
         with pytest.raises(ValueError, match=f"RolloutImageLogger: {says}: must be a whole number >= 1"):
             RolloutImageLogger(**settings)
     with pytest.raises(ValueError, match=r"switch_steps \[60, 60\] repeat a step"):
@@ -226,8 +282,17 @@ def test_callback_settings_are_refused_when_configured(tmp_path):
 def test_a_default_root_dir_that_is_a_file_is_refused_when_fit_starts(console, no_model, tmp_path):
     taken = tmp_path / "text.txt"
     taken.write_text("a file")
-    code, printed = console("fit", "--config", DEMO, "--trainer.max_steps", "1", "--trainer.logger", "false",
-                            "--trainer.default_root_dir", str(taken))
+    code, printed = console(
+        "fit",
+        "--config",
+        DEMO,
+        "--trainer.max_steps",
+        "1",
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(taken),
+    )
     assert f"trainer.default_root_dir {taken} is a file, not a folder" in one_sentence(code, printed, "fit")
     assert taken.read_text() == "a file"
 
@@ -241,8 +306,13 @@ def test_the_summary_lists_a_checkpoint_folder_only_when_a_checkpoint_is_in_it(t
     from divrl.training.environment import run_summary
 
     folder = tmp_path / "checkpoints"
-    trainer = SimpleNamespace(global_step=3, callbacks=[ModelCheckpoint(dirpath=str(folder))], callback_metrics={},
-                              default_root_dir=str(tmp_path), loggers=[])
+    trainer = SimpleNamespace(
+        global_step=3,
+        callbacks=[ModelCheckpoint(dirpath=str(folder))],
+        callback_metrics={},
+        default_root_dir=str(tmp_path),
+        loggers=[],
+    )
     module = SimpleNamespace(rollouts_done=3, stage=0, counters={})
     lines = run_summary(trainer, module)
     assert f"  checkpoints: none written (to {folder}/)" in lines and not any("--ckpt_path" in x for x in lines)
@@ -310,8 +380,17 @@ def test_ckpt_path_that_is_not_a_checkpoint_is_told_from_a_damaged_one(console, 
     else:
         torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
         path.write_bytes(path.read_bytes()[:300])  # a copy cut short
-    code, printed = console("fit", "--config", DEMO, "--trainer.logger", "false", "--trainer.default_root_dir",
-                            str(tmp_path / "run"), "--ckpt_path", str(path))
+    code, printed = console(
+        "fit",
+        "--config",
+        DEMO,
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--ckpt_path",
+        str(path),
+    )
     line = one_sentence(code, printed, "fit")
     if says:
         assert f"--ckpt_path {path} is not a checkpoint at all" in line and f"this is {says}" in line, line

@@ -81,8 +81,18 @@ def no_scoring(monkeypatch):
 def test_score_json_naming_one_of_the_inputs_is_refused_and_the_input_kept(console, images, monkeypatch, target):
     no_scoring(monkeypatch)
     before = images[target].read_bytes()
-    code, printed = console("score", "--size", "32", "--reference", str(images["ref"]), "--ref-mask",
-                            str(images["mask"]), str(images["g0"]), "--json", str(images[target]))
+    code, printed = console(
+        "score",
+        "--size",
+        "32",
+        "--reference",
+        str(images["ref"]),
+        "--ref-mask",
+        str(images["mask"]),
+        str(images["g0"]),
+        "--json",
+        str(images[target]),
+    )
     assert code == 1 and "Traceback" not in printed.err and "nSSM" not in printed.out
     assert f"divrl score: --json {images[target]} is one of the inputs" in printed.err
     assert images[target].read_bytes() == before
@@ -104,12 +114,19 @@ def test_score_json_over_a_file_divrl_score_did_not_write_is_refused(console, im
 # 9. divrl score: thresholds, weights and masks ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("flag", "value", "says"), [
-    ("--tau-s", "nan", "must be a finite number in [0, 1]"), ("--tau-s", "2", "must be in [0, 1]"),
-    ("--tau-v", "-0.5", "must be in [0, 1]"), ("--threshold", "-1", "must be in [0, 1]"),
-    ("--threshold", "1.5", "must be in [0, 1]"), ("--weight", "nan", "must be a finite number >= 0"),
-    ("--weight", "inf", "must be a finite number >= 0"), ("--weight", "-1", "must be >= 0"),
-])
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--tau-s", "nan", "must be a finite number in [0, 1]"),
+        ("--tau-s", "2", "must be in [0, 1]"),
+        ("--tau-v", "-0.5", "must be in [0, 1]"),
+        ("--threshold", "-1", "must be in [0, 1]"),
+        ("--threshold", "1.5", "must be in [0, 1]"),
+        ("--weight", "nan", "must be a finite number >= 0"),
+        ("--weight", "inf", "must be a finite number >= 0"),
+        ("--weight", "-1", "must be >= 0"),
+    ],
+)
 def test_score_refuses_thresholds_and_weights_out_of_range(console, flag, value, says):
     code, printed = console("score", flag, value)
     assert code == 2 and f"argument {flag}: {says}, got {value}" in printed.err
@@ -120,8 +137,9 @@ def test_score_keeps_thresholds_and_weights_in_range(console):
     assert console("score", "--tau-s", "0", "--tau-v", "1", "--threshold", "1", "--weight", "0")[0] == 0
 
 
-def test_score_refuses_a_ref_mask_of_another_size_or_without_subject_naming_the_flag(console, images, tmp_path,
-                                                                                    monkeypatch):
+def test_score_refuses_a_ref_mask_of_another_size_or_without_subject_naming_the_flag(
+    console, images, tmp_path, monkeypatch
+):
     no_scoring(monkeypatch)
     small, black = tmp_path / "small.png", tmp_path / "black.png"
     Image.new("L", (20, 16), 255).save(small)
@@ -183,8 +201,11 @@ def test_shards_of_one_sample_never_count_as_empty(tmp_path):
 
 
 def test_validation_that_reads_no_identity_is_refused_with_the_skips(junk_tar, good_shards):
-    with pytest.raises(ValueError, match=r"no validation identity could be read from data.val_shards \(.*junk.tar\): "
-                                         r"3 bad sample\(s\) skipped \(first: .*junk.tar:x0: .*not a readable image"):
+    with pytest.raises(
+        ValueError,
+        match=r"no validation identity could be read from data.val_shards \(.*junk.tar\): "
+        r"3 bad sample\(s\) skipped \(first: .*junk.tar:x0: .*not a readable image",
+    ):
         list(ValConditionStream([str(junk_tar)], batch_size=1, num_identities=2))
     module = IdentityDataModule(str(junk_tar))  # validating on the training shards: named as such
     module.setup("validate")
@@ -209,8 +230,10 @@ def test_data_names_each_flag_out_of_range_in_one_message(console, tmp_path, fra
     out = tmp_path / "out"
     code, printed = console("data", "synthetic", "--out", str(out), "--shard-size", "0", "--val-fraction", fraction)
     assert code == 2 and not out.exists()
-    assert (f"divrl data: --shard-size 0 must be >= 1; --val-fraction {float(fraction)} must be a share in [0, 1]; "
-            f"nothing was written") in printed.err
+    assert (
+        f"divrl data: --shard-size 0 must be >= 1; --val-fraction {float(fraction)} must be a share in [0, 1]; "
+        f"nothing was written"
+    ) in printed.err
 
 
 @pytest.fixture
@@ -224,12 +247,15 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(KontextConfig, "build", build)
 
 
-@pytest.mark.parametrize(("flags", "says"), [
-    (("--max-sequence-length", "0"), "--max-sequence-length 0 must be >= 1"),
-    (("--precompute-resolution", "-8"), "--precompute-resolution -8 must be >= 1"),
-    (("--device", "banana"), "--device 'banana' is not a torch device"),
-    (("--device", "cuda:99"), "--device cuda:99: this machine has "),
-])
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (("--max-sequence-length", "0"), "--max-sequence-length 0 must be >= 1"),
+        (("--precompute-resolution", "-8"), "--precompute-resolution -8 must be >= 1"),
+        (("--device", "banana"), "--device 'banana' is not a torch device"),
+        (("--device", "cuda:99"), "--device cuda:99: this machine has "),
+    ],
+)
 def test_data_precompute_flags_are_refused_before_the_model_is_loaded(console, tmp_path, no_model_load, flags, says):
     out = tmp_path / "out"
     code, printed = console("data", "synthetic", "--out", str(out), "--precompute", DEMO_MODEL, *flags)
@@ -239,34 +265,57 @@ def test_data_precompute_flags_are_refused_before_the_model_is_loaded(console, t
 def test_data_device_beyond_the_gpus_is_refused_naming_them(console, tmp_path, no_model_load, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    code, printed = console("data", "synthetic", "--out", str(tmp_path / "o"), "--precompute", DEMO_MODEL,
-                            "--device", "cuda:7")
+    code, printed = console(
+        "data", "synthetic", "--out", str(tmp_path / "o"), "--precompute", DEMO_MODEL, "--device", "cuda:7"
+    )
     assert code == 2 and "--device cuda:7: this machine has 2 cuda device(s), cuda:0 .. cuda:1" in printed.err
 
 
 def test_data_precompute_resolution_the_model_cannot_take_names_the_flag(console, tmp_path):
     out = tmp_path / "out"
-    code, printed = console("data", "synthetic", "--out", str(out), "--num-identities", "1", "--resolution", "16",
-                            "--precompute", DEMO_MODEL, "--device", "cpu", "--precompute-resolution", "7")
+    code, printed = console(
+        "data",
+        "synthetic",
+        "--out",
+        str(out),
+        "--num-identities",
+        "1",
+        "--resolution",
+        "16",
+        "--precompute",
+        DEMO_MODEL,
+        "--device",
+        "cpu",
+        "--precompute-resolution",
+        "7",
+    )
     assert code == 2 and not out.exists()
     assert "--precompute-resolution 7 must be a multiple of 4" in printed.err
 
 
-@pytest.mark.parametrize(("weights", "says"), [
-    ("nan,1", "--subject-weights nan,1: every weight must be a finite number >= 0"),
-    ("inf,1", "--subject-weights inf,1: every weight must be a finite number >= 0"),
-    ("0,0", "--subject-weights 0,0 sum to 0: give at least one --subjects count a positive weight"),
-])
+@pytest.mark.parametrize(
+    ("weights", "says"),
+    [
+        ("nan,1", "--subject-weights nan,1: every weight must be a finite number >= 0"),
+        ("inf,1", "--subject-weights inf,1: every weight must be a finite number >= 0"),
+        ("0,0", "--subject-weights 0,0 sum to 0: give at least one --subjects count a positive weight"),
+    ],
+)
 def test_data_refuses_subject_weights_that_are_not_finite_or_sum_to_zero(console, tmp_path, weights, says):
     out = tmp_path / "out"
     code, printed = console("data", "synthetic", "--out", str(out), "--subjects", "2,3", "--subject-weights", weights)
     assert code == 2 and says in printed.err and "Total of weights" not in printed.err and not out.exists()
 
 
-@pytest.mark.parametrize(("source", "needs"), [
-    ("dreambooth", "prompts_and_classes.txt"), ("dreambench", "data/images"), ("psrbench", "<Subset>.json"),
-    ("syncd", ".parquet file"),
-])
+@pytest.mark.parametrize(
+    ("source", "needs"),
+    [
+        ("dreambooth", "prompts_and_classes.txt"),
+        ("dreambench", "data/images"),
+        ("psrbench", "<Subset>.json"),
+        ("syncd", ".parquet file"),
+    ],
+)
 def test_data_src_that_is_a_file_is_refused_where_a_folder_is_read(console, tmp_path, source, needs):
     src = tmp_path / "notes.txt"
     src.write_text("a file")

@@ -53,16 +53,28 @@ def grpo_fit(folder: Path, steps: int, lr: float, ckpt_path=None, callbacks=()) 
     from divrl.objectives import GRPOObjective
 
     torch.manual_seed(0)
-    model = DivRLModule(KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
-                        [NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1), track_vsm=False)],
-                        GRPOObjective(micro_batch_size=4), SamplingConfig(group_size=4, num_steps=2, resolution=32),
-                        optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=1e-4))
+    model = DivRLModule(
+        KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
+        [NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1), track_vsm=False)],
+        GRPOObjective(micro_batch_size=4),
+        SamplingConfig(group_size=4, num_steps=2, resolution=32),
+        optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=1e-4),
+    )
     checkpoint = ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_last=True)
-    trainer = DivRLTrainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-                           enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                           callbacks=[checkpoint, *callbacks], default_root_dir=folder)
-    trainer.fit(model, IdentityDataModule(SHARDS, batch_size=2, steps_per_epoch=10), ckpt_path=ckpt_path,
-                weights_only=False)  # in-process settings are dataclasses, not the CLI's plain dicts
+    trainer = DivRLTrainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[checkpoint, *callbacks],
+        default_root_dir=folder,
+    )
+    trainer.fit(
+        model, IdentityDataModule(SHARDS, batch_size=2, steps_per_epoch=10), ckpt_path=ckpt_path, weights_only=False
+    )  # in-process settings are dataclasses, not the CLI's plain dicts
     return {k: v.clone() for k, v in model.policy.lora_state_dict().items()}
 
 
@@ -86,9 +98,14 @@ SCHEDULES = {
     "lambda": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1 / (1 + t)),
     "one_cycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-3, total_steps=20),
     "warm_restarts": lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=3),
-    "sequential": lambda o: torch.optim.lr_scheduler.SequentialLR(o, [
-        torch.optim.lr_scheduler.LinearLR(o, start_factor=0.25, total_iters=2),
-        torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)], milestones=[2]),
+    "sequential": lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o,
+        [
+            torch.optim.lr_scheduler.LinearLR(o, start_factor=0.25, total_iters=2),
+            torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+        ],
+        milestones=[2],
+    ),
 }
 
 
@@ -182,16 +199,33 @@ class Snapshot(pl.Callback):
 
 def dpo_run(objective, max_steps: int, max_empty_rollouts: int, max_epochs: int | None = None):
     torch.manual_seed(0)
-    model = DivRLModule(KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
-                        [NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1), track_vsm=False)],
-                        objective, SamplingConfig(group_size=2, num_steps=2, resolution=32, val_group_size=2),
-                        SystemConfig(max_empty_rollouts=max_empty_rollouts))
-    initial = {k: v.clone() for k, v in KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0),
-                                                      max_sequence_length=32).build().lora_state_dict().items()}
+    model = DivRLModule(
+        KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
+        [NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1), track_vsm=False)],
+        objective,
+        SamplingConfig(group_size=2, num_steps=2, resolution=32, val_group_size=2),
+        SystemConfig(max_empty_rollouts=max_empty_rollouts),
+    )
+    initial = {
+        k: v.clone()
+        for k, v in KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32)
+        .build()
+        .lora_state_dict()
+        .items()
+    }
     snapshot = Snapshot()
-    trainer = DivRLTrainer(accelerator="cpu", max_steps=max_steps, max_epochs=max_epochs, logger=False,
-                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                           num_sanity_val_steps=0, limit_val_batches=0, callbacks=[snapshot])
+    trainer = DivRLTrainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[snapshot],
+    )
     return model, trainer, snapshot, initial
 
 
@@ -202,9 +236,12 @@ def test_dpo_whose_every_pair_is_below_min_gap_trains_nothing_and_says_so(stop):
     # stop: 2 empty batches in a row end the run; else a 3-batch epoch (no update moves global_step) ends it
     model, trainer, snapshot, initial = dpo_run(DPOObjective(min_gap=100.0), 5, 2 if stop else 10, None if stop else 1)
     data = IdentityDataModule(SHARDS, batch_size=2, steps_per_epoch=3)
-    expected = (r"2 rollouts in a row had no pair whose reward gap is above objective.min_gap 100 \(lower it" if stop
-                else r"every one of the run's 3 rollouts was skipped \(the last had no pair whose reward gap is above "
-                     r"objective.min_gap 100")
+    expected = (
+        r"2 rollouts in a row had no pair whose reward gap is above objective.min_gap 100 \(lower it"
+        if stop
+        else r"every one of the run's 3 rollouts was skipped \(the last had no pair whose reward gap is above "
+        r"objective.min_gap 100"
+    )
     with pytest.raises(RuntimeError, match=expected):
         trainer.fit(model, data)
     assert model.counters["empty_rollouts"] == (2 if stop else 3) and trainer.global_step == 0
@@ -242,23 +279,45 @@ def console(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("args", "sentence"), [
-    (["--model.optimizer.init_args.lr", "-1"], "divrl fit: model.optimizer: Invalid learning rate: -1.0; fix "
-                                               "model.optimizer.init_args"),
-    (["--model.policy.lora.rank", "0"], "divrl fit: policy.lora.rank must be an integer >= 1 (DivRL: 64), got 0"),
-    (["--trainer.max_steps", "-5"], "divrl fit: trainer.max_steps must be a non-negative integer or -1"),
-])
+@pytest.mark.parametrize(
+    ("args", "sentence"),
+    [
+        (
+            ["--model.optimizer.init_args.lr", "-1"],
+            "divrl fit: model.optimizer: Invalid learning rate: -1.0; fix model.optimizer.init_args",
+        ),
+        (["--model.policy.lora.rank", "0"], "divrl fit: policy.lora.rank must be an integer >= 1 (DivRL: 64), got 0"),
+        (["--trainer.max_steps", "-5"], "divrl fit: trainer.max_steps must be a non-negative integer or -1"),
+    ],
+)
 def test_config_errors_print_divrls_sentence_naming_the_key(args, sentence, monkeypatch, capsys, tmp_path):
-    code, err = console(["fit", "--config", str(DEMO), "--trainer.default_root_dir", str(tmp_path),
-                         "--trainer.logger", "false", *args], monkeypatch, capsys)
+    code, err = console(
+        ["fit", "--config", str(DEMO), "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", *args],
+        monkeypatch,
+        capsys,
+    )
     assert code == 1 and sentence in err and "Traceback" not in err, err
     assert not (tmp_path / "checkpoints").exists()  # refused before anything ran
 
 
 def test_a_negative_scheduler_setting_torch_refuses_is_named(monkeypatch, capsys, tmp_path):
-    code, err = console(["fit", "--config", str(DEMO), "--trainer.default_root_dir", str(tmp_path),
-                         "--trainer.logger", "false", "--model.lr_scheduler", "torch.optim.lr_scheduler.LinearLR",
-                         "--model.lr_scheduler.start_factor", "-2"], monkeypatch, capsys)
+    code, err = console(
+        [
+            "fit",
+            "--config",
+            str(DEMO),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger",
+            "false",
+            "--model.lr_scheduler",
+            "torch.optim.lr_scheduler.LinearLR",
+            "--model.lr_scheduler.start_factor",
+            "-2",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 1 and "divrl fit: model.lr_scheduler: " in err and "fix model.lr_scheduler.init_args" in err, err
     assert "Traceback" not in err
 
@@ -273,8 +332,11 @@ def test_a_pool_that_does_not_divide_the_grid_is_named_in_training_not_the_mask(
     mask[8:24, 8:24] = 1
     sample = ConditionSample("id0", "a photo", torch.rand(3, 32, 32), mask)
     reward = GatedReward(FeatureScorer(DenseDescriptor(grid_size=24, cell=4), pool=5))
-    with pytest.raises(ValueError, match=r"^pool=5 does not divide the backbone's 24x24 feature grid; set the scorer's "
-                                         r"pool to one that does \(1, 2, 3, 4, 6, 8, 12, 24\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^pool=5 does not divide the backbone's 24x24 feature grid; set the scorer's "
+        r"pool to one that does \(1, 2, 3, 4, 6, 8, 12, 24\)$",
+    ):
         reward(Group(sample, torch.rand(2, 3, 32, 32)))
     with pytest.raises(ValueError, match=r"pool must be a positive integer, got 0"):
         FeatureScorer(DenseDescriptor(grid_size=24, cell=4), pool=0)
@@ -294,30 +356,75 @@ def test_a_config_that_is_not_yaml_is_named_with_its_line(tmp_path, monkeypatch,
 
 
 def test_settings_of_the_former_grpo_group_are_named_with_where_they_moved(tmp_path, monkeypatch, capsys):
-    code, err = console(["fit", "--config", str(DEMO), "--model.grpo.group_size", "4", "--model.grpo.clip_range=0.1",
-                         "--model.grpo.max_grad_norm", "2", "--model.grpo.guidance", "3"], monkeypatch, capsys)
+    code, err = console(
+        [
+            "fit",
+            "--config",
+            str(DEMO),
+            "--model.grpo.group_size",
+            "4",
+            "--model.grpo.clip_range=0.1",
+            "--model.grpo.max_grad_norm",
+            "2",
+            "--model.grpo.guidance",
+            "3",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 1 and "usage:" not in err, err
-    assert ("model.grpo.group_size -> model.sampling.group_size, model.grpo.clip_range -> "
-            "model.objective.init_args.clip_range, model.grpo.max_grad_norm -> model.system.max_grad_norm, "
-            "model.grpo.guidance -> model.policy.guidance") in err
+    assert (
+        "model.grpo.group_size -> model.sampling.group_size, model.grpo.clip_range -> "
+        "model.objective.init_args.clip_range, model.grpo.max_grad_norm -> model.system.max_grad_norm, "
+        "model.grpo.guidance -> model.policy.guidance"
+    ) in err
     old = tmp_path / "old.yaml"
     old.write_text("model:\n  grpo:\n    num_steps: 4\n    kl_beta: 0.01\n")
     code, err = console(["fit", "--config", str(DEMO), "--config", str(old)], monkeypatch, capsys)
     assert code == 1 and f"model.grpo in --config {old} moved" in err
-    assert "model.grpo.num_steps -> model.sampling.num_steps, model.grpo.kl_beta -> model.objective.init_args.kl_beta" in err
+    assert (
+        "model.grpo.num_steps -> model.sampling.num_steps, model.grpo.kl_beta -> model.objective.init_args.kl_beta"
+        in err
+    )
     # the names it suggests are the ones the parser takes
     from divrl.cli import run_lightning
 
-    cli = run_lightning(["--config", str(DEMO), "--model.objective.init_args.kl_beta", "0.01",
-                         "--model.sampling.num_steps", "3", "--trainer.logger", "false"], run=False)
+    cli = run_lightning(
+        [
+            "--config",
+            str(DEMO),
+            "--model.objective.init_args.kl_beta",
+            "0.01",
+            "--model.sampling.num_steps",
+            "3",
+            "--trainer.logger",
+            "false",
+        ],
+        run=False,
+    )
     assert cli.model.objective.kl_beta == 0.01 and cli.model.sampling.num_steps == 3
 
 
 def test_a_sentence_that_names_its_command_is_not_prefixed_twice(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "notanimage.png"
     bad.write_text("hello")
-    code, err = console(["sample", "--config", str(DEMO), "--trainer.logger", "false", "--reference", str(bad),
-                         "--prompts", "[a photo]", "--output_dir", str(tmp_path / "out")], monkeypatch, capsys)
+    code, err = console(
+        [
+            "sample",
+            "--config",
+            str(DEMO),
+            "--trainer.logger",
+            "false",
+            "--reference",
+            str(bad),
+            "--prompts",
+            "[a photo]",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 1 and "cannot read image" in err and "divrl sample: divrl sample" not in err, err
 
 
@@ -342,9 +449,15 @@ def test_every_scored_batch_agrees_across_ranks_and_empty_batches_count_only_in_
             calls.append(decision)
             return decision
 
-    module = SimpleNamespace(trainer=SimpleNamespace(strategy=Strategy()), counters={"empty_rollouts": 0},
-                             system=SystemConfig(max_empty_rollouts=3), reward=object(), rollouts_done=0,
-                             _empty_rollouts=0, empty_reason="")
+    module = SimpleNamespace(
+        trainer=SimpleNamespace(strategy=Strategy()),
+        counters={"empty_rollouts": 0},
+        system=SystemConfig(max_empty_rollouts=3),
+        reward=object(),
+        rollouts_done=0,
+        _empty_rollouts=0,
+        empty_reason="",
+    )
 
     def batch(kept: int, usable=None) -> Batch:
         scores = Scores(torch.zeros(2, 2), torch.tensor([i < kept for i in range(2)]), [None, None])
@@ -363,9 +476,14 @@ def test_inline_and_remote_configs_pass_and_files_that_are_not_utf8_are_named(tm
     from divrl.cli import check_command_line
 
     assert check_command_line(["--config", "{trainer: {max_steps: 3}}", "--config", "s3://bucket/run.yaml"]) == [
-        "{trainer: {max_steps: 3}}", "s3://bucket/run.yaml"]  # jsonargparse reads both
-    with pytest.raises(ValueError, match=r"model.grpo in --config \{model: \{grpo: \{seed: 3\}\}\} moved .*"
-                                         r"model.grpo.seed -> model.sampling.seed"):
+        "{trainer: {max_steps: 3}}",
+        "s3://bucket/run.yaml",
+    ]  # jsonargparse reads both
+    with pytest.raises(
+        ValueError,
+        match=r"model.grpo in --config \{model: \{grpo: \{seed: 3\}\}\} moved .*"
+        r"model.grpo.seed -> model.sampling.seed",
+    ):
         check_command_line(["-c", "{model: {grpo: {seed: 3}}}"])
     latin = tmp_path / "latin.yaml"
     latin.write_bytes(b"model: {sampling: \xff}\n")
@@ -376,17 +494,26 @@ def test_inline_and_remote_configs_pass_and_files_that_are_not_utf8_are_named(tm
 # ------------------------------------------------------------------------------------ found by the second fuzz
 
 
-@pytest.mark.parametrize(("build", "sentence"), [
-    (lambda: SamplingConfig(noise_level=float("inf")), r"sampling.noise_level must be a finite number >= 0"),
-    (lambda: __import__("divrl.objectives", fromlist=["GRPOObjective"]).GRPOObjective(timestep_fraction=0.0),
-     r"objective.timestep_fraction must lie in \(0, 1\] \(paper: 0.99\), got 0.0"),
-    (lambda: __import__("divrl.objectives", fromlist=["GRPOObjective"]).GRPOObjective(timestep_fraction=2.0),
-     r"objective.timestep_fraction must lie in \(0, 1\] \(paper: 0.99\), got 2.0"),
-    (lambda: KontextConfig(model="tiny", guidance=float("nan")), r"policy.guidance must be a finite number"),
-    (lambda: KontextConfig(model="tiny", max_sequence_length=0), r"policy.max_sequence_length must be >= 1"),
-    (lambda: __import__("divrl.training.config", fromlist=["x"]).check_settings(torch.optim.AdamW, None, -5.0),
-     r"model.peak_tflops must be a positive number of TFLOP/s \(or null\), got -5.0"),
-])
+@pytest.mark.parametrize(
+    ("build", "sentence"),
+    [
+        (lambda: SamplingConfig(noise_level=float("inf")), r"sampling.noise_level must be a finite number >= 0"),
+        (
+            lambda: __import__("divrl.objectives", fromlist=["GRPOObjective"]).GRPOObjective(timestep_fraction=0.0),
+            r"objective.timestep_fraction must lie in \(0, 1\] \(paper: 0.99\), got 0.0",
+        ),
+        (
+            lambda: __import__("divrl.objectives", fromlist=["GRPOObjective"]).GRPOObjective(timestep_fraction=2.0),
+            r"objective.timestep_fraction must lie in \(0, 1\] \(paper: 0.99\), got 2.0",
+        ),
+        (lambda: KontextConfig(model="tiny", guidance=float("nan")), r"policy.guidance must be a finite number"),
+        (lambda: KontextConfig(model="tiny", max_sequence_length=0), r"policy.max_sequence_length must be >= 1"),
+        (
+            lambda: __import__("divrl.training.config", fromlist=["x"]).check_settings(torch.optim.AdamW, None, -5.0),
+            r"model.peak_tflops must be a positive number of TFLOP/s \(or null\), got -5.0",
+        ),
+    ],
+)
 def test_settings_that_used_to_fail_late_or_blame_the_reward_are_refused_by_key(build, sentence):
     with pytest.raises(ValueError, match=sentence):
         build()
@@ -410,12 +537,15 @@ def test_a_wrong_image_size_names_the_setting():
         policy.check_size(7, 7)
 
 
-@pytest.mark.parametrize(("content", "sentence"), [
-    ("", "is empty, not a mapping of settings"),
-    ("- 1\n- 2\n", "holds a list, not a mapping of settings"),
-    ("model:\n  sampling: [1, 2]\n", "model.sampling in --config {path} is a list; it takes a mapping of settings"),
-    ("trainer: 3\n", "trainer in --config {path} is a int; it takes a mapping of settings"),
-])
+@pytest.mark.parametrize(
+    ("content", "sentence"),
+    [
+        ("", "is empty, not a mapping of settings"),
+        ("- 1\n- 2\n", "holds a list, not a mapping of settings"),
+        ("model:\n  sampling: [1, 2]\n", "model.sampling in --config {path} is a list; it takes a mapping of settings"),
+        ("trainer: 3\n", "trainer in --config {path} is a int; it takes a mapping of settings"),
+    ],
+)
 def test_config_files_of_the_wrong_shape_are_named(content, sentence, tmp_path, monkeypatch, capsys):
     path = tmp_path / "mine.yaml"
     path.write_text(content)
@@ -427,8 +557,9 @@ def test_config_files_of_the_wrong_shape_are_named(content, sentence, tmp_path, 
 
 def test_a_callbacks_refusal_is_printed_without_jsonargparses_menu(tmp_path, monkeypatch, capsys):
     path = tmp_path / "switch.yaml"
-    path.write_text("trainer:\n  callbacks:\n    - class_path: divrl.training.StageSwitch\n"
-                    "      init_args: {switch_steps: -3}\n")
+    path.write_text(
+        "trainer:\n  callbacks:\n    - class_path: divrl.training.StageSwitch\n      init_args: {switch_steps: -3}\n"
+    )
     code, err = console(["fit", "--config", str(DEMO), "--config", str(path)], monkeypatch, capsys)
     assert code == 1 and "StageSwitch: switch_steps must be non-negative and ascending, got -3\n" in err, err
     assert "Not a valid subclass" not in err and "class path (str)" not in err
@@ -442,22 +573,34 @@ def test_lightnings_trainer_refusals_name_the_trainer_key(monkeypatch, capsys):
 def test_out_of_memory_is_a_sentence_naming_what_makes_a_run_smaller():
     from divrl.cli import expected_error
 
-    for err in (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
-                RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8192 bytes")):
+    for err in (
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8192 bytes"),
+    ):
         message = expected_error(err)
-        assert message.startswith("out of memory (") and "sampling.group_size" in message and "data.batch_size" in message
+        assert (
+            message.startswith("out of memory (") and "sampling.group_size" in message and "data.batch_size" in message
+        )
     assert expected_error(RuntimeError("shape mismatch")) is None  # other errors raised outside divrl: tracebacks
 
 
 # ------------------------------------------------------------------------------------ found by the third fuzz
 
 
-@pytest.mark.parametrize(("setting", "says"), [
-    ({"accumulate_grad_batches": 4}, "trainer.accumulate_grad_batches 4: divrl optimizes manually .* "
-                                     "objective.micro_batch_size"),
-    ({"gradient_clip_val": 1.0}, "trainer.gradient_clip_val 1.0: .* model.system.max_grad_norm clips every update"),
-    ({"precision": "16-mixed"}, "trainer.precision '16-mixed': divrl sets its numerics itself .* policy.torch_dtype"),
-])
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        (
+            {"accumulate_grad_batches": 4},
+            "trainer.accumulate_grad_batches 4: divrl optimizes manually .* objective.micro_batch_size",
+        ),
+        ({"gradient_clip_val": 1.0}, "trainer.gradient_clip_val 1.0: .* model.system.max_grad_norm clips every update"),
+        (
+            {"precision": "16-mixed"},
+            "trainer.precision '16-mixed': divrl sets its numerics itself .* policy.torch_dtype",
+        ),
+    ],
+)
 def test_trainer_settings_manual_optimization_cannot_honour_are_refused(setting, says):
     with pytest.raises(ValueError, match=says):
         DivRLTrainer(accelerator="cpu", logger=False, **setting)
@@ -468,14 +611,20 @@ def test_stages_need_a_stage_switch_and_no_more_rewards_than_stages():
     from divrl.training import StageSwitch
 
     rewards = [NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1), track_vsm=False)] * 3
-    model = DivRLModule(KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
-                        rewards[:2], sampling=SamplingConfig(group_size=2, num_steps=2, resolution=32))
+    model = DivRLModule(
+        KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
+        rewards[:2],
+        sampling=SamplingConfig(group_size=2, num_steps=2, resolution=32),
+    )
     trainer = DivRLTrainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False)
     with pytest.raises(ValueError, match=r"give 2 stages but trainer.callbacks has no divrl.training.StageSwitch"):
         trainer.fit(model, IdentityDataModule(SHARDS, batch_size=2, steps_per_epoch=2))
     assert model.policy is None  # refused before the model was built
-    model = DivRLModule(KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
-                        rewards, sampling=SamplingConfig(group_size=2, num_steps=2, resolution=32))
+    model = DivRLModule(
+        KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
+        rewards,
+        sampling=SamplingConfig(group_size=2, num_steps=2, resolution=32),
+    )
     with pytest.raises(ValueError, match=r"1 switch step\(s\) make 2 stages, .* got 3 rewards in model.rewards"):
         StageSwitch(5).setup(DivRLTrainer(accelerator="cpu", logger=False, max_steps=10), model, "fit")
 
@@ -484,8 +633,10 @@ def test_loading_a_checkpoint_of_another_adapter_into_sample_names_the_setting(t
     from divrl.training.checkpoints import load_weights
 
     grpo_fit(tmp_path / "run", 1, 3e-4)  # LoRA rank 4
-    model = DivRLModule(KontextConfig(model="tiny", lora=LoRAConfig(rank=2, alpha=8.0), max_sequence_length=32),
-                        [NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1), track_vsm=False)])
+    model = DivRLModule(
+        KontextConfig(model="tiny", lora=LoRAConfig(rank=2, alpha=8.0), max_sequence_length=32),
+        [NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=1), track_vsm=False)],
+    )
     model.configure_model()
     with pytest.raises(ValueError, match=r"model.policy.lora.rank: 4 in the checkpoint, 2 now"):
         load_weights(model, tmp_path / "run" / "last.ckpt")
@@ -495,8 +646,11 @@ def test_a_folder_of_checkpoints_given_as_ckpt_path_names_the_newest(tmp_path):
     from divrl.training.checkpoints import resume_path
 
     grpo_fit(tmp_path, 2, 3e-4)
-    with pytest.raises(IsADirectoryError, match=rf"--ckpt_path {tmp_path} is a folder of checkpoints; pass one of them, "
-                                                rf"e.g. .*\.ckpt \(the newest\), or `last`"):
+    with pytest.raises(
+        IsADirectoryError,
+        match=rf"--ckpt_path {tmp_path} is a folder of checkpoints; pass one of them, "
+        rf"e.g. .*\.ckpt \(the newest\), or `last`",
+    ):
         resume_path(str(tmp_path), [])
 
 
@@ -504,7 +658,9 @@ def test_methods_that_are_not_a_mapping_of_plain_names_are_refused_with_an_examp
     from divrl.cli import check_command_line, expected_error
 
     for value in ("[base, mine]", "base"):
-        with pytest.raises(ValueError, match=r"--methods takes a mapping of method name to weights .* e.g. '\{base: null"):
+        with pytest.raises(
+            ValueError, match=r"--methods takes a mapping of method name to weights .* e.g. '\{base: null"
+        ):
             check_command_line(["--methods", value])
     with pytest.raises(ValueError, match=r"--methods name '/tmp/x' is not a plain folder name"):
         check_command_line(["--methods={/tmp/x: null}"])
@@ -513,9 +669,12 @@ def test_methods_that_are_not_a_mapping_of_plain_names_are_refused_with_an_examp
     assert check_command_line(["--methods", "{2024-01-01: null, 7: null}"]) == []  # jsonargparse keeps them strings
     stop = None
     try:  # divrl's own stop after non-finite updates is a sentence, not a traceback
-        DivRLModule._skip(SimpleNamespace(counters={"skipped_updates": 0}, _consecutive_skips=0,
-                                          system=SystemConfig(max_consecutive_skips=1)),
-                          SimpleNamespace(zero_grad=lambda set_to_none: None))
+        DivRLModule._skip(
+            SimpleNamespace(
+                counters={"skipped_updates": 0}, _consecutive_skips=0, system=SystemConfig(max_consecutive_skips=1)
+            ),
+            SimpleNamespace(zero_grad=lambda set_to_none: None),
+        )
     except FloatingPointError as err:
         stop = err
     assert expected_error(stop).startswith("1 updates in a row had a non-finite loss or gradient")
@@ -524,9 +683,23 @@ def test_methods_that_are_not_a_mapping_of_plain_names_are_refused_with_an_examp
 def test_two_stage_switches_are_refused_by_name(tmp_path, monkeypatch, capsys):
     """A config's callbacks plus ``--trainer.callbacks+=StageSwitch`` (they add up) was Lightning's traceback about a
     callback's ``state_key``."""
-    code, err = console(["fit", "--config", "configs/demo.yaml", "--trainer.max_steps", "1", "--trainer.logger", "false",
-                         "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks+=divrl.training.StageSwitch",
-                         "--trainer.callbacks.switch_steps=2"], monkeypatch, capsys)
+    code, err = console(
+        [
+            "fit",
+            "--config",
+            "configs/demo.yaml",
+            "--trainer.max_steps",
+            "1",
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.callbacks+=divrl.training.StageSwitch",
+            "--trainer.callbacks.switch_steps=2",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 1 and "Traceback" not in err, err
     assert "trainer.callbacks holds 2 StageSwitch; give one of each (a StageSwitch takes every switch step" in err, err
 
@@ -548,8 +721,9 @@ def test_turning_the_progress_bar_off_drops_the_configs_bar(tmp_path):
     from divrl.training import DivRLProgressBar
     from divrl.training.trainer import DivRLTrainer
 
-    trainer = DivRLTrainer(callbacks=[DivRLProgressBar()], enable_progress_bar=False, logger=False,
-                           default_root_dir=tmp_path)
+    trainer = DivRLTrainer(
+        callbacks=[DivRLProgressBar()], enable_progress_bar=False, logger=False, default_root_dir=tmp_path
+    )
     assert not any(isinstance(c, ProgressBar) for c in trainer.callbacks)
     with_bar = DivRLTrainer(callbacks=[DivRLProgressBar()], logger=False, default_root_dir=tmp_path)
     assert any(isinstance(c, DivRLProgressBar) for c in with_bar.callbacks)

@@ -51,8 +51,18 @@ def test_score_image_files_writes_json(tmp_path):
         paths.append(tmp_path / f"gen_{k}.png")
         to_pil(image).save(paths[-1])
     out_json = tmp_path / "scores.json"
-    argv = ["score", "--reference", str(tmp_path / "ref.png"), "--ref-mask", str(tmp_path / "mask.png"),
-            "--size", "128", "--json", str(out_json), *map(str, paths)]
+    argv = [
+        "score",
+        "--reference",
+        str(tmp_path / "ref.png"),
+        "--ref-mask",
+        str(tmp_path / "mask.png"),
+        "--size",
+        "128",
+        "--json",
+        str(out_json),
+        *map(str, paths),
+    ]
     assert main(argv) == 0
     rows = json.loads(out_json.read_text())["scores"]
     assert [r["image"] for r in rows] == [p.name for p in paths]

@@ -47,8 +47,15 @@ def brightness(images, prompts, metadata):
 
 def fit(model: DivRLModule, max_steps: int, tmp_path: Path | None = None, callbacks=(), shards=SHARDS) -> DivRLTrainer:
     trainer = DivRLTrainer(
-        accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks),
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
         default_root_dir=str(tmp_path) if tmp_path else None,
     )
     trainer.fit(model, IdentityDataModule(shards, batch_size=2, steps_per_epoch=10))
@@ -63,8 +70,14 @@ class Env:
 
     def rollout(self, samples, group_size, generator, *, num_steps=None, noise_level=None, sde_steps=None):
         cond = self.policy.encode(samples, 16, 16, group_size)
-        return cond, rollout(self.policy, cond, num_steps=num_steps or self.sampling.num_steps,
-                             noise_level=self.sampling.noise_level, sde_steps=sde_steps, generator=generator)
+        return cond, rollout(
+            self.policy,
+            cond,
+            num_steps=num_steps or self.sampling.num_steps,
+            noise_level=self.sampling.noise_level,
+            sde_steps=sde_steps,
+            generator=generator,
+        )
 
     def score(self, samples, images, group_size):
         outs = [self.reward(Group(s, images[i * group_size : (i + 1) * group_size])) for i, s in enumerate(samples)]
@@ -95,8 +108,12 @@ def test_the_grpo_objective_on_a_toy_family_is_on_policy_with_zero_kl_for_a_fres
     policy = ToyPolicy(TOY_LORA)
     objective = GRPOObjective(kl_beta=0.1, micro_batch_size=8, timestep_fraction=1.0)
     reward = CallableReward(brightness)
-    batch = objective.collect(policy, samples(), Env(policy, reward, SamplingConfig(group_size=4, num_steps=3)),
-                              torch.Generator().manual_seed(0))
+    batch = objective.collect(
+        policy,
+        samples(),
+        Env(policy, reward, SamplingConfig(group_size=4, num_steps=3)),
+        torch.Generator().manual_seed(0),
+    )
     assert batch.advantages.shape == (8,) and batch.advantages.abs().sum() > 0
     items = [item for update in objective.updates(batch, torch.Generator().manual_seed(1)) for item in update]
     assert len(items) == 3  # one micro-batch x 3 trained steps, one update
@@ -123,9 +140,12 @@ def test_the_grpo_objective_on_a_toy_family_is_on_policy_with_zero_kl_for_a_fres
 
 
 def test_a_toy_family_trains_through_the_module_and_its_export_loads_back(tmp_path):
-    model = DivRLModule(ToyConfig(lora=TOY_LORA), [CallableReward(brightness)],
-                        GRPOObjective(micro_batch_size=8, timestep_fraction=1.0),
-                        SamplingConfig(group_size=4, num_steps=3, resolution=16))
+    model = DivRLModule(
+        ToyConfig(lora=TOY_LORA),
+        [CallableReward(brightness)],
+        GRPOObjective(micro_batch_size=8, timestep_fraction=1.0),
+        SamplingConfig(group_size=4, num_steps=3, resolution=16),
+    )
     trainer = fit(model, 3, tmp_path, [LoRAExporter()])
     assert trainer.global_step == 3 and model.rollouts_done == 3
     trained = model.policy.lora_state_dict()
@@ -180,12 +200,21 @@ def test_a_toy_objective_trains_through_the_module():
     def probe(policy) -> float:  # the objective's loss on a fixed input
         cond = policy.encode(samples(2), 16, 16)
         with torch.no_grad():
-            return policy.velocity(policy.initial_noise(cond, torch.Generator().manual_seed(0)), 0.5, cond).square().mean().item()
+            return (
+                policy.velocity(policy.initial_noise(cond, torch.Generator().manual_seed(0)), 0.5, cond)
+                .square()
+                .mean()
+                .item()
+            )
 
     log = LossLog()
-    model = DivRLModule(ToyConfig(lora=TOY_LORA), [CallableReward(brightness)], ShrinkVelocity(steps=3),
-                        SamplingConfig(group_size=1, num_steps=1, resolution=16),
-                        optimizer=lambda params: torch.optim.SGD(params, lr=0.5))
+    model = DivRLModule(
+        ToyConfig(lora=TOY_LORA),
+        [CallableReward(brightness)],
+        ShrinkVelocity(steps=3),
+        SamplingConfig(group_size=1, num_steps=1, resolution=16),
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+    )
     trainer = fit(model, 12, callbacks=[log])
     assert trainer.global_step == 12 and len(log.values) == 4  # 3 updates per batch
     assert probe(model.policy) < 0.8 * probe(ToyPolicy(TOY_LORA))  # the module applied the objective's gradient
@@ -203,13 +232,25 @@ def test_a_stage_switch_changes_the_objective_and_one_reward_serves_both_stages(
 
     record = Record()
     objectives = [GRPOObjective(micro_batch_size=8, timestep_fraction=1.0), ShrinkVelocity(steps=1)]
-    model = DivRLModule(ToyConfig(lora=TOY_LORA), [CallableReward(brightness)], objectives,
-                        SamplingConfig(group_size=4, num_steps=2, resolution=16))
+    model = DivRLModule(
+        ToyConfig(lora=TOY_LORA),
+        [CallableReward(brightness)],
+        objectives,
+        SamplingConfig(group_size=4, num_steps=2, resolution=16),
+    )
     fit(model, 3, callbacks=[StageSwitch(switch_steps=1), record])
     assert record.seen == [("GRPOObjective", False), ("ShrinkVelocity", True), ("ShrinkVelocity", True)]
     with pytest.raises(ValueError, match="make 2 stages, which take 2 rewards in model.rewards or 2 objectives"):
-        fit(DivRLModule(ToyConfig(lora=TOY_LORA), [CallableReward(brightness)], objectives[0],
-                        SamplingConfig(group_size=4, num_steps=2, resolution=16)), 1, callbacks=[StageSwitch(1)])
+        fit(
+            DivRLModule(
+                ToyConfig(lora=TOY_LORA),
+                [CallableReward(brightness)],
+                objectives[0],
+                SamplingConfig(group_size=4, num_steps=2, resolution=16),
+            ),
+            1,
+            callbacks=[StageSwitch(1)],
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- the reward seam
@@ -222,9 +263,12 @@ def test_a_reward_reads_the_prompt_the_metadata_and_every_reference_during_train
         calls.append((prompts, metadata))
         return torch.tensor([len(p) + m["kind"].count("a") for p, m in zip(prompts, metadata)], dtype=torch.float32)
 
-    model = DivRLModule(ToyConfig(lora=TOY_LORA), [CallableReward(recorder, name="prompt_length")],
-                        GRPOObjective(micro_batch_size=8, timestep_fraction=1.0),
-                        SamplingConfig(group_size=3, num_steps=2, resolution=16))
+    model = DivRLModule(
+        ToyConfig(lora=TOY_LORA),
+        [CallableReward(recorder, name="prompt_length")],
+        GRPOObjective(micro_batch_size=8, timestep_fraction=1.0),
+        SamplingConfig(group_size=3, num_steps=2, resolution=16),
+    )
     fit(model, 2)
     seen = [s for batch in model.policy.seen for s in batch]
     assert len(calls) == len(seen) == 4  # 2 batches of 2 conditions, each scored once
@@ -252,9 +296,12 @@ def test_several_references_reach_the_policy_the_reward_and_the_image_grid(tmp_p
         counts.append(len(metadata[0]["references"]))
         return images.mean((1, 2, 3))
 
-    model = DivRLModule(ToyConfig(lora=TOY_LORA), [CallableReward(count)],
-                        GRPOObjective(micro_batch_size=4, timestep_fraction=1.0),
-                        SamplingConfig(group_size=2, num_steps=2, resolution=16))
+    model = DivRLModule(
+        ToyConfig(lora=TOY_LORA),
+        [CallableReward(count)],
+        GRPOObjective(micro_batch_size=4, timestep_fraction=1.0),
+        SamplingConfig(group_size=2, num_steps=2, resolution=16),
+    )
     logger = RolloutImageLogger(every_n_rollouts=1, tile=32)
     fit(model, 1, tmp_path, [logger], shards=str(tmp_path / "shards"))
     assert counts == [2, 2] and all(len(s.references) == 2 for batch in model.policy.seen for s in batch)
@@ -291,7 +338,10 @@ def test_rewards_must_be_finite_and_well_shaped():
     with pytest.raises(TypeError, match="returns a RewardOutput"):
         Wrong()(group)
     by_path = CallableReward("helpers.toy.mean_brightness")  # how a YAML config names a function
-    assert torch.equal(by_path(group).reward, group.images.mean((1, 2, 3))) and "mean_brightness" in by_path(group).components
+    assert (
+        torch.equal(by_path(group).reward, group.images.mean((1, 2, 3)))
+        and "mean_brightness" in by_path(group).components
+    )
     with pytest.raises(ValueError, match="cannot import 'helpers.toy.nothing'"):
         CallableReward("helpers.toy.nothing")
 
@@ -304,7 +354,9 @@ def documented_names(cls) -> set[str]:
     for klass in cls.__mro__:
         for doc in (klass.__doc__, getattr(klass.__dict__.get("__init__"), "__doc__", None)):
             if doc:
-                names |= {p.arg_name for p in docstring_parser.parse(doc, docstring_parser.DocstringStyle.GOOGLE).params}
+                names |= {
+                    p.arg_name for p in docstring_parser.parse(doc, docstring_parser.DocstringStyle.GOOGLE).params
+                }
     return {part.strip() for name in names for part in name.split(",")}
 
 
@@ -316,10 +368,35 @@ def settings_classes() -> list[type]:
     from divrl.rewards.backbones import CallableBackbone, DenseDescriptor, DINOv2Backbone, MTGServerScorer
     from divrl.training import AdapterEMA, FSDP1Strategy, FSDP2Strategy, RolloutImageLogger, StageSwitch
 
-    return [PolicyConfig, KontextConfig, LoRAConfig, KontextPolicy, SamplingConfig, SystemConfig, GRPOObjective,
-            DivRLModule, DataModule, StageSwitch, AdapterEMA, LoRAExporter, RolloutImageLogger, FSDP1Strategy,
-            FSDP2Strategy, EvalSuite, NSSMReward, GatedReward, LinearReward, VSMReward, WeightedReward, CallableReward,
-            FeatureScorer, DenseDescriptor, DINOv2Backbone, CallableBackbone, MTGServerScorer]
+    return [
+        PolicyConfig,
+        KontextConfig,
+        LoRAConfig,
+        KontextPolicy,
+        SamplingConfig,
+        SystemConfig,
+        GRPOObjective,
+        DivRLModule,
+        DataModule,
+        StageSwitch,
+        AdapterEMA,
+        LoRAExporter,
+        RolloutImageLogger,
+        FSDP1Strategy,
+        FSDP2Strategy,
+        EvalSuite,
+        NSSMReward,
+        GatedReward,
+        LinearReward,
+        VSMReward,
+        WeightedReward,
+        CallableReward,
+        FeatureScorer,
+        DenseDescriptor,
+        DINOv2Backbone,
+        CallableBackbone,
+        MTGServerScorer,
+    ]
 
 
 @pytest.mark.parametrize("cls", settings_classes(), ids=lambda c: c.__name__)
@@ -327,8 +404,11 @@ def test_every_setting_and_constructor_argument_is_documented(cls):
     if dataclasses.is_dataclass(cls):
         names = {f.name for f in dataclasses.fields(cls) if f.init}
     else:
-        names = {n for n, p in inspect.signature(cls.__init__).parameters.items()
-                 if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        names = {
+            n
+            for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        }
     missing = sorted(names - documented_names(cls))
     assert not missing, f"{cls.__name__}: no docstring entry for {missing}"
 
@@ -359,11 +439,15 @@ def imports_of(path: Path) -> set[str]:
 def test_no_import_circle_between_modules_even_inside_functions():
     """Every import counts, also those inside functions (a hidden circle is still a circle); a package's
     ``__init__`` re-exporting its modules is not an edge back into them."""
-    files = {".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in SRC.rglob("*.py")}
+    files = {
+        ".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in SRC.rglob("*.py")
+    }
     graph = {name: {m for m in imports_of(path) if m in files and m != name} for name, path in files.items()}
-    graph = {name: {m for m in deps if not (files[name].name == "__init__.py" and m.startswith(name + "."))}
-             for name, deps in graph.items()}
+    graph = {
+        name: {m for m in deps if not (files[name].name == "__init__.py" and m.startswith(name + "."))}
+        for name, deps in graph.items()
+    }
     state: dict[str, int] = {}
 
     def visit(node: str, stack: list[str]) -> None:
@@ -372,7 +456,7 @@ def test_no_import_circle_between_modules_even_inside_functions():
             if dep.startswith(node + ".") or node.startswith(dep + "."):
                 continue  # a module and its own package
             if state.get(dep) == 1:
-                raise AssertionError(f"import circle: {' -> '.join(stack[stack.index(dep):] + [dep])}")
+                raise AssertionError(f"import circle: {' -> '.join(stack[stack.index(dep) :] + [dep])}")
             if dep not in state:
                 visit(dep, stack + [dep])
         state[node] = 2
@@ -382,31 +466,51 @@ def test_no_import_circle_between_modules_even_inside_functions():
             visit(name, [name])
 
 
-@pytest.mark.parametrize(("folder", "pattern"), [
-    ("flux2", r"Flux2\w*|\b[Kk]lein\w*|FLUX\.2"),
-    ("qwen_image", r"QwenImage\w*|QwenEdit\w*|qwen_image|Qwen-Image|[Qq]wen.?[Ee]dit"),
-], ids=["flux2", "qwen_image"])
+@pytest.mark.parametrize(
+    ("folder", "pattern"),
+    [
+        ("flux2", r"Flux2\w*|\b[Kk]lein\w*|FLUX\.2"),
+        ("qwen_image", r"QwenImage\w*|QwenEdit\w*|qwen_image|Qwen-Image|[Qq]wen.?[Ee]dit"),
+    ],
+    ids=["flux2", "qwen_image"],
+)
 def test_a_family_s_names_live_in_its_folder_only(folder, pattern):
     """A family is one folder: FLUX.2 [klein]'s names appear in ``policy/flux2/`` only, Qwen-Image-Edit's in
     ``policy/qwen_image/`` (the family index in ``policy/__init__.py`` lists and imports each by name)."""
     pattern = re.compile(pattern)
-    hits = [f"{p.relative_to(SRC)}:{i}" for p in SRC.rglob("*.py") if folder not in p.relative_to(SRC).parts
-            for i, line in enumerate(p.read_text().splitlines(), 1)
-            if pattern.search(line) and not (p.relative_to(SRC) == Path("policy/__init__.py")
-                                             and line.startswith(("- ", "from divrl.policy import ")))]
+    hits = [
+        f"{p.relative_to(SRC)}:{i}"
+        for p in SRC.rglob("*.py")
+        if folder not in p.relative_to(SRC).parts
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+        and not (
+            p.relative_to(SRC) == Path("policy/__init__.py") and line.startswith(("- ", "from divrl.policy import "))
+        )
+    ]
     assert not hits, hits
 
 
-@pytest.mark.parametrize(("folders", "pattern"), [
-    (["training"], r"policy\.(transformer|vae|text_encoder)"),
-    (["grpo", "training", "data", "objectives"], r"flux_sigmas|prompt_embeds"),
-    (["grpo", "training", "data", "objectives", "rewards"],  # FLUX's components and classes, in code and docs
-     r"\b(Flux\w*|FLUX_\w*|x_embedder|transformer_blocks|pooled_prompt_embeds|image_latents|vae_scale_factor|"
-     r"KontextPolicy|KontextEncoder)\b"),
-])
+@pytest.mark.parametrize(
+    ("folders", "pattern"),
+    [
+        (["training"], r"policy\.(transformer|vae|text_encoder)"),
+        (["grpo", "training", "data", "objectives"], r"flux_sigmas|prompt_embeds"),
+        (
+            ["grpo", "training", "data", "objectives", "rewards"],  # FLUX's components and classes, in code and docs
+            r"\b(Flux\w*|FLUX_\w*|x_embedder|transformer_blocks|pooled_prompt_embeds|image_latents|vae_scale_factor|"
+            r"KontextPolicy|KontextEncoder)\b",
+        ),
+    ],
+)
 def test_no_model_family_names_outside_the_policy(folders, pattern):
-    hits = [f"{p.relative_to(SRC)}:{i}" for folder in folders for p in (SRC / folder).rglob("*.py")
-            for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(pattern, line)]
+    hits = [
+        f"{p.relative_to(SRC)}:{i}"
+        for folder in folders
+        for p in (SRC / folder).rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if re.search(pattern, line)
+    ]
     assert not hits, hits
 
 

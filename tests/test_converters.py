@@ -93,8 +93,25 @@ def test_dreambooth_instantiates_the_class_templates(dreambooth, tmp_path):
 
 def test_dreambooth_on_the_real_dataset(dreambooth_root, tmp_path):
     out = tmp_path / "out"
-    assert main(["data", "dreambooth", "--src", str(dreambooth_root), "--out", str(out), "--resolution", "64",
-                 "--val-fraction", "0.2", "--shard-size", "8"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "dreambooth",
+                "--src",
+                str(dreambooth_root),
+                "--out",
+                str(out),
+                "--resolution",
+                "64",
+                "--val-fraction",
+                "0.2",
+                "--shard-size",
+                "8",
+            ]
+        )
+        == 0
+    )
     train, val = records(out, "train"), records(out, "val")
     assert len(train) + len(val) == 30 and 2 <= len(val) <= 12
     assert all(len(r.prompts) == 25 for r in train + val)
@@ -111,9 +128,11 @@ def test_dreambench_keeps_categories_and_skips_bad_captions(tmp_path):
         photo(root / "data" / "images" / category / f"{index}.jpg")
     captions = root / "data" / "captions"
     captions.mkdir(parents=True)
-    for category, index, text in (("animal", "00", "a corgi\na corgi on the moon\na corgi in a box"),
-                                  ("style", "03", "a watercolor\nthe city in this style"),
-                                  ("object", "01", "a teapot\n")):
+    for category, index, text in (
+        ("animal", "00", "a corgi\na corgi on the moon\na corgi in a box"),
+        ("style", "03", "a watercolor\nthe city in this style"),
+        ("object", "01", "a teapot\n"),
+    ):
         (captions / category).mkdir(exist_ok=True)
         (captions / category / f"{index}.txt").write_text(text)
     out = tmp_path / "out"
@@ -142,7 +161,9 @@ def test_a_16_bit_photo_keeps_its_tones(tmp_path):
     (record,) = dreambench_photo(tmp_path, ramp)
     grey = torch.tensor(list(record.reference.convert("L").getdata())).view(16, 64)
     expected = torch.round(torch.arange(64) * 1024 / 65535 * 255)
-    assert torch.equal(grey[0].float(), expected)  # scaled by the bit depth; PIL's convert would give 255 nearly everywhere
+    assert torch.equal(
+        grey[0].float(), expected
+    )  # scaled by the bit depth; PIL's convert would give 255 nearly everywhere
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -185,8 +206,12 @@ def test_syncd_release_layout_and_its_bad_items(tmp_path):
     syncd_identity(src, "lamp_0003", [], mask=True)
     syncd_identity(src, "bag_0004", ["a bag"], corrupt=True)
     out = tmp_path / "out"
-    assert main(["data", "syncd", "--src", str(src), "--out", str(out), "--resolution", "16",
-                 "--prompts-per-identity", "1"]) == 0
+    assert (
+        main(
+            ["data", "syncd", "--src", str(src), "--out", str(out), "--resolution", "16", "--prompts-per-identity", "1"]
+        )
+        == 0
+    )
     (good,) = records(out)
     assert good.id == "cat_0001" and good.prompts == ["a cat on a sofa"] and good.mask is not None
     assert good.extra["views"] == ["1.jpg"]
@@ -204,11 +229,17 @@ def test_syncd_parquet_layout(tmp_path):
         return buffer.getvalue()
 
     ref, mask = Image.new("RGB", (24, 24), (10, 200, 10)), Image.new("L", (24, 24), 255)
-    table = pa.table({
-        "image": [{"bytes": png(ref), "path": None}, {"bytes": b"broken", "path": None}, {"bytes": png(ref), "path": None}],
-        "mask": [{"bytes": png(mask), "path": None}] * 3,
-        "caption": ["header\na green cube on a table\na green cube in space", "x\ny", "only one line"],
-    })
+    table = pa.table(
+        {
+            "image": [
+                {"bytes": png(ref), "path": None},
+                {"bytes": b"broken", "path": None},
+                {"bytes": png(ref), "path": None},
+            ],
+            "mask": [{"bytes": png(mask), "path": None}] * 3,
+            "caption": ["header\na green cube on a table\na green cube in space", "x\ny", "only one line"],
+        }
+    )
     pq.write_table(table, tmp_path / "part-0.parquet")
     report = C.convert(C.read_syncd_parquet(tmp_path / "part-0.parquet"), tmp_path / "out", resolution=None)
     got = records(tmp_path / "out")
@@ -220,8 +251,9 @@ def test_syncd_parquet_layout(tmp_path):
 
 
 def record(identity: str, size=(40, 20)) -> IdentityRecord:
-    return IdentityRecord(identity, Image.new("RGB", size, (255, 0, 0)), ["a prompt"],
-                          Image.new("L", size, 255), source="test")
+    return IdentityRecord(
+        identity, Image.new("RGB", size, (255, 0, 0)), ["a prompt"], Image.new("L", size, 255), source="test"
+    )
 
 
 def test_duplicate_ids_are_skipped_and_the_first_kept(tmp_path):
@@ -300,11 +332,37 @@ def test_converted_shards_train_one_step(tmp_path):
     assert main(["data", "synthetic", "--out", str(out), "--num-identities", "6", "--resolution", "64"]) == 0
     assert len(records(out)) == 6
     overrides = tmp_path / "over.yaml"
-    overrides.write_text(json.dumps({"trainer": {"callbacks": [STAGES], "logger": False, "enable_checkpointing": False,
-                                                 "default_root_dir": str(tmp_path / "run")}}))
-    code = main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(overrides),
-                 "--model.policy.model", str(ROOT / "data/demo/tiny-kontext"), "--trainer.max_steps", "1",
-                 "--data.shards", str(out), "--data.val_shards", "null", "--trainer.limit_val_batches", "0"])
+    overrides.write_text(
+        json.dumps(
+            {
+                "trainer": {
+                    "callbacks": [STAGES],
+                    "logger": False,
+                    "enable_checkpointing": False,
+                    "default_root_dir": str(tmp_path / "run"),
+                }
+            }
+        )
+    )
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/demo.yaml"),
+            "--config",
+            str(overrides),
+            "--model.policy.model",
+            str(ROOT / "data/demo/tiny-kontext"),
+            "--trainer.max_steps",
+            "1",
+            "--data.shards",
+            str(out),
+            "--data.val_shards",
+            "null",
+            "--trainer.limit_val_batches",
+            "0",
+        ]
+    )
     assert code == 0
 
 
@@ -328,8 +386,12 @@ class FakePolicy:
     """Stands for a model family: its payload is its own business (here: what it saw of the record)."""
 
     def precompute(self, record: IdentityRecord, resolution: int) -> dict:
-        return {"model": "fake", "resolution": resolution, "sizes": [list(r.size) for r in record.references],
-                "rows": torch.arange(len(record.prompts))}
+        return {
+            "model": "fake",
+            "resolution": resolution,
+            "sizes": [list(r.size) for r in record.references],
+            "rows": torch.arange(len(record.prompts)),
+        }
 
 
 def test_several_references_and_the_policys_payload_survive_a_conversion(tmp_path):
@@ -366,16 +428,23 @@ def convert_synthetic(out: Path, *extra: str) -> None:
 def test_precomputed_conditioning_equals_what_the_policy_computes(tmp_path):
     from divrl.policy import KontextPolicy
 
-    convert_synthetic(tmp_path, "--precompute", DEMO_MODEL, "--precompute-resolution", "32",
-                      "--max-sequence-length", "32")
+    convert_synthetic(
+        tmp_path, "--precompute", DEMO_MODEL, "--precompute-resolution", "32", "--max-sequence-length", "32"
+    )
     (first, *_) = records(tmp_path)
     cond = first.conditioning
     assert cond["model"] == DEMO_MODEL and cond["resolution"] == 32 and cond["max_sequence_length"] == 32
     assert cond["prompt_embeds"].shape[:2] == (len(first.prompts), 32)
     policy = KontextPolicy.from_pretrained(DEMO_MODEL, lora=None, max_sequence_length=32)
     live = policy.condition([first.reference] * 2, first.prompts[:2], 32, 32, group_size=3)
-    stored = policy.condition_from_precomputed(cond["prompt_embeds"][:2], cond["pooled_prompt_embeds"][:2],
-                                               cond["image_latents"].expand(2, -1, -1), 32, 32, group_size=3)
+    stored = policy.condition_from_precomputed(
+        cond["prompt_embeds"][:2],
+        cond["pooled_prompt_embeds"][:2],
+        cond["image_latents"].expand(2, -1, -1),
+        32,
+        32,
+        group_size=3,
+    )
     for name in ("prompt_embeds", "pooled_prompt_embeds", "image_latents", "img_ids", "text_ids", "guidance"):
         assert torch.equal(getattr(live, name), getattr(stored, name)), name
     # through the seam: a condition carrying its identity's payload encodes to what the encoders compute
@@ -399,13 +468,42 @@ STAGES = {"class_path": "divrl.training.StageSwitch", "init_args": {"switch_step
 def fit_on(shards: Path, root: Path, *extra: str) -> dict:
     overrides = root / "over.yaml"
     root.mkdir(parents=True, exist_ok=True)
-    overrides.write_text(json.dumps({"trainer": {
-        "callbacks": [STAGES, {"class_path": "divrl.training.LoRAExporter"}], "logger": False,
-        "enable_checkpointing": False,
-        "default_root_dir": str(root), "enable_progress_bar": False}}))
-    assert main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(overrides),
-                 "--model.policy.model", DEMO_MODEL, "--trainer.max_steps", "2", "--data.shards", str(shards),
-                 "--data.val_shards", "null", "--trainer.limit_val_batches", "0", *extra]) == 0
+    overrides.write_text(
+        json.dumps(
+            {
+                "trainer": {
+                    "callbacks": [STAGES, {"class_path": "divrl.training.LoRAExporter"}],
+                    "logger": False,
+                    "enable_checkpointing": False,
+                    "default_root_dir": str(root),
+                    "enable_progress_bar": False,
+                }
+            }
+        )
+    )
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs/demo.yaml"),
+                "--config",
+                str(overrides),
+                "--model.policy.model",
+                DEMO_MODEL,
+                "--trainer.max_steps",
+                "2",
+                "--data.shards",
+                str(shards),
+                "--data.val_shards",
+                "null",
+                "--trainer.limit_val_batches",
+                "0",
+                *extra,
+            ]
+        )
+        == 0
+    )
     from safetensors.torch import load_file
 
     return load_file(root / "lora/final/pytorch_lora_weights.safetensors")
@@ -486,8 +584,9 @@ def test_an_unreadable_dreambooth_target_is_skipped_alone(dreambooth, tmp_path):
 
 def test_the_cli_writes_dreambooth_targets_only_when_asked(dreambooth, tmp_path):
     out, plain = tmp_path / "out", tmp_path / "plain"
-    assert main(["data", "dreambooth", "--src", str(dreambooth), "--out", str(out), "--resolution", "0",
-                 "--targets"]) == 0
+    assert (
+        main(["data", "dreambooth", "--src", str(dreambooth), "--out", str(out), "--resolution", "0", "--targets"]) == 0
+    )
     raw = {s["__key__"]: s for s in samples(out)}
     assert sorted(k for k in raw["dog"] if k.startswith("target_")) == ["target_0.png", "target_1.png", "target_2.png"]
     assert not any(k.startswith("target_") for k in raw["red_can"])
@@ -496,8 +595,10 @@ def test_the_cli_writes_dreambooth_targets_only_when_asked(dreambooth, tmp_path)
     assert main(["data", "dreambooth", "--src", str(dreambooth), "--out", str(plain), "--resolution", "0"]) == 0
     assert len(samples(plain)) == 2 and not any(k.startswith("target_") for s in samples(plain) for k in s)
     resized = tmp_path / "resized"  # targets follow the references' resize policy
-    assert main(["data", "dreambooth", "--src", str(dreambooth), "--out", str(resized), "--resolution", "16",
-                 "--targets"]) == 0
+    assert (
+        main(["data", "dreambooth", "--src", str(dreambooth), "--out", str(resized), "--resolution", "16", "--targets"])
+        == 0
+    )
     dog = {r.id: r for r in records(resized)}["dog"]
     assert dog.reference.size == (16, 16) and {t.size for t in dog.targets.values()} == {(16, 16)}
     assert dog.targets[0].getpixel((8, 8)) == pytest.approx((150, 100, 60), abs=8)  # 01.jpg's centre colour
@@ -538,8 +639,24 @@ def test_syncd_targets_aligned_cycling_and_truncated(tmp_path):
     assert all(len(r.prompts) <= 2 and set(r.targets) <= {0, 1} for r in C.read_syncd(src, 2, targets=True))
     assert all(r.targets == {} for r in C.read_syncd(src))  # off by default
     out = tmp_path / "out"
-    assert main(["data", "syncd", "--src", str(src), "--out", str(out), "--resolution", "0", "--targets",
-                 "--prompts-per-identity", "2"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "syncd",
+                "--src",
+                str(src),
+                "--out",
+                str(out),
+                "--resolution",
+                "0",
+                "--targets",
+                "--prompts-per-identity",
+                "2",
+            ]
+        )
+        == 0
+    )
     back = {r.id: r for r in records(out)}
     assert {k: {p: t.tobytes() for p, t in r.targets.items()} for k, r in back.items()} == truncated
 
@@ -548,9 +665,12 @@ def test_targets_are_refused_for_sources_without_them(tmp_path, capsys):
     (tmp_path / "bench").mkdir()
     (tmp_path / "parquet").mkdir()
     (tmp_path / "parquet" / "part-0.parquet").write_bytes(b"not read")
-    for argv in (["dreambench", "--src", str(tmp_path / "bench")], ["psrbench", "--src", str(tmp_path / "bench")],
-                 ["syncd", "--src", str(tmp_path / "parquet")], ["syncd", "--src", str(tmp_path / "parquet" /
-                                                                                      "part-0.parquet")]):
+    for argv in (
+        ["dreambench", "--src", str(tmp_path / "bench")],
+        ["psrbench", "--src", str(tmp_path / "bench")],
+        ["syncd", "--src", str(tmp_path / "parquet")],
+        ["syncd", "--src", str(tmp_path / "parquet" / "part-0.parquet")],
+    ):
         assert main(["data", *argv, "--targets", "--out", str(tmp_path / "refused")]) == 2
         err = capsys.readouterr().err
         assert "--targets applies only to other sources" in err and "nothing was written" in err
@@ -565,8 +685,26 @@ def test_synthetic_targets_through_the_cli_equal_the_worlds(tmp_path):
     from divrl.data.synthetic import synthetic_records
 
     out = tmp_path / "out"
-    assert main(["data", "synthetic", "--out", str(out), "--num-identities", "2", "--resolution", "0",
-                 "--targets", "--seed", "4", "--prompts-per-identity", "2"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synthetic",
+                "--out",
+                str(out),
+                "--num-identities",
+                "2",
+                "--resolution",
+                "0",
+                "--targets",
+                "--seed",
+                "4",
+                "--prompts-per-identity",
+                "2",
+            ]
+        )
+        == 0
+    )
     got = records(out)
     expected = list(synthetic_records(2, size=128, prompts_per_identity=2, seed=4, targets=True))
     assert [r.id for r in got] == [r.id for r in expected] and len(got) == 2

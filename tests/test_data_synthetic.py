@@ -41,7 +41,9 @@ def test_shards_round_trip_through_webdataset(tmp_path):
     paths = write_shards(records, tmp_path, shard_size=2)
     assert [p.name for p in paths] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     with tarfile.open(paths[0]) as tar:
-        assert sorted(tar.getnames()) == sorted(f"synth_0000{i}.{ext}" for i in (0, 1) for ext in ("ref.png", "mask.png", "json"))
+        assert sorted(tar.getnames()) == sorted(
+            f"synth_0000{i}.{ext}" for i in (0, 1) for ext in ("ref.png", "mask.png", "json")
+        )
     dataset = wds.WebDataset([str(p) for p in paths], shardshuffle=False)
     loaded = [IdentityRecord.from_sample(sample) for sample in dataset]
     assert [r.id for r in loaded] == [r.id for r in records]
@@ -121,8 +123,16 @@ def test_a_single_reference_sample_has_exactly_the_entries_and_json_order_it_alw
     (record,) = synthetic_records(1, size=16)
     sample = record.to_sample()
     assert list(sample) == ["__key__", "ref.png", "json", "mask.png"]
-    assert list(json.loads(sample["json"])) == ["id", "prompts", "source", "kind", "colours", "texture", "category",
-                                                "license"]
+    assert list(json.loads(sample["json"])) == [
+        "id",
+        "prompts",
+        "source",
+        "kind",
+        "colours",
+        "texture",
+        "category",
+        "license",
+    ]
     assert list(replace(record, masks=None).to_sample()) == ["__key__", "ref.png", "json"]
 
 
@@ -132,14 +142,20 @@ def test_several_references_round_trip_through_a_sample_pixel_for_pixel(k):
     record = replace(record, masks=[record.masks[0], None, *record.masks[2:]], category="animal")  # ref 1: no mask
     sample = record.to_sample()
     assert set(sample) == {"__key__", "ref.png", "mask.png", "json"} | {f"ref_{i}.png" for i in range(1, k)} | {
-        f"mask_{i}.png" for i in range(2, k)}
+        f"mask_{i}.png" for i in range(2, k)
+    }
     back = IdentityRecord.from_sample(sample)
     assert len(back.references) == len(back.masks) == k and back.masks[1] is None
     assert all(same_pixels(got, want) for got, want in zip(back.references, record.references, strict=True))
     assert all(same_pixels(got, want) for got, want in zip(back.masks, record.masks, strict=True))
     assert not same_pixels(back.references[0], back.references[1])  # distinct views, not one image repeated
     assert (back.id, back.prompts, back.category, back.source, back.extra) == (
-        record.id, record.prompts, "animal", "synthetic", record.extra)
+        record.id,
+        record.prompts,
+        "animal",
+        "synthetic",
+        record.extra,
+    )
 
 
 def test_further_references_are_other_poses_of_the_same_subject():
@@ -167,7 +183,9 @@ def test_the_world_separates_structure_from_identity():
         render(SubjectIdentity("star", ("blue", "teal"), "stripes"), Pose(0.5, 0.5, 0.3, 0.0)),
     ]
     images = torch.stack([v[0] for v in variants])
-    out = GatedReward(FeatureScorer(DenseDescriptor()))(reference, images, ref_mask=mask, gen_masks=torch.stack([v[1] for v in variants]))
+    out = GatedReward(FeatureScorer(DenseDescriptor()))(
+        reference, images, ref_mask=mask, gen_masks=torch.stack([v[1] for v in variants])
+    )
     moved, recoloured = 0, 1
     nssm, vsm = out.components["nssm"], out.components["vsm"]
     assert nssm[moved] > 0.5 and vsm[moved] > 0.8 and not out.gated[moved]

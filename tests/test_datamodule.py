@@ -77,8 +77,9 @@ def test_the_stream_is_deterministic_and_draws_prompts_from_each_identity(shards
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_iteration_started_mid_epoch_continues_the_uninterrupted_stream(shards, workers):
     def run(position):
-        loader = DataLoader(stream(shards, position, seed=1), batch_size=None, collate_fn=lambda b: b,
-                            num_workers=workers)
+        loader = DataLoader(
+            stream(shards, position, seed=1), batch_size=None, collate_fn=lambda b: b, num_workers=workers
+        )
         return keys(loader)
 
     full = run(0) + run(6)  # two whole epochs
@@ -153,8 +154,10 @@ def test_the_committed_demo_dataset_is_what_the_generator_writes(tmp_path):
     write_demo_dataset(tmp_path)
 
     def decoded(folder, pattern):
-        return [(s["__key__"], s["json"], s["ref.png"], s["mask.png"]) for s in wds.WebDataset(
-            sorted(str(p) for p in Path(folder).glob(pattern)), shardshuffle=False)]
+        return [
+            (s["__key__"], s["json"], s["ref.png"], s["mask.png"])
+            for s in wds.WebDataset(sorted(str(p) for p in Path(folder).glob(pattern)), shardshuffle=False)
+        ]
 
     for pattern, count in (("train-*.tar", DEMO_TRAIN_IDENTITIES), ("val-*.tar", DEMO_VAL_IDENTITIES)):
         committed, regenerated = decoded(DEMO, pattern), decoded(tmp_path, pattern)
@@ -165,11 +168,19 @@ def test_the_committed_demo_dataset_is_what_the_generator_writes(tmp_path):
 
 def test_validation_gives_every_rank_the_same_number_of_batches_of_disjoint_identities(tmp_path):
     records = list(synthetic_records(5, size=16, prompts_per_identity=1))
-    uneven = [_write_raw(tmp_path / "a.tar", [r.to_sample() for r in records[:4]]),
-              _write_raw(tmp_path / "b.tar", [records[4].to_sample()])]
+    uneven = [
+        _write_raw(tmp_path / "a.tar", [r.to_sample() for r in records[:4]]),
+        _write_raw(tmp_path / "b.tar", [records[4].to_sample()]),
+    ]
     for wanted, per_rank in ((1, 1), (2, 2), (8, 2)):  # 8 per rank asked, 5 exist: 4 usable, 2 each
-        ranks = [[c.id for b in ValConditionStream(uneven, batch_size=1, num_identities=wanted, rank=r, world=2)
-                  for c in b.conditions] for r in (0, 1)]
+        ranks = [
+            [
+                c.id
+                for b in ValConditionStream(uneven, batch_size=1, num_identities=wanted, rank=r, world=2)
+                for c in b.conditions
+            ]
+            for r in (0, 1)
+        ]
         assert [len(ids) for ids in ranks] == [per_rank, per_rank]
         assert set(ranks[0]).isdisjoint(ranks[1])
     assert ranks[0] == [records[0].id, records[2].id] and ranks[1] == [records[1].id, records[3].id]
@@ -222,13 +233,25 @@ def test_identities_with_several_references_reach_the_stream_intact(tmp_path):
 
 def test_the_further_json_fields_of_a_shard_become_the_metadata(tmp_path):
     (record,) = synthetic_records(1, size=16, prompts_per_identity=1)
-    meta = {"id": record.id, "prompts": ["a prompt"], "source": "web", "license": "MIT", "views": ["1.jpg"],
-            "photographer": {"name": "ann"}}
-    url = _write_raw(tmp_path / "meta.tar", [{"__key__": record.id, REF_KEY: png(record.reference),
-                                              "json": json.dumps(meta).encode()}])
+    meta = {
+        "id": record.id,
+        "prompts": ["a prompt"],
+        "source": "web",
+        "license": "MIT",
+        "views": ["1.jpg"],
+        "photographer": {"name": "ann"},
+    }
+    url = _write_raw(
+        tmp_path / "meta.tar",
+        [{"__key__": record.id, REF_KEY: png(record.reference), "json": json.dumps(meta).encode()}],
+    )
     (batch,) = ValConditionStream([url], batch_size=1, num_identities=1)
-    assert batch.conditions[0].metadata == {"source": "web", "license": "MIT", "views": ["1.jpg"],
-                                            "photographer": {"name": "ann"}}
+    assert batch.conditions[0].metadata == {
+        "source": "web",
+        "license": "MIT",
+        "views": ["1.jpg"],
+        "photographer": {"name": "ann"},
+    }
 
 
 def test_orphan_or_mis_sized_masks_and_bad_payloads_are_skipped_counted_and_named(tmp_path, caplog):

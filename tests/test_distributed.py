@@ -28,19 +28,45 @@ def staged(callbacks: list[dict]) -> list[dict]:
     return callbacks if any(c["class_path"].endswith("StageSwitch") for c in callbacks) else [STAGES, *callbacks]
 
 
-def run(tmp_path: Path, max_steps: int, callbacks: list[dict], timeout: int, config: str = "configs/demo.yaml",
-        strategy: str | dict = "ddp", *args: str, succeed: bool = True) -> str:
+def run(
+    tmp_path: Path,
+    max_steps: int,
+    callbacks: list[dict],
+    timeout: int,
+    config: str = "configs/demo.yaml",
+    strategy: str | dict = "ddp",
+    *args: str,
+    succeed: bool = True,
+) -> str:
     """`divrl fit` in two gloo processes, with test callbacks importable from tests/helpers."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     overrides = tmp_path / "over.yaml"
-    overrides.write_text(yaml.safe_dump({"trainer": {
-        "accelerator": "cpu", "devices": 2, "strategy": strategy, "max_steps": max_steps, "logger": False,
-        "enable_checkpointing": any("ModelCheckpoint" in c["class_path"] for c in callbacks),
-        "enable_progress_bar": False, "default_root_dir": str(tmp_path), "callbacks": staged(callbacks)}}))
+    overrides.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "accelerator": "cpu",
+                    "devices": 2,
+                    "strategy": strategy,
+                    "max_steps": max_steps,
+                    "logger": False,
+                    "enable_checkpointing": any("ModelCheckpoint" in c["class_path"] for c in callbacks),
+                    "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path),
+                    "callbacks": staged(callbacks),
+                }
+            }
+        )
+    )
     path = os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-m", "divrl.cli", "fit", "--config", str(ROOT / config),
-                           "--config", str(overrides), *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=path),
-                          capture_output=True, text=True, timeout=timeout)  # a deadlock fails here, not CI
+    done = subprocess.run(
+        [sys.executable, "-m", "divrl.cli", "fit", "--config", str(ROOT / config), "--config", str(overrides), *args],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )  # a deadlock fails here, not CI
     assert (done.returncode == 0) == succeed, done.stderr[-3000:]
     return done.stderr
 
@@ -95,14 +121,27 @@ def test_a_reward_error_on_one_rank_stops_both_ranks_with_its_message(tmp_path):
 
 @pytest.mark.slow
 def test_rollouts_with_no_finite_reward_on_any_rank_apply_nothing_and_stop_together(tmp_path):
-    stderr = run(tmp_path, 10, [{"class_path": "helpers.probe.NonFiniteRewardEverywhere"}], 300, "configs/demo.yaml",
-                 "ddp", "--model.system.max_empty_rollouts", "3", succeed=False)
+    stderr = run(
+        tmp_path,
+        10,
+        [{"class_path": "helpers.probe.NonFiniteRewardEverywhere"}],
+        300,
+        "configs/demo.yaml",
+        "ddp",
+        "--model.system.max_empty_rollouts",
+        "3",
+        succeed=False,
+    )
     assert "3 rollouts in a row had no group with a finite reward (NSSMReward" in stderr
     counters = [json.loads((tmp_path / "probe" / f"counters{r}.json").read_text()) for r in (0, 1)]
     # both ranks stopped at the same rollout, every group skipped, no update applied (or attempted and skipped)
-    assert all(c["empty_rollouts"] == 3 and c["skipped_groups"] == 3 * 2 and c.get("skipped_updates", 0) == 0
-               and c["global_step"] == 0
-               for c in counters), counters
+    assert all(
+        c["empty_rollouts"] == 3
+        and c["skipped_groups"] == 3 * 2
+        and c.get("skipped_updates", 0) == 0
+        and c["global_step"] == 0
+        for c in counters
+    ), counters
 
 
 @pytest.mark.slow
@@ -112,10 +151,24 @@ def test_compiled_blocks_with_selective_checkpointing_stay_on_policy_under_fsdp2
     minutes on two cores; inductor's numerics are tests/test_speed.py's); every update of both ranks is on-policy,
     the compile time is logged, and the ranks hold one adapter that trained."""
     keys = ["train/ratio_max_dev", "perf/compile_s"]
-    callbacks = [probe(tmp_path), {"class_path": "helpers.probe.MetricsProbe",
-                                   "init_args": {"out_dir": str(tmp_path), "keys": keys}}]
-    run(tmp_path, 2, callbacks, 600, "configs/demo.yaml", FSDP2, "--model.policy.compile", "true",
-        "--model.policy.compile_backend", "aot_eager", "--model.policy.gradient_checkpointing", "selective")
+    callbacks = [
+        probe(tmp_path),
+        {"class_path": "helpers.probe.MetricsProbe", "init_args": {"out_dir": str(tmp_path), "keys": keys}},
+    ]
+    run(
+        tmp_path,
+        2,
+        callbacks,
+        600,
+        "configs/demo.yaml",
+        FSDP2,
+        "--model.policy.compile",
+        "true",
+        "--model.policy.compile_backend",
+        "aot_eager",
+        "--model.policy.gradient_checkpointing",
+        "selective",
+    )
     for rank in (0, 1):
         rows = json.loads((tmp_path / f"metrics{rank}.json").read_text())
         assert len(rows) == 2 and all(r["train/ratio_max_dev"] <= 1e-6 for r in rows)
@@ -145,8 +198,9 @@ def test_fsdp2_and_fsdp1_train_the_same_adapter_as_ddp_on_disjoint_data(tmp_path
         assert all(torch.equal(fsdp_w[0][k], fsdp_w[1][k]) for k in fsdp_w[0]), name  # one adapter on both ranks
         assert any(v.abs().max() > 0 for k, v in fsdp_w[0].items() if "lora_B" in k)
         for key in ddp_w[0]:
-            torch.testing.assert_close(fsdp_w[0][key], ddp_w[0][key], atol=2e-6, rtol=1e-4,
-                                       msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                fsdp_w[0][key], ddp_w[0][key], atol=2e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+            )
         exported = load_file(out / "lora/final/pytorch_lora_weights.safetensors")
         assert {k.removeprefix("transformer.") for k in exported} == set(fsdp_w[0])
         assert all(torch.equal(exported[f"transformer.{k}"], v) for k, v in fsdp_w[0].items())
@@ -164,11 +218,20 @@ def test_fsdp1_with_bitsandbytes_8bit_adamw_resumes_exactly(tmp_path):
     the dtypes stay as loaded, checkpoints are single files holding the adapter and its 8-bit states under the
     unwrapped names, and a run resumed from step 2 ends where the uninterrupted run ends."""
     pytest.importorskip("bitsandbytes")
-    adamw8bit = ("--model.optimizer", "bitsandbytes.optim.AdamW8bit", "--model.optimizer.lr", "3e-4",
-                 "--model.optimizer.min_8bit_size", "16",  # the tiny model's adapters are small
-                 "--model.policy.torch_dtype", "bfloat16")
-    every_step = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1}}
+    adamw8bit = (
+        "--model.optimizer",
+        "bitsandbytes.optim.AdamW8bit",
+        "--model.optimizer.lr",
+        "3e-4",
+        "--model.optimizer.min_8bit_size",
+        "16",  # the tiny model's adapters are small
+        "--model.policy.torch_dtype",
+        "bfloat16",
+    )
+    every_step = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1},
+    }
     run(tmp_path / "full", 3, [every_step, probe(tmp_path / "full")], 600, "configs/demo.yaml", FSDP1, *adamw8bit)
     step2 = tmp_path / "full/checkpoints/epoch=0-step=2.ckpt"
     assert step2.is_file()
@@ -177,11 +240,22 @@ def test_fsdp1_with_bitsandbytes_8bit_adamw_resumes_exactly(tmp_path):
     states = [s.get("__bnb_optimizer_quant_state__", s) for s in state["optimizer_states"][0]["state"].values()]
     moments = [v for s in states for v in s.values() if torch.is_tensor(v)]
     assert any(t.dtype == torch.uint8 for t in moments)
-    run(tmp_path / "cut", 3, [every_step, probe(tmp_path / "cut")], 600, "configs/demo.yaml", FSDP1, *adamw8bit,
-        "--ckpt_path", str(step2))
+    run(
+        tmp_path / "cut",
+        3,
+        [every_step, probe(tmp_path / "cut")],
+        600,
+        "configs/demo.yaml",
+        FSDP1,
+        *adamw8bit,
+        "--ckpt_path",
+        str(step2),
+    )
     (full, full_w), (cut, cut_w) = probed(tmp_path / "full"), probed(tmp_path / "cut")
     # the adapter alone, under the names DDP and one device use (no FSDP1 wrapper prefix, no frozen weight)
-    assert {k.removeprefix("policy.transformer.").replace(".default", "") for k in state["state_dict"]} == set(full_w[0])
+    assert {k.removeprefix("policy.transformer.").replace(".default", "") for k in state["state_dict"]} == set(
+        full_w[0]
+    )
     assert [r["step"] for r in cut] == [3, 3] and [r["ids"] for r in cut] == [r["ids"][-2:] for r in full]
     assert all(r["dtypes"] == {"frozen": ["torch.bfloat16"], "trained": ["torch.float32"]} for r in full + cut)
     assert all(torch.equal(cut_w[0][k], cut_w[1][k]) for k in cut_w[0])
@@ -199,16 +273,30 @@ def test_demo_fsdp_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
     callbacks = [
         {"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": 2}},
         {"class_path": "divrl.training.LoRAExporter"},
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1}},
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1},
+        },
     ]
     run(tmp_path / "full", 4, [*callbacks, probe(tmp_path / "full")], 600, "configs/demo_fsdp.yaml", FSDP2, *adamw8bit)
     run(tmp_path / "cut", 3, callbacks, 600, "configs/demo_fsdp.yaml", FSDP2, *adamw8bit)
     checkpoint = tmp_path / "cut/checkpoints/last.ckpt"
-    assert checkpoint.is_dir() and sorted(p.name for p in checkpoint.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert checkpoint.is_dir() and sorted(p.name for p in checkpoint.glob("*.distcp")) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
     assert sum(p.stat().st_size for p in checkpoint.iterdir()) < 5e6  # the adapter and its optimizer, not the base
-    run(tmp_path / "cut", 4, [*callbacks, probe(tmp_path / "cut")], 600, "configs/demo_fsdp.yaml", FSDP2,
-        *adamw8bit, "--ckpt_path", "last")
+    run(
+        tmp_path / "cut",
+        4,
+        [*callbacks, probe(tmp_path / "cut")],
+        600,
+        "configs/demo_fsdp.yaml",
+        FSDP2,
+        *adamw8bit,
+        "--ckpt_path",
+        "last",
+    )
     state = torch.load(tmp_path / "cut/checkpoints/last.ckpt/meta.pt", weights_only=False)
     assert state["global_step"] == 4 and state["divrl"]["stage"] == 1
     (full, full_w), (cut, cut_w) = probed(tmp_path / "full"), probed(tmp_path / "cut")
@@ -221,9 +309,28 @@ def test_demo_fsdp_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
     from divrl.cli import main
 
     for name, weights in (("ckpt", checkpoint), ("lora", tmp_path / "cut/lora/final")):
-        assert main(["sample", "--config", str(ROOT / "configs/demo.yaml"), "--trainer.logger", "false",
-                     "--lora", str(weights), "--num_identities", "1", "--num_samples", "2", "--num_steps", "3",
-                     "--output_dir", str(tmp_path / name)]) == 0
+        assert (
+            main(
+                [
+                    "sample",
+                    "--config",
+                    str(ROOT / "configs/demo.yaml"),
+                    "--trainer.logger",
+                    "false",
+                    "--lora",
+                    str(weights),
+                    "--num_identities",
+                    "1",
+                    "--num_samples",
+                    "2",
+                    "--num_steps",
+                    "3",
+                    "--output_dir",
+                    str(tmp_path / name),
+                ]
+            )
+            == 0
+        )
     images = [sorted((tmp_path / name).glob("*/000_[01].png")) for name in ("ckpt", "lora")]
     assert len(images[0]) == 2 and [p.read_bytes() for p in images[0]] == [p.read_bytes() for p in images[1]]
 
@@ -239,6 +346,14 @@ def test_overlapped_scoring_under_ddp_trains_the_same_weights_and_agrees_on_erro
     _, sequential = probed(tmp_path / "sequential/probe")
     _, overlapped = probed(tmp_path / "overlapped/probe")
     assert all(torch.equal(overlapped[r][k], sequential[r][k]) for r in (0, 1) for k in sequential[r])
-    stderr = run(tmp_path / "error", 1, [{"class_path": "helpers.probe.MisconfiguredRewardOnRankOne"}], 300,
-                 "configs/demo.yaml", "ddp", *overlap, succeed=False)
+    stderr = run(
+        tmp_path / "error",
+        1,
+        [{"class_path": "helpers.probe.MisconfiguredRewardOnRankOne"}],
+        300,
+        "configs/demo.yaml",
+        "ddp",
+        *overlap,
+        succeed=False,
+    )
     assert "probe: this reward is misconfigured" in stderr and "the reward failed on another rank" in stderr

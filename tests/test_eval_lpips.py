@@ -23,8 +23,21 @@ ALEX_FILE = "alexnet-owt-7be5be79.pth"
 
 # torchvision's AlexNet ``features``: (index, out, in, kernel); VGG16: (index, out, in), all 3x3.
 ALEX_CONVS = [(0, 64, 3, 11), (3, 192, 64, 5), (6, 384, 192, 3), (8, 256, 384, 3), (10, 256, 256, 3)]
-VGG_CONVS = [(0, 64, 3), (2, 64, 64), (5, 128, 64), (7, 128, 128), (10, 256, 128), (12, 256, 256), (14, 256, 256),
-             (17, 512, 256), (19, 512, 512), (21, 512, 512), (24, 512, 512), (26, 512, 512), (28, 512, 512)]
+VGG_CONVS = [
+    (0, 64, 3),
+    (2, 64, 64),
+    (5, 128, 64),
+    (7, 128, 128),
+    (10, 256, 128),
+    (12, 256, 256),
+    (14, 256, 256),
+    (17, 512, 256),
+    (19, 512, 512),
+    (21, 512, 512),
+    (24, 512, 512),
+    (26, 512, 512),
+    (28, 512, 512),
+]
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
 
@@ -152,8 +165,21 @@ def test_layout_mirrors_torchvision(model, lin_state):
     names = {k for k in model.state_dict() if k.startswith("features.")}
     assert names == {f"features.{i}.{p}" for i, *_ in ALEX_CONVS for p in ("weight", "bias")}
     kinds = [type(m).__name__ for m in model.features]
-    assert kinds == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "Conv2d", "ReLU",
-                     "Conv2d", "ReLU", "MaxPool2d"]
+    assert kinds == [
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+        "Conv2d",
+        "ReLU",
+        "Conv2d",
+        "ReLU",
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+    ]
     assert model.taps == (1, 4, 7, 9, 11)
     for k, lin in enumerate(model.lins):
         assert torch.equal(lin.weight, lin_state[f"lin{k}.model.1.weight"]) and lin.bias is None
@@ -165,7 +191,8 @@ def test_layout_mirrors_torchvision(model, lin_state):
 def test_torchmetrics_calibration_file_layout(lin_state):
     assert sorted(lin_state) == [f"lin{k}.model.1.weight" for k in range(5)]
     assert [tuple(lin_state[f"lin{k}.model.1.weight"].shape) for k in range(5)] == [
-        (1, c, 1, 1) for c in (64, 192, 384, 256, 256)]
+        (1, c, 1, 1) for c in (64, 192, 384, 256, 256)
+    ]
     assert all(bool((v >= 0).all()) for v in lin_state.values())
 
 
@@ -181,8 +208,9 @@ def test_matches_brute_force_reference(model, alex_state, lin_state):
 
 def test_custom_calibration_weights(tmp_path, alex_path, alex_state):
     g = torch.Generator().manual_seed(7)
-    lins = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for k, c in
-            enumerate((64, 192, 384, 256, 256))}
+    lins = {
+        f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for k, c in enumerate((64, 192, 384, 256, 256))
+    }
     torch.save(lins, tmp_path / "lins.pth")
     custom = LPIPS(backbone_weights=alex_path, lin_weights=tmp_path / "lins.pth")
     x, y = images(1, size=48, seed=8), images(1, size=48, seed=9)
@@ -208,15 +236,16 @@ def test_properties(model):
     assert torch.equal(model(x, x), torch.zeros(3))
     torch.testing.assert_close(model(x, y), model(y, x), atol=1e-6, rtol=1e-6)
     # batch-1 second argument broadcasts over the first
-    torch.testing.assert_close(model(x, y[:1]), torch.stack([model(x[i:i + 1], y[:1])[0] for i in range(3)]),
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        model(x, y[:1]), torch.stack([model(x[i : i + 1], y[:1])[0] for i in range(3)]), atol=1e-6, rtol=1e-6
+    )
     # rectangular images work too
     assert model(images(2, size=64)[..., :48], images(2, size=64, seed=2)[..., :48]).shape == (2,)
 
 
 def test_pairwise_is_the_mean_over_pairs(model):
     x = images(4, seed=14)
-    loop = [model(x[i:i + 1], x[j:j + 1])[0] for i, j in itertools.combinations(range(4), 2)]
+    loop = [model(x[i : i + 1], x[j : j + 1])[0] for i, j in itertools.combinations(range(4), 2)]
     torch.testing.assert_close(model.pairwise_distances(x), torch.stack(loop), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(model.pairwise(x), torch.stack(loop).mean(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(model.pairwise(x, batch_size=3), torch.stack(loop).mean(), atol=1e-6, rtol=1e-6)
@@ -243,8 +272,7 @@ def test_vgg_backbone(tmp_path):
     assert vgg.net == "vgg" and vgg.taps == (3, 8, 15, 22, 29)
     lins = torch.load(default_lin_weights_path("vgg"), map_location="cpu", weights_only=True)
     x, y = images(1, size=32, seed=18), images(1, size=32, seed=19)
-    torch.testing.assert_close(vgg(x, y).double(), reference_lpips(state, lins, x, y, net="vgg"), atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(vgg(x, y).double(), reference_lpips(state, lins, x, y, net="vgg"), atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- errors

@@ -93,7 +93,9 @@ def test_sdino_matches_a_brute_force_loop():
         for i in range(4):
             for j in range(5):
                 v = gen[b, :, i, j]
-                best.append(max(F.cosine_similarity(v, ref[0, :, p, q], dim=0).item() for p in range(3) for q in range(3)))
+                best.append(
+                    max(F.cosine_similarity(v, ref[0, :, p, q], dim=0).item() for p in range(3) for q in range(3))
+                )
         expected.append(sum(best) / len(best))
     assert patch_similarity(gen, ref).tolist() == pytest.approx(expected, abs=1e-5)
 
@@ -166,18 +168,35 @@ def tiny_clip(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("clip")
     tokenizer = tiny_tokenizer(77)
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=0)
-    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8, projection_dim=16)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=16,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=0,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
-    (folder / "preprocessor_config.json").write_text(json.dumps({"crop_size": {"height": 32, "width": 32},
-                                                                 "image_mean": mean, "image_std": std}))
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"crop_size": {"height": 32, "width": 32}, "image_mean": mean, "image_std": std})
+    )
     return folder, model, tokenizer, torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
 
@@ -188,13 +207,15 @@ def test_clip_embedder_loads_the_saved_model_and_matches_direct_calls(tiny_clip)
     with torch.no_grad():
         direct = model.get_image_features(pixel_values=(images - mean) / std)
         direct = getattr(direct, "pooler_output", direct)
-        tokens = tokenizer(["a red star", "a blue disc on the left"], padding="max_length", max_length=77,
-                           return_tensors="pt")
+        tokens = tokenizer(
+            ["a red star", "a blue disc on the left"], padding="max_length", max_length=77, return_tensors="pt"
+        )
         text = model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
         text = getattr(text, "pooler_output", text)
     assert torch.allclose(clip.embed_images(images), F.normalize(direct, dim=-1), atol=1e-5)
-    assert torch.allclose(clip.embed_texts(["a red star", "a blue disc on the left"]), F.normalize(text, dim=-1),
-                          atol=1e-5)
+    assert torch.allclose(
+        clip.embed_texts(["a red star", "a blue disc on the left"]), F.normalize(text, dim=-1), atol=1e-5
+    )
 
 
 def test_clip_preprocessing_resizes_the_short_side_and_centre_crops(tiny_clip):
@@ -217,8 +238,16 @@ def test_dino_embedding_is_the_normalised_cls_token(tmp_path):
     from divrl.rewards.backbones import DINOv2Backbone
 
     torch.manual_seed(0)
-    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                                     patch_size=4, image_size=16)).eval()
+    model = Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+            patch_size=4,
+            image_size=16,
+        )
+    ).eval()
     model.save_pretrained(tmp_path)
     dino = DINOv2Backbone(str(tmp_path), grid_size=4, local_files_only=True)
     images = torch.rand(2, 3, 16, 16)
@@ -267,8 +296,10 @@ def test_any_reward_is_a_column_with_the_conditions_prompt_and_metadata():
     def broken(images, prompts, metadata):
         raise NonFiniteReward("nan")
 
-    suite = EvalSuite(identity=scorer, rewards={"r2": GatedReward(scorer), "length": CallableReward(length),
-                                                "broken": CallableReward(broken)})
+    suite = EvalSuite(
+        identity=scorer,
+        rewards={"r2": GatedReward(scorer), "length": CallableReward(length), "broken": CallableReward(broken)},
+    )
     assert suite.columns == ["vsm", "mtg_nssm", "r2", "length", "broken"] and suite.header("r2") == "r2 ↑"
     assert suite.describe()["r2"].startswith("GatedReward")
     sample = ConditionSample("star", "a star", [ref], [mask], "object", {"source": "synthetic"})
@@ -302,12 +333,27 @@ def test_suite_wires_clip_dino_and_hps_to_their_columns(tiny_clip, tmp_path, mon
 
     monkeypatch.setitem(sys.modules, "hpsv2", types.SimpleNamespace(score=fake_score))
     torch.manual_seed(0)
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-                             patch_size=4, image_size=16)).save_pretrained(tmp_path)
+    Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=37,
+            patch_size=4,
+            image_size=16,
+        )
+    ).save_pretrained(tmp_path)
     clip = CLIPEmbedder(str(tiny_clip[0]), local_files_only=True)
     dino = DINOv2Backbone(str(tmp_path), grid_size=4, local_files_only=True)
-    suite = EvalSuite(clip=clip, dino=dino, sdino=dino, hps=HPSv2(), consistency_metric="sdino",
-                      consistency_threshold=0.75, diversity_metric="clip_i")
+    suite = EvalSuite(
+        clip=clip,
+        dino=dino,
+        sdino=dino,
+        hps=HPSv2(),
+        consistency_metric="sdino",
+        consistency_threshold=0.75,
+        diversity_metric="clip_i",
+    )
     assert suite.columns == ["clip_t", "clip_i", "dino", "hps", "sdino"]
     g = torch.Generator().manual_seed(3)
     reference, images = torch.rand(3, 48, 48, generator=g), torch.rand(3, 3, 40, 40, generator=g)
@@ -316,8 +362,9 @@ def test_suite_wires_clip_dino_and_hps_to_their_columns(tiny_clip, tmp_path, mon
     assert out["clip_t"] == pytest.approx(cosine(gen_emb, clip.embed_texts(["a red star"])).tolist(), abs=1e-6)
     assert out["clip_i"] == pytest.approx(cosine(gen_emb, clip.embed_images(reference)).tolist(), abs=1e-6)
     assert out["dino"] == pytest.approx(cosine(dino.embed(images), dino.embed(reference)).tolist(), abs=1e-6)
-    assert out["sdino"] == pytest.approx(patch_similarity(dino(images).visual, dino(reference).visual).tolist(),
-                                         abs=1e-6)
+    assert out["sdino"] == pytest.approx(
+        patch_similarity(dino(images).visual, dino(reference).visual).tolist(), abs=1e-6
+    )
     assert out["hps"] == pytest.approx([0.25, 0.26, 0.27]) and calls == [(3, (40, 40), "a red star", "v2.1")]
 
 

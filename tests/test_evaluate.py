@@ -27,7 +27,9 @@ pytestmark = pytest.mark.usefixtures("in_repository_root")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def tuned_lora(tmp_path_factory, in_repository_root) -> Path:
     """A LoRA for the demo model with non-zero weights (a stand-in for a trained one: only the plumbing is tested)."""
-    policy = KontextConfig(model="data/demo/tiny-kontext", lora=LoRAConfig(rank=8, alpha=16.0), max_sequence_length=32).build()
+    policy = KontextConfig(
+        model="data/demo/tiny-kontext", lora=LoRAConfig(rank=8, alpha=16.0), max_sequence_length=32
+    ).build()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in policy.transformer.named_parameters():
@@ -38,8 +40,15 @@ def tuned_lora(tmp_path_factory, in_repository_root) -> Path:
 
 def evaluate(tmp_path: Path, name: str = "run", **settings) -> tuple[int, Path]:
     out = tmp_path / "eval"
-    config = {"num_identities": 2, "prompts_per_identity": 2, "num_samples": 2, "num_steps": 4, "progress": False,
-              "grid_conditions": 2, **settings}
+    config = {
+        "num_identities": 2,
+        "prompts_per_identity": 2,
+        "num_samples": 2,
+        "num_steps": 4,
+        "progress": False,
+        "grid_conditions": 2,
+        **settings,
+    }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return main(["evaluate", "--config", str(EVAL_DEMO), "--config", str(path), "--output_dir", str(out)]), out
@@ -156,9 +165,17 @@ def test_other_scoring_models_rescore_without_regenerating(tmp_path):
     image = next((tmp_path / "eval/base/images").glob("*/*.png"))
     stamp = image.stat().st_mtime_ns
     before = json.loads((tmp_path / "eval/metrics.json").read_text())["methods"]["base"]["overall"]
-    identity = {"class_path": "divrl.rewards.FeatureScorer", "init_args": {
-        "backbone": {"class_path": "divrl.rewards.backbones.DenseDescriptor", "init_args": {"grid_size": 24, "cell": 4}},
-        "pool": 1, "tau_v": 0.2}}
+    identity = {
+        "class_path": "divrl.rewards.FeatureScorer",
+        "init_args": {
+            "backbone": {
+                "class_path": "divrl.rewards.backbones.DenseDescriptor",
+                "init_args": {"grid_size": 24, "cell": 4},
+            },
+            "pool": 1,
+            "tau_v": 0.2,
+        },
+    }
     assert evaluate(tmp_path, "second", **small, suite={"init_args": {"identity": identity}})[0] == 0
     after = json.loads((tmp_path / "eval/metrics.json").read_text())["methods"]["base"]["overall"]
     assert (tmp_path / "eval/base/scores.jsonl.stale").is_file() and image.stat().st_mtime_ns == stamp

@@ -284,16 +284,26 @@ def test_vsm_matches_brute_force(seed):
     ref_v = torch.randn(1, 4, 5, 5, generator=g)
     # generated cells are noisy copies of random reference cells, so many pass the thresholds and collide
     idx = torch.randint(0, 25, (3, 25), generator=g)
-    gen_s = ref_s.flatten(2)[0][:, idx].permute(1, 0, 2).reshape(3, 6, 5, 5) + 0.6 * torch.randn(3, 6, 5, 5, generator=g)
-    gen_v = ref_v.flatten(2)[0][:, idx].permute(1, 0, 2).reshape(3, 4, 5, 5) + 0.6 * torch.randn(3, 4, 5, 5, generator=g)
+    gen_s = ref_s.flatten(2)[0][:, idx].permute(1, 0, 2).reshape(3, 6, 5, 5) + 0.6 * torch.randn(
+        3, 6, 5, 5, generator=g
+    )
+    gen_v = ref_v.flatten(2)[0][:, idx].permute(1, 0, 2).reshape(3, 4, 5, 5) + 0.6 * torch.randn(
+        3, 4, 5, 5, generator=g
+    )
     gmask = torch.rand(3, 5, 5, generator=g) > 0.2
     rmask = torch.rand(1, 5, 5, generator=g) > 0.2
     got = vsm(gen_s, gen_v, ref_s, ref_v, gmask, rmask, tau_s=0.5, tau_v=0.6)
     assert got.sum() > 0  # the case is non-trivial
     for k in range(3):
         expected = brute_vsm(
-            gen_s[k].numpy(), gen_v[k].numpy(), ref_s[0].numpy(), ref_v[0].numpy(),
-            gmask[k].numpy(), rmask[0].numpy(), 0.5, 0.6,
+            gen_s[k].numpy(),
+            gen_v[k].numpy(),
+            ref_s[0].numpy(),
+            ref_v[0].numpy(),
+            gmask[k].numpy(),
+            rmask[0].numpy(),
+            0.5,
+            0.6,
         )
         assert got[k].item() == pytest.approx(expected, abs=1e-6)
 
@@ -353,10 +363,16 @@ def test_vsm_per_image_reference_masks_match_single_calls():
     gen = ref + 0.7 * torch.randn(3, 8, 6, 6)
     ref_masks = torch.rand(3, 6, 6) > 0.3
     batched = vsm(gen, gen, ref, ref, ref_mask=ref_masks, tau_s=0.5, tau_v=0.6)
-    batched_refs = vsm(gen, gen, ref.expand(3, -1, -1, -1), ref.expand(3, -1, -1, -1), ref_mask=ref_masks[:1], tau_s=0.5, tau_v=0.6)
+    batched_refs = vsm(
+        gen, gen, ref.expand(3, -1, -1, -1), ref.expand(3, -1, -1, -1), ref_mask=ref_masks[:1], tau_s=0.5, tau_v=0.6
+    )
     for k in range(3):
         single = vsm(gen[k : k + 1], gen[k : k + 1], ref, ref, ref_mask=ref_masks[k : k + 1], tau_s=0.5, tau_v=0.6)
-        expected = brute_vsm(gen[k].numpy(), gen[k].numpy(), ref[0].numpy(), ref[0].numpy(), None, ref_masks[k].numpy(), 0.5, 0.6)
+        expected = brute_vsm(
+            gen[k].numpy(), gen[k].numpy(), ref[0].numpy(), ref[0].numpy(), None, ref_masks[k].numpy(), 0.5, 0.6
+        )
         assert batched[k].item() == pytest.approx(single.item()) == pytest.approx(expected)
-        expected0 = brute_vsm(gen[k].numpy(), gen[k].numpy(), ref[0].numpy(), ref[0].numpy(), None, ref_masks[0].numpy(), 0.5, 0.6)
+        expected0 = brute_vsm(
+            gen[k].numpy(), gen[k].numpy(), ref[0].numpy(), ref[0].numpy(), None, ref_masks[0].numpy(), 0.5, 0.6
+        )
         assert batched_refs[k].item() == pytest.approx(expected0)

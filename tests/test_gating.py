@@ -45,7 +45,9 @@ def test_inside_the_window_the_reference_is_attended_to(gated, sigma):
 
 def test_a_mixed_batch_equals_row_by_row_calls(gated):
     policy, conds, latents = gated
-    cond = policy.condition(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(5)), ["a red star"] * 3, 32, 32)
+    cond = policy.condition(
+        torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(5)), ["a red star"] * 3, 32, 32
+    )
     x = torch.cat([latents] * 3)
     sigma = torch.tensor([0.9, 0.45, 0.1])
     with torch.no_grad():
@@ -58,7 +60,9 @@ def test_the_number_of_network_calls_does_not_depend_on_the_draws(gated):
     """Under FSDP every call is a collective: two ranks drawing different σ must make the same calls. Rows sharing a σ
     make one call; rows with their own σ always make two (with and without the references), whatever the draws."""
     policy, conds, latents = gated
-    cond = policy.condition(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(5)), ["a red star"] * 3, 32, 32)
+    cond = policy.condition(
+        torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(5)), ["a red star"] * 3, 32, 32
+    )
     x = torch.cat([latents] * 3)
     calls = []
     hook = policy.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
@@ -76,8 +80,10 @@ def test_the_sampler_honours_the_window(gated):
     """Sampling steps whose σ is outside the window cannot see the reference: with σ = 1 → 0.77 the first step's
     latents are identical for two references; later steps (one of them inside the window) differ."""
     policy, conds, _ = gated
-    runs = [rollout(policy, c, num_steps=4, noise_level=0.0, generator=torch.Generator().manual_seed(7), decode=False)
-            for c in conds]
+    runs = [
+        rollout(policy, c, num_steps=4, noise_level=0.0, generator=torch.Generator().manual_seed(7), decode=False)
+        for c in conds
+    ]
     sigmas = runs[0].sigmas
     assert sigmas[0] > 0.6 and sigmas[1] > 0.6  # the first step is outside the window
     assert torch.equal(runs[0].latents[:, 1], runs[1].latents[:, 1])

@@ -40,8 +40,9 @@ def test_analytic_flops_match_the_block_matmuls():
             module.register_forward_hook(hook)
     res, text = 64, 8
     tokens = policy.num_image_tokens(res, res)
-    condition = policy.condition_from_precomputed(torch.randn(1, text, 32), torch.randn(1, 16),
-                                                  torch.randn(1, tokens, 64), res, res)
+    condition = policy.condition_from_precomputed(
+        torch.randn(1, text, 32), torch.randn(1, 16), torch.randn(1, tokens, 64), res, res
+    )
     with torch.no_grad(), policy.adapter_disabled():
         policy.velocity(torch.randn(1, tokens, 64), 0.5, condition)
     h = config["attention_head_dim"] * config["num_attention_heads"]
@@ -52,8 +53,14 @@ def test_analytic_flops_match_the_block_matmuls():
 
 def test_smoke_run_reports_every_figure():
     results = load().main(["--smoke", "--device", "cpu"])
-    for key in ("rollout_step_s", "train_microbatch_timestep_s", "update_s", "trajectory_group_s", "rollout_mfu",
-                "train_mfu"):
+    for key in (
+        "rollout_step_s",
+        "train_microbatch_timestep_s",
+        "update_s",
+        "trajectory_group_s",
+        "rollout_mfu",
+        "train_mfu",
+    ):
         assert results[key] > 0, key
     assert results["trajectory_group_s"] == results["rollout_s"] + results["update_s"]
 
@@ -96,19 +103,36 @@ def test_memory_model_counts_match_peft_and_a_hand_computed_case():
     assert lora == sum(p.numel() for p in policy.trainable_parameters())
     assert total + lora == sum(p.numel() for p in policy.transformer.parameters())
     # LoRA under DDP, fp32 AdamW, precomputed conditions: bf16 base + 16 B per trainable weight + the bf16 VAE
-    assert model.per_gpu_bytes(1000, 10, 8, full=False, strategy="ddp", eightbit=False, text_encoders=False,
-                               reference_copy=False) == 2000 + 160 + 2 * model.VAE_PARAMS
+    assert (
+        model.per_gpu_bytes(
+            1000, 10, 8, full=False, strategy="ddp", eightbit=False, text_encoders=False, reference_copy=False
+        )
+        == 2000 + 160 + 2 * model.VAE_PARAMS
+    )
     # LoRA under FSDP1 over 4 GPUs: the base sharded, the adapter and its states whole; FSDP2 shards them too
-    assert model.per_gpu_bytes(1000, 10, 4, full=False, strategy="fsdp1", eightbit=False, text_encoders=False,
-                               reference_copy=False) == 2000 / 4 + 160 + 2 * model.VAE_PARAMS
-    assert model.per_gpu_bytes(1000, 10, 4, full=False, strategy="fsdp2", eightbit=False, text_encoders=False,
-                               reference_copy=False) == (2000 + 160) / 4 + 2 * model.VAE_PARAMS
+    assert (
+        model.per_gpu_bytes(
+            1000, 10, 4, full=False, strategy="fsdp1", eightbit=False, text_encoders=False, reference_copy=False
+        )
+        == 2000 / 4 + 160 + 2 * model.VAE_PARAMS
+    )
+    assert (
+        model.per_gpu_bytes(
+            1000, 10, 4, full=False, strategy="fsdp2", eightbit=False, text_encoders=False, reference_copy=False
+        )
+        == (2000 + 160) / 4 + 2 * model.VAE_PARAMS
+    )
     # full fine-tuning, FSDP2 over 4 GPUs, 8-bit states: (4 + 4 + 2) B per parameter, sharded
-    assert model.per_gpu_bytes(1000, 1000, 4, full=True, strategy="fsdp2", eightbit=True, text_encoders=False,
-                               reference_copy=False) == 10_000 / 4 + 2 * model.VAE_PARAMS
+    assert (
+        model.per_gpu_bytes(
+            1000, 1000, 4, full=True, strategy="fsdp2", eightbit=True, text_encoders=False, reference_copy=False
+        )
+        == 10_000 / 4 + 2 * model.VAE_PARAMS
+    )
     with pytest.raises(ValueError, match="full fine-tuning: ddp or fsdp2"):
-        model.per_gpu_bytes(1000, 1000, 4, full=True, strategy="fsdp1", eightbit=True, text_encoders=False,
-                            reference_copy=False)
+        model.per_gpu_bytes(
+            1000, 1000, 4, full=True, strategy="fsdp1", eightbit=True, text_encoders=False, reference_copy=False
+        )
     # the 20B family: its LoRA count is the adapter peft builds on the tiny model with the family's default targets
     from divrl.policy.qwen_image import QwenEditPolicy
 
@@ -117,8 +141,21 @@ def test_memory_model_counts_match_peft_and_a_hand_computed_case():
     total, lora = model.parameter_counts(4, config, "qwen")
     assert lora == sum(p.numel() for p in qwen.trainable_parameters())
     assert total + lora == sum(p.numel() for p in qwen.transformer.parameters())
-    assert model.per_gpu_bytes(1000, 10, 8, full=False, strategy="ddp", eightbit=False, text_encoders=True,
-                               reference_copy=False, text_params=7, vae_params=3) == 2000 + 160 + 2 * 3 + 2 * 7
+    assert (
+        model.per_gpu_bytes(
+            1000,
+            10,
+            8,
+            full=False,
+            strategy="ddp",
+            eightbit=False,
+            text_encoders=True,
+            reference_copy=False,
+            text_params=7,
+            vae_params=3,
+        )
+        == 2000 + 160 + 2 * 3 + 2 * 7
+    )
 
 
 def test_smoke_run_of_full_fine_tuning_trains_every_weight():

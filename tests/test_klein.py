@@ -40,17 +40,29 @@ def pipeline_trajectory(pipe, images, scale: float, steps: int, seed: int, group
         seen.append(tensors["latents"].clone())
         return {}
 
-    images_out = pipe(prompt=PROMPT, image=images, height=size, width=size, num_inference_steps=steps,
-                      guidance_scale=scale, generator=torch.Generator().manual_seed(seed), num_images_per_prompt=group,
-                      text_encoder_out_layers=TINY_TEXT_LAYERS, max_sequence_length=32, output_type="pt",
-                      callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"]).images
+    images_out = pipe(
+        prompt=PROMPT,
+        image=images,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=scale,
+        generator=torch.Generator().manual_seed(seed),
+        num_images_per_prompt=group,
+        text_encoder_out_layers=TINY_TEXT_LAYERS,
+        max_sequence_length=32,
+        output_type="pt",
+        callback_on_step_end=keep,
+        callback_on_step_end_tensor_inputs=["latents"],
+    ).images
     return torch.stack(seen, dim=1), images_out
 
 
 def policy_of(pipe, **kwargs) -> Flux2KleinPolicy:
     kwargs.setdefault("lora", None)
-    return Flux2KleinPolicy.from_pipeline(pipe, max_sequence_length=32, text_encoder_out_layers=TINY_TEXT_LAYERS,
-                                          **kwargs)
+    return Flux2KleinPolicy.from_pipeline(
+        pipe, max_sequence_length=32, text_encoder_out_layers=TINY_TEXT_LAYERS, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,16 +114,24 @@ def transformer_velocity(policy, latents, sigma, condition, text) -> torch.Tenso
     """One plain transformer call as the pipeline makes it (reference tokens appended, output cut)."""
     hidden = torch.cat([latents, condition.image_latents], dim=1)
     timestep = torch.full((len(latents),), sigma * 1000, dtype=torch.float32) / 1000
-    out = policy.transformer(hidden_states=hidden, timestep=timestep, guidance=None, encoder_hidden_states=text,
-                             txt_ids=condition.text_ids, img_ids=condition.img_ids, return_dict=False)[0]
+    out = policy.transformer(
+        hidden_states=hidden,
+        timestep=timestep,
+        guidance=None,
+        encoder_hidden_states=text,
+        txt_ids=condition.text_ids,
+        img_ids=condition.img_ids,
+        return_dict=False,
+    )[0]
     return out[:, : latents.shape[1]]
 
 
 def test_on_policy_ratio_is_one_with_cfg_and_the_kl_is_computed_from_the_guided_velocities():
     policy = Flux2KleinPolicy.tiny(seed=0, guidance_scale=4.0)
     condition = policy.condition([references(2, 32)], [PROMPT], 32, 32, group_size=3)
-    traj = rollout(policy, condition, num_steps=3, noise_level=0.9, generator=torch.Generator().manual_seed(0),
-                   decode=False)
+    traj = rollout(
+        policy, condition, num_steps=3, noise_level=0.9, generator=torch.Generator().manual_seed(0), decode=False
+    )
     for step in range(3):
         out = transition_log_prob(policy, traj, step, condition)
         assert (torch.exp(out.log_prob - traj.log_probs[:, step]) - 1).abs().max() <= 1e-6
@@ -132,8 +152,10 @@ def test_on_policy_ratio_is_one_with_cfg_and_the_kl_is_computed_from_the_guided_
         moved = guided()
         with policy.adapter_disabled():
             initial = guided()
-        mine, base = (sde_step(v, x, sigmas[1], sigmas[2], 0.9, sigma_max=sigmas[1], prev_sample=traj.latents[:, 2])
-                      for v in (moved, initial))
+        mine, base = (
+            sde_step(v, x, sigmas[1], sigmas[2], 0.9, sigma_max=sigmas[1], prev_sample=traj.latents[:, 2])
+            for v in (moved, initial)
+        )
         by_hand = ((mine.mean.double() - base.mean.double()) ** 2 / (2 * mine.std.double() ** 2)).mean(dim=(1, 2))
         out = transition_log_prob(policy, traj, 1, condition)
         with policy.adapter_disabled():
@@ -157,11 +179,13 @@ def test_a_trained_lora_loads_in_the_pipeline_with_the_same_samples(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(tmp_path / "lora")
     expected, _ = pipeline_trajectory(pipe, images, 4.0, steps=3, seed=5, group=1)
-    traj = rollout(policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(5),
-                   decode=False)
+    traj = rollout(
+        policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(5), decode=False
+    )
     with policy.adapter_disabled():
-        base = rollout(policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(5),
-                       decode=False)
+        base = rollout(
+            policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(5), decode=False
+        )
     assert (traj.latents[:, 1:] - expected).abs().max() < 1e-5
     assert (base.latents[:, -1] - expected[:, -1]).abs().max() > 1e-3  # the adapter moved: not a vacuous match
 
@@ -170,7 +194,8 @@ def test_default_lora_targets_cover_both_block_kinds(tiny):
     adapted = {name.split(".lora_A")[0] for name, _ in tiny.transformer.named_parameters() if ".lora_A" in name}
     assert adapted == {
         *(f"transformer_blocks.0.{t}" for t in KLEIN_LORA_TARGETS[:12]),
-        "single_transformer_blocks.0.attn.to_qkv_mlp_proj", "single_transformer_blocks.0.attn.to_out",
+        "single_transformer_blocks.0.attn.to_qkv_mlp_proj",
+        "single_transformer_blocks.0.attn.to_out",
     }
     assert all(p.dtype == torch.float32 and p.requires_grad for p in tiny.trainable_parameters())
 
@@ -178,15 +203,23 @@ def test_default_lora_targets_cover_both_block_kinds(tiny):
 def test_a_saved_klein_loads_through_the_config(tmp_path):
     folder = tmp_path / "tiny-klein"
     Flux2KleinPipeline(**tiny_klein_components(seed=2)).save_pretrained(folder)
-    config = Flux2KleinConfig(model=str(folder), torch_dtype="float32", guidance_scale=2.0, max_sequence_length=32,
-                              text_encoder_out_layers=TINY_TEXT_LAYERS, lora=LoRAConfig(rank=2, alpha=2.0))
+    config = Flux2KleinConfig(
+        model=str(folder),
+        torch_dtype="float32",
+        guidance_scale=2.0,
+        max_sequence_length=32,
+        text_encoder_out_layers=TINY_TEXT_LAYERS,
+        lora=LoRAConfig(rank=2, alpha=2.0),
+    )
     loaded = config.build()
     built = Flux2KleinPolicy.tiny(seed=2, guidance_scale=2.0, lora=LoRAConfig(rank=2, alpha=2.0))
     condition = built.condition([references(1, 32)], [PROMPT], 32, 32)
     noise = built.initial_noise(condition, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(loaded.velocity(noise, 0.5, loaded.condition([references(1, 32)], [PROMPT], 32, 32)),
-                           built.velocity(noise, 0.5, condition))
+        assert torch.equal(
+            loaded.velocity(noise, 0.5, loaded.condition([references(1, 32)], [PROMPT], 32, 32)),
+            built.velocity(noise, 0.5, condition),
+        )
     with pytest.raises(ValueError, match=r"text_encoder_out_layers \[9, 18, 27\]: the text encoder of .* has 4 layers"):
         Flux2KleinConfig(model=str(folder), lora=None).build()
 
@@ -196,22 +229,33 @@ def test_another_familys_folder_is_refused_by_name(tmp_path):
 
     FluxKontextPipeline(**tiny_kontext_components(seed=0)).save_pretrained(tmp_path / "kontext")
     Flux2KleinPipeline(**tiny_klein_components(seed=0)).save_pretrained(tmp_path / "klein")
-    with pytest.raises(ModelLoadError, match=r"is a FluxKontextPipeline folder \(FLUX.1 Kontext\), and this config "
-                                             r"trains FLUX.2 \[klein\].*class_path: divrl.policy.KontextConfig"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"is a FluxKontextPipeline folder \(FLUX.1 Kontext\), and this config "
+        r"trains FLUX.2 \[klein\].*class_path: divrl.policy.KontextConfig",
+    ):
         Flux2KleinConfig(model=str(tmp_path / "kontext")).build()
-    with pytest.raises(ModelLoadError, match=r"is a Flux2KleinPipeline folder \(FLUX.2 \[klein\]\).*class_path: "
-                                             r"divrl.policy.flux2.Flux2KleinConfig"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"is a Flux2KleinPipeline folder \(FLUX.2 \[klein\]\).*class_path: "
+        r"divrl.policy.flux2.Flux2KleinConfig",
+    ):
         KontextPolicy.from_pretrained(tmp_path / "klein")
 
 
 def test_a_distilled_model_refuses_guidance(tmp_path):
     Flux2KleinPipeline(**tiny_klein_components(seed=0), is_distilled=True).save_pretrained(tmp_path / "distilled")
     config = dict(model=str(tmp_path / "distilled"), text_encoder_out_layers=TINY_TEXT_LAYERS, lora=None)
-    with pytest.raises(ValueError, match=r"policy.guidance_scale 4.0: .*distilled is step-distilled .* set "
-                                         r"policy.guidance_scale: 1"):
+    with pytest.raises(
+        ValueError,
+        match=r"policy.guidance_scale 4.0: .*distilled is step-distilled .* set "
+        r"policy.guidance_scale: 1",
+    ):
         Flux2KleinConfig(**config).build()
     policy = Flux2KleinConfig(**config, guidance_scale=1.0).build()
-    assert policy.is_distilled and policy.condition([references(1, 32)], [PROMPT], 32, 32).negative_prompt_embeds is None
+    assert (
+        policy.is_distilled and policy.condition([references(1, 32)], [PROMPT], 32, 32).negative_prompt_embeds is None
+    )
     assert json.loads((tmp_path / "distilled" / "model_index.json").read_text())["is_distilled"] is True
 
 
@@ -232,9 +276,13 @@ def test_flops_count_the_real_matmuls_and_cfg_counts_twice(tiny):
     def hook(module, inputs, output):
         counted.append(2 * inputs[0].numel() // module.in_features * module.in_features * module.out_features)
 
-    handles = [module.register_forward_hook(hook) for name, module in tiny.transformer.named_modules()
-               if name.startswith(("transformer_blocks.", "single_transformer_blocks.")) and isinstance(module, nn.Linear)
-               and "lora_" not in name]
+    handles = [
+        module.register_forward_hook(hook)
+        for name, module in tiny.transformer.named_modules()
+        if name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+        and isinstance(module, nn.Linear)
+        and "lora_" not in name
+    ]
     try:
         with torch.no_grad(), tiny.adapter_disabled():
             transformer_velocity(tiny, latents, 0.5, condition, condition.prompt_embeds)
@@ -256,10 +304,24 @@ def test_a_shifted_timestep_distribution_needs_its_shift_on_klein(tiny):
     condition = tiny.condition([references(1, 32)], [PROMPT], 32, 32)
     like = torch.zeros(2, condition.num_tokens, 16)
     with pytest.raises(ValueError, match=r"depends on the step count .* give objective.timesteps.shift"):
-        draw(TimestepSampling(distribution="shifted"), 2, 1, like, torch.Generator().manual_seed(0), policy=tiny,
-             condition=condition)
-    _, sigmas = draw(TimestepSampling(distribution="shifted", shift=3.0), 2, 1, like,
-                     torch.Generator().manual_seed(0), policy=tiny, condition=condition)
+        draw(
+            TimestepSampling(distribution="shifted"),
+            2,
+            1,
+            like,
+            torch.Generator().manual_seed(0),
+            policy=tiny,
+            condition=condition,
+        )
+    _, sigmas = draw(
+        TimestepSampling(distribution="shifted", shift=3.0),
+        2,
+        1,
+        like,
+        torch.Generator().manual_seed(0),
+        policy=tiny,
+        condition=condition,
+    )
     plain = TimestepSampling(distribution="uniform").sample(2, torch.Generator().manual_seed(0))
     assert torch.allclose(sigmas.flatten(), 3 * plain / (1 + 2 * plain))  # the given shift, applied
 
@@ -287,8 +349,9 @@ def test_shards_precomputed_for_kontext_are_encoded_live_or_refused_without_enco
     policy = Flux2KleinPolicy.tiny(seed=0, guidance_scale=2.0)
     photo = references(1, 32)[0]
     kontext_payload = {"model": "tiny", "resolution": 32, "prompt_embeds": torch.zeros(1, 4, 8)}
-    sample = ConditionSample(id="dog", prompt=PROMPT, references=[photo], masks=[None],
-                             conditioning=kontext_payload, prompt_index=0)
+    sample = ConditionSample(
+        id="dog", prompt=PROMPT, references=[photo], masks=[None], conditioning=kontext_payload, prompt_index=0
+    )
     live = policy.encode([sample], 32, 32)
     expected = policy.condition([[photo]], [PROMPT], 32, 32)
     assert torch.equal(live.prompt_embeds, expected.prompt_embeds)

@@ -31,8 +31,28 @@ def records(folder: Path) -> list[IdentityRecord]:
 
 
 def convert(out: Path, *extra: str) -> None:
-    assert main(["data", "synthetic", "--out", str(out), "--num-identities", "4", "--resolution", "64", "--precompute",
-                 KLEIN, "--precompute-resolution", "32", "--max-sequence-length", LENGTH, *extra]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synthetic",
+                "--out",
+                str(out),
+                "--num-identities",
+                "4",
+                "--resolution",
+                "64",
+                "--precompute",
+                KLEIN,
+                "--precompute-resolution",
+                "32",
+                "--max-sequence-length",
+                LENGTH,
+                *extra,
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +80,9 @@ def test_precomputed_klein_conditioning_equals_encoding_at_run_time(policy, tmp_
     stored = to_condition(first, 1)
     live = dataclasses.replace(stored, conditioning=None)
     assert_same_condition(policy.encode([stored], 32, 32, group_size=2), policy.encode([live], 32, 32, group_size=2))
-    lean = Flux2KleinConfig(model=KLEIN, lora=None, guidance_scale=2.0, max_sequence_length=int(LENGTH),
-                            text_encoders=False).build()
+    lean = Flux2KleinConfig(
+        model=KLEIN, lora=None, guidance_scale=2.0, max_sequence_length=int(LENGTH), text_encoders=False
+    ).build()
     assert lean.text_encoder is None and lean.vae.encoder is None
     assert_same_condition(lean.encode([stored], 32, 32), policy.encode([live], 32, 32))
     with pytest.raises(RuntimeError, match=r"must come precomputed: convert the shards with `divrl data"):
@@ -81,10 +102,14 @@ def test_a_precompute_length_the_run_does_not_use_is_named(tmp_path):
     convert(tmp_path / "shards")  # 48 tokens; the run below reads 40
     from divrl.data.stream import to_condition
 
-    lean = Flux2KleinConfig(model=KLEIN, lora=None, guidance_scale=2.0, max_sequence_length=40,
-                            text_encoders=False).build()
-    with pytest.raises(ValueError, match=r"'max_sequence_length': 48.*needs .*'max_sequence_length': 40.*"
-                                         r"--max-sequence-length 40"):
+    lean = Flux2KleinConfig(
+        model=KLEIN, lora=None, guidance_scale=2.0, max_sequence_length=40, text_encoders=False
+    ).build()
+    with pytest.raises(
+        ValueError,
+        match=r"'max_sequence_length': 48.*needs .*'max_sequence_length': 40.*"
+        r"--max-sequence-length 40",
+    ):
         lean.encode([to_condition(records(tmp_path / "shards")[0], 0)], 32, 32)
 
 
@@ -101,38 +126,103 @@ def test_sample_with_two_references_equals_the_pipeline(tmp_path):
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(paths[-1])
     prompt = "a photo of both on the beach"
     out = tmp_path / "samples"
-    main(["sample", "--config", str(ROOT / "configs/demo_multi.yaml"), "--config", str(klein_policy(tmp_path)),
-          "--trainer.logger", "false", "--model.sampling.resolution", "64", "--reference", f"[{paths[0]}, {paths[1]}]",
-          "--subjects", "[disc, star]", "--prompts", f"[{prompt}]", "--num_samples", "1", "--num_steps", "3",
-          "--output_dir", str(out)])
+    main(
+        [
+            "sample",
+            "--config",
+            str(ROOT / "configs/demo_multi.yaml"),
+            "--config",
+            str(klein_policy(tmp_path)),
+            "--trainer.logger",
+            "false",
+            "--model.sampling.resolution",
+            "64",
+            "--reference",
+            f"[{paths[0]}, {paths[1]}]",
+            "--subjects",
+            "[disc, star]",
+            "--prompts",
+            f"[{prompt}]",
+            "--num_samples",
+            "1",
+            "--num_steps",
+            "3",
+            "--output_dir",
+            str(out),
+        ]
+    )
     ours = np.asarray(Image.open(next(out.glob("*/000_0.png"))), dtype=np.float32) / 255
     meta = json.loads((out / "samples.json").read_text())
     assert meta["samples"][0]["reward"] and len(meta["samples"]) == 1
     pipe = Flux2KleinPipeline.from_pretrained(KLEIN)
-    theirs = pipe(image=[Image.open(p) for p in paths], prompt=prompt, height=64, width=64, num_inference_steps=3,
-                  guidance_scale=2.0, max_sequence_length=48, output_type="np",
-                  generator=torch.Generator().manual_seed(mix_seeds(0, 0))).images[0]
+    theirs = pipe(
+        image=[Image.open(p) for p in paths],
+        prompt=prompt,
+        height=64,
+        width=64,
+        num_inference_steps=3,
+        guidance_scale=2.0,
+        max_sequence_length=48,
+        output_type="np",
+        generator=torch.Generator().manual_seed(mix_seeds(0, 0)),
+    ).images[0]
     assert np.abs(ours - theirs).max() <= 1 / 255 + 1e-4  # the PNG's 8-bit rounding
 
 
 def klein_policy(tmp_path: Path) -> Path:
     """A config layer that swaps the multi-subject demo's policy for the klein demo model."""
     layer = tmp_path / "klein.yaml"
-    layer.write_text(json.dumps({"model": {"policy": {
-        "class_path": "divrl.policy.flux2.Flux2KleinConfig",
-        "init_args": {"model": KLEIN, "guidance_scale": 2.0, "cfg_batched": True, "max_sequence_length": 48,
-                      "lora": {"rank": 8, "alpha": 16.0}}}}}))
+    layer.write_text(
+        json.dumps(
+            {
+                "model": {
+                    "policy": {
+                        "class_path": "divrl.policy.flux2.Flux2KleinConfig",
+                        "init_args": {
+                            "model": KLEIN,
+                            "guidance_scale": 2.0,
+                            "cfg_batched": True,
+                            "max_sequence_length": 48,
+                            "lora": {"rank": 8, "alpha": 16.0},
+                        },
+                    }
+                }
+            }
+        )
+    )
     return layer
 
 
 def test_a_single_reference_reward_on_two_reference_shards_is_refused_naming_the_identity(tmp_path):
     """configs/demo_klein.yaml's DivRL rewards score against one reference; the multi-subject shards give two."""
-    with pytest.raises(ValueError, match=r"NSSMReward scores a condition against one reference; '.+' has 2\. Use "
-                                         r"single-reference data, or a reward written for several subjects"):
-        main(["fit", "--config", str(DEMO_KLEIN), "--trainer.default_root_dir", str(tmp_path), "--trainer.logger",
-              "false", "--trainer.max_steps", "1", "--data.shards", str(ROOT / "data/demo-multi/train-*.tar"), "--data.val_shards", "null",
-              "--trainer.limit_val_batches", "0", "--model.sampling.group_size", "2",
-              "--model.objective.init_args.micro_batch_size", "2"])
+    with pytest.raises(
+        ValueError,
+        match=r"NSSMReward scores a condition against one reference; '.+' has 2\. Use "
+        r"single-reference data, or a reward written for several subjects",
+    ):
+        main(
+            [
+                "fit",
+                "--config",
+                str(DEMO_KLEIN),
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--trainer.logger",
+                "false",
+                "--trainer.max_steps",
+                "1",
+                "--data.shards",
+                str(ROOT / "data/demo-multi/train-*.tar"),
+                "--data.val_shards",
+                "null",
+                "--trainer.limit_val_batches",
+                "0",
+                "--model.sampling.group_size",
+                "2",
+                "--model.objective.init_args.micro_batch_size",
+                "2",
+            ]
+        )
 
 
 def test_the_multi_subject_demo_trains_on_klein_unchanged(tmp_path):
@@ -143,10 +233,30 @@ def test_the_multi_subject_demo_trains_on_klein_unchanged(tmp_path):
     from safetensors.torch import load_file
 
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}}
-    assert main(["fit", "--config", str(ROOT / "configs/demo_multi.yaml"), "--config", str(klein_policy(tmp_path)),
-                 "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", json.dumps(logger),
-                 "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--model.sampling.group_size", "4",
-                 "--model.objective.init_args.micro_batch_size", "4"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs/demo_multi.yaml"),
+                "--config",
+                str(klein_policy(tmp_path)),
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--trainer.logger",
+                json.dumps(logger),
+                "--trainer.max_steps",
+                "2",
+                "--trainer.limit_val_batches",
+                "0",
+                "--model.sampling.group_size",
+                "4",
+                "--model.objective.init_args.micro_batch_size",
+                "4",
+            ]
+        )
+        == 0
+    )
     with next(tmp_path.glob("lightning_logs/version_*/metrics.csv")).open() as f:
         rows = [r for r in csv.DictReader(f) if r.get("reward/mean")]
     assert len(rows) == 2
@@ -165,8 +275,27 @@ def test_a_distilled_klein_precomputes_without_guidance(tmp_path):
     shutil.copytree(KLEIN, distilled)
     index = json.loads((distilled / "model_index.json").read_text())
     (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
-    assert main(["data", "synthetic", "--out", str(tmp_path / "shards"), "--num-identities", "2", "--resolution", "64",
-                 "--precompute", str(distilled), "--precompute-resolution", "32", "--max-sequence-length", LENGTH]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synthetic",
+                "--out",
+                str(tmp_path / "shards"),
+                "--num-identities",
+                "2",
+                "--resolution",
+                "64",
+                "--precompute",
+                str(distilled),
+                "--precompute-resolution",
+                "32",
+                "--max-sequence-length",
+                LENGTH,
+            ]
+        )
+        == 0
+    )
     payload = records(tmp_path / "shards")[0].conditioning
     assert payload["family"] == "flux2-klein" and payload["text_encoder_out_layers"] == [9, 18, 27]
 
@@ -192,7 +321,8 @@ def test_a_kontext_run_encodes_klein_payloads_live_or_refuses_them_naming_the_fa
     a, b = kontext.encode([stored], 32, 32), kontext.encode([live], 32, 32)
     for name in ("prompt_embeds", "pooled_prompt_embeds", "image_latents"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
-    lean = KontextConfig(model=str(ROOT / "data/demo/tiny-kontext"), lora=None, max_sequence_length=32,
-                         text_encoders=False).build()
+    lean = KontextConfig(
+        model=str(ROOT / "data/demo/tiny-kontext"), lora=None, max_sequence_length=32, text_encoders=False
+    ).build()
     with pytest.raises(ValueError, match=r"made for another model family \(flux2-klein\), not FLUX.1 Kontext"):
         lean.encode([stored], 32, 32)

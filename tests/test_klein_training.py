@@ -15,34 +15,69 @@ from safetensors.torch import load_file
 
 from divrl.cli import main
 
-pytestmark = pytest.mark.slow  # a 4-update fit on the tiny klein (~50 s on 2 cores); tests/test_klein.py is the inner loop
+pytestmark = (
+    pytest.mark.slow
+)  # a 4-update fit on the tiny klein (~50 s on 2 cores); tests/test_klein.py is the inner loop
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 SWITCH = 2
-KLEIN = ["--model.policy", "divrl.policy.flux2.Flux2KleinConfig", "--model.policy.model", "tiny",
-         "--model.policy.max_sequence_length", "32", "--model.policy.guidance_scale", "3.0",
-         "--model.sampling.group_size", "4", "--model.objective.init_args.micro_batch_size", "4"]
+KLEIN = [
+    "--model.policy",
+    "divrl.policy.flux2.Flux2KleinConfig",
+    "--model.policy.model",
+    "tiny",
+    "--model.policy.max_sequence_length",
+    "32",
+    "--model.policy.guidance_scale",
+    "3.0",
+    "--model.sampling.group_size",
+    "4",
+    "--model.objective.init_args.micro_batch_size",
+    "4",
+]
 
 
 def overrides(tmp_path: Path) -> Path:
-    config = {"trainer": {
-        "default_root_dir": str(tmp_path), "enable_progress_bar": False,
-        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
-        "callbacks": [
-            {"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": SWITCH}},
-            {"class_path": "divrl.training.LoRAExporter"},
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1}},
-        ]}}
+    config = {
+        "trainer": {
+            "default_root_dir": str(tmp_path),
+            "enable_progress_bar": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
+            "callbacks": [
+                {"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": SWITCH}},
+                {"class_path": "divrl.training.LoRAExporter"},
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1},
+                },
+            ],
+        }
+    }
     path = tmp_path / "overrides.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 def fit(tmp_path: Path, max_steps: int, *args: str) -> None:
-    assert main(["fit", "--config", str(DEMO), "--config", str(overrides(tmp_path)), *KLEIN,
-                 "--trainer.max_steps", str(max_steps), "--trainer.limit_val_batches", "0", *args]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(DEMO),
+                "--config",
+                str(overrides(tmp_path)),
+                *KLEIN,
+                "--trainer.max_steps",
+                str(max_steps),
+                "--trainer.limit_val_batches",
+                "0",
+                *args,
+            ]
+        )
+        == 0
+    )
 
 
 def metrics(root: Path) -> list[dict[str, str]]:
@@ -87,12 +122,24 @@ def test_the_exported_lora_loads_in_the_pipeline(trained):
     with torch.no_grad():
         hidden = torch.cat([latents, condition.image_latents], dim=1)
         timestep = torch.full((1,), 0.6)
-        out = pipe.transformer(hidden_states=hidden, timestep=timestep, guidance=None,
-                               encoder_hidden_states=condition.prompt_embeds, txt_ids=condition.text_ids,
-                               img_ids=condition.img_ids, return_dict=False)[0][:, : latents.shape[1]]
-        neg = pipe.transformer(hidden_states=hidden, timestep=timestep, guidance=None,
-                               encoder_hidden_states=condition.negative_prompt_embeds, txt_ids=condition.text_ids,
-                               img_ids=condition.img_ids, return_dict=False)[0][:, : latents.shape[1]]
+        out = pipe.transformer(
+            hidden_states=hidden,
+            timestep=timestep,
+            guidance=None,
+            encoder_hidden_states=condition.prompt_embeds,
+            txt_ids=condition.text_ids,
+            img_ids=condition.img_ids,
+            return_dict=False,
+        )[0][:, : latents.shape[1]]
+        neg = pipe.transformer(
+            hidden_states=hidden,
+            timestep=timestep,
+            guidance=None,
+            encoder_hidden_states=condition.negative_prompt_embeds,
+            txt_ids=condition.text_ids,
+            img_ids=condition.img_ids,
+            return_dict=False,
+        )[0][:, : latents.shape[1]]
         assert torch.allclose(policy.velocity(latents, 0.6, condition), neg + 3.0 * (out - neg), atol=1e-5)
 
 

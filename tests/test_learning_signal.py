@@ -25,8 +25,7 @@ def train(zero_advantages: bool, iterations: int = 30) -> list[float]:
     train_steps = select_train_steps(STEPS, fraction=0.99)  # the official choice: all but the last step
     history = []
     for _ in range(iterations):
-        traj = rollout(policy, condition, num_steps=STEPS, noise_level=0.9, generator=generator,
-                       decode=False)
+        traj = rollout(policy, condition, num_steps=STEPS, noise_level=0.9, generator=generator, decode=False)
         reward = traj.latents[:, -1].float().mean(dim=(1, 2))
         advantages = group_advantages(reward.view(-1, GROUP)).flatten()
         if zero_advantages:
@@ -50,7 +49,9 @@ def test_grpo_raises_the_reward_and_zero_advantages_do_not():
     assert learned[0] == control[0]  # same seed, same first rollout
     end_learned = sum(learned[-3:]) / 3
     end_control = sum(control[-3:]) / 3
-    print(f"\nlatent brightness: start {start:.3f}, after 30 GRPO iterations {end_learned:.3f}, "
-          f"zeroed advantages {end_control:.3f}")
+    print(
+        f"\nlatent brightness: start {start:.3f}, after 30 GRPO iterations {end_learned:.3f}, "
+        f"zeroed advantages {end_control:.3f}"
+    )
     assert end_learned > start + 0.3
     assert abs(end_control - start) < 0.05

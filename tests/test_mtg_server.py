@@ -235,7 +235,12 @@ def test_max_images_per_request_splits_and_concatenates(server, group):
     torch.testing.assert_close(out.nssm.double(), want_nssm, atol=1e-6, rtol=0)
     torch.testing.assert_close(out.vsm.double(), want_vsm, atol=1e-6, rtol=0)
     assert [(r["is_ssm"], len(r["image_1"])) for r in server.requests] == [
-        (True, 2), (True, 2), (True, 1), (False, 2), (False, 2), (False, 1),
+        (True, 2),
+        (True, 2),
+        (True, 1),
+        (False, 2),
+        (False, 2),
+        (False, 1),
     ]
     sent = [_decode_u8(b, "RGB") for r in server.requests[:3] for b in r["image_1"]]
     np.testing.assert_array_equal(np.stack(sent), _u8(gen))
@@ -416,13 +421,29 @@ def test_divrl_score_passes_timeout_and_retries_to_the_server_scorer(server, tmp
     Image.new("RGB", (16, 16), (30, 200, 30)).save(gen)
     server.script = [("status", 503, "overloaded")] * 3
     with pytest.raises(MTGServerError, match=r"raise `timeout` \(now 7 s\)") as raised:
-        main(["score", "--mtg-url", server.url, "--timeout", "7", "--retries", "1", "--size", "16",
-              "--reference", str(ref), str(gen)])
+        main(
+            [
+                "score",
+                "--mtg-url",
+                server.url,
+                "--timeout",
+                "7",
+                "--retries",
+                "1",
+                "--size",
+                "16",
+                "--reference",
+                str(ref),
+                str(gen),
+            ]
+        )
     assert raised.value.attempts == 2 and len(server.requests) == 2  # one retry, as asked
 
 
-@pytest.mark.parametrize(("component", "score", "bounds"), [("nssm", -5.0, "[0, 2]"), ("nssm", 2.5, "[0, 2]"),
-                                                            ("vsm", 1.5, "[0, 1]"), ("vsm", -0.2, "[0, 1]")])
+@pytest.mark.parametrize(
+    ("component", "score", "bounds"),
+    [("nssm", -5.0, "[0, 2]"), ("nssm", 2.5, "[0, 2]"), ("vsm", 1.5, "[0, 1]"), ("vsm", -0.2, "[0, 1]")],
+)
 def test_scores_outside_the_components_range_are_refused_not_used(server, group, component, score, bounds):
     """A server answering nSSM = −5 once gave R2 = −156: a score no reward can take is a broken server, not a reward
     (and not a skipped group: like a non-numeric answer it stops the run)."""
@@ -440,8 +461,10 @@ def test_scores_outside_the_components_range_are_refused_not_used(server, group,
 def test_scores_on_the_edge_of_the_range_are_kept(server, group):
     gen, ref, _ = group
     scorer, _ = make_scorer(server.url)
-    server.script = [("raw", json.dumps({"score": [0.0, 2.0, 2.00001, 1.0, 0.0]})),
-                     ("raw", json.dumps({"score": [0.0, 1.0, 1.00001, 0.5, 0.0]}))]
+    server.script = [
+        ("raw", json.dumps({"score": [0.0, 2.0, 2.00001, 1.0, 0.0]})),
+        ("raw", json.dumps({"score": [0.0, 1.0, 1.00001, 0.5, 0.0]})),
+    ]
     out = scorer.score_group(ref, gen)
     assert out.nssm.tolist() == pytest.approx([0.0, 2.0, 2.00001, 1.0, 0.0])
     assert out.vsm.tolist() == pytest.approx([0.0, 1.0, 1.00001, 0.5, 0.0])

@@ -66,8 +66,9 @@ def cos(a, b):
 
 def group(*images, words=("square", "disc"), masks=None, references=None):
     references = references or [canvas((RED, (20, 22, 44, 42))), canvas((BLUE, (16, 16, 48, 48)))]
-    sample = ConditionSample("pair/0", "the red square and the blue disc", references, masks,
-                             metadata={"subjects": list(words)})
+    sample = ConditionSample(
+        "pair/0", "the red square and the blue disc", references, masks, metadata={"subjects": list(words)}
+    )
     return Group(sample, torch.stack(images))
 
 
@@ -131,8 +132,10 @@ def test_psr_order_gives_two_subjects_of_one_word_boxes_zero_and_one():
     image = canvas((RED_2, (0, 0, 32, 32)), (BLUE_2, (32, 32, 64, 64)))
     out = PairwiseSubjectConsistency(SubjectLocator(CallableDetector(detector), reference_crop="whole"), MeanColour())
     result = out(group(image, words=("dog", "dog")))
-    whole_red, whole_blue = (canvas((RED, (20, 22, 44, 42))).reshape(3, -1).mean(1).tolist(),
-                             canvas((BLUE, (16, 16, 48, 48))).reshape(3, -1).mean(1).tolist())
+    whole_red, whole_blue = (
+        canvas((RED, (20, 22, 44, 42))).reshape(3, -1).mean(1).tolist(),
+        canvas((BLUE, (16, 16, 48, 48))).reshape(3, -1).mean(1).tolist(),
+    )
     assert result.components["sc_1"].item() == pytest.approx(cos(RED_2, whole_red), abs=1e-6)
     assert result.components["sc_2"].item() == pytest.approx(cos(BLUE_2, whole_blue), abs=1e-6)
     assert seen == ["dog"]  # one detection call per distinct word, over the whole group
@@ -146,10 +149,12 @@ def test_reference_crop_from_mask_detection_or_whole():
     _, boxes, found = locator.references(g.references, g.masks, ["a", "b"])
     assert boxes[0].tolist() == [30, 30, 40, 40] and boxes[1].tolist() == [16, 16, 48, 48] and found.all()
     _, boxes, _ = SubjectLocator(PlainBackgroundDetector(), reference_crop="detect").references(
-        g.references, g.masks, ["a", "b"])
+        g.references, g.masks, ["a", "b"]
+    )
     assert boxes[0].tolist() == [20, 22, 44, 42]
     _, boxes, _ = SubjectLocator(PlainBackgroundDetector(), reference_crop="whole").references(
-        g.references, g.masks, ["a", "b"])
+        g.references, g.masks, ["a", "b"]
+    )
     assert boxes[0].tolist() == [0, 0, 64, 64]
 
 
@@ -182,18 +187,27 @@ def _scorer():
 
 def test_per_subject_divrl_equals_the_scorer_on_each_subject_crop():
     scorer = _scorer()
-    reward = PerSubjectDivRL(SubjectLocator(PlainBackgroundDetector(), reference_crop="detect"), scorer, gate=True,
-                             threshold=0.5, weight=5.0, crop_size=32)
+    reward = PerSubjectDivRL(
+        SubjectLocator(PlainBackgroundDetector(), reference_crop="detect"),
+        scorer,
+        gate=True,
+        threshold=0.5,
+        weight=5.0,
+        crop_size=32,
+    )
     references = [textured((0, (20, 22, 44, 42))), textured((1, (16, 16, 48, 48)))]
     g = group(textured((0, LEFT), (1, RIGHT)), textured((1, LEFT), (0, RIGHT)), references=references)
     out = reward(g)
+
     def size(t):
         return torch.nn.functional.interpolate(t[None], size=(32, 32), mode="bilinear", antialias=True)
 
     expected_nssm, expected_vsm = [], []
     for k, (ref_box, gen_boxes) in enumerate([((20, 22, 44, 42), (LEFT, LEFT)), ((16, 16, 48, 48), (RIGHT, RIGHT))]):
         ref = size(crop(g.references[k], torch.tensor(ref_box, dtype=torch.float32)))
-        gen = torch.cat([size(crop(g.images[n], torch.tensor(b, dtype=torch.float32))) for n, b in enumerate(gen_boxes)])
+        gen = torch.cat(
+            [size(crop(g.images[n], torch.tensor(b, dtype=torch.float32))) for n, b in enumerate(gen_boxes)]
+        )
         parts = scorer.score_group(ref, gen)
         expected_nssm.append(parts.nssm)
         expected_vsm.append(parts.vsm)
@@ -226,12 +240,16 @@ def test_per_subject_stage_one_is_the_mean_nssm_and_a_missing_subject_fails_its_
     locator = SubjectLocator(PlainBackgroundDetector())
     references = [textured((0, (20, 22, 44, 42))), textured((1, (16, 16, 48, 48)))]
     explore = PerSubjectDivRL(locator, _scorer(), gate=False, crop_size=32)(
-        group(textured((0, LEFT), (1, RIGHT)), references=references))
+        group(textured((0, LEFT), (1, RIGHT)), references=references)
+    )
     assert explore.components["nssm_1"] > 0.05 and explore.components["nssm_2"] > 0.05
-    assert explore.reward.item() == pytest.approx((explore.components["nssm_1"] + explore.components["nssm_2"]).item() / 2)
+    assert explore.reward.item() == pytest.approx(
+        (explore.components["nssm_1"] + explore.components["nssm_2"]).item() / 2
+    )
     assert not explore.gated.any()
     missing = PerSubjectDivRL(locator, _scorer(), gate=True, crop_size=32, on_missing="score")(
-        group(textured((0, LEFT)), references=references))
+        group(textured((0, LEFT)), references=references)
+    )
     assert missing.components["vsm_2"].item() == 0.0 and missing.components["nssm_2"].item() == 0.0
     assert missing.gated.item() and missing.components["found"].item() == 0.5
     expected = (RF.gated_reward(missing.components["nssm_1"], missing.components["vsm_1"]) - 5 * 0.25) / 2
@@ -254,8 +272,9 @@ def test_backbone_embedder_is_the_normalised_mean_of_the_grid():
     embedder = BackboneEmbedder(backbone, size=32)
     crops = [PAIR[:, :20, :30], SWAPPED]
     out = embedder(crops)
-    resized = torch.cat([torch.nn.functional.interpolate(c[None], size=(32, 32), mode="bilinear", antialias=True)
-                         for c in crops])
+    resized = torch.cat(
+        [torch.nn.functional.interpolate(c[None], size=(32, 32), mode="bilinear", antialias=True) for c in crops]
+    )
     expected = torch.nn.functional.normalize(backbone(resized).visual.mean(dim=(-2, -1)), dim=-1)
     assert torch.allclose(out, expected, atol=1e-6) and torch.allclose(out.norm(dim=-1), torch.ones(2))
 
@@ -312,13 +331,15 @@ def test_per_subject_divrl_crops_the_reference_mask_with_its_reference():
     mask[22:42, 20:32] = 1  # the left half of subject 1 only
     g = group(textured((0, LEFT), (1, RIGHT)), references=references, masks=[mask, None])
     out = PerSubjectDivRL(SubjectLocator(PlainBackgroundDetector(), reference_crop="detect"), scorer, crop_size=32)(g)
+
     def size(t):
         return torch.nn.functional.interpolate(t[None], size=(32, 32), mode="bilinear", antialias=True)
 
     box = torch.tensor([20.0, 22.0, 44.0, 42.0])
     ref_mask = torch.nn.functional.interpolate(crop(mask[None], box)[None], size=(32, 32), mode="bilinear")[0, 0]
-    expected = scorer.score_group(size(crop(references[0], box)), size(crop(g.images[0], torch.tensor(LEFT).float())),
-                                  ref_mask)
+    expected = scorer.score_group(
+        size(crop(references[0], box)), size(crop(g.images[0], torch.tensor(LEFT).float())), ref_mask
+    )
     unmasked = scorer.score_group(size(crop(references[0], box)), size(crop(g.images[0], torch.tensor(LEFT).float())))
     assert out.components["nssm_1"].item() == pytest.approx(expected.nssm.item(), abs=1e-6)
     assert out.components["vsm_1"].item() == pytest.approx(expected.vsm.item(), abs=1e-6)
@@ -333,12 +354,18 @@ def test_an_evaluation_is_rescored_when_any_subject_setting_changes():
 
     embedder = MeanColour()
     base = _describe(PairwiseSubjectConsistency(SubjectLocator(PlainBackgroundDetector(), "order"), embedder))
-    for other in (SubjectLocator(PlainBackgroundDetector(), "hungarian", embedder),
-                  SubjectLocator(PlainBackgroundDetector(threshold=0.3), "order"),
-                  SubjectLocator(PlainBackgroundDetector(), "order", reference_crop="detect")):
+    for other in (
+        SubjectLocator(PlainBackgroundDetector(), "hungarian", embedder),
+        SubjectLocator(PlainBackgroundDetector(threshold=0.3), "order"),
+        SubjectLocator(PlainBackgroundDetector(), "order", reference_crop="detect"),
+    ):
         assert _describe(PairwiseSubjectConsistency(other, embedder)) != base
-    assert _describe(PairwiseSubjectConsistency(SubjectLocator(PlainBackgroundDetector(), "order"), embedder,
-                                                on_missing="score")) != base
+    assert (
+        _describe(
+            PairwiseSubjectConsistency(SubjectLocator(PlainBackgroundDetector(), "order"), embedder, on_missing="score")
+        )
+        != base
+    )
 
 
 def test_reference_boxes_are_cached_by_content_not_by_id():

@@ -20,18 +20,41 @@ pytestmark = pytest.mark.usefixtures("in_repository_root")  # tests/conftest.py
 
 
 def fit(root: Path, max_steps: int, *args: str, seconds: float | None = None) -> None:
-    config = {"trainer": {
-        "default_root_dir": str(root), "enable_progress_bar": False, "check_val_every_n_epoch": 100,
-        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root)}},
-        "callbacks": [
-            {"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": 2}},
-            {"class_path": "divrl.training.LoRAExporter"},
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1}},
-        ] + ([{"class_path": "divrl.training.TrainTimeLimit", "init_args": {"seconds": seconds}}] if seconds else [])}}
+    config = {
+        "trainer": {
+            "default_root_dir": str(root),
+            "enable_progress_bar": False,
+            "check_val_every_n_epoch": 100,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root)}},
+            "callbacks": [
+                {"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": 2}},
+                {"class_path": "divrl.training.LoRAExporter"},
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1},
+                },
+            ]
+            + ([{"class_path": "divrl.training.TrainTimeLimit", "init_args": {"seconds": seconds}}] if seconds else []),
+        }
+    }
     (root / "overrides.yaml").write_text(yaml.safe_dump(config))
-    assert main(["fit", "--config", str(IDGLOW), "--config", str(root / "overrides.yaml"), "--trainer.max_steps",
-                 str(max_steps), "--model.sampling.group_size", "4", *args]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(IDGLOW),
+                "--config",
+                str(root / "overrides.yaml"),
+                "--trainer.max_steps",
+                str(max_steps),
+                "--model.sampling.group_size",
+                "4",
+                *args,
+            ]
+        )
+        == 0
+    )
 
 
 def rows(root: Path) -> dict[int, dict]:

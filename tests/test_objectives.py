@@ -38,8 +38,9 @@ def demo_policy(family: str = "kontext"):
     if family == "klein":
         from divrl.policy.flux2 import Flux2KleinConfig
 
-        return Flux2KleinConfig(model=str(ROOT / "data/demo/tiny-klein"), lora=lora, guidance_scale=2.0,
-                                max_sequence_length=48).build()
+        return Flux2KleinConfig(
+            model=str(ROOT / "data/demo/tiny-klein"), lora=lora, guidance_scale=2.0, max_sequence_length=48
+        ).build()
     return KontextConfig(model=str(ROOT / "data/demo/tiny-kontext"), lora=lora, max_sequence_length=32).build()
 
 
@@ -48,7 +49,9 @@ class Env:
 
     def __init__(self, policy, group_size: int = 4):
         self.policy, self.step = policy, 0
-        self.sampling = SamplingConfig(group_size=group_size, num_steps=4, noise_level=0.0, resolution=SIZE, val_group_size=2)
+        self.sampling = SamplingConfig(
+            group_size=group_size, num_steps=4, noise_level=0.0, resolution=SIZE, val_group_size=2
+        )
 
     def rollout(self, samples, group_size, generator, *, num_steps=None, noise_level=None, sde_steps=None):
         cond = self.policy.encode(samples, SIZE, SIZE, group_size)
@@ -98,7 +101,7 @@ def test_sft_lowers_the_held_out_flow_matching_loss_on_the_demo_pairs():
     train = [demo_samples("train", 24, prompt=p) for p in range(4)]
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3)
     for i in range(12):
-        batch = objective.collect(policy, train[i % 4][(i // 4) * 8 % 24:][:8], env, torch.Generator().manual_seed(i))
+        batch = objective.collect(policy, train[i % 4][(i // 4) * 8 % 24 :][:8], env, torch.Generator().manual_seed(i))
         for items in objective.updates(batch, torch.Generator().manual_seed(i)):
             for item in items:
                 loss, stats = objective.loss(policy, batch, item)
@@ -114,13 +117,15 @@ def test_sft_decay_schedules():
     policy = demo_policy()
     samples = demo_samples("train", 2)
     env = Env(policy)
-    ranged = SFTObjective(timesteps=TimestepSampling("uniform"), timesteps_per_sample=64, decay="range", decay_steps=10,
-                          decay_to=0.5)
+    ranged = SFTObjective(
+        timesteps=TimestepSampling("uniform"), timesteps_per_sample=64, decay="range", decay_steps=10, decay_to=0.5
+    )
     env.step = 5  # halfway: the top σ is 0.75
     batch = ranged.collect(policy, samples, env, torch.Generator().manual_seed(0))
     assert batch.sigmas.max() <= 0.75 and batch.sigmas.max() > 0.6 and (batch.weights == 1).all()
-    weighted = SFTObjective(timesteps=TimestepSampling("uniform"), timesteps_per_sample=8, decay="weight",
-                            decay_steps=10, decay_to=0.5)
+    weighted = SFTObjective(
+        timesteps=TimestepSampling("uniform"), timesteps_per_sample=8, decay="weight", decay_steps=10, decay_to=0.5
+    )
     env.step = 20  # past the end: w = 1 − 0.5·σ
     batch = weighted.collect(policy, samples, env, torch.Generator().manual_seed(0))
     assert torch.allclose(batch.weights, 1 - 0.5 * batch.sigmas)
@@ -257,14 +262,17 @@ def test_the_rpo_alpha_adds_the_winners_and_positives_flow_matching_error():
     env = Env(policy, group_size=4)
     samples = demo_samples("train", 1)
     item = (torch.tensor([0]), 0)
-    for plain, regularised in ((DPOObjective(beta=50.0), DPOObjective(beta=50.0, rpo_alpha=2.0)),
-                               (GroupDPOObjective(beta=50.0), GroupDPOObjective(beta=50.0, rpo_alpha=2.0))):
+    for plain, regularised in (
+        (DPOObjective(beta=50.0), DPOObjective(beta=50.0, rpo_alpha=2.0)),
+        (GroupDPOObjective(beta=50.0), GroupDPOObjective(beta=50.0, rpo_alpha=2.0)),
+    ):
         batch = plain.collect(policy, samples, env, torch.Generator().manual_seed(0))
         with torch.no_grad():
             base, _ = plain.loss(policy, batch, item)
             added, _ = regularised.loss(policy, batch, item)
-            err, _ = plain._errors(policy, batch, batch.pairs[:1], batch.cond_rows[:1], batch.noise[:1, 0],
-                                   batch.sigmas[:1, 0])
+            err, _ = plain._errors(
+                policy, batch, batch.pairs[:1], batch.cond_rows[:1], batch.noise[:1, 0], batch.sigmas[:1, 0]
+            )
         if batch.advantages is None:  # the winner's error
             expected = 2.0 * err[0, 0]
         else:  # the positives' |advantage|-weighted error
@@ -302,18 +310,31 @@ def test_nft_gives_skipped_groups_r_one_half():
             scores.keep[1] = False
             return scores
 
-    batch = NFTObjective().collect(policy, demo_samples("train", 2), HalfSkipped(policy), torch.Generator().manual_seed(0))
+    batch = NFTObjective().collect(
+        policy, demo_samples("train", 2), HalfSkipped(policy), torch.Generator().manual_seed(0)
+    )
     assert (batch.r[4:] == 0.5).all() and not (batch.r[:4] == 0.5).all()
 
 
-@pytest.mark.parametrize(("objective", "distribution"), [("SFTObjective", "logit_normal"), ("NFTObjective", "uniform"),
-                                                         ("GroupDPOObjective", "uniform")])
+@pytest.mark.parametrize(
+    ("objective", "distribution"),
+    [("SFTObjective", "logit_normal"), ("NFTObjective", "uniform"), ("GroupDPOObjective", "uniform")],
+)
 def test_a_partial_timesteps_mapping_keeps_the_objectives_default_distribution(objective, distribution, tmp_path):
     from divrl.cli import run_lightning
 
-    cli = run_lightning(["--config", str(ROOT / "configs/demo.yaml"), "--trainer.default_root_dir", str(tmp_path)],
-                        run=False)
-    cfg = cli.parser.parse_args(["--config", str(ROOT / "configs/demo.yaml"), "--model.objective", f"divrl.objectives.{objective}",
-                                 "--model.objective.timesteps", '{"low": 0.5}'])
+    cli = run_lightning(
+        ["--config", str(ROOT / "configs/demo.yaml"), "--trainer.default_root_dir", str(tmp_path)], run=False
+    )
+    cfg = cli.parser.parse_args(
+        [
+            "--config",
+            str(ROOT / "configs/demo.yaml"),
+            "--model.objective",
+            f"divrl.objectives.{objective}",
+            "--model.objective.timesteps",
+            '{"low": 0.5}',
+        ]
+    )
     parsed = cli.parser.instantiate_classes(cfg).model.objectives[0]
     assert parsed.timesteps.distribution == distribution and parsed.timesteps.low == 0.5

@@ -47,7 +47,7 @@ def test_groups_scored_in_the_background_come_back_in_order_with_the_callers_gra
     samples = [_sample(n) for n in ("a", "nan", "b")]
     with torch.no_grad(), GroupScoring(reward) as scoring:
         for i, sample in enumerate(samples):
-            scoring.submit(sample, images[2 * i:2 * i + 2])
+            scoring.submit(sample, images[2 * i : 2 * i + 2])
         results = scoring.results()
     assert all(name.startswith("divrl-reward") for name in reward.threads) and reward.grad == [False] * 3
     skipped = []
@@ -62,7 +62,7 @@ def test_a_configuration_error_is_raised_in_order_and_stops_the_inline_scoring()
     samples = [_sample(n) for n in ("a", "bad", "b")]
     with GroupScoring(reward, background=False) as scoring:
         for i, sample in enumerate(samples):
-            scoring.submit(sample, images[2 * i:2 * i + 2])
+            scoring.submit(sample, images[2 * i : 2 * i + 2])
         results = scoring.results()
     assert reward.threads == ["MainThread"] * 2  # 'b' is not scored after the error
     with pytest.raises(ValueError, match="no reference mask"):
@@ -80,8 +80,9 @@ def test_overlap_needs_chunks():
 def policy_and_condition():
     from divrl.policy import KontextConfig, LoRAConfig
 
-    policy = KontextConfig(model=str(ROOT / "data/demo/tiny-kontext"), lora=LoRAConfig(rank=4, alpha=4.0),
-                           max_sequence_length=32).build()
+    policy = KontextConfig(
+        model=str(ROOT / "data/demo/tiny-kontext"), lora=LoRAConfig(rank=4, alpha=4.0), max_sequence_length=32
+    ).build()
     samples = [_sample("a"), _sample("b"), _sample("c")]
     return policy, policy.encode(samples, 32, 32, 2)
 
@@ -90,8 +91,14 @@ def test_a_chunked_rollout_hands_each_chunk_over_as_it_is_decoded(policy_and_con
     policy, condition = policy_and_condition
     kwargs = {"num_steps": 3, "noise_level": 0.9}
     seen = []
-    chunked = rollout_chunks(policy, condition, 4, on_chunk=lambda rows, images: seen.append((rows, images)),
-                             generator=torch.Generator().manual_seed(0), **kwargs)
+    chunked = rollout_chunks(
+        policy,
+        condition,
+        4,
+        on_chunk=lambda rows, images: seen.append((rows, images)),
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    )
     assert [rows for rows, _ in seen] == [slice(0, 4), slice(4, 6)]
     assert torch.equal(torch.cat([images for _, images in seen]), chunked.images)
     # one chunk of the whole batch is the plain rollout, bit for bit
@@ -107,8 +114,9 @@ def test_a_chunked_rollout_hands_each_chunk_over_as_it_is_decoded(policy_and_con
     assert torch.allclose(chunked.log_probs, plain.log_probs, atol=1e-4)
 
 
-def demo_fit(root: Path, max_steps: int, *args: str, switch: int | None = 2, rewards: list | None = None,
-             callbacks: tuple = ()) -> dict:
+def demo_fit(
+    root: Path, max_steps: int, *args: str, switch: int | None = 2, rewards: list | None = None, callbacks: tuple = ()
+) -> dict:
     """The CPU demo for ``max_steps`` updates (stage 2 after ``switch``; one stage with ``switch=None`` and one reward
     in ``rewards``, the demo's replacement), one group per rollout chunk; its final LoRA."""
     import yaml
@@ -116,14 +124,36 @@ def demo_fit(root: Path, max_steps: int, *args: str, switch: int | None = 2, rew
     from divrl.cli import main
 
     root.mkdir(parents=True, exist_ok=True)
-    config = {"trainer": {"default_root_dir": str(root), "logger": False, "enable_progress_bar": False,
-                          "callbacks": [{"class_path": "divrl.training.LoRAExporter"}, *callbacks] + (
-                              [{"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": switch}}]
-                              if switch is not None else [])},
-              "model": {"system": {"rollout_chunk_groups": 1}, **({"rewards": rewards} if rewards else {})}}
+    config = {
+        "trainer": {
+            "default_root_dir": str(root),
+            "logger": False,
+            "enable_progress_bar": False,
+            "callbacks": [{"class_path": "divrl.training.LoRAExporter"}, *callbacks]
+            + (
+                [{"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": switch}}]
+                if switch is not None
+                else []
+            ),
+        },
+        "model": {"system": {"rollout_chunk_groups": 1}, **({"rewards": rewards} if rewards else {})},
+    }
     (root / "overrides.yaml").write_text(yaml.safe_dump(config))
-    assert main(["fit", "--config", str(ROOT / "configs/demo.yaml"), "--config", str(root / "overrides.yaml"),
-                 "--trainer.max_steps", str(max_steps), *args]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs/demo.yaml"),
+                "--config",
+                str(root / "overrides.yaml"),
+                "--trainer.max_steps",
+                str(max_steps),
+                *args,
+            ]
+        )
+        == 0
+    )
     return load_file(root / "lora/final/pytorch_lora_weights.safetensors")
 
 

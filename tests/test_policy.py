@@ -20,9 +20,18 @@ def reference(size_h, size_w):
 
 def pipeline_latents(pipe, ref, prompt, height, width, steps, seed, group):
     return pipe(
-        image=ref, prompt=prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=2.5,
-        generator=torch.Generator().manual_seed(seed), output_type="latent", max_area=height * width,
-        _auto_resize=False, max_sequence_length=32, num_images_per_prompt=group,
+        image=ref,
+        prompt=prompt,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=2.5,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        max_area=height * width,
+        _auto_resize=False,
+        max_sequence_length=32,
+        num_images_per_prompt=group,
     ).images
 
 
@@ -41,8 +50,9 @@ def test_ode_rollout_matches_diffusers_pipeline(steps, height, width):
     ref = reference(height, width)
     expected = pipeline_latents(pipe, ref, PROMPT, height, width, steps, seed=3, group=2)
     condition = policy.condition(ref, PROMPT, height, width, guidance=2.5, group_size=2)
-    traj = rollout(policy, condition, num_steps=steps, noise_level=0.0,
-                   generator=torch.Generator().manual_seed(3), decode=False)
+    traj = rollout(
+        policy, condition, num_steps=steps, noise_level=0.0, generator=torch.Generator().manual_seed(3), decode=False
+    )
     assert traj.latents.shape == (2, steps + 1, *expected.shape[1:])
     assert torch.allclose(traj.latents[:, -1], expected, atol=1e-5, rtol=0)
     assert (traj.latents[:, -1] - expected).abs().max() < 1e-5
@@ -54,8 +64,16 @@ def test_decoded_images_match_pipeline_and_adapter_starts_neutral(tiny_policy):
     ref = reference(height, width)
     pipe = tiny_policy.pipeline()  # the adapter (fresh: B = 0) is active in it
     expected = pipe(
-        image=ref, prompt=PROMPT, height=height, width=width, num_inference_steps=3, guidance_scale=2.5,
-        generator=torch.Generator().manual_seed(0), output_type="pt", max_area=height * width, _auto_resize=False,
+        image=ref,
+        prompt=PROMPT,
+        height=height,
+        width=width,
+        num_inference_steps=3,
+        guidance_scale=2.5,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        max_area=height * width,
+        _auto_resize=False,
         max_sequence_length=32,
     ).images
     condition = tiny_policy.condition(ref, PROMPT, height, width)
@@ -76,19 +94,33 @@ def test_batch_of_conditions_equals_separate_runs(tiny_policy):
     traj = rollout(tiny_policy, condition, num_steps=3, noise_level=0.7, generator=gens, decode=False)
     for c in range(2):
         single = tiny_policy.condition(refs[c], prompts[c], 32, 32, group_size=2)
-        one = rollout(tiny_policy, single, num_steps=3, noise_level=0.7,
-                      generator=[torch.Generator().manual_seed(10 + 2 * c + k) for k in range(2)], decode=False)
+        one = rollout(
+            tiny_policy,
+            single,
+            num_steps=3,
+            noise_level=0.7,
+            generator=[torch.Generator().manual_seed(10 + 2 * c + k) for k in range(2)],
+            decode=False,
+        )
         assert torch.allclose(one.latents, traj.latents[2 * c : 2 * c + 2], atol=1e-5)
         assert torch.allclose(one.log_probs, traj.log_probs[2 * c : 2 * c + 2], atol=1e-5)
-    micro = rollout(tiny_policy, condition, num_steps=3, noise_level=0.7, decode=False,
-                    generator=[torch.Generator().manual_seed(10 + k) for k in range(4)], micro_batch_size=3)
+    micro = rollout(
+        tiny_policy,
+        condition,
+        num_steps=3,
+        noise_level=0.7,
+        decode=False,
+        generator=[torch.Generator().manual_seed(10 + k) for k in range(4)],
+        micro_batch_size=3,
+    )
     assert torch.allclose(micro.latents, traj.latents, atol=1e-5)
 
 
 def test_on_policy_ratio_is_one_and_fresh_kl_is_zero(tiny_policy):
     condition = tiny_policy.condition(reference(32, 32), PROMPT, 32, 32, group_size=3)
-    traj = rollout(tiny_policy, condition, num_steps=4, noise_level=0.9,
-                   generator=torch.Generator().manual_seed(0), decode=False)
+    traj = rollout(
+        tiny_policy, condition, num_steps=4, noise_level=0.9, generator=torch.Generator().manual_seed(0), decode=False
+    )
     assert (traj.log_probs != 0).all()
     for step in range(4):
         out = transition_log_prob(tiny_policy, traj, step, condition)
@@ -137,15 +169,24 @@ def test_prompt_cache_smaller_than_a_call_still_encodes_every_prompt():
 def test_saved_pipeline_loads_through_from_pretrained(tmp_path):
     components = tiny_kontext_components(seed=5)
     FluxKontextPipeline(**components).save_pretrained(tmp_path / "tiny-kontext")
-    loaded = KontextPolicy.from_pretrained(tmp_path / "tiny-kontext", torch_dtype=None, max_sequence_length=32,
-                                           lora=LoRAConfig(rank=4, alpha=8))
+    loaded = KontextPolicy.from_pretrained(
+        tmp_path / "tiny-kontext", torch_dtype=None, max_sequence_length=32, lora=LoRAConfig(rank=4, alpha=8)
+    )
     direct = KontextPolicy(**components, lora=None, max_sequence_length=32)
     ref = reference(32, 32)
     runs = []
     for policy in (loaded, direct):
         condition = policy.condition(ref, PROMPT, 32, 32)
-        runs.append(rollout(policy, condition, num_steps=2, noise_level=0.0,
-                            generator=torch.Generator().manual_seed(0), decode=False).latents)
+        runs.append(
+            rollout(
+                policy,
+                condition,
+                num_steps=2,
+                noise_level=0.0,
+                generator=torch.Generator().manual_seed(0),
+                decode=False,
+            ).latents
+        )
     assert torch.allclose(runs[0], runs[1], atol=1e-6)
 
 
@@ -190,10 +231,14 @@ def test_saved_lora_loads_in_diffusers_and_reproduces_the_policy(tmp_path):
     ref = reference(32, 32)
     expected = pipeline_latents(pipe, ref, PROMPT, 32, 32, steps=3, seed=0, group=1)
     condition = policy.condition(ref, PROMPT, 32, 32)
-    traj = rollout(policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(0), decode=False)
+    traj = rollout(
+        policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(0), decode=False
+    )
     assert torch.allclose(traj.latents[:, -1], expected, atol=1e-5)
     with policy.adapter_disabled():
-        base = rollout(policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(0), decode=False)
+        base = rollout(
+            policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(0), decode=False
+        )
     assert (base.latents[:, -1] - expected).abs().max() > 1e-3  # the adapter really changed the model
 
 
@@ -239,8 +284,10 @@ def test_a_scheduler_config_the_schedule_does_not_reproduce_is_refused():
     from divrl.policy.tiny import FLUX_SCHEDULER_CONFIG
 
     components = tiny_kontext_components(seed=0)
-    for change, match in (({"use_dynamic_shifting": False}, "use_dynamic_shifting"),
-                          ({"use_karras_sigmas": True}, "use_karras_sigmas")):
+    for change, match in (
+        ({"use_dynamic_shifting": False}, "use_dynamic_shifting"),
+        ({"use_karras_sigmas": True}, "use_karras_sigmas"),
+    ):
         scheduler = FlowMatchEulerDiscreteScheduler(**{**FLUX_SCHEDULER_CONFIG, **change})
         policy = KontextPolicy(**{**components, "scheduler": scheduler}, lora=None, max_sequence_length=32)
         with pytest.raises(ValueError, match=match):

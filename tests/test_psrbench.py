@@ -48,22 +48,51 @@ def bench(tmp_path) -> Path:
     photo(src / "subjects" / "teapot.jpg", (220, 220, 0))
     cutout(src / "subjects" / "sneaker.png")
     (src / "subjects" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    (src / "Attribute.json").write_text(json.dumps([
-        sample("a dog wearing a red scarf beside a sneaker", ["animals/dog.jpg", "subjects/sneaker.png"], "dog", "shoe",
-               attribute="red scarf"),
-        sample("a cat and a backpack", ["animals/cat.jpg", "subjects/nowhere.jpg"], "cat", "backpack"),
-        sample("  ", ["animals/cat.jpg", "subjects/backpack.jpg"], "cat", "backpack"),
-    ]))
-    (src / "Position.json").write_text(json.dumps([
-        sample("a backpack to the left of a dog", ["subjects/backpack.jpg", "animals/dog.jpg"], "backpack", "dog"),
-        sample("a cat under a teapot", ["animals/cat.jpg", "subjects/teapot.jpg"], "cat"),
-    ]))
-    (src / "Three.json").write_text(json.dumps([
-        sample("a dog, a cat and a teapot in a garden", ["animals/dog.jpg", "animals/cat.jpg", "subjects/teapot.jpg"],
-               "dog", "cat", "teapot"),
-        sample("a dog, a cat and a teapot", ["animals/dog.jpg", "animals/cat.jpg", "subjects/broken.jpg"],
-               "dog", "cat", "teapot"),
-    ]))
+    (src / "Attribute.json").write_text(
+        json.dumps(
+            [
+                sample(
+                    "a dog wearing a red scarf beside a sneaker",
+                    ["animals/dog.jpg", "subjects/sneaker.png"],
+                    "dog",
+                    "shoe",
+                    attribute="red scarf",
+                ),
+                sample("a cat and a backpack", ["animals/cat.jpg", "subjects/nowhere.jpg"], "cat", "backpack"),
+                sample("  ", ["animals/cat.jpg", "subjects/backpack.jpg"], "cat", "backpack"),
+            ]
+        )
+    )
+    (src / "Position.json").write_text(
+        json.dumps(
+            [
+                sample(
+                    "a backpack to the left of a dog", ["subjects/backpack.jpg", "animals/dog.jpg"], "backpack", "dog"
+                ),
+                sample("a cat under a teapot", ["animals/cat.jpg", "subjects/teapot.jpg"], "cat"),
+            ]
+        )
+    )
+    (src / "Three.json").write_text(
+        json.dumps(
+            [
+                sample(
+                    "a dog, a cat and a teapot in a garden",
+                    ["animals/dog.jpg", "animals/cat.jpg", "subjects/teapot.jpg"],
+                    "dog",
+                    "cat",
+                    "teapot",
+                ),
+                sample(
+                    "a dog, a cat and a teapot",
+                    ["animals/dog.jpg", "animals/cat.jpg", "subjects/broken.jpg"],
+                    "dog",
+                    "cat",
+                    "teapot",
+                ),
+            ]
+        )
+    )
     return src
 
 
@@ -94,10 +123,14 @@ def test_psrbench_samples_become_multi_subject_identities_in_val(bench, tmp_path
     assert three.masks == [None, None, None] and "relation" not in three.extra
 
     assert "converted 3 identities (train 0, val 3)" in summary and "skipped 4" in summary
-    skipped = {line.split(": ", 1)[0].removeprefix("  skipped "): line.split(": ", 1)[1]
-               for line in summary.splitlines() if line.startswith("  skipped ")}
-    assert set(skipped) == {str(bench / name) for name in
-                            ("Attribute.json#1", "Attribute.json#2", "Position.json#1", "Three.json#1")}
+    skipped = {
+        line.split(": ", 1)[0].removeprefix("  skipped "): line.split(": ", 1)[1]
+        for line in summary.splitlines()
+        if line.startswith("  skipped ")
+    }
+    assert set(skipped) == {
+        str(bench / name) for name in ("Attribute.json#1", "Attribute.json#2", "Position.json#1", "Three.json#1")
+    }
     assert "subjects/nowhere.jpg is missing" in skipped[str(bench / "Attribute.json#1")]
     assert "no prompt" in skipped[str(bench / "Attribute.json#2")]
     assert "1 category word(s) for 2 reference image(s)" in skipped[str(bench / "Position.json#1")]
@@ -107,8 +140,25 @@ def test_psrbench_samples_become_multi_subject_identities_in_val(bench, tmp_path
 
 def test_psrbench_subsets_split_and_strict(bench, tmp_path):
     out = tmp_path / "some"
-    assert main(["data", "psrbench", "--src", str(bench), "--out", str(out), "--resolution", "16",
-                 "--subsets", "three, attribute", "--val-fraction", "0"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "psrbench",
+                "--src",
+                str(bench),
+                "--out",
+                str(out),
+                "--resolution",
+                "16",
+                "--subsets",
+                "three, attribute",
+                "--val-fraction",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert not list(out.glob("val-*.tar"))  # an explicit --val-fraction wins
     got = records(out, "train")
     assert sorted(got) == ["attribute/000", "three/000"]
@@ -136,8 +186,9 @@ def test_psrbench_bad_files_are_named(bench, tmp_path, capsys):
     assert "Complex.json is not valid JSON" in err and "line 1" in err
     assert not list((tmp_path / "o4").glob("*.tar"))  # every file is parsed before a shard is written
 
-    (bench / "Complex.json").write_bytes(json.dumps([sample("un caf\u00e9", [], "dog")]).encode("utf-8")
-                                         .replace(b"\\u00e9", b"\xe9"))
+    (bench / "Complex.json").write_bytes(
+        json.dumps([sample("un caf\u00e9", [], "dog")]).encode("utf-8").replace(b"\\u00e9", b"\xe9")
+    )
     assert main(["data", "psrbench", "--src", str(bench), "--out", str(tmp_path / "o5")]) == 2
     assert "Complex.json: line 1 is not UTF-8" in capsys.readouterr().err
 

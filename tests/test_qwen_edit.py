@@ -45,10 +45,20 @@ def pipeline_trajectory(pipe, images, scale: float, steps: int, seed: int, group
         seen.append(tensors["latents"].clone())
         return {}
 
-    images_out = pipe(prompt=PROMPT, image=images, negative_prompt=" " if scale > 1 else None, true_cfg_scale=scale,
-                      height=size, width=size, num_inference_steps=steps, num_images_per_prompt=group,
-                      generator=torch.Generator().manual_seed(seed), output_type="pt", callback_on_step_end=keep,
-                      callback_on_step_end_tensor_inputs=["latents"]).images
+    images_out = pipe(
+        prompt=PROMPT,
+        image=images,
+        negative_prompt=" " if scale > 1 else None,
+        true_cfg_scale=scale,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        num_images_per_prompt=group,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+        callback_on_step_end=keep,
+        callback_on_step_end_tensor_inputs=["latents"],
+    ).images
     return torch.stack(seen, dim=1), images_out
 
 
@@ -84,22 +94,42 @@ def test_non_square_references_and_output_at_other_areas_match_the_pipeline(monk
     components = tiny_qwen_edit_components(seed=1)
     torch.manual_seed(5)
     components["transformer"] = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, axes_dims_rope=(2, 2, 4), zero_cond_t=True).eval()
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(2, 2, 4),
+        zero_cond_t=True,
+    ).eval()
     pipe = QwenImageEditPlusPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
-    images = [references(1, 96)[0].resize((96, 48)), Image.fromarray(
-        (torch.rand(80, 40, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())]
+    images = [
+        references(1, 96)[0].resize((96, 48)),
+        Image.fromarray((torch.rand(80, 40, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()),
+    ]
     seen = []
-    pipe(prompt=PROMPT, image=images, negative_prompt=" ", true_cfg_scale=4.0, height=32, width=64,
-         num_inference_steps=3, generator=torch.Generator().manual_seed(2), output_type="pt",
-         callback_on_step_end=lambda _p, _i, _t, tensors: seen.append(tensors["latents"].clone()) or {},
-         callback_on_step_end_tensor_inputs=["latents"])
+    pipe(
+        prompt=PROMPT,
+        image=images,
+        negative_prompt=" ",
+        true_cfg_scale=4.0,
+        height=32,
+        width=64,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(2),
+        output_type="pt",
+        callback_on_step_end=lambda _p, _i, _t, tensors: seen.append(tensors["latents"].clone()) or {},
+        callback_on_step_end_tensor_inputs=["latents"],
+    )
     policy = QwenEditPolicy.from_pipeline(pipe, lora=None, condition_image_size=32 * 32, vae_image_size=64 * 64)
     condition = policy.condition([images], [PROMPT], 32, 64)
     assert condition.img_shapes == [(1, 8, 16), (1, 8, 24), (1, 24, 8)]  # output 32x64; references 96x32, 32x96 px
-    traj = rollout(policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(2),
-                   decode=False)
+    traj = rollout(
+        policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(2), decode=False
+    )
     assert (traj.latents[:, 1:] - torch.stack(seen, dim=1)).abs().max() < 1e-5
 
 
@@ -107,9 +137,15 @@ def transformer_velocity(policy, latents, sigma, condition, text, mask=None) -> 
     """One plain transformer call as the pipeline makes it (reference tokens appended, output cut)."""
     hidden = torch.cat([latents, condition.image_latents], dim=1)
     timestep = torch.full((len(latents),), sigma * 1000, dtype=torch.float32) / 1000
-    out = policy.transformer(hidden_states=hidden, timestep=timestep, guidance=None, encoder_hidden_states=text,
-                             encoder_hidden_states_mask=mask, img_shapes=[condition.img_shapes] * len(latents),
-                             return_dict=False)[0]
+    out = policy.transformer(
+        hidden_states=hidden,
+        timestep=timestep,
+        guidance=None,
+        encoder_hidden_states=text,
+        encoder_hidden_states_mask=mask,
+        img_shapes=[condition.img_shapes] * len(latents),
+        return_dict=False,
+    )[0]
     return out[:, : latents.shape[1]]
 
 
@@ -120,8 +156,9 @@ def test_on_policy_ratio_is_one_with_cfg_and_the_kl_is_computed_from_the_guided_
 
     policy = QwenEditPolicy.tiny(seed=0, true_cfg_scale=4.0)
     condition = policy.condition([references(2)], [PROMPT], 32, 32, group_size=3)
-    traj = rollout(policy, condition, num_steps=3, noise_level=0.9, generator=torch.Generator().manual_seed(0),
-                   decode=False)
+    traj = rollout(
+        policy, condition, num_steps=3, noise_level=0.9, generator=torch.Generator().manual_seed(0), decode=False
+    )
     for step in range(3):
         out = transition_log_prob(policy, traj, step, condition)
         assert (torch.exp(out.log_prob - traj.log_probs[:, step]) - 1).abs().max() <= 1e-6
@@ -143,8 +180,10 @@ def test_on_policy_ratio_is_one_with_cfg_and_the_kl_is_computed_from_the_guided_
         moved = guided()
         with policy.adapter_disabled():
             initial = guided()
-        mine, base = (sde_step(v, x, sigmas[1], sigmas[2], 0.9, sigma_max=sigmas[1], prev_sample=traj.latents[:, 2])
-                      for v in (moved, initial))
+        mine, base = (
+            sde_step(v, x, sigmas[1], sigmas[2], 0.9, sigma_max=sigmas[1], prev_sample=traj.latents[:, 2])
+            for v in (moved, initial)
+        )
         by_hand = ((mine.mean.double() - base.mean.double()) ** 2 / (2 * mine.std.double() ** 2)).mean(dim=(1, 2))
         out = transition_log_prob(policy, traj, 1, condition)
         with policy.adapter_disabled():
@@ -168,11 +207,13 @@ def test_a_trained_lora_loads_in_the_pipeline_with_the_same_samples(small_refere
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(tmp_path / "lora")
     expected, _ = pipeline_trajectory(pipe, images, 4.0, steps=3, seed=5, group=1)
-    traj = rollout(policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(5),
-                   decode=False)
+    traj = rollout(
+        policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(5), decode=False
+    )
     with policy.adapter_disabled():
-        base = rollout(policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(5),
-                       decode=False)
+        base = rollout(
+            policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(5), decode=False
+        )
     assert (traj.latents[:, 1:] - expected).abs().max() < 1e-5
     assert (base.latents[:, -1] - expected[:, -1]).abs().max() > 1e-3  # the adapter moved: not a vacuous match
 
@@ -203,8 +244,14 @@ def test_a_saved_model_loads_through_the_config_in_the_released_format(tmp_path)
     folder = tmp_path / "tiny-qwen-edit"
     save_pipeline(QwenImageEditPlusPipeline(**tiny_qwen_edit_components(seed=2)), folder)
     assert json.loads((folder / "model_index.json").read_text())["processor"] == ["transformers", "Qwen2VLProcessor"]
-    config = QwenEditConfig(model=str(folder), torch_dtype="float32", true_cfg_scale=2.0, condition_image_size=AREA,
-                            vae_image_size=AREA, lora=LoRAConfig(rank=2, alpha=2.0))
+    config = QwenEditConfig(
+        model=str(folder),
+        torch_dtype="float32",
+        true_cfg_scale=2.0,
+        condition_image_size=AREA,
+        vae_image_size=AREA,
+        lora=LoRAConfig(rank=2, alpha=2.0),
+    )
     loaded = config.build()
     built = QwenEditPolicy.tiny(seed=2, true_cfg_scale=2.0, lora=LoRAConfig(rank=2, alpha=2.0))
     condition = built.condition([references(2)], [PROMPT], 32, 32)
@@ -224,11 +271,17 @@ def test_another_familys_folder_is_refused_by_name(tmp_path):
 
     FluxKontextPipeline(**tiny_kontext_components(seed=0)).save_pretrained(tmp_path / "kontext")
     save_pipeline(QwenImageEditPlusPipeline(**tiny_qwen_edit_components(seed=0)), tmp_path / "qwen")
-    with pytest.raises(ModelLoadError, match=r"is a FluxKontextPipeline folder \(FLUX.1 Kontext\), and this config "
-                                             r"trains Qwen-Image-Edit-Plus.*class_path: divrl.policy.KontextConfig"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"is a FluxKontextPipeline folder \(FLUX.1 Kontext\), and this config "
+        r"trains Qwen-Image-Edit-Plus.*class_path: divrl.policy.KontextConfig",
+    ):
         QwenEditConfig(model=str(tmp_path / "kontext"), lora=None).build()
-    with pytest.raises(ModelLoadError, match=r"is a QwenImageEditPlusPipeline folder \(Qwen-Image-Edit-Plus\).*"
-                                             r"class_path: divrl.policy.qwen_image.QwenEditConfig"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"is a QwenImageEditPlusPipeline folder \(Qwen-Image-Edit-Plus\).*"
+        r"class_path: divrl.policy.qwen_image.QwenEditConfig",
+    ):
         KontextConfig(model=str(tmp_path / "qwen"), lora=None).build()
     with pytest.raises(ValueError, match=r"policy.true_cfg_scale must be a finite number >= 0"):
         QwenEditConfig(model="tiny", true_cfg_scale=float("nan"))
@@ -249,8 +302,9 @@ def test_precomputed_conditioning_equals_encoding_at_run_time(tmp_path):
     from divrl.policy.qwen_image.builder import save_pipeline
 
     policy = QwenEditPolicy.tiny(seed=0, true_cfg_scale=3.0)
-    record = IdentityRecord(id="pair", references=references(2), masks=[None, None],
-                            prompts=[PROMPT, "both of them in the snow"])
+    record = IdentityRecord(
+        id="pair", references=references(2), masks=[None, None], prompts=[PROMPT, "both of them in the snow"]
+    )
     C.convert([record], tmp_path / "shards", resolution=48, precompute=C.Precompute(policy, 32))
     (stored,) = list(read_identities(sorted(str(p) for p in (tmp_path / "shards").glob("*.tar")), SkipCounter(5)))
     payload = stored.conditioning
@@ -266,8 +320,11 @@ def test_precomputed_conditioning_equals_encoding_at_run_time(tmp_path):
     with pytest.raises(ValueError, match=r"made for another model family \(flux2-klein\), not Qwen-Image-Edit"):
         lean.encode([dataclasses.replace(samples[0], conditioning={"family": "flux2-klein"})], 32, 32)
     other_area = QwenEditPolicy.tiny(seed=0, true_cfg_scale=3.0, vae_image_size=64 * 64)  # encoders loaded
-    with pytest.raises(ValueError, match=r"has \{'vae_image_size': 1024\}, this run needs .*'vae_image_size': 4096.*"
-                                         r"or drop the precomputed entries"):
+    with pytest.raises(
+        ValueError,
+        match=r"has \{'vae_image_size': 1024\}, this run needs .*'vae_image_size': 4096.*"
+        r"or drop the precomputed entries",
+    ):
         other_area.encode(samples, 32, 32)
     save_pipeline(QwenImageEditPlusPipeline(**tiny_qwen_edit_components(seed=0)), tmp_path / "qwen")
     assert family_config(tmp_path / "qwen") is QwenEditConfig  # `divrl data --precompute FOLDER` builds this family
@@ -301,7 +358,10 @@ def test_references_of_other_aspect_ratios_in_one_batch_are_refused_and_no_encod
         policy.condition([[square], [wide]], [PROMPT, PROMPT], 32, 32)
     wide_alone = policy.condition([[wide]], [PROMPT], 32, 32)  # alone it conditions, on its own grid: 96 x 32 px
     assert wide_alone.img_shapes[1] == (1, 8, 24) and policy.condition([[square]], [PROMPT], 32, 32).img_shapes[1] == (
-        1, 16, 16)
+        1,
+        16,
+        16,
+    )
     with pytest.raises(ValueError, match=r"a 256x16 reference resized to a 4096-pixel area .* rounds to 0"):
         policy.condition([[Image.new("RGB", (256, 16))]], [PROMPT], 32, 32)
     lean = QwenEditPolicy.tiny(seed=0).drop_encoders()
@@ -319,8 +379,9 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(mode):
     from divrl.policy.compute import UnitForward
 
     def gradients(**settings) -> dict:
-        policy = QwenEditConfig(model="tiny", true_cfg_scale=2.0, lora=LoRAConfig(rank=2, alpha=2.0),
-                                **settings).build()
+        policy = QwenEditConfig(
+            model="tiny", true_cfg_scale=2.0, lora=LoRAConfig(rank=2, alpha=2.0), **settings
+        ).build()
         wrapped = {isinstance(block.forward, UnitForward) for block in policy.shard_units()}
         assert wrapped == {"gradient_checkpointing" in settings}  # every dual-stream block, or none
         condition = policy.condition([references(2)], [PROMPT], 32, 32, group_size=2)
@@ -348,14 +409,16 @@ def test_the_time_shift_is_the_one_the_schedule_applies():
     def tiny_with(**config) -> QwenEditPolicy:
         components = tiny_qwen_edit_components(seed=0)
         components["scheduler"] = FlowMatchEulerDiscreteScheduler(**{**QWEN_SCHEDULER_CONFIG, **config})
-        return QwenEditPolicy(**components, lora=None, true_cfg_scale=1.0, condition_image_size=AREA,
-                              vae_image_size=AREA)
+        return QwenEditPolicy(
+            **components, lora=None, true_cfg_scale=1.0, condition_image_size=AREA, vae_image_size=AREA
+        )
 
     policy = tiny_with(shift_terminal=None)
     condition = policy.condition([references(1)], [PROMPT], 64, 64)
     s = policy.time_shift(condition)
     uniform = torch.linspace(1.0, 1 / 8, 8, dtype=torch.float64)
-    assert s > 1 and torch.allclose(policy.sigmas(8, condition)[:-1].double(), s * uniform / (1 + (s - 1) * uniform),
-                                    atol=1e-6)
+    assert s > 1 and torch.allclose(
+        policy.sigmas(8, condition)[:-1].double(), s * uniform / (1 + (s - 1) * uniform), atol=1e-6
+    )
     with pytest.raises(ValueError, match=r"no exponential, size-dependent shift; give objective.timesteps.shift"):
         tiny_with(time_shift_type="linear").time_shift(condition)

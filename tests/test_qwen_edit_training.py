@@ -15,21 +15,55 @@ from safetensors.torch import load_file
 from divrl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-QWEN = ["--model.policy", "divrl.policy.qwen_image.QwenEditConfig", "--model.policy.model", "tiny",
-        "--model.policy.true_cfg_scale", "3.0", "--model.sampling.group_size", "4",
-        "--model.objective.init_args.micro_batch_size", "4", "--trainer.limit_val_batches", "0"]
+QWEN = [
+    "--model.policy",
+    "divrl.policy.qwen_image.QwenEditConfig",
+    "--model.policy.model",
+    "tiny",
+    "--model.policy.true_cfg_scale",
+    "3.0",
+    "--model.sampling.group_size",
+    "4",
+    "--model.objective.init_args.micro_batch_size",
+    "4",
+    "--trainer.limit_val_batches",
+    "0",
+]
 
 
 def run(root: Path, config: str, max_steps: int, *args: str) -> None:
-    callbacks = [{"class_path": "divrl.training.LoRAExporter"},
-                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1}}]
+    callbacks = [
+        {"class_path": "divrl.training.LoRAExporter"},
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1},
+        },
+    ]
     if config == "demo.yaml":
         callbacks.insert(0, {"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": 2}})
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root)}}
-    assert main(["fit", "--config", str(ROOT / "configs" / config), *QWEN, "--trainer.default_root_dir", str(root),
-                 "--trainer.logger", json.dumps(logger), "--trainer.callbacks", json.dumps(callbacks),
-                 "--trainer.enable_progress_bar", "false", "--trainer.max_steps", str(max_steps), *args]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs" / config),
+                *QWEN,
+                "--trainer.default_root_dir",
+                str(root),
+                "--trainer.logger",
+                json.dumps(logger),
+                "--trainer.callbacks",
+                json.dumps(callbacks),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.max_steps",
+                str(max_steps),
+                *args,
+            ]
+        )
+        == 0
+    )
 
 
 def metrics(root: Path) -> list[dict[str, str]]:

@@ -76,7 +76,7 @@ def test_every_reference_enters_the_transformer_call(policies):
     assert both.image_latents.shape[1] == 2 * tokens and both.img_ids.shape[0] == both.num_tokens + 2 * tokens
     assert torch.equal(both.image_latents[:, :tokens], alone.image_latents)
     assert torch.equal(both.image_latents[:, tokens:], policy.encode_reference(second, 32, 32).expand(2, -1, -1))
-    assert torch.equal(both.img_ids[both.num_tokens + tokens:, 0], torch.full((tokens,), 2.0))  # frame 2
+    assert torch.equal(both.img_ids[both.num_tokens + tokens :, 0], torch.full((tokens,), 2.0))  # frame 2
     assert policy.flops_per_call(both) > policy.flops_per_call(alone)  # the second reference's tokens are counted
     x = policy.initial_noise(both, torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -63,7 +63,8 @@ def test_penalty_fires_exactly_below_the_gate():
         assert torch.allclose(r2.reward, r1.reward) and not r2.gated.any()  # nobody below 0, nor below 1 (strict)
     # tau_v 1: no cell's visual cosine exceeds it, every VSM is 0: everybody is below 1 -> penalty 5 (1 - vsm)^2
     r2 = GatedReward(FeatureScorer(DenseDescriptor(grid_size=8, cell=4), tau_v=1.0), threshold=1.0, weight=5.0)(
-        ref, images)
+        ref, images
+    )
     assert r2.gated.all() and (r2.components["vsm"] < 1).all()
     assert torch.allclose(r2.reward, r1.components["nssm"] - 5 * (1.0 - r2.components["vsm"]) ** 2)
 

@@ -37,14 +37,25 @@ from divrl.rewards.wire import (
 ROOT = Path(__file__).resolve().parents[1]
 
 DENSE = {"class_path": "divrl.rewards.backbones.DenseDescriptor", "init_args": {"grid_size": 24, "cell": 4}}
-GATED = {"class_path": "divrl.rewards.GatedReward", "init_args": {
-    "threshold": 0.5, "weight": 5.0,
-    "scorer": {"class_path": "divrl.rewards.FeatureScorer", "init_args": {"backbone": DENSE, "pool": 2}}}}
-PSR = {"class_path": "divrl.rewards.PairwiseSubjectConsistency", "init_args": {
-    "embedder": {"class_path": "divrl.rewards.BackboneEmbedder", "init_args": {"size": 32, "backbone": DENSE}},
-    "locator": {"class_path": "divrl.rewards.SubjectLocator", "init_args": {
-        "detector": {"class_path": "divrl.rewards.PlainBackgroundDetector"}}},
-    "on_missing": "score"}}
+GATED = {
+    "class_path": "divrl.rewards.GatedReward",
+    "init_args": {
+        "threshold": 0.5,
+        "weight": 5.0,
+        "scorer": {"class_path": "divrl.rewards.FeatureScorer", "init_args": {"backbone": DENSE, "pool": 2}},
+    },
+}
+PSR = {
+    "class_path": "divrl.rewards.PairwiseSubjectConsistency",
+    "init_args": {
+        "embedder": {"class_path": "divrl.rewards.BackboneEmbedder", "init_args": {"size": 32, "backbone": DENSE}},
+        "locator": {
+            "class_path": "divrl.rewards.SubjectLocator",
+            "init_args": {"detector": {"class_path": "divrl.rewards.PlainBackgroundDetector"}},
+        },
+        "on_missing": "score",
+    },
+}
 
 
 CALLABLE = {"class_path": "divrl.rewards.CallableReward", "init_args": {"fn": "helpers.servers.brightness"}}
@@ -65,6 +76,7 @@ def single_group(seed: int, g: int = 4) -> Group:
 
 def pair_group(shift: int) -> Group:
     """Two subjects on white, the multi-subject reward's world (as tests/test_multi_rewards.py)."""
+
     def canvas(*boxes):
         image = torch.ones(3, 64, 64)
         for colour, (x0, y0, x1, y1) in boxes:
@@ -72,17 +84,27 @@ def pair_group(shift: int) -> Group:
         return image
 
     red, blue = (0.9, 0.1, 0.1), (0.1, 0.2, 0.9)
-    refs = [Image.fromarray((canvas((red, (20, 22, 44, 42))).permute(1, 2, 0).numpy() * 255).astype(np.uint8)),
-            canvas((blue, (16, 16, 48, 48)))]  # one PIL reference, one tensor reference: both travel
-    images = torch.stack([canvas((red, (4 + shift, 10, 24 + shift, 40)), (blue, (34, 20, 60, 50))),
-                          canvas((blue, (4, 10, 24, 40)), (red, (34, 20, 60 - shift, 50)))])
+    refs = [
+        Image.fromarray((canvas((red, (20, 22, 44, 42))).permute(1, 2, 0).numpy() * 255).astype(np.uint8)),
+        canvas((blue, (16, 16, 48, 48))),
+    ]  # one PIL reference, one tensor reference: both travel
+    images = torch.stack(
+        [
+            canvas((red, (4 + shift, 10, 24 + shift, 40)), (blue, (34, 20, 60, 50))),
+            canvas((blue, (4, 10, 24, 40)), (red, (34, 20, 60 - shift, 50))),
+        ]
+    )
     sample = ConditionSample("pair", "red square and blue disc", refs, None, None, {"subjects": ["square", "disc"]})
     return Group(sample, images)
 
 
 def same(a: RewardOutput, b: RewardOutput) -> bool:
-    return (torch.equal(a.reward, b.reward) and a.components.keys() == b.components.keys()
-            and all(torch.equal(a.components[k], b.components[k]) for k in a.components) and torch.equal(a.gated, b.gated))
+    return (
+        torch.equal(a.reward, b.reward)
+        and a.components.keys() == b.components.keys()
+        and all(torch.equal(a.components[k], b.components[k]) for k in a.components)
+        and torch.equal(a.gated, b.gated)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- wire format
@@ -104,7 +126,11 @@ def test_a_group_travels_bit_for_bit():
     assert torch.equal(back.sample.references[1], group.sample.references[1])
     assert isinstance(back.sample.masks[1], np.ndarray) and np.array_equal(back.sample.masks[1], group.sample.masks[1])
     assert (back.sample.id, back.sample.prompt, back.sample.category, back.sample.metadata) == (
-        "id0", "a photo", "toy", {"source": "test"})
+        "id0",
+        "a photo",
+        "toy",
+        {"source": "test"},
+    )
 
 
 def test_an_output_travels_bit_for_bit():
@@ -116,38 +142,52 @@ def test_an_output_travels_bit_for_bit():
 def _with(request: dict, **tensors) -> dict:
     blob = {"images": torch.rand(2, 3, 16, 16), "reference.0": torch.zeros(16, 16, 3, dtype=torch.uint8)}
     blob.update(tensors)
-    return {**request, "tensors": base64.b64encode(save_tensors({k: v for k, v in blob.items() if v is not None}))
-            .decode()}
+    return {
+        **request,
+        "tensors": base64.b64encode(save_tensors({k: v for k, v in blob.items() if v is not None})).decode(),
+    }
 
 
-BASE = {"format": FORMAT, "id": "x", "prompt": "p", "category": None, "metadata": {},
-        "references": [{"kind": "pil", "mode": "RGB"}], "masks": [None], "layouts": {}}
+BASE = {
+    "format": FORMAT,
+    "id": "x",
+    "prompt": "p",
+    "category": None,
+    "metadata": {},
+    "references": [{"kind": "pil", "mode": "RGB"}],
+    "masks": [None],
+    "layouts": {},
+}
 
 
-@pytest.mark.parametrize("request_, message", [
-    ({**BASE, "extra": 1}, r"unknown fields \['extra'\]"),
-    ({k: v for k, v in BASE.items() if k != "prompt"}, r"no \['prompt'"),
-    ({**BASE, "format": "divrl.group/0"}, "different divrl versions"),
-    ({**BASE, "tensors": "@@@"}, "not base64"),
-    ({**BASE, "tensors": base64.b64encode(b"not safetensors").decode()}, "not a safetensors file"),
-    (_with(BASE, images=torch.rand(2, 16, 16)), r"'images' has shape \[2, 16, 16\]"),
-    (_with(BASE, images=torch.zeros(2, 3, 16, 16, dtype=torch.uint8)), "dtype torch.uint8"),
-    (_with(BASE, images=torch.full((2, 3, 16, 16), float("nan"))), r"NaN or infinite values \(images \[0, 1\]\)"),
-    (_with(BASE, images=None), "holds no 'images'"),
-    (_with(BASE, **{"reference.0": None}), "holds no 'reference.0'"),
-    (_with(BASE, **{"mask.3": torch.zeros(2)}), r"unknown tensors \['mask.3'\]"),
-    (_with({**BASE, "masks": []}), "masks a list of the same length"),
-    (_with({**BASE, "references": [{"kind": "pil", "mode": "L"}]}), "is a 'RGB' image, the request says 'L'"),
-    (_with({**BASE, "references": [{"kind": "path"}]}), "expected"),
-    (_with({**BASE, "id": 3}), "id must be a string"),
-    (_with(BASE, gen_masks=torch.rand(3, 16, 16)), "one mask per image"),
-    (_with({**BASE, "layouts": {"images": [0, 1, 1, 3]}}), r"layouts\['images'\] must be an order"),
-    (_with({**BASE, "layouts": {"gen_masks": [0, 1, 2]}}), "layouts names 'gen_masks'"),
-])
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        ({**BASE, "extra": 1}, r"unknown fields \['extra'\]"),
+        ({k: v for k, v in BASE.items() if k != "prompt"}, r"no \['prompt'"),
+        ({**BASE, "format": "divrl.group/0"}, "different divrl versions"),
+        ({**BASE, "tensors": "@@@"}, "not base64"),
+        ({**BASE, "tensors": base64.b64encode(b"not safetensors").decode()}, "not a safetensors file"),
+        (_with(BASE, images=torch.rand(2, 16, 16)), r"'images' has shape \[2, 16, 16\]"),
+        (_with(BASE, images=torch.zeros(2, 3, 16, 16, dtype=torch.uint8)), "dtype torch.uint8"),
+        (_with(BASE, images=torch.full((2, 3, 16, 16), float("nan"))), r"NaN or infinite values \(images \[0, 1\]\)"),
+        (_with(BASE, images=None), "holds no 'images'"),
+        (_with(BASE, **{"reference.0": None}), "holds no 'reference.0'"),
+        (_with(BASE, **{"mask.3": torch.zeros(2)}), r"unknown tensors \['mask.3'\]"),
+        (_with({**BASE, "masks": []}), "masks a list of the same length"),
+        (_with({**BASE, "references": [{"kind": "pil", "mode": "L"}]}), "is a 'RGB' image, the request says 'L'"),
+        (_with({**BASE, "references": [{"kind": "path"}]}), "expected"),
+        (_with({**BASE, "id": 3}), "id must be a string"),
+        (_with(BASE, gen_masks=torch.rand(3, 16, 16)), "one mask per image"),
+        (_with({**BASE, "layouts": {"images": [0, 1, 1, 3]}}), r"layouts\['images'\] must be an order"),
+        (_with({**BASE, "layouts": {"gen_masks": [0, 1, 2]}}), "layouts names 'gen_masks'"),
+    ],
+)
 def test_malformed_requests_are_refused_naming_the_field(request_, message):
     with pytest.raises(WireError, match=message):
-        decode_group(request_ if "tensors" in request_ or "extra" in request_ or "prompt" not in request_
-                     else _with(request_))
+        decode_group(
+            request_ if "tensors" in request_ or "extra" in request_ or "prompt" not in request_ else _with(request_)
+        )
 
 
 def test_what_cannot_travel_is_refused_at_the_client():
@@ -210,8 +250,11 @@ def test_every_server_down_stops_within_the_configured_time():
         raise Retryable(f"{url}: connection refused")
 
     start = time.monotonic()
-    with pytest.raises(ServersDown, match=r"every one of the reward servers a, b failed for 0.5 s .*connection refused. "
-                                          r"Start them."):
+    with pytest.raises(
+        ServersDown,
+        match=r"every one of the reward servers a, b failed for 0.5 s .*connection refused. "
+        r"Start them.",
+    ):
         pool.request(send)
     assert 0.5 <= time.monotonic() - start < 1.5
     assert all("did not come back" in line for line in pool.report())
@@ -252,8 +295,17 @@ def test_a_stage_reward_is_read_from_a_training_config(in_repository_root):
 def test_the_remote_rewards_overlay_parses_on_top_of_a_config(tmp_path, in_repository_root):
     from divrl.cli import run_lightning
 
-    cli = run_lightning(["--config", "configs/demo.yaml", "--config", "examples/reward_service/remote_rewards.yaml",
-                         "--trainer.default_root_dir", str(tmp_path)], run=False)
+    cli = run_lightning(
+        [
+            "--config",
+            "configs/demo.yaml",
+            "--config",
+            "examples/reward_service/remote_rewards.yaml",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
+        run=False,
+    )
     rewards = cli.model.rewards
     assert [type(r).__name__ for r in rewards] == ["RemoteReward", "RemoteReward"]
     assert [r.endpoints for r in rewards] == [["http://reward-node:8001/predict"], ["http://reward-node:8002/predict"]]
@@ -271,8 +323,9 @@ def tiny_dinov2(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     folder = tmp_path_factory.mktemp("tiny-dinov2")
     torch.manual_seed(0)
-    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                       intermediate_size=64, patch_size=14, image_size=28)
+    config = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=28
+    )
     transformers.Dinov2Model(config).eval().save_pretrained(folder)
     processor = getattr(transformers, "BitImageProcessorPil", None) or transformers.BitImageProcessor
     processor(image_mean=[0.3, 0.4, 0.5], image_std=[0.2, 0.25, 0.3]).save_pretrained(folder)
@@ -285,13 +338,29 @@ def servers(tmp_path_factory, tiny_dinov2):
     CallableReward (requests up to 1 MiB)."""
     pytest.importorskip("litserve")
     folder = tmp_path_factory.mktemp("servers")
-    dinov2 = {"class_path": "divrl.rewards.GatedReward", "init_args": {"threshold": 0.5, "weight": 5.0, "scorer": {
-        "class_path": "divrl.rewards.FeatureScorer", "init_args": {"pool": 2, "backbone": {
-            "class_path": "divrl.rewards.backbones.DINOv2Backbone",
-            "init_args": {"model": str(tiny_dinov2), "grid_size": 8, "local_files_only": True}}}}}}
-    started = {"dense": RewardServer(GATED, folder, "--max-batch-size", "4", api_key="sesame"),
-               "dinov2": RewardServer(dinov2, folder), "psr": RewardServer(PSR, folder),
-               "callable": RewardServer(CALLABLE, folder, "--max-request-mb", "1")}
+    dinov2 = {
+        "class_path": "divrl.rewards.GatedReward",
+        "init_args": {
+            "threshold": 0.5,
+            "weight": 5.0,
+            "scorer": {
+                "class_path": "divrl.rewards.FeatureScorer",
+                "init_args": {
+                    "pool": 2,
+                    "backbone": {
+                        "class_path": "divrl.rewards.backbones.DINOv2Backbone",
+                        "init_args": {"model": str(tiny_dinov2), "grid_size": 8, "local_files_only": True},
+                    },
+                },
+            },
+        },
+    }
+    started = {
+        "dense": RewardServer(GATED, folder, "--max-batch-size", "4", api_key="sesame"),
+        "dinov2": RewardServer(dinov2, folder),
+        "psr": RewardServer(PSR, folder),
+        "callable": RewardServer(CALLABLE, folder, "--max-request-mb", "1"),
+    }
     blocks = {"dense": GATED, "dinov2": dinov2, "psr": PSR, "callable": CALLABLE}
     try:
         yield {name: (server.wait_ready(), build_reward(blocks[name])) for name, server in started.items()}
@@ -310,7 +379,7 @@ def test_served_equals_in_process(servers, name):
     for group in list(groups):  # and each as training hands it over: a channels-last slice of the decoded batch
         layout = group.images.contiguous(memory_format=torch.channels_last)
         groups.append(Group(group.sample, torch.cat([layout, layout])[: group.size]))
-    assert all(g.images.stride()[1] == 1 and not g.images.is_contiguous() for g in groups[len(groups) // 2:])
+    assert all(g.images.stride()[1] == 1 and not g.images.is_contiguous() for g in groups[len(groups) // 2 :])
     for group in groups:
         assert same(remote(group), local(group))
 
@@ -346,7 +415,9 @@ def test_bad_requests_get_4xx_and_the_worker_keeps_serving(servers):
     def post(body: bytes, key: str | None = "sesame") -> tuple[int, str]:
         headers = {"Content-Type": "application/json", **({"X-API-Key": key} if key else {})}
         try:
-            with urllib.request.urlopen(urllib.request.Request(server.url + "/predict", body, headers), timeout=60) as r:
+            with urllib.request.urlopen(
+                urllib.request.Request(server.url + "/predict", body, headers), timeout=60
+            ) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as err:
             return err.code, err.read().decode()
@@ -381,8 +452,11 @@ def _oversized(port: int, size: int) -> tuple[int, str]:
     import socket
 
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nX-API-Key: sesame\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {size}\r\n\r\n".encode() + b"x" * 2**20)
+        sock.sendall(
+            f"POST /predict HTTP/1.1\r\nHost: x\r\nX-API-Key: sesame\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {size}\r\n\r\n".encode()
+            + b"x" * 2**20
+        )
         answer = b""
         while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
             chunk = sock.recv(65536)
@@ -428,10 +502,14 @@ def test_a_served_reward_fails_as_it_would_in_process(servers):
     nan.sample.prompt, crash.sample.prompt = "nan", "crash"
     with pytest.raises(NonFiniteReward):
         local(nan)
-    with pytest.raises(NonFiniteReward, match=f"reward server {server.url}/predict: CallableReward returned non-finite"):
+    with pytest.raises(
+        NonFiniteReward, match=f"reward server {server.url}/predict: CallableReward returned non-finite"
+    ):
         remote(nan)  # skipped and counted in training, as in process
     start = time.monotonic()
-    with pytest.raises(RemoteRewardError, match=r"HTTP 422\): CallableReward: RuntimeError: shape mismatch in the judge"):
+    with pytest.raises(
+        RemoteRewardError, match=r"HTTP 422\): CallableReward: RuntimeError: shape mismatch in the judge"
+    ):
         remote(crash)  # stops the run at once, as in process; not retried on other servers
     assert time.monotonic() - start < 5 and remote.pool.servers[0].failures == 0
     nan_images = single_group(3)
@@ -446,8 +524,11 @@ def test_a_group_over_the_servers_limit_stops_with_the_fix_not_a_retry_storm(ser
     server, _ = servers["callable"]
     big = Group(single_group(0).sample, torch.rand(8, 3, 256, 256))  # 6 MiB; the server takes 1 MiB
     start = time.monotonic()
-    with pytest.raises(RemoteRewardError, match=r"takes requests up to 1 MiB and this group's is \d+ MiB: raise the "
-                                                r"servers' --max-request-mb"):
+    with pytest.raises(
+        RemoteRewardError,
+        match=r"takes requests up to 1 MiB and this group's is \d+ MiB: raise the "
+        r"servers' --max-request-mb",
+    ):
         RemoteReward(server.url, timeout=30, retries=3)(big)
     assert time.monotonic() - start < 10
 

@@ -21,8 +21,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("in_repository_root")]
 
 
 def remote(*servers, **settings) -> list[dict]:
-    return [{"class_path": "divrl.rewards.RemoteReward",
-             "init_args": {"urls": [s.url for s in servers], "timeout": 5.0, "retries": 3, "backoff": 0.5, **settings}}]
+    return [
+        {
+            "class_path": "divrl.rewards.RemoteReward",
+            "init_args": {"urls": [s.url for s in servers], "timeout": 5.0, "retries": 3, "backoff": 0.5, **settings},
+        }
+    ]
 
 
 def kill(server, step: int) -> dict:
@@ -32,11 +36,19 @@ def kill(server, step: int) -> dict:
 def test_losing_one_of_two_servers_mid_run_changes_nothing(tmp_path, caplog):
     a, b = (RewardServer(GATED, tmp_path).wait_ready(), RewardServer(GATED, tmp_path).wait_ready())
     try:
-        both = demo_fit(tmp_path / "both", 10, "--model.system.overlap_rewards", "true", switch=None,
-                        rewards=remote(a, b))
+        both = demo_fit(
+            tmp_path / "both", 10, "--model.system.overlap_rewards", "true", switch=None, rewards=remote(a, b)
+        )
         with caplog.at_level(logging.WARNING):
-            one = demo_fit(tmp_path / "one", 10, "--model.system.overlap_rewards", "true", switch=None,
-                           rewards=remote(a, b), callbacks=(kill(b, 5),))
+            one = demo_fit(
+                tmp_path / "one",
+                10,
+                "--model.system.overlap_rewards",
+                "true",
+                switch=None,
+                rewards=remote(a, b),
+                callbacks=(kill(b, 5),),
+            )
     finally:
         a.stop()
         b.stop()
@@ -51,15 +63,32 @@ def test_losing_every_server_stops_in_time_and_keeps_the_last_checkpoint(tmp_pat
     import yaml
 
     server = RewardServer(GATED, tmp_path).wait_ready()
-    config = {"trainer": {"default_root_dir": str(tmp_path), "logger": False, "enable_progress_bar": False,
-                          "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
-                              "every_n_train_steps": 1, "save_top_k": -1, "dirpath": str(tmp_path / "ckpt")}},
-                              kill(server, 3)]},
-              "model": {"rewards": remote(server, timeout=1.0, retries=2, backoff=0.2)}}
+    config = {
+        "trainer": {
+            "default_root_dir": str(tmp_path),
+            "logger": False,
+            "enable_progress_bar": False,
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"every_n_train_steps": 1, "save_top_k": -1, "dirpath": str(tmp_path / "ckpt")},
+                },
+                kill(server, 3),
+            ],
+        },
+        "model": {"rewards": remote(server, timeout=1.0, retries=2, backoff=0.2)},
+    }
     (tmp_path / "overrides.yaml").write_text(yaml.safe_dump(config))
     try:
-        code, out = console("fit", "--config", "configs/demo.yaml", "--config", str(tmp_path / "overrides.yaml"),
-                            "--trainer.max_steps", "8")
+        code, out = console(
+            "fit",
+            "--config",
+            "configs/demo.yaml",
+            "--config",
+            str(tmp_path / "overrides.yaml"),
+            "--trainer.max_steps",
+            "8",
+        )
         ended = time.monotonic()
     finally:
         server.stop()

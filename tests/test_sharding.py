@@ -114,7 +114,9 @@ def worker(rank: int, port: int) -> None:
         # SHARD_GRAD_OP (passed through to every unit) keeps each unit gathered from its first forward to the backward
         torch.manual_seed(0)
         toy = Toy()
-        zero2 = shard_network_fsdp1(toy, toy.units(), torch.device("cpu"), sharding_strategy=ShardingStrategy.SHARD_GRAD_OP)
+        zero2 = shard_network_fsdp1(
+            toy, toy.units(), torch.device("cpu"), sharding_strategy=ShardingStrategy.SHARD_GRAD_OP
+        )
         calls["n"] = 0
         with torch.no_grad():
             zero2(x), zero2(x), zero2(x)

@@ -39,8 +39,15 @@ def first_update_ratio(policy: KontextPolicy, rollout_micro: int = 4, train_micr
     """Max |r - 1| over every (micro-batch, step) of a first update, and the float32 gradients it accumulates."""
     cond = policy.condition(reference(32, 32), PROMPT, 32, 32, group_size=4)
     with policy.attention():
-        traj = rollout(policy, cond, num_steps=3, noise_level=0.9, generator=torch.Generator().manual_seed(0),
-                       micro_batch_size=rollout_micro, decode=False)
+        traj = rollout(
+            policy,
+            cond,
+            num_steps=3,
+            noise_level=0.9,
+            generator=torch.Generator().manual_seed(0),
+            micro_batch_size=rollout_micro,
+            decode=False,
+        )
         deviation = 0.0
         for step in range(3):
             for index in torch.arange(4).split(train_micro):
@@ -71,12 +78,21 @@ def test_a_bf16_adapter_computes_in_bf16_from_float32_master_weights():
     assert type(plain.transformer.transformer_blocks[0].attn.to_q.lora_A["default"]) is torch.nn.Linear
 
 
-@pytest.mark.parametrize(("setting", "build"), [
-    ("fp32 (the CPU default)", lambda: moved(KontextPolicy.tiny(0, lora=LORA))),
-    ("bf16 base, bf16 adapter compute", lambda: moved(KontextPolicy.tiny(0, lora=LORA, base_dtype="bfloat16"))),
-    ("fp32 base, bf16 adapter compute", lambda: moved(KontextPolicy.tiny(0, lora=LORA, lora_compute_dtype="bfloat16"))),
-    ("bf16 full fine-tuning under autocast", lambda: KontextPolicy.tiny(0, base_dtype="bfloat16", train_transformer=True)),
-])
+@pytest.mark.parametrize(
+    ("setting", "build"),
+    [
+        ("fp32 (the CPU default)", lambda: moved(KontextPolicy.tiny(0, lora=LORA))),
+        ("bf16 base, bf16 adapter compute", lambda: moved(KontextPolicy.tiny(0, lora=LORA, base_dtype="bfloat16"))),
+        (
+            "fp32 base, bf16 adapter compute",
+            lambda: moved(KontextPolicy.tiny(0, lora=LORA, lora_compute_dtype="bfloat16")),
+        ),
+        (
+            "bf16 full fine-tuning under autocast",
+            lambda: KontextPolicy.tiny(0, base_dtype="bfloat16", train_transformer=True),
+        ),
+    ],
+)
 def test_every_compute_dtype_keeps_the_first_update_on_policy(setting, build):
     policy = build()
     deviation, grads = first_update_ratio(policy)
@@ -197,12 +213,14 @@ def test_the_bf16_adapter_loads_in_diffusers_and_reproduces_the_bf16_sampler(tmp
     # end to end, the bf16 pipeline and our sampler differ by rounding in their step arithmetic (also without an
     # adapter): within one bf16 ulp of the largest latent, far below what the adapter changes
     expected = pipeline_latents(pipe, reference(32, 32), PROMPT, 32, 32, steps=3, seed=0, group=1).float()
-    traj = rollout(policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(0),
-                   decode=False)
+    traj = rollout(
+        policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(0), decode=False
+    )
     with policy.adapter_disabled():
-        base = rollout(policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(0),
-                       decode=False)
-    ulp = 2 ** -7 * expected.abs().max()
+        base = rollout(
+            policy, condition, num_steps=3, noise_level=0.0, generator=torch.Generator().manual_seed(0), decode=False
+        )
+    ulp = 2**-7 * expected.abs().max()
     assert (traj.latents[:, -1].float() - expected).abs().max() <= ulp
     assert (base.latents[:, -1].float() - expected).abs().max() > 4 * ulp
 
@@ -243,4 +261,4 @@ def test_compiled_blocks_stay_on_policy_and_match_eager():
         torch.testing.assert_close(g, e, atol=1e-2 * e.abs().max().item(), rtol=0)
     with torch.no_grad():
         v, w = eager.velocity(x, 0.5, cond).float(), compiled.velocity(x, 0.5, cond).float()
-    assert (v - w).abs().max() <= 2 ** -7 * v.abs().max()  # within one bf16 ulp of the largest value
+    assert (v - w).abs().max() <= 2**-7 * v.abs().max()  # within one bf16 ulp of the largest value

@@ -57,14 +57,38 @@ def tiny_gdino(tmp_path_factory):
     vocab.write_text("\n".join(VOCAB) + "\n")
     tokenizer = BertTokenizerFast(str(vocab))
     vocab.unlink()  # the saved tokenizer.json is what gets loaded
-    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                          window_size=4, out_indices=[2, 3, 4])
-    text = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=32, max_position_embeddings=64)
-    config = GroundingDinoConfig(backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1,
-                                 decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2,
-                                 decoder_attention_heads=2, num_queries=10, encoder_n_points=2, decoder_n_points=2,
-                                 max_text_len=32)
+    backbone = SwinConfig(
+        image_size=64,
+        patch_size=4,
+        embed_dim=8,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=4,
+        out_indices=[2, 3, 4],
+    )
+    text = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    config = GroundingDinoConfig(
+        backbone_config=backbone,
+        text_config=text,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        num_queries=10,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        max_text_len=32,
+    )
     torch.manual_seed(0)
     model = GroundingDinoForObjectDetection(config).eval()
     with torch.no_grad():  # wider boxes, so that some cross the image's border and the clamp is tested
@@ -73,8 +97,9 @@ def tiny_gdino(tmp_path_factory):
     # The PIL flavour (transformers 5.x) needs no torchvision; 4.x only has GroundingDinoImageProcessor.
     image_cls = getattr(transformers, "GroundingDinoImageProcessorPil", None)
     image_cls = image_cls or transformers.GroundingDinoImageProcessor
-    processor = GroundingDinoProcessor(image_processor=image_cls(size={"shortest_edge": 64, "longest_edge": 96}),
-                                       tokenizer=tokenizer)
+    processor = GroundingDinoProcessor(
+        image_processor=image_cls(size={"shortest_edge": 64, "longest_edge": 96}), tokenizer=tokenizer
+    )
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder, model, processor
@@ -96,8 +121,12 @@ def _expected_boxes(model, processor, images, prompt, box_threshold, text_thresh
     with torch.no_grad():
         outputs = model(**inputs)
     results = processor.post_process_grounded_object_detection(
-        outputs, inputs["input_ids"], threshold=box_threshold, text_threshold=text_threshold,
-        target_sizes=[(HEIGHT, WIDTH)] * len(pil))
+        outputs,
+        inputs["input_ids"],
+        threshold=box_threshold,
+        text_threshold=text_threshold,
+        target_sizes=[(HEIGHT, WIDTH)] * len(pil),
+    )
     boxes, raw_scores, raw_boxes = [], [], []
     for result in results:
         scores = result["scores"]
@@ -105,22 +134,31 @@ def _expected_boxes(model, processor, images, prompt, box_threshold, text_thresh
         raw_boxes.append(result["boxes"])
         order = torch.sort(scores, descending=True, stable=True).indices if sort else torch.arange(len(scores))
         b = result["boxes"][order]
-        b = torch.stack([b[:, 0].clamp(0, WIDTH), b[:, 1].clamp(0, HEIGHT), b[:, 2].clamp(0, WIDTH),
-                         b[:, 3].clamp(0, HEIGHT)], dim=1)
+        b = torch.stack(
+            [b[:, 0].clamp(0, WIDTH), b[:, 1].clamp(0, HEIGHT), b[:, 2].clamp(0, WIDTH), b[:, 3].clamp(0, HEIGHT)],
+            dim=1,
+        )
         boxes.append(b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])])
     return boxes, raw_scores, raw_boxes
 
 
-@pytest.mark.parametrize("box_threshold, text_threshold, sort", [(0.0, 0.0, False), (0.0, 0.0, True),
-                                                                  (0.9, 0.25, False)])
+@pytest.mark.parametrize(
+    "box_threshold, text_threshold, sort", [(0.0, 0.0, False), (0.0, 0.0, True), (0.9, 0.25, False)]
+)
 def test_detector_matches_transformers(tiny_gdino, box_threshold, text_threshold, sort):
     folder, model, processor = tiny_gdino
-    detector = GroundingDINODetector(str(folder), box_threshold=box_threshold, text_threshold=text_threshold,
-                                     local_files_only=True, sort_by_score=sort)
+    detector = GroundingDINODetector(
+        str(folder),
+        box_threshold=box_threshold,
+        text_threshold=text_threshold,
+        local_files_only=True,
+        sort_by_score=sort,
+    )
     images = _images(seed=1)
     got = detector(images, "  Dog ")  # the module call: Detector.forward checks the format
-    expected, raw_scores, raw_boxes = _expected_boxes(model, processor, images, "dog.", box_threshold, text_threshold,
-                                                      sort)
+    expected, raw_scores, raw_boxes = _expected_boxes(
+        model, processor, images, "dog.", box_threshold, text_threshold, sort
+    )
     other, _, _ = _expected_boxes(model, processor, images, "dog.", box_threshold, text_threshold, not sort)
 
     assert isinstance(got, list) and len(got) == len(images)
@@ -178,8 +216,9 @@ def tiny_vit(tmp_path_factory):
     """(folder, model): a tiny DINO-v1-like ViTModel (patch 16, 224², no pooler, as the DINO checkpoints)."""
     folder = tmp_path_factory.mktemp("tiny-vit")
     torch.manual_seed(0)
-    config = ViTConfig(image_size=224, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64)
+    config = ViTConfig(
+        image_size=224, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     model = ViTModel(config, add_pooling_layer=False).eval()
     model.save_pretrained(folder)
     return folder, model
@@ -189,8 +228,9 @@ def tiny_vit(tmp_path_factory):
 def tiny_dinov2(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-dinov2")
     torch.manual_seed(1)
-    config = Dinov2Config(image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=64)
+    config = Dinov2Config(
+        image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     model = Dinov2Model(config).eval()
     model.save_pretrained(folder)
     return folder, model
@@ -216,7 +256,7 @@ def _expected_features(model, crops, resize, crop, mean, std, **forward) -> torc
             image = image.resize((ow, oh), Image.Resampling.BICUBIC)
         array = np.asarray(image).astype(np.float32) / 255
         top, left = int(round((oh - crop) / 2.0)), int(round((ow - crop) / 2.0))
-        array = array[top:top + crop, left:left + crop]
+        array = array[top : top + crop, left : left + crop]
         array = (array - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
         pixels.append(torch.from_numpy(array).permute(2, 0, 1))
     with torch.no_grad():

@@ -24,11 +24,29 @@ DEMO = ROOT / "configs" / "demo.yaml"
 SWITCH = 2
 
 EXPECTED_METRICS = {
-    "reward/mean", "reward/std", "reward/nssm", "reward/vsm", "reward/gated_fraction",
-    "train/loss", "train/policy_loss", "train/clip_fraction", "train/approx_kl", "train/ratio_mean",
-    "train/ratio_max_dev", "train/grad_norm", "train/lr", "train/stage", "time/rollout", "time/reward",
-    "time/update", "data/skipped_samples", "train/skipped_groups", "train/skipped_updates", "train/empty_rollouts",
-    "perf/rollout_tflops", "perf/update_tflops",
+    "reward/mean",
+    "reward/std",
+    "reward/nssm",
+    "reward/vsm",
+    "reward/gated_fraction",
+    "train/loss",
+    "train/policy_loss",
+    "train/clip_fraction",
+    "train/approx_kl",
+    "train/ratio_mean",
+    "train/ratio_max_dev",
+    "train/grad_norm",
+    "train/lr",
+    "train/stage",
+    "time/rollout",
+    "time/reward",
+    "time/update",
+    "data/skipped_samples",
+    "train/skipped_groups",
+    "train/skipped_updates",
+    "train/empty_rollouts",
+    "perf/rollout_tflops",
+    "perf/update_tflops",
 }
 
 
@@ -43,8 +61,10 @@ def overrides(tmp_path: Path, **extra) -> Path:
                 {"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": SWITCH}},
                 {"class_path": "divrl.training.LoRAExporter"},
                 {"class_path": "divrl.training.RolloutImageLogger", "init_args": {"every_n_rollouts": 1}},
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1}},
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1},
+                },
             ],
         },
         **extra,
@@ -55,8 +75,18 @@ def overrides(tmp_path: Path, **extra) -> Path:
 
 
 def fit(tmp_path: Path, max_steps: int, *args: str) -> None:
-    code = main(["fit", "--config", str(DEMO), "--config", str(overrides(tmp_path)),
-                 "--trainer.max_steps", str(max_steps), *args])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(DEMO),
+            "--config",
+            str(overrides(tmp_path)),
+            "--trainer.max_steps",
+            str(max_steps),
+            *args,
+        ]
+    )
     assert code == 0
 
 
@@ -100,8 +130,9 @@ def test_fit_writes_adapter_only_loras_at_the_switch_and_the_end(trained):
 
 
 def test_the_exported_lora_changes_diffusers_output_exactly_as_the_trained_policy(trained):
-    assert_lora_reproduced_by_diffusers(demo_policy_config(), trained / "lora/final", "a photo of the red star on the "
-                                        "left", min_change=1e-4)
+    assert_lora_reproduced_by_diffusers(
+        demo_policy_config(), trained / "lora/final", "a photo of the red star on the left", min_change=1e-4
+    )
 
 
 def test_checkpoints_hold_only_trainable_state_and_the_run_state(trained):
@@ -155,15 +186,41 @@ def test_resume_matches_the_uninterrupted_run(trained, tmp_path, stop):
 
 
 FORMER_LAYOUT = {  # the model settings of a demo checkpoint written before the seams (divrl 4d90d9b), verbatim
-    "policy": {"model": "data/demo/tiny-kontext", "lora": {"rank": 8, "alpha": 16.0, "init": "gaussian", "dropout": 0.0},
-               "torch_dtype": "auto", "max_sequence_length": 32, "local_files_only": False, "revision": None,
-               "tiny_seed": 0, "text_encoders": True, "train_transformer": False, "gradient_checkpointing": False,
-               "sdpa_backends": ["flash", "efficient", "math"]},
-    "grpo": {"group_size": 8, "num_steps": 4, "noise_level": 0.9, "guidance": 2.5, "resolution": 32,
-             "clip_range": 0.0001, "adv_clip": 5.0, "adv_scope": "group", "kl_beta": 0.0, "ppo_epochs": 1,
-             "updates_per_epoch": 1, "micro_batch_size": 8, "rollout_micro_batch_size": None,
-             "rollout_keep_gathered": True, "timestep_fraction": 0.99, "sde_window": None, "max_grad_norm": 1.0,
-             "seed": 42, "val_group_size": 4, "max_consecutive_skips": 10},
+    "policy": {
+        "model": "data/demo/tiny-kontext",
+        "lora": {"rank": 8, "alpha": 16.0, "init": "gaussian", "dropout": 0.0},
+        "torch_dtype": "auto",
+        "max_sequence_length": 32,
+        "local_files_only": False,
+        "revision": None,
+        "tiny_seed": 0,
+        "text_encoders": True,
+        "train_transformer": False,
+        "gradient_checkpointing": False,
+        "sdpa_backends": ["flash", "efficient", "math"],
+    },
+    "grpo": {
+        "group_size": 8,
+        "num_steps": 4,
+        "noise_level": 0.9,
+        "guidance": 2.5,
+        "resolution": 32,
+        "clip_range": 0.0001,
+        "adv_clip": 5.0,
+        "adv_scope": "group",
+        "kl_beta": 0.0,
+        "ppo_epochs": 1,
+        "updates_per_epoch": 1,
+        "micro_batch_size": 8,
+        "rollout_micro_batch_size": None,
+        "rollout_keep_gathered": True,
+        "timestep_fraction": 0.99,
+        "sde_window": None,
+        "max_grad_norm": 1.0,
+        "seed": 42,
+        "val_group_size": 4,
+        "max_consecutive_skips": 10,
+    },
     "peak_tflops": None,
     "_instantiator": "lightning.pytorch.cli.instantiate_module",
 }
@@ -176,8 +233,14 @@ def test_a_checkpoint_of_the_former_settings_layout_resumes_exactly(trained, tmp
 
     today = upgrade_hparams(FORMER_LAYOUT)
     assert "grpo" not in today and today["policy"]["guidance"] == 2.5 and today["system"]["max_grad_norm"] == 1.0
-    assert today["sampling"] == {"group_size": 8, "num_steps": 4, "noise_level": 0.9, "resolution": 32, "seed": 42,
-                                 "val_group_size": 4}
+    assert today["sampling"] == {
+        "group_size": 8,
+        "num_steps": 4,
+        "noise_level": 0.9,
+        "resolution": 32,
+        "seed": 42,
+        "val_group_size": 4,
+    }
     assert today["objective"]["init_args"]["micro_batch_size"] == 8 and "seed" not in today["objective"]["init_args"]
     assert upgrade_hparams(today) == today and FORMER_LAYOUT["grpo"]["guidance"] == 2.5  # the input is left as it was
     fit(tmp_path, 1)
@@ -242,13 +305,35 @@ def test_sample_writes_pngs_with_the_trained_lora(trained, tmp_path):
     ref = tmp_path / "ref.png"
     Image.new("RGB", (32, 32), (200, 40, 40)).save(ref)
     out = tmp_path / "samples"
-    command = ["sample", "--config", str(DEMO), "--trainer.logger", "false", "--lora", str(trained / "lora/final"),
-               "--reference", str(ref), "--prompts", "[a photo of the red star, a sketch of the red star]",
-               "--num_samples", "2", "--num_steps", "4", "--output_dir", str(out)]
+    command = [
+        "sample",
+        "--config",
+        str(DEMO),
+        "--trainer.logger",
+        "false",
+        "--lora",
+        str(trained / "lora/final"),
+        "--reference",
+        str(ref),
+        "--prompts",
+        "[a photo of the red star, a sketch of the red star]",
+        "--num_samples",
+        "2",
+        "--num_steps",
+        "4",
+        "--output_dir",
+        str(out),
+    ]
     main(command)
     files = sorted(out.glob("ref/*.png"))
-    assert [f.name for f in files] == ["000_0.png", "000_1.png", "000_grid.png", "001_0.png", "001_1.png",
-                                       "001_grid.png"]
+    assert [f.name for f in files] == [
+        "000_0.png",
+        "000_1.png",
+        "000_grid.png",
+        "001_0.png",
+        "001_1.png",
+        "001_grid.png",
+    ]
     meta = yaml.safe_load((out / "samples.json").read_text())
     assert len(meta["samples"]) == 2 and len(meta["samples"][0]["nssm"]) == 2
     # the final LoRA was trained in stage 2 (its info.json): scored with that stage's reward, R2
@@ -261,8 +346,20 @@ def test_sample_writes_pngs_with_the_trained_lora(trained, tmp_path):
 
 def test_validate_scores_deterministic_samples_of_held_out_identities(trained, tmp_path):
     for _ in range(2):
-        assert main(["validate", "--config", str(DEMO), "--config", str(overrides(tmp_path)),
-                     "--ckpt_path", str(trained / "checkpoints/last.ckpt")]) == 0
+        assert (
+            main(
+                [
+                    "validate",
+                    "--config",
+                    str(DEMO),
+                    "--config",
+                    str(overrides(tmp_path)),
+                    "--ckpt_path",
+                    str(trained / "checkpoints/last.ckpt"),
+                ]
+            )
+            == 0
+        )
     runs = [r for r in metrics(tmp_path) if r.get("val/reward")]
     assert len(runs) == 2 and {"val/reward", "val/nssm", "val/vsm", "val/gated_fraction"} <= set(runs[0])
     assert runs[0]["val/reward"] == runs[1]["val/reward"]  # fixed seeds, ODE sampler: the same numbers each time
@@ -270,8 +367,25 @@ def test_validate_scores_deterministic_samples_of_held_out_identities(trained, t
 
 def test_sample_without_a_reference_uses_the_held_out_identities(trained, tmp_path):
     out = tmp_path / "samples"
-    main(["sample", "--config", str(DEMO), "--trainer.logger", "false", "--lora", str(trained / "checkpoints/last.ckpt"),
-          "--num_identities", "2", "--num_samples", "1", "--num_steps", "2", "--output_dir", str(out)])
+    main(
+        [
+            "sample",
+            "--config",
+            str(DEMO),
+            "--trainer.logger",
+            "false",
+            "--lora",
+            str(trained / "checkpoints/last.ckpt"),
+            "--num_identities",
+            "2",
+            "--num_samples",
+            "1",
+            "--num_steps",
+            "2",
+            "--output_dir",
+            str(out),
+        ]
+    )
     meta = yaml.safe_load((out / "samples.json").read_text())
     assert [s["id"] for s in meta["samples"]] == ["val_00000", "val_00001"]
     assert all(Path(f).is_file() for s in meta["samples"] for f in s["files"])
@@ -283,14 +397,19 @@ def test_print_config_shows_every_resolved_field(capsys):
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     objective = printed["model"]["objective"]
-    assert objective["class_path"] == "divrl.objectives.GRPOObjective" and printed["model"]["sampling"]["group_size"] == 6
+    assert (
+        objective["class_path"] == "divrl.objectives.GRPOObjective" and printed["model"]["sampling"]["group_size"] == 6
+    )
     assert objective["init_args"]["clip_range"] == 1e-4 and objective["init_args"]["adv_scope"] == "group"
     assert printed["model"]["system"]["max_empty_rollouts"] == 10
     policy = printed["model"]["policy"]  # a plain mapping configures the default family, FLUX.1 Kontext
     assert policy["class_path"] == "divrl.policy.KontextConfig"
     assert policy["init_args"]["sdpa_backends"] == ["flash", "efficient", "math"]
     assert printed["trainer"]["callbacks"][0]["init_args"]["switch_steps"] == 60
-    assert [r["class_path"] for r in printed["model"]["rewards"]] == ["divrl.rewards.NSSMReward", "divrl.rewards.GatedReward"]
+    assert [r["class_path"] for r in printed["model"]["rewards"]] == [
+        "divrl.rewards.NSSMReward",
+        "divrl.rewards.GatedReward",
+    ]
 
 
 def test_kl_to_the_reference_policy_is_zero_for_the_fresh_adapter_then_grows(tmp_path):
@@ -329,20 +448,41 @@ def test_gradient_checkpointing_trains_the_same_adapter(trained, tmp_path):
 def test_an_update_is_clipped_to_max_grad_norm(tmp_path):
     """Plain SGD (lr 1, no weight decay) moves the weights by exactly the clipped gradient: an update of norm
     max_grad_norm when the logged gradient norm is larger."""
-    fit(tmp_path, 2, "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "1.0",
-        "--model.optimizer.weight_decay", "0", "--model.system.max_grad_norm", "0.001")
-    before, after = (torch.load(tmp_path / f"checkpoints/epoch=0-step={s}.ckpt", map_location="cpu",
-                                weights_only=False)["state_dict"] for s in (1, 2))
-    moved = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(after[k].double() - before[k].double())
-                                                  for k in before]))
+    fit(
+        tmp_path,
+        2,
+        "--model.optimizer",
+        "torch.optim.SGD",
+        "--model.optimizer.lr",
+        "1.0",
+        "--model.optimizer.weight_decay",
+        "0",
+        "--model.system.max_grad_norm",
+        "0.001",
+    )
+    before, after = (
+        torch.load(tmp_path / f"checkpoints/epoch=0-step={s}.ckpt", map_location="cpu", weights_only=False)[
+            "state_dict"
+        ]
+        for s in (1, 2)
+    )
+    moved = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(after[k].double() - before[k].double()) for k in before])
+    )
     logged = [float(r["train/grad_norm"]) for r in metrics(tmp_path) if r.get("train/grad_norm")]
     assert len(logged) == 2 and logged[1] > 0.01  # the unclipped norm of the second update
     assert moved.item() == pytest.approx(0.001, rel=1e-3)
 
 
 def test_bitsandbytes_8bit_adamw_trains_checkpoints_and_resumes(tmp_path):
-    args = ["--model.optimizer", "bitsandbytes.optim.AdamW8bit", "--model.optimizer.init_args.lr", "3e-4",
-            "--model.optimizer.init_args.min_8bit_size", "16"]
+    args = [
+        "--model.optimizer",
+        "bitsandbytes.optim.AdamW8bit",
+        "--model.optimizer.init_args.lr",
+        "3e-4",
+        "--model.optimizer.init_args.min_8bit_size",
+        "16",
+    ]
     fit(tmp_path, 1, *args)
     fit(tmp_path, 2, *args, "--ckpt_path", "last")
     ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
@@ -398,8 +538,9 @@ def test_strategies_divrl_cannot_train_under_are_refused_at_start_with_the_fix()
 
 def test_the_slurm_overlay_parses_on_top_of_a_config(tmp_path):
     cli = run_lightning(["--config", str(DEMO), "--trainer.default_root_dir", str(tmp_path)], run=False)
-    cfg = cli.parser.parse_args(["--config", str(ROOT / "configs/explore.yaml"), "--config",
-                                 str(ROOT / "examples/slurm/slurm.yaml")])
+    cfg = cli.parser.parse_args(
+        ["--config", str(ROOT / "configs/explore.yaml"), "--config", str(ROOT / "examples/slurm/slurm.yaml")]
+    )
     assert cfg.trainer.plugins[0].class_path.endswith("SLURMEnvironment")
     assert cfg.trainer.plugins[0].init_args.auto_requeue is True and cfg.model.policy.init_args.local_files_only is True
     assert "srun divrl fit --config configs/explore.yaml" in (ROOT / "examples/slurm/explore.sbatch").read_text()
@@ -416,15 +557,41 @@ def test_full_fine_tuning_trains_every_transformer_weight_and_exports_the_transf
     changed = [n for (n, a), b in zip(base.named_parameters(), tuned.parameters()) if not torch.equal(a, b)]
     assert len(changed) > len(list(base.parameters())) // 2  # the weights themselves trained, not an adapter
     out = tmp_path / "samples"
-    main(["sample", "--config", str(DEMO), "--trainer.logger", "false", "--lora", str(tmp_path / "lora/final"),
-          "--model.policy.lora", "null", "--num_identities", "1", "--num_samples", "1", "--num_steps", "2",
-          "--output_dir", str(out)])
+    main(
+        [
+            "sample",
+            "--config",
+            str(DEMO),
+            "--trainer.logger",
+            "false",
+            "--lora",
+            str(tmp_path / "lora/final"),
+            "--model.policy.lora",
+            "null",
+            "--num_identities",
+            "1",
+            "--num_samples",
+            "1",
+            "--num_steps",
+            "2",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert len(yaml.safe_load((out / "samples.json").read_text())["samples"]) == 1
 
 
 def test_full_fine_tuning_with_kl_uses_a_frozen_copy_of_the_initial_transformer(tmp_path):
-    fit(tmp_path, 3, "--model.policy.lora", "null", "--model.policy.train_transformer", "true",
-        "--model.objective.kl_beta", "0.1")
+    fit(
+        tmp_path,
+        3,
+        "--model.policy.lora",
+        "null",
+        "--model.policy.train_transformer",
+        "true",
+        "--model.objective.kl_beta",
+        "0.1",
+    )
     rows = [r for r in metrics(tmp_path) if r.get("reward/mean")]
     kl = [float(r["train/kl"]) for r in rows]
     assert kl[0] == 0.0 and all(k > 0 for k in kl[1:])  # the copy is the policy until the first update

@@ -45,8 +45,9 @@ class NaNScorer(GroupScorer):
         return Components(torch.full((len(images),), float("nan")), None)
 
 
-def run(reward, max_steps: int, callbacks=(), max_epochs: int | None = None, steps_per_epoch: int = 10,
-        **system) -> tuple[DivRLModule, DivRLTrainer]:
+def run(
+    reward, max_steps: int, callbacks=(), max_epochs: int | None = None, steps_per_epoch: int = 10, **system
+) -> tuple[DivRLModule, DivRLTrainer]:
     torch.manual_seed(0)
     model = DivRLModule(
         KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
@@ -57,8 +58,16 @@ def run(reward, max_steps: int, callbacks=(), max_epochs: int | None = None, ste
     )
     data = IdentityDataModule(SHARDS, batch_size=2, steps_per_epoch=steps_per_epoch)
     trainer = DivRLTrainer(
-        accelerator="cpu", max_steps=max_steps, max_epochs=max_epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks),
+        accelerator="cpu",
+        max_steps=max_steps,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
     )
     trainer.fit(model, data)
     return model, trainer
@@ -97,8 +106,11 @@ def test_a_reward_that_is_never_finite_stops_after_the_configured_number_of_empt
 def test_a_run_whose_every_rollout_was_skipped_fails_at_the_end_and_skips_are_summarised(caplog):
     """A run that ends (one epoch of 3 rollouts) before system.max_empty_rollouts (10) with every rollout skipped
     must not exit as a success; a run that skipped some groups says how many when it ends."""
-    with pytest.raises(RuntimeError, match=r"every one of the run's 3 rollouts was skipped \(the last had no group with a "
-                                           r"finite reward \(NSSMReward"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"every one of the run's 3 rollouts was skipped \(the last had no group with a "
+        r"finite reward \(NSSMReward",
+    ):
         run(NSSMReward(NaNScorer(), track_vsm=False), max_steps=-1, max_epochs=1, steps_per_epoch=3)
     caplog.clear()
     run(NSSMReward(FlakyScorer(), track_vsm=False), max_steps=2)
@@ -188,14 +200,25 @@ def test_sft_on_shards_without_targets_stops_after_the_configured_number_of_empt
     from divrl.objectives import SFTObjective
 
     shards = write_shards(synthetic_records(4, size=32), tmp_path / "shards", name="train")
-    model = DivRLModule(KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
-                        [NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=2), track_vsm=False)],
-                        SFTObjective(), SamplingConfig(group_size=2, num_steps=3, resolution=32, val_group_size=2),
-                        SystemConfig(max_empty_rollouts=2))
+    model = DivRLModule(
+        KontextConfig(model="tiny", lora=LoRAConfig(rank=4, alpha=8.0), max_sequence_length=32),
+        [NSSMReward(FeatureScorer(DenseDescriptor(grid_size=12, cell=4), pool=2), track_vsm=False)],
+        SFTObjective(),
+        SamplingConfig(group_size=2, num_steps=3, resolution=32, val_group_size=2),
+        SystemConfig(max_empty_rollouts=2),
+    )
     snapshot = Snapshot()
-    trainer = DivRLTrainer(accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False,
-                           enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                           limit_val_batches=0, callbacks=[snapshot])
+    trainer = DivRLTrainer(
+        accelerator="cpu",
+        max_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[snapshot],
+    )
     with pytest.raises(RuntimeError, match=r"2 rollouts in a row had no condition with a target image.*--targets"):
         trainer.fit(model, IdentityDataModule([str(p) for p in shards], batch_size=2, steps_per_epoch=5))
     before, *after = snapshot.states

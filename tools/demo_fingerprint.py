@@ -71,12 +71,39 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     run("fit", "--config", "configs/demo.yaml", "--trainer.default_root_dir", str(out))
-    run("sample", "--config", "configs/demo.yaml", "--trainer.logger", "false", "--lora", str(out / "lora/final"),
-        "--output_dir", str(out / "samples"), "--num_identities", str(args.identities), "--num_samples", "2")
+    run(
+        "sample",
+        "--config",
+        "configs/demo.yaml",
+        "--trainer.logger",
+        "false",
+        "--lora",
+        str(out / "lora/final"),
+        "--output_dir",
+        str(out / "samples"),
+        "--num_identities",
+        str(args.identities),
+        "--num_samples",
+        "2",
+    )
     methods = json.dumps({"base": None, "explore": str(out / "lora/stage1"), "divrl": str(out / "lora/final")})
-    run("evaluate", "--config", "configs/eval_demo.yaml", "--methods", methods, "--output_dir", str(out / "eval"),
-        "--num_identities", str(args.identities), "--prompts_per_identity", "1", "--num_samples", "2",
-        "--progress", "false")
+    run(
+        "evaluate",
+        "--config",
+        "configs/eval_demo.yaml",
+        "--methods",
+        methods,
+        "--output_dir",
+        str(out / "eval"),
+        "--num_identities",
+        str(args.identities),
+        "--prompts_per_identity",
+        "1",
+        "--num_samples",
+        "2",
+        "--progress",
+        "false",
+    )
 
     files = sorted(out.glob("lora/*/*.safetensors")) + sorted(out.glob("samples/**/*.png"))
     files += [out / "samples/samples.json", out / "eval/metrics.json"] + sorted(out.glob("eval/*/scores.jsonl"))

@@ -75,16 +75,31 @@ def build_components(seed: int) -> dict:
     components = tiny_klein_components(seed)
     torch.manual_seed(seed + 10)
     components["transformer"] = Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
-        num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
-        axes_dims_rope=(8, 8, 8, 8), guidance_embeds=False,
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=32,
+        num_attention_heads=2,
+        joint_attention_dim=3 * 16,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(8, 8, 8, 8),
+        guidance_embeds=False,
     ).eval()
     torch.manual_seed(seed + 12)
-    components["text_encoder"] = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(components["tokenizer"]), hidden_size=16, intermediate_size=32, num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )).eval()
+    components["text_encoder"] = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(components["tokenizer"]),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=TEXT_LAYERS,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        )
+    ).eval()
     return components
 
 
@@ -92,8 +107,9 @@ def build_components(seed: int) -> dict:
 def patchified(policy: Flux2KleinPolicy, pixels: Tensor, chunk: int = 256) -> Tensor:
     """The VAE's posterior modes of ``pixels``, patchified ``(B, 16, 8, 8)``, before the batch-norm normalisation."""
     pipe = policy.pipeline()
-    return torch.cat([pipe._patchify_latents(policy.vae.encode(part).latent_dist.mode())
-                      for part in pixels.split(chunk)])
+    return torch.cat(
+        [pipe._patchify_latents(policy.vae.encode(part).latent_dist.mode()) for part in pixels.split(chunk)]
+    )
 
 
 def calibrate_vae(vae, latents: Tensor) -> None:
@@ -125,27 +141,33 @@ def sample_group(policy, reference, prompt: str, noise_level: float, guidance: f
     """``group_size`` decoded samples of one condition, as the demo's rollouts draw them, at CFG scale ``guidance``
     (klein's ``guidance_scale``, Qwen-Image-Edit's ``true_cfg_scale``: ``condition``'s fifth argument)."""
     condition = policy.condition([reference], [prompt], RESOLUTION, RESOLUTION, guidance, group_size=group_size)
-    return rollout(policy, condition, num_steps=4, noise_level=noise_level,
-                   generator=torch.Generator().manual_seed(0)).images
+    return rollout(
+        policy, condition, num_steps=4, noise_level=noise_level, generator=torch.Generator().manual_seed(0)
+    ).images
 
 
-def evaluate(trained, random_policy, subjects, *, guidance: float = GUIDANCE_SCALE, to_pixels=kontext.to_pixels,
-             roundtrip=None) -> tuple[dict, Tensor]:
+def evaluate(
+    trained, random_policy, subjects, *, guidance: float = GUIDANCE_SCALE, to_pixels=kontext.to_pixels, roundtrip=None
+) -> tuple[dict, Tensor]:
     """Mean nSSM and VSM per image source over the held-out subjects, and a grid of references and samples, for a
     family sampled with CFG (klein; Qwen-Image-Edit passes its ``to_pixels`` and ``roundtrip``)."""
-    roundtrip = roundtrip or (lambda policy, ref32, condition: policy.decode(
-        pack(policy, patchified(policy, ref32 * 2 - 1)), condition))
+    roundtrip = roundtrip or (
+        lambda policy, ref32, condition: policy.decode(pack(policy, patchified(policy, ref32 * 2 - 1)), condition)
+    )
     reward = NSSMReward(FeatureScorer(DenseDescriptor(grid_size=24, cell=4), pool=2))
     rng = random.Random(1234)
     scores: dict[str, list[Tensor]] = {}
     rows = []
-    for reference, mask, identity, prompts in zip(subjects.references, subjects.masks, subjects.identities,
-                                                  subjects.prompts):
+    for reference, mask, identity, prompts in zip(
+        subjects.references, subjects.masks, subjects.identities, subjects.prompts
+    ):
         ref32 = (to_pixels(trained, [reference]) + 1) / 2
         other32 = (to_pixels(trained, [kontext.render_pil(identity, random_pose(rng)) for _ in range(8)]) + 1) / 2
         condition = trained.condition([reference], prompts[:1], RESOLUTION, RESOLUTION, 1.0)
-        groups = {f"pretrained, ODE, CFG {s}": sample_group(trained, reference, prompts[0], 0.0, s)
-                  for s in (1.0, guidance, 4.0)}
+        groups = {
+            f"pretrained, ODE, CFG {s}": sample_group(trained, reference, prompts[0], 0.0, s)
+            for s in (1.0, guidance, 4.0)
+        }
         groups |= {
             f"pretrained, SDE 0.9, CFG {guidance}": sample_group(trained, reference, prompts[0], 0.9, guidance),
             "random tiny, ODE (noise 0.0)": sample_group(random_policy, reference, prompts[0], 0.0, 1.0),
@@ -155,9 +177,17 @@ def evaluate(trained, random_policy, subjects, *, guidance: float = GUIDANCE_SCA
             "truth: the reference, VAE round trip": roundtrip(trained, ref32, condition),
         }
         kontext.add_scores(scores, reward, reference, mask, groups)
-        rows.append(torch.cat([ref32, groups[f"pretrained, ODE, CFG {guidance}"][:4],
-                               groups[f"pretrained, SDE 0.9, CFG {guidance}"][:4],
-                               groups["random tiny, SDE (noise 0.9)"][:2], other32[:2]]))
+        rows.append(
+            torch.cat(
+                [
+                    ref32,
+                    groups[f"pretrained, ODE, CFG {guidance}"][:4],
+                    groups[f"pretrained, SDE 0.9, CFG {guidance}"][:4],
+                    groups["random tiny, SDE (noise 0.9)"][:2],
+                    other32[:2],
+                ]
+            )
+        )
     table = {name: torch.stack(values).mean(0).tolist() for name, values in scores.items()}
     return table, torch.stack(rows)
 
@@ -166,20 +196,31 @@ def main_klein(args) -> None:
     """Build, train, save, reload and evaluate ``data/demo/tiny-klein``."""
     start = time.time()
     held_out, train, others = kontext.training_data(args.seed)
-    policy = Flux2KleinPolicy(**build_components(args.seed), lora=None, guidance_scale=1.0,
-                              max_sequence_length=MAX_SEQUENCE_LENGTH, prompt_cache_size=10**6)
+    policy = Flux2KleinPolicy(
+        **build_components(args.seed),
+        lora=None,
+        guidance_scale=1.0,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        prompt_cache_size=10**6,
+    )
     reference_pixels = kontext.to_pixels(policy, train.references)
     other_pixels = kontext.to_pixels(policy, others)
-    print(f"{len(train.references)} training references, {len(others)} other-pose renders "
-          f"({time.time() - start:.0f} s)\n1/3 VAE", flush=True)
+    print(
+        f"{len(train.references)} training references, {len(others)} other-pose renders "
+        f"({time.time() - start:.0f} s)\n1/3 VAE",
+        flush=True,
+    )
 
     t = time.time()
     kontext.train_vae(policy.vae, torch.cat([reference_pixels, other_pixels]), args.vae_steps, seed=args.seed)
     reference_raw = patchified(policy, reference_pixels)
     calibrate_vae(policy.vae, reference_raw)
     vae_time = time.time() - t
-    print(f"  latent mean {policy.vae.bn.running_mean.abs().mean():.3f}, var {policy.vae.bn.running_var.mean():.3f} "
-          f"({vae_time:.0f} s)", flush=True)
+    print(
+        f"  latent mean {policy.vae.bn.running_mean.abs().mean():.3f}, var {policy.vae.bn.running_var.mean():.3f} "
+        f"({vae_time:.0f} s)",
+        flush=True,
+    )
 
     references = pack(policy, reference_raw)
     other_latents = pack(policy, patchified(policy, other_pixels)).view(len(references), kontext.OTHER_POSES, 64, -1)
@@ -187,8 +228,7 @@ def main_klein(args) -> None:
     assert torch.allclose(references[:1], check, atol=1e-5), "batched encoding differs from encode_reference"
     prompt_embeds = prompt_table(policy, train.prompts)
     negative = policy.encoder.negative_prompt()
-    template = policy.condition(train.references[:1], train.prompts[0][:1], RESOLUTION, RESOLUTION,
-                                guidance_scale=1.0)
+    template = policy.condition(train.references[:1], train.prompts[0][:1], RESOLUTION, RESOLUTION, guidance_scale=1.0)
     dropout = torch.Generator().manual_seed(args.seed + 1)  # its own stream: the shared trainer's draws are unchanged
 
     def make_condition(batch_condition, index: Tensor, prompt: Tensor):
@@ -199,15 +239,26 @@ def main_klein(args) -> None:
 
     print("2/3 transformer", flush=True)
     t = time.time()
-    kontext.train_transformer(policy, references, other_latents, prompt_embeds, None, template,
-                              args.transformer_steps, lr=args.lr, seed=args.seed, make_condition=make_condition)
+    kontext.train_transformer(
+        policy,
+        references,
+        other_latents,
+        prompt_embeds,
+        None,
+        template,
+        args.transformer_steps,
+        lr=args.lr,
+        seed=args.seed,
+        make_condition=make_condition,
+    )
     transformer_time = time.time() - t
 
     out = Path(args.out)
     policy.pipeline().save_pretrained(out, safe_serialization=True)
     print(f"3/3 saved {out} ({kontext.folder_size(out) / 2**20:.2f} MiB); reloading and evaluating", flush=True)
-    loaded = Flux2KleinPolicy.from_pretrained(out, torch_dtype="float32", max_sequence_length=MAX_SEQUENCE_LENGTH,
-                                              guidance_scale=GUIDANCE_SCALE)
+    loaded = Flux2KleinPolicy.from_pretrained(
+        out, torch_dtype="float32", max_sequence_length=MAX_SEQUENCE_LENGTH, guidance_scale=GUIDANCE_SCALE
+    )
     prompt = held_out.prompts[0][0]
     if loaded.tokenizer(prompt).input_ids != policy.tokenizer(prompt).input_ids:
         raise RuntimeError(f"the tokenizer does not round-trip through {out}")
@@ -218,7 +269,11 @@ def main_klein(args) -> None:
     table, rows = evaluate(loaded, Flux2KleinPolicy.tiny(lora=None), held_out)
     kontext.save_grid(rows, args.grid)
     print(kontext.format_table(table))
-    print(f"grid (rows: reference | 4 ODE samples | 4 SDE samples | 2 random-model samples | 2 other-pose truths): "
-          f"{args.grid}")
-    print(f"VAE {vae_time:.0f} s, transformer {transformer_time:.0f} s, total {time.time() - start:.0f} s; "
-          f"folder {kontext.folder_size(out) / 2**20:.2f} MiB")
+    print(
+        f"grid (rows: reference | 4 ODE samples | 4 SDE samples | 2 random-model samples | 2 other-pose truths): "
+        f"{args.grid}"
+    )
+    print(
+        f"VAE {vae_time:.0f} s, transformer {transformer_time:.0f} s, total {time.time() - start:.0f} s; "
+        f"folder {kontext.folder_size(out) / 2**20:.2f} MiB"
+    )

@@ -65,8 +65,14 @@ def build_components(seed: int) -> dict:
     components = tiny_qwen_edit_components(seed)
     torch.manual_seed(seed + 10)
     components["transformer"] = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=4, attention_head_dim=32, num_attention_heads=2,
-        joint_attention_dim=16, axes_dims_rope=(8, 12, 12),
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(8, 12, 12),
     ).eval()
     return components
 
@@ -76,13 +82,15 @@ def to_pixels(policy: QwenEditPolicy, images, chunk: int = 512) -> Tensor:
     same resize and normalisation call, batched)."""
     processor = policy.pipeline().image_processor
     pil = [policy.encoder._pil(image) for image in images]
-    return torch.cat([processor.preprocess(pil[i : i + chunk], RESOLUTION, RESOLUTION)
-                      for i in range(0, len(pil), chunk)])
+    return torch.cat(
+        [processor.preprocess(pil[i : i + chunk], RESOLUTION, RESOLUTION) for i in range(0, len(pil), chunk)]
+    )
 
 
 def policy_of(components: dict, **kwargs) -> QwenEditPolicy:
-    return QwenEditPolicy(**components, lora=None, condition_image_size=AREA, vae_image_size=AREA,
-                          prompt_cache_size=10**6, **kwargs)
+    return QwenEditPolicy(
+        **components, lora=None, condition_image_size=AREA, vae_image_size=AREA, prompt_cache_size=10**6, **kwargs
+    )
 
 
 @torch.no_grad()
@@ -93,8 +101,10 @@ def raw_latents(vae, pixels: Tensor, chunk: int = 256) -> Tensor:
 
 def calibrate_vae(vae, latents: Tensor) -> None:
     """The per-channel latent mean and standard deviation, as the released VAE carries them (4 decimals)."""
-    vae.register_to_config(latents_mean=[round(v, 4) for v in latents.mean(dim=(0, 2, 3, 4)).tolist()],
-                           latents_std=[round(v, 4) for v in latents.std(dim=(0, 2, 3, 4)).tolist()])
+    vae.register_to_config(
+        latents_mean=[round(v, 4) for v in latents.mean(dim=(0, 2, 3, 4)).tolist()],
+        latents_std=[round(v, 4) for v in latents.std(dim=(0, 2, 3, 4)).tolist()],
+    )
 
 
 def pack(policy: QwenEditPolicy, latents: Tensor) -> Tensor:
@@ -116,8 +126,9 @@ def prompt_table(policy: QwenEditPolicy, references: list, prompts: list[list[st
     rows = []
     for reference, group in zip(references, prompts):
         image = policy.encoder._pil(reference)
-        rows += [policy.encoder.encode_prompt(p, [image]) for p in [*group[:PROMPTS_PER_IDENTITY],
-                                                                    policy.negative_prompt]]
+        rows += [
+            policy.encoder.encode_prompt(p, [image]) for p in [*group[:PROMPTS_PER_IDENTITY], policy.negative_prompt]
+        ]
     embeds, mask = pad_embeddings(rows)
     mask = torch.ones(embeds.shape[:2], dtype=torch.long) if mask is None else mask
     n, per = len(references), PROMPTS_PER_IDENTITY + 1
@@ -131,8 +142,9 @@ def evaluate(trained: QwenEditPolicy, random_policy: QwenEditPolicy, subjects) -
     def roundtrip(policy, ref32, condition):
         return policy.decode(pack(policy, raw_latents(policy.vae, (ref32 * 2 - 1).unsqueeze(2))), condition)
 
-    return evaluate_guided(trained, random_policy, subjects, guidance=TRUE_CFG_SCALE, to_pixels=to_pixels,
-                           roundtrip=roundtrip)
+    return evaluate_guided(
+        trained, random_policy, subjects, guidance=TRUE_CFG_SCALE, to_pixels=to_pixels, roundtrip=roundtrip
+    )
 
 
 def main_qwen(args) -> None:
@@ -144,54 +156,87 @@ def main_qwen(args) -> None:
     policy = policy_of(build_components(args.seed), true_cfg_scale=1.0)
     reference_pixels = to_pixels(policy, train.references).unsqueeze(2)  # one-frame videos
     other_pixels = to_pixels(policy, others).unsqueeze(2)
-    print(f"{len(train.references)} training references, {len(others)} other-pose renders "
-          f"({time.time() - start:.0f} s)\n1/3 VAE", flush=True)
+    print(
+        f"{len(train.references)} training references, {len(others)} other-pose renders "
+        f"({time.time() - start:.0f} s)\n1/3 VAE",
+        flush=True,
+    )
 
     t = time.time()
     kontext.train_vae(policy.vae, torch.cat([reference_pixels, other_pixels]), args.vae_steps, seed=args.seed)
     reference_raw = raw_latents(policy.vae, reference_pixels)
     calibrate_vae(policy.vae, reference_raw)
     vae_time = time.time() - t
-    print(f"  latents_mean {policy.vae.config.latents_mean}, latents_std {policy.vae.config.latents_std} "
-          f"({vae_time:.0f} s)", flush=True)
+    print(
+        f"  latents_mean {policy.vae.config.latents_mean}, latents_std {policy.vae.config.latents_std} "
+        f"({vae_time:.0f} s)",
+        flush=True,
+    )
 
     references = pack(policy, reference_raw)
-    other_latents = pack(policy, raw_latents(policy.vae, other_pixels)).view(len(references), kontext.OTHER_POSES,
-                                                                             64, -1)
+    other_latents = pack(policy, raw_latents(policy.vae, other_pixels)).view(
+        len(references), kontext.OTHER_POSES, 64, -1
+    )
     check, _ = policy.encoder.encode_reference(policy.encoder._pil(train.references[0]))
     assert torch.allclose(references[:1], check, atol=1e-5), "batched encoding differs from encode_reference"
     t = time.time()
     embeds, masks, _ = prompt_table(policy, train.references, train.prompts)
-    print(f"  {embeds.shape[0] * embeds.shape[1]} prompts read with their references, {embeds.shape[2]} tokens at "
-          f"most ({time.time() - t:.0f} s)", flush=True)
-    template = policy.condition(train.references[:1], train.prompts[0][:1], RESOLUTION, RESOLUTION,
-                                true_cfg_scale=1.0)
+    print(
+        f"  {embeds.shape[0] * embeds.shape[1]} prompts read with their references, {embeds.shape[2]} tokens at "
+        f"most ({time.time() - t:.0f} s)",
+        flush=True,
+    )
+    template = policy.condition(train.references[:1], train.prompts[0][:1], RESOLUTION, RESOLUTION, true_cfg_scale=1.0)
     dropout = torch.Generator().manual_seed(args.seed + 1)  # its own stream: the shared trainer's draws are unchanged
 
     def make_condition(batch_condition, index: Tensor, prompt: Tensor):
         empty = torch.rand(len(index), generator=dropout) < UNCONDITIONAL_PROBABILITY
         row = torch.where(empty, torch.full_like(prompt, PROMPTS_PER_IDENTITY), prompt)
-        return kontext.replace(batch_condition, prompt_embeds=embeds[index, row], prompt_mask=masks[index, row],
-                               image_latents=references[index])
+        return kontext.replace(
+            batch_condition,
+            prompt_embeds=embeds[index, row],
+            prompt_mask=masks[index, row],
+            image_latents=references[index],
+        )
 
     print("2/3 transformer", flush=True)
     t = time.time()
-    kontext.train_transformer(policy, references, other_latents, embeds[:, :PROMPTS_PER_IDENTITY], None, template,
-                              args.transformer_steps, lr=args.lr, seed=args.seed, make_condition=make_condition)
+    kontext.train_transformer(
+        policy,
+        references,
+        other_latents,
+        embeds[:, :PROMPTS_PER_IDENTITY],
+        None,
+        template,
+        args.transformer_steps,
+        lr=args.lr,
+        seed=args.seed,
+        make_condition=make_condition,
+    )
     transformer_time = time.time() - t
 
     out = Path(args.out)
     save_pipeline(policy.pipeline(), out)
     print(f"3/3 saved {out} ({kontext.folder_size(out) / 2**20:.2f} MiB); reloading and evaluating", flush=True)
-    loaded = QwenEditPolicy.from_pretrained(out, torch_dtype="float32", lora=None, condition_image_size=AREA,
-                                            vae_image_size=AREA, true_cfg_scale=TRUE_CFG_SCALE)
+    loaded = QwenEditPolicy.from_pretrained(
+        out,
+        torch_dtype="float32",
+        lora=None,
+        condition_image_size=AREA,
+        vae_image_size=AREA,
+        true_cfg_scale=TRUE_CFG_SCALE,
+    )
     for key, value in policy.transformer.state_dict().items():
         if not torch.equal(value, loaded.transformer.state_dict()[key]):
             raise RuntimeError(f"transformer weight {key} does not round-trip through {out}")
     table, rows = evaluate(loaded, QwenEditPolicy.tiny(lora=None), held_out)
     kontext.save_grid(rows, args.grid)
     print(kontext.format_table(table))
-    print(f"grid (rows: reference | 4 ODE samples | 4 SDE samples | 2 random-model samples | 2 other-pose truths): "
-          f"{args.grid}")
-    print(f"VAE {vae_time:.0f} s, transformer {transformer_time:.0f} s, total {time.time() - start:.0f} s; "
-          f"folder {kontext.folder_size(out) / 2**20:.2f} MiB")
+    print(
+        f"grid (rows: reference | 4 ODE samples | 4 SDE samples | 2 random-model samples | 2 other-pose truths): "
+        f"{args.grid}"
+    )
+    print(
+        f"VAE {vae_time:.0f} s, transformer {transformer_time:.0f} s, total {time.time() - start:.0f} s; "
+        f"folder {kontext.folder_size(out) / 2**20:.2f} MiB"
+    )

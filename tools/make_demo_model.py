@@ -278,9 +278,14 @@ def train_transformer(
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     copies = references if copies is None else copies
     if make_condition is None:
+
         def make_condition(batch_condition, index: Tensor, prompt: Tensor):
-            return replace(batch_condition, prompt_embeds=prompt_embeds[index, prompt],
-                           pooled_prompt_embeds=pooled_embeds[index, prompt], image_latents=references[index])
+            return replace(
+                batch_condition,
+                prompt_embeds=prompt_embeds[index, prompt],
+                pooled_prompt_embeds=pooled_embeds[index, prompt],
+                image_latents=references[index],
+            )
 
     def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 10 %
         return min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
@@ -337,7 +342,10 @@ def sample_group(policy: KontextPolicy, reference, prompt: str, noise_level: flo
         [reference], [prompt], RESOLUTION, RESOLUTION, guidance=GUIDANCE, group_size=group_size
     )
     trajectory = rollout(
-        policy, condition, num_steps=4, noise_level=noise_level,
+        policy,
+        condition,
+        num_steps=4,
+        noise_level=noise_level,
         generator=torch.Generator().manual_seed(0),
     )
     return trajectory.images
@@ -448,8 +456,10 @@ def multi_rewards():
     backbone = DenseDescriptor(grid_size=24, cell=4)
     embedder = BackboneEmbedder(backbone, size=32)
     locator = SubjectLocator(PlainBackgroundDetector(), "hungarian", embedder)
-    return (PairwiseSubjectConsistency(locator, embedder),
-            PerSubjectDivRL(locator, FeatureScorer(backbone, pool=1), gate=True, crop_size=32))
+    return (
+        PairwiseSubjectConsistency(locator, embedder),
+        PerSubjectDivRL(locator, FeatureScorer(backbone, pool=1), gate=True, crop_size=32),
+    )
 
 
 def evaluate_multi(trained: KontextPolicy, base: KontextPolicy, records) -> tuple[dict, Tensor]:
@@ -462,8 +472,9 @@ def evaluate_multi(trained: KontextPolicy, base: KontextPolicy, records) -> tupl
     scores: dict[str, list[Tensor]] = {}
     rows = []
     for record in records:
-        sample = ConditionSample(record.id, record.prompts[0], record.references, record.masks,
-                                 metadata=dict(record.extra))
+        sample = ConditionSample(
+            record.id, record.prompts[0], record.references, record.masks, metadata=dict(record.extra)
+        )
         refs32 = (to_pixels(trained, record.references) + 1) / 2
         groups = {
             "pretrained, ODE (noise 0.0)": sample_group(trained, record.references, record.prompts[0], 0.0),
@@ -474,9 +485,16 @@ def evaluate_multi(trained: KontextPolicy, base: KontextPolicy, records) -> tupl
             a, b = consistency(Group(sample, images)), per_subject(Group(sample, images))
             values = [a.reward, b.components["nssm"], b.components["vsm"], b.components["found"]]
             scores.setdefault(name, []).append(torch.stack([v.mean() for v in values]))
-        rows.append(torch.cat([refs32, groups["pretrained, ODE (noise 0.0)"][:4],
-                               groups["pretrained, SDE (noise 0.9)"][:4],
-                               groups["single-subject base, SDE (noise 0.9)"][:2]]))
+        rows.append(
+            torch.cat(
+                [
+                    refs32,
+                    groups["pretrained, ODE (noise 0.0)"][:4],
+                    groups["pretrained, SDE (noise 0.9)"][:4],
+                    groups["single-subject base, SDE (noise 0.9)"][:2],
+                ]
+            )
+        )
     table = {name: torch.stack(values).mean(0).tolist() for name, values in scores.items()}
     return table, torch.stack(rows)
 
@@ -486,13 +504,30 @@ def main_multi(args) -> None:
     from divrl.data.synthetic import DEMO_MULTI_VAL, multi_subject_records
 
     start = time.time()
-    held_out = list(multi_subject_records(DEMO_MULTI_VAL, size=REFERENCE_SIZE, seed=args.seed + 11, prefix="val",
-                                          subjects=(MULTI_SUBJECTS,), weights=None))
-    exclude = {SubjectIdentity(i["kind"], tuple(i["colours"]), i["texture"])
-               for record in held_out for i in record.extra["identities"]}
+    held_out = list(
+        multi_subject_records(
+            DEMO_MULTI_VAL,
+            size=REFERENCE_SIZE,
+            seed=args.seed + 11,
+            prefix="val",
+            subjects=(MULTI_SUBJECTS,),
+            weights=None,
+        )
+    )
+    exclude = {
+        SubjectIdentity(i["kind"], tuple(i["colours"]), i["texture"])
+        for record in held_out
+        for i in record.extra["identities"]
+    }
     train = scene_set(MULTI_PAIRS, MULTI_SEED + args.seed, exclude)
-    policy = KontextPolicy.from_pretrained(args.base, torch_dtype="float32", lora=None, max_sequence_length=MAX_SEQUENCE_LENGTH,
-                                           prompt_cache_size=10**6, reference_positions="frame")
+    policy = KontextPolicy.from_pretrained(
+        args.base,
+        torch_dtype="float32",
+        lora=None,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        prompt_cache_size=10**6,
+        reference_positions="frame",
+    )
 
     def encode(images):
         return pack(policy, raw_latents(policy.vae, to_pixels(policy, images)))
@@ -506,8 +541,19 @@ def main_multi(args) -> None:
     template = policy.condition([train.references[0]], train.prompts[0][:1], RESOLUTION, RESOLUTION, guidance=GUIDANCE)
     print(f"{MULTI_PAIRS} two-subject conditions encoded ({time.time() - start:.0f} s); transformer", flush=True)
     t = time.time()
-    train_transformer(policy, references, others, prompt_embeds, pooled_embeds, template, args.transformer_steps,
-                      lr=args.lr, seed=args.seed, copies=copies, warmup=20)
+    train_transformer(
+        policy,
+        references,
+        others,
+        prompt_embeds,
+        pooled_embeds,
+        template,
+        args.transformer_steps,
+        lr=args.lr,
+        seed=args.seed,
+        copies=copies,
+        warmup=20,
+    )
     transformer_time = time.time() - t
     out = Path(args.out)
     policy.pipeline().save_pretrained(out, safe_serialization=True)
@@ -522,8 +568,10 @@ def main_multi(args) -> None:
     for name, values in table.items():
         print(f"{name:40s} " + " ".join(f"{v:6.3f}" for v in values))
     print(f"grid: {args.grid}")
-    print(f"transformer {transformer_time:.0f} s, total {time.time() - start:.0f} s; folder "
-          f"{folder_size(out) / 2**20:.2f} MiB")
+    print(
+        f"transformer {transformer_time:.0f} s, total {time.time() - start:.0f} s; folder "
+        f"{folder_size(out) / 2**20:.2f} MiB"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -533,25 +581,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--family", choices=("kontext", "klein", "qwen"), default="kontext",
-                        help="kontext: a FluxKontextPipeline; klein: a Flux2KleinPipeline (tools/demo_model_klein.py); "
-                             "qwen: a QwenImageEditPlusPipeline (tools/demo_model_qwen.py)")
-    parser.add_argument("--out", default=None, help="output folder (default: data/demo/tiny-kontext, with --multi "
-                        "data/demo/tiny-kontext-multi, with --family klein data/demo/tiny-klein, with --family qwen "
-                        "data/demo/tiny-qwen-edit)")
+    parser.add_argument(
+        "--family",
+        choices=("kontext", "klein", "qwen"),
+        default="kontext",
+        help="kontext: a FluxKontextPipeline; klein: a Flux2KleinPipeline (tools/demo_model_klein.py); "
+        "qwen: a QwenImageEditPlusPipeline (tools/demo_model_qwen.py)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: data/demo/tiny-kontext, with --multi "
+        "data/demo/tiny-kontext-multi, with --family klein data/demo/tiny-klein, with --family qwen "
+        "data/demo/tiny-qwen-edit)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--transformer-steps", type=int, default=1200)
     parser.add_argument("--grid", default="/tmp/demo_model_grid.png", help="PNG of references and samples")
-    parser.add_argument("--multi", action="store_true",
-                        help="fine-tune --base into the two-subject demo model (data/demo/tiny-kontext-multi)")
+    parser.add_argument(
+        "--multi",
+        action="store_true",
+        help="fine-tune --base into the two-subject demo model (data/demo/tiny-kontext-multi)",
+    )
     parser.add_argument("--base", default="data/demo/tiny-kontext", help="--multi: the single-subject model")
-    parser.add_argument("--lr", type=float, default=None, help="transformer learning rate (default 1.5e-3; --multi 5e-4)")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="transformer learning rate (default 1.5e-3; --multi 5e-4)"
+    )
     args = parser.parse_args()
     if args.multi and args.family != "kontext":
         parser.error("--multi builds the two-subject Kontext model; leave out --family")
-    default = {"klein": "data/demo/tiny-klein", "qwen": "data/demo/tiny-qwen-edit"}.get(args.family,
-                                                                                       "data/demo/tiny-kontext")
+    default = {"klein": "data/demo/tiny-klein", "qwen": "data/demo/tiny-qwen-edit"}.get(
+        args.family, "data/demo/tiny-kontext"
+    )
     args.out = args.out or ("data/demo/tiny-kontext-multi" if args.multi else default)
     args.lr = args.lr or (5e-4 if args.multi else 1.5e-3)
 
@@ -580,8 +642,10 @@ def main() -> None:
     )
     reference_pixels = to_pixels(policy, train.references)
     other_pixels = to_pixels(policy, others)
-    print(f"{len(train.references)} training references, {len(others)} other-pose renders "
-          f"({time.time() - start:.0f} s)", flush=True)
+    print(
+        f"{len(train.references)} training references, {len(others)} other-pose renders ({time.time() - start:.0f} s)",
+        flush=True,
+    )
 
     print("1/3 VAE", flush=True)
     t = time.time()
@@ -589,8 +653,11 @@ def main() -> None:
     reference_raw = raw_latents(policy.vae, reference_pixels)
     calibrate_vae(policy.vae, reference_raw)
     vae_time = time.time() - t
-    print(f"  shift_factor {policy.vae.config.shift_factor}, scaling_factor {policy.vae.config.scaling_factor} "
-          f"({vae_time:.0f} s)", flush=True)
+    print(
+        f"  shift_factor {policy.vae.config.shift_factor}, scaling_factor {policy.vae.config.scaling_factor} "
+        f"({vae_time:.0f} s)",
+        flush=True,
+    )
 
     # Encode everything with the trained VAE (no reference cache is involved: no keys are passed).
     references = pack(policy, reference_raw)
@@ -603,8 +670,15 @@ def main() -> None:
     print("2/3 transformer", flush=True)
     t = time.time()
     train_transformer(
-        policy, references, other_latents, prompt_embeds, pooled_embeds, template, args.transformer_steps,
-        lr=args.lr, seed=args.seed,
+        policy,
+        references,
+        other_latents,
+        prompt_embeds,
+        pooled_embeds,
+        template,
+        args.transformer_steps,
+        lr=args.lr,
+        seed=args.seed,
     )
     transformer_time = time.time() - t
     print(f"  ({transformer_time:.0f} s)", flush=True)
@@ -627,10 +701,14 @@ def main() -> None:
     table, rows = evaluate(loaded, KontextPolicy.tiny(), held_out)
     save_grid(rows, args.grid)
     print(format_table(table))
-    print(f"grid (rows: reference | 4 ODE samples | 4 SDE samples | 2 random-model samples | 2 other-pose truths): "
-          f"{args.grid}")
-    print(f"VAE {vae_time:.0f} s, transformer {transformer_time:.0f} s, total {time.time() - start:.0f} s; "
-          f"folder {folder_size(out) / 2**20:.2f} MiB")
+    print(
+        f"grid (rows: reference | 4 ODE samples | 4 SDE samples | 2 random-model samples | 2 other-pose truths): "
+        f"{args.grid}"
+    )
+    print(
+        f"VAE {vae_time:.0f} s, transformer {transformer_time:.0f} s, total {time.time() - start:.0f} s; "
+        f"folder {folder_size(out) / 2**20:.2f} MiB"
+    )
 
 
 if __name__ == "__main__":

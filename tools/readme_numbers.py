@@ -39,8 +39,13 @@ PACKAGES = ("torch", "lightning", "diffusers", "transformers", "peft", "webdatas
 
 def run(*args: str) -> float:
     start = time.monotonic()
-    subprocess.run([sys.executable, "-m", "divrl.cli", *args], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "divrl.cli", *args],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.monotonic() - start
 
 
@@ -69,9 +74,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (emptied first)")
     parser.add_argument("--write-docs", action="store_true", help="replace the README's pictures in docs/")
-    parser.add_argument("--demos", default="kontext,multi,klein,qwen",
-                        help="comma-separated demos to run: kontext, multi, klein, qwen (default: all; --write-docs "
-                             "needs kontext and multi)")
+    parser.add_argument(
+        "--demos",
+        default="kontext,multi,klein,qwen",
+        help="comma-separated demos to run: kontext, multi, klein, qwen (default: all; --write-docs "
+        "needs kontext and multi)",
+    )
     args = parser.parse_args()
     demos = set(args.demos.split(","))
     if demos - {"kontext", "multi", "klein", "qwen"} or (args.write_docs and not {"kontext", "multi"} <= demos):
@@ -104,11 +112,15 @@ def main() -> None:
         names = ("base", "explore", "divrl")
         shutil.copy(out / "eval/frontier.png", ROOT / "docs/demo_frontier.png")
         stack([out / "eval" / method / "grid.png" for method in names], ROOT / "docs/demo_samples.png")
-        stack([out / "eval_multi" / method / "grid.png" for method in ("base", "divrl")],
-              ROOT / "docs/demo_multi_samples.png")
+        stack(
+            [out / "eval_multi" / method / "grid.png" for method in ("base", "divrl")],
+            ROOT / "docs/demo_multi_samples.png",
+        )
         multi_curves(out, ROOT / "docs/demo_multi_curves.png")
-        print("\nwrote docs/demo_frontier.png, docs/demo_samples.png, docs/demo_multi_curves.png and "
-              "docs/demo_multi_samples.png")
+        print(
+            "\nwrote docs/demo_frontier.png, docs/demo_samples.png, docs/demo_multi_curves.png and "
+            "docs/demo_multi_samples.png"
+        )
 
 
 def two_stage_demo(out: Path, config: str, name: str) -> float:
@@ -124,13 +136,19 @@ def two_stage_table(out: Path, name: str) -> None:
     print("| | val nSSM | val VSM | train nSSM | train VSM | below the gate |")
     print("| --- | --- | --- | --- | --- | --- |")
     nssm, vsm, gated = fit["reward/nssm"], fit["reward/vsm"], fit["reward/gated_fraction"]
-    print(f"| base model (`divrl validate` without a checkpoint) | {base['val/nssm'][-1][1]:.3f} | "
-          f"{base['val/vsm'][-1][1]:.3f} | {mean(nssm, 0, 9):.3f} (steps 0–9) | {mean(vsm, 0, 9):.3f} | — |")
-    print(f"| end of stage 1 (step 60, R1 = nSSM) | {at(fit['val/nssm'], 59):.3f} | {at(fit['val/vsm'], 59):.3f} | "
-          f"{mean(nssm, 50, 59):.3f} (steps 50–59) | {mean(vsm, 50, 59):.3f} | — |")
-    print(f"| end of stage 2 (step 120, R2 gated at VSM 0.5) | {at(fit['val/nssm'], 119):.3f} | "
-          f"{at(fit['val/vsm'], 119):.3f} | {mean(nssm, 110, 119):.3f} (steps 110–119) | {mean(vsm, 110, 119):.3f} | "
-          f"{mean(gated, 110, 119):.0%} |\n")
+    print(
+        f"| base model (`divrl validate` without a checkpoint) | {base['val/nssm'][-1][1]:.3f} | "
+        f"{base['val/vsm'][-1][1]:.3f} | {mean(nssm, 0, 9):.3f} (steps 0–9) | {mean(vsm, 0, 9):.3f} | — |"
+    )
+    print(
+        f"| end of stage 1 (step 60, R1 = nSSM) | {at(fit['val/nssm'], 59):.3f} | {at(fit['val/vsm'], 59):.3f} | "
+        f"{mean(nssm, 50, 59):.3f} (steps 50–59) | {mean(vsm, 50, 59):.3f} | — |"
+    )
+    print(
+        f"| end of stage 2 (step 120, R2 gated at VSM 0.5) | {at(fit['val/nssm'], 119):.3f} | "
+        f"{at(fit['val/vsm'], 119):.3f} | {mean(nssm, 110, 119):.3f} (steps 110–119) | {mean(vsm, 110, 119):.3f} | "
+        f"{mean(gated, 110, 119):.0%} |\n"
+    )
 
 
 def kontext_demo(out: Path) -> None:
@@ -138,8 +156,17 @@ def kontext_demo(out: Path) -> None:
     seconds = two_stage_demo(out, "configs/demo.yaml", "kontext")
     fit = out / "kontext_fit"
     methods = json.dumps({"base": None, "explore": str(fit / "lora/stage1"), "divrl": str(fit / "lora/final")})
-    run("evaluate", "--config", "configs/eval_demo.yaml", "--methods", methods, "--output_dir", str(out / "eval"),
-        "--progress", "false")
+    run(
+        "evaluate",
+        "--config",
+        "configs/eval_demo.yaml",
+        "--methods",
+        methods,
+        "--output_dir",
+        str(out / "eval"),
+        "--progress",
+        "false",
+    )
 
     print(f"demo fit: {seconds:.0f} s on this machine\n")
     two_stage_table(out, "kontext")
@@ -147,7 +174,9 @@ def kontext_demo(out: Path) -> None:
     metrics = json.loads((out / "eval/metrics.json").read_text())["methods"]
     columns = ("vsm", "si_iou", "mtg_nssm", "sdino", "consistency_ratio", "diversity_over_consistency")
     names = {"base": "base", "explore": "explore (after stage 1)", "divrl": "divrl (after stage 2)"}
-    print("| method | VSM-0.7 ↑ | si-IoU ↓ | MTG-nSSM ↑ | sDINO ↑ | consistency ratio ↑ | diversity over consistency ↑ |")
+    print(
+        "| method | VSM-0.7 ↑ | si-IoU ↓ | MTG-nSSM ↑ | sDINO ↑ | consistency ratio ↑ | diversity over consistency ↑ |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for method, label in names.items():
         row = metrics[method]["overall"]
@@ -163,8 +192,17 @@ def multi_demo(out: Path) -> float:
     run("validate", "--config", "configs/demo_multi.yaml", "--trainer.default_root_dir", str(out / "base_multi"))
     seconds = run("fit", "--config", "configs/demo_multi.yaml", "--trainer.default_root_dir", str(out / "fit_multi"))
     methods = json.dumps({"base": None, "divrl": str(out / "fit_multi/lora/final")})
-    run("evaluate", "--config", "configs/eval_demo_multi.yaml", "--methods", methods, "--output_dir",
-        str(out / "eval_multi"), "--progress", "false")
+    run(
+        "evaluate",
+        "--config",
+        "configs/eval_demo_multi.yaml",
+        "--methods",
+        methods,
+        "--output_dir",
+        str(out / "eval_multi"),
+        "--progress",
+        "false",
+    )
     return seconds
 
 
@@ -172,15 +210,28 @@ def multi_tables(out: Path) -> None:
     base, fit = scalars(out / "base_multi"), scalars(out / "fit_multi")
     print("| | val reward | val PSR | val found | val VSM/subject | val nSSM/subject | val below the gate |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    print("| base model (`divrl validate` without a checkpoint) | "
-          + " | ".join(f"{base[t][-1][1]:.3f}" for t in MULTI_VAL) + " |")
+    print(
+        "| base model (`divrl validate` without a checkpoint) | "
+        + " | ".join(f"{base[t][-1][1]:.3f}" for t in MULTI_VAL)
+        + " |"
+    )
     for step in (19, 39, 59):
         print(f"| step {step + 1} | " + " | ".join(f"{at(fit[t], step):.3f}" for t in MULTI_VAL) + " |")
     metrics = json.loads((out / "eval_multi/metrics.json").read_text())["methods"]
-    columns = ("sc", "sc_1", "sc_2", "found", "subject_vsm", "subject_nssm", "consistency_ratio",
-               "diversity_over_consistency")
-    print("\n| method | SC ↑ | SC-1 ↑ | SC-2 ↑ | found ↑ | VSM/subject ↑ | nSSM/subject ↑ | consistency ratio ↑ | "
-          "diversity over consistency ↑ |")
+    columns = (
+        "sc",
+        "sc_1",
+        "sc_2",
+        "found",
+        "subject_vsm",
+        "subject_nssm",
+        "consistency_ratio",
+        "diversity_over_consistency",
+    )
+    print(
+        "\n| method | SC ↑ | SC-1 ↑ | SC-2 ↑ | found ↑ | VSM/subject ↑ | nSSM/subject ↑ | consistency ratio ↑ | "
+        "diversity over consistency ↑ |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for method in ("base", "divrl"):
         row = metrics[method]["overall"]
@@ -196,10 +247,14 @@ def multi_curves(out: Path, path: Path) -> None:
 
     base, fit = scalars(out / "base_multi"), scalars(out / "fit_multi")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for tag, label in (("reward/mean", "reward"), ("reward/psr", "PSR"), ("reward/divrl/vsm", "VSM/subject"),
-                       ("reward/divrl/found", "found")):
+    for tag, label in (
+        ("reward/mean", "reward"),
+        ("reward/psr", "PSR"),
+        ("reward/divrl/vsm", "VSM/subject"),
+        ("reward/divrl/found", "found"),
+    ):
         values = [v for _, v in sorted(fit[tag])]
-        smooth = [statistics.mean(values[i:i + 5]) for i in range(0, len(values), 5)]
+        smooth = [statistics.mean(values[i : i + 5]) for i in range(0, len(values), 5)]
         axes[0].plot([i + 2.5 for i in range(0, len(values), 5)], smooth, marker=".", label=label)
     axes[0].set_title("training rollouts (mean of 5 updates)")
     for tag, label in zip(MULTI_VAL[:5], ("reward", "PSR", "found", "VSM/subject", "nSSM/subject")):

@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     def bounded(kind: type, low: float, strict: bool = False, high: float | None = None):
         """An argparse type refusing NaN, infinities, values below ``low`` (at or below with ``strict``) and above
         ``high``: ``must be >= 1, got 0``, ``must be in [0, 1], got 2``, ``must be a finite number >= 0, got nan``."""
+
         def parse(text: str):
             value, finite = kind(text), "" if abs(kind(text)) < float("inf") else "a finite number "
             if finite or value < low or (strict and value == low) or (high is not None and value > high):
@@ -57,25 +58,41 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--ref-mask", type=Path, help="optional subject mask of the reference (white = subject)")
     score.add_argument("images", nargs="*", type=Path, help="generated images to score (one group)")
     score.add_argument(
-        "--backbone", choices=["dense", "dinov2"], default="dense",
+        "--backbone",
+        choices=["dense", "dinov2"],
+        default="dense",
         help="feature backbone: the weight-free dense descriptor (offline) or DINOv2 (default: dense)",
     )
     score.add_argument("--model", default="facebook/dinov2-small", help="DINOv2 Hub id or local folder")
-    score.add_argument("--mtg-url", action="append", metavar="URL",
-                       help="score with a running Mind-the-Glitch reward server instead of a backbone (repeat it for "
-                            "several servers: requests fail over between them)")
-    score.add_argument("--timeout", type=bounded(float, 0, strict=True), default=120.0,
-                       help="--mtg-url: seconds per request (default 120)")
-    score.add_argument("--retries", type=bounded(int, 0), default=3,
-                       help="--mtg-url: extra attempts on transient failures (default 3)")
-    score.add_argument("--pool", type=bounded(int, 1), default=2,
-                       help="nSSM pooling factor on the 48x48 grid (default 2 -> 24x24)")
+    score.add_argument(
+        "--mtg-url",
+        action="append",
+        metavar="URL",
+        help="score with a running Mind-the-Glitch reward server instead of a backbone (repeat it for "
+        "several servers: requests fail over between them)",
+    )
+    score.add_argument(
+        "--timeout",
+        type=bounded(float, 0, strict=True),
+        default=120.0,
+        help="--mtg-url: seconds per request (default 120)",
+    )
+    score.add_argument(
+        "--retries", type=bounded(int, 0), default=3, help="--mtg-url: extra attempts on transient failures (default 3)"
+    )
+    score.add_argument(
+        "--pool", type=bounded(int, 1), default=2, help="nSSM pooling factor on the 48x48 grid (default 2 -> 24x24)"
+    )
     score.add_argument("--tau-s", type=bounded(float, 0, high=1), default=0.7, help="VSM semantic threshold (0.7)")
     score.add_argument("--tau-v", type=bounded(float, 0, high=1), default=0.7, help="VSM visual threshold (0.7)")
     score.add_argument("--threshold", type=bounded(float, 0, high=1), default=0.5, help="R2 identity gate s (0.5)")
     score.add_argument("--weight", type=bounded(float, 0), default=5.0, help="R2 penalty weight lambda (default 5)")
-    score.add_argument("--size", type=bounded(int, MIN_SIDE), default=512,
-                       help=f"resize images to this square size first (default 512; >= {MIN_SIDE}: DINOv2's 14-px patch)")
+    score.add_argument(
+        "--size",
+        type=bounded(int, MIN_SIDE),
+        default=512,
+        help=f"resize images to this square size first (default 512; >= {MIN_SIDE}: DINOv2's 14-px patch)",
+    )
     score.add_argument("--json", type=file_name, help="also write the scores to this JSON file (its folder is created)")
     score.set_defaults(func=run_score)
 
@@ -92,25 +109,31 @@ def run_score(args: argparse.Namespace) -> int:
     if args.json is not None:  # before minutes of scoring
         inputs = [p for p in (args.reference, args.ref_mask, *args.images) if p is not None and p.exists()]
         if args.json.exists() and any(args.json.samefile(p) for p in inputs):
-            raise ValueError(f"--json {args.json} is one of the inputs; the scores would overwrite it: give another "
-                             f"file name, e.g. --json scores.json")
+            raise ValueError(
+                f"--json {args.json} is one of the inputs; the scores would overwrite it: give another "
+                f"file name, e.g. --json scores.json"
+            )
         try:  # an existing file is replaced only when it is a scores file divrl score wrote
             ours = not args.json.is_file() or "scores" in dict(json.loads(args.json.read_bytes()))
         except (ValueError, TypeError):
             ours = False
         if not ours:
-            raise ValueError(f"--json {args.json} exists and is not a scores file of divrl score (JSON with "
-                             f"\"scores\"); give another file name, or remove it to write there")
+            raise ValueError(
+                f"--json {args.json} exists and is not a scores file of divrl score (JSON with "
+                f'"scores"); give another file name, or remove it to write there'
+            )
         if args.json.is_dir():
-            raise IsADirectoryError(f"--json {args.json} is a folder; give a file name, e.g. --json "
-                                    f"{args.json / 'scores.json'}")
+            raise IsADirectoryError(
+                f"--json {args.json} is a folder; give a file name, e.g. --json {args.json / 'scores.json'}"
+            )
         try:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             if not os.access(args.json.parent, os.W_OK) or (args.json.exists() and not os.access(args.json, os.W_OK)):
                 raise PermissionError(30, "not writable (a read-only folder or file system)")
         except OSError as err:
-            raise OSError(f"cannot write --json {args.json} ({err.strerror or err}); give a file in a folder you can "
-                          f"write to") from err
+            raise OSError(
+                f"cannot write --json {args.json} ({err.strerror or err}); give a file in a folder you can write to"
+            ) from err
     if args.reference is None:
         if args.images:
             raise SystemExit("divrl score: images were given without --reference REFERENCE")
@@ -128,9 +151,15 @@ def run_score(args: argparse.Namespace) -> int:
         if ref_mask is not None:  # checked as `divrl sample --mask` is, before anything is scored
             (h, w), (mh, mw) = reference.shape[-2:], ref_mask.shape[-2:]
             if (h, w) != (mh, mw) or not (ref_mask > 0.5).any():
-                raise ValueError(f"--ref-mask {args.ref_mask} " + (f"is {mw}x{mh} but --reference {args.reference} is "
-                                 f"{w}x{h}; resize the mask to its reference" if (h, w) != (mh, mw) else "has no subject "
-                                 "pixel (all black; white marks the subject); fix it") + ", or score without --ref-mask")
+                raise ValueError(
+                    f"--ref-mask {args.ref_mask} "
+                    + (
+                        f"is {mw}x{mh} but --reference {args.reference} is {w}x{h}; resize the mask to its reference"
+                        if (h, w) != (mh, mw)
+                        else "has no subject pixel (all black; white marks the subject); fix it"
+                    )
+                    + ", or score without --ref-mask"
+                )
             ref_mask = torch.nn.functional.interpolate(ref_mask[:, None], size=(args.size,) * 2, mode="area")[:, 0]
         reference, names = resize(reference)[0], [p.name for p in args.images]
     if args.mtg_url:  # the scorer is built once the inputs are known to be usable (DINOv2 takes a while to load)
@@ -157,14 +186,22 @@ def run_score(args: argparse.Namespace) -> int:
         print(f"{name:<{width}}  {nssm[k]:6.3f}  {vsm[k]:6.3f}  {out.reward[k]:7.3f}  {linear[k]:6.3f}{flag}")
     if args.json:
         rows = [
-            {"image": n, "nssm": float(nssm[k]), "vsm": float(vsm[k]), "r2": float(out.reward[k]),
-             "linear": float(linear[k]), "penalized": bool(out.gated[k])}
+            {
+                "image": n,
+                "nssm": float(nssm[k]),
+                "vsm": float(vsm[k]),
+                "r2": float(out.reward[k]),
+                "linear": float(linear[k]),
+                "penalized": bool(out.gated[k]),
+            }
             for k, n in enumerate(names)
         ]
         try:
             args.json.write_text(json.dumps({"scores": rows}, indent=2))
         except OSError as err:
-            raise OSError(f"cannot write --json {args.json} ({err.strerror or err}); the scores are printed above") from err
+            raise OSError(
+                f"cannot write --json {args.json} ({err.strerror or err}); the scores are printed above"
+            ) from err
         print(f"wrote {args.json}")
     return 0
 
@@ -237,8 +274,13 @@ def run_lightning(argv: Sequence[str] | None = None, run: bool = True):
     if argv is not None:  # called from Python (tests, notebooks) with explicit arguments
         warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     return DivRLCLI(
-        module, datamodule, trainer_class=trainer, args=list(argv) if argv is not None else None, run=run,
-        save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "divrl", "exit_on_error": False},
+        module,
+        datamodule,
+        trainer_class=trainer,
+        args=list(argv) if argv is not None else None,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "divrl", "exit_on_error": False},
     )
 
 
@@ -249,7 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from divrl.notices import quiet
 
     quiet()  # before the libraries load: their import-time notices that do not apply (divrl.notices says why)
-    if argv is not None or os.environ.get("DIVRL_TRACEBACK", "0").strip().lower() not in ("", "0", "false", "no", "off"):
+    if argv is not None or os.environ.get("DIVRL_TRACEBACK", "0").strip().lower() not in (
+        "",
+        "0",
+        "false",
+        "no",
+        "off",
+    ):
         return _main(argv)
     try:
         return _main(argv)
@@ -262,7 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if message is None:
             raise
         command = f"divrl {sys.argv[1]}" if len(sys.argv) > 1 else "divrl"
-        sentence = message if message.startswith(command) else f"{command}: {message}"  # no "divrl sample: divrl sample"
+        sentence = (
+            message if message.startswith(command) else f"{command}: {message}"
+        )  # no "divrl sample: divrl sample"
         print(f"{sentence}\n(DIVRL_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return 1
 
@@ -286,8 +336,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
             if not asks_for_gpus(err) or torch.cuda.is_available():
                 raise
             named = f" (--config {' + '.join(configs)})" if configs else ""
-            print(f"divrl {argv[0]}: this run{named} asks for GPUs and this machine has no CUDA GPU ({err}). On a CPU try the demo, `divrl fit --config configs/demo.yaml`, or "
-                  f"set --trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto", file=sys.stderr)
+            print(
+                f"divrl {argv[0]}: this run{named} asks for GPUs and this machine has no CUDA GPU ({err}). On a CPU try the demo, `divrl fit --config configs/demo.yaml`, or "
+                f"set --trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto",
+                file=sys.stderr,
+            )
             return 2
         return 0
     if not argv or argv[0] in ("-h", "--help"):

@@ -25,12 +25,18 @@ def expected_error(err: BaseException) -> str | None:
 
     text = str(err)
     if isinstance(err, torch.cuda.OutOfMemoryError) or "can't allocate memory" in text:  # no bug: the run is too big
-        return (f"out of memory ({text.splitlines()[0][:200]}); make the run smaller: data.batch_size, "
-                f"sampling.group_size or sampling.resolution, or set system.rollout_micro_batch_size, "
-                f"objective.micro_batch_size, policy.gradient_checkpointing")
+        return (
+            f"out of memory ({text.splitlines()[0][:200]}); make the run smaller: data.batch_size, "
+            f"sampling.group_size or sampling.resolution, or set system.rollout_micro_batch_size, "
+            f"objective.micro_batch_size, policy.gradient_checkpointing"
+        )
     if isinstance(err, ValueError) and "Does not validate against any of the Union subtypes" in text:
-        reasons = [line[4:] for line in text.splitlines() if line.startswith("  - ")  # the subtypes' own reasons,
-                   and not line[4:].startswith(("Expected a <class", "Not a valid subclass"))]  # not the menu
+        reasons = [
+            line[4:]
+            for line in text.splitlines()
+            if line.startswith("  - ")  # the subtypes' own reasons,
+            and not line[4:].startswith(("Expected a <class", "Not a valid subclass"))
+        ]  # not the menu
         return "; ".join(reasons) or None
     frames = traceback.extract_tb(err.__traceback__)
     package = Path(__file__).resolve().parent
@@ -72,27 +78,35 @@ def check_command_line(args: Sequence[str]) -> list[str]:
     configs += [arg.split("=", 1)[1] for arg in args if arg.startswith(("--config=", "-c="))]
     old = [arg.split("=", 1)[0].removeprefix("--model.grpo.") for arg in args if arg.startswith("--model.grpo.")]
     methods = [v for f, v in zip(args, [*args[1:], None]) if f == "--methods" and v] + [
-        a.split("=", 1)[1] for a in args if a.startswith("--methods=")]
+        a.split("=", 1)[1] for a in args if a.startswith("--methods=")
+    ]
     for value in methods:  # jsonargparse would answer with its usage screen and a Union error
         given = _yaml(value, f"--methods {value!r}")
         if given is None:  # null clears a config's methods (score --samples_dir alone)
             continue
         if not isinstance(given, dict):
-            raise ValueError(f"--methods takes a mapping of method name to weights (a LoRA, a run's .ckpt, or null for "
-                             f"the base model), e.g. '{{base: null, mine: runs/demo/lora/final}}'; got {value!r}")
+            raise ValueError(
+                f"--methods takes a mapping of method name to weights (a LoRA, a run's .ckpt, or null for "
+                f"the base model), e.g. '{{base: null, mine: runs/demo/lora/final}}'; got {value!r}"
+            )
         for name in given:  # a key YAML reads as a date or a number is a string to jsonargparse
             method_name(str(name), "--methods")
     where = "on the command line"
     for value in configs:
         config, path = _config(value)
-        grpo = config.get("model", {}).get("grpo") if isinstance(config, dict) and isinstance(
-            config.get("model"), dict) else None
+        grpo = (
+            config.get("model", {}).get("grpo")
+            if isinstance(config, dict) and isinstance(config.get("model"), dict)
+            else None
+        )
         if isinstance(grpo, dict) and not old:
             old, where = list(grpo), f"in --config {path or value}"
     if old:
         moves = ", ".join(f"model.grpo.{key} -> model.{moved_setting(key)}" for key in old)
-        raise ValueError(f"the settings of model.grpo {where} moved when they were grouped by concern ({moves}); "
-                         f"rename them (the README's Training section lists every move)")
+        raise ValueError(
+            f"the settings of model.grpo {where} moved when they were grouped by concern ({moves}); "
+            f"rename them (the README's Training section lists every move)"
+        )
     return configs
 
 
@@ -112,19 +126,27 @@ def _config(value: str):
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ValueError(f"--config {path} is not UTF-8 text (byte {err.object[err.start]:#x} at offset {err.start}); "
-                         f"save it as UTF-8") from None
+        raise ValueError(
+            f"--config {path} is not UTF-8 text (byte {err.object[err.start]:#x} at offset {err.start}); "
+            f"save it as UTF-8"
+        ) from None
     config = _yaml(text, f"--config {path}")
     if not isinstance(config, dict):
-        raise ValueError(f"--config {path} {'is empty' if config is None else f'holds a {type(config).__name__}'}, not a "
-                         f"mapping of settings (trainer:, model:, data:); fix the file or drop it")
+        raise ValueError(
+            f"--config {path} {'is empty' if config is None else f'holds a {type(config).__name__}'}, not a "
+            f"mapping of settings (trainer:, model:, data:); fix the file or drop it"
+        )
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
-    sections = {**{k: v for k, v in config.items() if k in ("trainer", "model", "data")},
-                **{f"model.{k}": v for k, v in model.items() if k in ("policy", "sampling", "system")}}
+    sections = {
+        **{k: v for k, v in config.items() if k in ("trainer", "model", "data")},
+        **{f"model.{k}": v for k, v in model.items() if k in ("policy", "sampling", "system")},
+    }
     bad = next(((k, v) for k, v in sections.items() if isinstance(v, (list, int, float))), None)
     if bad is not None:
-        raise ValueError(f"{bad[0]} in --config {path} is a {type(bad[1]).__name__}; it takes a mapping of settings "
-                         f"({bad[0]}: {{name: value, ...}})")
+        raise ValueError(
+            f"{bad[0]} in --config {path} is a {type(bad[1]).__name__}; it takes a mapping of settings "
+            f"({bad[0]}: {{name: value, ...}})"
+        )
     return config, path
 
 
@@ -139,8 +161,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice in one mapping (lines {seen[key] + 1} and "
-                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                    None,
+                    None,
+                    f"key {key!r} is given twice in one mapping (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1}); keep one",
+                    key_node.start_mark,
+                )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
@@ -157,9 +183,12 @@ def _yaml(text: str, what: str):
 # ---------------------------------------------------------------------------------------------------- jsonargparse
 
 _SECTIONS = {  # where a command line key's candidates come from, for "did you mean"
-    "trainer": ("lightning.pytorch", "Trainer"), "model": ("divrl.training.module", "DivRLModule"),
-    "model.sampling": ("divrl.objectives.base", "SamplingConfig"), "model.system": ("divrl.training.config", "SystemConfig"),
-    "model.policy": ("divrl.policy", "KontextConfig"), "data": ("divrl.data.datamodule", "IdentityDataModule"),
+    "trainer": ("lightning.pytorch", "Trainer"),
+    "model": ("divrl.training.module", "DivRLModule"),
+    "model.sampling": ("divrl.objectives.base", "SamplingConfig"),
+    "model.system": ("divrl.training.config", "SystemConfig"),
+    "model.policy": ("divrl.policy", "KontextConfig"),
+    "data": ("divrl.data.datamodule", "IdentityDataModule"),
 }
 _TOP = ("trainer", "model", "data", "optimizer", "lr_scheduler", "seed_everything", "ckpt_path", "config")
 
@@ -175,7 +204,8 @@ def condensed_parser_error(message: str, command: str) -> str:
     elif classes:
         where += f" ({classes[-1]})"
     unknown = re.search(r"does not accept option '([^']+)'", message) or re.search(
-        r"nrecognized arguments: --([\w.+=-]+?)(?:[ =]|$)", message)
+        r"nrecognized arguments: --([\w.+=-]+?)(?:[ =]|$)", message
+    )
     missing = re.search(r"module '([\w.]+)' has no attribute '(\w+)'", message)
     refused = re.search(r"Option '(\w+)' is not accepted", message)
     typed = re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", message)
@@ -187,19 +217,37 @@ def condensed_parser_error(message: str, command: str) -> str:
         sentence = f"{where}: {module}.{name} does not exist{_did_you_mean(name, _public_names(module), module + '.')}"
     elif refused:
         option = refused.group(1)
-        sentence = (f"{where}: {classes[-1] if classes else 'it'} takes no option {option!r}"
-                    f"{_did_you_mean(option, _parameters(classes[-1]) if classes else [])}")
+        sentence = (
+            f"{where}: {classes[-1] if classes else 'it'} takes no option {option!r}"
+            f"{_did_you_mean(option, _parameters(classes[-1]) if classes else [])}"
+        )
     elif typed:
         sentence = f"{where}: expected {typed.group(1)}, got {typed.group(2).strip()!r}"
     else:
         given = re.search(r"Given value: (.*)", message)
         expected = [_plain_type(m) for m in re.findall(r"- Expected a (.+)", message)] + [
-            f"a mapping of {name} settings" for name in re.findall(r"- Not a valid subclass of (\w+)", message)]
+            f"a mapping of {name} settings" for name in re.findall(r"- Not a valid subclass of (\w+)", message)
+        ]
         if given and expected:
             sentence = f"{where}: got {given.group(1).strip()[:80]!r}; expected {' or '.join(dict.fromkeys(expected))}"
         else:
-            lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -") and not line.strip().startswith(
-                ("Given value", "Subtypes", "Subclass types", "- a ", "a class path", "a dict", "Errors:", "Does not "))]
+            lines = [
+                line.strip(" -")
+                for line in message.splitlines()
+                if line.strip(" -")
+                and not line.strip().startswith(
+                    (
+                        "Given value",
+                        "Subtypes",
+                        "Subclass types",
+                        "- a ",
+                        "a class path",
+                        "a dict",
+                        "Errors:",
+                        "Does not ",
+                    )
+                )
+            ]
             sentence = "; ".join(lines[:3])
     return f"{sentence} ({command} --help lists every option)"
 

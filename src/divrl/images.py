@@ -53,9 +53,11 @@ def check_side(image: Image.Image | Tensor, what: str) -> Image.Image | Tensor:
     naming ``what`` (the flag and the file)."""
     w, h = image.size if isinstance(image, Image.Image) else (image.shape[-1], image.shape[-2])
     if min(w, h) < MIN_SIDE:
-        raise ValueError(f"{what} is {w}x{h}; images must be at least {MIN_SIDE}x{MIN_SIDE} pixels (DINOv2 reads "
-                         f"14-pixel patches, the dense descriptor 8-pixel cells: a smaller image holds no structure to "
-                         f"score or to follow); pass a larger image")
+        raise ValueError(
+            f"{what} is {w}x{h}; images must be at least {MIN_SIDE}x{MIN_SIDE} pixels (DINOv2 reads "
+            f"14-pixel patches, the dense descriptor 8-pixel cells: a smaller image holds no structure to "
+            f"score or to follow); pass a larger image"
+        )
     return image
 
 
@@ -73,9 +75,13 @@ def to_image_batch(images: ImageLike | Sequence[ImageLike], name: str = "images"
         items = [_tensor_to_batch(_one_image(im, f"{name}[{i}]"), name)[0] for i, im in enumerate(images)]
         sizes = {tuple(t.shape[-2:]) for t in items}
         if len(sizes) > 1:
-            raise ValueError(f"{name}: all images of a batch must have one size, got {sorted(sizes)}; resize them first")
+            raise ValueError(
+                f"{name}: all images of a batch must have one size, got {sorted(sizes)}; resize them first"
+            )
         return torch.stack(items)
-    raise TypeError(f"{name}: expected an image, a (B, 3, H, W) tensor or a non-empty sequence of images, got {images!r}")
+    raise TypeError(
+        f"{name}: expected an image, a (B, 3, H, W) tensor or a non-empty sequence of images, got {images!r}"
+    )
 
 
 def to_mask_batch(mask: ImageLike | Sequence[ImageLike] | None, name: str = "mask") -> Tensor | None:

@@ -15,26 +15,50 @@ import warnings
 __all__ = ["NOTICES", "WARNINGS", "quiet", "quiet_loading_bars"]
 
 NOTICES: tuple[tuple[tuple[str, ...], str, str], ...] = (
-    (("torchao",), r"Failed to load .*\.so",
-     "torchao probing its optional CUDA and MX kernels at import; divrl uses torchao only for AdamW8bit, which needs "
-     "neither"),
-    (("diffusers.quantizers.torchao.torchao_quantizer",), r"Unable to import `torchao` Tensor objects",
-     "diffusers probing torchao quantization at import; divrl never loads torchao-quantized checkpoints"),
-    (("bitsandbytes.backends.cpu.ops",), r"Failed to load CPU gemm_4bit_forward",
-     "bitsandbytes' optional 4-bit CPU kernel; divrl uses its 8-bit optimizers only"),
-    (("torch.utils._pytree",), r"is an Enum subclass and is now natively supported",
-     "torchao registering enums with torch at import: a deprecation for torchao's authors"),
-    (("transformers.utils.import_utils",), r"requires torchvision \(not installed\)",
-     "transformers' image processors fall back to their PIL versions, which are what divrl's backbones use"),
-    (("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"), r"Tip: For seamless cloud",
-     "an advertisement for a logging service"),
-    (("diffusers.models.modeling_utils",), r"should be kept in float32: \[\]",
-     "casting a model none of whose modules must stay in float32"),
+    (
+        ("torchao",),
+        r"Failed to load .*\.so",
+        "torchao probing its optional CUDA and MX kernels at import; divrl uses torchao only for AdamW8bit, which needs "
+        "neither",
+    ),
+    (
+        ("diffusers.quantizers.torchao.torchao_quantizer",),
+        r"Unable to import `torchao` Tensor objects",
+        "diffusers probing torchao quantization at import; divrl never loads torchao-quantized checkpoints",
+    ),
+    (
+        ("bitsandbytes.backends.cpu.ops",),
+        r"Failed to load CPU gemm_4bit_forward",
+        "bitsandbytes' optional 4-bit CPU kernel; divrl uses its 8-bit optimizers only",
+    ),
+    (
+        ("torch.utils._pytree",),
+        r"is an Enum subclass and is now natively supported",
+        "torchao registering enums with torch at import: a deprecation for torchao's authors",
+    ),
+    (
+        ("transformers.utils.import_utils",),
+        r"requires torchvision \(not installed\)",
+        "transformers' image processors fall back to their PIL versions, which are what divrl's backbones use",
+    ),
+    (
+        ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"),
+        r"Tip: For seamless cloud",
+        "an advertisement for a logging service",
+    ),
+    (
+        ("diffusers.models.modeling_utils",),
+        r"should be kept in float32: \[\]",
+        "casting a model none of whose modules must stay in float32",
+    ),
 )
 """``(logger names, message pattern, why it does not apply)`` of the log records :func:`quiet` drops."""
 
 WARNINGS: tuple[tuple[str, str], ...] = (
-    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", "Lightning's own use of a torch API: for Lightning's authors"),
+    (
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        "Lightning's own use of a torch API: for Lightning's authors",
+    ),
 )
 """``(message pattern, why it does not apply)`` of the Python warnings :func:`quiet` ignores."""
 

@@ -91,8 +91,11 @@ class RewardAPI(ls.LitAPI):
             return
         given = request.headers.get("x-api-key", "")
         if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-            raise HTTPException(401, "missing or wrong X-API-Key: give the server's --api-key (RemoteReward's api_key "
-                                     "or $DIVRL_REWARD_API_KEY)")
+            raise HTTPException(
+                401,
+                "missing or wrong X-API-Key: give the server's --api-key (RemoteReward's api_key "
+                "or $DIVRL_REWARD_API_KEY)",
+            )
 
     def decode_request(self, request: GroupRequest):
         group = decode_group(request.model_dump())
@@ -134,9 +137,14 @@ class BodyLimit:
         if scope["type"] == "http":
             length = dict(scope.get("headers") or ()).get(b"content-length", b"0")
             if length.isdigit() and int(length) > self.max_bytes:
-                response = JSONResponse({"detail": f"request body of {int(length) / 2**20:.0f} MiB is too large: this "
-                                                   f"server takes {self.max_bytes / 2**20:.0f} MiB (--max-request-mb)"},
-                                        status_code=413, headers={"Connection": "close"})
+                response = JSONResponse(
+                    {
+                        "detail": f"request body of {int(length) / 2**20:.0f} MiB is too large: this "
+                        f"server takes {self.max_bytes / 2**20:.0f} MiB (--max-request-mb)"
+                    },
+                    status_code=413,
+                    headers={"Connection": "close"},
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -152,14 +160,30 @@ async def _validation_error(request, exc: RequestValidationError) -> JSONRespons
     return JSONResponse({"detail": "; ".join(problems) or "malformed request"}, status_code=422)
 
 
-def reward_server(block: dict, *, api_key: str | None = None, accelerator: str = "auto", devices="auto",
-                  workers_per_device: int = 1, max_batch_size: int = 1, batch_timeout: float = 0.01,
-                  max_request_mb: float = 160.0, timeout: float = 90.0) -> ls.LitServer:
+def reward_server(
+    block: dict,
+    *,
+    api_key: str | None = None,
+    accelerator: str = "auto",
+    devices="auto",
+    workers_per_device: int = 1,
+    max_batch_size: int = 1,
+    batch_timeout: float = 0.01,
+    max_request_mb: float = 160.0,
+    timeout: float = 90.0,
+) -> ls.LitServer:
     """The ``LitServer`` of the reward ``block`` (call ``.run(host=..., port=...)``)."""
     api = RewardAPI(block, api_key=api_key, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
     limit = int(max_request_mb * 2**20)
-    server = ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=workers_per_device,
-                          timeout=timeout, max_payload_size=limit, disable_openapi_url=True,
-                          middlewares=[(BodyLimit, {"max_bytes": limit})])
+    server = ls.LitServer(
+        api,
+        accelerator=accelerator,
+        devices=devices,
+        workers_per_device=workers_per_device,
+        timeout=timeout,
+        max_payload_size=limit,
+        disable_openapi_url=True,
+        middlewares=[(BodyLimit, {"max_bytes": limit})],
+    )
     server.app.add_exception_handler(RequestValidationError, _validation_error)
     return server

@@ -53,8 +53,10 @@ def load_pretrained(
     if os.path.isdir(os.path.expanduser(name)):
         name = os.path.expanduser(name)
     elif os.path.exists(os.path.expanduser(name)):
-        raise NotADirectoryError(f"{who}: model {name!r} is a file, not a folder written by save_pretrained; pass the "
-                                 f"folder, or a Hugging Face Hub id such as {example!r}")
+        raise NotADirectoryError(
+            f"{who}: model {name!r} is a file, not a folder written by save_pretrained; pass the "
+            f"folder, or a Hugging Face Hub id such as {example!r}"
+        )
     elif _looks_like_path(name):
         raise FileNotFoundError(
             f"{who}: model folder {name!r} does not exist; pass an existing folder written by save_pretrained, or a "

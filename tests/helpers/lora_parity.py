@@ -29,8 +29,18 @@ def assert_lora_reproduced_by_diffusers(config: KontextConfig, lora: Path, promp
     more than ``min_change``), and a deterministic 4-step sample of one 32 × 32 reference equals ours to 1e-5."""
     pipe = base_pipeline(config)
     ref = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    kwargs = dict(image=ref, prompt=prompt, height=32, width=32, num_inference_steps=4, guidance_scale=2.5,
-                  output_type="latent", max_area=32 * 32, _auto_resize=False, max_sequence_length=32)
+    kwargs = dict(
+        image=ref,
+        prompt=prompt,
+        height=32,
+        width=32,
+        num_inference_steps=4,
+        guidance_scale=2.5,
+        output_type="latent",
+        max_area=32 * 32,
+        _auto_resize=False,
+        max_sequence_length=32,
+    )
     base = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
     pipe.load_lora_weights(lora)
     tuned = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
@@ -39,6 +49,7 @@ def assert_lora_reproduced_by_diffusers(config: KontextConfig, lora: Path, promp
     policy = config.build()
     policy.load_lora(lora)
     condition = policy.condition(ref, prompt, 32, 32)
-    ours = rollout(policy, condition, num_steps=4, noise_level=0.0, generator=torch.Generator().manual_seed(1),
-                   decode=False).latents[:, -1]
+    ours = rollout(
+        policy, condition, num_steps=4, noise_level=0.0, generator=torch.Generator().manual_seed(1), decode=False
+    ).latents[:, -1]
     assert torch.allclose(ours, tuned, atol=1e-5)

@@ -23,13 +23,27 @@ class RankProbe(pl.Callback):
         out.mkdir(parents=True, exist_ok=True)
         rank = trainer.global_rank
         policy = pl_module.policy
-        frozen = {str(p.dtype) for part in (policy.network, *policy.frozen_parts())
-                  for p in part.parameters() if not p.requires_grad}
+        frozen = {
+            str(p.dtype)
+            for part in (policy.network, *policy.frozen_parts())
+            for p in part.parameters()
+            if not p.requires_grad
+        }
         trained = {str(p.dtype) for p in pl_module.parameters() if p.requires_grad}
-        (out / f"rank{rank}.json").write_text(json.dumps({"ids": self.ids, "world": trainer.world_size,
-                                                          "step": trainer.global_step, "dtypes": {
-                                                              "frozen": sorted(frozen), "trained": sorted(trained)}}))
-        save_file({k: v.contiguous() for k, v in pl_module.policy.lora_state_dict().items()}, str(out / f"rank{rank}.safetensors"))
+        (out / f"rank{rank}.json").write_text(
+            json.dumps(
+                {
+                    "ids": self.ids,
+                    "world": trainer.world_size,
+                    "step": trainer.global_step,
+                    "dtypes": {"frozen": sorted(frozen), "trained": sorted(trained)},
+                }
+            )
+        )
+        save_file(
+            {k: v.contiguous() for k, v in pl_module.policy.lora_state_dict().items()},
+            str(out / f"rank{rank}.safetensors"),
+        )
 
 
 class BreakRankOne(pl.Callback):

@@ -42,11 +42,25 @@ class RewardServer:
         if api_key:
             env["DIVRL_REWARD_API_KEY"] = api_key
         self.api_key = api_key
-        command = [sys.executable, "-m", "divrl.cli", "serve-reward", "--config", str(config), "--port", str(self.port),
-                   "--accelerator", "cpu", "--devices", "1", *args]
+        command = [
+            sys.executable,
+            "-m",
+            "divrl.cli",
+            "serve-reward",
+            "--config",
+            str(config),
+            "--port",
+            str(self.port),
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "1",
+            *args,
+        ]
         with open(self.log, "w") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
 
     def wait_ready(self, timeout: float = 120.0) -> RewardServer:
         deadline = time.monotonic() + timeout

@@ -63,8 +63,10 @@ class ToyPolicy(Policy):
 
     def encode(self, samples, height, width, group_size=1):
         self.seen.append(list(samples))
-        rows = [torch.cat([to_image_batch(s.reference).mean((0, 2, 3)), torch.tensor([len(s.prompt) / 100])])
-                for s in samples]
+        rows = [
+            torch.cat([to_image_batch(s.reference).mean((0, 2, 3)), torch.tensor([len(s.prompt) / 100])])
+            for s in samples
+        ]
         return ToyCondition(torch.stack(rows).repeat_interleave(group_size, 0).to(self.device), height, width)
 
     def initial_noise(self, cond, generator=None):

@@ -50,9 +50,21 @@ from divrl.data.synthetic import multi_subject_records, synthetic_records, write
 from divrl.images import BACKGROUND, in_mode  # noqa: F401 - BACKGROUND: the colour transparency is composited on
 
 __all__ = [
-    "Skip", "ConversionReport", "convert", "resize_record", "split_of",
-    "read_syncd", "read_syncd_parquet", "read_dreambench", "read_dreambooth", "read_psrbench", "PSRBENCH_SUBSETS",
-    "Precompute", "SOURCES", "shard_error", "is_stale_partial",
+    "Skip",
+    "ConversionReport",
+    "convert",
+    "resize_record",
+    "split_of",
+    "read_syncd",
+    "read_syncd_parquet",
+    "read_dreambench",
+    "read_dreambooth",
+    "read_psrbench",
+    "PSRBENCH_SUBSETS",
+    "Precompute",
+    "SOURCES",
+    "shard_error",
+    "is_stale_partial",
 ]
 
 RESIZE_POLICIES = ("pad", "crop", "stretch", "none")
@@ -148,8 +160,10 @@ def resize_record(record: IdentityRecord, resolution: int | None, policy: str) -
 
     references = [one(reference, _border_colour(reference)) for reference in record.references]
     masks = [one(mask, 0) if mask is not None else None for mask in record.masks]
-    targets, rejected = ({p: one(image, _border_colour(image)) for p, image in images.items()}
-                         for images in (record.targets, record.rejected))
+    targets, rejected = (
+        {p: one(image, _border_colour(image)) for p, image in images.items()}
+        for images in (record.targets, record.rejected)
+    )
     return replace(record, references=references, masks=masks, targets=targets, rejected=rejected)
 
 
@@ -166,8 +180,10 @@ def read_utf8(path: Path) -> str:
         return data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the first prompt
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise ValueError(f"{path}: line {line} is not UTF-8 (byte {data[err.start]:#04x} at offset {err.start}); "
-                         f"save the file as UTF-8") from None
+        raise ValueError(
+            f"{path}: line {line} is not UTF-8 (byte {data[err.start]:#04x} at offset {err.start}); "
+            f"save the file as UTF-8"
+        ) from None
 
 
 def _read_lines(path: Path, where: str) -> list[str] | Skip:
@@ -240,8 +256,11 @@ def read_syncd(src: Path, prompts_per_identity: int | None = None, targets: bool
             yield Skip(where, f"metadata unreadable or without 'filenames' / 'prompts' ({type(err).__name__}: {err})")
             continue
         # a string would be read as a list of characters: one prompt per letter, one image per letter
-        wrong = [_not_strings(key, value) for key, value in (("filenames", filenames), ("prompts", listed))
-                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value)]
+        wrong = [
+            _not_strings(key, value)
+            for key, value in (("filenames", filenames), ("prompts", listed))
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+        ]
         if wrong:
             yield Skip(where, f"{' and '.join(wrong)}; 'filenames' and 'prompts' must be JSON lists of strings")
             continue
@@ -276,8 +295,14 @@ def read_syncd(src: Path, prompts_per_identity: int | None = None, targets: bool
             paired, skips = _open_targets({p: folder / filenames[v] for p, v in views.items() if v >= 1})
             yield from skips
         yield IdentityRecord(
-            identity, reference, prompts, mask.resize(reference.size), source="syncd",
-            category="object", license="MIT", extra={"views": filenames[1:], "origin": str(meta_path.relative_to(src))},
+            identity,
+            reference,
+            prompts,
+            mask.resize(reference.size),
+            source="syncd",
+            category="object",
+            license="MIT",
+            extra={"views": filenames[1:], "origin": str(meta_path.relative_to(src))},
             targets=paired,
         )
 
@@ -313,13 +338,17 @@ def _syncd_parquet_rows(pq, files: list[Path], prompts_per_identity: int | None)
         for row, record in enumerate(table.to_pylist()):
             where = f"{file}#row{row}"
             image, mask = (_bytes(record[k]) for k in ("image", "mask"))
-            reference = _open_image(image, "RGB", f"{where} column 'image'") if image is not None else Skip(
-                where, "no image bytes")
+            reference = (
+                _open_image(image, "RGB", f"{where} column 'image'")
+                if image is not None
+                else Skip(where, "no image bytes")
+            )
             if isinstance(reference, Skip):
                 yield reference
                 continue
-            subject_mask = _open_image(mask, "L", f"{where} column 'mask'") if mask is not None else Skip(
-                where, "mask is missing")
+            subject_mask = (
+                _open_image(mask, "L", f"{where} column 'mask'") if mask is not None else Skip(where, "mask is missing")
+            )
             if isinstance(subject_mask, Skip):
                 yield subject_mask
                 continue
@@ -329,8 +358,13 @@ def _syncd_parquet_rows(pq, files: list[Path], prompts_per_identity: int | None)
                 yield Skip(where, "empty caption")
                 continue
             yield IdentityRecord(
-                _identity_id(f"{file.stem}/{row:06d}"), reference, prompts[:prompts_per_identity],
-                subject_mask.resize(reference.size), source="syncd", category="object", license="MIT",
+                _identity_id(f"{file.stem}/{row:06d}"),
+                reference,
+                prompts[:prompts_per_identity],
+                subject_mask.resize(reference.size),
+                source="syncd",
+                category="object",
+                license="MIT",
             )
 
 
@@ -347,7 +381,9 @@ def read_dreambench(src: Path, prompts_per_identity: int | None = None) -> Itera
     root = src / "data" if (src / "data" / "images").is_dir() else src
     images = root / "images"
     if not images.is_dir():
-        raise FileNotFoundError(f"dreambench: {images} does not exist; pass the folder holding data/images and data/captions")
+        raise FileNotFoundError(
+            f"dreambench: {images} does not exist; pass the folder holding data/images and data/captions"
+        )
     for path in _listing(images):
         if isinstance(path, Skip):
             yield path
@@ -369,8 +405,14 @@ def read_dreambench(src: Path, prompts_per_identity: int | None = None) -> Itera
             yield reference
             continue
         yield IdentityRecord(
-            _identity_id(f"{category}/{path.stem}"), reference, caption[1:prompts_per_identity and prompts_per_identity + 1],
-            alpha[0] if alpha else None, source="dreambench", category=category, license="Apache-2.0", extra={"subject": caption[0]},
+            _identity_id(f"{category}/{path.stem}"),
+            reference,
+            caption[1 : prompts_per_identity and prompts_per_identity + 1],
+            alpha[0] if alpha else None,
+            source="dreambench",
+            category=category,
+            license="Apache-2.0",
+            extra={"subject": caption[0]},
         )
 
 
@@ -395,8 +437,9 @@ def dreambooth_templates(path: Path) -> tuple[dict[str, str], list[str], list[st
     return classes, object_t, live_t
 
 
-def read_dreambooth(src: Path, prompts_per_identity: int | None = None, unique_token: str = "",
-                    targets: bool = False) -> Iterator[Item]:
+def read_dreambooth(
+    src: Path, prompts_per_identity: int | None = None, unique_token: str = "", targets: bool = False
+) -> Iterator[Item]:
     """DreamBooth: one identity per subject folder, reference ``00.jpg`` (the first photo), the class's templates.
 
     With ``targets=True`` prompt ``p``'s target image (``target_<p>.png``) is the subject's other photo
@@ -433,15 +476,27 @@ def read_dreambooth(src: Path, prompts_per_identity: int | None = None, unique_t
             paired, skips = _open_targets({p: photos[_other_view(p, len(photos))] for p in range(len(prompts))})
             yield from skips
         yield IdentityRecord(
-            _identity_id(folder.name), reference, prompts, alpha[0] if alpha else None, source="dreambooth", category="live" if cls in LIVE_CLASSES
-            else "object", license="CC-BY-4.0", extra={"class": cls, "views": [p.name for p in photos[1:]]},
+            _identity_id(folder.name),
+            reference,
+            prompts,
+            alpha[0] if alpha else None,
+            source="dreambooth",
+            category="live" if cls in LIVE_CLASSES else "object",
+            license="CC-BY-4.0",
+            extra={"class": cls, "views": [p.name for p in photos[1:]]},
             targets=paired,
         )
 
 
-def read_synthetic(num_identities: int, seed: int, prompts_per_identity: int | None, size: int = 128,
-                   subjects: tuple[int, ...] | None = None, weights: tuple[float, ...] | None = None,
-                   targets: bool = False) -> Iterator[Item]:
+def read_synthetic(
+    num_identities: int,
+    seed: int,
+    prompts_per_identity: int | None,
+    size: int = 128,
+    subjects: tuple[int, ...] | None = None,
+    weights: tuple[float, ...] | None = None,
+    targets: bool = False,
+) -> Iterator[Item]:
     """The procedural subjects of :func:`~divrl.data.synthetic.synthetic_records` (4 prompts each by default; with
     ``targets`` a target image per prompt, the subject in the pose the prompt asks for), or with ``subjects``
     (counts, e.g. ``(2,)`` or ``(2, 3, 4)``, drawn with ``weights``, default uniform) the multi-subject conditions of
@@ -454,10 +509,13 @@ def read_synthetic(num_identities: int, seed: int, prompts_per_identity: int | N
     per = prompts_per_identity or 4
     if subjects:
         if targets:
-            raise ValueError("targets=True (--targets) is for single-subject synthetic identities: the multi-subject "
-                             "records (subjects / --subjects) have no target images")
-        return multi_subject_records(num_identities, size=size, prompts_per_identity=per, seed=seed,
-                                     subjects=tuple(subjects), weights=weights)
+            raise ValueError(
+                "targets=True (--targets) is for single-subject synthetic identities: the multi-subject "
+                "records (subjects / --subjects) have no target images"
+            )
+        return multi_subject_records(
+            num_identities, size=size, prompts_per_identity=per, seed=seed, subjects=tuple(subjects), weights=weights
+        )
     return synthetic_records(num_identities, size=size, prompts_per_identity=per, seed=seed, targets=targets)
 
 
@@ -465,8 +523,16 @@ PSRBENCH_SUBSETS = ("Attribute", "Action", "Background", "Position", "Complex", 
 """PSRBench's subsets, in its README's order; each is ``<subset>.json`` in the benchmark folder."""
 
 PSRBENCH_RELATIONS = (
-    "to the left of", "to the right of", "on the left of", "on the right of", "on top of", "above", "below", "under",
-    "next to", "near",
+    "to the left of",
+    "to the right of",
+    "on the left of",
+    "on the right of",
+    "on top of",
+    "above",
+    "below",
+    "under",
+    "next to",
+    "near",
 )
 """The spatial phrases PSR's position score understands; a Position prompt's first one is kept as ``relation``."""
 
@@ -501,8 +567,9 @@ def read_psrbench(
         asked = [s.strip() for s in subsets if s.strip()]
         unknown = [s for s in asked if s.lower() not in names]
         if unknown or not asked:
-            raise ValueError(f"psrbench: unknown subset(s) {unknown or asked}; choose among "
-                             f"{', '.join(PSRBENCH_SUBSETS)}")
+            raise ValueError(
+                f"psrbench: unknown subset(s) {unknown or asked}; choose among {', '.join(PSRBENCH_SUBSETS)}"
+            )
         wanted = tuple(dict.fromkeys(names[s.lower()] for s in asked))
     files = {subset: src / f"{subset}.json" for subset in wanted}
     present = {subset: path for subset, path in files.items() if path.is_file()}
@@ -525,11 +592,13 @@ def _psrbench_samples(path: Path) -> list:
     try:
         samples = json.loads(read_utf8(path))
     except json.JSONDecodeError as err:
-        raise ValueError(f"psrbench: {path} is not valid JSON (line {err.lineno}, column {err.colno}: "
-                         f"{err.msg})") from None
+        raise ValueError(
+            f"psrbench: {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+        ) from None
     if not isinstance(samples, list):
-        raise ValueError(f"psrbench: {path} holds a JSON {type(samples).__name__}; PSRBench files are a list of "
-                         f"samples")
+        raise ValueError(
+            f"psrbench: {path} holds a JSON {type(samples).__name__}; PSRBench files are a list of samples"
+        )
     return samples
 
 
@@ -576,15 +645,23 @@ def _psrbench_record(src: Path, path: Path, subset: str, index: int, sample) -> 
     if fields:
         extra["fields"] = fields
     return IdentityRecord(
-        _identity_id(f"{subset.lower()}/{index:03d}"), references, [prompt.strip()], masks,
-        source="psrbench", category=subset.lower(), extra=extra,
+        _identity_id(f"{subset.lower()}/{index:03d}"),
+        references,
+        [prompt.strip()],
+        masks,
+        source="psrbench",
+        category=subset.lower(),
+        extra=extra,
     )
 
 
 def _relation(prompt: str) -> str | None:
     """The first spatial phrase of :data:`PSRBENCH_RELATIONS` in ``prompt`` (whole words, any case), or ``None``."""
-    found = [(m.start(), -len(phrase), phrase) for phrase in PSRBENCH_RELATIONS
-             if (m := re.search(rf"\b{re.escape(phrase)}\b", prompt, flags=re.I))]
+    found = [
+        (m.start(), -len(phrase), phrase)
+        for phrase in PSRBENCH_RELATIONS
+        if (m := re.search(rf"\b{re.escape(phrase)}\b", prompt, flags=re.I))
+    ]
     return min(found)[2] if found else None
 
 

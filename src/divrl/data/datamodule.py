@@ -133,14 +133,21 @@ class IdentityDataModule(pl.LightningDataModule):
         max_consecutive_bad: int = 1000,
     ):
         super().__init__()
-        settings = (("batch_size", batch_size, 1), ("steps_per_epoch", steps_per_epoch, 1),
-                    ("val_identities", val_identities, 1), ("num_workers", num_workers, 0),
-                    ("shuffle_buffer", shuffle_buffer, 1), ("max_consecutive_bad", max_consecutive_bad, 1))
+        settings = (
+            ("batch_size", batch_size, 1),
+            ("steps_per_epoch", steps_per_epoch, 1),
+            ("val_identities", val_identities, 1),
+            ("num_workers", num_workers, 0),
+            ("shuffle_buffer", shuffle_buffer, 1),
+            ("max_consecutive_bad", max_consecutive_bad, 1),
+        )
         for name, value, least in settings:
             if value < least:
                 off = " (to validate nothing, set trainer.limit_val_batches: 0)" if name == "val_identities" else ""
-                raise ValueError(f"data.{name} must be >= {least}, got {value}: set it in the config's data: section "
-                                 f"or with --data.{name}{off}")
+                raise ValueError(
+                    f"data.{name} must be >= {least}, got {value}: set it in the config's data: section "
+                    f"or with --data.{name}{off}"
+                )
         self.shards = shards
         self.val_shards = val_shards
         self.batch_size = batch_size
@@ -169,8 +176,13 @@ class IdentityDataModule(pl.LightningDataModule):
         rank, world = self._rank_world()  # captured here, in the main process
         urls = split_for_rank(self._urls or resolve_shards(self.shards, "data.shards"), rank, world)
         self._train_stream = TrainConditionStream(
-            urls, batch_size=self.batch_size, steps_per_epoch=self.steps_per_epoch, seed=self.seed, rank=rank,
-            shuffle_buffer=self.shuffle_buffer, max_consecutive_bad=self.max_consecutive_bad,
+            urls,
+            batch_size=self.batch_size,
+            steps_per_epoch=self.steps_per_epoch,
+            seed=self.seed,
+            rank=rank,
+            shuffle_buffer=self.shuffle_buffer,
+            max_consecutive_bad=self.max_consecutive_bad,
         )
         return _PositionedLoader(self, self._train_stream, num_workers=self.num_workers)
 
@@ -180,8 +192,13 @@ class IdentityDataModule(pl.LightningDataModule):
         what = "data.val_shards" if self.val_shards is not None else "data.shards"
         urls = resolve_shards(self.val_shards if self.val_shards is not None else self.shards, what)
         stream = ValConditionStream(
-            urls, batch_size=self.batch_size, num_identities=self.val_identities, rank=rank, world=world,
-            max_consecutive_bad=self.max_consecutive_bad, what=what,
+            urls,
+            batch_size=self.batch_size,
+            num_identities=self.val_identities,
+            rank=rank,
+            world=world,
+            max_consecutive_bad=self.max_consecutive_bad,
+            what=what,
         )
         return DataLoader(stream, batch_size=None, collate_fn=_collate, num_workers=min(self.num_workers, 1))
 
@@ -193,12 +210,21 @@ class IdentityDataModule(pl.LightningDataModule):
 
     def state_dict(self) -> dict:
         """The data position and the settings that determine the stream (checkpointed)."""
-        return {"position": self.position, "seed": self.seed, "batch_size": self.batch_size,
-                "steps_per_epoch": self.steps_per_epoch, "num_workers": self.num_workers}
+        return {
+            "position": self.position,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "num_workers": self.num_workers,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the data position; warns when a setting that changes the data order differs from the checkpoint."""
-        changed = [k for k in ("seed", "batch_size", "steps_per_epoch", "num_workers") if state.get(k, getattr(self, k)) != getattr(self, k)]
+        changed = [
+            k
+            for k in ("seed", "batch_size", "steps_per_epoch", "num_workers")
+            if state.get(k, getattr(self, k)) != getattr(self, k)
+        ]
         if changed:
             import warnings
 

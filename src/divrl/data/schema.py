@@ -37,8 +37,18 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
-    "IdentityRecord", "REF_KEY", "MASK_KEY", "META_KEY", "COND_KEY", "check_identity_id", "reference_key", "mask_key",
-    "normalise_references", "target_key", "rejected_key", "image_error",
+    "IdentityRecord",
+    "REF_KEY",
+    "MASK_KEY",
+    "META_KEY",
+    "COND_KEY",
+    "check_identity_id",
+    "reference_key",
+    "mask_key",
+    "normalise_references",
+    "target_key",
+    "rejected_key",
+    "image_error",
 ]
 
 REF_KEY = "ref.png"
@@ -179,15 +189,22 @@ class IdentityRecord(FirstReference):
         for what, images in (("target", self.targets), ("rejected image", self.rejected)):
             bad = [p for p in images if not isinstance(p, int) or not 0 <= p < len(self.prompts)]
             if bad:
-                raise ValueError(f"identity {self.id!r}: {what} of prompt {bad[0]!r}, but it has {len(self.prompts)} "
-                                 f"prompts; key targets by prompt index 0..{len(self.prompts) - 1}")
+                raise ValueError(
+                    f"identity {self.id!r}: {what} of prompt {bad[0]!r}, but it has {len(self.prompts)} "
+                    f"prompts; key targets by prompt index 0..{len(self.prompts) - 1}"
+                )
         orphans = sorted(set(self.rejected) - set(self.targets))
         if orphans:
-            raise ValueError(f"identity {self.id!r}: prompt {orphans[0]} has a rejected image but no target (the "
-                             f"chosen image of the pair); give both, or neither")
-        named = [("reference", i, im) for i, im in enumerate(self.references)] + [
-            ("mask", i, im) for i, im in enumerate(self.masks)] + [
-            ("target", i, im) for i, im in self.targets.items()] + [("rejected image", i, im) for i, im in self.rejected.items()]
+            raise ValueError(
+                f"identity {self.id!r}: prompt {orphans[0]} has a rejected image but no target (the "
+                f"chosen image of the pair); give both, or neither"
+            )
+        named = (
+            [("reference", i, im) for i, im in enumerate(self.references)]
+            + [("mask", i, im) for i, im in enumerate(self.masks)]
+            + [("target", i, im) for i, im in self.targets.items()]
+            + [("rejected image", i, im) for i, im in self.rejected.items()]
+        )
         for what, index, image in named:
             if image is not None and not isinstance(image, Image.Image):
                 raise ValueError(
@@ -236,14 +253,18 @@ class IdentityRecord(FirstReference):
         except (UnicodeDecodeError, ValueError) as err:
             raise ValueError(f"shard sample {key!r}: {META_KEY!r} is not valid JSON ({err})") from None
         if not isinstance(meta, dict):
-            raise ValueError(f"shard sample {key!r}: {META_KEY!r} holds a JSON {type(meta).__name__}, not the object "
-                             f"of the schema ({{\"id\", \"prompts\": [...], ...}}); rewrite the shard with `divrl "
-                             f"data`")
+            raise ValueError(
+                f"shard sample {key!r}: {META_KEY!r} holds a JSON {type(meta).__name__}, not the object "
+                f'of the schema ({{"id", "prompts": [...], ...}}); rewrite the shard with `divrl '
+                f"data`"
+            )
         prompts = meta.get("prompts") or []
         if not isinstance(prompts, list) or not all(isinstance(prompt, str) for prompt in prompts):
-            raise ValueError(f"shard sample {key!r}: 'prompts' in {META_KEY!r} must be a JSON list of strings, got a "
-                             f"{type(prompts).__name__} ({str(prompts)[:60]!r}); write it as [\"...\", ...] (divrl "
-                             f"data does)")
+            raise ValueError(
+                f"shard sample {key!r}: 'prompts' in {META_KEY!r} must be a JSON list of strings, got a "
+                f'{type(prompts).__name__} ({str(prompts)[:60]!r}); write it as ["...", ...] (divrl '
+                f"data does)"
+            )
         references, masks = [], []
         while reference_key(len(references)) in sample:
             ref, mask = reference_key(len(references)), mask_key(len(references))
@@ -263,7 +284,7 @@ class IdentityRecord(FirstReference):
         conditioning = _conditioning(sample[COND_KEY], key) if COND_KEY in sample else None
         per_prompt: dict[str, dict[int, Image.Image]] = {"target": {}, "rejected": {}}
         for name in sorted(sample):
-            if (m := _PER_PROMPT.match(name)):
+            if m := _PER_PROMPT.match(name):
                 per_prompt[m.group(1)][int(m.group(2))] = _open(sample[name], key, name, "RGB")
         known = {"id", "prompts", "source", "category", "license"}
         return cls(
@@ -316,5 +337,7 @@ def _open(data: bytes, key: str, name: str, mode: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as image:
             return image.convert(mode)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ValueError(f"shard sample {key!r}: {name!r} is not a readable image ({image_error(err)}); rewrite the "
-                         f"shard with `divrl data`") from None
+        raise ValueError(
+            f"shard sample {key!r}: {name!r} is not a readable image ({image_error(err)}); rewrite the "
+            f"shard with `divrl data`"
+        ) from None

@@ -32,7 +32,12 @@ from divrl.data.schema import FirstReference, IdentityRecord, normalise_referenc
 from divrl.images import MIN_SIDE
 
 __all__ = [
-    "ConditionBatch", "ConditionSample", "SkipCounter", "TrainConditionStream", "ValConditionStream", "read_identities",
+    "ConditionBatch",
+    "ConditionSample",
+    "SkipCounter",
+    "TrainConditionStream",
+    "ValConditionStream",
+    "read_identities",
     "to_condition",
 ]
 
@@ -166,9 +171,11 @@ def read_identities(urls: Sequence[str], skips: SkipCounter) -> Iterator[Identit
         small = next((i for i, r in enumerate(record.references) if min(r.size) < MIN_SIDE), None)
         if small is not None:  # as divrl data, sample and score refuse them (shards of older versions, or by hand)
             size = record.references[small].size
-            skips.bad(f"{where}: reference {small} is {size[0]}x{size[1]}; references must be at least "
-                      f"{MIN_SIDE}x{MIN_SIDE} pixels (no structure to score): rewrite the shards with `divrl data ... "
-                      f"--resolution 512`")
+            skips.bad(
+                f"{where}: reference {small} is {size[0]}x{size[1]}; references must be at least "
+                f"{MIN_SIDE}x{MIN_SIDE} pixels (no structure to score): rewrite the shards with `divrl data ... "
+                f"--resolution 512`"
+            )
             continue
         skips.good()
         yield record
@@ -217,8 +224,18 @@ def to_condition(record: IdentityRecord, index: int) -> ConditionSample:
     if record.license is not None:
         metadata["license"] = record.license
     metadata.update(record.extra)
-    return ConditionSample(record.id, record.prompts[index], record.references, record.masks, record.category, metadata,
-                           record.conditioning, index, record.targets.get(index), record.rejected.get(index))
+    return ConditionSample(
+        record.id,
+        record.prompts[index],
+        record.references,
+        record.masks,
+        record.category,
+        metadata,
+        record.conditioning,
+        index,
+        record.targets.get(index),
+        record.rejected.get(index),
+    )
 
 
 def _served_before(start: int, stream: int, num_streams: int) -> int:
@@ -286,8 +303,9 @@ class TrainConditionStream(IterableDataset):
 
         records = _shuffled(_with_skips(read_identities(urls(), skips), skips), self.shuffle_buffer, rng)
         # a prompt is drawn as each identity leaves the shuffle buffer; the batch of its reference count takes it
-        conditions = ((len(r.references), (to_condition(r, rng.randrange(len(r.prompts))), skipped))
-                      for r, skipped in records)
+        conditions = (
+            (len(r.references), (to_condition(r, rng.randrange(len(r.prompts))), skipped)) for r, skipped in records
+        )
         yield from map(_batch, _bucketed(conditions, self.batch_size))
 
     def __iter__(self) -> Iterator[ConditionBatch]:

@@ -24,8 +24,20 @@ from divrl.data.schema import IdentityRecord
 from divrl.images import to_pil
 
 __all__ = [
-    "SubjectIdentity", "Pose", "render", "prompt_pose", "render_scene", "random_identity", "random_pose", "scene_poses",
-    "synthetic_records", "multi_subject_records", "scene_prompt", "write_shards", "write_demo_dataset", "write_demo_multi_dataset",
+    "SubjectIdentity",
+    "Pose",
+    "render",
+    "prompt_pose",
+    "render_scene",
+    "random_identity",
+    "random_pose",
+    "scene_poses",
+    "synthetic_records",
+    "multi_subject_records",
+    "scene_prompt",
+    "write_shards",
+    "write_demo_dataset",
+    "write_demo_multi_dataset",
 ]
 
 KINDS = ("star", "square", "disc", "triangle", "ring", "cross")
@@ -169,10 +181,21 @@ def random_pose(rng: random.Random) -> Pose:
     return Pose(rng.uniform(radius, 1 - radius), rng.uniform(radius, 1 - radius), radius, rng.uniform(0, 2 * math.pi))
 
 
-_LAYOUT_CENTRES = {"on the left": (0.28, 0.5), "on the right": (0.72, 0.5), "at the top": (0.5, 0.28),
-                   "at the bottom": (0.5, 0.72), "in the corner": (0.28, 0.28), "in the centre": (0.5, 0.5)}
+_LAYOUT_CENTRES = {
+    "on the left": (0.28, 0.5),
+    "on the right": (0.72, 0.5),
+    "at the top": (0.5, 0.28),
+    "at the bottom": (0.5, 0.72),
+    "in the corner": (0.28, 0.28),
+    "in the centre": (0.5, 0.5),
+}
 _SCALE_RADII = {"tiny": 0.17, "small": 0.2, "large": 0.28, "big": 0.3}
-_POSE_ROTATIONS = {"tilted": math.pi / 6, "upside down": math.pi, "turned": math.pi / 2, "lying on its side": -math.pi / 2}
+_POSE_ROTATIONS = {
+    "tilted": math.pi / 6,
+    "upside down": math.pi,
+    "turned": math.pi / 2,
+    "lying on its side": -math.pi / 2,
+}
 
 
 def prompt_pose(layout: str, scale: str, pose: str, rng: random.Random) -> Pose:
@@ -219,14 +242,20 @@ def synthetic_records(
             continue
         seen.add(identity)
         views = [render(identity, random_pose(rng), size)]
-        asks = [(rng.choice(_LAYOUTS), rng.choice(_SCALES), rng.choice(_POSES), rng.choice(_PLACES))
-                for _ in range(prompts_per_identity)]
-        prompts = [f"a photo of the {identity.name} {layout}, {scale} and {pose}, {place}"
-                   for layout, scale, pose, place in asks]
+        asks = [
+            (rng.choice(_LAYOUTS), rng.choice(_SCALES), rng.choice(_POSES), rng.choice(_PLACES))
+            for _ in range(prompts_per_identity)
+        ]
+        prompts = [
+            f"a photo of the {identity.name} {layout}, {scale} and {pose}, {place}"
+            for layout, scale, pose, place in asks
+        ]
         views += [render(identity, random_pose(rng), size) for _ in range(references_per_identity - 1)]
         if targets:  # from a generator of their own: the records without targets stay as they were
             other = random.Random(f"divrl-targets/{seed}/{index}")
-            targets_of = {p: to_pil(render(identity, prompt_pose(*ask[:3], other), size)[0]) for p, ask in enumerate(asks)}
+            targets_of = {
+                p: to_pil(render(identity, prompt_pose(*ask[:3], other), size)[0]) for p, ask in enumerate(asks)
+            }
         yield IdentityRecord(
             id=f"{prefix}_{index:05d}",
             references=[to_pil(image) for image, _ in views],
@@ -241,8 +270,11 @@ def synthetic_records(
         index += 1
 
 
-_SLOTS = {2: ("on the left", "on the right"), 3: ("on the left", "in the middle", "on the right"),
-          4: ("on the far left", "on the left", "on the right", "on the far right")}
+_SLOTS = {
+    2: ("on the left", "on the right"),
+    3: ("on the left", "in the middle", "on the right"),
+    4: ("on the far left", "on the left", "on the right", "on the far right"),
+}
 
 
 def scene_prompt(identities, rng: random.Random) -> str:
@@ -291,9 +323,10 @@ def multi_subject_records(
             masks=[_mask_image(mask) for _, mask in views],
             source="synthetic",
             license="CC0-1.0",
-            extra={"subjects": [identity.kind for identity in identities],
-                   "identities": [{"kind": i.kind, "colours": list(i.colours), "texture": i.texture}
-                                  for i in identities]},
+            extra={
+                "subjects": [identity.kind for identity in identities],
+                "identities": [{"kind": i.kind, "colours": list(i.colours), "texture": i.texture} for i in identities],
+            },
         )
 
 
@@ -343,11 +376,15 @@ def write_demo_dataset(out_dir: str | os.PathLike, *, size: int = 64, seed: int 
     """The committed demo dataset (``data/demo``): 24 training identities in two shards and 8 held-out validation
     identities, 4 prompts each, ``size``-pixel references with masks and a target image per prompt (for the
     supervised objectives). Deterministic: rewriting it gives the same samples."""
-    train = synthetic_records(DEMO_TRAIN_IDENTITIES, size=size, prompts_per_identity=4, seed=seed, prefix="train",
-                              targets=True)
-    val = synthetic_records(DEMO_VAL_IDENTITIES, size=size, prompts_per_identity=4, seed=seed + 1, prefix="val",
-                            targets=True)
-    return write_shards(train, out_dir, shard_size=12, name="train") + write_shards(val, out_dir, shard_size=8, name="val")
+    train = synthetic_records(
+        DEMO_TRAIN_IDENTITIES, size=size, prompts_per_identity=4, seed=seed, prefix="train", targets=True
+    )
+    val = synthetic_records(
+        DEMO_VAL_IDENTITIES, size=size, prompts_per_identity=4, seed=seed + 1, prefix="val", targets=True
+    )
+    return write_shards(train, out_dir, shard_size=12, name="train") + write_shards(
+        val, out_dir, shard_size=8, name="val"
+    )
 
 
 DEMO_MULTI_TRAIN = 48
@@ -357,8 +394,10 @@ DEMO_MULTI_VAL = 8
 def write_demo_multi_dataset(out_dir: str | os.PathLike, *, size: int = 64, seed: int = 0) -> list[Path]:
     """The committed multi-subject demo dataset (``data/demo-multi``): 48 training and 8 held-out conditions of two
     subjects each, 4 prompts each, ``size``-pixel references with masks. Deterministic."""
-    train = multi_subject_records(DEMO_MULTI_TRAIN, size=size, seed=seed + 10, prefix="train", subjects=(2,),
-                                  weights=None)
+    train = multi_subject_records(
+        DEMO_MULTI_TRAIN, size=size, seed=seed + 10, prefix="train", subjects=(2,), weights=None
+    )
     val = multi_subject_records(DEMO_MULTI_VAL, size=size, seed=seed + 11, prefix="val", subjects=(2,), weights=None)
-    return write_shards(train, out_dir, shard_size=24, name="train") + write_shards(val, out_dir, shard_size=8,
-                                                                                     name="val")
+    return write_shards(train, out_dir, shard_size=24, name="train") + write_shards(
+        val, out_dir, shard_size=8, name="val"
+    )

@@ -36,7 +36,9 @@ __all__ = [
 def cosine(a: Tensor, b: Tensor) -> Tensor:
     """Row-wise cosine similarity of ``(B, D)`` embeddings ``a`` and ``(B or 1, D)`` embeddings ``b`` → ``(B,)``."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or b.shape[0] not in (1, a.shape[0]):
-        raise ValueError(f"cosine: expected (B, D) and (B or 1, D) embeddings, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"cosine: expected (B, D) and (B or 1, D) embeddings, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     return F.cosine_similarity(a.float(), b.float().expand_as(a), dim=1, eps=1e-8)
 
 

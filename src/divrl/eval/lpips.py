@@ -48,8 +48,13 @@ BACKBONES: dict[str, dict] = {
     "alex": {
         "url": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
         # (index in torchvision's ``features``, in_channels, out_channels, kernel, stride, padding)
-        "convs": [(0, 3, 64, 11, 4, 2), (3, 64, 192, 5, 1, 2), (6, 192, 384, 3, 1, 1), (8, 384, 256, 3, 1, 1),
-                  (10, 256, 256, 3, 1, 1)],
+        "convs": [
+            (0, 3, 64, 11, 4, 2),
+            (3, 64, 192, 5, 1, 2),
+            (6, 192, 384, 3, 1, 1),
+            (8, 384, 256, 3, 1, 1),
+            (10, 256, 256, 3, 1, 1),
+        ],
         "pools": [2, 5, 12],
         "pool": (3, 2),  # MaxPool2d(kernel_size, stride)
         "length": 13,
@@ -59,9 +64,24 @@ BACKBONES: dict[str, dict] = {
     },
     "vgg": {
         "url": "https://download.pytorch.org/models/vgg16-397923af.pth",
-        "convs": [(i, cin, cout, 3, 1, 1) for i, cin, cout in [
-            (0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256), (14, 256, 256),
-            (17, 256, 512), (19, 512, 512), (21, 512, 512), (24, 512, 512), (26, 512, 512), (28, 512, 512)]],
+        "convs": [
+            (i, cin, cout, 3, 1, 1)
+            for i, cin, cout in [
+                (0, 3, 64),
+                (2, 64, 64),
+                (5, 64, 128),
+                (7, 128, 128),
+                (10, 128, 256),
+                (12, 256, 256),
+                (14, 256, 256),
+                (17, 256, 512),
+                (19, 512, 512),
+                (21, 512, 512),
+                (24, 512, 512),
+                (26, 512, 512),
+                (28, 512, 512),
+            ]
+        ],
         "pools": [4, 9, 16, 23, 30],
         "pool": (2, 2),
         "length": 31,
@@ -124,7 +144,9 @@ def _torch_load(path: Path, what: str, fix: str) -> Mapping[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise RuntimeError(f"LPIPS: could not read the {what} file {path} ({type(err).__name__}: {err}). {fix}") from err
+        raise RuntimeError(
+            f"LPIPS: could not read the {what} file {path} ({type(err).__name__}: {err}). {fix}"
+        ) from err
     return _as_state_dict(state, path, what, fix)
 
 
@@ -187,14 +209,18 @@ class LPIPS(Frozen, nn.Module):
         filename = os.path.basename(url)
         if path is not None:
             source: object = Path(path)
-            fix = (f"Pass backbone_weights= the path of torchvision's {filename} (a state dict with "
-                   "'features.N.weight' keys), or None to use the torch hub cache.")
+            fix = (
+                f"Pass backbone_weights= the path of torchvision's {filename} (a state dict with "
+                "'features.N.weight' keys), or None to use the torch hub cache."
+            )
             state = _torch_load(Path(path), "backbone checkpoint", fix)
         else:
             cached = hub_cache_path(url)
             source = cached
-            fix = (f"Download {url} and place it at {cached} (set $TORCH_HOME to choose the cache root), "
-                   "or pass backbone_weights=<local path>.")
+            fix = (
+                f"Download {url} and place it at {cached} (set $TORCH_HOME to choose the cache root), "
+                "or pass backbone_weights=<local path>."
+            )
             if local_files_only and not cached.is_file():
                 raise FileNotFoundError(
                     f"LPIPS: the {self.net} backbone checkpoint is not cached at {cached} and local_files_only=True "
@@ -212,7 +238,7 @@ class LPIPS(Frozen, nn.Module):
             state = _as_state_dict(state, cached, "backbone checkpoint", fix)
 
         prefix = "features."
-        wanted = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        wanted = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         expected = self.features.state_dict()
         missing = sorted(set(expected) - set(wanted), key=_key_order)
         unexpected = sorted(set(wanted) - set(expected), key=_key_order)
@@ -237,8 +263,10 @@ class LPIPS(Frozen, nn.Module):
     def _load_lins(self, path: str | os.PathLike | None) -> None:
         """Load the five calibration tensors ``lin{k}.model.1.weight`` ``(1, C_k, 1, 1)``, strictly."""
         lin_path = Path(path) if path is not None else default_lin_weights_path(self.net)
-        fix = (f"Pass lin_weights= the LPIPS v0.1 calibration file for net={self.net!r} "
-               f"(torchmetrics ships it as functional/image/lpips_models/{self.net}.pth).")
+        fix = (
+            f"Pass lin_weights= the LPIPS v0.1 calibration file for net={self.net!r} "
+            f"(torchmetrics ships it as functional/image/lpips_models/{self.net}.pth)."
+        )
         state = _torch_load(lin_path, "LPIPS calibration", fix)
         keys = [f"lin{k}.model.1.weight" for k in range(len(self.channels))]
         missing = [k for k in keys if k not in state]
@@ -271,23 +299,29 @@ class LPIPS(Frozen, nn.Module):
     def _check_images(self, images: Tensor, name: str) -> Tensor:
         """Validate a float ``(B, 3, H, W)`` tensor in ``[0, 1]``; return it clamped, in the parameters' dtype."""
         if not isinstance(images, Tensor):
-            raise TypeError(f"LPIPS: {name} must be a torch.Tensor of shape (B, 3, H, W) in [0, 1] "
-                            f"(got {type(images).__name__})")
+            raise TypeError(
+                f"LPIPS: {name} must be a torch.Tensor of shape (B, 3, H, W) in [0, 1] (got {type(images).__name__})"
+            )
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"LPIPS: {name} must have shape (B, 3, H, W) (got {tuple(images.shape)})")
         if not images.is_floating_point():
-            raise ValueError(f"LPIPS: {name} must be a float tensor in [0, 1] (got dtype {images.dtype}; "
-                             "divide uint8 images by 255)")
+            raise ValueError(
+                f"LPIPS: {name} must be a float tensor in [0, 1] (got dtype {images.dtype}; divide uint8 images by 255)"
+            )
         if images.shape[0] == 0:
             raise ValueError(f"LPIPS: {name} is an empty batch")
         height, width = images.shape[-2:]
         if min(height, width) < self.min_size:
-            raise ValueError(f"LPIPS: {name} is {height}x{width}; net={self.net!r} needs images of at least "
-                             f"{self.min_size}x{self.min_size}")
+            raise ValueError(
+                f"LPIPS: {name} is {height}x{width}; net={self.net!r} needs images of at least "
+                f"{self.min_size}x{self.min_size}"
+            )
         lo, hi = (float(v) for v in torch.aminmax(images.detach()))
         if not (lo >= -_RANGE_TOL and hi <= 1 + _RANGE_TOL):  # also rejects NaN
-            raise ValueError(f"LPIPS: {name} must be in [0, 1] (got values in [{lo:.4g}, {hi:.4g}]); "
-                             "convert [-1, 1] images with (x + 1) / 2")
+            raise ValueError(
+                f"LPIPS: {name} must be in [0, 1] (got values in [{lo:.4g}, {hi:.4g}]); "
+                "convert [-1, 1] images with (x + 1) / 2"
+            )
         dtype = self.shift.dtype
         return images.to(dtype).clamp(0.0, 1.0)
 
@@ -325,8 +359,9 @@ class LPIPS(Frozen, nn.Module):
         x0 = self._check_images(img0, "img0")
         x1 = self._check_images(img1, "img1")
         if x1.shape != x0.shape and not (x1.shape[0] == 1 and x1.shape[1:] == x0.shape[1:]):
-            raise ValueError(f"LPIPS: img1 must have img0's shape {tuple(x0.shape)} or batch size 1 "
-                             f"(got {tuple(x1.shape)})")
+            raise ValueError(
+                f"LPIPS: img1 must have img0's shape {tuple(x0.shape)} or batch size 1 (got {tuple(x1.shape)})"
+            )
         if x1.shape[0] == x0.shape[0]:
             feats = self._normalised_features(torch.cat([x0, x1]))
             n = x0.shape[0]
@@ -346,7 +381,7 @@ class LPIPS(Frozen, nn.Module):
         feats = [torch.cat(layer) for layer in zip(*chunks, strict=True)]
         out = []
         for i in range(x.shape[0] - 1):
-            out.append(self._distance([f[i:i + 1] for f in feats], [f[i + 1:] for f in feats]))
+            out.append(self._distance([f[i : i + 1] for f in feats], [f[i + 1 :] for f in feats]))
         return torch.cat(out)
 
     def pairwise(self, images: Tensor, batch_size: int = 32) -> Tensor:

@@ -48,7 +48,9 @@ class ConsistencyDiversity(Metric):
         identity = torch.as_tensor(identity, dtype=torch.float32, device=self.device).flatten()
         diversity = torch.as_tensor(diversity, dtype=torch.float32, device=self.device).flatten()
         if identity.shape != diversity.shape:
-            raise ValueError(f"ConsistencyDiversity: {identity.numel()} identity vs {diversity.numel()} diversity scores")
+            raise ValueError(
+                f"ConsistencyDiversity: {identity.numel()} identity vs {diversity.numel()} diversity scores"
+            )
         self.identity.append(identity)
         self.diversity.append(diversity)
 
@@ -105,8 +107,11 @@ def _summary(rows: list[Mapping], columns: Sequence[str], identity: str, diversi
             mean.update(values)
         out[column] = float(mean.compute()) if count else None
         out[f"{column}_n"] = count
-    point = {"consistency_ratio": torch.tensor(float("nan")), "diversity_over_consistency": torch.tensor(float("nan")),
-             "consistent": torch.tensor(0)}
+    point = {
+        "consistency_ratio": torch.tensor(float("nan")),
+        "diversity_over_consistency": torch.tensor(float("nan")),
+        "consistent": torch.tensor(0),
+    }
     if rows:
         trade_off = ConsistencyDiversity(threshold, sync_on_compute=False)
         trade_off.update([_value(row.get(identity)) for row in rows], [_value(row.get(diversity)) for row in rows])

@@ -57,8 +57,12 @@ class CLIPEmbedder(Frozen, nn.Module):
         from transformers import AutoTokenizer, CLIPModel
 
         self.name = os.fspath(model)
-        network = load_pretrained(CLIPModel.from_pretrained, model, local_files_only, "CLIPEmbedder", "openai/clip-vit-large-patch14")
-        self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, model, local_files_only, "CLIPEmbedder", "openai/clip-vit-large-patch14")
+        network = load_pretrained(
+            CLIPModel.from_pretrained, model, local_files_only, "CLIPEmbedder", "openai/clip-vit-large-patch14"
+        )
+        self.tokenizer = load_pretrained(
+            AutoTokenizer.from_pretrained, model, local_files_only, "CLIPEmbedder", "openai/clip-vit-large-patch14"
+        )
         torch_dtype = parse_dtype(dtype, "CLIPEmbedder")
         self.model = (network.to(torch_dtype) if torch_dtype is not None else network).eval().requires_grad_(False)
         size, mean, std = _clip_preprocessing(model, local_files_only, network.config.vision_config.image_size)
@@ -104,10 +108,15 @@ class CLIPEmbedder(Frozen, nn.Module):
         step = self.max_batch or len(texts)
         for start in range(0, len(texts), step):
             tokens = self.tokenizer(
-                list(texts[start : start + step]), padding="max_length", truncation=True,
-                max_length=self.context_length, return_tensors="pt",
+                list(texts[start : start + step]),
+                padding="max_length",
+                truncation=True,
+                max_length=self.context_length,
+                return_tensors="pt",
             ).to(self.device)
-            pooled = self.model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).pooler_output
+            pooled = self.model.text_model(
+                input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+            ).pooler_output
             out.append(self.model.text_projection(pooled).float())
         return F.normalize(torch.cat(out), dim=-1)
 

@@ -21,8 +21,10 @@ def write_table(metrics: dict, suite, path: str | Path) -> str:
     point; a per-category table; and which model computed each column. Returns the markdown."""
     columns = metrics["protocol"]["columns"]
     protocol = metrics["protocol"]
-    trade = [f"cons. ratio ({protocol['consistency_metric']} > {protocol['consistency_threshold']:g}) ↑",
-             f"div/cons ({protocol['diversity_metric']}) ↑"]
+    trade = [
+        f"cons. ratio ({protocol['consistency_metric']} > {protocol['consistency_threshold']:g}) ↑",
+        f"div/cons ({protocol['diversity_metric']}) ↑",
+    ]
     headers = ["method"] + [suite.header(c) for c in columns] + trade + ["samples"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for name, result in metrics["methods"].items():

@@ -72,8 +72,16 @@ class EvalCondition:
 
     def as_sample(self) -> ConditionSample:
         references, masks = (self.references, self.masks) if self.references else ([self.reference], [self.mask])
-        return ConditionSample(self.id, self.prompt, references, masks, self.category, dict(self.metadata),
-                               self.conditioning, self.prompt_index)
+        return ConditionSample(
+            self.id,
+            self.prompt,
+            references,
+            masks,
+            self.category,
+            dict(self.metadata),
+            self.conditioning,
+            self.prompt_index,
+        )
 
 
 def data_conditions(
@@ -89,9 +97,20 @@ def data_conditions(
             break
         for index in range(len(record.prompts[:prompts_per_identity])):
             sample = to_condition(record, index)
-            out.append(EvalCondition(record.id, index, sample.prompt, sample.reference, sample.mask, sample.category,
-                                     sample.conditioning, references=sample.references, masks=sample.masks,
-                                     metadata=sample.metadata))
+            out.append(
+                EvalCondition(
+                    record.id,
+                    index,
+                    sample.prompt,
+                    sample.reference,
+                    sample.mask,
+                    sample.category,
+                    sample.conditioning,
+                    references=sample.references,
+                    masks=sample.masks,
+                    metadata=sample.metadata,
+                )
+            )
     if skips.count:
         log.warning("evaluation data: %d bad sample(s) skipped: %s", skips.count, "; ".join(skips.reasons[:5]))
     if not out:
@@ -163,13 +182,17 @@ def method_name(name, flag: str = "method") -> str:
     written (``/tmp/x`` or ``../x`` would write and move files outside ``output_dir``)."""
     text = name if isinstance(name, str) else ""
     if text in REPORTS:
-        raise ValueError(f"{flag} name {name!r} is the name of a report file written to <output_dir>/; name the method "
-                         f"otherwise, e.g. {text.split('.')[0] + '_method'!r}")
+        raise ValueError(
+            f"{flag} name {name!r} is the name of a report file written to <output_dir>/; name the method "
+            f"otherwise, e.g. {text.split('.')[0] + '_method'!r}"
+        )
     if not text.strip() or any(c in text for c in "/\\\0") or text in (".", ".."):
         parts = [p for p in re.split(r"[/\\\0]+", str(name)) if p.strip() and p not in (".", "..")]
-        raise ValueError(f"{flag} name {name!r} is not a plain folder name (the method's images and scores are written "
-                         f"to <output_dir>/<name>/): use a name without '/', '\\' or '..', e.g. "
-                         f"{parts[-1] if parts else 'mine'!r}")
+        raise ValueError(
+            f"{flag} name {name!r} is not a plain folder name (the method's images and scores are written "
+            f"to <output_dir>/<name>/): use a name without '/', '\\' or '..', e.g. "
+            f"{parts[-1] if parts else 'mine'!r}"
+        )
     return text
 
 
@@ -211,7 +234,11 @@ class Evaluation:
         self.results: dict[str, dict] = {}
 
     def run_method(
-        self, name: str, conditions: Sequence[EvalCondition], generate: Generator | None = None, meta: dict | None = None
+        self,
+        name: str,
+        conditions: Sequence[EvalCondition],
+        generate: Generator | None = None,
+        meta: dict | None = None,
     ) -> dict:
         """Generate (or read) and score ``conditions`` for method ``name``; returns its summary.
 
@@ -223,8 +250,11 @@ class Evaluation:
         """
         folder = self.output_dir / method_name(name)
         folder.mkdir(parents=True, exist_ok=True)
-        self._check_meta(folder, {"method": name, "num_samples": self.num_samples, "seed": self.seed, **(meta or {})},
-                         generated=generate is not None)
+        self._check_meta(
+            folder,
+            {"method": name, "num_samples": self.num_samples, "seed": self.seed, **(meta or {})},
+            generated=generate is not None,
+        )
         scored = self._previous_scores(folder)
         rows: list[dict] = []
         grid_groups = []
@@ -233,16 +263,30 @@ class Evaluation:
             for condition in _progress(conditions, f"evaluate {name}", self.progress):
                 images, files = self._images(folder, condition, generate)
                 keys = [f"{condition.key}/{k}" for k in range(len(files))]
-                if all(key in scored and _same_sample(scored[key], condition, files[k], folder)
-                       for k, key in enumerate(keys)):
+                if all(
+                    key in scored and _same_sample(scored[key], condition, files[k], folder)
+                    for k, key in enumerate(keys)
+                ):
                     group = [scored[key] for key in keys]
                 else:
-                    values = self.suite.score_group(condition.reference, images(), condition.prompt, condition.mask,
-                                                    condition.category, sample=condition.as_sample())
+                    values = self.suite.score_group(
+                        condition.reference,
+                        images(),
+                        condition.prompt,
+                        condition.mask,
+                        condition.category,
+                        sample=condition.as_sample(),
+                    )
                     group = []
                     for k, key in enumerate(keys):
-                        row = {"key": key, "id": condition.id, "prompt": condition.prompt, "category": condition.category,
-                               "file": _stored(files[k], folder), **{c: values[c][k] for c in values}}
+                        row = {
+                            "key": key,
+                            "id": condition.id,
+                            "prompt": condition.prompt,
+                            "category": condition.category,
+                            "file": _stored(files[k], folder),
+                            **{c: values[c][k] for c in values},
+                        }
                         scores_file.write(json.dumps(row) + "\n")
                         group.append(row)
                     scores_file.flush()
@@ -251,8 +295,13 @@ class Evaluation:
                     grid_groups.append((condition, images(), group))  # one prompt of each of the first identities
         if grid_groups:
             method_grid(name, grid_groups, self.suite).save(folder / "grid.png")
-        summary = summarize(rows, self.suite.columns, identity=self.suite.consistency_metric,
-                            diversity=self.suite.diversity_metric, threshold=self.suite.consistency_threshold)
+        summary = summarize(
+            rows,
+            self.suite.columns,
+            identity=self.suite.consistency_metric,
+            diversity=self.suite.diversity_metric,
+            threshold=self.suite.consistency_threshold,
+        )
         self.results[name] = summary
         return summary
 
@@ -260,8 +309,11 @@ class Evaluation:
         """``metrics.json``, ``table.md`` and ``frontier.png`` for every method run so far; returns the metrics."""
         metrics = {
             "protocol": {
-                "num_samples": self.num_samples, "seed": self.seed, "columns": self.suite.columns,
-                "models": self.suite.describe(), "consistency_metric": self.suite.consistency_metric,
+                "num_samples": self.num_samples,
+                "seed": self.seed,
+                "columns": self.suite.columns,
+                "models": self.suite.describe(),
+                "consistency_metric": self.suite.consistency_metric,
                 "consistency_threshold": self.suite.consistency_threshold,
                 "diversity_metric": self.suite.diversity_metric,
                 "identity_skip_categories": sorted(self.suite.identity_skip_categories),
@@ -277,8 +329,15 @@ class Evaluation:
     def _previous_scores(self, folder: Path) -> dict[str, dict]:
         """Scores of an earlier run, if the same models computed them; otherwise they are set aside and rescored."""
         path, stamp = folder / "scores.jsonl", folder / "scoring.json"
-        scoring = json.loads(json.dumps({"models": self.suite.describe(), "consistency": self.suite.consistency_metric,
-                                         "skip": sorted(self.suite.identity_skip_categories)}))
+        scoring = json.loads(
+            json.dumps(
+                {
+                    "models": self.suite.describe(),
+                    "consistency": self.suite.consistency_metric,
+                    "skip": sorted(self.suite.identity_skip_categories),
+                }
+            )
+        )
         if path.is_file() and (not stamp.is_file() or json.loads(stamp.read_text()) != scoring):
             stale = path.with_suffix(".jsonl.stale")
             path.replace(stale)
@@ -326,8 +385,11 @@ def _stored(file: Path, folder: Path) -> str:
 def _same_sample(row: dict, condition: EvalCondition, file: Path, folder: Path) -> bool:
     """Whether a scored row is this condition's sample (same prompt, category and file; a ``file`` written before it
     was stored relative to the method's folder counts when it is the same path)."""
-    return (row["prompt"] == condition.prompt and row["category"] == condition.category
-            and row["file"] in (_stored(file, folder), str(file)))
+    return (
+        row["prompt"] == condition.prompt
+        and row["category"] == condition.category
+        and row["file"] in (_stored(file, folder), str(file))
+    )
 
 
 def _end_line(path: Path) -> None:

@@ -112,12 +112,15 @@ class EvalSuite:
         rewards: dict[str, Reward] | None = None,
     ):
         if consistency_metric not in CONSISTENCY:
-            raise ValueError(f"EvalSuite: consistency_metric must be one of {list(CONSISTENCY)}, got "
-                             f"{consistency_metric!r}")
+            raise ValueError(
+                f"EvalSuite: consistency_metric must be one of {list(CONSISTENCY)}, got {consistency_metric!r}"
+            )
         if diversity_metric not in COLUMNS:
             raise ValueError(f"EvalSuite: diversity_metric must be one of {sorted(COLUMNS)}, got {diversity_metric!r}")
         if dino is not None and not hasattr(dino, "embed"):
-            raise TypeError(f"EvalSuite: dino must have an embed(images) method (DINOv2Backbone), got {type(dino).__name__}")
+            raise TypeError(
+                f"EvalSuite: dino must have an embed(images) method (DINOv2Backbone), got {type(dino).__name__}"
+            )
         self.identity = identity
         self.dino_nssm = dino_nssm
         self.clip = clip
@@ -164,9 +167,22 @@ class EvalSuite:
         return {column: _describe(models.get(column) or self.rewards[column]) for column in self.columns}
 
     def to(self, device: torch.device | str) -> EvalSuite:
-        for model in [*(getattr(self, n) for n in ("identity", "dino_nssm", "clip", "dino", "sdino", "lpips",
-                                                   "subject_consistency", "per_subject")),
-                      *self.rewards.values()]:
+        for model in [
+            *(
+                getattr(self, n)
+                for n in (
+                    "identity",
+                    "dino_nssm",
+                    "clip",
+                    "dino",
+                    "sdino",
+                    "lpips",
+                    "subject_consistency",
+                    "per_subject",
+                )
+            ),
+            *self.rewards.values(),
+        ]:
             if isinstance(model, torch.nn.Module):
                 model.to(device)
         return self
@@ -216,8 +232,10 @@ class EvalSuite:
             out["sdino"] = EF.patch_similarity(self.sdino(gen).visual, self.sdino(ref).visual)  # appearance features
         usable = mask is None or _covers(mask)
         if not usable:  # an empty or tiny subject mask: the masked scores are undefined for this reference
-            log.warning("reference %r: its subject mask is empty or tiny; VSM, nSSM and si-IoU left out for it",
-                        getattr(reference, "filename", "") or prompt)
+            log.warning(
+                "reference %r: its subject mask is empty or tiny; VSM, nSSM and si-IoU left out for it",
+                getattr(reference, "filename", "") or prompt,
+            )
         if self.identity is not None and category not in self.identity_skip_categories and usable:
             scores = self.identity.score_group(ref[0], gen, ref_mask=mask)
             out["vsm"], out["mtg_nssm"] = scores.vsm, scores.nssm
@@ -230,8 +248,12 @@ class EvalSuite:
         return self._rows(out, n)
 
     def _rows(self, out: dict[str, Tensor], n: int, skip: Sequence[str] = ()) -> dict[str, list[float | None]]:
-        return {column: [_float(v) for v in out[column].flatten().tolist()] if column in out and column not in skip
-                else [None] * n for column in self.columns}
+        return {
+            column: [_float(v) for v in out[column].flatten().tolist()]
+            if column in out and column not in skip
+            else [None] * n
+            for column in self.columns
+        }
 
     def _score_any_reference(self, gen: Tensor, prompt: str, n: int, gen_clip: Tensor | None) -> dict[str, Tensor]:
         """The columns that do not look at a reference: CLIP-T (from the samples' CLIP embeddings), HPS, LPIPS."""
@@ -249,12 +271,22 @@ class EvalSuite:
         """SC, SC-k and found; VSM/subject and nSSM/subject. A non-finite score leaves its cells empty (logged)."""
         out: dict[str, Tensor] = {}
         if len(sample.references) > MAX_SUBJECTS:
-            log.warning("condition %r has %d subjects; the SC-k columns stop at %d", sample.id, len(sample.references),
-                        MAX_SUBJECTS)
-        sc = {"reward": "sc", "found": "found", "ref_found": "ref_found",
-              **{f"sc_{k}": f"sc_{k}" for k in range(1, MAX_SUBJECTS + 1)}}
-        for model, names in ((self.subject_consistency, sc), (self.per_subject, {"vsm": "subject_vsm",
-                                                                                 "nssm": "subject_nssm"})):
+            log.warning(
+                "condition %r has %d subjects; the SC-k columns stop at %d",
+                sample.id,
+                len(sample.references),
+                MAX_SUBJECTS,
+            )
+        sc = {
+            "reward": "sc",
+            "found": "found",
+            "ref_found": "ref_found",
+            **{f"sc_{k}": f"sc_{k}" for k in range(1, MAX_SUBJECTS + 1)},
+        }
+        for model, names in (
+            (self.subject_consistency, sc),
+            (self.per_subject, {"vsm": "subject_vsm", "nssm": "subject_nssm"}),
+        ):
             if model is None:
                 continue
             try:
@@ -282,11 +314,22 @@ class EvalSuite:
 
 
 _SOURCE = {
-    "clip_t": "clip", "clip_i": "clip", "dino": "dino", "vsm": "identity", "mtg_nssm": "identity",
-    "dino_nssm": "dino_nssm", "si_iou": "segmenter", "hps": "hps", "sdino": "sdino", "lpips": "lpips",
-    "sc": "subject_consistency", "found": "subject_consistency", "ref_found": "subject_consistency",
+    "clip_t": "clip",
+    "clip_i": "clip",
+    "dino": "dino",
+    "vsm": "identity",
+    "mtg_nssm": "identity",
+    "dino_nssm": "dino_nssm",
+    "si_iou": "segmenter",
+    "hps": "hps",
+    "sdino": "sdino",
+    "lpips": "lpips",
+    "sc": "subject_consistency",
+    "found": "subject_consistency",
+    "ref_found": "subject_consistency",
     "subject_vsm": "per_subject",
-    "subject_nssm": "per_subject", **{f"sc_{k}": "subject_consistency" for k in range(1, MAX_SUBJECTS + 1)},
+    "subject_nssm": "per_subject",
+    **{f"sc_{k}": "subject_consistency" for k in range(1, MAX_SUBJECTS + 1)},
 }
 
 CONSISTENCY = ("vsm", "sdino", "sc", "subject_vsm")
@@ -299,9 +342,30 @@ def _covers(mask: Tensor, min_fraction: float = 0.005) -> bool:
     return bool((mask > 0.5).float().mean() >= min_fraction)
 
 
-_SETTINGS = ("name", "url", "pool", "tau_s", "tau_v", "grid_size", "assignment", "reference_crop", "on_missing",
-             "missing_score", "box_threshold", "text_threshold", "sort_by_score", "threshold", "min_area", "resize",
-             "crop", "size", "features", "crop_size", "gate", "weight")
+_SETTINGS = (
+    "name",
+    "url",
+    "pool",
+    "tau_s",
+    "tau_v",
+    "grid_size",
+    "assignment",
+    "reference_crop",
+    "on_missing",
+    "missing_score",
+    "box_threshold",
+    "text_threshold",
+    "sort_by_score",
+    "threshold",
+    "min_area",
+    "resize",
+    "crop",
+    "size",
+    "features",
+    "crop_size",
+    "gate",
+    "weight",
+)
 _PARTS = ("backbone", "scorer", "locator", "detector", "embedder")
 
 

@@ -96,8 +96,13 @@ def rollout(
     for step in range(num_steps):
         velocity = _chunked_velocity(policy, x, sigmas[step], condition, micro_batch_size)
         out = sde_step(
-            velocity, x, values[step], values[step + 1],
-            noise_level if stochastic[step] else 0.0, sigma_max=sigma_max, generator=generator,
+            velocity,
+            x,
+            values[step],
+            values[step + 1],
+            noise_level if stochastic[step] else 0.0,
+            sigma_max=sigma_max,
+            generator=generator,
         )
         x = out.prev_sample
         latents.append(x)
@@ -147,8 +152,11 @@ def rollout_chunks(
         return parts[0]
     first = parts[0]
     return Trajectory(
-        latents=torch.cat([p.latents for p in parts]), log_probs=torch.cat([p.log_probs for p in parts]),
-        sigmas=first.sigmas, sde=first.sde, noise_level=first.noise_level,
+        latents=torch.cat([p.latents for p in parts]),
+        log_probs=torch.cat([p.log_probs for p in parts]),
+        sigmas=first.sigmas,
+        sde=first.sde,
+        noise_level=first.noise_level,
         images=torch.cat([p.images for p in parts]),
     )
 
@@ -181,8 +189,13 @@ def transition_log_prob(
     sigma_max = sigmas[1].item() if trajectory.num_steps > 1 else None
     velocity = policy.velocity(rows[:, step], sigmas[step], sub)
     return sde_step(
-        velocity, rows[:, step], sigmas[step].item(), sigmas[step + 1].item(), trajectory.noise_level,
-        sigma_max=sigma_max, prev_sample=rows[:, step + 1],
+        velocity,
+        rows[:, step],
+        sigmas[step].item(),
+        sigmas[step + 1].item(),
+        trajectory.noise_level,
+        sigma_max=sigma_max,
+        prev_sample=rows[:, step + 1],
     )
 
 

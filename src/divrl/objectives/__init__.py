@@ -18,6 +18,21 @@ from divrl.objectives.grpo import GRPOBatch, GRPOConfig, GRPOObjective
 from divrl.objectives.nft import NFTBatch, NFTObjective
 from divrl.objectives.sft import SFTBatch, SFTObjective
 
-__all__ = ["Objective", "Batch", "Environment", "SamplingConfig", "Scores", "GRPOObjective", "GRPOBatch", "GRPOConfig",
-           "SFTObjective", "SFTBatch", "DPOObjective", "GroupDPOObjective", "PreferenceBatch", "NFTObjective",
-           "NFTBatch", "TimestepSampling"]
+__all__ = [
+    "Objective",
+    "Batch",
+    "Environment",
+    "SamplingConfig",
+    "Scores",
+    "GRPOObjective",
+    "GRPOBatch",
+    "GRPOConfig",
+    "SFTObjective",
+    "SFTBatch",
+    "DPOObjective",
+    "GroupDPOObjective",
+    "PreferenceBatch",
+    "NFTObjective",
+    "NFTBatch",
+    "TimestepSampling",
+]

@@ -118,8 +118,14 @@ class Environment(Protocol):
     sampling: SamplingConfig
 
     def rollout(
-        self, samples: Sequence[ConditionSample], group_size: int, generator: torch.Generator, *,
-        num_steps: int | None = None, noise_level: float | None = None, sde_steps: Sequence[bool] | None = None,
+        self,
+        samples: Sequence[ConditionSample],
+        group_size: int,
+        generator: torch.Generator,
+        *,
+        num_steps: int | None = None,
+        noise_level: float | None = None,
+        sde_steps: Sequence[bool] | None = None,
     ) -> tuple[Conditioning, Trajectory]:
         """``group_size`` trajectories per condition with decoded images (defaults: :attr:`sampling`'s)."""
 
@@ -128,8 +134,13 @@ class Environment(Protocol):
         other reward error stops the run on every rank."""
 
     def rollout_and_score(
-        self, samples: Sequence[ConditionSample], group_size: int, generator: torch.Generator, *,
-        noise_level: float | None = None, sde_steps: Sequence[bool] | None = None,
+        self,
+        samples: Sequence[ConditionSample],
+        group_size: int,
+        generator: torch.Generator,
+        *,
+        noise_level: float | None = None,
+        sde_steps: Sequence[bool] | None = None,
     ) -> tuple[Conditioning, Trajectory, Scores]:
         """:meth:`rollout` then :meth:`score` of its images; with ``system.overlap_rewards`` the groups are scored while
         the rest of the batch rolls out (the same scores, bit for bit), and this returns once all are scored."""
@@ -166,8 +177,9 @@ class Objective(ABC):
         """Refuse, at start-up, sampling settings this objective cannot train with (with the fix)."""
 
     @abstractmethod
-    def collect(self, policy: Policy, samples: Sequence[ConditionSample], env: Environment,
-                generator: torch.Generator) -> Batch:
+    def collect(
+        self, policy: Policy, samples: Sequence[ConditionSample], env: Environment, generator: torch.Generator
+    ) -> Batch:
         """Roll out, score and prepare what the loss needs for ``samples`` (no gradients)."""
 
     @abstractmethod
@@ -179,8 +191,15 @@ class Objective(ABC):
         """The loss of one work item (with gradients) and detached scalar statistics (logged as ``train/<name>``)."""
 
 
-def shuffled_updates(num: int, epochs: int, updates_per_epoch: int, micro_batch_size: int, inner: Sequence,
-                     generator: torch.Generator, device: torch.device | str = "cpu") -> Iterator[list[tuple[Tensor, Any]]]:
+def shuffled_updates(
+    num: int,
+    epochs: int,
+    updates_per_epoch: int,
+    micro_batch_size: int,
+    inner: Sequence,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> Iterator[list[tuple[Tensor, Any]]]:
     """The work items of minibatch updates over ``num`` samples: ``epochs`` shuffles (``generator``), each cut into
     ``updates_per_epoch`` parts (one optimizer step each); a part's items are its (micro-batch of sample indices,
     ``x``) pairs for every ``x`` in ``inner`` (GRPO: the trained steps; SFT: the timestep draws)."""
@@ -191,8 +210,9 @@ def shuffled_updates(num: int, epochs: int, updates_per_epoch: int, micro_batch_
             yield [(index, x) for index in part.split(micro_batch_size) for x in inner]
 
 
-def rollout_and_score(env: Environment, samples: Sequence[ConditionSample], group_size: int,
-                      generator: torch.Generator, **kwargs) -> tuple[Conditioning, Trajectory, Scores]:
+def rollout_and_score(
+    env: Environment, samples: Sequence[ConditionSample], group_size: int, generator: torch.Generator, **kwargs
+) -> tuple[Conditioning, Trajectory, Scores]:
     """``env.rollout_and_score`` (pipelined scoring in a training run), or ``env.rollout`` then ``env.score`` for an
     environment that predates it (a test's, a user's own)."""
     if hasattr(env, "rollout_and_score"):

@@ -88,8 +88,9 @@ def component_values(scores: Scores, group_size: int, names: Sequence[str]) -> T
         values = {"reward": out.reward, **out.components}
         missing = [n for n in names if n not in values]
         if missing:
-            raise ValueError(f"objective.margin names {missing}, which the reward does not return; its components: "
-                             f"{sorted(values)}")
+            raise ValueError(
+                f"objective.margin names {missing}, which the reward does not return; its components: {sorted(values)}"
+            )
         rows.append(torch.stack([values[n].detach().float().cpu() for n in names], dim=-1))
     return torch.stack(rows).to(scores.rewards.device)
 
@@ -117,29 +118,41 @@ class _Preference(Objective):
             raise ValueError(f"objective.noise_level must be >= 0 (0: deterministic rollouts), got {self.noise_level}")
         _check_finite(self, "rpo_alpha", "noise_level")
         if not isinstance(self.margin, dict):
-            raise ValueError(f"objective.margin must map reward components to weights, e.g. {{vsm: 2.0}}, got "
-                             f"{self.margin!r}")
-        bad = {name: gamma for name, gamma in self.margin.items() if isinstance(gamma, bool) or not isinstance(
-            gamma, (int, float)) or not math.isfinite(gamma)}
+            raise ValueError(
+                f"objective.margin must map reward components to weights, e.g. {{vsm: 2.0}}, got {self.margin!r}"
+            )
+        bad = {
+            name: gamma
+            for name, gamma in self.margin.items()
+            if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma)
+        }
         if bad:
-            raise ValueError(f"objective.margin {self.margin} gives {sorted(bad)} a weight that is not a finite "
-                             f"number: give each component a finite weight, or margin: {{}} for none")
+            raise ValueError(
+                f"objective.margin {self.margin} gives {sorted(bad)} a weight that is not a finite "
+                f"number: give each component a finite weight, or margin: {{}} for none"
+            )
 
     @property
     def needs_reference(self) -> bool:
         return True
 
     def _rollout(self, samples, env: Environment, generator):
-        condition, trajectory, scores = rollout_and_score(env, samples, env.sampling.group_size, generator,
-                                                          noise_level=self.noise_level)
+        condition, trajectory, scores = rollout_and_score(
+            env, samples, env.sampling.group_size, generator, noise_level=self.noise_level
+        )
         return condition, trajectory.latents[:, -1], trajectory.images, scores
 
-    def _draws(self, count: int, like: Tensor, generator: torch.Generator, policy: Policy, condition) -> tuple[Tensor, Tensor]:
+    def _draws(
+        self, count: int, like: Tensor, generator: torch.Generator, policy: Policy, condition
+    ) -> tuple[Tensor, Tensor]:
         """One ``(ε, σ)`` per pair (group) and draw, shared by its images."""
-        return draw(self.timesteps, count, self.timesteps_per_sample, like, generator, policy=policy, condition=condition)
+        return draw(
+            self.timesteps, count, self.timesteps_per_sample, like, generator, policy=policy, condition=condition
+        )
 
-    def _errors(self, policy: Policy, batch: PreferenceBatch, rows: Tensor, cond_rows: Tensor, noise: Tensor,
-                sigma: Tensor) -> tuple[Tensor, Tensor]:
+    def _errors(
+        self, policy: Policy, batch: PreferenceBatch, rows: Tensor, cond_rows: Tensor, noise: Tensor, sigma: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Flow-matching errors of ``x0[rows]`` (shape of ``rows``) under the policy (with gradients) and the
         reference policy, each row noised with its ``noise`` / ``sigma`` (broadcast over the row's last dim)."""
         flat, width = rows.flatten(), rows.shape[-1]
@@ -155,7 +168,9 @@ class _Preference(Objective):
     def _margins(self, values: Tensor, winner: Tensor, loser: Tensor) -> Tensor:
         """``Σ_c γ_c·(winner_c − loser_c)`` over the named components (``values`` last dim), ``(…,)`` float32."""
         gamma = torch.tensor(list(self.margin.values()), dtype=torch.float32, device=values.device)
-        return ((winner - loser) * gamma).sum(-1) if len(gamma) else torch.zeros(winner.shape[:-1], device=values.device)
+        return (
+            ((winner - loser) * gamma).sum(-1) if len(gamma) else torch.zeros(winner.shape[:-1], device=values.device)
+        )
 
 
 @dataclass
@@ -195,22 +210,29 @@ class DPOObjective(_Preference):
         if self.pairs not in ("online", "shards"):
             raise ValueError(f"objective.pairs must be online or shards, got {self.pairs!r}")
         if self.pairs == "shards" and self.margin:
-            raise ValueError(f"objective.margin {self.margin} needs rewards, and pairs: shards has none (its pairs are "
-                             f"the shards' images): set margin: {{}} (a margin may be carried over from the config's "
-                             f"previous objective entry), or use pairs: online")
+            raise ValueError(
+                f"objective.margin {self.margin} needs rewards, and pairs: shards has none (its pairs are "
+                f"the shards' images): set margin: {{}} (a margin may be carried over from the config's "
+                f"previous objective entry), or use pairs: online"
+            )
 
     def check(self, sampling) -> None:
         g = sampling.group_size
         if self.pairs == "online" and g < 2:
-            raise ValueError(f"sampling.group_size {g}: DPO with pairs: online needs groups of at least 2 to make a "
-                             f"pair; raise sampling.group_size")
+            raise ValueError(
+                f"sampling.group_size {g}: DPO with pairs: online needs groups of at least 2 to make a "
+                f"pair; raise sampling.group_size"
+            )
         if self.pairs == "online" and self.pairs_per_group > g * (g - 1) // 2:
-            raise ValueError(f"objective.pairs_per_group {self.pairs_per_group} with sampling.group_size {g}: a group "
-                             f"has {g * (g - 1) // 2} pairs; set objective.pairs_per_group <= {g * (g - 1) // 2}, "
-                             f"or raise sampling.group_size")
+            raise ValueError(
+                f"objective.pairs_per_group {self.pairs_per_group} with sampling.group_size {g}: a group "
+                f"has {g * (g - 1) // 2} pairs; set objective.pairs_per_group <= {g * (g - 1) // 2}, "
+                f"or raise sampling.group_size"
+            )
 
-    def collect(self, policy: Policy, samples: Sequence[ConditionSample], env: Environment,
-                generator: torch.Generator) -> PreferenceBatch:
+    def collect(
+        self, policy: Policy, samples: Sequence[ConditionSample], env: Environment, generator: torch.Generator
+    ) -> PreferenceBatch:
         if self.pairs == "shards":
             return self._shard_pairs(policy, samples, env, generator)
         g = env.sampling.group_size
@@ -226,15 +248,26 @@ class DPOObjective(_Preference):
                 margins.append(self._margins(values, values[i, a], values[i, b]))
         pairs_t = torch.tensor(pairs, device=x0.device)
         noise, sigmas = self._draws(len(pairs), x0, generator, policy, condition)
-        return PreferenceBatch(samples, g, scores, images, condition, rollout_calls=env.sampling.num_steps,
-                               update_calls=self._update_calls(len(pairs), len(samples) * g),
-                               usable=sum(w > 0 for w in weights),
-                               missing=f"no pair whose reward gap is above objective.min_gap {self.min_gap:g} (lower it, "
-                                       f"or raise sampling.group_size or objective.noise_level for more varied "
-                                       f"groups)",
-                               x0=x0, pairs=pairs_t,
-                               cond_rows=pairs_t, weights=torch.tensor(weights, device=x0.device),
-                               margins=torch.stack(margins).to(x0.device), noise=noise, sigmas=sigmas)
+        return PreferenceBatch(
+            samples,
+            g,
+            scores,
+            images,
+            condition,
+            rollout_calls=env.sampling.num_steps,
+            update_calls=self._update_calls(len(pairs), len(samples) * g),
+            usable=sum(w > 0 for w in weights),
+            missing=f"no pair whose reward gap is above objective.min_gap {self.min_gap:g} (lower it, "
+            f"or raise sampling.group_size or objective.noise_level for more varied "
+            f"groups)",
+            x0=x0,
+            pairs=pairs_t,
+            cond_rows=pairs_t,
+            weights=torch.tensor(weights, device=x0.device),
+            margins=torch.stack(margins).to(x0.device),
+            noise=noise,
+            sigmas=sigmas,
+        )
 
     def _ranked_pairs(self, rewards: Tensor) -> list[tuple[int, int]]:
         """Every (better, worse) pair of a group, the largest reward gap first (ties: lower indices first)."""
@@ -252,30 +285,54 @@ class DPOObjective(_Preference):
         x0 = torch.cat([chosen, policy.encode_images(images, size, size, keys)])
         rows = torch.stack([torch.arange(n), torch.arange(n, 2 * n)], dim=1).to(x0.device)
         noise, sigmas = self._draws(n, x0, generator, policy, condition)
-        return PreferenceBatch(samples, 1, None, None, condition, update_calls=self._update_calls(n, n),
-                               usable=int(paired.sum()), missing="no condition with a preference pair (target_<p>.png "
-                               "and rejected_<p>.png)", x0=x0,
-                               pairs=rows, cond_rows=rows % n, weights=paired.float().to(x0.device),
-                               margins=torch.zeros(n, device=x0.device), noise=noise, sigmas=sigmas)
+        return PreferenceBatch(
+            samples,
+            1,
+            None,
+            None,
+            condition,
+            update_calls=self._update_calls(n, n),
+            usable=int(paired.sum()),
+            missing="no condition with a preference pair (target_<p>.png and rejected_<p>.png)",
+            x0=x0,
+            pairs=rows,
+            cond_rows=rows % n,
+            weights=paired.float().to(x0.device),
+            margins=torch.zeros(n, device=x0.device),
+            noise=noise,
+            sigmas=sigmas,
+        )
 
     def _update_calls(self, pairs: int, images: int) -> int:
         """Forward-pass equivalents per image: two images per pair, forward + backward + the reference's forward."""
         return round(2 * pairs * 3 * self.timesteps_per_sample * self.epochs / images)
 
     def updates(self, batch: PreferenceBatch, generator: torch.Generator) -> Iterator[list[tuple[Tensor, int]]]:
-        yield from shuffled_updates(len(batch.pairs), self.epochs, self.updates_per_epoch, self.micro_batch_size,
-                                    range(self.timesteps_per_sample), generator, batch.pairs.device)
+        yield from shuffled_updates(
+            len(batch.pairs),
+            self.epochs,
+            self.updates_per_epoch,
+            self.micro_batch_size,
+            range(self.timesteps_per_sample),
+            generator,
+            batch.pairs.device,
+        )
 
-    def loss(self, policy: Policy, batch: PreferenceBatch, item: tuple[Tensor, int]) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(
+        self, policy: Policy, batch: PreferenceBatch, item: tuple[Tensor, int]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         index, k = item
-        err, ref = self._errors(policy, batch, batch.pairs[index], batch.cond_rows[index], batch.noise[index, k],
-                                batch.sigmas[index, k])
+        err, ref = self._errors(
+            policy, batch, batch.pairs[index], batch.cond_rows[index], batch.noise[index, k], batch.sigmas[index, k]
+        )
         losses, z = dpo_loss(err[:, 0], ref[:, 0], err[:, 1], ref[:, 1], self.beta, batch.margins[index])
         weights = batch.weights[index]
         used = weights.sum().clamp(min=1)
         return (weights * (losses + self.rpo_alpha * err[:, 0])).mean(), {
-            "dpo_loss": (weights * losses).sum() / used, "implicit_acc": (weights * (z > 0)).sum() / used,
-            "implicit_margin": (weights * z).sum() / used, "pairs_used": (weights > 0).float().mean(),
+            "dpo_loss": (weights * losses).sum() / used,
+            "implicit_acc": (weights * (z > 0)).sum() / used,
+            "implicit_margin": (weights * z).sum() / used,
+            "pairs_used": (weights > 0).float().mean(),
             "fm_loss": err.detach().mean(),
         }
 
@@ -316,8 +373,9 @@ class GroupDPOObjective(_Preference):
         if sampling.group_size < 2:
             raise ValueError(f"sampling.group_size {sampling.group_size}: group DPO needs groups of at least 2")
 
-    def collect(self, policy: Policy, samples: Sequence[ConditionSample], env: Environment,
-                generator: torch.Generator) -> PreferenceBatch:
+    def collect(
+        self, policy: Policy, samples: Sequence[ConditionSample], env: Environment, generator: torch.Generator
+    ) -> PreferenceBatch:
         g, n = env.sampling.group_size, len(samples)
         condition, x0, images, scores = self._rollout(samples, env, generator)
         adv = torch.zeros_like(scores.rewards)
@@ -329,29 +387,54 @@ class GroupDPOObjective(_Preference):
         rows = torch.arange(n * g, device=x0.device).view(n, g)
         both = (adv > 0).any(-1) & (adv < 0).any(-1)
         noise, sigmas = self._draws(n, x0, generator, policy, condition)
-        return PreferenceBatch(samples, g, scores, images, condition, rollout_calls=env.sampling.num_steps,
-                               update_calls=3 * self.timesteps_per_sample * self.epochs,
-                               usable=int(both.sum()), missing="no group with rewards both above and below its mean "
-                               "(every group's samples scored alike: raise sampling.group_size or "
-                               "objective.noise_level)",
-                               x0=x0, pairs=rows,
-                               cond_rows=rows, weights=both.float(), margins=margins, advantages=adv, noise=noise,
-                               sigmas=sigmas)
+        return PreferenceBatch(
+            samples,
+            g,
+            scores,
+            images,
+            condition,
+            rollout_calls=env.sampling.num_steps,
+            update_calls=3 * self.timesteps_per_sample * self.epochs,
+            usable=int(both.sum()),
+            missing="no group with rewards both above and below its mean "
+            "(every group's samples scored alike: raise sampling.group_size or "
+            "objective.noise_level)",
+            x0=x0,
+            pairs=rows,
+            cond_rows=rows,
+            weights=both.float(),
+            margins=margins,
+            advantages=adv,
+            noise=noise,
+            sigmas=sigmas,
+        )
 
     def updates(self, batch: PreferenceBatch, generator: torch.Generator) -> Iterator[list[tuple[Tensor, int]]]:
-        yield from shuffled_updates(len(batch.pairs), self.epochs, self.updates_per_epoch, 1,
-                                    range(self.timesteps_per_sample), generator, batch.pairs.device)
+        yield from shuffled_updates(
+            len(batch.pairs),
+            self.epochs,
+            self.updates_per_epoch,
+            1,
+            range(self.timesteps_per_sample),
+            generator,
+            batch.pairs.device,
+        )
 
-    def loss(self, policy: Policy, batch: PreferenceBatch, item: tuple[Tensor, int]) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(
+        self, policy: Policy, batch: PreferenceBatch, item: tuple[Tensor, int]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         index, k = item
-        err, ref = self._errors(policy, batch, batch.pairs[index], batch.cond_rows[index], batch.noise[index, k],
-                                batch.sigmas[index, k])
+        err, ref = self._errors(
+            policy, batch, batch.pairs[index], batch.cond_rows[index], batch.noise[index, k], batch.sigmas[index, k]
+        )
         losses, delta = group_dpo_loss(err, ref, batch.advantages[index], self.beta, batch.margins[index])
         used = batch.weights[index].sum().clamp(min=1)
         positives = (group_weights(batch.advantages[index])[0] * err).sum(-1)
         weights = batch.weights[index]
         return (losses + self.rpo_alpha * positives).mean(), {
-            "dpo_loss": losses.sum() / used, "implicit_acc": ((delta > 0).float() * weights).sum() / used,
-            "implicit_margin": (delta * weights).sum() / used, "groups_used": (weights > 0).float().mean(),
+            "dpo_loss": losses.sum() / used,
+            "implicit_acc": ((delta > 0).float() * weights).sum() / used,
+            "implicit_margin": (delta * weights).sum() / used,
+            "groups_used": (weights > 0).float().mean(),
             "fm_loss": err.detach().mean(),
         }

@@ -20,8 +20,17 @@ from torch import Tensor
 from divrl.objectives.base import Batch
 
 __all__ = [
-    "TimestepSampling", "FlowBatch", "draw", "shift_sigmas", "noised", "flow_error", "dpo_loss", "group_weights", "group_dpo_loss",
-    "optimality", "nft_loss",
+    "TimestepSampling",
+    "FlowBatch",
+    "draw",
+    "shift_sigmas",
+    "noised",
+    "flow_error",
+    "dpo_loss",
+    "group_weights",
+    "group_dpo_loss",
+    "optimality",
+    "nft_loss",
 ]
 
 
@@ -51,18 +60,24 @@ class TimestepSampling:
 
     def __post_init__(self) -> None:
         if self.distribution not in ("uniform", "logit_normal", "shifted", None):
-            raise ValueError(f"timesteps.distribution must be uniform, logit_normal or shifted, got {self.distribution!r}")
+            raise ValueError(
+                f"timesteps.distribution must be uniform, logit_normal or shifted, got {self.distribution!r}"
+            )
         for name in ("mean", "std", "shift", "low", "high"):  # a NaN here makes every loss NaN, minutes later
             value = getattr(self, name)
             if value is not None and not (is_number(value) and math.isfinite(value)):
-                raise ValueError(f"objective.timesteps.{name} must be a finite number, got {value!r}: set it in the "
-                                 f"objective's timesteps (defaults: mean 0, std 1, low 0, high 1, shift null)")
+                raise ValueError(
+                    f"objective.timesteps.{name} must be a finite number, got {value!r}: set it in the "
+                    f"objective's timesteps (defaults: mean 0, std 1, low 0, high 1, shift null)"
+                )
         if not 0.0 <= self.low < self.high <= 1.0:
             raise ValueError(f"timesteps: need 0 <= low < high <= 1, got low {self.low}, high {self.high}")
         if not self.std > 0 or (self.shift is not None and not self.shift > 0):
             raise ValueError(f"timesteps: std and shift must be > 0, got std {self.std}, shift {self.shift}")
 
-    def sample(self, n: int, generator: torch.Generator, *, shift: float | None = None, high: float | None = None) -> Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator, *, shift: float | None = None, high: float | None = None
+    ) -> Tensor:
         """``n`` float32 noise levels in ``[low, high]`` (``high`` may be lowered, e.g. by a decay schedule);
         ``shift`` is the policy's, used by ``shifted`` when :attr:`shift` is unset."""
         if self.distribution is None:
@@ -74,7 +89,9 @@ class TimestepSampling:
             if self.distribution == "shifted":
                 s = self.shift if self.shift is not None else shift
                 if s is None:
-                    raise ValueError("timesteps.distribution 'shifted' needs timesteps.shift or a policy with a time shift")
+                    raise ValueError(
+                        "timesteps.distribution 'shifted' needs timesteps.shift or a policy with a time shift"
+                    )
                 t = shift_sigmas(t, s)
         top = self.high if high is None else min(high, self.high)
         return (self.low + (top - self.low) * t).float()
@@ -87,8 +104,17 @@ def as_timesteps(value: TimestepSampling | dict, distribution: str) -> TimestepS
     return value if value.distribution is not None else replace(value, distribution=distribution)
 
 
-def draw(timesteps: TimestepSampling, count: int, per_row: int, like: Tensor, generator: torch.Generator, *,
-         policy=None, condition=None, high: float | None = None) -> tuple[Tensor, Tensor]:
+def draw(
+    timesteps: TimestepSampling,
+    count: int,
+    per_row: int,
+    like: Tensor,
+    generator: torch.Generator,
+    *,
+    policy=None,
+    condition=None,
+    high: float | None = None,
+) -> tuple[Tensor, Tensor]:
     """``per_row`` (noise, noise level) draws for each of ``count`` rows, from ``generator`` (σ first, then ε: a
     resumed run draws the same): ``ε`` ``(count, per_row, *like.shape[1:])`` in ``like``'s dtype and ``σ``
     ``(count, per_row)`` float32, both on ``like``'s device. ``shifted`` without its own shift uses
@@ -145,8 +171,9 @@ def flow_error(velocity: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
     return (velocity.float() - (noise.float() - x0.float())).pow(2).flatten(1).mean(1)
 
 
-def dpo_loss(err_w: Tensor, ref_w: Tensor, err_l: Tensor, ref_l: Tensor, beta: float,
-             margin: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+def dpo_loss(
+    err_w: Tensor, ref_w: Tensor, err_l: Tensor, ref_l: Tensor, beta: float, margin: Tensor | float = 0.0
+) -> tuple[Tensor, Tensor]:
     """Diffusion-DPO for flow matching, per pair: ``−log σ(z − m)`` with
     ``z = −β/2·[(e_θ − e_ref)(w) − (e_θ − e_ref)(l)]`` (winner ``w`` and loser ``l`` noised with the same ``ε`` and
     ``σ``) and a margin ``m`` (ODPO's offset; 0 is plain DPO). Returns the losses and ``z`` (the implicit reward
@@ -163,8 +190,9 @@ def group_weights(advantages: Tensor) -> tuple[Tensor, Tensor]:
     return pos / pos.sum(-1, keepdim=True).clamp(min=1e-12), neg / neg.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
-def group_dpo_loss(err: Tensor, ref: Tensor, advantages: Tensor, beta: float,
-                   margin: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+def group_dpo_loss(
+    err: Tensor, ref: Tensor, advantages: Tensor, beta: float, margin: Tensor | float = 0.0
+) -> tuple[Tensor, Tensor]:
     """Group-level DPO (DGPO) for each group (rows, ``(n, G)``): every sample's implicit reward
     ``s = −β/2·(e_θ − e_ref)``, the sides' scores ``R₊ = Σ w₊·s`` and ``R₋ = Σ w₋·s`` (:func:`group_weights`), and
     ``−log σ(R₊ − R₋ − m)`` with a margin ``m``. A group without positives or negatives has loss 0. Returns the losses
@@ -181,8 +209,16 @@ def optimality(advantages: Tensor, clip: float) -> Tensor:
     return advantages.clamp(-clip, clip) / (2 * clip) + 0.5
 
 
-def nft_loss(velocity: Tensor, old_velocity: Tensor, x0: Tensor, noise: Tensor, sigma: Tensor, r: Tensor,
-             beta: float, adaptive: bool = True) -> Tensor:
+def nft_loss(
+    velocity: Tensor,
+    old_velocity: Tensor,
+    x0: Tensor,
+    noise: Tensor,
+    sigma: Tensor,
+    r: Tensor,
+    beta: float,
+    adaptive: bool = True,
+) -> Tensor:
     """DiffusionNFT's loss per row: the implicit positive policy ``v₊ = β·v_θ + (1 − β)·v_old`` and negative policy
     ``v₋ = (1 + β)·v_old − β·v_θ``, each with its ``x₀``-prediction error ``L± = mean ‖x_σ − σ·v± − x₀‖²``
     ``= σ²·mean ‖v± − (ε − x₀)‖²``, combined as ``(r·L₊ + (1 − r)·L₋) / β``. ``adaptive`` divides each ``L`` by its
@@ -215,8 +251,10 @@ def _check_finite(obj: object, *names: str, low: float | None = None, infinite: 
         if infinite and (value is None or (is_number(value) and math.isinf(value))):
             continue
         if not is_number(value) or not math.isfinite(value) or (low is not None and value < low):
-            raise ValueError(f"objective.{name} must be a finite number{'' if low is None else f' >= {low:g}'}, got "
-                             f"{value!r}: set it in the objective's init_args")
+            raise ValueError(
+                f"objective.{name} must be a finite number{'' if low is None else f' >= {low:g}'}, got "
+                f"{value!r}: set it in the objective's init_args"
+            )
 
 
 def is_number(value) -> bool:

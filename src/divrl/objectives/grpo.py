@@ -115,12 +115,15 @@ class GRPOObjective(Objective):
         _check_finite(self, "kl_beta")  # NaN: non-finite losses minutes later
         _check_finite(self, "clip_range", "adv_clip", infinite=True)  # inf (adv_clip: null too): no clipping
         if self.adv_clip is not None and not self.adv_clip > 0:  # else refused at the first rollout
-            raise ValueError(f"objective.adv_clip must be > 0 (paper: 5; null or .inf: no clipping), got "
-                             f"{self.adv_clip}")
+            raise ValueError(
+                f"objective.adv_clip must be > 0 (paper: 5; null or .inf: no clipping), got {self.adv_clip}"
+            )
         if self.adv_scope not in ("group", "batch"):
             raise ValueError(f"objective.adv_scope must be 'group' or 'batch', got {self.adv_scope!r}")
         if self.timestep_fraction is not None and not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"objective.timestep_fraction must lie in (0, 1] (paper: 0.99), got {self.timestep_fraction}")
+            raise ValueError(
+                f"objective.timestep_fraction must lie in (0, 1] (paper: 0.99), got {self.timestep_fraction}"
+            )
         if self.sde_window is not None:
             self.sde_window = tuple(self.sde_window)
             if self.timestep_fraction is not None:
@@ -132,32 +135,44 @@ class GRPOObjective(Objective):
 
     def check(self, sampling: SamplingConfig) -> None:
         if not sampling.noise_level > 0:
-            raise ValueError(f"sampling.noise_level must be > 0 to train with GRPO (got {sampling.noise_level}); 0 is "
-                             f"the deterministic sampler, whose steps have no log-probability")
+            raise ValueError(
+                f"sampling.noise_level must be > 0 to train with GRPO (got {sampling.noise_level}); 0 is "
+                f"the deterministic sampler, whose steps have no log-probability"
+            )
         if sampling.group_size < 2 and self.adv_scope == "group":
-            raise ValueError(f"sampling.group_size {sampling.group_size} with objective.adv_scope 'group': a group of "
-                             f"one sample has advantage 0 and GRPO would train nothing; use group_size >= 2 (DivRL: 21), "
-                             f"or adv_scope 'batch'")
+            raise ValueError(
+                f"sampling.group_size {sampling.group_size} with objective.adv_scope 'group': a group of "
+                f"one sample has advantage 0 and GRPO would train nothing; use group_size >= 2 (DivRL: 21), "
+                f"or adv_scope 'batch'"
+            )
         try:
             select_train_steps(sampling.num_steps, fraction=self.timestep_fraction, window=self.sde_window)
         except ValueError as err:
-            raise ValueError(f"objective.{'sde_window' if self.sde_window is not None else 'timestep_fraction'} with "
-                             f"sampling.num_steps {sampling.num_steps}: {err}") from None
+            raise ValueError(
+                f"objective.{'sde_window' if self.sde_window is not None else 'timestep_fraction'} with "
+                f"sampling.num_steps {sampling.num_steps}: {err}"
+            ) from None
 
     # ------------------------------------------------------------------------------------------------ the seam
 
-    def collect(self, policy: Policy, samples: Sequence[ConditionSample], env: Environment,
-                generator: torch.Generator) -> GRPOBatch:
+    def collect(
+        self, policy: Policy, samples: Sequence[ConditionSample], env: Environment, generator: torch.Generator
+    ) -> GRPOBatch:
         sampling = env.sampling
         sde = sde_mask(sampling.num_steps, self.sde_window)
         condition, trajectory, scores = rollout_and_score(env, samples, sampling.group_size, generator, sde_steps=sde)
         train_steps = select_train_steps(sampling.num_steps, fraction=self.timestep_fraction, window=self.sde_window)
         return GRPOBatch(
-            samples, sampling.group_size, scores, trajectory.images, condition,
+            samples,
+            sampling.group_size,
+            scores,
+            trajectory.images,
+            condition,
             rollout_calls=sampling.num_steps,
             # forward + activation backward (~2x forward; frozen weights get no gradient), plus the reference forward
             update_calls=len(train_steps) * self.ppo_epochs * (2 + (self.kl_beta > 0)),
-            trajectory=trajectory, advantages=self.advantages(scores.rewards, scores.keep, env).flatten(),
+            trajectory=trajectory,
+            advantages=self.advantages(scores.rewards, scores.keep, env).flatten(),
             train_steps=train_steps,
         )
 
@@ -177,15 +192,23 @@ class GRPOObjective(Objective):
     def updates(self, batch: GRPOBatch, generator: torch.Generator) -> Iterator[list[tuple[Tensor, int]]]:
         """``ppo_epochs`` shuffles of the samples, each cut into ``updates_per_epoch`` parts; an update's items are
         its (micro-batch, trained step) pairs."""
-        yield from shuffled_updates(batch.advantages.numel(), self.ppo_epochs, self.updates_per_epoch,
-                                    self.micro_batch_size, batch.train_steps, generator, batch.advantages.device)
+        yield from shuffled_updates(
+            batch.advantages.numel(),
+            self.ppo_epochs,
+            self.updates_per_epoch,
+            self.micro_batch_size,
+            batch.train_steps,
+            generator,
+            batch.advantages.device,
+        )
 
     def loss(self, policy: Policy, batch: GRPOBatch, item: tuple[Tensor, int]) -> tuple[Tensor, dict[str, Tensor]]:
         index, step = item
         trajectory, condition = batch.trajectory, batch.condition
         out = transition_log_prob(policy, trajectory, step, condition, index)
-        loss, stats = grpo_loss(out.log_prob, trajectory.log_probs[index, step], batch.advantages[index],
-                                self.clip_range)
+        loss, stats = grpo_loss(
+            out.log_prob, trajectory.log_probs[index, step], batch.advantages[index], self.clip_range
+        )
         stats = {"policy_loss": loss.detach(), **stats}
         if self.kl_beta > 0:
             with torch.no_grad(), policy.reference_policy():

@@ -91,16 +91,20 @@ class NFTObjective(Objective):
         positive(self, "objective", "timesteps_per_sample", "micro_batch_size", "epochs", "updates_per_epoch")
         self.timesteps = as_timesteps(self.timesteps, "uniform")
         if not self.adv_clip > 0 or not self.noise_level >= 0:
-            raise ValueError(f"objective: adv_clip must be > 0 and noise_level >= 0, got {self.adv_clip}, "
-                             f"{self.noise_level}")
+            raise ValueError(
+                f"objective: adv_clip must be > 0 and noise_level >= 0, got {self.adv_clip}, {self.noise_level}"
+            )
         _check_finite(self, "adv_clip", "noise_level")  # adv_clip inf: every r is 1/2 and nothing trains
 
     def check(self, sampling) -> None:
         if sampling.group_size < 2:
-            raise ValueError(f"sampling.group_size {sampling.group_size}: DiffusionNFT's advantages need groups of >= 2")
+            raise ValueError(
+                f"sampling.group_size {sampling.group_size}: DiffusionNFT's advantages need groups of >= 2"
+            )
 
-    def collect(self, policy: Policy, samples: Sequence[ConditionSample], env: Environment,
-                generator: torch.Generator) -> NFTBatch:
+    def collect(
+        self, policy: Policy, samples: Sequence[ConditionSample], env: Environment, generator: torch.Generator
+    ) -> NFTBatch:
         g, k = env.sampling.group_size, self.timesteps_per_sample
         condition, trajectory, scores = rollout_and_score(env, samples, g, generator, noise_level=self.noise_level)
         adv = torch.zeros_like(scores.rewards)
@@ -115,13 +119,31 @@ class NFTObjective(Objective):
                     s = sigmas[index, j]
                     old[index, j] = policy.velocity(noised(x0[index], noise[index, j], s), s, condition.select(index))
         # rollout_calls: the sampler's (the old-velocity pass, k calls per sample, runs outside the timed phases)
-        return NFTBatch(samples, g, scores, trajectory.images, condition, rollout_calls=env.sampling.num_steps,
-                        update_calls=2 * k * self.epochs, x0=x0, r=optimality(adv, self.adv_clip).flatten(),
-                        noise=noise, sigmas=sigmas, old_velocity=old)
+        return NFTBatch(
+            samples,
+            g,
+            scores,
+            trajectory.images,
+            condition,
+            rollout_calls=env.sampling.num_steps,
+            update_calls=2 * k * self.epochs,
+            x0=x0,
+            r=optimality(adv, self.adv_clip).flatten(),
+            noise=noise,
+            sigmas=sigmas,
+            old_velocity=old,
+        )
 
     def updates(self, batch: NFTBatch, generator: torch.Generator) -> Iterator[list[tuple[Tensor, int]]]:
-        yield from shuffled_updates(len(batch.x0), self.epochs, self.updates_per_epoch, self.micro_batch_size,
-                                    range(self.timesteps_per_sample), generator, batch.x0.device)
+        yield from shuffled_updates(
+            len(batch.x0),
+            self.epochs,
+            self.updates_per_epoch,
+            self.micro_batch_size,
+            range(self.timesteps_per_sample),
+            generator,
+            batch.x0.device,
+        )
 
     def loss(self, policy: Policy, batch: NFTBatch, item: tuple[Tensor, int]) -> tuple[Tensor, dict[str, Tensor]]:
         index, k = item
@@ -129,5 +151,8 @@ class NFTObjective(Objective):
         old = batch.old_velocity[index, k]
         losses = nft_loss(velocity, old, x0, noise, sigma, batch.r[index], self.beta, self.adaptive_weight)
         drift = (velocity.detach().float() - old.float()).pow(2).flatten(1).mean(1)
-        return losses.mean(), {"nft_loss": losses.detach().mean(), "fm_loss": flow_error(velocity.detach(), x0, noise).mean(),
-                               "old_drift": drift.mean()}
+        return losses.mean(), {
+            "nft_loss": losses.detach().mean(),
+            "fm_loss": flow_error(velocity.detach(), x0, noise).mean(),
+            "old_drift": drift.mean(),
+        }

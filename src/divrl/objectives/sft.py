@@ -38,8 +38,10 @@ if TYPE_CHECKING:
 
 __all__ = ["SFTObjective", "SFTBatch", "target_latents", "flow_matching_loss"]
 
-NO_TARGET = ("no condition with a target image (target_<p>.png): write the shards with `divrl data dreambooth|syncd|"
-             "synthetic --targets`")
+NO_TARGET = (
+    "no condition with a target image (target_<p>.png): write the shards with `divrl data dreambooth|syncd|"
+    "synthetic --targets`"
+)
 
 
 @dataclass
@@ -54,8 +56,9 @@ class SFTBatch(FlowBatch):
     weights: Tensor | None = None
 
 
-def target_latents(policy: Policy, samples: Sequence[ConditionSample], size: int,
-                   fallback_reference: bool = True) -> tuple[Tensor, Tensor]:
+def target_latents(
+    policy: Policy, samples: Sequence[ConditionSample], size: int, fallback_reference: bool = True
+) -> tuple[Tensor, Tensor]:
     """Clean latents ``(n, ...)`` of the samples' targets at ``size``, and a bool ``(n,)`` of which samples had one
     (the others get their first reference's latents, to be weighted 0)."""
     has = torch.tensor([s.target is not None for s in samples])
@@ -64,17 +67,28 @@ def target_latents(policy: Policy, samples: Sequence[ConditionSample], size: int
     return policy.encode_images(images, size, size, keys), has
 
 
-def flow_matching_loss(policy: Policy, cond: Conditioning, x0: Tensor, sigmas: Tensor, generator: torch.Generator,
-                       micro_batch_size: int = 8) -> Tensor:
+def flow_matching_loss(
+    policy: Policy,
+    cond: Conditioning,
+    x0: Tensor,
+    sigmas: Tensor,
+    generator: torch.Generator,
+    micro_batch_size: int = 8,
+) -> Tensor:
     """The mean flow-matching error of ``x0`` under ``cond`` at each of ``sigmas`` (one noise per row and level drawn
     from ``generator``), without gradients: the held-out loss SFT lowers. Returns ``(len(sigmas),)``."""
     out = []
     with torch.no_grad():
         for sigma in sigmas.tolist():
             noise = torch.randn(x0.shape, generator=generator).to(x0)
-            errors = [flow_error(policy.velocity(noised(x0[i], noise[i], torch.full((len(i),), sigma)), sigma,
-                                                 cond.select(i)), x0[i], noise[i])
-                      for i in torch.arange(len(x0)).split(micro_batch_size)]
+            errors = [
+                flow_error(
+                    policy.velocity(noised(x0[i], noise[i], torch.full((len(i),), sigma)), sigma, cond.select(i)),
+                    x0[i],
+                    noise[i],
+                )
+                for i in torch.arange(len(x0)).split(micro_batch_size)
+            ]
             out.append(torch.cat(errors).mean())
     return torch.stack(out)
 
@@ -108,41 +122,70 @@ class SFTObjective(Objective):
     decay_to: float = 0.6
 
     def __post_init__(self) -> None:
-        positive(self, "objective", "timesteps_per_sample", "micro_batch_size", "epochs", "updates_per_epoch",
-                 "decay_steps")
+        positive(
+            self, "objective", "timesteps_per_sample", "micro_batch_size", "epochs", "updates_per_epoch", "decay_steps"
+        )
         self.timesteps = as_timesteps(self.timesteps, "logit_normal")
         if self.decay not in ("none", "range", "weight"):
             raise ValueError(f"objective.decay must be none, range or weight, got {self.decay!r}")
         if not 0.0 < self.decay_to <= 1.0:
             raise ValueError(f"objective.decay_to must be in (0, 1], got {self.decay_to}")
         if self.decay == "range" and not self.timesteps.low < self.decay_to:
-            raise ValueError(f"objective.decay_to {self.decay_to} must lie above timesteps.low {self.timesteps.low}: "
-                             f"decay 'range' lowers the top of the sampled range to it")
+            raise ValueError(
+                f"objective.decay_to {self.decay_to} must lie above timesteps.low {self.timesteps.low}: "
+                f"decay 'range' lowers the top of the sampled range to it"
+            )
 
     def progress(self, step: int) -> float:
         """Training progress ``p ∈ [0, 1]`` of the decay schedule at optimizer step ``step``."""
         return 0.0 if self.decay == "none" else min(step / self.decay_steps, 1.0)
 
-    def collect(self, policy: Policy, samples: Sequence[ConditionSample], env: Environment,
-                generator: torch.Generator) -> SFTBatch:
+    def collect(
+        self, policy: Policy, samples: Sequence[ConditionSample], env: Environment, generator: torch.Generator
+    ) -> SFTBatch:
         size, k = env.sampling.resolution, self.timesteps_per_sample
         condition = policy.encode(samples, size, size, group_size=1)
         x0, has = target_latents(policy, samples, size)
         if not has.all():  # once per run (a constant message); train/targets logs the fraction with one
-            warnings.warn("SFT: some conditions have no target image (target_<p>.png) and are weighted 0; "
-                          "train/targets logs the fraction that have one", stacklevel=2)
+            warnings.warn(
+                "SFT: some conditions have no target image (target_<p>.png) and are weighted 0; "
+                "train/targets logs the fraction that have one",
+                stacklevel=2,
+            )
         p = self.progress(env.step)
         high = self.timesteps.high - p * (self.timesteps.high - self.decay_to) if self.decay == "range" else None
-        noise, sigmas = draw(self.timesteps, len(samples), k, x0, generator, policy=policy, condition=condition, high=high)
+        noise, sigmas = draw(
+            self.timesteps, len(samples), k, x0, generator, policy=policy, condition=condition, high=high
+        )
         weights = has.to(sigmas.device)[:, None].float().expand(-1, k).clone()
         if self.decay == "weight":
             weights *= 1 - p * (1 - self.decay_to) * sigmas
-        return SFTBatch(samples, 1, None, None, condition, rollout_calls=0, update_calls=2 * k * self.epochs,
-                        usable=int(has.sum()), missing=NO_TARGET, x0=x0, noise=noise, sigmas=sigmas, weights=weights)
+        return SFTBatch(
+            samples,
+            1,
+            None,
+            None,
+            condition,
+            rollout_calls=0,
+            update_calls=2 * k * self.epochs,
+            usable=int(has.sum()),
+            missing=NO_TARGET,
+            x0=x0,
+            noise=noise,
+            sigmas=sigmas,
+            weights=weights,
+        )
 
     def updates(self, batch: SFTBatch, generator: torch.Generator) -> Iterator[list[tuple[Tensor, int]]]:
-        yield from shuffled_updates(len(batch.x0), self.epochs, self.updates_per_epoch, self.micro_batch_size,
-                                    range(self.timesteps_per_sample), generator, batch.x0.device)
+        yield from shuffled_updates(
+            len(batch.x0),
+            self.epochs,
+            self.updates_per_epoch,
+            self.micro_batch_size,
+            range(self.timesteps_per_sample),
+            generator,
+            batch.x0.device,
+        )
 
     def loss(self, policy: Policy, batch: SFTBatch, item: tuple[Tensor, int]) -> tuple[Tensor, dict[str, Tensor]]:
         velocity, x0, noise, sigma = batch.predict(policy, item)

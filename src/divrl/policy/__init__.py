@@ -18,6 +18,13 @@ from divrl.policy.kontext import Condition, KontextConfig, KontextPolicy
 from divrl.policy.lora import DEFAULT_LORA_TARGETS, LoRAConfig
 
 __all__ = [
-    "Policy", "PolicyConfig", "Conditioning", "KontextPolicy", "KontextConfig", "LoRAConfig", "Condition",
-    "ModelLoadError", "DEFAULT_LORA_TARGETS",
+    "Policy",
+    "PolicyConfig",
+    "Conditioning",
+    "KontextPolicy",
+    "KontextConfig",
+    "LoRAConfig",
+    "Condition",
+    "ModelLoadError",
+    "DEFAULT_LORA_TARGETS",
 ]

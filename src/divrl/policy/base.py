@@ -103,7 +103,9 @@ class Policy(nn.Module, ABC):
         repeated ``group_size`` times: rows ``i·G .. i·G + G − 1`` belong to ``samples[i]``."""
 
     @abstractmethod
-    def initial_noise(self, cond: Conditioning, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+    def initial_noise(
+        self, cond: Conditioning, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> Tensor:
         """The initial latents ``x`` at σ = 1 for ``cond``'s rows, drawn as the family's pipeline draws them."""
 
     @abstractmethod
@@ -129,7 +131,9 @@ class Policy(nn.Module, ABC):
     def frozen_parts(self) -> list[nn.Module]:
         """The frozen modules outside the network that every rank holds whole (VAE, text encoders)."""
 
-    def encode_images(self, images: Sequence, height: int, width: int, keys: Sequence[str | None] | None = None) -> Tensor:
+    def encode_images(
+        self, images: Sequence, height: int, width: int, keys: Sequence[str | None] | None = None
+    ) -> Tensor:
         """The clean latents ``x₀`` of ``images`` (a row each, as :meth:`velocity` takes them) at ``height × width``,
         for flow-matching losses on given images (SFT targets, preference pairs); ``keys`` name images for caching."""
         raise NotImplementedError(f"{type(self).__name__} cannot encode images to latents (image_latents)")
@@ -137,8 +141,9 @@ class Policy(nn.Module, ABC):
     def time_shift(self, cond: Conditioning) -> float:
         """The shift ``s`` the family's sampler applies to uniform times at ``cond``'s size (``σ' = s·σ / (1 + (s −
         1)·σ)``; 1 = none), for training timesteps drawn where the sampler spends its steps."""
-        raise NotImplementedError(f"{type(self).__name__} defines no time shift; use timestep sampling uniform or "
-                                  f"logit_normal")
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no time shift; use timestep sampling uniform or logit_normal"
+        )
 
     def flops_per_call(self, cond: Conditioning) -> float | None:
         """Forward FLOPs of one network call for one sample of ``cond`` (for throughput and MFU), or ``None`` when
@@ -288,8 +293,12 @@ def sdpa_context(backends: Sequence[str] | None) -> contextlib.AbstractContextMa
 
     if backends is None:
         return contextlib.nullcontext()
-    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    names = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
     unknown = [b for b in backends if b not in names]
     if unknown or not backends:
         raise ValueError(f"policy.sdpa_backends: unknown {unknown or 'empty list'}; choose from {sorted(names)}")
@@ -367,8 +376,9 @@ class PolicyConfig:
         if isinstance(self.gradient_checkpointing, bool):  # the former switch
             self.gradient_checkpointing = "full" if self.gradient_checkpointing else "none"
         if self.gradient_checkpointing not in CHECKPOINTING:
-            raise ValueError(f"policy.gradient_checkpointing: {self.gradient_checkpointing!r} is not one of "
-                             f"{list(CHECKPOINTING)}")
+            raise ValueError(
+                f"policy.gradient_checkpointing: {self.gradient_checkpointing!r} is not one of {list(CHECKPOINTING)}"
+            )
         if self.lora_compute_dtype != "auto":
             parse_dtype(self.lora_compute_dtype, "policy.lora_compute_dtype (or 'auto')")
         check_attention_backend(self.attention_backend)
@@ -389,8 +399,9 @@ class PolicyConfig:
         set_attention_backend(policy.network, self.attention_backend)
         checkpointing = self.gradient_checkpointing  # a bool set after construction still means full / none
         checkpointing = {True: "full", False: "none"}.get(checkpointing, checkpointing)
-        configure_units(policy.shard_units(), checkpointing, self.compile, self.compile_mode,
-                        backend=self.compile_backend)
+        configure_units(
+            policy.shard_units(), checkpointing, self.compile, self.compile_mode, backend=self.compile_backend
+        )
         if self.tf32 and torch.cuda.is_available():
             enable_tf32()
         return policy if self.text_encoders else policy.drop_encoders()

@@ -28,9 +28,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "CHECKPOINTING", "LoRAComputeLinear", "cast_lora_compute", "configure_units", "unit_runner", "UnitForward",
-    "selective_checkpoint_policy", "autocast_forward", "set_attention_backend", "check_attention_backend",
-    "enable_tf32", "compile_seconds", "SAVED_OPS", "is_attention_op", "prepare_weights",
+    "CHECKPOINTING",
+    "LoRAComputeLinear",
+    "cast_lora_compute",
+    "configure_units",
+    "unit_runner",
+    "UnitForward",
+    "selective_checkpoint_policy",
+    "autocast_forward",
+    "set_attention_backend",
+    "check_attention_backend",
+    "enable_tf32",
+    "compile_seconds",
+    "SAVED_OPS",
+    "is_attention_op",
+    "prepare_weights",
 ]
 
 CHECKPOINTING = ("none", "full", "selective")
@@ -81,17 +93,26 @@ def cast_lora_compute(network: nn.Module, dtype: torch.dtype) -> int:
         for factors in (layer.lora_A, layer.lora_B):
             for name, factor in list(factors.items()):
                 if not isinstance(factor, nn.Linear):
-                    raise TypeError(f"cast_lora_compute: {type(factor).__name__} adapters are not supported (nn.Linear)")
+                    raise TypeError(
+                        f"cast_lora_compute: {type(factor).__name__} adapters are not supported (nn.Linear)"
+                    )
                 linear = factor.linear() if isinstance(factor, LoRAComputeLinear) else factor
                 factors[name] = linear if dtype == torch.float32 else LoRAComputeLinear.wrap(linear, dtype)
     return len(layers)
 
 
 SAVED_OPS = (
-    "mm", "addmm", "bmm", "baddbmm",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_fused_attention_overrideable", "_flash_attention_forward", "_efficient_attention_forward",
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable",
+    "_flash_attention_forward",
+    "_efficient_attention_forward",
 )
 """The ``aten`` ops whose outputs selective checkpointing keeps (matmuls and attention kernels); everything else in
 a block (norms, modulation, activations, RoPE, residual sums) is recomputed in the backward pass."""
@@ -166,8 +187,14 @@ def unit_runner(checkpointing: str, compile: bool, mode: str | None = None, back
     return torch.compile(run, dynamic=False, options=options)
 
 
-def configure_units(units: Sequence[nn.Module], checkpointing: str = "none", compile: bool = False,
-                    mode: str | None = None, recompile_limit: int = 64, backend: str = "inductor") -> None:
+def configure_units(
+    units: Sequence[nn.Module],
+    checkpointing: str = "none",
+    compile: bool = False,
+    mode: str | None = None,
+    recompile_limit: int = 64,
+    backend: str = "inductor",
+) -> None:
     """Give each unit (a repeated block) activation checkpointing and regional compilation.
 
     ``checkpointing``: ``full`` keeps each block's inputs only and recomputes the block in the backward pass;
@@ -256,8 +283,9 @@ def enable_tf32() -> None:
     torch.set_float32_matmul_precision("high")
 
 
-def prepare_weights(policy, modules, *, lora, base_dtype, lora_compute_dtype, train_transformer: bool,
-                    who: str) -> None:
+def prepare_weights(
+    policy, modules, *, lora, base_dtype, lora_compute_dtype, train_transformer: bool, who: str
+) -> None:
     """A family's weights set up as every family trains them: ``modules`` (the network first, then the encoders and
     the VAE) frozen in eval mode and cast to ``base_dtype``; ``policy.compute_dtype`` from ``lora_compute_dtype``
     (default: the base's, ``policy.dtype``); then either full fine-tuning (float32 master weights of the network under
@@ -279,8 +307,10 @@ def prepare_weights(policy, modules, *, lora, base_dtype, lora_compute_dtype, tr
         if lora is not None:
             raise ValueError(f"{who}: train_transformer (full fine-tuning) needs lora=None")
         if policy.compute_dtype == torch.float16:
-            raise ValueError(f"{who}: full fine-tuning under float16 autocast would need a gradient scaler; use "
-                             f"lora_compute_dtype bfloat16 (or float32)")
+            raise ValueError(
+                f"{who}: full fine-tuning under float16 autocast would need a gradient scaler; use "
+                f"lora_compute_dtype bfloat16 (or float32)"
+            )
         network.float().requires_grad_(True)  # float32 master weights
         autocast_forward(network, policy.compute_dtype)  # compute_dtype matmuls
     policy.train_transformer = train_transformer

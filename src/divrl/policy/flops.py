@@ -7,15 +7,31 @@ from collections.abc import Mapping
 __all__ = ["transformer_flops", "PEAK_TFLOPS", "FLUX_TRANSFORMER_CONFIG", "FLUX_VAE_CONFIG"]
 
 FLUX_TRANSFORMER_CONFIG = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
 )
 """FLUX.1 [dev] / Kontext [dev]'s ``FluxTransformer2DModel`` configuration (build it on the meta device to count)."""
 
 FLUX_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False,
-    use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    shift_factor=0.1159,
+    scaling_factor=0.3611,
 )
 """FLUX.1's ``AutoencoderKL`` configuration."""
 

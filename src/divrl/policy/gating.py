@@ -20,13 +20,20 @@ def check_window(window: Sequence[float] | None) -> tuple[float, float] | None:
         return None
     low, high = (float(v) for v in window)
     if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"policy.reference_window must be [low, high] with 0 <= low <= high <= 1 (IdGlow: [0.3, 0.6]), "
-                         f"got {list(window)}")
+        raise ValueError(
+            f"policy.reference_window must be [low, high] with 0 <= low <= high <= 1 (IdGlow: [0.3, 0.6]), "
+            f"got {list(window)}"
+        )
     return low, high
 
 
-def gated_velocity(call: Callable[[Tensor, Tensor, object, bool], Tensor], latents: Tensor, sigma: Tensor, cond,
-                   window: tuple[float, float] | None) -> Tensor:
+def gated_velocity(
+    call: Callable[[Tensor, Tensor, object, bool], Tensor],
+    latents: Tensor,
+    sigma: Tensor,
+    cond,
+    window: tuple[float, float] | None,
+) -> Tensor:
     """``call(latents, sigma, cond, references)`` with ``references`` true exactly for the rows whose ``σ`` lies in
     ``window`` (every row when ``window`` is ``None``); ``sigma`` is ``(B,)``.
 

@@ -14,8 +14,15 @@ import torch
 from divrl.policy.base import ModelLoadError
 from divrl.utils import parse_dtype
 
-__all__ = ["FAMILY_CONFIGS", "FAMILY_NAMES", "family_config", "load_family_pipeline", "load_hint",
-           "precompute_config", "register_family"]
+__all__ = [
+    "FAMILY_CONFIGS",
+    "FAMILY_NAMES",
+    "family_config",
+    "load_family_pipeline",
+    "load_hint",
+    "precompute_config",
+    "register_family",
+]
 
 FAMILY_CONFIGS: dict[str, tuple[str, str]] = {}
 """diffusers pipeline class (``model_index.json``'s ``_class_name``) → the family and the ``model.policy.class_path``
@@ -72,8 +79,16 @@ def precompute_config(model: str, **settings):
     return cls(model=model, lora=None, **{**getattr(cls, "PRECOMPUTE_SETTINGS", {}), **settings})
 
 
-def load_family_pipeline(pipeline_class, model: str | os.PathLike, *, who: str, torch_dtype="auto",
-                         local_files_only: bool = False, revision: str | None = None, skip: dict | None = None):
+def load_family_pipeline(
+    pipeline_class,
+    model: str | os.PathLike,
+    *,
+    who: str,
+    torch_dtype="auto",
+    local_files_only: bool = False,
+    revision: str | None = None,
+    skip: dict | None = None,
+):
     """``pipeline_class.from_pretrained(model)`` with errors that say what to do.
 
     Args:
@@ -93,21 +108,28 @@ def load_family_pipeline(pipeline_class, model: str | os.PathLike, *, who: str, 
         name = str(local)
         index = local / "model_index.json"
         if not index.is_file():
-            raise ModelLoadError(f"{who}: {name!r} has no model_index.json; it is not a diffusers pipeline folder. Save "
-                                 f"one with {cls}.save_pretrained(folder), or pass a Hub id")
+            raise ModelLoadError(
+                f"{who}: {name!r} has no model_index.json; it is not a diffusers pipeline folder. Save "
+                f"one with {cls}.save_pretrained(folder), or pass a Hub id"
+            )
         _check_family(index, cls, who, name)
     elif local.exists():
-        raise ModelLoadError(f"{who}: model {name!r} is a file, not a diffusers pipeline folder; pass the folder holding "
-                             f"model_index.json ({cls}.save_pretrained), or a Hub id")
+        raise ModelLoadError(
+            f"{who}: model {name!r} is a file, not a diffusers pipeline folder; pass the folder holding "
+            f"model_index.json ({cls}.save_pretrained), or a Hub id"
+        )
     elif name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:  # a Hub id has exactly one "/"
-        raise ModelLoadError(f"{who}: model folder {name!r} does not exist (relative paths start at {os.getcwd()!r}; run "
-                             f"from the repository root for the shipped configs); pass an existing folder or a Hub id")
+        raise ModelLoadError(
+            f"{who}: model folder {name!r} does not exist (relative paths start at {os.getcwd()!r}; run "
+            f"from the repository root for the shipped configs); pass an existing folder or a Hub id"
+        )
     if torch_dtype == "auto":
         torch_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     try:
         dtype = parse_dtype(torch_dtype, who)
-        return pipeline_class.from_pretrained(name, dtype=dtype, local_files_only=local_files_only, revision=revision,
-                                              **(skip or {}))
+        return pipeline_class.from_pretrained(
+            name, dtype=dtype, local_files_only=local_files_only, revision=revision, **(skip or {})
+        )
     except Exception as err:  # noqa: BLE001 - re-raised with instructions, original chained
         if isinstance(err, (OSError, ValueError)) or type(err).__name__.endswith(("RepoError", "HTTPError")):
             raise ModelLoadError(load_hint(name, err, who, cls)) from err
@@ -123,8 +145,10 @@ def _check_family(index: Path, cls: str, who: str, name: str) -> None:
     if found in FAMILY_CONFIGS and found != cls:
         family, config = FAMILY_CONFIGS[found]
         mine = FAMILY_CONFIGS.get(cls, (cls, ""))[0]
-        raise ModelLoadError(f"{who}: {name!r} is a {found} folder ({family}), and this config trains {mine} ({cls}); "
-                             f"set model.policy.class_path: {config} for it, or pass a {mine} model")
+        raise ModelLoadError(
+            f"{who}: {name!r} is a {found} folder ({family}), and this config trains {mine} ({cls}); "
+            f"set model.policy.class_path: {config} for it, or pass a {mine} model"
+        )
 
 
 def load_hint(name: str, err: Exception, who: str = "KontextPolicy", cls: str = "FluxKontextPipeline") -> str:
@@ -132,10 +156,14 @@ def load_hint(name: str, err: Exception, who: str = "KontextPolicy", cls: str = 
     text = str(err)
     gated = "gated" in text.lower() or "401" in text or "403" in text or type(err).__name__ == "GatedRepoError"
     if gated:
-        what = (f"{name!r} is gated: accept its licence on the model's Hub page, then log in with `hf auth login` (or "
-                f"set HF_TOKEN)")
+        what = (
+            f"{name!r} is gated: accept its licence on the model's Hub page, then log in with `hf auth login` (or "
+            f"set HF_TOKEN)"
+        )
     else:
-        what = (f"{name!r} is neither a local diffusers folder nor reachable on the Hugging Face Hub (offline, or a "
-                f"wrong id). Download it once (`hf download {name}`) and set model.policy.local_files_only: true (or "
-                f"HF_HUB_OFFLINE=1), or pass the path of a folder written by {cls}.save_pretrained")
+        what = (
+            f"{name!r} is neither a local diffusers folder nor reachable on the Hugging Face Hub (offline, or a "
+            f"wrong id). Download it once (`hf download {name}`) and set model.policy.local_files_only: true (or "
+            f"HF_HUB_OFFLINE=1), or pass the path of a folder written by {cls}.save_pretrained"
+        )
     return f"{who}: cannot load the model: {what}. Original error: {type(err).__name__}: {text[:300]}"

@@ -21,8 +21,15 @@ from torch import Tensor, nn
 from divrl.policy.sharding import clean_name, full_tensor, unwrapped
 
 __all__ = [
-    "DEFAULT_LORA_TARGETS", "LoRAConfig", "add_adapter", "adapter_disabled", "adapter_state", "save_adapter",
-    "load_adapter", "whole_adapter_state", "LORA_FILE",
+    "DEFAULT_LORA_TARGETS",
+    "LoRAConfig",
+    "add_adapter",
+    "adapter_disabled",
+    "adapter_state",
+    "save_adapter",
+    "load_adapter",
+    "whole_adapter_state",
+    "LORA_FILE",
 ]
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -69,13 +76,16 @@ class LoRAConfig:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"policy.lora.rank must be an integer >= 1 (DivRL: 64), got {self.rank!r}")
         if not self.alpha > 0:
-            raise ValueError(f"policy.lora.alpha must be > 0 (the update is scaled by alpha / rank; DivRL: 128), got "
-                             f"{self.alpha!r}")
+            raise ValueError(
+                f"policy.lora.alpha must be > 0 (the update is scaled by alpha / rank; DivRL: 128), got {self.alpha!r}"
+            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"policy.lora.dropout must lie in [0, 1) (DivRL: 0), got {self.dropout!r}")
         if isinstance(self.target_modules, str) or not self.target_modules:
-            raise ValueError(f"policy.lora.target_modules must be a non-empty list of module-name suffixes, got "
-                             f"{self.target_modules!r}")
+            raise ValueError(
+                f"policy.lora.target_modules must be a non-empty list of module-name suffixes, got "
+                f"{self.target_modules!r}"
+            )
 
     def to_peft(self):
         """The equivalent ``peft.LoraConfig``."""
@@ -105,17 +115,21 @@ def add_adapter(network: nn.Module, config: LoRAConfig, compute_dtype: torch.dty
     unmatched = matching_nothing(list(modules))  # peft would drop a typo silently when another target matches
     try:
         if not unmatched:
-            network.add_adapter(replace(config, target_modules=_layer_targets(config.target_modules, modules)).to_peft())
+            network.add_adapter(
+                replace(config, target_modules=_layer_targets(config.target_modules, modules)).to_peft()
+            )
     except ValueError:  # peft's NoMatchingPeftModuleError ("Target modules {...} not found"), or a non-Linear match
         unmatched = matching_nothing(linear)
         if not unmatched:
             raise
     if unmatched:
         parts = [name.split(".") for name in linear]  # suffixes after the block index: "attn.to_q"
-        suffixes = dict.fromkeys(".".join(p[next((i + 1 for i, s in enumerate(p) if s.isdigit()), 0):]) for p in parts)
+        suffixes = dict.fromkeys(".".join(p[next((i + 1 for i, s in enumerate(p) if s.isdigit()), 0) :]) for p in parts)
         have = [t for t in DEFAULT_LORA_TARGETS if t in suffixes] or list(suffixes)[:8]
-        raise ValueError(f"policy.lora.target_modules {unmatched} match no Linear layer of the network (a target is a "
-                         f"module-name suffix); use targets it has, e.g. [{', '.join(have)}]")
+        raise ValueError(
+            f"policy.lora.target_modules {unmatched} match no Linear layer of the network (a target is a "
+            f"module-name suffix); use targets it has, e.g. [{', '.join(have)}]"
+        )
     for name, parameter in network.named_parameters():
         if "lora_" in name:
             parameter.data = parameter.data.float()
@@ -162,10 +176,13 @@ def save_adapter(network: nn.Module, directory: str | os.PathLike, lora_format, 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # peft keeps target_modules as a set: sorted, the same weights always give the same file bytes
-    metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
-                for k, v in unwrapped(network).peft_config["default"].to_dict().items()}
-    lora_format.save_lora_weights(directory, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata,
-                                  safe_serialization=True)
+    metadata = {
+        k: sorted(v) if isinstance(v, (set, frozenset)) else v
+        for k, v in unwrapped(network).peft_config["default"].to_dict().items()
+    }
+    lora_format.save_lora_weights(
+        directory, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata, safe_serialization=True
+    )
     file = directory / LORA_FILE
     with contextlib.suppress(OSError):  # file systems that refuse chmod keep the file as written
         file.chmod(0o644)  # safetensors writes through a private temporary file (0600): readable like the rest
@@ -186,8 +203,10 @@ def load_adapter(network: nn.Module, path: str | os.PathLike) -> None:
     try:
         state = {k.removeprefix("transformer."): v for k, v in load_file(str(file)).items()}
     except Exception as err:  # noqa: BLE001 - safetensors' own error type, OSError: re-raised with the file named
-        raise ValueError(f"load_lora: {file} is damaged or not a safetensors file ({type(err).__name__}: {err}); "
-                         f"export the LoRA again or copy it anew") from err
+        raise ValueError(
+            f"load_lora: {file} is damaged or not a safetensors file ({type(err).__name__}: {err}); "
+            f"export the LoRA again or copy it anew"
+        ) from err
     ours = adapter_state(network)
     if set(state) != set(ours):
         missing, extra = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
@@ -231,13 +250,14 @@ def _no_lora_file(path: Path, file: Path) -> str:
     if path.is_dir():
         below = sorted(p.parent for p in path.glob(f"*/{LORA_FILE}"))
         if below:
-            return (f"load_lora: {path} holds no {LORA_FILE} but LoRA folders below it: pass one of "
-                    f"{', '.join(map(str, below))}")
+            return (
+                f"load_lora: {path} holds no {LORA_FILE} but LoRA folders below it: pass one of "
+                f"{', '.join(map(str, below))}"
+            )
         checkpoints = sorted(path.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name))
         if checkpoints:
             names = ", ".join(p.name for p in checkpoints[:5]) + (", ..." if len(checkpoints) > 5 else "")
-            return (f"load_lora: {path} is a folder of checkpoints ({names}): pass one of them, e.g. "
-                    f"{checkpoints[0]}")
+            return f"load_lora: {path} is a folder of checkpoints ({names}): pass one of them, e.g. {checkpoints[0]}"
     return f"load_lora: {str(file)!r} does not exist; pass a folder written by the LoRA export"
 
 

@@ -63,8 +63,11 @@ def streamed(network: nn.Module, device: torch.device, blocks: Sequence[nn.Modul
         for t, data in on_cpu.pop(id(module), []):
             t.data = data
 
-    hooks = [hook for block in blocks for hook in (block.register_forward_pre_hook(arrive),
-                                                   block.register_forward_hook(leave))]
+    hooks = [
+        hook
+        for block in blocks
+        for hook in (block.register_forward_pre_hook(arrive), block.register_forward_hook(leave))
+    ]
     for module in rest:
         module.to(device)
     try:

@@ -34,8 +34,9 @@ class BatchRows:
 
     def _map_batch(self, fn):
         """Apply ``fn`` to every per-row tensor."""
-        return replace(self, **{name: None if (value := getattr(self, name)) is None else fn(value)
-                                for name in self.row_fields})
+        return replace(
+            self, **{name: None if (value := getattr(self, name)) is None else fn(value) for name in self.row_fields}
+        )
 
 
 def remember(cache: OrderedDict, key, value, size: int) -> None:
@@ -72,7 +73,9 @@ def no_vae_encoder(family: str | None = None) -> RuntimeError:
     """The error for encoding an image with a policy whose VAE encoder was dropped (``policy.text_encoders: false``),
     naming the fix; ``family`` names the model ``--precompute`` must be given (e.g. ``"a Kontext model"``)."""
     which = "" if family is None else f" ({family})"
-    return RuntimeError(f"this policy has no VAE encoder (policy.text_encoders: false drops the encoders), so every "
-                        f"condition must come precomputed: convert the shards with `divrl data ... --precompute "
-                        f"MODEL`{which}. Target images (SFT, DPO on shard pairs) are never precomputed: they need "
-                        f"policy.text_encoders: true")
+    return RuntimeError(
+        f"this policy has no VAE encoder (policy.text_encoders: false drops the encoders), so every "
+        f"condition must come precomputed: convert the shards with `divrl data ... --precompute "
+        f"MODEL`{which}. Target images (SFT, DPO on shard pairs) are never precomputed: they need "
+        f"policy.text_encoders: true"
+    )

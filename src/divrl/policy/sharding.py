@@ -54,7 +54,9 @@ def _fsdp():
     return FSDPModule, fully_shard
 
 
-def shard_network(network: nn.Module, units: list[nn.Module], mesh, reshard_after_forward: bool = True) -> list[nn.Module]:
+def shard_network(
+    network: nn.Module, units: list[nn.Module], mesh, reshard_after_forward: bool = True
+) -> list[nn.Module]:
     """``fully_shard`` each unit, then the network; returns the sharded modules (units first).
 
     Args:
@@ -105,9 +107,13 @@ def shard_network_fsdp1(network: nn.Module, units: list[nn.Module], device: torc
     for unit in units:
         parent, name = parents[id(unit)]
         own = [p for p in unit.parameters() if p.requires_grad]
-        setattr(parent, name, FullyShardedDataParallel(
-            unit, device_id=device, use_orig_params=True, ignored_states=own or None, **fsdp_kwargs
-        ))
+        setattr(
+            parent,
+            name,
+            FullyShardedDataParallel(
+                unit, device_id=device, use_orig_params=True, ignored_states=own or None, **fsdp_kwargs
+            ),
+        )
     return FullyShardedDataParallel(
         network, device_id=device, use_orig_params=True, ignored_states=adapters or None, **fsdp_kwargs
     )
@@ -188,7 +194,9 @@ def shard_like(full: Tensor, like: Tensor) -> Tensor:
     else ``full`` on ``like``'s device and dtype."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    full = full.to(device=like.device if not isinstance(like, DTensor) else like.device_mesh.device_type, dtype=like.dtype)
+    full = full.to(
+        device=like.device if not isinstance(like, DTensor) else like.device_mesh.device_type, dtype=like.dtype
+    )
     if isinstance(like, DTensor):
         return distribute_tensor(full, like.device_mesh, like.placements)
     return full

@@ -48,8 +48,15 @@ class Group:
     gen_masks: Tensor | None = None
 
     @classmethod
-    def of(cls, reference: ImageLike, images: ImageLike | Sequence[ImageLike], ref_mask: ImageLike | None = None,
-           gen_masks: ImageLike | None = None, prompt: str = "", id: str = "group") -> Group:
+    def of(
+        cls,
+        reference: ImageLike,
+        images: ImageLike | Sequence[ImageLike],
+        ref_mask: ImageLike | None = None,
+        gen_masks: ImageLike | None = None,
+        prompt: str = "",
+        id: str = "group",
+    ) -> Group:
         """A group of one reference (and its mask) and some images, for scoring outside training."""
         from divrl.data.stream import ConditionSample
         from divrl.images import to_image_batch
@@ -131,16 +138,25 @@ class Reward(nn.Module):
             group = Group.of(group, images, ref_mask, gen_masks)
         out = super().__call__(group)
         check_output(out, group.size, type(self).__name__)
-        return RewardOutput(_plain(out.reward), {k: _plain(v) for k, v in out.components.items()},
-                            out.gated.detach().bool().cpu())
+        return RewardOutput(
+            _plain(out.reward), {k: _plain(v) for k, v in out.components.items()}, out.gated.detach().bool().cpu()
+        )
 
 
 RESERVED_COMPONENTS = frozenset({"reward", "reward_std", "mean", "std", "gated_fraction", "id", "prompt", "files"})
 """Names a component cannot take: they are the reward's own metrics and ``samples.json`` fields."""
 
 
-def check_setting(who: str, name: str, value, low: float | None = None, high: float | None = None, *,
-                  what: str = "", where: str = "the reward's init_args (its entry of model.rewards)") -> float:
+def check_setting(
+    who: str,
+    name: str,
+    value,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    what: str = "",
+    where: str = "the reward's init_args (its entry of model.rewards)",
+) -> float:
     """``value`` as a float, or a ``ValueError`` (one sentence naming ``who``'s init argument ``name``, its bounds and
     where to fix it) when it is not a finite number in ``[low, high]`` (a bound ``None``: open on that side)."""
     try:
@@ -150,10 +166,19 @@ def check_setting(who: str, name: str, value, low: float | None = None, high: fl
     inside = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(number)
     inside = inside and (low is None or number >= low) and (high is None or number <= high)
     if not inside:
-        bounds = (f" in [{low:g}, {high:g}]" if low is not None and high is not None else
-                  f" >= {low:g}" if low is not None else f" <= {high:g}" if high is not None else "")
-        raise ValueError(f"{who}: init_args.{name} must be a finite number{bounds}{f' ({what})' if what else ''}, got "
-                         f"{value!r}: set it in {where}")
+        bounds = (
+            f" in [{low:g}, {high:g}]"
+            if low is not None and high is not None
+            else f" >= {low:g}"
+            if low is not None
+            else f" <= {high:g}"
+            if high is not None
+            else ""
+        )
+        raise ValueError(
+            f"{who}: init_args.{name} must be a finite number{bounds}{f' ({what})' if what else ''}, got "
+            f"{value!r}: set it in {where}"
+        )
     return number
 
 
@@ -167,16 +192,19 @@ def check_output(out: RewardOutput, size: int, who: str) -> None:
         raise TypeError(f"{who} returned {type(out).__name__}; a reward's forward returns a RewardOutput")
     reserved = sorted(set(out.components) & RESERVED_COMPONENTS)
     if reserved or not all(isinstance(k, str) and k for k in out.components):
-        raise ValueError(f"{who} returned components named {reserved or list(out.components)}; component names are "
-                         f"non-empty strings other than {sorted(RESERVED_COMPONENTS)}")
+        raise ValueError(
+            f"{who} returned components named {reserved or list(out.components)}; component names are "
+            f"non-empty strings other than {sorted(RESERVED_COMPONENTS)}"
+        )
     for name, value in {"reward": out.reward, **out.components, "gated": out.gated}.items():
         if not isinstance(value, Tensor) or tuple(value.shape) != (size,):
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"{who} returned {name} of shape {shape} for a group of {size} images; expected ({size},)")
     for name, value in {"reward": out.reward, **out.components}.items():
         if not torch.isfinite(value).all():
-            raise NonFiniteReward(f"{who} returned non-finite {name} scores {value.tolist()}; refusing to turn them "
-                                  f"into rewards")
+            raise NonFiniteReward(
+                f"{who} returned non-finite {name} scores {value.tolist()}; refusing to turn them into rewards"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------- scorers

@@ -26,17 +26,25 @@ class WeightedReward(Reward):
         names: one name per part (default: the class names in lower case, numbered when repeated).
     """
 
-    def __init__(self, rewards: Sequence[Reward], weights: Sequence[float] | None = None,
-                 names: Sequence[str] | None = None):
+    def __init__(
+        self, rewards: Sequence[Reward], weights: Sequence[float] | None = None, names: Sequence[str] | None = None
+    ):
         super().__init__()
         if not rewards:
             raise ValueError("WeightedReward: rewards is empty; give at least one reward")
-        weights = [1.0] * len(rewards) if weights is None else [  # negative weights are penalties; NaN is refused
-            check_setting("WeightedReward", f"weights[{i}]", w) for i, w in enumerate(weights)]
+        weights = (
+            [1.0] * len(rewards)
+            if weights is None
+            else [  # negative weights are penalties; NaN is refused
+                check_setting("WeightedReward", f"weights[{i}]", w) for i, w in enumerate(weights)
+            ]
+        )
         names = _default_names(rewards) if names is None else list(names)
         if len(weights) != len(rewards) or len(names) != len(rewards):
-            raise ValueError(f"WeightedReward: {len(rewards)} rewards, {len(weights)} weights, {len(names)} names; give "
-                             f"one weight and one name per reward")
+            raise ValueError(
+                f"WeightedReward: {len(rewards)} rewards, {len(weights)} weights, {len(names)} names; give "
+                f"one weight and one name per reward"
+            )
         if len(set(names)) != len(names) or any("/" in n or not n for n in names):
             raise ValueError(f"WeightedReward: names must be distinct, non-empty and without '/', got {names}")
         self.parts = nn.ModuleList(rewards)
@@ -86,14 +94,21 @@ class CallableReward(Reward):
             raise TypeError(f"CallableReward: fn must be callable, got {self.fn!r}")
         self.name = name or getattr(self.fn, "__name__", "score")
         if not isinstance(self.name, str) or self.name in RESERVED_COMPONENTS:  # else refused at the first rollout
-            raise ValueError(f"CallableReward: init_args.name {self.name!r} is taken by the reward's own metrics "
-                             f"({sorted(RESERVED_COMPONENTS)}): give the reward another name in its entry of "
-                             f"model.rewards")
+            raise ValueError(
+                f"CallableReward: init_args.name {self.name!r} is taken by the reward's own metrics "
+                f"({sorted(RESERVED_COMPONENTS)}): give the reward another name in its entry of "
+                f"model.rewards"
+            )
 
     def forward(self, group: Group) -> RewardOutput:
         sample = group.sample
-        meta = {**sample.metadata, "id": sample.id, "category": sample.category, "references": sample.references,
-                "masks": sample.masks}
+        meta = {
+            **sample.metadata,
+            "id": sample.id,
+            "category": sample.category,
+            "references": sample.references,
+            "masks": sample.masks,
+        }
         scores = self.fn(group.images, [sample.prompt] * group.size, [dict(meta) for _ in range(group.size)])
         scores = torch.as_tensor(scores.detach().cpu() if isinstance(scores, Tensor) else scores, dtype=torch.float32)
         scores = scores.reshape(-1) if scores.numel() == group.size else scores  # (G, 1) -> (G,); wrong sizes refused

@@ -28,11 +28,14 @@ def reward_block(config: Path | str | dict, stage: int | None = None) -> dict:
         model = block.get("model")
         rewards = model.get("rewards") if isinstance(model, dict) else None
         if not isinstance(rewards, list) or not rewards:
-            raise ValueError(f"--config {where}: a training config with no model.rewards list; give a reward block "
-                             f"(class_path, init_args) or a config with model.rewards")
+            raise ValueError(
+                f"--config {where}: a training config with no model.rewards list; give a reward block "
+                f"(class_path, init_args) or a config with model.rewards"
+            )
         if stage is None and len(rewards) > 1:
-            raise ValueError(f"--config {where} has {len(rewards)} stage rewards; pick one with --stage "
-                             f"1..{len(rewards)}")
+            raise ValueError(
+                f"--config {where} has {len(rewards)} stage rewards; pick one with --stage 1..{len(rewards)}"
+            )
         stage = stage or 1
         if not 1 <= stage <= len(rewards):
             raise ValueError(f"--stage {stage}: {where} has stages 1..{len(rewards)}")
@@ -40,8 +43,10 @@ def reward_block(config: Path | str | dict, stage: int | None = None) -> dict:
     elif stage is not None:
         raise ValueError(f"--stage {stage}: {where} is one reward block, not a training config with model.rewards")
     if not isinstance(block, dict) or "class_path" not in block:
-        raise ValueError(f"--config {where}: expected a reward block such as `class_path: divrl.rewards.NSSMReward` "
-                         f"with its init_args (an entry of model.rewards), got {str(block)[:200]}")
+        raise ValueError(
+            f"--config {where}: expected a reward block such as `class_path: divrl.rewards.NSSMReward` "
+            f"with its init_args (an entry of model.rewards), got {str(block)[:200]}"
+        )
     return block
 
 

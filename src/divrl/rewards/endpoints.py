@@ -46,9 +46,9 @@ class ServersDown(RuntimeError):
 class _Server:
     url: str
     in_flight: int = 0
-    failures: int = 0           # consecutive failed requests
-    failed_at: float = -1.0     # monotonic time of the last failure
-    retry_at: float = 0.0       # monotonic time it is tried again
+    failures: int = 0  # consecutive failed requests
+    failed_at: float = -1.0  # monotonic time of the last failure
+    retry_at: float = 0.0  # monotonic time it is tried again
     down_since: float | None = None  # wall-clock time of the first failure of the current outage
     last_error: str = ""
     outages: list = field(default_factory=list)  # (failed at, back at or None) wall-clock times
@@ -68,8 +68,15 @@ class EndpointPool:
         hint: what the :class:`ServersDown` sentence tells the user to do.
     """
 
-    def __init__(self, urls: Sequence[str], give_up_after: float, backoff: float = 1.0, max_backoff: float = 30.0,
-                 what: str = "reward server", hint: str = ""):
+    def __init__(
+        self,
+        urls: Sequence[str],
+        give_up_after: float,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        what: str = "reward server",
+        hint: str = "",
+    ):
         if not urls:
             raise ValueError(f"no {what} URL given; give at least one")
         if len(set(urls)) != len(urls):
@@ -156,8 +163,15 @@ class EndpointPool:
                 server.down_since = self._wall()
                 server.outages.append([server.down_since, None])
                 others = "its requests go to the other servers; " if len(self.servers) > 1 else ""
-                log.warning("%s %s failed at %s (%s); %strying it again in %.3g s", self.what, server.url,
-                            _clock_text(server.down_since), err, others, wait)
+                log.warning(
+                    "%s %s failed at %s (%s); %strying it again in %.3g s",
+                    self.what,
+                    server.url,
+                    _clock_text(server.down_since),
+                    err,
+                    others,
+                    wait,
+                )
             else:
                 log.info("%s %s failed again (%s); next try in %.3g s", self.what, server.url, err, wait)
             if self._all_down_since is None and all(s.failures for s in self.servers):
@@ -170,8 +184,14 @@ class EndpointPool:
             if server.down_since is not None:
                 back = self._wall()
                 server.outages[-1][1] = back
-                log.warning("%s %s is back at %s (down %.1f s, %d failed request(s))", self.what, server.url,
-                            _clock_text(back), back - server.down_since, server.failures)
+                log.warning(
+                    "%s %s is back at %s (down %.1f s, %d failed request(s))",
+                    self.what,
+                    server.url,
+                    _clock_text(back),
+                    back - server.down_since,
+                    server.failures,
+                )
             server.failures, server.retry_at, server.down_since = 0, 0.0, None
             self._all_down_since = None
             self._lock.notify_all()
@@ -180,16 +200,23 @@ class EndpointPool:
         url, error = self._last_failure
         names = ", ".join(s.url for s in self.servers)
         who = f"every one of the {self.what}s {names}" if len(self.servers) > 1 else f"the {self.what} {names}"
-        return ServersDown(f"{who} failed for {self.give_up_after:g} s (timeout x retries); last error ({url}): "
-                           f"{error}{'. ' + self.hint if self.hint else ''}", self.urls, error)
+        return ServersDown(
+            f"{who} failed for {self.give_up_after:g} s (timeout x retries); last error ({url}): "
+            f"{error}{'. ' + self.hint if self.hint else ''}",
+            self.urls,
+            error,
+        )
 
     def report(self) -> list[str]:
         """One line per server that failed during the run: when it failed, and when it came back or that it did not."""
         lines = []
         for server in self.servers:
             for failed, back in server.outages:
-                came = (f"back at {_clock_text(back)} after {back - failed:.1f} s" if back is not None else
-                        "did not come back")
+                came = (
+                    f"back at {_clock_text(back)} after {back - failed:.1f} s"
+                    if back is not None
+                    else "did not come back"
+                )
                 lines.append(f"{self.what} {server.url} failed at {_clock_text(failed)}, {came}")
         return lines
 

@@ -84,8 +84,10 @@ def check_pool(grid: tuple[int, int], pool: int) -> None:
     if h % pool or w % pool:
         divisors = [d for d in range(1, min(h, w) + 1) if h % d == 0 and w % d == 0]
         listed = ", ".join(map(str, divisors[:8])) + (", ..." if len(divisors) > 8 else "")
-        raise ValueError(f"pool={pool} does not divide the backbone's {h}x{w} feature grid; set the scorer's pool to "
-                         f"one that does ({listed})")
+        raise ValueError(
+            f"pool={pool} does not divide the backbone's {h}x{w} feature grid; set the scorer's pool to "
+            f"one that does ({listed})"
+        )
 
 
 def self_similarity(tokens: Tensor) -> Tensor:

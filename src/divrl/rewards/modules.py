@@ -67,8 +67,12 @@ class GroupReward(Reward):
                 f"{len(group.references)}. Use single-reference data, or a reward written for several subjects"
             )
         components = self.scorer.score_group(
-            group.reference, group.images, group.mask, group.gen_masks,
-            need_nssm=self.needs_nssm, need_vsm=self.needs_vsm or self.track_vsm,
+            group.reference,
+            group.images,
+            group.mask,
+            group.gen_masks,
+            need_nssm=self.needs_nssm,
+            need_vsm=self.needs_vsm or self.track_vsm,
         )
         _check_finite(components, type(self.scorer).__name__)
         reward, gated = self.combine(components)
@@ -111,8 +115,9 @@ class GatedReward(GroupReward):
     def __init__(self, scorer: GroupScorer, threshold: float = 0.5, weight: float = 5.0):
         super().__init__(scorer, track_vsm=True)
         # a gate below 0 never fires, a negative weight turns the penalty into a bonus, NaN poisons every reward
-        self.threshold = check_setting("GatedReward", "threshold", threshold, 0.0, 1.0,
-                                       what="the identity gate s on VSM; paper: 0.5")
+        self.threshold = check_setting(
+            "GatedReward", "threshold", threshold, 0.0, 1.0, what="the identity gate s on VSM; paper: 0.5"
+        )
         self.weight = check_setting("GatedReward", "weight", weight, 0.0, what="the penalty weight lambda; paper: 5")
 
     def combine(self, c: Components) -> tuple[Tensor, Tensor]:
@@ -140,5 +145,6 @@ class LinearReward(GroupReward):
 def _check_finite(components: Components, who: str) -> None:
     for name, value in components._asdict().items():
         if value is not None and not torch.isfinite(value).all():
-            raise NonFiniteReward(f"{who} returned non-finite {name} scores {value.tolist()}; refusing to turn them "
-                                  f"into rewards")
+            raise NonFiniteReward(
+                f"{who} returned non-finite {name} scores {value.tolist()}; refusing to turn them into rewards"
+            )

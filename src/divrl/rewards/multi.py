@@ -43,8 +43,10 @@ class _SubjectReward(Reward):
         if not isinstance(locator, SubjectLocator):
             raise TypeError(f"{type(self).__name__}: locator must be a SubjectLocator, got {type(locator).__name__}")
         if on_missing not in ("whole_image", "score"):
-            raise ValueError(f"{type(self).__name__}: on_missing must be 'whole_image' (PSR's fallback) or 'score', "
-                             f"got {on_missing!r}")
+            raise ValueError(
+                f"{type(self).__name__}: on_missing must be 'whole_image' (PSR's fallback) or 'score', "
+                f"got {on_missing!r}"
+            )
         self.locator, self.on_missing, self.missing_score = locator, on_missing, float(missing_score)
 
     def words(self, group: Group) -> list[str]:
@@ -67,13 +69,20 @@ class PairwiseSubjectConsistency(_SubjectReward):
         missing_score: the cosine of a missing subject under ``on_missing: score``.
     """
 
-    def __init__(self, locator: SubjectLocator, embedder: Embedder | None = None, on_missing: OnMissing = "whole_image",
-                 missing_score: float = -1.0):
+    def __init__(
+        self,
+        locator: SubjectLocator,
+        embedder: Embedder | None = None,
+        on_missing: OnMissing = "whole_image",
+        missing_score: float = -1.0,
+    ):
         super().__init__(locator, on_missing, missing_score)
         embedder = embedder if embedder is not None else locator.embedder
         if not isinstance(embedder, Embedder):
-            raise TypeError(f"PairwiseSubjectConsistency: embedder must be an Embedder (or None to use the locator's), "
-                            f"got {type(embedder).__name__}")
+            raise TypeError(
+                f"PairwiseSubjectConsistency: embedder must be an Embedder (or None to use the locator's), "
+                f"got {type(embedder).__name__}"
+            )
         self.embedder = embedder
 
     def forward(self, group: Group) -> RewardOutput:
@@ -135,13 +144,22 @@ class PerSubjectDivRL(_SubjectReward):
         missing_score: the VSM of a missing subject under ``on_missing: score``.
     """
 
-    def __init__(self, locator: SubjectLocator, scorer: GroupScorer, gate: bool = True, threshold: float = 0.5,
-                 weight: float = 5.0, crop_size: int = 64, on_missing: OnMissing = "whole_image",
-                 missing_score: float = 0.0):
+    def __init__(
+        self,
+        locator: SubjectLocator,
+        scorer: GroupScorer,
+        gate: bool = True,
+        threshold: float = 0.5,
+        weight: float = 5.0,
+        crop_size: int = 64,
+        on_missing: OnMissing = "whole_image",
+        missing_score: float = 0.0,
+    ):
         super().__init__(locator, on_missing, missing_score)
         if not isinstance(scorer, GroupScorer):
-            raise TypeError(f"PerSubjectDivRL: scorer must be a GroupScorer (FeatureScorer...), got "
-                            f"{type(scorer).__name__}")
+            raise TypeError(
+                f"PerSubjectDivRL: scorer must be a GroupScorer (FeatureScorer...), got {type(scorer).__name__}"
+            )
         self.scorer, self.gate, self.threshold, self.weight, self.crop_size = scorer, gate, threshold, weight, crop_size
 
     def forward(self, group: Group) -> RewardOutput:
@@ -154,8 +172,13 @@ class PerSubjectDivRL(_SubjectReward):
         where: Located = self.locator.locate(group.images, words, ref_features)
         count = len(words)
         refs = torch.cat([resize(c, self.crop_size) for c in ref_crops])  # (K, 3, S, S)
-        gens = torch.cat([resize(crop(group.images[n], where.boxes[n, k]), self.crop_size)
-                          for k in range(count) for n in range(group.size)])  # (K·G, 3, S, S), subject-major
+        gens = torch.cat(
+            [
+                resize(crop(group.images[n], where.boxes[n, k]), self.crop_size)
+                for k in range(count)
+                for n in range(group.size)
+            ]
+        )  # (K·G, 3, S, S), subject-major
         features = self._features(torch.cat([refs, gens]))  # every crop of the group in one backbone call
         nssm, vsm = [], []
         for k, word in enumerate(words):
@@ -163,25 +186,32 @@ class PerSubjectDivRL(_SubjectReward):
             if mask is not None:
                 mask = to_mask_batch(mask, f"mask {k}")
                 if tuple(mask.shape[-2:]) != tuple(references[k].shape[-2:]):
-                    raise ValueError(f"{group.sample.id!r}: mask {k} has size {tuple(mask.shape[-2:])} but reference {k} "
-                                     f"{tuple(references[k].shape[-2:])}; resize the mask to its reference")
+                    raise ValueError(
+                        f"{group.sample.id!r}: mask {k} has size {tuple(mask.shape[-2:])} but reference {k} "
+                        f"{tuple(references[k].shape[-2:])}; resize the mask to its reference"
+                    )
                 mask = crop(mask, boxes[k])[None]  # (1, 1, h, w)
                 mask = F.interpolate(mask, size=(self.crop_size,) * 2, mode="bilinear", align_corners=False)[0, 0]
             rows = slice(k * group.size, (k + 1) * group.size)  # subject k's crops in `gens`
             if features is None:
-                parts = self.scorer.score_group(refs[k:k + 1], gens[rows], mask, need_nssm=True, need_vsm=True)
+                parts = self.scorer.score_group(refs[k : k + 1], gens[rows], mask, need_nssm=True, need_vsm=True)
             else:  # features hold the K references first, then `gens`
                 gen_rows = slice(count + rows.start, count + rows.stop)
-                parts = self.scorer.score_features(_rows(features, slice(k, k + 1)), _rows(features, gen_rows), mask,
-                                                   need_nssm=True, need_vsm=True)
+                parts = self.scorer.score_features(
+                    _rows(features, slice(k, k + 1)), _rows(features, gen_rows), mask, need_nssm=True, need_vsm=True
+                )
             for name, value in parts._asdict().items():
                 if value is None or not torch.isfinite(value).all():
-                    raise NonFiniteReward(f"PerSubjectDivRL: {type(self.scorer).__name__} returned {name} "
-                                          f"{None if value is None else value.tolist()} for subject {k + 1} ({word!r})")
+                    raise NonFiniteReward(
+                        f"PerSubjectDivRL: {type(self.scorer).__name__} returned {name} "
+                        f"{None if value is None else value.tolist()} for subject {k + 1} ({word!r})"
+                    )
             found = where.found[:, k]
             if self.on_missing == "score":
-                parts = parts._replace(nssm=torch.where(found, parts.nssm, torch.zeros_like(parts.nssm)),
-                                       vsm=torch.where(found, parts.vsm, torch.full_like(parts.vsm, self.missing_score)))
+                parts = parts._replace(
+                    nssm=torch.where(found, parts.nssm, torch.zeros_like(parts.nssm)),
+                    vsm=torch.where(found, parts.vsm, torch.full_like(parts.vsm, self.missing_score)),
+                )
             nssm.append(parts.nssm.float())
             vsm.append(parts.vsm.float())
         nssm_k, vsm_k = torch.stack(nssm, 1), torch.stack(vsm, 1)  # (G, K)
@@ -203,7 +233,6 @@ class PerSubjectDivRL(_SubjectReward):
         if isinstance(self.scorer, FeatureScorer) and type(self.scorer).score_group is FeatureScorer.score_group:
             return self.scorer.backbone(crops)
         return None  # a scorer that scores groups its own way keeps doing so
-
 
 
 def _rows(features: Features, rows: slice) -> Features:

@@ -66,15 +66,24 @@ class RemoteReward(Reward):
         backoff: seconds before a failed server is tried again (doubled after each further failure).
     """
 
-    def __init__(self, urls: str | Sequence[str], timeout: float = 120.0, retries: int = 3, max_in_flight: int = 4,
-                 api_key: str | None = None, backoff: float = 1.0):
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        timeout: float = 120.0,
+        retries: int = 3,
+        max_in_flight: int = 4,
+        api_key: str | None = None,
+        backoff: float = 1.0,
+    ):
         super().__init__()
         urls = [urls] if isinstance(urls, str) else list(urls)
         for url in urls:
             parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
             if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(f"RemoteReward: init_args.urls must hold http(s) URLs such as 'http://127.0.0.1:8000' "
-                                 f"(a running `divrl serve-reward`), got {url!r}")
+                raise ValueError(
+                    f"RemoteReward: init_args.urls must hold http(s) URLs such as 'http://127.0.0.1:8000' "
+                    f"(a running `divrl serve-reward`), got {url!r}"
+                )
         self.timeout = check_setting("RemoteReward", "timeout", timeout, 0, what="seconds per request")
         if self.timeout == 0:
             raise ValueError(f"RemoteReward: init_args.timeout must be > 0 seconds, got {timeout!r}")
@@ -84,14 +93,21 @@ class RemoteReward(Reward):
         self.retries, self.max_in_flight = retries, max_in_flight
         self.backoff = check_setting("RemoteReward", "backoff", backoff, 0, what="seconds")
         if self.backoff == 0:
-            raise ValueError("RemoteReward: init_args.backoff must be > 0 seconds (0 would retry a dead server in a "
-                             "busy loop); the default is 1")
-        self.endpoints = [u.rstrip("/") if u.rstrip("/").endswith("/predict") else u.rstrip("/") + "/predict"
-                          for u in urls]
+            raise ValueError(
+                "RemoteReward: init_args.backoff must be > 0 seconds (0 would retry a dead server in a "
+                "busy loop); the default is 1"
+            )
+        self.endpoints = [
+            u.rstrip("/") if u.rstrip("/").endswith("/predict") else u.rstrip("/") + "/predict" for u in urls
+        ]
         self._api_key = api_key
-        self.pool = EndpointPool(self.endpoints, give_up_after=self.timeout * self.retries, backoff=self.backoff,
-                                 hint="Start the servers (`divrl serve-reward --config ... --port ...`) and check "
-                                      "RemoteReward's urls; if they are up but slow, raise its timeout or retries")
+        self.pool = EndpointPool(
+            self.endpoints,
+            give_up_after=self.timeout * self.retries,
+            backoff=self.backoff,
+            hint="Start the servers (`divrl serve-reward --config ... --port ...`) and check "
+            "RemoteReward's urls; if they are up but slow, raise its timeout or retries",
+        )
 
     def extra_repr(self) -> str:
         return f"urls={self.endpoints}, timeout={self.timeout:g}, retries={self.retries}, max_in_flight={self.max_in_flight}"
@@ -106,8 +122,10 @@ class RemoteReward(Reward):
 
     def forward(self, group: Group) -> RewardOutput:
         if not torch.isfinite(group.images).all():  # in process such images score non-finite: skipped, as here
-            raise NonFiniteReward(f"identity {group.sample.id!r}: the generated images hold NaN or infinite values; "
-                                  f"not sent to a reward server")
+            raise NonFiniteReward(
+                f"identity {group.sample.id!r}: the generated images hold NaN or infinite values; "
+                f"not sent to a reward server"
+            )
         body = json.dumps(encode_group(group)).encode("utf-8")
         url, answer = self.pool.request(lambda url: (url, self._post(url, body)))
         if isinstance(answer, dict) and set(answer) == {"non_finite"}:
@@ -115,9 +133,10 @@ class RemoteReward(Reward):
         try:
             return decode_output(answer, group.size)
         except WireError as err:
-            raise RemoteRewardError(f"reward server {url} answered something that is not a score for identity "
-                                    f"{group.sample.id!r}: {err}; is it a `divrl serve-reward` of this divrl version?"
-                                    ) from None
+            raise RemoteRewardError(
+                f"reward server {url} answered something that is not a score for identity "
+                f"{group.sample.id!r}: {err}; is it a `divrl serve-reward` of this divrl version?"
+            ) from None
 
     def report(self) -> list[str]:
         """The servers that failed during the run, when, and whether they came back."""
@@ -135,8 +154,9 @@ class RemoteReward(Reward):
             detail = _detail(err)
             if err.code >= 500 or err.code == 429:
                 raise Retryable(f"HTTP {err.code}: {detail}") from None
-            raise RemoteRewardError(f"reward server {url} refused the group (HTTP {err.code}): {detail}"
-                                    f"{_HINTS.get(err.code, '')}") from None
+            raise RemoteRewardError(
+                f"reward server {url} refused the group (HTTP {err.code}): {detail}{_HINTS.get(err.code, '')}"
+            ) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as err:  # refused, reset, timed out
             reason = getattr(err, "reason", None) or err
             if isinstance(reason, (ConnectionResetError, BrokenPipeError)):
@@ -145,9 +165,9 @@ class RemoteReward(Reward):
         try:
             return json.loads(text)
         except ValueError:
-            raise RemoteRewardError(f"reward server {url} answered {text[:_EXCERPT]!r}, not JSON; is it a `divrl "
-                                    f"serve-reward`?") from None
-
+            raise RemoteRewardError(
+                f"reward server {url} answered {text[:_EXCERPT]!r}, not JSON; is it a `divrl serve-reward`?"
+            ) from None
 
     def _check_size(self, url: str, size: int) -> None:
         """:class:`RemoteRewardError` when the server's ``/info`` says it takes less than ``size`` bytes."""
@@ -159,8 +179,10 @@ class RemoteReward(Reward):
         except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException):
             return  # no answer: the reset stays a server failure
         if isinstance(limit, int) and size > limit:
-            raise RemoteRewardError(f"reward server {url} takes requests up to {limit / 2**20:.0f} MiB and this group's "
-                                    f"is {size / 2**20:.0f} MiB: raise the servers' --max-request-mb") from None
+            raise RemoteRewardError(
+                f"reward server {url} takes requests up to {limit / 2**20:.0f} MiB and this group's "
+                f"is {size / 2**20:.0f} MiB: raise the servers' --max-request-mb"
+            ) from None
 
 
 _HINTS = {

@@ -51,10 +51,24 @@ class FeatureScorer(GroupScorer):
         self.backbone = backbone
         self.pool = pool
         where = "the scorer's init_args (model.rewards[i].init_args.scorer, or the evaluation's scorer)"
-        self.tau_s = check_setting("FeatureScorer", "tau_s", tau_s, 0.0, 1.0, where=where,
-                                   what="a cosine similarity, paper: 0.7; above 1 no cell passes and every VSM is 0")
-        self.tau_v = check_setting("FeatureScorer", "tau_v", tau_v, 0.0, 1.0, where=where,
-                                   what="a cosine similarity, paper: 0.7; above 1 no cell passes and every VSM is 0")
+        self.tau_s = check_setting(
+            "FeatureScorer",
+            "tau_s",
+            tau_s,
+            0.0,
+            1.0,
+            where=where,
+            what="a cosine similarity, paper: 0.7; above 1 no cell passes and every VSM is 0",
+        )
+        self.tau_v = check_setting(
+            "FeatureScorer",
+            "tau_v",
+            tau_v,
+            0.0,
+            1.0,
+            where=where,
+            what="a cosine similarity, paper: 0.7; above 1 no cell passes and every VSM is 0",
+        )
         self.nssm_features = nssm_features
 
     def score_group(
@@ -70,7 +84,9 @@ class FeatureScorer(GroupScorer):
         ref = self.backbone(reference)
         if ref.semantic.shape[0] != 1:
             raise ValueError(f"reference: expected one image, got a batch of {ref.semantic.shape[0]}")
-        return self.score_features(ref, self.backbone(images), ref_mask, gen_masks, need_nssm=need_nssm, need_vsm=need_vsm)
+        return self.score_features(
+            ref, self.backbone(images), ref_mask, gen_masks, need_nssm=need_nssm, need_vsm=need_vsm
+        )
 
     def score_features(
         self,
@@ -96,8 +112,14 @@ class FeatureScorer(GroupScorer):
             nssm = RF.nssm(pick(gen), pick(ref), ref_mask_grid, pool=self.pool).cpu()
         if need_vsm:
             vsm = RF.vsm(
-                gen.semantic, gen.visual, ref.semantic, ref.visual,
-                gen_mask=gen_mask_grid, ref_mask=ref_mask_grid, tau_s=self.tau_s, tau_v=self.tau_v,
+                gen.semantic,
+                gen.visual,
+                ref.semantic,
+                ref.visual,
+                gen_mask=gen_mask_grid,
+                ref_mask=ref_mask_grid,
+                tau_s=self.tau_s,
+                tau_v=self.tau_v,
             ).cpu()
         return Components(nssm, vsm)
 

@@ -134,22 +134,32 @@ class GroundingDINODetector(Frozen, Detector):
         super().__init__()
         who = "GroundingDINODetector"
         if not 0 <= box_threshold <= 1 or not 0 <= text_threshold <= 1:
-            raise ValueError(f"{who}: box_threshold and text_threshold must be in [0, 1], got {box_threshold} and "
-                             f"{text_threshold}")
+            raise ValueError(
+                f"{who}: box_threshold and text_threshold must be in [0, 1], got {box_threshold} and {text_threshold}"
+            )
         _check_max_batch(max_batch, who)
         torch_dtype = parse_dtype(dtype, who)
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         example = "IDEA-Research/grounding-dino-tiny"
-        network = load_pretrained(AutoModelForZeroShotObjectDetection.from_pretrained, model, local_files_only, who,
-                                  example)
+        network = load_pretrained(
+            AutoModelForZeroShotObjectDetection.from_pretrained, model, local_files_only, who, example
+        )
         # The PIL image processor resizes as Grounding DINO's own pipeline does (transformers 5.x; 4.x has only one).
         processor_kwargs: dict[str, Any] = {"backend": "pil"} if _transformers_major() >= 5 else {}
-        self.processor = load_pretrained(_without_adapter_kwargs(AutoProcessor.from_pretrained), model,
-                                         local_files_only, who, example, **processor_kwargs)
+        self.processor = load_pretrained(
+            _without_adapter_kwargs(AutoProcessor.from_pretrained),
+            model,
+            local_files_only,
+            who,
+            example,
+            **processor_kwargs,
+        )
         if not hasattr(self.processor, "post_process_grounded_object_detection"):
-            raise ValueError(f"{who}: {str(model)!r} has a {type(self.processor).__name__}, not a Grounding DINO "
-                             f"processor (no post_process_grounded_object_detection)")
+            raise ValueError(
+                f"{who}: {str(model)!r} has a {type(self.processor).__name__}, not a Grounding DINO "
+                f"processor (no post_process_grounded_object_detection)"
+            )
         if torch_dtype is not None:
             network = network.to(torch_dtype)
         self.model = network.eval()
@@ -180,7 +190,7 @@ class GroundingDINODetector(Frozen, Detector):
         device, dtype = _model_device(self.model), _model_dtype(self.model)
         out: list[Tensor] = []
         for start in range(0, images.shape[0], step):
-            chunk = [_to_pil(image) for image in images[start:start + step]]
+            chunk = [_to_pil(image) for image in images[start : start + step]]
             inputs = self.processor(images=chunk, text=[prompt] * len(chunk), return_tensors="pt")
             inputs = {key: value.to(device) for key, value in inputs.items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -203,8 +213,10 @@ class GroundingDINODetector(Frozen, Detector):
         return out
 
     def extra_repr(self) -> str:
-        return (f"name={self.name!r}, box_threshold={self.box_threshold}, text_threshold={self.text_threshold}, "
-                f"max_batch={self.max_batch}, sort_by_score={self.sort_by_score}")
+        return (
+            f"name={self.name!r}, box_threshold={self.box_threshold}, text_threshold={self.text_threshold}, "
+            f"max_batch={self.max_batch}, sort_by_score={self.sort_by_score}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- embedder
@@ -268,8 +280,9 @@ class CLSEmbedder(Frozen, Embedder):
         from transformers import MODEL_MAPPING, AutoConfig, AutoModel
 
         example = "facebook/dino-vits16"
-        config = load_pretrained(_without_adapter_kwargs(AutoConfig.from_pretrained), model, local_files_only, who,
-                                 example)
+        config = load_pretrained(
+            _without_adapter_kwargs(AutoConfig.from_pretrained), model, local_files_only, who, example
+        )
         kwargs: dict[str, Any] = {"config": config}
         model_class = MODEL_MAPPING[type(config)] if type(config) in MODEL_MAPPING else None
         if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
@@ -283,8 +296,9 @@ class CLSEmbedder(Frozen, Embedder):
         self.resize, self.crop, self.max_batch = resize, crop, max_batch
         forward = inspect.signature(self.model.forward).parameters
         image_size = getattr(config, "image_size", crop)
-        self._forward_kwargs = {"interpolate_pos_encoding": True} if (
-            "interpolate_pos_encoding" in forward and image_size != crop) else {}
+        self._forward_kwargs = (
+            {"interpolate_pos_encoding": True} if ("interpolate_pos_encoding" in forward and image_size != crop) else {}
+        )
         self.register_buffer("image_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.eval()
@@ -306,7 +320,7 @@ class CLSEmbedder(Frozen, Embedder):
         pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
         top = int(round((size[1] - self.crop) / 2.0))
         left = int(round((size[0] - self.crop) / 2.0))
-        return pixels[:, top:top + self.crop, left:left + self.crop]
+        return pixels[:, top : top + self.crop, left : left + self.crop]
 
     @torch.no_grad()
     def embed(self, crops: Sequence[Tensor]) -> Tensor:
@@ -315,11 +329,13 @@ class CLSEmbedder(Frozen, Embedder):
         step = self.max_batch or pixels.shape[0]
         features = []
         for start in range(0, pixels.shape[0], step):
-            tokens = self.model(pixel_values=pixels[start:start + step], **self._forward_kwargs).last_hidden_state
+            tokens = self.model(pixel_values=pixels[start : start + step], **self._forward_kwargs).last_hidden_state
             if tokens.dim() != 3:
-                raise ValueError(f"CLSEmbedder: {self.name!r} returned last_hidden_state of shape "
-                                 f"{tuple(tokens.shape)}; expected (N, tokens, D) with the CLS token first (a ViT / "
-                                 f"DINO / DINOv2 model)")
+                raise ValueError(
+                    f"CLSEmbedder: {self.name!r} returned last_hidden_state of shape "
+                    f"{tuple(tokens.shape)}; expected (N, tokens, D) with the CLS token first (a ViT / "
+                    f"DINO / DINOv2 model)"
+                )
             features.append(tokens[:, 0].float())
         return torch.nn.functional.normalize(torch.cat(features), dim=-1)
 

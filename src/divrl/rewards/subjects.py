@@ -43,8 +43,14 @@ from divrl.rewards.embedders import Embedder
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Detector", "CallableDetector", "PlainBackgroundDetector", "SubjectLocator",
-    "Located", "subject_words", "crop", "box_of_mask",
+    "Detector",
+    "CallableDetector",
+    "PlainBackgroundDetector",
+    "SubjectLocator",
+    "Located",
+    "subject_words",
+    "crop",
+    "box_of_mask",
 ]
 
 
@@ -61,10 +67,14 @@ def subject_words(sample, class_agnostic: bool = False) -> list[str]:
     count = len(sample.references)
     words = sample.metadata.get("subjects")
     if words is not None:
-        if not isinstance(words, (list, tuple)) or len(words) != count or not all(isinstance(w, str) and w.strip()
-                                                                                  for w in words):
-            raise ValueError(f"identity {sample.id!r}: 'subjects' must list one category word per reference ({count}), "
-                             f"got {words!r}")
+        if (
+            not isinstance(words, (list, tuple))
+            or len(words) != count
+            or not all(isinstance(w, str) and w.strip() for w in words)
+        ):
+            raise ValueError(
+                f"identity {sample.id!r}: 'subjects' must list one category word per reference ({count}), got {words!r}"
+            )
         return [w.strip() for w in words]
     if count == 1:
         word = sample.metadata.get("subject") or sample.metadata.get("class") or sample.category
@@ -72,8 +82,10 @@ def subject_words(sample, class_agnostic: bool = False) -> list[str]:
             return [str(word)]
     if class_agnostic:
         return ["object"] * count
-    raise ValueError(f"identity {sample.id!r} has {count} reference(s) but no category words; list them in its JSON as "
-                     f"'subjects': [one word per reference] (the detector finds each subject by its word)")
+    raise ValueError(
+        f"identity {sample.id!r} has {count} reference(s) but no category words; list them in its JSON as "
+        f"'subjects': [one word per reference] (the detector finds each subject by its word)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- boxes
@@ -101,8 +113,11 @@ def _fingerprint(image) -> str | None:
     """A digest of an image's content (tensor or PIL), the reference-box cache's key."""
     if image is None:
         return None
-    data = image.detach().cpu().contiguous().numpy().tobytes() if isinstance(image, Tensor) else \
-        np.asarray(image).tobytes() + str(getattr(image, "mode", "")).encode()
+    data = (
+        image.detach().cpu().contiguous().numpy().tobytes()
+        if isinstance(image, Tensor)
+        else np.asarray(image).tobytes() + str(getattr(image, "mode", "")).encode()
+    )
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
@@ -143,23 +158,29 @@ class Detector(nn.Module):
         boxes = self.detect(batch, word)
         who = type(self).__name__
         if not isinstance(boxes, (list, tuple)) or len(boxes) != batch.shape[0]:
-            raise ValueError(f"{who}.detect returned {type(boxes).__name__} of length "
-                             f"{len(boxes) if hasattr(boxes, '__len__') else '?'} for {batch.shape[0]} images; expected a "
-                             f"list with one (n, 4) tensor of boxes per image")
+            raise ValueError(
+                f"{who}.detect returned {type(boxes).__name__} of length "
+                f"{len(boxes) if hasattr(boxes, '__len__') else '?'} for {batch.shape[0]} images; expected a "
+                f"list with one (n, 4) tensor of boxes per image"
+            )
         out = []
         for index, b in enumerate(boxes):
             try:
                 b = torch.as_tensor(b.detach().cpu() if isinstance(b, Tensor) else b, dtype=torch.float32)
             except (TypeError, ValueError, RuntimeError) as err:
-                raise ValueError(f"{who}.detect returned {b!r} for image {index} ({err}); expected finite (n, 4) "
-                                 f"(x0, y0, x1, y1) pixel boxes") from err
+                raise ValueError(
+                    f"{who}.detect returned {b!r} for image {index} ({err}); expected finite (n, 4) "
+                    f"(x0, y0, x1, y1) pixel boxes"
+                ) from err
             if b.numel() == 0:
                 b = torch.zeros(0, 4)
             elif b.dim() == 1 and b.numel() == 4:
                 b = b[None]
             if b.dim() != 2 or b.shape[-1] != 4 or not torch.isfinite(b).all():
-                raise ValueError(f"{who}.detect returned boxes {b.tolist()} for image {index}; expected finite (n, 4) "
-                                 f"(x0, y0, x1, y1) pixel boxes")
+                raise ValueError(
+                    f"{who}.detect returned boxes {b.tolist()} for image {index}; expected finite (n, 4) "
+                    f"(x0, y0, x1, y1) pixel boxes"
+                )
             out.append(b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])])  # a box without area holds no subject
         return out
 
@@ -204,8 +225,10 @@ class PlainBackgroundDetector(Detector):
     def __init__(self, threshold: float = 0.15, min_area: float = 0.01, border: int = 1):
         super().__init__()
         if not 0 < threshold < 1 or not 0 <= min_area < 1 or border < 1:
-            raise ValueError(f"PlainBackgroundDetector: need 0 < threshold < 1, 0 <= min_area < 1 and border >= 1, got "
-                             f"{threshold}, {min_area}, {border}")
+            raise ValueError(
+                f"PlainBackgroundDetector: need 0 < threshold < 1, 0 <= min_area < 1 and border >= 1, got "
+                f"{threshold}, {min_area}, {border}"
+            )
         self.threshold, self.min_area, self.border = threshold, min_area, border
 
     def detect(self, images: Tensor, word: str) -> list[Tensor]:
@@ -214,8 +237,15 @@ class PlainBackgroundDetector(Detector):
         out = []
         for image in images.detach().float().cpu():
             b = self.border
-            frame = torch.cat([image[:, :b].reshape(3, -1), image[:, -b:].reshape(3, -1), image[:, :, :b].reshape(3, -1),
-                               image[:, :, -b:].reshape(3, -1)], dim=1)
+            frame = torch.cat(
+                [
+                    image[:, :b].reshape(3, -1),
+                    image[:, -b:].reshape(3, -1),
+                    image[:, :, :b].reshape(3, -1),
+                    image[:, :, -b:].reshape(3, -1),
+                ],
+                dim=1,
+            )
             background = frame.median(dim=1).values
             foreground = ((image - background[:, None, None]).abs().amax(0) > self.threshold).numpy()
             labels, count = ndimage.label(foreground, structure=np.ones((3, 3)))
@@ -263,8 +293,13 @@ class SubjectLocator(nn.Module):
             one, else detected), ``detect`` (PSR), ``whole`` (the whole reference).
     """
 
-    def __init__(self, detector: Detector, assignment: Literal["order", "hungarian"] = "order",
-                 embedder: Embedder | None = None, reference_crop: Literal["auto", "detect", "whole"] = "auto"):
+    def __init__(
+        self,
+        detector: Detector,
+        assignment: Literal["order", "hungarian"] = "order",
+        embedder: Embedder | None = None,
+        reference_crop: Literal["auto", "detect", "whole"] = "auto",
+    ):
         super().__init__()
         if assignment not in ("order", "hungarian"):
             raise ValueError(f"assignment must be 'order' (PSR) or 'hungarian' (UMO), got {assignment!r}")
@@ -273,13 +308,21 @@ class SubjectLocator(nn.Module):
         if assignment == "hungarian" and embedder is None:
             raise ValueError("assignment 'hungarian' matches crops to references by their features; give an embedder")
         if not isinstance(detector, Detector):
-            raise TypeError(f"detector must be a Detector (PlainBackgroundDetector, GroundingDINODetector, "
-                            f"CallableDetector), got {type(detector).__name__}")
-        self.detector, self.assignment, self.embedder, self.reference_crop = detector, assignment, embedder, reference_crop
+            raise TypeError(
+                f"detector must be a Detector (PlainBackgroundDetector, GroundingDINODetector, "
+                f"CallableDetector), got {type(detector).__name__}"
+            )
+        self.detector, self.assignment, self.embedder, self.reference_crop = (
+            detector,
+            assignment,
+            embedder,
+            reference_crop,
+        )
         self._reference_boxes: dict[tuple, tuple[Tensor, bool]] = {}
 
-    def references(self, references: Sequence[ImageLike], masks: Sequence, words: Sequence[str],
-                   key: str | None = None) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    def references(
+        self, references: Sequence[ImageLike], masks: Sequence, words: Sequence[str], key: str | None = None
+    ) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """Each reference as a ``(3, H, W)`` tensor, its subject's box, and whether the subject was located (by its
         mask or the detector). A subject not located in its reference is cropped as the whole reference, counted in
         the returned flags and logged. Boxes are cached by the content of the reference and its mask (references
@@ -293,8 +336,13 @@ class SubjectLocator(nn.Module):
             else:
                 box, located = self._reference_box(image, mask, word, k)
                 if not located:
-                    log.warning("%s: subject %d (%r) not found in its reference; the whole reference is its crop "
-                                "(counted in ref_found)", key or "a condition", k + 1, word)
+                    log.warning(
+                        "%s: subject %d (%r) not found in its reference; the whole reference is its crop "
+                        "(counted in ref_found)",
+                        key or "a condition",
+                        k + 1,
+                        word,
+                    )
                 if len(self._reference_boxes) >= 4096:
                     self._reference_boxes.clear()
                 self._reference_boxes[cache_key] = (box, located)
@@ -308,8 +356,10 @@ class SubjectLocator(nn.Module):
         if mask is not None:
             m = to_mask_batch(mask, f"mask {k}")[0]
             if tuple(m.shape) != tuple(image.shape[-2:]):
-                raise ValueError(f"mask {k} has size {tuple(m.shape)} but reference {k} {tuple(image.shape[-2:])}; "
-                                 f"resize the mask to its reference")
+                raise ValueError(
+                    f"mask {k} has size {tuple(m.shape)} but reference {k} {tuple(image.shape[-2:])}; "
+                    f"resize the mask to its reference"
+                )
             box = box_of_mask(m) if self.reference_crop == "auto" else None
             if box is not None:
                 return box, True
@@ -353,10 +403,9 @@ class SubjectLocator(nn.Module):
         for n in range(size):
             if not candidates[n]:
                 continue
-            cosine = ref_features @ features[start:start + len(candidates[n])].T  # (K, M)
+            cosine = ref_features @ features[start : start + len(candidates[n])].T  # (K, M)
             start += len(candidates[n])
             rows, cols = linear_sum_assignment(cosine.numpy(), maximize=True)
             for k, m in zip(rows.tolist(), cols.tolist()):
                 boxes[n, k], found[n, k], similarity[n, k] = candidates[n][m], True, cosine[k, m]
         return Located(boxes, found, similarity)
-

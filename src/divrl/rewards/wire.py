@@ -75,8 +75,9 @@ def encode_group(group: Group) -> dict[str, Any]:
     if group.gen_masks is not None:
         tensors["gen_masks"] = torch.as_tensor(group.gen_masks).detach().cpu()
     references = [_pack(image, f"reference.{i}", tensors, sample.id) for i, image in enumerate(sample.references)]
-    masks = [None if mask is None else _pack(mask, f"mask.{i}", tensors, sample.id)
-             for i, mask in enumerate(sample.masks)]
+    masks = [
+        None if mask is None else _pack(mask, f"mask.{i}", tensors, sample.id) for i, mask in enumerate(sample.masks)
+    ]
     try:
         metadata = json.loads(json.dumps(sample.metadata, allow_nan=False))
     except (TypeError, ValueError) as err:
@@ -84,8 +85,10 @@ def encode_group(group: Group) -> dict[str, Any]:
     else:
         problem = "it would arrive changed (tuples as lists, non-string keys as strings)"
     if metadata != sample.metadata:
-        raise ValueError(f"identity {sample.id!r}: its metadata cannot be sent to a reward server as JSON ({problem}); "
-                         f"keep the identity's metadata to JSON values")
+        raise ValueError(
+            f"identity {sample.id!r}: its metadata cannot be sent to a reward server as JSON ({problem}); "
+            f"keep the identity's metadata to JSON values"
+        )
     if not isinstance(sample.id, str) or not isinstance(sample.prompt, str):
         raise ValueError(f"identity {sample.id!r}: its id and prompt must be strings to be sent to a reward server")
     layouts = {}
@@ -95,9 +98,17 @@ def encode_group(group: Group) -> dict[str, Any]:
             layouts[name] = order
             tensors[name] = tensor.permute(order)
     tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
-    return {"format": FORMAT, "id": sample.id, "prompt": sample.prompt, "category": sample.category,
-            "metadata": metadata, "references": references, "masks": masks,
-            "tensors": base64.b64encode(save_tensors(tensors)).decode("ascii"), "layouts": layouts}
+    return {
+        "format": FORMAT,
+        "id": sample.id,
+        "prompt": sample.prompt,
+        "category": sample.category,
+        "metadata": metadata,
+        "references": references,
+        "masks": masks,
+        "tensors": base64.b64encode(save_tensors(tensors)).decode("ascii"),
+        "layouts": layouts,
+    }
 
 
 def _memory_order(tensor: Tensor) -> list[int]:
@@ -111,8 +122,10 @@ def _memory_order(tensor: Tensor) -> list[int]:
 def _pack(image, name: str, tensors: dict[str, Tensor], identity: str) -> dict[str, str]:
     if isinstance(image, Image.Image):
         if image.mode not in _PIL_MODES:
-            raise ValueError(f"identity {identity!r}: {name} is a PIL image in mode {image.mode!r}, which a reward "
-                             f"server cannot rebuild; convert it to one of {list(_PIL_MODES)}")
+            raise ValueError(
+                f"identity {identity!r}: {name} is a PIL image in mode {image.mode!r}, which a reward "
+                f"server cannot rebuild; convert it to one of {list(_PIL_MODES)}"
+            )
         tensors[name] = torch.from_numpy(np.array(image))
         return {"kind": "pil", "mode": image.mode}
     if isinstance(image, np.ndarray):
@@ -121,8 +134,10 @@ def _pack(image, name: str, tensors: dict[str, Tensor], identity: str) -> dict[s
     if isinstance(image, Tensor):
         tensors[name] = image.detach().cpu().clone(memory_format=torch.preserve_format)
         return {"kind": "tensor"}
-    raise ValueError(f"identity {identity!r}: {name} is a {type(image).__name__}; a reward server takes PIL images, "
-                     f"numpy arrays or tensors (open a path first)")
+    raise ValueError(
+        f"identity {identity!r}: {name} is a {type(image).__name__}; a reward server takes PIL images, "
+        f"numpy arrays or tensors (open a path first)"
+    )
 
 
 def decode_group(request: Mapping[str, Any]) -> Group:
@@ -135,12 +150,16 @@ def decode_group(request: Mapping[str, Any]) -> Group:
         raise WireError(f"the request must be a JSON object with the fields {list(FIELDS)}")
     unknown, missing = sorted(set(request) - set(FIELDS)), [f for f in FIELDS if f not in request]
     if unknown or missing:
-        raise WireError(f"the request has {f'unknown fields {unknown}' if unknown else ''}"
-                        f"{' and ' if unknown and missing else ''}{f'no {missing}' if missing else ''}; a divrl reward "
-                        f"request has exactly {list(FIELDS)}")
+        raise WireError(
+            f"the request has {f'unknown fields {unknown}' if unknown else ''}"
+            f"{' and ' if unknown and missing else ''}{f'no {missing}' if missing else ''}; a divrl reward "
+            f"request has exactly {list(FIELDS)}"
+        )
     if request["format"] != FORMAT:
-        raise WireError(f"format {request['format']!r} is not {FORMAT!r}: the client and the server run different "
-                        f"divrl versions; run the same version on both sides")
+        raise WireError(
+            f"format {request['format']!r} is not {FORMAT!r}: the client and the server run different "
+            f"divrl versions; run the same version on both sides"
+        )
     for name in ("id", "prompt"):
         if not isinstance(request[name], str):
             raise WireError(f"{name} must be a string, got {type(request[name]).__name__}")
@@ -152,20 +171,27 @@ def decode_group(request: Mapping[str, Any]) -> Group:
     images = _images(tensors.pop("images", None))
     gen_masks = tensors.pop("gen_masks", None)
     if gen_masks is not None and (gen_masks.ndim != 3 or gen_masks.shape[0] != images.shape[0]):
-        raise WireError(f"tensor 'gen_masks' has shape {list(gen_masks.shape)}; expected one mask per image, "
-                        f"[{images.shape[0]}, H, W]")
+        raise WireError(
+            f"tensor 'gen_masks' has shape {list(gen_masks.shape)}; expected one mask per image, "
+            f"[{images.shape[0]}, H, W]"
+        )
     refs, masks = request["references"], request["masks"]
     if not isinstance(refs, list) or not refs or not isinstance(masks, list) or len(masks) != len(refs):
-        raise WireError(f"references must be a non-empty list and masks a list of the same length (null for a "
-                        f"reference without a mask), got {_describe(refs)} and {_describe(masks)}")
+        raise WireError(
+            f"references must be a non-empty list and masks a list of the same length (null for a "
+            f"reference without a mask), got {_describe(refs)} and {_describe(masks)}"
+        )
     references = [_unpack(kind, f"reference.{i}", tensors) for i, kind in enumerate(refs)]
     ref_masks = [None if kind is None else _unpack(kind, f"mask.{i}", tensors) for i, kind in enumerate(masks)]
     if tensors:
-        raise WireError(f"unknown tensors {sorted(tensors)}; a request carries 'images', 'gen_masks', "
-                        f"'reference.<i>' and 'mask.<i>' for i < {len(refs)}")
+        raise WireError(
+            f"unknown tensors {sorted(tensors)}; a request carries 'images', 'gen_masks', "
+            f"'reference.<i>' and 'mask.<i>' for i < {len(refs)}"
+        )
     try:
-        sample = ConditionSample(request["id"], request["prompt"], references, ref_masks, request["category"],
-                                 dict(request["metadata"]))
+        sample = ConditionSample(
+            request["id"], request["prompt"], references, ref_masks, request["category"], dict(request["metadata"])
+        )
     except ValueError as err:
         raise WireError(str(err)) from None
     return Group(sample, images, gen_masks)
@@ -190,8 +216,11 @@ def _laid_out(tensors: dict[str, Tensor], layouts) -> dict[str, Tensor]:
         tensor = tensors.get(name)
         if tensor is None:
             raise WireError(f"layouts names {name!r}, which tensors does not hold")
-        if not isinstance(order, list) or not all(type(d) is int for d in order) or sorted(order) != list(
-                range(tensor.ndim)):
+        if (
+            not isinstance(order, list)
+            or not all(type(d) is int for d in order)
+            or sorted(order) != list(range(tensor.ndim))
+        ):
             raise WireError(f"layouts[{name!r}] must be an order of the dimensions 0..{tensor.ndim - 1}, got {order!r}")
         tensors[name] = tensor.permute([order.index(d) for d in range(tensor.ndim)])
     return tensors
@@ -212,8 +241,10 @@ def _images(images: Tensor | None) -> Tensor:
 
 def _unpack(kind, name: str, tensors: dict[str, Tensor]):
     if not isinstance(kind, dict) or kind.get("kind") not in ("pil", "numpy", "tensor"):
-        raise WireError(f"{name}: expected {{'kind': 'pil', 'mode': ...}}, {{'kind': 'numpy'}} or {{'kind': "
-                        f"'tensor'}}, got {kind!r}")
+        raise WireError(
+            f"{name}: expected {{'kind': 'pil', 'mode': ...}}, {{'kind': 'numpy'}} or {{'kind': "
+            f"'tensor'}}, got {kind!r}"
+        )
     value = tensors.pop(name, None)
     if value is None:
         raise WireError(f"tensors holds no {name!r}, which the request lists")
@@ -231,8 +262,9 @@ def _unpack(kind, name: str, tensors: dict[str, Tensor]):
     except (TypeError, ValueError) as err:
         raise WireError(f"{name}: a {list(value.shape)} {value.dtype} array is no PIL image ({err})") from None
     if image.mode != mode:
-        raise WireError(f"{name}: a {list(value.shape)} {value.dtype} array is a {image.mode!r} image, the request "
-                        f"says {mode!r}")
+        raise WireError(
+            f"{name}: a {list(value.shape)} {value.dtype} array is a {image.mode!r} image, the request says {mode!r}"
+        )
     return image
 
 
@@ -245,8 +277,11 @@ def _describe(value) -> str:
 
 def encode_output(out: RewardOutput) -> dict[str, Any]:
     """The JSON answer for a scored group (floats as Python floats: ``repr`` round-trips float32 exactly)."""
-    return {"reward": out.reward.tolist(), "components": {k: v.tolist() for k, v in out.components.items()},
-            "gated": out.gated.tolist()}
+    return {
+        "reward": out.reward.tolist(),
+        "components": {k: v.tolist() for k, v in out.components.items()},
+        "gated": out.gated.tolist(),
+    }
 
 
 def decode_output(answer: Any, size: int) -> RewardOutput:
@@ -257,8 +292,11 @@ def decode_output(answer: Any, size: int) -> RewardOutput:
         raise WireError(f"the answer has {keys}; expected reward, components and gated")
 
     def floats(name: str, values) -> Tensor:
-        if not isinstance(values, list) or len(values) != size or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        if (
+            not isinstance(values, list)
+            or len(values) != size
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        ):
             raise WireError(f"{name} must be {size} finite numbers, got {str(values)[:200]}")
         return torch.tensor(values, dtype=torch.float32)
 
@@ -268,6 +306,8 @@ def decode_output(answer: Any, size: int) -> RewardOutput:
     gated = answer["gated"]
     if not isinstance(gated, list) or len(gated) != size or not all(isinstance(g, bool) for g in gated):
         raise WireError(f"gated must be {size} booleans, got {str(gated)[:200]}")
-    return RewardOutput(floats("reward", answer["reward"]),
-                        {str(k): floats(f"component {k!r}", v) for k, v in components.items()},
-                        torch.tensor(gated, dtype=torch.bool))
+    return RewardOutput(
+        floats("reward", answer["reward"]),
+        {str(k): floats(f"component {k!r}", v) for k, v in components.items()},
+        torch.tensor(gated, dtype=torch.bool),
+    )

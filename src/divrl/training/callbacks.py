@@ -41,15 +41,19 @@ class StageSwitch(pl.Callback):
         if not steps or any(s < 0 for s in steps) or steps != sorted(steps):
             raise ValueError(f"StageSwitch: switch_steps must be non-negative and ascending, got {switch_steps}")
         if len(set(steps)) < len(steps):
-            raise ValueError(f"StageSwitch: switch_steps {switch_steps} repeat a step, so a stage would train no step; "
-                             f"give each stage its own, higher, start")
+            raise ValueError(
+                f"StageSwitch: switch_steps {switch_steps} repeat a step, so a stage would train no step; "
+                f"give each stage its own, higher, start"
+            )
         self.switch_steps = steps
         self.switched_at: dict[int, int] = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         needed = len(self.switch_steps) + 1
-        counts = {"rewards in model.rewards": len(pl_module.rewards), "objectives in model.objective":
-                  len(pl_module.objectives)}
+        counts = {
+            "rewards in model.rewards": len(pl_module.rewards),
+            "objectives in model.objective": len(pl_module.objectives),
+        }
         if all(n == 1 for n in counts.values()) or any(n not in (1, needed) for n in counts.values()):
             raise ValueError(
                 f"StageSwitch: {len(self.switch_steps)} switch step(s) make {needed} stages, which take {needed} rewards "
@@ -76,8 +80,11 @@ class StageSwitch(pl.Callback):
             old = pl_module.stage
             pl_module.stage = old + 1
             self.switched_at[pl_module.stage] = trainer.global_step
-            rank_log(trainer, f"stage switch at step {trainer.global_step}: stage {old + 1} -> {pl_module.stage + 1} "
-                              f"({type(pl_module.reward).__name__}, {type(pl_module.objective).__name__})")
+            rank_log(
+                trainer,
+                f"stage switch at step {trainer.global_step}: stage {old + 1} -> {pl_module.stage + 1} "
+                f"({type(pl_module.reward).__name__}, {type(pl_module.objective).__name__})",
+            )
             for callback in trainer.callbacks:
                 hook = getattr(callback, "on_stage_switch", None)
                 if hook is not None:
@@ -234,8 +241,12 @@ class LoRAExporter(pl.Callback):
                 return None
             path = policy.export(directory, state)
         stage = pl_module.stage + 1 if stage is None else stage
-        info = {"global_step": trainer.global_step, "stage": stage, "model": pl_module.policy_config.model,
-                "ema": None if ema is None else {"decay": ema.decay, "every_n_steps": ema.every_n_steps}}
+        info = {
+            "global_step": trainer.global_step,
+            "stage": stage,
+            "model": pl_module.policy_config.model,
+            "ema": None if ema is None else {"decay": ema.decay, "every_n_steps": ema.every_n_steps},
+        }
         (directory / "info.json").write_text(json.dumps(info, indent=2))
         rank_log(trainer, f"{'LoRA' if policy.lora_config is not None else 'weights'} written to {path}")
         return path
@@ -261,11 +272,16 @@ class RolloutImageLogger(pl.Callback):
 
     def __init__(self, every_n_rollouts: int = 10, dirname: str = "rollouts", tile: int = 160, columns: int = 8):
         super().__init__()
-        bad = {name: value for name, value in (("every_n_rollouts", every_n_rollouts), ("tile", tile),
-                                                 ("columns", columns)) if not (isinstance(value, int) and value >= 1)}
+        bad = {
+            name: value
+            for name, value in (("every_n_rollouts", every_n_rollouts), ("tile", tile), ("columns", columns))
+            if not (isinstance(value, int) and value >= 1)
+        }
         if bad:
-            raise ValueError(f"RolloutImageLogger: {', '.join(f'{k} {v!r}' for k, v in bad.items())}: must be a whole "
-                             f"number >= 1 (every_n_rollouts 1 logs every rollout)")
+            raise ValueError(
+                f"RolloutImageLogger: {', '.join(f'{k} {v!r}' for k, v in bad.items())}: must be a whole "
+                f"number >= 1 (every_n_rollouts 1 logs every rollout)"
+            )
         self.every_n_rollouts = every_n_rollouts
         self.dirname = dirname
         self.tile = tile
@@ -300,17 +316,21 @@ def writable(trainer, callback, what: str) -> None:
     problem = folder_problem(folder)
     if problem is not None:
         name = type(callback).__name__
-        raise OSError(f"{name}: cannot write its {what} to {folder} ({problem}): set the callback's dirname "
-                      f"(init_args.dirname, now {callback.dirname!r}, under trainer.default_root_dir) to a folder "
-                      f"you can write to")
+        raise OSError(
+            f"{name}: cannot write its {what} to {folder} ({problem}): set the callback's dirname "
+            f"(init_args.dirname, now {callback.dirname!r}, under trainer.default_root_dir) to a folder "
+            f"you can write to"
+        )
 
 
 def group_grid(group: RolloutGroup, tile: int = 160, columns: int = 8) -> Image.Image:
     """The condition's references and the group's images side by side, each image captioned with the reward's
     components and the reward (PIL image)."""
     references = [to_image_batch(r, "reference")[0] for r in group.sample.references]
-    captions = [f"reference{f' {i + 1}' if len(references) > 1 else ''}  stage {group.stage + 1}"
-                for i in range(len(references))]
+    captions = [
+        f"reference{f' {i + 1}' if len(references) > 1 else ''}  stage {group.stage + 1}"
+        for i in range(len(references))
+    ]
     out = group.output
     for k in range(group.images.shape[0]):
         parts = [f"{name} {value[k]:.2f}" for name, value in out.components.items()]

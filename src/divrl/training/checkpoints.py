@@ -27,8 +27,17 @@ from torch import Tensor, nn
 
 from divrl.policy.sharding import trainable_parameters
 
-__all__ = ["trainable_state_dict", "keep_trainable", "check_trainable_keys", "load_weights", "read_checkpoint",
-           "upgrade_hparams", "optimizer_settings", "apply_optimizer_settings", "DCP_METADATA"]
+__all__ = [
+    "trainable_state_dict",
+    "keep_trainable",
+    "check_trainable_keys",
+    "load_weights",
+    "read_checkpoint",
+    "upgrade_hparams",
+    "optimizer_settings",
+    "apply_optimizer_settings",
+    "DCP_METADATA",
+]
 
 DCP_METADATA = "meta.pt"
 """Lightning's name for the non-tensor part of a distributed checkpoint folder."""
@@ -92,8 +101,14 @@ def load_weights(module, path: str | Path) -> None:
     checkpoint = read_checkpoint(path, module)
     module.on_load_checkpoint(checkpoint)  # first: settings its weights cannot take are refused by name, not by shape
     module.load_state_dict(checkpoint["state_dict"], strict=False)
-    average = next((state["shadow"] for name, state in checkpoint.get("callbacks", {}).items()
-                    if name.startswith("AdapterEMA") and state.get("shadow")), None)
+    average = next(
+        (
+            state["shadow"]
+            for name, state in checkpoint.get("callbacks", {}).items()
+            if name.startswith("AdapterEMA") and state.get("shadow")
+        ),
+        None,
+    )
     if average is not None:  # the run's moving average: what its validation and its exported LoRA use
         module.load_state_dict(average, strict=False)
 
@@ -182,62 +197,95 @@ def resume_path(ckpt_path, folders: list[str]) -> str | None:
     naming the newest intact one, and so are a path that does not exist and one that is no training checkpoint (a LoRA
     export). ``None``, ``hpc``, ``best``, ``registry[:...]``, remote paths and sharded checkpoint folders are returned
     unchanged, for Lightning to resolve."""
-    if ckpt_path is None or ckpt_path in ("hpc", "best") or "://" in str(ckpt_path) or str(
-            ckpt_path).lower().split(":")[0] == "registry":
+    if (
+        ckpt_path is None
+        or ckpt_path in ("hpc", "best")
+        or "://" in str(ckpt_path)
+        or str(ckpt_path).lower().split(":")[0] == "registry"
+    ):
         return ckpt_path
     if ckpt_path != "last":
         path = Path(ckpt_path)
         if not path.exists():
-            raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist; pass a checkpoint of a run "
-                                    f"(<default_root_dir>/checkpoints/*.ckpt), `last` for the newest one, or no "
-                                    f"--ckpt_path to start anew")
+            raise FileNotFoundError(
+                f"--ckpt_path {ckpt_path} does not exist; pass a checkpoint of a run "
+                f"(<default_root_dir>/checkpoints/*.ckpt), `last` for the newest one, or no "
+                f"--ckpt_path to start anew"
+            )
         inside = sorted(path.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
         if inside and not is_checkpoint(path):
-            raise IsADirectoryError(f"--ckpt_path {ckpt_path} is a folder of checkpoints; pass one of them, e.g. "
-                                    f"{inside[-1]} (the newest), or `last`")
+            raise IsADirectoryError(
+                f"--ckpt_path {ckpt_path} is a folder of checkpoints; pass one of them, e.g. "
+                f"{inside[-1]} (the newest), or `last`"
+            )
         if path.suffix == ".safetensors" or (path.is_dir() and not is_checkpoint(path)):
-            raise ValueError(f"--ckpt_path {ckpt_path} is not a training checkpoint (it takes a .ckpt file or a sharded "
-                             f"checkpoint folder of a run, <default_root_dir>/checkpoints/); a LoRA or an exported "
-                             f"model is loaded by `divrl sample --lora {ckpt_path}` or `divrl evaluate --methods "
-                             f"'{{name: {ckpt_path}}}'`")
+            raise ValueError(
+                f"--ckpt_path {ckpt_path} is not a training checkpoint (it takes a .ckpt file or a sharded "
+                f"checkpoint folder of a run, <default_root_dir>/checkpoints/); a LoRA or an exported "
+                f"model is loaded by `divrl sample --lora {ckpt_path}` or `divrl evaluate --methods "
+                f"'{{name: {ckpt_path}}}'`"
+            )
         if path.is_dir():
             return ckpt_path  # a sharded checkpoint: as Lightning resolves it
-    candidates = sorted((p for folder in folders if "://" not in str(folder) for p in Path(folder).glob("*.ckpt")),
-                        key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates = sorted(
+        (p for folder in folders if "://" not in str(folder) for p in Path(folder).glob("*.ckpt")),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     if ckpt_path == "last":
         lasts = [p for p in candidates if p.name.startswith("last")]
         chosen = next((p for p in lasts if intact(p)), None)
         newest = None if chosen is not None else next((p for p in candidates if intact(p)), None)
         if chosen is None and newest is not None:
             what = f"{lasts[0]} is damaged (a save interrupted?)" if lasts else "there is no last.ckpt"
-            warnings.warn(f"--ckpt_path last: {what}; resuming from {newest}, the newest intact checkpoint", stacklevel=2)
+            warnings.warn(
+                f"--ckpt_path last: {what}; resuming from {newest}, the newest intact checkpoint", stacklevel=2
+            )
             chosen = newest
         if chosen is None and lasts:
-            raise ValueError(f"--ckpt_path last: {lasts[0]} is damaged and no intact checkpoint is beside it; start "
-                             f"again without --ckpt_path")
+            raise ValueError(
+                f"--ckpt_path last: {lasts[0]} is damaged and no intact checkpoint is beside it; start "
+                f"again without --ckpt_path"
+            )
         return str(chosen) if chosen is not None else "last"
     if isinstance(ckpt_path, (str, Path)) and Path(ckpt_path).is_file() and not intact(Path(ckpt_path)):
-        near = sorted((p for p in Path(ckpt_path).parent.glob("*.ckpt") if intact(p)),
-                      key=lambda p: p.stat().st_mtime, reverse=True)
+        near = sorted(
+            (p for p in Path(ckpt_path).parent.glob("*.ckpt") if intact(p)),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
         hint = f"; the newest intact checkpoint beside it is {near[0]}" if near else ""
         with open(ckpt_path, "rb") as file:
             head = file.read(4096)
         if head and not head.startswith(b"PK"):  # torch.save writes a zip archive; a cut-short one still starts so
-            kinds = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
-                     b"RIFF": "a WEBP image", b"\x80": "a pickle, not a zip archive"}
+            kinds = {
+                b"\x89PNG": "a PNG image",
+                b"\xff\xd8\xff": "a JPEG image",
+                b"GIF8": "a GIF image",
+                b"RIFF": "a WEBP image",
+                b"\x80": "a pickle, not a zip archive",
+            }
             kind = next((name for magic, name in kinds.items() if head.startswith(magic)), None)
             text = b"\0" not in head and head.decode("utf-8", "replace").count("\ufffd") <= 1
             kind = kind or ("a text file" if text else f"a file starting with {head[:4]!r}")
-            raise ValueError(f"--ckpt_path {ckpt_path} is not a checkpoint at all (a checkpoint is a zip archive, as "
-                             f"torch.save writes it; this is {kind}): pass a .ckpt file of a run "
-                             f"(<default_root_dir>/checkpoints/), or `last` for the newest one{hint}")
-        raise ValueError(f"--ckpt_path {ckpt_path} is damaged (not a complete checkpoint: a save or copy that was "
-                         f"cut short){hint}")
+            raise ValueError(
+                f"--ckpt_path {ckpt_path} is not a checkpoint at all (a checkpoint is a zip archive, as "
+                f"torch.save writes it; this is {kind}): pass a .ckpt file of a run "
+                f"(<default_root_dir>/checkpoints/), or `last` for the newest one{hint}"
+            )
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is damaged (not a complete checkpoint: a save or copy that was cut short){hint}"
+        )
     return ckpt_path
 
 
-FIXED_SETTINGS = ("policy.lora", "policy.lora.rank", "policy.lora.alpha", "policy.lora.target_modules",
-                  "policy.train_transformer")
+FIXED_SETTINGS = (
+    "policy.lora",
+    "policy.lora.rank",
+    "policy.lora.alpha",
+    "policy.lora.target_modules",
+    "policy.train_transformer",
+)
 """Model settings a resumed run cannot change: the trained weights belong to them. (``policy.model`` may: the same
 weights from a Hub id or from a local folder; a different architecture fails on the weights' names and shapes.)"""
 
@@ -248,7 +296,10 @@ def _plain(value):
     import dataclasses
 
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {"_class": type(value).__name__, **{f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+        return {
+            "_class": type(value).__name__,
+            **{f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)},
+        }
     if isinstance(value, dict):
         if "class_path" in value:
             return {"_class": str(value["class_path"]).rsplit(".", 1)[-1], **_plain(value.get("init_args") or {})}
@@ -286,9 +337,11 @@ def compare_settings(saved: dict, current: dict, where: str = "the checkpoint") 
     fixed = {k: v for k, v in fixed.items() if not k.startswith(("policy.lora.init", "policy.lora.dropout"))}
     if fixed:
         listed = "; ".join(f"model.{k}: {a!r} in {where}, {b!r} now" for k, (a, b) in fixed.items())
-        raise ValueError(f"loading {where} with settings its weights cannot take ({listed}); set them to the "
-                         f"checkpoint's values (in the config or on the command line), or, to train anew instead of "
-                         f"resuming, start without --ckpt_path")
+        raise ValueError(
+            f"loading {where} with settings its weights cannot take ({listed}); set them to the "
+            f"checkpoint's values (in the config or on the command line), or, to train anew instead of "
+            f"resuming, start without --ckpt_path"
+        )
     return differ
 
 
@@ -301,13 +354,18 @@ def resumed_settings(checkpoint: dict, hparams, policy=None) -> None:
         return
     old_policy = _plain(upgrade_hparams(dict(saved)).get("policy") or {})
     if policy is not None and "lora_compute_dtype" not in old_policy and policy.compute_dtype != torch.float32:
-        warnings.warn(f"the checkpoint predates policy.lora_compute_dtype: it trained with float32 adapter compute "
-                      f"and TF32 off; this run computes in {policy.compute_dtype}. To continue on the same numerics, "
-                      f"set model.policy.lora_compute_dtype: float32 and model.policy.tf32: false", stacklevel=2)
+        warnings.warn(
+            f"the checkpoint predates policy.lora_compute_dtype: it trained with float32 adapter compute "
+            f"and TF32 off; this run computes in {policy.compute_dtype}. To continue on the same numerics, "
+            f"set model.policy.lora_compute_dtype: float32 and model.policy.tf32: false",
+            stacklevel=2,
+        )
     differ = compare_settings(saved, dict(hparams))
     if differ:
         listed = "; ".join(f"model.{k}: {a!r} -> {b!r}" for k, (a, b) in differ.items())
-        warnings.warn(f"model settings that differ from the checkpoint's; the command line's apply: {listed}", stacklevel=2)
+        warnings.warn(
+            f"model settings that differ from the checkpoint's; the command line's apply: {listed}", stacklevel=2
+        )
 
 
 def optimizer_settings(optimizer, scheduler=None) -> dict:
@@ -317,8 +375,15 @@ def optimizer_settings(optimizer, scheduler=None) -> dict:
     import copy
 
     groups = [copy.deepcopy({k: v for k, v in group.items() if k != "params"}) for group in optimizer.param_groups]
-    schedule = {} if scheduler is None else {k: v for k, v in scheduler.state_dict().items()
-                                             if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+    schedule = (
+        {}
+        if scheduler is None
+        else {
+            k: v
+            for k, v in scheduler.state_dict().items()
+            if not k.startswith("_") and isinstance(v, (bool, int, float, str))
+        }
+    )
     return {"groups": groups, "scheduler": schedule}
 
 
@@ -331,8 +396,10 @@ def apply_optimizer_settings(optimizer, scheduler, configured: dict, saved: dict
     that predates the record) compares the learning rate only, and only without a scheduler, whose rate moves."""
     if saved is None or (not saved and scheduler is not None):
         return []
-    saved = saved or {"groups": [{"lr": group.get("initial_lr", group["lr"])} for group in optimizer.param_groups],
-                      "scheduler": {}}
+    saved = saved or {
+        "groups": [{"lr": group.get("initial_lr", group["lr"])} for group in optimizer.param_groups],
+        "scheduler": {},
+    }
     changes = []
     for index, (group, new, old) in enumerate(zip(optimizer.param_groups, configured["groups"], saved["groups"])):
         where = "model.optimizer" + (f" (param group {index})" if len(optimizer.param_groups) > 1 else "")

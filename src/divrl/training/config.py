@@ -20,8 +20,15 @@ from divrl.objectives.grpo import GRPOConfig
 from divrl.policy.base import PolicyConfig
 from divrl.policy.kontext import KontextConfig
 
-__all__ = ["SystemConfig", "SamplingConfig", "PolicyConfig", "KontextConfig", "GRPOConfig", "check_optimizer",
-           "check_settings"]
+__all__ = [
+    "SystemConfig",
+    "SamplingConfig",
+    "PolicyConfig",
+    "KontextConfig",
+    "GRPOConfig",
+    "check_optimizer",
+    "check_settings",
+]
 
 
 @dataclass
@@ -70,8 +77,10 @@ class SystemConfig:
         if self.rollout_chunk_groups is not None:
             positive(self, "system", "rollout_chunk_groups")
         if self.overlap_rewards and self.rollout_chunk_groups is None:
-            raise ValueError("system.overlap_rewards scores a chunk of groups while the next chunk rolls out: set "
-                             "system.rollout_chunk_groups too (e.g. 1, one group per chunk)")
+            raise ValueError(
+                "system.overlap_rewards scores a chunk of groups while the next chunk rolls out: set "
+                "system.rollout_chunk_groups too (e.g. 1, one group per chunk)"
+            )
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"system.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
 

@@ -17,8 +17,20 @@ from divrl.policy.flops import PEAK_TFLOPS
 from divrl.rewards.base import Reward, RewardOutput
 from divrl.training.scoring import GroupScoring, agreed, collect_scores, score_groups  # noqa: F401 - re-exported
 
-__all__ = ["RunEnvironment", "RolloutGroup", "GroupScoring", "agreed", "score_groups", "collect_scores",
-           "reward_metrics", "throughput", "device_peak", "end_of_run", "run_summary", "trains_on"]
+__all__ = [
+    "RunEnvironment",
+    "RolloutGroup",
+    "GroupScoring",
+    "agreed",
+    "score_groups",
+    "collect_scores",
+    "reward_metrics",
+    "throughput",
+    "device_peak",
+    "end_of_run",
+    "run_summary",
+    "trains_on",
+]
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +45,33 @@ class RunEnvironment:
         self.sampling = sampling
         self.timings = {"rollout": 0.0, "reward": 0.0}
 
-    def rollout(self, samples, group_size, generator, *, num_steps=None, noise_level=None, sde_steps=None,
-                on_chunk=None):
+    def rollout(
+        self, samples, group_size, generator, *, num_steps=None, noise_level=None, sde_steps=None, on_chunk=None
+    ):
         start = self.module._clock()
-        out = self.module._trajectories(samples, group_size, generator, num_steps=num_steps, noise_level=noise_level,
-                                        sde_steps=sde_steps, on_chunk=on_chunk)
+        out = self.module._trajectories(
+            samples,
+            group_size,
+            generator,
+            num_steps=num_steps,
+            noise_level=noise_level,
+            sde_steps=sde_steps,
+            on_chunk=on_chunk,
+        )
         self.timings["rollout"] += self.module._clock() - start
         return out
 
     def score(self, samples: Sequence[ConditionSample], images: Tensor, group_size: int) -> Scores:
         start = self.module._clock()
-        scores = score_groups(self.reward, samples, images, group_size, self.module.device, self.module._agree,
-                              self.module._count_skipped_group)
+        scores = score_groups(
+            self.reward,
+            samples,
+            images,
+            group_size,
+            self.module.device,
+            self.module._agree,
+            self.module._count_skipped_group,
+        )
         self.timings["reward"] += self.module._clock() - start
         return scores
 
@@ -53,22 +80,34 @@ class RunEnvironment:
         next chunk rolls out, and this returns once every group is scored (the same scores, bit for bit). The
         ``reward`` timing is then the scoring left after the rollout (the part not hidden)."""
         if not self.module.system.overlap_rewards:
-            condition, trajectory = self.rollout(samples, group_size, generator, noise_level=noise_level,
-                                                 sde_steps=sde_steps)
+            condition, trajectory = self.rollout(
+                samples, group_size, generator, noise_level=noise_level, sde_steps=sde_steps
+            )
             return condition, trajectory, self.score(samples, trajectory.images, group_size)
         with GroupScoring(self.reward) as scoring:
+
             def on_chunk(rows: slice, images: Tensor) -> None:
                 first = rows.start // group_size
                 for i in range(images.shape[0] // group_size):
-                    scoring.submit(samples[first + i], images[i * group_size:(i + 1) * group_size])
+                    scoring.submit(samples[first + i], images[i * group_size : (i + 1) * group_size])
 
-            condition, trajectory = self.rollout(samples, group_size, generator, noise_level=noise_level,
-                                                 sde_steps=sde_steps, on_chunk=on_chunk)
+            condition, trajectory = self.rollout(
+                samples, group_size, generator, noise_level=noise_level, sde_steps=sde_steps, on_chunk=on_chunk
+            )
             start = self.module._clock()
             # every rank agrees on errors, those of the threads included: no rank is left alone in a collective
-            scores = agreed(lambda: collect_scores(self.reward, samples, scoring.results(), group_size,
-                                                   self.module.device, self.module._count_skipped_group),
-                            self.module._agree, "the reward")
+            scores = agreed(
+                lambda: collect_scores(
+                    self.reward,
+                    samples,
+                    scoring.results(),
+                    group_size,
+                    self.module.device,
+                    self.module._count_skipped_group,
+                ),
+                self.module._agree,
+                "the reward",
+            )
         self.timings["reward"] += self.module._clock() - start
         return condition, trajectory, scores
 
@@ -93,12 +132,20 @@ def trains_on(module, collected: Batch) -> bool:
     elif collected.scores is not None:
         usable = collected.scores.kept
     else:
-        return True  # an objective that neither scores nor counts: always trains (no collective: the same on every rank)
-    missing = (f"no group with a finite reward ({type(module.reward).__name__} returned non-finite scores for every "
-               f"group)" if unscored else collected.missing)
+        return (
+            True  # an objective that neither scores nor counts: always trains (no collective: the same on every rank)
+        )
+    missing = (
+        f"no group with a finite reward ({type(module.reward).__name__} returned non-finite scores for every group)"
+        if unscored
+        else collected.missing
+    )
     if usable == 0:
-        log.warning("rollout %d: nothing to train on on this rank (%s); its update carries no gradient",
-                    module.rollouts_done, missing)
+        log.warning(
+            "rollout %d: nothing to train on on this rank (%s); its update carries no gradient",
+            module.rollouts_done,
+            missing,
+        )
     if module.trainer.strategy.reduce_boolean_decision(usable > 0, all=False):
         module._empty_rollouts = 0
         return True
@@ -129,8 +176,9 @@ def reward_metrics(outputs: Sequence[RewardOutput | None], prefix: str) -> dict[
     return metrics
 
 
-def throughput(policy, collected: Batch, samples: int, rollout_s: float, update_s: float, peak: float | None,
-               updated: bool = True) -> dict[str, float]:
+def throughput(
+    policy, collected: Batch, samples: int, rollout_s: float, update_s: float, peak: float | None, updated: bool = True
+) -> dict[str, float]:
     """Achieved TFLOP/s of the rollout and the update (the policy's analytic FLOPs of the batch's network calls) and
     MFU against ``peak`` TFLOP/s; nothing when the policy has no FLOP count, no update FLOPs when the batch was not
     applied (``updated``)."""
@@ -139,8 +187,10 @@ def throughput(policy, collected: Batch, samples: int, rollout_s: float, update_
         return {}
     rollout_flops = per_call * samples * collected.rollout_calls
     update_flops = per_call * samples * collected.update_calls if updated else 0.0
-    out = {"perf/rollout_tflops": rollout_flops / max(rollout_s, 1e-9) / 1e12,
-           "perf/update_tflops": update_flops / max(update_s, 1e-9) / 1e12}
+    out = {
+        "perf/rollout_tflops": rollout_flops / max(rollout_s, 1e-9) / 1e12,
+        "perf/update_tflops": update_flops / max(update_s, 1e-9) / 1e12,
+    }
     if peak:
         out["perf/mfu"] = (rollout_flops + update_flops) / max(rollout_s + update_s, 1e-9) / 1e12 / peak
     return out
@@ -173,9 +223,12 @@ class RolloutGroup:
     output: RewardOutput
 
 
-SKIPS = {"skipped_samples": "bad samples skipped", "skipped_groups": "groups skipped (non-finite reward)",
-         "skipped_updates": "updates skipped (non-finite loss or gradient)",
-         "empty_rollouts": "rollouts with nothing to train on, on any rank (not applied)"}
+SKIPS = {
+    "skipped_samples": "bad samples skipped",
+    "skipped_groups": "groups skipped (non-finite reward)",
+    "skipped_updates": "updates skipped (non-finite loss or gradient)",
+    "empty_rollouts": "rollouts with nothing to train on, on any rank (not applied)",
+}
 
 
 def end_of_run(module) -> None:
@@ -193,10 +246,15 @@ def end_of_run(module) -> None:
     for line in server_report(module):
         log.warning("divrl: %s", line)
     if rollouts and counters.get("empty_rollouts", 0) >= rollouts:
-        check = (". Check the reward and its scorer (e.g. `divrl score` on a few images)"
-                 if "finite reward" in module.empty_reason else "")
-        raise RuntimeError(f"every one of the run's {rollouts} rollouts was skipped (the last had "
-                           f"{module.empty_reason}): nothing was trained{check}")
+        check = (
+            ". Check the reward and its scorer (e.g. `divrl score` on a few images)"
+            if "finite reward" in module.empty_reason
+            else ""
+        )
+        raise RuntimeError(
+            f"every one of the run's {rollouts} rollouts was skipped (the last had "
+            f"{module.empty_reason}): nothing was trained{check}"
+        )
 
 
 def server_report(module) -> list[str]:
@@ -205,8 +263,11 @@ def server_report(module) -> list[str]:
     from divrl.rewards.endpoints import EndpointPool
 
     rewards = getattr(module, "rewards", None)
-    pools = [part.pool for part in (rewards.modules() if rewards is not None else ())
-             if isinstance(getattr(part, "pool", None), EndpointPool)]
+    pools = [
+        part.pool
+        for part in (rewards.modules() if rewards is not None else ())
+        if isinstance(getattr(part, "pool", None), EndpointPool)
+    ]
     return [line for pool in pools for line in pool.report()]
 
 
@@ -223,8 +284,10 @@ def run_summary(trainer, module, interrupted: bool = False) -> list[str]:
     started = getattr(trainer, "fit_started", None)
     took = f" in {time.monotonic() - started:.0f} s" if started is not None else ""
     steps = trainer.global_step
-    lines = [f"[divrl] fit {'interrupted after' if interrupted else 'ended:'} {steps} optimizer steps, "
-             f"{module.rollouts_done} rollouts, stage {module.stage + 1}{took}"]
+    lines = [
+        f"[divrl] fit {'interrupted after' if interrupted else 'ended:'} {steps} optimizer steps, "
+        f"{module.rollouts_done} rollouts, stage {module.stage + 1}{took}"
+    ]
     folders = [c for c in trainer.callbacks if type(c).__name__ == "ModelCheckpoint" and c.dirpath]
     for callback in trainer.callbacks:
         weights = Path(trainer.default_root_dir) / getattr(callback, "dirname", "")
@@ -243,8 +306,12 @@ def run_summary(trainer, module, interrupted: bool = False) -> list[str]:
         if not interrupted:
             lines.append(f"  checkpoints: {callback.dirpath}/ (newest {newest.name}; resume with --ckpt_path last)")
             continue
-        saved = max([getattr(callback, "_last_global_step_saved", 0) or 0,
-                     *(int(m[1]) for p in found if (m := re.search(r"step=(\d+)", p.name)))])
+        saved = max(
+            [
+                getattr(callback, "_last_global_step_saved", 0) or 0,
+                *(int(m[1]) for p in found if (m := re.search(r"step=(\d+)", p.name))),
+            ]
+        )
         lost = steps - saved
         after = f": {lost} optimizer step{'s' * (lost != 1)} after it will be lost" if lost else ", the last one done"
         after = f" (step {saved}{after})" if 0 < saved <= steps else ""
@@ -264,7 +331,12 @@ def run_summary(trainer, module, interrupted: bool = False) -> list[str]:
             lines.append(f"  logs:        {logger.log_dir}")
     if resume:
         argv = sys.argv[1:]
-        keep = [a for i, a in enumerate(argv) if not (a.startswith("--ckpt_path") or i and argv[i - 1] == "--ckpt_path")]
-        lines.append(f"  resume:      divrl {shlex.join(keep)} --ckpt_path last" if argv[:1] == ["fit"] else
-                     "  resume:      the same `divrl fit` command with --ckpt_path last")
+        keep = [
+            a for i, a in enumerate(argv) if not (a.startswith("--ckpt_path") or i and argv[i - 1] == "--ckpt_path")
+        ]
+        lines.append(
+            f"  resume:      divrl {shlex.join(keep)} --ckpt_path last"
+            if argv[:1] == ["fit"]
+            else "  resume:      the same `divrl fit` command with --ckpt_path last"
+        )
     return lines

@@ -173,11 +173,14 @@ class DivRLModule(pl.LightningModule):
     def on_train_start(self) -> None:
         """A resumed run trains with the command line's optimizer and scheduler settings, not the checkpoint's (which
         Lightning restored with the optimizer's state): those that changed are re-applied and listed in a warning."""
-        changes = checkpoints.apply_optimizer_settings(self.optimizers().optimizer, self.lr_schedulers(),
-                                                       self._optimizer_settings, self._resumed_settings)
+        changes = checkpoints.apply_optimizer_settings(
+            self.optimizers().optimizer, self.lr_schedulers(), self._optimizer_settings, self._resumed_settings
+        )
         if changes and self.global_rank == 0:
-            warnings.warn(f"optimizer settings that differ from the checkpoint's; the command line's apply: "
-                          f"{'; '.join(changes)}", stacklevel=2)
+            warnings.warn(
+                f"optimizer settings that differ from the checkpoint's; the command line's apply: {'; '.join(changes)}",
+                stacklevel=2,
+            )
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -222,15 +225,19 @@ class DivRLModule(pl.LightningModule):
             if metrics["perf/compile_s"] > 1.0:
                 log.info("torch.compile: %.1f s compiling in rollout %d", metrics["perf/compile_s"], self.rollouts_done)
         self.counters["train_seconds"] += self._clock() - began  # training steps only (not validation), resumes too
-        metrics.update({
-            "time/rollout": env.timings["rollout"], "time/reward": env.timings["reward"], "time/update": update_s,
-            "train/stage": float(self.stage),
-            "time/train_s": float(self.counters["train_seconds"]),
-            "data/skipped_samples": float(self.counters["skipped_samples"]),
-            "train/skipped_groups": float(self.counters["skipped_groups"]),
-            "train/skipped_updates": float(self.counters["skipped_updates"]),
-            "train/empty_rollouts": float(self.counters["empty_rollouts"]),
-        })
+        metrics.update(
+            {
+                "time/rollout": env.timings["rollout"],
+                "time/reward": env.timings["reward"],
+                "time/update": update_s,
+                "train/stage": float(self.stage),
+                "time/train_s": float(self.counters["train_seconds"]),
+                "data/skipped_samples": float(self.counters["skipped_samples"]),
+                "train/skipped_groups": float(self.counters["skipped_groups"]),
+                "train/skipped_updates": float(self.counters["skipped_updates"]),
+                "train/empty_rollouts": float(self.counters["empty_rollouts"]),
+            }
+        )
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
         for name, key in (("reward", "reward/mean"), ("loss", "train/loss")):  # the bar shows SFT's loss, no NaN reward
             if key in metrics:
@@ -247,13 +254,17 @@ class DivRLModule(pl.LightningModule):
         self.last_group = None
         if first is not None and collected.images is not None:
             images = collected.images[first * g : (first + 1) * g].detach().float().cpu()
-            self.last_group = RolloutGroup(self.global_step, self.stage, collected.samples[first], images, outputs[first])
+            self.last_group = RolloutGroup(
+                self.global_step, self.stage, collected.samples[first], images, outputs[first]
+            )
         return reward_metrics(outputs, "reward")
 
     def _update(self, collected: Batch) -> dict[str, float]:
         """Every optimizer step of the objective's updates; returns the mean of the applied updates' statistics."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        generator = torch.Generator().manual_seed(mix_seeds(self.sampling.seed + 1, self.global_rank, self.rollouts_done))
+        generator = torch.Generator().manual_seed(
+            mix_seeds(self.sampling.seed + 1, self.global_rank, self.rollouts_done)
+        )
         sums: dict[str, float] = defaultdict(float)
         updates = 0
         for items in self.objective.updates(collected, generator):
@@ -273,8 +284,10 @@ class DivRLModule(pl.LightningModule):
         """
         count = len(items)
         if not count:
-            raise ValueError(f"{type(self.objective).__name__}.updates yielded an empty update: every update needs at "
-                             f"least one work item (and the same number on every rank)")
+            raise ValueError(
+                f"{type(self.objective).__name__}.updates yielded an empty update: every update needs at "
+                f"least one work item (and the same number on every rank)"
+            )
         max_stats = self.objective.max_stats
         sums: dict[str, Tensor] = {}
 
@@ -301,8 +314,11 @@ class DivRLModule(pl.LightningModule):
         stats = {k: v.item() for k, v in sums.items()}  # the one host sync of the update
         finite = math.isfinite(stats["train/loss"]) and math.isfinite(norm.item())
         if not finite:
-            log.warning("non-finite %s at rollout %d: update skipped", "loss" if not math.isfinite(stats["train/loss"])
-                        else "gradient norm", self.rollouts_done)
+            log.warning(
+                "non-finite %s at rollout %d: update skipped",
+                "loss" if not math.isfinite(stats["train/loss"]) else "gradient norm",
+                self.rollouts_done,
+            )
         if not self._agree(finite):  # any rank non-finite: all skip
             if finite:
                 log.warning("update at rollout %d skipped: another rank had a non-finite loss", self.rollouts_done)
@@ -331,8 +347,17 @@ class DivRLModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ sampling
 
-    def _trajectories(self, samples: Sequence[ConditionSample], group_size: int, generator: torch.Generator, *,
-                      num_steps: int | None = None, noise_level: float | None = None, sde_steps=None, on_chunk=None):
+    def _trajectories(
+        self,
+        samples: Sequence[ConditionSample],
+        group_size: int,
+        generator: torch.Generator,
+        *,
+        num_steps: int | None = None,
+        noise_level: float | None = None,
+        sde_steps=None,
+        on_chunk=None,
+    ):
         """``group_size`` trajectories per condition with decoded images: the one sampling path of training,
         validation, ``divrl sample`` and ``divrl evaluate``; ``system.rollout_chunk_groups`` groups at a time when set,
         each chunk's decoded images handed to ``on_chunk(rows, images)`` (pipelined scoring)."""
@@ -344,22 +369,35 @@ class DivRLModule(pl.LightningModule):
         condition = agreed(lambda: self.policy.encode(samples, size, size, group_size), self._agree, "encoding")
         keep = self.system.rollout_keep_gathered
         with torch.no_grad(), gathered(self.policy.network) if keep else contextlib.nullcontext():  # FSDP2: one gather
-            settings = dict(num_steps=steps, noise_level=noise, sde_steps=sde_steps if noise > 0 else [False] * steps,
-                            generator=generator, micro_batch_size=self.system.rollout_micro_batch_size)
+            settings = dict(
+                num_steps=steps,
+                noise_level=noise,
+                sde_steps=sde_steps if noise > 0 else [False] * steps,
+                generator=generator,
+                micro_batch_size=self.system.rollout_micro_batch_size,
+            )
             rows = (self.system.rollout_chunk_groups or len(samples)) * group_size  # None: one chunk, the batch
             trajectory = rollout_chunks(self.policy, condition, rows, on_chunk=on_chunk, **settings)
         return condition, trajectory
 
     @torch.no_grad()
-    def generate(self, samples: Sequence[ConditionSample], num_samples: int, generator: torch.Generator, *,
-                 num_steps: int | None = None, noise_level: float = 0.0) -> Tensor:
+    def generate(
+        self,
+        samples: Sequence[ConditionSample],
+        num_samples: int,
+        generator: torch.Generator,
+        *,
+        num_steps: int | None = None,
+        noise_level: float = 0.0,
+    ) -> Tensor:
         """``num_samples`` images per condition, ``(len(samples)·num_samples, 3, H, W)`` in [0, 1]: the deterministic
         sampler by default (``noise_level > 0`` samples like training rollouts, every step stochastic), at
         ``sampling.resolution`` with ``num_steps`` (default ``sampling.num_steps``) steps, with the policy's attention
         kernels. With a LoRA, call it inside ``policy.adapter_disabled()`` for the base model."""
         with self.policy.attention():
-            _, trajectory = self._trajectories(samples, num_samples, generator, num_steps=num_steps,
-                                               noise_level=noise_level)
+            _, trajectory = self._trajectories(
+                samples, num_samples, generator, num_steps=num_steps, noise_level=noise_level
+            )
         return trajectory.images
 
     # ------------------------------------------------------------------------------------------------ validation
@@ -398,8 +436,12 @@ class DivRLModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoints.keep_trainable(checkpoint, self)
-        checkpoint["divrl"] = {"stage": self.stage, "rollouts_done": self.rollouts_done, "counters": dict(self.counters),
-                               "optimizer_settings": self._optimizer_settings}
+        checkpoint["divrl"] = {
+            "stage": self.stage,
+            "rollouts_done": self.rollouts_done,
+            "counters": dict(self.counters),
+            "optimizer_settings": self._optimizer_settings,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("divrl", {})

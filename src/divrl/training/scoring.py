@@ -28,7 +28,9 @@ def agreed(fn: Callable[[], object], agree: Callable[[bool], bool], what: str):
     except Exception as err:  # noqa: BLE001 - re-raised below, once every rank knows
         result, error = None, err
     if not agree(error is None):
-        raise error or RuntimeError(f"{what} failed on another rank (that rank's log has the error); stopping every rank")
+        raise error or RuntimeError(
+            f"{what} failed on another rank (that rank's log has the error); stopping every rank"
+        )
     return result
 
 
@@ -54,8 +56,14 @@ def score_groups(
     return agreed(score, agree, "the reward")
 
 
-def collect_scores(reward: Reward, samples: Sequence[ConditionSample], results: Sequence[RewardOutput | Exception],
-                   group_size: int, device: torch.device, on_skip: Callable[[], None] = lambda: None) -> Scores:
+def collect_scores(
+    reward: Reward,
+    samples: Sequence[ConditionSample],
+    results: Sequence[RewardOutput | Exception],
+    group_size: int,
+    device: torch.device,
+    on_skip: Callable[[], None] = lambda: None,
+) -> Scores:
     """The :class:`Scores` of each group's result, in order. A group whose reward is not finite
     (:class:`~divrl.rewards.NonFiniteReward`) is skipped (``on_skip``) and logged: its row is 0 and not kept. Any
     other exception is a configuration error: it is logged with the identity and raised."""
@@ -69,8 +77,14 @@ def collect_scores(reward: Reward, samples: Sequence[ConditionSample], results: 
             outputs.append(None)
             continue
         if isinstance(out, Exception):
-            log.error("%s failed on identity %r (%r): %s: %s", type(reward).__name__, sample.id, sample.prompt,
-                      type(out).__name__, out)
+            log.error(
+                "%s failed on identity %r (%r): %s: %s",
+                type(reward).__name__,
+                sample.id,
+                sample.prompt,
+                type(out).__name__,
+                out,
+            )
             raise out
         rows.append(out.reward)
         keep.append(True)
@@ -156,8 +170,9 @@ class _ThreadState:
     def __init__(self):
         self.grad = torch.is_grad_enabled()
         self.inference = torch.is_inference_mode_enabled()
-        self.autocast = [(kind, torch.get_autocast_dtype(kind)) for kind in ("cpu", "cuda")
-                         if torch.is_autocast_enabled(kind)]
+        self.autocast = [
+            (kind, torch.get_autocast_dtype(kind)) for kind in ("cpu", "cuda") if torch.is_autocast_enabled(kind)
+        ]
         self.cuda = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
     @contextlib.contextmanager

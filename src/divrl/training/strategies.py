@@ -21,8 +21,15 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from divrl.policy.sharding import shard_network, shard_network_fsdp1, trainable_parameters
 from divrl.training.checkpoints import DCP_METADATA, check_trainable_keys
 
-__all__ = ["FSDP1Strategy", "FSDP2Strategy", "shard_policy", "data_parallel_mesh", "check_strategy",
-           "check_optimizer_strategy", "is_fsdp1"]
+__all__ = [
+    "FSDP1Strategy",
+    "FSDP2Strategy",
+    "shard_policy",
+    "data_parallel_mesh",
+    "check_strategy",
+    "check_optimizer_strategy",
+    "is_fsdp1",
+]
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -36,8 +43,12 @@ class FSDP2Strategy(ModelParallelStrategy):
     """
 
     def __init__(self, data_parallel_size: int | str = "auto", save_distributed_checkpoint: bool = True, **kwargs):
-        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=1,
-                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            **kwargs,
+        )
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":  # Lightning's "auto" is one replica per node (TP inside); ours: all
@@ -107,15 +118,23 @@ class FSDP1Strategy(FSDPStrategy):
 
     def __init__(self, **kwargs):
         if kwargs.pop("state_dict_type", "full") != "full":
-            raise ValueError("FSDP1Strategy: state_dict_type must be 'full': the LoRA weights are not sharded, so "
-                             "checkpoints are single files (sharded checkpoints: divrl.training.FSDP2Strategy)")
+            raise ValueError(
+                "FSDP1Strategy: state_dict_type must be 'full': the LoRA weights are not sharded, so "
+                "checkpoints are single files (sharded checkpoints: divrl.training.FSDP2Strategy)"
+            )
         if not kwargs.pop("use_orig_params", True):
-            raise ValueError("FSDP1Strategy: use_orig_params must be true (the optimizer and the LoRA export address "
-                             "the original parameters); remove it")
+            raise ValueError(
+                "FSDP1Strategy: use_orig_params must be true (the optimizer and the LoRA export address "
+                "the original parameters); remove it"
+            )
         recompute = "set model.policy.gradient_checkpointing: full (or selective)"
-        why = {"auto_wrap_policy": "each FLUX block is one unit", "activation_checkpointing": recompute,
-               "activation_checkpointing_policy": recompute, "cpu_offload": "not supported here",
-               "mixed_precision": "set model.policy.torch_dtype"}
+        why = {
+            "auto_wrap_policy": "each FLUX block is one unit",
+            "activation_checkpointing": recompute,
+            "activation_checkpointing_policy": recompute,
+            "cpu_offload": "not supported here",
+            "mixed_precision": "set model.policy.torch_dtype",
+        }
         for name, fix in why.items():
             if kwargs.get(name):
                 raise ValueError(f"FSDP1Strategy: {name} is not taken ({fix}); remove it")
@@ -135,8 +154,10 @@ class FSDP1Strategy(FSDPStrategy):
         """What :func:`shard_policy` passes to each block's ``FullyShardedDataParallel`` (and ``device``)."""
         precision = getattr(self.precision_plugin, "precision", "32-true")
         if precision not in ("32-true", "32"):
-            raise ValueError(f"FSDP1Strategy: trainer.precision {precision!r} would cast the bf16 base and fp32 "
-                             f"adapters alike; leave trainer.precision at 32-true and set model.policy.torch_dtype")
+            raise ValueError(
+                f"FSDP1Strategy: trainer.precision {precision!r} would cast the bf16 base and fp32 "
+                f"adapters alike; leave trainer.precision at 32-true and set model.policy.torch_dtype"
+            )
         extra = {k: v for k, v in self.kwargs.items() if k not in ("use_orig_params", "auto_wrap_policy")}
         return {**extra, "sharding_strategy": self.sharding_strategy, "device": self.root_device}
 
@@ -149,8 +170,10 @@ class FSDP1Strategy(FSDPStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
         if not path.is_file():
-            raise FileNotFoundError(f"FSDP1Strategy: checkpoint {str(path)!r} is not a file (FSDP1 checkpoints are "
-                                    f"single .ckpt files; a folder was written by FSDP2Strategy: resume with it)")
+            raise FileNotFoundError(
+                f"FSDP1Strategy: checkpoint {str(path)!r} is not a file (FSDP1 checkpoints are "
+                f"single .ckpt files; a folder was written by FSDP2Strategy: resume with it)"
+            )
         checkpoint = self.checkpoint_io.load_checkpoint(path, map_location="cpu", weights_only=weights_only)
         params = trainable_parameters(self.lightning_module)
         check_trainable_keys(set(params), set(checkpoint["state_dict"]), f"checkpoint {path}")
@@ -160,8 +183,10 @@ class FSDP1Strategy(FSDPStrategy):
         states = checkpoint.get("optimizer_states")
         if states is not None and self.lightning_module.trainer.state.fn == "fit":
             if len(states) != len(self.optimizers):
-                raise RuntimeError(f"checkpoint {path} has {len(states)} optimizer states for {len(self.optimizers)} "
-                                   f"optimizers; resume with the same model.optimizer")
+                raise RuntimeError(
+                    f"checkpoint {path} has {len(states)} optimizer states for {len(self.optimizers)} "
+                    f"optimizers; resume with the same model.optimizer"
+                )
             for optimizer, state in zip(self.optimizers, states, strict=True):
                 optimizer.load_state_dict(state)
         return checkpoint

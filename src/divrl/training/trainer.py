@@ -72,8 +72,10 @@ class DivRLTrainer(pl.Trainer):
             text = re.sub(r"`Trainer\((\w+)=([^`]*)\)`", r"trainer.\1: \2", str(err))  # `Trainer(devices='0')`
             text = re.sub(r"`(\w+)`", lambda m: f"trainer.{m[1]}" if m[1] in keys else m[0], text)
             if "trainer.devices" in text:
-                text = text.rstrip(". ") + ("; give a number of devices >= 1, a list of device indices, -1 for all of them, or auto (with "
-                         "trainer.accelerator cpu: a number of processes)")
+                text = text.rstrip(". ") + (
+                    "; give a number of devices >= 1, a list of device indices, -1 for all of them, or auto (with "
+                    "trainer.accelerator cpu: a number of processes)"
+                )
             raise ValueError(text) from None
         for callback in self.checkpoint_callbacks:
             if getattr(callback, "dirpath", "") is None:
@@ -81,9 +83,15 @@ class DivRLTrainer(pl.Trainer):
         if type(self.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not one the user chose
             self.strategy.checkpoint_io = AtomicCheckpointIO()
 
-    def fit(self, model: pl.LightningModule, train_dataloaders=None, val_dataloaders=None,
-            datamodule: pl.LightningDataModule | None = None, ckpt_path: str | None = None,
-            weights_only: bool | None = None) -> None:
+    def fit(
+        self,
+        model: pl.LightningModule,
+        train_dataloaders=None,
+        val_dataloaders=None,
+        datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        weights_only: bool | None = None,
+    ) -> None:
         """Lightning's ``fit``; ``ckpt_path``: ``last`` (the newest intact checkpoint), ``hpc``, ``best``, or a
         checkpoint file or folder to resume from."""
         folders = [c.dirpath for c in self.checkpoint_callbacks if getattr(c, "dirpath", None)]
@@ -93,9 +101,11 @@ class DivRLTrainer(pl.Trainer):
         ckpt_path = resume_path(ckpt_path, folders)
         stages = max(len(getattr(model, "rewards", [])), len(getattr(model, "objectives", [])))
         if stages > 1 and not any(isinstance(c, StageSwitch) for c in self.callbacks):
-            raise ValueError(f"model.rewards / model.objective give {stages} stages but trainer.callbacks has no "
-                             f"divrl.training.StageSwitch to move between them: add one (init_args: {{switch_steps: "
-                             f"[...]}}), or give one reward and one objective")
+            raise ValueError(
+                f"model.rewards / model.objective give {stages} stages but trainer.callbacks has no "
+                f"divrl.training.StageSwitch to move between them: add one (init_args: {{switch_steps: "
+                f"[...]}}), or give one reward and one objective"
+            )
         if "://" not in str(self.default_root_dir):  # before Lightning's traceback at its first write there
             writable_folder(Path(self.default_root_dir), "trainer.default_root_dir")
         self.fit_started = time.monotonic()  # for the end-of-fit summary
@@ -110,17 +120,25 @@ class DivRLTrainer(pl.Trainer):
             if threading.current_thread() is threading.main_thread() and handler is not None:
                 signal.signal(signal.SIGINT, handler)  # Lightning ignores a second Ctrl-C for good (a notebook's too)
 
-    def validate(self, model: pl.LightningModule | None = None, dataloaders=None, ckpt_path: str | None = None,
-                 verbose: bool = True, datamodule: pl.LightningDataModule | None = None,
-                 weights_only: bool | None = None):
+    def validate(
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders=None,
+        ckpt_path: str | None = None,
+        verbose: bool = True,
+        datamodule: pl.LightningDataModule | None = None,
+        weights_only: bool | None = None,
+    ):
         """Lightning's ``validate``; ``ckpt_path`` is resolved and checked as ``fit``'s (a missing file, a LoRA export
         or a damaged file is refused by name)."""
         folders = [c.dirpath for c in self.checkpoint_callbacks if getattr(c, "dirpath", None)]
         ckpt_path = resume_path(ckpt_path, folders)
         if ckpt_path == "last":  # fit starts anew; validate would silently score the base model
             where = " or ".join(str(f) for f in folders) or f"{self.default_root_dir}/checkpoints"
-            raise FileNotFoundError(f"--ckpt_path last: no checkpoint in {where}; pass a run's checkpoint (or that run's "
-                                    f"--trainer.default_root_dir), or drop --ckpt_path to validate the base model")
+            raise FileNotFoundError(
+                f"--ckpt_path last: no checkpoint in {where}; pass a run's checkpoint (or that run's "
+                f"--trainer.default_root_dir), or drop --ckpt_path to validate the base model"
+            )
         return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     @torch.no_grad()
@@ -173,16 +191,23 @@ class DivRLTrainer(pl.Trainer):
         out = Path(output_dir)
         if (out / "samples.json").exists():  # before minutes of loading a model
             done = '"complete": false' not in (out / "samples.json").read_text(errors="replace")
-            raise FileExistsError(f"--output_dir {out} already holds the samples.json of an earlier run"
-                                  f"{'' if done else ' (stopped before it finished)'}; pass another --output_dir (or "
-                                  f"delete that folder) so nothing is overwritten")
+            raise FileExistsError(
+                f"--output_dir {out} already holds the samples.json of an earlier run"
+                f"{'' if done else ' (stopped before it finished)'}; pass another --output_dir (or "
+                f"delete that folder) so nothing is overwritten"
+            )
         conditions = _conditions(datamodule, reference, prompts, mask, num_identities, subjects)  # before the model
-        planned = [out / c.id / f"{i:03d}_{name}.png" for i, c in enumerate(conditions)
-                   for name in [*map(str, range(num_samples)), "grid"]]
+        planned = [
+            out / c.id / f"{i:03d}_{name}.png"
+            for i, c in enumerate(conditions)
+            for name in [*map(str, range(num_samples)), "grid"]
+        ]
         taken = next((path for path in planned if path.exists()), None)
         if taken is not None:  # a user's files where this run writes (no samples.json: not an earlier divrl sample)
-            raise FileExistsError(f"--output_dir {out} already holds {taken}, which this run would overwrite; pass "
-                                  f"another --output_dir (or move that file)")
+            raise FileExistsError(
+                f"--output_dir {out} already holds {taken}, which this run would overwrite; pass "
+                f"another --output_dir (or move that file)"
+            )
         writable_folder(out, "--output_dir")
         model.configure_model()
         if lora is not None:
@@ -190,8 +215,16 @@ class DivRLTrainer(pl.Trainer):
             _check_finite(model, lora, "--lora")
         model.to(self.strategy.root_device).eval()
         records = []
-        meta = {"lora": lora, "stage": model.stage + 1, "reward": type(model.reward).__name__, "num_steps": num_steps,
-                "noise_level": noise_level, "seed": seed, "complete": False, "samples": records}
+        meta = {
+            "lora": lora,
+            "stage": model.stage + 1,
+            "reward": type(model.reward).__name__,
+            "num_steps": num_steps,
+            "noise_level": noise_level,
+            "seed": seed,
+            "complete": False,
+            "samples": records,
+        }
         for index, condition in enumerate(conditions):
             generator = torch.Generator().manual_seed(mix_seeds(seed, index))
             images = model.generate([condition], num_samples, generator, num_steps=num_steps, noise_level=noise_level)
@@ -206,13 +239,19 @@ class DivRLTrainer(pl.Trainer):
                 files.append(str(path))
             group_grid(RolloutGroup(0, model.stage, condition, images, scores)).save(folder / f"{index:03d}_grid.png")
             components = {name: value.tolist() for name, value in scores.components.items()}
-            records.append({"id": condition.id, "prompt": condition.prompt, "files": files,
-                            "reward": scores.reward.tolist(), **components})
+            records.append(
+                {
+                    "id": condition.id,
+                    "prompt": condition.prompt,
+                    "files": files,
+                    "reward": scores.reward.tolist(),
+                    **components,
+                }
+            )
             _write_json(out / "samples.json", meta)  # after every group: no image the file does not list
         _write_json(out / "samples.json", {**meta, "complete": True})
         print(f"[divrl] wrote {sum(len(r['files']) for r in records)} images to {out}")
         return out
-
 
     @torch.no_grad()
     def evaluate(
@@ -263,15 +302,21 @@ class DivRLTrainer(pl.Trainer):
                 "divrl evaluate runs in one process (it writes one set of files); start it without torchrun/srun "
                 "tasks > 1, with trainer.devices: 1"
             )
-        _at_least_one(num_samples=num_samples, num_steps=num_steps, num_identities=num_identities,
-                      prompts_per_identity=prompts_per_identity)
+        _at_least_one(
+            num_samples=num_samples,
+            num_steps=num_steps,
+            num_identities=num_identities,
+            prompts_per_identity=prompts_per_identity,
+        )
         evaluate_inputs(methods, samples_dir, sample_methods, output_dir, grid_conditions)
         evaluation = Evaluation(suite, output_dir, num_samples, seed, grid_conditions, progress)
         suite.to(self.strategy.root_device)
         conditions = None
         if datamodule is not None:
             shards = datamodule.val_shards if datamodule.val_shards is not None else datamodule.shards
-            conditions = data_conditions(resolve_shards(shards, "data.val_shards"), num_identities, prompts_per_identity)
+            conditions = data_conditions(
+                resolve_shards(shards, "data.val_shards"), num_identities, prompts_per_identity
+            )
         methods = {"base": None} if methods is None and samples_dir is None else dict(methods or {})
         if methods and conditions is None:
             raise ValueError("generating samples needs identities: configure `data` (val_shards)")
@@ -285,13 +330,20 @@ class DivRLTrainer(pl.Trainer):
         writable_folder(Path(output_dir), "--output_dir")
         # the base model first: a full fine-tune loaded for another method would otherwise replace its weights
         for name, weights in sorted(methods.items(), key=lambda item: item[1] is not None):
-            evaluation.run_method(name, conditions, self._eval_generator(model, weights, num_steps, f"methods.{name}"),
-                                  meta=self._eval_meta(model, weights, num_steps))
+            evaluation.run_method(
+                name,
+                conditions,
+                self._eval_generator(model, weights, num_steps, f"methods.{name}"),
+                meta=self._eval_meta(model, weights, num_steps),
+            )
         if samples_dir is not None:
             categories = {c.id: c.category for c in conditions or [] if c.category}
             for name in names:
-                evaluation.run_method(name, samples_layout(samples_dir, name, categories),
-                                      meta={"samples_dir": str(Path(samples_dir).resolve())})
+                evaluation.run_method(
+                    name,
+                    samples_layout(samples_dir, name, categories),
+                    meta={"samples_dir": str(Path(samples_dir).resolve())},
+                )
         metrics = evaluation.write_reports()
         print(f"[divrl] evaluation of {', '.join(metrics['methods'])} written to {output_dir}")
         print((Path(output_dir) / "table.md").read_text().split("\n## ")[0])
@@ -314,33 +366,49 @@ class DivRLTrainer(pl.Trainer):
 
     @staticmethod
     def _eval_meta(model: DivRLModule, weights: str | None, num_steps: int) -> dict:
-        return {"weights": None if weights is None else str(Path(weights).resolve()), "num_steps": num_steps,
-                "weights_files": _stamp(weights), "model": str(model.policy_config.model),
-                "resolution": model.sampling.resolution}
+        return {
+            "weights": None if weights is None else str(Path(weights).resolve()),
+            "num_steps": num_steps,
+            "weights_files": _stamp(weights),
+            "model": str(model.policy_config.model),
+            "resolution": model.sampling.resolution,
+        }
 
 
-_MANUAL = {"accumulate_grad_batches": (1, "objective.micro_batch_size and the objective's updates_per_epoch set how "
-                                          "many samples each update sums"),
-           "gradient_clip_val": (None, "model.system.max_grad_norm clips every update (paper: 1.0)")}
+_MANUAL = {
+    "accumulate_grad_batches": (
+        1,
+        "objective.micro_batch_size and the objective's updates_per_epoch set how many samples each update sums",
+    ),
+    "gradient_clip_val": (None, "model.system.max_grad_norm clips every update (paper: 1.0)"),
+}
 
 
 def _check_trainer_settings(settings: dict) -> None:
     """Trainer settings divrl's manual optimization handles itself, refused with what sets them instead."""
     for key, (default, instead) in _MANUAL.items():
-        if settings.get(key, default) not in (default, None) and not (key == "gradient_clip_val" and settings[key] == 0):
-            raise ValueError(f"trainer.{key} {settings[key]!r}: divrl optimizes manually and Lightning cannot do this "
-                             f"for it; {instead}")
+        if settings.get(key, default) not in (default, None) and not (
+            key == "gradient_clip_val" and settings[key] == 0
+        ):
+            raise ValueError(
+                f"trainer.{key} {settings[key]!r}: divrl optimizes manually and Lightning cannot do this "
+                f"for it; {instead}"
+            )
     callbacks = settings.get("callbacks") or []
     kinds = [type(c).__name__ for c in (callbacks if isinstance(callbacks, list) else [callbacks])]
     twice = sorted({kind for kind in kinds if kind in ("StageSwitch", "AdapterEMA") and kinds.count(kind) > 1})
     if twice:  # stateful: else Lightning's traceback about a callback's state_key
-        raise ValueError(f"trainer.callbacks holds {', '.join(f'{kinds.count(k)} {k}' for k in twice)}; give one of each "
-                         f"(a StageSwitch takes every switch step in its switch_steps, e.g. [60, 120]); a config's "
-                         f"callbacks and --trainer.callbacks+=... add up")
+        raise ValueError(
+            f"trainer.callbacks holds {', '.join(f'{kinds.count(k)} {k}' for k in twice)}; give one of each "
+            f"(a StageSwitch takes every switch step in its switch_steps, e.g. [60, 120]); a config's "
+            f"callbacks and --trainer.callbacks+=... add up"
+        )
     if str(settings.get("precision") or "32-true") not in ("32", "32-true"):
-        raise ValueError(f"trainer.precision {settings['precision']!r}: divrl sets its numerics itself (the frozen base "
-                         f"in policy.torch_dtype, the adapter's compute in policy.lora_compute_dtype, rewards in float32);"
-                         f" leave trainer.precision at 32-true")
+        raise ValueError(
+            f"trainer.precision {settings['precision']!r}: divrl sets its numerics itself (the frozen base "
+            f"in policy.torch_dtype, the adapter's compute in policy.lora_compute_dtype, rewards in float32);"
+            f" leave trainer.precision at 32-true"
+        )
 
 
 def asks_for_gpus(err: Exception) -> bool:
@@ -355,8 +423,10 @@ def _check_finite(model: DivRLModule, weights: str, flag: str) -> None:
     bad = next((name for name, p in trainable_state_dict(model).items() if not torch.isfinite(p).all()), None)
     if bad is not None:
         file = Path(weights) / LORA_FILE if (Path(weights) / LORA_FILE).is_file() else Path(weights)
-        raise ValueError(f"{flag} {file}: its weights are not finite (NaN or inf in {bad}); the run that wrote them "
-                         f"diverged: export it again or pick another checkpoint (an earlier one)")
+        raise ValueError(
+            f"{flag} {file}: its weights are not finite (NaN or inf in {bad}); the run that wrote them "
+            f"diverged: export it again or pick another checkpoint (an earlier one)"
+        )
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -372,5 +442,6 @@ def _stamp(weights: str | None) -> list | None:
         return None
     path = Path(weights)
     files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-    return [[str(f.relative_to(path) if path.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns]
-            for f in files]
+    return [
+        [str(f.relative_to(path) if path.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns] for f in files
+    ]

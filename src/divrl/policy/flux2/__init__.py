@@ -10,5 +10,13 @@ from divrl.policy.loading import register_family
 
 register_family("Flux2KleinPipeline", "FLUX.2 [klein]", "divrl.policy.flux2.Flux2KleinConfig", "flux.2-klein")
 
-__all__ = ["Flux2KleinPolicy", "Flux2KleinConfig", "KleinCondition", "KleinEncoder", "KLEIN_LORA_TARGETS",
-           "KLEIN_TEXT_LAYERS", "TINY_KLEIN", "klein_flops"]
+__all__ = [
+    "Flux2KleinPolicy",
+    "Flux2KleinConfig",
+    "KleinCondition",
+    "KleinEncoder",
+    "KLEIN_LORA_TARGETS",
+    "KLEIN_TEXT_LAYERS",
+    "TINY_KLEIN",
+    "klein_flops",
+]

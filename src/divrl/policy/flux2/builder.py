@@ -20,9 +20,14 @@ KLEIN_MODELS = {
 """The released klein checkpoints on the Hub."""
 
 
-def load_pipeline(model: str | os.PathLike = "black-forest-labs/FLUX.2-klein-base-4B", *,
-                  torch_dtype: str | torch.dtype | None = "auto", local_files_only: bool = False,
-                  revision: str | None = None, text_encoders: bool = True):
+def load_pipeline(
+    model: str | os.PathLike = "black-forest-labs/FLUX.2-klein-base-4B",
+    *,
+    torch_dtype: str | torch.dtype | None = "auto",
+    local_files_only: bool = False,
+    revision: str | None = None,
+    text_encoders: bool = True,
+):
     """A ``Flux2KleinPipeline`` from a Hub id (:data:`KLEIN_MODELS`) or a local folder in diffusers' format.
 
     Args:
@@ -39,5 +44,12 @@ def load_pipeline(model: str | os.PathLike = "black-forest-labs/FLUX.2-klein-bas
     from diffusers import Flux2KleinPipeline
 
     skip = {} if text_encoders else dict(text_encoder=None, tokenizer=None)
-    return load_family_pipeline(Flux2KleinPipeline, model, who="Flux2KleinPolicy", torch_dtype=torch_dtype,
-                                local_files_only=local_files_only, revision=revision, skip=skip)
+    return load_family_pipeline(
+        Flux2KleinPipeline,
+        model,
+        who="Flux2KleinPolicy",
+        torch_dtype=torch_dtype,
+        local_files_only=local_files_only,
+        revision=revision,
+        skip=skip,
+    )

@@ -62,40 +62,61 @@ class Flux2KleinConfig(PolicyConfig):
         if self.torch_dtype != "auto":
             parse_dtype(self.torch_dtype, "policy.torch_dtype (or 'auto')")
         if isinstance(self.max_sequence_length, bool) or not self.max_sequence_length >= 1:
-            raise ValueError(f"policy.max_sequence_length must be >= 1 (text tokens per prompt; klein: 512), got "
-                             f"{self.max_sequence_length}")
+            raise ValueError(
+                f"policy.max_sequence_length must be >= 1 (text tokens per prompt; klein: 512), got "
+                f"{self.max_sequence_length}"
+            )
         if isinstance(self.guidance_scale, bool) or not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise ValueError(f"policy.guidance_scale must be a finite number >= 0 (klein base: 4.0; 1: no CFG), got "
-                             f"{self.guidance_scale}")
+            raise ValueError(
+                f"policy.guidance_scale must be a finite number >= 0 (klein base: 4.0; 1: no CFG), got "
+                f"{self.guidance_scale}"
+            )
         if self.lora is not None and tuple(self.lora.target_modules) == tuple(DEFAULT_LORA_TARGETS):
             self.lora = replace(self.lora, target_modules=KLEIN_LORA_TARGETS)  # saved in the run's settings as trained
         layers = self.text_encoder_out_layers
-        if layers is not None and (not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
-                                                     for i in layers)):
-            raise ValueError(f"policy.text_encoder_out_layers must be a non-empty list of layer indices >= 0 (klein: "
-                             f"[9, 18, 27]), got {layers}")
+        if layers is not None and (
+            not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)
+        ):
+            raise ValueError(
+                f"policy.text_encoder_out_layers must be a non-empty list of layer indices >= 0 (klein: "
+                f"[9, 18, 27]), got {layers}"
+            )
 
     def load(self) -> Flux2KleinPolicy:
         """Load (or build) the policy."""
         from divrl.policy.flux2.tiny import TINY_TEXT_LAYERS
 
         layers = self.text_encoder_out_layers or (TINY_TEXT_LAYERS if self.model == TINY_KLEIN else KLEIN_TEXT_LAYERS)
-        common = dict(lora=self.lora, guidance_scale=self.guidance_scale, cfg_batched=self.cfg_batched,
-                      max_sequence_length=self.max_sequence_length, text_encoder_out_layers=tuple(layers),
-                      train_transformer=self.train_transformer, lora_compute_dtype=self.compute_dtype,
-                      reference_window=self.reference_window)
+        common = dict(
+            lora=self.lora,
+            guidance_scale=self.guidance_scale,
+            cfg_batched=self.cfg_batched,
+            max_sequence_length=self.max_sequence_length,
+            text_encoder_out_layers=tuple(layers),
+            train_transformer=self.train_transformer,
+            lora_compute_dtype=self.compute_dtype,
+            reference_window=self.reference_window,
+        )
         if self.model == TINY_KLEIN:
             from divrl.policy.flux2.tiny import tiny_klein_components
 
             dtype = None if self.torch_dtype == "auto" else self.torch_dtype
-            policy = Flux2KleinPolicy(**tiny_klein_components(self.tiny_seed), base_dtype=dtype, model_id=TINY_KLEIN,
-                                      **common)
+            policy = Flux2KleinPolicy(
+                **tiny_klein_components(self.tiny_seed), base_dtype=dtype, model_id=TINY_KLEIN, **common
+            )
         else:
-            policy = Flux2KleinPolicy.from_pretrained(self.model, torch_dtype=self.torch_dtype,
-                                                      local_files_only=self.local_files_only, revision=self.revision,
-                                                      text_encoders=self.text_encoders, **common)
+            policy = Flux2KleinPolicy.from_pretrained(
+                self.model,
+                torch_dtype=self.torch_dtype,
+                local_files_only=self.local_files_only,
+                revision=self.revision,
+                text_encoders=self.text_encoders,
+                **common,
+            )
         encoder = policy.text_encoder
         if encoder is not None and max(layers) > encoder.config.num_hidden_layers:
-            raise ValueError(f"policy.text_encoder_out_layers {list(layers)}: the text encoder of {self.model} has "
-                             f"{encoder.config.num_hidden_layers} layers; give indices up to it (klein: [9, 18, 27])")
+            raise ValueError(
+                f"policy.text_encoder_out_layers {list(layers)}: the text encoder of {self.model} has "
+                f"{encoder.config.num_hidden_layers} layers; give indices up to it (klein: [9, 18, 27])"
+            )
         return policy

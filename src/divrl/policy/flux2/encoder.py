@@ -39,8 +39,16 @@ log = logging.getLogger(__name__)
 FAMILY = "flux2-klein"
 """The ``family`` entry of this family's precomputed payloads (a Kontext payload has none)."""
 
-PAYLOAD_FIELDS = ("family", "model", "resolution", "max_sequence_length", "text_encoder_out_layers", "prompt_embeds",
-                  "negative_prompt_embeds", "image_latents")
+PAYLOAD_FIELDS = (
+    "family",
+    "model",
+    "resolution",
+    "max_sequence_length",
+    "text_encoder_out_layers",
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "image_latents",
+)
 """The entries of a precomputed klein payload."""
 
 
@@ -81,7 +89,6 @@ class KleinCondition(BatchRows):
         return (self.img_ids.shape[0] - self.num_tokens) // self.num_tokens if self.num_tokens else 0
 
 
-
 class KleinEncoder:
     """Encodes prompts and references for a :class:`~divrl.policy.flux2.Flux2KleinPolicy`, caching both, and reads and
     writes the precomputed payload.
@@ -107,9 +114,11 @@ class KleinEncoder:
 
     def _text_encoder_needed(self) -> None:
         if self.policy.text_encoder is None:
-            raise RuntimeError("this policy was loaded without its text encoder (policy.text_encoders: false), so every "
-                               "condition must come precomputed: convert the shards with `divrl data ... --precompute "
-                               "MODEL` (a klein model), or set policy.text_encoders: true")
+            raise RuntimeError(
+                "this policy was loaded without its text encoder (policy.text_encoders: false), so every "
+                "condition must come precomputed: convert the shards with `divrl data ... --precompute "
+                "MODEL` (a klein model), or set policy.text_encoders: true"
+            )
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
@@ -121,8 +130,11 @@ class KleinEncoder:
         if missing:
             self._text_encoder_needed()
             embeds, _ = policy.pipeline().encode_prompt(
-                prompt=missing, device=policy.device, max_sequence_length=policy.max_sequence_length,
-                text_encoder_out_layers=policy.text_encoder_out_layers)
+                prompt=missing,
+                device=policy.device,
+                max_sequence_length=policy.max_sequence_length,
+                text_encoder_out_layers=policy.text_encoder_out_layers,
+            )
             for k, prompt in enumerate(missing):
                 found[prompt] = embeds[k : k + 1]
         for prompt in prompts:
@@ -164,32 +176,57 @@ class KleinEncoder:
             remember(self.references, cache_key, packed, self.cache_size)
         return packed
 
-    def condition(self, references: Sequence[Sequence[ImageLike]], prompts: Sequence[str], height: int, width: int,
-                  guidance_scale: float, group_size: int = 1,
-                  reference_keys: Sequence[str | None] | None = None) -> KleinCondition:
+    def condition(
+        self,
+        references: Sequence[Sequence[ImageLike]],
+        prompts: Sequence[str],
+        height: int,
+        width: int,
+        guidance_scale: float,
+        group_size: int = 1,
+        reference_keys: Sequence[str | None] | None = None,
+    ) -> KleinCondition:
         """Conditions for ``len(prompts)`` prompts, each with its list of ``K`` references (the same ``K`` for every
         prompt), each repeated ``group_size`` times."""
         if len(references) != len(prompts):
-            raise ValueError(f"condition: {len(references)} reference lists for {len(prompts)} prompts; give one per "
-                             f"prompt")
+            raise ValueError(
+                f"condition: {len(references)} reference lists for {len(prompts)} prompts; give one per prompt"
+            )
         counts = sorted({len(r) for r in references})
         if len(counts) != 1 or counts[0] < 1:
-            raise ValueError(f"condition: the prompts of one batch have {counts} references; give each the same "
-                             f"number (at least one), or condition them in separate batches")
+            raise ValueError(
+                f"condition: the prompts of one batch have {counts} references; give each the same "
+                f"number (at least one), or condition them in separate batches"
+            )
         keys = list(reference_keys) if reference_keys is not None else [None] * len(prompts)
-        latents = [[self.encode_reference(image, height, width, None if key is None else f"{key}#{i}")
-                    for i, image in enumerate(images)] for images, key in zip(references, keys)]
+        latents = [
+            [
+                self.encode_reference(image, height, width, None if key is None else f"{key}#{i}")
+                for i, image in enumerate(images)
+            ]
+            for images, key in zip(references, keys)
+        ]
         return self.from_latents(self.encode_prompts(prompts), latents, height, width, guidance_scale, group_size)
 
-    def from_latents(self, prompt_embeds: Tensor, latents: Sequence[Sequence[Tensor]], height: int, width: int,
-                     guidance_scale: float, group_size: int = 1, negative: Tensor | None = None) -> KleinCondition:
+    def from_latents(
+        self,
+        prompt_embeds: Tensor,
+        latents: Sequence[Sequence[Tensor]],
+        height: int,
+        width: int,
+        guidance_scale: float,
+        group_size: int = 1,
+        negative: Tensor | None = None,
+    ) -> KleinCondition:
         """A condition from prompt embeddings ``(B, L, D)`` and, per row, its references' packed latents ``(1, T_ref,
         C)`` each (computed now or precomputed); ``negative`` is the empty prompt's embedding when CFG is on
         (encoded here when not given)."""
         policy = self.policy
         if guidance_scale > 1 and policy.is_distilled:
-            raise ValueError(f"guidance_scale {guidance_scale}: {policy.model_id or 'this model'} is step-distilled and "
-                             f"takes no classifier-free guidance; use 1")
+            raise ValueError(
+                f"guidance_scale {guidance_scale}: {policy.model_id or 'this model'} is step-distilled and "
+                f"takes no classifier-free guidance; use 1"
+            )
         device, dtype = policy.device, policy.dtype
         pipe = policy.pipeline()
         grid_h, grid_w = policy.token_grid(height, width)
@@ -197,8 +234,10 @@ class KleinEncoder:
         for row in latents:
             for latent in row:
                 if latent.shape[-2] != expected:
-                    raise ValueError(f"reference latents have {latent.shape[-2]} tokens, a {height}x{width} image has "
-                                     f"{expected}; precompute at the training resolution")
+                    raise ValueError(
+                        f"reference latents have {latent.shape[-2]} tokens, a {height}x{width} image has "
+                        f"{expected}; precompute at the training resolution"
+                    )
         ids = pipe._prepare_latent_ids(torch.zeros(1, 1, grid_h, grid_w))[0]
         grids = [torch.zeros(1, 1, grid_h, grid_w)] * len(latents[0])
         reference_ids = pipe._prepare_image_ids(grids)[0]
@@ -221,54 +260,87 @@ class KleinEncoder:
 
     # ------------------------------------------------------------------------------------------------ samples
 
-    def encode(self, samples: Sequence[ConditionSample], height: int, width: int, guidance_scale: float,
-               group_size: int = 1) -> KleinCondition:
+    def encode(
+        self, samples: Sequence[ConditionSample], height: int, width: int, guidance_scale: float, group_size: int = 1
+    ) -> KleinCondition:
         """The batch's conditions: from the precomputed payloads when every sample has one, else encoded."""
         counts = {len(s.references) for s in samples}
         if len(counts) > 1:
-            raise ValueError(f"Flux2KleinPolicy: the identities of one batch have {sorted(counts)} references "
-                             f"({', '.join(f'{s.id}: {len(s.references)}' for s in samples)}); batch identities with "
-                             f"the same number of references (data.batch_size 1 mixes any)")
+            raise ValueError(
+                f"Flux2KleinPolicy: the identities of one batch have {sorted(counts)} references "
+                f"({', '.join(f'{s.id}: {len(s.references)}' for s in samples)}); batch identities with "
+                f"the same number of references (data.batch_size 1 mixes any)"
+            )
         ours = all(isinstance(s.conditioning, dict) and s.conditioning.get("family") == FAMILY for s in samples)
         live = self.policy.text_encoder is not None and self.policy.vae.encoder is not None
         if ours or (not live and all(s.conditioning is not None for s in samples)):  # another family's: refused
             rows = [self.read_payload(s, height) for s in samples]
             negative = rows[0][2] if guidance_scale > 1 else None
-            return self.from_latents(torch.cat([r[0] for r in rows]), [list(r[1].split(1)) for r in rows], height,
-                                     width, guidance_scale, group_size, negative)
-        return self.condition([list(s.references) for s in samples], [s.prompt for s in samples], height, width,
-                              guidance_scale, group_size, reference_keys=[s.id for s in samples])
+            return self.from_latents(
+                torch.cat([r[0] for r in rows]),
+                [list(r[1].split(1)) for r in rows],
+                height,
+                width,
+                guidance_scale,
+                group_size,
+                negative,
+            )
+        return self.condition(
+            [list(s.references) for s in samples],
+            [s.prompt for s in samples],
+            height,
+            width,
+            guidance_scale,
+            group_size,
+            reference_keys=[s.id for s in samples],
+        )
 
     def read_payload(self, sample: ConditionSample, resolution: int) -> tuple[Tensor, Tensor, Tensor]:
         """The sample's prompt embedding ``(1, L, D)``, its references' latents ``(K, T, C)`` and the empty prompt's
         ``(1, L, D)``, after checking that the payload was made by this family for this run."""
         payload, policy = sample.conditioning, self.policy
         if not isinstance(payload, dict) or payload.get("family") != FAMILY:
-            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning was made for another model family "
-                             f"({payload.get('family', 'FLUX.1 Kontext') if isinstance(payload, dict) else 'unknown'}), "
-                             f"not FLUX.2 klein: set policy.text_encoders: true (klein then encodes every condition "
-                             f"itself and ignores it)")
+            raise ValueError(
+                f"identity {sample.id!r}: its precomputed conditioning was made for another model family "
+                f"({payload.get('family', 'FLUX.1 Kontext') if isinstance(payload, dict) else 'unknown'}), "
+                f"not FLUX.2 klein: set policy.text_encoders: true (klein then encodes every condition "
+                f"itself and ignores it)"
+            )
         missing = [k for k in PAYLOAD_FIELDS if k not in payload]
-        want = {"resolution": resolution, "max_sequence_length": policy.max_sequence_length,
-                "text_encoder_out_layers": list(policy.text_encoder_out_layers)}
+        want = {
+            "resolution": resolution,
+            "max_sequence_length": policy.max_sequence_length,
+            "text_encoder_out_layers": list(policy.text_encoder_out_layers),
+        }
         wrong = {k: payload[k] for k, v in want.items() if k in payload and payload[k] != v}
         if missing or wrong:
-            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning lacks {missing} / has {wrong}, this "
-                             f"run needs {want}; convert the shards again with `divrl data ... --precompute "
-                             f"{policy.model_id} --precompute-resolution {resolution} --max-sequence-length "
-                             f"{policy.max_sequence_length}`")
+            raise ValueError(
+                f"identity {sample.id!r}: its precomputed conditioning lacks {missing} / has {wrong}, this "
+                f"run needs {want}; convert the shards again with `divrl data ... --precompute "
+                f"{policy.model_id} --precompute-resolution {resolution} --max-sequence-length "
+                f"{policy.max_sequence_length}`"
+            )
         prompts = payload.get("prompts")
         rows = len(payload["prompt_embeds"])
-        if not 0 <= sample.prompt_index < rows or (prompts is not None and (
-                len(prompts) != rows or prompts[sample.prompt_index] != sample.prompt)):
-            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning was computed for other prompts "
-                             f"({rows} rows; the one drawn is {sample.prompt!r}): rewrite the shards with --precompute")
+        if not 0 <= sample.prompt_index < rows or (
+            prompts is not None and (len(prompts) != rows or prompts[sample.prompt_index] != sample.prompt)
+        ):
+            raise ValueError(
+                f"identity {sample.id!r}: its precomputed conditioning was computed for other prompts "
+                f"({rows} rows; the one drawn is {sample.prompt!r}): rewrite the shards with --precompute"
+            )
         if len(payload["image_latents"]) != len(sample.references):
-            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning has {len(payload['image_latents'])} "
-                             f"reference latents for {len(sample.references)} references; rewrite the shards")
+            raise ValueError(
+                f"identity {sample.id!r}: its precomputed conditioning has {len(payload['image_latents'])} "
+                f"reference latents for {len(sample.references)} references; rewrite the shards"
+            )
         if payload["model"] != policy.model_id and not self._warned_model:
-            log.warning("precomputed conditioning of %r was made with model %r; training %r", sample.id,
-                        payload["model"], policy.model_id)
+            log.warning(
+                "precomputed conditioning of %r was made with model %r; training %r",
+                sample.id,
+                payload["model"],
+                policy.model_id,
+            )
             self._warned_model = True
         index = slice(sample.prompt_index, sample.prompt_index + 1)
         return payload["prompt_embeds"][index], payload["image_latents"], payload["negative_prompt_embeds"]
@@ -282,8 +354,13 @@ class KleinEncoder:
         negative = self.negative_prompt()
         self.clear()  # every identity has its own prompts: keep host memory flat
         return {
-            "family": FAMILY, "model": self.policy.model_id, "resolution": resolution, "prompts": list(record.prompts),
+            "family": FAMILY,
+            "model": self.policy.model_id,
+            "resolution": resolution,
+            "prompts": list(record.prompts),
             "max_sequence_length": self.policy.max_sequence_length,
-            "text_encoder_out_layers": list(self.policy.text_encoder_out_layers), "prompt_embeds": embeds.cpu().clone(),
-            "negative_prompt_embeds": negative.cpu().clone(), "image_latents": latents.cpu().clone(),
+            "text_encoder_out_layers": list(self.policy.text_encoder_out_layers),
+            "prompt_embeds": embeds.cpu().clone(),
+            "negative_prompt_embeds": negative.cpu().clone(),
+            "image_latents": latents.cpu().clone(),
         }

@@ -40,9 +40,20 @@ if TYPE_CHECKING:
 __all__ = ["Flux2KleinPolicy", "KLEIN_LORA_TARGETS", "klein_flops"]
 
 KLEIN_LORA_TARGETS = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
-    "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
-    "attn.to_qkv_mlp_proj", "attn.to_out",
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.linear_in",
+    "ff.linear_out",
+    "ff_context.linear_in",
+    "ff_context.linear_out",
+    "attn.to_qkv_mlp_proj",
+    "attn.to_out",
 )
 """klein's default LoRA targets: every attention and MLP projection of both block kinds: the double-stream blocks'
 (``attn.to_*``, ``attn.add_*``, the SwiGLU ``ff`` / ``ff_context``) and the single-stream blocks' fused
@@ -93,22 +104,39 @@ class Flux2KleinPolicy(PackedGrid, Policy):
 
     lora_format = property(lambda self: _pipeline_class())
 
-    def __init__(self, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module | None, tokenizer,
-                 scheduler=None, *, lora: L.LoRAConfig | None = None, guidance_scale: float = 4.0,
-                 is_distilled: bool = False, cfg_batched: bool = False, max_sequence_length: int = 512,
-                 text_encoder_out_layers: Sequence[int] = (9, 18, 27), base_dtype: str | torch.dtype | None = None,
-                 lora_compute_dtype: str | torch.dtype | None = None, train_transformer: bool = False,
-                 model_id: str | None = None, sdpa_backends: Sequence[str] | None = DEFAULT_SDPA_BACKENDS,
-                 reference_window: Sequence[float] | None = None, prompt_cache_size: int = 256):
+    def __init__(
+        self,
+        transformer: nn.Module,
+        vae: nn.Module,
+        text_encoder: nn.Module | None,
+        tokenizer,
+        scheduler=None,
+        *,
+        lora: L.LoRAConfig | None = None,
+        guidance_scale: float = 4.0,
+        is_distilled: bool = False,
+        cfg_batched: bool = False,
+        max_sequence_length: int = 512,
+        text_encoder_out_layers: Sequence[int] = (9, 18, 27),
+        base_dtype: str | torch.dtype | None = None,
+        lora_compute_dtype: str | torch.dtype | None = None,
+        train_transformer: bool = False,
+        model_id: str | None = None,
+        sdpa_backends: Sequence[str] | None = DEFAULT_SDPA_BACKENDS,
+        reference_window: Sequence[float] | None = None,
+        prompt_cache_size: int = 256,
+    ):
         super().__init__(sdpa_backends=sdpa_backends)
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from divrl.policy.flux2.tiny import KLEIN_SCHEDULER_CONFIG
 
         if is_distilled and guidance_scale > 1:
-            raise ValueError(f"policy.guidance_scale {guidance_scale}: {model_id or 'this model'} is step-distilled "
-                             f"(is_distilled in its model_index.json), it takes no classifier-free guidance; set "
-                             f"policy.guidance_scale: 1, or train a base (undistilled) klein")
+            raise ValueError(
+                f"policy.guidance_scale {guidance_scale}: {model_id or 'this model'} is step-distilled "
+                f"(is_distilled in its model_index.json), it takes no classifier-free guidance; set "
+                f"policy.guidance_scale: 1, or train a base (undistilled) klein"
+            )
         self.reference_window = check_window(reference_window)
         self.transformer, self.vae, self.text_encoder, self.tokenizer = transformer, vae, text_encoder, tokenizer
         scheduler = scheduler or FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER_CONFIG)
@@ -120,25 +148,50 @@ class Flux2KleinPolicy(PackedGrid, Policy):
         if lora is not None and tuple(lora.target_modules) == tuple(L.DEFAULT_LORA_TARGETS):
             lora = replace(lora, target_modules=KLEIN_LORA_TARGETS)  # FLUX.1's names: klein's blocks name theirs
         modules = [m for m in (transformer, vae, text_encoder) if m is not None]
-        prepare_weights(self, modules, lora=lora, base_dtype=base_dtype, lora_compute_dtype=lora_compute_dtype,
-                        train_transformer=train_transformer, who="Flux2KleinPolicy")
-        self._pipe = _pipeline_class()(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                       transformer=transformer, is_distilled=is_distilled)
+        prepare_weights(
+            self,
+            modules,
+            lora=lora,
+            base_dtype=base_dtype,
+            lora_compute_dtype=lora_compute_dtype,
+            train_transformer=train_transformer,
+            who="Flux2KleinPolicy",
+        )
+        self._pipe = _pipeline_class()(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+            is_distilled=is_distilled,
+        )
         self._pipe.set_progress_bar_config(disable=True)
         self.encoder = KleinEncoder(self, prompt_cache_size)
 
     # ------------------------------------------------------------------------------------------------ construction
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike = "black-forest-labs/FLUX.2-klein-base-4B", *,
-                        torch_dtype: str | torch.dtype | None = "auto", local_files_only: bool = False,
-                        revision: str | None = None, text_encoders: bool = True, **kwargs) -> Flux2KleinPolicy:
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike = "black-forest-labs/FLUX.2-klein-base-4B",
+        *,
+        torch_dtype: str | torch.dtype | None = "auto",
+        local_files_only: bool = False,
+        revision: str | None = None,
+        text_encoders: bool = True,
+        **kwargs,
+    ) -> Flux2KleinPolicy:
         """Load klein from a Hub id or a local folder in diffusers' format (errors say what to do); ``kwargs`` go to
         :class:`Flux2KleinPolicy`."""
         from divrl.policy.flux2.builder import load_pipeline
 
-        pipe = load_pipeline(model, torch_dtype=torch_dtype, local_files_only=local_files_only, revision=revision,
-                             text_encoders=text_encoders)
+        pipe = load_pipeline(
+            model,
+            torch_dtype=torch_dtype,
+            local_files_only=local_files_only,
+            revision=revision,
+            text_encoders=text_encoders,
+        )
         kwargs.setdefault("model_id", os.fspath(model))
         kwargs.setdefault("is_distilled", bool(pipe.config.get("is_distilled", False)))
         return cls.from_pipeline(pipe, **kwargs)
@@ -147,8 +200,14 @@ class Flux2KleinPolicy(PackedGrid, Policy):
     def from_pipeline(cls, pipe, **kwargs) -> Flux2KleinPolicy:
         """Wrap an existing ``Flux2KleinPipeline`` (its modules are shared, not copied)."""
         kwargs.setdefault("is_distilled", bool(pipe.config.get("is_distilled", False)))
-        return cls(transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                   scheduler=pipe.scheduler, **kwargs)
+        return cls(
+            transformer=pipe.transformer,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            scheduler=pipe.scheduler,
+            **kwargs,
+        )
 
     @classmethod
     def tiny(cls, seed: int = 0, lora: L.LoRAConfig | None = None, **kwargs) -> Flux2KleinPolicy:
@@ -191,12 +250,21 @@ class Flux2KleinPolicy(PackedGrid, Policy):
 
     # ------------------------------------------------------------------------------------------------ conditioning
 
-    def encode(self, samples: Sequence[ConditionSample], height: int, width: int, group_size: int = 1) -> KleinCondition:
+    def encode(
+        self, samples: Sequence[ConditionSample], height: int, width: int, group_size: int = 1
+    ) -> KleinCondition:
         return self.encoder.encode(samples, height, width, self.guidance_scale, group_size)
 
-    def condition(self, references: Sequence[ImageLike] | ImageLike, prompts: Sequence[str] | str, height: int,
-                  width: int, guidance_scale: float | None = None, group_size: int = 1,
-                  reference_keys: Sequence[str | None] | None = None) -> KleinCondition:
+    def condition(
+        self,
+        references: Sequence[ImageLike] | ImageLike,
+        prompts: Sequence[str] | str,
+        height: int,
+        width: int,
+        guidance_scale: float | None = None,
+        group_size: int = 1,
+        reference_keys: Sequence[str | None] | None = None,
+    ) -> KleinCondition:
         """Conditions for ``len(prompts)`` prompts: ``references`` is one image per prompt, one image shared by all, or
         per prompt a list of its ``K`` references (reference *i* on time coordinate ``10·(i + 1)``)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -212,12 +280,17 @@ class Flux2KleinPolicy(PackedGrid, Policy):
         return self.encoder.precompute(record, resolution)
 
     @torch.no_grad()
-    def encode_images(self, images: Sequence, height: int, width: int,
-                      keys: Sequence[str | None] | None = None) -> Tensor:
+    def encode_images(
+        self, images: Sequence, height: int, width: int, keys: Sequence[str | None] | None = None
+    ) -> Tensor:
         """Clean latents ``(B, T, C)`` of ``images``, encoded as references are (cached under ``keys``)."""
         keys = list(keys) if keys is not None else [None] * len(images)
-        return torch.cat([self.encoder.encode_reference(image, height, width, None if key is None else f"image/{key}")
-                          for image, key in zip(images, keys, strict=True)])
+        return torch.cat(
+            [
+                self.encoder.encode_reference(image, height, width, None if key is None else f"image/{key}")
+                for image, key in zip(images, keys, strict=True)
+            ]
+        )
 
     # ------------------------------------------------------------------------------------------------ sampling
 
@@ -234,15 +307,22 @@ class Flux2KleinPolicy(PackedGrid, Policy):
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
         sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
-        retrieve_timesteps(scheduler, num_steps, "cpu", sigmas=sigmas,
-                           mu=compute_empirical_mu(image_seq_len=cond.num_tokens, num_steps=num_steps))
+        retrieve_timesteps(
+            scheduler,
+            num_steps,
+            "cpu",
+            sigmas=sigmas,
+            mu=compute_empirical_mu(image_seq_len=cond.num_tokens, num_steps=num_steps),
+        )
         return scheduler.sigmas.float().cpu()
 
     def time_shift(self, cond: KleinCondition) -> float:
         """Not defined: klein's shift ``μ`` depends on the sampler's step count as well as the image size."""
-        raise ValueError("objective.timesteps.distribution shifted: FLUX.2 klein's time shift depends on the step count "
-                         "(compute_empirical_mu), so it has no single value; give objective.timesteps.shift (e.g. 3.0), "
-                         "or use distribution uniform or logit_normal")
+        raise ValueError(
+            "objective.timesteps.distribution shifted: FLUX.2 klein's time shift depends on the step count "
+            "(compute_empirical_mu), so it has no single value; give objective.timesteps.shift (e.g. 3.0), "
+            "or use distribution uniform or logit_normal"
+        )
 
     def initial_noise(self, cond: KleinCondition, generator=None) -> Tensor:
         """Packed Gaussian latents ``(B, T, C)``, drawn exactly as ``Flux2KleinPipeline.prepare_latents``."""
@@ -266,8 +346,13 @@ class Flux2KleinPolicy(PackedGrid, Policy):
         if cond.negative_prompt_embeds is None:
             return self._call(latents, sigma, cond.prompt_embeds, cond, references)
         if self.cfg_batched:
-            both = self._call(torch.cat([latents, latents]), torch.cat([sigma, sigma]),
-                              torch.cat([cond.prompt_embeds, cond.negative_prompt_embeds]), cond, references)
+            both = self._call(
+                torch.cat([latents, latents]),
+                torch.cat([sigma, sigma]),
+                torch.cat([cond.prompt_embeds, cond.negative_prompt_embeds]),
+                cond,
+                references,
+            )
             positive, negative = both.chunk(2)
         else:
             positive = self._call(latents, sigma, cond.prompt_embeds, cond, references)
@@ -279,12 +364,21 @@ class Flux2KleinPolicy(PackedGrid, Policy):
         timestep = (sigma * 1000).to(latents.dtype) / 1000  # the pipeline's timestep, cast as it casts it
         hidden = latents.to(self.dtype)
         if references:
-            image_latents = cond.image_latents if len(text) == len(cond.image_latents) else cond.image_latents.repeat(
-                len(text) // len(cond.image_latents), 1, 1)
+            image_latents = (
+                cond.image_latents
+                if len(text) == len(cond.image_latents)
+                else cond.image_latents.repeat(len(text) // len(cond.image_latents), 1, 1)
+            )
             hidden = torch.cat([hidden, image_latents], dim=1)
-        out = self.transformer(hidden_states=hidden, timestep=timestep, guidance=None, encoder_hidden_states=text,
-                               txt_ids=cond.text_ids, img_ids=cond.img_ids if references else cond.img_ids[: cond.num_tokens],
-                               return_dict=False)[0]
+        out = self.transformer(
+            hidden_states=hidden,
+            timestep=timestep,
+            guidance=None,
+            encoder_hidden_states=text,
+            txt_ids=cond.text_ids,
+            img_ids=cond.img_ids if references else cond.img_ids[: cond.num_tokens],
+            return_dict=False,
+        )[0]
         return out[:, : latents.shape[1]]
 
     @torch.no_grad()
@@ -313,5 +407,6 @@ class Flux2KleinPolicy(PackedGrid, Policy):
     def flops_per_call(self, cond: KleinCondition) -> float:
         """Forward FLOPs of one velocity for one sample: one transformer call, two with CFG (:func:`klein_flops`)."""
         calls = 1 if cond.negative_prompt_embeds is None else 2
-        return calls * klein_flops(self.transformer.config, cond.num_tokens, cond.image_latents.shape[1],
-                                   cond.prompt_embeds.shape[1])
+        return calls * klein_flops(
+            self.transformer.config, cond.num_tokens, cond.image_latents.shape[1], cond.prompt_embeds.shape[1]
+        )

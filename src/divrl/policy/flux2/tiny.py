@@ -25,6 +25,7 @@ KLEIN_SCHEDULER_CONFIG = dict(FLUX_SCHEDULER_CONFIG)
 """The ``FlowMatchEulerDiscreteScheduler`` configuration of the tiny model, FLUX's (dynamic shifting: the pipeline hands
 the scheduler ``μ`` from ``compute_empirical_mu``)."""
 
+
 def tiny_klein_components(seed: int = 0, text_width: int = 16, heads: int = 2, head_dim: int = 8) -> dict:
     """The components of a tiny ``Flux2KleinPipeline``, in eval mode, deterministic for a given ``seed``.
 
@@ -46,26 +47,50 @@ def tiny_klein_components(seed: int = 0, text_width: int = 16, heads: int = 2, h
     tokenizer = tiny_qwen_tokenizer()
     torch.manual_seed(seed)
     transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=head_dim,
-        num_attention_heads=heads, joint_attention_dim=len(TINY_TEXT_LAYERS) * text_width,
-        timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2), guidance_embeds=False,
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=len(TINY_TEXT_LAYERS) * text_width,
+        timestep_guidance_channels=16,
+        axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=False,
     )
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLFlux2(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
         sample_size=64,
     )
     with torch.no_grad():  # latent statistics as a trained VAE has them, not the identity (0 mean, unit variance)
         vae.bn.running_mean.uniform_(-0.5, 0.5)
         vae.bn.running_var.uniform_(0.5, 2.0)
     torch.manual_seed(seed + 2)
-    text_encoder = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
-        num_hidden_layers=max(TINY_TEXT_LAYERS) + 1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-        max_position_embeddings=512, tie_word_embeddings=True,
-    ))
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=text_width,
+            intermediate_size=2 * text_width,
+            num_hidden_layers=max(TINY_TEXT_LAYERS) + 1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        )
+    )
     for module in (transformer, vae, text_encoder):
         module.eval()  # built from configs, these start in train mode
-    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "scheduler": FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER_CONFIG)}
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER_CONFIG),
+    }

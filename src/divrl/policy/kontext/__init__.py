@@ -13,6 +13,15 @@ from divrl.policy.lora import DEFAULT_LORA_TARGETS, LoRAConfig
 register_family("FluxKontextPipeline", "FLUX.1 Kontext", "divrl.policy.KontextConfig", "flux.1-kontext")
 
 __all__ = [
-    "KontextPolicy", "KontextConfig", "KontextEncoder", "Condition", "ModelLoadError", "TINY", "LoRAConfig",
-    "DEFAULT_LORA_TARGETS", "calculate_shift", "flux_sigmas", "scheduler_sigmas",
+    "KontextPolicy",
+    "KontextConfig",
+    "KontextEncoder",
+    "Condition",
+    "ModelLoadError",
+    "TINY",
+    "LoRAConfig",
+    "DEFAULT_LORA_TARGETS",
+    "calculate_shift",
+    "flux_sigmas",
+    "scheduler_sigmas",
 ]

@@ -38,8 +38,15 @@ def load_pipeline(
     from diffusers import FluxKontextPipeline
 
     skip = {} if text_encoders else dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
-    return load_family_pipeline(FluxKontextPipeline, model, who="KontextPolicy", torch_dtype=torch_dtype,
-                                local_files_only=local_files_only, revision=revision, skip=skip)
+    return load_family_pipeline(
+        FluxKontextPipeline,
+        model,
+        who="KontextPolicy",
+        torch_dtype=torch_dtype,
+        local_files_only=local_files_only,
+        revision=revision,
+        skip=skip,
+    )
 
 
 def _load_hint(name: str, err: Exception) -> str:

@@ -52,20 +52,34 @@ class KontextConfig(PolicyConfig):
         if self.torch_dtype != "auto":  # a typo is named here, not as a failed model load
             parse_dtype(self.torch_dtype, "policy.torch_dtype (or 'auto')")
         if isinstance(self.max_sequence_length, bool) or not self.max_sequence_length >= 1:
-            raise ValueError(f"policy.max_sequence_length must be >= 1 (T5 tokens per prompt; paper: 128), got "
-                             f"{self.max_sequence_length}")
+            raise ValueError(
+                f"policy.max_sequence_length must be >= 1 (T5 tokens per prompt; paper: 128), got "
+                f"{self.max_sequence_length}"
+            )
         if not math.isfinite(self.guidance):
             raise ValueError(f"policy.guidance must be a finite number (paper: 2.5), got {self.guidance}")
 
     def load(self) -> KontextPolicy:
         """Load (or build) the policy."""
-        common = dict(lora=self.lora, max_sequence_length=self.max_sequence_length, guidance=self.guidance,
-                      train_transformer=self.train_transformer, lora_compute_dtype=self.compute_dtype,
-                      reference_positions=self.reference_positions, reference_window=self.reference_window)
+        common = dict(
+            lora=self.lora,
+            max_sequence_length=self.max_sequence_length,
+            guidance=self.guidance,
+            train_transformer=self.train_transformer,
+            lora_compute_dtype=self.compute_dtype,
+            reference_positions=self.reference_positions,
+            reference_window=self.reference_window,
+        )
         if self.model == TINY:
             from divrl.policy.tiny import tiny_kontext_components
 
             dtype = None if self.torch_dtype == "auto" else self.torch_dtype
             return KontextPolicy(**tiny_kontext_components(self.tiny_seed), base_dtype=dtype, model_id=TINY, **common)
-        return KontextPolicy.from_pretrained(self.model, torch_dtype=self.torch_dtype, local_files_only=self.local_files_only,
-                                             revision=self.revision, text_encoders=self.text_encoders, **common)
+        return KontextPolicy.from_pretrained(
+            self.model,
+            torch_dtype=self.torch_dtype,
+            local_files_only=self.local_files_only,
+            revision=self.revision,
+            text_encoders=self.text_encoders,
+            **common,
+        )

@@ -33,7 +33,14 @@ __all__ = ["Condition", "KontextEncoder", "PAYLOAD_FIELDS"]
 
 log = logging.getLogger(__name__)
 
-PAYLOAD_FIELDS = ("model", "resolution", "max_sequence_length", "prompt_embeds", "pooled_prompt_embeds", "image_latents")
+PAYLOAD_FIELDS = (
+    "model",
+    "resolution",
+    "max_sequence_length",
+    "prompt_embeds",
+    "pooled_prompt_embeds",
+    "image_latents",
+)
 """The entries of a precomputed Kontext payload."""
 
 
@@ -202,15 +209,24 @@ class KontextEncoder:
         per_prompt = [list(r) if isinstance(r, (list, tuple)) else [r] for r in references]
         counts = sorted({len(r) for r in per_prompt})
         if len(counts) != 1 or counts[0] < 1:
-            raise ValueError(f"condition: the prompts of one batch have {counts} references; give each the same "
-                             f"number (at least one), or condition them in separate batches")
+            raise ValueError(
+                f"condition: the prompts of one batch have {counts} references; give each the same "
+                f"number (at least one), or condition them in separate batches"
+            )
         keys = list(reference_keys) if reference_keys is not None else [None] * len(prompts)
         embeds, pooled, _ = self.encode_prompts(prompts)
-        image_latents = torch.cat([
-            torch.cat([self.encode_reference(image, height, width, None if key is None else f"{key}#{i}" if i else key)
-                       for i, image in enumerate(images)], dim=1)
-            for images, key in zip(per_prompt, keys)
-        ])
+        image_latents = torch.cat(
+            [
+                torch.cat(
+                    [
+                        self.encode_reference(image, height, width, None if key is None else f"{key}#{i}" if i else key)
+                        for i, image in enumerate(images)
+                    ],
+                    dim=1,
+                )
+                for images, key in zip(per_prompt, keys)
+            ]
+        )
         return self.condition_from_precomputed(embeds, pooled, image_latents, height, width, guidance, group_size)
 
     def condition_from_precomputed(
@@ -265,15 +281,18 @@ class KontextEncoder:
 
     # ------------------------------------------------------------------------------------------------ samples
 
-    def encode(self, samples: Sequence[ConditionSample], height: int, width: int, guidance: float,
-               group_size: int = 1) -> Condition:
+    def encode(
+        self, samples: Sequence[ConditionSample], height: int, width: int, guidance: float, group_size: int = 1
+    ) -> Condition:
         """The batch's conditions: from the precomputed payloads when every sample has one (no text encoder or VAE
         encoder runs), else encoded from the prompts and reference images."""
         counts = {len(s.references) for s in samples}
         if len(counts) > 1:
-            raise ValueError(f"KontextPolicy: the identities of one batch have {sorted(counts)} references "
-                             f"({', '.join(f'{s.id}: {len(s.references)}' for s in samples)}); batch identities with "
-                             f"the same number of references (data.batch_size 1 mixes any)")
+            raise ValueError(
+                f"KontextPolicy: the identities of one batch have {sorted(counts)} references "
+                f"({', '.join(f'{s.id}: {len(s.references)}' for s in samples)}); batch identities with "
+                f"the same number of references (data.batch_size 1 mixes any)"
+            )
         foreign = any(isinstance(s.conditioning, dict) and "family" in s.conditioning for s in samples)
         policy = self.policy
         live = None not in (policy.text_encoder, policy.text_encoder_2, policy.vae.encoder)
@@ -281,24 +300,40 @@ class KontextEncoder:
             rows = [self.read_payload(s, height) for s in samples]
             latents = [r[2].reshape(1, -1, r[2].shape[-1]) for r in rows]  # (K, T, C) → (1, K·T, C), in order
             return self.condition_from_precomputed(
-                torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), torch.cat(latents),
-                height, width, guidance, group_size,
+                torch.cat([r[0] for r in rows]),
+                torch.cat([r[1] for r in rows]),
+                torch.cat(latents),
+                height,
+                width,
+                guidance,
+                group_size,
             )
-        return self.condition([list(s.references) for s in samples], [s.prompt for s in samples], height, width,
-                              guidance, group_size, reference_keys=[s.id for s in samples])
+        return self.condition(
+            [list(s.references) for s in samples],
+            [s.prompt for s in samples],
+            height,
+            width,
+            guidance,
+            group_size,
+            reference_keys=[s.id for s in samples],
+        )
 
     def read_payload(self, sample: ConditionSample, resolution: int) -> tuple[Tensor, Tensor, Tensor]:
         """The sample's rows of its identity's payload: prompt embeddings ``(1, L, D)``, pooled ``(1, D')`` and the
         reference latents ``(K, T, C)``, after checking that the payload fits this policy and run."""
         payload, policy = sample.conditioning, self.policy
         if isinstance(payload, dict) and "family" in payload:  # FLUX.1 Kontext's payloads carry no family
-            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning was made for another model family "
-                             f"({payload['family']}), not FLUX.1 Kontext: set policy.text_encoders: true (Kontext then "
-                             f"encodes every condition itself and ignores it), or precompute with a Kontext model")
+            raise ValueError(
+                f"identity {sample.id!r}: its precomputed conditioning was made for another model family "
+                f"({payload['family']}), not FLUX.1 Kontext: set policy.text_encoders: true (Kontext then "
+                f"encodes every condition itself and ignores it), or precompute with a Kontext model"
+            )
         missing = [k for k in PAYLOAD_FIELDS if not isinstance(payload, dict) or k not in payload]
         if missing:
-            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning lacks {missing}; rewrite the shards "
-                             f"with `divrl data ... --precompute MODEL`")
+            raise ValueError(
+                f"identity {sample.id!r}: its precomputed conditioning lacks {missing}; rewrite the shards "
+                f"with `divrl data ... --precompute MODEL`"
+            )
         want = {"resolution": resolution, "max_sequence_length": policy.max_sequence_length}
         wrong = {k: payload[k] for k, v in want.items() if payload[k] != v}
         if wrong:
@@ -310,19 +345,29 @@ class KontextEncoder:
             )
         rows = len(payload["prompt_embeds"])
         if not 0 <= sample.prompt_index < rows or len(payload["pooled_prompt_embeds"]) != rows:
-            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning has {rows} prompt rows, the prompt "
-                             f"drawn is number {sample.prompt_index}; rewrite the shards with --precompute")
+            raise ValueError(
+                f"identity {sample.id!r}: its precomputed conditioning has {rows} prompt rows, the prompt "
+                f"drawn is number {sample.prompt_index}; rewrite the shards with --precompute"
+            )
         prompts = payload.get("prompts")  # payloads written since divrl's seams name their prompts
         if prompts is not None and (len(prompts) != rows or prompts[sample.prompt_index] != sample.prompt):
-            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning was computed for other prompts "
-                             f"({len(prompts)} rows; the one drawn is {sample.prompt!r}): the shards were edited after "
-                             f"--precompute; rewrite them")
+            raise ValueError(
+                f"identity {sample.id!r}: its precomputed conditioning was computed for other prompts "
+                f"({len(prompts)} rows; the one drawn is {sample.prompt!r}): the shards were edited after "
+                f"--precompute; rewrite them"
+            )
         if len(payload["image_latents"]) != len(sample.references):
-            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning has {len(payload['image_latents'])} "
-                             f"reference latents for {len(sample.references)} references; rewrite the shards")
+            raise ValueError(
+                f"identity {sample.id!r}: its precomputed conditioning has {len(payload['image_latents'])} "
+                f"reference latents for {len(sample.references)} references; rewrite the shards"
+            )
         if payload["model"] != policy.model_id and not self._warned_model:
-            log.warning("precomputed conditioning of %r was made with model %r; training %r", sample.id,
-                        payload["model"], policy.model_id)
+            log.warning(
+                "precomputed conditioning of %r was made with model %r; training %r",
+                sample.id,
+                payload["model"],
+                policy.model_id,
+            )
             self._warned_model = True
         index = slice(sample.prompt_index, sample.prompt_index + 1)
         return payload["prompt_embeds"][index], payload["pooled_prompt_embeds"][index], payload["image_latents"]
@@ -335,7 +380,11 @@ class KontextEncoder:
         latents = torch.cat([self.encode_reference(r, resolution, resolution) for r in record.references])
         self.clear()  # every identity has its own prompts: keep host memory flat
         return {
-            "model": self.policy.model_id, "resolution": resolution, "prompts": list(record.prompts),
-            "max_sequence_length": self.policy.max_sequence_length, "prompt_embeds": embeds.cpu().clone(),
-            "pooled_prompt_embeds": pooled.cpu().clone(), "image_latents": latents.cpu().clone(),
+            "model": self.policy.model_id,
+            "resolution": resolution,
+            "prompts": list(record.prompts),
+            "max_sequence_length": self.policy.max_sequence_length,
+            "prompt_embeds": embeds.cpu().clone(),
+            "pooled_prompt_embeds": pooled.cpu().clone(),
+            "image_latents": latents.cpu().clone(),
         }

@@ -121,8 +121,15 @@ class KontextPolicy(PackedGrid, Policy):
         self.guidance = guidance
         self.model_id = model_id
         modules = [m for m in (transformer, vae, text_encoder, text_encoder_2) if m is not None]
-        prepare_weights(self, modules, lora=lora, base_dtype=base_dtype, lora_compute_dtype=lora_compute_dtype,
-                        train_transformer=train_transformer, who="KontextPolicy")
+        prepare_weights(
+            self,
+            modules,
+            lora=lora,
+            base_dtype=base_dtype,
+            lora_compute_dtype=lora_compute_dtype,
+            train_transformer=train_transformer,
+            who="KontextPolicy",
+        )
         # A pipeline view on the same modules: diffusers' own prompt encoding and image preprocessing.
         self._pipe = _pipeline_class()(
             scheduler=scheduler or FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
@@ -135,32 +142,54 @@ class KontextPolicy(PackedGrid, Policy):
         )
         self._pipe.set_progress_bar_config(disable=True)
         if reference_positions not in POSITIONS:
-            raise ValueError(f"KontextPolicy: reference_positions {reference_positions!r} is not one of {list(POSITIONS)}")
+            raise ValueError(
+                f"KontextPolicy: reference_positions {reference_positions!r} is not one of {list(POSITIONS)}"
+            )
         self.reference_positions = reference_positions
         self.encoder = KontextEncoder(self, prompt_cache_size)
 
     # ------------------------------------------------------------------------------------------------ construction
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike = "black-forest-labs/FLUX.1-Kontext-dev", *,
-                        torch_dtype: str | torch.dtype | None = "auto", local_files_only: bool = False,
-                        revision: str | None = None, text_encoders: bool = True, **kwargs) -> KontextPolicy:
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike = "black-forest-labs/FLUX.1-Kontext-dev",
+        *,
+        torch_dtype: str | torch.dtype | None = "auto",
+        local_files_only: bool = False,
+        revision: str | None = None,
+        text_encoders: bool = True,
+        **kwargs,
+    ) -> KontextPolicy:
         """Load FLUX.1 Kontext from a Hub id or a local folder in diffusers' format
         (:func:`divrl.policy.kontext.builder.load_pipeline` says what each argument does; it raises
         :class:`~divrl.policy.ModelLoadError` with what to do when the model is missing, gated or offline).
         ``kwargs`` go to :class:`KontextPolicy` (``lora``, ``max_sequence_length``...)."""
         from divrl.policy.kontext.builder import load_pipeline
 
-        pipe = load_pipeline(model, torch_dtype=torch_dtype, local_files_only=local_files_only, revision=revision,
-                             text_encoders=text_encoders)
+        pipe = load_pipeline(
+            model,
+            torch_dtype=torch_dtype,
+            local_files_only=local_files_only,
+            revision=revision,
+            text_encoders=text_encoders,
+        )
         kwargs.setdefault("model_id", os.fspath(model))
         return cls.from_pipeline(pipe, **kwargs)
 
     @classmethod
     def from_pipeline(cls, pipe, **kwargs) -> KontextPolicy:
         """Wrap an existing ``FluxKontextPipeline`` (its modules are shared, not copied)."""
-        return cls(transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                   text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, scheduler=pipe.scheduler, **kwargs)
+        return cls(
+            transformer=pipe.transformer,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            text_encoder_2=pipe.text_encoder_2,
+            tokenizer_2=pipe.tokenizer_2,
+            scheduler=pipe.scheduler,
+            **kwargs,
+        )
 
     @classmethod
     def tiny(cls, seed: int = 0, lora: L.LoRAConfig | None = None, **kwargs) -> KontextPolicy:
@@ -280,8 +309,9 @@ class KontextPolicy(PackedGrid, Policy):
                 ``image_latents``: packed reference latents ``(B, T_ref, 4·C)`` at ``height × width``.
         """
         guidance = self.guidance if guidance is None else guidance
-        return self.encoder.condition_from_precomputed(prompt_embeds, pooled_prompt_embeds, image_latents, height,
-                                                       width, guidance, group_size)
+        return self.encoder.condition_from_precomputed(
+            prompt_embeds, pooled_prompt_embeds, image_latents, height, width, guidance, group_size
+        )
 
     def precompute(self, record: IdentityRecord, resolution: int) -> dict:
         """The identity's precomputed payload (see :mod:`divrl.policy.kontext.encoder`)."""
@@ -294,7 +324,9 @@ class KontextPolicy(PackedGrid, Policy):
         of the loaded model (``FluxKontextPipeline``'s sigmas bit for bit), ending with 0."""
         return scheduler_sigmas(self.scheduler_config, num_steps, cond.num_tokens)
 
-    def initial_noise(self, cond: Condition, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+    def initial_noise(
+        self, cond: Condition, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> Tensor:
         """Packed Gaussian latents ``(B, T, 4·C)``, drawn exactly as ``FluxKontextPipeline.prepare_latents``."""
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -320,7 +352,9 @@ class KontextPolicy(PackedGrid, Policy):
         """One transformer call, with the reference tokens appended (``references``) or without them."""
         # The pipeline passes timestep = (σ·1000 as float32, cast to the latent dtype) / 1000; mirror it exactly.
         timestep = (sigma * 1000).to(latents.dtype) / 1000
-        hidden = torch.cat([latents.to(self.dtype), cond.image_latents], dim=1) if references else latents.to(self.dtype)
+        hidden = (
+            torch.cat([latents.to(self.dtype), cond.image_latents], dim=1) if references else latents.to(self.dtype)
+        )
         out = self.transformer(
             hidden_states=hidden,
             timestep=timestep,
@@ -338,13 +372,18 @@ class KontextPolicy(PackedGrid, Policy):
         return scheduler_shift(self.scheduler_config, cond.num_tokens)
 
     @torch.no_grad()
-    def encode_images(self, images: Sequence[ImageLike], height: int, width: int,
-                      keys: Sequence[str | None] | None = None) -> Tensor:
+    def encode_images(
+        self, images: Sequence[ImageLike], height: int, width: int, keys: Sequence[str | None] | None = None
+    ) -> Tensor:
         """Clean packed latents ``(B, T, 4·C)`` of ``images``, encoded as references are (the VAE's mode, shifted and
         scaled as the pipeline does; cached under ``keys``)."""
         keys = list(keys) if keys is not None else [None] * len(images)
-        return torch.cat([self.encoder.encode_reference(image, height, width, None if key is None else f"image/{key}")
-                          for image, key in zip(images, keys, strict=True)])
+        return torch.cat(
+            [
+                self.encoder.encode_reference(image, height, width, None if key is None else f"image/{key}")
+                for image, key in zip(images, keys, strict=True)
+            ]
+        )
 
     @torch.no_grad()
     def decode(self, latents: Tensor, cond: Condition) -> Tensor:
@@ -368,5 +407,6 @@ class KontextPolicy(PackedGrid, Policy):
     def flops_per_call(self, cond: Condition) -> float:
         """Analytic forward FLOPs of one transformer call for one sample (:func:`divrl.policy.flops.transformer_flops`):
         the noisy tokens, every reference token and the prompt tokens."""
-        return transformer_flops(self.transformer.config, cond.num_tokens, cond.image_latents.shape[1],
-                                 cond.prompt_embeds.shape[1])
+        return transformer_flops(
+            self.transformer.config, cond.num_tokens, cond.image_latents.shape[1], cond.prompt_embeds.shape[1]
+        )

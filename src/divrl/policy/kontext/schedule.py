@@ -110,8 +110,14 @@ def flux_sigmas(
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float32)])
 
 
-_FIXED = {"time_shift_type": "exponential", "use_karras_sigmas": False, "use_exponential_sigmas": False,
-          "use_beta_sigmas": False, "invert_sigmas": False, "stochastic_sampling": False}
+_FIXED = {
+    "time_shift_type": "exponential",
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "invert_sigmas": False,
+    "stochastic_sampling": False,
+}
 """Scheduler options :func:`scheduler_sigmas` reproduces only at these values (FLUX's)."""
 
 
@@ -125,16 +131,24 @@ def scheduler_sigmas(config: dict, num_steps: int, image_seq_len: int) -> torch.
             or beta sigmas, a linear time shift, inverted or stochastic sampling), naming the option.
     """
     if not config.get("use_dynamic_shifting", False):
-        raise ValueError("scheduler config: use_dynamic_shifting is false; divrl's FLUX schedule shifts by the image "
-                         "size (use_dynamic_shifting: true, as FLUX.1 Kontext's scheduler_config.json)")
+        raise ValueError(
+            "scheduler config: use_dynamic_shifting is false; divrl's FLUX schedule shifts by the image "
+            "size (use_dynamic_shifting: true, as FLUX.1 Kontext's scheduler_config.json)"
+        )
     unsupported = {k: config[k] for k, v in _FIXED.items() if config.get(k, v) not in (v, None)}
     if unsupported:
         wanted = {k: _FIXED[k] for k in unsupported}
-        raise ValueError(f"scheduler config: {unsupported} is not supported by divrl's FLUX schedule; it reproduces "
-                         f"{wanted} (FLUX.1 Kontext's scheduler_config.json)")
+        raise ValueError(
+            f"scheduler config: {unsupported} is not supported by divrl's FLUX schedule; it reproduces "
+            f"{wanted} (FLUX.1 Kontext's scheduler_config.json)"
+        )
     return flux_sigmas(
-        num_steps, image_seq_len, base_shift=config["base_shift"], max_shift=config["max_shift"],
-        base_seq_len=config["base_image_seq_len"], max_seq_len=config["max_image_seq_len"],
+        num_steps,
+        image_seq_len,
+        base_shift=config["base_shift"],
+        max_shift=config["max_shift"],
+        base_seq_len=config["base_image_seq_len"],
+        max_seq_len=config["max_image_seq_len"],
         shift_terminal=config.get("shift_terminal"),
     )
 
@@ -143,5 +157,12 @@ def scheduler_shift(config: dict, image_seq_len: int) -> float:
     """The time shift ``s = exp(μ)`` FLUX's schedule applies at ``image_seq_len`` tokens (``σ' = s·σ / (1 + (s − 1)·σ)``,
     the map :func:`flux_sigmas` applies to its uniform grid), for training timesteps drawn like the sampler's."""
     scheduler_sigmas(config, 1, image_seq_len)  # refuses the configurations divrl does not reproduce
-    return math.exp(calculate_shift(image_seq_len, config["base_image_seq_len"], config["max_image_seq_len"],
-                                    config["base_shift"], config["max_shift"]))
+    return math.exp(
+        calculate_shift(
+            image_seq_len,
+            config["base_image_seq_len"],
+            config["max_image_seq_len"],
+            config["base_shift"],
+            config["max_shift"],
+        )
+    )

@@ -9,8 +9,16 @@ from divrl.policy.qwen_image.config import TINY_QWEN_EDIT, QwenEditConfig
 from divrl.policy.qwen_image.encoder import QwenEditCondition, QwenEditEncoder
 from divrl.policy.qwen_image.policy import QWEN_EDIT_LORA_TARGETS, QwenEditPolicy, qwen_edit_flops
 
-register_family("QwenImageEditPlusPipeline", "Qwen-Image-Edit-Plus", "divrl.policy.qwen_image.QwenEditConfig",
-                "qwen-image-edit")
+register_family(
+    "QwenImageEditPlusPipeline", "Qwen-Image-Edit-Plus", "divrl.policy.qwen_image.QwenEditConfig", "qwen-image-edit"
+)
 
-__all__ = ["QwenEditPolicy", "QwenEditConfig", "QwenEditCondition", "QwenEditEncoder", "QWEN_EDIT_LORA_TARGETS",
-           "TINY_QWEN_EDIT", "qwen_edit_flops"]
+__all__ = [
+    "QwenEditPolicy",
+    "QwenEditConfig",
+    "QwenEditCondition",
+    "QwenEditEncoder",
+    "QWEN_EDIT_LORA_TARGETS",
+    "TINY_QWEN_EDIT",
+    "qwen_edit_flops",
+]

@@ -32,13 +32,19 @@ def load_processor(model: str | os.PathLike, *, local_files_only: bool = False, 
     local = Path(os.fspath(model)).expanduser()
     if local.is_dir():
         return ImageTextProcessor.from_pretrained(local / "processor")
-    return ImageTextProcessor.from_pretrained(os.fspath(model), subfolder="processor",
-                                              local_files_only=local_files_only, revision=revision)
+    return ImageTextProcessor.from_pretrained(
+        os.fspath(model), subfolder="processor", local_files_only=local_files_only, revision=revision
+    )
 
 
-def load_pipeline(model: str | os.PathLike = "Qwen/Qwen-Image-Edit-2511", *,
-                  torch_dtype: str | torch.dtype | None = "auto", local_files_only: bool = False,
-                  revision: str | None = None, text_encoders: bool = True):
+def load_pipeline(
+    model: str | os.PathLike = "Qwen/Qwen-Image-Edit-2511",
+    *,
+    torch_dtype: str | torch.dtype | None = "auto",
+    local_files_only: bool = False,
+    revision: str | None = None,
+    text_encoders: bool = True,
+):
     """A ``QwenImageEditPlusPipeline`` from a Hub id (:data:`QWEN_EDIT_MODELS`) or a local folder in diffusers' format.
 
     Args:
@@ -59,8 +65,15 @@ def load_pipeline(model: str | os.PathLike = "Qwen/Qwen-Image-Edit-2511", *,
         skip = {"processor": _processor_or_none(model, local_files_only, revision)}
     else:
         skip = dict(text_encoder=None, tokenizer=None, processor=None)
-    return load_family_pipeline(QwenImageEditPlusPipeline, model, who="QwenEditPolicy", torch_dtype=torch_dtype,
-                                local_files_only=local_files_only, revision=revision, skip=skip)
+    return load_family_pipeline(
+        QwenImageEditPlusPipeline,
+        model,
+        who="QwenEditPolicy",
+        torch_dtype=torch_dtype,
+        local_files_only=local_files_only,
+        revision=revision,
+        skip=skip,
+    )
 
 
 def _processor_or_none(model, local_files_only, revision):
@@ -80,8 +93,11 @@ def save_pipeline(pipe, folder: str | os.PathLike) -> None:
     config = json.loads(index.read_text())
     config["processor"] = ["transformers", "Qwen2VLProcessor"]
     index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in ("processor/processor_config.json", "processor/tokenizer_config.json",
-                 "tokenizer/tokenizer_config.json"):  # AutoProcessor resolves the class named there
+    for name in (
+        "processor/processor_config.json",
+        "processor/tokenizer_config.json",
+        "tokenizer/tokenizer_config.json",
+    ):  # AutoProcessor resolves the class named there
         path = Path(folder) / name
         if path.is_file():
             settings = json.loads(path.read_text())

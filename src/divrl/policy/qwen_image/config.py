@@ -54,38 +54,60 @@ class QwenEditConfig(PolicyConfig):
         if self.torch_dtype != "auto":
             parse_dtype(self.torch_dtype, "policy.torch_dtype (or 'auto')")
         if isinstance(self.true_cfg_scale, bool) or not math.isfinite(self.true_cfg_scale) or self.true_cfg_scale < 0:
-            raise ValueError(f"policy.true_cfg_scale must be a finite number >= 0 (the pipeline's 4.0; 1: no CFG), got "
-                             f"{self.true_cfg_scale}")
+            raise ValueError(
+                f"policy.true_cfg_scale must be a finite number >= 0 (the pipeline's 4.0; 1: no CFG), got "
+                f"{self.true_cfg_scale}"
+            )
         for name in ("condition_image_size", "vae_image_size"):
             area = getattr(self, name)
             if area is not None and (isinstance(area, bool) or not isinstance(area, int) or area < 32 * 32):
-                raise ValueError(f"policy.{name} must be a pixel area >= 1024 (32 x 32), e.g. 147456 (384 x 384), got "
-                                 f"{area!r}")
+                raise ValueError(
+                    f"policy.{name} must be a pixel area >= 1024 (32 x 32), e.g. 147456 (384 x 384), got {area!r}"
+                )
         if self.lora is not None and tuple(self.lora.target_modules) == tuple(DEFAULT_LORA_TARGETS):
             self.lora = replace(self.lora, target_modules=QWEN_EDIT_LORA_TARGETS)  # saved in the run's settings
 
     def load(self) -> QwenEditPolicy:
         """Load (or build) the policy."""
         tiny = self.model == TINY_QWEN_EDIT
-        sizes = {name: value for name, value in (("condition_image_size", self.condition_image_size),
-                                                 ("vae_image_size", self.vae_image_size))
-                 if value is not None or tiny}
+        sizes = {
+            name: value
+            for name, value in (
+                ("condition_image_size", self.condition_image_size),
+                ("vae_image_size", self.vae_image_size),
+            )
+            if value is not None or tiny
+        }
         sizes = {name: value or 32 * 32 for name, value in sizes.items()}
-        common = dict(lora=self.lora, true_cfg_scale=self.true_cfg_scale, negative_prompt=self.negative_prompt,
-                      train_transformer=self.train_transformer, lora_compute_dtype=self.compute_dtype,
-                      reference_window=self.reference_window, **sizes)
+        common = dict(
+            lora=self.lora,
+            true_cfg_scale=self.true_cfg_scale,
+            negative_prompt=self.negative_prompt,
+            train_transformer=self.train_transformer,
+            lora_compute_dtype=self.compute_dtype,
+            reference_window=self.reference_window,
+            **sizes,
+        )
         if tiny:
             from divrl.policy.qwen_image.tiny import tiny_qwen_edit_components
 
             dtype = None if self.torch_dtype == "auto" else self.torch_dtype
-            return QwenEditPolicy(**tiny_qwen_edit_components(self.tiny_seed), base_dtype=dtype,
-                                  model_id=TINY_QWEN_EDIT, **common)
-        policy = QwenEditPolicy.from_pretrained(self.model, torch_dtype=self.torch_dtype,
-                                                local_files_only=self.local_files_only, revision=self.revision,
-                                                text_encoders=self.text_encoders, **common)
+            return QwenEditPolicy(
+                **tiny_qwen_edit_components(self.tiny_seed), base_dtype=dtype, model_id=TINY_QWEN_EDIT, **common
+            )
+        policy = QwenEditPolicy.from_pretrained(
+            self.model,
+            torch_dtype=self.torch_dtype,
+            local_files_only=self.local_files_only,
+            revision=self.revision,
+            text_encoders=self.text_encoders,
+            **common,
+        )
         if self.text_encoders and policy.pipeline().processor is None:
             from divrl.policy.base import ModelLoadError
 
-            raise ModelLoadError(f"QwenEditPolicy: the processor of {self.model} (its processor/ folder) could not be "
-                                 f"read; the model needs it to read references with the prompt")
+            raise ModelLoadError(
+                f"QwenEditPolicy: the processor of {self.model} (its processor/ folder) could not be "
+                f"read; the model needs it to read references with the prompt"
+            )
         return policy

@@ -36,8 +36,18 @@ __all__ = ["QwenEditCondition", "QwenEditEncoder", "pad_embeddings", "FAMILY", "
 FAMILY = "qwen-image-edit"
 """The ``family`` entry of this family's precomputed payloads."""
 
-PAYLOAD_FIELDS = ("family", "model", "condition_image_size", "vae_image_size", "negative_prompt", "prompts",
-                  "prompt_embeds", "negative_prompt_embeds", "image_latents", "image_shapes")
+PAYLOAD_FIELDS = (
+    "family",
+    "model",
+    "condition_image_size",
+    "vae_image_size",
+    "negative_prompt",
+    "prompts",
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "image_latents",
+    "image_shapes",
+)
 """The entries of a precomputed payload (:meth:`QwenEditEncoder.precompute`)."""
 
 
@@ -69,8 +79,13 @@ class QwenEditCondition(BatchRows):
     width: int
     num_tokens: int
 
-    row_fields: ClassVar[tuple[str, ...]] = ("prompt_embeds", "prompt_mask", "negative_prompt_embeds", "negative_mask",
-                                             "image_latents")
+    row_fields: ClassVar[tuple[str, ...]] = (
+        "prompt_embeds",
+        "prompt_mask",
+        "negative_prompt_embeds",
+        "negative_mask",
+        "image_latents",
+    )
     """The per-row tensors (the rest is shared by the batch)."""
 
     @property
@@ -80,7 +95,6 @@ class QwenEditCondition(BatchRows):
     @property
     def num_references(self) -> int:
         return len(self.img_shapes) - 1
-
 
 
 def pad_embeddings(rows: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -121,9 +135,11 @@ class QwenEditEncoder:
 
         width, height = calculate_dimensions(area, image.width / image.height)
         if not height or not width:
-            raise ValueError(f"a {image.width}x{image.height} reference resized to a {area}-pixel area (policy."
-                             f"condition_image_size / vae_image_size) has a side that rounds to 0 (sides are multiples "
-                             f"of 32): crop it nearer to square, or raise the area")
+            raise ValueError(
+                f"a {image.width}x{image.height} reference resized to a {area}-pixel area (policy."
+                f"condition_image_size / vae_image_size) has a side that rounds to 0 (sides are multiples "
+                f"of 32): crop it nearer to square, or raise the area"
+            )
         return height, width
 
     @torch.no_grad()
@@ -137,11 +153,14 @@ class QwenEditEncoder:
             return self.prompts[cache_key]
         pipe = policy.pipeline()
         if policy.text_encoder is None or pipe.processor is None:
-            raise RuntimeError("this policy was loaded without its text encoder or processor (policy.text_encoders: "
-                               "false), so every condition must come precomputed: convert the shards with `divrl data "
-                               "... --precompute MODEL` (a Qwen-Image-Edit model), or set policy.text_encoders: true")
-        resized = [pipe.image_processor.resize(image, *self.sizes(image, policy.condition_image_size))
-                   for image in images]
+            raise RuntimeError(
+                "this policy was loaded without its text encoder or processor (policy.text_encoders: "
+                "false), so every condition must come precomputed: convert the shards with `divrl data "
+                "... --precompute MODEL` (a Qwen-Image-Edit model), or set policy.text_encoders: true"
+            )
+        resized = [
+            pipe.image_processor.resize(image, *self.sizes(image, policy.condition_image_size)) for image in images
+        ]
         embeds, _ = pipe.encode_prompt(prompt=[prompt], image=resized, device=policy.device)
         embeds = embeds[0].to(policy.dtype)
         if cache_key is not None:
@@ -171,31 +190,50 @@ class QwenEditEncoder:
             remember(self.references, cache_key, out, self.cache_size)
         return out
 
-    def condition(self, references: Sequence[Sequence[ImageLike]], prompts: Sequence[str], height: int, width: int,
-                  true_cfg_scale: float, group_size: int = 1,
-                  reference_keys: Sequence[str | None] | None = None) -> QwenEditCondition:
+    def condition(
+        self,
+        references: Sequence[Sequence[ImageLike]],
+        prompts: Sequence[str],
+        height: int,
+        width: int,
+        true_cfg_scale: float,
+        group_size: int = 1,
+        reference_keys: Sequence[str | None] | None = None,
+    ) -> QwenEditCondition:
         """Conditions for ``len(prompts)`` prompts, each with its list of ``K`` references (the same ``K``, and the same
         latent grids, for every prompt), each repeated ``group_size`` times."""
         if len(references) != len(prompts):
-            raise ValueError(f"condition: {len(references)} reference lists for {len(prompts)} prompts; give one per "
-                             f"prompt")
+            raise ValueError(
+                f"condition: {len(references)} reference lists for {len(prompts)} prompts; give one per prompt"
+            )
         counts = sorted({len(r) for r in references})
         if len(counts) != 1 or counts[0] < 1:
-            raise ValueError(f"condition: the prompts of one batch have {counts} references; give each the same "
-                             f"number (at least one), or condition them in separate batches")
+            raise ValueError(
+                f"condition: the prompts of one batch have {counts} references; give each the same "
+                f"number (at least one), or condition them in separate batches"
+            )
         self.policy.check_size(height, width)
         keys = list(reference_keys) if reference_keys is not None else [None] * len(prompts)
         images = [[self._pil(image) for image in row] for row in references]
         rows = []
         for prompt, row, key in zip(prompts, images, keys):
-            encoded = [self.encode_reference(image, None if key is None else f"{key}#{i}") for i, image in enumerate(row)]
+            encoded = [
+                self.encode_reference(image, None if key is None else f"{key}#{i}") for i, image in enumerate(row)
+            ]
             negative = self.encode_prompt(self.policy.negative_prompt, row, key) if true_cfg_scale > 1 else None
-            rows.append((self.encode_prompt(prompt, row, key), negative, [latent for latent, _ in encoded],
-                         [shape for _, shape in encoded]))
+            rows.append(
+                (
+                    self.encode_prompt(prompt, row, key),
+                    negative,
+                    [latent for latent, _ in encoded],
+                    [shape for _, shape in encoded],
+                )
+            )
         return self.assemble(rows, height, width, true_cfg_scale, group_size)
 
-    def assemble(self, rows: Sequence[tuple], height: int, width: int, true_cfg_scale: float,
-                 group_size: int = 1) -> QwenEditCondition:
+    def assemble(
+        self, rows: Sequence[tuple], height: int, width: int, true_cfg_scale: float, group_size: int = 1
+    ) -> QwenEditCondition:
         """A condition from its rows, each ``(prompt embedding (L, D), negative's (L', D) or None, the references'
         packed latents [(1, T_k, C)], their grids [(1, rows, columns)])``, computed now or precomputed."""
         policy = self.policy
@@ -204,9 +242,11 @@ class QwenEditEncoder:
         for _, _, _, row_shapes in rows:
             row_shapes = [(1, grid_rows, grid_cols), *(tuple(shape) for shape in row_shapes)]
             if shapes is not None and row_shapes != shapes:
-                raise ValueError(f"condition: the references of one batch have latent grids {shapes[1:]} and "
-                                 f"{row_shapes[1:]}; give references of one aspect ratio per batch (data.batch_size 1 "
-                                 f"takes any)")
+                raise ValueError(
+                    f"condition: the references of one batch have latent grids {shapes[1:]} and "
+                    f"{row_shapes[1:]}; give references of one aspect ratio per batch (data.batch_size 1 "
+                    f"takes any)"
+                )
             shapes = row_shapes
         device, dtype = policy.device, policy.dtype
         embeds, mask = pad_embeddings([row[0].to(device, dtype) for row in rows])
@@ -214,31 +254,47 @@ class QwenEditEncoder:
         if true_cfg_scale > 1:
             negative, negative_mask = pad_embeddings([row[1].to(device, dtype) for row in rows])
         condition = QwenEditCondition(
-            prompt_embeds=embeds, prompt_mask=mask, negative_prompt_embeds=negative, negative_mask=negative_mask,
+            prompt_embeds=embeds,
+            prompt_mask=mask,
+            negative_prompt_embeds=negative,
+            negative_mask=negative_mask,
             image_latents=torch.cat([torch.cat(list(row[2]), dim=1) for row in rows]).to(device, dtype),
-            img_shapes=shapes, true_cfg_scale=float(true_cfg_scale), height=height, width=width,
+            img_shapes=shapes,
+            true_cfg_scale=float(true_cfg_scale),
+            height=height,
+            width=width,
             num_tokens=grid_rows * grid_cols,
         )
         return condition.repeat_interleave(group_size) if group_size > 1 else condition
 
-    def encode(self, samples: Sequence[ConditionSample], height: int, width: int, true_cfg_scale: float,
-               group_size: int = 1) -> QwenEditCondition:
+    def encode(
+        self, samples: Sequence[ConditionSample], height: int, width: int, true_cfg_scale: float, group_size: int = 1
+    ) -> QwenEditCondition:
         """The batch's conditions: from the precomputed payloads when every sample has one of this family, else
         encoded from the prompts and the reference images (another family's payload is ignored, or refused without
         the encoders)."""
         counts = {len(s.references) for s in samples}
         if len(counts) > 1:
-            raise ValueError(f"QwenEditPolicy: the identities of one batch have {sorted(counts)} references "
-                             f"({', '.join(f'{s.id}: {len(s.references)}' for s in samples)}); batch identities with "
-                             f"the same number of references (data.batch_size 1 mixes any)")
+            raise ValueError(
+                f"QwenEditPolicy: the identities of one batch have {sorted(counts)} references "
+                f"({', '.join(f'{s.id}: {len(s.references)}' for s in samples)}); batch identities with "
+                f"the same number of references (data.batch_size 1 mixes any)"
+            )
         policy = self.policy
         ours = all(isinstance(s.conditioning, dict) and s.conditioning.get("family") == FAMILY for s in samples)
         live = None not in (policy.text_encoder, policy.pipeline().processor, policy.vae.encoder)
         if ours or (not live and all(s.conditioning is not None for s in samples)):
             rows = [self.read_payload(s, true_cfg_scale > 1) for s in samples]
             return self.assemble(rows, height, width, true_cfg_scale, group_size)
-        return self.condition([list(s.references) for s in samples], [s.prompt for s in samples], height, width,
-                              true_cfg_scale, group_size, reference_keys=[s.id for s in samples])
+        return self.condition(
+            [list(s.references) for s in samples],
+            [s.prompt for s in samples],
+            height,
+            width,
+            true_cfg_scale,
+            group_size,
+            reference_keys=[s.id for s in samples],
+        )
 
     # ------------------------------------------------------------------------------------------------ payloads
 
@@ -248,9 +304,11 @@ class QwenEditEncoder:
         payload, policy = sample.conditioning, self.policy
         if not isinstance(payload, dict) or payload.get("family") != FAMILY:
             found = payload.get("family", "FLUX.1 Kontext") if isinstance(payload, dict) else "unknown"
-            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning was made for another model family "
-                             f"({found}), not Qwen-Image-Edit: set policy.text_encoders: true (the encoders then "
-                             f"encode every condition and ignore it), or precompute with a Qwen-Image-Edit model")
+            raise ValueError(
+                f"identity {sample.id!r}: its precomputed conditioning was made for another model family "
+                f"({found}), not Qwen-Image-Edit: set policy.text_encoders: true (the encoders then "
+                f"encode every condition and ignore it), or precompute with a Qwen-Image-Edit model"
+            )
         missing = [k for k in PAYLOAD_FIELDS if k not in payload]
         want = {"condition_image_size": policy.condition_image_size, "vae_image_size": policy.vae_image_size}
         if negative:  # the negative prompt's embedding is read only with CFG
@@ -258,20 +316,33 @@ class QwenEditEncoder:
         wrong = {k: payload[k] for k, v in want.items() if k in payload and payload[k] != v}
         if missing or wrong:
             what = f"lacks {missing}" if missing else f"has {wrong}"
-            instead = ("drop the precomputed entries (convert the shards again without --precompute)"
-                       if policy.text_encoder is not None else "set policy.text_encoders: true")
-            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning {what}, this run needs {want}; "
-                             f"precompute with those settings (`divrl data ... --precompute {policy.model_id}` uses "
-                             f"the family's defaults: the pipeline's reference areas), or {instead}")
+            instead = (
+                "drop the precomputed entries (convert the shards again without --precompute)"
+                if policy.text_encoder is not None
+                else "set policy.text_encoders: true"
+            )
+            raise ValueError(
+                f"identity {sample.id!r}: its precomputed conditioning {what}, this run needs {want}; "
+                f"precompute with those settings (`divrl data ... --precompute {policy.model_id}` uses "
+                f"the family's defaults: the pipeline's reference areas), or {instead}"
+            )
         prompts, rows = payload["prompts"], len(payload["prompt_embeds"])
         if not 0 <= sample.prompt_index < rows or len(prompts) != rows or prompts[sample.prompt_index] != sample.prompt:
-            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning was computed for other prompts "
-                             f"({rows} rows; the one drawn is {sample.prompt!r}): rewrite the shards with --precompute")
+            raise ValueError(
+                f"identity {sample.id!r}: its precomputed conditioning was computed for other prompts "
+                f"({rows} rows; the one drawn is {sample.prompt!r}): rewrite the shards with --precompute"
+            )
         if len(payload["image_latents"]) != len(sample.references):
-            raise ValueError(f"identity {sample.id!r}: its precomputed conditioning has {len(payload['image_latents'])} "
-                             f"reference latents for {len(sample.references)} references; rewrite the shards")
-        return (payload["prompt_embeds"][sample.prompt_index], payload["negative_prompt_embeds"] if negative else None,
-                list(payload["image_latents"]), [tuple(shape) for shape in payload["image_shapes"]])
+            raise ValueError(
+                f"identity {sample.id!r}: its precomputed conditioning has {len(payload['image_latents'])} "
+                f"reference latents for {len(sample.references)} references; rewrite the shards"
+            )
+        return (
+            payload["prompt_embeds"][sample.prompt_index],
+            payload["negative_prompt_embeds"] if negative else None,
+            list(payload["image_latents"]),
+            [tuple(shape) for shape in payload["image_shapes"]],
+        )
 
     @torch.no_grad()
     def precompute(self, record, resolution: int) -> dict:
@@ -282,9 +353,13 @@ class QwenEditEncoder:
         images = [self._pil(image) for image in record.references]
         encoded = [self.encode_reference(image) for image in images]
         payload = {
-            "family": FAMILY, "model": policy.model_id, "resolution": resolution,
-            "condition_image_size": policy.condition_image_size, "vae_image_size": policy.vae_image_size,
-            "negative_prompt": policy.negative_prompt, "prompts": list(record.prompts),
+            "family": FAMILY,
+            "model": policy.model_id,
+            "resolution": resolution,
+            "condition_image_size": policy.condition_image_size,
+            "vae_image_size": policy.vae_image_size,
+            "negative_prompt": policy.negative_prompt,
+            "prompts": list(record.prompts),
             "prompt_embeds": [self.encode_prompt(p, images).cpu().clone() for p in record.prompts],
             "negative_prompt_embeds": self.encode_prompt(policy.negative_prompt, images).cpu().clone(),
             "image_latents": [latent.cpu().clone() for latent, _ in encoded],

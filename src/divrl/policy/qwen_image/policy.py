@@ -39,8 +39,18 @@ if TYPE_CHECKING:
 __all__ = ["QwenEditPolicy", "QWEN_EDIT_LORA_TARGETS", "qwen_edit_flops"]
 
 QWEN_EDIT_LORA_TARGETS = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
-    "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
 )
 """The default LoRA targets: every attention projection of the dual-stream blocks (image ``to_*``, text ``add_*``) and
 both streams' MLPs (``img_mlp`` / ``txt_mlp``); the modulation layers stay frozen."""
@@ -83,13 +93,28 @@ class QwenEditPolicy(PackedGrid, Policy):
 
     lora_format = property(lambda self: _pipeline_class())
 
-    def __init__(self, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module | None, tokenizer=None,
-                 processor=None, scheduler=None, *, lora: L.LoRAConfig | None = None, true_cfg_scale: float = 4.0,
-                 negative_prompt: str = " ", condition_image_size: int = 384 * 384,
-                 vae_image_size: int = 1024 * 1024, base_dtype: str | torch.dtype | None = None,
-                 lora_compute_dtype: str | torch.dtype | None = None, train_transformer: bool = False,
-                 model_id: str | None = None, sdpa_backends: Sequence[str] | None = DEFAULT_SDPA_BACKENDS,
-                 reference_window: Sequence[float] | None = None, prompt_cache_size: int = 256):
+    def __init__(
+        self,
+        transformer: nn.Module,
+        vae: nn.Module,
+        text_encoder: nn.Module | None,
+        tokenizer=None,
+        processor=None,
+        scheduler=None,
+        *,
+        lora: L.LoRAConfig | None = None,
+        true_cfg_scale: float = 4.0,
+        negative_prompt: str = " ",
+        condition_image_size: int = 384 * 384,
+        vae_image_size: int = 1024 * 1024,
+        base_dtype: str | torch.dtype | None = None,
+        lora_compute_dtype: str | torch.dtype | None = None,
+        train_transformer: bool = False,
+        model_id: str | None = None,
+        sdpa_backends: Sequence[str] | None = DEFAULT_SDPA_BACKENDS,
+        reference_window: Sequence[float] | None = None,
+        prompt_cache_size: int = 256,
+    ):
         super().__init__(sdpa_backends=sdpa_backends)
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -105,33 +130,65 @@ class QwenEditPolicy(PackedGrid, Policy):
         if lora is not None and tuple(lora.target_modules) == tuple(L.DEFAULT_LORA_TARGETS):
             lora = replace(lora, target_modules=QWEN_EDIT_LORA_TARGETS)
         modules = [m for m in (transformer, vae, text_encoder) if m is not None]
-        prepare_weights(self, modules, lora=lora, base_dtype=base_dtype, lora_compute_dtype=lora_compute_dtype,
-                        train_transformer=train_transformer, who="QwenEditPolicy")
-        self._pipe = _pipeline_class()(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                       processor=processor, transformer=transformer)
+        prepare_weights(
+            self,
+            modules,
+            lora=lora,
+            base_dtype=base_dtype,
+            lora_compute_dtype=lora_compute_dtype,
+            train_transformer=train_transformer,
+            who="QwenEditPolicy",
+        )
+        self._pipe = _pipeline_class()(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            processor=processor,
+            transformer=transformer,
+        )
         self._pipe.set_progress_bar_config(disable=True)
         self.encoder = QwenEditEncoder(self, prompt_cache_size)
 
     # ------------------------------------------------------------------------------------------------ construction
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike = "Qwen/Qwen-Image-Edit-2511", *,
-                        torch_dtype: str | torch.dtype | None = "auto", local_files_only: bool = False,
-                        revision: str | None = None, text_encoders: bool = True, **kwargs) -> QwenEditPolicy:
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike = "Qwen/Qwen-Image-Edit-2511",
+        *,
+        torch_dtype: str | torch.dtype | None = "auto",
+        local_files_only: bool = False,
+        revision: str | None = None,
+        text_encoders: bool = True,
+        **kwargs,
+    ) -> QwenEditPolicy:
         """Load from a Hub id or a local folder in diffusers' format (errors say what to do); ``kwargs`` go to
         :class:`QwenEditPolicy`."""
         from divrl.policy.qwen_image.builder import load_pipeline
 
-        pipe = load_pipeline(model, torch_dtype=torch_dtype, local_files_only=local_files_only, revision=revision,
-                             text_encoders=text_encoders)
+        pipe = load_pipeline(
+            model,
+            torch_dtype=torch_dtype,
+            local_files_only=local_files_only,
+            revision=revision,
+            text_encoders=text_encoders,
+        )
         kwargs.setdefault("model_id", os.fspath(model))
         return cls.from_pipeline(pipe, **kwargs)
 
     @classmethod
     def from_pipeline(cls, pipe, **kwargs) -> QwenEditPolicy:
         """Wrap an existing ``QwenImageEditPlusPipeline`` (its modules are shared, not copied)."""
-        return cls(transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                   processor=pipe.processor, scheduler=pipe.scheduler, **kwargs)
+        return cls(
+            transformer=pipe.transformer,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            processor=pipe.processor,
+            scheduler=pipe.scheduler,
+            **kwargs,
+        )
 
     @classmethod
     def tiny(cls, seed: int = 0, lora: L.LoRAConfig | None = None, **kwargs) -> QwenEditPolicy:
@@ -179,13 +236,21 @@ class QwenEditPolicy(PackedGrid, Policy):
 
     # ------------------------------------------------------------------------------------------------ conditioning
 
-    def encode(self, samples: Sequence[ConditionSample], height: int, width: int,
-               group_size: int = 1) -> QwenEditCondition:
+    def encode(
+        self, samples: Sequence[ConditionSample], height: int, width: int, group_size: int = 1
+    ) -> QwenEditCondition:
         return self.encoder.encode(samples, height, width, self.true_cfg_scale, group_size)
 
-    def condition(self, references: Sequence[ImageLike] | ImageLike, prompts: Sequence[str] | str, height: int,
-                  width: int, true_cfg_scale: float | None = None, group_size: int = 1,
-                  reference_keys: Sequence[str | None] | None = None) -> QwenEditCondition:
+    def condition(
+        self,
+        references: Sequence[ImageLike] | ImageLike,
+        prompts: Sequence[str] | str,
+        height: int,
+        width: int,
+        true_cfg_scale: float | None = None,
+        group_size: int = 1,
+        reference_keys: Sequence[str | None] | None = None,
+    ) -> QwenEditCondition:
         """Conditions for ``len(prompts)`` prompts: ``references`` is one image per prompt, one image shared by all, or
         per prompt a list of its ``K`` references ("Picture 1" ... "Picture K" in the prompt template)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -212,9 +277,13 @@ class QwenEditPolicy(PackedGrid, Policy):
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
         config = scheduler.config
-        mu = calculate_shift(cond.num_tokens, config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))
+        mu = calculate_shift(
+            cond.num_tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
         retrieve_timesteps(scheduler, num_steps, "cpu", sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
         return scheduler.sigmas.float().cpu()
 
@@ -226,12 +295,20 @@ class QwenEditPolicy(PackedGrid, Policy):
 
         config = self.scheduler_config
         if not config.get("use_dynamic_shifting") or config.get("time_shift_type", "exponential") != "exponential":
-            raise ValueError("objective.timesteps.distribution shifted: this model's scheduler configuration has no "
-                             "exponential, size-dependent shift; give objective.timesteps.shift, or use uniform or "
-                             "logit_normal")
-        return math.exp(calculate_shift(cond.num_tokens, config.get("base_image_seq_len", 256),
-                                        config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                        config.get("max_shift", 1.15)))
+            raise ValueError(
+                "objective.timesteps.distribution shifted: this model's scheduler configuration has no "
+                "exponential, size-dependent shift; give objective.timesteps.shift, or use uniform or "
+                "logit_normal"
+            )
+        return math.exp(
+            calculate_shift(
+                cond.num_tokens,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15),
+            )
+        )
 
     def initial_noise(self, cond: QwenEditCondition, generator=None) -> Tensor:
         """Packed Gaussian latents ``(B, T, C)``, drawn exactly as ``QwenImageEditPlusPipeline.prepare_latents``."""
@@ -260,17 +337,30 @@ class QwenEditPolicy(PackedGrid, Policy):
         combined = negative + cond.true_cfg_scale * (positive - negative)
         return combined * (positive.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
 
-    def _call(self, latents: Tensor, sigma: Tensor, text: Tensor, mask: Tensor | None, cond: QwenEditCondition,
-              references: bool) -> Tensor:
+    def _call(
+        self,
+        latents: Tensor,
+        sigma: Tensor,
+        text: Tensor,
+        mask: Tensor | None,
+        cond: QwenEditCondition,
+        references: bool,
+    ) -> Tensor:
         """One transformer call, with the reference tokens appended (``references``) or without them."""
         timestep = (sigma * 1000).to(latents.dtype) / 1000  # the pipeline's timestep, cast as it casts it
         hidden = latents.to(self.dtype)
         shapes = cond.img_shapes if references else cond.img_shapes[:1]
         if references:
             hidden = torch.cat([hidden, cond.image_latents], dim=1)
-        out = self.transformer(hidden_states=hidden, timestep=timestep, guidance=None, encoder_hidden_states=text,
-                               encoder_hidden_states_mask=mask, img_shapes=[shapes] * len(hidden),
-                               return_dict=False)[0]
+        out = self.transformer(
+            hidden_states=hidden,
+            timestep=timestep,
+            guidance=None,
+            encoder_hidden_states=text,
+            encoder_hidden_states_mask=mask,
+            img_shapes=[shapes] * len(hidden),
+            return_dict=False,
+        )[0]
         return out[:, : latents.shape[1]]
 
     @torch.no_grad()
@@ -285,14 +375,17 @@ class QwenEditPolicy(PackedGrid, Policy):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
-    def encode_images(self, images: Sequence, height: int, width: int,
-                      keys: Sequence[str | None] | None = None) -> Tensor:
+    def encode_images(
+        self, images: Sequence, height: int, width: int, keys: Sequence[str | None] | None = None
+    ) -> Tensor:
         """Clean latents ``(B, T, C)`` of ``images`` at ``height × width`` (targets: the generated size, not the
         references' VAE area), encoded and normalised as references are."""
         pipe = self._pipe
         if self.vae.encoder is None:
-            raise RuntimeError("this policy has no VAE encoder (policy.text_encoders: false drops the encoders); target "
-                               "images (SFT, DPO on shard pairs) need it: set policy.text_encoders: true")
+            raise RuntimeError(
+                "this policy has no VAE encoder (policy.text_encoders: false drops the encoders); target "
+                "images (SFT, DPO on shard pairs) need it: set policy.text_encoders: true"
+            )
         rows = []
         for image in images:
             pixels = pipe.image_processor.preprocess(self.encoder._pil(image), height, width).unsqueeze(2)
@@ -314,5 +407,7 @@ class QwenEditPolicy(PackedGrid, Policy):
         """Forward FLOPs of one velocity for one sample: one transformer call, two with CFG (:func:`qwen_edit_flops`),
         each over its own text length."""
         texts = [cond.prompt_embeds] + ([] if cond.negative_prompt_embeds is None else [cond.negative_prompt_embeds])
-        return sum(qwen_edit_flops(self.transformer.config, cond.num_tokens, cond.image_latents.shape[1],
-                                   text.shape[1]) for text in texts)
+        return sum(
+            qwen_edit_flops(self.transformer.config, cond.num_tokens, cond.image_latents.shape[1], text.shape[1])
+            for text in texts
+        )

@@ -17,14 +17,29 @@ from transformers import Qwen2VLProcessor
 
 from divrl.policy.tiny import tiny_qwen_tokenizer
 
-__all__ = ["ImageTextProcessor", "tiny_qwen_edit_components", "tiny_vl_tokenizer", "QWEN_SCHEDULER_CONFIG",
-           "VISION_TOKENS"]
+__all__ = [
+    "ImageTextProcessor",
+    "tiny_qwen_edit_components",
+    "tiny_vl_tokenizer",
+    "QWEN_SCHEDULER_CONFIG",
+    "VISION_TOKENS",
+]
 
 QWEN_SCHEDULER_CONFIG = {
-    "base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 8192, "max_shift": 0.9,
-    "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02, "time_shift_type": "exponential",
-    "use_dynamic_shifting": True, "invert_sigmas": False, "stochastic_sampling": False, "use_beta_sigmas": False,
-    "use_exponential_sigmas": False, "use_karras_sigmas": False,
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+    "use_dynamic_shifting": True,
+    "invert_sigmas": False,
+    "stochastic_sampling": False,
+    "use_beta_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
 }
 """Qwen-Image-Edit's ``FlowMatchEulerDiscreteScheduler`` configuration (``scheduler/scheduler_config.json`` of the
 2509 and 2511 releases): dynamic, exponential shift for the image sequence length, ending at 0.02."""
@@ -87,26 +102,62 @@ def tiny_qwen_edit_components(seed: int = 0, width: int = 16, heads: int = 2, he
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS}
     processor = ImageTextProcessor(Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56), tokenizer)
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=2048, bos_token_id=None, eos_token_id=None,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}),
-        vision_config=dict(depth=1, hidden_size=width, intermediate_size=2 * width, num_heads=2, out_hidden_size=width,
-                           fullatt_block_indexes=[0], window_size=56),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=2048,
+            bos_token_id=None,
+            eos_token_id=None,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_heads=2,
+            out_hidden_size=width,
+            fullatt_block_indexes=[0],
+            window_size=56,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
     )
     torch.manual_seed(seed)
     transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=head_dim,
-        num_attention_heads=heads, joint_attention_dim=width, axes_dims_rope=(2, 2, 4),
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=width,
+        axes_dims_rope=(2, 2, 4),
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
-                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0])
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.8, 1.2, 1.0],
+    )
     torch.manual_seed(seed + 2)
     text_encoder = Qwen2_5_VLForConditionalGeneration(config)
     for module in (transformer, vae, text_encoder):
         module.eval()  # built from configs, these start in train mode
-    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "processor": processor, "scheduler": FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER_CONFIG)}
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "processor": processor,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER_CONFIG),
+    }

@@ -215,7 +215,9 @@ class DINOv2Backbone(Frozen, FeatureBackbone):
 def _load_model(model: str | os.PathLike, local_files_only: bool) -> nn.Module:
     from transformers import AutoModel
 
-    return load_pretrained(AutoModel.from_pretrained, model, local_files_only, "DINOv2Backbone", "facebook/dinov2-small")
+    return load_pretrained(
+        AutoModel.from_pretrained, model, local_files_only, "DINOv2Backbone", "facebook/dinov2-small"
+    )
 
 
 def _load_mean_std(model: str | os.PathLike, local_files_only: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:

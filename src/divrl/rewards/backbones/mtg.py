@@ -149,23 +149,37 @@ class MTGServerScorer(GroupScorer):
             or not isinstance(max_images_per_request, int)
             or max_images_per_request < 1
         ):
-            raise ValueError(f"max_images_per_request must be a positive integer or None, got {max_images_per_request!r}")
+            raise ValueError(
+                f"max_images_per_request must be a positive integer or None, got {max_images_per_request!r}"
+            )
         for other in (urls or [])[1:]:
-            if not isinstance(other, str) or urllib.parse.urlsplit(other).scheme not in ("http", "https") or \
-                    not urllib.parse.urlsplit(other).netloc:
+            if (
+                not isinstance(other, str)
+                or urllib.parse.urlsplit(other).scheme not in ("http", "https")
+                or not urllib.parse.urlsplit(other).netloc
+            ):
                 raise ValueError(f"urls must hold http(s) URLs such as 'http://127.0.0.1:8101', got {other!r}")
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
         base = url.rstrip("/")
         self.url = base
         self.endpoint = base if base.endswith("/score") else base + "/score"
-        self.endpoints = [u.rstrip("/") if u.rstrip("/").endswith("/score") else u.rstrip("/") + "/score"
-                          for u in (urls or [url])]
+        self.endpoints = [
+            u.rstrip("/") if u.rstrip("/").endswith("/score") else u.rstrip("/") + "/score" for u in (urls or [url])
+        ]
         self.max_in_flight = max_in_flight if len(self.endpoints) > 1 else 1
-        self.pool = EndpointPool(
-            self.endpoints, give_up_after=float(timeout) * retries, backoff=float(backoff), what="MTG reward server",
-            hint="Start the Mind-the-Glitch reward servers (CleanDIFT-SD2.1, needs a GPU) and check `urls`; if they "
-                 "are up but slow, raise `timeout` or `retries`") if len(self.endpoints) > 1 else None
+        self.pool = (
+            EndpointPool(
+                self.endpoints,
+                give_up_after=float(timeout) * retries,
+                backoff=float(backoff),
+                what="MTG reward server",
+                hint="Start the Mind-the-Glitch reward servers (CleanDIFT-SD2.1, needs a GPU) and check `urls`; if they "
+                "are up but slow, raise `timeout` or `retries`",
+            )
+            if len(self.endpoints) > 1
+            else None
+        )
         self.tau_s = float(tau_s)
         self.timeout = float(timeout)
         self.retries = retries
@@ -243,14 +257,25 @@ class MTGServerScorer(GroupScorer):
                 "semantic_threshold": self.tau_s,
             }
             what = f"{'nSSM' if is_ssm else 'VSM'} of images {start}..{start + len(chunk) - 1}"
-            scores.extend(self._request(payload, len(chunk), what, nan_ok=not is_ssm and self.vsm_nan_as_zero,
-                                        bounds=(0.0, 2.0) if is_ssm else (0.0, 1.0)))
+            scores.extend(
+                self._request(
+                    payload,
+                    len(chunk),
+                    what,
+                    nan_ok=not is_ssm and self.vsm_nan_as_zero,
+                    bounds=(0.0, 2.0) if is_ssm else (0.0, 1.0),
+                )
+            )
         nan = [i for i, v in enumerate(scores) if math.isnan(v)]
         if nan:
             self.nan_vsm_count += len(nan)
             logger.warning(
                 "MTG server %s: VSM is NaN for image(s) %s (no cell passed the semantic threshold %.3g); scoring them "
-                "VSM = 0 (%d such image(s) so far)", self.endpoint, nan, self.tau_s, self.nan_vsm_count,
+                "VSM = 0 (%d such image(s) so far)",
+                self.endpoint,
+                nan,
+                self.tau_s,
+                self.nan_vsm_count,
             )
             scores = [0.0 if math.isnan(v) else v for v in scores]
         return torch.tensor(scores, dtype=torch.float32)
@@ -262,16 +287,23 @@ class MTGServerScorer(GroupScorer):
         """Groups scored at once on threads: ``max_in_flight`` with several servers, else 1."""
         return self.max_in_flight
 
-    def _request(self, payload: dict, expected: int, what: str, nan_ok: bool = False,
-                 bounds: tuple[float, float] = (-math.inf, math.inf)) -> list[float]:
+    def _request(
+        self,
+        payload: dict,
+        expected: int,
+        what: str,
+        nan_ok: bool = False,
+        bounds: tuple[float, float] = (-math.inf, math.inf),
+    ) -> list[float]:
         """POST one request with retries (over the servers, with ``urls``); return ``expected`` validated scores
         (finite, within ``bounds``: nSSM ``1 − ρ`` lies in [0, 2], VSM, a fraction, in [0, 1]) or raise
         :class:`MTGServerError`."""
         data = json.dumps(payload).encode("utf-8")
         if self.pool is not None:
             try:
-                return self.pool.request(lambda url: self._parse(self._post(data, 1, url), expected, what, 1, nan_ok,
-                                                                 bounds, url))
+                return self.pool.request(
+                    lambda url: self._parse(self._post(data, 1, url), expected, what, 1, nan_ok, bounds, url)
+                )
             except ServersDown as err:
                 raise MTGServerError(str(err), url=", ".join(err.urls)) from None
         attempts = self.retries + 1
@@ -281,7 +313,12 @@ class MTGServerScorer(GroupScorer):
                 delay = self.backoff * 2 ** (attempt - 1)
                 logger.warning(
                     "MTG server %s (%s): attempt %d/%d failed (%s); retrying in %.3g s",
-                    self.endpoint, what, attempt, attempts, last, delay,
+                    self.endpoint,
+                    what,
+                    attempt,
+                    attempts,
+                    last,
+                    delay,
                 )
                 if delay > 0:
                     self._sleep(delay)
@@ -297,7 +334,9 @@ class MTGServerScorer(GroupScorer):
             f"`url` (one worker listens on http://127.0.0.1:8101 by default, the round-robin balancer on :8098); "
             f"if the server is up but slow, raise `timeout` (now {self.timeout:g} s) or `retries` (the scorer's init_args; "
             f"`divrl score --timeout/--retries`).",
-            url=self.endpoint, attempts=attempts, status=last.status if last is not None else None,
+            url=self.endpoint,
+            attempts=attempts,
+            status=last.status if last is not None else None,
         )
 
     def _post(self, data: bytes, attempt: int, endpoint: str | None = None) -> bytes:
@@ -323,23 +362,34 @@ class MTGServerScorer(GroupScorer):
             raise MTGServerError(
                 f"MTG reward server at {endpoint} answered HTTP {err.code} {err.reason} (attempt {attempt}, "
                 f"not retried); response: {excerpt}. {hint}",
-                url=endpoint, attempts=attempt, status=err.code,
+                url=endpoint,
+                attempts=attempt,
+                status=err.code,
             ) from None
         except urllib.error.URLError as err:  # connection refused, DNS, timeout while connecting...
             raise _Retryable(f"{type(err.reason).__name__}: {err.reason}") from None
         except (OSError, http.client.HTTPException) as err:  # timeouts and resets while reading, bad status lines
             raise _Retryable(f"{type(err).__name__}: {err or 'no details'}") from None
 
-    def _parse(self, body: bytes, expected: int, what: str, attempt: int, nan_ok: bool = False,
-               bounds: tuple[float, float] = (-math.inf, math.inf), endpoint: str | None = None) -> list[float]:
+    def _parse(
+        self,
+        body: bytes,
+        expected: int,
+        what: str,
+        attempt: int,
+        nan_ok: bool = False,
+        bounds: tuple[float, float] = (-math.inf, math.inf),
+        endpoint: str | None = None,
+    ) -> list[float]:
         endpoint = endpoint or self.endpoint
 
         def fail(problem: str, kind: type[MTGServerError] = MTGServerError) -> MTGServerError:
             return kind(
                 f"MTG reward server at {endpoint} gave an unusable answer for the {what}: {problem}; "
-                f"response: {_excerpt(body)}. Expected JSON {{\"score\": [float, ...]}} with {expected} finite "
+                f'response: {_excerpt(body)}. Expected JSON {{"score": [float, ...]}} with {expected} finite '
                 f"value(s); check that `url` points at the DivRL MTG reward server.",
-                url=endpoint, attempts=attempt,
+                url=endpoint,
+                attempts=attempt,
             )
 
         try:
@@ -366,8 +416,10 @@ class MTGServerScorer(GroupScorer):
         low, high = bounds  # a score outside its component's range is a server bug, never a reward
         out = {i: v for i, v in enumerate(values) if not (low - _SLACK <= v <= high + _SLACK or math.isnan(v))}
         if out:
-            raise fail(f"score(s) {list(out.values())} at position(s) {list(out)} outside [{low:g}, {high:g}], the "
-                       f"range of the {what.split()[0]}")
+            raise fail(
+                f"score(s) {list(out.values())} at position(s) {list(out)} outside [{low:g}, {high:g}], the "
+                f"range of the {what.split()[0]}"
+            )
         return values
 
 
