@@ -121,7 +121,7 @@ def test_a_sample_run_that_stops_midway_leaves_no_image_samples_json_does_not_li
     with pytest.raises(RuntimeError, match="the second identity"):
         main(sample_args(out, "--num_identities", "2", "--num_samples", "2", "--num_steps", "1"))
     meta = json.loads((out / "samples.json").read_text())
-    listed = {Path(f) for record in meta["samples"] for f in record["files"]}
+    listed = {Path(f) for record in meta["samples"] for f in record["files"] + record["references"]}
     written = {p for p in out.rglob("*.png") if not p.name.endswith("_grid.png")}
     assert written and written == listed and meta["complete"] is False
     with pytest.raises(

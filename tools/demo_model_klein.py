@@ -255,6 +255,9 @@ def main_klein(args) -> None:
 
     out = Path(args.out)
     policy.pipeline().save_pretrained(out, safe_serialization=True)
+    kontext.write_demo_card(
+        out, "Flux2KleinPipeline", "pretrained on the synthetic subject world to copy its reference"
+    )
     print(f"3/3 saved {out} ({kontext.folder_size(out) / 2**20:.2f} MiB); reloading and evaluating", flush=True)
     loaded = Flux2KleinPolicy.from_pretrained(
         out, torch_dtype="float32", max_sequence_length=MAX_SEQUENCE_LENGTH, guidance_scale=GUIDANCE_SCALE

@@ -217,6 +217,9 @@ def main_qwen(args) -> None:
 
     out = Path(args.out)
     save_pipeline(policy.pipeline(), out)
+    kontext.write_demo_card(
+        out, "QwenImageEditPlusPipeline", "pretrained on the synthetic subject world to copy its reference"
+    )
     print(f"3/3 saved {out} ({kontext.folder_size(out) / 2**20:.2f} MiB); reloading and evaluating", flush=True)
     loaded = QwenEditPolicy.from_pretrained(
         out,

@@ -404,6 +404,15 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
+def write_demo_card(out: Path, pipeline: str, what: str) -> None:
+    """The demo model's ``README.md``: its licence for ``divrl export``'s card (the project's, Apache-2.0) and what it is."""
+    (Path(out) / "README.md").write_text(
+        f"---\nlicense: apache-2.0\nlibrary_name: diffusers\ntags:\n- divrl\n- toy\n---\n\n# {Path(out).name}\n\n"
+        f"A CPU demo's tiny `{pipeline}` (the real diffusers classes at toy size), {what}, built by divrl's "
+        f"`tools/`. For trying divrl out, not for images.\n"
+    )
+
+
 def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -557,6 +566,7 @@ def main_multi(args) -> None:
     transformer_time = time.time() - t
     out = Path(args.out)
     policy.pipeline().save_pretrained(out, safe_serialization=True)
+    write_demo_card(out, "FluxKontextPipeline", "pretrained to copy its references (several subjects)")
     loaded = KontextPolicy.from_pretrained(out, torch_dtype="float32", max_sequence_length=MAX_SEQUENCE_LENGTH)
     for key, value in policy.transformer.state_dict().items():
         if not torch.equal(value, loaded.transformer.state_dict()[key]):
@@ -685,6 +695,7 @@ def main() -> None:
 
     out = Path(args.out)
     policy.pipeline().save_pretrained(out, safe_serialization=True)
+    write_demo_card(out, "FluxKontextPipeline", "pretrained on the synthetic subject world to copy its reference")
     print(f"3/3 saved {out} ({folder_size(out) / 2**20:.2f} MiB); reloading and evaluating", flush=True)
     if not (out / "model_index.json").is_file():
         raise RuntimeError(f"{out} has no model_index.json")

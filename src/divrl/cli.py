@@ -7,6 +7,8 @@
   built-in example group).
 - ``divrl data``: convert datasets into identity shards (:mod:`divrl.cli_data`).
 - ``divrl serve-reward``: serve a reward on LitServe for :class:`~divrl.rewards.RemoteReward` (:mod:`divrl.cli_serve`).
+- ``divrl export``: a Hub-ready folder with a model card, optionally uploaded (:mod:`divrl.cli_export`).
+- ``divrl app``: a Gradio app comparing base and trained samples (:mod:`divrl.app`, the ``app`` extra).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from divrl import __version__
 from divrl.cli_checks import check_command_line, condensed_parser_error, expected_error  # noqa: F401
 from divrl.cli_data import add_data_command, file_name
+from divrl.cli_export import add_export_command
 from divrl.cli_serve import add_serve_command
 from divrl.images import MIN_SIDE
 
@@ -98,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_command(commands)
     add_serve_command(commands, bounded)
+    add_export_command(commands, bounded)
     return parser
 
 

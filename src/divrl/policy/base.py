@@ -385,6 +385,27 @@ class PolicyConfig:
         if self.train_transformer and self.lora is not None:
             raise ValueError("policy: train_transformer (full fine-tuning) needs lora: null")
 
+    diffusers_pipeline: ClassVar[str] = ""
+    """The family's diffusers pipeline class (``FluxKontextPipeline``): what ``divrl export``'s model card loads."""
+
+    family_tag: ClassVar[str] = ""
+    """The family's tag on the Hub (``flux.1-kontext``)."""
+
+    def pipeline_call(self, height: int, width: int, num_steps: int) -> dict[str, object]:
+        """The keyword arguments of :attr:`diffusers_pipeline`'s call that sample as divrl's deterministic sampler does
+        (``noise_level: 0``) at ``height`` × ``width`` in ``num_steps`` steps, besides ``image``, ``prompt`` and
+        ``generator``: the model card's snippet (``divrl export``), which reproduces ``divrl sample``."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how its diffusers pipeline samples")
+
+    def pipeline_reference(self, height: int, width: int) -> str | None:
+        """Python lines that turn ``reference`` (a PIL image) into what the pipeline must be given to see it as divrl's
+        sampler does, or ``None`` when the pipeline's own preprocessing already does (the model card's snippet)."""
+        return None
+
+    def pipeline_differences(self) -> list[str]:
+        """Settings of this config that the stock diffusers pipeline does not reproduce (the card says so)."""
+        return []
+
     def load(self) -> Policy:
         """Load (or build) the family's policy from these settings (without the steps of :meth:`build`)."""
         raise NotImplementedError(

@@ -18,10 +18,11 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
 
 from divrl.data.datamodule import resolve_shards
 from divrl.eval.suite import EvalSuite
-from divrl.images import to_pil
+from divrl.images import to_image_batch, to_pil
 from divrl.policy.lora import LORA_FILE
 from divrl.rewards.base import Group
 from divrl.training.callbacks import StageSwitch, group_grid
@@ -175,8 +176,9 @@ class DivRLTrainer(pl.Trainer):
                 average when it has one, as the run's validation and exports); for full fine-tuning, the exported
                 folder holding ``transformer/``.
                 ``None`` samples the base model.
-            output_dir: where ``<identity>/<prompt index>_<k>.png``, one grid per prompt and ``samples.json`` (the
-                files, the reward and its components per sample) go.
+            output_dir: where ``<identity>/<prompt index>_<k>.png``, one grid per prompt, the references as
+                ``<identity>/reference_<j>.png`` and ``samples.json`` (the files, the reward and its components per
+                sample) go.
             num_samples: images per prompt (different seeds).
             num_steps: denoising steps (the paper evaluates with 28).
             noise_level: 0 for the deterministic sampler (evaluation); > 0 samples like training rollouts.
@@ -232,6 +234,12 @@ class DivRLTrainer(pl.Trainer):
             scores = model.reward(Group(condition, images))  # before any file of the group
             folder = out / condition.id
             folder.mkdir(parents=True, exist_ok=True)
+            references = []  # what the samples were conditioned on (once per identity)
+            for j, reference in enumerate(condition.references):
+                references.append(str(folder / f"reference_{j}.png"))
+                if not Path(references[-1]).exists():
+                    pil = reference if isinstance(reference, Image.Image) else to_pil(to_image_batch(reference)[0])
+                    pil.convert("RGB").save(references[-1])
             files = []
             for k, image in enumerate(images):
                 path = folder / f"{index:03d}_{k}.png"
@@ -244,6 +252,7 @@ class DivRLTrainer(pl.Trainer):
                     "id": condition.id,
                     "prompt": condition.prompt,
                     "files": files,
+                    "references": references,
                     "reward": scores.reward.tolist(),
                     **components,
                 }

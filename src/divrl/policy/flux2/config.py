@@ -52,6 +52,26 @@ class Flux2KleinConfig(PolicyConfig):
     tiny_seed: int = 0
     reference_window: tuple[float, float] | None = None
 
+    diffusers_pipeline: ClassVar[str] = "Flux2KleinPipeline"
+    family_tag: ClassVar[str] = "flux.2-klein"
+
+    def pipeline_call(self, height: int, width: int, num_steps: int) -> dict[str, object]:
+        call: dict[str, object] = {
+            "height": height,
+            "width": width,
+            "num_inference_steps": num_steps,
+            "guidance_scale": self.guidance_scale,
+            "max_sequence_length": self.max_sequence_length,
+        }
+        if self.text_encoder_out_layers is not None:
+            call["text_encoder_out_layers"] = tuple(self.text_encoder_out_layers)
+        return call
+
+    def pipeline_differences(self) -> list[str]:
+        if self.reference_window is None:
+            return []
+        return [f"policy.reference_window {list(self.reference_window)} (identity gating) is divrl's own sampler's"]
+
     PRECOMPUTE_SETTINGS: ClassVar[dict] = {"guidance_scale": 1.0}
     """``divrl data --precompute`` loads the model without guidance: the payload always holds the empty negative
     prompt, and a step-distilled model refuses any (:func:`divrl.policy.loading.precompute_config`)."""

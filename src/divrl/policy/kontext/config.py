@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from divrl.policy.base import PolicyConfig
 from divrl.policy.gating import check_window
@@ -45,6 +45,34 @@ class KontextConfig(PolicyConfig):
     tiny_seed: int = 0
     reference_positions: Literal["frame", "stitch"] = "frame"
     reference_window: tuple[float, float] | None = None
+
+    diffusers_pipeline: ClassVar[str] = "FluxKontextPipeline"
+    family_tag: ClassVar[str] = "flux.1-kontext"
+
+    def pipeline_call(self, height: int, width: int, num_steps: int) -> dict[str, object]:
+        # The reference enters at the sample's own area, as in training (no snap to Kontext's preferred sizes).
+        return {
+            "height": height,
+            "width": width,
+            "num_inference_steps": num_steps,
+            "guidance_scale": self.guidance,
+            "max_sequence_length": self.max_sequence_length,
+            "max_area": height * width,
+            "_auto_resize": False,
+        }
+
+    def pipeline_reference(self, height: int, width: int) -> str | None:
+        # divrl resizes the reference to the sample's size as a tensor; the pipeline would keep a PIL image's own size
+        return (
+            "processor = pipe.image_processor  # the reference at the sample's size, resized as divrl does\n"
+            "reference = processor.resize(processor.numpy_to_pt(processor.pil_to_numpy(reference)), "
+            f"{height}, {width})\n"
+        )
+
+    def pipeline_differences(self) -> list[str]:
+        if self.reference_window is None:
+            return []
+        return [f"policy.reference_window {list(self.reference_window)} (identity gating) is divrl's own sampler's"]
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from divrl.policy.base import PolicyConfig
 from divrl.policy.gating import check_window
@@ -47,6 +48,32 @@ class QwenEditConfig(PolicyConfig):
     vae_image_size: int | None = None
     tiny_seed: int = 0
     reference_window: tuple[float, float] | None = None
+
+    diffusers_pipeline: ClassVar[str] = "QwenImageEditPlusPipeline"
+    family_tag: ClassVar[str] = "qwen-image-edit"
+
+    def pipeline_call(self, height: int, width: int, num_steps: int) -> dict[str, object]:
+        call: dict[str, object] = {
+            "height": height,
+            "width": width,
+            "num_inference_steps": num_steps,
+            "true_cfg_scale": self.true_cfg_scale,
+        }
+        if self.true_cfg_scale > 1:
+            call["negative_prompt"] = self.negative_prompt
+        return call
+
+    def pipeline_differences(self) -> list[str]:
+        out = []
+        for name, pipeline_area in (("condition_image_size", 384 * 384), ("vae_image_size", 1024 * 1024)):
+            value = getattr(self, name)
+            if (value is not None and value != pipeline_area) or (value is None and self.model == "tiny"):
+                out.append(f"policy.{name} {value or 32 * 32} (the pipeline resizes references to {pipeline_area})")
+        if self.reference_window is not None:
+            out.append(
+                f"policy.reference_window {list(self.reference_window)} (identity gating) is divrl's own sampler's"
+            )
+        return out
 
     def __post_init__(self) -> None:
         super().__post_init__()
