@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from divrl import __version__
+from divrl.cli_app import add_app_command
 from divrl.cli_checks import check_command_line, condensed_parser_error, expected_error  # noqa: F401
 from divrl.cli_data import add_data_command, file_name
 from divrl.cli_export import add_export_command
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_command(commands)
     add_serve_command(commands, bounded)
     add_export_command(commands, bounded)
+    add_app_command(commands, bounded)
     return parser
 
 

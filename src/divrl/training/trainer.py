@@ -24,7 +24,7 @@ from divrl.data.datamodule import resolve_shards
 from divrl.eval.suite import EvalSuite
 from divrl.images import to_image_batch, to_pil
 from divrl.policy.lora import LORA_FILE
-from divrl.rewards.base import Group
+from divrl.rewards.base import Group, RewardOutput
 from divrl.training.callbacks import StageSwitch, group_grid
 from divrl.training.checkpoints import (
     AtomicCheckpointIO,
@@ -228,10 +228,7 @@ class DivRLTrainer(pl.Trainer):
             "samples": records,
         }
         for index, condition in enumerate(conditions):
-            generator = torch.Generator().manual_seed(mix_seeds(seed, index))
-            images = model.generate([condition], num_samples, generator, num_steps=num_steps, noise_level=noise_level)
-            images = images.float().cpu()
-            scores = model.reward(Group(condition, images))  # before any file of the group
+            images, scores = sample_condition(model, condition, index, num_samples, seed, num_steps, noise_level)
             folder = out / condition.id
             folder.mkdir(parents=True, exist_ok=True)
             references = []  # what the samples were conditioned on (once per identity)
@@ -424,6 +421,25 @@ def asks_for_gpus(err: Exception) -> bool:
     """Whether Lightning refused the accelerator because this machine has no GPU (the console script points such a
     run to the demo)."""
     return any(word in str(err).lower() for word in ("gpu", "cuda"))
+
+
+@torch.no_grad()
+def sample_condition(
+    model: DivRLModule,
+    condition,
+    index: int,
+    num_samples: int,
+    seed: int,
+    num_steps: int,
+    noise_level: float = 0.0,
+) -> tuple[torch.Tensor, RewardOutput]:
+    """``num_samples`` images of the ``index``-th condition of a ``divrl sample`` run with ``seed`` (its noise drawn
+    from ``mix_seeds(seed, index)``), as float32 on the CPU, and their scores by the model's current reward: the one
+    sampling step of ``divrl sample`` and ``divrl app``."""
+    generator = torch.Generator().manual_seed(mix_seeds(seed, index))
+    images = model.generate([condition], num_samples, generator, num_steps=num_steps, noise_level=noise_level)
+    images = images.float().cpu()
+    return images, model.reward(Group(condition, images))
 
 
 def _check_finite(model: DivRLModule, weights: str, flag: str) -> None:
