@@ -9,16 +9,15 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 gradio = pytest.importorskip("gradio")  # the `app` extra
 from gradio_client import Client, handle_file  # noqa: E402
+from helpers.runs import short_demo_run  # noqa: E402
 
 from divrl.cli import main  # noqa: E402
 
@@ -29,33 +28,9 @@ pytestmark = pytest.mark.slow  # a 2-update demo run, the page, and four `divrl 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
+    # the two stages' weights differ visibly at this learning rate
     out = tmp_path_factory.mktemp("app") / "run"
-    overlay = out.parent / "short.yaml"
-    overlay.write_text(
-        yaml.safe_dump(
-            {
-                "trainer": {
-                    "max_steps": 2,
-                    "default_root_dir": str(out),
-                    "callbacks": [
-                        {"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": 1}},
-                        {"class_path": "divrl.training.LoRAExporter"},
-                    ],
-                },
-                "data": {"steps_per_epoch": 2},
-                "model": {"optimizer": {"init_args": {"lr": 3e-3}}},  # the two stages' weights differ visibly
-            }
-        )
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "divrl.cli", "fit", "--config", "configs/demo.yaml", "--config", str(overlay)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return short_demo_run(out, max_steps=2, switch_steps=1, optimizer={"init_args": {"lr": 3e-3}})
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from helpers.fake_hub import FakeHub
+from helpers.runs import short_demo_run
 from huggingface_hub import ModelCard
 from PIL import Image
 
@@ -26,32 +27,7 @@ pytestmark = pytest.mark.slow  # a 4-update demo run (about 20 s), then export, 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """The demo recipe cut to 4 updates, stage 2 from update 2: lora/stage1 and lora/final."""
-    out = tmp_path_factory.mktemp("export") / "run"
-    overlay = out.parent / "short.yaml"
-    overlay.write_text(
-        yaml.safe_dump(
-            {
-                "trainer": {
-                    "max_steps": 4,
-                    "default_root_dir": str(out),
-                    "callbacks": [
-                        {"class_path": "divrl.training.StageSwitch", "init_args": {"switch_steps": 2}},
-                        {"class_path": "divrl.training.LoRAExporter"},
-                    ],
-                },
-                "data": {"steps_per_epoch": 2},
-            }
-        )
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "divrl.cli", "fit", "--config", "configs/demo.yaml", "--config", str(overlay)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return short_demo_run(tmp_path_factory.mktemp("export") / "run", max_steps=4, switch_steps=2)
 
 
 @pytest.fixture(scope="module")

@@ -54,17 +54,14 @@ class Studio:
         import yaml
 
         from divrl.cli import run_lightning
-        from divrl.cli_export import SAMPLE_KEYS
+        from divrl.export import sampling_config
 
         if not weights:
             raise ValueError("divrl app needs at least one trained LoRA (--lora)")
         self.weights = dict(weights)
         saved = yaml.safe_load(Path(config).read_text()) or {}
-        kept = {k: v for k, v in saved.items() if k in SAMPLE_KEYS}  # fit's own keys are not sample's
-        kept["trainer"] = {**(kept.get("trainer") or {}), "logger": False, "devices": 1, "num_nodes": 1}
-        kept["trainer"]["strategy"] = "auto"
-        self._config = yaml.safe_dump(kept, sort_keys=False)
-        cli = run_lightning(["--config", self._config, *overrides], run=False)  # no subcommand
+        settings = yaml.safe_dump(sampling_config(saved, one_device=True, where=str(config)), sort_keys=False)
+        cli = run_lightning(["--config", settings, *overrides], run=False)  # no subcommand
         self.model = cli.model
         self.model.configure_model()
         self.model.to(cli.trainer.strategy.root_device).eval()

@@ -11,11 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from divrl.export import ExportError, find_run, push_to_hub, read_samples, write_export
-
-SAMPLE_KEYS = ("seed_everything", "trainer", "model", "data")
-"""The top-level keys of a run's ``config.yaml`` that ``divrl sample`` takes (``ckpt_path`` and Lightning's optimizer
-keys are ``fit``'s)."""
+from divrl.export import ExportError, find_run, push_to_hub, read_samples, sampling_config, write_export
 
 
 def add_export_command(commands, bounded) -> None:
@@ -60,18 +56,7 @@ def generate_samples(run, out: Path, args: argparse.Namespace) -> Path:
             f"{args.run}: no config.yaml found beside the weights to sample them with; pass --config (the run's "
             f"config.yaml), --samples (a `divrl sample` folder) or --num-samples 0"
         )
-    config = {k: v for k, v in run.config.items() if k in SAMPLE_KEYS}
-    trainer = dict(config.get("trainer") or {})
-    accelerator = str(trainer.get("accelerator", "auto"))
-    import torch
-
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ExportError(
-            f"{run.config_path} trains on GPUs and this machine has none; sample on a GPU node with `divrl sample` "
-            f"and pass its folder as --samples, or pass --num-samples 0"
-        )
-    trainer.update(devices=1, num_nodes=1, strategy="auto", logger=False)
-    config["trainer"] = trainer
+    config = sampling_config(run.config, one_device=True, where=str(run.config_path))
     out.mkdir(parents=True, exist_ok=True)
     sample_config = out / "sample_config.yaml"
     sample_config.write_text(yaml.safe_dump(config, sort_keys=False))

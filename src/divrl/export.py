@@ -35,6 +35,7 @@ __all__ = [
     "Samples",
     "find_run",
     "read_samples",
+    "sampling_config",
     "policy_config",
     "base_license",
     "model_card",
@@ -44,9 +45,10 @@ __all__ = [
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
-FIT_ONLY = ("ckpt_path", "weights_only", "optimizer", "lr_scheduler")
-"""Top-level keys of a saved ``divrl fit`` configuration that ``divrl sample`` refuses; dropped from the exported
-``training_config.yaml`` when unset (divrl's optimizer is ``model.optimizer``), ``ckpt_path`` always."""
+SAMPLE_KEYS = ("seed_everything", "trainer", "model", "data")
+"""The top-level keys of a saved ``divrl fit`` configuration that ``divrl sample`` takes; the others (``ckpt_path``,
+``weights_only`` and Lightning's own ``optimizer`` / ``lr_scheduler``, unused: divrl's is ``model.optimizer``) are
+``fit``'s."""
 
 DIVRL_SUMMARY = (
     "DivRL (arXiv 2606.23950) post-trains a subject-driven generator with Flow-GRPO so that it keeps the subject's "
@@ -95,7 +97,7 @@ class RunFiles:
 
 @dataclass
 class Sample:
-    """One condition of a ``divrl sample`` folder: its references, prompt, images and the seed of its noise."""
+    """One condition of a ``divrl sample`` folder: its references, prompt, images, grid and the seed of its noise."""
 
     id: str
     prompt: str
@@ -103,7 +105,6 @@ class Sample:
     references: list[Path]
     grid: Path | None
     seed: int
-    scores: dict[str, float]
 
 
 @dataclass
@@ -202,7 +203,6 @@ def read_samples(folder: str | os.PathLike) -> Samples:
             Path(f) if Path(f).exists() else folder / record["id"] / Path(f).name for f in record.get("references", [])
         ]
         grid = folder / record["id"] / f"{index:03d}_grid.png"
-        scores = {k: float(v[0]) for k, v in record.items() if isinstance(v, list) and v and isinstance(v[0], float)}
         items.append(
             Sample(
                 id=record["id"],
@@ -211,10 +211,28 @@ def read_samples(folder: str | os.PathLike) -> Samples:
                 references=references,
                 grid=grid if grid.is_file() else None,
                 seed=mix_seeds(int(meta["seed"]), index),
-                scores=scores,
             )
         )
     return Samples(folder, int(meta["num_steps"]), float(meta["noise_level"]), items)
+
+
+def sampling_config(config: dict, one_device: bool = False, where: str = "the run's config") -> dict:
+    """``config`` (a saved ``divrl fit`` configuration) as ``divrl sample --config`` takes it: its
+    :data:`SAMPLE_KEYS`; with ``one_device``, on one device of this machine without a logger (``divrl export``'s
+    samples, ``divrl app``), refusing a GPU configuration on a machine without one."""
+    import torch
+
+    kept = {k: v for k, v in config.items() if k in SAMPLE_KEYS}
+    if not one_device:
+        return kept
+    trainer = dict(kept.get("trainer") or {})
+    if str(trainer.get("accelerator", "auto")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ExportError(
+            f"{where} trains on GPUs and this machine has none; run it on a GPU node, or sample there with "
+            f"`divrl sample` and pass that folder to `divrl export --samples` (--num-samples 0: no samples)"
+        )
+    kept["trainer"] = {**trainer, "devices": 1, "num_nodes": 1, "strategy": "auto", "logger": False}
+    return kept
 
 
 def _model(config: dict) -> dict:
@@ -506,8 +524,7 @@ def write_export(
     if run.info:
         (out / "divrl_info.json").write_text(json.dumps(run.info, indent=2))
     if run.config_path is not None:  # without fit's own keys, so `divrl sample --config` takes it too
-        kept = {k: v for k, v in run.config.items() if k not in FIT_ONLY or v is not None and k != "ckpt_path"}
-        (out / "training_config.yaml").write_text(yaml.safe_dump(kept, sort_keys=False))
+        (out / "training_config.yaml").write_text(yaml.safe_dump(sampling_config(run.config), sort_keys=False))
     policy = policy_config(run.config)
     base = base_model or run.info.get("model") or policy.model
     license_fields = {"license": license} if license else base_license(base)

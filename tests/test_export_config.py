@@ -1,0 +1,33 @@
+"""``divrl.export.sampling_config``: a saved fit configuration as ``divrl sample`` takes it (unit, no model)."""
+
+import pytest
+import torch
+
+from divrl.export import ExportError, sampling_config
+
+SAVED = {
+    "seed_everything": 0,
+    "trainer": {"accelerator": "cpu", "devices": 8, "strategy": "ddp", "logger": True},
+    "model": {"policy": {"model": "x"}},
+    "data": {"shards": "s"},
+    "optimizer": None,
+    "lr_scheduler": None,
+    "ckpt_path": "last",
+    "weights_only": None,
+}
+
+
+def test_fits_own_keys_are_dropped_and_one_device_is_one_process_without_a_logger():
+    kept = sampling_config(SAVED)
+    assert list(kept) == ["seed_everything", "trainer", "model", "data"] and kept["trainer"] == SAVED["trainer"]
+    one = sampling_config(SAVED, one_device=True)
+    assert one["trainer"] == {"accelerator": "cpu", "devices": 1, "strategy": "auto", "logger": False, "num_nodes": 1}
+    assert SAVED["trainer"]["devices"] == 8  # the caller's dict is not changed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU configuration is valid on this machine")
+def test_a_gpu_configuration_on_a_machine_without_one_is_refused_with_the_way_out():
+    gpu = {**SAVED, "trainer": {"accelerator": "gpu", "devices": 8}}
+    with pytest.raises(ExportError, match=r"^runs/x/config.yaml trains on GPUs and this machine has none; .*--samples"):
+        sampling_config(gpu, one_device=True, where="runs/x/config.yaml")
+    assert sampling_config(gpu)["trainer"]["devices"] == 8  # the exported training config keeps the run's settings
