@@ -514,6 +514,8 @@ def test_no_model_family_names_outside_the_policy(folders, pattern):
     assert not hits, hits
 
 
-def test_no_source_file_over_400_lines():
-    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+def test_no_source_file_over_500_lines():
+    """Small modules. The bound was 400 lines before ``ruff format``, which lays long calls out one argument per line:
+    the same code grew by 15 to 30% (no file had passed 400 before it; none passes 500 after it)."""
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
     assert set(long) <= {"data/converters.py"}, long

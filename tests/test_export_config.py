@@ -1,5 +1,7 @@
 """``divrl.export.sampling_config``: a saved fit configuration as ``divrl sample`` takes it (unit, no model)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -31,3 +33,13 @@ def test_a_gpu_configuration_on_a_machine_without_one_is_refused_with_the_way_ou
     with pytest.raises(ExportError, match=r"^runs/x/config.yaml trains on GPUs and this machine has none; .*--samples"):
         sampling_config(gpu, one_device=True, where="runs/x/config.yaml")
     assert sampling_config(gpu)["trainer"]["devices"] == 8  # the exported training config keeps the run's settings
+
+
+def test_the_licence_comes_from_the_bases_card_else_from_its_family():
+    from divrl.model_card import base_license
+
+    root = Path(__file__).resolve().parents[1]
+    assert base_license(str(root / "data/demo/tiny-kontext")) == {"license": "apache-2.0"}  # the folder's own README.md
+    assert base_license("Qwen/Qwen-Image-Edit-2511") == {"license": "apache-2.0"}  # QwenEditConfig.hub_licenses
+    assert base_license("black-forest-labs/FLUX.1-Kontext-dev")["license_name"] == "flux-1-dev-non-commercial-license"
+    assert base_license("someone/unknown-model") == {}

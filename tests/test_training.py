@@ -333,8 +333,10 @@ def test_sample_writes_pngs_with_the_trained_lora(trained, tmp_path):
         "001_0.png",
         "001_1.png",
         "001_grid.png",
+        "reference_0.png",  # the reference both prompts were conditioned on, written once
     ]
     meta = yaml.safe_load((out / "samples.json").read_text())
+    assert [r["references"] for r in meta["samples"]] == 2 * [[str(out / "ref/reference_0.png")]]
     assert len(meta["samples"]) == 2 and len(meta["samples"][0]["nssm"]) == 2
     # the final LoRA was trained in stage 2 (its info.json): scored with that stage's reward, R2
     assert meta["stage"] == 2 and meta["reward"] == "GatedReward" and "vsm" in meta["samples"][0]

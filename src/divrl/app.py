@@ -53,8 +53,8 @@ class Studio:
     def __init__(self, config: str | os.PathLike, weights: dict[str, Path], overrides: list[str] | tuple = ()):
         import yaml
 
-        from divrl.cli import run_lightning
         from divrl.export import sampling_config
+        from divrl.lightning_cli import run_lightning
 
         if not weights:
             raise ValueError("divrl app needs at least one trained LoRA (--lora)")

@@ -49,7 +49,7 @@ def add_export_command(commands, bounded) -> None:
 
 def generate_samples(run, out: Path, args: argparse.Namespace) -> Path:
     """Sample the exported weights with the run's configuration (``divrl sample``, in this process) into ``out``."""
-    from divrl.cli import run_lightning
+    from divrl.lightning_cli import run_lightning
 
     if run.config_path is None:
         raise ExportError(

@@ -22,11 +22,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
 
 import yaml
+
+from divrl.model_card import base_license, model_card, policy_config
 
 __all__ = [
     "LORA_FILE",
@@ -36,9 +38,6 @@ __all__ = [
     "find_run",
     "read_samples",
     "sampling_config",
-    "policy_config",
-    "base_license",
-    "model_card",
     "write_export",
     "push_to_hub",
 ]
@@ -49,27 +48,6 @@ SAMPLE_KEYS = ("seed_everything", "trainer", "model", "data")
 """The top-level keys of a saved ``divrl fit`` configuration that ``divrl sample`` takes; the others (``ckpt_path``,
 ``weights_only`` and Lightning's own ``optimizer`` / ``lr_scheduler``, unused: divrl's is ``model.optimizer``) are
 ``fit``'s."""
-
-DIVRL_SUMMARY = (
-    "DivRL (arXiv 2606.23950) post-trains a subject-driven generator with Flow-GRPO so that it keeps the subject's "
-    "identity without copying the reference photo's pose and layout. It rewards structural diversity (nSSM: "
-    "1 − correlation of the reference's and the sample's feature self-similarity) and, in a second stage, penalises "
-    "samples whose identity match (VSM) falls below a gate (*Explore-and-Suppress*)."
-)
-
-KNOWN_LICENSES: dict[str, dict[str, str]] = {
-    "black-forest-labs/flux.1-kontext-dev": {
-        "license": "other",
-        "license_name": "flux-1-dev-non-commercial-license",
-        "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-Kontext-dev/blob/main/LICENSE.md",
-    },
-    "black-forest-labs/flux.2-klein-4b": {"license": "apache-2.0"},
-    "black-forest-labs/flux.2-klein-base-4b": {"license": "apache-2.0"},
-    "qwen/qwen-image-edit-2509": {"license": "apache-2.0"},
-    "qwen/qwen-image-edit-2511": {"license": "apache-2.0"},
-}
-"""Licences of the published bases divrl trains, as their Hub cards state them: used when the base's own card (a
-local folder's or the Hub cache's ``README.md``) cannot be read."""
 
 
 class ExportError(ValueError):
@@ -235,150 +213,6 @@ def sampling_config(config: dict, one_device: bool = False, where: str = "the ru
     return kept
 
 
-def _model(config: dict) -> dict:
-    return config.get("model") or {}
-
-
-def _class_and_args(entry) -> tuple[str, dict]:
-    if isinstance(entry, dict) and "class_path" in entry:
-        return entry["class_path"], dict(entry.get("init_args") or {})
-    return "", dict(entry or {}) if isinstance(entry, dict) else {}
-
-
-def policy_config(config: dict):
-    """The run's :class:`~divrl.policy.PolicyConfig` (its family's subclass), built from ``model.policy``."""
-    from divrl.policy import KontextConfig
-
-    class_path, args = _class_and_args(_model(config).get("policy"))
-    cls = KontextConfig
-    if class_path:
-        module, _, name = class_path.rpartition(".")
-        cls = getattr(import_module(module), name)
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in args.items() if k in known and k != "lora"}, lora=None)
-
-
-def base_license(model: str) -> dict[str, str]:
-    """The base model's licence fields for the card's front matter: from its own card (a local folder's, or the Hub
-    cache's ``README.md``), else :data:`KNOWN_LICENSES`, else ``{}``. No network."""
-    from huggingface_hub import ModelCard
-
-    card_file: Path | None = Path(model) / "README.md" if Path(model).is_dir() else None
-    if card_file is None:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(model, "README.md")
-            card_file = Path(cached) if isinstance(cached, str) else None
-        except Exception:  # noqa: BLE001 - not a repo id: no cached card
-            card_file = None
-    if card_file is not None and card_file.is_file():
-        data = ModelCard.load(card_file).data.to_dict()
-        found = {k: str(data[k]) for k in ("license", "license_name", "license_link") if data.get(k)}
-        if found:
-            return found
-    return dict(KNOWN_LICENSES.get(model.lower(), {}))
-
-
-def _is_hub_id(model: str) -> bool:
-    parts = model.split("/")
-    return len(parts) == 2 and all(parts) and not Path(model).exists() and not model.startswith((".", "~"))
-
-
-def _recipe(config: dict, info: dict) -> list[tuple[str, str]]:
-    """The training recipe, one (what, value) row each, read from the resolved configuration."""
-    model = _model(config)
-    rows: list[tuple[str, str]] = []
-    callbacks = (config.get("trainer") or {}).get("callbacks") or []
-    switch = next(
-        (
-            c.get("init_args", {}).get("switch_steps")
-            for c in callbacks
-            if str(c.get("class_path", "")).endswith("StageSwitch")
-        ),
-        None,
-    )
-    rewards = model.get("rewards") or ([model["reward"]] if model.get("reward") else [])
-    names = []
-    for entry in rewards:
-        path, args = _class_and_args(entry)
-        detail = ", ".join(f"{k} {args[k]}" for k in ("threshold", "weight") if k in args)
-        names.append(f"`{path.rpartition('.')[2] or path}`" + (f" ({detail})" if detail else ""))
-    max_steps = (config.get("trainer") or {}).get("max_steps")
-    if names:
-        stages = len(names)
-        when = f"; stage 2 from update {switch}" if switch is not None and stages > 1 else ""
-        rows.append(("rewards", f"{stages} stage(s): " + " → ".join(names) + when))
-    objectives = model.get("objective")
-    objectives = objectives if isinstance(objectives, list) else [objectives]
-    objective_names = [
-        (_class_and_args(o)[0].rpartition(".")[2] or "GRPOObjective") for o in objectives if o is not None
-    ]
-    rows.append(("objective", " → ".join(f"`{n}`" for n in objective_names) or "`GRPOObjective` (Flow-GRPO)"))
-    if max_steps is not None:
-        rows.append(("optimizer updates", str(max_steps)))
-    if info.get("global_step") is not None:
-        rows.append(("these weights", f"update {info['global_step']}, end of stage {info.get('stage', '?')}"))
-    _, policy_args = _class_and_args(model.get("policy"))
-    lora = policy_args.get("lora") or {}
-    if lora:
-        rows.append(("LoRA", f"rank {lora.get('rank')}, alpha {lora.get('alpha')}"))
-    sampling = model.get("sampling") or {}
-    if sampling:
-        rows.append(
-            (
-                "rollouts",
-                f"group size {sampling.get('group_size')}, {sampling.get('num_steps')} SDE steps at "
-                f"{sampling.get('resolution')}², noise level {sampling.get('noise_level')}",
-            )
-        )
-    optimizer = model.get("optimizer") or config.get("optimizer")
-    if isinstance(optimizer, dict):
-        path, args = _class_and_args(optimizer)
-        rows.append(("optimizer", f"`{path.rpartition('.')[2]}`" + (f", lr {args['lr']}" if "lr" in args else "")))
-    data = config.get("data") or {}
-    if data.get("shards"):
-        rows.append(
-            ("data", f"`{data['shards']}`" + (f", batch size {data['batch_size']}" if "batch_size" in data else ""))
-        )
-    return rows
-
-
-def snippet(
-    pipeline: str,
-    base: str,
-    lora: str,
-    call: dict,
-    sample: Sample | None,
-    reference: str | None,
-    prepare: str | None = None,
-) -> str:
-    """The diffusers code that loads the base and the LoRA and samples ``sample``'s first image; ``prepare``: lines
-    that turn ``reference`` into the pipeline's input (:meth:`~divrl.policy.PolicyConfig.pipeline_reference`)."""
-    args = "".join(f"    {k}={v!r},\n" for k, v in call.items())
-    load = f'load_image("{reference}")' if reference else 'load_image("subject.png")  # your subject photo'
-    prompt = sample.prompt if sample is not None else "a photo of the subject on the beach"
-    seed = sample.seed if sample is not None else 0
-    return (
-        "import torch\n"
-        f"from diffusers import {pipeline}\n"
-        "from diffusers.utils import load_image\n\n"
-        'device = "cuda" if torch.cuda.is_available() else "cpu"\n'
-        'dtype = torch.bfloat16 if device == "cuda" else torch.float32\n'
-        f'pipe = {pipeline}.from_pretrained("{base}", torch_dtype=dtype).to(device)\n'
-        f'pipe.load_lora_weights("{lora}")\n'
-        f"reference = {load}\n"
-        f"{prepare or ''}"
-        "image = pipe(\n"
-        "    image=reference,\n"
-        f"    prompt={prompt!r},\n"
-        f"{args}"
-        f"    generator=torch.Generator().manual_seed({seed}),\n"
-        ").images[0]\n"
-        'image.save("sample.png")\n'
-    )
-
-
 def _eval_section(eval_dir: Path, images: Path) -> tuple[list[str], list[Path]]:
     table = eval_dir / "table.md"
     if not table.is_file():
@@ -390,105 +224,6 @@ def _eval_section(eval_dir: Path, images: Path) -> tuple[list[str], list[Path]]:
         shutil.copyfile(eval_dir / "frontier.png", copied[-1])
         lines += ["![consistency against diversity](images/frontier.png)", ""]
     return lines, copied
-
-
-def model_card(
-    run: RunFiles,
-    base: str,
-    license_fields: dict[str, str],
-    samples: Samples | None,
-    repo_id: str | None,
-    out: Path,
-    eval_lines: list[str],
-    policy=None,
-) -> str:
-    """The card's text: front matter (``huggingface_hub.ModelCardData``) and body."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    policy = policy if policy is not None else policy_config(run.config)
-    first = samples.items[0] if samples is not None and samples.items else None
-    widget = []
-    if samples is not None:
-        for i, item in enumerate(samples.items):
-            if item.files:
-                widget.append({"text": item.prompt, "output": {"url": f"images/sample_{i}.png"}})
-    data = ModelCardData(
-        base_model=base if _is_hub_id(base) else None,
-        library_name="diffusers",
-        pipeline_tag="image-to-image",
-        tags=["lora", "divrl", "diffusers", policy.family_tag, "subject-driven-generation"],
-        widget=widget or None,
-        **license_fields,
-    )
-    name = repo_id or out.name
-    lines = [
-        f"# {name}",
-        "",
-        f"A LoRA for [{base}]({'https://huggingface.co/' + base if _is_hub_id(base) else base}) "
-        f"trained with divrl (DivRL).",
-        "",
-        DIVRL_SUMMARY,
-        "",
-    ]
-    lines += ["## Training", "", "| | |", "| --- | --- |"]
-    lines += [f"| {what} | {value} |" for what, value in _recipe(run.config, run.info)]
-    lines += [
-        "",
-        "The resolved configuration is `training_config.yaml`"
-        + (f"; the end of stage 1 is in `{'`, `'.join(f'{s}/' for s in run.stages)}`." if run.stages else "."),
-        "",
-    ]
-    lines += eval_lines
-    if samples is not None and samples.items:
-        lines += [
-            "## Samples",
-            "",
-            f"{len(samples.items)} conditions, {samples.num_steps} deterministic steps; reference "
-            f"on the left, each sample captioned with its scores:",
-            "",
-            "![samples](images/samples.png)",
-            "",
-        ]
-    lines += ["## Use it with diffusers", ""]
-    where = repo_id or str(out)
-    reference = None
-    if first is not None and first.references:
-        reference = (
-            f"https://huggingface.co/{repo_id}/resolve/main/images/reference_0.png"
-            if repo_id
-            else str(out / "images" / "reference_0.png")
-        )
-    if first is not None and len(first.references) > 1:
-        lines += [
-            f"This model conditions on {len(first.references)} references; diffusers' "
-            f"`{policy.diffusers_pipeline}` takes one, so sample it with `divrl sample` instead.",
-            "",
-        ]
-    else:
-        size = int((_model(run.config).get("sampling") or {}).get("resolution", 512))
-        call = policy.pipeline_call(size, size, samples.num_steps if samples is not None else 28)
-        prepare = policy.pipeline_reference(size, size)
-        lines += [
-            "```python",
-            snippet(policy.diffusers_pipeline, base, where, call, first, reference, prepare).rstrip(),
-            "```",
-            "",
-        ]
-        differences = policy.pipeline_differences()
-        if first is not None and not differences:
-            lines += ["This reproduces the first sample above (`divrl sample`'s deterministic sampler, same seed).", ""]
-        for difference in differences:
-            lines += [f"- Not reproduced by the stock pipeline: {difference}; `divrl sample` samples as trained.", ""]
-    lines += [
-        "## With divrl",
-        "",
-        "```bash",
-        f"divrl sample --config training_config.yaml --lora {where} "
-        '--reference subject.png --prompts "[a photo of it on the beach]"',
-        "```",
-        "",
-    ]
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 def _stack(paths: list[Path], target: Path) -> None:

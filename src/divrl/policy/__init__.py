@@ -9,13 +9,14 @@
 - :mod:`divrl.policy.qwen_image`: Qwen-Image-Edit-Plus 2509 / 2511 (``QwenEditPolicy``, ``QwenEditConfig``).
 """
 
-from divrl.policy import (
-    flux2,  # noqa: F401, E402 - registers the family (its folders are recognised by every loader)
-    qwen_image,  # noqa: F401, E402 - the same
-)
+# the default family first, then the others register themselves (the order before ruff was adopted)
+# isort: off
 from divrl.policy.base import Conditioning, ModelLoadError, Policy, PolicyConfig
-from divrl.policy.kontext import Condition, KontextConfig, KontextPolicy
 from divrl.policy.lora import DEFAULT_LORA_TARGETS, LoRAConfig
+from divrl.policy.kontext import Condition, KontextConfig, KontextPolicy
+from divrl.policy import flux2  # noqa: F401 - registers the family (its folders are recognised by every loader)
+from divrl.policy import qwen_image  # noqa: F401 - the same
+# isort: on
 
 __all__ = [
     "Policy",

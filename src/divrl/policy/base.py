@@ -391,6 +391,10 @@ class PolicyConfig:
     family_tag: ClassVar[str] = ""
     """The family's tag on the Hub (``flux.1-kontext``)."""
 
+    hub_licenses: ClassVar[dict[str, dict[str, str]]] = {}
+    """The licences of the family's published bases (lower-case Hub id → the card's ``license`` fields), as their Hub
+    cards state them: ``divrl export``'s card uses them when the base's own card cannot be read."""
+
     def pipeline_call(self, height: int, width: int, num_steps: int) -> dict[str, object]:
         """The keyword arguments of :attr:`diffusers_pipeline`'s call that sample as divrl's deterministic sampler does
         (``noise_level: 0``) at ``height`` × ``width`` in ``num_steps`` steps, besides ``image``, ``prompt`` and

@@ -54,6 +54,10 @@ class Flux2KleinConfig(PolicyConfig):
 
     diffusers_pipeline: ClassVar[str] = "Flux2KleinPipeline"
     family_tag: ClassVar[str] = "flux.2-klein"
+    hub_licenses: ClassVar[dict[str, dict[str, str]]] = {
+        "black-forest-labs/flux.2-klein-4b": {"license": "apache-2.0"},
+        "black-forest-labs/flux.2-klein-base-4b": {"license": "apache-2.0"},
+    }
 
     def pipeline_call(self, height: int, width: int, num_steps: int) -> dict[str, object]:
         call: dict[str, object] = {

@@ -48,6 +48,13 @@ class KontextConfig(PolicyConfig):
 
     diffusers_pipeline: ClassVar[str] = "FluxKontextPipeline"
     family_tag: ClassVar[str] = "flux.1-kontext"
+    hub_licenses: ClassVar[dict[str, dict[str, str]]] = {
+        "black-forest-labs/flux.1-kontext-dev": {
+            "license": "other",
+            "license_name": "flux-1-dev-non-commercial-license",
+            "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-Kontext-dev/blob/main/LICENSE.md",
+        }
+    }
 
     def pipeline_call(self, height: int, width: int, num_steps: int) -> dict[str, object]:
         # The reference enters at the sample's own area, as in training (no snap to Kontext's preferred sizes).

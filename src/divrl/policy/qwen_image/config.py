@@ -51,6 +51,10 @@ class QwenEditConfig(PolicyConfig):
 
     diffusers_pipeline: ClassVar[str] = "QwenImageEditPlusPipeline"
     family_tag: ClassVar[str] = "qwen-image-edit"
+    hub_licenses: ClassVar[dict[str, dict[str, str]]] = {
+        "qwen/qwen-image-edit-2509": {"license": "apache-2.0"},
+        "qwen/qwen-image-edit-2511": {"license": "apache-2.0"},
+    }
 
     def pipeline_call(self, height: int, width: int, num_steps: int) -> dict[str, object]:
         call: dict[str, object] = {
