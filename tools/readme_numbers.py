@@ -1,4 +1,4 @@
-"""Regenerate the CPU demo's numbers and pictures in the README from this checkout (offline, a few minutes).
+"""Regenerate the CPU demos' tables and pictures in the documentation from this checkout (offline, a few minutes).
 
 Runs, in ``--out``:
 
@@ -13,12 +13,15 @@ Runs, in ``--out``:
 5. the FLUX.2 [klein] demo: ``divrl validate`` and ``divrl fit --config configs/demo_klein.yaml`` (timed), the same
    table as the Kontext demo's; 6. the same for the Qwen-Image-Edit demo (``configs/demo_qwen_edit.yaml``);
 
-then prints the README tables as markdown, the demos' wall times and the package versions, and with
-``--write-docs`` replaces ``docs/demo_frontier.png``, ``docs/demo_samples.png`` (the three methods' grids, one
-above the other), ``docs/demo_multi_curves.png`` and ``docs/demo_multi_samples.png``.
+then prints the tables as markdown, the demos' wall times and the package versions. With ``--write-docs`` it also
+writes each table of the demos it ran into its page, between the page's ``<!-- numbers: NAME -->`` and
+``<!-- /numbers -->`` markers (``TABLES`` names the pages), and, when it ran the Kontext and multi-subject demos,
+replaces ``docs/demo_frontier.png``, ``docs/demo_samples.png`` (the three methods' grids, one above the other),
+``docs/demo_multi_curves.png`` and ``docs/demo_multi_samples.png``. The prose around the tables is not rewritten:
+read it again after a run that moved the numbers.
 
     python tools/readme_numbers.py --out runs/readme --write-docs
-    python tools/readme_numbers.py --out runs/readme_klein --demos klein     # one demo's tables only
+    python tools/readme_numbers.py --out runs/readme_klein --demos klein --write-docs     # one demo's table
 """
 
 from __future__ import annotations
@@ -70,20 +73,68 @@ def mean(series: list[tuple[int, float]], first: int, last: int) -> float:
     return statistics.mean(v for s, v in series if first <= s <= last)
 
 
+# Where each table lives: ``{name: page}``; the page holds ``<!-- numbers: name -->`` ... ``<!-- /numbers -->``.
+TABLES = {
+    "versions": "training.md",
+    "kontext-training": "training.md",
+    "kontext-evaluation": "evaluation.md",
+    "multi-validation": "several-subjects.md",
+    "multi-evaluation": "several-subjects.md",
+    "klein-training": "model-families.md",
+    "qwen-training": "model-families.md",
+}
+END_MARKER = "<!-- /numbers -->"
+
+
+def replace_block(text: str, name: str, body: str, page: str = "the page") -> str:
+    """``text`` with what stands between ``<!-- numbers: name -->`` and the next ``<!-- /numbers -->`` replaced by
+    ``body`` (markers kept, each on its own line, a blank line either side of ``body``)."""
+    begin = f"<!-- numbers: {name} -->"
+    if text.count(begin) != 1:
+        raise ValueError(
+            f"{page} holds {text.count(begin)} '{begin}' markers, not 1: put one line '{begin}' above the table and "
+            f"one '{END_MARKER}' below it"
+        )
+    head, rest = text.split(begin, 1)
+    if END_MARKER not in rest:
+        raise ValueError(f"{page}: '{begin}' has no '{END_MARKER}' after it; close the block with that line")
+    tail = rest.split(END_MARKER, 1)[1]
+    return f"{head}{begin}\n\n{body.strip()}\n\n{END_MARKER}{tail}"
+
+
+def write_tables(tables: dict[str, str], docs: Path) -> list[str]:
+    """Each of ``tables`` (``{name: markdown}``) written into its page of ``docs`` (``TABLES``); the pages written."""
+    unknown = set(tables) - set(TABLES)
+    if unknown:
+        raise KeyError(f"no page for the tables {sorted(unknown)}: add them to TABLES")
+    pages = sorted({TABLES[name] for name in tables})
+    for page in pages:
+        path = docs / page
+        text = path.read_text()
+        for name, body in tables.items():
+            if TABLES[name] == page:
+                text = replace_block(text, name, body, page=f"docs/{page}")
+        path.write_text(text)
+    return pages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (emptied first)")
-    parser.add_argument("--write-docs", action="store_true", help="replace the README's pictures in docs/")
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="write the tables into their pages in docs/ and, with the kontext and multi demos, the pictures",
+    )
     parser.add_argument(
         "--demos",
         default="kontext,multi,klein,qwen",
-        help="comma-separated demos to run: kontext, multi, klein, qwen (default: all; --write-docs "
-        "needs kontext and multi)",
+        help="comma-separated demos to run: kontext, multi, klein, qwen (default: all)",
     )
     args = parser.parse_args()
     demos = set(args.demos.split(","))
-    if demos - {"kontext", "multi", "klein", "qwen"} or (args.write_docs and not {"kontext", "multi"} <= demos):
-        parser.error(f"--demos {args.demos}: name kontext, multi, klein or qwen (--write-docs needs kontext and multi)")
+    if demos - {"kontext", "multi", "klein", "qwen"}:
+        parser.error(f"--demos {args.demos}: name kontext, multi, klein or qwen")
     out = args.out.resolve()
     marker = out / ".readme_numbers"
     if out.exists() and any(out.iterdir()) and not marker.exists():
@@ -91,36 +142,48 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     marker.touch()
-    print("versions: " + ", ".join(f"{p} {version(p)}" for p in PACKAGES) + "\n")
+    versions = ", ".join(f"{p} {version(p)}" for p in PACKAGES)
+    print(f"versions: {versions}\n")
+    tables: dict[str, str] = {}
 
     if "kontext" in demos:
-        kontext_demo(out)
+        seconds = kontext_demo(out)
+        print(f"demo fit: {seconds:.0f} s on this machine\n")
+        tables["versions"] = f"Last run with {versions}."
+        tables["kontext-training"] = two_stage_table(scalars(out / "kontext_base"), scalars(out / "kontext_fit"))
+        tables["kontext-evaluation"] = kontext_evaluation_table(json.loads((out / "eval/metrics.json").read_text()))
     if "multi" in demos:
         multi_seconds = multi_demo(out)
-        print(f"\nmulti-subject demo fit: {multi_seconds:.0f} s on this machine\n")
-        multi_tables(out)
-    if "klein" in demos:
-        seconds = two_stage_demo(out, "configs/demo_klein.yaml", "klein")
-        print(f"\nFLUX.2 [klein] demo fit: {seconds:.0f} s on this machine\n")
-        two_stage_table(out, "klein")
-    if "qwen" in demos:
-        seconds = two_stage_demo(out, "configs/demo_qwen_edit.yaml", "qwen")
-        print(f"\nQwen-Image-Edit demo fit: {seconds:.0f} s on this machine\n")
-        two_stage_table(out, "qwen")
+        print(f"multi-subject demo fit: {multi_seconds:.0f} s on this machine\n")
+        tables["multi-validation"] = multi_validation_table(scalars(out / "base_multi"), scalars(out / "fit_multi"))
+        tables["multi-evaluation"] = multi_evaluation_table(json.loads((out / "eval_multi/metrics.json").read_text()))
+    for name, config, label in (
+        ("klein", "configs/demo_klein.yaml", "FLUX.2 [klein]"),
+        ("qwen", "configs/demo_qwen_edit.yaml", "Qwen-Image-Edit"),
+    ):
+        if name in demos:
+            seconds = two_stage_demo(out, config, name)
+            print(f"{label} demo fit: {seconds:.0f} s on this machine\n")
+            tables[f"{name}-training"] = two_stage_table(scalars(out / f"{name}_base"), scalars(out / f"{name}_fit"))
+    for name, body in tables.items():
+        print(f"{name}:\n{body}\n")
 
     if args.write_docs:
-        names = ("base", "explore", "divrl")
-        shutil.copy(out / "eval/frontier.png", ROOT / "docs/demo_frontier.png")
-        stack([out / "eval" / method / "grid.png" for method in names], ROOT / "docs/demo_samples.png")
-        stack(
-            [out / "eval_multi" / method / "grid.png" for method in ("base", "divrl")],
-            ROOT / "docs/demo_multi_samples.png",
-        )
-        multi_curves(out, ROOT / "docs/demo_multi_curves.png")
-        print(
-            "\nwrote docs/demo_frontier.png, docs/demo_samples.png, docs/demo_multi_curves.png and "
-            "docs/demo_multi_samples.png"
-        )
+        pages = write_tables(tables, ROOT / "docs")
+        print("wrote the tables into " + ", ".join(f"docs/{page}" for page in pages))
+        if {"kontext", "multi"} <= demos:
+            names = ("base", "explore", "divrl")
+            shutil.copy(out / "eval/frontier.png", ROOT / "docs/demo_frontier.png")
+            stack([out / "eval" / method / "grid.png" for method in names], ROOT / "docs/demo_samples.png")
+            stack(
+                [out / "eval_multi" / method / "grid.png" for method in ("base", "divrl")],
+                ROOT / "docs/demo_multi_samples.png",
+            )
+            multi_curves(out, ROOT / "docs/demo_multi_curves.png")
+            print(
+                "wrote docs/demo_frontier.png, docs/demo_samples.png, docs/demo_multi_curves.png and "
+                "docs/demo_multi_samples.png"
+            )
 
 
 def two_stage_demo(out: Path, config: str, name: str) -> float:
@@ -130,29 +193,27 @@ def two_stage_demo(out: Path, config: str, name: str) -> float:
     return run("fit", "--config", config, "--trainer.default_root_dir", str(out / f"{name}_fit"))
 
 
-def two_stage_table(out: Path, name: str) -> None:
-    """The README table of a two-stage demo: validation and training rollouts of the base model and after each stage."""
-    base, fit = scalars(out / f"{name}_base"), scalars(out / f"{name}_fit")
-    print("| | val nSSM | val VSM | train nSSM | train VSM | below the gate |")
-    print("| --- | --- | --- | --- | --- | --- |")
+def two_stage_table(base: dict, fit: dict) -> str:
+    """The table of a two-stage demo from its logs' scalars (``base``: ``divrl validate``'s, ``fit``: ``divrl fit``'s):
+    validation and training rollouts of the base model and after each stage."""
     nssm, vsm, gated = fit["reward/nssm"], fit["reward/vsm"], fit["reward/gated_fraction"]
-    print(
-        f"| base model (`divrl validate` without a checkpoint) | {base['val/nssm'][-1][1]:.3f} | "
-        f"{base['val/vsm'][-1][1]:.3f} | {mean(nssm, 0, 9):.3f} (steps 0–9) | {mean(vsm, 0, 9):.3f} | — |"
-    )
-    print(
-        f"| end of stage 1 (step 60, R1 = nSSM) | {at(fit['val/nssm'], 59):.3f} | {at(fit['val/vsm'], 59):.3f} | "
-        f"{mean(nssm, 50, 59):.3f} (steps 50–59) | {mean(vsm, 50, 59):.3f} | — |"
-    )
-    print(
-        f"| end of stage 2 (step 120, R2 gated at VSM 0.5) | {at(fit['val/nssm'], 119):.3f} | "
-        f"{at(fit['val/vsm'], 119):.3f} | {mean(nssm, 110, 119):.3f} (steps 110–119) | {mean(vsm, 110, 119):.3f} | "
-        f"{mean(gated, 110, 119):.0%} |\n"
+    return "\n".join(
+        (
+            "| | val nSSM | val VSM | train nSSM | train VSM | below the gate |",
+            "| --- | --- | --- | --- | --- | --- |",
+            f"| base model (`divrl validate` without a checkpoint) | {base['val/nssm'][-1][1]:.3f} | "
+            f"{base['val/vsm'][-1][1]:.3f} | {mean(nssm, 0, 9):.3f} (steps 0–9) | {mean(vsm, 0, 9):.3f} | — |",
+            f"| end of stage 1 (step 60, R1 = nSSM) | {at(fit['val/nssm'], 59):.3f} | {at(fit['val/vsm'], 59):.3f} | "
+            f"{mean(nssm, 50, 59):.3f} (steps 50–59) | {mean(vsm, 50, 59):.3f} | — |",
+            f"| end of stage 2 (step 120, R2 gated at VSM 0.5) | {at(fit['val/nssm'], 119):.3f} | "
+            f"{at(fit['val/vsm'], 119):.3f} | {mean(nssm, 110, 119):.3f} (steps 110–119) | "
+            f"{mean(vsm, 110, 119):.3f} | {mean(gated, 110, 119):.0%} |",
+        )
     )
 
 
-def kontext_demo(out: Path) -> None:
-    """The Kontext demo: its fit, its table and its evaluation (``out/kontext_*``, ``out/eval``)."""
+def kontext_demo(out: Path) -> float:
+    """The Kontext demo: its fit (the wall time returned) and its evaluation (``out/kontext_*``, ``out/eval``)."""
     seconds = two_stage_demo(out, "configs/demo.yaml", "kontext")
     fit = out / "kontext_fit"
     methods = json.dumps({"base": None, "explore": str(fit / "lora/stage1"), "divrl": str(fit / "lora/final")})
@@ -167,21 +228,28 @@ def kontext_demo(out: Path) -> None:
         "--progress",
         "false",
     )
+    return seconds
 
-    print(f"demo fit: {seconds:.0f} s on this machine\n")
-    two_stage_table(out, "kontext")
 
-    metrics = json.loads((out / "eval/metrics.json").read_text())["methods"]
-    columns = ("vsm", "si_iou", "mtg_nssm", "sdino", "consistency_ratio", "diversity_over_consistency")
-    names = {"base": "base", "explore": "explore (after stage 1)", "divrl": "divrl (after stage 2)"}
-    print(
-        "| method | VSM-0.7 ↑ | si-IoU ↓ | MTG-nSSM ↑ | sDINO ↑ | consistency ratio ↑ | diversity over consistency ↑ |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+def metrics_table(metrics: dict, header: str, columns: tuple[str, ...], names: dict[str, str]) -> str:
+    """One row per method of ``divrl evaluate``'s ``metrics.json`` (``names``: ``{method: label}``), its ``overall``
+    ``columns`` to 3 decimals (— where a metric is missing)."""
+    rows = [header, "| " + " | ".join(["---"] * (len(columns) + 1)) + " |"]
     for method, label in names.items():
-        row = metrics[method]["overall"]
-        cells = ["—" if row.get(c) is None else f"{row[c]:.3f}" for c in columns]
-        print(f"| {label} | " + " | ".join(cells) + " |")
+        row = metrics["methods"][method]["overall"]
+        rows.append(
+            f"| {label} | " + " | ".join("—" if row.get(c) is None else f"{row[c]:.3f}" for c in columns) + " |"
+        )
+    return "\n".join(rows)
+
+
+def kontext_evaluation_table(metrics: dict) -> str:
+    return metrics_table(
+        metrics,
+        "| method | VSM-0.7 ↑ | si-IoU ↓ | MTG-nSSM ↑ | sDINO ↑ | consistency ratio ↑ | diversity over consistency ↑ |",
+        ("vsm", "si_iou", "mtg_nssm", "sdino", "consistency_ratio", "diversity_over_consistency"),
+        {"base": "base", "explore": "explore (after stage 1)", "divrl": "divrl (after stage 2)"},
+    )
 
 
 MULTI_VAL = ("val/reward", "val/psr", "val/psr/found", "val/divrl/vsm", "val/divrl/nssm", "val/gated_fraction")
@@ -206,36 +274,37 @@ def multi_demo(out: Path) -> float:
     return seconds
 
 
-def multi_tables(out: Path) -> None:
-    base, fit = scalars(out / "base_multi"), scalars(out / "fit_multi")
-    print("| | val reward | val PSR | val found | val VSM/subject | val nSSM/subject | val below the gate |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    print(
+def multi_validation_table(base: dict, fit: dict) -> str:
+    """The multi-subject demo's validation rows: the base model and every 20 updates."""
+    rows = [
+        "| | val reward | val PSR | val found | val VSM/subject | val nSSM/subject | val below the gate |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
         "| base model (`divrl validate` without a checkpoint) | "
         + " | ".join(f"{base[t][-1][1]:.3f}" for t in MULTI_VAL)
-        + " |"
-    )
+        + " |",
+    ]
     for step in (19, 39, 59):
-        print(f"| step {step + 1} | " + " | ".join(f"{at(fit[t], step):.3f}" for t in MULTI_VAL) + " |")
-    metrics = json.loads((out / "eval_multi/metrics.json").read_text())["methods"]
-    columns = (
-        "sc",
-        "sc_1",
-        "sc_2",
-        "found",
-        "subject_vsm",
-        "subject_nssm",
-        "consistency_ratio",
-        "diversity_over_consistency",
+        rows.append(f"| step {step + 1} | " + " | ".join(f"{at(fit[t], step):.3f}" for t in MULTI_VAL) + " |")
+    return "\n".join(rows)
+
+
+def multi_evaluation_table(metrics: dict) -> str:
+    return metrics_table(
+        metrics,
+        "| method | SC ↑ | SC-1 ↑ | SC-2 ↑ | found ↑ | VSM/subject ↑ | nSSM/subject ↑ | consistency ratio ↑ | "
+        "diversity over consistency ↑ |",
+        (
+            "sc",
+            "sc_1",
+            "sc_2",
+            "found",
+            "subject_vsm",
+            "subject_nssm",
+            "consistency_ratio",
+            "diversity_over_consistency",
+        ),
+        {"base": "base", "divrl": "divrl"},
     )
-    print(
-        "\n| method | SC ↑ | SC-1 ↑ | SC-2 ↑ | found ↑ | VSM/subject ↑ | nSSM/subject ↑ | consistency ratio ↑ | "
-        "diversity over consistency ↑ |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for method in ("base", "divrl"):
-        row = metrics[method]["overall"]
-        print(f"| {method} | " + " | ".join("—" if row.get(c) is None else f"{row[c]:.3f}" for c in columns) + " |")
 
 
 def multi_curves(out: Path, path: Path) -> None:
