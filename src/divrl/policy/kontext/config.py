@@ -69,11 +69,13 @@ class KontextConfig(PolicyConfig):
         }
 
     def pipeline_reference(self, height: int, width: int) -> str | None:
-        # divrl resizes the reference to the sample's size as a tensor; the pipeline would keep a PIL image's own size
+        # divrl resizes the reference to the sample's size as a tensor; the pipeline would keep a PIL image's own size.
+        # Contiguous, as divrl's resized references are: numpy_to_pt gives a channels-last tensor, which the resize
+        # keeps and the VAE's convolutions round differently (a pixel off by one level in tests/test_export.py)
         return (
             "processor = pipe.image_processor  # the reference at the sample's size, resized as divrl does\n"
-            "reference = processor.resize(processor.numpy_to_pt(processor.pil_to_numpy(reference)), "
-            f"{height}, {width})\n"
+            "pixels = processor.numpy_to_pt(processor.pil_to_numpy(reference)).contiguous()\n"
+            f"reference = processor.resize(pixels, {height}, {width})\n"
         )
 
     def pipeline_differences(self) -> list[str]:
