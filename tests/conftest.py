@@ -1,4 +1,5 @@
-"""Shared fixtures: the optional DreamBooth photos beside the project, and small image helpers."""
+"""Shared fixtures: the optional DreamBooth photos beside the project, a short two-stage demo run, and small image
+helpers."""
 
 from __future__ import annotations
 
@@ -27,6 +28,17 @@ def dreambooth_root() -> Path:
     if not DREAMBOOTH.is_dir() or not any(DREAMBOOTH.glob("*/*.jpg")):
         pytest.skip(f"DreamBooth photos not found at {DREAMBOOTH}")
     return DREAMBOOTH
+
+
+@pytest.fixture(scope="session")
+def two_stage_run(tmp_path_factory) -> Path:
+    """The demo recipe cut to 2 updates, stage 2 from update 1, at lr 3e-3 so that the two stages' weights differ
+    visibly: ``lora/stage1`` and ``lora/final``, for the tests of ``divrl export`` and ``divrl app`` (one run for both:
+    about 12 s)."""
+    from helpers.runs import short_demo_run
+
+    out = tmp_path_factory.mktemp("two-stage") / "run"
+    return short_demo_run(out, max_steps=2, switch_steps=1, optimizer={"init_args": {"lr": 3e-3}})
 
 
 def colour_jitter(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

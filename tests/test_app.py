@@ -17,7 +17,6 @@ from PIL import Image
 
 gradio = pytest.importorskip("gradio")  # the `app` extra
 from gradio_client import Client, handle_file  # noqa: E402
-from helpers.runs import short_demo_run  # noqa: E402
 
 from divrl.cli import main  # noqa: E402
 
@@ -27,10 +26,8 @@ pytestmark = pytest.mark.slow  # a 2-update demo run, the page, and four `divrl 
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    # the two stages' weights differ visibly at this learning rate
-    out = tmp_path_factory.mktemp("app") / "run"
-    return short_demo_run(out, max_steps=2, switch_steps=1, optimizer={"init_args": {"lr": 3e-3}})
+def run(two_stage_run) -> Path:
+    return two_stage_run  # the two stages' weights differ visibly
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,12 @@
 """The demo in two CPU processes (gloo), under DDP, FSDP2 and FSDP1: it trains, the ranks read disjoint shards, their
 adapters stay identical, FSDP2 and FSDP1 train the same adapter as DDP, and runs resumed from FSDP2's sharded
 checkpoint (torchao's 8-bit AdamW) and from FSDP1's (bitsandbytes' 8-bit AdamW) continue the uninterrupted run
-exactly."""
+exactly.
+
+Two launchers, as users have them: Lightning's own (``divrl fit --trainer.devices 2``: rank 0 starts rank 1 once it is
+set up) for the plain DDP run and the failure tests, where rank 0 is the process that must find out about rank 1 on its
+own; torchrun (``examples/torchrun.sh``, and SLURM's ``srun`` alike: both ranks start at once, about 4 s sooner on two
+cores) for the strategy and resume tests."""
 
 from __future__ import annotations
 
@@ -37,8 +42,10 @@ def run(
     strategy: str | dict = "ddp",
     *args: str,
     succeed: bool = True,
+    torchrun: bool = False,
 ) -> str:
-    """`divrl fit` in two gloo processes, with test callbacks importable from tests/helpers."""
+    """`divrl fit` in two gloo processes, with test callbacks importable from tests/helpers; started by Lightning's
+    launcher, or with ``torchrun`` by ``torch.distributed.run``."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     overrides = tmp_path / "over.yaml"
     overrides.write_text(
@@ -59,8 +66,10 @@ def run(
         )
     )
     path = os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if torchrun else []
+    fit = ["-m", "divrl.cli", "fit", "--config", str(ROOT / config), "--config", str(overrides), *args]
     done = subprocess.run(
-        [sys.executable, "-m", "divrl.cli", "fit", "--config", str(ROOT / config), "--config", str(overrides), *args],
+        [sys.executable, *launcher, *fit],
         cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=path),
         capture_output=True,
@@ -85,14 +94,21 @@ def probed(out_dir: Path) -> tuple[list[dict], list[dict]]:
     return ranks, [load_file(out_dir / f"rank{r}.safetensors") for r in (0, 1)]
 
 
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    """Three updates of the demo under DDP (Lightning's launcher); the folder of its probe."""
+    out = tmp_path_factory.mktemp("ddp")
+    run_ddp(out, 3, [probe(out / "probe")], timeout=600)
+    return out / "probe"
+
+
 @pytest.mark.slow
-def test_demo_trains_under_ddp_with_disjoint_data_and_synchronised_weights(tmp_path):
-    run_ddp(tmp_path, 3, [probe(tmp_path / "probe")], timeout=600)
-    ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
+def test_demo_trains_under_ddp_with_disjoint_data_and_synchronised_weights(ddp_run):
+    ranks = [json.loads((ddp_run / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 and r["step"] == 3 for r in ranks)
     assert len(ranks[0]["ids"]) == len(ranks[1]["ids"]) == 3 * 2  # equal steps, batch_size 2 each
     assert set(ranks[0]["ids"]).isdisjoint(ranks[1]["ids"])  # two shards, one per rank
-    weights = [load_file(tmp_path / "probe" / f"rank{r}.safetensors") for r in (0, 1)]
+    weights = [load_file(ddp_run / f"rank{r}.safetensors") for r in (0, 1)]
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-7) for k in weights[0])
     assert any(v.abs().max() > 0 for k, v in weights[0].items() if "lora_B" in k)  # and they trained
 
@@ -168,6 +184,7 @@ def test_compiled_blocks_with_selective_checkpointing_stay_on_policy_under_fsdp2
         "aot_eager",
         "--model.policy.gradient_checkpointing",
         "selective",
+        torchrun=True,
     )
     for rank in (0, 1):
         rows = json.loads((tmp_path / f"metrics{rank}.json").read_text())
@@ -179,19 +196,18 @@ def test_compiled_blocks_with_selective_checkpointing_stay_on_policy_under_fsdp2
 
 
 @pytest.mark.slow
-def test_fsdp2_and_fsdp1_train_the_same_adapter_as_ddp_on_disjoint_data(tmp_path):
+def test_fsdp2_and_fsdp1_train_the_same_adapter_as_ddp_on_disjoint_data(tmp_path, ddp_run):
     """FSDP2 (fully_shard per FLUX block, reduce-scatter of gradients), FSDP1 (each block's frozen base one unit, the
     LoRA weights unwrapped and all-reduced; here with activation checkpointing of the wrapped blocks) and DDP
     (all-reduce) see the same data and noise on each rank, so after three updates their adapters agree to float
     rounding."""
-    run_ddp(tmp_path / "ddp", 3, [probe(tmp_path / "ddp")], timeout=600)
-    ddp, ddp_w = probed(tmp_path / "ddp")
+    ddp, ddp_w = probed(ddp_run)
     checkpointing = ("--model.policy.gradient_checkpointing", "full")
     for name, strategy, args in (("fsdp2", FSDP2, ()), ("fsdp1", FSDP1, checkpointing)):
         out = tmp_path / name
         counter = {"class_path": "helpers.probe.GatherCounter", "init_args": {"out_dir": str(out)}}
         exporter = {"class_path": "divrl.training.LoRAExporter"}
-        run(out, 3, [probe(out), counter, exporter], 600, "configs/demo.yaml", strategy, *args)
+        run(out, 3, [probe(out), counter, exporter], 600, "configs/demo.yaml", strategy, *args, torchrun=True)
         fsdp, fsdp_w = probed(out)
         assert [r["ids"] for r in fsdp] == [r["ids"] for r in ddp], name
         assert set(fsdp[0]["ids"]).isdisjoint(fsdp[1]["ids"]) and all(r["step"] == 3 for r in fsdp)
@@ -232,7 +248,8 @@ def test_fsdp1_with_bitsandbytes_8bit_adamw_resumes_exactly(tmp_path):
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
         "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1},
     }
-    run(tmp_path / "full", 3, [every_step, probe(tmp_path / "full")], 600, "configs/demo.yaml", FSDP1, *adamw8bit)
+    full_run = [every_step, probe(tmp_path / "full")]
+    run(tmp_path / "full", 3, full_run, 600, "configs/demo.yaml", FSDP1, *adamw8bit, torchrun=True)
     step2 = tmp_path / "full/checkpoints/epoch=0-step=2.ckpt"
     assert step2.is_file()
     state = torch.load(step2, map_location="cpu", weights_only=False)
@@ -250,6 +267,7 @@ def test_fsdp1_with_bitsandbytes_8bit_adamw_resumes_exactly(tmp_path):
         *adamw8bit,
         "--ckpt_path",
         str(step2),
+        torchrun=True,
     )
     (full, full_w), (cut, cut_w) = probed(tmp_path / "full"), probed(tmp_path / "cut")
     # the adapter alone, under the names DDP and one device use (no FSDP1 wrapper prefix, no frozen weight)
@@ -278,8 +296,9 @@ def test_demo_fsdp_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
             "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": -1},
         },
     ]
-    run(tmp_path / "full", 4, [*callbacks, probe(tmp_path / "full")], 600, "configs/demo_fsdp.yaml", FSDP2, *adamw8bit)
-    run(tmp_path / "cut", 3, callbacks, 600, "configs/demo_fsdp.yaml", FSDP2, *adamw8bit)
+    full_run = [*callbacks, probe(tmp_path / "full")]
+    run(tmp_path / "full", 4, full_run, 600, "configs/demo_fsdp.yaml", FSDP2, *adamw8bit, torchrun=True)
+    run(tmp_path / "cut", 3, callbacks, 600, "configs/demo_fsdp.yaml", FSDP2, *adamw8bit, torchrun=True)
     checkpoint = tmp_path / "cut/checkpoints/last.ckpt"
     assert checkpoint.is_dir() and sorted(p.name for p in checkpoint.glob("*.distcp")) == [
         "__0_0.distcp",
@@ -296,6 +315,7 @@ def test_demo_fsdp_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
         *adamw8bit,
         "--ckpt_path",
         "last",
+        torchrun=True,
     )
     state = torch.load(tmp_path / "cut/checkpoints/last.ckpt/meta.pt", weights_only=False)
     assert state["global_step"] == 4 and state["divrl"]["stage"] == 1
@@ -341,8 +361,17 @@ def test_overlapped_scoring_under_ddp_trains_the_same_weights_and_agrees_on_erro
     run without overlap, bit for bit, and a reward error on one rank still stops both (one agreement, after scoring)."""
     chunks = ("--model.system.rollout_chunk_groups", "1")
     overlap = (*chunks, "--model.system.overlap_rewards", "true")
-    run(tmp_path / "sequential", 2, [probe(tmp_path / "sequential/probe")], 600, "configs/demo.yaml", "ddp", *chunks)
-    run(tmp_path / "overlapped", 2, [probe(tmp_path / "overlapped/probe")], 600, "configs/demo.yaml", "ddp", *overlap)
+    for name, args in (("sequential", chunks), ("overlapped", overlap)):
+        run(
+            tmp_path / name,
+            2,
+            [probe(tmp_path / f"{name}/probe")],
+            600,
+            "configs/demo.yaml",
+            "ddp",
+            *args,
+            torchrun=True,
+        )
     _, sequential = probed(tmp_path / "sequential/probe")
     _, overlapped = probed(tmp_path / "overlapped/probe")
     assert all(torch.equal(overlapped[r][k], sequential[r][k]) for r in (0, 1) for k in sequential[r])

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import yaml
 from helpers.fake_hub import FakeHub
-from helpers.runs import short_demo_run
 from huggingface_hub import ModelCard
 from PIL import Image
 
@@ -21,13 +20,13 @@ from divrl.cli import main
 from divrl.export import ExportError, find_run, push_to_hub
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow  # a 4-update demo run (about 20 s), then export, sample and upload: about 35 s in all
+pytestmark = pytest.mark.slow  # a 2-update demo run (about 12 s), then export, sample and upload: about 25 s in all
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """The demo recipe cut to 4 updates, stage 2 from update 2: lora/stage1 and lora/final."""
-    return short_demo_run(tmp_path_factory.mktemp("export") / "run", max_steps=4, switch_steps=2)
+def run(two_stage_run) -> Path:
+    """The demo recipe cut to 2 updates, stage 2 from update 1: lora/stage1 and lora/final."""
+    return two_stage_run
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +62,9 @@ def test_the_folder_holds_both_loras_the_config_and_a_card_the_hub_client_parses
     for entry in data["widget"]:
         assert (card / entry["output"]["url"]).is_file() and entry["text"].startswith("a photo of")
     body = parsed.text
-    assert "`NSSMReward` → `GatedReward` (threshold 0.5, weight 5.0); stage 2 from update 2" in body
-    assert "| optimizer updates | 4 |" in body and "| LoRA | rank 8, alpha 16.0 |" in body
-    assert "update 4, end of stage 2" in body
+    assert "`NSSMReward` → `GatedReward` (threshold 0.5, weight 5.0); stage 2 from update 1" in body
+    assert "| optimizer updates | 2 |" in body and "| LoRA | rank 8, alpha 16.0 |" in body
+    assert "update 2, end of stage 2" in body
     grid = Image.open(card / "images/samples.png")
     assert grid.height > Image.open(card / "images/sample_0.png").height  # the two conditions' grids, stacked
 

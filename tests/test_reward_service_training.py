@@ -34,20 +34,21 @@ def kill(server, step: int) -> dict:
 
 
 def test_losing_one_of_two_servers_mid_run_changes_nothing(tmp_path, caplog):
-    a, b = (RewardServer(GATED, tmp_path).wait_ready(), RewardServer(GATED, tmp_path).wait_ready())
+    a, b = RewardServer(GATED, tmp_path), RewardServer(GATED, tmp_path)  # both start at once
+    a.wait_ready(), b.wait_ready()
     try:
         both = demo_fit(
-            tmp_path / "both", 10, "--model.system.overlap_rewards", "true", switch=None, rewards=remote(a, b)
+            tmp_path / "both", 6, "--model.system.overlap_rewards", "true", switch=None, rewards=remote(a, b)
         )
         with caplog.at_level(logging.WARNING):
             one = demo_fit(
                 tmp_path / "one",
-                10,
+                6,
                 "--model.system.overlap_rewards",
                 "true",
                 switch=None,
                 rewards=remote(a, b),
-                callbacks=(kill(b, 5),),
+                callbacks=(kill(b, 3),),
             )
     finally:
         a.stop()
