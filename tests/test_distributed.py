@@ -4,9 +4,9 @@ checkpoint (torchao's 8-bit AdamW) and from FSDP1's (bitsandbytes' 8-bit AdamW) 
 exactly.
 
 Two launchers, as users have them: Lightning's own (``divrl fit --trainer.devices 2``: rank 0 starts rank 1 once it is
-set up) for the plain DDP run and the failure tests, where rank 0 is the process that must find out about rank 1 on its
-own; torchrun (``examples/torchrun.sh``, and SLURM's ``srun`` alike: both ranks start at once, about 4 s sooner on two
-cores) for the strategy and resume tests."""
+set up) for the plain DDP run and the runs that stop on an error, where rank 0 is the process that must find out about
+rank 1 on its own (torchrun would stop the other rank as soon as one exits); torchrun (``examples/torchrun.sh``, and
+SLURM's ``srun`` alike: both ranks start at once, about 4 s sooner on two cores) for the others."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def test_demo_trains_under_ddp_with_disjoint_data_and_synchronised_weights(ddp_r
 
 @pytest.mark.slow
 def test_a_failure_on_one_rank_neither_deadlocks_nor_desynchronises(tmp_path):
-    run_ddp(tmp_path, 2, [{"class_path": "helpers.probe.BreakRankOne"}, probe(tmp_path / "probe")], timeout=300)
+    run(tmp_path, 2, [{"class_path": "helpers.probe.BreakRankOne"}, probe(tmp_path / "probe")], 300, torchrun=True)
     counters = [json.loads((tmp_path / "probe" / f"counters{r}.json").read_text()) for r in (0, 1)]
     assert counters[1]["skipped_groups"] == 2 and counters[0].get("skipped_groups", 0) == 0
     # rank 1's NaN loss skipped that update on both ranks
@@ -284,8 +284,9 @@ def test_fsdp1_with_bitsandbytes_8bit_adamw_resumes_exactly(tmp_path):
 @pytest.mark.slow
 @pytest.mark.usefixtures("in_repository_root")
 def test_demo_fsdp_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
-    """configs/demo_fsdp.yaml with torchao's 8-bit AdamW (its states shard with FSDP2): interrupted after 3 updates
-    and resumed from the sharded checkpoint, it ends where the uninterrupted run ends, 8-bit states included."""
+    """configs/demo_fsdp.yaml with torchao's 8-bit AdamW (its states shard with FSDP2): resumed from the sharded
+    checkpoint of its third update (in a folder of its own, as FSDP1's test does), it ends where the uninterrupted run
+    ends, 8-bit states included."""
     pytest.importorskip("torchao")
     adamw8bit = ("--model.optimizer", "torchao.optim.AdamW8bit", "--model.optimizer.lr", "3e-4")
     callbacks = [
@@ -298,13 +299,9 @@ def test_demo_fsdp_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
     ]
     full_run = [*callbacks, probe(tmp_path / "full")]
     run(tmp_path / "full", 4, full_run, 600, "configs/demo_fsdp.yaml", FSDP2, *adamw8bit, torchrun=True)
-    run(tmp_path / "cut", 3, callbacks, 600, "configs/demo_fsdp.yaml", FSDP2, *adamw8bit, torchrun=True)
-    checkpoint = tmp_path / "cut/checkpoints/last.ckpt"
-    assert checkpoint.is_dir() and sorted(p.name for p in checkpoint.glob("*.distcp")) == [
-        "__0_0.distcp",
-        "__1_0.distcp",
-    ]
-    assert sum(p.stat().st_size for p in checkpoint.iterdir()) < 5e6  # the adapter and its optimizer, not the base
+    step3 = tmp_path / "full/checkpoints/epoch=0-step=3.ckpt"
+    assert step3.is_dir() and sorted(p.name for p in step3.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert sum(p.stat().st_size for p in step3.iterdir()) < 5e6  # the adapter and its optimizer, not the base
     run(
         tmp_path / "cut",
         4,
@@ -314,17 +311,16 @@ def test_demo_fsdp_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
         FSDP2,
         *adamw8bit,
         "--ckpt_path",
-        "last",
+        str(step3),
         torchrun=True,
     )
-    state = torch.load(tmp_path / "cut/checkpoints/last.ckpt/meta.pt", weights_only=False)
+    checkpoint = tmp_path / "cut/checkpoints/last.ckpt"
+    state = torch.load(checkpoint / "meta.pt", weights_only=False)
     assert state["global_step"] == 4 and state["divrl"]["stage"] == 1
     (full, full_w), (cut, cut_w) = probed(tmp_path / "full"), probed(tmp_path / "cut")
     assert [r["step"] for r in cut] == [4, 4] and cut[0]["ids"] == full[0]["ids"][-len(cut[0]["ids"]) :]
     for key in full_w[0]:
         torch.testing.assert_close(cut_w[0][key], full_w[0][key], atol=1e-6, rtol=1e-5)
-    stage1 = [load_file(tmp_path / d / "lora/stage1/pytorch_lora_weights.safetensors") for d in ("full", "cut")]
-    assert all(torch.equal(stage1[0][k], stage1[1][k]) for k in stage1[0])
     # one process samples from the sharded checkpoint folder exactly as from the exported LoRA of the same step
     from divrl.cli import main
 
