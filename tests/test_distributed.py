@@ -4,7 +4,7 @@ checkpoint (torchao's 8-bit AdamW) and from FSDP1's (bitsandbytes' 8-bit AdamW) 
 exactly.
 
 Two launchers, as users have them: Lightning's own (``divrl fit --trainer.devices 2``: rank 0 starts rank 1 once it is
-set up) for the plain DDP run and the runs that stop on an error, where rank 0 is the process that must find out about
+set up) for the runs that stop on an error, where rank 0 is the process that must find out about
 rank 1 on its own (torchrun would stop the other rank as soon as one exits); torchrun (``examples/torchrun.sh``, and
 SLURM's ``srun`` alike: both ranks start at once, about 4 s sooner on two cores) for the others."""
 
@@ -80,10 +80,6 @@ def run(
     return done.stderr
 
 
-def run_ddp(tmp_path: Path, max_steps: int, callbacks: list[dict], timeout: int) -> None:
-    run(tmp_path, max_steps, callbacks, timeout)
-
-
 def probe(out_dir: Path) -> dict:
     return {"class_path": "helpers.probe.RankProbe", "init_args": {"out_dir": str(out_dir)}}
 
@@ -96,9 +92,9 @@ def probed(out_dir: Path) -> tuple[list[dict], list[dict]]:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Path:
-    """Three updates of the demo under DDP (Lightning's launcher); the folder of its probe."""
+    """Three updates of the demo under DDP (torchrun); the folder of its probe."""
     out = tmp_path_factory.mktemp("ddp")
-    run_ddp(out, 3, [probe(out / "probe")], timeout=600)
+    run(out, 3, [probe(out / "probe")], 600, torchrun=True)
     return out / "probe"
 
 
