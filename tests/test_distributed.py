@@ -4,7 +4,7 @@ checkpoint (torchao's 8-bit AdamW) and from FSDP1's (bitsandbytes' 8-bit AdamW) 
 exactly.
 
 Two launchers, as users have them: Lightning's own (``divrl fit --trainer.devices 2``: rank 0 starts rank 1 once it is
-set up) for the runs that stop on an error, where rank 0 is the process that must find out about
+set up) for the plain DDP run and the runs that stop on an error, where rank 0 is the process that must find out about
 rank 1 on its own (torchrun would stop the other rank as soon as one exits); torchrun (``examples/torchrun.sh``, and
 SLURM's ``srun`` alike: both ranks start at once, about 4 s sooner on two cores) for the others."""
 
@@ -92,9 +92,10 @@ def probed(out_dir: Path) -> tuple[list[dict], list[dict]]:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Path:
-    """Three updates of the demo under DDP (torchrun); the folder of its probe."""
+    """Three updates of the demo under DDP, started by Lightning's launcher (``divrl fit --trainer.devices 2``, rank 0
+    first: the one run that succeeds under it); the folder of its probe."""
     out = tmp_path_factory.mktemp("ddp")
-    run(out, 3, [probe(out / "probe")], 600, torchrun=True)
+    run(out, 3, [probe(out / "probe")], 600)
     return out / "probe"
 
 
@@ -313,6 +314,7 @@ def test_demo_fsdp_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
     checkpoint = tmp_path / "cut/checkpoints/last.ckpt"
     state = torch.load(checkpoint / "meta.pt", weights_only=False)
     assert state["global_step"] == 4 and state["divrl"]["stage"] == 1
+    assert not (tmp_path / "cut/lora/stage1").exists()  # resumed after the switch: it does not fire again
     (full, full_w), (cut, cut_w) = probed(tmp_path / "full"), probed(tmp_path / "cut")
     assert [r["step"] for r in cut] == [4, 4] and cut[0]["ids"] == full[0]["ids"][-len(cut[0]["ids"]) :]
     for key in full_w[0]:

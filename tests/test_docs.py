@@ -80,8 +80,8 @@ def test_readme_numbers_tables_are_worked_by_hand():
 
 
 def test_readme_numbers_writes_every_table_between_its_markers(tmp_path):
-    """Each table ``tools/readme_numbers.py`` makes has one block in its page, with the header the tool writes; writing
-    a table replaces that block and nothing else."""
+    """Each table ``tools/readme_numbers.py`` makes has one block in its page (the two-stage tables with the header the
+    tool writes); writing a table replaces that block and nothing else."""
     numbers = _readme_numbers()
     base, fit = _two_stage_scalars()
     made = {"kontext-training": numbers.two_stage_table(base, fit)}
@@ -112,5 +112,13 @@ def test_readme_numbers_writes_every_table_between_its_markers(tmp_path):
         numbers.replace_block("no markers here", "absent", "x")
     with pytest.raises(ValueError, match="has no '<!-- /numbers -->'"):
         numbers.replace_block("<!-- numbers: open -->\n| a |", "open", "x")
+    # a block whose end marker was lost does not swallow the next block
+    with pytest.raises(ValueError, match="'<!-- numbers: a -->' has no '<!-- /numbers -->'"):
+        numbers.replace_block("<!-- numbers: a -->\nprose\n<!-- numbers: b -->\n| b |\n<!-- /numbers -->", "a", "x")
+    numbers.check_markers(list(numbers.TABLES), ROOT / "docs")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare/training.md").write_text("a page without markers\n")
+    with pytest.raises(ValueError, match="docs/training.md holds 0"):
+        numbers.check_markers(["kontext-training"], tmp_path / "bare")  # caught before any demo runs
     with pytest.raises(KeyError, match="add them to TABLES"):
         numbers.write_tables({"nowhere": "x"}, docs)

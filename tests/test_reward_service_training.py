@@ -35,8 +35,8 @@ def kill(server, step: int) -> dict:
 
 def test_losing_one_of_two_servers_mid_run_changes_nothing(tmp_path, caplog):
     a, b = RewardServer(GATED, tmp_path), RewardServer(GATED, tmp_path)  # both start at once
-    a.wait_ready(), b.wait_ready()
     try:
+        a.wait_ready(), b.wait_ready()
         both = demo_fit(
             tmp_path / "both", 6, "--model.system.overlap_rewards", "true", switch=None, rewards=remote(a, b)
         )

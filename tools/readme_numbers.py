@@ -15,9 +15,10 @@ Runs, in ``--out``:
 
 then prints the tables as markdown, the demos' wall times and the package versions. With ``--write-docs`` it also
 writes each table of the demos it ran into its page, between the page's ``<!-- numbers: NAME -->`` and
-``<!-- /numbers -->`` markers (``TABLES`` names the pages), and, when it ran the Kontext and multi-subject demos,
-replaces ``docs/demo_frontier.png``, ``docs/demo_samples.png`` (the three methods' grids, one above the other),
-``docs/demo_multi_curves.png`` and ``docs/demo_multi_samples.png``. The prose around the tables is not rewritten:
+``<!-- /numbers -->`` markers (``TABLES`` names the pages; all are checked before anything runs), and replaces the
+pictures of the demos it ran: ``docs/demo_frontier.png`` and ``docs/demo_samples.png`` (the three methods' grids, one
+above the other) for Kontext, ``docs/demo_multi_curves.png`` and ``docs/demo_multi_samples.png`` for the multi-subject
+demo. The prose around the tables is not rewritten:
 read it again after a run that moved the numbers.
 
     python tools/readme_numbers.py --out runs/readme --write-docs
@@ -96,7 +97,7 @@ def replace_block(text: str, name: str, body: str, page: str = "the page") -> st
             f"one '{END_MARKER}' below it"
         )
     head, rest = text.split(begin, 1)
-    if END_MARKER not in rest:
+    if END_MARKER not in rest or "<!-- numbers:" in rest.split(END_MARKER, 1)[0]:
         raise ValueError(f"{page}: '{begin}' has no '{END_MARKER}' after it; close the block with that line")
     tail = rest.split(END_MARKER, 1)[1]
     return f"{head}{begin}\n\n{body.strip()}\n\n{END_MARKER}{tail}"
@@ -118,13 +119,19 @@ def write_tables(tables: dict[str, str], docs: Path) -> list[str]:
     return pages
 
 
+def check_markers(names: list[str], docs: Path) -> None:
+    """Fail before any demo runs when a page lacks the markers of one of ``names``' tables."""
+    for name in names:
+        replace_block((docs / TABLES[name]).read_text(), name, "", page=f"docs/{TABLES[name]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (emptied first)")
     parser.add_argument(
         "--write-docs",
         action="store_true",
-        help="write the tables into their pages in docs/ and, with the kontext and multi demos, the pictures",
+        help="write the tables and pictures of the demos run into their pages in docs/",
     )
     parser.add_argument(
         "--demos",
@@ -135,6 +142,10 @@ def main() -> None:
     demos = set(args.demos.split(","))
     if demos - {"kontext", "multi", "klein", "qwen"}:
         parser.error(f"--demos {args.demos}: name kontext, multi, klein or qwen")
+    if args.write_docs:
+        names = {"kontext": ["versions", "kontext-training", "kontext-evaluation"], "multi": ["multi-validation"]}
+        names["multi"].append("multi-evaluation")
+        check_markers([n for demo in demos for n in names.get(demo, [f"{demo}-training"])], ROOT / "docs")
     out = args.out.resolve()
     marker = out / ".readme_numbers"
     if out.exists() and any(out.iterdir()) and not marker.exists():
@@ -171,19 +182,18 @@ def main() -> None:
     if args.write_docs:
         pages = write_tables(tables, ROOT / "docs")
         print("wrote the tables into " + ", ".join(f"docs/{page}" for page in pages))
-        if {"kontext", "multi"} <= demos:
-            names = ("base", "explore", "divrl")
+        if "kontext" in demos:  # each demo's pictures with its tables, from the same run
             shutil.copy(out / "eval/frontier.png", ROOT / "docs/demo_frontier.png")
-            stack([out / "eval" / method / "grid.png" for method in names], ROOT / "docs/demo_samples.png")
+            methods = ("base", "explore", "divrl")
+            stack([out / "eval" / method / "grid.png" for method in methods], ROOT / "docs/demo_samples.png")
+            print("wrote docs/demo_frontier.png and docs/demo_samples.png")
+        if "multi" in demos:
             stack(
                 [out / "eval_multi" / method / "grid.png" for method in ("base", "divrl")],
                 ROOT / "docs/demo_multi_samples.png",
             )
             multi_curves(out, ROOT / "docs/demo_multi_curves.png")
-            print(
-                "wrote docs/demo_frontier.png, docs/demo_samples.png, docs/demo_multi_curves.png and "
-                "docs/demo_multi_samples.png"
-            )
+            print("wrote docs/demo_multi_curves.png and docs/demo_multi_samples.png")
 
 
 def two_stage_demo(out: Path, config: str, name: str) -> float:

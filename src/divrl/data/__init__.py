@@ -27,3 +27,7 @@ def __getattr__(name: str):
 
         return getattr(datamodule, name)
     raise AttributeError(f"module 'divrl.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
