@@ -75,8 +75,10 @@ def test_track_vsm_switch_and_vsm_only_reward():
     out = NSSMReward(FeatureScorer(backbone), track_vsm=False)(ref, images)
     assert list(out.components) == ["nssm"]
     assert torch.equal(out.reward, out.components["nssm"])
-    only = VSMReward(FeatureScorer(backbone))(ref, images)
+    only = VSMReward(FeatureScorer(backbone), track_nssm=False)(ref, images)
     assert list(only.components) == ["vsm"] and torch.equal(only.reward, only.components["vsm"])
+    tracked = VSMReward(FeatureScorer(backbone))(ref, images)  # nSSM logged by default, the reward still VSM alone
+    assert torch.equal(tracked.reward, only.reward) and torch.equal(tracked.components["nssm"], out.reward)
 
 
 def test_linear_reward_module():

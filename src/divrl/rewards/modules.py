@@ -45,6 +45,7 @@ class GroupReward(Reward):
 
     needs_nssm: bool = True
     needs_vsm: bool = False
+    track_nssm: bool = False  # compute nSSM although the reward does not need it (VSMReward's setting)
 
     def __init__(self, scorer: GroupScorer, track_vsm: bool = True):
         super().__init__()
@@ -71,7 +72,7 @@ class GroupReward(Reward):
             group.images,
             group.mask,
             group.gen_masks,
-            need_nssm=self.needs_nssm,
+            need_nssm=self.needs_nssm or self.track_nssm,
             need_vsm=self.needs_vsm or self.track_vsm,
         )
         _check_finite(components, type(self.scorer).__name__)
@@ -92,10 +93,20 @@ class NSSMReward(GroupReward):
 
 
 class VSMReward(GroupReward):
-    """Identity consistency alone: reward = VSM (useful as a metric or for ablations)."""
+    """Identity consistency alone: reward = VSM (useful as a metric or for ablations).
+
+    Args:
+        scorer: see :class:`GroupReward`.
+        track_nssm: also compute nSSM, for logging and image grids (``val/nssm``, the held-out curves of the
+            ablations), although the reward does not use it.
+    """
 
     needs_nssm = False
     needs_vsm = True
+
+    def __init__(self, scorer: GroupScorer, track_nssm: bool = True):
+        super().__init__(scorer, track_vsm=True)
+        self.track_nssm = track_nssm
 
     def combine(self, c: Components) -> tuple[Tensor, Tensor]:
         return c.vsm, torch.zeros_like(c.vsm, dtype=torch.bool)
