@@ -16,12 +16,18 @@ Every method uses the demo's optimizer (AdamW, lr 3e-4). Each run is a ``divrl f
 time: the machine's cores are the clock). The base model's held-out reward (``divrl validate``, ungated and gated) is
 the curves' starting point.
 
-Run:  python benchmarks/objectives.py [--budget 150] [--methods grpo,group_dpo,nft,sft_dpo,idglow] [--out runs/objectives]
-      [--plot docs/objectives.png] [--json docs/objectives.json]
+Run:  python benchmarks/objectives.py [--budget 150] [--seeds 0,1,2] [--methods grpo,group_dpo,nft,sft_dpo,idglow]
+      [--out runs/objectives] [--plot docs/objectives.png] [--json docs/objectives.json]
       python benchmarks/objectives.py --replot docs/objectives.json --plot docs/objectives.png   (no training)
 
+Seed ``s`` trains with ``seed_everything: s`` (LoRA initialisation, data order) and ``model.sampling.seed: 42 + s``
+(rollout and validation noise; seed 0 is the demo's own run). A finished run (``<out>/<method>/seed<s>/curve.json``)
+is not trained again: rerunning with more seeds or methods trains only what is missing; an unfinished one starts
+over. ``benchmarks/ablations.py`` runs it with 3 seeds.
+
 It prints one table: the held-out reward (and its nSSM, VSM) at a quarter, half and all of the budget (the last
-validation at or before each), and the number of training batches done.
+validation at or before each), as the mean ± sd over the seeds, the number of training batches done, and which
+differences at the end of the budget are larger than the spread over seeds.
 """
 
 from __future__ import annotations
@@ -29,8 +35,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
+import statistics
 import subprocess
 import sys
+from itertools import combinations
 from pathlib import Path
 
 import yaml
@@ -73,18 +82,24 @@ LABELS = {
 }
 
 
+SAMPLING_SEED = 42  # SamplingConfig.seed's default: seed s draws its noise from 42 + s
+
+
 def divrl(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "divrl.cli", *args], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
-def overrides(out: Path, method: str, budget: float, val_every: int) -> Path:
+def overrides(out: Path, method: str, budget: float, val_every: int, seed: int = 0) -> Path:
+    """The override config of one run, written to ``out/<method>.yaml`` (``out`` is the run's seed folder)."""
     config, model = METHODS[method]
     callbacks = [{"class_path": "divrl.training.TrainTimeLimit", "init_args": {"seconds": budget}}]
     if config == IDGLOW:  # keep its stage switch
         callbacks.insert(0, yaml.safe_load(IDGLOW.read_text())["trainer"]["callbacks"][0])
     else:
         model = {**model, "rewards": [R2]}
+    model = {**model, "sampling": {**model.get("sampling", {}), "seed": SAMPLING_SEED + seed}}
     data = {
+        "seed_everything": seed,
         "trainer": {
             "max_steps": 100000,
             "default_root_dir": str(out / method),
@@ -129,12 +144,17 @@ def read_curve(folder: Path) -> list[dict]:
     return sorted(curve, key=lambda c: c["seconds"])
 
 
-def base_point(out: Path, gated: bool) -> dict:
-    """The base model's held-out scores (no LoRA), ungated or with configs/demo_idglow.yaml's gating."""
-    name = "base_gated" if gated else "base"
+def base_point(out: Path, gated: bool, seed: int = 0) -> dict:
+    """The base model's held-out scores (no LoRA), ungated or with configs/demo_idglow.yaml's gating, on seed
+    ``seed``'s validation noise (cached in ``out/base[_gated]/seed<seed>/point.json``)."""
+    name = f"base_gated/seed{seed}" if gated else f"base/seed{seed}"
+    if (out / name / "point.json").exists():
+        return json.loads((out / name / "point.json").read_text())
+    shutil.rmtree(out / name, ignore_errors=True)
+    (out / name).mkdir(parents=True)
     args = ["validate", "--config", str(IDGLOW if gated else DEMO)]
-    if not gated:  # the demo's validation under R2
-        args += ["--config", str(overrides(out, "grpo", 1.0, 1))]
+    # the demo's validation under R2, or the gated config's, on the seed's noise
+    args += ["--config", str(overrides(out / name, "idglow" if gated else "grpo", 1.0, 1, seed))]
     divrl(
         *args,
         "--trainer.default_root_dir",
@@ -147,13 +167,37 @@ def base_point(out: Path, gated: bool) -> dict:
         r for p in sorted((out / name).glob("lightning_logs/version_*/metrics.csv")) for r in csv.DictReader(p.open())
     ]
     r = next(r for r in rows if r.get("val/reward"))
-    return {
+    point = {
         "seconds": 0.0,
         "batches": 0,
         "reward": float(r["val/reward"]),
         "nssm": float(r["val/nssm"]),
         "vsm": float(r["val/vsm"]),
     }
+    (out / name / "point.json").write_text(json.dumps(point))
+    return point
+
+
+def train(out: Path, method: str, seed: int, budget: float, val_every: int) -> list[dict]:
+    """One method at one seed: ``divrl fit`` in ``out/<method>/seed<seed>`` (skipped when its ``curve.json`` is there,
+    started over when the folder holds an unfinished run); its validations, without the base point."""
+    folder = out / method / f"seed{seed}"
+    if (folder / "curve.json").exists():
+        saved = json.loads((folder / "curve.json").read_text())
+        if saved["budget"] == budget and saved["val_every"] == val_every:
+            return saved["curve"]
+        raise SystemExit(
+            f"{folder} holds a run with --budget {saved['budget']} --val-every {saved['val_every']}: pass those, or "
+            f"another --out"
+        )
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    divrl(
+        "fit", "--config", str(METHODS[method][0]), "--config", str(overrides(folder, method, budget, val_every, seed))
+    )
+    curve = read_curve(folder / method)
+    (folder / "curve.json").write_text(json.dumps({"budget": budget, "val_every": val_every, "curve": curve}))
+    return curve
 
 
 def at(curve: list[dict], seconds: float, budget: float) -> dict:
@@ -162,10 +206,86 @@ def at(curve: list[dict], seconds: float, budget: float) -> dict:
     return curve[-1] if seconds >= budget else [c for c in curve if c["seconds"] <= seconds][-1]
 
 
+def run_all(out: Path, methods: list[str], seeds: list[int], budget: float, val_every: int) -> dict:
+    """Every method at every seed (finished runs reused); the JSON-ready results: budget, seeds, each seed's base
+    points and each run's curve (the seed's base point first)."""
+    out.mkdir(parents=True, exist_ok=True)
+    bases, curves = {}, {m: {} for m in methods}
+    for seed in seeds:  # seed by seed, so that an interrupted run leaves every method with the same seeds
+        bases[str(seed)] = {
+            "ungated": base_point(out, False, seed),
+            "gated": base_point(out, True, seed) if "idglow" in methods else None,
+        }
+        for method in methods:
+            base = bases[str(seed)]["gated" if method == "idglow" else "ungated"]
+            curves[method][str(seed)] = [base, *train(out, method, seed, budget, val_every)]
+    return {"budget": budget, "val_every": val_every, "seeds": seeds, "bases": bases, "curves": curves}
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summary(saved: dict) -> tuple[dict, list[dict]]:
+    """Per method, each budget point's mean ± sd over seeds (reward, nSSM, VSM, batches); and every pair of methods
+    whose end-of-budget rewards differ by more than the sum of their sds, with Welch's t-test p-value."""
+    from scipy.stats import ttest_ind
+
+    budget, table, ends = saved["budget"], {}, {}
+    for method, runs in saved["curves"].items():
+        rows = {}
+        for fraction in FRACTIONS:
+            points = [at(curve, fraction * budget, budget) for curve in runs.values()]
+            rows[f"{fraction:.0%}"] = {
+                key: mean_sd([p[key] for p in points]) for key in ("reward", "nssm", "vsm", "batches", "seconds")
+            }
+        table[method] = rows
+        ends[method] = [curve[-1]["reward"] for curve in runs.values()]
+    pairs = []
+    for a, b in combinations(table, 2):
+        (ma, sa), (mb, sb) = table[a]["100%"]["reward"], table[b]["100%"]["reward"]
+        if abs(ma - mb) > sa + sb:
+            p = ttest_ind(ends[a], ends[b], equal_var=False).pvalue if min(len(ends[a]), len(ends[b])) > 1 else None
+            pairs.append({"better": a if ma > mb else b, "worse": b if ma > mb else a, "gap": abs(ma - mb), "p": p})
+    return table, pairs
+
+
+FRACTIONS = (0.25, 0.5, 1.0)
+
+
+def markdown(saved: dict) -> str:
+    """The table (mean ± sd over seeds) and the differences larger than the spread, as markdown."""
+    table, pairs = summary(saved)
+    budget, n = saved["budget"], len(saved["seeds"])
+    cells = " | ".join(f"{f * budget:.0f} s" for f in FRACTIONS)
+    lines = [f"| method | {cells} | nSSM | VSM | batches |", "| --- " * 7 + "|"]
+    for method, rows in table.items():
+        end = rows["100%"]
+        lines.append(
+            f"| {LABELS[method]} | "
+            + " | ".join("{:.3f} ± {:.3f}".format(*rows[f"{f:.0%}"]["reward"]) for f in FRACTIONS)
+            + " | {:.3f} ± {:.3f} | {:.3f} ± {:.3f} | {:.0f} |".format(*end["nssm"], *end["vsm"], end["batches"][0])
+        )
+    lines.append("")
+    lines.append(
+        f"Mean ± sd over {n} seeds ({', '.join(map(str, saved['seeds']))}). Differences at {budget:.0f} s larger than "
+        "the two methods' sds added (Welch's t-test p in brackets):"
+    )
+    lines.append("")
+    for pair in pairs:
+        p = "" if pair["p"] is None else f" (p = {pair['p']:.3f})"
+        lines.append(f"- {LABELS[pair['better']]} above {LABELS[pair['worse']]} by {pair['gap']:.3f}{p}")
+    if not pairs:
+        lines.append("- none: every gap lies within the spread over seeds")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=float, default=150.0, help="training-step seconds per method (default 150)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     parser.add_argument("--val-every", type=int, default=5, help="validate every this many batches (default 5)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "objectives")
     parser.add_argument("--plot", type=Path, help="write the curves here (PNG)")
@@ -176,71 +296,60 @@ def main() -> None:
     args = parser.parse_args()
     if args.replot:
         saved = json.loads(args.replot.read_text())
-        report(saved["curves"], saved["bases"], saved["budget"], args)
-        return
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        parser.error(f"unknown --methods {unknown}; choose from {list(METHODS)}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    bases = {False: base_point(args.out, False)}
-    if "idglow" in methods:
-        bases[True] = base_point(args.out, True)
-    curves = {}
-    for method in methods:
-        if (args.out / method).exists():
-            raise SystemExit(f"{args.out / method} exists: remove it, or pass another --out")
-        divrl(
-            "fit",
-            "--config",
-            str(METHODS[method][0]),
-            "--config",
-            str(overrides(args.out, method, args.budget, args.val_every)),
-        )
-        curves[method] = [bases[method == "idglow"], *read_curve(args.out / method)]
-    report(curves, {"ungated": bases[False], "gated": bases.get(True)}, args.budget, args)
+    else:
+        methods = args.methods.split(",")
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            parser.error(f"unknown --methods {unknown}; choose from {list(METHODS)}")
+        seeds = [int(s) for s in args.seeds.split(",")]
+        saved = run_all(args.out, methods, seeds, args.budget, args.val_every)
+    report(saved, args.json, args.plot)
 
 
-def report(curves: dict, bases: dict, budget: float, args) -> None:
+def report(saved: dict, json_path: Path | None, plot_path: Path | None) -> None:
     """Print the table; write the JSON and the plot when asked."""
-    gated = bases.get("gated") or {}
+    base = mean_sd([b["ungated"]["reward"] for b in saved["bases"].values()])
     print(
-        f"held-out reward R2 (8 identities x 4 samples) after a quarter, half and all of {budget:.0f} training "
-        f"seconds; base model {bases['ungated']['reward']:.3f} (gated: {gated.get('reward', float('nan')):.3f})"
+        f"held-out reward R2 (8 identities x 4 samples) after a quarter, half and all of {saved['budget']:.0f} "
+        "training seconds; base model {:.3f} ± {:.3f}\n".format(*base)
     )
-    print("| method | 25% | 50% | 100% | nSSM | VSM | batches |\n" + "|---" * 7 + "|")
-    table = {}
-    for method, curve in curves.items():
-        points = [at(curve, f * budget, budget) for f in (0.25, 0.5, 1.0)]
-        table[method] = points
-        end = points[-1]
-        print(
-            f"| {LABELS[method]} | "
-            + " | ".join(f"{p['reward']:.3f}" for p in points)
-            + f" | {end['nssm']:.3f} | {end['vsm']:.3f} | {curve[-1]['batches']} |"
-        )
-    if args.json:
-        args.json.write_text(json.dumps({"budget": budget, "bases": bases, "curves": curves, "table": table}, indent=1))
-    if args.plot:
-        plot(curves, bases, args.plot)
+    print(markdown(saved))
+    if json_path:
+        table, pairs = summary(saved)
+        json_path.write_text(json.dumps({**saved, "table": table, "pairs": pairs}, indent=1))
+    if plot_path:
+        plot(saved, plot_path)
 
 
-def plot(curves: dict, bases: dict, path: Path) -> None:
+def band(curves: list[list[dict]], grid: list[float], budget: float) -> tuple[list[float], list[float]]:
+    """Mean and sd over seeds of the reward at each time of ``grid`` (each seed's last validation at or before it)."""
+    values = [[at(curve, t, budget)["reward"] for curve in curves] for t in grid]
+    return [mean_sd(v)[0] for v in values], [mean_sd(v)[1] for v in values]
+
+
+def plot(saved: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    budget = saved["budget"]
+    grid = [budget * i / 60 for i in range(61)]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for method, curve in curves.items():
-        ax.plot([c["seconds"] for c in curve], [c["reward"] for c in curve], marker="o", ms=3, label=LABELS[method])
-    ax.axhline(bases["ungated"]["reward"], color="grey", ls=":", lw=1, label="base model")
-    if bases.get("gated"):
-        ax.axhline(bases["gated"]["reward"], color="tab:purple", ls=":", lw=1, label="base model, gated")
+    for method, runs in saved["curves"].items():
+        mean, sd = band(list(runs.values()), grid, budget)
+        (line,) = ax.step(grid, mean, where="post", label=f"{LABELS[method]} (n = {len(runs)})")
+        low, high = [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)]
+        ax.fill_between(grid, low, high, step="post", color=line.get_color(), alpha=0.15, lw=0)
+    base = mean_sd([b["ungated"]["reward"] for b in saved["bases"].values()])[0]
+    ax.axhline(base, color="grey", ls=":", lw=1, label="base model")
+    gated = [b["gated"]["reward"] for b in saved["bases"].values() if b.get("gated")]
+    if gated:
+        ax.axhline(mean_sd(gated)[0], color="tab:purple", ls=":", lw=1, label="base model, gated")
     ax.set_xlabel("training seconds (2-core CPU; validation excluded)")
-    ax.set_ylabel("held-out reward R2")
+    ax.set_ylabel("held-out reward R2 (mean ± sd over seeds)")
     ax.set_title("Objectives on the CPU demo: same data, reward and budget")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
