@@ -39,6 +39,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from itertools import combinations
 from pathlib import Path
 
@@ -150,6 +151,7 @@ def base_point(out: Path, gated: bool, seed: int = 0) -> dict:
     name = f"base_gated/seed{seed}" if gated else f"base/seed{seed}"
     if (out / name / "point.json").exists():
         return json.loads((out / name / "point.json").read_text())
+    start = time.monotonic()
     shutil.rmtree(out / name, ignore_errors=True)
     (out / name).mkdir(parents=True)
     args = ["validate", "--config", str(IDGLOW if gated else DEMO)]
@@ -173,31 +175,35 @@ def base_point(out: Path, gated: bool, seed: int = 0) -> dict:
         "reward": float(r["val/reward"]),
         "nssm": float(r["val/nssm"]),
         "vsm": float(r["val/vsm"]),
+        "wall": round(time.monotonic() - start, 1),  # seconds `divrl validate` took
     }
     (out / name / "point.json").write_text(json.dumps(point))
     return point
 
 
-def train(out: Path, method: str, seed: int, budget: float, val_every: int) -> list[dict]:
+def train(out: Path, method: str, seed: int, budget: float, val_every: int) -> tuple[list[dict], float]:
     """One method at one seed: ``divrl fit`` in ``out/<method>/seed<seed>`` (skipped when its ``curve.json`` is there,
-    started over when the folder holds an unfinished run); its validations, without the base point."""
+    started over when the folder holds an unfinished run); its validations, without the base point, and the wall
+    seconds the fit took."""
     folder = out / method / f"seed{seed}"
     if (folder / "curve.json").exists():
         saved = json.loads((folder / "curve.json").read_text())
         if saved["budget"] == budget and saved["val_every"] == val_every:
-            return saved["curve"]
+            return saved["curve"], saved["wall"]
         raise SystemExit(
             f"{folder} holds a run with --budget {saved['budget']} --val-every {saved['val_every']}: pass those, or "
             f"another --out"
         )
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    start = time.monotonic()
     divrl(
         "fit", "--config", str(METHODS[method][0]), "--config", str(overrides(folder, method, budget, val_every, seed))
     )
-    curve = read_curve(folder / method)
-    (folder / "curve.json").write_text(json.dumps({"budget": budget, "val_every": val_every, "curve": curve}))
-    return curve
+    curve, wall = read_curve(folder / method), round(time.monotonic() - start, 1)
+    record = {"budget": budget, "val_every": val_every, "curve": curve, "wall": wall}
+    (folder / "curve.json").write_text(json.dumps(record))
+    return curve, wall
 
 
 def at(curve: list[dict], seconds: float, budget: float) -> dict:
@@ -208,9 +214,9 @@ def at(curve: list[dict], seconds: float, budget: float) -> dict:
 
 def run_all(out: Path, methods: list[str], seeds: list[int], budget: float, val_every: int) -> dict:
     """Every method at every seed (finished runs reused); the JSON-ready results: budget, seeds, each seed's base
-    points and each run's curve (the seed's base point first)."""
+    points, each run's curve (the seed's base point first) and the wall seconds of each run (``wall``)."""
     out.mkdir(parents=True, exist_ok=True)
-    bases, curves = {}, {m: {} for m in methods}
+    bases, curves, wall = {}, {m: {} for m in methods}, {m: {} for m in methods}
     for seed in seeds:  # seed by seed, so that an interrupted run leaves every method with the same seeds
         bases[str(seed)] = {
             "ungated": base_point(out, False, seed),
@@ -218,8 +224,9 @@ def run_all(out: Path, methods: list[str], seeds: list[int], budget: float, val_
         }
         for method in methods:
             base = bases[str(seed)]["gated" if method == "idglow" else "ungated"]
-            curves[method][str(seed)] = [base, *train(out, method, seed, budget, val_every)]
-    return {"budget": budget, "val_every": val_every, "seeds": seeds, "bases": bases, "curves": curves}
+            curve, wall[method][str(seed)] = train(out, method, seed, budget, val_every)
+            curves[method][str(seed)] = [base, *curve]
+    return {"budget": budget, "val_every": val_every, "seeds": seeds, "bases": bases, "curves": curves, "wall": wall}
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -245,8 +252,8 @@ def summary(saved: dict) -> tuple[dict, list[dict]]:
     pairs = []
     for a, b in combinations(table, 2):
         (ma, sa), (mb, sb) = table[a]["100%"]["reward"], table[b]["100%"]["reward"]
-        if abs(ma - mb) > sa + sb:
-            p = ttest_ind(ends[a], ends[b], equal_var=False).pvalue if min(len(ends[a]), len(ends[b])) > 1 else None
+        if min(len(ends[a]), len(ends[b])) > 1 and abs(ma - mb) > sa + sb:  # one seed has no spread to compare
+            p = ttest_ind(ends[a], ends[b], equal_var=False).pvalue
             pairs.append({"better": a if ma > mb else b, "worse": b if ma > mb else a, "gap": abs(ma - mb), "p": p})
     return table, pairs
 
@@ -274,10 +281,11 @@ def markdown(saved: dict) -> str:
     )
     lines.append("")
     for pair in pairs:
-        p = "" if pair["p"] is None else f" (p = {pair['p']:.3f})"
-        lines.append(f"- {LABELS[pair['better']]} above {LABELS[pair['worse']]} by {pair['gap']:.3f}{p}")
+        lines.append(
+            f"- {LABELS[pair['better']]} above {LABELS[pair['worse']]} by {pair['gap']:.3f} (p = {pair['p']:.3f})"
+        )
     if not pairs:
-        lines.append("- none: every gap lies within the spread over seeds")
+        lines.append("- none: every gap lies within the spread over seeds" if n > 1 else "- one seed: no spread")
     return "\n".join(lines)
 
 
