@@ -21,6 +21,7 @@ LABELS = {
     "linear_w0.75": "linear, w = 0.75",
     "psr_divrl": "PSR + per-subject DivRL",
 }
+COLOURS = {method: f"C{i}" for i, method in enumerate(LABELS)}  # one colour per method in every figure
 FIG5 = ("divrl", "nssm_only", "vsm_only")
 FIG6 = ("divrl", "linear_w0.25", "linear_w0.5", "linear_w0.75")
 REWARD_COLUMNS = {  # metrics.json key: header
@@ -59,23 +60,27 @@ def eval_table(runs: dict[str, list[dict]], columns: dict[str, str], order: list
     for method in [m for m in order if m in runs]:
         cells = []
         for key in columns:
-            values = [e["metrics"]["eval"][key] for e in runs[method] if e["metrics"]["eval"].get(key) is not None]
-            mean, sd = mean_sd(values) if values else (None, None)
-            cells.append("—" if mean is None else f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {sd:.3f}")
+            column = values(runs[method], key)
+            mean, sd = mean_sd(column) if column else (None, None)
+            cells.append("—" if mean is None else f"{mean:.3f}" if len(column) == 1 else f"{mean:.3f} ± {sd:.3f}")
         n = len(runs[method])
         seeds = "1 evaluation" if method == "base" else str(n)
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {seeds} |")
     return "\n".join(lines)
 
 
+def values(entries: list[dict], key: str) -> list[float]:
+    """One evaluation column over runs, leaving out runs where it is missing."""
+    return [e["metrics"]["eval"][key] for e in entries if e["metrics"]["eval"].get(key) is not None]
+
+
 def against(runs: dict[str, list[dict]], reference: str, keys: tuple[str, ...]) -> list[str]:
     """For every other trained method, its gap to ``reference`` on ``keys``, marked when larger than the spread."""
     lines = []
-    for method in [m for m in runs if m not in (reference, "base")]:
+    for method in [m for m in LABELS if m in runs and m not in (reference, "base")]:
         parts = []
         for key in keys:
-            a = mean_sd([e["metrics"]["eval"][key] for e in runs[reference]])
-            b = mean_sd([e["metrics"]["eval"][key] for e in runs[method]])
+            a, b = (mean_sd(values(runs[m], key)) for m in (reference, method))
             gap = b[0] - a[0]
             verdict = "larger than the spread" if abs(gap) > a[1] + b[1] else "within the spread"
             parts.append(f"{key.replace('_', ' ')} {gap:+.3f} ({verdict})")
@@ -94,6 +99,8 @@ def objectives_saved(saved: dict) -> dict | None:
     seeds = sorted({e["seed"] for e in entries})
     bases = {str(e["seed"]): e["metrics"] for e in saved["runs"] if e["part"] == "objectives" and e["method"] == "base"}
     config = entries[0]["config"]
+    if len({(e["config"]["budget"], e["config"]["val_every"]) for e in entries}) > 1:
+        raise ValueError("the objectives runs were made with different --objectives-budget or --objectives-val-every")
     order = [m for m in objectives.METHODS if m in curves]
     return {
         "budget": config["budget"],
@@ -171,20 +178,14 @@ def curves(entries: list[dict], path: Path) -> Path:
                     val = e["metrics"]["val"]
                     start = base.get(e["seed"])
                     points = ([(0, start[key][0])] if start else []) + list(zip(val["updates"], val.get(key, [])))
-                    series.append(points)
-                updates = [u for u, _ in series[0]]
-                values = [[dict(s).get(u) for s in series] for u in updates]
-                mean = [mean_sd(v)[0] for v in values]
-                sd = [mean_sd(v)[1] for v in values]
-                (line,) = ax.plot(updates, mean, marker="o", ms=3, label=f"{LABELS[method]} (n = {len(runs)})")
-                ax.fill_between(
-                    updates,
-                    [m - s for m, s in zip(mean, sd)],
-                    [m + s for m, s in zip(mean, sd)],
-                    color=line.get_color(),
-                    alpha=0.15,
-                    lw=0,
-                )
+                    series.append({u: v for u, v in points if v is not None})
+                updates = sorted({u for s in series for u in s})  # a point's mean and sd over the seeds that have it
+                at = [[s[u] for s in series if u in s] for u in updates]
+                mean, sd = [mean_sd(v)[0] for v in at], [mean_sd(v)[1] for v in at]
+                colour = COLOURS[method]
+                ax.plot(updates, mean, marker="o", ms=3, color=colour, label=f"{LABELS[method]} (n = {len(runs)})")
+                low, high = [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)]
+                ax.fill_between(updates, low, high, color=colour, alpha=0.15, lw=0)
             ax.set_title(f"{title}: held-out {'nSSM' if key == 'nssm' else 'VSM'}", fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
@@ -203,12 +204,12 @@ def frontier(entries: list[dict], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     keys = ("consistency_ratio", "diversity_over_consistency")
-    for i, method in enumerate(m for m in LABELS if any(e["method"] == m for e in entries)):
+    for method in (m for m in LABELS if any(e["method"] == m for e in entries)):
         runs = [
             e["metrics"]["eval"] for e in entries if e["method"] == method and (method != "base" or e["seed"] is None)
         ]
         x, y = ([r[k] for r in runs] for k in keys)
-        colour = f"C{i}"
+        colour = COLOURS[method]
         ax.scatter(x, y, s=12, color=colour, alpha=0.5)
         (mx, sx), (my, sy) = mean_sd(x), mean_sd(y)
         marker = "*" if method == "base" else "o"

@@ -29,7 +29,7 @@ beside it (``ablations_curves.png``, ``ablations_frontier.png``, ``ablations_dis
 ``objectives.png``); ``--write-docs`` writes the JSON and figures into ``docs/`` and the tables into
 ``docs/ablations.md`` and ``docs/objectives.md`` (between ``<!-- numbers: NAME -->`` markers).
 
-    python benchmarks/ablations.py --write-docs                    # everything, 3 seeds (about 55 min on 2 cores)
+    python benchmarks/ablations.py --write-docs                    # everything, 3 seeds (about 60 min on 2 cores)
     python benchmarks/ablations.py --only divrl,linear_w0.5 --seeds 0,1,2,3,4
     python benchmarks/ablations.py --replot --json docs/ablations.json --figures /tmp/figures
 """
@@ -179,30 +179,49 @@ class Ablations:
         return entries
 
     def objectives(self, seeds: list[int], budget: float, val_every: int) -> list[dict]:
-        """``benchmarks/objectives.py``'s runs (resumable there), one entry per (objective, seed)."""
-        saved = objectives.run_all(self.out / "objectives", list(objectives.METHODS), seeds, budget, val_every)
+        """``benchmarks/objectives.py``'s runs (resumable there), one entry per (objective, seed); ``config`` holds
+        the commands and override configs as run, with the run's folder written ``<run>``."""
+        out = self.out / "objectives"
+        saved = objectives.run_all(out, list(objectives.METHODS), seeds, budget, val_every)
         entries = []
-        for seed, points in saved["bases"].items():  # the base model's validations (ungated and gated)
-            validate = ["validate", "--config", "configs/demo.yaml", "--config", "configs/demo_idglow.yaml"]
-            seconds = sum(p["wall"] for p in points.values() if p)
-            entry = {"part": "objectives", "method": "base", "seed": int(seed), "config": {"validate": validate}}
-            entries.append({**entry, "metrics": points, "seconds": seconds})
+        for seed, points in saved["bases"].items():  # the base model's validations, ungated and gated
+            config = {"budget": budget, "val_every": val_every, "validate": [], "overrides": []}
+            for gated, name in ((False, "base"), (True, "base_gated")):
+                if points["gated" if gated else "ungated"]:
+                    folder = out / name / f"seed{seed}"
+                    method = "idglow" if gated else "grpo"
+                    config["validate"].append(portable(objectives.validate_command(folder, gated), folder))
+                    config["overrides"].append(portable((folder / f"{method}.yaml").read_text(), folder))
+            metrics = {
+                k: {f: v for f, v in p.items() if f in objectives.POINT} if p else None for k, p in points.items()
+            }
+            seconds = round(sum(p["wall"] for p in points.values() if p), 1)
+            entry = {"part": "objectives", "method": "base", "seed": int(seed), "config": config}
+            entries.append({**entry, "metrics": metrics, "seconds": seconds})
         for method, runs in saved["curves"].items():
             for seed, curve in runs.items():
-                folder = self.out / "objectives" / method / f"seed{seed}"
+                folder = out / method / f"seed{seed}"
                 config = {
-                    "fit": ["fit", "--config", str(objectives.METHODS[method][0].relative_to(ROOT))],
-                    "overrides": (folder / f"{method}.yaml").read_text(),
                     "budget": budget,
                     "val_every": val_every,
+                    "fit": portable(objectives.fit_command(folder, method), folder),
+                    "overrides": portable((folder / f"{method}.yaml").read_text(), folder),
                 }
                 entry = {"part": "objectives", "method": method, "seed": int(seed), "config": config}
                 entries.append({**entry, "metrics": {"curve": curve}, "seconds": saved["wall"][method][seed]})
         return entries
 
 
+def portable(value, folder: Path):
+    """``value`` (a string or a list of them) with ``folder`` written ``<run>`` and the repository root dropped."""
+    if isinstance(value, list):
+        return [portable(v, folder) for v in value]
+    return value.replace(str(folder), "<run>").replace(f"{ROOT}/", "")
+
+
 def validation(logged: dict, base: bool = False) -> dict:
-    """Held-out ``val/*`` scalars by update count (``divrl validate``'s as update 0)."""
+    """Held-out ``val/*`` scalars by update count (``divrl validate``'s as update 0). Lightning logs an epoch-end
+    validation at ``global_step - 1``, so the logged step ``s`` follows update ``s + 1``."""
     tags = sorted(t for t in logged if t.startswith("val/") and not t.endswith("_std"))
     steps = sorted({step for tag in tags for step, _ in logged[tag]})
     return {
@@ -217,11 +236,11 @@ def last_mean(series: list[tuple[int, float]], count: int = 10) -> float:
     return sum(values) / len(values)
 
 
-def generated_samples(out: Path) -> dict[str, list[Path]]:
-    """The evaluated samples of the base model and of DivRL's seeds (``<method>/scores.jsonl`` folders) under
+def generated_samples(out: Path, seeds: list[int]) -> dict[str, list[Path]]:
+    """The evaluated samples of the base model and of DivRL at ``seeds`` (``<method>/scores.jsonl`` folders) under
     ``out``'s rewards part, for the disentanglement part; empty when that part has not run."""
-    found = {"base": sorted(out.glob("rewards/base/eval/eval/base"))}
-    found["divrl"] = sorted(out.glob("rewards/divrl/seed*/eval/divrl"))
+    found = {"base": [out / "rewards/base/eval/eval/base"]}
+    found["divrl"] = [out / f"rewards/divrl/seed{seed}/eval/divrl" for seed in seeds]
     return {label: [f for f in folders if (f / "scores.jsonl").exists()] for label, folders in found.items()}
 
 
@@ -229,6 +248,14 @@ def merge(path: Path, entries: list[dict], disentanglement: dict | None) -> dict
     """The JSON at ``path`` with ``entries`` replacing those of the same (part, method, seed), and each part's wall
     time: the sum of its runs' seconds, however many invocations they took."""
     saved = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    settings = {(e["part"], e["method"], e["seed"] is None): settings_of(e) for e in entries}
+    for old in saved["runs"]:  # one table must not average runs made with other settings
+        new = settings.get((old["part"], old["method"], old["seed"] is None))
+        if new is not None and settings_of(old) != new:
+            raise SystemExit(
+                f"{path} holds {old['part']}/{old['method']} runs made with other settings than this one's "
+                f"(seed {old['seed']}: {old['config']}); pass another --json, or remove those runs from it"
+            )
     keys = {(e["part"], e["method"], e["seed"]) for e in entries}
     runs = [e for e in saved["runs"] if (e["part"], e["method"], e["seed"]) not in keys] + entries
     order = {part: i for i, part in enumerate(PARTS)}
@@ -237,6 +264,18 @@ def merge(path: Path, entries: list[dict], disentanglement: dict | None) -> dict
     wall = {part: round(sum(e["seconds"] for e in runs if e["part"] == part)) for part in PARTS[:3]}
     wall["disentanglement"] = round(disentanglement["seconds"]) if disentanglement else 0
     return {"runs": runs, "disentanglement": disentanglement, "wall_seconds": wall}
+
+
+def settings_of(entry: dict) -> str:
+    """An entry's ``config`` with its seed taken out: equal for two seeds of the same method and settings."""
+    text = json.dumps(entry["config"])
+    seed = entry["seed"]
+    if seed is None:
+        return text
+    for value in (f'"--seed_everything", "{seed}"', f'"--model.sampling.seed", "{objectives.SAMPLING_SEED + seed}"'):
+        text = text.replace(value, value.split(",")[0] + ', "<seed>"')
+    text = text.replace(f"seed_everything: {seed}\\n", "seed_everything: <seed>\\n")
+    return text.replace(f"seed: {objectives.SAMPLING_SEED + seed}\\n", "seed: <seed>\\n")
 
 
 def selection(only: str | None) -> tuple[set[str], list[str]]:
@@ -295,6 +334,11 @@ def main() -> None:
         publish(json.loads(json_path.read_text()), figures, docs)
         return
     parts, methods = selection(args.only)
+    if "objectives" in parts and (args.fit_args or args.eval_args):
+        parser.error(
+            "--fit-args and --eval-args apply to the rewards and multi parts; the objectives part trains for "
+            "--objectives-budget seconds: leave it out with --only"
+        )
     seeds = [int(s) for s in args.seeds.split(",")]
     ablations = Ablations(args.out.resolve(), shlex.split(args.fit_args), shlex.split(args.eval_args))
     entries, disentanglement, clock = [], None, {}
@@ -311,7 +355,7 @@ def main() -> None:
         else:
             from disentanglement import measure
 
-            disentanglement = measure(ROOT / "data/demo", generated_samples(args.out.resolve()), args.dreambooth)
+            disentanglement = measure(ROOT / "data/demo", generated_samples(args.out.resolve(), seeds), args.dreambooth)
             disentanglement["seconds"] = round(time.monotonic() - start, 1)
         clock[part] = time.monotonic() - start
         print(f"{part}: {clock[part] / 60:.1f} min", flush=True)

@@ -147,12 +147,10 @@ def dreambooth_pairs(scorer, root: Path) -> dict[str, list]:
     pairs: dict[str, list] = {SAME["dreambooth"]: [], "other subject": [], "mirrored": [], "recoloured": []}
     for name, own in photos.items():
         ref = own[0]
-        batches = {
-            SAME["dreambooth"]: torch.cat(own[1:]),
-            "other subject": torch.cat([p[0] for n, p in photos.items() if n != name]),
-            "mirrored": ref.flip(-1),
-            "recoloured": recolour(ref),
-        }
+        batches = {"other subject": torch.cat([p[0] for n, p in photos.items() if n != name])}
+        batches.update({"mirrored": ref.flip(-1), "recoloured": recolour(ref)})
+        if len(own) > 1:  # a subject with one photo has no other photo
+            batches[SAME["dreambooth"]] = torch.cat(own[1:])
         for category, images in batches.items():
             pairs[category] += score(scorer, ref, images, f"a photo of {name}")
     return pairs
@@ -173,33 +171,42 @@ def measure(data: Path, generated: dict[str, list[Path]], dreambooth: Path | Non
 
 
 def auc(positive: list[float], negative: list[float]) -> float:
-    """P(a positive scores above a negative), ties counting half (the Mann-Whitney U over n1·n2)."""
+    """P(a positive scores above a negative), ties counting half (the Mann-Whitney U over n1·n2); NaN when a side
+    is empty."""
+    if not positive or not negative:
+        return math.nan
     wins = sum((p > q) + 0.5 * (p == q) for p in positive for q in negative)
     return wins / (len(positive) * len(negative))
 
 
-def pearson(pairs: list[tuple[float, float]]) -> float:
+def pearson(pairs: list[tuple[float, float]]) -> float | None:
+    """Pearson r between the pairs' nSSM and VSM; ``None`` for fewer than 3 pairs or a constant score."""
     from scipy.stats import pearsonr
 
-    return float(pearsonr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
+    first, second = [p[0] for p in pairs], [p[1] for p in pairs]
+    if len(pairs) < 3 or len(set(first)) < 2 or len(set(second)) < 2:
+        return None
+    return float(pearsonr(first, second).statistic)
 
 
 def summary(result: dict) -> dict:
     """One dataset × backbone: AUCs, correlations and per-category means and sds."""
-    pairs, same = result["pairs"], SAME[result["dataset"]]
+    pairs = {c: v for c, v in result["pairs"].items() if v}  # categories with pairs
+    same = SAME[result["dataset"]]
     everything = [p for values in pairs.values() for p in values]
     generated = [p for c, values in pairs.items() if c.startswith("generated") for p in values]
-    column = lambda c, i: [p[i] for p in pairs[c]]  # noqa: E731
+    column = lambda c, i: [p[i] for p in pairs.get(c, [])]  # noqa: E731
     return {
         "vsm_auc": auc(column(same, 1), column("other subject", 1)),
         "nssm_auc": auc(column(same, 0), column("other subject", 0)),
         "r_all": pearson(everything),
-        "r_generated": pearson(generated) if len(generated) > 2 else None,
+        "r_generated": pearson(generated),
         "categories": {
             c: {
                 "n": len(v),
                 "nssm": (statistics.mean(column(c, 0)), statistics.stdev(column(c, 0)) if len(v) > 1 else 0.0),
                 "vsm": (statistics.mean(column(c, 1)), statistics.stdev(column(c, 1)) if len(v) > 1 else 0.0),
+                "r": pearson(v),
             }
             for c, v in pairs.items()
         },
@@ -208,16 +215,18 @@ def summary(result: dict) -> dict:
 
 def table(saved: dict) -> str:
     """Markdown: one row per dataset × backbone × category, then the AUCs and correlations."""
-    lines = ["| dataset | backbone | pairs | n | MTG-nSSM | VSM-0.7 |", "| --- " * 6 + "|"]
+    lines = ["| dataset | backbone | pairs | n | MTG-nSSM | VSM-0.7 | r(nSSM, VSM) |", "| --- " * 7 + "|"]
     notes = []
     for result in saved["results"]:
         s = summary(result)
         for category, c in s["categories"].items():
             lines.append(
                 f"| {result['dataset']} | {result['backbone']} | {category} | {c['n']} | "
-                "{:.3f} ± {:.3f} | {:.3f} ± {:.3f} |".format(*c["nssm"], *c["vsm"])
+                "{:.3f} ± {:.3f} | {:.3f} ± {:.3f} | ".format(*c["nssm"], *c["vsm"])
+                + ("—" if c["r"] is None else f"{c['r']:+.2f}")
+                + " |"
             )
-        generated = "" if s["r_generated"] is None else f", over the generated samples alone {s['r_generated']:+.2f}"
+        generated = "" if s["r_generated"] is None else f", over the generated samples {s['r_generated']:+.2f}"
         notes.append(
             f"- {result['dataset']}, {result['backbone']}: {SAME[result['dataset']]} against other subject, "
             f"AUC of VSM {s['vsm_auc']:.2f}, of nSSM {s['nssm_auc']:.2f}; Pearson r(nSSM, VSM) over all pairs "

@@ -84,14 +84,15 @@ LABELS = {
 
 
 SAMPLING_SEED = 42  # SamplingConfig.seed's default: seed s draws its noise from 42 + s
+POINT = ("seconds", "batches", "reward", "nssm", "vsm")  # a validation point of a curve
 
 
 def divrl(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "divrl.cli", *args], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
-def overrides(out: Path, method: str, budget: float, val_every: int, seed: int = 0) -> Path:
-    """The override config of one run, written to ``out/<method>.yaml`` (``out`` is the run's seed folder)."""
+def override_text(out: Path, method: str, budget: float, val_every: int, seed: int = 0) -> str:
+    """The override config of one run (``out`` is the run's seed folder), as YAML."""
     config, model = METHODS[method]
     callbacks = [{"class_path": "divrl.training.TrainTimeLimit", "init_args": {"seconds": budget}}]
     if config == IDGLOW:  # keep its stage switch
@@ -115,9 +116,45 @@ def overrides(out: Path, method: str, budget: float, val_every: int, seed: int =
         "model": model,
         "data": {"steps_per_epoch": val_every},
     }
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def overrides(out: Path, method: str, budget: float, val_every: int, seed: int = 0) -> Path:
+    """The override config of one run, written to ``out/<method>.yaml`` (``out`` is the run's seed folder)."""
     path = out / f"{method}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.write_text(override_text(out, method, budget, val_every, seed))
     return path
+
+
+def fit_command(folder: Path, method: str) -> list[str]:
+    """The ``divrl fit`` arguments of one run whose override config lies in ``folder``."""
+    return ["fit", "--config", str(METHODS[method][0]), "--config", str(folder / f"{method}.yaml")]
+
+
+def validate_command(folder: Path, gated: bool) -> list[str]:
+    """The ``divrl validate`` arguments of the base model's point in ``folder``."""
+    method = "idglow" if gated else "grpo"  # the demo's validation under R2, or the gated config's
+    return [
+        "validate",
+        "--config",
+        str(IDGLOW if gated else DEMO),
+        "--config",
+        str(folder / f"{method}.yaml"),
+        "--trainer.default_root_dir",
+        str(folder),
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={folder}",
+    ]
+
+
+def check_reuse(folder: Path, method: str, budget: float, val_every: int, seed: int) -> None:
+    """Refuse to reuse a finished run whose override config differs from what this version would write."""
+    if (folder / f"{method}.yaml").read_text() != override_text(folder, method, budget, val_every, seed):
+        raise SystemExit(
+            f"{folder} holds a run made with other settings ({folder / f'{method}.yaml'} differs from what "
+            f"--budget {budget} --val-every {val_every} --seeds {seed} give now): remove it, or pass another --out"
+        )
 
 
 def read_curve(folder: Path) -> list[dict]:
@@ -149,22 +186,15 @@ def base_point(out: Path, gated: bool, seed: int = 0) -> dict:
     """The base model's held-out scores (no LoRA), ungated or with configs/demo_idglow.yaml's gating, on seed
     ``seed``'s validation noise (cached in ``out/base[_gated]/seed<seed>/point.json``)."""
     name = f"base_gated/seed{seed}" if gated else f"base/seed{seed}"
+    method = "idglow" if gated else "grpo"
     if (out / name / "point.json").exists():
+        check_reuse(out / name, method, 1.0, 1, seed)
         return json.loads((out / name / "point.json").read_text())
     start = time.monotonic()
     shutil.rmtree(out / name, ignore_errors=True)
     (out / name).mkdir(parents=True)
-    args = ["validate", "--config", str(IDGLOW if gated else DEMO)]
-    # the demo's validation under R2, or the gated config's, on the seed's noise
-    args += ["--config", str(overrides(out / name, "idglow" if gated else "grpo", 1.0, 1, seed))]
-    divrl(
-        *args,
-        "--trainer.default_root_dir",
-        str(out / name),
-        "--trainer.logger",
-        "lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.save_dir={out / name}",
-    )
+    overrides(out / name, method, 1.0, 1, seed)
+    divrl(*validate_command(out / name, gated))
     rows = [
         r for p in sorted((out / name).glob("lightning_logs/version_*/metrics.csv")) for r in csv.DictReader(p.open())
     ]
@@ -187,19 +217,14 @@ def train(out: Path, method: str, seed: int, budget: float, val_every: int) -> t
     seconds the fit took."""
     folder = out / method / f"seed{seed}"
     if (folder / "curve.json").exists():
+        check_reuse(folder, method, budget, val_every, seed)
         saved = json.loads((folder / "curve.json").read_text())
-        if saved["budget"] == budget and saved["val_every"] == val_every:
-            return saved["curve"], saved["wall"]
-        raise SystemExit(
-            f"{folder} holds a run with --budget {saved['budget']} --val-every {saved['val_every']}: pass those, or "
-            f"another --out"
-        )
+        return saved["curve"], saved["wall"]
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     start = time.monotonic()
-    divrl(
-        "fit", "--config", str(METHODS[method][0]), "--config", str(overrides(folder, method, budget, val_every, seed))
-    )
+    overrides(folder, method, budget, val_every, seed)
+    divrl(*fit_command(folder, method))
     curve, wall = read_curve(folder / method), round(time.monotonic() - start, 1)
     record = {"budget": budget, "val_every": val_every, "curve": curve, "wall": wall}
     (folder / "curve.json").write_text(json.dumps(record))
@@ -223,7 +248,9 @@ def run_all(out: Path, methods: list[str], seeds: list[int], budget: float, val_
             "gated": base_point(out, True, seed) if "idglow" in methods else None,
         }
         for method in methods:
-            base = bases[str(seed)]["gated" if method == "idglow" else "ungated"]
+            base = {
+                k: v for k, v in bases[str(seed)]["gated" if method == "idglow" else "ungated"].items() if k in POINT
+            }
             curve, wall[method][str(seed)] = train(out, method, seed, budget, val_every)
             curves[method][str(seed)] = [base, *curve]
     return {"budget": budget, "val_every": val_every, "seeds": seeds, "bases": bases, "curves": curves, "wall": wall}
@@ -272,12 +299,14 @@ def markdown(saved: dict) -> str:
         lines.append(
             f"| {LABELS[method]} | "
             + " | ".join("{:.3f} ± {:.3f}".format(*rows[f"{f:.0%}"]["reward"]) for f in FRACTIONS)
-            + " | {:.3f} ± {:.3f} | {:.3f} ± {:.3f} | {:.0f} |".format(*end["nssm"], *end["vsm"], end["batches"][0])
+            + " | {:.3f} ± {:.3f} | {:.3f} ± {:.3f} | {:.0f} ± {:.0f} |".format(
+                *end["nssm"], *end["vsm"], *end["batches"]
+            )
         )
     lines.append("")
     lines.append(
         f"Mean ± sd over {n} seeds ({', '.join(map(str, saved['seeds']))}). Differences at {budget:.0f} s larger than "
-        "the two methods' sds added (Welch's t-test p in brackets):"
+        "the two methods' sds added (Welch's t-test p in parentheses):"
     )
     lines.append("")
     for pair in pairs:

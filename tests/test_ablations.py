@@ -189,7 +189,8 @@ def test_smallest_run_equals_the_direct_divrl_runs_resumes_and_replots(tmp_path)
     again = script(*SMALL, "--dreambooth", str(tmp_path / "none"), out=out)
     assert again.returncode == 0 and (out / "rewards/divrl/seed0/run.json").stat().st_mtime_ns == stamp
     assert json.loads((out / "ablations.json").read_text())["runs"] == saved["runs"]
-    other = script("--seeds", "0", "--only", "divrl", "--fit-args", "--trainer.max_steps 3", out=out)
+    other_fit = SMALL[5].replace("max_steps 2", "max_steps 3")  # the same evaluation, another fit
+    other = script("--seeds", "0", "--only", "divrl", "--fit-args", other_fit, "--eval-args", SMALL[7], out=out)
     assert other.returncode != 0 and "made with other arguments" in other.stderr
 
     # --replot redraws the same figures from the JSON alone
@@ -199,3 +200,23 @@ def test_smallest_run_equals_the_direct_divrl_runs_resumes_and_replots(tmp_path)
     assert replot.returncode == 0, replot.stderr[-2000:]
     for name in figures:
         assert (tmp_path / "replot" / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_merge_refuses_to_average_runs_made_with_other_settings(tmp_path):
+    import ablations
+
+    path = tmp_path / "ablations.json"
+    saved = json.loads((ROOT / "docs/ablations.json").read_text())
+    by_method = {}
+    for run in saved["runs"]:  # the shipped results: every seed of a method made with the same settings
+        by_method.setdefault((run["part"], run["method"], run["seed"] is None), set()).add(ablations.settings_of(run))
+    assert (
+        all(len(settings) == 1 for settings in by_method.values()) and len(by_method) == 16
+    )  # 14 methods, 2 shared base evaluations
+    path.write_text(json.dumps(saved))
+    divrl_seed0 = next(r for r in saved["runs"] if r["method"] == "divrl" and r["seed"] == 0)
+    again = ablations.merge(path, [divrl_seed0], None)  # the same run again: replaced in place
+    assert again["runs"] == saved["runs"] and again["wall_seconds"] == saved["wall_seconds"]
+    other = {**divrl_seed0, "config": {**divrl_seed0["config"], "fit": [*divrl_seed0["config"]["fit"], "--x", "1"]}}
+    with pytest.raises(SystemExit, match="rewards/divrl runs made with other settings"):
+        ablations.merge(path, [other], None)

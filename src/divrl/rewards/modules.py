@@ -98,7 +98,8 @@ class VSMReward(GroupReward):
     Args:
         scorer: see :class:`GroupReward`.
         track_nssm: also compute nSSM, for logging and image grids (``val/nssm``, the held-out curves of the
-            ablations), although the reward does not use it.
+            ablations), although the reward does not use it: one more similarity pass per group, or one more request
+            to an MTG server. ``False`` scores VSM alone.
     """
 
     needs_nssm = False
