@@ -6,10 +6,10 @@ DivRL counts as larger than the spread when the two means differ by more than th
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 import objectives
+from objectives import mean_sd
 
 LABELS = {
     "base": "base model",
@@ -39,10 +39,6 @@ MULTI_COLUMNS = {
     "consistency_ratio": "consistency ratio ↑",
     "diversity_over_consistency": "diversity over consistency ↑",
 }
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def runs_of(saved: dict, part: str) -> dict[str, list[dict]]:

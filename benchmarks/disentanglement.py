@@ -22,11 +22,9 @@ Run on its own:  python benchmarks/disentanglement.py [--out runs/disentanglemen
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import statistics
-import tarfile
 from pathlib import Path
 
 import torch
@@ -38,12 +36,14 @@ SAME = {"demo": "other pose", "dreambooth": "other photo"}
 DREAMBOOTH_SIDE = 384  # photos resized square, as tests/test_real_photos.py
 
 
+IDENTITY = yaml.safe_load((ROOT / "configs/eval_demo.yaml").read_text())["suite"]["init_args"]["identity"]
+
+
 def backbones() -> tuple[dict, list[str]]:
     """``{name: backbone}`` available offline and a sentence per backbone that is not."""
     from divrl.rewards.backbones import DenseDescriptor, DINOv2Backbone
 
-    spec = yaml.safe_load((ROOT / "configs/eval_demo.yaml").read_text())["suite"]["init_args"]["identity"]
-    found = {"dense descriptor": DenseDescriptor(**spec["init_args"]["backbone"]["init_args"])}
+    found = {"dense descriptor": DenseDescriptor(**IDENTITY["init_args"]["backbone"]["init_args"])}
     missing = []
     try:
         found["DINOv2-small"] = DINOv2Backbone("facebook/dinov2-small", grid_size=24, local_files_only=True)
@@ -57,8 +57,7 @@ def suite(backbone):
     from divrl.eval import EvalSuite
     from divrl.rewards import FeatureScorer
 
-    spec = yaml.safe_load((ROOT / "configs/eval_demo.yaml").read_text())["suite"]["init_args"]["identity"]
-    settings = {k: v for k, v in spec["init_args"].items() if k != "backbone"}
+    settings = {k: v for k, v in IDENTITY["init_args"].items() if k != "backbone"}
     return EvalSuite(identity=FeatureScorer(backbone, **settings))
 
 
@@ -72,30 +71,20 @@ def recolour(images: torch.Tensor, degrees: float = 120.0) -> torch.Tensor:
 
 
 def demo_identities(data: Path) -> dict[str, dict]:
-    """Every identity of the demo shards (train and held-out): reference, mask and target images as tensors."""
-    from PIL import Image
-
+    """Every identity of the demo shards (train and held-out, read as training reads them): reference, mask, first
+    prompt and target images as tensors."""
+    from divrl.data.stream import SkipCounter, read_identities
     from divrl.images import to_image_batch, to_mask_batch
 
     out = {}
-    for shard in sorted(data.glob("*.tar")):
-        members: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, _, field = member.name.partition(".")
-                members.setdefault(key, {})[field] = tar.extractfile(member).read()
-        for key, fields in sorted(members.items()):
-            targets = sorted(f for f in fields if f.startswith("target_"))
-            out[key] = {
-                "reference": to_image_batch(Image.open(io.BytesIO(fields["ref.png"])).convert("RGB")),
-                "mask": to_mask_batch(Image.open(io.BytesIO(fields["mask.png"])).convert("L")),
-                "prompt": json.loads(fields["json"])["prompts"][0],
-                "targets": torch.cat(
-                    [to_image_batch(Image.open(io.BytesIO(fields[t])).convert("RGB")) for t in targets]
-                )
-                if targets
-                else None,
-            }
+    for record in read_identities([str(p) for p in sorted(data.glob("*.tar"))], SkipCounter(max_consecutive=1)):
+        targets = [to_image_batch(record.targets[p]) for p in sorted(record.targets)]
+        out[record.id] = {
+            "reference": to_image_batch(record.references[0]),
+            "mask": to_mask_batch(record.masks[0]),
+            "prompt": record.prompts[0],
+            "targets": torch.cat(targets) if targets else None,
+        }
     return out
 
 
@@ -266,12 +255,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "disentanglement")
     parser.add_argument("--dreambooth", type=Path, default=ROOT.parent / "shared/datasets/dreambooth")
     parser.add_argument("--ablations", type=Path, help="benchmarks/ablations.py's --out, for the generated samples")
+    parser.add_argument("--seeds", default="0,1,2", help="the DivRL seeds whose samples to score (default 0,1,2)")
     args = parser.parse_args()
     generated = {}
     if args.ablations:
         from ablations import generated_samples
 
-        generated = generated_samples(args.ablations)
+        generated = generated_samples(args.ablations.resolve(), [int(s) for s in args.seeds.split(",")])
     saved = measure(ROOT / "data/demo", generated, args.dreambooth)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "disentanglement.json").write_text(json.dumps(saved))
