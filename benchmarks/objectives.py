@@ -158,8 +158,10 @@ def check_reuse(folder: Path, method: str, budget: float, val_every: int, seed: 
 
 
 def read_curve(folder: Path) -> list[dict]:
-    """(train seconds, batches, val reward, val nSSM, val VSM) at each validation of a run's metrics.csv (the logged
-    step counts training batches: an objective with two updates per batch does twice as many updates)."""
+    """(train seconds, batches, val reward, val nSSM, val VSM) at each validation of a run's metrics.csv. The logged
+    step counts training batches from 0 (the first batch's row is step 0, a validation after 10 batches is logged at
+    step 9), so the batches done are the step + 1; an objective with two updates per batch does twice as many
+    updates."""
     rows = []
     for path in sorted(folder.glob("lightning_logs/version_*/metrics.csv")):
         with path.open() as f:
@@ -173,7 +175,7 @@ def read_curve(folder: Path) -> list[dict]:
             curve.append(
                 {
                     "seconds": seconds[done] if done is not None else 0.0,
-                    "batches": step,
+                    "batches": step + 1,
                     "reward": float(r["val/reward"]),
                     "nssm": float(r["val/nssm"]),
                     "vsm": float(r["val/vsm"]),

@@ -103,6 +103,22 @@ def test_objectives_summary_takes_the_last_validation_before_each_budget_point()
     assert pairs[0]["gap"] == pytest.approx(0.6 - 0.11)
 
 
+@pytest.mark.slow  # about 8 s: a real fit
+def test_objective_curves_count_the_batches_trained_before_each_validation(tmp_path):
+    """A real objectives run (its own override config, cut to 2 batches, validation after each): the curve's batches are
+    the batches trained before each validation, as the checkpoint Lightning names after its optimizer steps says."""
+    from divrl.cli import main
+
+    objectives.overrides(tmp_path, "grpo", budget=1000.0, val_every=1)
+    small = ["--trainer.max_steps", "2", "--model.sampling.group_size", "2", "--model.objective.micro_batch_size", "2"]
+    small += ["--data.val_identities", "1", "--model.sampling.val_group_size", "1"]
+    assert main([*objectives.fit_command(tmp_path, "grpo"), *small]) == 0
+    curve = objectives.read_curve(tmp_path / "grpo")
+    assert [c["batches"] for c in curve] == [1, 2]
+    assert [p.name for p in (tmp_path / "grpo/checkpoints").glob("*.ckpt")] == ["epoch=1-step=2.ckpt"]
+    assert 0 < curve[0]["seconds"] < curve[1]["seconds"]
+
+
 def test_auc_is_the_mann_whitney_statistic_and_recolouring_keeps_brightness_and_layout():
     from scipy.stats import mannwhitneyu
 
