@@ -40,7 +40,6 @@ import argparse
 import json
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,15 +73,6 @@ def seed_args(seed: int) -> list[str]:
     return ["--seed_everything", str(seed), "--model.sampling.seed", str(objectives.SAMPLING_SEED + seed)]
 
 
-def divrl(args: list[str], log: Path) -> None:
-    """``divrl ARGS`` from the repository root, its output in ``log``; a failure stops with the log's end."""
-    with log.open("w") as out:
-        done = subprocess.run([sys.executable, "-m", "divrl.cli", *args], cwd=ROOT, stdout=out, stderr=out)
-    if done.returncode:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise SystemExit(f"`divrl {shlex.join(args)}` failed (exit {done.returncode}); its log {log} ends:\n{tail}")
-
-
 class Ablations:
     """Runs (or finds finished) each run of the parts and returns its JSON entry."""
 
@@ -112,7 +102,7 @@ class Ablations:
         """``divrl evaluate`` of one method into ``folder/eval``; its ``overall`` metrics."""
         methods = json.dumps({method: None if weights is None else str(weights)})
         args = [*config, "--methods", methods, "--output_dir", str(folder / "eval"), "--progress", "false"]
-        divrl(args, folder / "evaluate.log")
+        objectives.divrl(args, folder / "evaluate.log")
         return json.loads((folder / "eval/metrics.json").read_text())["methods"][method]["overall"]
 
     def train_and_evaluate(self, part: str, method: str, seed: int, fit: list[str], evaluate: list[str]) -> dict:
@@ -122,7 +112,7 @@ class Ablations:
         if entry:
             return entry
         start = time.monotonic()
-        divrl([*fit, "--trainer.default_root_dir", str(folder)], folder / "fit.log")
+        objectives.divrl([*fit, "--trainer.default_root_dir", str(folder)], folder / "fit.log")
         logged = scalars(folder)
         metrics = {
             "eval": self.evaluate(evaluate, method, folder / "lora/final", folder),
@@ -152,7 +142,7 @@ class Ablations:
         if entry:
             return entry
         start = time.monotonic()
-        divrl([*validate, "--trainer.default_root_dir", str(folder)], folder / "validate.log")
+        objectives.divrl([*validate, "--trainer.default_root_dir", str(folder)], folder / "validate.log")
         metrics = {"val": validation(scalars(folder), base=True)}
         entry = {"part": part, "method": "base", "seed": seed, "config": {"validate": validate}, "metrics": metrics}
         return self.save(folder, {**entry, "seconds": round(time.monotonic() - start, 1)})

@@ -13,7 +13,8 @@ held-out identities (4 deterministic samples each) every ``--val-every`` batches
   idglow      configs/demo_idglow.yaml: the same with identity gating (reference tokens only for σ in [0.3, 0.6])
 
 Every method uses the demo's optimizer (AdamW, lr 3e-4). Each run is a ``divrl fit`` subprocess of its own (one at a
-time: the machine's cores are the clock). The base model's held-out reward (``divrl validate``, ungated and gated) is
+time: the machine's cores are the clock), its output in ``fit.log`` beside its ``curve.json``; a failed run stops
+the script with that log's end. The base model's held-out reward (``divrl validate``, ungated and gated) is
 the curves' starting point.
 
 Run:  python benchmarks/objectives.py [--budget 150] [--seeds 0,1,2] [--methods grpo,group_dpo,nft,sft_dpo,idglow]
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -87,8 +89,13 @@ SAMPLING_SEED = 42  # SamplingConfig.seed's default: seed s draws its noise from
 POINT = ("seconds", "batches", "reward", "nssm", "vsm")  # a validation point of a curve
 
 
-def divrl(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "divrl.cli", *args], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+def divrl(args: list[str], log: Path) -> None:
+    """``divrl ARGS`` from the repository root, its output in ``log``; a failure stops with the log's end."""
+    with log.open("w") as out:
+        done = subprocess.run([sys.executable, "-m", "divrl.cli", *args], cwd=ROOT, stdout=out, stderr=out)
+    if done.returncode:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise SystemExit(f"`divrl {shlex.join(args)}` failed (exit {done.returncode}); its log {log} ends:\n{tail}")
 
 
 def override_text(out: Path, method: str, budget: float, val_every: int, seed: int = 0) -> str:
@@ -196,7 +203,7 @@ def base_point(out: Path, gated: bool, seed: int = 0) -> dict:
     shutil.rmtree(out / name, ignore_errors=True)
     (out / name).mkdir(parents=True)
     overrides(out / name, method, 1.0, 1, seed)
-    divrl(*validate_command(out / name, gated))
+    divrl(validate_command(out / name, gated), out / name / "validate.log")
     rows = [
         r for p in sorted((out / name).glob("lightning_logs/version_*/metrics.csv")) for r in csv.DictReader(p.open())
     ]
@@ -226,7 +233,7 @@ def train(out: Path, method: str, seed: int, budget: float, val_every: int) -> t
     folder.mkdir(parents=True)
     start = time.monotonic()
     overrides(folder, method, budget, val_every, seed)
-    divrl(*fit_command(folder, method))
+    divrl(fit_command(folder, method), folder / "fit.log")
     curve, wall = read_curve(folder / method), round(time.monotonic() - start, 1)
     record = {"budget": budget, "val_every": val_every, "curve": curve, "wall": wall}
     (folder / "curve.json").write_text(json.dumps(record))
