@@ -300,6 +300,7 @@ def test_citations_point_at_files_the_repository_ships():
     assert cited == [] and (ROOT / "docs/reference.md").is_file()
 
 
+@pytest.mark.slow  # about 10 s: the demo's first run, in a process of its own
 def test_the_demo_starts_quietly_and_ends_with_a_summary(tmp_path):
     """The first run prints divrl's lines and the real warnings, none of the third-party notices divrl.notices lists,
     no model-loading bars, a progress bar labelled with the stage and step, and a summary at the end."""
