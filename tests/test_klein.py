@@ -359,3 +359,17 @@ def test_shards_precomputed_for_kontext_are_encoded_live_or_refused_without_enco
     policy.drop_encoders()
     with pytest.raises(ValueError, match="made for another model family .* not FLUX.2 klein: set policy.text_encoders"):
         policy.encode([sample], 32, 32)
+
+
+def test_the_cards_snippet_says_where_the_pipeline_cannot_read_the_reference_as_divrl_does():
+    """klein's pipeline refuses references under 64 pixels a side and shrinks those above 1024² pixels, where divrl
+    reads the reference at the sample's size: the snippet then keeps the photo as it is, and the card says why."""
+    config = Flux2KleinConfig(model="tiny")
+    assert config.pipeline_differences(512, 512) == [] and "resize(pixels, 512, 768)" in config.pipeline_reference(
+        512, 768
+    )
+    assert config.pipeline_reference(32, 32) is None
+    assert "refuses references under 64 pixels" in config.pipeline_differences(32, 32)[0]
+    assert "shrinks references above 1048576 pixels" in config.pipeline_differences(1024, 1536)[0]
+    gated = Flux2KleinConfig(model="tiny", reference_window=(0.3, 0.6)).pipeline_differences(512, 512)
+    assert gated == ["policy.reference_window [0.3, 0.6] (identity gating) is divrl's own sampler's"]

@@ -113,12 +113,11 @@ def test_a_precompute_length_the_run_does_not_use_is_named(tmp_path):
         lean.encode([to_condition(records(tmp_path / "shards")[0], 0)], 32, 32)
 
 
-def test_sample_with_two_references_equals_the_pipeline(tmp_path):
-    """`divrl sample --reference '[a, b]'` on klein: the deterministic sampler's image is the pipeline's."""
-    from diffusers import Flux2KleinPipeline
-
-    from divrl.utils import mix_seeds
-
+@pytest.fixture(scope="module")
+def two_reference_sample(tmp_path_factory):
+    """`divrl sample --reference '[a, b]'` on klein at 64 pixels, 3 steps, no LoRA: the two photos, the prompt and the
+    image (float in [0, 1])."""
+    tmp_path = tmp_path_factory.mktemp("two-references")
     rng = np.random.default_rng(0)
     paths = []
     for name in ("a", "b"):
@@ -151,9 +150,18 @@ def test_sample_with_two_references_equals_the_pipeline(tmp_path):
             str(out),
         ]
     )
-    ours = np.asarray(Image.open(next(out.glob("*/000_0.png"))), dtype=np.float32) / 255
     meta = json.loads((out / "samples.json").read_text())
     assert meta["samples"][0]["reward"] and len(meta["samples"]) == 1
+    return paths, prompt, np.asarray(Image.open(next(out.glob("*/000_0.png"))), dtype=np.float32) / 255
+
+
+def test_sample_with_two_references_equals_the_pipeline(two_reference_sample):
+    """`divrl sample --reference '[a, b]'` on klein: the deterministic sampler's image is the pipeline's."""
+    from diffusers import Flux2KleinPipeline
+
+    from divrl.utils import mix_seeds
+
+    paths, prompt, ours = two_reference_sample
     pipe = Flux2KleinPipeline.from_pretrained(KLEIN)
     theirs = pipe(
         image=[Image.open(p) for p in paths],
@@ -167,6 +175,37 @@ def test_sample_with_two_references_equals_the_pipeline(tmp_path):
         generator=torch.Generator().manual_seed(mix_seeds(0, 0)),
     ).images[0]
     assert np.abs(ours - theirs).max() <= 1 / 255 + 1e-4  # the PNG's 8-bit rounding
+
+
+def test_the_cards_snippet_for_two_references_reproduces_divrl_sample(two_reference_sample, tmp_path):
+    """The model card's snippet for two references (`divrl export`), run as written less its LoRA line: divrl's image
+    to within klein's stated caveat (one grey level in a few pixels). Its references are the two photos at twice the
+    size (each pixel 2 x 2): divrl reads them at the sample's size (nearest: the photos themselves, so the same image),
+    the stock pipeline at their own, unless the snippet resizes them first."""
+    from types import SimpleNamespace
+
+    from divrl.model_card import snippet
+    from divrl.utils import mix_seeds
+
+    paths, prompt, ours = two_reference_sample
+    doubled = []
+    for path in paths:
+        doubled.append(tmp_path / f"{path.stem}_x2.png")
+        Image.fromarray(np.asarray(Image.open(path)).repeat(2, 0).repeat(2, 1)).save(doubled[-1])
+    config = Flux2KleinConfig(model=KLEIN, guidance_scale=2.0, max_sequence_length=48)
+
+    def run_snippet(prepare: str | None) -> np.ndarray:
+        call, sample = config.pipeline_call(64, 64, 3), SimpleNamespace(prompt=prompt, seed=mix_seeds(0, 0))
+        code = snippet(config.diffusers_pipeline, KLEIN, "unused", call, sample, [str(p) for p in doubled], prepare)
+        assert code.count("load_image(") == 2 and ("as_divrl_reads" in code) == (prepare is not None)
+        target = tmp_path / "snippet.png"
+        code = code.replace("pipe.load_lora", "# ").replace('"sample.png"', repr(str(target)))
+        exec(compile(code, "card", "exec"), {})
+        return np.asarray(Image.open(target), dtype=np.float32) / 255
+
+    gap = np.abs(run_snippet(config.pipeline_reference(64, 64)) - ours)
+    assert gap.max() <= 1 / 255 + 1e-6 and (gap > 0).mean() < 0.01
+    assert np.abs(run_snippet(None) - ours).max() > 4 / 255  # the pipeline alone reads the 128-pixel photos
 
 
 def klein_policy(tmp_path: Path) -> Path:

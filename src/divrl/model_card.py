@@ -5,6 +5,7 @@ are :mod:`divrl.export`'s."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import fields
 from importlib import import_module
 from pathlib import Path
@@ -142,16 +143,27 @@ def snippet(
     lora: str,
     call: dict,
     sample,
-    reference: str | None,
+    references: Sequence[str] = (),
     prepare: str | None = None,
 ) -> str:
     """The diffusers code that loads the base and the LoRA and samples the first image of ``sample`` (a
-    :class:`divrl.export.Sample`: its prompt and seed; ``None``: a placeholder); ``prepare``: lines that turn
-    ``reference`` into the pipeline's input (:meth:`~divrl.policy.PolicyConfig.pipeline_reference`)."""
+    :class:`divrl.export.Sample`: its prompt and seed; ``None``: a placeholder) from ``references`` (paths or URLs;
+    none: a placeholder; several: the pipeline's list of images); ``prepare``: lines that turn ``reference`` into the
+    pipeline's input (:meth:`~divrl.policy.PolicyConfig.pipeline_reference`), applied to each."""
     args = "".join(f"    {k}={v!r},\n" for k, v in call.items())
-    load = f'load_image("{reference}")' if reference else 'load_image("subject.png")  # your subject photo'
     prompt = sample.prompt if sample is not None else "a photo of the subject on the beach"
     seed = sample.seed if sample is not None else 0
+    if len(references) > 1:
+        loads = ", ".join(f'load_image("{r}")' for r in references)
+        if prepare:
+            body = "".join(f"    {line}\n" for line in prepare.splitlines())
+            reading = f"def as_divrl_reads(reference):\n{body}    return reference\n\n"
+            reading += f"reference = [as_divrl_reads(r) for r in [{loads}]]\n"
+        else:
+            reading = f"reference = [{loads}]\n"
+    else:
+        load = f'load_image("{references[0]}")' if references else 'load_image("subject.png")  # your subject photo'
+        reading = f"reference = {load}\n{prepare or ''}"
     return (
         "import torch\n"
         f"from diffusers import {pipeline}\n"
@@ -160,8 +172,7 @@ def snippet(
         'dtype = torch.bfloat16 if device == "cuda" else torch.float32\n'
         f'pipe = {pipeline}.from_pretrained("{base}", torch_dtype=dtype).to(device)\n'
         f'pipe.load_lora_weights("{lora}")\n'
-        f"reference = {load}\n"
-        f"{prepare or ''}"
+        f"{reading}"
         "image = pipe(\n"
         "    image=reference,\n"
         f"    prompt={prompt!r},\n"
@@ -233,17 +244,20 @@ def model_card(
         ]
     lines += ["## Use it with diffusers", ""]
     where = repo_id or str(out)
-    reference = None
-    if first is not None and first.references:
-        reference = (
-            f"https://huggingface.co/{repo_id}/resolve/main/images/reference_0.png"
-            if repo_id
-            else str(out / "images" / "reference_0.png")
-        )
-    if first is not None and len(first.references) > 1:
+    references = []
+    if first is not None:
+        for j in range(len(first.references)):
+            name = "reference_0.png" if j == 0 else f"reference_0_{j}.png"
+            references.append(
+                f"https://huggingface.co/{repo_id}/resolve/main/images/{name}"
+                if repo_id
+                else str(out / "images" / name)
+            )
+    most = policy.pipeline_max_references
+    if most is not None and len(references) > most:
         lines += [
-            f"This model conditions on {len(first.references)} references; diffusers' "
-            f"`{policy.diffusers_pipeline}` takes one, so sample it with `divrl sample` instead.",
+            f"This model conditions on {len(references)} references; diffusers' "
+            f"`{policy.diffusers_pipeline}` takes {most}, so sample it with `divrl sample` instead.",
             "",
         ]
     else:
@@ -252,13 +266,17 @@ def model_card(
         prepare = policy.pipeline_reference(size, size)
         lines += [
             "```python",
-            snippet(policy.diffusers_pipeline, base, where, call, first, reference, prepare).rstrip(),
+            snippet(policy.diffusers_pipeline, base, where, call, first, references, prepare).rstrip(),
             "```",
             "",
         ]
-        differences = policy.pipeline_differences()
+        differences = policy.pipeline_differences(size, size)
         if first is not None and not differences:
-            lines += ["This reproduces the first sample above (`divrl sample`'s deterministic sampler, same seed).", ""]
+            lines += [
+                "This reproduces the first sample above (`divrl sample`'s deterministic sampler, same seed)"
+                f"{policy.pipeline_match}.",
+                "",
+            ]
         for difference in differences:
             lines += [f"- Not reproduced by the stock pipeline: {difference}; `divrl sample` samples as trained.", ""]
     lines += [

@@ -395,6 +395,14 @@ class PolicyConfig:
     """The licences of the family's published bases (lower-case Hub id → the card's ``license`` fields), as their Hub
     cards state them: ``divrl export``'s card uses them when the base's own card cannot be read."""
 
+    pipeline_max_references: ClassVar[int | None] = None
+    """How many reference images :attr:`diffusers_pipeline` takes (``None``: a list of any length); the card of a run
+    with more sends its readers to ``divrl sample``."""
+
+    pipeline_match: ClassVar[str] = ""
+    """How closely the card's snippet reproduces ``divrl sample`` when nothing differs (appended to "This reproduces
+    the first sample above"); empty: pixel for pixel."""
+
     def pipeline_call(self, height: int, width: int, num_steps: int) -> dict[str, object]:
         """The keyword arguments of :attr:`diffusers_pipeline`'s call that sample as divrl's deterministic sampler does
         (``noise_level: 0``) at ``height`` × ``width`` in ``num_steps`` steps, besides ``image``, ``prompt`` and
@@ -406,8 +414,9 @@ class PolicyConfig:
         sampler does, or ``None`` when the pipeline's own preprocessing already does (the model card's snippet)."""
         return None
 
-    def pipeline_differences(self) -> list[str]:
-        """Settings of this config that the stock diffusers pipeline does not reproduce (the card says so)."""
+    def pipeline_differences(self, height: int, width: int) -> list[str]:
+        """Settings of this config that the stock diffusers pipeline does not reproduce at ``height`` × ``width``
+        (the card says so)."""
         return []
 
     def load(self) -> Policy:

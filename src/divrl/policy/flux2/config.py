@@ -23,6 +23,12 @@ KLEIN_TEXT_LAYERS = (9, 18, 27)
 """The Qwen3 hidden layers klein stacks into a prompt embedding (the pipeline's ``text_encoder_out_layers``)."""
 
 
+PIPELINE_MIN_SIDE = 64
+"""``Flux2KleinPipeline`` refuses reference images with a side under this (``Flux2ImageProcessor.check_image_input``)."""
+PIPELINE_MAX_AREA = 1024 * 1024
+"""... and shrinks those above this many pixels to it."""
+
+
 @dataclass
 class Flux2KleinConfig(PolicyConfig):
     """FLUX.2 [klein]: which model to train and how (fields of :class:`~divrl.policy.PolicyConfig`, and:).
@@ -54,6 +60,10 @@ class Flux2KleinConfig(PolicyConfig):
 
     diffusers_pipeline: ClassVar[str] = "Flux2KleinPipeline"
     family_tag: ClassVar[str] = "flux.2-klein"
+    pipeline_match: ClassVar[str] = (
+        ", to within one grey level in a few pixels: the pipeline turns PIL references into tensors of another memory "
+        "layout, which the VAE's convolutions round differently"
+    )
     hub_licenses: ClassVar[dict[str, dict[str, str]]] = {
         "black-forest-labs/flux.2-klein-4b": {"license": "apache-2.0"},
         "black-forest-labs/flux.2-klein-base-4b": {"license": "apache-2.0"},
@@ -71,10 +81,36 @@ class Flux2KleinConfig(PolicyConfig):
             call["text_encoder_out_layers"] = tuple(self.text_encoder_out_layers)
         return call
 
-    def pipeline_differences(self) -> list[str]:
-        if self.reference_window is None:
-            return []
-        return [f"policy.reference_window {list(self.reference_window)} (identity gating) is divrl's own sampler's"]
+    def pipeline_reference(self, height: int, width: int) -> str | None:
+        # divrl resizes the reference to the sample's size as a tensor (nearest, as the image processor's resize of a
+        # tensor does); the pipeline takes PIL images only and keeps their own size. A PIL image of the resized pixels
+        # (a uint8 round trip: exact) is what divrl's sampler sees. Under the pipeline's 64-pixel minimum it would
+        # be refused: the card then says the sample is not reproduced (pipeline_differences)
+        if min(height, width) < PIPELINE_MIN_SIDE:
+            return None
+        return (
+            "processor = pipe.image_processor  # the reference at the sample's size, resized as divrl does\n"
+            "pixels = processor.numpy_to_pt(processor.pil_to_numpy(reference)).contiguous()\n"
+            f"reference = processor.numpy_to_pil(processor.pt_to_numpy(processor.resize(pixels, {height}, {width})))[0]\n"
+        )
+
+    def pipeline_differences(self, height: int, width: int) -> list[str]:
+        out = []
+        if min(height, width) < PIPELINE_MIN_SIDE:
+            out.append(
+                f"the sample size {height} × {width} (divrl reads the reference at the sample's size; the pipeline "
+                f"refuses references under {PIPELINE_MIN_SIDE} pixels a side and reads them at their own size)"
+            )
+        elif height * width > PIPELINE_MAX_AREA:
+            out.append(
+                f"the sample size {height} × {width} (divrl reads the reference at the sample's size; the pipeline "
+                f"shrinks references above {PIPELINE_MAX_AREA} pixels)"
+            )
+        if self.reference_window is not None:
+            out.append(
+                f"policy.reference_window {list(self.reference_window)} (identity gating) is divrl's own sampler's"
+            )
+        return out
 
     PRECOMPUTE_SETTINGS: ClassVar[dict] = {"guidance_scale": 1.0}
     """``divrl data --precompute`` loads the model without guidance: the payload always holds the empty negative

@@ -48,6 +48,7 @@ class KontextConfig(PolicyConfig):
 
     diffusers_pipeline: ClassVar[str] = "FluxKontextPipeline"
     family_tag: ClassVar[str] = "flux.1-kontext"
+    pipeline_max_references: ClassVar[int | None] = 1
     hub_licenses: ClassVar[dict[str, dict[str, str]]] = {
         "black-forest-labs/flux.1-kontext-dev": {
             "license": "other",
@@ -78,7 +79,7 @@ class KontextConfig(PolicyConfig):
             f"reference = processor.resize(pixels, {height}, {width})\n"
         )
 
-    def pipeline_differences(self) -> list[str]:
+    def pipeline_differences(self, height: int, width: int) -> list[str]:
         if self.reference_window is None:
             return []
         return [f"policy.reference_window {list(self.reference_window)} (identity gating) is divrl's own sampler's"]

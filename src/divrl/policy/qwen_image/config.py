@@ -67,7 +67,7 @@ class QwenEditConfig(PolicyConfig):
             call["negative_prompt"] = self.negative_prompt
         return call
 
-    def pipeline_differences(self) -> list[str]:
+    def pipeline_differences(self, height: int, width: int) -> list[str]:
         out = []
         for name, pipeline_area in (("condition_image_size", 384 * 384), ("vae_image_size", 1024 * 1024)):
             value = getattr(self, name)
