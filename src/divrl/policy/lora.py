@@ -155,9 +155,9 @@ def adapter_state(network: nn.Module) -> dict[str, Tensor]:
     """
     from peft import get_peft_model_state_dict
 
-    inner = unwrapped(network)  # peft matches its layers' module names against these keys
-    state = get_peft_model_state_dict(inner, state_dict=dict(inner.named_parameters()))
-    return {clean_name(k): v for k, v in state.items()}
+    inner = unwrapped(network)  # peft matches its layers' module names, FSDP1's wrappers left out, against these keys
+    state = get_peft_model_state_dict(inner, state_dict={clean_name(k): v for k, v in inner.named_parameters()})
+    return dict(state)
 
 
 def whole_adapter_state(network: nn.Module) -> dict[str, Tensor]:
