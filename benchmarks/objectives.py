@@ -222,13 +222,15 @@ def base_point(out: Path, gated: bool, seed: int = 0) -> dict:
 
 def train(out: Path, method: str, seed: int, budget: float, val_every: int) -> tuple[list[dict], float]:
     """One method at one seed: ``divrl fit`` in ``out/<method>/seed<seed>`` (skipped when its ``curve.json`` is there,
-    started over when the folder holds an unfinished run); its validations, without the base point, and the wall
-    seconds the fit took."""
+    started over when the folder holds an unfinished run); its validations (from its ``metrics.csv``), without the base
+    point, and the wall seconds the fit took."""
     folder = out / method / f"seed{seed}"
-    if (folder / "curve.json").exists():
+    if (folder / "curve.json").exists():  # finished: its curve read again from its metrics.csv, as this version reads
         check_reuse(folder, method, budget, val_every, seed)
-        saved = json.loads((folder / "curve.json").read_text())
-        return saved["curve"], saved["wall"]
+        curve = read_curve(folder / method)
+        if not curve:
+            raise SystemExit(f"{folder} holds a finished run without its metrics.csv validations: remove the folder")
+        return curve, json.loads((folder / "curve.json").read_text())["wall"]
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     start = time.monotonic()

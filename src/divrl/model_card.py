@@ -257,7 +257,8 @@ def model_card(
     if most is not None and len(references) > most:
         lines += [
             f"This model conditions on {len(references)} references; diffusers' "
-            f"`{policy.diffusers_pipeline}` takes {most}, so sample it with `divrl sample` instead.",
+            f"`{policy.diffusers_pipeline}` takes {'only one' if most == 1 else f'at most {most}'}, so sample it with "
+            "`divrl sample` instead.",
             "",
         ]
     else:

@@ -61,8 +61,8 @@ class Flux2KleinConfig(PolicyConfig):
     diffusers_pipeline: ClassVar[str] = "Flux2KleinPipeline"
     family_tag: ClassVar[str] = "flux.2-klein"
     pipeline_match: ClassVar[str] = (
-        ", to within one grey level in a few pixels: the pipeline turns PIL references into tensors of another memory "
-        "layout, which the VAE's convolutions round differently"
+        ", to rounding (one grey level in a few pixels on the float32 CPU demo): the pipeline turns PIL references "
+        "into tensors of another memory layout, which the VAE's convolutions round differently"
     )
     hub_licenses: ClassVar[dict[str, dict[str, str]]] = {
         "black-forest-labs/flux.2-klein-4b": {"license": "apache-2.0"},
@@ -99,7 +99,8 @@ class Flux2KleinConfig(PolicyConfig):
         if min(height, width) < PIPELINE_MIN_SIDE:
             out.append(
                 f"the sample size {height} × {width} (divrl reads the reference at the sample's size; the pipeline "
-                f"refuses references under {PIPELINE_MIN_SIDE} pixels a side and reads them at their own size)"
+                f"refuses references under {PIPELINE_MIN_SIDE} pixels a side, so the snippet passes the photo as it "
+                f"is, at its own size, which must be at least {PIPELINE_MIN_SIDE} pixels a side)"
             )
         elif height * width > PIPELINE_MAX_AREA:
             out.append(
