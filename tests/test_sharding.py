@@ -46,6 +46,17 @@ class Toy(nn.Module):
         return x
 
 
+class Unit(nn.Module):
+    """A block for peft's own LoRA layers (``proj``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.proj(x))
+
+
 def inputs(rank: int) -> torch.Tensor:
     return torch.randn(4, 8, generator=torch.Generator().manual_seed(100 + rank))
 
@@ -123,12 +134,30 @@ def worker(rank: int, port: int) -> None:
             zero2(x), zero2(x), zero2(x)
         zero2(x).square().sum().backward()
         assert calls["n"] == 4, calls
+
+        # the adapter's state by the unwrapped names, from a peft LoRA under FSDP1 (the names a LoRA export writes;
+        # peft 0.22 and earlier versions strip FSDP1's wrapper names from different levels)
+        from peft import LoraConfig, inject_adapter_in_model
+
+        from divrl.policy.lora import adapter_state
+
+        torch.manual_seed(0)
+        peft_toy = nn.Sequential(*[Unit() for _ in range(3)])
+        peft_toy = inject_adapter_in_model(LoraConfig(r=2, target_modules=["proj"]), peft_toy)
+        for name, p in peft_toy.named_parameters():
+            p.requires_grad_("lora_" in name)
+        expected = {f"{i}.proj.lora_{ab}.weight" for i in range(3) for ab in "AB"}
+        assert set(adapter_state(peft_toy)) == expected
+        wrapped = shard_network_fsdp1(peft_toy, list(peft_toy), torch.device("cpu"))
+        assert set(adapter_state(wrapped)) == expected
+        assert any("_fsdp_wrapped_module" in n for n, _ in wrapped.named_parameters())  # the names to clean
+        del wrapped
         # a clean teardown. FSDP modules sit in reference cycles that hold the process group (18 more references
         # to it here), so without a collection they live until interpreter finalisation, where gloo's threads can
         # abort the process ("terminate called without an active exception", SIGABRT; one CI run, about 1 in 100
         # runs of this test under load). Collect them while Python is alive, and let both ranks finish first
         # (after this, the group's reference count is back to its value before sharding)
-        del model, zero2, toy, reference, params, everyone
+        del model, zero2, toy, reference, params, everyone, peft_toy
         gc.collect()
         dist.barrier()
     finally:

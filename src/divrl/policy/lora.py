@@ -155,9 +155,14 @@ def adapter_state(network: nn.Module) -> dict[str, Tensor]:
     """
     from peft import get_peft_model_state_dict
 
-    inner = unwrapped(network)  # peft matches its layers' module names, FSDP1's wrappers left out, against these keys
-    state = get_peft_model_state_dict(inner, state_dict={clean_name(k): v for k, v in inner.named_parameters()})
-    return dict(state)
+    inner = unwrapped(network)
+    # peft picks the adapter's keys by its layers' module names: peft 0.22 drops FSDP1's wrapper names from every
+    # level of them, earlier versions only from the root's. Each parameter is offered under both spellings (one key
+    # when nothing is wrapped); each version matches one of them, and the result is read by the unwrapped names
+    named = dict(inner.named_parameters())
+    offered = {**named, **{clean_name(k): v for k, v in named.items()}}
+    state = get_peft_model_state_dict(inner, state_dict=offered)
+    return {clean_name(k): v for k, v in state.items()}
 
 
 def whole_adapter_state(network: nn.Module) -> dict[str, Tensor]:
