@@ -124,6 +124,7 @@ def test_notebook_is_committed_valid_and_without_outputs():
             assert cell.outputs == [] and cell.execution_count is None, "strip the notebook's outputs before committing"
 
 
+@pytest.mark.slow  # runs the whole notebook (about 5 s)
 def test_notebook_on_dreambooth_photos(dreambooth_root, monkeypatch):
     # No DIVRL_DREAMBOOTH: the notebook must find the photos beside the repository from the notebooks/ folder.
     nb = execute(NOTEBOOK.parent, monkeypatch, DIVRL_ABLATION_SUBJECTS="6")
@@ -148,6 +149,7 @@ def test_notebook_on_dreambooth_photos(dreambooth_root, monkeypatch):
         assert scores[str(pool)][0] == pytest.approx(brute_force_nssm(pose, reference, pool), abs=1e-5)
 
 
+@pytest.mark.slow  # runs the whole notebook (about 5 s)
 def test_notebook_falls_back_to_synthetic_subjects(tmp_path, monkeypatch):
     # Without the photos (and run from an unrelated folder) the notebook still runs, on the synthetic world.
     nb = execute(tmp_path, monkeypatch, DIVRL_DREAMBOOTH=str(tmp_path / "missing"), DIVRL_ABLATION_SUBJECTS="4")
