@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from divrl.model_card import base_license, model_card, policy_config
+from divrl.model_card import base_license, model_card, policy_config, reference_file
 
 __all__ = [
     "LORA_FILE",
@@ -268,7 +268,7 @@ def write_export(
             if item.files:
                 shutil.copyfile(item.files[0], images / f"sample_{i}.png")
             for j, reference in enumerate(item.references):
-                shutil.copyfile(reference, images / (f"reference_{i}.png" if j == 0 else f"reference_{i}_{j}.png"))
+                shutil.copyfile(reference, images / reference_file(i, j))
         grids = [item.grid for item in samples.items if item.grid is not None]
         if grids:
             _stack(grids, images / "samples.png")

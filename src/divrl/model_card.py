@@ -10,7 +10,7 @@ from dataclasses import fields
 from importlib import import_module
 from pathlib import Path
 
-__all__ = ["DIVRL_SUMMARY", "policy_config", "base_license", "snippet", "model_card"]
+__all__ = ["DIVRL_SUMMARY", "policy_config", "base_license", "reference_file", "snippet", "model_card"]
 
 DIVRL_SUMMARY = (
     "DivRL (arXiv 2606.23950) post-trains a subject-driven generator with Flow-GRPO so that it keeps the subject's "
@@ -137,6 +137,11 @@ def _recipe(config: dict, info: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def reference_file(condition: int, reference: int) -> str:
+    """The name ``divrl export`` gives a condition's reference photo under ``images/`` (the card's snippet loads it)."""
+    return f"reference_{condition}.png" if reference == 0 else f"reference_{condition}_{reference}.png"
+
+
 def snippet(
     pipeline: str,
     base: str,
@@ -247,7 +252,7 @@ def model_card(
     references = []
     if first is not None:
         for j in range(len(first.references)):
-            name = "reference_0.png" if j == 0 else f"reference_0_{j}.png"
+            name = reference_file(0, j)
             references.append(
                 f"https://huggingface.co/{repo_id}/resolve/main/images/{name}"
                 if repo_id
